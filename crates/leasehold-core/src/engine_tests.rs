@@ -1,0 +1,594 @@
+//! Given state, time and input, the exact decisions of the engine.
+
+use super::*;
+use crate::types::MAX_LABEL;
+
+const S: Duration = Duration::from_secs(1);
+
+struct T {
+    e: Engine,
+    host: HostId,
+    session: SessionId,
+}
+
+fn res(n: &str) -> ResourceName {
+    ResourceName::new(n).unwrap()
+}
+
+fn owner_on(host: &HostId, pid: u32) -> Owner {
+    Owner::new(host.clone(), pid, u64::from(pid) * 10)
+}
+
+impl T {
+    fn new() -> T {
+        let mut e = Engine::new(EngineConfig { grace: 5 * S });
+        let host = HostId::new("a").unwrap();
+        let session = e.open_session(host.clone(), Some(10 * S), Now::at(0)).unwrap();
+        T { e, host, session }
+    }
+
+    fn owner(&self, pid: u32) -> Owner {
+        owner_on(&self.host, pid)
+    }
+
+    fn req(&self, pid: u32, items: &[(&str, Mode)]) -> AcquireRequest {
+        AcquireRequest {
+            owner: self.owner(pid),
+            session: self.session,
+            items: items.iter().map(|(r, m)| (res(r), *m)).collect(),
+            accept_dirty: false,
+            wait: false,
+        }
+    }
+
+    fn take(&mut self, pid: u32, r: &str, m: Mode, at: u64) -> Result<Token, AcquireError> {
+        match self.e.acquire(self.req(pid, &[(r, m)]), Now::at(at))? {
+            Acquired::Granted(g) => Ok(g[0].token),
+            Acquired::Queued(_) => panic!("did not ask to wait"),
+        }
+    }
+
+    fn wait(&mut self, pid: u32, items: &[(&str, Mode)], at: u64) -> WaiterId {
+        let mut req = self.req(pid, items);
+        req.wait = true;
+        match self.e.acquire(req, Now::at(at)).unwrap() {
+            Acquired::Queued(id) => id,
+            Acquired::Granted(_) => panic!("granted at once"),
+        }
+    }
+
+    fn release(&mut self, pid: u32, r: &str, kind: ReleaseKind, at: u64) -> Result<Released, ReleaseError> {
+        self.e.release(
+            ReleaseRequest {
+                resource: res(r),
+                process: self.owner(pid).process,
+                kind,
+            },
+            Now::at(at),
+        )
+    }
+
+    fn holders(&self, r: &str) -> Vec<(u32, Mode)> {
+        self.e
+            .resource(&res(r))
+            .map(|st| st.holders.iter().map(|l| (l.owner.process.pid, l.mode)).collect())
+            .unwrap_or_default()
+    }
+
+    fn is_dirty(&self, r: &str) -> bool {
+        self.e.resource(&res(r)).is_some_and(|st| st.dirty.is_some())
+    }
+
+    /// The waiter outcomes decided since the last call: (waiter, granted?).
+    fn outcomes(&mut self) -> Vec<(WaiterId, Result<Vec<Token>, AcquireError>)> {
+        self.e
+            .take_output()
+            .waiters
+            .into_iter()
+            .map(|(id, r)| (id, r.map(|g| g.iter().map(|g| g.token).collect())))
+            .collect()
+    }
+}
+
+use Mode::{Exclusive as X, Shared as Sh};
+
+#[test]
+fn exclusive_excludes_everyone_and_names_the_holder() {
+    let mut t = T::new();
+    let tok = t.take(1, "d", X, 1).unwrap();
+    match t.take(2, "d", X, 2) {
+        Err(AcquireError::Busy(c)) => {
+            assert_eq!(c.resource, res("d"));
+            assert_eq!(c.holders.len(), 1);
+            assert_eq!(c.holders[0].owner.process.pid, 1);
+            assert_eq!(c.holders[0].token, tok);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(t.take(3, "d", Sh, 3), Err(AcquireError::Busy(_))));
+    assert_eq!(t.holders("d"), vec![(1, X)]);
+}
+
+#[test]
+fn shared_leases_coexist_but_not_with_exclusive() {
+    let mut t = T::new();
+    let a = t.take(1, "cache", Sh, 1).unwrap();
+    let b = t.take(2, "cache", Sh, 2).unwrap();
+    assert!(b > a);
+    assert!(t.e.validate(&res("cache"), a) && t.e.validate(&res("cache"), b));
+    assert!(matches!(t.take(3, "cache", X, 3), Err(AcquireError::Busy(_))));
+    assert_eq!(t.holders("cache"), vec![(1, Sh), (2, Sh)]);
+}
+
+#[test]
+fn tokens_grow_per_resource_and_survive_restore() {
+    let mut t = T::new();
+    let mut last = Token(0);
+    for i in 0..5 {
+        let tok = t.take(1, "d", X, i).unwrap();
+        assert!(tok > last, "{tok} after {last}");
+        last = tok;
+        t.release(1, "d", ReleaseKind::Clean, i).unwrap();
+        assert!(!t.e.validate(&res("d"), tok));
+    }
+    // Restore from the durable parts only, as a store does after a restart.
+    let meta = t.e.meta();
+    let records: Vec<_> = t.e.resources().map(|(n, s)| (n.clone(), s.clone())).collect();
+    t.e = Engine::restore(*t.e.config(), meta, records);
+    let tok = t.take(1, "d", X, 10).unwrap();
+    assert!(tok > last);
+}
+
+#[test]
+fn restore_never_reissues_even_if_the_counter_was_lost() {
+    let mut t = T::new();
+    let tok = t.take(1, "d", X, 1).unwrap();
+    let records: Vec<_> = t.e.resources().map(|(n, s)| (n.clone(), s.clone())).collect();
+    let mut meta = t.e.meta();
+    meta.next_token = 0;
+    t.e = Engine::restore(*t.e.config(), meta, records);
+    t.release(1, "d", ReleaseKind::Clean, 2).unwrap();
+    assert!(t.take(2, "d", X, 3).unwrap() > tok);
+}
+
+#[test]
+fn only_unclean_exclusive_endings_dirty() {
+    let mut t = T::new();
+    t.take(1, "clean", X, 1).unwrap();
+    t.release(1, "clean", ReleaseKind::Clean, 2).unwrap();
+    assert!(!t.is_dirty("clean"));
+
+    t.take(1, "flagged", X, 1).unwrap();
+    let r = t
+        .release(1, "flagged", ReleaseKind::Dirty { note: Some("exit status 3".into()) }, 2)
+        .unwrap();
+    assert!(r.dirtied);
+    assert!(t.is_dirty("flagged"));
+
+    t.take(2, "crashed", X, 1).unwrap();
+    t.take(2, "read", Sh, 1).unwrap();
+    let ended = t.e.end_process(&t.owner(2).process, Now::at(3));
+    assert_eq!(ended.len(), 2);
+    assert!(t.is_dirty("crashed"));
+    assert!(!t.is_dirty("read"), "a shared holder's death does not dirty");
+    let d = t.e.resource(&res("crashed")).unwrap().dirty.clone().unwrap();
+    assert_eq!(d.how, EndReason::ProcessDied);
+    assert_eq!(d.owner.process.pid, 2);
+}
+
+#[test]
+fn dirty_needs_check_unless_accepted_and_mark_clean_clears() {
+    let mut t = T::new();
+    let first = t.take(1, "d", X, 1).unwrap();
+    t.e.end_process(&t.owner(1).process, Now::at(2));
+    t.e.take_output();
+    match t.take(2, "d", X, 3) {
+        Err(AcquireError::NeedsCheck { resource, dirty }) => {
+            assert_eq!(resource, res("d"));
+            assert_eq!(dirty.token, first);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(t.take(2, "d", Sh, 3), Err(AcquireError::NeedsCheck { .. })));
+    // A refused request changes nothing.
+    assert!(!t.e.take_output().needs_persist());
+
+    let mut req = t.req(2, &[("d", X)]);
+    req.accept_dirty = true;
+    let Acquired::Granted(g) = t.e.acquire(req, Now::at(4)).unwrap() else {
+        panic!()
+    };
+    assert_eq!(g[0].dirty.as_ref().unwrap().token, first, "the caller is told what to check");
+    assert!(t.is_dirty("d"), "accepting does not clean");
+    let was = t.e.mark_clean(&res("d"), "root", Now::at(5)).unwrap();
+    assert!(was.is_some());
+    assert!(!t.is_dirty("d"));
+    assert_eq!(t.e.mark_clean(&res("d"), "root", Now::at(6)).unwrap(), None);
+    assert!(matches!(
+        t.e.mark_clean(&res("never"), "root", Now::at(6)),
+        Err(ReleaseError::Unknown(_))
+    ));
+}
+
+#[test]
+fn a_waiting_exclusive_is_not_starved_by_shared_requests() {
+    let mut t = T::new();
+    t.take(1, "img", Sh, 1).unwrap();
+    let w = t.wait(2, &[("img", X)], 2);
+    // A new shared request would be compatible with the holder, but it comes after the writer.
+    match t.take(3, "img", Sh, 3) {
+        Err(AcquireError::Busy(c)) => assert_eq!(c.waiting, 1),
+        other => panic!("{other:?}"),
+    }
+    let w3 = t.wait(3, &[("img", Sh)], 3);
+    t.e.take_output();
+    t.release(1, "img", ReleaseKind::Clean, 4).unwrap();
+    let out = t.outcomes();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].0, w);
+    assert!(out[0].1.is_ok());
+    assert_eq!(t.holders("img"), vec![(2, X)]);
+    t.release(2, "img", ReleaseKind::Clean, 5).unwrap();
+    let out = t.outcomes();
+    assert_eq!(out[0].0, w3);
+    assert_eq!(t.holders("img"), vec![(3, Sh)]);
+}
+
+#[test]
+fn consecutive_shared_waiters_are_granted_together() {
+    let mut t = T::new();
+    t.take(1, "img", X, 1).unwrap();
+    let a = t.wait(2, &[("img", Sh)], 2);
+    let b = t.wait(3, &[("img", Sh)], 3);
+    let c = t.wait(4, &[("img", X)], 4);
+    t.e.take_output();
+    t.release(1, "img", ReleaseKind::Clean, 5).unwrap();
+    let ids: Vec<_> = t.outcomes().into_iter().map(|(id, _)| id).collect();
+    assert_eq!(ids, vec![a, b]);
+    assert_eq!(t.e.waiters_of(&res("img"))[0].0, c);
+}
+
+#[test]
+fn several_resources_are_granted_all_or_nothing() {
+    let mut t = T::new();
+    t.take(1, "b", X, 1).unwrap();
+    t.e.take_output();
+    assert!(matches!(
+        t.e.acquire(t.req(2, &[("a", X), ("b", X)]), Now::at(2)),
+        Err(AcquireError::Busy(c)) if c.resource == res("b")
+    ));
+    assert!(t.holders("a").is_empty(), "nothing taken when one is busy");
+    assert!(!t.e.take_output().needs_persist());
+    t.release(1, "b", ReleaseKind::Clean, 3).unwrap();
+    let Acquired::Granted(g) = t.e.acquire(t.req(2, &[("b", X), ("a", X)]), Now::at(4)).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(g.len(), 2);
+    assert_eq!(g[0].resource, res("a"), "grants come in name order");
+}
+
+#[test]
+fn crossing_multi_resource_waiters_do_not_deadlock() {
+    let mut t = T::new();
+    t.take(1, "a", X, 1).unwrap();
+    t.take(1, "b", X, 1).unwrap();
+    let w2 = t.wait(2, &[("a", X), ("b", X)], 2);
+    let w3 = t.wait(3, &[("b", X), ("a", X)], 3);
+    t.e.take_output();
+    t.release(1, "b", ReleaseKind::Clean, 4).unwrap();
+    assert!(t.outcomes().is_empty(), "b is kept for w2, which still needs a");
+    t.release(1, "a", ReleaseKind::Clean, 5).unwrap();
+    let out = t.outcomes();
+    assert_eq!(out.iter().map(|o| o.0).collect::<Vec<_>>(), vec![w2]);
+    t.e.end_process(&t.owner(2).process, Now::at(6));
+    let out = t.outcomes();
+    assert_eq!(out.iter().map(|o| o.0).collect::<Vec<_>>(), vec![w3]);
+}
+
+#[test]
+fn an_expired_session_dirties_and_holds_its_resources_for_grace() {
+    let mut e = Engine::new(EngineConfig { grace: 5 * S });
+    let a = HostId::new("a").unwrap();
+    let b = HostId::new("b").unwrap();
+    let sa = e.open_session(a.clone(), Some(10 * S), Now::at(0)).unwrap();
+    let sb = e.open_session(b.clone(), Some(10 * S), Now::at(0)).unwrap();
+    let mk = |o: Owner, s, r: &str, m, wait, accept| AcquireRequest {
+        owner: o,
+        session: s,
+        items: vec![(res(r), m)],
+        accept_dirty: accept,
+        wait,
+    };
+    e.acquire(mk(owner_on(&a, 1), sa, "disk", X, false, false), Now::at(1)).unwrap();
+    e.acquire(mk(owner_on(&a, 1), sa, "ro", Sh, false, false), Now::at(1)).unwrap();
+    // b keeps renewing; a stops.
+    e.renew_session(sb, Now::at(9_000)).unwrap();
+    e.tick(Now::at(9_999));
+    assert_eq!(e.resource(&res("disk")).unwrap().holders.len(), 1);
+    e.tick(Now::at(10_000));
+    assert!(e.resource(&res("disk")).unwrap().holders.is_empty());
+    assert_eq!(
+        e.resource(&res("disk")).unwrap().dirty.as_ref().unwrap().how,
+        EndReason::SessionExpired
+    );
+    assert!(e.resource(&res("ro")).unwrap().dirty.is_none());
+    assert!(matches!(e.renew_session(sa, Now::at(10_001)), Err(SessionError::NoSession(_))));
+    // Grace: nobody gets either resource before 15 s, even accepting the check.
+    let w = match e
+        .acquire(mk(owner_on(&b, 2), sb, "disk", X, true, true), Now::at(10_001))
+        .unwrap()
+    {
+        Acquired::Queued(w) => w,
+        Acquired::Granted(_) => panic!("granted inside grace"),
+    };
+    assert!(matches!(
+        e.acquire(mk(owner_on(&b, 3), sb, "ro", Sh, false, false), Now::at(14_999)),
+        Err(AcquireError::Busy(c)) if c.blocked_until == Some(Time(15_000))
+    ));
+    assert_eq!(e.next_deadline(), Some(Time(15_000)));
+    e.take_output();
+    e.tick(Now::at(14_999));
+    assert!(e.take_output().waiters.is_empty());
+    e.tick(Now::at(15_000));
+    let out = e.take_output();
+    assert_eq!(out.waiters.len(), 1);
+    assert_eq!(out.waiters[0].0, w);
+    assert!(out.waiters[0].1.as_ref().unwrap()[0].dirty.is_some());
+}
+
+#[test]
+fn a_renewed_session_lives_on() {
+    let mut t = T::new();
+    t.take(1, "d", X, 1).unwrap();
+    for at in [5_000, 12_000, 19_000] {
+        t.e.tick(Now::at(at));
+        assert_eq!(t.e.renew_session(t.session, Now::at(at)).unwrap(), Some(Time(at + 10_000)));
+    }
+    t.e.tick(Now::at(28_999));
+    assert_eq!(t.holders("d"), vec![(1, X)]);
+}
+
+#[test]
+fn one_live_session_per_host() {
+    let mut t = T::new();
+    match t.e.open_session(t.host.clone(), None, Now::at(1)) {
+        Err(SessionError::HostInUse { host, session }) => {
+            assert_eq!(host, t.host);
+            assert_eq!(session, t.session);
+        }
+        other => panic!("{other:?}"),
+    }
+    t.e.expire_session(t.session, Now::at(2)).unwrap();
+    assert!(t.e.open_session(t.host.clone(), None, Now::at(3)).is_ok());
+}
+
+#[test]
+fn handover_moves_the_lease_past_earlier_waiters() {
+    let mut e = Engine::new(EngineConfig { grace: 5 * S });
+    let a = HostId::new("src").unwrap();
+    let b = HostId::new("dst").unwrap();
+    let c = HostId::new("other").unwrap();
+    let sa = e.open_session(a.clone(), Some(10 * S), Now::at(0)).unwrap();
+    let sb = e.open_session(b.clone(), Some(10 * S), Now::at(0)).unwrap();
+    let sc = e.open_session(c.clone(), Some(10 * S), Now::at(0)).unwrap();
+    let mk = |o: Owner, s, wait| AcquireRequest {
+        owner: o,
+        session: s,
+        items: vec![(res("vm"), X)],
+        accept_dirty: false,
+        wait,
+    };
+    let Acquired::Granted(g) = e.acquire(mk(owner_on(&a, 1), sa, false), Now::at(1)).unwrap()
+    else {
+        panic!()
+    };
+    let old = g[0].token;
+    let Acquired::Queued(third) = e.acquire(mk(owner_on(&c, 3), sc, true), Now::at(2)).unwrap()
+    else {
+        panic!()
+    };
+    let dst = owner_on(&b, 2).with_label("vm-42");
+    let Acquired::Queued(w) = e.acquire(mk(dst.clone(), sb, true), Now::at(3)).unwrap() else {
+        panic!()
+    };
+    e.take_output();
+
+    // Naming a host or label nobody waits on changes nothing.
+    let bad = e.release(
+        ReleaseRequest {
+            resource: res("vm"),
+            process: owner_on(&a, 1).process,
+            kind: ReleaseKind::Handover { host: b.clone(), label: Some("vm-7".into()) },
+        },
+        Now::at(4),
+    );
+    assert!(matches!(bad, Err(ReleaseError::NoWaiter { .. })));
+    assert!(e.validate(&res("vm"), old));
+    assert!(!e.take_output().needs_persist());
+
+    let r = e
+        .release(
+            ReleaseRequest {
+                resource: res("vm"),
+                process: owner_on(&a, 1).process,
+                kind: ReleaseKind::Handover { host: b.clone(), label: Some("vm-42".into()) },
+            },
+            Now::at(5),
+        )
+        .unwrap();
+    assert!(!r.dirtied);
+    let out = e.take_output();
+    assert_eq!(out.waiters.len(), 1, "only the named waiter is granted");
+    assert_eq!(out.waiters[0].0, w);
+    let new = out.waiters[0].1.as_ref().unwrap()[0].token;
+    assert!(new > old);
+    assert!(!e.validate(&res("vm"), old));
+    assert!(e.validate(&res("vm"), new));
+    let st = e.resource(&res("vm")).unwrap();
+    assert_eq!(st.holders.len(), 1);
+    assert_eq!(st.holders[0].owner, dst);
+    assert!(st.dirty.is_none());
+    assert_eq!(e.waiters_of(&res("vm"))[0].0, third, "the earlier waiter still waits");
+}
+
+#[test]
+fn handover_to_a_waiter_of_several_resources_keeps_each_for_it() {
+    let mut t = T::new();
+    t.take(1, "d1", X, 1).unwrap();
+    t.take(1, "d2", X, 1).unwrap();
+    let w = t.wait(2, &[("d1", X), ("d2", X)], 2);
+    t.e.take_output();
+    let to = ReleaseKind::Handover { host: t.host.clone(), label: None };
+    t.release(1, "d1", to.clone(), 3).unwrap();
+    assert!(t.outcomes().is_empty());
+    // Nobody else can take d1 meanwhile.
+    match t.take(3, "d1", X, 4) {
+        Err(AcquireError::Busy(c)) => assert!(c.reserved),
+        other => panic!("{other:?}"),
+    }
+    t.release(1, "d2", to, 5).unwrap();
+    let out = t.outcomes();
+    assert_eq!(out[0].0, w);
+    assert_eq!(t.holders("d1"), vec![(2, X)]);
+    assert_eq!(t.holders("d2"), vec![(2, X)]);
+}
+
+#[test]
+fn a_shared_lease_cannot_be_handed_over() {
+    let mut t = T::new();
+    t.take(1, "d", Sh, 1).unwrap();
+    t.wait(2, &[("d", X)], 2);
+    let to = ReleaseKind::Handover { host: t.host.clone(), label: None };
+    assert!(matches!(t.release(1, "d", to, 3), Err(ReleaseError::HandoverShared(_))));
+    assert_eq!(t.holders("d"), vec![(1, Sh)]);
+}
+
+#[test]
+fn force_release_revokes_dirties_and_records_why() {
+    let mut t = T::new();
+    t.take(1, "d", X, 1).unwrap();
+    assert!(matches!(
+        t.e.force_release(&res("d"), "  ", "root", Now::at(2)),
+        Err(ReleaseError::Invalid(_))
+    ));
+    assert_eq!(t.holders("d"), vec![(1, X)]);
+    t.e.take_output();
+    let r = t.e.force_release(&res("d"), "host hung", "root", Now::at(3)).unwrap();
+    assert_eq!(r.len(), 1);
+    let out = t.e.take_output();
+    assert!(out.events.iter().any(|e| matches!(e,
+        Event::Ended { ended, dirtied: true, .. }
+            if ended.how == EndReason::Forced { reason: "host hung".into(), by: "root".into() })));
+    assert!(t.is_dirty("d"));
+    assert!(matches!(
+        t.e.force_release(&res("d"), "again", "root", Now::at(4)),
+        Err(ReleaseError::Unheld(_))
+    ));
+}
+
+#[test]
+fn reacquiring_what_one_holds_returns_the_same_grant() {
+    let mut t = T::new();
+    let tok = t.take(1, "d", X, 1).unwrap();
+    t.e.take_output();
+    assert_eq!(t.take(1, "d", X, 2).unwrap(), tok);
+    assert!(!t.e.take_output().needs_persist());
+    assert!(matches!(
+        t.take(1, "d", Sh, 3),
+        Err(AcquireError::ModeConflict { held: X, .. })
+    ));
+}
+
+#[test]
+fn bad_requests_change_nothing() {
+    let mut t = T::new();
+    t.e.take_output();
+    let mut cases = vec![t.req(1, &[]), t.req(1, &[("a", X), ("a", Sh)])];
+    let mut r = t.req(1, &[("a", X)]);
+    r.session = SessionId(99);
+    cases.push(r);
+    let mut r = t.req(1, &[("a", X)]);
+    r.owner.process.host = HostId::new("elsewhere").unwrap();
+    cases.push(r);
+    let mut r = t.req(1, &[("a", X)]);
+    r.owner.label = Some("x".repeat(MAX_LABEL + 1));
+    cases.push(r);
+    let many: Vec<String> = (0..=MAX_ITEMS).map(|i| format!("r{i}")).collect();
+    let mut r = t.req(1, &[]);
+    r.items = many.iter().map(|n| (res(n), X)).collect();
+    cases.push(r);
+    for req in cases {
+        assert!(
+            matches!(
+                t.e.acquire(req.clone(), Now::at(1)),
+                Err(AcquireError::Invalid(_) | AcquireError::NoSession(_))
+            ),
+            "{req:?}"
+        );
+    }
+    assert_eq!(t.e.take_output(), Output::default());
+    assert_eq!(t.e.resources().count(), 0);
+}
+
+#[test]
+fn releasing_what_one_does_not_hold_fails() {
+    let mut t = T::new();
+    t.take(1, "d", X, 1).unwrap();
+    assert!(matches!(
+        t.release(2, "d", ReleaseKind::Clean, 2),
+        Err(ReleaseError::NotHeld { .. })
+    ));
+    // A reused pid with another start time is another process.
+    let mut p = t.owner(1).process;
+    p.start_time += 1;
+    let r = t.e.release(
+        ReleaseRequest { resource: res("d"), process: p, kind: ReleaseKind::Clean },
+        Now::at(3),
+    );
+    assert!(matches!(r, Err(ReleaseError::NotHeld { .. })));
+    assert_eq!(t.holders("d"), vec![(1, X)]);
+}
+
+#[test]
+fn a_dead_waiter_leaves_the_queue_and_a_cancelled_one_too() {
+    let mut t = T::new();
+    t.take(1, "d", X, 1).unwrap();
+    let w2 = t.wait(2, &[("d", X)], 2);
+    let w3 = t.wait(3, &[("d", X)], 3);
+    let w4 = t.wait(4, &[("d", X)], 4);
+    t.e.take_output();
+    t.e.end_process(&t.owner(2).process, Now::at(5));
+    let out = t.outcomes();
+    assert!(matches!(&out[..], [(id, Err(AcquireError::Cancelled(_)))] if *id == w2));
+    assert!(t.e.cancel_wait(w3, Now::at(6)));
+    assert!(!t.e.cancel_wait(w3, Now::at(6)));
+    t.release(1, "d", ReleaseKind::Clean, 7).unwrap();
+    let out = t.outcomes();
+    assert_eq!(out[0].0, w4);
+}
+
+#[test]
+fn a_waiter_on_a_dirty_resource_is_told_to_check_when_its_turn_comes() {
+    let mut t = T::new();
+    t.take(1, "d", X, 1).unwrap();
+    t.e.end_process(&t.owner(1).process, Now::at(1));
+    let mut req = t.req(2, &[("d", X)]);
+    req.accept_dirty = true;
+    t.e.acquire(req, Now::at(2)).unwrap();
+    let w = t.wait(3, &[("d", X)], 3);
+    t.e.take_output();
+    t.release(2, "d", ReleaseKind::Clean, 4).unwrap();
+    let out = t.outcomes();
+    assert!(matches!(&out[..], [(id, Err(AcquireError::NeedsCheck { .. }))] if *id == w));
+}
+
+#[test]
+fn a_waiter_that_comes_and_goes_leaves_no_record() {
+    let mut t = T::new();
+    t.take(1, "a", X, 1).unwrap();
+    let w = t.wait(2, &[("a", X), ("b", X)], 2);
+    assert!(t.e.resource(&res("b")).is_some());
+    t.e.cancel_wait(w, Now::at(3));
+    assert!(t.e.resource(&res("b")).is_none());
+}

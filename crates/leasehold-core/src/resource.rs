@@ -1,0 +1,189 @@
+//! The state of one resource: its live leases, its dirty mark and how its last lease ended.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+use crate::types::{Mode, Owner, ProcessKey, SessionId, Time, Token, WaiterId, WallTime};
+
+/// A live grant of one resource to one owner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// Who holds it.
+    pub owner: Owner,
+    /// In which mode.
+    pub mode: Mode,
+    /// Its fencing token.
+    pub token: Token,
+    /// The host session it lives and dies with.
+    pub session: SessionId,
+    /// When it was granted, for people to read.
+    pub granted_at: WallTime,
+}
+
+/// How a lease ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "how", rename_all = "kebab-case")]
+pub enum EndReason {
+    /// Its holder released it cleanly.
+    Released,
+    /// Its holder released it and said the resource may be inconsistent (for `run`: the
+    /// command failed).
+    ReleasedDirty {
+        /// What the holder said, such as the command's exit status.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        note: Option<String>,
+    },
+    /// Its process ended without releasing it.
+    ProcessDied,
+    /// Its host's session expired: the host was lost or could not renew.
+    SessionExpired,
+    /// An administrator revoked it.
+    Forced {
+        /// Why, in the administrator's words.
+        reason: String,
+        /// Who forced it.
+        by: String,
+    },
+    /// It moved to a waiting owner in one step (migration handover).
+    HandedOver {
+        /// The owner it moved to.
+        to: ProcessKey,
+    },
+}
+
+impl EndReason {
+    /// Whether an exclusive lease that ends this way leaves its resource dirty (SPEC G5).
+    pub fn dirties(&self) -> bool {
+        !matches!(self, EndReason::Released | EndReason::HandedOver { .. })
+    }
+
+    /// A short phrase for people: "released", "process died", ...
+    pub fn describe(&self) -> String {
+        match self {
+            EndReason::Released => "released".into(),
+            EndReason::ReleasedDirty { note: None } => "released dirty".into(),
+            EndReason::ReleasedDirty { note: Some(n) } => format!("released dirty ({n})"),
+            EndReason::ProcessDied => "process died holding it".into(),
+            EndReason::SessionExpired => "host session expired (host lost)".into(),
+            EndReason::Forced { reason, by } => format!("force-released by {by}: {reason}"),
+            EndReason::HandedOver { to } => format!("handed over to {to}"),
+        }
+    }
+}
+
+/// The record of a lease that has ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ended {
+    /// Who held it.
+    pub owner: Owner,
+    /// In which mode.
+    pub mode: Mode,
+    /// With which token.
+    pub token: Token,
+    /// When it was granted.
+    pub granted_at: WallTime,
+    /// When it ended.
+    pub ended_at: WallTime,
+    /// How it ended.
+    #[serde(flatten)]
+    pub how: EndReason,
+}
+
+/// Everything known about one resource.
+///
+/// The fields that are not skipped by serde are durable; `queue` and `reserved_for` belong
+/// to waiting requests, which live only as long as the connections that made them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceState {
+    /// The live leases: none, one exclusive, or one or more shared.
+    pub holders: Vec<Lease>,
+    /// The largest token ever granted for this resource.
+    pub last_token: Token,
+    /// Set when the last exclusive lease ended other than cleanly; cleared by `mark-clean`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dirty: Option<Ended>,
+    /// How the most recent lease ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_ended: Option<Ended>,
+    /// After a host session expired holding this resource, nobody is granted it before this
+    /// time (the grace, or lock-delay).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocked_until: Option<Time>,
+    /// Requests waiting for this resource, in arrival order.
+    #[serde(skip)]
+    pub queue: BTreeSet<WaiterId>,
+    /// A handover in progress: the resource is kept for this waiter alone.
+    #[serde(skip)]
+    pub reserved_for: Option<WaiterId>,
+}
+
+impl ResourceState {
+    /// Whether a new lease in `mode` could coexist with the current holders.
+    pub fn admits(&self, mode: Mode) -> bool {
+        self.holders.iter().all(|l| l.mode.compatible_with(mode))
+    }
+
+    /// The lease held by `process`, if any.
+    pub fn lease_of(&self, process: &ProcessKey) -> Option<&Lease> {
+        self.holders.iter().find(|l| &l.owner.process == process)
+    }
+
+    /// Whether the record carries nothing worth keeping.
+    pub fn is_empty(&self) -> bool {
+        self.holders.is_empty()
+            && self.last_token == Token(0)
+            && self.dirty.is_none()
+            && self.last_ended.is_none()
+            && self.blocked_until.is_none()
+            && self.queue.is_empty()
+            && self.reserved_for.is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_clean_endings_keep_a_resource_clean() {
+        assert!(!EndReason::Released.dirties());
+        assert!(
+            !EndReason::HandedOver {
+                to: ProcessKey {
+                    host: crate::HostId::new("b").unwrap(),
+                    pid: 1,
+                    start_time: 1
+                }
+            }
+            .dirties()
+        );
+        assert!(EndReason::ProcessDied.dirties());
+        assert!(EndReason::SessionExpired.dirties());
+        assert!(EndReason::ReleasedDirty { note: None }.dirties());
+        assert!(
+            EndReason::Forced {
+                reason: "x".into(),
+                by: "root".into()
+            }
+            .dirties()
+        );
+    }
+
+    #[test]
+    fn end_records_serialize_flat() {
+        let e = Ended {
+            owner: Owner::new(crate::HostId::new("a").unwrap(), 7, 9),
+            mode: Mode::Exclusive,
+            token: Token(3),
+            granted_at: WallTime(1),
+            ended_at: WallTime(2),
+            how: EndReason::ProcessDied,
+        };
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["how"], "process-died");
+        assert_eq!(v["token"], 3);
+        let back: Ended = serde_json::from_value(v).unwrap();
+        assert_eq!(back, e);
+    }
+}
