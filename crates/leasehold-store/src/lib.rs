@@ -1,0 +1,236 @@
+//! Where leasehold's leases live.
+//!
+//! A [`Store`] is one host's connection to the lease state: it grants, releases and reports
+//! leases with the rules of `leasehold-core`, and makes every grant, token and dirty mark
+//! durable before it answers. Two stores exist or are planned:
+//!
+//! - [`LocalStore`], the embedded default: one host, state in one directory (a redb file),
+//!   concurrent callers share one fsync (group commit);
+//! - the etcd store, for clusters (a later addition).
+//!
+//! Every store must pass [`conformance`], the same suite of tests for the guarantees that
+//! do not depend on how a store is built.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), leasehold_store::StoreError> {
+//! use leasehold_core::{HostId, Mode, Owner, ResourceName};
+//! use leasehold_store::{AcquireSpec, LocalStore, Store};
+//!
+//! let host = HostId::new("node1").unwrap();
+//! let store = LocalStore::open("/var/lib/leasehold", host.clone())?;
+//! let me = Owner::new(host, std::process::id(), 0);
+//! let disk = ResourceName::new("vm1.qcow2").unwrap();
+//! let grants = store
+//!     .acquire(AcquireSpec::new(me, [(disk.clone(), Mode::Exclusive)]))
+//!     .await?;
+//! println!("token {}", grants[0].token);
+//! # Ok(()) }
+//! ```
+
+use std::future::Future;
+use std::time::Duration;
+
+use leasehold_core::{
+    AcquireError, Conflict, Ended, Event, Grant, HostId, Lease, Mode, Owner, ProcessKey,
+    ReleaseError, ReleaseKind, Released, ResourceName, Token,
+};
+use serde::{Deserialize, Serialize};
+
+mod clock;
+pub mod conformance;
+mod local;
+
+pub use clock::Clock;
+pub use local::{LocalStore, LocalStoreOptions};
+
+/// A request for leases, all or none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcquireSpec {
+    /// Who asks; its host must be the store's host.
+    pub owner: Owner,
+    /// The resources and modes asked for.
+    pub items: Vec<(ResourceName, Mode)>,
+    /// Whether the caller will check a dirty resource before using it.
+    pub accept_dirty: bool,
+    /// How long to wait for the resources to become free; `None` fails at once.
+    pub wait: Option<Duration>,
+}
+
+impl AcquireSpec {
+    /// A request that does not wait and does not accept dirty resources.
+    pub fn new(owner: Owner, items: impl IntoIterator<Item = (ResourceName, Mode)>) -> Self {
+        AcquireSpec {
+            owner,
+            items: items.into_iter().collect(),
+            accept_dirty: false,
+            wait: None,
+        }
+    }
+
+    /// The same request, waiting up to `d`.
+    pub fn wait(mut self, d: Duration) -> Self {
+        self.wait = Some(d);
+        self
+    }
+
+    /// The same request, accepting dirty resources.
+    pub fn accept_dirty(mut self) -> Self {
+        self.accept_dirty = true;
+        self
+    }
+}
+
+/// Someone waiting for a resource.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaiterView {
+    /// Who waits.
+    pub owner: Owner,
+    /// For which mode.
+    pub mode: Mode,
+}
+
+/// What is known about one resource.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceView {
+    /// Its name.
+    pub resource: ResourceName,
+    /// Its live leases.
+    pub holders: Vec<Lease>,
+    /// Why it is dirty, if it is.
+    pub dirty: Option<Ended>,
+    /// How its most recent lease ended.
+    pub last_ended: Option<Ended>,
+    /// The largest token granted for it.
+    pub last_token: Token,
+    /// Who waits for it, in order.
+    pub waiters: Vec<WaiterView>,
+    /// How long it stays unavailable after its holder's host was lost.
+    pub blocked_for: Option<Duration>,
+    /// Whether a handover to a waiter is in progress.
+    pub handover_pending: bool,
+}
+
+/// Why a store operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The lease rules refused the acquire.
+    #[error(transparent)]
+    Acquire(#[from] AcquireError),
+    /// The lease rules refused the release, force-release or mark-clean.
+    #[error(transparent)]
+    Release(#[from] ReleaseError),
+    /// The wait ended before the resources were free; this is who was in the way.
+    #[error("timed out waiting: {0}")]
+    TimedOut(Conflict),
+    /// The request named a host other than the store's.
+    #[error("this store serves host {ours}; the request is for host {theirs}")]
+    WrongHost {
+        /// The store's host.
+        ours: HostId,
+        /// The host named.
+        theirs: HostId,
+    },
+    /// The durable storage failed; nothing of the failed operation took effect.
+    #[error("storage failed: {0}")]
+    Storage(String),
+    /// The store was opened on state it cannot use.
+    #[error("cannot use the state: {0}")]
+    BadState(String),
+    /// The store is shut down.
+    #[error("the store is shut down")]
+    Closed,
+}
+
+/// One host's connection to the lease state.
+///
+/// Every method that changes state returns only after the change is durable. Operations on
+/// one store are linearizable: a read issued after a write returns sees it.
+pub trait Store: Send + Sync + 'static {
+    /// The host this store serves.
+    fn host(&self) -> &HostId;
+
+    /// Takes leases on all of `spec.items` or none, waiting up to `spec.wait`.
+    ///
+    /// # Errors
+    /// [`StoreError::Acquire`] with [`AcquireError::Busy`] when a resource is held and the
+    /// request does not wait, or [`AcquireError::NeedsCheck`] when a free resource is dirty;
+    /// [`StoreError::TimedOut`] when the wait ran out.
+    ///
+    /// # Cancel safety
+    /// Dropping the future while it waits withdraws the request; a grant that raced with the
+    /// drop is released cleanly, so no lease is left that nobody was told of.
+    fn acquire(
+        &self,
+        spec: AcquireSpec,
+    ) -> impl Future<Output = Result<Vec<Grant>, StoreError>> + Send;
+
+    /// Ends one lease of `process` as it asks.
+    ///
+    /// # Errors
+    /// [`StoreError::Release`] when the process does not hold the resource, or the handover
+    /// has nobody to go to (the lease is then kept).
+    fn release(
+        &self,
+        resource: ResourceName,
+        process: ProcessKey,
+        kind: ReleaseKind,
+    ) -> impl Future<Output = Result<Released, StoreError>> + Send;
+
+    /// Ends every lease and waiting request of a process that has exited.
+    ///
+    /// # Errors
+    /// [`StoreError::Storage`] or [`StoreError::Closed`].
+    fn end_process(
+        &self,
+        process: ProcessKey,
+    ) -> impl Future<Output = Result<Vec<Released>, StoreError>> + Send;
+
+    /// Revokes every lease on `resource` (admin).
+    ///
+    /// # Errors
+    /// [`StoreError::Release`] when nobody holds it or the reason is missing.
+    fn force_release(
+        &self,
+        resource: ResourceName,
+        reason: String,
+        by: String,
+    ) -> impl Future<Output = Result<Vec<Released>, StoreError>> + Send;
+
+    /// Clears the dirty mark of `resource`; returns the mark it had.
+    ///
+    /// # Errors
+    /// [`StoreError::Release`] with [`ReleaseError::Unknown`] for a resource never seen.
+    fn mark_clean(
+        &self,
+        resource: ResourceName,
+        by: String,
+    ) -> impl Future<Output = Result<Option<Ended>, StoreError>> + Send;
+
+    /// Whether `token` is the token of a live lease on `resource`.
+    ///
+    /// # Errors
+    /// [`StoreError::Storage`] or [`StoreError::Closed`].
+    fn validate(
+        &self,
+        resource: ResourceName,
+        token: Token,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// What is known about one resource.
+    ///
+    /// # Errors
+    /// [`StoreError::Storage`] or [`StoreError::Closed`].
+    fn inspect(
+        &self,
+        resource: ResourceName,
+    ) -> impl Future<Output = Result<Option<ResourceView>, StoreError>> + Send;
+
+    /// Every known resource, by name.
+    ///
+    /// # Errors
+    /// [`StoreError::Storage`] or [`StoreError::Closed`].
+    fn list(&self) -> impl Future<Output = Result<Vec<ResourceView>, StoreError>> + Send;
+
+    /// Lease events from now on, after they are durable.
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event>;
+}

@@ -1,0 +1,830 @@
+//! The embedded single-host store: the engine on one thread, its records in a redb file.
+//!
+//! One worker thread owns the [`Engine`] and the database. Callers send it commands; it
+//! takes every command that is waiting (up to a batch limit), applies them to the engine in
+//! order, writes every changed record in **one** write transaction, commits it (one fsync),
+//! and only then answers every caller of the batch. So concurrent grants share an fsync
+//! (group commit), nobody is told of a grant before it is durable, and reads answered in a
+//! batch never show a change that a crash could still undo.
+//!
+//! If a commit fails, the engine is rebuilt from the database (dropping the batch) and every
+//! caller of the batch gets [`StoreError::Storage`]: nothing they asked for took effect.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use leasehold_core::{
+    AcquireError, AcquireRequest, Acquired, Conflict, Ended, Engine, EngineConfig, Event, Grant,
+    HostId, Meta, Mode, Now, Output, Owner, ProcessKey, ReleaseKind, ReleaseRequest, Released,
+    ResourceName, ResourceState, SessionId, Token, WaiterId,
+};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::{broadcast, oneshot};
+
+use crate::{AcquireSpec, Clock, ResourceView, Store, StoreError, WaiterView};
+
+/// Resource records: name to the JSON of its durable [`ResourceState`].
+const RESOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("resources");
+/// Engine metadata: `"engine"` to the JSON of [`Meta`], `"format"` to the format version.
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const FORMAT_KEY: &str = "format";
+const ENGINE_KEY: &str = "engine";
+/// The on-disk format this code writes and reads.
+const FORMAT: &[u8] = b"leasehold-local-1";
+/// The file in the state directory.
+const DB_FILE: &str = "leasehold.redb";
+
+/// Settings of a [`LocalStore`].
+#[derive(Debug, Clone)]
+pub struct LocalStoreOptions {
+    /// The engine settings. Grace matters only where sessions expire, which they do not on
+    /// the local store; kept for symmetry.
+    pub engine: EngineConfig,
+    /// The most commands applied in one commit.
+    pub max_batch: usize,
+    /// Capacity of the event channel; slow subscribers miss events beyond it.
+    pub event_capacity: usize,
+}
+
+impl Default for LocalStoreOptions {
+    fn default() -> Self {
+        LocalStoreOptions {
+            engine: EngineConfig::default(),
+            max_batch: 4096,
+            event_capacity: 4096,
+        }
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+enum AcquireReply {
+    Done(Vec<Grant>),
+    Queued(
+        WaiterId,
+        oneshot::Receiver<Result<Vec<Grant>, AcquireError>>,
+    ),
+}
+
+enum Cmd {
+    Acquire {
+        owner: Owner,
+        items: Vec<(ResourceName, Mode)>,
+        accept_dirty: bool,
+        wait: bool,
+        reply: Reply<AcquireReply>,
+    },
+    /// Withdraws a wait that timed out; answers the conflict, or `None` when the outcome was
+    /// already decided (and is on its way).
+    CancelWait {
+        id: WaiterId,
+        reply: Reply<Option<Conflict>>,
+    },
+    /// The waiting caller went away: withdraw, answering nobody.
+    Abandon(WaiterId),
+    /// Release grants that a caller received but could not use.
+    ReleaseOrphans(Vec<(ResourceName, ProcessKey)>),
+    Release {
+        resource: ResourceName,
+        process: ProcessKey,
+        kind: ReleaseKind,
+        reply: Reply<Released>,
+    },
+    EndProcess {
+        process: ProcessKey,
+        reply: Reply<Vec<Released>>,
+    },
+    ForceRelease {
+        resource: ResourceName,
+        reason: String,
+        by: String,
+        reply: Reply<Vec<Released>>,
+    },
+    MarkClean {
+        resource: ResourceName,
+        by: String,
+        reply: Reply<Option<Ended>>,
+    },
+    Validate {
+        resource: ResourceName,
+        token: Token,
+        reply: Reply<bool>,
+    },
+    Inspect {
+        resource: ResourceName,
+        reply: Reply<Option<ResourceView>>,
+    },
+    List {
+        reply: Reply<Vec<ResourceView>>,
+    },
+    Shutdown,
+}
+
+/// The embedded single-host store. See the module documentation for how it commits.
+pub struct LocalStore {
+    host: HostId,
+    dir: PathBuf,
+    tx: mpsc::Sender<Cmd>,
+    events: broadcast::Sender<Event>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for LocalStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalStore")
+            .field("host", &self.host)
+            .field("dir", &self.dir)
+            .finish()
+    }
+}
+
+impl LocalStore {
+    /// Opens (creating if needed) the store in directory `dir` for `host`.
+    ///
+    /// # Errors
+    /// [`StoreError::Storage`] when the directory or database cannot be opened (another
+    /// process has it open, or it is not writable); [`StoreError::BadState`] when it holds
+    /// a format this code does not know, or live leases of another host id.
+    pub fn open(dir: impl AsRef<Path>, host: HostId) -> Result<LocalStore, StoreError> {
+        LocalStore::open_with(dir, host, LocalStoreOptions::default())
+    }
+
+    /// Opens the store with explicit options.
+    ///
+    /// # Errors
+    /// As [`LocalStore::open`].
+    pub fn open_with(
+        dir: impl AsRef<Path>,
+        host: HostId,
+        options: LocalStoreOptions,
+    ) -> Result<LocalStore, StoreError> {
+        let dir = dir.as_ref().to_path_buf();
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| storage(format!("creating {}: {e}", dir.display())))?;
+        let path = dir.join(DB_FILE);
+        let db = Database::create(&path).map_err(|e| {
+            storage(format!(
+                "opening {}: {e} (is another leasehold agent using this state directory?)",
+                path.display()
+            ))
+        })?;
+        let clock = Clock::new();
+        let mut engine = load(&db, options.engine)?;
+        let now = clock.now();
+        let session = adopt_session(&mut engine, &host, now)?;
+        let (events, _) = broadcast::channel(options.event_capacity.max(1));
+        let mut worker = Worker {
+            engine,
+            db,
+            clock,
+            session,
+            options,
+            events: events.clone(),
+            pending: HashMap::new(),
+            orphans: Vec::new(),
+        };
+        let out = worker.engine.take_output();
+        if out.needs_persist() {
+            worker.persist(&out).map_err(storage)?;
+        }
+        let (tx, rx) = mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name("leasehold-store".into())
+            .spawn(move || worker.run(rx))
+            .map_err(|e| storage(format!("starting the store thread: {e}")))?;
+        Ok(LocalStore {
+            host,
+            dir,
+            tx,
+            events,
+            worker: Mutex::new(Some(handle)),
+        })
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Stops the worker after it finishes the commands already sent, and closes the
+    /// database. Dropping the store does the same.
+    pub fn close(&self) {
+        let _ = self.tx.send(Cmd::Shutdown);
+        let handle = self.worker.lock().ok().and_then(|mut h| h.take());
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+
+    fn send(&self, cmd: Cmd) -> Result<(), StoreError> {
+        self.tx.send(cmd).map_err(|_| StoreError::Closed)
+    }
+
+    async fn call<T>(&self, cmd: impl FnOnce(Reply<T>) -> Cmd) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(cmd(tx))?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+impl Drop for LocalStore {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Withdraws a waiting request if the caller goes away before learning its outcome.
+struct WaitGuard {
+    id: WaiterId,
+    process: ProcessKey,
+    rx: Option<oneshot::Receiver<Result<Vec<Grant>, AcquireError>>>,
+    tx: mpsc::Sender<Cmd>,
+}
+
+impl Drop for WaitGuard {
+    fn drop(&mut self) {
+        let Some(mut rx) = self.rx.take() else {
+            return;
+        };
+        // After close() no outcome can arrive; one that arrived before is still readable.
+        rx.close();
+        match rx.try_recv() {
+            Ok(Ok(grants)) => {
+                let orphans = fresh(&grants, &self.process);
+                let _ = self.tx.send(Cmd::ReleaseOrphans(orphans));
+            }
+            Ok(Err(_)) => {}
+            Err(_) => {
+                let _ = self.tx.send(Cmd::Abandon(self.id));
+            }
+        }
+    }
+}
+
+fn fresh(grants: &[Grant], process: &ProcessKey) -> Vec<(ResourceName, ProcessKey)> {
+    grants
+        .iter()
+        .filter(|g| !g.existing)
+        .map(|g| (g.resource.clone(), process.clone()))
+        .collect()
+}
+
+impl Store for LocalStore {
+    fn host(&self) -> &HostId {
+        &self.host
+    }
+
+    async fn acquire(&self, spec: AcquireSpec) -> Result<Vec<Grant>, StoreError> {
+        if spec.owner.process.host != self.host {
+            return Err(StoreError::WrongHost {
+                ours: self.host.clone(),
+                theirs: spec.owner.process.host,
+            });
+        }
+        let process = spec.owner.process.clone();
+        let reply = self
+            .call(|reply| Cmd::Acquire {
+                owner: spec.owner,
+                items: spec.items,
+                accept_dirty: spec.accept_dirty,
+                wait: spec.wait.is_some(),
+                reply,
+            })
+            .await?;
+        let (id, rx) = match reply {
+            AcquireReply::Done(grants) => return Ok(grants),
+            AcquireReply::Queued(id, rx) => (id, rx),
+        };
+        let mut guard = WaitGuard {
+            id,
+            process,
+            rx: Some(rx),
+            tx: self.tx.clone(),
+        };
+        let wait = spec.wait.unwrap_or_default();
+        let outcome = match &mut guard.rx {
+            Some(rx) => tokio::time::timeout(wait, rx).await,
+            None => return Err(StoreError::Closed),
+        };
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(_elapsed) => {
+                match self.call(|reply| Cmd::CancelWait { id, reply }).await? {
+                    Some(conflict) => {
+                        guard.rx = None;
+                        return Err(StoreError::TimedOut(conflict));
+                    }
+                    // Decided just before the cancel: the outcome is on its way.
+                    None => match &mut guard.rx {
+                        Some(rx) => rx.await,
+                        None => return Err(StoreError::Closed),
+                    },
+                }
+            }
+        };
+        guard.rx = None;
+        match outcome {
+            Ok(result) => result.map_err(StoreError::from),
+            Err(_) => Err(StoreError::Closed),
+        }
+    }
+
+    async fn release(
+        &self,
+        resource: ResourceName,
+        process: ProcessKey,
+        kind: ReleaseKind,
+    ) -> Result<Released, StoreError> {
+        self.call(|reply| Cmd::Release {
+            resource,
+            process,
+            kind,
+            reply,
+        })
+        .await
+    }
+
+    async fn end_process(&self, process: ProcessKey) -> Result<Vec<Released>, StoreError> {
+        self.call(|reply| Cmd::EndProcess { process, reply }).await
+    }
+
+    async fn force_release(
+        &self,
+        resource: ResourceName,
+        reason: String,
+        by: String,
+    ) -> Result<Vec<Released>, StoreError> {
+        self.call(|reply| Cmd::ForceRelease {
+            resource,
+            reason,
+            by,
+            reply,
+        })
+        .await
+    }
+
+    async fn mark_clean(
+        &self,
+        resource: ResourceName,
+        by: String,
+    ) -> Result<Option<Ended>, StoreError> {
+        self.call(|reply| Cmd::MarkClean {
+            resource,
+            by,
+            reply,
+        })
+        .await
+    }
+
+    async fn validate(&self, resource: ResourceName, token: Token) -> Result<bool, StoreError> {
+        self.call(|reply| Cmd::Validate {
+            resource,
+            token,
+            reply,
+        })
+        .await
+    }
+
+    async fn inspect(&self, resource: ResourceName) -> Result<Option<ResourceView>, StoreError> {
+        self.call(|reply| Cmd::Inspect { resource, reply }).await
+    }
+
+    async fn list(&self) -> Result<Vec<ResourceView>, StoreError> {
+        self.call(|reply| Cmd::List { reply }).await
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+}
+
+fn storage(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Storage(e.to_string())
+}
+
+/// Reads the engine's durable state from the database.
+fn load(db: &Database, config: EngineConfig) -> Result<Engine, StoreError> {
+    let txn = db.begin_read().map_err(storage)?;
+    let meta_table = match txn.open_table(META) {
+        Ok(t) => Some(t),
+        Err(redb::TableError::TableDoesNotExist(_)) => None,
+        Err(e) => return Err(storage(e)),
+    };
+    let Some(meta_table) = meta_table else {
+        return Ok(Engine::new(config));
+    };
+    match meta_table.get(FORMAT_KEY).map_err(storage)? {
+        Some(v) if v.value() == FORMAT => {}
+        Some(v) => {
+            return Err(StoreError::BadState(format!(
+                "the state directory holds format {:?}; this leasehold reads {:?}",
+                String::from_utf8_lossy(v.value()),
+                String::from_utf8_lossy(FORMAT)
+            )));
+        }
+        None => {
+            return Err(StoreError::BadState(
+                "the state database has no format marker".into(),
+            ));
+        }
+    }
+    let meta: Meta = match meta_table.get(ENGINE_KEY).map_err(storage)? {
+        Some(v) => serde_json::from_slice(v.value())
+            .map_err(|e| StoreError::BadState(format!("engine metadata: {e}")))?,
+        None => Meta::default(),
+    };
+    let mut records = Vec::new();
+    if let Ok(table) = txn.open_table(RESOURCES) {
+        for row in table.iter().map_err(storage)? {
+            let (k, v) = row.map_err(storage)?;
+            let name = ResourceName::new(k.value())
+                .map_err(|e| StoreError::BadState(format!("resource record key: {e}")))?;
+            let st: ResourceState = serde_json::from_slice(v.value())
+                .map_err(|e| StoreError::BadState(format!("record of {name}: {e}")))?;
+            records.push((name, st));
+        }
+    }
+    Ok(Engine::restore(config, meta, records))
+}
+
+/// Finds or opens this host's session, refusing a state directory whose leases belong to
+/// another host id.
+fn adopt_session(engine: &mut Engine, host: &HostId, now: Now) -> Result<SessionId, StoreError> {
+    let others: Vec<(SessionId, HostId)> = engine
+        .sessions()
+        .filter(|s| &s.host != host)
+        .map(|s| (s.id, s.host.clone()))
+        .collect();
+    for (id, other) in others {
+        if engine.holders().any(|p| p.host == other) {
+            return Err(StoreError::BadState(format!(
+                "this state directory holds live leases of host id {other}, not {host}; \
+                 start with --host-id {other}, or use another state directory"
+            )));
+        }
+        let _ = engine.expire_session(id, now);
+    }
+    match engine.session_of(host) {
+        Some(s) => Ok(s.id),
+        None => engine
+            .open_session(host.clone(), None, now)
+            .map_err(|e| StoreError::BadState(e.to_string())),
+    }
+}
+
+/// What to do when a deferred answer finds its caller gone.
+enum Cleanup {
+    Release(Vec<(ResourceName, ProcessKey)>),
+    Abandon(WaiterId),
+}
+
+/// An answer held back until the batch is durable; called with the commit error, if any.
+type Deferred = Box<dyn FnOnce(Option<&StoreError>) -> Option<Cleanup> + Send>;
+
+fn defer<T: Send + 'static>(
+    out: &mut Vec<Deferred>,
+    reply: Reply<T>,
+    value: Result<T, StoreError>,
+) {
+    out.push(Box::new(move |failed| {
+        let value = match failed {
+            Some(e) => Err(e.clone()),
+            None => value,
+        };
+        let _ = reply.send(value);
+        None
+    }));
+}
+
+struct Pending {
+    reply: oneshot::Sender<Result<Vec<Grant>, AcquireError>>,
+    process: ProcessKey,
+    items: Vec<(ResourceName, Mode)>,
+}
+
+struct Worker {
+    engine: Engine,
+    db: Database,
+    clock: Clock,
+    session: SessionId,
+    options: LocalStoreOptions,
+    events: broadcast::Sender<Event>,
+    pending: HashMap<WaiterId, Pending>,
+    orphans: Vec<(ResourceName, ProcessKey)>,
+}
+
+impl Worker {
+    fn run(mut self, rx: mpsc::Receiver<Cmd>) {
+        loop {
+            let first = if !self.orphans.is_empty() {
+                rx.try_recv().ok()
+            } else {
+                let deadline = self.engine.next_deadline();
+                let received = match deadline {
+                    Some(t) => {
+                        let wait = self
+                            .clock
+                            .instant(t)
+                            .saturating_duration_since(std::time::Instant::now());
+                        rx.recv_timeout(wait.max(Duration::from_millis(1)))
+                    }
+                    None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+                };
+                match received {
+                    Ok(cmd) => Some(cmd),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return self.shutdown(),
+                }
+            };
+            let mut batch: Vec<Cmd> = first.into_iter().collect();
+            while batch.len() < self.options.max_batch {
+                match rx.try_recv() {
+                    Ok(cmd) => batch.push(cmd),
+                    Err(_) => break,
+                }
+            }
+            let stop = batch.iter().any(|c| matches!(c, Cmd::Shutdown));
+            self.step(batch);
+            if stop {
+                return self.shutdown();
+            }
+        }
+    }
+
+    fn shutdown(self) {
+        for (_, p) in self.pending {
+            let _ = p.reply.send(Err(AcquireError::Cancelled(
+                "the store is shutting down".into(),
+            )));
+        }
+    }
+
+    /// Applies a batch, commits it once, then answers.
+    fn step(&mut self, batch: Vec<Cmd>) {
+        let now = self.clock.now();
+        self.engine.tick(now);
+        for (resource, process) in std::mem::take(&mut self.orphans) {
+            let _ = self.engine.release(
+                ReleaseRequest {
+                    resource,
+                    process,
+                    kind: ReleaseKind::Clean,
+                },
+                now,
+            );
+        }
+        let mut answers: Vec<Deferred> = Vec::with_capacity(batch.len());
+        for cmd in batch {
+            self.apply(cmd, now, &mut answers);
+        }
+        let out = self.engine.take_output();
+        let failed = if out.needs_persist() {
+            self.persist(&out).err().map(storage)
+        } else {
+            None
+        };
+        if let Some(err) = &failed {
+            self.reload(err);
+        }
+        for answer in answers {
+            match answer(failed.as_ref()) {
+                Some(Cleanup::Release(v)) => self.orphans.extend(v),
+                Some(Cleanup::Abandon(id)) => {
+                    self.pending.remove(&id);
+                    self.engine.cancel_wait(id, now);
+                }
+                None => {}
+            }
+        }
+        if failed.is_some() {
+            return;
+        }
+        self.deliver(out);
+    }
+
+    /// Answers waiters decided in this batch and publishes its events.
+    fn deliver(&mut self, out: Output) {
+        for (id, outcome) in out.waiters {
+            let Some(p) = self.pending.remove(&id) else {
+                continue;
+            };
+            if let Err(Ok(grants)) = p.reply.send(outcome) {
+                self.orphans.extend(fresh(&grants, &p.process));
+            }
+        }
+        for e in out.events {
+            let _ = self.events.send(e);
+        }
+    }
+
+    fn apply(&mut self, cmd: Cmd, now: Now, answers: &mut Vec<Deferred>) {
+        match cmd {
+            Cmd::Acquire {
+                owner,
+                items,
+                accept_dirty,
+                wait,
+                reply,
+            } => {
+                let process = owner.process.clone();
+                let req = AcquireRequest {
+                    owner,
+                    session: self.session,
+                    items: items.clone(),
+                    accept_dirty,
+                    wait,
+                };
+                let value = match self.engine.acquire(req, now) {
+                    Ok(Acquired::Granted(g)) => Ok(AcquireReply::Done(g)),
+                    Ok(Acquired::Queued(id)) => {
+                        let (tx, rx) = oneshot::channel();
+                        self.pending.insert(
+                            id,
+                            Pending {
+                                reply: tx,
+                                process: process.clone(),
+                                items,
+                            },
+                        );
+                        Ok(AcquireReply::Queued(id, rx))
+                    }
+                    Err(e) => Err(StoreError::from(e)),
+                };
+                answers.push(Box::new(move |failed| {
+                    let value = match failed {
+                        Some(e) => Err(e.clone()),
+                        None => value,
+                    };
+                    match reply.send(value) {
+                        Ok(()) => None,
+                        Err(Ok(AcquireReply::Done(grants))) => {
+                            Some(Cleanup::Release(fresh(&grants, &process)))
+                        }
+                        Err(Ok(AcquireReply::Queued(id, _))) => Some(Cleanup::Abandon(id)),
+                        Err(Err(_)) => None,
+                    }
+                }));
+            }
+            Cmd::CancelWait { id, reply } => {
+                let conflict = match self.pending.remove(&id) {
+                    Some(p) if self.engine.cancel_wait(id, now) => {
+                        let c = self.engine.conflict(&p.process, &p.items, now);
+                        Some(c.unwrap_or_else(|| Conflict {
+                            resource: p.items[0].0.clone(),
+                            holders: Vec::new(),
+                            waiting: 0,
+                            blocked_until: None,
+                            reserved: false,
+                        }))
+                    }
+                    // Already decided: put it back so its outcome is delivered.
+                    Some(p) => {
+                        self.pending.insert(id, p);
+                        None
+                    }
+                    None => None,
+                };
+                defer(answers, reply, Ok(conflict));
+            }
+            Cmd::Abandon(id) => {
+                self.pending.remove(&id);
+                self.engine.cancel_wait(id, now);
+            }
+            Cmd::ReleaseOrphans(v) => self.orphans.extend(v),
+            Cmd::Release {
+                resource,
+                process,
+                kind,
+                reply,
+            } => {
+                let r = self.engine.release(
+                    ReleaseRequest {
+                        resource,
+                        process,
+                        kind,
+                    },
+                    now,
+                );
+                defer(answers, reply, r.map_err(StoreError::from));
+            }
+            Cmd::EndProcess { process, reply } => {
+                let r = self.engine.end_process(&process, now);
+                defer(answers, reply, Ok(r));
+            }
+            Cmd::ForceRelease {
+                resource,
+                reason,
+                by,
+                reply,
+            } => {
+                let r = self.engine.force_release(&resource, &reason, &by, now);
+                defer(answers, reply, r.map_err(StoreError::from));
+            }
+            Cmd::MarkClean {
+                resource,
+                by,
+                reply,
+            } => {
+                let r = self.engine.mark_clean(&resource, &by, now);
+                defer(answers, reply, r.map_err(StoreError::from));
+            }
+            Cmd::Validate {
+                resource,
+                token,
+                reply,
+            } => {
+                let v = self.engine.validate(&resource, token);
+                defer(answers, reply, Ok(v));
+            }
+            Cmd::Inspect { resource, reply } => {
+                let v = view(&self.engine, &resource, now);
+                defer(answers, reply, Ok(v));
+            }
+            Cmd::List { reply } => {
+                let v = self
+                    .engine
+                    .resources()
+                    .filter_map(|(name, _)| view(&self.engine, name, now))
+                    .collect();
+                defer(answers, reply, Ok(v));
+            }
+            Cmd::Shutdown => {}
+        }
+    }
+
+    /// Writes the records changed in `out` and commits: one fsync.
+    fn persist(&self, out: &Output) -> Result<(), String> {
+        let txn = self.db.begin_write().map_err(|e| e.to_string())?;
+        {
+            let mut table = txn.open_table(RESOURCES).map_err(|e| e.to_string())?;
+            for name in &out.changed {
+                match self.engine.resource(name) {
+                    Some(st) => {
+                        let bytes = serde_json::to_vec(st).map_err(|e| e.to_string())?;
+                        table
+                            .insert(name.as_str(), bytes.as_slice())
+                            .map_err(|e| e.to_string())?;
+                    }
+                    None => {
+                        table.remove(name.as_str()).map_err(|e| e.to_string())?;
+                    }
+                }
+            }
+            let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
+            meta.insert(FORMAT_KEY, FORMAT).map_err(|e| e.to_string())?;
+            if out.meta_changed {
+                let bytes = serde_json::to_vec(&self.engine.meta()).map_err(|e| e.to_string())?;
+                meta.insert(ENGINE_KEY, bytes.as_slice())
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        txn.commit().map_err(|e| e.to_string())
+    }
+
+    /// After a failed commit: forget the batch by rebuilding the engine from disk.
+    fn reload(&mut self, err: &StoreError) {
+        for (_, p) in self.pending.drain() {
+            let _ = p.reply.send(Err(AcquireError::Cancelled(format!(
+                "the store failed: {err}"
+            ))));
+        }
+        self.orphans.clear();
+        match load(&self.db, self.options.engine) {
+            Ok(engine) => self.engine = engine,
+            // The database cannot be read back: keep the engine, which at worst is ahead
+            // of the disk by the failed batch, whose callers were all told it failed.
+            Err(_) => {
+                let _ = self.engine.take_output();
+            }
+        }
+    }
+}
+
+/// The view of one resource for callers.
+fn view(engine: &Engine, name: &ResourceName, now: Now) -> Option<ResourceView> {
+    let st = engine.resource(name)?;
+    Some(ResourceView {
+        resource: name.clone(),
+        holders: st.holders.clone(),
+        dirty: st.dirty.clone(),
+        last_ended: st.last_ended.clone(),
+        last_token: st.last_token,
+        waiters: engine
+            .waiters_of(name)
+            .into_iter()
+            .map(|(_, owner, mode)| WaiterView {
+                owner: owner.clone(),
+                mode,
+            })
+            .collect(),
+        blocked_for: st
+            .blocked_until
+            .filter(|t| *t > now.mono)
+            .map(|t| Duration::from_millis(t.0 - now.mono.0)),
+        handover_pending: st.reserved_for.is_some(),
+    })
+}
