@@ -270,7 +270,9 @@ pub enum ReleaseError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SessionError {
     /// The host already has a live session.
-    #[error("host id {host} is in use by a live session ({session}); is another agent running with this host id?")]
+    #[error(
+        "host id {host} is in use by a live session ({session}); is another agent running with this host id?"
+    )]
     HostInUse {
         /// The host.
         host: HostId,
@@ -680,7 +682,11 @@ impl Engine {
                 let id = WaiterId(self.next_waiter);
                 self.next_waiter += 1;
                 for (r, _) in &req.items {
-                    self.resources.entry(r.clone()).or_default().queue.insert(id);
+                    self.resources
+                        .entry(r.clone())
+                        .or_default()
+                        .queue
+                        .insert(id);
                 }
                 self.waiters.insert(
                     id,
@@ -1035,10 +1041,9 @@ impl Engine {
             .map(|(id, _)| *id)
             .collect();
         for id in waiting {
-            affected.extend(self.drop_waiter(
-                id,
-                Err(AcquireError::Cancelled("its process ended".into())),
-            ));
+            affected.extend(
+                self.drop_waiter(id, Err(AcquireError::Cancelled("its process ended".into()))),
+            );
         }
         self.serve(affected, now);
         released
@@ -1124,10 +1129,7 @@ impl Engine {
         now: Now,
     ) -> Released {
         let st = self.resources.entry(resource.clone()).or_default();
-        let pos = st
-            .holders
-            .iter()
-            .position(|l| &l.owner.process == process);
+        let pos = st.holders.iter().position(|l| &l.owner.process == process);
         let lease = match pos {
             Some(i) => st.holders.remove(i),
             None => unreachable_lease(resource, process),

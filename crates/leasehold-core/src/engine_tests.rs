@@ -23,7 +23,9 @@ impl T {
     fn new() -> T {
         let mut e = Engine::new(EngineConfig { grace: 5 * S });
         let host = HostId::new("a").unwrap();
-        let session = e.open_session(host.clone(), Some(10 * S), Now::at(0)).unwrap();
+        let session = e
+            .open_session(host.clone(), Some(10 * S), Now::at(0))
+            .unwrap();
         T { e, host, session }
     }
 
@@ -57,7 +59,13 @@ impl T {
         }
     }
 
-    fn release(&mut self, pid: u32, r: &str, kind: ReleaseKind, at: u64) -> Result<Released, ReleaseError> {
+    fn release(
+        &mut self,
+        pid: u32,
+        r: &str,
+        kind: ReleaseKind,
+        at: u64,
+    ) -> Result<Released, ReleaseError> {
         self.e.release(
             ReleaseRequest {
                 resource: res(r),
@@ -71,12 +79,19 @@ impl T {
     fn holders(&self, r: &str) -> Vec<(u32, Mode)> {
         self.e
             .resource(&res(r))
-            .map(|st| st.holders.iter().map(|l| (l.owner.process.pid, l.mode)).collect())
+            .map(|st| {
+                st.holders
+                    .iter()
+                    .map(|l| (l.owner.process.pid, l.mode))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
     fn is_dirty(&self, r: &str) -> bool {
-        self.e.resource(&res(r)).is_some_and(|st| st.dirty.is_some())
+        self.e
+            .resource(&res(r))
+            .is_some_and(|st| st.dirty.is_some())
     }
 
     /// The waiter outcomes decided since the last call: (waiter, granted?).
@@ -116,7 +131,10 @@ fn shared_leases_coexist_but_not_with_exclusive() {
     let b = t.take(2, "cache", Sh, 2).unwrap();
     assert!(b > a);
     assert!(t.e.validate(&res("cache"), a) && t.e.validate(&res("cache"), b));
-    assert!(matches!(t.take(3, "cache", X, 3), Err(AcquireError::Busy(_))));
+    assert!(matches!(
+        t.take(3, "cache", X, 3),
+        Err(AcquireError::Busy(_))
+    ));
     assert_eq!(t.holders("cache"), vec![(1, Sh), (2, Sh)]);
 }
 
@@ -133,7 +151,10 @@ fn tokens_grow_per_resource_and_survive_restore() {
     }
     // Restore from the durable parts only, as a store does after a restart.
     let meta = t.e.meta();
-    let records: Vec<_> = t.e.resources().map(|(n, s)| (n.clone(), s.clone())).collect();
+    let records: Vec<_> =
+        t.e.resources()
+            .map(|(n, s)| (n.clone(), s.clone()))
+            .collect();
     t.e = Engine::restore(*t.e.config(), meta, records);
     let tok = t.take(1, "d", X, 10).unwrap();
     assert!(tok > last);
@@ -143,7 +164,10 @@ fn tokens_grow_per_resource_and_survive_restore() {
 fn restore_never_reissues_even_if_the_counter_was_lost() {
     let mut t = T::new();
     let tok = t.take(1, "d", X, 1).unwrap();
-    let records: Vec<_> = t.e.resources().map(|(n, s)| (n.clone(), s.clone())).collect();
+    let records: Vec<_> =
+        t.e.resources()
+            .map(|(n, s)| (n.clone(), s.clone()))
+            .collect();
     let mut meta = t.e.meta();
     meta.next_token = 0;
     t.e = Engine::restore(*t.e.config(), meta, records);
@@ -160,7 +184,14 @@ fn only_unclean_exclusive_endings_dirty() {
 
     t.take(1, "flagged", X, 1).unwrap();
     let r = t
-        .release(1, "flagged", ReleaseKind::Dirty { note: Some("exit status 3".into()) }, 2)
+        .release(
+            1,
+            "flagged",
+            ReleaseKind::Dirty {
+                note: Some("exit status 3".into()),
+            },
+            2,
+        )
         .unwrap();
     assert!(r.dirtied);
     assert!(t.is_dirty("flagged"));
@@ -170,8 +201,16 @@ fn only_unclean_exclusive_endings_dirty() {
     let ended = t.e.end_process(&t.owner(2).process, Now::at(3));
     assert_eq!(ended.len(), 2);
     assert!(t.is_dirty("crashed"));
-    assert!(!t.is_dirty("read"), "a shared holder's death does not dirty");
-    let d = t.e.resource(&res("crashed")).unwrap().dirty.clone().unwrap();
+    assert!(
+        !t.is_dirty("read"),
+        "a shared holder's death does not dirty"
+    );
+    let d =
+        t.e.resource(&res("crashed"))
+            .unwrap()
+            .dirty
+            .clone()
+            .unwrap();
     assert_eq!(d.how, EndReason::ProcessDied);
     assert_eq!(d.owner.process.pid, 2);
 }
@@ -189,7 +228,10 @@ fn dirty_needs_check_unless_accepted_and_mark_clean_clears() {
         }
         other => panic!("{other:?}"),
     }
-    assert!(matches!(t.take(2, "d", Sh, 3), Err(AcquireError::NeedsCheck { .. })));
+    assert!(matches!(
+        t.take(2, "d", Sh, 3),
+        Err(AcquireError::NeedsCheck { .. })
+    ));
     // A refused request changes nothing.
     assert!(!t.e.take_output().needs_persist());
 
@@ -198,7 +240,11 @@ fn dirty_needs_check_unless_accepted_and_mark_clean_clears() {
     let Acquired::Granted(g) = t.e.acquire(req, Now::at(4)).unwrap() else {
         panic!()
     };
-    assert_eq!(g[0].dirty.as_ref().unwrap().token, first, "the caller is told what to check");
+    assert_eq!(
+        g[0].dirty.as_ref().unwrap().token,
+        first,
+        "the caller is told what to check"
+    );
     assert!(t.is_dirty("d"), "accepting does not clean");
     let was = t.e.mark_clean(&res("d"), "root", Now::at(5)).unwrap();
     assert!(was.is_some());
@@ -260,7 +306,9 @@ fn several_resources_are_granted_all_or_nothing() {
     assert!(t.holders("a").is_empty(), "nothing taken when one is busy");
     assert!(!t.e.take_output().needs_persist());
     t.release(1, "b", ReleaseKind::Clean, 3).unwrap();
-    let Acquired::Granted(g) = t.e.acquire(t.req(2, &[("b", X), ("a", X)]), Now::at(4)).unwrap()
+    let Acquired::Granted(g) =
+        t.e.acquire(t.req(2, &[("b", X), ("a", X)]), Now::at(4))
+            .unwrap()
     else {
         panic!()
     };
@@ -277,7 +325,10 @@ fn crossing_multi_resource_waiters_do_not_deadlock() {
     let w3 = t.wait(3, &[("b", X), ("a", X)], 3);
     t.e.take_output();
     t.release(1, "b", ReleaseKind::Clean, 4).unwrap();
-    assert!(t.outcomes().is_empty(), "b is kept for w2, which still needs a");
+    assert!(
+        t.outcomes().is_empty(),
+        "b is kept for w2, which still needs a"
+    );
     t.release(1, "a", ReleaseKind::Clean, 5).unwrap();
     let out = t.outcomes();
     assert_eq!(out.iter().map(|o| o.0).collect::<Vec<_>>(), vec![w2]);
@@ -300,8 +351,10 @@ fn an_expired_session_dirties_and_holds_its_resources_for_grace() {
         accept_dirty: accept,
         wait,
     };
-    e.acquire(mk(owner_on(&a, 1), sa, "disk", X, false, false), Now::at(1)).unwrap();
-    e.acquire(mk(owner_on(&a, 1), sa, "ro", Sh, false, false), Now::at(1)).unwrap();
+    e.acquire(mk(owner_on(&a, 1), sa, "disk", X, false, false), Now::at(1))
+        .unwrap();
+    e.acquire(mk(owner_on(&a, 1), sa, "ro", Sh, false, false), Now::at(1))
+        .unwrap();
     // b keeps renewing; a stops.
     e.renew_session(sb, Now::at(9_000)).unwrap();
     e.tick(Now::at(9_999));
@@ -309,14 +362,25 @@ fn an_expired_session_dirties_and_holds_its_resources_for_grace() {
     e.tick(Now::at(10_000));
     assert!(e.resource(&res("disk")).unwrap().holders.is_empty());
     assert_eq!(
-        e.resource(&res("disk")).unwrap().dirty.as_ref().unwrap().how,
+        e.resource(&res("disk"))
+            .unwrap()
+            .dirty
+            .as_ref()
+            .unwrap()
+            .how,
         EndReason::SessionExpired
     );
     assert!(e.resource(&res("ro")).unwrap().dirty.is_none());
-    assert!(matches!(e.renew_session(sa, Now::at(10_001)), Err(SessionError::NoSession(_))));
+    assert!(matches!(
+        e.renew_session(sa, Now::at(10_001)),
+        Err(SessionError::NoSession(_))
+    ));
     // Grace: nobody gets either resource before 15 s, even accepting the check.
     let w = match e
-        .acquire(mk(owner_on(&b, 2), sb, "disk", X, true, true), Now::at(10_001))
+        .acquire(
+            mk(owner_on(&b, 2), sb, "disk", X, true, true),
+            Now::at(10_001),
+        )
         .unwrap()
     {
         Acquired::Queued(w) => w,
@@ -343,7 +407,10 @@ fn a_renewed_session_lives_on() {
     t.take(1, "d", X, 1).unwrap();
     for at in [5_000, 12_000, 19_000] {
         t.e.tick(Now::at(at));
-        assert_eq!(t.e.renew_session(t.session, Now::at(at)).unwrap(), Some(Time(at + 10_000)));
+        assert_eq!(
+            t.e.renew_session(t.session, Now::at(at)).unwrap(),
+            Some(Time(at + 10_000))
+        );
     }
     t.e.tick(Now::at(28_999));
     assert_eq!(t.holders("d"), vec![(1, X)]);
@@ -379,12 +446,16 @@ fn handover_moves_the_lease_past_earlier_waiters() {
         accept_dirty: false,
         wait,
     };
-    let Acquired::Granted(g) = e.acquire(mk(owner_on(&a, 1), sa, false), Now::at(1)).unwrap()
+    let Acquired::Granted(g) = e
+        .acquire(mk(owner_on(&a, 1), sa, false), Now::at(1))
+        .unwrap()
     else {
         panic!()
     };
     let old = g[0].token;
-    let Acquired::Queued(third) = e.acquire(mk(owner_on(&c, 3), sc, true), Now::at(2)).unwrap()
+    let Acquired::Queued(third) = e
+        .acquire(mk(owner_on(&c, 3), sc, true), Now::at(2))
+        .unwrap()
     else {
         panic!()
     };
@@ -399,7 +470,10 @@ fn handover_moves_the_lease_past_earlier_waiters() {
         ReleaseRequest {
             resource: res("vm"),
             process: owner_on(&a, 1).process,
-            kind: ReleaseKind::Handover { host: b.clone(), label: Some("vm-7".into()) },
+            kind: ReleaseKind::Handover {
+                host: b.clone(),
+                label: Some("vm-7".into()),
+            },
         },
         Now::at(4),
     );
@@ -412,7 +486,10 @@ fn handover_moves_the_lease_past_earlier_waiters() {
             ReleaseRequest {
                 resource: res("vm"),
                 process: owner_on(&a, 1).process,
-                kind: ReleaseKind::Handover { host: b.clone(), label: Some("vm-42".into()) },
+                kind: ReleaseKind::Handover {
+                    host: b.clone(),
+                    label: Some("vm-42".into()),
+                },
             },
             Now::at(5),
         )
@@ -429,7 +506,11 @@ fn handover_moves_the_lease_past_earlier_waiters() {
     assert_eq!(st.holders.len(), 1);
     assert_eq!(st.holders[0].owner, dst);
     assert!(st.dirty.is_none());
-    assert_eq!(e.waiters_of(&res("vm"))[0].0, third, "the earlier waiter still waits");
+    assert_eq!(
+        e.waiters_of(&res("vm"))[0].0,
+        third,
+        "the earlier waiter still waits"
+    );
 }
 
 #[test]
@@ -439,7 +520,10 @@ fn handover_to_a_waiter_of_several_resources_keeps_each_for_it() {
     t.take(1, "d2", X, 1).unwrap();
     let w = t.wait(2, &[("d1", X), ("d2", X)], 2);
     t.e.take_output();
-    let to = ReleaseKind::Handover { host: t.host.clone(), label: None };
+    let to = ReleaseKind::Handover {
+        host: t.host.clone(),
+        label: None,
+    };
     t.release(1, "d1", to.clone(), 3).unwrap();
     assert!(t.outcomes().is_empty());
     // Nobody else can take d1 meanwhile.
@@ -459,8 +543,14 @@ fn a_shared_lease_cannot_be_handed_over() {
     let mut t = T::new();
     t.take(1, "d", Sh, 1).unwrap();
     t.wait(2, &[("d", X)], 2);
-    let to = ReleaseKind::Handover { host: t.host.clone(), label: None };
-    assert!(matches!(t.release(1, "d", to, 3), Err(ReleaseError::HandoverShared(_))));
+    let to = ReleaseKind::Handover {
+        host: t.host.clone(),
+        label: None,
+    };
+    assert!(matches!(
+        t.release(1, "d", to, 3),
+        Err(ReleaseError::HandoverShared(_))
+    ));
     assert_eq!(t.holders("d"), vec![(1, Sh)]);
 }
 
@@ -474,7 +564,9 @@ fn force_release_revokes_dirties_and_records_why() {
     ));
     assert_eq!(t.holders("d"), vec![(1, X)]);
     t.e.take_output();
-    let r = t.e.force_release(&res("d"), "host hung", "root", Now::at(3)).unwrap();
+    let r =
+        t.e.force_release(&res("d"), "host hung", "root", Now::at(3))
+            .unwrap();
     assert_eq!(r.len(), 1);
     let out = t.e.take_output();
     assert!(out.events.iter().any(|e| matches!(e,
@@ -543,7 +635,11 @@ fn releasing_what_one_does_not_hold_fails() {
     let mut p = t.owner(1).process;
     p.start_time += 1;
     let r = t.e.release(
-        ReleaseRequest { resource: res("d"), process: p, kind: ReleaseKind::Clean },
+        ReleaseRequest {
+            resource: res("d"),
+            process: p,
+            kind: ReleaseKind::Clean,
+        },
         Now::at(3),
     );
     assert!(matches!(r, Err(ReleaseError::NotHeld { .. })));

@@ -53,7 +53,6 @@ pub use engine::{
 };
 pub use resource::{EndReason, Ended, Lease, ResourceState};
 pub use types::{
-    HostId, MAX_COMMAND, MAX_HOST_ID, MAX_LABEL, MAX_RESOURCE_NAME, MAX_TEXT, Mode, NameError,
-    Now, Owner, ProcessKey, ResourceName, SessionId, Time, Token, WaiterId, WallTime,
-    check_free_text,
+    HostId, MAX_COMMAND, MAX_HOST_ID, MAX_LABEL, MAX_RESOURCE_NAME, MAX_TEXT, Mode, NameError, Now,
+    Owner, ProcessKey, ResourceName, SessionId, Time, Token, WaiterId, WallTime, check_free_text,
 };
