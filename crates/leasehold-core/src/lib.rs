@@ -45,6 +45,7 @@
 mod engine;
 mod resource;
 mod types;
+mod view;
 
 pub use engine::{
     AcquireError, AcquireRequest, Acquired, Conflict, Engine, EngineConfig, Event, Grant,
@@ -56,3 +57,4 @@ pub use types::{
     HostId, MAX_COMMAND, MAX_HOST_ID, MAX_LABEL, MAX_RESOURCE_NAME, MAX_TEXT, Mode, NameError, Now,
     Owner, ProcessKey, ResourceName, SessionId, Time, Token, WaiterId, WallTime, check_free_text,
 };
+pub use view::{ResourceView, WaiterView};

@@ -31,10 +31,10 @@ use std::future::Future;
 use std::time::Duration;
 
 use leasehold_core::{
-    AcquireError, Conflict, Ended, Event, Grant, HostId, Lease, Mode, Owner, ProcessKey,
-    ReleaseError, ReleaseKind, Released, ResourceName, Token,
+    AcquireError, Conflict, Ended, Event, Grant, HostId, Mode, Owner, ProcessKey, ReleaseError,
+    ReleaseKind, Released, ResourceName, Token,
 };
-use serde::{Deserialize, Serialize};
+pub use leasehold_core::{ResourceView, WaiterView};
 
 mod clock;
 pub mod conformance;
@@ -78,36 +78,6 @@ impl AcquireSpec {
         self.accept_dirty = true;
         self
     }
-}
-
-/// Someone waiting for a resource.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WaiterView {
-    /// Who waits.
-    pub owner: Owner,
-    /// For which mode.
-    pub mode: Mode,
-}
-
-/// What is known about one resource.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ResourceView {
-    /// Its name.
-    pub resource: ResourceName,
-    /// Its live leases.
-    pub holders: Vec<Lease>,
-    /// Why it is dirty, if it is.
-    pub dirty: Option<Ended>,
-    /// How its most recent lease ended.
-    pub last_ended: Option<Ended>,
-    /// The largest token granted for it.
-    pub last_token: Token,
-    /// Who waits for it, in order.
-    pub waiters: Vec<WaiterView>,
-    /// How long it stays unavailable after its holder's host was lost.
-    pub blocked_for: Option<Duration>,
-    /// Whether a handover to a waiter is in progress.
-    pub handover_pending: bool,
 }
 
 /// Why a store operation failed.

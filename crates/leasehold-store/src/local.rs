@@ -25,7 +25,8 @@ use leasehold_core::{
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{broadcast, oneshot};
 
-use crate::{AcquireSpec, Clock, ResourceView, Store, StoreError, WaiterView};
+use crate::{AcquireSpec, Clock, Store, StoreError};
+use leasehold_core::{ResourceView, WaiterView};
 
 /// Resource records: name to the JSON of its durable [`ResourceState`].
 const RESOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("resources");

@@ -1,0 +1,547 @@
+//! The agent's configuration: a TOML file plus command-line flags over defaults, checked as a
+//! whole before the agent starts.
+//!
+//! ```toml
+//! # /etc/leasehold/agent.toml
+//! host-id = "node1"
+//! backend = "local"
+//! state-dir = "/var/lib/leasehold"
+//! socket = "/run/leasehold/agent.sock"
+//! ttl = "10s"
+//! grace = "5s"
+//! admin-group = "leasehold-admin"
+//! socket-group = "leasehold"
+//! ```
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use leasehold_core::HostId;
+use serde::Deserialize;
+
+/// Which store holds the leases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// The embedded single-host store.
+    Local,
+    /// A shared etcd cluster.
+    Etcd,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::Local => "local",
+            Backend::Etcd => "etcd",
+        })
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "local" => Ok(Backend::Local),
+            "etcd" => Ok(Backend::Etcd),
+            other => Err(ConfigError::Invalid {
+                field: "backend",
+                message: format!("{other:?} is not a backend; use \"local\" or \"etcd\""),
+            }),
+        }
+    }
+}
+
+/// The timing parameters of SPEC §4.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    /// Host session lifetime without renewal.
+    pub ttl: Duration,
+    /// Heartbeat interval.
+    pub renew: Duration,
+    /// The agent kills its holders at `last_renew_sent + ttl - fence_margin`.
+    pub fence_margin: Duration,
+    /// After a session expires, its resources stay unavailable this long.
+    pub grace: Duration,
+    /// The longest a SIGKILLed holder may take to die (or, with a watchdog, for the host to
+    /// reset); safety needs `fence_margin + grace` to exceed it.
+    pub kill_timeout: Duration,
+}
+
+impl Timing {
+    /// The defaults of SPEC §4 for a given `ttl`.
+    pub fn for_ttl(ttl: Duration) -> Timing {
+        Timing {
+            ttl,
+            renew: ttl / 3,
+            fence_margin: ttl / 5,
+            grace: ttl / 2,
+            kill_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing::for_ttl(Duration::from_secs(10))
+    }
+}
+
+/// A Unix group, by name and id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    /// Its name (or the number given).
+    pub name: String,
+    /// Its id.
+    pub gid: u32,
+}
+
+/// The agent's whole configuration, resolved and checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The local socket clients use.
+    pub socket: PathBuf,
+    /// Where the local store keeps its state.
+    pub state_dir: PathBuf,
+    /// This host's id.
+    pub host_id: HostId,
+    /// Which store holds the leases.
+    pub backend: Backend,
+    /// etcd client URLs (etcd backend).
+    pub etcd_endpoints: Vec<String>,
+    /// SPEC §4 timing.
+    pub timing: Timing,
+    /// Members of this group may force-release and mark-clean, as root may.
+    pub admin_group: Option<Group>,
+    /// The socket's group; members may connect. Without it only the agent's user may.
+    pub socket_group: Option<Group>,
+}
+
+/// Why the configuration was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading config file {path}: {message}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// The file is not valid TOML for this configuration.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why, with the line.
+        message: String,
+    },
+    /// A value is not acceptable.
+    #[error("{field}: {message}")]
+    Invalid {
+        /// The setting.
+        field: &'static str,
+        /// Why.
+        message: String,
+    },
+    /// A timing inequality of SPEC §4 does not hold.
+    #[error("unsafe timing: {rule} does not hold ({detail}); {why}")]
+    Inequality {
+        /// The inequality.
+        rule: &'static str,
+        /// The values.
+        detail: String,
+        /// What it protects.
+        why: &'static str,
+    },
+}
+
+/// The settings a config file may hold; every one optional.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    /// See [`Config::socket`].
+    pub socket: Option<PathBuf>,
+    /// See [`Config::state_dir`].
+    pub state_dir: Option<PathBuf>,
+    /// See [`Config::host_id`].
+    pub host_id: Option<String>,
+    /// See [`Config::backend`].
+    pub backend: Option<Backend>,
+    /// See [`Config::etcd_endpoints`].
+    pub etcd_endpoints: Option<Vec<String>>,
+    /// See [`Timing::ttl`], as `"10s"`.
+    pub ttl: Option<String>,
+    /// See [`Timing::renew`].
+    pub renew: Option<String>,
+    /// See [`Timing::fence_margin`].
+    pub fence_margin: Option<String>,
+    /// See [`Timing::grace`].
+    pub grace: Option<String>,
+    /// See [`Timing::kill_timeout`].
+    pub kill_timeout: Option<String>,
+    /// See [`Config::admin_group`]: a name or a number.
+    pub admin_group: Option<String>,
+    /// See [`Config::socket_group`]: a name or a number.
+    pub socket_group: Option<String>,
+}
+
+impl FileConfig {
+    /// Reads a config file.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] or [`ConfigError::Parse`], naming the file.
+    pub fn read(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })
+    }
+
+    /// This file's settings with `flags` laid over them.
+    pub fn overlay(self, flags: FileConfig) -> FileConfig {
+        FileConfig {
+            socket: flags.socket.or(self.socket),
+            state_dir: flags.state_dir.or(self.state_dir),
+            host_id: flags.host_id.or(self.host_id),
+            backend: flags.backend.or(self.backend),
+            etcd_endpoints: flags.etcd_endpoints.or(self.etcd_endpoints),
+            ttl: flags.ttl.or(self.ttl),
+            renew: flags.renew.or(self.renew),
+            fence_margin: flags.fence_margin.or(self.fence_margin),
+            grace: flags.grace.or(self.grace),
+            kill_timeout: flags.kill_timeout.or(self.kill_timeout),
+            admin_group: flags.admin_group.or(self.admin_group),
+            socket_group: flags.socket_group.or(self.socket_group),
+        }
+    }
+}
+
+fn duration(field: &'static str, v: &Option<String>) -> Result<Option<Duration>, ConfigError> {
+    v.as_deref()
+        .map(|s| {
+            humantime::parse_duration(s.trim()).map_err(|e| ConfigError::Invalid {
+                field,
+                message: format!("{s:?} is not a duration ({e}); write e.g. \"10s\" or \"500ms\""),
+            })
+        })
+        .transpose()
+}
+
+/// Looks a group up in `/etc/group` by name, or takes a number as it is.
+///
+/// # Errors
+/// [`ConfigError::Invalid`] naming `field` when no such group exists.
+pub fn resolve_group(field: &'static str, name: &str) -> Result<Group, ConfigError> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Ok(Group {
+            name: name.to_owned(),
+            gid,
+        });
+    }
+    let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    groups
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            let n = f.next()?;
+            let gid = f.nth(1)?.parse().ok()?;
+            Some((n, gid))
+        })
+        .find(|(n, _)| *n == name)
+        .map(|(_, gid)| Group {
+            name: name.to_owned(),
+            gid,
+        })
+        .ok_or_else(|| ConfigError::Invalid {
+            field,
+            message: format!("no group named {name:?} in /etc/group"),
+        })
+}
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+fn default_state_dir() -> Option<PathBuf> {
+    if is_root() {
+        return Some(PathBuf::from("/var/lib/leasehold"));
+    }
+    if let Some(d) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return Some(PathBuf::from(d).join("leasehold"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state/leasehold"))
+}
+
+fn hostname() -> String {
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .trim()
+        .to_owned()
+}
+
+impl Config {
+    /// Resolves settings over the defaults and checks them.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the first bad setting or broken inequality.
+    pub fn resolve(f: FileConfig) -> Result<Config, ConfigError> {
+        let socket = f
+            .socket
+            .or_else(leasehold_api::default_socket_for_user)
+            .ok_or(ConfigError::Invalid {
+                field: "socket",
+                message: "no default socket path: XDG_RUNTIME_DIR is not set; pass --socket".into(),
+            })?;
+        let state_dir = f
+            .state_dir
+            .or_else(default_state_dir)
+            .ok_or(ConfigError::Invalid {
+                field: "state-dir",
+                message: "no default state directory: HOME is not set; pass --state-dir".into(),
+            })?;
+        let host = f.host_id.unwrap_or_else(hostname);
+        let host_id = HostId::new(host).map_err(|e| ConfigError::Invalid {
+            field: "host-id",
+            message: e.to_string(),
+        })?;
+        let ttl = duration("ttl", &f.ttl)?.unwrap_or(Duration::from_secs(10));
+        let mut timing = Timing::for_ttl(ttl);
+        if let Some(d) = duration("renew", &f.renew)? {
+            timing.renew = d;
+        }
+        if let Some(d) = duration("fence-margin", &f.fence_margin)? {
+            timing.fence_margin = d;
+        }
+        if let Some(d) = duration("grace", &f.grace)? {
+            timing.grace = d;
+        }
+        if let Some(d) = duration("kill-timeout", &f.kill_timeout)? {
+            timing.kill_timeout = d;
+        }
+        let backend = f.backend.unwrap_or(Backend::Local);
+        let etcd_endpoints = f.etcd_endpoints.unwrap_or_default();
+        let admin_group = f
+            .admin_group
+            .as_deref()
+            .map(|g| resolve_group("admin-group", g))
+            .transpose()?;
+        let socket_group = f
+            .socket_group
+            .as_deref()
+            .map(|g| resolve_group("socket-group", g))
+            .transpose()?;
+        let c = Config {
+            socket,
+            state_dir,
+            host_id,
+            backend,
+            etcd_endpoints,
+            timing,
+            admin_group,
+            socket_group,
+        };
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Checks the SPEC §4 inequalities and the backend settings.
+    ///
+    /// # Errors
+    /// [`ConfigError::Inequality`] naming the broken inequality, or [`ConfigError::Invalid`].
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let t = &self.timing;
+        let show = |d: Duration| humantime::format_duration(d).to_string();
+        for (field, d) in [
+            ("ttl", t.ttl),
+            ("renew", t.renew),
+            ("fence-margin", t.fence_margin),
+            ("grace", t.grace),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::Invalid {
+                    field,
+                    message: "must be greater than zero".into(),
+                });
+            }
+        }
+        if t.fence_margin >= t.ttl {
+            return Err(ConfigError::Inequality {
+                rule: "fence_margin < ttl",
+                detail: format!(
+                    "fence_margin {} >= ttl {}",
+                    show(t.fence_margin),
+                    show(t.ttl)
+                ),
+                why: "the agent would fence its holders before it could renew once",
+            });
+        }
+        if t.renew >= t.ttl - t.fence_margin {
+            return Err(ConfigError::Inequality {
+                rule: "renew < ttl - fence_margin",
+                detail: format!(
+                    "renew {} >= ttl {} - fence_margin {}",
+                    show(t.renew),
+                    show(t.ttl),
+                    show(t.fence_margin)
+                ),
+                why: "the agent must renew before it has to fence its holders",
+            });
+        }
+        if t.fence_margin + t.grace <= t.kill_timeout {
+            return Err(ConfigError::Inequality {
+                rule: "fence_margin + grace > kill_timeout",
+                detail: format!(
+                    "fence_margin {} + grace {} <= kill_timeout {}",
+                    show(t.fence_margin),
+                    show(t.grace),
+                    show(t.kill_timeout)
+                ),
+                why: "a fenced holder must be dead before another host can be granted its resources",
+            });
+        }
+        if self.backend == Backend::Etcd {
+            if t.ttl < Duration::from_secs(2) {
+                return Err(ConfigError::Inequality {
+                    rule: "ttl >= 2s",
+                    detail: format!("ttl {}", show(t.ttl)),
+                    why: "etcd does not grant leases shorter than 2 s",
+                });
+            }
+            if self.etcd_endpoints.is_empty() {
+                return Err(ConfigError::Invalid {
+                    field: "etcd-endpoints",
+                    message: "the etcd backend needs at least one endpoint".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> FileConfig {
+        FileConfig {
+            socket: Some("/tmp/x.sock".into()),
+            state_dir: Some("/tmp/x".into()),
+            host_id: Some("h1".into()),
+            ..FileConfig::default()
+        }
+    }
+
+    #[test]
+    fn defaults_follow_the_spec() {
+        let c = Config::resolve(base()).unwrap();
+        assert_eq!(c.timing.ttl, Duration::from_secs(10));
+        assert_eq!(c.timing.renew, Duration::from_millis(3333));
+        assert_eq!(c.timing.fence_margin, Duration::from_secs(2));
+        assert_eq!(c.timing.grace, Duration::from_secs(5));
+        assert_eq!(c.backend, Backend::Local);
+    }
+
+    #[test]
+    fn each_inequality_is_named() {
+        let cases = [
+            (("10s", "1s", "12s", "5s"), "fence_margin < ttl"),
+            (("10s", "9s", "2s", "5s"), "renew < ttl - fence_margin"),
+            (
+                ("10s", "3s", "200ms", "500ms"),
+                "fence_margin + grace > kill_timeout",
+            ),
+        ];
+        for ((ttl, renew, margin, grace), rule) in cases {
+            let f = FileConfig {
+                ttl: Some(ttl.into()),
+                renew: Some(renew.into()),
+                fence_margin: Some(margin.into()),
+                grace: Some(grace.into()),
+                ..base()
+            };
+            match Config::resolve(f) {
+                Err(ConfigError::Inequality { rule: r, .. }) => assert_eq!(r, rule),
+                other => panic!("{rule}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.toml");
+        std::fs::write(&p, "host-id = \"h\"\nttl = \"10s\"\nttll = \"3s\"\n").unwrap();
+        let e = FileConfig::read(&p).unwrap_err();
+        assert!(e.to_string().contains("ttll"), "{e}");
+        let bad = FileConfig {
+            ttl: Some("ten seconds".into()),
+            ..base()
+        };
+        assert!(matches!(
+            Config::resolve(bad),
+            Err(ConfigError::Invalid { field: "ttl", .. })
+        ));
+        let bad = FileConfig {
+            host_id: Some("bad host".into()),
+            ..base()
+        };
+        assert!(matches!(
+            Config::resolve(bad),
+            Err(ConfigError::Invalid {
+                field: "host-id",
+                ..
+            })
+        ));
+        let bad = FileConfig {
+            admin_group: Some("no-such-group-here".into()),
+            ..base()
+        };
+        assert!(Config::resolve(bad).is_err());
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let file = FileConfig {
+            ttl: Some("20s".into()),
+            host_id: Some("from-file".into()),
+            ..base()
+        };
+        let flags = FileConfig {
+            host_id: Some("from-flag".into()),
+            ..FileConfig::default()
+        };
+        let c = Config::resolve(file.overlay(flags)).unwrap();
+        assert_eq!(c.host_id.as_str(), "from-flag");
+        assert_eq!(c.timing.ttl, Duration::from_secs(20));
+    }
+
+    #[test]
+    fn etcd_needs_endpoints_and_a_ttl_etcd_accepts() {
+        let f = FileConfig {
+            backend: Some(Backend::Etcd),
+            ..base()
+        };
+        assert!(Config::resolve(f).is_err());
+        let f = FileConfig {
+            backend: Some(Backend::Etcd),
+            etcd_endpoints: Some(vec!["http://127.0.0.1:2379".into()]),
+            ttl: Some("1s".into()),
+            grace: Some("3s".into()),
+            ..base()
+        };
+        assert!(matches!(
+            Config::resolve(f),
+            Err(ConfigError::Inequality {
+                rule: "ttl >= 2s",
+                ..
+            })
+        ));
+    }
+}

@@ -1,0 +1,219 @@
+//! The leasehold agent, one per host, as a library; `leasehold agent` is a thin front.
+//!
+//! The agent opens the store, re-adopts the leases of processes that still run (ending those
+//! whose processes died while it was down), watches every holder with a pidfd, and serves the
+//! API on a local Unix socket whose peer credentials decide what a caller may do. Stopping the
+//! agent does not release leases: they belong to processes.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), leasehold_agent::AgentError> {
+//! use leasehold_agent::{Config, FileConfig};
+//! let config = Config::resolve(FileConfig {
+//!     host_id: Some("node1".into()),
+//!     ..FileConfig::default()
+//! })?;
+//! leasehold_agent::run(config, async { let _ = tokio::signal::ctrl_c().await; }).await
+//! # }
+//! ```
+
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use leasehold_api::pb::leasehold_server::LeaseholdServer;
+use leasehold_core::{EndReason, Event};
+use leasehold_store::{LocalStore, Store, StoreError};
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+use tracing::{info, warn};
+
+pub mod config;
+mod notify;
+pub mod procfs;
+mod service;
+mod watcher;
+
+pub use config::{Backend, Config, ConfigError, FileConfig, Timing};
+pub use notify::notify;
+pub use service::Service;
+pub use watcher::Watcher;
+
+/// Why the agent could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The configuration was refused.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The store could not be opened or failed.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// Another agent answers on the socket.
+    #[error("another agent is already serving {0}; stop it first, or pass another --socket")]
+    SocketInUse(PathBuf),
+    /// The socket could not be set up.
+    #[error("socket {path}: {message}")]
+    Socket {
+        /// The socket path.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// The backend is not available in this build.
+    #[error("{0}")]
+    Unsupported(String),
+    /// The server failed.
+    #[error("serving the API: {0}")]
+    Serve(String),
+}
+
+/// Runs the agent described by `config` until `shutdown` completes.
+///
+/// # Errors
+/// [`AgentError`] when the store, the socket or the server fails.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    match config.backend {
+        Backend::Local => {
+            let store = LocalStore::open_with(
+                &config.state_dir,
+                config.host_id.clone(),
+                leasehold_store::LocalStoreOptions {
+                    engine: leasehold_core::EngineConfig {
+                        grace: config.timing.grace,
+                    },
+                    ..Default::default()
+                },
+            )?;
+            serve(store, config, shutdown).await
+        }
+        Backend::Etcd => Err(AgentError::Unsupported(
+            "the etcd backend is not available in this version of leasehold; use --backend local"
+                .into(),
+        )),
+    }
+}
+
+/// Serves the API over `store` until `shutdown` completes.
+///
+/// # Errors
+/// [`AgentError`] when the socket or the server fails.
+pub async fn serve<S: Store>(
+    store: S,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let store = Arc::new(store);
+    let watcher = Watcher::new(store.clone());
+    let events = tokio::spawn(follow_events(
+        store.clone(),
+        watcher.clone(),
+        config.host_id.clone(),
+    ));
+    readopt(&store, &watcher).await?;
+    let listener = bind(&config.socket, config.socket_group.as_ref())?;
+    let config = Arc::new(config);
+    let service = Service::new(store.clone(), watcher.clone(), config.clone());
+    info!(
+        host = %config.host_id,
+        backend = %config.backend,
+        socket = %config.socket.display(),
+        state_dir = %config.state_dir.display(),
+        watched = watcher.len(),
+        "agent ready"
+    );
+    if let Err(e) = notify("READY=1\nSTATUS=serving") {
+        warn!(error = %e, "could not notify the service manager");
+    }
+    let served = tonic::transport::Server::builder()
+        .add_service(LeaseholdServer::new(service))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await;
+    let _ = notify("STOPPING=1");
+    info!("agent stopping; leases stay with their processes");
+    events.abort();
+    watcher.stop();
+    let _ = std::fs::remove_file(&config.socket);
+    served.map_err(|e| AgentError::Serve(e.to_string()))
+}
+
+/// Watches the holders recorded for this host: those still running keep their leases, those
+/// that died while no agent watched have their leases ended (dirty if exclusive).
+async fn readopt<S: Store>(store: &Arc<S>, watcher: &Arc<Watcher<S>>) -> Result<(), AgentError> {
+    let views = store.list().await?;
+    let host = store.host().clone();
+    let mut processes: Vec<_> = views
+        .iter()
+        .flat_map(|v| v.holders.iter())
+        .filter(|l| l.owner.host() == &host)
+        .map(|l| l.owner.process.clone())
+        .collect();
+    processes.sort();
+    processes.dedup();
+    for p in processes {
+        watcher.watch(p);
+    }
+    Ok(())
+}
+
+/// Logs every lease event, and kills local holders whose leases were force-released.
+async fn follow_events<S: Store>(
+    store: Arc<S>,
+    watcher: Arc<Watcher<S>>,
+    host: leasehold_core::HostId,
+) {
+    let mut rx = store.subscribe();
+    loop {
+        let e = match rx.recv().await {
+            Ok(e) => e,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                warn!(missed = n, "event log fell behind");
+                continue;
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        };
+        if let Event::Ended {
+            resource, ended, ..
+        } = &e
+            && let EndReason::Forced { reason, by } = &ended.how
+            && ended.owner.host() == &host
+        {
+            let killed = watcher.signal(&ended.owner.process, rustix::process::Signal::KILL);
+            warn!(
+                resource = %resource,
+                pid = ended.owner.process.pid,
+                token = %ended.token,
+                by = %by,
+                reason = %reason,
+                killed,
+                "lease revoked; holder killed"
+            );
+        }
+    }
+}
+
+/// Binds the socket: refuses when another agent answers on it, replaces a stale one, and
+/// makes it reachable by the agent's user (and `group`, when given) only.
+fn bind(path: &Path, group: Option<&config::Group>) -> Result<UnixListener, AgentError> {
+    let err = |message: String| AgentError::Socket {
+        path: path.to_owned(),
+        message,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| err(format!("creating its directory: {e}")))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(AgentError::SocketInUse(path.to_owned()));
+        }
+        std::fs::remove_file(path).map_err(|e| err(format!("removing a stale socket: {e}")))?;
+    }
+    let listener = UnixListener::bind(path).map_err(|e| err(e.to_string()))?;
+    let mode = if group.is_some() { 0o660 } else { 0o600 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| err(format!("setting its mode: {e}")))?;
+    if let Some(g) = group {
+        std::os::unix::fs::chown(path, None, Some(g.gid))
+            .map_err(|e| err(format!("giving it to group {}: {e}", g.name)))?;
+    }
+    Ok(listener)
+}

@@ -1,0 +1,210 @@
+//! What the agent learns about local processes from `/proc`, and pidfds to watch and signal
+//! them without ever confusing a reused pid with the process that held a lease.
+
+use std::os::fd::{AsFd, OwnedFd};
+
+use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open, pidfd_send_signal};
+
+/// Facts about a live process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessInfo {
+    /// Its pid.
+    pub pid: u32,
+    /// Its start time in clock ticks after boot (field 22 of `/proc/PID/stat`).
+    pub start_time: u64,
+    /// Its real user id.
+    pub uid: u32,
+    /// Its command name (`/proc/PID/comm`).
+    pub command: String,
+}
+
+/// Why a process could not be looked at.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProcError {
+    /// No such process (it exited, or never was).
+    #[error("no process with pid {0}")]
+    NoProcess(u32),
+    /// The pid now belongs to another process than the one meant.
+    #[error("pid {pid} is a different process now (started at tick {now}, not {expected})")]
+    Reused {
+        /// The pid.
+        pid: u32,
+        /// The start time expected.
+        expected: u64,
+        /// The start time found.
+        now: u64,
+    },
+    /// `/proc` said something unexpected.
+    #[error("reading /proc/{pid}: {what}")]
+    Unreadable {
+        /// The pid.
+        pid: u32,
+        /// What went wrong.
+        what: String,
+    },
+}
+
+fn read_proc(pid: u32, file: &str) -> Result<String, ProcError> {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}")).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => ProcError::NoProcess(pid),
+        _ => ProcError::Unreadable {
+            pid,
+            what: format!("{file}: {e}"),
+        },
+    })
+}
+
+/// The start time of `pid`, from field 22 of `/proc/PID/stat`.
+///
+/// # Errors
+/// [`ProcError::NoProcess`] when it does not exist.
+pub fn start_time(pid: u32) -> Result<u64, ProcError> {
+    let stat = read_proc(pid, "stat")?;
+    parse_start_time(&stat).ok_or_else(|| ProcError::Unreadable {
+        pid,
+        what: "stat has no start time".into(),
+    })
+}
+
+/// Field 22 of a `/proc/PID/stat` line. The command name (field 2) may hold spaces and
+/// parentheses, so fields are counted after its last `)`.
+fn parse_start_time(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // After ")" come fields 3, 4, ...; field 22 is the 20th of them.
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+impl ProcessInfo {
+    /// Reads the facts of `pid`.
+    ///
+    /// # Errors
+    /// [`ProcError::NoProcess`] when it does not exist.
+    pub fn read(pid: u32) -> Result<ProcessInfo, ProcError> {
+        if pid == 0 {
+            return Err(ProcError::NoProcess(0));
+        }
+        let start_time = start_time(pid)?;
+        let status = read_proc(pid, "status")?;
+        let uid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|u| u.parse().ok())
+            .ok_or_else(|| ProcError::Unreadable {
+                pid,
+                what: "status has no Uid line".into(),
+            })?;
+        let command = read_proc(pid, "comm")?.trim_end().to_owned();
+        // The process may have exited and its pid been reused while we read.
+        if self::start_time(pid)? != start_time {
+            return Err(ProcError::NoProcess(pid));
+        }
+        Ok(ProcessInfo {
+            pid,
+            start_time,
+            uid,
+            command,
+        })
+    }
+}
+
+/// The supplementary groups of `pid` (the `Groups:` line of `/proc/PID/status`).
+pub fn groups(pid: u32) -> Vec<u32> {
+    read_proc(pid, "status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
+                g.split_whitespace()
+                    .filter_map(|n| n.parse().ok())
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+/// A pidfd for one specific process: signals sent through it can never reach a later
+/// process that reuses the pid, and it becomes readable when the process exits.
+#[derive(Debug)]
+pub struct Pidfd {
+    fd: OwnedFd,
+}
+
+impl Pidfd {
+    /// Opens a pidfd for `pid` and checks it is still the process started at `start_time`.
+    ///
+    /// # Errors
+    /// [`ProcError::NoProcess`] when the process has exited, [`ProcError::Reused`] when the
+    /// pid belongs to another process now.
+    pub fn open(pid: u32, start_time: u64) -> Result<Pidfd, ProcError> {
+        let raw = i32::try_from(pid).map_err(|_| ProcError::NoProcess(pid))?;
+        let p = Pid::from_raw(raw).ok_or(ProcError::NoProcess(pid))?;
+        let fd = pidfd_open(p, PidfdFlags::empty()).map_err(|e| match e {
+            rustix::io::Errno::SRCH => ProcError::NoProcess(pid),
+            e => ProcError::Unreadable {
+                pid,
+                what: format!("pidfd_open: {e}"),
+            },
+        })?;
+        // The pidfd now pins the process we found; make sure it is the one we meant. A
+        // zombie still has its stat, so an exited process is caught by readiness instead.
+        let now = self::start_time(pid)?;
+        if now != start_time {
+            return Err(ProcError::Reused {
+                pid,
+                expected: start_time,
+                now,
+            });
+        }
+        Ok(Pidfd { fd })
+    }
+
+    /// Sends `signal` to the process, if it still runs.
+    ///
+    /// # Errors
+    /// The `errno` of `pidfd_send_signal` (`ESRCH` once the process has exited).
+    pub fn signal(&self, signal: Signal) -> std::io::Result<()> {
+        pidfd_send_signal(self.fd.as_fd(), signal).map_err(Into::into)
+    }
+
+    /// The descriptor, to wait for readability (process exit).
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_time_is_field_22_even_with_odd_command_names() {
+        let stat = "1234 (a) b (c)) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 50 18446744073709551615";
+        assert_eq!(parse_start_time(stat), Some(987_654));
+        assert_eq!(parse_start_time("garbage"), None);
+    }
+
+    #[test]
+    fn reads_this_process() {
+        let me = ProcessInfo::read(std::process::id()).unwrap();
+        assert_eq!(me.pid, std::process::id());
+        assert!(me.start_time > 0);
+        assert_eq!(me.uid, rustix::process::getuid().as_raw());
+        assert!(!me.command.is_empty());
+        assert!(Pidfd::open(me.pid, me.start_time).is_ok());
+        assert!(matches!(
+            Pidfd::open(me.pid, me.start_time + 1),
+            Err(ProcError::Reused { .. })
+        ));
+    }
+
+    #[test]
+    fn a_dead_process_is_gone() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        assert!(matches!(
+            ProcessInfo::read(pid),
+            Err(ProcError::NoProcess(_))
+        ));
+    }
+}

@@ -1,0 +1,756 @@
+//! The agent's API on its local socket: validates every request, decides rights from the
+//! peer's credentials (SPEC G8), and carries requests to the store.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use leasehold_api::{conflict_to_wire, mode_from_wire, pb};
+use leasehold_core::{
+    AcquireError, Conflict, EndReason, Event, Grant, HostId, MAX_TEXT, Mode, Owner, ProcessKey,
+    ReleaseError, ReleaseKind, ResourceName, ResourceView, Token, check_free_text,
+};
+use leasehold_store::{AcquireSpec, Store, StoreError};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::procfs::{self, ProcError, ProcessInfo};
+use crate::watcher::Watcher;
+
+/// How often a waiting request is told who is in its way.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// The API service over a store.
+pub struct Service<S> {
+    store: Arc<S>,
+    watcher: Arc<Watcher<S>>,
+    config: Arc<Config>,
+    started: Instant,
+}
+
+impl<S> Clone for Service<S> {
+    fn clone(&self) -> Self {
+        Service {
+            store: self.store.clone(),
+            watcher: self.watcher.clone(),
+            config: self.config.clone(),
+            started: self.started,
+        }
+    }
+}
+
+/// Who is calling, from the socket's peer credentials.
+#[derive(Debug, Clone, Copy)]
+struct Caller {
+    uid: u32,
+    gid: u32,
+    pid: Option<u32>,
+}
+
+impl<S: Store> Service<S> {
+    /// A service over `store`, whose holders `watcher` watches.
+    pub fn new(store: Arc<S>, watcher: Arc<Watcher<S>>, config: Arc<Config>) -> Self {
+        Service {
+            store,
+            watcher,
+            config,
+            started: Instant::now(),
+        }
+    }
+
+    fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
+        let cred = req
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|i| i.peer_cred)
+            .ok_or_else(|| Status::permission_denied("the peer's credentials are unknown"))?;
+        Ok(Caller {
+            uid: cred.uid(),
+            gid: cred.gid(),
+            pid: cred.pid().and_then(|p| u32::try_from(p).ok()),
+        })
+    }
+
+    fn is_admin(&self, c: &Caller) -> bool {
+        if c.uid == 0 {
+            return true;
+        }
+        let Some(g) = &self.config.admin_group else {
+            return false;
+        };
+        c.gid == g.gid || c.pid.is_some_and(|p| procfs::groups(p).contains(&g.gid))
+    }
+
+    fn admin_only(&self, c: &Caller, what: &str) -> Result<(), Status> {
+        if self.is_admin(c) {
+            return Ok(());
+        }
+        let group = self
+            .config
+            .admin_group
+            .as_ref()
+            .map(|g| format!(" or a member of group {}", g.name))
+            .unwrap_or_default();
+        Err(Status::permission_denied(format!(
+            "{what} needs root{group}; you are uid {}",
+            c.uid
+        )))
+    }
+
+    /// The process a request acts for, checked to exist and to belong to the caller.
+    fn target(&self, c: &Caller, pid: u32, start_time: Option<u64>) -> Result<ProcessInfo, Status> {
+        let pid = match pid {
+            0 => c.pid.ok_or_else(|| {
+                Status::invalid_argument("pid 0, and the caller's pid is unknown")
+            })?,
+            p => p,
+        };
+        let info = ProcessInfo::read(pid).map_err(|e| match e {
+            ProcError::NoProcess(_) => Status::failed_precondition(format!(
+                "no process with pid {pid}; leases are held for a running process"
+            )),
+            e => Status::internal(e.to_string()),
+        })?;
+        if let Some(st) = start_time
+            && st != info.start_time
+        {
+            return Err(Status::failed_precondition(format!(
+                "pid {pid} is a different process now (it started at tick {}, the request says {st})",
+                info.start_time
+            )));
+        }
+        if c.uid != 0 && c.uid != info.uid {
+            return Err(Status::permission_denied(format!(
+                "pid {pid} belongs to uid {}; uid {} may act only for its own processes",
+                info.uid, c.uid
+            )));
+        }
+        Ok(info)
+    }
+
+    fn who(&self, c: &Caller) -> String {
+        format!("{} on {}", user_name(c.uid), self.config.host_id)
+    }
+
+    /// Who or what is in the way of `items` for `process`, for a waiting caller.
+    async fn conflict(
+        &self,
+        process: &ProcessKey,
+        items: &[(ResourceName, Mode)],
+    ) -> Option<(Conflict, Option<Duration>)> {
+        for (r, mode) in items {
+            let Ok(Some(v)) = self.store.inspect(r.clone()).await else {
+                continue;
+            };
+            let others: Vec<_> = v
+                .holders
+                .iter()
+                .filter(|l| &l.owner.process != process)
+                .cloned()
+                .collect();
+            let in_way = others.iter().any(|l| !l.mode.compatible_with(*mode))
+                || v.blocked_for.is_some()
+                || v.handover_pending
+                || v.waiters.iter().any(|w| &w.owner.process != process);
+            if in_way {
+                let c = Conflict {
+                    resource: r.clone(),
+                    holders: others,
+                    waiting: v.waiters.len(),
+                    blocked_until: None,
+                    reserved: v.handover_pending,
+                };
+                return Some((c, v.blocked_for));
+            }
+        }
+        None
+    }
+}
+
+fn user_name(uid: u32) -> String {
+    std::fs::read_to_string("/etc/passwd")
+        .ok()
+        .and_then(|p| {
+            p.lines().find_map(|l| {
+                let mut f = l.split(':');
+                let name = f.next()?;
+                let id: u32 = f.nth(1)?.parse().ok()?;
+                (id == uid).then(|| name.to_owned())
+            })
+        })
+        .unwrap_or_else(|| format!("uid {uid}"))
+}
+
+fn bad(e: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+fn resource(name: String) -> Result<ResourceName, Status> {
+    ResourceName::new(name).map_err(bad)
+}
+
+/// The gRPC status for a store error (acquire refusals travel as data instead).
+pub fn status_of(e: StoreError) -> Status {
+    match e {
+        StoreError::Release(ReleaseError::Invalid(m)) => Status::invalid_argument(m),
+        StoreError::Release(ReleaseError::Unknown(r)) => {
+            Status::not_found(format!("{r} is not a known resource"))
+        }
+        StoreError::Release(e) => Status::failed_precondition(e.to_string()),
+        StoreError::Acquire(AcquireError::Invalid(m)) => Status::invalid_argument(m),
+        StoreError::Acquire(e) => Status::failed_precondition(e.to_string()),
+        StoreError::WrongHost { .. } => Status::invalid_argument(e.to_string()),
+        StoreError::TimedOut(c) => Status::deadline_exceeded(c.to_string()),
+        StoreError::Closed => Status::unavailable("the agent is shutting down"),
+        StoreError::Storage(m) | StoreError::BadState(m) => {
+            Status::internal(format!("storage: {m}"))
+        }
+    }
+}
+
+fn refusal(e: StoreError, blocked_for: Option<Duration>) -> Result<pb::Refusal, Status> {
+    use pb::refusal::Kind;
+    let message = e.to_string();
+    let (kind, conflict, resource, dirty) = match e {
+        StoreError::Acquire(AcquireError::Busy(c)) => (Kind::Busy, Some(c), None, None),
+        StoreError::TimedOut(c) => (Kind::TimedOut, Some(c), None, None),
+        StoreError::Acquire(AcquireError::NeedsCheck { resource, dirty }) => {
+            (Kind::NeedsCheck, None, Some(resource), Some(*dirty))
+        }
+        StoreError::Acquire(AcquireError::ModeConflict { resource, .. }) => {
+            (Kind::ModeConflict, None, Some(resource), None)
+        }
+        StoreError::Acquire(AcquireError::Cancelled(_)) => (Kind::Cancelled, None, None, None),
+        other => return Err(status_of(other)),
+    };
+    Ok(pb::Refusal {
+        kind: kind.into(),
+        message,
+        resource: resource
+            .or_else(|| conflict.as_ref().map(|c| c.resource.clone()))
+            .map(|r| r.to_string()),
+        conflict: conflict.as_ref().map(|c| conflict_to_wire(c, blocked_for)),
+        dirty: dirty.as_ref().map(Into::into),
+    })
+}
+
+fn event(e: pb::acquire_event::Event) -> Result<pb::AcquireEvent, Status> {
+    Ok(pb::AcquireEvent { event: Some(e) })
+}
+
+type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl<S: Store> pb::leasehold_server::Leasehold for Service<S> {
+    type AcquireStream = Stream_<pb::AcquireEvent>;
+    type WatchStream = Stream_<pb::Event>;
+
+    async fn acquire(
+        &self,
+        req: Request<pb::AcquireRequest>,
+    ) -> Result<Response<Self::AcquireStream>, Status> {
+        let c = Self::caller(&req)?;
+        let r = req.into_inner();
+        let items = r
+            .items
+            .into_iter()
+            .map(|i| Ok((resource(i.resource)?, mode_from_wire(i.mode).map_err(bad)?)))
+            .collect::<Result<Vec<_>, Status>>()?;
+        let info = self.target(&c, r.pid, r.start_time)?;
+        let owner = Owner {
+            process: ProcessKey {
+                host: self.config.host_id.clone(),
+                pid: info.pid,
+                start_time: info.start_time,
+            },
+            label: r.label,
+            uid: Some(info.uid),
+            command: Some(info.command),
+        };
+        owner.validate().map_err(bad)?;
+        let wait = r.wait_ms.map(|ms| match ms {
+            0 => Duration::MAX,
+            ms => Duration::from_millis(ms),
+        });
+        let spec = AcquireSpec {
+            owner: owner.clone(),
+            items: items.clone(),
+            accept_dirty: r.accept_dirty,
+            wait,
+        };
+        let (tx, rx) = mpsc::channel(8);
+        let me = self.clone();
+        let hold = r.hold;
+        tokio::spawn(async move {
+            // Subscribe before the grant so no loss after it can be missed.
+            let events = hold.then(|| me.store.subscribe());
+            let outcome = me.acquire_reporting(spec, &tx).await;
+            let grants = match outcome {
+                None => return, // the caller went away; the wait was withdrawn
+                Some(Ok(grants)) => grants,
+                Some(Err(e)) => {
+                    let blocked = match &e {
+                        StoreError::Acquire(AcquireError::Busy(c)) | StoreError::TimedOut(c) => me
+                            .store
+                            .inspect(c.resource.clone())
+                            .await
+                            .ok()
+                            .flatten()
+                            .and_then(|v| v.blocked_for),
+                        _ => None,
+                    };
+                    let msg = refusal(e, blocked)
+                        .and_then(|r| event(pb::acquire_event::Event::Refused(r)));
+                    let _ = tx.send(msg).await;
+                    return;
+                }
+            };
+            me.watcher.watch(owner.process.clone());
+            for g in grants.iter().filter(|g| !g.existing) {
+                info!(resource = %g.resource, pid = owner.process.pid, token = %g.token, mode = %g.mode, "granted");
+            }
+            let granted = pb::Granted {
+                grants: grants.iter().map(pb::Grant::from).collect(),
+                owner: Some((&owner).into()),
+            };
+            if tx
+                .send(event(pb::acquire_event::Event::Granted(granted)))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            if let Some(events) = events {
+                me.hold(&owner.process, &grants, events, &tx).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn release(
+        &self,
+        req: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let c = Self::caller(&req)?;
+        let r = req.into_inner();
+        if r.resources.is_empty() {
+            return Err(bad("no resources named"));
+        }
+        let names = r
+            .resources
+            .into_iter()
+            .map(resource)
+            .collect::<Result<Vec<_>, _>>()?;
+        let kind = match (r.handover_to, r.dirty) {
+            (Some(_), true) => {
+                return Err(bad(
+                    "a handover is clean; --dirty and --handover-to exclude each other",
+                ));
+            }
+            (Some(to), false) => {
+                let (host, label) = match to.split_once('/') {
+                    Some((h, l)) => (h, Some(l.to_owned())),
+                    None => (to.as_str(), None),
+                };
+                let host = HostId::new(host).map_err(bad)?;
+                if let Some(l) = &label {
+                    check_free_text("label", l, leasehold_core::MAX_LABEL).map_err(bad)?;
+                }
+                ReleaseKind::Handover { host, label }
+            }
+            (None, true) => {
+                if let Some(n) = &r.note {
+                    check_free_text("note", n, MAX_TEXT).map_err(bad)?;
+                }
+                ReleaseKind::Dirty { note: r.note }
+            }
+            (None, false) => ReleaseKind::Clean,
+        };
+        let info = self.target(&c, r.pid, r.start_time)?;
+        let process = ProcessKey {
+            host: self.config.host_id.clone(),
+            pid: info.pid,
+            start_time: info.start_time,
+        };
+        // Several releases go to the store together, so they share one commit.
+        let tasks: Vec<_> = names
+            .into_iter()
+            .map(|name| {
+                let store = self.store.clone();
+                let (process, kind) = (process.clone(), kind.clone());
+                tokio::spawn(async move { store.release(name, process, kind).await })
+            })
+            .collect();
+        let mut released = Vec::new();
+        let mut failed = Vec::new();
+        for t in tasks {
+            match t.await {
+                Ok(Ok(r)) => {
+                    info!(resource = %r.resource, pid = process.pid, token = %r.ended.token, how = %r.ended.how.describe(), "released");
+                    released.push(pb::Released::from(&r));
+                }
+                Ok(Err(e)) => failed.push(status_of(e)),
+                Err(e) => failed.push(Status::internal(e.to_string())),
+            }
+        }
+        match failed.len() {
+            0 => Ok(Response::new(pb::ReleaseResponse { released })),
+            1 if released.is_empty() => Err(failed.remove(0)),
+            _ => Err(Status::new(
+                failed[0].code(),
+                format!(
+                    "{} of {} releases failed: {}",
+                    failed.len(),
+                    failed.len() + released.len(),
+                    failed
+                        .iter()
+                        .map(|s| s.message())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+            )),
+        }
+    }
+
+    async fn force_release(
+        &self,
+        req: Request<pb::ForceReleaseRequest>,
+    ) -> Result<Response<pb::ForceReleaseResponse>, Status> {
+        let c = Self::caller(&req)?;
+        self.admin_only(&c, "force-release")?;
+        let r = req.into_inner();
+        let name = resource(r.resource)?;
+        let by = self.who(&c);
+        let released = self
+            .store
+            .force_release(name.clone(), r.reason.clone(), by.clone())
+            .await
+            .map_err(status_of)?;
+        warn!(resource = %name, by = %by, reason = %r.reason, "force-released");
+        Ok(Response::new(pb::ForceReleaseResponse {
+            released: released.iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn mark_clean(
+        &self,
+        req: Request<pb::MarkCleanRequest>,
+    ) -> Result<Response<pb::MarkCleanResponse>, Status> {
+        let c = Self::caller(&req)?;
+        let name = resource(req.into_inner().resource)?;
+        if !self.is_admin(&c) {
+            // The exclusive holder's own user may clear the mark after checking (run --check).
+            let holder_uid = self
+                .store
+                .inspect(name.clone())
+                .await
+                .map_err(status_of)?
+                .and_then(|v| {
+                    v.holders
+                        .iter()
+                        .find(|l| l.mode == Mode::Exclusive)
+                        .and_then(|l| l.owner.uid)
+                });
+            if holder_uid != Some(c.uid) {
+                self.admin_only(&c, "mark-clean of a resource you do not hold exclusively")?;
+            }
+        }
+        let by = self.who(&c);
+        let was = self
+            .store
+            .mark_clean(name.clone(), by.clone())
+            .await
+            .map_err(status_of)?;
+        if was.is_some() {
+            info!(resource = %name, by = %by, "marked clean");
+        }
+        Ok(Response::new(pb::MarkCleanResponse {
+            was: was.as_ref().map(Into::into),
+        }))
+    }
+
+    async fn validate(
+        &self,
+        req: Request<pb::ValidateRequest>,
+    ) -> Result<Response<pb::ValidateResponse>, Status> {
+        let r = req.into_inner();
+        let name = resource(r.resource)?;
+        let current = self
+            .store
+            .validate(name.clone(), Token(r.token))
+            .await
+            .map_err(status_of)?;
+        let current_tokens = self
+            .store
+            .inspect(name)
+            .await
+            .map_err(status_of)?
+            .map(|v| v.holders.iter().map(|l| l.token.0).collect())
+            .unwrap_or_default();
+        Ok(Response::new(pb::ValidateResponse {
+            current,
+            current_tokens,
+        }))
+    }
+
+    async fn inspect(
+        &self,
+        req: Request<pb::InspectRequest>,
+    ) -> Result<Response<pb::InspectResponse>, Status> {
+        let name = resource(req.into_inner().resource)?;
+        let v = self.store.inspect(name).await.map_err(status_of)?;
+        Ok(Response::new(pb::InspectResponse {
+            resource: v.as_ref().map(Into::into),
+        }))
+    }
+
+    async fn list(
+        &self,
+        _req: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
+        let v = self.store.list().await.map_err(status_of)?;
+        Ok(Response::new(pb::ListResponse {
+            resources: v.iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn status(
+        &self,
+        _req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let views: Vec<ResourceView> = self.store.list().await.map_err(status_of)?;
+        let leases = views.iter().map(|v| v.holders.len() as u64).sum();
+        let processes: std::collections::BTreeSet<&ProcessKey> = views
+            .iter()
+            .flat_map(|v| v.holders.iter().map(|l| &l.owner.process))
+            .collect();
+        Ok(Response::new(pb::StatusResponse {
+            host: self.config.host_id.to_string(),
+            backend: self.config.backend.to_string(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            pid: u64::from(std::process::id()),
+            uptime_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            state_dir: self.config.state_dir.display().to_string(),
+            socket: self.config.socket.display().to_string(),
+            resources: views.len() as u64,
+            leases,
+            processes: processes.len() as u64,
+            dirty: views.iter().filter(|v| v.dirty.is_some()).count() as u64,
+            session: "local (the agent is the only authority on this host; no expiry)".into(),
+            safe_for_ms: None,
+        }))
+    }
+
+    async fn watch(
+        &self,
+        req: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let filter = req.into_inner().resource.map(resource).transpose()?;
+        let mut events = self.store.subscribe();
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                let e = tokio::select! {
+                    e = events.recv() => e,
+                    () = tx.closed() => return,
+                };
+                let e = match e {
+                    Ok(e) => e,
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        let msg = format!("watch fell behind; {n} events were missed");
+                        let _ = tx.send(Err(Status::data_loss(msg))).await;
+                        return;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                for w in wire_events(&e) {
+                    if filter
+                        .as_ref()
+                        .is_some_and(|f| w.resource.as_deref() != Some(f.as_str()))
+                    {
+                        continue;
+                    }
+                    if tx.send(Ok(w)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+type Tx = mpsc::Sender<Result<pb::AcquireEvent, Status>>;
+
+impl<S: Store> Service<S> {
+    /// Runs an acquire, telling a waiting caller every second who is in its way. Returns
+    /// `None` if the caller went away (dropping the store's future withdraws the request).
+    async fn acquire_reporting(
+        &self,
+        spec: AcquireSpec,
+        tx: &Tx,
+    ) -> Option<Result<Vec<Grant>, StoreError>> {
+        let process = spec.owner.process.clone();
+        let items = spec.items.clone();
+        let waits = spec.wait.is_some();
+        let fut = self.store.acquire(spec);
+        tokio::pin!(fut);
+        let started = Instant::now();
+        // The first report comes quickly, so a caller sees who is in the way at once.
+        let mut next = tokio::time::Instant::now() + Duration::from_millis(100);
+        loop {
+            tokio::select! {
+                r = &mut fut => return Some(r),
+                () = tx.closed() => return None,
+                () = tokio::time::sleep_until(next), if waits => {
+                    next += PROGRESS_EVERY;
+                    if let Some((c, blocked_for)) = self.conflict(&process, &items).await {
+                        let waiting = pb::Waiting {
+                            conflict: Some(conflict_to_wire(&c, blocked_for)),
+                            waited_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                        };
+                        if tx.send(event(pb::acquire_event::Event::Waiting(waiting))).await.is_err() {
+                            return None;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// After a grant with `hold`: reports leases lost by other means than the holder's own
+    /// release, until every lease of the grant has ended or the caller goes away.
+    async fn hold(
+        &self,
+        process: &ProcessKey,
+        grants: &[Grant],
+        mut events: broadcast::Receiver<Event>,
+        tx: &Tx,
+    ) {
+        let mut live: BTreeMap<ResourceName, Token> = grants
+            .iter()
+            .map(|g| (g.resource.clone(), g.token))
+            .collect();
+        while !live.is_empty() {
+            let e = tokio::select! {
+                e = events.recv() => e,
+                () = tx.closed() => return,
+            };
+            let ended = match e {
+                Ok(Event::Ended {
+                    resource, ended, ..
+                }) if &ended.owner.process == process
+                    && live.get(&resource) == Some(&ended.token) =>
+                {
+                    live.remove(&resource);
+                    (resource, ended)
+                }
+                Ok(_) => continue,
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    // Missed events: look at each lease directly.
+                    let mut lost = Vec::new();
+                    for (r, t) in &live {
+                        if !self.store.validate(r.clone(), *t).await.unwrap_or(false) {
+                            lost.push(r.clone());
+                        }
+                    }
+                    for r in lost {
+                        live.remove(&r);
+                        let v = self.store.inspect(r.clone()).await.ok().flatten();
+                        if let Some(ended) = v.and_then(|v| v.last_ended) {
+                            let _ = tx
+                                .send(event(pb::acquire_event::Event::Lost(pb::Lost {
+                                    resource: r.to_string(),
+                                    ended: Some((&ended).into()),
+                                })))
+                                .await;
+                        }
+                    }
+                    continue;
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            };
+            let (resource, ended) = ended;
+            let own = matches!(
+                ended.how,
+                EndReason::Released
+                    | EndReason::ReleasedDirty { .. }
+                    | EndReason::HandedOver { .. }
+            );
+            if !own {
+                let lost = pb::Lost {
+                    resource: resource.to_string(),
+                    ended: Some((&ended).into()),
+                };
+                if tx
+                    .send(event(pb::acquire_event::Event::Lost(lost)))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The wire events for one engine event (an ending that dirties also yields `dirtied`).
+pub fn wire_events(e: &Event) -> Vec<pb::Event> {
+    match e {
+        Event::Granted { resource, lease } => vec![pb::Event {
+            kind: "granted".into(),
+            resource: Some(resource.to_string()),
+            at_ms: lease.granted_at.0,
+            lease: Some(lease.into()),
+            ..Default::default()
+        }],
+        Event::Ended {
+            resource,
+            ended,
+            dirtied,
+        } => {
+            let kind = match &ended.how {
+                EndReason::Released => "released",
+                EndReason::ReleasedDirty { .. } => "released-dirty",
+                EndReason::ProcessDied => "process-died",
+                EndReason::SessionExpired => "expired",
+                EndReason::Forced { .. } => "forced",
+                EndReason::HandedOver { .. } => "handed-over",
+            };
+            let base = pb::Event {
+                kind: kind.into(),
+                resource: Some(resource.to_string()),
+                at_ms: ended.ended_at.0,
+                ended: Some(ended.into()),
+                host: Some(ended.owner.host().to_string()),
+                ..Default::default()
+            };
+            let mut v = vec![base.clone()];
+            if *dirtied {
+                v.push(pb::Event {
+                    kind: "dirtied".into(),
+                    ..base
+                });
+            }
+            v
+        }
+        Event::Cleaned { resource, by, at } => vec![pb::Event {
+            kind: "cleaned".into(),
+            resource: Some(resource.to_string()),
+            at_ms: at.0,
+            by: Some(by.clone()),
+            ..Default::default()
+        }],
+        Event::SessionExpired { host, .. } => vec![pb::Event {
+            kind: "host-session-expired".into(),
+            host: Some(host.to_string()),
+            ..Default::default()
+        }],
+    }
+}

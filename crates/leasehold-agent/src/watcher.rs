@@ -1,0 +1,149 @@
+//! Ends the leases of a process as soon as it exits (SPEC G4), and signals holders through
+//! pidfds so that a reused pid is never hit.
+//!
+//! Every process holding a lease on this host is watched by one pidfd. When the pidfd becomes
+//! readable the process has exited, and the watcher asks the store to end all its leases
+//! (`process-died`: exclusive resources become dirty unless released first).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use leasehold_core::ProcessKey;
+use leasehold_store::Store;
+use rustix::process::Signal;
+use tokio::io::unix::AsyncFd;
+use tracing::{info, warn};
+
+use crate::procfs::{Pidfd, ProcError};
+
+struct Watched {
+    pidfd: Arc<AsyncFd<std::os::fd::OwnedFd>>,
+    task: tokio::task::AbortHandle,
+}
+
+/// Watches lease-holding processes of this host.
+pub struct Watcher<S> {
+    store: Arc<S>,
+    watched: Mutex<HashMap<ProcessKey, Watched>>,
+}
+
+impl<S: Store> Watcher<S> {
+    /// A watcher that reports exits to `store`.
+    pub fn new(store: Arc<S>) -> Arc<Self> {
+        Arc::new(Watcher {
+            store,
+            watched: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// How many processes are watched.
+    pub fn len(&self) -> usize {
+        self.watched.lock().map_or(0, |w| w.len())
+    }
+
+    /// Whether no process is watched.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Starts watching `process` (once); if it has already exited, ends its leases now.
+    pub fn watch(self: &Arc<Self>, process: ProcessKey) {
+        let Ok(mut watched) = self.watched.lock() else {
+            return;
+        };
+        if watched.contains_key(&process) {
+            return;
+        }
+        let pidfd = match Pidfd::open(process.pid, process.start_time) {
+            Ok(fd) => fd,
+            Err(e) => {
+                drop(watched);
+                let gone = matches!(e, ProcError::NoProcess(_) | ProcError::Reused { .. });
+                if !gone {
+                    warn!(pid = process.pid, error = %e, "cannot watch process; ending its leases");
+                }
+                self.spawn_end(process);
+                return;
+            }
+        };
+        // SAFETY: the OwnedFd is moved into the AsyncFd, which owns it until dropped; nothing
+        // else closes or replaces it, so it stays the same open pidfd for the AsyncFd's life.
+        let registered = unsafe {
+            AsyncFd::register_with_interest(pidfd.into_fd(), tokio::io::Interest::READABLE)
+        };
+        let fd = match registered {
+            Ok(fd) => Arc::new(fd),
+            Err(e) => {
+                drop(watched);
+                warn!(pid = process.pid, error = %e, "cannot poll pidfd; ending its leases");
+                self.spawn_end(process);
+                return;
+            }
+        };
+        let me = Arc::clone(self);
+        let key = process.clone();
+        let waiter = Arc::clone(&fd);
+        let task = tokio::spawn(async move {
+            // Readable means the process has exited.
+            let _ = waiter.readable().await;
+            if let Ok(mut w) = me.watched.lock() {
+                w.remove(&key);
+            }
+            me.end(key).await;
+        });
+        watched.insert(
+            process,
+            Watched {
+                pidfd: fd,
+                task: task.abort_handle(),
+            },
+        );
+    }
+
+    fn spawn_end(self: &Arc<Self>, process: ProcessKey) {
+        let me = Arc::clone(self);
+        tokio::spawn(async move { me.end(process).await });
+    }
+
+    async fn end(&self, process: ProcessKey) {
+        match self.store.end_process(process.clone()).await {
+            Ok(ended) if ended.is_empty() => {}
+            Ok(ended) => {
+                for r in ended {
+                    info!(
+                        resource = %r.resource,
+                        pid = process.pid,
+                        token = %r.ended.token,
+                        dirtied = r.dirtied,
+                        "holder exited; lease ended"
+                    );
+                }
+            }
+            Err(e) => {
+                warn!(pid = process.pid, error = %e, "ending the leases of an exited process failed")
+            }
+        }
+    }
+
+    /// Sends `signal` to a watched process through its pidfd. Returns false when the
+    /// process is not watched (not a holder here) or has exited.
+    pub fn signal(&self, process: &ProcessKey, signal: Signal) -> bool {
+        let Ok(watched) = self.watched.lock() else {
+            return false;
+        };
+        let Some(w) = watched.get(process) else {
+            return false;
+        };
+        let fd = w.pidfd.get_ref();
+        rustix::process::pidfd_send_signal(fd, signal).is_ok()
+    }
+
+    /// Stops every watch (the agent is stopping; the leases stay with their processes).
+    pub fn stop(&self) {
+        if let Ok(mut w) = self.watched.lock() {
+            for (_, v) in w.drain() {
+                v.task.abort();
+            }
+        }
+    }
+}

@@ -1,0 +1,39 @@
+//! What callers see of a resource.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::resource::{Ended, Lease};
+use crate::types::{Mode, Owner, ResourceName, Token};
+
+/// Someone waiting for a resource.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaiterView {
+    /// Who waits.
+    pub owner: Owner,
+    /// For which mode.
+    pub mode: Mode,
+}
+
+/// What is known about one resource.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceView {
+    /// Its name.
+    pub resource: ResourceName,
+    /// Its live leases.
+    pub holders: Vec<Lease>,
+    /// Why it is dirty, if it is.
+    pub dirty: Option<Ended>,
+    /// How its most recent lease ended.
+    pub last_ended: Option<Ended>,
+    /// The largest token granted for it.
+    pub last_token: Token,
+    /// Who waits for it, in order.
+    pub waiters: Vec<WaiterView>,
+    /// How long it stays unavailable after its holder's host was lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocked_for: Option<Duration>,
+    /// Whether a handover to a waiter is in progress.
+    pub handover_pending: bool,
+}

@@ -1,0 +1,483 @@
+//! The commands other than `run` and `bench`.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use leasehold_client::{
+    AcquireEvent, AcquireOptions, Acquisition, ClientError, Granted, ReleaseOptions,
+};
+use leasehold_core::{Mode, Token};
+use serde_json::json;
+
+use crate::output::{self, view_json, view_text};
+use crate::{
+    AcquireArgs, AgentArgs, Failure, ForceArgs, InspectArgs, NameArg, ReleaseArgs, ValidateArgs,
+    WatchArgs, connect, name, names,
+};
+
+/// `leasehold agent`.
+pub fn agent(a: AgentArgs, socket: Option<PathBuf>) -> Result<u8, Failure> {
+    use leasehold_agent::{Config, FileConfig};
+    let backend = a
+        .backend
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .map_err(|e: leasehold_agent::ConfigError| Failure::usage(e.to_string()))?;
+    // The socket clients find through $LEASEHOLD_SOCKET is where the agent listens too.
+    let socket = socket.or_else(|| {
+        std::env::var_os("LEASEHOLD_SOCKET")
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+    });
+    let flags = FileConfig {
+        socket,
+        state_dir: a.state_dir,
+        host_id: a.host_id,
+        backend,
+        etcd_endpoints: a.etcd_endpoints,
+        ttl: a.ttl,
+        renew: a.renew,
+        fence_margin: a.fence_margin,
+        grace: a.grace,
+        kill_timeout: a.kill_timeout,
+        admin_group: a.admin_group,
+        socket_group: a.socket_group,
+    };
+    let file = match &a.config {
+        Some(p) => FileConfig::read(p).map_err(|e| Failure::usage(e.to_string()))?,
+        None => FileConfig::default(),
+    };
+    let config = Config::resolve(file.overlay(flags)).map_err(|e| Failure::usage(e.to_string()))?;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LEASEHOLD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    if a.log_json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::error(format!("starting the runtime: {e}")))?;
+    rt.block_on(async {
+        leasehold_agent::run(config, shutdown_signal())
+            .await
+            .map_err(|e| Failure::error(e.to_string()))
+    })?;
+    Ok(0)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// The parent of this process, with its start time: the default holder for `acquire` and
+/// `release`, so that a shell script holds what it acquires until it exits.
+fn parent() -> Result<(u32, Option<u64>), Failure> {
+    let ppid = rustix::process::getppid()
+        .map(|p| p.as_raw_nonzero().get() as u32)
+        .ok_or_else(|| {
+            Failure::error("this process has no parent to hold the lease; pass --pid")
+        })?;
+    Ok((ppid, leasehold_agent::procfs::start_time(ppid).ok()))
+}
+
+fn holder(pid: Option<u32>) -> Result<(u32, Option<u64>), Failure> {
+    match pid {
+        Some(p) => Ok((p, leasehold_agent::procfs::start_time(p).ok())),
+        None => parent(),
+    }
+}
+
+/// Waits for a grant, showing who is in the way: a live line on a terminal, plain lines
+/// (when the holder changes, and every 10 s) otherwise.
+pub async fn wait_for_grant(acq: &mut Acquisition) -> Result<Granted, ClientError> {
+    let tty = std::io::stderr().is_terminal();
+    let mut shown = false;
+    let mut last_key = String::new();
+    let mut last_print = Instant::now();
+    let clear = |shown: bool| {
+        if tty && shown {
+            eprint!("\r\x1b[2K");
+        }
+    };
+    loop {
+        let ev = acq.next_event().await;
+        match ev {
+            Ok(Some(AcquireEvent::Waiting {
+                conflict,
+                blocked_for,
+                waited,
+            })) => {
+                let line = format!(
+                    "waiting {}: {}",
+                    humantime::format_duration(Duration::from_secs(waited.as_secs())),
+                    output::conflict(&conflict, blocked_for)
+                );
+                let key = format!(
+                    "{}{:?}{}{}",
+                    conflict.resource,
+                    conflict.holders.iter().map(|l| l.token).collect::<Vec<_>>(),
+                    conflict.waiting,
+                    conflict.reserved
+                );
+                if tty {
+                    eprint!("\r\x1b[2K{line}");
+                    shown = true;
+                } else if key != last_key || last_print.elapsed() >= Duration::from_secs(10) {
+                    eprintln!("leasehold: {line}");
+                    last_print = Instant::now();
+                }
+                last_key = key;
+            }
+            Ok(Some(AcquireEvent::Granted(g))) => {
+                clear(shown);
+                return Ok(g);
+            }
+            Ok(Some(AcquireEvent::Lost { .. })) => {}
+            Ok(None) => {
+                clear(shown);
+                return Err(tonic_unavailable());
+            }
+            Err(e) => {
+                clear(shown);
+                return Err(e);
+            }
+        }
+    }
+}
+
+fn tonic_unavailable() -> ClientError {
+    ClientError::Status(tonic::Status::unavailable(
+        "the agent closed the request before answering",
+    ))
+}
+
+/// `leasehold acquire`.
+pub async fn acquire(a: AcquireArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
+    let r = name(&a.resource, a.path.path)?;
+    let (pid, start_time) = holder(a.pid)?;
+    let mode = if a.shared {
+        Mode::Shared
+    } else {
+        Mode::Exclusive
+    };
+    let mut client = connect(socket).await?;
+    let mut acq = client
+        .start_acquire(AcquireOptions {
+            items: vec![(r, mode)],
+            pid: Some(pid),
+            start_time,
+            label: a.owner,
+            accept_dirty: a.accept_dirty,
+            wait: a.wait,
+            hold: false,
+        })
+        .await?;
+    let g = wait_for_grant(&mut acq).await?;
+    for grant in &g.grants {
+        if let Some(d) = &grant.dirty {
+            eprintln!(
+                "leasehold: note: {} is dirty; check it before use, then: leasehold mark-clean {}\n  last writer: the {}",
+                grant.resource,
+                output::quote(grant.resource.as_str()),
+                output::ended(d)
+            );
+        }
+        println!("{}", grant.token);
+    }
+    Ok(0)
+}
+
+/// `leasehold release`.
+pub async fn release(a: ReleaseArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
+    let rs = names(&a.resources, a.path.path)?;
+    let (pid, start_time) = holder(a.pid)?;
+    let mut client = connect(socket).await?;
+    let released = client
+        .release(
+            &rs,
+            ReleaseOptions {
+                pid: Some(pid),
+                start_time,
+                dirty: a.dirty,
+                note: None,
+                handover_to: a.handover_to,
+            },
+        )
+        .await?;
+    for r in released {
+        if r.dirtied {
+            eprintln!(
+                "leasehold: released {} dirty; the next user must check it",
+                r.resource
+            );
+        }
+    }
+    Ok(0)
+}
+
+/// `leasehold list`.
+pub async fn list(json_out: bool, socket: &Option<PathBuf>) -> Result<u8, Failure> {
+    let mut client = connect(socket).await?;
+    let views = client.list().await?;
+    if json_out {
+        let v: Vec<_> = views.iter().map(view_json).collect();
+        println!("{}", serde_json::Value::Array(v));
+        return Ok(0);
+    }
+    if views.is_empty() {
+        println!("no resources known");
+        return Ok(0);
+    }
+    println!(
+        "{:<40} {:<6} {:<10} {:>8}  HOLDER",
+        "RESOURCE", "STATE", "MODE", "TOKEN"
+    );
+    for v in &views {
+        let state = if v.dirty.is_some() {
+            "DIRTY"
+        } else if v.holders.is_empty() {
+            "free"
+        } else {
+            "held"
+        };
+        if v.holders.is_empty() {
+            let note = v
+                .dirty
+                .as_ref()
+                .map(|d| format!("(needs check: {})", d.how.describe()))
+                .unwrap_or_default();
+            println!(
+                "{:<40} {:<6} {:<10} {:>8}  {note}",
+                v.resource.as_str(),
+                state,
+                "-",
+                "-"
+            );
+        }
+        for (i, l) in v.holders.iter().enumerate() {
+            let (name, state) = if i == 0 {
+                (v.resource.as_str(), state)
+            } else {
+                ("", "")
+            };
+            println!(
+                "{:<40} {:<6} {:<10} {:>8}  {}, since {} ago",
+                name,
+                state,
+                l.mode.as_str(),
+                l.token.to_string(),
+                output::owner(&l.owner),
+                output::ago(l.granted_at)
+            );
+        }
+        if !v.waiters.is_empty() {
+            println!("{:<40} {:<6} {} waiting", "", "", v.waiters.len());
+        }
+    }
+    Ok(0)
+}
+
+/// `leasehold inspect`.
+pub async fn inspect(a: InspectArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
+    let r = name(&a.resource, a.path.path)?;
+    let mut client = connect(socket).await?;
+    match client.inspect(&r).await? {
+        Some(v) if a.json => println!("{}", view_json(&v)),
+        Some(v) => print!("{}", view_text(&v)),
+        None => {
+            return Err(Failure::error(format!(
+                "{} is not a known resource (never leased here)",
+                output::quote(r.as_str())
+            )));
+        }
+    }
+    Ok(0)
+}
+
+/// `leasehold status`.
+pub async fn status(json_out: bool, socket: &Option<PathBuf>) -> Result<u8, Failure> {
+    let mut client = connect(socket).await?;
+    let s = client.status().await?;
+    if json_out {
+        println!(
+            "{}",
+            json!({
+                "host": s.host, "backend": s.backend, "version": s.version, "pid": s.pid,
+                "uptime_ms": s.uptime_ms, "state_dir": s.state_dir, "socket": s.socket,
+                "resources": s.resources, "leases": s.leases, "processes": s.processes,
+                "dirty": s.dirty, "session": s.session, "safe_for_ms": s.safe_for_ms,
+            })
+        );
+        return Ok(0);
+    }
+    println!(
+        "leasehold agent on host {} (backend {}), version {}, pid {}, up {}",
+        s.host,
+        s.backend,
+        s.version,
+        s.pid,
+        humantime::format_duration(Duration::from_secs(s.uptime_ms / 1000))
+    );
+    println!("  socket:   {}", s.socket);
+    println!("  state:    {}", s.state_dir);
+    println!(
+        "  leases:   {} held by {} processes, on {} known resources; {} dirty",
+        s.leases, s.processes, s.resources, s.dirty
+    );
+    println!("  session:  {}", s.session);
+    Ok(0)
+}
+
+/// `leasehold force-release`.
+pub async fn force_release(a: ForceArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
+    let r = name(&a.resource, a.path.path)?;
+    let mut client = connect(socket).await?;
+    let released = client.force_release(&r, &a.reason).await?;
+    for x in released {
+        eprintln!(
+            "leasehold: revoked the {}{}",
+            output::ended(&x.ended),
+            if x.dirtied {
+                format!("; {} is now dirty", x.resource)
+            } else {
+                String::new()
+            }
+        );
+    }
+    Ok(0)
+}
+
+/// `leasehold mark-clean`.
+pub async fn mark_clean(a: NameArg, socket: &Option<PathBuf>) -> Result<u8, Failure> {
+    let r = name(&a.resource, a.path.path)?;
+    let mut client = connect(socket).await?;
+    match client.mark_clean(&r).await? {
+        Some(was) => eprintln!(
+            "leasehold: {} marked clean (was dirty from the {})",
+            r,
+            output::ended(&was)
+        ),
+        None => eprintln!("leasehold: {r} was not dirty"),
+    }
+    Ok(0)
+}
+
+/// `leasehold validate`.
+pub async fn validate(a: ValidateArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
+    let r = name(&a.resource, a.path.path)?;
+    let mut client = connect(socket).await?;
+    let (current, tokens) = client.validate(&r, Token(a.token)).await?;
+    if current {
+        println!("current");
+        Ok(0)
+    } else {
+        let now: Vec<String> = tokens.iter().map(ToString::to_string).collect();
+        println!(
+            "stale (current: {})",
+            if now.is_empty() {
+                "none".into()
+            } else {
+                now.join(", ")
+            }
+        );
+        Ok(1)
+    }
+}
+
+/// `leasehold watch`.
+pub async fn watch(a: WatchArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
+    let r = a
+        .resource
+        .as_deref()
+        .map(|x| name(x, a.path.path))
+        .transpose()?;
+    let mut client = connect(socket).await?;
+    let mut stream = client.watch(r.as_ref()).await?;
+    loop {
+        let e = stream
+            .message()
+            .await
+            .map_err(|s| Failure::from(ClientError::Status(s)))?;
+        let Some(e) = e else { return Ok(0) };
+        if a.json {
+            println!("{}", event_json(&e));
+        } else {
+            println!("{}", event_text(&e));
+        }
+    }
+}
+
+fn event_json(e: &leasehold_api::pb::Event) -> serde_json::Value {
+    let lease = e
+        .lease
+        .clone()
+        .and_then(|l| leasehold_core::Lease::try_from(l).ok());
+    let ended = e
+        .ended
+        .clone()
+        .and_then(|x| leasehold_core::Ended::try_from(x).ok());
+    json!({
+        "kind": e.kind,
+        "resource": e.resource,
+        "at": (e.at_ms > 0).then(|| output::when(leasehold_core::WallTime(e.at_ms))),
+        "at_ms": e.at_ms,
+        "lease": lease.as_ref().map(output::lease_json),
+        "ended": ended.as_ref().map(output::ended_json),
+        "by": e.by,
+        "host": e.host,
+    })
+}
+
+fn event_text(e: &leasehold_api::pb::Event) -> String {
+    let at = if e.at_ms > 0 {
+        output::when(leasehold_core::WallTime(e.at_ms))
+    } else {
+        "-".into()
+    };
+    let r = e.resource.clone().unwrap_or_default();
+    let detail = if let Some(l) = e
+        .lease
+        .clone()
+        .and_then(|l| leasehold_core::Lease::try_from(l).ok())
+    {
+        format!(
+            "{} to {}, token {}",
+            l.mode,
+            output::owner(&l.owner),
+            l.token
+        )
+    } else if let Some(x) = e
+        .ended
+        .clone()
+        .and_then(|x| leasehold_core::Ended::try_from(x).ok())
+    {
+        output::ended(&x)
+    } else if let Some(by) = &e.by {
+        format!("by {by}")
+    } else {
+        e.host
+            .clone()
+            .map(|h| format!("host {h}"))
+            .unwrap_or_default()
+    };
+    format!("{at} {:<14} {r} {detail}", e.kind)
+}

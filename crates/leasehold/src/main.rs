@@ -1,0 +1,365 @@
+//! `leasehold`: the agent (`leasehold agent`) and the commands that talk to it.
+//!
+//! Exit codes (SPEC §6): 0 ok, 1 error, 2 usage, 3 held by another owner (or `--wait` timed
+//! out), 4 needs check, 5 agent unreachable. `run` exits with its command's status.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use leasehold_client::{Client, ClientError, RefusalKind};
+use leasehold_core::ResourceName;
+
+mod bench;
+mod commands;
+mod output;
+mod run;
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  ok
+  1  error
+  2  usage (bad flags, names or config)
+  3  held by another owner, or --wait timed out
+  4  needs check: the resource is dirty (its last writer died mid-write)
+  5  the agent is unreachable
+  run exits with its command's exit status (128+N if killed by signal N).";
+
+/// Leases for VM disks and other shared resources.
+#[derive(Parser, Debug)]
+#[command(name = "leasehold", version, about, after_help = EXIT_CODES)]
+struct Cli {
+    /// The agent's socket [default: $LEASEHOLD_SOCKET, else /run/leasehold/agent.sock for
+    /// root, else $XDG_RUNTIME_DIR/leasehold/agent.sock]
+    #[arg(long, global = true, value_name = "PATH")]
+    socket: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the agent (one per host) in the foreground.
+    Agent(Box<AgentArgs>),
+    /// Take a lease for a process (by default the caller's parent, such as the shell running
+    /// this command) and print its token. The lease lasts until released or the process
+    /// exits.
+    Acquire(AcquireArgs),
+    /// Release leases of a process (by default the caller's parent).
+    Release(ReleaseArgs),
+    /// Take leases, run a command, release: clean if it exits 0, dirty otherwise.
+    Run(run::RunArgs),
+    /// List every known resource with its holders.
+    List(JsonArg),
+    /// Show one resource: holders, waiters, dirty mark, how its last lease ended.
+    Inspect(InspectArgs),
+    /// Show the agent's state.
+    Status(JsonArg),
+    /// Revoke every lease on a resource (root or the admin group). The holder is killed and
+    /// the resource is left dirty.
+    ForceRelease(ForceArgs),
+    /// Clear a resource's dirty mark after checking it.
+    MarkClean(NameArg),
+    /// Exit 0 if TOKEN is the current grant of the resource, 1 otherwise.
+    Validate(ValidateArgs),
+    /// Stream lease events.
+    Watch(WatchArgs),
+    /// Measure acquire/release latency and throughput through a running agent, and
+    /// `leasehold run -- true` beside `flock FILE true`.
+    Bench(bench::BenchArgs),
+}
+
+/// Flags of `leasehold agent`.
+#[derive(Args, Debug, Default)]
+struct AgentArgs {
+    /// A TOML config file; flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Where the local store keeps its state [default: /var/lib/leasehold for root]
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// This host's id [default: the hostname]
+    #[arg(long)]
+    host_id: Option<String>,
+    /// local (embedded, default) or etcd.
+    #[arg(long)]
+    backend: Option<String>,
+    /// etcd client URLs, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    etcd_endpoints: Option<Vec<String>>,
+    /// Host session lifetime without renewal [default: 10s]
+    #[arg(long)]
+    ttl: Option<String>,
+    /// Heartbeat interval [default: ttl/3]
+    #[arg(long)]
+    renew: Option<String>,
+    /// Kill holders this long before the session could expire [default: ttl/5]
+    #[arg(long)]
+    fence_margin: Option<String>,
+    /// After a session expires its resources stay unavailable this long [default: ttl/2]
+    #[arg(long)]
+    grace: Option<String>,
+    /// The longest a killed holder may take to die [default: 1s]
+    #[arg(long)]
+    kill_timeout: Option<String>,
+    /// Members of this group may force-release and mark-clean.
+    #[arg(long)]
+    admin_group: Option<String>,
+    /// Members of this group may connect to the socket (mode 0660); without it, 0600.
+    #[arg(long)]
+    socket_group: Option<String>,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+#[derive(Args, Debug)]
+struct JsonArg {
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct PathArg {
+    /// Resource arguments are files, named by their canonical path.
+    #[arg(long)]
+    path: bool,
+}
+
+#[derive(Args, Debug)]
+struct AcquireArgs {
+    /// The resource.
+    resource: String,
+    /// Read-only: coexists with other shared leases, never with an exclusive one.
+    #[arg(long)]
+    shared: bool,
+    /// The process to hold the lease [default: the caller's parent]
+    #[arg(long)]
+    pid: Option<u32>,
+    /// A label for people, such as a VM name or uuid.
+    #[arg(long, value_name = "LABEL")]
+    owner: Option<String>,
+    /// Wait until free, forever or up to DUR (e.g. --wait=30s).
+    #[arg(long, value_name = "DUR", num_args = 0..=1, require_equals = true,
+          default_missing_value = "forever", value_parser = parse_wait)]
+    wait: Option<Duration>,
+    /// Accept a dirty resource: you will check it before use (then mark-clean).
+    #[arg(long)]
+    accept_dirty: bool,
+    #[command(flatten)]
+    path: PathArg,
+}
+
+#[derive(Args, Debug)]
+struct ReleaseArgs {
+    /// The resources.
+    #[arg(required = true)]
+    resources: Vec<String>,
+    /// The holder [default: the caller's parent]
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Mark the resources dirty: the next user must check them.
+    #[arg(long)]
+    dirty: bool,
+    /// Hand the exclusive lease to the owner waiting on HOST (with LABEL), in one step.
+    #[arg(long, value_name = "HOST[/LABEL]")]
+    handover_to: Option<String>,
+    #[command(flatten)]
+    path: PathArg,
+}
+
+#[derive(Args, Debug)]
+struct InspectArgs {
+    /// The resource.
+    resource: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    path: PathArg,
+}
+
+#[derive(Args, Debug)]
+struct NameArg {
+    /// The resource.
+    resource: String,
+    #[command(flatten)]
+    path: PathArg,
+}
+
+#[derive(Args, Debug)]
+struct ForceArgs {
+    /// The resource.
+    resource: String,
+    /// Why; recorded and shown by inspect.
+    #[arg(long, required = true)]
+    reason: String,
+    #[command(flatten)]
+    path: PathArg,
+}
+
+#[derive(Args, Debug)]
+struct ValidateArgs {
+    /// The resource.
+    resource: String,
+    /// The token to check.
+    token: u64,
+    #[command(flatten)]
+    path: PathArg,
+}
+
+#[derive(Args, Debug)]
+struct WatchArgs {
+    /// Only this resource.
+    resource: Option<String>,
+    /// One JSON object per line.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    path: PathArg,
+}
+
+/// `forever` (or `0`) waits without end; otherwise a duration such as `30s`.
+fn parse_wait(s: &str) -> Result<Duration, String> {
+    match s {
+        "forever" | "0" | "" => Ok(Duration::MAX),
+        s => humantime::parse_duration(s)
+            .map_err(|e| format!("{s:?} is not a duration ({e}); write e.g. 30s, or forever")),
+    }
+}
+
+/// A command's failure: what to print and how to exit.
+#[derive(Debug)]
+pub struct Failure {
+    /// The exit code.
+    pub code: u8,
+    /// The message (may span lines).
+    pub message: String,
+}
+
+impl Failure {
+    /// An error (exit 1).
+    pub fn error(message: impl Into<String>) -> Failure {
+        Failure {
+            code: 1,
+            message: message.into(),
+        }
+    }
+
+    /// A usage error (exit 2).
+    pub fn usage(message: impl Into<String>) -> Failure {
+        Failure {
+            code: 2,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Failure {
+        if e.is_unreachable() {
+            return Failure {
+                code: 5,
+                message: format!(
+                    "{e}\n  is the agent running? start it with: leasehold agent (as root), or pass --socket"
+                ),
+            };
+        }
+        match e {
+            ClientError::Refused(r) => {
+                let code = match r.kind {
+                    RefusalKind::Busy | RefusalKind::TimedOut => 3,
+                    RefusalKind::NeedsCheck => 4,
+                    RefusalKind::ModeConflict | RefusalKind::Cancelled => 1,
+                };
+                Failure {
+                    code,
+                    message: output::refusal(&r),
+                }
+            }
+            other => Failure::error(other.to_string()),
+        }
+    }
+}
+
+/// Turns resource arguments into names: as given, or with `--path` the canonical path of the
+/// file.
+pub fn names(args: &[String], path: bool) -> Result<Vec<ResourceName>, Failure> {
+    args.iter()
+        .map(|a| {
+            let name = if path {
+                std::fs::canonicalize(a)
+                    .map_err(|e| Failure::usage(format!("--path: cannot resolve {a:?}: {e}")))?
+                    .to_str()
+                    .ok_or_else(|| Failure::usage(format!("--path: {a:?} is not UTF-8")))?
+                    .to_owned()
+            } else {
+                a.clone()
+            };
+            ResourceName::new(name).map_err(|e| Failure::usage(format!("{a:?}: {e}")))
+        })
+        .collect()
+}
+
+fn name(arg: &str, path: bool) -> Result<ResourceName, Failure> {
+    let mut v = names(&[arg.to_owned()], path)?;
+    v.pop().ok_or_else(|| Failure::usage("no resource named"))
+}
+
+/// Connects to the agent named by `--socket`, `$LEASEHOLD_SOCKET` or the default path.
+pub async fn connect(socket: &Option<PathBuf>) -> Result<Client, Failure> {
+    let client = match socket {
+        Some(s) => Client::connect(s).await,
+        None => Client::connect_default().await,
+    };
+    Ok(client?)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Agent(args) => commands::agent(*args, cli.socket),
+        other => {
+            // One thread: `run` spawns its child from this thread, whose death must not
+            // trigger the child's parent-death signal early.
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("leasehold: starting the runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            rt.block_on(dispatch(other, cli.socket))
+        }
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(f) => {
+            eprintln!("leasehold: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+async fn dispatch(command: Command, socket: Option<PathBuf>) -> Result<u8, Failure> {
+    match command {
+        Command::Agent(_) => Err(Failure::usage("the agent is not started this way")),
+        Command::Acquire(a) => commands::acquire(a, &socket).await,
+        Command::Release(a) => commands::release(a, &socket).await,
+        Command::Run(a) => run::run(a, &socket).await,
+        Command::List(a) => commands::list(a.json, &socket).await,
+        Command::Inspect(a) => commands::inspect(a, &socket).await,
+        Command::Status(a) => commands::status(a.json, &socket).await,
+        Command::ForceRelease(a) => commands::force_release(a, &socket).await,
+        Command::MarkClean(a) => commands::mark_clean(a, &socket).await,
+        Command::Validate(a) => commands::validate(a, &socket).await,
+        Command::Watch(a) => commands::watch(a, &socket).await,
+        Command::Bench(a) => bench::bench(a, &socket).await,
+    }
+}

@@ -1,0 +1,265 @@
+//! How leases look to people and to scripts (`--json`).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use leasehold_client::{Refusal, RefusalKind};
+use leasehold_core::{Conflict, EndReason, Ended, Lease, Owner, ResourceView, WallTime};
+use serde_json::{Value, json};
+
+/// A wall-clock time as RFC 3339 (UTC, seconds).
+pub fn when(t: WallTime) -> String {
+    let at = UNIX_EPOCH + Duration::from_millis(t.0);
+    humantime::format_rfc3339_seconds(at).to_string()
+}
+
+/// How long ago `t` was, rounded to seconds ("3m 12s").
+pub fn ago(t: WallTime) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let secs = now.saturating_sub(t.0) / 1000;
+    humantime::format_duration(Duration::from_secs(secs)).to_string()
+}
+
+/// `pid 4242 (qemu-io) on node1 [vm-42]`
+pub fn owner(o: &Owner) -> String {
+    let mut s = format!("pid {}", o.process.pid);
+    if let Some(c) = &o.command {
+        s.push_str(&format!(" ({c})"));
+    }
+    s.push_str(&format!(" on {}", o.process.host));
+    if let Some(l) = &o.label {
+        s.push_str(&format!(" [{l}]"));
+    }
+    s
+}
+
+/// `exclusive by pid 4242 (qemu-io) on node1 [vm-42], token 17, since ... (3m ago)`
+pub fn lease(l: &Lease) -> String {
+    format!(
+        "{} by {}, token {}, since {} ({} ago)",
+        l.mode,
+        owner(&l.owner),
+        l.token,
+        when(l.granted_at),
+        ago(l.granted_at)
+    )
+}
+
+/// How a lease ended, in words, with when.
+pub fn ended(e: &Ended) -> String {
+    let how = match &e.how {
+        EndReason::HandedOver { to } => format!("handed over to pid {} on {}", to.pid, to.host),
+        other => other.describe(),
+    };
+    format!(
+        "{} lease of {}, token {}: {} at {} ({} ago)",
+        e.mode,
+        owner(&e.owner),
+        e.token,
+        how,
+        when(e.ended_at),
+        ago(e.ended_at)
+    )
+}
+
+/// Who is in the way, on one line.
+pub fn conflict(c: &Conflict, blocked_for: Option<Duration>) -> String {
+    let mut s = match c.holders.as_slice() {
+        [] if c.reserved => format!("{} is being handed over to another owner", c.resource),
+        [] => match blocked_for {
+            Some(d) => format!(
+                "{} is in its grace period after its holder's host was lost ({} left)",
+                c.resource,
+                humantime::format_duration(Duration::from_secs(d.as_secs().max(1)))
+            ),
+            None => format!("{} is promised to owners who waited longer", c.resource),
+        },
+        [one] => format!("{} is held {}", c.resource, lease(one)),
+        [one, rest @ ..] => format!(
+            "{} is held {} and by {} more",
+            c.resource,
+            lease(one),
+            rest.len()
+        ),
+    };
+    if c.waiting > 0 {
+        s.push_str(&format!("; {} waiting", c.waiting));
+    }
+    s
+}
+
+/// The full message for a refused acquire, with what to do next.
+pub fn refusal(r: &Refusal) -> String {
+    let name = r
+        .resource
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_else(|| "the resource".into());
+    match r.kind {
+        RefusalKind::Busy | RefusalKind::TimedOut => {
+            let head = match &r.conflict {
+                Some(c) => conflict(c, r.blocked_for),
+                None => r.message.clone(),
+            };
+            let head = if r.kind == RefusalKind::TimedOut {
+                format!("timed out waiting: {head}")
+            } else {
+                head
+            };
+            format!(
+                "{head}\n  to wait for it, add --wait (or --wait=DURATION)\n  if that holder is gone for good: leasehold force-release {} --reason '...'",
+                quote(&name)
+            )
+        }
+        RefusalKind::NeedsCheck => {
+            let why = r
+                .dirty
+                .as_ref()
+                .map(|d| format!(": last writer was the {}", ended(d)))
+                .unwrap_or_default();
+            format!(
+                "{name} needs a check before use{why}\n  check it (a qcow2 image: qemu-img check {q}), then: leasehold mark-clean {q}\n  or let run check it first: leasehold run --check 'qemu-img check {{path}}' --exclusive {q} -- ...\n  or take it anyway and check it yourself: add --accept-dirty",
+                q = quote(&name)
+            )
+        }
+        RefusalKind::ModeConflict | RefusalKind::Cancelled => r.message.clone(),
+    }
+}
+
+/// Quotes a word for a shell, when it needs it.
+pub fn quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+:,@%=".contains(c))
+    {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+// ---- JSON ----
+
+fn owner_fields(o: &Owner) -> serde_json::Map<String, Value> {
+    let mut m = serde_json::Map::new();
+    m.insert("host".into(), json!(o.process.host.as_str()));
+    m.insert("pid".into(), json!(o.process.pid));
+    m.insert("start_time".into(), json!(o.process.start_time));
+    m.insert("owner".into(), json!(o.label));
+    m.insert("command".into(), json!(o.command));
+    m.insert("uid".into(), json!(o.uid));
+    m
+}
+
+/// A lease as JSON: host, pid, mode, token, owner (the label), and more.
+pub fn lease_json(l: &Lease) -> Value {
+    let mut m = owner_fields(&l.owner);
+    m.insert("mode".into(), json!(l.mode.as_str()));
+    m.insert("token".into(), json!(l.token.0));
+    m.insert("since".into(), json!(when(l.granted_at)));
+    m.insert("since_ms".into(), json!(l.granted_at.0));
+    Value::Object(m)
+}
+
+/// How a lease ended, as JSON.
+pub fn ended_json(e: &Ended) -> Value {
+    let mut m = owner_fields(&e.owner);
+    m.insert("mode".into(), json!(e.mode.as_str()));
+    m.insert("token".into(), json!(e.token.0));
+    m.insert("how".into(), json!(leasehold_api::how_word(&e.how)));
+    m.insert("granted_at".into(), json!(when(e.granted_at)));
+    m.insert("ended_at".into(), json!(when(e.ended_at)));
+    m.insert("ended_at_ms".into(), json!(e.ended_at.0));
+    match &e.how {
+        EndReason::ReleasedDirty { note } => {
+            m.insert("note".into(), json!(note));
+        }
+        EndReason::Forced { reason, by } => {
+            m.insert("reason".into(), json!(reason));
+            m.insert("by".into(), json!(by));
+        }
+        EndReason::HandedOver { to } => {
+            m.insert(
+                "to".into(),
+                json!({"host": to.host.as_str(), "pid": to.pid, "start_time": to.start_time}),
+            );
+        }
+        _ => {}
+    }
+    Value::Object(m)
+}
+
+/// A resource as JSON (SPEC §6): resource, dirty, holders, and how the last lease ended.
+pub fn view_json(v: &ResourceView) -> Value {
+    json!({
+        "resource": v.resource.as_str(),
+        "dirty": v.dirty.is_some(),
+        "holders": v.holders.iter().map(lease_json).collect::<Vec<_>>(),
+        "waiters": v.waiters.iter().map(|w| {
+            let mut m = owner_fields(&w.owner);
+            m.insert("mode".into(), json!(w.mode.as_str()));
+            Value::Object(m)
+        }).collect::<Vec<_>>(),
+        "dirty_record": v.dirty.as_ref().map(ended_json),
+        "last_ended": v.last_ended.as_ref().map(ended_json),
+        "last_token": v.last_token.0,
+        "blocked_for_ms": v.blocked_for.map(|d| d.as_millis() as u64),
+        "handover_pending": v.handover_pending,
+    })
+}
+
+/// A resource for people, over several lines.
+pub fn view_text(v: &ResourceView) -> String {
+    let mut s = format!("{}\n", v.resource);
+    let state = match (&v.dirty, v.holders.is_empty()) {
+        (Some(_), _) => "dirty: needs a check before use".to_owned(),
+        (None, true) => "free, clean".to_owned(),
+        (None, false) => "held, clean".to_owned(),
+    };
+    s.push_str(&format!("  state:    {state}\n"));
+    if let Some(d) = &v.dirty {
+        s.push_str(&format!("  dirty by: {}\n", ended(d)));
+    }
+    if v.holders.is_empty() {
+        s.push_str("  holders:  none\n");
+    }
+    for l in &v.holders {
+        s.push_str(&format!("  holder:   {}\n", lease(l)));
+    }
+    for (i, w) in v.waiters.iter().enumerate() {
+        s.push_str(&format!(
+            "  waiting:  {}. {} for {}\n",
+            i + 1,
+            owner(&w.owner),
+            w.mode
+        ));
+    }
+    if v.handover_pending {
+        s.push_str("  handover: in progress\n");
+    }
+    if let Some(d) = v.blocked_for {
+        s.push_str(&format!(
+            "  grace:    unavailable for {} more (its holder's host was lost)\n",
+            humantime::format_duration(Duration::from_secs(d.as_secs().max(1)))
+        ));
+    }
+    if let Some(e) = &v.last_ended {
+        s.push_str(&format!("  last:     {}\n", ended(e)));
+    }
+    s.push_str(&format!("  tokens:   last granted {}\n", v.last_token));
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_for_shells() {
+        assert_eq!(quote("/srv/vm1.qcow2"), "/srv/vm1.qcow2");
+        assert_eq!(quote("a b"), "'a b'");
+        assert_eq!(quote("it's"), r"'it'\''s'");
+        assert_eq!(quote(""), "''");
+    }
+}

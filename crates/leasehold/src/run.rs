@@ -1,0 +1,302 @@
+//! `leasehold run`: take leases (all or none), run a command while holding them, release.
+//!
+//! The leases are held by this wrapper process. The command runs as its child with
+//! `PR_SET_PDEATHSIG = SIGKILL`, so if the wrapper is killed the command dies with it: no
+//! process keeps writing without a lease. If a lease is lost (force-released), the command is
+//! killed. SIGINT, SIGTERM and SIGHUP are passed to the command, and its exit status is
+//! returned; exit 0 releases clean, anything else releases dirty.
+
+use std::collections::BTreeSet;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use clap::Args;
+use leasehold_client::{
+    AcquireEvent, AcquireOptions, Acquisition, Client, Granted, ReleaseOptions,
+};
+use leasehold_core::{Mode, ResourceName};
+use rustix::process::{Pid, Signal, kill_process};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::commands::wait_for_grant;
+use crate::output::{self, quote};
+use crate::{Failure, connect, names};
+
+/// Flags of `leasehold run`.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// A resource to hold exclusively (read-write); repeatable.
+    #[arg(long = "exclusive", value_name = "R")]
+    exclusive: Vec<String>,
+    /// A resource to hold shared (read-only); repeatable.
+    #[arg(long = "shared", value_name = "R")]
+    shared: Vec<String>,
+    /// Resource arguments are files, named by their canonical path.
+    #[arg(long)]
+    path: bool,
+    /// Wait until free, forever or up to DUR, showing who holds them meanwhile.
+    #[arg(long, value_name = "DUR", num_args = 0..=1, require_equals = true,
+          default_missing_value = "forever", value_parser = crate::parse_wait)]
+    wait: Option<Duration>,
+    /// On a dirty resource, run CMD first ({path} is replaced by the resource) and mark it
+    /// clean if CMD succeeds; otherwise give up with exit 4.
+    #[arg(long, value_name = "CMD")]
+    check: Option<String>,
+    /// A label for people, such as a VM name or uuid.
+    #[arg(long, value_name = "LABEL")]
+    owner: Option<String>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    command: Vec<std::ffi::OsString>,
+}
+
+/// The environment variable that carries the tokens to the command: `NAME=TOKEN,NAME=TOKEN`.
+pub const TOKENS_ENV: &str = "LEASEHOLD_TOKENS";
+
+/// `leasehold run`.
+pub async fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
+    if a.exclusive.is_empty() && a.shared.is_empty() {
+        return Err(Failure::usage(
+            "run needs at least one --exclusive R or --shared R",
+        ));
+    }
+    let mut items: Vec<(ResourceName, Mode)> = names(&a.exclusive, a.path)?
+        .into_iter()
+        .map(|r| (r, Mode::Exclusive))
+        .chain(
+            names(&a.shared, a.path)?
+                .into_iter()
+                .map(|r| (r, Mode::Shared)),
+        )
+        .collect();
+    items.sort();
+    let mut seen = BTreeSet::new();
+    for (r, _) in &items {
+        if !seen.insert(r.clone()) {
+            return Err(Failure::usage(format!(
+                "{} is named twice",
+                quote(r.as_str())
+            )));
+        }
+    }
+    let mut client = connect(socket).await?;
+    let mut acq = client
+        .start_acquire(AcquireOptions {
+            items,
+            pid: Some(std::process::id()),
+            start_time: None,
+            label: a.owner,
+            accept_dirty: a.check.is_some(),
+            wait: a.wait,
+            hold: true,
+        })
+        .await?;
+    let granted = wait_for_grant(&mut acq).await?;
+    let all: Vec<ResourceName> = granted.grants.iter().map(|g| g.resource.clone()).collect();
+
+    if let Some(check) = &a.check
+        && let Err(f) = check_dirty(&mut client, &granted, check).await
+    {
+        let _ = client.release(&all, ReleaseOptions::default()).await;
+        return Err(f);
+    }
+
+    let tokens = granted
+        .grants
+        .iter()
+        .map(|g| format!("{}={}", g.resource, g.token))
+        .collect::<Vec<_>>()
+        .join(",");
+    let status = match supervise(&a.command, &tokens, &mut acq).await? {
+        Outcome::Exited(status) => status,
+        Outcome::Lost {
+            status,
+            resource,
+            how,
+        } => {
+            eprintln!(
+                "leasehold: lost the lease on {resource} ({how}); killed the command so it cannot write without it"
+            );
+            // The lease is gone; release what remains, dirty: the command was cut off.
+            let rest: Vec<ResourceName> = all.iter().filter(|r| **r != resource).cloned().collect();
+            if !rest.is_empty() {
+                let _ = release(
+                    &mut client,
+                    socket,
+                    &rest,
+                    false,
+                    Some("command killed after a lease was lost".into()),
+                )
+                .await;
+            }
+            return Ok(exit_code(status));
+        }
+    };
+    let clean = status.success();
+    let note = (!clean).then(|| describe(status));
+    if let Err(f) = release(&mut client, socket, &all, clean, note.clone()).await {
+        eprintln!(
+            "leasehold: {}\n  the leases end when this process exits, and count as dirty",
+            f.message
+        );
+    } else if !clean {
+        eprintln!(
+            "leasehold: the command {}; released {} dirty: the next user must check",
+            note.unwrap_or_default(),
+            all.iter()
+                .map(|r| quote(r.as_str()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(exit_code(status))
+}
+
+/// Runs the check on every dirty resource granted, marking each clean when it succeeds.
+async fn check_dirty(client: &mut Client, granted: &Granted, check: &str) -> Result<(), Failure> {
+    for g in granted.grants.iter().filter(|g| g.dirty.is_some()) {
+        let cmd = check.replace("{path}", &quote(g.resource.as_str()));
+        eprintln!(
+            "leasehold: {} is dirty ({}); checking: {cmd}",
+            g.resource,
+            g.dirty.as_ref().map(output::ended).unwrap_or_default()
+        );
+        let status = tokio::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(&cmd)
+            .status()
+            .await
+            .map_err(|e| Failure::error(format!("starting the check {cmd:?}: {e}")))?;
+        if !status.success() {
+            return Err(Failure {
+                code: 4,
+                message: format!(
+                    "the check of {} failed ({}); it stays dirty and the command was not started",
+                    g.resource,
+                    describe(status)
+                ),
+            });
+        }
+        client.mark_clean(&g.resource).await?;
+        eprintln!("leasehold: {} checked and marked clean", g.resource);
+    }
+    Ok(())
+}
+
+enum Outcome {
+    Exited(ExitStatus),
+    Lost {
+        status: ExitStatus,
+        resource: ResourceName,
+        how: String,
+    },
+}
+
+/// Spawns the command and waits for it, passing signals on and killing it if a lease is lost.
+async fn supervise(
+    argv: &[std::ffi::OsString],
+    tokens: &str,
+    acq: &mut Acquisition,
+) -> Result<Outcome, Failure> {
+    let (prog, args) = argv
+        .split_first()
+        .ok_or_else(|| Failure::usage("no command given after --"))?;
+    let wrapper = rustix::process::getpid();
+    let mut cmd = tokio::process::Command::new(prog);
+    cmd.args(args).env(TOKENS_ENV, tokens);
+    // SAFETY: the closure runs in the child between fork and exec and calls only
+    // async-signal-safe functions (prctl and getppid as raw syscalls, and _exit); it
+    // allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
+            // The wrapper may have died before the line above took effect.
+            if rustix::process::getppid() != Some(wrapper) {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| Failure::error(format!("starting {}: {e}", quote(&prog.to_string_lossy()))))?;
+    let pid = child
+        .id()
+        .and_then(|p| Pid::from_raw(p as i32))
+        .ok_or_else(|| Failure::error("the command exited before it could be watched"))?;
+    let install = |k: SignalKind| {
+        signal(k).map_err(|e| Failure::error(format!("installing a signal handler: {e}")))
+    };
+    let (mut sint, mut sterm, mut shup) = (
+        install(SignalKind::interrupt())?,
+        install(SignalKind::terminate())?,
+        install(SignalKind::hangup())?,
+    );
+    let mut listening = true;
+    loop {
+        tokio::select! {
+            status = child.wait() => {
+                let status = status.map_err(|e| Failure::error(format!("waiting for the command: {e}")))?;
+                return Ok(Outcome::Exited(status));
+            }
+            _ = sint.recv() => { let _ = kill_process(pid, Signal::INT); }
+            _ = sterm.recv() => { let _ = kill_process(pid, Signal::TERM); }
+            _ = shup.recv() => { let _ = kill_process(pid, Signal::HUP); }
+            ev = acq.next_event(), if listening => match ev {
+                Ok(Some(AcquireEvent::Lost { resource, ended })) => {
+                    let _ = child.start_kill();
+                    let status = child.wait().await.map_err(|e| Failure::error(format!("waiting for the command: {e}")))?;
+                    return Ok(Outcome::Lost { status, resource, how: ended.how.describe() });
+                }
+                Ok(Some(_)) => {}
+                // The agent went away or restarted: the leases stay with this process and are
+                // re-adopted by the next agent; keep running.
+                Ok(None) | Err(_) => listening = false,
+            },
+        }
+    }
+}
+
+async fn release(
+    client: &mut Client,
+    socket: &Option<PathBuf>,
+    resources: &[ResourceName],
+    clean: bool,
+    note: Option<String>,
+) -> Result<(), Failure> {
+    let opts = ReleaseOptions {
+        dirty: !clean,
+        note,
+        ..Default::default()
+    };
+    match client.release(resources, opts.clone()).await {
+        Ok(_) => Ok(()),
+        // The agent may have restarted while the command ran: try a fresh connection.
+        Err(e) if e.is_unreachable() => {
+            let mut c = connect(socket).await?;
+            c.release(resources, opts)
+                .await
+                .map(|_| ())
+                .map_err(Failure::from)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn describe(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exited with status {c}"),
+        (None, Some(s)) => format!("was killed by signal {s}"),
+        _ => "ended".into(),
+    }
+}
+
+fn exit_code(status: ExitStatus) -> u8 {
+    match (status.code(), status.signal()) {
+        (Some(c), _) => u8::try_from(c & 0xff).unwrap_or(1),
+        (None, Some(s)) => u8::try_from(128 + s).unwrap_or(1),
+        _ => 1,
+    }
+}
