@@ -72,6 +72,8 @@ pub enum AgentError {
 /// # Errors
 /// [`AgentError`] when the store, the socket or the server fails.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    // Before touching the store: a live agent on the socket is the clearest reason to stop.
+    refuse_live_socket(&config.socket)?;
     match config.backend {
         Backend::Local => {
             let store = LocalStore::open_with(
@@ -191,6 +193,13 @@ async fn follow_events<S: Store>(
     }
 }
 
+fn refuse_live_socket(path: &Path) -> Result<(), AgentError> {
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(AgentError::SocketInUse(path.to_owned()));
+    }
+    Ok(())
+}
+
 /// Binds the socket: refuses when another agent answers on it, replaces a stale one, and
 /// makes it reachable by the agent's user (and `group`, when given) only.
 fn bind(path: &Path, group: Option<&config::Group>) -> Result<UnixListener, AgentError> {
@@ -201,10 +210,8 @@ fn bind(path: &Path, group: Option<&config::Group>) -> Result<UnixListener, Agen
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| err(format!("creating its directory: {e}")))?;
     }
+    refuse_live_socket(path)?;
     if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(AgentError::SocketInUse(path.to_owned()));
-        }
         std::fs::remove_file(path).map_err(|e| err(format!("removing a stale socket: {e}")))?;
     }
     let listener = UnixListener::bind(path).map_err(|e| err(e.to_string()))?;

@@ -1,0 +1,499 @@
+//! The CLI against a real agent: output, JSON, exit codes, bad input, config and socket.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn acquire_prints_the_token_and_a_second_owner_is_told_who_holds_it() {
+    let a = Agent::start();
+    let h1 = Holder::new();
+    let h2 = Holder::new();
+    let out = a.lh(&[
+        "acquire",
+        "vm1.qcow2",
+        "--pid",
+        &h1.pid_arg(),
+        "--owner",
+        "vm-1",
+    ]);
+    expect_code(&out, 0);
+    let token: u64 = text(&out.stdout)
+        .trim()
+        .parse()
+        .expect("the token alone on stdout");
+    assert!(token > 0);
+
+    let out = a.lh(&["acquire", "vm1.qcow2", "--pid", &h2.pid_arg()]);
+    expect_code(&out, 3);
+    let err = text(&out.stderr);
+    assert!(err.contains(&format!("pid {}", h1.pid())), "{err}");
+    assert!(err.contains("(sleep)"), "names the command: {err}");
+    assert!(err.contains("[vm-1]"), "names the label: {err}");
+    assert!(err.contains(&format!("token {token}")), "{err}");
+    assert!(err.contains("--wait"), "says what to do next: {err}");
+    assert!(text(&out.stdout).is_empty());
+
+    // A shared request meets the exclusive holder too.
+    let out = a.lh(&["acquire", "vm1.qcow2", "--shared", "--pid", &h2.pid_arg()]);
+    expect_code(&out, 3);
+}
+
+#[test]
+fn list_and_inspect_json_carry_the_spec_fields() {
+    let a = Agent::start();
+    let h1 = Holder::new();
+    let h2 = Holder::new();
+    let h3 = Holder::new();
+    expect_code(
+        &a.lh(&["acquire", "disk", "--pid", &h1.pid_arg(), "--owner", "vm-a"]),
+        0,
+    );
+    expect_code(
+        &a.lh(&["acquire", "cache", "--shared", "--pid", &h2.pid_arg()]),
+        0,
+    );
+    expect_code(
+        &a.lh(&["acquire", "cache", "--shared", "--pid", &h3.pid_arg()]),
+        0,
+    );
+    let list = a.list();
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    let cache = list.iter().find(|r| r["resource"] == "cache").unwrap();
+    assert_eq!(cache["dirty"], false);
+    assert_eq!(cache["holders"].as_array().unwrap().len(), 2);
+    let disk = list.iter().find(|r| r["resource"] == "disk").unwrap();
+    let h = &disk["holders"][0];
+    assert_eq!(h["host"], "node1");
+    assert_eq!(h["pid"], h1.pid());
+    assert_eq!(h["mode"], "exclusive");
+    assert_eq!(h["owner"], "vm-a");
+    assert!(h["token"].as_u64().unwrap() > 0);
+    assert_eq!(h["command"], "sleep");
+
+    let v = a.inspect("disk").unwrap();
+    assert_eq!(v["resource"], "disk");
+    assert!(v.get("last_ended").is_some());
+    let out = a.lh(&["inspect", "nothing-here"]);
+    expect_code(&out, 1);
+    assert!(text(&out.stderr).contains("not a known resource"));
+
+    // Human output names holders too.
+    let out = a.lh(&["list"]);
+    expect_code(&out, 0);
+    let s = text(&out.stdout);
+    assert!(
+        s.contains("disk") && s.contains("[vm-a]") && s.contains("exclusive"),
+        "{s}"
+    );
+}
+
+#[test]
+fn a_dead_writer_leaves_needs_check_until_marked_clean() {
+    let a = Agent::start();
+    let mut h1 = Holder::new();
+    let h2 = Holder::new();
+    let out = a.lh(&["acquire", "disk", "--pid", &h1.pid_arg()]);
+    expect_code(&out, 0);
+    let first: u64 = text(&out.stdout).trim().parse().unwrap();
+    h1.kill9();
+    wait_until("the lease ends", Duration::from_secs(5), || {
+        a.holders("disk").is_empty()
+    });
+
+    let out = a.lh(&["acquire", "disk", "--pid", &h2.pid_arg()]);
+    expect_code(&out, 4);
+    let err = text(&out.stderr);
+    assert!(err.contains("needs a check"), "{err}");
+    assert!(err.contains("process died"), "{err}");
+    assert!(err.contains(&format!("token {first}")), "{err}");
+    assert!(err.contains("mark-clean"), "says what to do: {err}");
+    let v = a.inspect("disk").unwrap();
+    assert_eq!(v["dirty"], true);
+    assert_eq!(v["dirty_record"]["how"], "process-died");
+    assert_eq!(v["dirty_record"]["token"], first);
+
+    // Accepting the check grants it, still dirty; mark-clean clears.
+    let out = a.lh(&["acquire", "disk", "--pid", &h2.pid_arg(), "--accept-dirty"]);
+    expect_code(&out, 0);
+    assert!(text(&out.stderr).contains("dirty"));
+    assert!(a.is_dirty("disk"));
+    expect_code(&a.lh(&["mark-clean", "disk"]), 0);
+    assert!(!a.is_dirty("disk"));
+}
+
+#[test]
+fn shared_holders_dying_leave_no_dirt() {
+    let a = Agent::start();
+    let mut h1 = Holder::new();
+    let h2 = Holder::new();
+    expect_code(
+        &a.lh(&["acquire", "img", "--shared", "--pid", &h1.pid_arg()]),
+        0,
+    );
+    h1.kill9();
+    wait_until("the lease ends", Duration::from_secs(5), || {
+        a.holders("img").is_empty()
+    });
+    assert!(!a.is_dirty("img"));
+    expect_code(&a.lh(&["acquire", "img", "--pid", &h2.pid_arg()]), 0);
+}
+
+#[test]
+fn release_clean_dirty_and_not_held() {
+    let a = Agent::start();
+    let h = Holder::new();
+    let h2 = Holder::new();
+    expect_code(&a.lh(&["acquire", "a", "--pid", &h.pid_arg()]), 0);
+    expect_code(&a.lh(&["acquire", "b", "--pid", &h.pid_arg()]), 0);
+    expect_code(&a.lh(&["release", "a", "--pid", &h.pid_arg()]), 0);
+    assert!(a.holders("a").is_empty());
+    assert!(!a.is_dirty("a"));
+    expect_code(
+        &a.lh(&["release", "b", "--pid", &h.pid_arg(), "--dirty"]),
+        0,
+    );
+    assert!(a.is_dirty("b"));
+    let out = a.lh(&["release", "a", "--pid", &h2.pid_arg()]);
+    expect_code(&out, 1);
+    assert!(
+        text(&out.stderr).contains("not held"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn validate_answers_with_its_exit_code() {
+    let a = Agent::start();
+    let h = Holder::new();
+    let out = a.lh(&["acquire", "disk", "--pid", &h.pid_arg()]);
+    let t = text(&out.stdout).trim().to_owned();
+    expect_code(&a.lh(&["validate", "disk", &t]), 0);
+    let stale = (t.parse::<u64>().unwrap() + 1).to_string();
+    expect_code(&a.lh(&["validate", "disk", &stale]), 1);
+    expect_code(&a.lh(&["release", "disk", "--pid", &h.pid_arg()]), 0);
+    expect_code(&a.lh(&["validate", "disk", &t]), 1);
+}
+
+#[test]
+fn force_release_kills_the_holder_dirties_and_records_why() {
+    let a = Agent::start();
+    let mut h = Holder::new();
+    expect_code(&a.lh(&["acquire", "disk", "--pid", &h.pid_arg()]), 0);
+    let out = a.lh(&["force-release", "disk"]);
+    expect_code(&out, 2); // --reason is required
+    expect_code(
+        &a.lh(&["force-release", "disk", "--reason", "host hung"]),
+        0,
+    );
+    wait_until("the holder is killed", Duration::from_secs(5), || {
+        !alive(h.pid())
+    });
+    h.kill9(); // reap
+    let v = a.inspect("disk").unwrap();
+    assert_eq!(v["dirty"], true);
+    assert_eq!(v["dirty_record"]["how"], "forced");
+    assert_eq!(v["dirty_record"]["reason"], "host hung");
+    assert!(v["dirty_record"]["by"].as_str().unwrap().contains("root"));
+    let out = a.lh(&["inspect", "disk"]);
+    assert!(text(&out.stdout).contains("host hung"));
+    expect_code(&a.lh(&["force-release", "disk", "--reason", "again"]), 1);
+}
+
+#[test]
+fn acquire_wait_names_the_holder_on_plain_lines_then_prints_the_token() {
+    let a = Agent::start();
+    let h1 = Holder::new();
+    let h2 = Holder::new();
+    expect_code(&a.lh(&["acquire", "disk", "--pid", &h1.pid_arg()]), 0);
+    let waiter = a
+        .cli()
+        .args(["acquire", "disk", "--wait", "--pid", &h2.pid_arg()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the waiter queues", Duration::from_secs(5), || {
+        a.inspect("disk")
+            .is_some_and(|v| v["waiters"].as_array().unwrap().len() == 1)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    expect_code(&a.lh(&["release", "disk", "--pid", &h1.pid_arg()]), 0);
+    let out = waiter.wait_with_output().unwrap();
+    expect_code(&out, 0);
+    let err = text(&out.stderr);
+    assert!(err.contains("waiting"), "{err}");
+    assert!(err.contains(&format!("pid {}", h1.pid())), "{err}");
+    assert!(
+        !err.contains('\r'),
+        "no live line when not a terminal: {err:?}"
+    );
+    assert!(text(&out.stdout).trim().parse::<u64>().is_ok());
+    assert_eq!(a.holders("disk"), vec![u64::from(h2.pid())]);
+}
+
+#[test]
+fn a_wait_that_times_out_exits_3() {
+    let a = Agent::start();
+    let h1 = Holder::new();
+    let h2 = Holder::new();
+    expect_code(&a.lh(&["acquire", "disk", "--pid", &h1.pid_arg()]), 0);
+    let out = a.lh(&["acquire", "disk", "--wait=300ms", "--pid", &h2.pid_arg()]);
+    expect_code(&out, 3);
+    assert!(
+        text(&out.stderr).contains("timed out"),
+        "{}",
+        text(&out.stderr)
+    );
+    let v = a.inspect("disk").unwrap();
+    assert!(v["waiters"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn acquire_holds_for_the_calling_shell_until_it_exits() {
+    let a = Agent::start();
+    let script = format!(
+        "{} acquire disk >/dev/null && {} list --json && sleep 0.2",
+        bin(),
+        bin()
+    );
+    let out = a.cli().args(["--version"]).output().unwrap();
+    expect_code(&out, 0);
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(&script)
+        .env("LEASEHOLD_SOCKET", &a.socket)
+        .output()
+        .unwrap();
+    expect_code(&out, 0);
+    let during: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        during[0]["holders"][0]["command"], "sh",
+        "held by the shell: {during}"
+    );
+    wait_until("the shell's lease ends", Duration::from_secs(5), || {
+        a.holders("disk").is_empty()
+    });
+}
+
+#[test]
+fn bad_input_is_refused_with_exit_2_and_changes_nothing() {
+    let a = Agent::start();
+    let h = Holder::new();
+    expect_code(&a.lh(&["acquire", "keep", "--pid", &h.pid_arg()]), 0);
+    let before = a.list();
+    let long = "x".repeat(1025);
+    for args in [
+        vec!["acquire", long.as_str()],
+        vec!["acquire", ""],
+        vec!["acquire", "disk", "--wait=soon"],
+        vec!["acquire", "disk", "--bogus-flag"],
+        vec!["run", "--", "true"],
+        vec!["run", "--exclusive", "a", "--shared", "a", "--", "true"],
+        vec!["validate", "disk", "not-a-number"],
+    ] {
+        let out = a.lh(&args);
+        expect_code(&out, 2);
+        assert!(!text(&out.stderr).is_empty());
+    }
+    // Refused by the agent (not a usage error): acting for a process that does not exist.
+    let out = a.lh(&["acquire", "disk", "--pid", "999999999"]);
+    expect_code(&out, 1);
+    assert!(
+        text(&out.stderr).contains("no process"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = a.lh(&[
+        "release",
+        "keep",
+        "--pid",
+        &h.pid_arg(),
+        "--handover-to",
+        "bad host",
+    ]);
+    expect_code(&out, 1);
+    assert_eq!(a.list(), before, "nothing changed");
+}
+
+#[test]
+fn an_unreachable_agent_is_exit_5() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(bin())
+        .args([
+            "--socket",
+            dir.path().join("none.sock").to_str().unwrap(),
+            "list",
+        ])
+        .output()
+        .unwrap();
+    expect_code(&out, 5);
+    assert!(
+        text(&out.stderr).contains("leasehold agent"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn status_reports_the_agent() {
+    let a = Agent::start();
+    let h = Holder::new();
+    expect_code(&a.lh(&["acquire", "disk", "--pid", &h.pid_arg()]), 0);
+    let out = a.lh(&["status", "--json"]);
+    expect_code(&out, 0);
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["host"], "node1");
+    assert_eq!(s["backend"], "local");
+    assert_eq!(s["leases"], 1);
+    assert_eq!(s["pid"], a.pid());
+}
+
+#[test]
+fn the_agent_refuses_unsafe_timing_naming_the_inequality() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["agent", "--socket"])
+        .arg(dir.path().join("s.sock"))
+        .args(["--state-dir"])
+        .arg(dir.path().join("state"))
+        .args([
+            "--ttl",
+            "10s",
+            "--fence-margin",
+            "200ms",
+            "--grace",
+            "300ms",
+        ])
+        .output()
+        .unwrap();
+    expect_code(&out, 2);
+    let err = text(&out.stderr);
+    assert!(err.contains("fence_margin + grace > kill_timeout"), "{err}");
+
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(&cfg, "ttl = \"10s\"\nrenw = \"1s\"\n").unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["agent", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    expect_code(&out, 2);
+    assert!(text(&out.stderr).contains("renw"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn the_socket_is_private_and_a_second_agent_is_refused() {
+    let a = Agent::start();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&a.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "not world-writable");
+    let out = a.command().output().unwrap();
+    expect_code(&out, 1);
+    assert!(
+        text(&out.stderr).contains("already serving"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Same state directory, other socket: the store is locked.
+    let mut c = a.command();
+    let args: Vec<String> = c
+        .get_args()
+        .map(|s| s.to_string_lossy().into_owned())
+        .collect();
+    let mut c2 = std::process::Command::new(bin());
+    for (i, arg) in args.iter().enumerate() {
+        if i > 0 && args[i - 1] == "--socket" {
+            c2.arg(a.path("other.sock"));
+        } else {
+            c2.arg(arg);
+        }
+    }
+    let _ = &mut c;
+    let out = c2.output().unwrap();
+    expect_code(&out, 1);
+    assert!(
+        text(&out.stderr).contains("state directory"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn a_stale_socket_is_replaced() {
+    let mut a = Agent::start();
+    a.kill9();
+    assert!(a.socket.exists(), "kill -9 leaves the socket file");
+    a.spawn();
+    expect_code(&a.lh(&["status"]), 0);
+}
+
+#[test]
+fn readiness_is_sent_to_systemd() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut child = std::process::Command::new(bin())
+        .args(["agent", "--host-id", "n1", "--socket"])
+        .arg(dir.path().join("a.sock"))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .env("NOTIFY_SOCKET", &notify)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf).expect("a notification");
+    let msg = text(&buf[..n]);
+    // Ready means serving: a client gets an answer right away.
+    let out = std::process::Command::new(bin())
+        .args(["--socket"])
+        .arg(dir.path().join("a.sock"))
+        .arg("status")
+        .output()
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(msg.contains("READY=1"), "{msg}");
+    expect_code(&out, 0);
+}
+
+#[test]
+fn watch_streams_events_as_json_lines() {
+    let a = Agent::start();
+    let mut h = Holder::new();
+    let mut w = a
+        .cli()
+        .args(["watch", "--json"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    expect_code(&a.lh(&["acquire", "disk", "--pid", &h.pid_arg()]), 0);
+    h.kill9();
+    wait_until("the lease ends", Duration::from_secs(5), || {
+        a.holders("disk").is_empty()
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let _ = w.kill();
+    let out = w.wait_with_output().unwrap();
+    let kinds: Vec<String> = text(&out.stdout)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["kind"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(kinds, vec!["granted", "process-died", "dirtied"]);
+}

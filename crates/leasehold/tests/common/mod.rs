@@ -1,0 +1,252 @@
+//! Helpers for black-box tests: real `leasehold agent` processes on temporary sockets and
+//! state directories, the real CLI, and real holder processes. Everything a test starts is
+//! stopped by PID when the test ends.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_leasehold")
+}
+
+/// A running agent on its own socket and state directory.
+pub struct Agent {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub state: PathBuf,
+    pub host: String,
+    pub args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Agent {
+    /// An agent for host `node1` with default settings.
+    pub fn start() -> Agent {
+        Agent::start_with(&[])
+    }
+
+    /// An agent with extra flags.
+    pub fn start_with(args: &[&str]) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = Agent {
+            socket: dir.path().join("agent.sock"),
+            state: dir.path().join("state"),
+            dir,
+            host: "node1".into(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        a.spawn();
+        a
+    }
+
+    /// The command that starts this agent.
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(bin());
+        c.arg("agent")
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .arg("--host-id")
+            .arg(&self.host)
+            .args(&self.args)
+            .env_remove("LEASEHOLD_SOCKET")
+            .env_remove("NOTIFY_SOCKET");
+        c
+    }
+
+    /// Starts the agent and waits until it answers.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("agent.log"))
+            .unwrap();
+        let child = self
+            .command()
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        wait_until("the agent answers", Duration::from_secs(20), || {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("agent exited early ({status}):\n{}", self.log());
+            }
+            self.lh(&["status"]).status.success()
+        });
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agent running").id()
+    }
+
+    /// kill -9 the agent.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM the agent and wait for it to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(c.id(), libc::SIGTERM);
+            let _ = c.wait();
+        }
+    }
+
+    /// kill -9, then start again on the same socket and state.
+    pub fn restart_after_kill9(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    /// Runs the CLI against this agent.
+    pub fn lh(&self, args: &[&str]) -> Output {
+        self.cli().args(args).output().unwrap()
+    }
+
+    /// The CLI command, aimed at this agent.
+    pub fn cli(&self) -> Command {
+        let mut c = Command::new(bin());
+        c.env("LEASEHOLD_SOCKET", &self.socket);
+        c
+    }
+
+    /// `list --json`, parsed.
+    pub fn list(&self) -> serde_json::Value {
+        let out = self.lh(&["list", "--json"]);
+        assert!(out.status.success(), "list failed: {}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// `inspect R --json`, parsed; `None` when unknown.
+    pub fn inspect(&self, r: &str) -> Option<serde_json::Value> {
+        let out = self.lh(&["inspect", r, "--json"]);
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).unwrap())
+    }
+
+    /// The pids holding `r`.
+    pub fn holders(&self, r: &str) -> Vec<u64> {
+        self.inspect(r)
+            .map(|v| {
+                v["holders"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|h| h["pid"].as_u64().unwrap())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn is_dirty(&self, r: &str) -> bool {
+        self.inspect(r).is_some_and(|v| v["dirty"] == true)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A process that holds leases for a test: `sleep`, killed by PID when dropped.
+pub struct Holder {
+    child: Child,
+}
+
+impl Holder {
+    pub fn new() -> Holder {
+        Holder {
+            child: Command::new("sleep").arg("3600").spawn().unwrap(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn pid_arg(&self) -> String {
+        self.pid().to_string()
+    }
+
+    /// kill -9 and reap.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) with a pid this test started; no memory is involved.
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+pub fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+pub fn code(o: &Output) -> i32 {
+    o.status.code().unwrap_or(-1)
+}
+
+/// Asserts the exit code, showing the output otherwise.
+#[track_caller]
+pub fn expect_code(o: &Output, want: i32) {
+    assert_eq!(
+        code(o),
+        want,
+        "exit {} (want {want})\nstdout: {}\nstderr: {}",
+        code(o),
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+}
+
+/// Polls `f` every 5 ms until true; panics naming `what` after `limit`.
+#[track_caller]
+pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    loop {
+        if f() {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}

@@ -1,0 +1,200 @@
+//! Rights on the local socket (SPEC G8): peer credentials decide. These tests run the CLI as
+//! `nobody` (uid 65534) beside an agent run by root; they need root to switch users and are
+//! skipped with a message otherwise.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt as _;
+use std::process::{Child, Command, Output};
+
+use common::*;
+
+const NOBODY: u32 = 65534;
+const NOGROUP: u32 = 65534;
+/// A group id for admins; numeric, so it need not exist in /etc/group.
+const ADMINS: u32 = 4242;
+
+fn root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// An agent whose socket group is nogroup and whose admin group is ADMINS, reachable by
+/// `nobody`.
+fn agent() -> Agent {
+    let a = Agent::start_with(&["--socket-group", "nogroup", "--admin-group", "4242"]);
+    std::fs::set_permissions(a.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    a
+}
+
+/// A command run as nobody, with primary group `gid` and these supplementary groups.
+fn as_user(mut c: Command, gid: u32, groups: &'static [u32]) -> Command {
+    // SAFETY: setgroups, setgid and setuid are async-signal-safe; the slice is 'static.
+    // They run in this order so that each still has the rights it needs.
+    unsafe {
+        c.pre_exec(move || {
+            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                || libc::setgid(gid) != 0
+                || libc::setuid(NOBODY) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    c
+}
+
+fn as_nobody(c: Command, groups: &'static [u32]) -> Command {
+    as_user(c, NOGROUP, groups)
+}
+
+fn lh_as(a: &Agent, groups: &'static [u32], args: &[&str]) -> Output {
+    let mut c = a.cli();
+    c.args(args);
+    as_nobody(c, groups).output().unwrap()
+}
+
+/// A `sleep` of nobody's, to hold leases.
+fn nobodys_process() -> Child {
+    let mut c = Command::new("sleep");
+    c.arg("3600");
+    as_nobody(c, &[]).spawn().unwrap()
+}
+
+#[test]
+fn the_socket_belongs_to_its_group_and_is_not_world_writable() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let a = agent();
+    let m = std::fs::metadata(&a.socket).unwrap();
+    assert_eq!(m.permissions().mode() & 0o777, 0o660);
+    assert_eq!(m.gid(), NOGROUP);
+    // Outside the group, nobody cannot even connect.
+    let mut c = a.cli();
+    c.arg("list");
+    let out = as_user(c, ADMINS + 1, &[]).output().unwrap();
+    expect_code(&out, 5);
+}
+
+#[test]
+fn a_user_acts_only_for_its_own_processes() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let a = agent();
+    let roots = Holder::new();
+    let mut mine = nobodys_process();
+    let before = a.list();
+    let out = lh_as(&a, &[], &["acquire", "disk", "--pid", &roots.pid_arg()]);
+    expect_code(&out, 1);
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("belongs to uid 0") && err.contains("uid 65534"),
+        "{err}"
+    );
+    assert_eq!(a.list(), before, "a refused request changes nothing");
+
+    let out = lh_as(
+        &a,
+        &[],
+        &["acquire", "disk", "--pid", &mine.id().to_string()],
+    );
+    expect_code(&out, 0);
+    assert_eq!(a.inspect("disk").unwrap()["holders"][0]["uid"], NOBODY);
+    // Root's holder cannot be released by nobody either.
+    expect_code(
+        &a.lh(&["acquire", "root-disk", "--pid", &roots.pid_arg()]),
+        0,
+    );
+    let out = lh_as(
+        &a,
+        &[],
+        &["release", "root-disk", "--pid", &roots.pid_arg()],
+    );
+    expect_code(&out, 1);
+    assert_eq!(a.holders("root-disk"), vec![u64::from(roots.pid())]);
+    // Reading is open to anyone who may connect.
+    expect_code(&lh_as(&a, &[], &["list", "--json"]), 0);
+    let _ = mine.kill();
+    let _ = mine.wait();
+}
+
+#[test]
+fn force_release_and_mark_clean_need_root_or_the_admin_group() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let a = agent();
+    let mut h = Holder::new();
+    expect_code(&a.lh(&["acquire", "disk", "--pid", &h.pid_arg()]), 0);
+    let out = lh_as(&a, &[], &["force-release", "disk", "--reason", "mine now"]);
+    expect_code(&out, 1);
+    assert!(
+        text(&out.stderr).contains("needs root or a member of group 4242"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(a.holders("disk"), vec![u64::from(h.pid())]);
+
+    h.kill9();
+    wait_until("the lease ends", std::time::Duration::from_secs(5), || {
+        a.holders("disk").is_empty()
+    });
+    assert!(a.is_dirty("disk"));
+    let out = lh_as(&a, &[], &["mark-clean", "disk"]);
+    expect_code(&out, 1);
+    assert!(a.is_dirty("disk"));
+
+    // A member of the admin group (a supplementary group) may.
+    expect_code(&lh_as(&a, &[ADMINS], &["mark-clean", "disk"]), 0);
+    assert!(!a.is_dirty("disk"));
+    let h2 = Holder::new();
+    expect_code(&a.lh(&["acquire", "disk", "--pid", &h2.pid_arg()]), 0);
+    expect_code(
+        &lh_as(
+            &a,
+            &[ADMINS],
+            &["force-release", "disk", "--reason", "admin"],
+        ),
+        0,
+    );
+    let v = a.inspect("disk").unwrap();
+    assert!(
+        v["dirty_record"]["by"].as_str().unwrap().contains("nobody"),
+        "{v}"
+    );
+}
+
+#[test]
+fn a_holder_may_clean_what_it_holds_exclusively_after_checking() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let a = agent();
+    // Leave the disk dirty (as root), then let nobody's run check and clean it.
+    expect_code(&a.lh(&["run", "--exclusive", "disk", "--", "false"]), 1);
+    assert!(a.is_dirty("disk"));
+    let out = lh_as(
+        &a,
+        &[],
+        &[
+            "run",
+            "--check",
+            "true",
+            "--exclusive",
+            "disk",
+            "--",
+            "true",
+        ],
+    );
+    expect_code(&out, 0);
+    assert!(!a.is_dirty("disk"));
+}

@@ -1,0 +1,320 @@
+//! `leasehold run`: all-or-nothing in a fixed order, tokens in the environment, clean or dirty
+//! release by exit status, signals passed on, the child dying with the wrapper, `--check`,
+//! `--path`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn run_passes_tokens_and_releases_clean_on_success() {
+    let a = Agent::start();
+    let out = a.lh(&[
+        "run",
+        "--exclusive",
+        "b-disk",
+        "--shared",
+        "a-cache",
+        "--",
+        "sh",
+        "-c",
+        "echo \"$LEASEHOLD_TOKENS\"",
+    ]);
+    expect_code(&out, 0);
+    let tokens = text(&out.stdout).trim().to_owned();
+    let pairs: Vec<(&str, u64)> = tokens
+        .split(',')
+        .map(|p| {
+            let (n, t) = p.split_once('=').unwrap();
+            (n, t.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        pairs.iter().map(|p| p.0).collect::<Vec<_>>(),
+        vec!["a-cache", "b-disk"]
+    );
+    assert!(a.holders("b-disk").is_empty() && a.holders("a-cache").is_empty());
+    assert!(!a.is_dirty("b-disk"));
+    assert_eq!(
+        a.inspect("b-disk").unwrap()["last_ended"]["how"],
+        "released"
+    );
+}
+
+#[test]
+fn a_failing_command_releases_dirty_and_its_status_is_returned() {
+    let a = Agent::start();
+    let out = a.lh(&["run", "--exclusive", "disk", "--", "sh", "-c", "exit 7"]);
+    expect_code(&out, 7);
+    assert!(a.is_dirty("disk"));
+    let v = a.inspect("disk").unwrap();
+    assert_eq!(v["dirty_record"]["how"], "released-dirty");
+    assert_eq!(v["dirty_record"]["note"], "exited with status 7");
+    // The next run meets the dirty mark before its command starts.
+    let marker = a.path("started");
+    let out = a.lh(&[
+        "run",
+        "--exclusive",
+        "disk",
+        "--",
+        "touch",
+        marker.to_str().unwrap(),
+    ]);
+    expect_code(&out, 4);
+    assert!(
+        !marker.exists(),
+        "the command must not start on a dirty resource"
+    );
+}
+
+#[test]
+fn a_held_resource_stops_run_before_its_command_starts() {
+    let a = Agent::start();
+    let h = Holder::new();
+    expect_code(&a.lh(&["acquire", "disk", "--pid", &h.pid_arg()]), 0);
+    let marker = a.path("started");
+    let out = a.lh(&[
+        "run",
+        "--exclusive",
+        "free-one",
+        "--exclusive",
+        "disk",
+        "--",
+        "touch",
+        marker.to_str().unwrap(),
+    ]);
+    expect_code(&out, 3);
+    assert!(!marker.exists());
+    assert!(text(&out.stderr).contains(&format!("pid {}", h.pid())));
+    assert!(a.holders("free-one").is_empty(), "all or nothing");
+}
+
+#[test]
+fn check_runs_on_a_dirty_resource_and_gates_the_command() {
+    let a = Agent::start();
+    expect_code(&a.lh(&["run", "--exclusive", "disk", "--", "false"]), 1);
+    assert!(a.is_dirty("disk"));
+    // A failing check: exit 4, still dirty, command not started.
+    let marker = a.path("started");
+    let out = a.lh(&[
+        "run",
+        "--check",
+        "test {path} = nope",
+        "--exclusive",
+        "disk",
+        "--",
+        "touch",
+        marker.to_str().unwrap(),
+    ]);
+    expect_code(&out, 4);
+    assert!(!marker.exists());
+    assert!(a.is_dirty("disk"));
+    assert!(a.holders("disk").is_empty());
+    // A passing check ({path} is the resource): marked clean, command runs.
+    let seen = a.path("checked");
+    let check = format!("echo {{path}} > {}", seen.display());
+    let out = a.lh(&[
+        "run",
+        "--check",
+        &check,
+        "--exclusive",
+        "disk",
+        "--",
+        "touch",
+        marker.to_str().unwrap(),
+    ]);
+    expect_code(&out, 0);
+    assert!(marker.exists());
+    assert_eq!(std::fs::read_to_string(&seen).unwrap().trim(), "disk");
+    assert!(!a.is_dirty("disk"));
+}
+
+#[test]
+fn signals_reach_the_command_and_its_status_comes_back() {
+    let a = Agent::start();
+    let ready = a.path("ready");
+    let script = format!(
+        "trap 'echo got-term; exit 42' TERM; touch {}; while :; do sleep 0.05; done",
+        ready.display()
+    );
+    let child = a
+        .cli()
+        .args(["run", "--exclusive", "disk", "--", "sh", "-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the command starts", Duration::from_secs(5), || {
+        ready.exists()
+    });
+    signal(child.id(), libc::SIGTERM);
+    let out = child.wait_with_output().unwrap();
+    expect_code(&out, 42);
+    assert!(text(&out.stdout).contains("got-term"));
+    assert!(a.is_dirty("disk"), "exit 42 is not success");
+}
+
+#[test]
+fn killing_the_wrapper_kills_its_command_and_ends_the_lease_dirty() {
+    let a = Agent::start();
+    let pidfile = a.path("child.pid");
+    let script = format!("echo $$ > {}; exec sleep 3600", pidfile.display());
+    let mut wrapper = a
+        .cli()
+        .args(["run", "--exclusive", "disk", "--", "sh", "-c", &script])
+        .spawn()
+        .unwrap();
+    wait_until("the command starts", Duration::from_secs(5), || {
+        std::fs::read_to_string(&pidfile).is_ok_and(|s| s.ends_with('\n'))
+    });
+    let child: u32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(alive(child));
+    assert_eq!(a.holders("disk"), vec![u64::from(wrapper.id())]);
+    let _ = wrapper.kill(); // SIGKILL: no chance to clean up
+    let _ = wrapper.wait();
+    wait_until(
+        "the command dies with its wrapper",
+        Duration::from_secs(5),
+        || !alive(child),
+    );
+    wait_until("the lease ends", Duration::from_secs(5), || {
+        a.holders("disk").is_empty()
+    });
+    assert!(a.is_dirty("disk"));
+}
+
+#[test]
+fn a_force_released_run_has_its_command_killed() {
+    let a = Agent::start();
+    let pidfile = a.path("child.pid");
+    let script = format!("echo $$ > {}; exec sleep 3600", pidfile.display());
+    let wrapper = a
+        .cli()
+        .args(["run", "--exclusive", "disk", "--", "sh", "-c", &script])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the command starts", Duration::from_secs(5), || {
+        std::fs::read_to_string(&pidfile).is_ok_and(|s| s.ends_with('\n'))
+    });
+    let child: u32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    expect_code(&a.lh(&["force-release", "disk", "--reason", "test"]), 0);
+    let out = wrapper.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    wait_until("the command is dead", Duration::from_secs(5), || {
+        !alive(child)
+    });
+    assert!(a.is_dirty("disk"));
+}
+
+#[test]
+fn crossed_runs_with_wait_do_not_deadlock() {
+    let a = Agent::start();
+    let spawn = |x: &str, y: &str| {
+        a.cli()
+            .args([
+                "run",
+                "--wait",
+                "--exclusive",
+                x,
+                "--exclusive",
+                y,
+                "--",
+                "sh",
+                "-c",
+                "sleep 0.05",
+            ])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut kids = Vec::new();
+    for _ in 0..6 {
+        kids.push(spawn("left", "right"));
+        kids.push(spawn("right", "left"));
+    }
+    for k in kids {
+        let out = k.wait_with_output().unwrap();
+        expect_code(&out, 0);
+    }
+    assert!(!a.is_dirty("left") && !a.is_dirty("right"));
+}
+
+#[test]
+fn run_wait_shows_the_holder_then_runs() {
+    let a = Agent::start();
+    let h = Holder::new();
+    expect_code(&a.lh(&["acquire", "disk", "--pid", &h.pid_arg()]), 0);
+    let waiter = a
+        .cli()
+        .args(["run", "--wait", "--exclusive", "disk", "--", "true"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the run waits", Duration::from_secs(5), || {
+        a.inspect("disk")
+            .is_some_and(|v| !v["waiters"].as_array().unwrap().is_empty())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    expect_code(&a.lh(&["release", "disk", "--pid", &h.pid_arg()]), 0);
+    let out = waiter.wait_with_output().unwrap();
+    expect_code(&out, 0);
+    assert!(
+        text(&out.stderr).contains(&format!("pid {}", h.pid())),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn path_names_files_by_their_canonical_path() {
+    let a = Agent::start();
+    let dir = a.path("images");
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("vm1.img");
+    std::fs::write(&img, b"").unwrap();
+    std::os::unix::fs::symlink(&img, dir.join("alias.img")).unwrap();
+    let h = Holder::new();
+    let out = a
+        .cli()
+        .current_dir(&dir)
+        .args(["acquire", "--path", "vm1.img", "--pid", &h.pid_arg()])
+        .output()
+        .unwrap();
+    expect_code(&out, 0);
+    let canonical = std::fs::canonicalize(&img).unwrap();
+    assert_eq!(
+        a.holders(canonical.to_str().unwrap()),
+        vec![u64::from(h.pid())]
+    );
+    // Another spelling of the same file meets the same lease.
+    let out = a
+        .cli()
+        .current_dir(&dir)
+        .args(["run", "--path", "--exclusive", "./alias.img", "--", "true"])
+        .output()
+        .unwrap();
+    expect_code(&out, 3);
+    let out = a.lh(&[
+        "run",
+        "--path",
+        "--exclusive",
+        "/no/such/file.img",
+        "--",
+        "true",
+    ]);
+    expect_code(&out, 2);
+}
