@@ -507,6 +507,15 @@ mod tests {
     }
 
     #[test]
+    fn the_packaged_config_file_is_valid() {
+        let text = include_str!("../../../packaging/agent.toml");
+        let f: FileConfig = toml::from_str(text).unwrap();
+        let c = Config::resolve(f.overlay(base())).unwrap();
+        assert_eq!(c.backend, Backend::Local);
+        assert_eq!(c.timing.ttl, Duration::from_secs(10));
+    }
+
+    #[test]
     fn flags_win_over_the_file() {
         let file = FileConfig {
             ttl: Some("20s".into()),

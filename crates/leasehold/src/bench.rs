@@ -1,19 +1,315 @@
-//! `leasehold bench`: figures for SPEC §7, measured through a running agent.
+//! `leasehold bench`: the figures of SPEC §7 that one host can show, measured through a real
+//! agent and printed beside their references.
+//!
+//! By default the bench starts its own agent in a temporary directory (so it measures start
+//! to ready and disturbs nothing); `--external` uses the agent at `--socket` instead.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use clap::Args;
-use std::path::PathBuf;
+use leasehold_client::{AcquireOptions, Client, ReleaseOptions};
+use leasehold_core::{Mode, ResourceName};
 
-use crate::Failure;
+use crate::{Failure, connect};
 
 /// Flags of `leasehold bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Concurrent clients for the throughput phase.
-    #[arg(long, default_value_t = 64)]
-    clients: usize,
+    /// Use the agent at --socket / $LEASEHOLD_SOCKET instead of starting one.
+    #[arg(long)]
+    external: bool,
+    /// Seconds per throughput phase.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Client counts for the throughput phases, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,64")]
+    clients: Vec<usize>,
+    /// Rounds of `run -- true` against `flock FILE true`, alternating.
+    #[arg(long, default_value_t = 200)]
+    runs: usize,
+    /// Holder processes killed to time the release of their leases.
+    #[arg(long, default_value_t = 200)]
+    exits: usize,
+    /// Leases held at once by one process, to report the agent's memory (0: skip).
+    #[arg(long, default_value_t = 100_000)]
+    leases: usize,
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1e3)
+}
+
+fn name(s: String) -> Result<ResourceName, Failure> {
+    ResourceName::new(s).map_err(|e| Failure::error(e.to_string()))
+}
+
+/// An agent the bench started; killed when dropped.
+struct OwnAgent {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for OwnAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn exe() -> Result<PathBuf, Failure> {
+    std::env::current_exe().map_err(|e| Failure::error(format!("finding this binary: {e}")))
+}
+
+async fn start_agent() -> Result<(OwnAgent, PathBuf, Duration), Failure> {
+    let dir = tempfile::tempdir().map_err(|e| Failure::error(e.to_string()))?;
+    let socket = dir.path().join("agent.sock");
+    let started = Instant::now();
+    let child = Command::new(exe()?)
+        .arg("agent")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--host-id")
+        .arg("bench")
+        .env("LEASEHOLD_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| Failure::error(format!("starting an agent: {e}")))?;
+    let agent = OwnAgent { child, _dir: dir };
+    loop {
+        if let Ok(mut c) = Client::connect(&socket).await
+            && c.status().await.is_ok()
+        {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            return Err(Failure::error("the bench's agent did not answer in 30 s"));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok((agent, socket, started.elapsed()))
 }
 
 /// `leasehold bench`.
-pub async fn bench(_a: BenchArgs, _socket: &Option<PathBuf>) -> Result<u8, Failure> {
-    Err(Failure::error("bench: not written yet"))
+pub async fn bench(a: BenchArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
+    let (_own, socket) = if a.external {
+        let c = connect(socket).await?;
+        (None, c.socket().to_path_buf())
+    } else {
+        let (agent, socket, ready) = start_agent().await?;
+        println!(
+            "agent start to ready (empty state): {}   [SPEC target <= 1 s; sanlock joins a lockspace in 5-21 s]",
+            ms(ready)
+        );
+        (Some(agent), socket)
+    };
+    let mut c = Client::connect(&socket).await?;
+    let status = c.status().await?;
+    println!(
+        "agent pid {} on host {}, backend {}, socket {}",
+        status.pid,
+        status.host,
+        status.backend,
+        socket.display()
+    );
+    for n in &a.clients {
+        throughput(&socket, *n, a.seconds).await?;
+    }
+    if a.exits > 0 {
+        exit_to_release(&socket, a.exits).await?;
+    }
+    if a.runs > 0 {
+        run_vs_flock(&socket, a.runs)?;
+    }
+    if a.leases > 0 {
+        many_leases(&socket, a.leases, status.pid as u32).await?;
+    }
+    Ok(0)
+}
+
+/// Acquire+release cycles by `clients` concurrent connections, each on its own resource.
+async fn throughput(socket: &Path, clients: usize, seconds: f64) -> Result<(), Failure> {
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let mut tasks = Vec::new();
+    for i in 0..clients {
+        let mut c = Client::connect(socket).await?;
+        let r = name(format!("bench/{clients}/{i}"))?;
+        tasks.push(tokio::spawn(async move {
+            let mut acq = Vec::new();
+            let mut rel = Vec::new();
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                c.acquire(AcquireOptions::new([(r.clone(), Mode::Exclusive)]))
+                    .await?;
+                let t2 = Instant::now();
+                c.release(std::slice::from_ref(&r), ReleaseOptions::default())
+                    .await?;
+                acq.push(t2 - t);
+                rel.push(t2.elapsed());
+            }
+            Ok::<_, leasehold_client::ClientError>((acq, rel))
+        }));
+    }
+    let started = Instant::now();
+    let (mut acq, mut rel) = (Vec::new(), Vec::new());
+    for t in tasks {
+        let (a, r) = t.await.map_err(|e| Failure::error(e.to_string()))??;
+        acq.extend(a);
+        rel.extend(r);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    acq.sort();
+    rel.sort();
+    println!(
+        "{clients:>3} clients, durable: {:>7.0} acquire+release/s | acquire p50 {} p99 {} | release p50 {} p99 {}",
+        acq.len() as f64 / secs,
+        ms(pct(&acq, 0.5)),
+        ms(pct(&acq, 0.99)),
+        ms(pct(&rel, 0.5)),
+        ms(pct(&rel, 0.99)),
+    );
+    Ok(())
+}
+
+/// Time from SIGKILL of a holder to the agent's event saying its lease ended.
+async fn exit_to_release(socket: &Path, rounds: usize) -> Result<(), Failure> {
+    let mut c = Client::connect(socket).await?;
+    let mut watch = c.watch(None).await?;
+    let mut lat = Vec::with_capacity(rounds);
+    for i in 0..rounds {
+        let mut holder = Command::new("sleep")
+            .arg("3600")
+            .spawn()
+            .map_err(|e| Failure::error(format!("starting a holder: {e}")))?;
+        let r = name(format!("bench/exit/{i}"))?;
+        let mut o = AcquireOptions::new([(r.clone(), Mode::Shared)]);
+        o.pid = Some(holder.id());
+        c.acquire(o).await?;
+        let killed = Instant::now();
+        let _ = holder.kill();
+        loop {
+            let e = watch
+                .message()
+                .await
+                .map_err(|s| Failure::error(s.to_string()))?
+                .ok_or_else(|| Failure::error("the event stream ended"))?;
+            if e.kind == "process-died" && e.resource.as_deref() == Some(r.as_str()) {
+                lat.push(killed.elapsed());
+                break;
+            }
+        }
+        let _ = holder.wait();
+    }
+    lat.sort();
+    println!(
+        "holder exit -> lease released ({rounds} kills): p50 {} p99 {} max {}   [SPEC target p99 <= 100 ms]",
+        ms(pct(&lat, 0.5)),
+        ms(pct(&lat, 0.99)),
+        ms(pct(&lat, 1.0))
+    );
+    Ok(())
+}
+
+/// `leasehold run --exclusive R -- true` against `flock FILE true`, alternately.
+fn run_vs_flock(socket: &Path, rounds: usize) -> Result<(), Failure> {
+    let exe = exe()?;
+    let dir = tempfile::tempdir().map_err(|e| Failure::error(e.to_string()))?;
+    let lock = dir.path().join("flock");
+    std::fs::write(&lock, b"").map_err(|e| Failure::error(e.to_string()))?;
+    let time = |c: &mut Command| -> Result<Duration, Failure> {
+        let t = Instant::now();
+        let s = c
+            .status()
+            .map_err(|e| Failure::error(format!("running {c:?}: {e}")))?;
+        if !s.success() {
+            return Err(Failure::error(format!("{c:?} failed: {s}")));
+        }
+        Ok(t.elapsed())
+    };
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        ours.push(time(
+            Command::new(&exe).arg("--socket").arg(socket).args([
+                "run",
+                "--exclusive",
+                "bench/run",
+                "--",
+                "true",
+            ]),
+        )?);
+        theirs.push(time(Command::new("flock").arg(&lock).arg("true"))?);
+    }
+    let mean = |v: &[Duration]| v.iter().sum::<Duration>() / v.len().max(1) as u32;
+    ours.sort();
+    theirs.sort();
+    let (m1, m2) = (mean(&ours), mean(&theirs));
+    println!(
+        "leasehold run --exclusive R -- true: mean {} p50 {} | flock FILE true: mean {} p50 {} | ratio {:.2}x   [SPEC target <= 1.5x]",
+        ms(m1),
+        ms(pct(&ours, 0.5)),
+        ms(m2),
+        ms(pct(&theirs, 0.5)),
+        m1.as_secs_f64() / m2.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Holds `n` leases in this process at once and reports the agent's resident memory.
+async fn many_leases(socket: &Path, n: usize, agent_pid: u32) -> Result<(), Failure> {
+    let rss = |pid: u32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            })
+            .unwrap_or(0)
+    };
+    let before = rss(agent_pid);
+    let started = Instant::now();
+    let workers = 32;
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let mut c = Client::connect(socket).await?;
+        tasks.push(tokio::spawn(async move {
+            let mut i = w;
+            while i < n {
+                let r = ResourceName::new(format!("bench/many/{i}")).map_err(|e| e.to_string())?;
+                c.acquire(AcquireOptions::new([(r, Mode::Exclusive)]))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                i += workers;
+            }
+            Ok::<_, String>(())
+        }));
+    }
+    for t in tasks {
+        t.await
+            .map_err(|e| Failure::error(e.to_string()))?
+            .map_err(Failure::error)?;
+    }
+    let took = started.elapsed();
+    let mut c = Client::connect(socket).await?;
+    let s = c.status().await?;
+    let held = rss(agent_pid);
+    println!(
+        "{} leases held by one process (taken in {:.1} s): agent RSS {} MiB (was {} MiB)   [SPEC target <= 200 MB at 100,000]",
+        s.leases,
+        took.as_secs_f64(),
+        held / 1024,
+        before / 1024
+    );
+    Ok(())
 }

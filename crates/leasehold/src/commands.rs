@@ -31,9 +31,14 @@ pub fn agent(a: AgentArgs, socket: Option<PathBuf>) -> Result<u8, Failure> {
             .filter(|s| !s.is_empty())
             .map(PathBuf::from)
     });
+    let state_dir = a.state_dir.or_else(|| {
+        std::env::var_os("LEASEHOLD_STATE_DIR")
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+    });
     let flags = FileConfig {
         socket,
-        state_dir: a.state_dir,
+        state_dir,
         host_id: a.host_id,
         backend,
         etcd_endpoints: a.etcd_endpoints,

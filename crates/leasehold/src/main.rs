@@ -77,7 +77,8 @@ struct AgentArgs {
     /// A TOML config file; flags override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Where the local store keeps its state [default: /var/lib/leasehold for root]
+    /// Where the local store keeps its state [default: $LEASEHOLD_STATE_DIR, else
+    /// /var/lib/leasehold for root, else ~/.local/state/leasehold]
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
     /// This host's id [default: the hostname]
@@ -324,11 +325,17 @@ fn main() -> ExitCode {
         Command::Agent(args) => commands::agent(*args, cli.socket),
         other => {
             // One thread: `run` spawns its child from this thread, whose death must not
-            // trigger the child's parent-death signal early.
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
+            // trigger the child's parent-death signal early. The bench drives many clients.
+            let rt = if matches!(other, Command::Bench(_)) {
+                tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .build()
+            } else {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+            };
+            let rt = match rt {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("leasehold: starting the runtime: {e}");
