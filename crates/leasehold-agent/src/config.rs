@@ -442,7 +442,7 @@ mod tests {
     fn defaults_follow_the_spec() {
         let c = Config::resolve(base()).unwrap();
         assert_eq!(c.timing.ttl, Duration::from_secs(10));
-        assert_eq!(c.timing.renew, Duration::from_millis(3333));
+        assert_eq!(c.timing.renew, Duration::from_secs(10) / 3);
         assert_eq!(c.timing.fence_margin, Duration::from_secs(2));
         assert_eq!(c.timing.grace, Duration::from_secs(5));
         assert_eq!(c.backend, Backend::Local);
