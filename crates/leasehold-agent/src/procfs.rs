@@ -77,15 +77,42 @@ fn parse_start_time(stat: &str) -> Option<u64> {
 impl ProcessInfo {
     /// Reads the facts of `pid`.
     ///
+    /// `/proc/PID` is opened once and everything is read through that descriptor: if the
+    /// process exits meanwhile, reads fail instead of describing a process that reused the
+    /// pid.
+    ///
     /// # Errors
     /// [`ProcError::NoProcess`] when it does not exist.
     pub fn read(pid: u32) -> Result<ProcessInfo, ProcError> {
+        use rustix::fs::{Mode, OFlags, open, openat};
+        let gone = |e: rustix::io::Errno| match e {
+            rustix::io::Errno::NOENT | rustix::io::Errno::SRCH => ProcError::NoProcess(pid),
+            e => ProcError::Unreadable {
+                pid,
+                what: e.to_string(),
+            },
+        };
         if pid == 0 {
             return Err(ProcError::NoProcess(0));
         }
-        let start_time = start_time(pid)?;
-        let status = read_proc(pid, "status")?;
-        let uid = status
+        let dir = open(
+            format!("/proc/{pid}"),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(gone)?;
+        let read = |name: &str| -> Result<String, ProcError> {
+            let fd = openat(&dir, name, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
+                .map_err(gone)?;
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::fs::File::from(fd), &mut text).map_err(
+                |e| gone(rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO)),
+            )?;
+            Ok(text)
+        };
+        let text = read("stat")?;
+        // The real uid (the owner of /proc/PID is root for non-dumpable processes).
+        let uid = read("status")?
             .lines()
             .find_map(|l| l.strip_prefix("Uid:"))
             .and_then(|l| l.split_whitespace().next())
@@ -94,11 +121,12 @@ impl ProcessInfo {
                 pid,
                 what: "status has no Uid line".into(),
             })?;
-        let command = read_proc(pid, "comm")?.trim_end().to_owned();
-        // The process may have exited and its pid been reused while we read.
-        if self::start_time(pid)? != start_time {
-            return Err(ProcError::NoProcess(pid));
-        }
+        let bad = |what: &str| ProcError::Unreadable {
+            pid,
+            what: format!("stat has no {what}"),
+        };
+        let start_time = parse_start_time(&text).ok_or_else(|| bad("start time"))?;
+        let command = parse_command(&text).ok_or_else(|| bad("command name"))?;
         Ok(ProcessInfo {
             pid,
             start_time,
@@ -106,6 +134,14 @@ impl ProcessInfo {
             command,
         })
     }
+}
+
+/// Field 2 of a `/proc/PID/stat` line: the command name, between the first `(` and the last
+/// `)`.
+fn parse_command(stat: &str) -> Option<String> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    (open < close).then(|| stat[open + 1..close].to_owned())
 }
 
 /// The supplementary groups of `pid` (the `Groups:` line of `/proc/PID/status`).
@@ -181,6 +217,7 @@ mod tests {
         let stat = "1234 (a) b (c)) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 50 18446744073709551615";
         assert_eq!(parse_start_time(stat), Some(987_654));
         assert_eq!(parse_start_time("garbage"), None);
+        assert_eq!(parse_command(stat).as_deref(), Some("a) b (c)"));
     }
 
     #[test]

@@ -378,6 +378,17 @@ impl<S: Store> pb::leasehold_server::Leasehold for Service<S> {
             pid: info.pid,
             start_time: info.start_time,
         };
+        if let [name] = names.as_slice() {
+            let r = self
+                .store
+                .release(name.clone(), process.clone(), kind)
+                .await
+                .map_err(status_of)?;
+            info!(resource = %r.resource, pid = process.pid, token = %r.ended.token, how = %r.ended.how.describe(), "released");
+            return Ok(Response::new(pb::ReleaseResponse {
+                released: vec![pb::Released::from(&r)],
+            }));
+        }
         // Several releases go to the store together, so they share one commit.
         let tasks: Vec<_> = names
             .into_iter()

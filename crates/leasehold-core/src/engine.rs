@@ -327,7 +327,9 @@ pub enum Event {
 pub struct Output {
     /// Resources whose durable record changed.
     pub changed: BTreeSet<ResourceName>,
-    /// Whether the session table or the token counter changed.
+    /// Whether the session table changed, or the token counter was raised from outside
+    /// ([`Engine::raise_token_floor`]). Grants do not set it: each records its token as the
+    /// `last_token` of its resources, and [`Engine::restore`] takes the counter past those.
     pub meta_changed: bool,
     /// Outcomes of waiting requests.
     pub waiters: Vec<(WaiterId, Result<Vec<Grant>, AcquireError>)>,
@@ -837,8 +839,9 @@ impl Engine {
                 .max()
                 .unwrap_or(1);
             let t = self.next_token.max(floor);
+            // Not a metadata change: the token is recorded as `last_token` of every resource
+            // granted below, in the same output, and `restore` rebuilds the counter from those.
             self.next_token = t + 1;
-            self.out.meta_changed = true;
             Token(t)
         } else {
             Token(0)

@@ -174,7 +174,7 @@ impl LocalStore {
             ))
         })?;
         let clock = Clock::new();
-        let mut engine = load(&db, options.engine)?;
+        let (mut engine, fresh) = load(&db, options.engine)?;
         let now = clock.now();
         let session = adopt_session(&mut engine, &host, now)?;
         let (events, _) = broadcast::channel(options.event_capacity.max(1));
@@ -187,10 +187,12 @@ impl LocalStore {
             events: events.clone(),
             pending: HashMap::new(),
             orphans: Vec::new(),
+            fresh,
         };
         let out = worker.engine.take_output();
-        if out.needs_persist() {
+        if out.needs_persist() || worker.fresh {
             worker.persist(&out).map_err(storage)?;
+            worker.fresh = false;
         }
         let (tx, rx) = mpsc::channel();
         let handle = std::thread::Builder::new()
@@ -408,7 +410,8 @@ fn storage(e: impl std::fmt::Display) -> StoreError {
 }
 
 /// Reads the engine's durable state from the database.
-fn load(db: &Database, config: EngineConfig) -> Result<Engine, StoreError> {
+/// Also says whether the database is new (no format marker yet).
+fn load(db: &Database, config: EngineConfig) -> Result<(Engine, bool), StoreError> {
     let txn = db.begin_read().map_err(storage)?;
     let meta_table = match txn.open_table(META) {
         Ok(t) => Some(t),
@@ -416,7 +419,7 @@ fn load(db: &Database, config: EngineConfig) -> Result<Engine, StoreError> {
         Err(e) => return Err(storage(e)),
     };
     let Some(meta_table) = meta_table else {
-        return Ok(Engine::new(config));
+        return Ok((Engine::new(config), true));
     };
     match meta_table.get(FORMAT_KEY).map_err(storage)? {
         Some(v) if v.value() == FORMAT => {}
@@ -449,7 +452,7 @@ fn load(db: &Database, config: EngineConfig) -> Result<Engine, StoreError> {
             records.push((name, st));
         }
     }
-    Ok(Engine::restore(config, meta, records))
+    Ok((Engine::restore(config, meta, records), false))
 }
 
 /// Finds or opens this host's session, refusing a state directory whose leases belong to
@@ -516,6 +519,8 @@ struct Worker {
     events: broadcast::Sender<Event>,
     pending: HashMap<WaiterId, Pending>,
     orphans: Vec<(ResourceName, ProcessKey)>,
+    /// Whether the database has no format marker yet (a new state directory).
+    fresh: bool,
 }
 
 impl Worker {
@@ -775,9 +780,11 @@ impl Worker {
                     }
                 }
             }
-            let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
-            meta.insert(FORMAT_KEY, FORMAT).map_err(|e| e.to_string())?;
-            if out.meta_changed {
+            // Grants touch only their resources' records: the token counter is rebuilt from
+            // their `last_token` on load, so the metadata is written only when sessions change.
+            if out.meta_changed || self.fresh {
+                let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
+                meta.insert(FORMAT_KEY, FORMAT).map_err(|e| e.to_string())?;
                 let bytes = serde_json::to_vec(&self.engine.meta()).map_err(|e| e.to_string())?;
                 meta.insert(ENGINE_KEY, bytes.as_slice())
                     .map_err(|e| e.to_string())?;
@@ -795,7 +802,7 @@ impl Worker {
         }
         self.orphans.clear();
         match load(&self.db, self.options.engine) {
-            Ok(engine) => self.engine = engine,
+            Ok((engine, _)) => self.engine = engine,
             // The database cannot be read back: keep the engine, which at worst is ahead
             // of the disk by the failed batch, whose callers were all told it failed.
             Err(_) => {
