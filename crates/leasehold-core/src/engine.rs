@@ -535,6 +535,7 @@ impl Engine {
         ttl: Option<Duration>,
         now: Now,
     ) -> Result<SessionId, SessionError> {
+        self.tick(now);
         if let Some(s) = self.session_of(&host) {
             return Err(SessionError::HostInUse {
                 host,
@@ -560,9 +561,10 @@ impl Engine {
     /// Renews a session: it now expires `ttl` after `now`. Returns the new expiry.
     ///
     /// # Errors
-    /// [`SessionError::NoSession`] when the session is unknown or has expired (call
-    /// [`Engine::tick`] first so that a session past its expiry is expired, not renewed).
+    /// [`SessionError::NoSession`] when the session is unknown or has expired, including
+    /// when it is due at `now`: a session past its expiry is expired, never renewed.
     pub fn renew_session(&mut self, id: SessionId, now: Now) -> Result<Option<Time>, SessionError> {
+        self.tick(now);
         let s = self
             .sessions
             .get_mut(&id)
@@ -581,8 +583,21 @@ impl Engine {
     /// exclusive resources become dirty, and all its resources stay unavailable for `grace`.
     ///
     /// # Errors
-    /// [`SessionError::NoSession`] when the session is unknown or has already expired.
+    /// [`SessionError::NoSession`] when the session is unknown or has already expired
+    /// (including by being due at `now`).
     pub fn expire_session(&mut self, id: SessionId, now: Now) -> Result<(), SessionError> {
+        self.tick(now);
+        let affected = self.expire_one(id, now)?;
+        self.serve(affected, now);
+        Ok(())
+    }
+
+    /// Expires one session without serving waiters; returns the resources it touched.
+    fn expire_one(
+        &mut self,
+        id: SessionId,
+        now: Now,
+    ) -> Result<BTreeSet<ResourceName>, SessionError> {
         let s = self
             .sessions
             .remove(&id)
@@ -628,12 +643,15 @@ impl Engine {
             session: id,
             host: s.host,
         });
-        self.serve(affected, now);
-        Ok(())
+        Ok(affected)
     }
 
-    /// Advances time: expires the sessions due, ends grace periods that are over, and serves
-    /// the waiters that can now be granted.
+    /// Advances time: expires every session due at `now`, ends the grace periods that are
+    /// over, and only then serves the waiters that can be granted, so that no waiter is granted
+    /// on a session that expires in the same instant.
+    ///
+    /// Every operation that is told the time calls this first: nothing is granted, released
+    /// or renewed on a session that is already due, whether or not the driver ticked.
     pub fn tick(&mut self, now: Now) {
         let due: Vec<SessionId> = self
             .sessions
@@ -641,11 +659,12 @@ impl Engine {
             .filter(|s| s.expires_at.is_some_and(|t| t <= now.mono))
             .map(|s| s.id)
             .collect();
-        for id in due {
-            // Cannot fail: the session was found just above.
-            let _ = self.expire_session(id, now);
-        }
         let mut affected = BTreeSet::new();
+        for id in due {
+            if let Ok(touched) = self.expire_one(id, now) {
+                affected.extend(touched);
+            }
+        }
         while let Some((t, r)) = self.graced.first().cloned() {
             if t > now.mono {
                 break;
@@ -669,6 +688,7 @@ impl Engine {
     /// [`AcquireError::NeedsCheck`] when a free resource is dirty and not accepted, and the
     /// other variants for bad requests.
     pub fn acquire(&mut self, mut req: AcquireRequest, now: Now) -> Result<Acquired, AcquireError> {
+        self.tick(now);
         self.check_request(&mut req)?;
         match self.evaluate(&req.owner.process, &req.items, req.accept_dirty, None, now) {
             Verdict::Grant(existing) => Ok(Acquired::Granted(self.grant(
@@ -707,6 +727,7 @@ impl Engine {
     /// Withdraws a waiting request. Returns false when it is no longer waiting (it was
     /// granted or failed, and its outcome is in the output).
     pub fn cancel_wait(&mut self, id: WaiterId, now: Now) -> bool {
+        self.tick(now);
         if !self.waiters.contains_key(&id) {
             return false;
         }
@@ -973,6 +994,7 @@ impl Engine {
     /// [`ReleaseError::NoWaiter`] or [`ReleaseError::HandoverShared`] when a handover cannot
     /// happen, in which case the lease stays as it was.
     pub fn release(&mut self, req: ReleaseRequest, now: Now) -> Result<Released, ReleaseError> {
+        self.tick(now);
         let lease = self
             .resources
             .get(&req.resource)
@@ -1031,6 +1053,7 @@ impl Engine {
 
     /// Ends every lease and waiting request of a process that has exited.
     pub fn end_process(&mut self, process: &ProcessKey, now: Now) -> Vec<Released> {
+        self.tick(now);
         let held: Vec<ResourceName> = self.held_by(process).cloned().collect();
         let mut affected: BTreeSet<ResourceName> = held.iter().cloned().collect();
         let released = held
@@ -1065,6 +1088,7 @@ impl Engine {
         by: &str,
         now: Now,
     ) -> Result<Vec<Released>, ReleaseError> {
+        self.tick(now);
         if reason.trim().is_empty() {
             return Err(ReleaseError::Invalid(
                 "a force-release needs a reason".into(),
@@ -1105,6 +1129,7 @@ impl Engine {
         by: &str,
         now: Now,
     ) -> Result<Option<Ended>, ReleaseError> {
+        self.tick(now);
         check_free_text("cleaning user", by, MAX_TEXT)
             .map_err(|e| ReleaseError::Invalid(e.to_string()))?;
         let Some(st) = self.resources.get_mut(resource) else {

@@ -688,3 +688,105 @@ fn a_waiter_that_comes_and_goes_leaves_no_record() {
     t.e.cancel_wait(w, Now::at(3));
     assert!(t.e.resource(&res("b")).is_none());
 }
+
+// Regression (found by the simulation, seed 11099266368055885456): a holder on a lost host
+// could release cleanly, and another host be granted, after its session was due but before
+// anyone ticked; the grace was skipped. Every operation now expires what is due first.
+#[test]
+fn a_due_session_is_expired_by_any_operation_not_only_tick() {
+    let mut e = Engine::new(EngineConfig { grace: 5 * S });
+    let a = HostId::new("a").unwrap();
+    let b = HostId::new("b").unwrap();
+    let sa = e.open_session(a.clone(), Some(10 * S), Now::at(0)).unwrap();
+    let sb = e.open_session(b.clone(), Some(10 * S), Now::at(0)).unwrap();
+    let req = |o: Owner, s, r: &str| AcquireRequest {
+        owner: o,
+        session: s,
+        items: vec![(res(r), X)],
+        accept_dirty: true,
+        wait: false,
+    };
+    e.acquire(req(owner_on(&a, 1), sa, "x"), Now::at(1))
+        .unwrap();
+    e.renew_session(sb, Now::at(9_000)).unwrap();
+    // No tick. At 12 s a's session is past due: it can neither take nor release anything.
+    assert!(matches!(
+        e.acquire(req(owner_on(&a, 1), sa, "y"), Now::at(12_000)),
+        Err(AcquireError::NoSession(_))
+    ));
+    let rel = e.release(
+        ReleaseRequest {
+            resource: res("x"),
+            process: owner_on(&a, 1).process,
+            kind: ReleaseKind::Clean,
+        },
+        Now::at(12_000),
+    );
+    assert!(matches!(rel, Err(ReleaseError::NotHeld { .. })));
+    let st = e.resource(&res("x")).unwrap();
+    assert_eq!(st.dirty.as_ref().unwrap().how, EndReason::SessionExpired);
+    // The grace runs from the expiry, which is no earlier than the due time.
+    assert!(matches!(
+        e.acquire(req(owner_on(&b, 2), sb, "x"), Now::at(12_001)),
+        Err(AcquireError::Busy(c)) if c.blocked_until.is_some_and(|t| t >= Time(15_000))
+    ));
+    assert!(
+        matches!(e.open_session(a.clone(), None, Now::at(12_002)), Ok(_)),
+        "the host may start a new session once the old one is gone"
+    );
+}
+
+// Regression (seed 10164609438164132693): a tick with two sessions due expired them one at a
+// time and served waiters in between, granting a waiter whose own session expired a moment
+// later in the same tick.
+#[test]
+fn a_tick_expires_every_due_session_before_serving_anyone() {
+    let mut e = Engine::new(EngineConfig { grace: 5 * S });
+    let (a, b, c) = (
+        HostId::new("a").unwrap(),
+        HostId::new("b").unwrap(),
+        HostId::new("c").unwrap(),
+    );
+    let sa = e.open_session(a.clone(), Some(10 * S), Now::at(0)).unwrap();
+    let sb = e.open_session(b.clone(), Some(10 * S), Now::at(0)).unwrap();
+    let sc = e.open_session(c.clone(), None, Now::at(0)).unwrap();
+    let req = |o: Owner, s, items: &[&str], wait| AcquireRequest {
+        owner: o,
+        session: s,
+        items: items.iter().map(|r| (res(r), X)).collect(),
+        accept_dirty: false,
+        wait,
+    };
+    // c holds z for good. a waits for y and z together (first in y's queue, stuck on z);
+    // b waits for y behind it. Both a and b fall due at 10 s.
+    e.acquire(req(owner_on(&c, 3), sc, &["z"], false), Now::at(1))
+        .unwrap();
+    let Acquired::Queued(_) = e
+        .acquire(req(owner_on(&a, 1), sa, &["y", "z"], true), Now::at(2))
+        .unwrap()
+    else {
+        panic!("a should wait")
+    };
+    let Acquired::Queued(w) = e
+        .acquire(req(owner_on(&b, 2), sb, &["y"], true), Now::at(3))
+        .unwrap()
+    else {
+        panic!("b should wait")
+    };
+    e.take_output();
+    e.tick(Now::at(10_000));
+    let out = e.take_output();
+    assert!(
+        out.waiters
+            .iter()
+            .all(|(id, r)| *id != w || matches!(r, Err(AcquireError::Cancelled(_)))),
+        "b's waiter must be cancelled, never granted: {:?}",
+        out.waiters
+    );
+    assert!(
+        !out.events
+            .iter()
+            .any(|e| matches!(e, Event::Granted { .. })),
+        "nothing is granted in a tick that expires the grantee's session"
+    );
+}

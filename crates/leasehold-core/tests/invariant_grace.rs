@@ -57,20 +57,11 @@ fn grace_nobody_gets_a_lost_hosts_resource_before_expiry_plus_grace() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// KNOWN FAILING (ignored): the grace measured from the moment a session was due, not from the
-// tick that expired it.
-//
-// The engine expires a session only in `tick`; until then it accepts every operation on a
-// session whose `expires_at` has passed (only `renew_session` refuses). So when a driver does
-// not tick right before each operation, a holder on a lost host can release (cleanly, so the
-// resource is neither dirty nor held for the grace) after its session was due, and another
-// host is granted the resource before `due + grace`; a waiter or a new acquire can likewise be
-// granted on a session that is already due. Also, `tick` expires due sessions one at a time
-// and serves waiters in between, so a waiter whose own session expires later in the same tick
-// is told "granted" for leases that end (dirty, graced) a moment later. The test above
-// measures the grace from the engine's expiry and passes; these two measure it from the due
-// time, as SPEC G3 reads, and fail. Run them with
-// `cargo test -p leasehold-core --test invariant_grace -- --ignored`.
+// The grace measured from the moment a session was due, not from the tick that expired it
+// (SPEC G3 reads so), and no grant at all on a session that is due. These once failed: the
+// engine expired a session only in `tick` and served waiters between two expiries of one tick.
+// Every operation now expires what is due at its time first, and `tick` expires every due
+// session before serving anyone; `engine_tests.rs` holds the minimal sequences.
 
 use std::collections::BTreeMap;
 
@@ -145,14 +136,12 @@ impl Checker for GraceFromDue {
 }
 
 #[test]
-#[ignore = "known failing: the engine accepts releases and grants on a session past its expiry until tick runs"]
-fn grace_from_due_time_known_failing() {
+fn grace_counts_from_the_due_time() {
     sim::run("invariant_grace", 0x6733_1000, GraceFromDue::default);
 }
 
 #[test]
-#[ignore = "known failing: the engine grants on a session past its expiry until tick runs, and tick serves waiters between expiries"]
-fn no_grant_on_a_due_session_known_failing() {
+fn nothing_is_granted_on_a_due_session() {
     sim::run("invariant_grace", 0x6733_2000, || GraceFromDue {
         no_grant_when_due: true,
         ..GraceFromDue::default()

@@ -735,12 +735,37 @@ impl Sim {
         OpKind::Tick
     }
 
+    /// Whether a session is due or a grace is over at `now`, by the model.
+    fn time_is_due(&self) -> bool {
+        self.model
+            .sessions
+            .values()
+            .any(|s| s.expired_at.is_none() && s.due() <= self.now)
+            || self
+                .model
+                .resources
+                .values()
+                .any(|r| r.blocked_until.is_some_and(|t| t <= self.now))
+    }
+
     /// Runs one random operation and every check.
     pub fn step(&mut self, c: &mut dyn Checker) -> Check {
         self.step += 1;
         self.stats.steps += 1;
         self.line.clear();
         let op = self.pick_op();
+        // Every engine operation first expires the sessions due at its time and ends the
+        // graces that are over (an implicit tick). The model learns those changes from an
+        // explicit tick at the same time, which leaves the implicit one nothing to do; the
+        // implicit tick itself is covered by the engine's unit tests.
+        let touches_engine = !matches!(
+            op,
+            OpKind::Advance | OpKind::Jump | OpKind::Lose | OpKind::Recover | OpKind::Tick
+        );
+        if touches_engine && self.time_is_due() {
+            self.op_tick(c)?;
+            self.note("; ");
+        }
         let r = match op {
             OpKind::Acquire => self.op_acquire(c),
             OpKind::Release => self.op_release(c),
