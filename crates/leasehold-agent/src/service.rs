@@ -111,12 +111,18 @@ impl<S: Store> Service<S> {
             })?,
             p => p,
         };
-        let info = ProcessInfo::read(pid).map_err(|e| match e {
+        let no_process = |e: ProcError| match e {
             ProcError::NoProcess(_) => Status::failed_precondition(format!(
                 "no process with pid {pid}; leases are held for a running process"
             )),
             e => Status::internal(e.to_string()),
-        })?;
+        };
+        let mut info = ProcessInfo::read(pid).map_err(no_process)?;
+        // /proc/PID belongs to root for a non-dumpable process: for a non-root caller, learn
+        // whose process it really is before refusing.
+        if info.uid == 0 && c.uid != 0 {
+            info.uid = procfs::real_uid(pid).map_err(no_process)?;
+        }
         if let Some(st) = start_time
             && st != info.start_time
         {

@@ -198,3 +198,54 @@ fn a_holder_may_clean_what_it_holds_exclusively_after_checking() {
     expect_code(&out, 0);
     assert!(!a.is_dirty("disk"));
 }
+
+/// Run by `a_non_dumpable_process_still_belongs_to_its_user`: marks itself non-dumpable (so
+/// /proc/PID belongs to root) and sleeps.
+#[test]
+#[ignore = "the child process of a_non_dumpable_process_still_belongs_to_its_user"]
+fn non_dumpable_child() {
+    if std::env::var_os("LEASEHOLD_NONDUMPABLE_CHILD").is_none() {
+        return;
+    }
+    // SAFETY: prctl(PR_SET_DUMPABLE, 0) takes no pointers.
+    unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+    }
+    std::thread::sleep(std::time::Duration::from_secs(3600));
+}
+
+/// Kills a child when dropped, so a failing test leaves nothing running.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+// A non-dumpable process's /proc files belong to root; its /proc/PID directory keeps its
+// effective uid. Rights must follow the process, not those files.
+#[test]
+fn a_non_dumpable_process_still_belongs_to_its_user() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let a = agent();
+    let mut c = Command::new(std::env::current_exe().unwrap());
+    c.args(["non_dumpable_child", "--exact", "--ignored", "--nocapture"])
+        .env("LEASEHOLD_NONDUMPABLE_CHILD", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let child = KillOnDrop(as_nobody(c, &[]).spawn().unwrap());
+    let pid = child.0.id();
+    wait_until(
+        "the child is non-dumpable",
+        std::time::Duration::from_secs(10),
+        || std::fs::metadata(format!("/proc/{pid}/status")).is_ok_and(|m| m.uid() == 0),
+    );
+    let out = lh_as(&a, &[], &["acquire", "disk", "--pid", &pid.to_string()]);
+    expect_code(&out, 0);
+    assert_eq!(a.inspect("disk").unwrap()["holders"][0]["uid"], NOBODY);
+}
