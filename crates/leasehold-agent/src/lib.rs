@@ -29,6 +29,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tracing::{info, warn};
 
 pub mod config;
+mod holds;
 mod notify;
 pub mod procfs;
 mod service;
@@ -106,15 +107,17 @@ pub async fn serve<S: Store>(
 ) -> Result<(), AgentError> {
     let store = Arc::new(store);
     let watcher = Watcher::new(store.clone());
+    let holds = Arc::new(holds::Holds::default());
     let events = tokio::spawn(follow_events(
         store.clone(),
         watcher.clone(),
+        holds.clone(),
         config.host_id.clone(),
     ));
     readopt(&store, &watcher).await?;
     let listener = bind(&config.socket, config.socket_group.as_ref())?;
     let config = Arc::new(config);
-    let service = Service::new(store.clone(), watcher.clone(), config.clone());
+    let service = Service::new(store.clone(), watcher.clone(), holds, config.clone());
     info!(
         host = %config.host_id,
         backend = %config.backend,
@@ -157,10 +160,12 @@ async fn readopt<S: Store>(store: &Arc<S>, watcher: &Arc<Watcher<S>>) -> Result<
     Ok(())
 }
 
-/// Logs every lease event, and kills local holders whose leases were force-released.
+/// Follows the store's events: passes each ending to the client holding that lease, and
+/// kills local holders whose leases were force-released.
 async fn follow_events<S: Store>(
     store: Arc<S>,
     watcher: Arc<Watcher<S>>,
+    holds: Arc<holds::Holds>,
     host: leasehold_core::HostId,
 ) {
     let mut rx = store.subscribe();
@@ -168,15 +173,23 @@ async fn follow_events<S: Store>(
         let e = match rx.recv().await {
             Ok(e) => e,
             Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                warn!(missed = n, "event log fell behind");
+                warn!(
+                    missed = n,
+                    "event follower fell behind; holders re-check their leases"
+                );
+                holds.resync();
                 continue;
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         };
-        if let Event::Ended {
+        let Event::Ended {
             resource, ended, ..
         } = &e
-            && let EndReason::Forced { reason, by } = &ended.how
+        else {
+            continue;
+        };
+        holds.ended(resource, ended);
+        if let EndReason::Forced { reason, by } = &ended.how
             && ended.owner.host() == &host
         {
             let killed = watcher.signal(&ended.owner.process, rustix::process::Signal::KILL);

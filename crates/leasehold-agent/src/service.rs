@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::holds::{Holds, Note, Registration};
 use crate::procfs::{self, ProcError, ProcessInfo};
 use crate::watcher::Watcher;
 
@@ -30,6 +31,7 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 pub struct Service<S> {
     store: Arc<S>,
     watcher: Arc<Watcher<S>>,
+    holds: Arc<Holds>,
     config: Arc<Config>,
     started: Instant,
 }
@@ -39,6 +41,7 @@ impl<S> Clone for Service<S> {
         Service {
             store: self.store.clone(),
             watcher: self.watcher.clone(),
+            holds: self.holds.clone(),
             config: self.config.clone(),
             started: self.started,
         }
@@ -54,11 +57,18 @@ struct Caller {
 }
 
 impl<S: Store> Service<S> {
-    /// A service over `store`, whose holders `watcher` watches.
-    pub fn new(store: Arc<S>, watcher: Arc<Watcher<S>>, config: Arc<Config>) -> Self {
+    /// A service over `store`, whose holders `watcher` watches and whose lease endings
+    /// `holds` routes to holding clients.
+    pub fn new(
+        store: Arc<S>,
+        watcher: Arc<Watcher<S>>,
+        holds: Arc<Holds>,
+        config: Arc<Config>,
+    ) -> Self {
         Service {
             store,
             watcher,
+            holds,
             config,
             started: Instant::now(),
         }
@@ -294,8 +304,8 @@ impl<S: Store> pb::leasehold_server::Leasehold for Service<S> {
         let me = self.clone();
         let hold = r.hold;
         tokio::spawn(async move {
-            // Subscribe before the grant so no loss after it can be missed.
-            let events = hold.then(|| me.store.subscribe());
+            // Register before the grant so no loss after it can be missed.
+            let registration = hold.then(|| me.holds.register(owner.process.clone()));
             let outcome = me.acquire_reporting(spec, &tx).await;
             let grants = match outcome {
                 None => return, // the caller went away; the wait was withdrawn
@@ -332,8 +342,8 @@ impl<S: Store> pb::leasehold_server::Leasehold for Service<S> {
             {
                 return;
             }
-            if let Some(events) = events {
-                me.hold(&owner.process, &grants, events, &tx).await;
+            if let Some(registration) = registration {
+                me.hold(&grants, registration, &tx).await;
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -643,64 +653,54 @@ impl<S: Store> Service<S> {
 
     /// After a grant with `hold`: reports leases lost by other means than the holder's own
     /// release, until every lease of the grant has ended or the caller goes away.
-    async fn hold(
-        &self,
-        process: &ProcessKey,
-        grants: &[Grant],
-        mut events: broadcast::Receiver<Event>,
-        tx: &Tx,
-    ) {
+    async fn hold(&self, grants: &[Grant], mut reg: Registration, tx: &Tx) {
         let mut live: BTreeMap<ResourceName, Token> = grants
             .iter()
             .map(|g| (g.resource.clone(), g.token))
             .collect();
         while !live.is_empty() {
-            let e = tokio::select! {
-                e = events.recv() => e,
+            let note = tokio::select! {
+                n = reg.notes.recv() => n,
                 () = tx.closed() => return,
             };
-            let ended = match e {
-                Ok(Event::Ended {
-                    resource, ended, ..
-                }) if &ended.owner.process == process
-                    && live.get(&resource) == Some(&ended.token) =>
+            let ended = match note {
+                Some(Note::Ended { resource, ended })
+                    if live.get(&resource) == Some(&ended.token) =>
                 {
                     live.remove(&resource);
-                    (resource, ended)
+                    vec![(resource, ended)]
                 }
-                Ok(_) => continue,
-                Err(broadcast::error::RecvError::Lagged(_)) => {
-                    // Missed events: look at each lease directly.
+                Some(Note::Ended { .. }) => continue,
+                // Missed events: look at each lease directly.
+                Some(Note::Resync) => {
                     let mut lost = Vec::new();
                     for (r, t) in &live {
                         if !self.store.validate(r.clone(), *t).await.unwrap_or(false) {
                             lost.push(r.clone());
                         }
                     }
+                    let mut ended = Vec::new();
                     for r in lost {
                         live.remove(&r);
                         let v = self.store.inspect(r.clone()).await.ok().flatten();
-                        if let Some(ended) = v.and_then(|v| v.last_ended) {
-                            let _ = tx
-                                .send(event(pb::acquire_event::Event::Lost(pb::Lost {
-                                    resource: r.to_string(),
-                                    ended: Some((&ended).into()),
-                                })))
-                                .await;
+                        if let Some(e) = v.and_then(|v| v.last_ended) {
+                            ended.push((r, e));
                         }
                     }
+                    ended
+                }
+                None => return,
+            };
+            for (resource, ended) in ended {
+                let own = matches!(
+                    ended.how,
+                    EndReason::Released
+                        | EndReason::ReleasedDirty { .. }
+                        | EndReason::HandedOver { .. }
+                );
+                if own {
                     continue;
                 }
-                Err(broadcast::error::RecvError::Closed) => return,
-            };
-            let (resource, ended) = ended;
-            let own = matches!(
-                ended.how,
-                EndReason::Released
-                    | EndReason::ReleasedDirty { .. }
-                    | EndReason::HandedOver { .. }
-            );
-            if !own {
                 let lost = pb::Lost {
                     resource: resource.to_string(),
                     ended: Some((&ended).into()),
