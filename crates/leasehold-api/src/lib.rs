@@ -339,6 +339,26 @@ impl TryFrom<pb::Released> for Released {
     }
 }
 
+/// Where clients find the agent when told nothing: `$LEASEHOLD_SOCKET`, else
+/// `/run/leasehold/agent.sock` for root, else `$XDG_RUNTIME_DIR/leasehold/agent.sock`
+/// (SPEC §6). `None` when none of these can be formed.
+pub fn default_socket() -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("LEASEHOLD_SOCKET").filter(|p| !p.is_empty()) {
+        return Some(p.into());
+    }
+    default_socket_for_user()
+}
+
+/// The default socket path for the current user, ignoring `$LEASEHOLD_SOCKET`.
+pub fn default_socket_for_user() -> Option<std::path::PathBuf> {
+    if rustix::process::geteuid().is_root() {
+        return Some("/run/leasehold/agent.sock".into());
+    }
+    std::env::var_os("XDG_RUNTIME_DIR")
+        .filter(|d| !d.is_empty())
+        .map(|d| std::path::PathBuf::from(d).join("leasehold/agent.sock"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -394,24 +414,4 @@ mod tests {
         };
         assert!(Grant::try_from(g).is_err());
     }
-}
-
-/// Where clients find the agent when told nothing: `$LEASEHOLD_SOCKET`, else
-/// `/run/leasehold/agent.sock` for root, else `$XDG_RUNTIME_DIR/leasehold/agent.sock`
-/// (SPEC §6). `None` when none of these can be formed.
-pub fn default_socket() -> Option<std::path::PathBuf> {
-    if let Some(p) = std::env::var_os("LEASEHOLD_SOCKET").filter(|p| !p.is_empty()) {
-        return Some(p.into());
-    }
-    default_socket_for_user()
-}
-
-/// The default socket path for the current user, ignoring `$LEASEHOLD_SOCKET`.
-pub fn default_socket_for_user() -> Option<std::path::PathBuf> {
-    if rustix::process::geteuid().is_root() {
-        return Some("/run/leasehold/agent.sock".into());
-    }
-    std::env::var_os("XDG_RUNTIME_DIR")
-        .filter(|d| !d.is_empty())
-        .map(|d| std::path::PathBuf::from(d).join("leasehold/agent.sock"))
 }

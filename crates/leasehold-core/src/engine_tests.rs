@@ -731,7 +731,7 @@ fn a_due_session_is_expired_by_any_operation_not_only_tick() {
         Err(AcquireError::Busy(c)) if c.blocked_until.is_some_and(|t| t >= Time(15_000))
     ));
     assert!(
-        matches!(e.open_session(a.clone(), None, Now::at(12_002)), Ok(_)),
+        e.open_session(a.clone(), None, Now::at(12_002)).is_ok(),
         "the host may start a new session once the old one is gone"
     );
 }
