@@ -361,6 +361,9 @@ struct Waiter {
     session: SessionId,
     items: Vec<(ResourceName, Mode)>,
     accept_dirty: bool,
+    /// Whether this engine decides the waiter's outcome; a waiter of another host (a
+    /// cluster store) only keeps its place in the queues and can be a handover target.
+    decided_here: bool,
 }
 
 enum Verdict {
@@ -717,6 +720,7 @@ impl Engine {
                         session: req.session,
                         items: req.items,
                         accept_dirty: req.accept_dirty,
+                        decided_here: true,
                     },
                 );
                 Ok(Acquired::Queued(id))
@@ -734,6 +738,69 @@ impl Engine {
         let affected = self.drop_waiter_silently(id);
         self.serve(affected, now);
         true
+    }
+
+    /// Puts a waiting request whose id was chosen elsewhere (a cluster store's queue order)
+    /// into the queues of its resources, without deciding anything. With `decided_here` the
+    /// engine grants or fails it like its own waiters; without, it only keeps its place, and
+    /// can be named by a handover. The request's `wait` flag is ignored.
+    ///
+    /// # Errors
+    /// [`AcquireError::Invalid`] for a malformed request or an id already in use.
+    pub fn insert_waiter(
+        &mut self,
+        id: WaiterId,
+        mut req: AcquireRequest,
+        decided_here: bool,
+    ) -> Result<(), AcquireError> {
+        if self.waiters.contains_key(&id) {
+            return Err(AcquireError::Invalid(format!("waiter {} exists", id.0)));
+        }
+        req.items.sort();
+        if req.items.is_empty() || req.items.windows(2).any(|w| w[0].0 == w[1].0) {
+            return Err(AcquireError::Invalid(
+                "a waiter needs distinct resources".into(),
+            ));
+        }
+        for (r, _) in &req.items {
+            self.resources
+                .entry(r.clone())
+                .or_default()
+                .queue
+                .insert(id);
+        }
+        self.next_waiter = self.next_waiter.max(id.0.saturating_add(1));
+        self.waiters.insert(
+            id,
+            Waiter {
+                owner: req.owner,
+                session: req.session,
+                items: req.items,
+                accept_dirty: req.accept_dirty,
+                decided_here,
+            },
+        );
+        Ok(())
+    }
+
+    /// Keeps `resource` for waiter `id` (a handover in progress, restored from a cluster
+    /// store's record). Nothing changes if the resource is unknown.
+    pub fn set_reservation(&mut self, resource: &ResourceName, id: Option<WaiterId>) {
+        if let Some(st) = self.resources.get_mut(resource) {
+            st.reserved_for = id;
+        }
+    }
+
+    /// Serves the waiters of `resources` that this engine decides, as after any change to
+    /// them; a cluster store calls it after loading a snapshot.
+    pub fn serve_waiters(&mut self, resources: impl IntoIterator<Item = ResourceName>, now: Now) {
+        self.tick(now);
+        self.serve(resources.into_iter().collect(), now);
+    }
+
+    /// The waiter `id`'s owner process, if it is waiting.
+    pub fn waiter_process(&self, id: WaiterId) -> Option<&ProcessKey> {
+        self.waiters.get(&id).map(|w| &w.owner.process)
     }
 
     /// Why `items` could not be granted to a new request from `process` at `now`, if they
@@ -922,7 +989,7 @@ impl Engine {
                 .collect();
             let mut progress = false;
             for id in candidates {
-                let Some(w) = self.waiters.get(&id) else {
+                let Some(w) = self.waiters.get(&id).filter(|w| w.decided_here) else {
                     continue;
                 };
                 let outcome = match self.evaluate(

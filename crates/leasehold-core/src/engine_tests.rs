@@ -790,3 +790,58 @@ fn a_tick_expires_every_due_session_before_serving_anyone() {
         "nothing is granted in a tick that expires the grantee's session"
     );
 }
+
+#[test]
+fn a_waiter_decided_elsewhere_keeps_its_place_and_is_never_granted_here() {
+    let mut t = T::new();
+    t.take(1, "d", X, 1).unwrap();
+    // A remote waiter (id 50) queued before our local one (id 60).
+    let remote = AcquireRequest {
+        owner: owner_on(&HostId::new("other").unwrap(), 9),
+        session: SessionId(77),
+        items: vec![(res("d"), X)],
+        accept_dirty: false,
+        wait: true,
+    };
+    t.e.insert_waiter(WaiterId(50), remote.clone(), false)
+        .unwrap();
+    assert!(
+        t.e.insert_waiter(WaiterId(50), remote, false).is_err(),
+        "ids are unique"
+    );
+    let mut local = t.req(2, &[("d", X)]);
+    local.wait = true;
+    t.e.insert_waiter(WaiterId(60), local, true).unwrap();
+    t.e.take_output();
+    t.release(1, "d", ReleaseKind::Clean, 2).unwrap();
+    // The remote waiter is first: nobody is granted here, the local one still waits.
+    assert!(t.outcomes().is_empty());
+    assert_eq!(t.e.waiters_of(&res("d")).len(), 2);
+    // A handover may name the remote waiter's host: the resource is kept for it.
+    t.take(3, "e", X, 3).unwrap();
+    let remote_e = AcquireRequest {
+        owner: owner_on(&HostId::new("other").unwrap(), 9),
+        session: SessionId(77),
+        items: vec![(res("e"), X)],
+        accept_dirty: false,
+        wait: true,
+    };
+    t.e.insert_waiter(WaiterId(70), remote_e, false).unwrap();
+    t.e.take_output();
+    let to = ReleaseKind::Handover {
+        host: HostId::new("other").unwrap(),
+        label: None,
+    };
+    t.release(3, "e", to, 4).unwrap();
+    assert_eq!(
+        t.e.resource(&res("e")).unwrap().reserved_for,
+        Some(WaiterId(70))
+    );
+    assert!(
+        t.outcomes().is_empty(),
+        "granting it is the other host's business"
+    );
+    // New local waits take ids past the inserted ones.
+    let id = t.wait(4, &[("f", X), ("d", X)], 5);
+    assert!(id > WaiterId(70));
+}

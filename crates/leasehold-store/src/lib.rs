@@ -38,9 +38,12 @@ pub use leasehold_core::{ResourceView, WaiterView};
 
 mod clock;
 pub mod conformance;
+/// The etcd store, for clusters.
+pub mod etcd;
 mod local;
 
 pub use clock::Clock;
+pub use etcd::{EtcdOptions, EtcdStore};
 pub use local::{LocalStore, LocalStoreOptions};
 
 /// A request for leases, all or none.
@@ -80,6 +83,27 @@ impl AcquireSpec {
     }
 }
 
+/// This host's session with a shared backend, as the store last knew it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionState {
+    /// The session (for etcd, the lease id).
+    pub id: leasehold_core::SessionId,
+    /// Its lifetime without renewal.
+    pub ttl: Duration,
+    /// When the last renewal that succeeded was *sent*: the backend cannot expire the session
+    /// before this plus `ttl`. `None` before the first renewal.
+    pub renewed_sent_at: Option<std::time::Instant>,
+    /// Whether the backend said the session is gone; a new one follows when it can.
+    pub expired: bool,
+}
+
+impl SessionState {
+    /// The last instant at which the session is sure to be alive.
+    pub fn safe_until(&self) -> Option<std::time::Instant> {
+        self.renewed_sent_at.map(|t| t + self.ttl)
+    }
+}
+
 /// Why a store operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
@@ -109,6 +133,24 @@ pub enum StoreError {
     /// The store is shut down.
     #[error("the store is shut down")]
     Closed,
+    /// The shared backend could not be reached, or did not answer in time; nothing of the
+    /// operation took effect, or it may be retried.
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
+    /// This host's session with the shared backend is gone; no lease can be taken until a
+    /// new one is established.
+    #[error("this host's session has expired; leases cannot be taken until a new one begins")]
+    SessionLost,
+    /// The host id is in use by another live agent.
+    #[error(
+        "host id {host} is in use by a live agent ({detail}); is another agent running with this host id?"
+    )]
+    HostInUse {
+        /// The host id.
+        host: HostId,
+        /// Who uses it.
+        detail: String,
+    },
 }
 
 /// One host's connection to the lease state.
@@ -203,4 +245,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Lease events from now on, after they are durable.
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event>;
+
+    /// This host's session with a shared backend, for self-fencing; `None` for a store whose
+    /// sessions never expire (the local store).
+    fn session(&self) -> Option<tokio::sync::watch::Receiver<SessionState>> {
+        None
+    }
 }

@@ -1,0 +1,432 @@
+//! A small etcd v3 client over the generated gRPC stubs: what the etcd store needs and no
+//! more (ranges, transactions, leases with keep-alive, watches).
+
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+
+use super::pb::etcdserverpb as rpc;
+use super::pb::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
+use super::pb::etcdserverpb::request_op::Request;
+use super::pb::mvccpb::KeyValue;
+
+/// An etcd failure, with the operation that failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("etcd {op}: {message}")]
+pub struct EtcdError {
+    /// What was being done.
+    pub op: &'static str,
+    /// What etcd or the transport said.
+    pub message: String,
+    /// Whether it is worth retrying (the cluster or the network was unavailable).
+    pub transient: bool,
+}
+
+impl EtcdError {
+    fn from_status(op: &'static str, s: &tonic::Status) -> EtcdError {
+        use tonic::Code;
+        let transient = matches!(
+            s.code(),
+            Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled
+        ) || s.message().contains("leader");
+        EtcdError {
+            op,
+            message: s.message().to_owned(),
+            transient,
+        }
+    }
+}
+
+/// A connection to an etcd cluster.
+#[derive(Debug, Clone)]
+pub struct Etcd {
+    kv: rpc::kv_client::KvClient<Channel>,
+    lease: rpc::lease_client::LeaseClient<Channel>,
+    watch: rpc::watch_client::WatchClient<Channel>,
+    timeout: Duration,
+}
+
+/// The request timeout for ordinary calls.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl Etcd {
+    /// Connects lazily to `endpoints` (`http://host:port`), balancing over them; calls fail
+    /// after `timeout`.
+    ///
+    /// # Errors
+    /// An [`EtcdError`] for a malformed endpoint.
+    pub fn connect(endpoints: &[String], timeout: Duration) -> Result<Etcd, EtcdError> {
+        if endpoints.is_empty() {
+            return Err(EtcdError {
+                op: "connect",
+                message: "no endpoints".into(),
+                transient: false,
+            });
+        }
+        let eps = endpoints
+            .iter()
+            .map(|e| {
+                Endpoint::from_shared(e.clone())
+                    .map(|ep| {
+                        ep.connect_timeout(timeout)
+                            .timeout(timeout)
+                            .tcp_nodelay(true)
+                            .http2_keep_alive_interval(Duration::from_secs(1))
+                            .keep_alive_timeout(timeout)
+                            .keep_alive_while_idle(true)
+                    })
+                    .map_err(|e| EtcdError {
+                        op: "connect",
+                        message: format!("bad endpoint {e:?}"),
+                        transient: false,
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let channel = Channel::balance_list(eps.into_iter());
+        Ok(Etcd {
+            kv: rpc::kv_client::KvClient::new(channel.clone()),
+            lease: rpc::lease_client::LeaseClient::new(channel.clone()),
+            watch: rpc::watch_client::WatchClient::new(channel),
+            timeout,
+        })
+    }
+
+    /// Reads every key in `[key, range_end)` (or `key` alone when `range_end` is empty), at
+    /// `revision` (0: the latest). Returns the keys and the store's revision.
+    ///
+    /// # Errors
+    /// An [`EtcdError`].
+    pub async fn range(
+        &self,
+        key: Vec<u8>,
+        range_end: Vec<u8>,
+        revision: i64,
+    ) -> Result<(Vec<KeyValue>, i64), EtcdError> {
+        let req = rpc::RangeRequest {
+            key,
+            range_end,
+            revision,
+            ..Default::default()
+        };
+        let r = self
+            .kv
+            .clone()
+            .range(req)
+            .await
+            .map_err(|s| EtcdError::from_status("range", &s))?
+            .into_inner();
+        Ok((r.kvs, r.header.map_or(0, |h| h.revision)))
+    }
+
+    /// Runs a transaction. Returns whether the compares held, the responses, and the
+    /// revision after it.
+    ///
+    /// # Errors
+    /// An [`EtcdError`].
+    pub async fn txn(&self, t: Txn) -> Result<TxnResult, EtcdError> {
+        let req = rpc::TxnRequest {
+            compare: t.compare,
+            success: t.success,
+            failure: t.failure,
+        };
+        let r = self
+            .kv
+            .clone()
+            .txn(req)
+            .await
+            .map_err(|s| EtcdError::from_status("txn", &s))?
+            .into_inner();
+        Ok(TxnResult {
+            succeeded: r.succeeded,
+            revision: r.header.map_or(0, |h| h.revision),
+            responses: r.responses,
+        })
+    }
+
+    /// Grants a lease of `ttl`; returns its id and the TTL etcd granted.
+    ///
+    /// # Errors
+    /// An [`EtcdError`].
+    pub async fn lease_grant(&self, ttl: Duration) -> Result<(i64, i64), EtcdError> {
+        let req = rpc::LeaseGrantRequest {
+            ttl: i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX),
+            id: 0,
+        };
+        let r = self
+            .lease
+            .clone()
+            .lease_grant(req)
+            .await
+            .map_err(|s| EtcdError::from_status("lease grant", &s))?
+            .into_inner();
+        if !r.error.is_empty() {
+            return Err(EtcdError {
+                op: "lease grant",
+                message: r.error,
+                transient: false,
+            });
+        }
+        Ok((r.id, r.ttl))
+    }
+
+    /// The seconds left of lease `id`; `None` when it has expired or never was.
+    ///
+    /// # Errors
+    /// An [`EtcdError`].
+    pub async fn lease_ttl(&self, id: i64) -> Result<Option<i64>, EtcdError> {
+        let req = rpc::LeaseTimeToLiveRequest { id, keys: false };
+        let r = self
+            .lease
+            .clone()
+            .lease_time_to_live(req)
+            .await
+            .map_err(|s| EtcdError::from_status("lease ttl", &s))?
+            .into_inner();
+        Ok((r.ttl > 0).then_some(r.ttl))
+    }
+
+    /// Revokes lease `id`, deleting its keys.
+    ///
+    /// # Errors
+    /// An [`EtcdError`].
+    pub async fn lease_revoke(&self, id: i64) -> Result<(), EtcdError> {
+        self.lease
+            .clone()
+            .lease_revoke(rpc::LeaseRevokeRequest { id })
+            .await
+            .map_err(|s| EtcdError::from_status("lease revoke", &s))?;
+        Ok(())
+    }
+
+    /// Renews lease `id` once, over a keep-alive stream; returns the TTL etcd answered (0: the
+    /// lease has expired). Bounded by the client's timeout.
+    ///
+    /// # Errors
+    /// An [`EtcdError`], transient when etcd could not be reached in time.
+    pub async fn keep_alive_once(&self, id: i64) -> Result<i64, EtcdError> {
+        let fut = async {
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            let _ = tx.send(rpc::LeaseKeepAliveRequest { id }).await;
+            let mut stream = self
+                .lease
+                .clone()
+                .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .map_err(|s| EtcdError::from_status("keep-alive", &s))?
+                .into_inner();
+            let r = stream
+                .message()
+                .await
+                .map_err(|s| EtcdError::from_status("keep-alive", &s))?;
+            drop(tx);
+            r.map(|r| r.ttl).ok_or(EtcdError {
+                op: "keep-alive",
+                message: "the stream closed without an answer".into(),
+                transient: true,
+            })
+        };
+        tokio::time::timeout(self.timeout, fut)
+            .await
+            .unwrap_or(Err(EtcdError {
+                op: "keep-alive",
+                message: format!("no answer in {:?}", self.timeout),
+                transient: true,
+            }))
+    }
+
+    /// Watches `[key, range_end)` from `start_revision`, with previous values.
+    ///
+    /// # Errors
+    /// An [`EtcdError`] when the watch cannot be created.
+    pub async fn watch(
+        &self,
+        key: Vec<u8>,
+        range_end: Vec<u8>,
+        start_revision: i64,
+    ) -> Result<tonic::Streaming<rpc::WatchResponse>, EtcdError> {
+        let create = rpc::WatchRequest {
+            request_union: Some(rpc::watch_request::RequestUnion::CreateRequest(
+                rpc::WatchCreateRequest {
+                    key,
+                    range_end,
+                    start_revision,
+                    prev_kv: true,
+                    progress_notify: true,
+                    ..Default::default()
+                },
+            )),
+        };
+        // The request stream stays open while the watch lives: etcd ends a watch whose client
+        // half-closes.
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let _ = tx.send(create).await;
+        let stream = self
+            .watch
+            .clone()
+            .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map_err(|s| EtcdError::from_status("watch", &s))?
+            .into_inner();
+        // Keep the sender alive for the stream's lifetime.
+        tokio::spawn(async move {
+            tx.closed().await;
+        });
+        Ok(stream)
+    }
+}
+
+/// The end of the range of keys that start with `prefix`.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// A transaction being built.
+#[derive(Debug, Default, Clone)]
+pub struct Txn {
+    compare: Vec<rpc::Compare>,
+    success: Vec<rpc::RequestOp>,
+    failure: Vec<rpc::RequestOp>,
+}
+
+/// The outcome of a transaction.
+#[derive(Debug, Clone)]
+pub struct TxnResult {
+    /// Whether the compares held (the success branch ran).
+    pub succeeded: bool,
+    /// The store's revision after the transaction.
+    pub revision: i64,
+    /// The responses of the branch that ran.
+    pub responses: Vec<rpc::ResponseOp>,
+}
+
+fn cmp(key: Vec<u8>, target: CompareTarget, result: CompareResult, u: TargetUnion) -> rpc::Compare {
+    rpc::Compare {
+        result: result.into(),
+        target: target.into(),
+        key,
+        range_end: Vec::new(),
+        target_union: Some(u),
+    }
+}
+
+impl Txn {
+    /// An empty transaction.
+    pub fn new() -> Txn {
+        Txn::default()
+    }
+
+    /// The number of compares and operations, which etcd bounds (`--max-txn-ops`, 128 by
+    /// default).
+    pub fn size(&self) -> usize {
+        self.compare.len() + self.success.len().max(self.failure.len())
+    }
+
+    /// Requires `key`'s mod revision to be `rev` (0: the key must not exist).
+    pub fn if_mod_revision(mut self, key: Vec<u8>, rev: i64) -> Txn {
+        self.compare.push(if rev == 0 {
+            cmp(
+                key,
+                CompareTarget::Create,
+                CompareResult::Equal,
+                TargetUnion::CreateRevision(0),
+            )
+        } else {
+            cmp(
+                key,
+                CompareTarget::Mod,
+                CompareResult::Equal,
+                TargetUnion::ModRevision(rev),
+            )
+        });
+        self
+    }
+
+    /// Requires `key`'s create revision to be `rev` (0: absent).
+    pub fn if_create_revision(mut self, key: Vec<u8>, rev: i64) -> Txn {
+        self.compare.push(cmp(
+            key,
+            CompareTarget::Create,
+            CompareResult::Equal,
+            TargetUnion::CreateRevision(rev),
+        ));
+        self
+    }
+
+    /// Requires `key` to be attached to lease `lease`.
+    pub fn if_lease(mut self, key: Vec<u8>, lease: i64) -> Txn {
+        self.compare.push(cmp(
+            key,
+            CompareTarget::Lease,
+            CompareResult::Equal,
+            TargetUnion::Lease(lease),
+        ));
+        self
+    }
+
+    /// Puts `key = value`, attached to `lease` (0: none), when the compares hold.
+    pub fn put(mut self, key: Vec<u8>, value: Vec<u8>, lease: i64) -> Txn {
+        self.success.push(rpc::RequestOp {
+            request: Some(Request::RequestPut(rpc::PutRequest {
+                key,
+                value,
+                lease,
+                ..Default::default()
+            })),
+        });
+        self
+    }
+
+    /// Deletes `key` when the compares hold.
+    pub fn delete(mut self, key: Vec<u8>) -> Txn {
+        self.success.push(rpc::RequestOp {
+            request: Some(Request::RequestDeleteRange(rpc::DeleteRangeRequest {
+                key,
+                ..Default::default()
+            })),
+        });
+        self
+    }
+
+    /// Reads `[key, range_end)` in the branch that runs (both, so a failed transaction still
+    /// answers what it found).
+    pub fn get(mut self, key: Vec<u8>, range_end: Vec<u8>) -> Txn {
+        let op = rpc::RequestOp {
+            request: Some(Request::RequestRange(rpc::RangeRequest {
+                key,
+                range_end,
+                ..Default::default()
+            })),
+        };
+        self.success.push(op.clone());
+        self.failure.push(op);
+        self
+    }
+}
+
+/// The key-values of the `i`th response of a transaction, when it was a range.
+pub fn range_of(r: &TxnResult, i: usize) -> &[KeyValue] {
+    use super::pb::etcdserverpb::response_op::Response;
+    match r.responses.get(i).and_then(|op| op.response.as_ref()) {
+        Some(Response::ResponseRange(rr)) => &rr.kvs,
+        _ => &[],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_ends_cover_exactly_the_prefix() {
+        assert_eq!(prefix_end(b"a/"), b"a0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
+    }
+}

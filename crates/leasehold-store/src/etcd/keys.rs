@@ -1,0 +1,218 @@
+//! Where the etcd store keeps things, and in what shape.
+//!
+//! Under a prefix `P` (default `/leasehold/`):
+//!
+//! | key | value | attached to |
+//! |---|---|---|
+//! | `P hosts/HOST` | [`HostValue`]: the agent's session | the host's session lease |
+//! | `P res/NAME` | [`Record`]: holders, last token, dirty mark, reservation | nothing: durable |
+//! | `P wait/NAME/HOST-N` | [`WaiterValue`]: a waiting request | the waiter's session lease |
+//! | `P grace/NAME` | empty: NAME is in its grace after a host was lost | a lease of TTL `grace` |
+//!
+//! `NAME` is the resource name with `%` and `/` percent-encoded, so that one resource's
+//! waiter prefix never covers another's. A waiting request writes its keys for all its
+//! resources in one transaction, so they share a create revision, which is the request's
+//! place in every queue.
+
+use leasehold_core::{Event, HostId, Mode, Owner, ResourceName, ResourceState};
+use serde::{Deserialize, Serialize};
+
+/// The keys of one store prefix.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+fn enc(name: &ResourceName) -> String {
+    let mut s = String::with_capacity(name.as_str().len());
+    for c in name.as_str().chars() {
+        match c {
+            '%' => s.push_str("%25"),
+            '/' => s.push_str("%2F"),
+            c => s.push(c),
+        }
+    }
+    s
+}
+
+fn dec(s: &str) -> Option<ResourceName> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('%') {
+        out.push_str(&rest[..i]);
+        match rest.get(i..i + 3) {
+            Some("%25") => out.push('%'),
+            Some("%2F") => out.push('/'),
+            _ => return None,
+        }
+        rest = &rest[i + 3..];
+    }
+    out.push_str(rest);
+    ResourceName::new(out).ok()
+}
+
+impl Keys {
+    /// The keys under `prefix` (a `/` is added if it lacks one).
+    pub fn new(prefix: &str) -> Keys {
+        let mut prefix = prefix.to_owned();
+        if !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        Keys { prefix }
+    }
+
+    /// The prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// `P hosts/`
+    pub fn hosts(&self) -> Vec<u8> {
+        format!("{}hosts/", self.prefix).into_bytes()
+    }
+
+    /// `P hosts/HOST`
+    pub fn host(&self, host: &HostId) -> Vec<u8> {
+        format!("{}hosts/{host}", self.prefix).into_bytes()
+    }
+
+    /// `P res/`
+    pub fn resources(&self) -> Vec<u8> {
+        format!("{}res/", self.prefix).into_bytes()
+    }
+
+    /// `P res/NAME`
+    pub fn resource(&self, r: &ResourceName) -> Vec<u8> {
+        format!("{}res/{}", self.prefix, enc(r)).into_bytes()
+    }
+
+    /// `P wait/`
+    pub fn all_waiters(&self) -> Vec<u8> {
+        format!("{}wait/", self.prefix).into_bytes()
+    }
+
+    /// `P wait/NAME/`
+    pub fn waiters(&self, r: &ResourceName) -> Vec<u8> {
+        format!("{}wait/{}/", self.prefix, enc(r)).into_bytes()
+    }
+
+    /// `P wait/NAME/HOST-N`
+    pub fn waiter(&self, r: &ResourceName, host: &HostId, n: u64) -> Vec<u8> {
+        format!("{}wait/{}/{host}-{n}", self.prefix, enc(r)).into_bytes()
+    }
+
+    /// `P grace/`
+    pub fn graces(&self) -> Vec<u8> {
+        format!("{}grace/", self.prefix).into_bytes()
+    }
+
+    /// `P grace/NAME`
+    pub fn grace(&self, r: &ResourceName) -> Vec<u8> {
+        format!("{}grace/{}", self.prefix, enc(r)).into_bytes()
+    }
+
+    /// What a key under the prefix is.
+    pub fn parse(&self, key: &[u8]) -> Option<KeyKind> {
+        let s = std::str::from_utf8(key).ok()?.strip_prefix(&self.prefix)?;
+        if let Some(h) = s.strip_prefix("hosts/") {
+            return HostId::new(h).ok().map(KeyKind::Host);
+        }
+        if let Some(r) = s.strip_prefix("res/") {
+            return dec(r).map(KeyKind::Resource);
+        }
+        if let Some(r) = s.strip_prefix("grace/") {
+            return dec(r).map(KeyKind::Grace);
+        }
+        if let Some(w) = s.strip_prefix("wait/") {
+            let (r, _) = w.split_once('/')?;
+            return dec(r).map(KeyKind::Waiter);
+        }
+        None
+    }
+}
+
+/// What a key is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyKind {
+    /// A host's session key.
+    Host(HostId),
+    /// A resource record.
+    Resource(ResourceName),
+    /// A waiter key of this resource.
+    Waiter(ResourceName),
+    /// The grace key of this resource.
+    Grace(ResourceName),
+}
+
+/// A host's session, as its key holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostValue {
+    /// The host.
+    pub host: HostId,
+    /// Its session: the etcd lease the key is attached to.
+    pub lease: i64,
+    /// The agent's pid, for people.
+    pub pid: u32,
+    /// When the session began, Unix milliseconds.
+    pub since_ms: u64,
+}
+
+/// A resource record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// Holders, last token, dirty mark, last ending. Sessions are etcd lease ids; the grace is
+    /// not here but in the grace key.
+    #[serde(flatten)]
+    pub state: ResourceState,
+    /// A handover in progress: the resource is kept for this waiting request (its create
+    /// revision).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserved_for: Option<u64>,
+    /// What the transaction that wrote this version did to the resource, for watchers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<Event>,
+}
+
+/// A waiting request, as each of its keys holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaiterValue {
+    /// Who waits.
+    pub owner: Owner,
+    /// Its host's session (etcd lease id).
+    pub session: u64,
+    /// Everything it waits for.
+    pub items: Vec<(ResourceName, Mode)>,
+    /// Whether it accepts a dirty resource.
+    pub accept_dirty: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_with_slashes_do_not_share_prefixes() {
+        let k = Keys::new("/lh");
+        let a = ResourceName::new("a").unwrap();
+        let ab = ResourceName::new("a/b").unwrap();
+        let pa = k.waiters(&a);
+        assert!(
+            !k.waiter(&ab, &HostId::new("h").unwrap(), 1)
+                .starts_with(&pa)
+        );
+        for name in ["a", "a/b", "50%/x", "/srv/vm 1.qcow2", "ü/%2F"] {
+            let r = ResourceName::new(name).unwrap();
+            assert_eq!(k.parse(&k.resource(&r)), Some(KeyKind::Resource(r.clone())));
+            assert_eq!(
+                k.parse(&k.waiter(&r, &HostId::new("h").unwrap(), 7)),
+                Some(KeyKind::Waiter(r.clone()))
+            );
+            assert_eq!(k.parse(&k.grace(&r)), Some(KeyKind::Grace(r)));
+        }
+        assert_eq!(
+            k.parse(b"/lh/hosts/n1"),
+            Some(KeyKind::Host(HostId::new("n1").unwrap()))
+        );
+        assert_eq!(k.parse(b"/other/res/x"), None);
+    }
+}

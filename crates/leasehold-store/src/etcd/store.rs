@@ -1,0 +1,1309 @@
+//! The etcd store.
+//!
+//! Every operation follows one pattern:
+//!
+//! 1. read a **snapshot** of the resources concerned, their waiters and grace keys, and the
+//!    live host sessions, at one revision;
+//! 2. run `leasehold-core`'s engine over it: live sessions never expire inside it, dead ones
+//!    (a holder whose host key is gone) expire at once, so their exclusive resources become
+//!    dirty and blocked for the grace; waiters of other hosts hold their place in the queues
+//!    but only this host's waiters are decided here;
+//! 3. **commit** what the engine changed in one transaction that compares the mod revision of
+//!    every record it read (and, when it grants or queues for this host, that this host's
+//!    session key is still on its lease). If anything moved, nothing is written and the
+//!    operation starts again from a fresh snapshot.
+//!
+//! A grace is a key on an etcd lease of TTL `grace`, created by whoever clears a dead session's
+//! holders, so it is measured by etcd from a moment no earlier than the expiry. Tokens are at
+//! least the snapshot's revision + 1, and above the record's last token.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use leasehold_core::{
+    AcquireError, AcquireRequest, Acquired, Conflict, Ended, Engine, EngineConfig, Event, Grant,
+    HostId, Meta, Now, Output, ProcessKey, ReleaseKind, ReleaseRequest, Released, ResourceName,
+    ResourceState, ResourceView, Session, SessionId, Time, Token, WaiterId, WaiterView,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, broadcast, oneshot, watch};
+use tracing::{debug, info, warn};
+
+use super::client::{Etcd, EtcdError, Txn, prefix_end, range_of};
+use super::keys::{HostValue, KeyKind, Keys, Record, WaiterValue};
+use super::pb::mvccpb::KeyValue;
+use crate::{AcquireSpec, Clock, SessionState, Store, StoreError};
+
+/// How long a blocked resource stays blocked, to the engine: the grace key decides when it
+/// ends, not the engine's clock.
+const BLOCKED: Time = Time(u64::MAX);
+
+/// etcd refuses transactions with more than this many compares or operations by default.
+const MAX_TXN_OPS: usize = 128;
+
+/// How often the waiter service looks again even without a change seen.
+const WAITER_POLL: Duration = Duration::from_secs(1);
+
+/// Settings of an [`EtcdStore`].
+#[derive(Debug, Clone)]
+pub struct EtcdOptions {
+    /// etcd client URLs.
+    pub endpoints: Vec<String>,
+    /// The key prefix; clusters that share an etcd use different ones.
+    pub prefix: String,
+    /// Session lifetime without renewal.
+    pub ttl: Duration,
+    /// Heartbeat interval.
+    pub renew: Duration,
+    /// After a session expires, its resources stay unavailable this long.
+    pub grace: Duration,
+    /// Timeout of one etcd request.
+    pub timeout: Duration,
+    /// Where to remember the session, so a restarted agent resumes it while it lives.
+    pub session_file: Option<PathBuf>,
+}
+
+impl EtcdOptions {
+    /// Options for `endpoints` with SPEC §4's defaults.
+    pub fn new(endpoints: Vec<String>) -> EtcdOptions {
+        EtcdOptions {
+            endpoints,
+            prefix: "/leasehold/".into(),
+            ttl: Duration::from_secs(10),
+            renew: Duration::from_millis(3333),
+            grace: Duration::from_secs(5),
+            timeout: Duration::from_secs(2),
+            session_file: None,
+        }
+    }
+}
+
+/// What a resource looked like in a snapshot.
+#[derive(Debug, Clone, Default)]
+struct ResSnap {
+    record: Option<Record>,
+    mod_rev: i64,
+    waiters: Vec<WaiterSnap>,
+    grace: bool,
+}
+
+#[derive(Debug, Clone)]
+struct WaiterSnap {
+    id: u64,
+    value: WaiterValue,
+}
+
+/// A consistent read of some resources and of the live sessions.
+#[derive(Debug, Clone, Default)]
+struct Snapshot {
+    revision: i64,
+    /// Live sessions: lease id to host.
+    sessions: HashMap<i64, HostId>,
+    res: BTreeMap<ResourceName, ResSnap>,
+}
+
+/// A waiting request of this host.
+struct LocalWaiter {
+    value: WaiterValue,
+    keys: Vec<Vec<u8>>,
+    reply: Option<oneshot::Sender<Result<Vec<Grant>, AcquireError>>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SavedSession {
+    host: HostId,
+    prefix: String,
+    lease: i64,
+}
+
+struct Inner {
+    host: HostId,
+    keys: Keys,
+    opts: EtcdOptions,
+    etcd: Etcd,
+    clock: Clock,
+    session: watch::Sender<SessionState>,
+    events: broadcast::Sender<Event>,
+    changed: Notify,
+    waiters: Mutex<BTreeMap<u64, LocalWaiter>>,
+    /// The resources each local process holds, kept by this store's own commits (every grant
+    /// to a local process is one of them).
+    held: Mutex<HashMap<ProcessKey, BTreeSet<ResourceName>>>,
+    /// Grants whose caller had gone when they were decided; released by the waiter service.
+    orphans: Mutex<Vec<(ResourceName, ProcessKey)>>,
+    next_waiter_key: std::sync::atomic::AtomicU64,
+}
+
+/// The etcd store. See the module documentation.
+pub struct EtcdStore {
+    inner: Arc<Inner>,
+    tasks: Vec<tokio::task::AbortHandle>,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("host", &self.inner.host)
+            .field("prefix", &self.inner.keys.prefix())
+            .finish()
+    }
+}
+
+impl Drop for EtcdStore {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn unavailable(e: EtcdError) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+impl EtcdStore {
+    /// Connects to etcd and opens this host's session: resumes the one saved in
+    /// `session_file` if etcd still holds it, else creates one.
+    ///
+    /// # Errors
+    /// [`StoreError::HostInUse`] when another live agent has this host id;
+    /// [`StoreError::Unavailable`] when etcd cannot be reached.
+    pub async fn open(host: HostId, opts: EtcdOptions) -> Result<EtcdStore, StoreError> {
+        let etcd = Etcd::connect(&opts.endpoints, opts.timeout).map_err(unavailable)?;
+        let keys = Keys::new(&opts.prefix);
+        let (lease, renewed) = establish(&etcd, &keys, &host, &opts).await?;
+        let (session, _) = watch::channel(SessionState {
+            id: SessionId(lease as u64),
+            ttl: opts.ttl,
+            renewed_sent_at: Some(renewed),
+            expired: false,
+        });
+        let (events, _) = broadcast::channel(4096);
+        let inner = Arc::new(Inner {
+            host,
+            keys,
+            opts,
+            etcd,
+            clock: Clock::new(),
+            session,
+            events,
+            changed: Notify::new(),
+            waiters: Mutex::new(BTreeMap::new()),
+            held: Mutex::new(HashMap::new()),
+            orphans: Mutex::new(Vec::new()),
+            next_waiter_key: std::sync::atomic::AtomicU64::new(now_ms()),
+        });
+        inner.load_held().await?;
+        let start_rev = inner
+            .etcd
+            .range(inner.keys.hosts(), Vec::new(), 0)
+            .await
+            .map_err(unavailable)?
+            .1;
+        let tasks = vec![
+            tokio::spawn(keep_session(Arc::clone(&inner))).abort_handle(),
+            tokio::spawn(follow(Arc::clone(&inner), start_rev + 1)).abort_handle(),
+            tokio::spawn(serve_waiters(Arc::clone(&inner))).abort_handle(),
+        ];
+        Ok(EtcdStore { inner, tasks })
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        self.inner.keys.prefix()
+    }
+
+    /// Ends this host's session now (revokes its lease): its leases end as if the host were
+    /// lost. For tests and for decommissioning a host.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`].
+    pub async fn revoke_session(&self) -> Result<(), StoreError> {
+        let id = self.inner.session.borrow().id.0 as i64;
+        self.inner.etcd.lease_revoke(id).await.map_err(unavailable)
+    }
+}
+
+/// Resumes the saved session if etcd still has it on this host's key, else creates one.
+/// Returns the lease and when its last renewal was sent.
+async fn establish(
+    etcd: &Etcd,
+    keys: &Keys,
+    host: &HostId,
+    opts: &EtcdOptions,
+) -> Result<(i64, Instant), StoreError> {
+    let saved: Option<SavedSession> = opts
+        .session_file
+        .as_ref()
+        .and_then(|p| std::fs::read(p).ok())
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .filter(|s: &SavedSession| &s.host == host && s.prefix == keys.prefix());
+    let (kvs, _) = etcd
+        .range(keys.host(host), Vec::new(), 0)
+        .await
+        .map_err(unavailable)?;
+    if let Some(kv) = kvs.first() {
+        let current: Option<HostValue> = serde_json::from_slice(&kv.value).ok();
+        if let Some(saved) = &saved
+            && kv.lease == saved.lease
+        {
+            let sent = Instant::now();
+            let ttl = etcd
+                .keep_alive_once(saved.lease)
+                .await
+                .map_err(unavailable)?;
+            if ttl > 0 {
+                info!(host = %host, lease = saved.lease, "resumed the host session");
+                return Ok((saved.lease, sent));
+            }
+        }
+        let detail = match current {
+            Some(v) => format!(
+                "agent pid {} holds its session (etcd lease {:x}) since {}",
+                v.pid,
+                v.lease,
+                crate::etcd::store::fmt_ms(v.since_ms)
+            ),
+            None => format!("etcd lease {:x} holds its key", kv.lease),
+        };
+        return Err(StoreError::HostInUse {
+            host: host.clone(),
+            detail,
+        });
+    }
+    let sent = Instant::now();
+    let (lease, _) = etcd.lease_grant(opts.ttl).await.map_err(unavailable)?;
+    let value = HostValue {
+        host: host.clone(),
+        lease,
+        pid: std::process::id(),
+        since_ms: now_ms(),
+    };
+    let t =
+        Txn::new()
+            .if_create_revision(keys.host(host), 0)
+            .put(keys.host(host), json(&value), lease);
+    let r = etcd.txn(t).await.map_err(unavailable)?;
+    if !r.succeeded {
+        let _ = etcd.lease_revoke(lease).await;
+        return Err(StoreError::HostInUse {
+            host: host.clone(),
+            detail: "another agent registered it a moment ago".into(),
+        });
+    }
+    if let Some(p) = &opts.session_file {
+        let saved = SavedSession {
+            host: host.clone(),
+            prefix: keys.prefix().to_owned(),
+            lease,
+        };
+        if let Some(dir) = p.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let _ = std::fs::write(p, json(&saved));
+    }
+    info!(host = %host, lease, "host session opened");
+    Ok((lease, sent))
+}
+
+/// A wall-clock time for messages.
+pub(crate) fn fmt_ms(ms: u64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms);
+    humantime_like(t)
+}
+
+fn humantime_like(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!("unix time {secs}")
+}
+
+/// Renews the session every `renew`; on failure retries quickly; when etcd says the session
+/// is gone, opens a new one.
+async fn keep_session(inner: Arc<Inner>) {
+    let mut next = tokio::time::Instant::now() + inner.opts.renew;
+    loop {
+        tokio::time::sleep_until(next).await;
+        let state = inner.session.borrow().clone();
+        let lease = state.id.0 as i64;
+        if state.expired {
+            match establish(&inner.etcd, &inner.keys, &inner.host, &inner.opts).await {
+                Ok((lease, sent)) => {
+                    inner.session.send_replace(SessionState {
+                        id: SessionId(lease as u64),
+                        ttl: inner.opts.ttl,
+                        renewed_sent_at: Some(sent),
+                        expired: false,
+                    });
+                    inner.changed.notify_waiters();
+                    next = tokio::time::Instant::now() + inner.opts.renew;
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot open a new host session yet");
+                    next = tokio::time::Instant::now() + Duration::from_millis(500);
+                }
+            }
+            continue;
+        }
+        let sent = Instant::now();
+        match inner.etcd.keep_alive_once(lease).await {
+            Ok(ttl) if ttl > 0 => {
+                inner
+                    .session
+                    .send_modify(|s| s.renewed_sent_at = Some(sent));
+                next = tokio::time::Instant::from_std(sent) + inner.opts.renew;
+            }
+            Ok(_) => {
+                warn!(lease, "etcd says this host's session has expired");
+                inner.session.send_modify(|s| s.expired = true);
+                next = tokio::time::Instant::now();
+            }
+            Err(e) => {
+                debug!(error = %e, "session renewal failed; retrying");
+                next = tokio::time::Instant::now() + Duration::from_millis(250);
+            }
+        }
+    }
+}
+
+/// Follows every change under the prefix: publishes the events recorded in resource
+/// records, notes expired sessions, and wakes the waiter service.
+async fn follow(inner: Arc<Inner>, mut from: i64) {
+    loop {
+        let mut stream = match inner
+            .etcd
+            .watch(
+                inner.keys.prefix().as_bytes().to_vec(),
+                prefix_end(inner.keys.prefix().as_bytes()),
+                from,
+            )
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(error = %e, "watch failed; retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                continue;
+            }
+        };
+        loop {
+            let msg = match stream.message().await {
+                Ok(Some(m)) => m,
+                Ok(None) | Err(_) => break,
+            };
+            if msg.compact_revision > 0 {
+                // Missed history: start from now; waiters will look again.
+                from = msg.compact_revision;
+                inner.changed.notify_waiters();
+                break;
+            }
+            if let Some(h) = &msg.header {
+                from = from.max(h.revision + 1);
+            }
+            for ev in &msg.events {
+                inner.on_watch_event(ev);
+            }
+            if !msg.events.is_empty() {
+                inner.changed.notify_waiters();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Decides this host's waiting requests whenever something changes (and every second).
+async fn serve_waiters(inner: Arc<Inner>) {
+    loop {
+        let notified = inner.changed.notified();
+        inner.release_orphans().await;
+        let ids: Vec<u64> = inner
+            .waiters
+            .lock()
+            .map(|w| w.keys().copied().collect())
+            .unwrap_or_default();
+        for id in ids {
+            if let Err(e) = inner.try_waiter(id).await {
+                debug!(waiter = id, error = %e, "waiter not decided yet");
+            }
+        }
+        let _ = tokio::time::timeout(WAITER_POLL, notified).await;
+    }
+}
+
+impl Inner {
+    fn now(&self) -> Now {
+        self.clock.now()
+    }
+
+    fn lease(&self) -> Result<i64, StoreError> {
+        let s = self.session.borrow();
+        if s.expired {
+            return Err(StoreError::SessionLost);
+        }
+        Ok(s.id.0 as i64)
+    }
+
+    /// Builds the index of this host's holders from every record.
+    async fn load_held(&self) -> Result<(), StoreError> {
+        let (kvs, _) = self
+            .etcd
+            .range(self.keys.resources(), prefix_end(&self.keys.resources()), 0)
+            .await
+            .map_err(unavailable)?;
+        let mut held = HashMap::<ProcessKey, BTreeSet<ResourceName>>::new();
+        for kv in kvs {
+            let (Some(KeyKind::Resource(r)), Ok(rec)) = (
+                self.keys.parse(&kv.key),
+                serde_json::from_slice::<Record>(&kv.value),
+            ) else {
+                continue;
+            };
+            for l in rec.state.holders {
+                if l.owner.process.host == self.host {
+                    held.entry(l.owner.process).or_default().insert(r.clone());
+                }
+            }
+        }
+        if let Ok(mut h) = self.held.lock() {
+            *h = held;
+        }
+        Ok(())
+    }
+
+    fn on_watch_event(&self, ev: &super::pb::mvccpb::Event) {
+        let Some(kv) = &ev.kv else { return };
+        let deleted = ev.r#type == super::pb::mvccpb::event::EventType::Delete as i32;
+        match self.keys.parse(&kv.key) {
+            Some(KeyKind::Resource(_)) if !deleted => {
+                if let Ok(rec) = serde_json::from_slice::<Record>(&kv.value) {
+                    for e in rec.events {
+                        let _ = self.events.send(e);
+                    }
+                }
+            }
+            Some(KeyKind::Host(host)) if deleted => {
+                let lease = ev.prev_kv.as_ref().map_or(0, |p| p.lease);
+                let _ = self.events.send(Event::SessionExpired {
+                    session: SessionId(lease as u64),
+                    host,
+                });
+            }
+            _ => {}
+        }
+    }
+
+    /// Reads the resources `names` (with their waiters and grace keys) and the live sessions
+    /// at one revision.
+    async fn snapshot(&self, names: &BTreeSet<ResourceName>) -> Result<Snapshot, StoreError> {
+        let hosts = self.keys.hosts();
+        let (host_kvs, revision) = self
+            .etcd
+            .range(hosts.clone(), prefix_end(&hosts), 0)
+            .await
+            .map_err(unavailable)?;
+        let mut snap = Snapshot {
+            revision,
+            ..Snapshot::default()
+        };
+        for kv in &host_kvs {
+            if let Some(KeyKind::Host(h)) = self.keys.parse(&kv.key) {
+                snap.sessions.insert(kv.lease, h);
+            }
+        }
+        // Three reads per resource, at the hosts' revision, in transactions etcd accepts.
+        let names: Vec<&ResourceName> = names.iter().collect();
+        for chunk in names.chunks(MAX_TXN_OPS / 3) {
+            let mut t = Txn::new();
+            for r in chunk {
+                let wp = self.keys.waiters(r);
+                t = t
+                    .get(self.keys.resource(r), Vec::new())
+                    .get(wp.clone(), prefix_end(&wp))
+                    .get(self.keys.grace(r), Vec::new());
+            }
+            // A transaction reads the latest revision; a later one than the hosts' range is
+            // harmless (sessions only end, and a read at a later revision sees no more live
+            // sessions than there were), and records are compared at commit.
+            let res = self.etcd.txn(t).await.map_err(unavailable)?;
+            snap.revision = snap.revision.max(res.revision);
+            for (i, r) in chunk.iter().enumerate() {
+                let rec = range_of(&res, 3 * i).first();
+                let mut rs = ResSnap {
+                    record: rec.and_then(|kv| serde_json::from_slice(&kv.value).ok()),
+                    mod_rev: rec.map_or(0, |kv| kv.mod_revision),
+                    waiters: Vec::new(),
+                    grace: !range_of(&res, 3 * i + 2).is_empty(),
+                };
+                for kv in range_of(&res, 3 * i + 1) {
+                    if let Ok(value) = serde_json::from_slice::<WaiterValue>(&kv.value) {
+                        rs.waiters.push(WaiterSnap {
+                            id: kv.create_revision as u64,
+                            value,
+                        });
+                    }
+                }
+                snap.res.insert((*r).clone(), rs);
+            }
+        }
+        Ok(snap)
+    }
+
+    /// The engine over a snapshot: live sessions, dead sessions due at once, records, queues,
+    /// reservations. `decide` names this host's waiters it may grant.
+    fn engine(&self, snap: &Snapshot, decide: &BTreeSet<u64>, now: Now) -> Engine {
+        let mut sessions: BTreeMap<SessionId, Session> = BTreeMap::new();
+        for (lease, host) in &snap.sessions {
+            let id = SessionId(*lease as u64);
+            sessions.insert(
+                id,
+                Session {
+                    id,
+                    host: host.clone(),
+                    ttl: None,
+                    expires_at: None,
+                },
+            );
+        }
+        let mut records = Vec::new();
+        for (name, rs) in &snap.res {
+            let mut st = rs
+                .record
+                .as_ref()
+                .map(|r| r.state.clone())
+                .unwrap_or_default();
+            st.blocked_until = rs.grace.then_some(BLOCKED);
+            for l in &st.holders {
+                // A holder whose session is gone: a session that expires now, so the engine
+                // ends its leases (dirty) and starts the grace.
+                sessions.entry(l.session).or_insert_with(|| Session {
+                    id: l.session,
+                    host: l.owner.process.host.clone(),
+                    ttl: Some(Duration::ZERO),
+                    expires_at: Some(Time(0)),
+                });
+            }
+            if rs.record.is_some() || rs.grace || !rs.waiters.is_empty() {
+                records.push((name.clone(), st));
+            }
+        }
+        let mut engine = Engine::restore(
+            EngineConfig {
+                grace: self.opts.grace,
+            },
+            Meta {
+                next_token: 0,
+                next_session: 1,
+                sessions: sessions.into_values().collect(),
+            },
+            records,
+        );
+        engine.raise_token_floor(u64::try_from(snap.revision).unwrap_or(0) + 1);
+        let mut seen = BTreeSet::new();
+        for rs in snap.res.values() {
+            for w in &rs.waiters {
+                if !seen.insert(w.id) {
+                    continue;
+                }
+                let req = AcquireRequest {
+                    owner: w.value.owner.clone(),
+                    session: SessionId(w.value.session),
+                    items: w.value.items.clone(),
+                    accept_dirty: w.value.accept_dirty,
+                    wait: true,
+                };
+                let _ = engine.insert_waiter(WaiterId(w.id), req, decide.contains(&w.id));
+            }
+        }
+        for (name, rs) in &snap.res {
+            let reserved = rs
+                .record
+                .as_ref()
+                .and_then(|r| r.reserved_for)
+                .filter(|id| seen.contains(id));
+            engine.set_reservation(name, reserved.map(WaiterId));
+        }
+        // Dead sessions expire now; what that changes is written with the operation.
+        engine.tick(now);
+        engine
+    }
+
+    /// Writes what the engine changed, if nothing it read has moved. Returns the commit's
+    /// revision, or `None` when something moved (the caller starts again).
+    async fn commit(
+        &self,
+        snap: &Snapshot,
+        engine: &Engine,
+        out: &Output,
+        extra: Extra,
+    ) -> Result<Option<i64>, StoreError> {
+        let mut t = Txn::new();
+        if let Some(lease) = extra.require_session {
+            t = t.if_lease(self.keys.host(&self.host), lease);
+        }
+        let mut events: BTreeMap<&ResourceName, Vec<Event>> = BTreeMap::new();
+        for e in &out.events {
+            let r = match e {
+                Event::Granted { resource, .. }
+                | Event::Ended { resource, .. }
+                | Event::Cleaned { resource, .. } => resource,
+                Event::SessionExpired { .. } => continue,
+            };
+            events.entry(r).or_default().push(e.clone());
+        }
+        let mut graces = Vec::new();
+        for name in &out.changed {
+            let Some(rs) = snap.res.get(name) else {
+                continue;
+            };
+            let st = engine.resource(name).cloned().unwrap_or_default();
+            if st.blocked_until.is_some_and(|t| t != BLOCKED) && !rs.grace {
+                graces.push(name.clone());
+            }
+            let rec = Record {
+                reserved_for: st.reserved_for.map(|w| w.0),
+                state: ResourceState {
+                    blocked_until: None,
+                    ..st
+                },
+                events: events.remove(name).unwrap_or_default(),
+            };
+            t = t.if_mod_revision(self.keys.resource(name), rs.mod_rev).put(
+                self.keys.resource(name),
+                json(&rec),
+                0,
+            );
+        }
+        for key in &extra.delete {
+            t = t
+                .if_create_revision(key.0.clone(), key.1)
+                .delete(key.0.clone());
+        }
+        for (key, value, lease) in &extra.put {
+            t = t.put(key.clone(), value.clone(), *lease);
+        }
+        if !graces.is_empty() {
+            let (grace_lease, _) = self
+                .etcd
+                .lease_grant(self.opts.grace)
+                .await
+                .map_err(unavailable)?;
+            for r in &graces {
+                t = t.if_create_revision(self.keys.grace(r), 0).put(
+                    self.keys.grace(r),
+                    Vec::new(),
+                    grace_lease,
+                );
+            }
+        }
+        if t.size() > MAX_TXN_OPS {
+            return Err(StoreError::Acquire(AcquireError::Invalid(format!(
+                "this request needs a transaction of {} operations; etcd allows {MAX_TXN_OPS}: name fewer resources",
+                t.size()
+            ))));
+        }
+        let r = self.etcd.txn(t).await.map_err(unavailable)?;
+        if !r.succeeded {
+            return Ok(None);
+        }
+        self.note_holders(engine, &out.changed);
+        Ok(Some(r.revision))
+    }
+
+    /// Updates the index of local holders after a commit.
+    fn note_holders(&self, engine: &Engine, changed: &BTreeSet<ResourceName>) {
+        let Ok(mut held) = self.held.lock() else {
+            return;
+        };
+        for name in changed {
+            for set in held.values_mut() {
+                set.remove(name);
+            }
+            if let Some(st) = engine.resource(name) {
+                for l in &st.holders {
+                    if l.owner.process.host == self.host {
+                        held.entry(l.owner.process.clone())
+                            .or_default()
+                            .insert(name.clone());
+                    }
+                }
+            }
+        }
+        held.retain(|_, s| !s.is_empty());
+    }
+
+    /// Runs `op` on the engine over a fresh snapshot of `names`, commits, and retries from a
+    /// new snapshot while something moved in between.
+    async fn transact<T>(
+        &self,
+        names: BTreeSet<ResourceName>,
+        mut op: impl FnMut(&mut Engine, Now, &Snapshot) -> Result<(T, Extra), StoreError>,
+    ) -> Result<(T, Output, i64), StoreError> {
+        let deadline = Instant::now() + self.opts.timeout * 5;
+        loop {
+            let snap = self.snapshot(&names).await?;
+            let now = self.now();
+            let mut engine = self.engine(&snap, &BTreeSet::new(), now);
+            let (value, extra) = op(&mut engine, now, &snap)?;
+            let out = engine.take_output();
+            if !out.needs_persist() && extra.is_empty() {
+                return Ok((value, out, snap.revision));
+            }
+            if let Some(rev) = self.commit(&snap, &engine, &out, extra).await? {
+                return Ok((value, out, rev));
+            }
+            if Instant::now() > deadline {
+                return Err(StoreError::Unavailable(
+                    "too much contention on these resources; try again".into(),
+                ));
+            }
+        }
+    }
+
+    /// Tries to decide local waiter `id`.
+    async fn try_waiter(&self, id: u64) -> Result<(), StoreError> {
+        let value = match self
+            .waiters
+            .lock()
+            .ok()
+            .and_then(|w| w.get(&id).map(|w| w.value.clone()))
+        {
+            Some(v) => v,
+            None => return Ok(()),
+        };
+        let names: BTreeSet<ResourceName> = value.items.iter().map(|(r, _)| r.clone()).collect();
+        let snap = self.snapshot(&names).await?;
+        let still_there = snap
+            .res
+            .values()
+            .any(|rs| rs.waiters.iter().any(|w| w.id == id));
+        if !still_there {
+            // Its keys are gone: its session expired, or it was withdrawn.
+            self.finish_waiter(
+                id,
+                Err(AcquireError::Cancelled(
+                    "its waiting keys are gone (host session expired?)".into(),
+                )),
+            );
+            return Ok(());
+        }
+        let now = self.now();
+        let mut engine = self.engine(&snap, &BTreeSet::from([id]), now);
+        engine.serve_waiters(names.iter().cloned(), now);
+        let out = engine.take_output();
+        let outcome = out
+            .waiters
+            .iter()
+            .find(|(w, _)| w.0 == id)
+            .map(|(_, r)| r.clone());
+        let mut extra = Extra::default();
+        if let Some(outcome) = &outcome {
+            let keys = self
+                .waiters
+                .lock()
+                .ok()
+                .and_then(|w| w.get(&id).map(|w| w.keys.clone()))
+                .unwrap_or_default();
+            extra.delete = keys.into_iter().map(|k| (k, id as i64)).collect();
+            if outcome.is_ok() {
+                extra.require_session = Some(self.lease()?);
+            }
+        }
+        if !out.needs_persist() && extra.is_empty() {
+            return Ok(());
+        }
+        if self.commit(&snap, &engine, &out, extra).await?.is_some()
+            && let Some(outcome) = outcome
+        {
+            self.finish_waiter(id, outcome);
+        }
+        Ok(())
+    }
+
+    fn finish_waiter(&self, id: u64, outcome: Result<Vec<Grant>, AcquireError>) {
+        let Some(mut w) = self.waiters.lock().ok().and_then(|mut w| w.remove(&id)) else {
+            return;
+        };
+        let process = w.value.owner.process.clone();
+        if let Some(reply) = w.reply.take()
+            && let Err(Ok(grants)) = reply.send(outcome)
+        {
+            // Nobody is waiting for it any more: give it back.
+            warn!(waiter = id, "a grant found its caller gone; releasing it");
+            if let Ok(mut o) = self.orphans.lock() {
+                o.extend(
+                    grants
+                        .into_iter()
+                        .filter(|g| !g.existing)
+                        .map(|g| (g.resource, process.clone())),
+                );
+            }
+            self.changed.notify_one();
+        }
+    }
+
+    /// Releases grants whose caller went away before learning of them.
+    async fn release_orphans(&self) {
+        let orphans = self
+            .orphans
+            .lock()
+            .map(|mut o| std::mem::take(&mut *o))
+            .unwrap_or_default();
+        for (resource, process) in orphans {
+            let r = self
+                .transact(BTreeSet::from([resource.clone()]), |engine, now, _| {
+                    let r = engine.release(
+                        ReleaseRequest {
+                            resource: resource.clone(),
+                            process: process.clone(),
+                            kind: ReleaseKind::Clean,
+                        },
+                        now,
+                    );
+                    Ok((r, Extra::default()))
+                })
+                .await;
+            if let Err(e) = r {
+                warn!(resource = %resource, error = %e, "could not release an orphaned grant; retrying");
+                if let Ok(mut o) = self.orphans.lock() {
+                    o.push((resource, process));
+                }
+            }
+        }
+    }
+
+    /// Withdraws local waiter `id`. Returns false when it was decided first.
+    async fn withdraw(&self, id: u64) -> Result<bool, StoreError> {
+        let keys = match self
+            .waiters
+            .lock()
+            .ok()
+            .and_then(|w| w.get(&id).map(|w| w.keys.clone()))
+        {
+            Some(k) => k,
+            None => return Ok(false),
+        };
+        let mut t = Txn::new();
+        for k in &keys {
+            t = t.if_create_revision(k.clone(), id as i64);
+        }
+        for k in &keys {
+            t = t.delete(k.clone());
+        }
+        let r = self.etcd.txn(t).await.map_err(unavailable)?;
+        if r.succeeded {
+            if let Ok(mut w) = self.waiters.lock() {
+                w.remove(&id);
+            }
+            self.changed.notify_waiters();
+        }
+        Ok(r.succeeded)
+    }
+
+    fn view(&self, name: &ResourceName, rs: &ResSnap, snap: &Snapshot) -> Option<ResourceView> {
+        let rec = rs.record.as_ref();
+        if rec.is_none() && rs.waiters.is_empty() && !rs.grace {
+            return None;
+        }
+        let state = rec.map(|r| r.state.clone()).unwrap_or_default();
+        let mut waiters: Vec<&WaiterSnap> = rs.waiters.iter().collect();
+        waiters.sort_by_key(|w| w.id);
+        Some(ResourceView {
+            resource: name.clone(),
+            holders: state
+                .holders
+                .iter()
+                .filter(|l| snap.sessions.contains_key(&(l.session.0 as i64)))
+                .cloned()
+                .collect(),
+            dirty: state.dirty.clone().or_else(|| {
+                // A dead session's exclusive holder leaves the resource dirty once anyone
+                // touches it; show it so now.
+                state
+                    .holders
+                    .iter()
+                    .find(|l| {
+                        l.mode == leasehold_core::Mode::Exclusive
+                            && !snap.sessions.contains_key(&(l.session.0 as i64))
+                    })
+                    .map(|l| Ended {
+                        owner: l.owner.clone(),
+                        mode: l.mode,
+                        token: l.token,
+                        granted_at: l.granted_at,
+                        ended_at: leasehold_core::WallTime(now_ms()),
+                        how: leasehold_core::EndReason::SessionExpired,
+                    })
+            }),
+            last_ended: state.last_ended.clone(),
+            last_token: state.last_token,
+            waiters: waiters
+                .iter()
+                .map(|w| WaiterView {
+                    owner: w.value.owner.clone(),
+                    mode: w
+                        .value
+                        .items
+                        .iter()
+                        .find(|(r, _)| r == name)
+                        .map_or(leasehold_core::Mode::Exclusive, |(_, m)| *m),
+                })
+                .collect(),
+            blocked_for: rs.grace.then_some(self.opts.grace),
+            handover_pending: rec.and_then(|r| r.reserved_for).is_some(),
+        })
+    }
+}
+
+/// What a commit writes besides records.
+#[derive(Debug, Default)]
+struct Extra {
+    /// Keys to delete, each only if its create revision is still the one given.
+    delete: Vec<(Vec<u8>, i64)>,
+    /// Keys to put, with their lease.
+    put: Vec<(Vec<u8>, Vec<u8>, i64)>,
+    /// Require this host's key to be on this lease (the session is alive) at commit.
+    require_session: Option<i64>,
+}
+
+impl Extra {
+    fn is_empty(&self) -> bool {
+        self.delete.is_empty() && self.put.is_empty()
+    }
+}
+
+/// Withdraws a waiting request whose caller went away.
+struct WaitGuard {
+    inner: Arc<Inner>,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for WaitGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let inner = Arc::clone(&self.inner);
+        let id = self.id;
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                // If it was granted meanwhile, finish_waiter found no caller and logged it.
+                let _ = inner.withdraw(id).await;
+            });
+        }
+    }
+}
+
+impl Store for EtcdStore {
+    fn host(&self) -> &HostId {
+        &self.inner.host
+    }
+
+    async fn acquire(&self, spec: AcquireSpec) -> Result<Vec<Grant>, StoreError> {
+        let inner = &self.inner;
+        if spec.owner.process.host != inner.host {
+            return Err(StoreError::WrongHost {
+                ours: inner.host.clone(),
+                theirs: spec.owner.process.host,
+            });
+        }
+        let lease = inner.lease()?;
+        let names: BTreeSet<ResourceName> = spec.items.iter().map(|(r, _)| r.clone()).collect();
+        let n = inner
+            .next_waiter_key
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let waiter_keys: Vec<Vec<u8>> = names
+            .iter()
+            .map(|r| inner.keys.waiter(r, &inner.host, n))
+            .collect();
+        let value = WaiterValue {
+            owner: spec.owner.clone(),
+            session: lease as u64,
+            items: spec.items.clone(),
+            accept_dirty: spec.accept_dirty,
+        };
+        let (acquired, _out, rev) = inner
+            .transact(names, |engine, now, _snap| {
+                let req = AcquireRequest {
+                    owner: spec.owner.clone(),
+                    session: SessionId(lease as u64),
+                    items: spec.items.clone(),
+                    accept_dirty: spec.accept_dirty,
+                    wait: spec.wait.is_some(),
+                };
+                let mut extra = Extra {
+                    require_session: Some(lease),
+                    ..Extra::default()
+                };
+                let r = match engine.acquire(req, now) {
+                    Ok(Acquired::Queued(id)) => {
+                        // The engine's waiter is only a placeholder: the waiter keys are the
+                        // request's place in the queues.
+                        engine.cancel_wait(id, now);
+                        let v = json(&value);
+                        extra.put = waiter_keys
+                            .iter()
+                            .map(|k| (k.clone(), v.clone(), lease))
+                            .collect();
+                        Ok(None)
+                    }
+                    Ok(Acquired::Granted(g)) => Ok(Some(g)),
+                    Err(e) => Err(e),
+                };
+                if r.is_err() {
+                    // A refusal still writes what the snapshot showed had to change (a dead
+                    // session's holders ended), but takes nothing.
+                    extra.require_session = None;
+                }
+                Ok((r, extra))
+            })
+            .await?;
+        let pending = match acquired {
+            Ok(Some(grants)) => return Ok(grants),
+            Err(e) => return Err(e.into()),
+            Ok(None) => {
+                let id = rev as u64;
+                let (tx, rx) = oneshot::channel();
+                if let Ok(mut w) = inner.waiters.lock() {
+                    w.insert(
+                        id,
+                        LocalWaiter {
+                            value: value.clone(),
+                            keys: waiter_keys.clone(),
+                            reply: Some(tx),
+                        },
+                    );
+                }
+                inner.changed.notify_waiters();
+                (id, rx)
+            }
+        };
+        let (id, mut rx) = pending;
+        let mut guard = WaitGuard {
+            inner: Arc::clone(inner),
+            id,
+            armed: true,
+        };
+        let wait = spec.wait.unwrap_or_default();
+        let outcome = match tokio::time::timeout(wait, &mut rx).await {
+            Ok(o) => o,
+            Err(_) => {
+                if inner.withdraw(id).await? {
+                    guard.armed = false;
+                    let c = self.conflict_for(&spec).await;
+                    return Err(StoreError::TimedOut(c));
+                }
+                rx.await
+            }
+        };
+        guard.armed = false;
+        match outcome {
+            Ok(r) => r.map_err(StoreError::from),
+            Err(_) => Err(StoreError::Closed),
+        }
+    }
+
+    async fn release(
+        &self,
+        resource: ResourceName,
+        process: ProcessKey,
+        kind: ReleaseKind,
+    ) -> Result<Released, StoreError> {
+        let (r, _, _) = self
+            .inner
+            .transact(BTreeSet::from([resource.clone()]), |engine, now, _| {
+                let r = engine.release(
+                    ReleaseRequest {
+                        resource: resource.clone(),
+                        process: process.clone(),
+                        kind: kind.clone(),
+                    },
+                    now,
+                );
+                Ok((r, Extra::default()))
+            })
+            .await?;
+        r.map_err(StoreError::from)
+    }
+
+    async fn end_process(&self, process: ProcessKey) -> Result<Vec<Released>, StoreError> {
+        let inner = &self.inner;
+        // Its waiting requests go first.
+        let mine: Vec<u64> = inner
+            .waiters
+            .lock()
+            .map(|w| {
+                w.iter()
+                    .filter(|(_, v)| v.value.owner.process == process)
+                    .map(|(id, _)| *id)
+                    .collect()
+            })
+            .unwrap_or_default();
+        for id in mine {
+            if inner.withdraw(id).await? {
+                // The request's caller learns of it through its closed channel.
+            }
+        }
+        let names = inner
+            .held
+            .lock()
+            .ok()
+            .and_then(|h| h.get(&process).cloned())
+            .unwrap_or_default();
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (r, _, _) = inner
+            .transact(names, |engine, now, _| {
+                Ok((engine.end_process(&process, now), Extra::default()))
+            })
+            .await?;
+        Ok(r)
+    }
+
+    async fn force_release(
+        &self,
+        resource: ResourceName,
+        reason: String,
+        by: String,
+    ) -> Result<Vec<Released>, StoreError> {
+        let (r, _, _) = self
+            .inner
+            .transact(BTreeSet::from([resource.clone()]), |engine, now, _| {
+                Ok((
+                    engine.force_release(&resource, &reason, &by, now),
+                    Extra::default(),
+                ))
+            })
+            .await?;
+        r.map_err(StoreError::from)
+    }
+
+    async fn mark_clean(
+        &self,
+        resource: ResourceName,
+        by: String,
+    ) -> Result<Option<Ended>, StoreError> {
+        let (r, _, _) = self
+            .inner
+            .transact(BTreeSet::from([resource.clone()]), |engine, now, _| {
+                Ok((engine.mark_clean(&resource, &by, now), Extra::default()))
+            })
+            .await?;
+        r.map_err(StoreError::from)
+    }
+
+    async fn validate(&self, resource: ResourceName, token: Token) -> Result<bool, StoreError> {
+        let snap = self
+            .inner
+            .snapshot(&BTreeSet::from([resource.clone()]))
+            .await?;
+        Ok(snap
+            .res
+            .get(&resource)
+            .and_then(|rs| rs.record.as_ref())
+            .is_some_and(|rec| {
+                rec.state
+                    .holders
+                    .iter()
+                    .any(|l| l.token == token && snap.sessions.contains_key(&(l.session.0 as i64)))
+            }))
+    }
+
+    async fn inspect(&self, resource: ResourceName) -> Result<Option<ResourceView>, StoreError> {
+        let snap = self
+            .inner
+            .snapshot(&BTreeSet::from([resource.clone()]))
+            .await?;
+        Ok(snap
+            .res
+            .get(&resource)
+            .and_then(|rs| self.inner.view(&resource, rs, &snap)))
+    }
+
+    async fn list(&self) -> Result<Vec<ResourceView>, StoreError> {
+        let inner = &self.inner;
+        let k = &inner.keys;
+        let prefix = k.prefix().as_bytes().to_vec();
+        let (kvs, revision) = inner
+            .etcd
+            .range(prefix.clone(), prefix_end(&prefix), 0)
+            .await
+            .map_err(unavailable)?;
+        let mut snap = Snapshot {
+            revision,
+            ..Snapshot::default()
+        };
+        let mut waiters: Vec<(ResourceName, &KeyValue)> = Vec::new();
+        for kv in &kvs {
+            match k.parse(&kv.key) {
+                Some(KeyKind::Host(h)) => {
+                    snap.sessions.insert(kv.lease, h);
+                }
+                Some(KeyKind::Resource(r)) => {
+                    let e = snap.res.entry(r).or_default();
+                    e.record = serde_json::from_slice(&kv.value).ok();
+                    e.mod_rev = kv.mod_revision;
+                }
+                Some(KeyKind::Grace(r)) => snap.res.entry(r).or_default().grace = true,
+                Some(KeyKind::Waiter(r)) => waiters.push((r, kv)),
+                None => {}
+            }
+        }
+        for (r, kv) in waiters {
+            if let Ok(value) = serde_json::from_slice::<WaiterValue>(&kv.value) {
+                snap.res.entry(r).or_default().waiters.push(WaiterSnap {
+                    id: kv.create_revision as u64,
+                    value,
+                });
+            }
+        }
+        Ok(snap
+            .res
+            .iter()
+            .filter_map(|(name, rs)| inner.view(name, rs, &snap))
+            .collect())
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.inner.events.subscribe()
+    }
+
+    fn session(&self) -> Option<watch::Receiver<SessionState>> {
+        Some(self.inner.session.subscribe())
+    }
+}
+
+impl EtcdStore {
+    /// Who is in the way of `spec` now, for a wait that timed out.
+    async fn conflict_for(&self, spec: &AcquireSpec) -> Conflict {
+        let names: BTreeSet<ResourceName> = spec.items.iter().map(|(r, _)| r.clone()).collect();
+        if let Ok(snap) = self.inner.snapshot(&names).await {
+            let now = self.inner.now();
+            let engine = self.inner.engine(&snap, &BTreeSet::new(), now);
+            if let Some(c) = engine.conflict(&spec.owner.process, &spec.items, now) {
+                return c;
+            }
+        }
+        Conflict {
+            resource: spec.items[0].0.clone(),
+            holders: Vec::new(),
+            waiting: 0,
+            blocked_until: None,
+            reserved: false,
+        }
+    }
+}

@@ -1,0 +1,48 @@
+//! The conformance suite against the etcd store, on a real etcd.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use leasehold_core::HostId;
+use leasehold_store::conformance::Harness;
+use leasehold_store::{EtcdOptions, EtcdStore};
+
+static N: AtomicU64 = AtomicU64::new(0);
+
+struct OnEtcd {
+    endpoints: Vec<String>,
+    prefix: String,
+    dir: tempfile::TempDir,
+}
+
+impl OnEtcd {
+    fn new() -> OnEtcd {
+        let ep = std::env::var("LEASEHOLD_ETCD_ENDPOINTS").expect("LEASEHOLD_ETCD_ENDPOINTS");
+        OnEtcd {
+            endpoints: ep.split(',').map(str::to_owned).collect(),
+            prefix: format!(
+                "/conformance-{}-{}/",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+}
+
+impl Harness for OnEtcd {
+    type S = EtcdStore;
+    const MULTI_HOST: bool = true;
+
+    async fn open(&self, host: &HostId) -> EtcdStore {
+        let mut o = EtcdOptions::new(self.endpoints.clone());
+        o.prefix = self.prefix.clone();
+        o.session_file = Some(self.dir.path().join(format!("{host}.session")));
+        EtcdStore::open(host.clone(), o)
+            .await
+            .expect("open etcd store")
+    }
+}
+
+leasehold_store::conformance_suite!(OnEtcd::new());
