@@ -116,6 +116,12 @@ pub struct Config {
     pub admin_group: Option<Group>,
     /// The socket's group; members may connect. Without it only the agent's user may.
     pub socket_group: Option<Group>,
+    /// The key prefix in etcd; clusters sharing an etcd use different ones.
+    pub etcd_prefix: String,
+    /// A watchdog device to feed while all is well (etcd backend).
+    pub watchdog: Option<std::path::PathBuf>,
+    /// How long the watchdog takes to reset the host once it is no longer fed.
+    pub watchdog_timeout: Duration,
 }
 
 /// Why the configuration was refused.
@@ -185,6 +191,12 @@ pub struct FileConfig {
     pub admin_group: Option<String>,
     /// See [`Config::socket_group`]: a name or a number.
     pub socket_group: Option<String>,
+    /// See [`Config::etcd_prefix`].
+    pub etcd_prefix: Option<String>,
+    /// See [`Config::watchdog`].
+    pub watchdog: Option<std::path::PathBuf>,
+    /// See [`Config::watchdog_timeout`], as `"5s"`.
+    pub watchdog_timeout: Option<String>,
 }
 
 impl FileConfig {
@@ -218,6 +230,9 @@ impl FileConfig {
             kill_timeout: flags.kill_timeout.or(self.kill_timeout),
             admin_group: flags.admin_group.or(self.admin_group),
             socket_group: flags.socket_group.or(self.socket_group),
+            etcd_prefix: flags.etcd_prefix.or(self.etcd_prefix),
+            watchdog: flags.watchdog.or(self.watchdog),
+            watchdog_timeout: flags.watchdog_timeout.or(self.watchdog_timeout),
         }
     }
 }
@@ -337,6 +352,17 @@ impl Config {
             .as_deref()
             .map(|g| resolve_group("socket-group", g))
             .transpose()?;
+        let etcd_prefix = f.etcd_prefix.unwrap_or_else(|| "/leasehold/".into());
+        if !etcd_prefix.starts_with('/') || etcd_prefix.chars().any(char::is_control) {
+            return Err(ConfigError::Invalid {
+                field: "etcd-prefix",
+                message: format!(
+                    "{etcd_prefix:?} must start with '/' and hold no control characters"
+                ),
+            });
+        }
+        let watchdog_timeout =
+            duration("watchdog-timeout", &f.watchdog_timeout)?.unwrap_or(Duration::from_secs(2));
         let c = Config {
             socket,
             state_dir,
@@ -346,6 +372,9 @@ impl Config {
             timing,
             admin_group,
             socket_group,
+            etcd_prefix,
+            watchdog: f.watchdog,
+            watchdog_timeout,
         };
         c.validate()?;
         Ok(c)
@@ -404,6 +433,17 @@ impl Config {
                     show(t.kill_timeout)
                 ),
                 why: "a fenced holder must be dead before another host can be granted its resources",
+            });
+        }
+        if self.watchdog.is_some() && self.watchdog_timeout >= t.grace {
+            return Err(ConfigError::Inequality {
+                rule: "watchdog_timeout < grace",
+                detail: format!(
+                    "watchdog_timeout {} >= grace {}",
+                    show(self.watchdog_timeout),
+                    show(t.grace)
+                ),
+                why: "a host whose holder survives SIGKILL must reset before another host can be granted its resources",
             });
         }
         if self.backend == Backend::Etcd {

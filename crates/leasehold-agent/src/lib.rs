@@ -29,6 +29,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tracing::{info, warn};
 
 pub mod config;
+pub mod fence;
 mod holds;
 mod notify;
 pub mod procfs;
@@ -89,10 +90,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             )?;
             serve(store, config, shutdown).await
         }
-        Backend::Etcd => Err(AgentError::Unsupported(
-            "the etcd backend is not available in this version of leasehold; use --backend local"
-                .into(),
-        )),
+        Backend::Etcd => {
+            let t = &config.timing;
+            let opts = leasehold_store::EtcdOptions {
+                endpoints: config.etcd_endpoints.clone(),
+                prefix: config.etcd_prefix.clone(),
+                ttl: t.ttl,
+                renew: t.renew,
+                grace: t.grace,
+                // A request must fail well before the fencing deadline could pass unnoticed.
+                timeout: t.renew.min(std::time::Duration::from_secs(2)),
+                session_file: Some(config.state_dir.join("etcd-session.json")),
+            };
+            let store = leasehold_store::EtcdStore::open(config.host_id.clone(), opts).await?;
+            serve(store, config, shutdown).await
+        }
     }
 }
 
@@ -115,9 +127,35 @@ pub async fn serve<S: Store>(
         config.host_id.clone(),
     ));
     readopt(&store, &watcher).await?;
+    kill_stale(store.stale_holders());
+    let (deadline_tx, deadline) = tokio::sync::watch::channel(None);
+    let mut background = vec![events.abort_handle()];
+    if let Some(session) = store.session() {
+        let watchdog = config.watchdog.clone().map(fence::Watchdog::new);
+        if let Some(w) = &watchdog {
+            let every = (config.timing.renew / 2).min(std::time::Duration::from_secs(1));
+            background.push(tokio::spawn(Arc::clone(w).feed(every)).abort_handle());
+        }
+        background.push(
+            tokio::spawn(fence::fence(
+                session,
+                watcher.clone(),
+                config.timing,
+                watchdog,
+                deadline_tx,
+            ))
+            .abort_handle(),
+        );
+    }
     let listener = bind(&config.socket, config.socket_group.as_ref())?;
     let config = Arc::new(config);
-    let service = Service::new(store.clone(), watcher.clone(), holds, config.clone());
+    let service = Service::new(
+        store.clone(),
+        watcher.clone(),
+        holds,
+        deadline,
+        config.clone(),
+    );
     info!(
         host = %config.host_id,
         backend = %config.backend,
@@ -135,7 +173,9 @@ pub async fn serve<S: Store>(
         .await;
     let _ = notify("STOPPING=1");
     info!("agent stopping; leases stay with their processes");
-    events.abort();
+    for t in background {
+        t.abort();
+    }
     watcher.stop();
     let _ = std::fs::remove_file(&config.socket);
     served.map_err(|e| AgentError::Serve(e.to_string()))
@@ -158,6 +198,22 @@ async fn readopt<S: Store>(store: &Arc<S>, watcher: &Arc<Watcher<S>>) -> Result<
         watcher.watch(p);
     }
     Ok(())
+}
+
+/// Kills processes recorded as holders under an ended session of this host: they hold
+/// nothing any more (the agent was down while its session expired, and nothing fenced them).
+fn kill_stale(stale: Vec<leasehold_core::ProcessKey>) {
+    for p in stale {
+        if let Ok(fd) = procfs::Pidfd::open(p.pid, p.start_time) {
+            let killed = fd.signal(rustix::process::Signal::KILL).is_ok();
+            warn!(
+                pid = p.pid,
+                killed,
+                mono_ns = fence::monotonic_ns(),
+                "killed a holder whose host session ended while no agent watched it"
+            );
+        }
+    }
 }
 
 /// Follows the store's events: passes each ending to the client holding that lease, and

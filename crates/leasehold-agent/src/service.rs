@@ -12,7 +12,7 @@ use leasehold_core::{
     ReleaseError, ReleaseKind, ResourceName, ResourceView, Token, check_free_text,
 };
 use leasehold_store::{AcquireSpec, Store, StoreError};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::UdsConnectInfo;
@@ -32,6 +32,9 @@ pub struct Service<S> {
     store: Arc<S>,
     watcher: Arc<Watcher<S>>,
     holds: Arc<Holds>,
+    /// When this host must have fenced its holders unless its session is renewed (shared
+    /// backends); holding clients are told, so they can fence without the agent.
+    deadline: watch::Receiver<Option<Instant>>,
     config: Arc<Config>,
     started: Instant,
 }
@@ -42,6 +45,7 @@ impl<S> Clone for Service<S> {
             store: self.store.clone(),
             watcher: self.watcher.clone(),
             holds: self.holds.clone(),
+            deadline: self.deadline.clone(),
             config: self.config.clone(),
             started: self.started,
         }
@@ -63,12 +67,14 @@ impl<S: Store> Service<S> {
         store: Arc<S>,
         watcher: Arc<Watcher<S>>,
         holds: Arc<Holds>,
+        deadline: watch::Receiver<Option<Instant>>,
         config: Arc<Config>,
     ) -> Self {
         Service {
             store,
             watcher,
             holds,
+            deadline,
             config,
             started: Instant::now(),
         }
@@ -224,6 +230,11 @@ pub fn status_of(e: StoreError) -> Status {
         StoreError::WrongHost { .. } => Status::invalid_argument(e.to_string()),
         StoreError::TimedOut(c) => Status::deadline_exceeded(c.to_string()),
         StoreError::Closed => Status::unavailable("the agent is shutting down"),
+        // The agent answers; the backend does not: not "agent unreachable" (exit 5).
+        StoreError::Unavailable(m) => Status::aborted(format!("etcd unavailable: {m}")),
+        e @ (StoreError::SessionLost | StoreError::HostInUse { .. }) => {
+            Status::failed_precondition(e.to_string())
+        }
         StoreError::Storage(m) | StoreError::BadState(m) => {
             Status::internal(format!("storage: {m}"))
         }
@@ -658,10 +669,39 @@ impl<S: Store> Service<S> {
             .iter()
             .map(|g| (g.resource.clone(), g.token))
             .collect();
+        let mut deadline = self.deadline.clone();
+        let mut deadline_live = true;
+        let safe = |at: Option<Instant>| {
+            at.map(|at| {
+                event(pb::acquire_event::Event::Safe(pb::Safe {
+                    until_monotonic_ns: crate::fence::monotonic_ns_of(at),
+                }))
+            })
+        };
+        let first = *deadline.borrow_and_update();
+        if let Some(msg) = safe(first)
+            && tx.send(msg).await.is_err()
+        {
+            return;
+        }
         while !live.is_empty() {
             let note = tokio::select! {
                 n = reg.notes.recv() => n,
                 () = tx.closed() => return,
+                changed = deadline.changed(), if deadline_live => {
+                    if changed.is_err() {
+                        deadline_live = false;
+                        continue;
+                    }
+                    // None: the session is gone; the last deadline stands.
+                    let at = *deadline.borrow_and_update();
+                    if let Some(msg) = safe(at)
+                        && tx.send(msg).await.is_err()
+                    {
+                        return;
+                    }
+                    continue;
+                }
             };
             let ended = match note {
                 Some(Note::Ended { resource, ended })

@@ -138,6 +138,23 @@ impl<S: Store> Watcher<S> {
         rustix::process::pidfd_send_signal(fd, signal).is_ok()
     }
 
+    /// Sends `signal` to every watched process; returns those it reached.
+    pub fn signal_all(&self, signal: Signal) -> Vec<ProcessKey> {
+        let Ok(watched) = self.watched.lock() else {
+            return Vec::new();
+        };
+        watched
+            .iter()
+            .filter(|(_, w)| rustix::process::pidfd_send_signal(w.pidfd.get_ref(), signal).is_ok())
+            .map(|(p, _)| p.clone())
+            .collect()
+    }
+
+    /// Whether `process` is watched (it holds leases here and has not exited).
+    pub fn is_watched(&self, process: &ProcessKey) -> bool {
+        self.watched.lock().is_ok_and(|w| w.contains_key(process))
+    }
+
     /// Stops every watch (the agent is stopping; the leases stay with their processes).
     pub fn stop(&self) {
         if let Ok(mut w) = self.watched.lock() {

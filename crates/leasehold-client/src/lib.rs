@@ -194,6 +194,12 @@ pub enum AcquireEvent {
     },
     /// Granted.
     Granted(Granted),
+    /// The leases are safe until this instant on CLOCK_MONOTONIC (nanoseconds), unless a
+    /// later message extends it; a holder hearing nothing newer must stop writing by then.
+    Safe {
+        /// The instant, in nanoseconds on CLOCK_MONOTONIC.
+        until_monotonic_ns: u64,
+    },
     /// A held lease ended by other means than the holder's release.
     Lost {
         /// The resource.
@@ -247,6 +253,9 @@ impl Acquisition {
                 owner: Owner::try_from(g.owner.ok_or(WireError::Missing("owner"))?)?,
             }))),
             Some(E::Refused(r)) => Err(ClientError::Refused(Box::new(Refusal::try_from(r)?))),
+            Some(E::Safe(s)) => Ok(Some(AcquireEvent::Safe {
+                until_monotonic_ns: s.until_monotonic_ns,
+            })),
             Some(E::Lost(l)) => Ok(Some(AcquireEvent::Lost {
                 resource: ResourceName::new(l.resource).map_err(WireError::from)?,
                 ended: Ended::try_from(l.ended.ok_or(WireError::Missing("ended"))?)?,

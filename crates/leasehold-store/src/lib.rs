@@ -251,4 +251,10 @@ pub trait Store: Send + Sync + 'static {
     fn session(&self) -> Option<tokio::sync::watch::Receiver<SessionState>> {
         None
     }
+
+    /// Processes of this host recorded as holders under a session of this host that has
+    /// ended: they hold nothing any more and must not write. The agent kills them at start.
+    fn stale_holders(&self) -> Vec<ProcessKey> {
+        Vec::new()
+    }
 }

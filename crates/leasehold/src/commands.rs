@@ -49,6 +49,9 @@ pub fn agent(a: AgentArgs, socket: Option<PathBuf>) -> Result<u8, Failure> {
         kill_timeout: a.kill_timeout,
         admin_group: a.admin_group,
         socket_group: a.socket_group,
+        etcd_prefix: a.etcd_prefix,
+        watchdog: a.watchdog,
+        watchdog_timeout: a.watchdog_timeout,
     };
     let file = match &a.config {
         Some(p) => FileConfig::read(p).map_err(|e| Failure::usage(e.to_string()))?,
@@ -156,7 +159,7 @@ pub async fn wait_for_grant(acq: &mut Acquisition) -> Result<Granted, ClientErro
                 clear(shown);
                 return Ok(g);
             }
-            Ok(Some(AcquireEvent::Lost { .. })) => {}
+            Ok(Some(AcquireEvent::Lost { .. } | AcquireEvent::Safe { .. })) => {}
             Ok(None) => {
                 clear(shown);
                 return Err(tonic_unavailable());

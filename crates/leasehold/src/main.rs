@@ -111,6 +111,16 @@ struct AgentArgs {
     /// Members of this group may connect to the socket (mode 0660); without it, 0600.
     #[arg(long)]
     socket_group: Option<String>,
+    /// The key prefix in etcd [default: /leasehold/]
+    #[arg(long)]
+    etcd_prefix: Option<String>,
+    /// A watchdog device to feed while all is well; if a holder survives SIGKILL when this
+    /// host must fence, feeding stops and the host resets (etcd backend).
+    #[arg(long, value_name = "PATH")]
+    watchdog: Option<PathBuf>,
+    /// How long the watchdog takes to reset the host [default: 2s]; must be below grace.
+    #[arg(long)]
+    watchdog_timeout: Option<String>,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,

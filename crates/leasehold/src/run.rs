@@ -6,7 +6,7 @@
 //! killed. SIGINT, SIGTERM and SIGHUP are passed to the command, and its exit status is
 //! returned; exit 0 releases clean, anything else releases dirty.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::ExitStatus;
@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use clap::Args;
 use leasehold_client::{
-    AcquireEvent, AcquireOptions, Acquisition, Client, Granted, ReleaseOptions,
+    AcquireEvent, AcquireOptions, Acquisition, Client, ClientError, Granted, ReleaseOptions,
 };
-use leasehold_core::{Mode, ResourceName};
+use leasehold_core::{Mode, ResourceName, Token};
 use rustix::process::{Pid, Signal, kill_process};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -82,17 +82,16 @@ pub async fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
         }
     }
     let mut client = connect(socket).await?;
-    let mut acq = client
-        .start_acquire(AcquireOptions {
-            items,
-            pid: Some(std::process::id()),
-            start_time: None,
-            label: a.owner,
-            accept_dirty: a.check.is_some(),
-            wait: a.wait,
-            hold: true,
-        })
-        .await?;
+    let request = AcquireOptions {
+        items,
+        pid: Some(std::process::id()),
+        start_time: None,
+        label: a.owner,
+        accept_dirty: a.check.is_some(),
+        wait: a.wait,
+        hold: true,
+    };
+    let mut acq = client.start_acquire(request.clone()).await?;
     let granted = wait_for_grant(&mut acq).await?;
     let all: Vec<ResourceName> = granted.grants.iter().map(|g| g.resource.clone()).collect();
 
@@ -109,8 +108,30 @@ pub async fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
         .map(|g| format!("{}={}", g.resource, g.token))
         .collect::<Vec<_>>()
         .join(",");
-    let status = match supervise(&a.command, &tokens, &mut acq).await? {
+    let hold = Hold {
+        acq: Some(acq),
+        socket: socket.clone(),
+        reattach: AcquireOptions {
+            wait: None,
+            accept_dirty: true,
+            ..request
+        },
+        tokens: granted
+            .grants
+            .iter()
+            .map(|g| (g.resource.clone(), g.token))
+            .collect(),
+        deadline: None,
+        retry_at: None,
+    };
+    let status = match supervise(&a.command, &tokens, hold).await? {
         Outcome::Exited(status) => status,
+        Outcome::Unconfirmed { status } => {
+            eprintln!(
+                "leasehold: the agent did not confirm the leases in time (host cut off, or agent hung or gone); killed the command so it cannot write past them"
+            );
+            return Ok(exit_code(status));
+        }
         Outcome::Lost {
             status,
             resource,
@@ -192,13 +213,84 @@ enum Outcome {
         resource: ResourceName,
         how: String,
     },
+    /// The leases' safe-until passed without the agent extending it.
+    Unconfirmed {
+        status: ExitStatus,
+    },
 }
 
-/// Spawns the command and waits for it, passing signals on and killing it if a lease is lost.
+/// The wrapper's hold on its leases: the agent's stream, the latest safe-until, and how to
+/// reattach after the agent restarts.
+struct Hold {
+    acq: Option<Acquisition>,
+    socket: Option<PathBuf>,
+    /// The request again, to reattach: the same leases for this process, not waiting.
+    reattach: AcquireOptions,
+    tokens: BTreeMap<ResourceName, Token>,
+    /// Kill the command by this instant unless the agent extends it.
+    deadline: Option<tokio::time::Instant>,
+    /// When to try reattaching, while the agent is away.
+    retry_at: Option<tokio::time::Instant>,
+}
+
+impl Hold {
+    /// Reconnects to a (restarted) agent and re-acquires the same leases; they must come
+    /// back as the very grants this process holds, or they were lost.
+    async fn reattach(&mut self) -> Result<bool, Option<(ResourceName, String)>> {
+        let Ok(mut c) = connect(&self.socket).await else {
+            return Ok(false);
+        };
+        let Ok(mut acq) = c.start_acquire(self.reattach.clone()).await else {
+            return Ok(false);
+        };
+        match acq.granted().await {
+            Ok(g) => {
+                let same = g
+                    .grants
+                    .iter()
+                    .all(|x| x.existing && self.tokens.get(&x.resource) == Some(&x.token));
+                if same {
+                    self.acq = Some(acq);
+                    self.retry_at = None;
+                    eprintln!("leasehold: reattached to the agent; the leases are still held");
+                    Ok(true)
+                } else {
+                    let fresh: Vec<ResourceName> = g
+                        .grants
+                        .iter()
+                        .filter(|x| !x.existing)
+                        .map(|x| x.resource.clone())
+                        .collect();
+                    let _ = c.release(&fresh, ReleaseOptions::default()).await;
+                    let r = fresh
+                        .first()
+                        .cloned()
+                        .or_else(|| self.tokens.keys().next().cloned());
+                    Err(r.map(|r| (r, "it ended while the agent was away".into())))
+                }
+            }
+            Err(ClientError::Refused(r)) => Err(r.resource.clone().map(|res| {
+                (
+                    res,
+                    format!("it ended while the agent was away: {}", r.message),
+                )
+            })),
+            Err(_) => Ok(false),
+        }
+    }
+}
+
+fn instant_of_monotonic(ns: u64) -> tokio::time::Instant {
+    let now = leasehold_agent::fence::monotonic_ns();
+    tokio::time::Instant::now() + Duration::from_nanos(ns.saturating_sub(now))
+}
+
+/// Spawns the command and waits for it, passing signals on, and killing it if a lease is
+/// lost or its safe-until passes unconfirmed.
 async fn supervise(
     argv: &[std::ffi::OsString],
     tokens: &str,
-    acq: &mut Acquisition,
+    mut hold: Hold,
 ) -> Result<Outcome, Failure> {
     let (prog, args) = argv
         .split_first()
@@ -234,26 +326,60 @@ async fn supervise(
         install(SignalKind::terminate())?,
         install(SignalKind::hangup())?,
     );
-    let mut listening = true;
+    let wait_error = |e: std::io::Error| Failure::error(format!("waiting for the command: {e}"));
     loop {
-        tokio::select! {
-            status = child.wait() => {
-                let status = status.map_err(|e| Failure::error(format!("waiting for the command: {e}")))?;
-                return Ok(Outcome::Exited(status));
+        let far = tokio::time::Instant::now() + Duration::from_secs(86_400);
+        let next_event = async {
+            match hold.acq.as_mut() {
+                Some(a) => a.next_event().await,
+                None => std::future::pending().await,
             }
+        };
+        tokio::select! {
+            status = child.wait() => return Ok(Outcome::Exited(status.map_err(wait_error)?)),
             _ = sint.recv() => { let _ = kill_process(pid, Signal::INT); }
             _ = sterm.recv() => { let _ = kill_process(pid, Signal::TERM); }
             _ = shup.recv() => { let _ = kill_process(pid, Signal::HUP); }
-            ev = acq.next_event(), if listening => match ev {
+            () = tokio::time::sleep_until(hold.deadline.unwrap_or(far)), if hold.deadline.is_some() => {
+                let _ = child.start_kill();
+                let status = child.wait().await.map_err(wait_error)?;
+                return Ok(Outcome::Unconfirmed { status });
+            }
+            () = tokio::time::sleep_until(hold.retry_at.unwrap_or(far)), if hold.retry_at.is_some() => {
+                match hold.reattach().await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        hold.retry_at = Some(tokio::time::Instant::now() + Duration::from_millis(500));
+                    }
+                    Err(lost) => {
+                        let _ = child.start_kill();
+                        let status = child.wait().await.map_err(wait_error)?;
+                        let Some((resource, how)) = lost.or_else(|| {
+                            hold.tokens.keys().next().map(|r| (r.clone(), "lost".to_owned()))
+                        }) else {
+                            return Ok(Outcome::Unconfirmed { status });
+                        };
+                        return Ok(Outcome::Lost { status, resource, how });
+                    }
+                }
+            }
+            ev = next_event => match ev {
+                Ok(Some(AcquireEvent::Safe { until_monotonic_ns })) => {
+                    hold.deadline = Some(instant_of_monotonic(until_monotonic_ns));
+                }
                 Ok(Some(AcquireEvent::Lost { resource, ended })) => {
                     let _ = child.start_kill();
-                    let status = child.wait().await.map_err(|e| Failure::error(format!("waiting for the command: {e}")))?;
+                    let status = child.wait().await.map_err(wait_error)?;
                     return Ok(Outcome::Lost { status, resource, how: ended.how.describe() });
                 }
                 Ok(Some(_)) => {}
-                // The agent went away or restarted: the leases stay with this process and are
-                // re-adopted by the next agent; keep running.
-                Ok(None) | Err(_) => listening = false,
+                // The agent went away or restarted: the leases stay with this process. Until
+                // an agent confirms them again, the last safe-until stands.
+                Ok(None) | Err(_) => {
+                    hold.acq = None;
+                    hold.retry_at = Some(tokio::time::Instant::now() + Duration::from_millis(200));
+                    eprintln!("leasehold: lost contact with the agent; retrying");
+                }
             },
         }
     }

@@ -133,6 +133,8 @@ struct Inner {
     held: Mutex<HashMap<ProcessKey, BTreeSet<ResourceName>>>,
     /// Grants whose caller had gone when they were decided; released by the waiter service.
     orphans: Mutex<Vec<(ResourceName, ProcessKey)>>,
+    /// Local processes recorded as holders under an ended session of this host, at open.
+    stale: Mutex<Vec<ProcessKey>>,
     next_waiter_key: std::sync::atomic::AtomicU64,
 }
 
@@ -203,6 +205,7 @@ impl EtcdStore {
             waiters: Mutex::new(BTreeMap::new()),
             held: Mutex::new(HashMap::new()),
             orphans: Mutex::new(Vec::new()),
+            stale: Mutex::new(Vec::new()),
             next_waiter_key: std::sync::atomic::AtomicU64::new(now_ms()),
         });
         inner.load_held().await?;
@@ -463,7 +466,9 @@ impl Inner {
             .range(self.keys.resources(), prefix_end(&self.keys.resources()), 0)
             .await
             .map_err(unavailable)?;
+        let current = self.session.borrow().id;
         let mut held = HashMap::<ProcessKey, BTreeSet<ResourceName>>::new();
+        let mut stale = BTreeSet::new();
         for kv in kvs {
             let (Some(KeyKind::Resource(r)), Ok(rec)) = (
                 self.keys.parse(&kv.key),
@@ -472,13 +477,21 @@ impl Inner {
                 continue;
             };
             for l in rec.state.holders {
-                if l.owner.process.host == self.host {
+                if l.owner.process.host != self.host {
+                    continue;
+                }
+                if l.session == current {
                     held.entry(l.owner.process).or_default().insert(r.clone());
+                } else {
+                    stale.insert(l.owner.process);
                 }
             }
         }
         if let Ok(mut h) = self.held.lock() {
             *h = held;
+        }
+        if let Ok(mut s) = self.stale.lock() {
+            *s = stale.into_iter().collect();
         }
         Ok(())
     }
@@ -1284,6 +1297,14 @@ impl Store for EtcdStore {
 
     fn session(&self) -> Option<watch::Receiver<SessionState>> {
         Some(self.inner.session.subscribe())
+    }
+
+    fn stale_holders(&self) -> Vec<ProcessKey> {
+        self.inner
+            .stale
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
     }
 }
 

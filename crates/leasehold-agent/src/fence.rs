@@ -1,0 +1,158 @@
+//! Self-fencing (SPEC G3): with a shared backend, this host's leases live only as long as its
+//! session. The agent measures from the moment it *sent* the last renewal that succeeded: the
+//! backend cannot expire the session before `sent + ttl`. If no renewal is confirmed by
+//! `sent + ttl - fence_margin`, the agent SIGKILLs every local holder. If one is still alive
+//! at `sent + ttl`, it stops feeding the watchdog, so the host resets before another host can
+//! be granted the resources (`expiry + grace`).
+//!
+//! The fencing deadline is also published to holding clients (`run` wrappers), which kill
+//! their commands by it on their own if they hear nothing newer: a hung or killed agent
+//! cannot leave a writer running past its lease.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use leasehold_store::{SessionState, Store};
+use rustix::process::Signal;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::config::Timing;
+use crate::watcher::Watcher;
+
+/// Nanoseconds on CLOCK_MONOTONIC, which every process on the host shares.
+pub fn monotonic_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    u64::try_from(t.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(t.tv_nsec).unwrap_or(0)
+}
+
+/// `at` on CLOCK_MONOTONIC, in nanoseconds.
+pub fn monotonic_ns_of(at: Instant) -> u64 {
+    let now = Instant::now();
+    let base = monotonic_ns();
+    if at >= now {
+        base.saturating_add(u64::try_from((at - now).as_nanos()).unwrap_or(u64::MAX))
+    } else {
+        base.saturating_sub(u64::try_from((now - at).as_nanos()).unwrap_or(u64::MAX))
+    }
+}
+
+/// A watchdog device, fed while all is well.
+pub struct Watchdog {
+    path: PathBuf,
+    healthy: AtomicBool,
+}
+
+impl Watchdog {
+    /// The watchdog at `path`.
+    pub fn new(path: PathBuf) -> Arc<Watchdog> {
+        Arc::new(Watchdog {
+            path,
+            healthy: AtomicBool::new(true),
+        })
+    }
+
+    /// Stops feeding, for good: the host will reset.
+    pub fn starve(&self, why: &str) {
+        if self.healthy.swap(false, Ordering::SeqCst) {
+            error!(device = %self.path.display(), why, "stopped feeding the watchdog; the host will reset");
+        }
+    }
+
+    /// Feeds the device every `every` while healthy.
+    pub async fn feed(self: Arc<Self>, every: Duration) {
+        let mut dev = match std::fs::OpenOptions::new().write(true).open(&self.path) {
+            Ok(f) => f,
+            Err(e) => {
+                error!(device = %self.path.display(), error = %e, "cannot open the watchdog");
+                return;
+            }
+        };
+        info!(device = %self.path.display(), every = ?every, "feeding the watchdog");
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            if !self.healthy.load(Ordering::SeqCst) {
+                return;
+            }
+            if let Err(e) = dev.write_all(b"\0").and_then(|()| dev.flush()) {
+                warn!(error = %e, "feeding the watchdog failed");
+            }
+        }
+    }
+}
+
+/// The fencing deadline of a session state: `sent + ttl - fence_margin`.
+pub fn fence_at(s: &SessionState, timing: &Timing) -> Option<Instant> {
+    s.renewed_sent_at
+        .map(|t| t + timing.ttl.saturating_sub(timing.fence_margin))
+}
+
+/// Watches the session; fences when its deadline passes unrenewed; publishes the deadline.
+pub async fn fence<S: Store>(
+    mut session: watch::Receiver<SessionState>,
+    watcher: Arc<Watcher<S>>,
+    timing: Timing,
+    watchdog: Option<Arc<Watchdog>>,
+    deadline: watch::Sender<Option<Instant>>,
+) {
+    let mut fenced_for: Option<Instant> = None;
+    loop {
+        let state = session.borrow_and_update().clone();
+        let at = if state.expired {
+            None
+        } else {
+            fence_at(&state, &timing)
+        };
+        deadline.send_replace(at);
+        let Some(at) = at.filter(|t| Some(*t) != fenced_for) else {
+            if session.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        tokio::select! {
+            changed = session.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            () = tokio::time::sleep_until(tokio::time::Instant::from_std(at)) => {
+                fenced_for = Some(at);
+                let victims = watcher.signal_all(Signal::KILL);
+                let safe_until = state.safe_until().unwrap_or(at);
+                warn!(
+                    killed = victims.len(),
+                    pids = ?victims.iter().map(|p| p.pid).collect::<Vec<_>>(),
+                    mono_ns = monotonic_ns(),
+                    safe_until_mono_ns = monotonic_ns_of(safe_until),
+                    "no session renewal confirmed in time: fenced (SIGKILLed) every local holder"
+                );
+                let watcher = Arc::clone(&watcher);
+                let watchdog = watchdog.clone();
+                // Judge survivors at the session's end, but give a late fence (the agent was
+                // itself stopped) a moment for the kills to land.
+                let judge_at = safe_until.max(Instant::now() + Duration::from_millis(100));
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(tokio::time::Instant::from_std(judge_at)).await;
+                    let alive: Vec<u32> = victims
+                        .iter()
+                        .filter(|p| watcher.is_watched(p))
+                        .map(|p| p.pid)
+                        .collect();
+                    if alive.is_empty() {
+                        info!("every fenced holder is dead");
+                    } else if let Some(w) = watchdog {
+                        error!(pids = ?alive, "fenced holders survived SIGKILL past the session's end");
+                        w.starve("a holder survived SIGKILL past the session's end");
+                    } else {
+                        error!(pids = ?alive, "fenced holders survived SIGKILL past the session's end, and no watchdog is configured");
+                    }
+                });
+            }
+        }
+    }
+}
