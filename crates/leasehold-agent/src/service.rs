@@ -340,7 +340,14 @@ impl<S: Store> pb::leasehold_server::Leasehold for Service<S> {
             };
             me.watcher.watch(owner.process.clone());
             for g in grants.iter().filter(|g| !g.existing) {
-                info!(resource = %g.resource, pid = owner.process.pid, token = %g.token, mode = %g.mode, "granted");
+                info!(
+                    resource = %g.resource,
+                    pid = owner.process.pid,
+                    token = %g.token,
+                    mode = %g.mode,
+                    mono_ns = crate::fence::monotonic_ns(),
+                    "granted"
+                );
             }
             let granted = pb::Granted {
                 grants: grants.iter().map(pb::Grant::from).collect(),

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use leasehold_core::ProcessKey;
-use leasehold_store::Store;
+use leasehold_store::{Store, StoreError};
 use rustix::process::Signal;
 use tokio::io::unix::AsyncFd;
 use tracing::{info, warn};
@@ -105,22 +105,33 @@ impl<S: Store> Watcher<S> {
         tokio::spawn(async move { me.end(process).await });
     }
 
+    /// Ends the leases of an exited process, retrying while the backend is unavailable (a
+    /// fenced holder's leases must end once etcd answers again).
     async fn end(&self, process: ProcessKey) {
-        match self.store.end_process(process.clone()).await {
-            Ok(ended) if ended.is_empty() => {}
-            Ok(ended) => {
-                for r in ended {
-                    info!(
-                        resource = %r.resource,
-                        pid = process.pid,
-                        token = %r.ended.token,
-                        dirtied = r.dirtied,
-                        "holder exited; lease ended"
-                    );
+        let mut delay = std::time::Duration::from_millis(200);
+        loop {
+            match self.store.end_process(process.clone()).await {
+                Ok(ended) => {
+                    for r in ended {
+                        info!(
+                            resource = %r.resource,
+                            pid = process.pid,
+                            token = %r.ended.token,
+                            dirtied = r.dirtied,
+                            "holder exited; lease ended"
+                        );
+                    }
+                    return;
                 }
-            }
-            Err(e) => {
-                warn!(pid = process.pid, error = %e, "ending the leases of an exited process failed")
+                Err(e @ (StoreError::Unavailable(_) | StoreError::SessionLost)) => {
+                    warn!(pid = process.pid, error = %e, "cannot end the leases of an exited process yet; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(std::time::Duration::from_secs(2));
+                }
+                Err(e) => {
+                    warn!(pid = process.pid, error = %e, "ending the leases of an exited process failed");
+                    return;
+                }
             }
         }
     }

@@ -1,13 +1,18 @@
-//! The conformance suite against the etcd store, on a real etcd.
+//! The conformance suite against the etcd store, on a real etcd started by the test.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use leasehold_core::HostId;
 use leasehold_store::conformance::Harness;
 use leasehold_store::{EtcdOptions, EtcdStore};
+use leasehold_testkit::Etcd;
 
+/// One etcd for the whole test binary; each case uses its own key prefix. The testkit kills
+/// it when this process ends, however it ends.
+static ETCD: OnceLock<Etcd> = OnceLock::new();
 static N: AtomicU64 = AtomicU64::new(0);
 
 struct OnEtcd {
@@ -18,9 +23,9 @@ struct OnEtcd {
 
 impl OnEtcd {
     fn new() -> OnEtcd {
-        let ep = std::env::var("LEASEHOLD_ETCD_ENDPOINTS").expect("LEASEHOLD_ETCD_ENDPOINTS");
+        let etcd = ETCD.get_or_init(Etcd::start);
         OnEtcd {
-            endpoints: ep.split(',').map(str::to_owned).collect(),
+            endpoints: vec![etcd.endpoint()],
             prefix: format!(
                 "/conformance-{}-{}/",
                 std::process::id(),

@@ -46,6 +46,39 @@ pub struct Etcd {
     timeout: Duration,
 }
 
+/// Whether a failed call never reached etcd (its connection could not be made), so it is
+/// safe to send again, to another member.
+fn never_sent(s: &tonic::Status) -> bool {
+    let m = s.message();
+    s.code() == tonic::Code::Unavailable
+        && (m.contains("connect")
+            || m.contains("Connection refused")
+            || m.contains("transport error"))
+}
+
+/// Runs `call` until it succeeds, fails for a reason other than an unreachable member, or
+/// `timeout` passes: a balanced channel may try a member that is down before one that is up.
+async fn retrying<T, F, Fut>(
+    op: &'static str,
+    timeout: Duration,
+    mut call: F,
+) -> Result<T, EtcdError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match call().await {
+            Ok(v) => return Ok(v),
+            Err(s) if never_sent(&s) && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(s) => return Err(EtcdError::from_status(op, &s)),
+        }
+    }
+}
+
 /// The request timeout for ordinary calls.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -108,13 +141,13 @@ impl Etcd {
             revision,
             ..Default::default()
         };
-        let r = self
-            .kv
-            .clone()
-            .range(req)
-            .await
-            .map_err(|s| EtcdError::from_status("range", &s))?
-            .into_inner();
+        let r = retrying("range", self.timeout, || {
+            let mut kv = self.kv.clone();
+            let req = req.clone();
+            async move { kv.range(req).await }
+        })
+        .await?
+        .into_inner();
         Ok((r.kvs, r.header.map_or(0, |h| h.revision)))
     }
 
@@ -129,13 +162,13 @@ impl Etcd {
             success: t.success,
             failure: t.failure,
         };
-        let r = self
-            .kv
-            .clone()
-            .txn(req)
-            .await
-            .map_err(|s| EtcdError::from_status("txn", &s))?
-            .into_inner();
+        let r = retrying("txn", self.timeout, || {
+            let mut kv = self.kv.clone();
+            let req = req.clone();
+            async move { kv.txn(req).await }
+        })
+        .await?
+        .into_inner();
         Ok(TxnResult {
             succeeded: r.succeeded,
             revision: r.header.map_or(0, |h| h.revision),
@@ -152,13 +185,13 @@ impl Etcd {
             ttl: i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX),
             id: 0,
         };
-        let r = self
-            .lease
-            .clone()
-            .lease_grant(req)
-            .await
-            .map_err(|s| EtcdError::from_status("lease grant", &s))?
-            .into_inner();
+        let r = retrying("lease grant", self.timeout, || {
+            let mut lease = self.lease.clone();
+            let req = req.clone();
+            async move { lease.lease_grant(req).await }
+        })
+        .await?
+        .into_inner();
         if !r.error.is_empty() {
             return Err(EtcdError {
                 op: "lease grant",
@@ -175,13 +208,13 @@ impl Etcd {
     /// An [`EtcdError`].
     pub async fn lease_ttl(&self, id: i64) -> Result<Option<i64>, EtcdError> {
         let req = rpc::LeaseTimeToLiveRequest { id, keys: false };
-        let r = self
-            .lease
-            .clone()
-            .lease_time_to_live(req)
-            .await
-            .map_err(|s| EtcdError::from_status("lease ttl", &s))?
-            .into_inner();
+        let r = retrying("lease ttl", self.timeout, || {
+            let mut lease = self.lease.clone();
+            let req = req.clone();
+            async move { lease.lease_time_to_live(req).await }
+        })
+        .await?
+        .into_inner();
         Ok((r.ttl > 0).then_some(r.ttl))
     }
 
@@ -190,11 +223,11 @@ impl Etcd {
     /// # Errors
     /// An [`EtcdError`].
     pub async fn lease_revoke(&self, id: i64) -> Result<(), EtcdError> {
-        self.lease
-            .clone()
-            .lease_revoke(rpc::LeaseRevokeRequest { id })
-            .await
-            .map_err(|s| EtcdError::from_status("lease revoke", &s))?;
+        retrying("lease revoke", self.timeout, || {
+            let mut lease = self.lease.clone();
+            async move { lease.lease_revoke(rpc::LeaseRevokeRequest { id }).await }
+        })
+        .await?;
         Ok(())
     }
 
@@ -205,25 +238,34 @@ impl Etcd {
     /// An [`EtcdError`], transient when etcd could not be reached in time.
     pub async fn keep_alive_once(&self, id: i64) -> Result<i64, EtcdError> {
         let fut = async {
-            let (tx, rx) = tokio::sync::mpsc::channel(1);
-            let _ = tx.send(rpc::LeaseKeepAliveRequest { id }).await;
-            let mut stream = self
-                .lease
-                .clone()
-                .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await
-                .map_err(|s| EtcdError::from_status("keep-alive", &s))?
-                .into_inner();
-            let r = stream
-                .message()
-                .await
-                .map_err(|s| EtcdError::from_status("keep-alive", &s))?;
-            drop(tx);
-            r.map(|r| r.ttl).ok_or(EtcdError {
-                op: "keep-alive",
-                message: "the stream closed without an answer".into(),
-                transient: true,
-            })
+            loop {
+                // Each attempt has its own request stream; its sender lives until the answer.
+                let (tx, rx) = tokio::sync::mpsc::channel(1);
+                let _ = tx.send(rpc::LeaseKeepAliveRequest { id }).await;
+                let opened = self
+                    .lease
+                    .clone()
+                    .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await;
+                let mut stream = match opened {
+                    Ok(r) => r.into_inner(),
+                    Err(s) if never_sent(&s) => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                    Err(s) => return Err(EtcdError::from_status("keep-alive", &s)),
+                };
+                let r = stream
+                    .message()
+                    .await
+                    .map_err(|s| EtcdError::from_status("keep-alive", &s))?;
+                drop(tx);
+                return r.map(|r| r.ttl).ok_or(EtcdError {
+                    op: "keep-alive",
+                    message: "the stream closed without an answer".into(),
+                    transient: true,
+                });
+            }
         };
         tokio::time::timeout(self.timeout, fut)
             .await

@@ -19,6 +19,8 @@ pub struct Agent {
     pub state: PathBuf,
     pub host: String,
     pub args: Vec<String>,
+    /// A command prefix, e.g. `ip netns exec NS`, to run the agent inside something.
+    pub wrap: Vec<String>,
     child: Option<Child>,
 }
 
@@ -30,22 +32,64 @@ impl Agent {
 
     /// An agent with extra flags.
     pub fn start_with(args: &[&str]) -> Agent {
+        Agent::launch("node1", args, &[])
+    }
+
+    /// An agent for `host` with extra flags, its command run after the prefix `wrap`.
+    pub fn launch(host: &str, args: &[&str], wrap: &[&str]) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let mut a = Agent {
             socket: dir.path().join("agent.sock"),
             state: dir.path().join("state"),
             dir,
-            host: "node1".into(),
+            host: host.into(),
             args: args.iter().map(|s| s.to_string()).collect(),
+            wrap: wrap.iter().map(|s| s.to_string()).collect(),
             child: None,
         };
         a.spawn();
         a
     }
 
+    /// An agent for `host` on etcd at `endpoints` under `prefix`, with short timing so fault
+    /// tests run in seconds: ttl 3 s, renew 1 s, fence margin 600 ms, grace 2 s.
+    pub fn on_etcd(
+        host: &str,
+        endpoints: &str,
+        prefix: &str,
+        extra: &[&str],
+        wrap: &[&str],
+    ) -> Agent {
+        let mut args = vec![
+            "--backend",
+            "etcd",
+            "--etcd-endpoints",
+            endpoints,
+            "--etcd-prefix",
+            prefix,
+            "--ttl",
+            "3s",
+            "--renew",
+            "1s",
+            "--fence-margin",
+            "600ms",
+            "--grace",
+            "2s",
+        ];
+        args.extend_from_slice(extra);
+        Agent::launch(host, &args, wrap)
+    }
+
     /// The command that starts this agent.
     pub fn command(&self) -> Command {
-        let mut c = Command::new(bin());
+        let mut c = match self.wrap.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
         c.arg("agent")
             .arg("--socket")
             .arg(&self.socket)
@@ -156,6 +200,16 @@ impl Agent {
         std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
     }
 
+    /// The `mono_ns` of the first log line containing every one of `words`.
+    pub fn logged_mono_ns(&self, words: &[&str]) -> Option<u64> {
+        self.log()
+            .lines()
+            .find(|l| words.iter().all(|w| l.contains(w)))
+            .and_then(|l| l.split("mono_ns=").nth(1))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
@@ -212,6 +266,35 @@ pub fn alive(pid: u32) -> bool {
         && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .unwrap_or_default()
             .contains(") Z ")
+}
+
+/// Now, in nanoseconds on CLOCK_MONOTONIC (shared by every process and namespace here).
+pub fn monotonic_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+/// Waits, in a thread, for process `pid` to exit; the handle answers when (CLOCK_MONOTONIC
+/// nanoseconds). It watches a pidfd, so it works for processes that are not our children.
+pub fn death_watch(pid: u32) -> std::thread::JoinHandle<u64> {
+    use std::os::fd::AsFd;
+    let fd = rustix::process::pidfd_open(
+        rustix::process::Pid::from_raw(pid as i32).unwrap(),
+        rustix::process::PidfdFlags::empty(),
+    )
+    .unwrap();
+    std::thread::spawn(move || {
+        let borrowed = fd.as_fd();
+        let mut fds = [rustix::event::PollFd::new(
+            &borrowed,
+            rustix::event::PollFlags::IN,
+        )];
+        loop {
+            if rustix::event::poll(&mut fds, None).is_ok() && !fds[0].revents().is_empty() {
+                return monotonic_ns();
+            }
+        }
+    })
 }
 
 pub fn text(b: &[u8]) -> String {

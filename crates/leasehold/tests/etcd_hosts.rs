@@ -1,0 +1,290 @@
+//! Several hosts on one etcd (SPEC G1–G5 across hosts, G3 self-fencing). Each "host" is an
+//! agent with its own host id, socket and state; etcd is started by the test. Timing is short
+//! (ttl 3 s, renew 1 s, fence margin 600 ms, grace 2 s) so faults resolve in seconds.
+//!
+//! The fault tests compare CLOCK_MONOTONIC timestamps (shared by every process here): the
+//! moment the old holder died, seen through a pidfd by the test, must come before the moment
+//! the other host's agent granted the resource, from its log.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use common::*;
+use leasehold_testkit::{Etcd, EtcdCluster, Netns};
+
+static N: AtomicU32 = AtomicU32::new(0);
+
+fn prefix() -> String {
+    format!(
+        "/t{}-{}/",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A `run` wrapper under `a` holding `r` exclusively with a `sleep` command; returns the
+/// wrapper and the command's pid.
+fn run_holder(a: &Agent, r: &str) -> (std::process::Child, u32) {
+    let pidfile = a.path(&format!("{r}.child"));
+    let script = format!("echo $$ > {}; exec sleep 3600", pidfile.display());
+    let wrapper = a
+        .cli()
+        .args(["run", "--exclusive", r, "--", "sh", "-c", &script])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the command starts", Duration::from_secs(10), || {
+        std::fs::read_to_string(&pidfile).is_ok_and(|s| s.ends_with('\n'))
+    });
+    let pid = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    (wrapper, pid)
+}
+
+/// B waits for `r`, gets needs-check once A's session is over, then takes it accepting the
+/// check. Returns B's grant time (CLOCK_MONOTONIC ns, from B's log) and B's holder.
+fn b_takes_after_check(b: &Agent, r: &str) -> (u64, Holder) {
+    let h = Holder::new();
+    let out = b.lh(&["acquire", r, "--wait=30s", "--pid", &h.pid_arg()]);
+    expect_code(&out, 4);
+    assert!(
+        text(&out.stderr).contains("host session expired"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = b.lh(&["acquire", r, "--accept-dirty", "--pid", &h.pid_arg()]);
+    expect_code(&out, 0);
+    let token = text(&out.stdout).trim().to_owned();
+    let at = b
+        .logged_mono_ns(&[
+            "granted",
+            &format!("resource={r} "),
+            &format!("token={token} "),
+        ])
+        .expect("B logs its grant with a monotonic time");
+    (at, h)
+}
+
+#[test]
+fn hosts_share_exclusive_and_shared_leases_and_see_each_other() {
+    let etcd = Etcd::start();
+    let p = prefix();
+    let a = Agent::on_etcd("host-a", &etcd.endpoint(), &p, &[], &[]);
+    let b = Agent::on_etcd("host-b", &etcd.endpoint(), &p, &[], &[]);
+    let (ha, hb) = (Holder::new(), Holder::new());
+    let out = a.lh(&[
+        "acquire",
+        "vm1.qcow2",
+        "--pid",
+        &ha.pid_arg(),
+        "--owner",
+        "vm1",
+    ]);
+    expect_code(&out, 0);
+    let out = b.lh(&["acquire", "vm1.qcow2", "--pid", &hb.pid_arg()]);
+    expect_code(&out, 3);
+    assert!(
+        text(&out.stderr).contains("on host-a [vm1]"),
+        "{}",
+        text(&out.stderr)
+    );
+    expect_code(
+        &a.lh(&["acquire", "cache", "--shared", "--pid", &ha.pid_arg()]),
+        0,
+    );
+    expect_code(
+        &b.lh(&["acquire", "cache", "--shared", "--pid", &hb.pid_arg()]),
+        0,
+    );
+    for agent in [&a, &b] {
+        let v = agent.inspect("cache").unwrap();
+        let mut hosts: Vec<&str> = v["holders"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["host"].as_str().unwrap())
+            .collect();
+        hosts.sort();
+        assert_eq!(hosts, vec!["host-a", "host-b"]);
+        assert_eq!(
+            agent.inspect("vm1.qcow2").unwrap()["holders"][0]["host"],
+            "host-a"
+        );
+    }
+    // A waiter on B gets the disk when A's holder releases it.
+    let waiter = b
+        .cli()
+        .args(["acquire", "vm1.qcow2", "--wait=20s", "--pid", &hb.pid_arg()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("B waits", Duration::from_secs(10), || {
+        a.inspect("vm1.qcow2")
+            .is_some_and(|v| !v["waiters"].as_array().unwrap().is_empty())
+    });
+    expect_code(&a.lh(&["release", "vm1.qcow2", "--pid", &ha.pid_arg()]), 0);
+    let out = waiter.wait_with_output().unwrap();
+    expect_code(&out, 0);
+    assert_eq!(a.holders("vm1.qcow2"), vec![u64::from(hb.pid())]);
+}
+
+#[test]
+fn a_host_id_in_use_is_refused_with_its_name() {
+    let etcd = Etcd::start();
+    let p = prefix();
+    let _a = Agent::on_etcd("twin", &etcd.endpoint(), &p, &[], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(bin())
+        .args([
+            "agent",
+            "--backend",
+            "etcd",
+            "--etcd-endpoints",
+            &etcd.endpoint(),
+        ])
+        .args(["--etcd-prefix", &p, "--host-id", "twin", "--socket"])
+        .arg(dir.path().join("s.sock"))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .output()
+        .unwrap();
+    expect_code(&out, 1);
+    let err = text(&out.stderr);
+    assert!(err.contains("host id twin is in use"), "{err}");
+}
+
+#[test]
+fn a_stopped_agents_run_is_dead_before_another_host_gets_the_disk() {
+    let etcd = Etcd::start();
+    let p = prefix();
+    let a = Agent::on_etcd("host-a", &etcd.endpoint(), &p, &[], &[]);
+    let b = Agent::on_etcd("host-b", &etcd.endpoint(), &p, &[], &[]);
+    let (_wrapper, child) = run_holder(&a, "disk");
+    let died = death_watch(child);
+    signal(a.pid(), libc::SIGSTOP);
+    let (granted, _b_holder) = b_takes_after_check(&b, "disk");
+    let died = died.join().unwrap();
+    signal(a.pid(), libc::SIGCONT);
+    assert!(
+        died < granted,
+        "the old holder died at {died} ns, after B's grant at {granted} ns"
+    );
+    eprintln!(
+        "holder dead {} ms before B's grant",
+        (granted - died) / 1_000_000
+    );
+}
+
+#[test]
+fn a_killed_agents_run_is_dead_before_another_host_gets_the_disk() {
+    let etcd = Etcd::start();
+    let p = prefix();
+    let mut a = Agent::on_etcd("host-a", &etcd.endpoint(), &p, &[], &[]);
+    let b = Agent::on_etcd("host-b", &etcd.endpoint(), &p, &[], &[]);
+    let (_wrapper, child) = run_holder(&a, "disk");
+    let died = death_watch(child);
+    a.kill9();
+    let (granted, _b_holder) = b_takes_after_check(&b, "disk");
+    let died = died.join().unwrap();
+    assert!(
+        died < granted,
+        "holder died at {died}, B granted at {granted}"
+    );
+}
+
+#[test]
+fn a_host_cut_off_from_etcd_fences_its_holders_first() {
+    let netns = Netns::new("lh-cut");
+    let etcd = Etcd::start_on(&netns.host_ip());
+    let p = prefix();
+    let a = Agent::on_etcd(
+        "host-a",
+        &etcd.endpoint(),
+        &p,
+        &[],
+        &["ip", "netns", "exec", netns.name()],
+    );
+    let b = Agent::on_etcd("host-b", &etcd.endpoint(), &p, &[], &[]);
+    // A plain holder (no wrapper): only the agent can fence it.
+    let holder = Holder::new();
+    expect_code(&a.lh(&["acquire", "disk", "--pid", &holder.pid_arg()]), 0);
+    let died = death_watch(holder.pid());
+    netns.cut();
+    let (granted, _b_holder) = b_takes_after_check(&b, "disk");
+    let died = died.join().unwrap();
+    let fenced = a
+        .logged_mono_ns(&["fenced"])
+        .expect("A logs its fencing with a monotonic time");
+    assert!(
+        fenced <= died + 50_000_000,
+        "fenced at {fenced}, holder died at {died}"
+    );
+    assert!(
+        died < granted,
+        "holder died at {died}, B granted at {granted}"
+    );
+    netns.heal();
+}
+
+#[test]
+fn losing_the_etcd_leader_loses_no_lease_and_kills_no_holder() {
+    let cluster = EtcdCluster::start(3);
+    let p = prefix();
+    let a = Agent::on_etcd("host-a", &cluster.endpoints_joined(), &p, &[], &[]);
+    let holder = Holder::new();
+    let out = a.lh(&["acquire", "disk", "--pid", &holder.pid_arg()]);
+    expect_code(&out, 0);
+    let token = text(&out.stdout).trim().to_owned();
+    let leader = cluster.leader();
+    cluster.member(leader).kill();
+    // Several session lifetimes pass.
+    std::thread::sleep(Duration::from_secs(7));
+    assert!(
+        alive(holder.pid()),
+        "the holder must not be fenced:\n{}",
+        a.log()
+    );
+    assert!(!a.log().contains("fenced"), "{}", a.log());
+    expect_code(&a.lh(&["validate", "disk", &token]), 0);
+    assert_eq!(a.holders("disk"), vec![u64::from(holder.pid())]);
+}
+
+#[test]
+fn losing_etcd_quorum_fences_holders_and_service_returns_with_it() {
+    let cluster = EtcdCluster::start(3);
+    let p = prefix();
+    let a = Agent::on_etcd("host-a", &cluster.endpoints_joined(), &p, &[], &[]);
+    let holder = Holder::new();
+    expect_code(&a.lh(&["acquire", "disk", "--pid", &holder.pid_arg()]), 0);
+    let died = death_watch(holder.pid());
+    let leader = cluster.leader();
+    let others: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    for i in &others {
+        cluster.member(*i).stop();
+    }
+    // No renewal can be confirmed without quorum: the holder is fenced before ttl passes.
+    let died = died.join().unwrap();
+    let fenced = a.logged_mono_ns(&["fenced"]).expect("fenced");
+    assert!(fenced <= died + 50_000_000);
+    for i in &others {
+        cluster.member(*i).cont();
+    }
+    cluster.wait_writable(Duration::from_secs(20));
+    // Service comes back: the disk can be taken again (dirty: its holder was fenced).
+    let h2 = Holder::new();
+    let ok = wait_until("service returns", Duration::from_secs(30), || {
+        let out = a.lh(&["acquire", "disk", "--accept-dirty", "--pid", &h2.pid_arg()]);
+        out.status.success()
+    });
+    eprintln!("service back {} ms after quorum returned", ok.as_millis());
+}
