@@ -187,7 +187,6 @@ impl Etcd {
         };
         let r = retrying("lease grant", self.timeout, || {
             let mut lease = self.lease.clone();
-            let req = req.clone();
             async move { lease.lease_grant(req).await }
         })
         .await?
@@ -210,7 +209,6 @@ impl Etcd {
         let req = rpc::LeaseTimeToLiveRequest { id, keys: false };
         let r = retrying("lease ttl", self.timeout, || {
             let mut lease = self.lease.clone();
-            let req = req.clone();
             async move { lease.lease_time_to_live(req).await }
         })
         .await?
