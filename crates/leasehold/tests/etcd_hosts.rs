@@ -205,7 +205,7 @@ fn a_killed_agents_run_is_dead_before_another_host_gets_the_disk() {
 #[test]
 fn a_host_cut_off_from_etcd_fences_its_holders_first() {
     let netns = Netns::new("lh-cut");
-    let etcd = Etcd::start_on(&netns.host_ip());
+    let etcd = Etcd::start_on(netns.host_ip());
     let p = prefix();
     let a = Agent::on_etcd(
         "host-a",
