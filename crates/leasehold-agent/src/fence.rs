@@ -122,15 +122,20 @@ pub async fn fence<S: Store>(
             }
             () = tokio::time::sleep_until(tokio::time::Instant::from_std(at)) => {
                 fenced_for = Some(at);
-                let victims = watcher.signal_all(Signal::KILL);
+                let signalled = watcher.signal_all(Signal::KILL);
                 let safe_until = state.safe_until().unwrap_or(at);
+                let failed: Vec<u32> = signalled.iter().filter(|(_, sent)| !sent).map(|(p, _)| p.pid).collect();
                 warn!(
-                    killed = victims.len(),
-                    pids = ?victims.iter().map(|p| p.pid).collect::<Vec<_>>(),
+                    holders = signalled.len(),
+                    pids = ?signalled.iter().map(|(p, _)| p.pid).collect::<Vec<_>>(),
+                    kill_failed = ?failed,
                     mono_ns = monotonic_ns(),
                     safe_until_mono_ns = monotonic_ns_of(safe_until),
                     "no session renewal confirmed in time: fenced (SIGKILLed) every local holder"
                 );
+                // Every holder must be gone by the session's end, whether or not the signal
+                // could be sent.
+                let victims: Vec<_> = signalled.into_iter().map(|(p, _)| p).collect();
                 let watcher = Arc::clone(&watcher);
                 let watchdog = watchdog.clone();
                 // Judge survivors at the session's end, but give a late fence (the agent was

@@ -168,7 +168,12 @@ pub async fn serve<S: Store>(
         warn!(error = %e, "could not notify the service manager");
     }
     let served = tonic::transport::Server::builder()
-        .add_service(LeaseholdServer::new(service))
+        // Answers to `list` grow with the cluster; requests are small and validated.
+        .add_service(
+            LeaseholdServer::new(service)
+                .max_encoding_message_size(1 << 30)
+                .max_decoding_message_size(4 << 20),
+        )
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;
     let _ = notify("STOPPING=1");

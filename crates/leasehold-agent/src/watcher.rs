@@ -149,15 +149,18 @@ impl<S: Store> Watcher<S> {
         rustix::process::pidfd_send_signal(fd, signal).is_ok()
     }
 
-    /// Sends `signal` to every watched process; returns those it reached.
-    pub fn signal_all(&self, signal: Signal) -> Vec<ProcessKey> {
+    /// Sends `signal` to every watched process; returns each with whether the signal could
+    /// be sent (it cannot when the agent lacks the right, or the process just exited).
+    pub fn signal_all(&self, signal: Signal) -> Vec<(ProcessKey, bool)> {
         let Ok(watched) = self.watched.lock() else {
             return Vec::new();
         };
         watched
             .iter()
-            .filter(|(_, w)| rustix::process::pidfd_send_signal(w.pidfd.get_ref(), signal).is_ok())
-            .map(|(p, _)| p.clone())
+            .map(|(p, w)| {
+                let sent = rustix::process::pidfd_send_signal(w.pidfd.get_ref(), signal).is_ok();
+                (p.clone(), sent)
+            })
             .collect()
     }
 

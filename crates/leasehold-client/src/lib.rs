@@ -308,7 +308,9 @@ impl Client {
                 message: source_chain(&e),
             })?;
         Ok(Client {
-            inner: pb::leasehold_client::LeaseholdClient::new(channel),
+            // `list` of a big cluster is large; the socket is local.
+            inner: pb::leasehold_client::LeaseholdClient::new(channel)
+                .max_decoding_message_size(1 << 30),
             socket,
         })
     }

@@ -79,6 +79,9 @@ where
     }
 }
 
+/// The largest answer accepted: a range over every record of a big cluster is large.
+pub const MAX_MESSAGE: usize = 1 << 30;
+
 /// The request timeout for ordinary calls.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -117,9 +120,11 @@ impl Etcd {
             .collect::<Result<Vec<_>, _>>()?;
         let channel = Channel::balance_list(eps.into_iter());
         Ok(Etcd {
-            kv: rpc::kv_client::KvClient::new(channel.clone()),
+            kv: rpc::kv_client::KvClient::new(channel.clone())
+                .max_decoding_message_size(MAX_MESSAGE),
             lease: rpc::lease_client::LeaseClient::new(channel.clone()),
-            watch: rpc::watch_client::WatchClient::new(channel),
+            watch: rpc::watch_client::WatchClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE),
             timeout,
         })
     }

@@ -37,8 +37,15 @@ impl Agent {
 
     /// An agent for `host` with extra flags, its command run after the prefix `wrap`.
     pub fn launch(host: &str, args: &[&str], wrap: &[&str]) -> Agent {
+        let mut a = Agent::unstarted(host, args, wrap);
+        a.spawn();
+        a
+    }
+
+    /// The same, not started yet (call `spawn`).
+    pub fn unstarted(host: &str, args: &[&str], wrap: &[&str]) -> Agent {
         let dir = tempfile::tempdir().unwrap();
-        let mut a = Agent {
+        Agent {
             socket: dir.path().join("agent.sock"),
             state: dir.path().join("state"),
             dir,
@@ -46,14 +53,25 @@ impl Agent {
             args: args.iter().map(|s| s.to_string()).collect(),
             wrap: wrap.iter().map(|s| s.to_string()).collect(),
             child: None,
-        };
-        a.spawn();
-        a
+        }
     }
 
     /// An agent for `host` on etcd at `endpoints` under `prefix`, with short timing so fault
     /// tests run in seconds: ttl 3 s, renew 1 s, fence margin 600 ms, grace 2 s.
     pub fn on_etcd(
+        host: &str,
+        endpoints: &str,
+        prefix: &str,
+        extra: &[&str],
+        wrap: &[&str],
+    ) -> Agent {
+        let mut a = Agent::on_etcd_unstarted(host, endpoints, prefix, extra, wrap);
+        a.spawn();
+        a
+    }
+
+    /// The same, not started yet (call `spawn`).
+    pub fn on_etcd_unstarted(
         host: &str,
         endpoints: &str,
         prefix: &str,
@@ -77,7 +95,7 @@ impl Agent {
             "2s",
         ];
         args.extend_from_slice(extra);
-        Agent::launch(host, &args, wrap)
+        Agent::unstarted(host, &args, wrap)
     }
 
     /// The command that starts this agent.

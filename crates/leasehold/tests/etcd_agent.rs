@@ -1,0 +1,263 @@
+//! One agent on etcd: resuming its session after a restart, fencing stale holders, the
+//! watchdog, and renewal cost independent of the number of leases.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use common::*;
+use leasehold_testkit::Etcd;
+
+static N: AtomicU32 = AtomicU32::new(0);
+
+fn prefix() -> String {
+    format!(
+        "/a{}-{}/",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+#[test]
+fn a_restarted_agent_resumes_its_session_and_its_run_wrappers_carry_on() {
+    let etcd = Etcd::start();
+    let p = prefix();
+    let mut a = Agent::on_etcd("host-a", &etcd.endpoint(), &p, &[], &[]);
+    let pidfile = a.path("child.pid");
+    let script = format!("echo $$ > {}; exec sleep 3600", pidfile.display());
+    let mut wrapper = a
+        .cli()
+        .args(["run", "--exclusive", "disk", "--", "sh", "-c", &script])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the command starts", Duration::from_secs(10), || {
+        std::fs::read_to_string(&pidfile).is_ok_and(|s| s.ends_with('\n'))
+    });
+    let child: u32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let token = a.inspect("disk").unwrap()["holders"][0]["token"].clone();
+    a.restart_after_kill9();
+    // Several session lifetimes: the wrapper must have reattached, or its deadline would
+    // have killed the command.
+    std::thread::sleep(Duration::from_secs(8));
+    assert!(a.log().contains("resumed the host session"), "{}", a.log());
+    assert!(
+        alive(child),
+        "the command was killed; the wrapper did not reattach"
+    );
+    let v = a.inspect("disk").unwrap();
+    assert_eq!(v["holders"][0]["token"], token, "same lease, same token");
+    assert_eq!(v["holders"][0]["pid"], wrapper.id());
+    signal(wrapper.id(), libc::SIGTERM);
+    let status = wrapper.wait().unwrap();
+    assert!(!status.success(), "SIGTERM ends the sleep: a failure exit");
+    let mut err = String::new();
+    std::io::Read::read_to_string(wrapper.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(err.contains("reattached"), "{err}");
+}
+
+#[test]
+fn holders_of_a_session_that_ended_while_the_agent_was_down_are_killed_at_start() {
+    let etcd = Etcd::start();
+    let p = prefix();
+    let mut a = Agent::on_etcd("host-a", &etcd.endpoint(), &p, &[], &[]);
+    let holder = Holder::new();
+    expect_code(&a.lh(&["acquire", "disk", "--pid", &holder.pid_arg()]), 0);
+    a.kill9();
+    // The session (ttl 3 s) ends while no agent runs; nothing fences the holder meanwhile.
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(alive(holder.pid()));
+    a.spawn();
+    wait_until("the stale holder is killed", Duration::from_secs(5), || {
+        !alive(holder.pid())
+    });
+    assert!(
+        a.log().contains("killed a holder whose host session ended"),
+        "{}",
+        a.log()
+    );
+}
+
+/// A file standing in for /dev/watchdog: every feed appends a byte.
+fn watchdog_file(a_dir: &std::path::Path) -> std::path::PathBuf {
+    let p = a_dir.join("watchdog");
+    std::fs::write(&p, b"").unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o666)).unwrap();
+    p
+}
+
+fn feeds(p: &std::path::Path) -> u64 {
+    std::fs::metadata(p).map_or(0, |m| m.len())
+}
+
+#[test]
+fn the_watchdog_is_fed_while_all_is_well_and_starved_when_a_holder_survives() {
+    let etcd = Etcd::start();
+    let p = prefix();
+    // The agent runs as nobody, so it cannot SIGKILL root's holder: a holder that survives
+    // the kill, for real.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let wd = watchdog_file(dir.path());
+    let mut a = Agent::on_etcd_unstarted(
+        "host-a",
+        &etcd.endpoint(),
+        &p,
+        &[
+            "--watchdog",
+            wd.to_str().unwrap(),
+            "--watchdog-timeout",
+            "1s",
+        ],
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ],
+    );
+    std::fs::set_permissions(a.dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    a.spawn();
+    wait_until("the watchdog is fed", Duration::from_secs(5), || {
+        feeds(&wd) >= 2
+    });
+    let holder = Holder::new();
+    expect_code(&a.lh(&["acquire", "disk", "--pid", &holder.pid_arg()]), 0);
+    // etcd stops answering: no renewal, so the agent fences, fails to kill, and starves the
+    // watchdog once the session can end.
+    etcd.stop();
+    wait_until("the watchdog starves", Duration::from_secs(15), || {
+        a.log().contains("stopped feeding the watchdog")
+    });
+    let starved_at = feeds(&wd);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(feeds(&wd), starved_at, "no feed after starving");
+    assert!(
+        alive(holder.pid()),
+        "the holder survived (that is the point)"
+    );
+    assert!(a.log().contains("survived SIGKILL"), "{}", a.log());
+    etcd.cont();
+}
+
+#[test]
+fn the_watchdog_keeps_being_fed_when_fenced_holders_die() {
+    let etcd = Etcd::start();
+    let p = prefix();
+    let dir = tempfile::tempdir().unwrap();
+    let wd = watchdog_file(dir.path());
+    let a = Agent::on_etcd(
+        "host-a",
+        &etcd.endpoint(),
+        &p,
+        &[
+            "--watchdog",
+            wd.to_str().unwrap(),
+            "--watchdog-timeout",
+            "1s",
+        ],
+        &[],
+    );
+    let holder = Holder::new();
+    expect_code(&a.lh(&["acquire", "disk", "--pid", &holder.pid_arg()]), 0);
+    etcd.stop();
+    wait_until("the holder is fenced", Duration::from_secs(10), || {
+        !alive(holder.pid())
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let before = feeds(&wd);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(feeds(&wd) > before, "still fed:\n{}", a.log());
+    assert!(!a.log().contains("stopped feeding"), "{}", a.log());
+    etcd.cont();
+}
+
+/// etcd's own count of lease renewals seen by the leader.
+fn renewals(etcd: &Etcd) -> u64 {
+    let port = etcd.endpoint().rsplit(':').next().unwrap().to_owned();
+    let mut s = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
+    use std::io::{Read, Write};
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix("etcd_debugging_lease_renewed_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .expect("etcd exposes its lease renewals") as u64
+}
+
+#[test]
+fn ten_thousand_leases_cost_one_keep_alive_per_renew_interval() {
+    let etcd = Etcd::start();
+    let p = prefix();
+    let a = Agent::on_etcd("host-a", &etcd.endpoint(), &p, &[], &[]);
+    let holder = Holder::new();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let started = std::time::Instant::now();
+    rt.block_on(async {
+        // 10,000 leases for one process, 40 resources a request, 16 requests at a time.
+        let mut tasks = Vec::new();
+        for w in 0..16u32 {
+            let socket = a.socket.clone();
+            let pid = holder.pid();
+            tasks.push(tokio::spawn(async move {
+                let mut c = leasehold_client::Client::connect(&socket).await.unwrap();
+                let mut batch = w;
+                while batch < 250 {
+                    let items = (0..40).map(|i| {
+                        let r = format!("many/{}", batch * 40 + i);
+                        (
+                            leasehold_core::ResourceName::new(r).unwrap(),
+                            leasehold_core::Mode::Exclusive,
+                        )
+                    });
+                    let mut o = leasehold_client::AcquireOptions::new(items);
+                    o.pid = Some(pid);
+                    c.acquire(o).await.unwrap();
+                    batch += 16;
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    let took = started.elapsed();
+    let out = a.lh(&["status", "--json"]);
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["leases"], 10_000);
+    let before = renewals(&etcd);
+    std::thread::sleep(Duration::from_secs(5));
+    let after = renewals(&etcd);
+    let rss_kib = std::fs::read_to_string(format!("/proc/{}/status", a.pid()))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap();
+    eprintln!(
+        "10,000 leases taken in {:.1} s; {} keep-alives in 5 s (renew 1 s); agent RSS {} MiB",
+        took.as_secs_f64(),
+        after - before,
+        rss_kib / 1024
+    );
+    // One per renew interval (1 s): about 5, whatever the number of leases.
+    assert!(
+        (4..=6).contains(&(after - before)),
+        "{} renewals in 5 s",
+        after - before
+    );
+}
