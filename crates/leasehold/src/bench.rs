@@ -12,6 +12,8 @@ use clap::Args;
 use leasehold_client::{AcquireOptions, Client, ReleaseOptions};
 use leasehold_core::{Mode, ResourceName};
 
+use leasehold_store::etcd::client::{Etcd, Txn};
+
 use crate::{Failure, connect};
 
 /// Flags of `leasehold bench`.
@@ -35,6 +37,20 @@ pub struct BenchArgs {
     /// Leases held at once by one process, to report the agent's memory (0: skip).
     #[arg(long, default_value_t = 100_000)]
     leases: usize,
+    /// Run the bench's agents on this etcd (comma-separated client URLs), under a fresh key
+    /// prefix, and add the etcd figures: acquire latency beside a raw etcd transaction,
+    /// throughput beside raw put-then-delete cycles, and host death to grant elsewhere.
+    #[arg(long, value_delimiter = ',')]
+    etcd_endpoints: Option<Vec<String>>,
+    /// Session ttl of the bench's etcd agents (the failover figure waits ttl + grace).
+    #[arg(long, default_value = "10s")]
+    ttl: String,
+    /// Grace of the bench's etcd agents [default: ttl/2]
+    #[arg(long)]
+    grace: Option<String>,
+    /// Rounds of acquire against a raw etcd transaction, alternating.
+    #[arg(long, default_value_t = 500)]
+    raw_rounds: usize,
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
@@ -69,7 +85,31 @@ fn exe() -> Result<PathBuf, Failure> {
     std::env::current_exe().map_err(|e| Failure::error(format!("finding this binary: {e}")))
 }
 
-async fn start_agent() -> Result<(OwnAgent, PathBuf, Duration), Failure> {
+/// The flags that put a bench agent on etcd, if the bench runs on etcd.
+fn backend_args(a: &BenchArgs) -> Vec<String> {
+    let Some(eps) = &a.etcd_endpoints else {
+        return Vec::new();
+    };
+    let mut v = vec![
+        "--backend".to_owned(),
+        "etcd".into(),
+        "--etcd-endpoints".into(),
+        eps.join(","),
+        "--etcd-prefix".into(),
+        format!("/leasehold-bench-{}/", std::process::id()),
+        "--ttl".into(),
+        a.ttl.clone(),
+    ];
+    if let Some(g) = &a.grace {
+        v.extend(["--grace".into(), g.clone()]);
+    }
+    v
+}
+
+async fn start_agent(
+    host: &str,
+    args: &[String],
+) -> Result<(OwnAgent, PathBuf, Duration), Failure> {
     let dir = tempfile::tempdir().map_err(|e| Failure::error(e.to_string()))?;
     let socket = dir.path().join("agent.sock");
     let started = Instant::now();
@@ -80,7 +120,8 @@ async fn start_agent() -> Result<(OwnAgent, PathBuf, Duration), Failure> {
         .arg("--state-dir")
         .arg(dir.path().join("state"))
         .arg("--host-id")
-        .arg("bench")
+        .arg(host)
+        .args(args)
         .env("LEASEHOLD_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -107,7 +148,7 @@ pub async fn bench(a: BenchArgs, socket: &Option<PathBuf>) -> Result<u8, Failure
         let c = connect(socket).await?;
         (None, c.socket().to_path_buf())
     } else {
-        let (agent, socket, ready) = start_agent().await?;
+        let (agent, socket, ready) = start_agent("bench", &backend_args(&a)).await?;
         println!(
             "agent start to ready (empty state): {}   [SPEC target <= 1 s; sanlock joins a lockspace in 5-21 s]",
             ms(ready)
@@ -132,10 +173,134 @@ pub async fn bench(a: BenchArgs, socket: &Option<PathBuf>) -> Result<u8, Failure
     if a.runs > 0 {
         run_vs_flock(&socket, a.runs)?;
     }
+    if let Some(eps) = &a.etcd_endpoints {
+        acquire_vs_raw(&socket, eps, a.raw_rounds).await?;
+        raw_throughput(eps, 64, a.seconds).await?;
+    }
     if a.leases > 0 {
         many_leases(&socket, a.leases, status.pid as u32).await?;
     }
+    if a.etcd_endpoints.is_some() {
+        failover(&a).await?;
+    }
     Ok(0)
+}
+
+fn raw_client(eps: &[String]) -> Result<Etcd, Failure> {
+    Etcd::connect(eps, Duration::from_secs(5)).map_err(|e| Failure::error(e.to_string()))
+}
+
+/// Acquire latency through the agent, beside a raw etcd create-if-absent transaction,
+/// alternating, one at a time.
+async fn acquire_vs_raw(socket: &Path, eps: &[String], rounds: usize) -> Result<(), Failure> {
+    let etcd = raw_client(eps)?;
+    let mut c = Client::connect(socket).await?;
+    let r = name("bench/latency".into())?;
+    let key = format!("/leasehold-bench-raw-{}/k", std::process::id()).into_bytes();
+    let (mut ours, mut raw) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let t = Instant::now();
+        c.acquire(AcquireOptions::new([(r.clone(), Mode::Exclusive)]))
+            .await?;
+        ours.push(t.elapsed());
+        c.release(std::slice::from_ref(&r), ReleaseOptions::default())
+            .await?;
+        let t = Instant::now();
+        let txn = Txn::new()
+            .if_create_revision(key.clone(), 0)
+            .put(key.clone(), b"x".to_vec(), 0);
+        let done = etcd
+            .txn(txn)
+            .await
+            .map_err(|e| Failure::error(e.to_string()))?;
+        raw.push(t.elapsed());
+        if !done.succeeded {
+            return Err(Failure::error("the raw transaction found its key taken"));
+        }
+        etcd.txn(Txn::new().delete(key.clone()))
+            .await
+            .map_err(|e| Failure::error(e.to_string()))?;
+    }
+    ours.sort();
+    raw.sort();
+    println!(
+        "acquire through the agent on etcd: p50 {} p99 {} | raw etcd create-if-absent txn: p50 {} p99 {} | ratio p50 {:.2}x p99 {:.2}x   [SPEC target <= 1.2x]",
+        ms(pct(&ours, 0.5)),
+        ms(pct(&ours, 0.99)),
+        ms(pct(&raw, 0.5)),
+        ms(pct(&raw, 0.99)),
+        pct(&ours, 0.5).as_secs_f64() / pct(&raw, 0.5).as_secs_f64(),
+        pct(&ours, 0.99).as_secs_f64() / pct(&raw, 0.99).as_secs_f64(),
+    );
+    Ok(())
+}
+
+/// Raw put-then-delete cycles on etcd by `clients` concurrent tasks: the reference for
+/// acquire+release throughput.
+async fn raw_throughput(eps: &[String], clients: usize, seconds: f64) -> Result<(), Failure> {
+    let etcd = raw_client(eps)?;
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..clients {
+        let etcd = etcd.clone();
+        let key = format!("/leasehold-bench-raw-{}/t{i}", std::process::id()).into_bytes();
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                etcd.txn(Txn::new().put(key.clone(), b"x".to_vec(), 0))
+                    .await?;
+                etcd.txn(Txn::new().delete(key.clone())).await?;
+                n += 1;
+            }
+            Ok::<_, leasehold_store::etcd::client::EtcdError>(n)
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t
+            .await
+            .map_err(|e| Failure::error(e.to_string()))?
+            .map_err(|e| Failure::error(e.to_string()))?;
+    }
+    println!(
+        "{clients:>3} clients, raw etcd put-then-delete: {:>7.0} cycles/s   [reference for acquire+release throughput; SPEC target >= 0.8x]",
+        total as f64 / started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Host death to grant elsewhere: host A holds a disk for a process; A's agent and the
+/// process are killed at once (the host died); host B waits for the disk.
+async fn failover(a: &BenchArgs) -> Result<(), Failure> {
+    let args = backend_args(a);
+    let (mut agent_a, sock_a, _) = start_agent("bench-host-a", &args).await?;
+    let (_agent_b, sock_b, _) = start_agent("bench-host-b", &args).await?;
+    let mut holder = Command::new("sleep")
+        .arg("3600")
+        .spawn()
+        .map_err(|e| Failure::error(e.to_string()))?;
+    let r = name("bench/failover-disk".into())?;
+    let mut ca = Client::connect(&sock_a).await?;
+    let mut o = AcquireOptions::new([(r.clone(), Mode::Exclusive)]);
+    o.pid = Some(holder.id());
+    ca.acquire(o).await?;
+    let died = Instant::now();
+    let _ = agent_a.child.kill();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let mut cb = Client::connect(&sock_b).await?;
+    let mut o = AcquireOptions::new([(r, Mode::Exclusive)]);
+    o.accept_dirty = true;
+    o.wait = Some(Duration::MAX);
+    cb.acquire(o).await?;
+    println!(
+        "host death -> its disk granted on another host: {:.2} s (ttl {} + grace {})   [SPEC target ttl + grace + detection; sanlock 140 s]",
+        died.elapsed().as_secs_f64(),
+        a.ttl,
+        a.grace.as_deref().unwrap_or("ttl/2"),
+    );
+    Ok(())
 }
 
 /// Acquire+release cycles by `clients` concurrent connections, each on its own resource.

@@ -104,6 +104,17 @@ struct Snapshot {
     res: BTreeMap<ResourceName, ResSnap>,
 }
 
+/// Every key under the prefix, as the watch last delivered it. Writes decide from it and
+/// commit with compares, so a stale mirror costs a retry, never a wrong grant; outcomes that
+/// write nothing are decided again on a fresh read.
+#[derive(Debug, Default)]
+struct Mirror {
+    revision: i64,
+    kvs: BTreeMap<Vec<u8>, KeyValue>,
+    /// Live sessions: lease id to host.
+    sessions: HashMap<i64, HostId>,
+}
+
 /// A waiting request of this host.
 struct LocalWaiter {
     value: WaiterValue,
@@ -135,6 +146,7 @@ struct Inner {
     orphans: Mutex<Vec<(ResourceName, ProcessKey)>>,
     /// Local processes recorded as holders under an ended session of this host, at open.
     stale: Mutex<Vec<ProcessKey>>,
+    mirror: std::sync::RwLock<Mirror>,
     next_waiter_key: std::sync::atomic::AtomicU64,
 }
 
@@ -206,15 +218,11 @@ impl EtcdStore {
             held: Mutex::new(HashMap::new()),
             orphans: Mutex::new(Vec::new()),
             stale: Mutex::new(Vec::new()),
+            mirror: std::sync::RwLock::new(Mirror::default()),
             next_waiter_key: std::sync::atomic::AtomicU64::new(now_ms()),
         });
-        inner.load_held().await?;
-        let start_rev = inner
-            .etcd
-            .range(inner.keys.hosts(), Vec::new(), 0)
-            .await
-            .map_err(unavailable)?
-            .1;
+        let start_rev = inner.load_mirror().await?;
+        inner.load_held();
         let tasks = vec![
             tokio::spawn(keep_session(Arc::clone(&inner))).abort_handle(),
             tokio::spawn(follow(Arc::clone(&inner), start_rev + 1)).abort_handle(),
@@ -408,16 +416,23 @@ async fn follow(inner: Arc<Inner>, mut from: i64) {
                 Ok(None) | Err(_) => break,
             };
             if msg.compact_revision > 0 {
-                // Missed history: start from now; waiters will look again.
-                from = msg.compact_revision;
+                // Missed history: read everything again and follow from there.
+                match inner.load_mirror().await {
+                    Ok(rev) => from = rev + 1,
+                    Err(_) => from = msg.compact_revision,
+                }
                 inner.changed.notify_waiters();
                 break;
             }
+            for ev in &msg.events {
+                inner.mirror_event(ev);
+                inner.on_watch_event(ev);
+            }
             if let Some(h) = &msg.header {
                 from = from.max(h.revision + 1);
-            }
-            for ev in &msg.events {
-                inner.on_watch_event(ev);
+                if let Ok(mut m) = inner.mirror.write() {
+                    m.revision = m.revision.max(h.revision);
+                }
             }
             if !msg.events.is_empty() {
                 inner.changed.notify_waiters();
@@ -459,31 +474,53 @@ impl Inner {
         Ok(s.id.0 as i64)
     }
 
-    /// Builds the index of this host's holders from every record.
-    async fn load_held(&self) -> Result<(), StoreError> {
-        let (kvs, _) = self
+    /// Reads every key under the prefix into the mirror; returns its revision.
+    async fn load_mirror(&self) -> Result<i64, StoreError> {
+        let prefix = self.keys.prefix().as_bytes().to_vec();
+        let (kvs, revision) = self
             .etcd
-            .range(self.keys.resources(), prefix_end(&self.keys.resources()), 0)
+            .range(prefix.clone(), prefix_end(&prefix), 0)
             .await
             .map_err(unavailable)?;
+        let mut m = Mirror {
+            revision,
+            ..Mirror::default()
+        };
+        for kv in kvs {
+            if let Some(KeyKind::Host(h)) = self.keys.parse(&kv.key) {
+                m.sessions.insert(kv.lease, h);
+            }
+            m.kvs.insert(kv.key.clone(), kv);
+        }
+        if let Ok(mut mirror) = self.mirror.write() {
+            *mirror = m;
+        }
+        Ok(revision)
+    }
+
+    /// Builds the index of this host's holders, and the list of stale ones, from the mirror.
+    fn load_held(&self) {
         let current = self.session.borrow().id;
         let mut held = HashMap::<ProcessKey, BTreeSet<ResourceName>>::new();
         let mut stale = BTreeSet::new();
-        for kv in kvs {
-            let (Some(KeyKind::Resource(r)), Ok(rec)) = (
-                self.keys.parse(&kv.key),
-                serde_json::from_slice::<Record>(&kv.value),
-            ) else {
-                continue;
-            };
-            for l in rec.state.holders {
-                if l.owner.process.host != self.host {
+        if let Ok(m) = self.mirror.read() {
+            let from = self.keys.resources();
+            for (key, kv) in m.kvs.range(from.clone()..prefix_end(&from)) {
+                let (Some(KeyKind::Resource(r)), Ok(rec)) = (
+                    self.keys.parse(key),
+                    serde_json::from_slice::<Record>(&kv.value),
+                ) else {
                     continue;
-                }
-                if l.session == current {
-                    held.entry(l.owner.process).or_default().insert(r.clone());
-                } else {
-                    stale.insert(l.owner.process);
+                };
+                for l in rec.state.holders {
+                    if l.owner.process.host != self.host {
+                        continue;
+                    }
+                    if l.session == current {
+                        held.entry(l.owner.process).or_default().insert(r.clone());
+                    } else {
+                        stale.insert(l.owner.process);
+                    }
                 }
             }
         }
@@ -493,7 +530,60 @@ impl Inner {
         if let Ok(mut s) = self.stale.lock() {
             *s = stale.into_iter().collect();
         }
-        Ok(())
+    }
+
+    /// A snapshot of `names` from the mirror: no round trip, possibly stale.
+    fn cached_snapshot(&self, names: &BTreeSet<ResourceName>) -> Snapshot {
+        let Ok(m) = self.mirror.read() else {
+            return Snapshot::default();
+        };
+        let mut snap = Snapshot {
+            revision: m.revision,
+            sessions: m.sessions.clone(),
+            res: BTreeMap::new(),
+        };
+        for r in names {
+            let rec = m.kvs.get(&self.keys.resource(r));
+            let wp = self.keys.waiters(r);
+            let rs = ResSnap {
+                record: rec.and_then(|kv| serde_json::from_slice(&kv.value).ok()),
+                mod_rev: rec.map_or(0, |kv| kv.mod_revision),
+                waiters: m
+                    .kvs
+                    .range(wp.clone()..prefix_end(&wp))
+                    .filter_map(|(_, kv)| {
+                        Some(WaiterSnap {
+                            id: kv.create_revision as u64,
+                            value: serde_json::from_slice(&kv.value).ok()?,
+                        })
+                    })
+                    .collect(),
+                grace: m.kvs.contains_key(&self.keys.grace(r)),
+            };
+            snap.res.insert(r.clone(), rs);
+        }
+        snap
+    }
+
+    /// Applies one watch event to the mirror.
+    fn mirror_event(&self, ev: &super::pb::mvccpb::Event) {
+        let Some(kv) = &ev.kv else { return };
+        let deleted = ev.r#type == super::pb::mvccpb::event::EventType::Delete as i32;
+        let Ok(mut m) = self.mirror.write() else {
+            return;
+        };
+        if deleted {
+            if let Some(old) = m.kvs.remove(&kv.key)
+                && matches!(self.keys.parse(&kv.key), Some(KeyKind::Host(_)))
+            {
+                m.sessions.remove(&old.lease);
+            }
+        } else {
+            if let Some(KeyKind::Host(h)) = self.keys.parse(&kv.key) {
+                m.sessions.insert(kv.lease, h);
+            }
+            m.kvs.insert(kv.key.clone(), kv.clone());
+        }
     }
 
     fn on_watch_event(&self, ev: &super::pb::mvccpb::Event) {
@@ -765,18 +855,30 @@ impl Inner {
         mut op: impl FnMut(&mut Engine, Now, &Snapshot) -> Result<(T, Extra), StoreError>,
     ) -> Result<(T, Output, i64), StoreError> {
         let deadline = Instant::now() + self.opts.timeout * 5;
+        // The first attempt decides from the mirror; a decision that writes nothing, or whose
+        // compares fail, is made again on a fresh read.
+        let mut fresh = false;
         loop {
-            let snap = self.snapshot(&names).await?;
+            let snap = if fresh {
+                self.snapshot(&names).await?
+            } else {
+                self.cached_snapshot(&names)
+            };
             let now = self.now();
             let mut engine = self.engine(&snap, &BTreeSet::new(), now);
             let (value, extra) = op(&mut engine, now, &snap)?;
             let out = engine.take_output();
-            if !out.needs_persist() && extra.is_empty() {
-                return Ok((value, out, snap.revision));
+            if !writes(&out) && extra.is_empty() {
+                if fresh {
+                    return Ok((value, out, snap.revision));
+                }
+                fresh = true;
+                continue;
             }
             if let Some(rev) = self.commit(&snap, &engine, &out, extra).await? {
                 return Ok((value, out, rev));
             }
+            fresh = true;
             if Instant::now() > deadline {
                 return Err(StoreError::Unavailable(
                     "too much contention on these resources; try again".into(),
@@ -797,12 +899,19 @@ impl Inner {
             None => return Ok(()),
         };
         let names: BTreeSet<ResourceName> = value.items.iter().map(|(r, _)| r.clone()).collect();
-        let snap = self.snapshot(&names).await?;
-        let still_there = snap
-            .res
-            .values()
-            .any(|rs| rs.waiters.iter().any(|w| w.id == id));
-        if !still_there {
+        // Decided from the mirror (every change wakes this service after the mirror has it);
+        // a grant still commits with compares.
+        let mut snap = self.cached_snapshot(&names);
+        let there = |snap: &Snapshot| {
+            snap.res
+                .values()
+                .any(|rs| rs.waiters.iter().any(|w| w.id == id))
+        };
+        if !there(&snap) {
+            // The mirror may not have the keys yet: only a fresh read can say they are gone.
+            snap = self.snapshot(&names).await?;
+        }
+        if !there(&snap) {
             // Its keys are gone: its session expired, or it was withdrawn.
             self.finish_waiter(
                 id,
@@ -834,7 +943,7 @@ impl Inner {
                 extra.require_session = Some(self.lease()?);
             }
         }
-        if !out.needs_persist() && extra.is_empty() {
+        if !writes(&out) && extra.is_empty() {
             return Ok(());
         }
         if self.commit(&snap, &engine, &out, extra).await?.is_some()
@@ -978,6 +1087,12 @@ impl Inner {
             handover_pending: rec.and_then(|r| r.reserved_for).is_some(),
         })
     }
+}
+
+/// Whether the engine changed a record. (Its metadata, which the token floor marks changed,
+/// is not kept in etcd: tokens come from records and revisions.)
+fn writes(out: &Output) -> bool {
+    !out.changed.is_empty()
 }
 
 /// What a commit writes besides records.
