@@ -102,7 +102,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 timeout: t.renew.min(std::time::Duration::from_secs(2)),
                 session_file: Some(config.state_dir.join("etcd-session.json")),
             };
-            let store = leasehold_store::EtcdStore::open(config.host_id.clone(), opts).await?;
+            // etcd may not be up yet (a host booting): wait for it, saying so. Anything else,
+            // such as the host id being in use, is final.
+            tokio::pin!(shutdown);
+            let store = loop {
+                match leasehold_store::EtcdStore::open(config.host_id.clone(), opts.clone()).await {
+                    Ok(s) => break s,
+                    Err(StoreError::Unavailable(e)) => {
+                        warn!(error = %e, endpoints = ?config.etcd_endpoints, "etcd is not reachable yet; retrying");
+                        tokio::select! {
+                            () = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+                            () = &mut shutdown => return Ok(()),
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
             serve(store, config, shutdown).await
         }
     }
