@@ -98,6 +98,8 @@ pub async fn fence<S: Store>(
     timing: Timing,
     watchdog: Option<Arc<Watchdog>>,
     deadline: watch::Sender<Option<Instant>>,
+    events: tokio::sync::broadcast::Sender<leasehold_api::pb::Event>,
+    host: leasehold_core::HostId,
 ) {
     let mut fenced_for: Option<Instant> = None;
     loop {
@@ -133,6 +135,18 @@ pub async fn fence<S: Store>(
                     safe_until_mono_ns = monotonic_ns_of(safe_until),
                     "no session renewal confirmed in time: fenced (SIGKILLed) every local holder"
                 );
+                let at_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                for (p, _) in &signalled {
+                    let _ = events.send(leasehold_api::pb::Event {
+                        kind: "fenced".into(),
+                        at_ms,
+                        host: Some(host.to_string()),
+                        pid: Some(p.pid),
+                        ..Default::default()
+                    });
+                }
                 // Every holder must be gone by the session's end, whether or not the signal
                 // could be sent.
                 let victims: Vec<_> = signalled.into_iter().map(|(p, _)| p).collect();

@@ -144,6 +144,8 @@ pub async fn serve<S: Store>(
     readopt(&store, &watcher).await?;
     kill_stale(store.stale_holders());
     let (deadline_tx, deadline) = tokio::sync::watch::channel(None);
+    // Events of the agent itself (fencing), merged into `watch` with the store's.
+    let (agent_events, _) = tokio::sync::broadcast::channel(256);
     let mut background = vec![events.abort_handle()];
     if let Some(session) = store.session() {
         let watchdog = config.watchdog.clone().map(fence::Watchdog::new);
@@ -158,6 +160,8 @@ pub async fn serve<S: Store>(
                 config.timing,
                 watchdog,
                 deadline_tx,
+                agent_events.clone(),
+                config.host_id.clone(),
             ))
             .abort_handle(),
         );
@@ -169,6 +173,7 @@ pub async fn serve<S: Store>(
         watcher.clone(),
         holds,
         deadline,
+        agent_events,
         config.clone(),
     );
     info!(

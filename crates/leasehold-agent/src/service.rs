@@ -35,6 +35,8 @@ pub struct Service<S> {
     /// When this host must have fenced its holders unless its session is renewed (shared
     /// backends); holding clients are told, so they can fence without the agent.
     deadline: watch::Receiver<Option<Instant>>,
+    /// The agent's own events (fencing), for `watch`.
+    agent_events: broadcast::Sender<pb::Event>,
     config: Arc<Config>,
     started: Instant,
 }
@@ -46,6 +48,7 @@ impl<S> Clone for Service<S> {
             watcher: self.watcher.clone(),
             holds: self.holds.clone(),
             deadline: self.deadline.clone(),
+            agent_events: self.agent_events.clone(),
             config: self.config.clone(),
             started: self.started,
         }
@@ -68,6 +71,7 @@ impl<S: Store> Service<S> {
         watcher: Arc<Watcher<S>>,
         holds: Arc<Holds>,
         deadline: watch::Receiver<Option<Instant>>,
+        agent_events: broadcast::Sender<pb::Event>,
         config: Arc<Config>,
     ) -> Self {
         Service {
@@ -75,6 +79,7 @@ impl<S: Store> Service<S> {
             watcher,
             holds,
             deadline,
+            agent_events,
             config,
             started: Instant::now(),
         }
@@ -598,23 +603,30 @@ impl<S: Store> pb::leasehold_server::Leasehold for Service<S> {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let filter = req.into_inner().resource.map(resource).transpose()?;
         let mut events = self.store.subscribe();
+        let mut agent_events = self.agent_events.subscribe();
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
             loop {
-                let e = tokio::select! {
-                    e = events.recv() => e,
+                let batch = tokio::select! {
+                    e = events.recv() => match e {
+                        Ok(e) => wire_events(&e),
+                        Err(broadcast::error::RecvError::Lagged(n)) => {
+                            let msg = format!("watch fell behind; {n} events were missed");
+                            let _ = tx.send(Err(Status::data_loss(msg))).await;
+                            return;
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                    e = agent_events.recv() => match e {
+                        Ok(e) => vec![e],
+                        Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
                     () = tx.closed() => return,
                 };
-                let e = match e {
-                    Ok(e) => e,
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        let msg = format!("watch fell behind; {n} events were missed");
-                        let _ = tx.send(Err(Status::data_loss(msg))).await;
-                        return;
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
-                };
-                for w in wire_events(&e) {
+                for w in batch {
+                    // A filter on a resource drops host-wide events (fencing, expiry) that
+                    // name none.
                     if filter
                         .as_ref()
                         .is_some_and(|f| w.resource.as_deref() != Some(f.as_str()))

@@ -31,6 +31,9 @@ use leasehold_core::{
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+mod guard;
+
+pub use guard::LeaseGuard;
 pub use leasehold_api::default_socket;
 
 /// Why a call failed.

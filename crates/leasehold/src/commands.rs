@@ -452,6 +452,7 @@ fn event_json(e: &leasehold_api::pb::Event) -> serde_json::Value {
         "ended": ended.as_ref().map(output::ended_json),
         "by": e.by,
         "host": e.host,
+        "pid": e.pid,
     })
 }
 
@@ -481,6 +482,8 @@ fn event_text(e: &leasehold_api::pb::Event) -> String {
         output::ended(&x)
     } else if let Some(by) = &e.by {
         format!("by {by}")
+    } else if let (Some(h), Some(pid)) = (&e.host, e.pid) {
+        format!("killed pid {pid} on {h}: its host session could not be renewed in time")
     } else {
         e.host
             .clone()

@@ -497,3 +497,92 @@ fn watch_streams_events_as_json_lines() {
         .collect();
     assert_eq!(kinds, vec!["granted", "process-died", "dirtied"]);
 }
+
+#[test]
+fn watch_names_every_kind_of_lease_event() {
+    let a = Agent::start();
+    let (h1, h2) = (Holder::new(), Holder::new());
+    let w = a
+        .cli()
+        .args(["watch", "--json"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    expect_code(&a.lh(&["acquire", "d", "--pid", &h1.pid_arg()]), 0);
+    let waiter = a
+        .cli()
+        .args([
+            "acquire",
+            "d",
+            "--wait=10s",
+            "--owner",
+            "next",
+            "--pid",
+            &h2.pid_arg(),
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the waiter queues", Duration::from_secs(5), || {
+        a.inspect("d")
+            .is_some_and(|v| !v["waiters"].as_array().unwrap().is_empty())
+    });
+    expect_code(
+        &a.lh(&[
+            "release",
+            "d",
+            "--pid",
+            &h1.pid_arg(),
+            "--handover-to",
+            "node1/next",
+        ]),
+        0,
+    );
+    assert!(waiter.wait_with_output().unwrap().status.success());
+    expect_code(
+        &a.lh(&["release", "d", "--pid", &h2.pid_arg(), "--dirty"]),
+        0,
+    );
+    expect_code(&a.lh(&["mark-clean", "d"]), 0);
+    let mut h3 = Holder::new();
+    expect_code(&a.lh(&["acquire", "d", "--pid", &h3.pid_arg()]), 0);
+    expect_code(&a.lh(&["force-release", "d", "--reason", "test"]), 0);
+    wait_until("the holder is killed", Duration::from_secs(5), || {
+        !alive(h3.pid())
+    });
+    h3.kill9();
+    expect_code(&a.lh(&["mark-clean", "d"]), 0);
+    expect_code(&a.lh(&["acquire", "d", "--pid", &h1.pid_arg()]), 0);
+    expect_code(&a.lh(&["release", "d", "--pid", &h1.pid_arg()]), 0);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut w = w;
+    let _ = w.kill();
+    let out = w.wait_with_output().unwrap();
+    let kinds: Vec<String> = text(&out.stdout)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["kind"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            "granted",
+            "handed-over",
+            "granted",
+            "released-dirty",
+            "dirtied",
+            "cleaned",
+            "granted",
+            "forced",
+            "dirtied",
+            "cleaned",
+            "granted",
+            "released"
+        ]
+    );
+}

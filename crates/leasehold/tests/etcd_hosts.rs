@@ -219,6 +219,13 @@ fn a_host_cut_off_from_etcd_fences_its_holders_first() {
     let holder = Holder::new();
     expect_code(&a.lh(&["acquire", "disk", "--pid", &holder.pid_arg()]), 0);
     let died = death_watch(holder.pid());
+    let watch = a
+        .cli()
+        .args(["watch", "--json"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
     netns.cut();
     let (granted, _b_holder) = b_takes_after_check(&b, "disk");
     let died = died.join().unwrap();
@@ -233,6 +240,17 @@ fn a_host_cut_off_from_etcd_fences_its_holders_first() {
         died < granted,
         "holder died at {died}, B granted at {granted}"
     );
+    let mut watch = watch;
+    let _ = watch.kill();
+    let out = watch.wait_with_output().unwrap();
+    let fenced: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|e: &serde_json::Value| e["kind"] == "fenced")
+        .collect();
+    assert_eq!(fenced.len(), 1, "{}", text(&out.stdout));
+    assert_eq!(fenced[0]["pid"], holder.pid());
+    assert_eq!(fenced[0]["host"], "host-a");
     netns.heal();
 }
 
