@@ -200,6 +200,16 @@ impl<S: Store> Service<S> {
     }
 }
 
+fn log_released(r: &leasehold_core::Released, pid: u32) {
+    info!(
+        resource = %r.resource,
+        pid,
+        token = %r.ended.token,
+        how = %r.ended.how.describe(),
+        "released"
+    );
+}
+
 fn user_name(uid: u32) -> String {
     std::fs::read_to_string("/etc/passwd")
         .ok()
@@ -423,7 +433,7 @@ impl<S: Store> pb::leasehold_server::Leasehold for Service<S> {
                 .release(name.clone(), process.clone(), kind)
                 .await
                 .map_err(status_of)?;
-            info!(resource = %r.resource, pid = process.pid, token = %r.ended.token, how = %r.ended.how.describe(), "released");
+            log_released(&r, process.pid);
             return Ok(Response::new(pb::ReleaseResponse {
                 released: vec![pb::Released::from(&r)],
             }));
@@ -442,7 +452,7 @@ impl<S: Store> pb::leasehold_server::Leasehold for Service<S> {
         for t in tasks {
             match t.await {
                 Ok(Ok(r)) => {
-                    info!(resource = %r.resource, pid = process.pid, token = %r.ended.token, how = %r.ended.how.describe(), "released");
+                    log_released(&r, process.pid);
                     released.push(pb::Released::from(&r));
                 }
                 Ok(Err(e)) => failed.push(status_of(e)),

@@ -705,24 +705,7 @@ impl Engine {
             Verdict::Blocked(c) if !req.wait => Err(AcquireError::Busy(c)),
             Verdict::Blocked(_) => {
                 let id = WaiterId(self.next_waiter);
-                self.next_waiter += 1;
-                for (r, _) in &req.items {
-                    self.resources
-                        .entry(r.clone())
-                        .or_default()
-                        .queue
-                        .insert(id);
-                }
-                self.waiters.insert(
-                    id,
-                    Waiter {
-                        owner: req.owner,
-                        session: req.session,
-                        items: req.items,
-                        accept_dirty: req.accept_dirty,
-                        decided_here: true,
-                    },
-                );
+                self.enqueue(id, req, true);
                 Ok(Acquired::Queued(id))
             }
         }
@@ -762,6 +745,12 @@ impl Engine {
                 "a waiter needs distinct resources".into(),
             ));
         }
+        self.enqueue(id, req, decided_here);
+        Ok(())
+    }
+
+    /// Puts a checked request in the queues of its resources under `id`.
+    fn enqueue(&mut self, id: WaiterId, req: AcquireRequest, decided_here: bool) {
         for (r, _) in &req.items {
             self.resources
                 .entry(r.clone())
@@ -780,7 +769,6 @@ impl Engine {
                 decided_here,
             },
         );
-        Ok(())
     }
 
     /// Keeps `resource` for waiter `id` (a handover in progress, restored from a cluster

@@ -153,6 +153,17 @@ pub enum StoreError {
     },
 }
 
+/// Refuses a request made for another host than the store's.
+fn check_host(ours: &HostId, spec: &AcquireSpec) -> Result<(), StoreError> {
+    if &spec.owner.process.host != ours {
+        return Err(StoreError::WrongHost {
+            ours: ours.clone(),
+            theirs: spec.owner.process.host.clone(),
+        });
+    }
+    Ok(())
+}
+
 /// One host's connection to the lease state.
 ///
 /// Every method that changes state returns only after the change is durable. Operations on

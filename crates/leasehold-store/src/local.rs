@@ -282,12 +282,7 @@ impl Store for LocalStore {
     }
 
     async fn acquire(&self, spec: AcquireSpec) -> Result<Vec<Grant>, StoreError> {
-        if spec.owner.process.host != self.host {
-            return Err(StoreError::WrongHost {
-                ours: self.host.clone(),
-                theirs: spec.owner.process.host,
-            });
-        }
+        crate::check_host(&self.host, &spec)?;
         let process = spec.owner.process.clone();
         let reply = self
             .call(|reply| Cmd::Acquire {

@@ -1142,12 +1142,7 @@ impl Store for EtcdStore {
 
     async fn acquire(&self, spec: AcquireSpec) -> Result<Vec<Grant>, StoreError> {
         let inner = &self.inner;
-        if spec.owner.process.host != inner.host {
-            return Err(StoreError::WrongHost {
-                ours: inner.host.clone(),
-                theirs: spec.owner.process.host,
-            });
-        }
+        crate::check_host(&inner.host, &spec)?;
         let lease = inner.lease()?;
         let names: BTreeSet<ResourceName> = spec.items.iter().map(|(r, _)| r.clone()).collect();
         let n = inner
