@@ -49,6 +49,8 @@ pub struct LocalStoreOptions {
     pub max_batch: usize,
     /// Capacity of the event channel; slow subscribers miss events beyond it.
     pub event_capacity: usize,
+    /// redb's page cache, in bytes.
+    pub cache_bytes: usize,
 }
 
 impl Default for LocalStoreOptions {
@@ -57,6 +59,7 @@ impl Default for LocalStoreOptions {
             engine: EngineConfig::default(),
             max_batch: 4096,
             event_capacity: 4096,
+            cache_bytes: 16 << 20,
         }
     }
 }
@@ -167,12 +170,17 @@ impl LocalStore {
         std::fs::create_dir_all(&dir)
             .map_err(|e| storage(format!("creating {}: {e}", dir.display())))?;
         let path = dir.join(DB_FILE);
-        let db = Database::create(&path).map_err(|e| {
-            storage(format!(
-                "opening {}: {e} (is another leasehold agent using this state directory?)",
-                path.display()
-            ))
-        })?;
+        // The engine holds every record in memory; redb's cache only speeds up the B-tree
+        // pages a commit rewrites, so a small one keeps the agent's memory flat as leases grow.
+        let db = Database::builder()
+            .set_cache_size(options.cache_bytes)
+            .create(&path)
+            .map_err(|e| {
+                storage(format!(
+                    "opening {}: {e} (is another leasehold agent using this state directory?)",
+                    path.display()
+                ))
+            })?;
         let clock = Clock::new();
         let (mut engine, fresh) = load(&db, options.engine)?;
         let now = clock.now();
