@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use leasehold_api::{conflict_to_wire, mode_from_wire, pb};
 use leasehold_core::{
-    AcquireError, Conflict, EndReason, Event, Grant, HostId, MAX_TEXT, Mode, Owner, ProcessKey,
-    ReleaseError, ReleaseKind, ResourceName, ResourceView, Token, check_free_text,
+    AcquireError, EndReason, Event, Grant, HostId, MAX_TEXT, Mode, Owner, ProcessKey, ReleaseError,
+    ReleaseKind, ResourceName, ResourceView, Token, check_free_text,
 };
 use leasehold_store::{AcquireSpec, Store, StoreError};
 use tokio::sync::{broadcast, mpsc, watch};
@@ -163,40 +163,6 @@ impl<S: Store> Service<S> {
 
     fn who(&self, c: &Caller) -> String {
         format!("{} on {}", user_name(c.uid), self.config.host_id)
-    }
-
-    /// Who or what is in the way of `items` for `process`, for a waiting caller.
-    async fn conflict(
-        &self,
-        process: &ProcessKey,
-        items: &[(ResourceName, Mode)],
-    ) -> Option<(Conflict, Option<Duration>)> {
-        for (r, mode) in items {
-            let Ok(Some(v)) = self.store.inspect(r.clone()).await else {
-                continue;
-            };
-            let others: Vec<_> = v
-                .holders
-                .iter()
-                .filter(|l| &l.owner.process != process)
-                .cloned()
-                .collect();
-            let in_way = others.iter().any(|l| !l.mode.compatible_with(*mode))
-                || v.blocked_for.is_some()
-                || v.handover_pending
-                || v.waiters.iter().any(|w| &w.owner.process != process);
-            if in_way {
-                let c = Conflict {
-                    resource: r.clone(),
-                    holders: others,
-                    waiting: v.waiters.len(),
-                    blocked_until: None,
-                    reserved: v.handover_pending,
-                };
-                return Some((c, v.blocked_for));
-            }
-        }
-        None
     }
 }
 
@@ -677,7 +643,8 @@ impl<S: Store> Service<S> {
                 () = tx.closed() => return None,
                 () = tokio::time::sleep_until(next), if waits => {
                     next += PROGRESS_EVERY;
-                    if let Some((c, blocked_for)) = self.conflict(&process, &items).await {
+                    let in_way = self.store.conflict(process.clone(), items.clone()).await;
+                    if let Ok(Some((c, blocked_for))) = in_way {
                         let waiting = pb::Waiting {
                             conflict: Some(conflict_to_wire(&c, blocked_for)),
                             waited_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
@@ -801,13 +768,10 @@ pub fn wire_events(e: &Event) -> Vec<pb::Event> {
             ended,
             dirtied,
         } => {
+            // The ending's own word, but a lost host's lease is "expired" in the stream.
             let kind = match &ended.how {
-                EndReason::Released => "released",
-                EndReason::ReleasedDirty { .. } => "released-dirty",
-                EndReason::ProcessDied => "process-died",
                 EndReason::SessionExpired => "expired",
-                EndReason::Forced { .. } => "forced",
-                EndReason::HandedOver { .. } => "handed-over",
+                how => leasehold_api::how_word(how),
             };
             let base = pb::Event {
                 kind: kind.into(),

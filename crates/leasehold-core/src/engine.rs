@@ -125,6 +125,19 @@ pub struct Conflict {
     pub reserved: bool,
 }
 
+impl Conflict {
+    /// A conflict on `resource` about which nothing more is known (it was just decided).
+    pub fn unknown(resource: ResourceName) -> Conflict {
+        Conflict {
+            resource,
+            holders: Vec::new(),
+            waiting: 0,
+            blocked_until: None,
+            reserved: false,
+        }
+    }
+}
+
 impl fmt::Display for Conflict {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} is ", self.resource)?;

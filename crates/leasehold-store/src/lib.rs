@@ -239,6 +239,17 @@ pub trait Store: Send + Sync + 'static {
         token: Token,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
+    /// Who or what is in the way of `items` for `process` now (`None`: nothing), and how
+    /// long a grace period still blocks the resource; for telling a waiting caller.
+    ///
+    /// # Errors
+    /// [`StoreError::Storage`], [`StoreError::Unavailable`] or [`StoreError::Closed`].
+    fn conflict(
+        &self,
+        process: ProcessKey,
+        items: Vec<(ResourceName, Mode)>,
+    ) -> impl Future<Output = Result<Option<(Conflict, Option<Duration>)>, StoreError>> + Send;
+
     /// What is known about one resource.
     ///
     /// # Errors

@@ -122,6 +122,11 @@ enum Cmd {
         resource: ResourceName,
         reply: Reply<Option<ResourceView>>,
     },
+    Conflict {
+        process: ProcessKey,
+        items: Vec<(ResourceName, Mode)>,
+        reply: Reply<Option<(Conflict, Option<Duration>)>>,
+    },
     List {
         reply: Reply<Vec<ResourceView>>,
     },
@@ -390,6 +395,19 @@ impl Store for LocalStore {
         self.call(|reply| Cmd::Validate {
             resource,
             token,
+            reply,
+        })
+        .await
+    }
+
+    async fn conflict(
+        &self,
+        process: ProcessKey,
+        items: Vec<(ResourceName, Mode)>,
+    ) -> Result<Option<(Conflict, Option<Duration>)>, StoreError> {
+        self.call(|reply| Cmd::Conflict {
+            process,
+            items,
             reply,
         })
         .await
@@ -682,13 +700,7 @@ impl Worker {
                 let conflict = match self.pending.remove(&id) {
                     Some(p) if self.engine.cancel_wait(id, now) => {
                         let c = self.engine.conflict(&p.process, &p.items, now);
-                        Some(c.unwrap_or_else(|| Conflict {
-                            resource: p.items[0].0.clone(),
-                            holders: Vec::new(),
-                            waiting: 0,
-                            blocked_until: None,
-                            reserved: false,
-                        }))
+                        Some(c.unwrap_or_else(|| Conflict::unknown(p.items[0].0.clone())))
                     }
                     // Already decided: put it back so its outcome is delivered.
                     Some(p) => {
@@ -748,6 +760,19 @@ impl Worker {
             } => {
                 let v = self.engine.validate(&resource, token);
                 defer(answers, reply, Ok(v));
+            }
+            Cmd::Conflict {
+                process,
+                items,
+                reply,
+            } => {
+                let c = self.engine.conflict(&process, &items, now).map(|c| {
+                    let left = c
+                        .blocked_until
+                        .map(|t| Duration::from_millis(t.0.saturating_sub(now.mono.0)));
+                    (c, left)
+                });
+                defer(answers, reply, Ok(c));
             }
             Cmd::Inspect { resource, reply } => {
                 let v = view(&self.engine, &resource, now);

@@ -285,7 +285,7 @@ async fn establish(
                 "agent pid {} holds its session (etcd lease {:x}) since {}",
                 v.pid,
                 v.lease,
-                crate::etcd::store::fmt_ms(v.since_ms)
+                fmt_ms(v.since_ms)
             ),
             None => format!("etcd lease {:x} holds its key", kv.lease),
         };
@@ -330,16 +330,8 @@ async fn establish(
 }
 
 /// A wall-clock time for messages.
-pub(crate) fn fmt_ms(ms: u64) -> String {
-    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms);
-    humantime_like(t)
-}
-
-fn humantime_like(t: std::time::SystemTime) -> String {
-    let secs = t
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    format!("unix time {secs}")
+fn fmt_ms(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
 /// Renews the session every `renew`; on failure retries quickly; when etcd says the session
@@ -425,8 +417,7 @@ async fn follow(inner: Arc<Inner>, mut from: i64) {
                 break;
             }
             for ev in &msg.events {
-                inner.mirror_event(ev);
-                inner.on_watch_event(ev);
+                inner.apply_watch_event(ev);
             }
             if let Some(h) = &msg.header {
                 from = from.max(h.revision + 1);
@@ -565,31 +556,27 @@ impl Inner {
         snap
     }
 
-    /// Applies one watch event to the mirror.
-    fn mirror_event(&self, ev: &super::pb::mvccpb::Event) {
+    /// Applies one watch event: to the mirror, and as lease events for subscribers (those
+    /// recorded in a resource record, and the expiry of a host's session).
+    fn apply_watch_event(&self, ev: &super::pb::mvccpb::Event) {
         let Some(kv) = &ev.kv else { return };
         let deleted = ev.r#type == super::pb::mvccpb::event::EventType::Delete as i32;
-        let Ok(mut m) = self.mirror.write() else {
-            return;
-        };
-        if deleted {
-            if let Some(old) = m.kvs.remove(&kv.key)
-                && matches!(self.keys.parse(&kv.key), Some(KeyKind::Host(_)))
-            {
-                m.sessions.remove(&old.lease);
+        let kind = self.keys.parse(&kv.key);
+        if let Ok(mut m) = self.mirror.write() {
+            if deleted {
+                if let Some(old) = m.kvs.remove(&kv.key)
+                    && matches!(kind, Some(KeyKind::Host(_)))
+                {
+                    m.sessions.remove(&old.lease);
+                }
+            } else {
+                if let Some(KeyKind::Host(h)) = &kind {
+                    m.sessions.insert(kv.lease, h.clone());
+                }
+                m.kvs.insert(kv.key.clone(), kv.clone());
             }
-        } else {
-            if let Some(KeyKind::Host(h)) = self.keys.parse(&kv.key) {
-                m.sessions.insert(kv.lease, h);
-            }
-            m.kvs.insert(kv.key.clone(), kv.clone());
         }
-    }
-
-    fn on_watch_event(&self, ev: &super::pb::mvccpb::Event) {
-        let Some(kv) = &ev.kv else { return };
-        let deleted = ev.r#type == super::pb::mvccpb::event::EventType::Delete as i32;
-        match self.keys.parse(&kv.key) {
+        match kind {
             Some(KeyKind::Resource(_)) if !deleted => {
                 if let Ok(rec) = serde_json::from_slice::<Record>(&kv.value) {
                     for e in rec.events {
@@ -1226,7 +1213,12 @@ impl Store for EtcdStore {
             Err(_) => {
                 if inner.withdraw(id).await? {
                     guard.armed = false;
-                    let c = self.conflict_for(&spec).await;
+                    let c = self
+                        .conflict(spec.owner.process.clone(), spec.items.clone())
+                        .await
+                        .ok()
+                        .flatten()
+                        .map_or_else(|| Conflict::unknown(spec.items[0].0.clone()), |(c, _)| c);
                     return Err(StoreError::TimedOut(c));
                 }
                 rx.await
@@ -1346,6 +1338,22 @@ impl Store for EtcdStore {
             }))
     }
 
+    async fn conflict(
+        &self,
+        process: ProcessKey,
+        items: Vec<(ResourceName, leasehold_core::Mode)>,
+    ) -> Result<Option<(Conflict, Option<Duration>)>, StoreError> {
+        let names: BTreeSet<ResourceName> = items.iter().map(|(r, _)| r.clone()).collect();
+        let snap = self.inner.snapshot(&names).await?;
+        let now = self.inner.now();
+        let engine = self.inner.engine(&snap, &BTreeSet::new(), now);
+        // The grace is etcd's to end; what is left of it is not known here, at most `grace`.
+        Ok(engine.conflict(&process, &items, now).map(|c| {
+            let left = c.blocked_until.map(|_| self.inner.opts.grace);
+            (c, left)
+        }))
+    }
+
     async fn inspect(&self, resource: ResourceName) -> Result<Option<ResourceView>, StoreError> {
         let snap = self
             .inner
@@ -1415,26 +1423,5 @@ impl Store for EtcdStore {
             .lock()
             .map(|s| s.clone())
             .unwrap_or_default()
-    }
-}
-
-impl EtcdStore {
-    /// Who is in the way of `spec` now, for a wait that timed out.
-    async fn conflict_for(&self, spec: &AcquireSpec) -> Conflict {
-        let names: BTreeSet<ResourceName> = spec.items.iter().map(|(r, _)| r.clone()).collect();
-        if let Ok(snap) = self.inner.snapshot(&names).await {
-            let now = self.inner.now();
-            let engine = self.inner.engine(&snap, &BTreeSet::new(), now);
-            if let Some(c) = engine.conflict(&spec.owner.process, &spec.items, now) {
-                return c;
-            }
-        }
-        Conflict {
-            resource: spec.items[0].0.clone(),
-            holders: Vec::new(),
-            waiting: 0,
-            blocked_until: None,
-            reserved: false,
-        }
     }
 }

@@ -287,10 +287,7 @@ pub fn alive(pid: u32) -> bool {
 }
 
 /// Now, in nanoseconds on CLOCK_MONOTONIC (shared by every process and namespace here).
-pub fn monotonic_ns() -> u64 {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
-}
+pub use leasehold_agent::fence::monotonic_ns;
 
 /// Waits, in a thread, for process `pid` to exit; the handle answers when (CLOCK_MONOTONIC
 /// nanoseconds). It watches a pidfd, so it works for processes that are not our children.
