@@ -198,17 +198,7 @@ pub async fn waiters_are_served_in_order<H: Harness>(h: &H) {
             s.acquire(spec).await
         })
     };
-    wait_until(|| {
-        let s = s.clone();
-        async move {
-            s.inspect(res("img"))
-                .await
-                .ok()
-                .flatten()
-                .is_some_and(|v| v.waiters.len() == 1)
-        }
-    })
-    .await;
+    wait_for_view(&*s, "img", |v| v.waiters.len() == 1).await;
     // A later reader is compatible with the holder but must queue behind the writer.
     busy_holder(
         take(&*s, 3, "img", SH)
@@ -223,17 +213,7 @@ pub async fn waiters_are_served_in_order<H: Harness>(h: &H) {
             s.acquire(spec).await
         })
     };
-    wait_until(|| {
-        let s = s.clone();
-        async move {
-            s.inspect(res("img"))
-                .await
-                .ok()
-                .flatten()
-                .is_some_and(|v| v.waiters.len() == 2)
-        }
-    })
-    .await;
+    wait_for_view(&*s, "img", |v| v.waiters.len() == 2).await;
     release(&*s, 1, "img", ReleaseKind::Clean).await;
     let g = writer.await.expect("join").expect("writer granted");
     assert_eq!(holders(&*s, "img").await, vec![(2, X)]);
@@ -488,22 +468,9 @@ pub async fn handover_moves_the_lease_in_one_step<H: Harness>(h: &H) {
         })
     };
     let early = spawn_waiter(2, "someone-else");
-    let n = |k| {
-        let s = s.clone();
-        move || {
-            let s = s.clone();
-            async move {
-                s.inspect(res("vm"))
-                    .await
-                    .ok()
-                    .flatten()
-                    .is_some_and(|v| v.waiters.len() == k)
-            }
-        }
-    };
-    wait_until(n(1)).await;
+    wait_for_view(&*s, "vm", |v| v.waiters.len() == 1).await;
     let dest = spawn_waiter(3, "destination");
-    wait_until(n(2)).await;
+    wait_for_view(&*s, "vm", |v| v.waiters.len() == 2).await;
     let nobody = ReleaseKind::Handover {
         host: a.clone(),
         label: Some("no-such-label".into()),
@@ -584,31 +551,12 @@ pub async fn a_dropped_waiter_leaves_no_lease<H: Harness>(h: &H) {
             s.acquire(spec).await
         })
     };
-    let s2 = s.clone();
-    wait_until(move || {
-        let s = s2.clone();
-        async move {
-            s.inspect(res("disk"))
-                .await
-                .ok()
-                .flatten()
-                .is_some_and(|v| v.waiters.len() == 1)
-        }
-    })
-    .await;
+    wait_for_view(&*s, "disk", |v| v.waiters.len() == 1).await;
     w.abort();
     let _ = w.await;
     release(&*s, 1, "disk", ReleaseKind::Clean).await;
-    let s2 = s.clone();
-    wait_until(move || {
-        let s = s2.clone();
-        async move {
-            s.inspect(res("disk"))
-                .await
-                .ok()
-                .flatten()
-                .is_some_and(|v| v.waiters.is_empty() && v.holders.is_empty())
-        }
+    wait_for_view(&*s, "disk", |v| {
+        v.waiters.is_empty() && v.holders.is_empty()
     })
     .await;
     take(&*s, 3, "disk", X)
@@ -683,17 +631,19 @@ pub async fn hosts_exclude_each_other<H: Harness>(h: &H) {
     assert_eq!(hosts, vec!["a", "b"]);
 }
 
-/// Polls `f` until it is true, for up to 10 s.
-async fn wait_until<F, Fut>(f: F)
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = bool>,
-{
+/// Polls resource `r` of `s` until its view satisfies `f`, for up to 10 s.
+async fn wait_for_view<S: Store>(s: &S, r: &str, f: impl Fn(&crate::ResourceView) -> bool) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !f().await {
+    while !s
+        .inspect(res(r))
+        .await
+        .ok()
+        .flatten()
+        .is_some_and(|v| f(&v))
+    {
         assert!(
             std::time::Instant::now() < deadline,
-            "condition not reached in 10 s"
+            "{r} did not reach the expected state in 10 s"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
