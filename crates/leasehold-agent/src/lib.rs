@@ -166,7 +166,7 @@ pub async fn serve<S: Store>(
             .abort_handle(),
         );
     }
-    let listener = bind(&config.socket, config.socket_group.as_ref())?;
+    let (listener, bound) = bind(&config.socket, config.socket_group.as_ref())?;
     let config = Arc::new(config);
     let service = Service::new(
         store.clone(),
@@ -202,7 +202,7 @@ pub async fn serve<S: Store>(
         t.abort();
     }
     watcher.stop();
-    let _ = std::fs::remove_file(&config.socket);
+    remove_own_socket(&config.socket, bound);
     served.map_err(|e| AgentError::Serve(e.to_string()))
 }
 
@@ -294,9 +294,33 @@ fn refuse_live_socket(path: &Path) -> Result<(), AgentError> {
     Ok(())
 }
 
-/// Binds the socket: refuses when another agent answers on it, replaces a stale one, and
-/// makes it reachable by the agent's user (and `group`, when given) only.
-fn bind(path: &Path, group: Option<&config::Group>) -> Result<UnixListener, AgentError> {
+/// The identity of a file: device and inode.
+type FileId = (u64, u64);
+
+fn file_id(m: &std::fs::Metadata) -> FileId {
+    use std::os::unix::fs::MetadataExt;
+    (m.dev(), m.ino())
+}
+
+/// Removes the socket at `path` only if it is still the one this agent bound: another agent
+/// may have replaced it since, and anything that is not our socket stays.
+fn remove_own_socket(path: &Path, bound: FileId) {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if file_id(&m) == bound => {
+            let _ = std::fs::remove_file(path);
+        }
+        Ok(_) => {
+            info!(socket = %path.display(), "the socket path holds another file now; left in place")
+        }
+        Err(_) => {}
+    }
+}
+
+/// Binds the socket: refuses when another agent answers on it or when the path holds anything
+/// but a socket, replaces a stale socket, and makes it reachable by the agent's user (and
+/// `group`, when given) only. Returns the listener and the socket file's identity.
+fn bind(path: &Path, group: Option<&config::Group>) -> Result<(UnixListener, FileId), AgentError> {
+    use std::os::unix::fs::FileTypeExt;
     let err = |message: String| AgentError::Socket {
         path: path.to_owned(),
         message,
@@ -305,10 +329,32 @@ fn bind(path: &Path, group: Option<&config::Group>) -> Result<UnixListener, Agen
         std::fs::create_dir_all(dir).map_err(|e| err(format!("creating its directory: {e}")))?;
     }
     refuse_live_socket(path)?;
-    if path.exists() {
-        std::fs::remove_file(path).map_err(|e| err(format!("removing a stale socket: {e}")))?;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            std::fs::remove_file(path).map_err(|e| err(format!("removing a stale socket: {e}")))?;
+        }
+        Ok(m) => {
+            let what = if m.is_dir() {
+                "a directory"
+            } else if m.is_symlink() {
+                "a symbolic link"
+            } else if m.is_file() {
+                "a regular file"
+            } else {
+                "a special file"
+            };
+            return Err(err(format!(
+                "the path holds {what}, not a socket; the agent only ever replaces a stale \
+                 socket, so it left it alone: pass another --socket, or move that file away"
+            )));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(format!("looking at the path: {e}"))),
     }
     let listener = UnixListener::bind(path).map_err(|e| err(e.to_string()))?;
+    let bound = std::fs::symlink_metadata(path)
+        .map(|m| file_id(&m))
+        .map_err(|e| err(format!("looking at the new socket: {e}")))?;
     let mode = if group.is_some() { 0o660 } else { 0o600 };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| err(format!("setting its mode: {e}")))?;
@@ -316,5 +362,5 @@ fn bind(path: &Path, group: Option<&config::Group>) -> Result<UnixListener, Agen
         std::os::unix::fs::chown(path, None, Some(g.gid))
             .map_err(|e| err(format!("giving it to group {}: {e}", g.name)))?;
     }
-    Ok(listener)
+    Ok((listener, bound))
 }
