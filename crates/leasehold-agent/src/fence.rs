@@ -124,54 +124,72 @@ pub async fn fence<S: Store>(
             }
             () = tokio::time::sleep_until(tokio::time::Instant::from_std(at)) => {
                 fenced_for = Some(at);
-                let signalled = watcher.signal_all(Signal::KILL);
                 let safe_until = state.safe_until().unwrap_or(at);
-                let failed: Vec<u32> = signalled.iter().filter(|(_, sent)| !sent).map(|(p, _)| p.pid).collect();
-                warn!(
-                    holders = signalled.len(),
-                    pids = ?signalled.iter().map(|(p, _)| p.pid).collect::<Vec<_>>(),
-                    kill_failed = ?failed,
-                    mono_ns = monotonic_ns(),
-                    safe_until_mono_ns = monotonic_ns_of(safe_until),
-                    "no session renewal confirmed in time: fenced (SIGKILLed) every local holder"
-                );
-                let at_ms = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as u64);
-                for (p, _) in &signalled {
-                    let _ = events.send(leasehold_api::pb::Event {
-                        kind: "fenced".into(),
-                        at_ms,
-                        host: Some(host.to_string()),
-                        pid: Some(p.pid),
-                        ..Default::default()
-                    });
-                }
-                // Every holder must be gone by the session's end, whether or not the signal
-                // could be sent.
-                let victims: Vec<_> = signalled.into_iter().map(|(p, _)| p).collect();
-                let watcher = Arc::clone(&watcher);
-                let watchdog = watchdog.clone();
-                // Judge survivors at the session's end, but give a late fence (the agent was
-                // itself stopped) a moment for the kills to land.
-                let judge_at = safe_until.max(Instant::now() + Duration::from_millis(100));
-                tokio::spawn(async move {
-                    tokio::time::sleep_until(tokio::time::Instant::from_std(judge_at)).await;
-                    let alive: Vec<u32> = victims
-                        .iter()
-                        .filter(|p| watcher.is_watched(p))
-                        .map(|p| p.pid)
-                        .collect();
-                    if alive.is_empty() {
-                        info!("every fenced holder is dead");
-                    } else if let Some(w) = watchdog {
-                        error!(pids = ?alive, "fenced holders survived SIGKILL past the session's end");
-                        w.starve("a holder survived SIGKILL past the session's end");
-                    } else {
-                        error!(pids = ?alive, "fenced holders survived SIGKILL past the session's end, and no watchdog is configured");
-                    }
-                });
+                fence_now(&watcher, &events, &host, watchdog.clone(), safe_until,
+                    "no session renewal confirmed in time: fenced (SIGKILLed) every local holder");
             }
         }
     }
+}
+
+/// SIGKILLs every local holder now, logs and publishes it (`fenced` events), and makes sure
+/// they are dead by `safe_until` (else starves the watchdog). Returns the processes signalled.
+pub fn fence_now<S: Store>(
+    watcher: &Arc<Watcher<S>>,
+    events: &tokio::sync::broadcast::Sender<leasehold_api::pb::Event>,
+    host: &leasehold_core::HostId,
+    watchdog: Option<Arc<Watchdog>>,
+    safe_until: Instant,
+    why: &'static str,
+) -> Vec<leasehold_core::ProcessKey> {
+    let signalled = watcher.signal_all(Signal::KILL);
+    let failed: Vec<u32> = signalled
+        .iter()
+        .filter(|(_, sent)| !sent)
+        .map(|(p, _)| p.pid)
+        .collect();
+    warn!(
+        holders = signalled.len(),
+        pids = ?signalled.iter().map(|(p, _)| p.pid).collect::<Vec<_>>(),
+        kill_failed = ?failed,
+        mono_ns = monotonic_ns(),
+        safe_until_mono_ns = monotonic_ns_of(safe_until),
+        "{why}"
+    );
+    let at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    for (p, _) in &signalled {
+        let _ = events.send(leasehold_api::pb::Event {
+            kind: "fenced".into(),
+            at_ms,
+            host: Some(host.to_string()),
+            pid: Some(p.pid),
+            ..Default::default()
+        });
+    }
+    // Every holder must be gone by the session's end, whether or not the signal could be sent.
+    let victims: Vec<_> = signalled.into_iter().map(|(p, _)| p).collect();
+    let watcher = Arc::clone(watcher);
+    // Judge survivors at the session's end, but give a late fence (the agent was itself
+    // stopped) a moment for the kills to land.
+    let judge_at = safe_until.max(Instant::now() + Duration::from_millis(100));
+    let judged = victims.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep_until(tokio::time::Instant::from_std(judge_at)).await;
+        let alive: Vec<u32> = judged
+            .iter()
+            .filter(|p| watcher.is_watched(p))
+            .map(|p| p.pid)
+            .collect();
+        if alive.is_empty() {
+            info!("every fenced holder is dead");
+        } else if let Some(w) = watchdog {
+            error!(pids = ?alive, "fenced holders survived SIGKILL past the session's end");
+            w.starve("a holder survived SIGKILL past the session's end");
+        } else {
+            error!(pids = ?alive, "fenced holders survived SIGKILL past the session's end, and no watchdog is configured");
+        }
+    });
+    victims
 }

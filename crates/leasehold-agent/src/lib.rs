@@ -153,6 +153,24 @@ pub async fn serve<S: Store>(
             let every = (config.timing.renew / 2).min(std::time::Duration::from_secs(1));
             background.push(tokio::spawn(Arc::clone(w).feed(every)).abort_handle());
         }
+        // The backend says the session is over (revoked, expired, restored away): every
+        // holder of it dies now, before the store opens a new session.
+        let (w, e, h, dog) = (
+            watcher.clone(),
+            agent_events.clone(),
+            config.host_id.clone(),
+            watchdog.clone(),
+        );
+        store.on_session_end(Box::new(move |_| {
+            fence::fence_now(
+                &w,
+                &e,
+                &h,
+                dog.clone(),
+                std::time::Instant::now(),
+                "the host session ended: fenced (SIGKILLed) every local holder",
+            );
+        }));
         background.push(
             tokio::spawn(fence::fence(
                 session,

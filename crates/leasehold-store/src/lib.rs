@@ -104,6 +104,9 @@ impl SessionState {
     }
 }
 
+/// What a store calls when this host's session has ended; see [`Store::on_session_end`].
+pub type SessionEndHook = Box<dyn Fn(leasehold_core::SessionId) + Send + Sync>;
+
 /// Why a store operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
@@ -272,6 +275,14 @@ pub trait Store: Send + Sync + 'static {
     /// sessions never expire (the local store).
     fn session(&self) -> Option<tokio::sync::watch::Receiver<SessionState>> {
         None
+    }
+
+    /// Registers what must happen the moment the store learns that this host's session has
+    /// ended (revoked, expired, lost): the agent kills every local holder of it. The store
+    /// calls `hook` before it marks the session expired and before it opens a new one, so no
+    /// holder of the old session carries on under the new. One hook; a later call replaces it.
+    fn on_session_end(&self, hook: SessionEndHook) {
+        let _ = hook;
     }
 
     /// Processes of this host recorded as holders under a session of this host that has

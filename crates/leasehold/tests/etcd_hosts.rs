@@ -306,3 +306,46 @@ fn losing_etcd_quorum_fences_holders_and_service_returns_with_it() {
     });
     eprintln!("service back {} ms after quorum returned", ok.as_millis());
 }
+
+/// The etcd lease of `host`'s session under `prefix`, in hex as `etcdctl` wants it.
+fn session_lease(etcd: &Etcd, prefix: &str, host: &str) -> String {
+    let out = etcd.etcdctl(&["get", &format!("{prefix}hosts/{host}"), "-w", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    format!(
+        "{:x}",
+        v["kvs"][0]["lease"]
+            .as_i64()
+            .expect("the host key has a lease")
+    )
+}
+
+#[test]
+fn a_revoked_session_kills_its_plain_holders_before_another_host_gets_the_disk() {
+    let etcd = Etcd::start();
+    let p = prefix();
+    let a = Agent::on_etcd("host-a", &etcd.endpoint(), &p, &[], &[]);
+    let b = Agent::on_etcd("host-b", &etcd.endpoint(), &p, &[], &[]);
+    // A plain holder (no run wrapper): only A's agent can stop it.
+    let holder = Holder::new();
+    expect_code(&a.lh(&["acquire", "disk", "--pid", &holder.pid_arg()]), 0);
+    let died = death_watch(holder.pid());
+    let lease = session_lease(&etcd, &p, "host-a");
+    let out = etcd.etcdctl(&["lease", "revoke", &lease]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let (granted, _b_holder) = b_takes_after_check(&b, "disk");
+    wait_until("A's holder is dead", Duration::from_secs(10), || {
+        !alive(holder.pid())
+    });
+    let died = died.join().unwrap();
+    assert!(
+        died < granted,
+        "A's holder died at {died} ns, after B's grant at {granted} ns"
+    );
+    // A opened a new session, and the old holder did not carry on under it.
+    wait_until("A has a new session", Duration::from_secs(10), || {
+        let out = etcd.etcdctl(&["get", &format!("{p}hosts/host-a"), "--print-value-only"]);
+        !text(&out.stdout).trim().is_empty()
+    });
+    assert_ne!(session_lease(&etcd, &p, "host-a"), lease);
+    assert!(a.log().contains("host session ended"), "{}", a.log());
+}

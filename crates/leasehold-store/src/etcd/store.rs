@@ -34,7 +34,7 @@ use tracing::{debug, info, warn};
 use super::client::{Etcd, EtcdError, Txn, prefix_end, range_of};
 use super::keys::{HostValue, KeyKind, Keys, Record, WaiterValue};
 use super::pb::mvccpb::KeyValue;
-use crate::{AcquireSpec, Clock, SessionState, Store, StoreError};
+use crate::{AcquireSpec, Clock, SessionEndHook, SessionState, Store, StoreError};
 
 /// How long a blocked resource stays blocked, to the engine: the grace key decides when it
 /// ends, not the engine's clock.
@@ -147,6 +147,8 @@ struct Inner {
     /// Local processes recorded as holders under an ended session of this host, at open.
     stale: Mutex<Vec<ProcessKey>>,
     mirror: std::sync::RwLock<Mirror>,
+    /// Called when this host's session is found ended, before anything else happens.
+    session_end: Mutex<Option<SessionEndHook>>,
     next_waiter_key: std::sync::atomic::AtomicU64,
 }
 
@@ -219,6 +221,7 @@ impl EtcdStore {
             orphans: Mutex::new(Vec::new()),
             stale: Mutex::new(Vec::new()),
             mirror: std::sync::RwLock::new(Mirror::default()),
+            session_end: Mutex::new(None),
             next_waiter_key: std::sync::atomic::AtomicU64::new(now_ms()),
         });
         let start_rev = inner.load_mirror().await?;
@@ -370,8 +373,7 @@ async fn keep_session(inner: Arc<Inner>) {
                 next = tokio::time::Instant::from_std(sent) + inner.opts.renew;
             }
             Ok(_) => {
-                warn!(lease, "etcd says this host's session has expired");
-                inner.session.send_modify(|s| s.expired = true);
+                inner.session_ended(lease, "etcd answered the renewal: the lease is gone");
                 next = tokio::time::Instant::now();
             }
             Err(e) => {
@@ -455,6 +457,29 @@ async fn serve_waiters(inner: Arc<Inner>) {
 impl Inner {
     fn now(&self) -> Now {
         self.clock.now()
+    }
+
+    /// This host's session `lease` has ended (etcd said so): runs the hook (the agent kills
+    /// every local holder), then marks the session expired, which lets a new one be opened.
+    /// Nothing happens for a lease that is not the current session, or twice for one.
+    fn session_ended(&self, lease: i64, why: &str) {
+        let current = self.session.borrow().clone();
+        if current.expired || current.id.0 as i64 != lease {
+            return;
+        }
+        warn!(lease, why, "this host's session has ended");
+        if let Ok(hook) = self.session_end.lock()
+            && let Some(hook) = hook.as_ref()
+        {
+            hook(current.id);
+        }
+        self.session.send_if_modified(|s| {
+            let ended = s.id == current.id && !s.expired;
+            if ended {
+                s.expired = true;
+            }
+            ended
+        });
     }
 
     fn lease(&self) -> Result<i64, StoreError> {
@@ -562,12 +587,16 @@ impl Inner {
         let Some(kv) = &ev.kv else { return };
         let deleted = ev.r#type == super::pb::mvccpb::event::EventType::Delete as i32;
         let kind = self.keys.parse(&kv.key);
+        let mut own_ended = None;
         if let Ok(mut m) = self.mirror.write() {
             if deleted {
                 if let Some(old) = m.kvs.remove(&kv.key)
-                    && matches!(kind, Some(KeyKind::Host(_)))
+                    && let Some(KeyKind::Host(h)) = &kind
                 {
                     m.sessions.remove(&old.lease);
+                    if h == &self.host {
+                        own_ended = Some(old.lease);
+                    }
                 }
             } else {
                 if let Some(KeyKind::Host(h)) = &kind {
@@ -575,6 +604,10 @@ impl Inner {
                 }
                 m.kvs.insert(kv.key.clone(), kv.clone());
             }
+        }
+        if let Some(lease) = own_ended {
+            // Revoked or expired: the holders go now, not at the next renewal.
+            self.session_ended(lease, "this host's key was deleted in etcd");
         }
         match kind {
             Some(KeyKind::Resource(_)) if !deleted => {
@@ -1415,6 +1448,12 @@ impl Store for EtcdStore {
 
     fn session(&self) -> Option<watch::Receiver<SessionState>> {
         Some(self.inner.session.subscribe())
+    }
+
+    fn on_session_end(&self, hook: SessionEndHook) {
+        if let Ok(mut h) = self.inner.session_end.lock() {
+            *h = Some(hook);
+        }
     }
 
     fn stale_holders(&self) -> Vec<ProcessKey> {
