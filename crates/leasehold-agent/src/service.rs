@@ -213,9 +213,9 @@ pub fn status_of(e: StoreError) -> Status {
         StoreError::Closed => Status::unavailable("the agent is shutting down"),
         // The agent answers; the backend does not: not "agent unreachable" (exit 5).
         StoreError::Unavailable(m) => Status::aborted(format!("etcd unavailable: {m}")),
-        e @ (StoreError::SessionLost | StoreError::HostInUse { .. }) => {
-            Status::failed_precondition(e.to_string())
-        }
+        e @ (StoreError::SessionLost
+        | StoreError::HostInUse { .. }
+        | StoreError::BadRecord { .. }) => Status::failed_precondition(e.to_string()),
         StoreError::Storage(m) | StoreError::BadState(m) => {
             Status::internal(format!("storage: {m}"))
         }

@@ -285,6 +285,7 @@ impl From<&ResourceView> for pb::Resource {
                 .collect(),
             blocked_for_ms: v.blocked_for.map(millis),
             handover_pending: v.handover_pending,
+            damaged: v.damaged.clone(),
         }
     }
 }
@@ -314,6 +315,7 @@ impl TryFrom<pb::Resource> for ResourceView {
                 .collect::<Result<_, WireError>>()?,
             blocked_for: r.blocked_for_ms.map(Duration::from_millis),
             handover_pending: r.handover_pending,
+            damaged: r.damaged,
         })
     }
 }

@@ -129,6 +129,38 @@ impl ResourceState {
         self.holders.iter().find(|l| &l.owner.process == process)
     }
 
+    /// How this state breaks the lease rules (SPEC G1, G2), if it does: an exclusive lease
+    /// beside another lease, one process holding twice, or a lease whose token is above the
+    /// resource's last token. A store refuses to act on such a state.
+    pub fn violation(&self) -> Option<String> {
+        let exclusive = self
+            .holders
+            .iter()
+            .filter(|l| l.mode == Mode::Exclusive)
+            .count();
+        if exclusive > 0 && self.holders.len() > 1 {
+            return Some(format!(
+                "{} holders recorded together, {exclusive} of them exclusive",
+                self.holders.len()
+            ));
+        }
+        for (i, l) in self.holders.iter().enumerate() {
+            if self.holders[..i]
+                .iter()
+                .any(|o| o.owner.process == l.owner.process)
+            {
+                return Some(format!("{} recorded twice as a holder", l.owner.process));
+            }
+            if l.token > self.last_token {
+                return Some(format!(
+                    "holder {} has token {}, above the last token {}",
+                    l.owner.process, l.token, self.last_token
+                ));
+            }
+        }
+        None
+    }
+
     /// Whether the record carries nothing worth keeping.
     pub fn is_empty(&self) -> bool {
         self.holders.is_empty()
@@ -168,6 +200,29 @@ mod tests {
             }
             .dirties()
         );
+    }
+
+    #[test]
+    fn states_breaking_exclusion_are_named() {
+        let lease = |pid, mode, token| Lease {
+            owner: Owner::new(crate::HostId::new("a").unwrap(), pid, 1),
+            mode,
+            token: Token(token),
+            session: crate::SessionId(1),
+            granted_at: WallTime(1),
+        };
+        let mut st = ResourceState {
+            holders: vec![lease(1, Mode::Shared, 2), lease(2, Mode::Shared, 3)],
+            last_token: Token(3),
+            ..ResourceState::default()
+        };
+        assert_eq!(st.violation(), None);
+        st.holders.push(lease(3, Mode::Exclusive, 3));
+        assert!(st.violation().unwrap().contains("exclusive"));
+        st.holders = vec![lease(1, Mode::Exclusive, 4)];
+        assert!(st.violation().unwrap().contains("above the last token"));
+        st.holders = vec![lease(1, Mode::Shared, 2), lease(1, Mode::Shared, 3)];
+        assert!(st.violation().unwrap().contains("twice"));
     }
 
     #[test]

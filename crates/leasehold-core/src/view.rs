@@ -36,4 +36,8 @@ pub struct ResourceView {
     pub blocked_for: Option<Duration>,
     /// Whether a handover to a waiter is in progress.
     pub handover_pending: bool,
+    /// Why its stored record cannot be trusted (it does not decode, breaks the lease rules,
+    /// or vanished while held), with what to do; nobody is granted it while this is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub damaged: Option<String>,
 }

@@ -144,6 +144,19 @@ pub enum StoreError {
     /// new one is established.
     #[error("this host's session has expired; leases cannot be taken until a new one begins")]
     SessionLost,
+    /// A stored record cannot be trusted: it does not decode, breaks the lease rules, or
+    /// vanished while held. Nobody is granted the resource until an administrator repairs it.
+    #[error(
+        "the record of {resource} (key {key}) is damaged: {detail}; nobody is granted {resource} until it is repaired: find out who uses it, then run `leasehold force-release {resource} --reason TEXT`, which resets it to an empty record marked dirty"
+    )]
+    BadRecord {
+        /// The store key of the record.
+        key: String,
+        /// The resource.
+        resource: ResourceName,
+        /// What is wrong with it.
+        detail: String,
+    },
     /// The host id is in use by another live agent.
     #[error(
         "host id {host} is in use by a live agent ({detail}); is another agent running with this host id?"

@@ -470,6 +470,13 @@ fn load(db: &Database, config: EngineConfig) -> Result<(Engine, bool), StoreErro
                 .map_err(|e| StoreError::BadState(format!("resource record key: {e}")))?;
             let st: ResourceState = serde_json::from_slice(v.value())
                 .map_err(|e| StoreError::BadState(format!("record of {name}: {e}")))?;
+            if let Some(v) = st.violation() {
+                return Err(StoreError::BadState(format!(
+                    "the record of {name} breaks the lease rules ({v}); the state was changed \
+                     outside leasehold: restore it from a backup, or move the state directory \
+                     away and check every resource it held before starting afresh"
+                )));
+            }
             records.push((name, st));
         }
     }
@@ -862,5 +869,59 @@ fn view(engine: &Engine, name: &ResourceName, now: Now) -> Option<ResourceView> 
             .filter(|t| *t > now.mono)
             .map(|t| Duration::from_millis(t.0 - now.mono.0)),
         handover_pending: st.reserved_for.is_some(),
+        damaged: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use leasehold_core::{Mode, Owner};
+
+    use super::*;
+
+    /// Issue 8 item 3: a stored record with an exclusive and a shared holder together breaks
+    /// G1; the store refuses to open on it instead of acting on it.
+    #[tokio::test]
+    async fn a_record_breaking_exclusion_is_refused_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = HostId::new("h").unwrap();
+        let disk = ResourceName::new("disk").unwrap();
+        {
+            let s = LocalStore::open(dir.path(), host.clone()).unwrap();
+            for (pid, mode) in [(10, Mode::Exclusive), (11, Mode::Shared)] {
+                let other = ResourceName::new(format!("r{pid}")).unwrap();
+                s.acquire(AcquireSpec::new(
+                    Owner::new(host.clone(), pid, 1),
+                    [(other, mode)],
+                ))
+                .await
+                .unwrap();
+            }
+        }
+        // Write one record holding both leases, as an outside edit would.
+        let db = Database::create(dir.path().join(DB_FILE)).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut table = txn.open_table(RESOURCES).unwrap();
+            let mut merged: ResourceState =
+                serde_json::from_slice(table.get("r10").unwrap().unwrap().value()).unwrap();
+            let shared: ResourceState =
+                serde_json::from_slice(table.get("r11").unwrap().unwrap().value()).unwrap();
+            merged.holders.extend(shared.holders);
+            merged.last_token = merged.last_token.max(shared.last_token);
+            let bytes = serde_json::to_vec(&merged).unwrap();
+            table.insert(disk.as_str(), bytes.as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+        drop(db);
+        let e = LocalStore::open(dir.path(), host.clone()).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, StoreError::BadState(_)), "{e:?}");
+        assert!(
+            msg.contains("record of disk breaks the lease rules"),
+            "{msg}"
+        );
+    }
 }

@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use leasehold_core::{HostId, Mode, Owner, ReleaseKind, ResourceName};
-use leasehold_store::{AcquireSpec, EtcdOptions, EtcdStore, Store};
+use leasehold_store::{AcquireSpec, EtcdOptions, EtcdStore, Store, StoreError};
 use leasehold_testkit::Etcd;
 
 async fn store(etcd: &Etcd, host: &str) -> EtcdStore {
@@ -94,4 +94,120 @@ async fn tokens_follow_the_etcd_revision() {
         "token {} after revision {revision}",
         g[0].token
     );
+}
+
+fn res(name: &str) -> ResourceName {
+    ResourceName::new(name).unwrap()
+}
+
+fn record_key(name: &str) -> String {
+    format!("/store-{}/res/{name}", std::process::id())
+}
+
+/// Runs etcdctl and fails the test when it fails.
+fn etcdctl(etcd: &Etcd, args: &[&str]) -> String {
+    let out = etcd.etcdctl(args);
+    assert!(
+        out.status.success(),
+        "etcdctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn assert_bad_record(e: &StoreError, name: &str) {
+    match e {
+        StoreError::BadRecord { key, resource, .. } => {
+            assert_eq!(key, &record_key(name));
+            assert_eq!(resource.as_str(), name);
+            assert!(e.to_string().contains("force-release"), "{e}");
+        }
+        other => panic!("expected a damaged-record refusal for {name}, got {other:?}"),
+    }
+}
+
+/// Issue 8 item 3: a record that does not decode was taken for an absent one, so another host
+/// was granted a disk still in use. It is refused to everyone, with the key named, until an
+/// administrator repairs it; the repair leaves it dirty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_junk_record_is_refused_until_an_admin_repairs_it() {
+    let etcd = Etcd::start();
+    let a = store(&etcd, "a").await;
+    let b = store(&etcd, "b").await;
+    let holder = Owner::new(a.host().clone(), 10, 1);
+    a.acquire(AcquireSpec::new(holder, [(res("disk"), Mode::Exclusive)]))
+        .await
+        .unwrap();
+    etcdctl(&etcd, &["put", &record_key("disk"), "junk"]);
+
+    let other = Owner::new(b.host().clone(), 20, 1);
+    let ask = AcquireSpec::new(other.clone(), [(res("disk"), Mode::Exclusive)]);
+    let e = b.acquire(ask.clone()).await.unwrap_err();
+    assert_bad_record(&e, "disk");
+    let e = b.acquire(ask.clone().accept_dirty()).await.unwrap_err();
+    assert_bad_record(&e, "disk");
+    let e = b.mark_clean(res("disk"), "root".into()).await.unwrap_err();
+    assert_bad_record(&e, "disk");
+    let view = b.inspect(res("disk")).await.unwrap().unwrap();
+    let damaged = view.damaged.expect("inspect says it is damaged");
+    assert!(damaged.contains("does not decode"), "{damaged}");
+    assert!(damaged.contains("force-release"), "{damaged}");
+    assert!(view.holders.is_empty());
+    assert!(
+        !a.validate(res("disk"), leasehold_core::Token(1))
+            .await
+            .unwrap(),
+        "no token is valid on a damaged record"
+    );
+
+    b.force_release(res("disk"), "checked the disk".into(), "root".into())
+        .await
+        .unwrap();
+    let view = b.inspect(res("disk")).await.unwrap().unwrap();
+    assert_eq!(view.damaged, None);
+    assert!(view.dirty.is_some(), "the repaired record is dirty");
+    let e = b.acquire(ask.clone()).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            StoreError::Acquire(leasehold_core::AcquireError::NeedsCheck { .. })
+        ),
+        "{e:?}"
+    );
+    b.acquire(ask.accept_dirty()).await.unwrap();
+}
+
+/// Issue 8 item 3: a record with an exclusive and a shared holder together breaks G1; it is
+/// refused, not acted on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_breaking_exclusion_is_refused() {
+    let etcd = Etcd::start();
+    let a = store(&etcd, "a").await;
+    let holder = Owner::new(a.host().clone(), 10, 1);
+    a.acquire(AcquireSpec::new(
+        holder.clone(),
+        [(res("disk"), Mode::Exclusive)],
+    ))
+    .await
+    .unwrap();
+    let out = etcdctl(&etcd, &["get", &record_key("disk"), "--print-value-only"]);
+    let mut rec: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let mut second = rec["holders"][0].clone();
+    second["owner"]["process"]["pid"] = 11.into();
+    second["mode"] = "shared".into();
+    rec["holders"].as_array_mut().unwrap().push(second);
+    etcdctl(&etcd, &["put", &record_key("disk"), &rec.to_string()]);
+
+    let reader = Owner::new(a.host().clone(), 12, 1);
+    let e = a
+        .acquire(AcquireSpec::new(reader, [(res("disk"), Mode::Shared)]))
+        .await
+        .unwrap_err();
+    assert_bad_record(&e, "disk");
+    assert!(e.to_string().contains("exclusive"), "{e}");
+    let e = a
+        .release(res("disk"), holder.process, ReleaseKind::Clean)
+        .await
+        .unwrap_err();
+    assert_bad_record(&e, "disk");
 }

@@ -206,6 +206,7 @@ pub fn view_json(v: &ResourceView) -> Value {
         "last_token": v.last_token.0,
         "blocked_for_ms": v.blocked_for.map(|d| d.as_millis() as u64),
         "handover_pending": v.handover_pending,
+        "damaged": v.damaged,
     })
 }
 
@@ -213,11 +214,15 @@ pub fn view_json(v: &ResourceView) -> Value {
 pub fn view_text(v: &ResourceView) -> String {
     let mut s = format!("{}\n", v.resource);
     let state = match (&v.dirty, v.holders.is_empty()) {
+        _ if v.damaged.is_some() => "damaged: refused to everyone until repaired".to_owned(),
         (Some(_), _) => "dirty: needs a check before use".to_owned(),
         (None, true) => "free, clean".to_owned(),
         (None, false) => "held, clean".to_owned(),
     };
     s.push_str(&format!("  state:    {state}\n"));
+    if let Some(d) = &v.damaged {
+        s.push_str(&format!("  damaged:  {d}\n"));
+    }
     if let Some(d) = &v.dirty {
         s.push_str(&format!("  dirty by: {}\n", ended(d)));
     }

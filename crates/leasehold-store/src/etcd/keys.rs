@@ -171,6 +171,31 @@ pub struct Record {
     /// What the transaction that wrote this version did to the resource, for watchers.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<Event>,
+    /// Set on a marker left where a record vanished while held: why the resource is refused.
+    /// `state` then keeps the holders last seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub damaged: Option<String>,
+}
+
+impl Record {
+    /// Reads a stored record. `Err` says why it cannot be trusted: it does not decode, it
+    /// is a marker of a record that vanished while held, or it breaks the lease rules.
+    pub fn decode(bytes: &[u8]) -> Result<Record, String> {
+        let rec: Record = serde_json::from_slice(bytes).map_err(|e| {
+            if bytes.is_empty() {
+                "it is empty".to_owned()
+            } else {
+                format!("it does not decode ({e})")
+            }
+        })?;
+        if let Some(d) = &rec.damaged {
+            return Err(d.clone());
+        }
+        if let Some(v) = rec.state.violation() {
+            return Err(format!("it breaks the lease rules: {v}"));
+        }
+        Ok(rec)
+    }
 }
 
 /// A waiting request, as each of its keys holds it.
@@ -214,5 +239,19 @@ mod tests {
             Some(KeyKind::Host(HostId::new("n1").unwrap()))
         );
         assert_eq!(k.parse(b"/other/res/x"), None);
+    }
+
+    #[test]
+    fn records_that_cannot_be_trusted_say_why() {
+        assert!(
+            Record::decode(b"junk")
+                .unwrap_err()
+                .contains("does not decode")
+        );
+        assert!(Record::decode(b"").unwrap_err().contains("empty"));
+        let good = br#"{"holders":[],"last_token":3}"#;
+        assert_eq!(Record::decode(good).unwrap().state.last_token.0, 3);
+        let marker = br#"{"holders":[],"last_token":3,"damaged":"gone while held"}"#;
+        assert_eq!(Record::decode(marker).unwrap_err(), "gone while held");
     }
 }

@@ -84,6 +84,9 @@ impl EtcdOptions {
 #[derive(Debug, Clone, Default)]
 struct ResSnap {
     record: Option<Record>,
+    /// Why the stored record cannot be trusted (then `record` is `None`): the resource is
+    /// refused to everyone.
+    bad: Option<String>,
     mod_rev: i64,
     waiters: Vec<WaiterSnap>,
     grace: bool,
@@ -185,8 +188,18 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn json<T: Serialize>(v: &T) -> Vec<u8> {
-    serde_json::to_vec(v).unwrap_or_default()
+/// Encodes a value to store; never empty bytes in place of a value that failed to encode.
+fn json<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(v).map_err(|e| StoreError::Storage(format!("cannot encode a value: {e}")))
+}
+
+/// A stored record, or why it cannot be trusted.
+fn record_of(kv: Option<&KeyValue>) -> (Option<Record>, Option<String>) {
+    match kv.map(|kv| Record::decode(&kv.value)) {
+        None => (None, None),
+        Some(Ok(r)) => (Some(r), None),
+        Some(Err(d)) => (None, Some(d)),
+    }
 }
 
 impl EtcdStore {
@@ -305,10 +318,11 @@ async fn establish(
         pid: std::process::id(),
         since_ms: now_ms(),
     };
-    let t =
-        Txn::new()
-            .if_create_revision(keys.host(host), 0)
-            .put(keys.host(host), json(&value), lease);
+    let t = Txn::new().if_create_revision(keys.host(host), 0).put(
+        keys.host(host),
+        json(&value)?,
+        lease,
+    );
     let r = etcd.txn(t).await.map_err(unavailable)?;
     if !r.succeeded {
         let _ = etcd.lease_revoke(lease).await;
@@ -326,7 +340,9 @@ async fn establish(
         if let Some(dir) = p.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
-        let _ = std::fs::write(p, json(&saved));
+        if let Ok(b) = json(&saved) {
+            let _ = std::fs::write(p, b);
+        }
     }
     info!(host = %host, lease, "host session opened");
     Ok((lease, sent))
@@ -522,10 +538,9 @@ impl Inner {
         if let Ok(m) = self.mirror.read() {
             let from = self.keys.resources();
             for (key, kv) in m.kvs.range(from.clone()..prefix_end(&from)) {
-                let (Some(KeyKind::Resource(r)), Ok(rec)) = (
-                    self.keys.parse(key),
-                    serde_json::from_slice::<Record>(&kv.value),
-                ) else {
+                let (Some(KeyKind::Resource(r)), Ok(rec)) =
+                    (self.keys.parse(key), Record::decode(&kv.value))
+                else {
                     continue;
                 };
                 for l in rec.state.holders {
@@ -561,8 +576,10 @@ impl Inner {
         for r in names {
             let rec = m.kvs.get(&self.keys.resource(r));
             let wp = self.keys.waiters(r);
+            let (record, bad) = record_of(rec);
             let rs = ResSnap {
-                record: rec.and_then(|kv| serde_json::from_slice(&kv.value).ok()),
+                record,
+                bad,
                 mod_rev: rec.map_or(0, |kv| kv.mod_revision),
                 waiters: m
                     .kvs
@@ -611,7 +628,7 @@ impl Inner {
         }
         match kind {
             Some(KeyKind::Resource(_)) if !deleted => {
-                if let Ok(rec) = serde_json::from_slice::<Record>(&kv.value) {
+                if let Ok(rec) = Record::decode(&kv.value) {
                     for e in rec.events {
                         let _ = self.events.send(e);
                     }
@@ -664,8 +681,10 @@ impl Inner {
             snap.revision = snap.revision.max(res.revision);
             for (i, r) in chunk.iter().enumerate() {
                 let rec = range_of(&res, 3 * i).first();
+                let (record, bad) = record_of(rec);
                 let mut rs = ResSnap {
-                    record: rec.and_then(|kv| serde_json::from_slice(&kv.value).ok()),
+                    record,
+                    bad,
                     mod_rev: rec.map_or(0, |kv| kv.mod_revision),
                     waiters: Vec::new(),
                     grace: !range_of(&res, 3 * i + 2).is_empty(),
@@ -802,10 +821,11 @@ impl Inner {
                     ..st
                 },
                 events: events.remove(name).unwrap_or_default(),
+                damaged: None,
             };
             t = t.if_mod_revision(self.keys.resource(name), rs.mod_rev).put(
                 self.keys.resource(name),
-                json(&rec),
+                json(&rec)?,
                 0,
             );
         }
@@ -884,6 +904,19 @@ impl Inner {
             } else {
                 self.cached_snapshot(&names)
             };
+            if let Some((name, detail)) = snap
+                .res
+                .iter()
+                .find_map(|(n, rs)| rs.bad.as_ref().map(|d| (n, d)))
+            {
+                // Never act on a record that cannot be trusted; the mirror may be behind a
+                // repair, so only a fresh read decides.
+                if fresh {
+                    return Err(self.bad_record(name, detail));
+                }
+                fresh = true;
+                continue;
+            }
             let now = self.now();
             let mut engine = self.engine(&snap, &BTreeSet::new(), now);
             let (value, extra) = op(&mut engine, now, &snap)?;
@@ -939,6 +972,11 @@ impl Inner {
                     "its waiting keys are gone (host session expired?)".into(),
                 )),
             );
+            return Ok(());
+        }
+        if snap.res.values().any(|rs| rs.bad.is_some()) {
+            // A resource whose record cannot be trusted is granted to nobody; the request
+            // waits until an administrator repairs it, or its time runs out.
             return Ok(());
         }
         let now = self.now();
@@ -1026,6 +1064,117 @@ impl Inner {
         }
     }
 
+    /// The error for acting on `name`, whose record cannot be trusted.
+    fn bad_record(&self, name: &ResourceName, detail: &str) -> StoreError {
+        let key = String::from_utf8_lossy(&self.keys.resource(name)).into_owned();
+        warn!(resource = %name, key = %key, detail, "refused to act on a damaged record; repair it with force-release");
+        StoreError::BadRecord {
+            key,
+            resource: name.clone(),
+            detail: detail.to_owned(),
+        }
+    }
+
+    /// Replaces a record that cannot be trusted with an empty one marked dirty (an admin's
+    /// force-release). Returns `None` when the record is sound (force-release proceeds as
+    /// usual), else the leases it recorded, now ended.
+    async fn repair(
+        &self,
+        resource: &ResourceName,
+        reason: &str,
+        by: &str,
+    ) -> Result<Option<Vec<Released>>, StoreError> {
+        loop {
+            let snap = self.snapshot(&BTreeSet::from([resource.clone()])).await?;
+            let Some(rs) = snap.res.get(resource) else {
+                return Ok(None);
+            };
+            let Some(detail) = &rs.bad else {
+                return Ok(None);
+            };
+            if reason.trim().is_empty() {
+                return Err(StoreError::Release(leasehold_core::ReleaseError::Invalid(
+                    "a force-release needs a reason".into(),
+                )));
+            }
+            let key = self.keys.resource(resource);
+            let (kvs, _) = self
+                .etcd
+                .range(key.clone(), Vec::new(), snap.revision)
+                .await
+                .map_err(unavailable)?;
+            // What can still be read of it (a marker keeps the holders last seen).
+            let old: Option<Record> = kvs
+                .first()
+                .and_then(|kv| serde_json::from_slice(&kv.value).ok());
+            let holders = old.map(|r| r.state.holders).unwrap_or_default();
+            let now = leasehold_core::WallTime(now_ms());
+            let how = leasehold_core::EndReason::Forced {
+                reason: format!("{reason} (repairing a damaged record: {detail})"),
+                by: by.to_owned(),
+            };
+            let ended: Vec<Ended> = if holders.is_empty() {
+                let mut owner = leasehold_core::Owner::new(self.host.clone(), 0, 0);
+                owner.label = Some("unknown (the record was damaged)".into());
+                vec![Ended {
+                    owner,
+                    mode: leasehold_core::Mode::Exclusive,
+                    token: Token(0),
+                    granted_at: leasehold_core::WallTime(0),
+                    ended_at: now,
+                    how: how.clone(),
+                }]
+            } else {
+                holders
+                    .iter()
+                    .map(|l| Ended {
+                        owner: l.owner.clone(),
+                        mode: l.mode,
+                        token: l.token,
+                        granted_at: l.granted_at,
+                        ended_at: now,
+                        how: how.clone(),
+                    })
+                    .collect()
+            };
+            let released: Vec<Released> = holders
+                .iter()
+                .zip(&ended)
+                .map(|(_, e)| Released {
+                    resource: resource.clone(),
+                    ended: e.clone(),
+                    dirtied: true,
+                })
+                .collect();
+            let rec = Record {
+                state: ResourceState {
+                    // Tokens stay above every earlier grant: they follow etcd's revision.
+                    last_token: Token(u64::try_from(snap.revision).unwrap_or(0)),
+                    dirty: ended.first().cloned(),
+                    last_ended: ended.first().cloned(),
+                    ..ResourceState::default()
+                },
+                reserved_for: None,
+                events: released
+                    .iter()
+                    .map(|r| Event::Ended {
+                        resource: resource.clone(),
+                        ended: r.ended.clone(),
+                        dirtied: true,
+                    })
+                    .collect(),
+                damaged: None,
+            };
+            let t = Txn::new()
+                .if_mod_revision(key.clone(), rs.mod_rev)
+                .put(key, json(&rec)?, 0);
+            if self.etcd.txn(t).await.map_err(unavailable)?.succeeded {
+                warn!(resource = %resource, by, reason, "damaged record reset to an empty record marked dirty");
+                return Ok(Some(released));
+            }
+        }
+    }
+
     /// Withdraws local waiter `id`. Returns false when it was decided first.
     async fn withdraw(&self, id: u64) -> Result<bool, StoreError> {
         let keys = match self
@@ -1056,7 +1205,7 @@ impl Inner {
 
     fn view(&self, name: &ResourceName, rs: &ResSnap, snap: &Snapshot) -> Option<ResourceView> {
         let rec = rs.record.as_ref();
-        if rec.is_none() && rs.waiters.is_empty() && !rs.grace {
+        if rec.is_none() && rs.bad.is_none() && rs.waiters.is_empty() && !rs.grace {
             return None;
         }
         let state = rec.map(|r| r.state.clone()).unwrap_or_default();
@@ -1105,6 +1254,12 @@ impl Inner {
                 .collect(),
             blocked_for: rs.grace.then_some(self.opts.grace),
             handover_pending: rec.and_then(|r| r.reserved_for).is_some(),
+            damaged: rs.bad.as_ref().map(|d| {
+                format!(
+                    "record at key {}: {d}; find out who uses it, then `leasehold force-release {name} --reason TEXT` resets it to an empty record marked dirty",
+                    String::from_utf8_lossy(&self.keys.resource(name))
+                )
+            }),
         })
     }
 }
@@ -1196,7 +1351,7 @@ impl Store for EtcdStore {
                         // The engine's waiter is only a placeholder: the waiter keys are the
                         // request's place in the queues.
                         engine.cancel_wait(id, now);
-                        let v = json(&value);
+                        let v = json(&value)?;
                         extra.put = waiter_keys
                             .iter()
                             .map(|k| (k.clone(), v.clone(), lease))
@@ -1305,21 +1460,34 @@ impl Store for EtcdStore {
                 // The request's caller learns of it through its closed channel.
             }
         }
-        let names = inner
+        let mut names = inner
             .held
             .lock()
             .ok()
             .and_then(|h| h.get(&process).cloned())
             .unwrap_or_default();
-        if names.is_empty() {
-            return Ok(Vec::new());
+        loop {
+            if names.is_empty() {
+                return Ok(Vec::new());
+            }
+            match inner
+                .transact(names.clone(), |engine, now, _| {
+                    Ok((engine.end_process(&process, now), Extra::default()))
+                })
+                .await
+            {
+                // A damaged record is left for the administrator; the others are ended.
+                Err(StoreError::BadRecord { resource, .. }) => {
+                    names.remove(&resource);
+                    if let Ok(mut h) = inner.held.lock()
+                        && let Some(set) = h.get_mut(&process)
+                    {
+                        set.remove(&resource);
+                    }
+                }
+                r => return r.map(|(r, _, _)| r),
+            }
         }
-        let (r, _, _) = inner
-            .transact(names, |engine, now, _| {
-                Ok((engine.end_process(&process, now), Extra::default()))
-            })
-            .await?;
-        Ok(r)
     }
 
     async fn force_release(
@@ -1328,6 +1496,9 @@ impl Store for EtcdStore {
         reason: String,
         by: String,
     ) -> Result<Vec<Released>, StoreError> {
+        if let Some(released) = self.inner.repair(&resource, &reason, &by).await? {
+            return Ok(released);
+        }
         let (r, _, _) = self
             .inner
             .transact(BTreeSet::from([resource.clone()]), |engine, now, _| {
@@ -1419,7 +1590,7 @@ impl Store for EtcdStore {
                 }
                 Some(KeyKind::Resource(r)) => {
                     let e = snap.res.entry(r).or_default();
-                    e.record = serde_json::from_slice(&kv.value).ok();
+                    (e.record, e.bad) = record_of(Some(kv));
                     e.mod_rev = kv.mod_revision;
                 }
                 Some(KeyKind::Grace(r)) => snap.res.entry(r).or_default().grace = true,
