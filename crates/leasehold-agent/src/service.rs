@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use leasehold_api::{conflict_to_wire, mode_from_wire, pb};
 use leasehold_core::{
-    AcquireError, EndReason, Event, Grant, HostId, MAX_TEXT, Mode, Owner, ProcessKey, ReleaseError,
+    AcquireError, EndReason, Event, Grant, HostId, MAX_TEXT, Owner, ProcessKey, ReleaseError,
     ReleaseKind, ResourceName, ResourceView, Token, check_free_text,
 };
 use leasehold_store::{AcquireSpec, Store, StoreError};
@@ -108,18 +108,24 @@ impl<S: Store> Service<S> {
         c.gid == g.gid || c.pid.is_some_and(|p| procfs::groups(p).contains(&g.gid))
     }
 
-    fn admin_only(&self, c: &Caller, what: &str) -> Result<(), Status> {
-        if self.is_admin(c) {
-            return Ok(());
-        }
+    /// Who may do admin operations, in words: "root" or "root or a member of group G".
+    fn admin_words(&self) -> String {
         let group = self
             .config
             .admin_group
             .as_ref()
             .map(|g| format!(" or a member of group {}", g.name))
             .unwrap_or_default();
+        format!("root{group}")
+    }
+
+    fn admin_only(&self, c: &Caller, what: &str) -> Result<(), Status> {
+        if self.is_admin(c) {
+            return Ok(());
+        }
         Err(Status::permission_denied(format!(
-            "{what} needs root{group}; you are uid {}",
+            "{what} needs {}; you are uid {}",
+            self.admin_words(),
             c.uid
         )))
     }
@@ -245,6 +251,7 @@ fn refusal(e: StoreError, blocked_for: Option<Duration>) -> Result<pb::Refusal, 
             .map(|r| r.to_string()),
         conflict: conflict.as_ref().map(|c| conflict_to_wire(c, blocked_for)),
         dirty: dirty.as_ref().map(Into::into),
+        accept_dirty_needs: None,
     })
 }
 
@@ -286,12 +293,16 @@ impl<S: Store> pb::leasehold_server::Leasehold for Service<S> {
             0 => Duration::MAX,
             ms => Duration::from_millis(ms),
         });
+        // Taking a dirty resource unchecked clears its purpose as surely as mark-clean: only
+        // root or the admin group may (SPEC G8). Others are told it needs a check, and by whom.
+        let admin = self.is_admin(&c);
         let spec = AcquireSpec {
             owner: owner.clone(),
             items: items.clone(),
-            accept_dirty: r.accept_dirty,
+            accept_dirty: r.accept_dirty && admin,
             wait,
         };
+        let dirty_needs = (r.accept_dirty && !admin).then(|| self.admin_words());
         let (tx, rx) = mpsc::channel(8);
         let me = self.clone();
         let hold = r.hold;
@@ -313,8 +324,19 @@ impl<S: Store> pb::leasehold_server::Leasehold for Service<S> {
                             .and_then(|v| v.blocked_for),
                         _ => None,
                     };
-                    let msg = refusal(e, blocked)
-                        .and_then(|r| event(pb::acquire_event::Event::Refused(r)));
+                    let msg = refusal(e, blocked).and_then(|mut r| {
+                        if let Some(needs) = &dirty_needs
+                            && r.kind == i32::from(pb::refusal::Kind::NeedsCheck)
+                        {
+                            r.message = format!(
+                                "{}; taking a dirty resource (--accept-dirty, run --check) needs {needs}: ask an admin to check it and run `leasehold mark-clean {}`",
+                                r.message,
+                                r.resource.as_deref().unwrap_or("R")
+                            );
+                            r.accept_dirty_needs = Some(needs.clone());
+                        }
+                        event(pb::acquire_event::Event::Refused(r))
+                    });
                     let _ = tx.send(msg).await;
                     return;
                 }
@@ -470,23 +492,9 @@ impl<S: Store> pb::leasehold_server::Leasehold for Service<S> {
     ) -> Result<Response<pb::MarkCleanResponse>, Status> {
         let c = Self::caller(&req)?;
         let name = resource(req.into_inner().resource)?;
-        if !self.is_admin(&c) {
-            // The exclusive holder's own user may clear the mark after checking (run --check).
-            let holder_uid = self
-                .store
-                .inspect(name.clone())
-                .await
-                .map_err(status_of)?
-                .and_then(|v| {
-                    v.holders
-                        .iter()
-                        .find(|l| l.mode == Mode::Exclusive)
-                        .and_then(|l| l.owner.uid)
-                });
-            if holder_uid != Some(c.uid) {
-                self.admin_only(&c, "mark-clean of a resource you do not hold exclusively")?;
-            }
-        }
+        // SPEC G8: root or the admin group only, even for the holder's own user (its check
+        // could be no check at all).
+        self.admin_only(&c, "mark-clean")?;
         let by = self.who(&c);
         let was = self
             .store

@@ -104,6 +104,8 @@ pub struct Refusal {
     pub blocked_for: Option<Duration>,
     /// How its last exclusive lease ended (needs check).
     pub dirty: Option<Ended>,
+    /// Needs check, when the caller asked to take it dirty but may not: who may.
+    pub accept_dirty_needs: Option<String>,
 }
 
 impl TryFrom<pb::Refusal> for Refusal {
@@ -135,6 +137,7 @@ impl TryFrom<pb::Refusal> for Refusal {
             conflict: r.conflict.map(conflict_from_wire).transpose()?,
             blocked_for,
             dirty: r.dirty.map(Ended::try_from).transpose()?,
+            accept_dirty_needs: r.accept_dirty_needs,
         })
     }
 }

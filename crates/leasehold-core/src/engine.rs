@@ -277,6 +277,25 @@ pub enum ReleaseError {
         /// The label named.
         label: Option<String>,
     },
+    /// The only waiters named belong to another user than the holder's, and not to root.
+    #[error(
+        "the owner waiting for {resource} there ({waiter}) runs as {}, not as the holder's {} or root; a label is not an identity, so the lease is not handed to it. Start the destination as the holder's user (or root), or release normally",
+        uid_words(*.waiter_uid), uid_words(*.holder_uid)
+    )]
+    WaiterOfOtherUser {
+        /// The resource.
+        resource: ResourceName,
+        /// The first waiter that matched host and label.
+        waiter: Box<ProcessKey>,
+        /// Its uid, when known.
+        waiter_uid: Option<u32>,
+        /// The holder's uid, when known.
+        holder_uid: Option<u32>,
+    },
+}
+
+fn uid_words(uid: Option<u32>) -> String {
+    uid.map_or_else(|| "an unknown user".to_owned(), |u| format!("uid {u}"))
 }
 
 /// Why a session operation failed.
@@ -1085,16 +1104,30 @@ impl Engine {
                 if lease.mode != Mode::Exclusive {
                     return Err(ReleaseError::HandoverShared(req.resource));
                 }
-                let target = self
+                let named: Vec<_> = self
                     .waiters_of(&req.resource)
                     .into_iter()
-                    .find(|(_, o, m)| {
+                    .filter(|(_, o, m)| {
                         *m == Mode::Exclusive
                             && o.process.host == host
                             && (label.is_none() || o.label == label)
                     })
-                    .map(|(id, o, _)| (id, o.process.clone()));
+                    .collect();
+                // A label is a name for people, not an identity: the lease goes only to a
+                // waiter of the holder's own user, or of root (SPEC G8).
+                let target = named
+                    .iter()
+                    .find(|(_, o, _)| o.uid == Some(0) || o.uid == lease.owner.uid)
+                    .map(|(id, o, _)| (*id, o.process.clone()));
                 let Some((target, to)) = target else {
+                    if let Some((_, o, _)) = named.first() {
+                        return Err(ReleaseError::WaiterOfOtherUser {
+                            resource: req.resource,
+                            waiter: Box::new(o.process.clone()),
+                            waiter_uid: o.uid,
+                            holder_uid: lease.owner.uid,
+                        });
+                    }
                     return Err(ReleaseError::NoWaiter {
                         resource: req.resource,
                         host,

@@ -513,6 +513,61 @@ fn handover_moves_the_lease_past_earlier_waiters() {
     );
 }
 
+/// A label is not an identity: a handover skips a waiter of another user, even one that
+/// queued first with the same label, and goes to the holder's own user or root.
+#[test]
+fn handover_goes_only_to_the_holders_user_or_root() {
+    let mut t = T::new();
+    let host = t.host.clone();
+    let with_uid = |pid, uid| Owner {
+        uid: Some(uid),
+        ..owner_on(&host, pid).with_label("vm-42")
+    };
+    let req = |t: &mut T, o: Owner, wait| {
+        let r = AcquireRequest {
+            owner: o,
+            session: t.session,
+            items: vec![(res("vm"), X)],
+            accept_dirty: false,
+            wait,
+        };
+        t.e.acquire(r, Now::at(1)).unwrap()
+    };
+    let Acquired::Granted(g) = req(&mut t, with_uid(1, 0), false) else {
+        panic!("granted at once")
+    };
+    let old = g[0].token;
+    // A user's waiter queues first with the label of the destination.
+    let Acquired::Queued(_) = req(&mut t, with_uid(2, 1000), true) else {
+        panic!("queued")
+    };
+    let to = ReleaseKind::Handover {
+        host: t.host.clone(),
+        label: Some("vm-42".into()),
+    };
+    // With only that waiter, the handover is refused, naming why, and nothing changes.
+    t.e.take_output();
+    match t.release(1, "vm", to.clone(), 2) {
+        Err(e @ ReleaseError::WaiterOfOtherUser { .. }) => {
+            let m = e.to_string();
+            assert!(m.contains("uid 1000") && m.contains("uid 0"), "{m}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(t.e.validate(&res("vm"), old));
+    assert!(!t.e.take_output().needs_persist());
+    // Root's destination queues second; the handover skips the user's waiter.
+    let Acquired::Queued(dest) = req(&mut t, with_uid(3, 0), true) else {
+        panic!("queued")
+    };
+    t.e.take_output();
+    t.release(1, "vm", to, 3).unwrap();
+    let out = t.e.take_output();
+    assert_eq!(out.waiters.len(), 1);
+    assert_eq!(out.waiters[0].0, dest);
+    assert_eq!(t.holders("vm"), vec![(3, X)]);
+}
+
 #[test]
 fn handover_to_a_waiter_of_several_resources_keeps_each_for_it() {
     let mut t = T::new();

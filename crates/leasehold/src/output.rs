@@ -118,10 +118,16 @@ pub fn refusal(r: &Refusal) -> String {
                 .as_ref()
                 .map(|d| format!(": last writer was the {}", ended(d)))
                 .unwrap_or_default();
-            format!(
-                "{name} needs a check before use{why}\n  check it (a qcow2 image: qemu-img check {q}), then: leasehold mark-clean {q}\n  or let run check it first: leasehold run --check 'qemu-img check {{path}}' --exclusive {q} -- ...\n  or take it anyway and check it yourself: add --accept-dirty",
-                q = quote(&name)
-            )
+            match &r.accept_dirty_needs {
+                Some(who) => format!(
+                    "{name} needs a check before use{why}\n  taking it dirty (--accept-dirty, run --check) needs {who}, and you are not\n  ask an admin to check it (a qcow2 image: qemu-img check {q}), then: leasehold mark-clean {q}",
+                    q = quote(&name)
+                ),
+                None => format!(
+                    "{name} needs a check before use{why}\n  check it (a qcow2 image: qemu-img check {q}), then: leasehold mark-clean {q}\n  or let run check it first: leasehold run --check 'qemu-img check {{path}}' --exclusive {q} -- ...\n  or take it anyway and check it yourself: add --accept-dirty",
+                    q = quote(&name)
+                ),
+            }
         }
         RefusalKind::ModeConflict | RefusalKind::Cancelled => r.message.clone(),
     }

@@ -172,16 +172,26 @@ fn force_release_and_mark_clean_need_root_or_the_admin_group() {
     );
 }
 
+// SPEC G8: clearing a dirty mark needs root or the admin group, even for the user whose own
+// process left it dirty: `mark-clean`, `acquire --accept-dirty` and `run --check` alike.
 #[test]
-fn a_holder_may_clean_what_it_holds_exclusively_after_checking() {
+fn a_user_outside_the_admin_group_cannot_take_or_clean_a_dirty_disk() {
     if !root() {
         eprintln!("skipped: needs root");
         return;
     }
     let a = agent();
-    // Leave the disk dirty (as root), then let nobody's run check and clean it.
-    expect_code(&a.lh(&["run", "--exclusive", "disk", "--", "false"]), 1);
+    // nobody's own run leaves the disk dirty.
+    expect_code(
+        &lh_as(&a, &[], &["run", "--exclusive", "disk", "--", "false"]),
+        1,
+    );
     assert!(a.is_dirty("disk"));
+    let scratch = a.path("scratch");
+    std::fs::create_dir(&scratch).unwrap();
+    std::fs::set_permissions(&scratch, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let marker = scratch.join("ran");
+    let touch = format!("touch {}", marker.display());
     let out = lh_as(
         &a,
         &[],
@@ -192,11 +202,152 @@ fn a_holder_may_clean_what_it_holds_exclusively_after_checking() {
             "--exclusive",
             "disk",
             "--",
-            "true",
+            "sh",
+            "-c",
+            &touch,
         ],
     );
-    expect_code(&out, 0);
+    expect_code(&out, 4);
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("needs root or a member of group 4242") && err.contains("mark-clean"),
+        "{err}"
+    );
+    assert!(!marker.exists(), "the command must not run");
+    let mut mine = nobodys_process();
+    let out = lh_as(
+        &a,
+        &[],
+        &[
+            "acquire",
+            "disk",
+            "--accept-dirty",
+            "--pid",
+            &mine.id().to_string(),
+        ],
+    );
+    expect_code(&out, 4);
+    assert!(a.holders("disk").is_empty());
+    expect_code(&lh_as(&a, &[], &["mark-clean", "disk"]), 1);
+    assert!(a.is_dirty("disk"));
+    // On a clean disk the flag is harmless: nobody's run --check starts at once.
+    expect_code(&a.lh(&["mark-clean", "disk"]), 0);
+    expect_code(
+        &lh_as(
+            &a,
+            &[],
+            &[
+                "run",
+                "--check",
+                "false",
+                "--exclusive",
+                "disk",
+                "--",
+                "sh",
+                "-c",
+                &touch,
+            ],
+        ),
+        0,
+    );
+    assert!(marker.exists());
+    // A member of the admin group checks and cleans.
+    expect_code(
+        &lh_as(&a, &[], &["run", "--exclusive", "disk", "--", "false"]),
+        1,
+    );
+    expect_code(
+        &lh_as(
+            &a,
+            &[ADMINS],
+            &[
+                "run",
+                "--check",
+                "true",
+                "--exclusive",
+                "disk",
+                "--",
+                "true",
+            ],
+        ),
+        0,
+    );
     assert!(!a.is_dirty("disk"));
+    let _ = mine.kill();
+    let _ = mine.wait();
+}
+
+fn waiting(a: &Agent, n: usize) -> bool {
+    a.inspect("vm")
+        .is_some_and(|v| v["waiters"].as_array().is_some_and(|w| w.len() == n))
+}
+
+/// A waiting `acquire --wait`, started in the background as `nobody` or as root, for `pid`, labelled `label`.
+fn waiter(a: &Agent, as_nobody_: bool, pid: u32, label: &str) -> KillOnDrop {
+    let mut c = a.cli();
+    c.args(["acquire", "vm", "--wait", "--owner", label, "--pid"])
+        .arg(pid.to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let mut c = if as_nobody_ { as_nobody(c, &[]) } else { c };
+    KillOnDrop(c.spawn().unwrap())
+}
+
+// A label is not an identity (SPEC G8): a user who queues first with the label of root's
+// destination does not get root's handover; root's destination does.
+#[test]
+fn a_handover_goes_to_the_holders_user_or_root_not_to_a_label() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let a = agent();
+    let source = Holder::new();
+    let dest = Holder::new();
+    let mut intruder = nobodys_process();
+    expect_code(&a.lh(&["acquire", "vm", "--pid", &source.pid_arg()]), 0);
+    let _stolen = waiter(&a, true, intruder.id(), "vm1-dest");
+    wait_until("nobody waits", std::time::Duration::from_secs(10), || {
+        waiting(&a, 1)
+    });
+    // With only nobody waiting, root's handover is refused and the source keeps the lease.
+    let to = format!("{}/vm1-dest", a.host);
+    let out = a.lh(&[
+        "release",
+        "vm",
+        "--pid",
+        &source.pid_arg(),
+        "--handover-to",
+        &to,
+    ]);
+    expect_code(&out, 1);
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("uid 65534") && err.contains("not an identity"),
+        "{err}"
+    );
+    assert_eq!(a.holders("vm"), vec![u64::from(source.pid())]);
+
+    let mut mine = waiter(&a, false, dest.pid(), "vm1-dest");
+    wait_until(
+        "root's destination waits",
+        std::time::Duration::from_secs(10),
+        || waiting(&a, 2),
+    );
+    let out = a.lh(&[
+        "release",
+        "vm",
+        "--pid",
+        &source.pid_arg(),
+        "--handover-to",
+        &to,
+    ]);
+    expect_code(&out, 0);
+    let status = mine.0.wait().unwrap();
+    assert!(status.success(), "root's destination is granted: {status}");
+    assert_eq!(a.holders("vm"), vec![u64::from(dest.pid())]);
+    let _ = intruder.kill();
+    let _ = intruder.wait();
 }
 
 /// Run by `a_non_dumpable_process_still_belongs_to_its_user`: marks itself non-dumpable (so
