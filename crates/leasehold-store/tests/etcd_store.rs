@@ -211,3 +211,57 @@ async fn a_record_breaking_exclusion_is_refused() {
         .unwrap_err();
     assert_bad_record(&e, "disk");
 }
+
+/// Issue 8 item 4: a fresh snapshot once read the live sessions and then, later, the records,
+/// so a holder whose session began in between was judged dead: its lease ended and the disk
+/// dirtied. Scripted: host a's snapshot stops after its first read of etcd; meanwhile a's
+/// holder releases, host b opens its session and takes the disk. b's lease must survive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_beginning_during_a_snapshot_is_not_judged_dead() {
+    let etcd = Etcd::start();
+    let a = std::sync::Arc::new(store(&etcd, "a").await);
+    let first = Owner::new(a.host().clone(), 10, 1);
+    a.acquire(AcquireSpec::new(
+        first.clone(),
+        [(res("disk"), Mode::Exclusive)],
+    ))
+    .await
+    .unwrap();
+
+    // a's next fresh snapshot: a refusal decided from a's mirror is checked on a fresh read.
+    let mut pause = a.pause_next_snapshot();
+    let second = Owner::new(a.host().clone(), 11, 1);
+    let asking = {
+        let a = std::sync::Arc::clone(&a);
+        tokio::spawn(async move {
+            a.acquire(AcquireSpec::new(second, [(res("disk"), Mode::Exclusive)]))
+                .await
+        })
+    };
+    pause.reached().await;
+
+    a.release(res("disk"), first.process, ReleaseKind::Clean)
+        .await
+        .unwrap();
+    let b = store(&etcd, "b").await;
+    let holder = Owner::new(b.host().clone(), 20, 1);
+    let g = b
+        .acquire(AcquireSpec::new(
+            holder.clone(),
+            [(res("disk"), Mode::Exclusive)],
+        ))
+        .await
+        .unwrap();
+    pause.resume();
+    let refused = asking.await.unwrap();
+    assert!(refused.is_err(), "{refused:?}");
+
+    assert!(
+        b.validate(res("disk"), g[0].token).await.unwrap(),
+        "b's lease was ended by a's snapshot: {refused:?}"
+    );
+    let view = a.inspect(res("disk")).await.unwrap().unwrap();
+    assert_eq!(view.holders.len(), 1, "{view:?}");
+    assert_eq!(view.holders[0].owner, holder);
+    assert_eq!(view.dirty, None, "{view:?}");
+}

@@ -415,6 +415,17 @@ impl Txn {
         self
     }
 
+    /// Requires `key` not to be attached to lease `lease` (a missing key is on no lease).
+    pub fn if_lease_not(mut self, key: Vec<u8>, lease: i64) -> Txn {
+        self.compare.push(cmp(
+            key,
+            CompareTarget::Lease,
+            CompareResult::NotEqual,
+            TargetUnion::Lease(lease),
+        ));
+        self
+    }
+
     /// Puts `key = value`, attached to `lease` (0: none), when the compares hold.
     pub fn put(mut self, key: Vec<u8>, value: Vec<u8>, lease: i64) -> Txn {
         self.success.push(rpc::RequestOp {
@@ -441,11 +452,18 @@ impl Txn {
 
     /// Reads `[key, range_end)` in the branch that runs (both, so a failed transaction still
     /// answers what it found).
-    pub fn get(mut self, key: Vec<u8>, range_end: Vec<u8>) -> Txn {
+    pub fn get(self, key: Vec<u8>, range_end: Vec<u8>) -> Txn {
+        self.get_at(key, range_end, 0)
+    }
+
+    /// Reads `[key, range_end)` as it was at `revision` (0: the latest), in the branch that
+    /// runs.
+    pub fn get_at(mut self, key: Vec<u8>, range_end: Vec<u8>, revision: i64) -> Txn {
         let op = rpc::RequestOp {
             request: Some(Request::RequestRange(rpc::RangeRequest {
                 key,
                 range_end,
+                revision,
                 ..Default::default()
             })),
         };

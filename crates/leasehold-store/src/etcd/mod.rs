@@ -11,4 +11,4 @@ pub mod keys;
 pub mod pb;
 mod store;
 
-pub use store::{EtcdOptions, EtcdStore};
+pub use store::{EtcdOptions, EtcdStore, SnapshotPause};

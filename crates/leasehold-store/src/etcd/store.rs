@@ -153,6 +153,29 @@ struct Inner {
     /// Called when this host's session is found ended, before anything else happens.
     session_end: Mutex<Option<SessionEndHook>>,
     next_waiter_key: std::sync::atomic::AtomicU64,
+    /// A test hook: the next fresh snapshot stops after its first read until released.
+    pause_snapshot: Mutex<Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>>,
+}
+
+/// A fresh snapshot stopped after its first read, for tests that script an interleaving
+/// (see [`EtcdStore::pause_next_snapshot`]).
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct SnapshotPause {
+    reached: oneshot::Receiver<()>,
+    resume: oneshot::Sender<()>,
+}
+
+impl SnapshotPause {
+    /// Waits until a snapshot has made its first read and stopped.
+    pub async fn reached(&mut self) {
+        let _ = (&mut self.reached).await;
+    }
+
+    /// Lets the snapshot go on.
+    pub fn resume(self) {
+        let _ = self.resume.send(());
+    }
 }
 
 /// The etcd store. See the module documentation.
@@ -236,6 +259,7 @@ impl EtcdStore {
             mirror: std::sync::RwLock::new(Mirror::default()),
             session_end: Mutex::new(None),
             next_waiter_key: std::sync::atomic::AtomicU64::new(now_ms()),
+            pause_snapshot: Mutex::new(None),
         });
         let start_rev = inner.load_mirror().await?;
         inner.load_held();
@@ -250,6 +274,18 @@ impl EtcdStore {
     /// The key prefix.
     pub fn prefix(&self) -> &str {
         self.inner.keys.prefix()
+    }
+
+    /// A test hook: the next fresh read of a snapshot stops after its first read of etcd
+    /// until the returned handle lets it go on, so a test can change things in between.
+    #[doc(hidden)]
+    pub fn pause_next_snapshot(&self) -> SnapshotPause {
+        let (reached_tx, reached) = oneshot::channel();
+        let (resume, resume_rx) = oneshot::channel();
+        if let Ok(mut p) = self.inner.pause_snapshot.lock() {
+            *p = Some((reached_tx, resume_rx));
+        }
+        SnapshotPause { reached, resume }
     }
 
     /// Ends this host's session now (revokes its lease): its leases end as if the host were
@@ -646,50 +682,52 @@ impl Inner {
     }
 
     /// Reads the resources `names` (with their waiters and grace keys) and the live sessions
-    /// at one revision.
+    /// at one revision: the hosts and the first resources in one transaction, the rest as
+    /// of that transaction's revision. A holder is judged dead only when its session's key
+    /// was gone at the very revision its record was read.
     async fn snapshot(&self, names: &BTreeSet<ResourceName>) -> Result<Snapshot, StoreError> {
         let hosts = self.keys.hosts();
-        let (host_kvs, revision) = self
-            .etcd
-            .range(hosts.clone(), prefix_end(&hosts), 0)
-            .await
-            .map_err(unavailable)?;
-        let mut snap = Snapshot {
-            revision,
-            ..Snapshot::default()
-        };
-        for kv in &host_kvs {
-            if let Some(KeyKind::Host(h)) = self.keys.parse(&kv.key) {
-                snap.sessions.insert(kv.lease, h);
-            }
-        }
-        // Three reads per resource, at the hosts' revision, in transactions etcd accepts.
         let names: Vec<&ResourceName> = names.iter().collect();
-        for chunk in names.chunks(MAX_TXN_OPS / 3) {
+        let mut chunks: Vec<&[&ResourceName]> = names.chunks((MAX_TXN_OPS - 1) / 3).collect();
+        if chunks.is_empty() {
+            chunks.push(&[]);
+        }
+        let mut snap = Snapshot::default();
+        for (n, chunk) in chunks.into_iter().enumerate() {
             let mut t = Txn::new();
+            if n == 0 {
+                t = t.get(hosts.clone(), prefix_end(&hosts));
+            }
             for r in chunk {
                 let wp = self.keys.waiters(r);
                 t = t
-                    .get(self.keys.resource(r), Vec::new())
-                    .get(wp.clone(), prefix_end(&wp))
-                    .get(self.keys.grace(r), Vec::new());
+                    .get_at(self.keys.resource(r), Vec::new(), snap.revision)
+                    .get_at(wp.clone(), prefix_end(&wp), snap.revision)
+                    .get_at(self.keys.grace(r), Vec::new(), snap.revision);
             }
-            // A transaction reads the latest revision; a later one than the hosts' range is
-            // harmless (sessions only end, and a read at a later revision sees no more live
-            // sessions than there were), and records are compared at commit.
             let res = self.etcd.txn(t).await.map_err(unavailable)?;
-            snap.revision = snap.revision.max(res.revision);
+            let base = usize::from(n == 0);
+            if n == 0 {
+                snap.revision = res.revision;
+                for kv in range_of(&res, 0) {
+                    if let Some(KeyKind::Host(h)) = self.keys.parse(&kv.key) {
+                        snap.sessions.insert(kv.lease, h);
+                    }
+                }
+                self.pause_if_asked().await;
+            }
             for (i, r) in chunk.iter().enumerate() {
-                let rec = range_of(&res, 3 * i).first();
+                let at = base + 3 * i;
+                let rec = range_of(&res, at).first();
                 let (record, bad) = record_of(rec);
                 let mut rs = ResSnap {
                     record,
                     bad,
                     mod_rev: rec.map_or(0, |kv| kv.mod_revision),
                     waiters: Vec::new(),
-                    grace: !range_of(&res, 3 * i + 2).is_empty(),
+                    grace: !range_of(&res, at + 2).is_empty(),
                 };
-                for kv in range_of(&res, 3 * i + 1) {
+                for kv in range_of(&res, at + 1) {
                     if let Ok(value) = serde_json::from_slice::<WaiterValue>(&kv.value) {
                         rs.waiters.push(WaiterSnap {
                             id: kv.create_revision as u64,
@@ -701,6 +739,15 @@ impl Inner {
             }
         }
         Ok(snap)
+    }
+
+    /// Stops here if a test asked for it (see [`EtcdStore::pause_next_snapshot`]).
+    async fn pause_if_asked(&self) {
+        let pause = self.pause_snapshot.lock().ok().and_then(|mut p| p.take());
+        if let Some((reached, resume)) = pause {
+            let _ = reached.send(());
+            let _ = resume.await;
+        }
     }
 
     /// The engine over a snapshot: live sessions, dead sessions due at once, records, queues,
@@ -804,6 +851,26 @@ impl Inner {
                 Event::SessionExpired { .. } => continue,
             };
             events.entry(r).or_default().push(e.clone());
+        }
+        // A lease ended because its session looked dead: that session's host key must still
+        // not be on it at commit, or nothing is written.
+        let mut dead = BTreeSet::new();
+        for name in &out.changed {
+            let holders = snap
+                .res
+                .get(name)
+                .and_then(|rs| rs.record.as_ref())
+                .map(|r| r.state.holders.as_slice())
+                .unwrap_or_default();
+            for l in holders {
+                let lease = l.session.0 as i64;
+                if !snap.sessions.contains_key(&lease) {
+                    dead.insert((l.owner.process.host.clone(), lease));
+                }
+            }
+        }
+        for (host, lease) in dead {
+            t = t.if_lease_not(self.keys.host(&host), lease);
         }
         let mut graces = Vec::new();
         for name in &out.changed {
