@@ -11,6 +11,7 @@
 //! caller of the batch gets [`StoreError::Storage`]: nothing they asked for took effect.
 
 use std::collections::HashMap;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::mpsc;
@@ -34,6 +35,11 @@ const RESOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("resources"
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const FORMAT_KEY: &str = "format";
 const ENGINE_KEY: &str = "engine";
+/// The store's identity, also kept in [`ID_FILE`]: a database that lacks it, or holds
+/// another, while the file exists is not the state this directory held.
+const STORE_ID_KEY: &str = "store-id";
+/// The file in the state directory that remembers which database belongs there.
+const ID_FILE: &str = "leasehold.id";
 /// The on-disk format this code writes and reads.
 const FORMAT: &[u8] = b"leasehold-local-1";
 /// The file in the state directory.
@@ -172,9 +178,15 @@ impl LocalStore {
         options: LocalStoreOptions,
     ) -> Result<LocalStore, StoreError> {
         let dir = dir.as_ref().to_path_buf();
-        std::fs::create_dir_all(&dir)
+        // A new state directory is for the agent's user only (SPEC G8); an existing one is
+        // left as its owner made it.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
             .map_err(|e| storage(format!("creating {}: {e}", dir.display())))?;
         let path = dir.join(DB_FILE);
+        private_file(&path)?;
         // The engine holds every record in memory; redb's cache only speeds up the B-tree
         // pages a commit rewrites, so a small one keeps the agent's memory flat as leases grow.
         let db = Database::builder()
@@ -186,6 +198,7 @@ impl LocalStore {
                     path.display()
                 ))
             })?;
+        check_identity(&db, &dir)?;
         let clock = Clock::new();
         let (mut engine, fresh) = load(&db, options.engine)?;
         let now = clock.now();
@@ -430,8 +443,123 @@ fn storage(e: impl std::fmt::Display) -> StoreError {
     StoreError::Storage(e.to_string())
 }
 
+/// Creates `path` (or finds it) as a regular file of mode 0600, never through a symbolic
+/// link (SPEC G8).
+fn private_file(path: &Path) -> Result<(), StoreError> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| {
+            storage(format!(
+                "opening {}: {e} (a symbolic link there is refused)",
+                path.display()
+            ))
+        })?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| storage(format!("setting the mode of {}: {e}", path.display())))
+}
+
+/// Checks that the database is the one this state directory held, so that a deleted or
+/// emptied database file is never taken for a fresh store (tokens would restart and dirty
+/// marks vanish while the old holders still run). A database without an identity gets one,
+/// recorded in the database first and then in [`ID_FILE`].
+fn check_identity(db: &Database, dir: &Path) -> Result<(), StoreError> {
+    let id_path = dir.join(ID_FILE);
+    let db_path = dir.join(DB_FILE);
+    let recorded = match std::fs::read_to_string(&id_path) {
+        Ok(s) => Some(s.trim().to_owned()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(storage(format!("reading {}: {e}", id_path.display()))),
+    };
+    let in_db = stored_id(db)?;
+    let start_fresh = format!(
+        "restore the database from a backup; or, to start afresh deliberately (every holder on \
+         this host stopped and every resource it used checked), delete {}",
+        id_path.display()
+    );
+    match (in_db, recorded) {
+        (Some(d), Some(f)) if d == f => Ok(()),
+        (Some(d), Some(f)) => Err(StoreError::BadState(format!(
+            "{} is store {d}, but {} says this directory holds store {f}: this is another \
+             store's database; {start_fresh}",
+            db_path.display(),
+            id_path.display()
+        ))),
+        (Some(d), None) => write_id_file(&id_path, &d),
+        (None, Some(f)) => Err(StoreError::BadState(format!(
+            "the state of store {f} is lost: {} is missing, empty or not this store's (its \
+             leases, tokens and dirty marks are gone, and holders may still run); the agent \
+             will not start on an empty store in its place: {start_fresh}",
+            db_path.display()
+        ))),
+        (None, None) => {
+            let id = new_store_id()?;
+            let txn = db.begin_write().map_err(storage)?;
+            {
+                let mut meta = txn.open_table(META).map_err(storage)?;
+                if meta.get(FORMAT_KEY).map_err(storage)?.is_none() {
+                    meta.insert(FORMAT_KEY, FORMAT).map_err(storage)?;
+                }
+                meta.insert(STORE_ID_KEY, id.as_bytes()).map_err(storage)?;
+            }
+            txn.commit().map_err(storage)?;
+            write_id_file(&id_path, &id)
+        }
+    }
+}
+
+fn stored_id(db: &Database) -> Result<Option<String>, StoreError> {
+    let txn = db.begin_read().map_err(storage)?;
+    let meta = match txn.open_table(META) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(e) => return Err(storage(e)),
+    };
+    let id = meta.get(STORE_ID_KEY).map_err(storage)?;
+    Ok(id.map(|v| String::from_utf8_lossy(v.value()).into_owned()))
+}
+
+/// 128 random bits, in hex.
+fn new_store_id() -> Result<String, StoreError> {
+    let mut bytes = [0u8; 16];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").map_err(storage)?,
+        &mut bytes,
+    )
+    .map_err(storage)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Writes the id file (mode 0600) durably: the file, then its directory entry.
+fn write_id_file(path: &Path, id: &str) -> Result<(), StoreError> {
+    let fail = |e: std::io::Error| storage(format!("writing {}: {e}", path.display()));
+    let tmp = path.with_extension("id.tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+        .map_err(fail)?;
+    std::io::Write::write_all(&mut f, format!("{id}\n").as_bytes()).map_err(fail)?;
+    f.sync_all().map_err(fail)?;
+    std::fs::rename(&tmp, path).map_err(fail)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(fail)?;
+    }
+    Ok(())
+}
+
 /// Reads the engine's durable state from the database.
-/// Also says whether the database is new (no format marker yet).
+/// Also says whether the database is new (no engine state yet).
 fn load(db: &Database, config: EngineConfig) -> Result<(Engine, bool), StoreError> {
     let txn = db.begin_read().map_err(storage)?;
     let meta_table = match txn.open_table(META) {
@@ -457,10 +585,14 @@ fn load(db: &Database, config: EngineConfig) -> Result<(Engine, bool), StoreErro
             ));
         }
     }
-    let meta: Meta = match meta_table.get(ENGINE_KEY).map_err(storage)? {
-        Some(v) => serde_json::from_slice(v.value())
-            .map_err(|e| StoreError::BadState(format!("engine metadata: {e}")))?,
-        None => Meta::default(),
+    // A database that has its identity but no engine state yet is still new.
+    let (meta, fresh): (Meta, bool) = match meta_table.get(ENGINE_KEY).map_err(storage)? {
+        Some(v) => (
+            serde_json::from_slice(v.value())
+                .map_err(|e| StoreError::BadState(format!("engine metadata: {e}")))?,
+            false,
+        ),
+        None => (Meta::default(), true),
     };
     let mut records = Vec::new();
     if let Ok(table) = txn.open_table(RESOURCES) {
@@ -480,7 +612,7 @@ fn load(db: &Database, config: EngineConfig) -> Result<(Engine, bool), StoreErro
             records.push((name, st));
         }
     }
-    Ok((Engine::restore(config, meta, records), false))
+    Ok((Engine::restore(config, meta, records), fresh))
 }
 
 /// Finds or opens this host's session, refusing a state directory whose leases belong to

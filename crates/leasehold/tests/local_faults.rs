@@ -78,3 +78,21 @@ fn a_stopping_agent_removes_only_its_own_socket() {
     b.stop();
     assert!(!b.socket.exists());
 }
+
+#[test]
+fn an_emptied_or_deleted_state_database_stops_the_agent_from_starting() {
+    let mut a = Agent::start();
+    let h = Holder::new();
+    expect_code(&a.lh(&["acquire", "disk", "--pid", &h.pid_arg()]), 0);
+    a.kill9();
+    let db = a.state.join("leasehold.redb");
+    // Emptied (a bad restore, a full disk) and then deleted: either way the holder still
+    // runs, and an agent on an empty store would grant its disk again with token 1.
+    std::fs::write(&db, b"").unwrap();
+    for round in ["emptied", "deleted"] {
+        let log = start_refused(&a);
+        assert!(log.contains("is lost"), "{round}: {log}");
+        assert!(log.contains("leasehold.id"), "{round}: {log}");
+        let _ = std::fs::remove_file(&db);
+    }
+}
