@@ -135,10 +135,16 @@ async fn a_junk_record_is_refused_until_an_admin_repairs_it() {
     let a = store(&etcd, "a").await;
     let b = store(&etcd, "b").await;
     let holder = Owner::new(a.host().clone(), 10, 1);
-    a.acquire(AcquireSpec::new(holder, [(res("disk"), Mode::Exclusive)]))
-        .await
-        .unwrap();
+    a.acquire(AcquireSpec::new(
+        holder.clone(),
+        [(res("disk"), Mode::Exclusive)],
+    ))
+    .await
+    .unwrap();
+    let mut events = a.subscribe();
     etcdctl(&etcd, &["put", &record_key("disk"), "junk"]);
+    let reason = forced_end_of(&mut events, &holder).await;
+    assert!(reason.contains("was overwritten"), "{reason}");
 
     let other = Owner::new(b.host().clone(), 20, 1);
     let ask = AcquireSpec::new(other.clone(), [(res("disk"), Mode::Exclusive)]);
@@ -264,4 +270,138 @@ async fn a_session_beginning_during_a_snapshot_is_not_judged_dead() {
     assert_eq!(view.holders.len(), 1, "{view:?}");
     assert_eq!(view.holders[0].owner, holder);
     assert_eq!(view.dirty, None, "{view:?}");
+}
+
+/// Waits for the store to end `holder`'s lease as force-released (the agent then kills it);
+/// returns the reason.
+async fn forced_end_of(
+    events: &mut tokio::sync::broadcast::Receiver<leasehold_core::Event>,
+    holder: &Owner,
+) -> String {
+    let wait = async {
+        loop {
+            if let leasehold_core::Event::Ended { ended, .. } = events.recv().await.unwrap()
+                && ended.owner == *holder
+                && let leasehold_core::EndReason::Forced { reason, .. } = ended.how
+            {
+                return reason;
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(30), wait)
+        .await
+        .expect("the holder was never fenced")
+}
+
+/// Waits until `s` shows `name` as damaged.
+async fn wait_damaged(s: &EtcdStore, name: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if let Some(d) = s.inspect(res(name)).await.unwrap().and_then(|v| v.damaged) {
+            return d;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} never shown damaged"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Issue 8 item 3: `etcdctl del` of a held record let another host take the disk while its
+/// holder still wrote. The holder's host fences its holder and leaves a marker, so the
+/// resource stays refused until an administrator repairs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_deleted_while_held_stays_refused_and_its_holder_is_fenced() {
+    let etcd = Etcd::start();
+    let a = store(&etcd, "a").await;
+    let b = store(&etcd, "b").await;
+    let holder = Owner::new(a.host().clone(), 10, 1);
+    a.acquire(AcquireSpec::new(
+        holder.clone(),
+        [(res("disk"), Mode::Exclusive)],
+    ))
+    .await
+    .unwrap();
+    let mut events = a.subscribe();
+    etcdctl(&etcd, &["del", &record_key("disk")]);
+    let reason = forced_end_of(&mut events, &holder).await;
+    assert!(reason.contains("was deleted"), "{reason}");
+    let damaged = wait_damaged(&b, "disk").await;
+    assert!(damaged.contains("deleted while"), "{damaged}");
+    let other = Owner::new(b.host().clone(), 20, 1);
+    let e = b
+        .acquire(AcquireSpec::new(other.clone(), [(res("disk"), Mode::Exclusive)]).accept_dirty())
+        .await
+        .unwrap_err();
+    assert_bad_record(&e, "disk");
+    b.force_release(res("disk"), "checked".into(), "root".into())
+        .await
+        .unwrap();
+    let view = b.inspect(res("disk")).await.unwrap().unwrap();
+    assert_eq!(
+        view.dirty.unwrap().owner,
+        holder,
+        "the repair names the last holder"
+    );
+    b.acquire(AcquireSpec::new(other, [(res("disk"), Mode::Exclusive)]).accept_dirty())
+        .await
+        .unwrap();
+}
+
+/// Issue 8 item 3: this host's key overwritten with junk. While the key is still on the
+/// session, the store writes it again and nothing else changes; once it is off the session
+/// (other hosts take the host for lost), the store fences its holders and opens a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_own_host_key_is_rewritten_or_its_holders_fenced() {
+    let etcd = Etcd::start();
+    let a = store(&etcd, "a").await;
+    let b = store(&etcd, "b").await;
+    let host_key = format!("/store-{}/hosts/a", std::process::id());
+    let holder = Owner::new(a.host().clone(), 10, 1);
+    let g = a
+        .acquire(AcquireSpec::new(
+            holder.clone(),
+            [(res("disk"), Mode::Exclusive)],
+        ))
+        .await
+        .unwrap();
+
+    etcdctl(&etcd, &["put", "--ignore-lease", &host_key, "junk"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let v = etcdctl(&etcd, &["get", &host_key, "--print-value-only"]);
+        if v.trim().starts_with('{') {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "host key not rewritten: {v}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(b.validate(res("disk"), g[0].token).await.unwrap());
+
+    let mut session = a.session().unwrap();
+    let first = session.borrow().id;
+    let (tx, mut ended) = tokio::sync::mpsc::unbounded_channel();
+    a.on_session_end(Box::new(move |id| {
+        let _ = tx.send(id);
+    }));
+    etcdctl(&etcd, &["put", &host_key, "junk"]);
+    let id = tokio::time::timeout(std::time::Duration::from_secs(30), ended.recv())
+        .await
+        .expect("the holders were never fenced")
+        .unwrap();
+    assert_eq!(id, first);
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        session.wait_for(|s| s.id != first && !s.expired),
+    )
+    .await
+    .expect("no new session")
+    .unwrap();
+    assert!(!b.validate(res("disk"), g[0].token).await.unwrap());
+    let v = etcdctl(&etcd, &["get", &host_key, "--print-value-only"]);
+    assert!(v.trim().starts_with('{'), "{v}");
 }

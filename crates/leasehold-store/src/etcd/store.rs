@@ -153,8 +153,21 @@ struct Inner {
     /// Called when this host's session is found ended, before anything else happens.
     session_end: Mutex<Option<SessionEndHook>>,
     next_waiter_key: std::sync::atomic::AtomicU64,
+    /// Repairs the watch found necessary, written by the watch task.
+    fixes: Mutex<Vec<Fix>>,
     /// A test hook: the next fresh snapshot stops after its first read until released.
     pause_snapshot: Mutex<Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>>,
+}
+
+/// A repair the watch found necessary.
+#[derive(Debug)]
+enum Fix {
+    /// Put this marker where a record held here was deleted, unless a new one is there.
+    Marker(Vec<u8>, Vec<u8>),
+    /// Write this host's key again on this session.
+    HostValue(i64),
+    /// Revoke this ended session of this host.
+    Revoke(i64),
 }
 
 /// A fresh snapshot stopped after its first read, for tests that script an interleaving
@@ -259,6 +272,7 @@ impl EtcdStore {
             mirror: std::sync::RwLock::new(Mirror::default()),
             session_end: Mutex::new(None),
             next_waiter_key: std::sync::atomic::AtomicU64::new(now_ms()),
+            fixes: Mutex::new(Vec::new()),
             pause_snapshot: Mutex::new(None),
         });
         let start_rev = inner.load_mirror().await?;
@@ -317,7 +331,13 @@ async fn establish(
         .range(keys.host(host), Vec::new(), 0)
         .await
         .map_err(unavailable)?;
-    if let Some(kv) = kvs.first() {
+    // A key on no lease belongs to no live agent (it was overwritten outside leasehold): it
+    // is taken over, if nothing changes it meanwhile.
+    let mut expect_mod = 0;
+    if let Some(kv) = kvs.first().filter(|kv| kv.lease == 0) {
+        warn!(host = %host, "this host's key is on no session (overwritten outside leasehold); taking it over");
+        expect_mod = kv.mod_revision;
+    } else if let Some(kv) = kvs.first() {
         let current: Option<HostValue> = serde_json::from_slice(&kv.value).ok();
         if let Some(saved) = &saved
             && kv.lease == saved.lease
@@ -354,7 +374,7 @@ async fn establish(
         pid: std::process::id(),
         since_ms: now_ms(),
     };
-    let t = Txn::new().if_create_revision(keys.host(host), 0).put(
+    let t = Txn::new().if_mod_revision(keys.host(host), expect_mod).put(
         keys.host(host),
         json(&value)?,
         lease,
@@ -473,6 +493,7 @@ async fn follow(inner: Arc<Inner>, mut from: i64) {
             for ev in &msg.events {
                 inner.apply_watch_event(ev);
             }
+            inner.apply_fixes().await;
             if let Some(h) = &msg.header {
                 from = from.max(h.revision + 1);
                 if let Ok(mut m) = inner.mirror.write() {
@@ -641,21 +662,27 @@ impl Inner {
         let deleted = ev.r#type == super::pb::mvccpb::event::EventType::Delete as i32;
         let kind = self.keys.parse(&kv.key);
         let mut own_ended = None;
+        let mut old = None;
         if let Ok(mut m) = self.mirror.write() {
             if deleted {
-                if let Some(old) = m.kvs.remove(&kv.key)
-                    && let Some(KeyKind::Host(h)) = &kind
-                {
-                    m.sessions.remove(&old.lease);
+                old = m.kvs.remove(&kv.key);
+                if let (Some(o), Some(KeyKind::Host(h))) = (&old, &kind) {
+                    m.sessions.remove(&o.lease);
                     if h == &self.host {
-                        own_ended = Some(old.lease);
+                        own_ended = Some(o.lease);
                     }
                 }
             } else {
+                old = m.kvs.insert(kv.key.clone(), kv.clone());
                 if let Some(KeyKind::Host(h)) = &kind {
+                    // Liveness is the key's lease: a key moved off a lease ends that session.
+                    if let Some(o) = &old
+                        && o.lease != kv.lease
+                    {
+                        m.sessions.remove(&o.lease);
+                    }
                     m.sessions.insert(kv.lease, h.clone());
                 }
-                m.kvs.insert(kv.key.clone(), kv.clone());
             }
         }
         if let Some(lease) = own_ended {
@@ -663,12 +690,17 @@ impl Inner {
             self.session_ended(lease, "this host's key was deleted in etcd");
         }
         match kind {
-            Some(KeyKind::Resource(_)) if !deleted => {
-                if let Ok(rec) = Record::decode(&kv.value) {
-                    for e in rec.events {
-                        let _ = self.events.send(e);
+            Some(KeyKind::Resource(name)) => {
+                let new = (!deleted).then(|| Record::decode(&kv.value));
+                if let Some(Ok(rec)) = &new {
+                    for e in &rec.events {
+                        let _ = self.events.send(e.clone());
                     }
                 }
+                self.check_own_holders(&name, &kv.key, old.as_ref(), new.as_ref());
+            }
+            Some(KeyKind::Host(host)) if !deleted && host == self.host => {
+                self.check_own_host_key(kv);
             }
             Some(KeyKind::Host(host)) if deleted => {
                 let lease = ev.prev_kv.as_ref().map_or(0, |p| p.lease);
@@ -678,6 +710,182 @@ impl Inner {
                 });
             }
             _ => {}
+        }
+    }
+
+    /// A record that held leases of this host changed: a holder that vanished from it, or
+    /// whose record no longer decodes, without an ending written by leasehold, must not go on
+    /// writing. Its lease ends as force-released (the agent kills it), and a record deleted
+    /// while held is replaced by a marker, so the resource stays refused until repaired.
+    fn check_own_holders(
+        &self,
+        name: &ResourceName,
+        key: &[u8],
+        old: Option<&KeyValue>,
+        new: Option<&Result<Record, String>>,
+    ) {
+        let Some(old) = old.and_then(|kv| Record::decode(&kv.value).ok()) else {
+            return;
+        };
+        let ends = |l: &leasehold_core::Lease, rec: &Record| {
+            rec.state
+                .holders
+                .iter()
+                .any(|h| h.owner.process == l.owner.process && h.token == l.token)
+                || rec.events.iter().any(|e| {
+                    matches!(e, Event::Ended { ended, .. }
+                        if ended.owner.process == l.owner.process && ended.token == l.token)
+                })
+        };
+        let gone: Vec<&leasehold_core::Lease> = old
+            .state
+            .holders
+            .iter()
+            .filter(|l| l.owner.process.host == self.host)
+            .filter(|l| match new {
+                Some(Ok(rec)) => !ends(l, rec),
+                _ => true,
+            })
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        let key = String::from_utf8_lossy(key).into_owned();
+        let why = match new {
+            None => "was deleted".to_owned(),
+            Some(Err(d)) => format!("was overwritten ({d})"),
+            Some(Ok(_)) => "lost this lease without an ending".to_owned(),
+        };
+        let now = leasehold_core::WallTime(now_ms());
+        for l in &gone {
+            warn!(resource = %name, key = %key, pid = l.owner.process.pid, token = %l.token, why = %why,
+                "the record of a lease held here changed outside leasehold; fencing its holder");
+            let _ = self.events.send(Event::Ended {
+                resource: name.clone(),
+                ended: Ended {
+                    owner: l.owner.clone(),
+                    mode: l.mode,
+                    token: l.token,
+                    granted_at: l.granted_at,
+                    ended_at: now,
+                    how: leasehold_core::EndReason::Forced {
+                        reason: format!("its record at {key} {why} outside leasehold"),
+                        by: "leasehold".into(),
+                    },
+                },
+                dirtied: l.mode == leasehold_core::Mode::Exclusive,
+            });
+            if let Ok(mut held) = self.held.lock()
+                && let Some(set) = held.get_mut(&l.owner.process)
+            {
+                set.remove(name);
+            }
+        }
+        if new.is_none() {
+            let holders: Vec<String> = gone
+                .iter()
+                .map(|l| format!("{} (token {})", l.owner.process, l.token))
+                .collect();
+            let marker = Record {
+                state: ResourceState {
+                    holders: old.state.holders.clone(),
+                    ..old.state.clone()
+                },
+                reserved_for: None,
+                events: Vec::new(),
+                damaged: Some(format!(
+                    "it was deleted while {} held it; the holder was fenced",
+                    holders.join(", ")
+                )),
+            };
+            if let Ok(bytes) = json(&marker)
+                && let Ok(mut f) = self.fixes.lock()
+            {
+                f.push(Fix::Marker(key.into_bytes(), bytes));
+            }
+        }
+    }
+
+    /// This host's key changed: a value that does not decode while the key is still on this
+    /// session is written again; a key moved off this session (other hosts now take the
+    /// session for dead) ends it: the holders are fenced and a new session is opened.
+    fn check_own_host_key(&self, kv: &KeyValue) {
+        let state = self.session.borrow().clone();
+        let lease = state.id.0 as i64;
+        if state.expired {
+            return;
+        }
+        if kv.lease != lease {
+            warn!(
+                lease,
+                now_on = kv.lease,
+                "this host's key was overwritten and is no longer on its session"
+            );
+            self.session_ended(
+                lease,
+                "this host's key was overwritten in etcd; other hosts take the session for dead",
+            );
+            if let Ok(mut f) = self.fixes.lock() {
+                f.push(Fix::Revoke(lease));
+            }
+            return;
+        }
+        if serde_json::from_slice::<HostValue>(&kv.value).is_ok_and(|v| v.lease == lease) {
+            return;
+        }
+        warn!(
+            lease,
+            "this host's key holds a damaged value; writing it again"
+        );
+        if let Ok(mut f) = self.fixes.lock() {
+            f.push(Fix::HostValue(lease));
+        }
+    }
+
+    /// Writes what the watch found had to be repaired.
+    async fn apply_fixes(&self) {
+        let fixes = self
+            .fixes
+            .lock()
+            .map(|mut f| std::mem::take(&mut *f))
+            .unwrap_or_default();
+        for fix in fixes {
+            let r = match &fix {
+                Fix::Marker(key, bytes) => {
+                    // Only where nothing was written since: a new record is not overwritten.
+                    let t = Txn::new().if_create_revision(key.clone(), 0).put(
+                        key.clone(),
+                        bytes.clone(),
+                        0,
+                    );
+                    self.etcd.txn(t).await.map(|_| ())
+                }
+                Fix::HostValue(lease) => {
+                    let value = HostValue {
+                        host: self.host.clone(),
+                        lease: *lease,
+                        pid: std::process::id(),
+                        since_ms: now_ms(),
+                    };
+                    let Ok(bytes) = json(&value) else { continue };
+                    let key = self.keys.host(&self.host);
+                    let t = Txn::new()
+                        .if_lease(key.clone(), *lease)
+                        .put(key, bytes, *lease);
+                    self.etcd.txn(t).await.map(|_| ())
+                }
+                Fix::Revoke(lease) => {
+                    // Best effort: unrenewed, it expires by itself within the TTL.
+                    let _ = self.etcd.lease_revoke(*lease).await;
+                    Ok(())
+                }
+            };
+            if let Err(e) = r {
+                warn!(error = %e, "could not write a repair yet; retrying");
+                if let Ok(mut f) = self.fixes.lock() {
+                    f.push(fix);
+                }
+            }
         }
     }
 
