@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use leasehold_store::{SessionState, Store};
-use rustix::process::Signal;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
@@ -142,7 +141,7 @@ pub fn fence_now<S: Store>(
     safe_until: Instant,
     why: &'static str,
 ) -> Vec<leasehold_core::ProcessKey> {
-    let signalled = watcher.signal_all(Signal::KILL);
+    let signalled = watcher.fence_holders();
     let failed: Vec<u32> = signalled
         .iter()
         .filter(|(_, sent)| !sent)

@@ -5,7 +5,7 @@
 //! readable the process has exited, and the watcher asks the store to end all its leases
 //! (`process-died`: exclusive resources become dirty unless released first).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use leasehold_core::ProcessKey;
@@ -25,6 +25,8 @@ struct Watched {
 pub struct Watcher<S> {
     store: Arc<S>,
     watched: Mutex<HashMap<ProcessKey, Watched>>,
+    /// Processes killed by a fence: their leases end as fenced, not as "process died".
+    fenced: Mutex<HashSet<ProcessKey>>,
 }
 
 impl<S: Store> Watcher<S> {
@@ -33,6 +35,7 @@ impl<S: Store> Watcher<S> {
         Arc::new(Watcher {
             store,
             watched: Mutex::new(HashMap::new()),
+            fenced: Mutex::new(HashSet::new()),
         })
     }
 
@@ -109,9 +112,18 @@ impl<S: Store> Watcher<S> {
     /// fenced holder's leases must end once etcd answers again).
     async fn end(&self, process: ProcessKey) {
         let mut delay = std::time::Duration::from_millis(200);
+        let fenced = self.fenced.lock().is_ok_and(|f| f.contains(&process));
         loop {
-            match self.store.end_process(process.clone()).await {
+            let r = if fenced {
+                self.store.end_fenced(process.clone()).await
+            } else {
+                self.store.end_process(process.clone()).await
+            };
+            match r {
                 Ok(ended) => {
+                    if let Ok(mut f) = self.fenced.lock() {
+                        f.remove(&process);
+                    }
                     for r in ended {
                         info!(
                             resource = %r.resource,
@@ -149,17 +161,30 @@ impl<S: Store> Watcher<S> {
         rustix::process::pidfd_send_signal(fd, signal).is_ok()
     }
 
-    /// Sends `signal` to every watched process; returns each with whether the signal could
-    /// be sent (it cannot when the agent lacks the right, or the process just exited).
-    pub fn signal_all(&self, signal: Signal) -> Vec<(ProcessKey, bool)> {
-        let Ok(watched) = self.watched.lock() else {
-            return Vec::new();
+    /// SIGKILLs the processes that hold leases here now (the store's index of them; every
+    /// watched process when the store keeps none), recording them as fenced first so their
+    /// leases end as such. A process that released its leases or handed them over is left
+    /// alone. Returns each with whether the signal could be sent (it cannot when the agent
+    /// lacks the right, or the process just exited).
+    pub fn fence_holders(&self) -> Vec<(ProcessKey, bool)> {
+        let holders = match self.store.local_holders() {
+            Some(h) => h,
+            None => self
+                .watched
+                .lock()
+                .map(|w| w.keys().cloned().collect())
+                .unwrap_or_default(),
         };
-        watched
-            .iter()
-            .map(|(p, w)| {
-                let sent = rustix::process::pidfd_send_signal(w.pidfd.get_ref(), signal).is_ok();
-                (p.clone(), sent)
+        if let Ok(mut f) = self.fenced.lock() {
+            f.extend(holders.iter().cloned());
+        }
+        holders
+            .into_iter()
+            .map(|p| {
+                let sent = self.signal(&p, Signal::KILL)
+                    || crate::procfs::Pidfd::open(p.pid, p.start_time)
+                        .is_ok_and(|fd| fd.signal(Signal::KILL).is_ok());
+                (p, sent)
             })
             .collect()
     }

@@ -139,6 +139,7 @@ pub fn how_word(how: &EndReason) -> &'static str {
         EndReason::ReleasedDirty { .. } => "released-dirty",
         EndReason::ProcessDied => "process-died",
         EndReason::SessionExpired => "session-expired",
+        EndReason::Fenced => "fenced",
         EndReason::Forced { .. } => "forced",
         EndReason::HandedOver { .. } => "handed-over",
     }
@@ -183,6 +184,7 @@ impl TryFrom<pb::Ended> for Ended {
             "released-dirty" => EndReason::ReleasedDirty { note: e.note },
             "process-died" => EndReason::ProcessDied,
             "session-expired" => EndReason::SessionExpired,
+            "fenced" => EndReason::Fenced,
             "forced" => EndReason::Forced {
                 reason: e.note.unwrap_or_default(),
                 by: e.by.unwrap_or_default(),

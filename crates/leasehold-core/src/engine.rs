@@ -1154,12 +1154,22 @@ impl Engine {
 
     /// Ends every lease and waiting request of a process that has exited.
     pub fn end_process(&mut self, process: &ProcessKey, now: Now) -> Vec<Released> {
+        self.end_process_as(process, EndReason::ProcessDied, now)
+    }
+
+    /// [`Engine::end_process`], recording the leases as ended `how` (a fenced holder).
+    pub fn end_process_as(
+        &mut self,
+        process: &ProcessKey,
+        how: EndReason,
+        now: Now,
+    ) -> Vec<Released> {
         self.tick(now);
         let held: Vec<ResourceName> = self.held_by(process).cloned().collect();
         let mut affected: BTreeSet<ResourceName> = held.iter().cloned().collect();
         let released = held
             .iter()
-            .map(|r| self.end_lease(r, process, EndReason::ProcessDied, now))
+            .map(|r| self.end_lease(r, process, how.clone(), now))
             .collect();
         let waiting: Vec<WaiterId> = self
             .waiters

@@ -38,6 +38,9 @@ pub enum EndReason {
     ProcessDied,
     /// Its host's session expired: the host was lost or could not renew.
     SessionExpired,
+    /// Its host's agent killed its process because it could not confirm the host's session
+    /// in time (SPEC G3, self-fencing).
+    Fenced,
     /// An administrator revoked it.
     Forced {
         /// Why, in the administrator's words.
@@ -66,6 +69,9 @@ impl EndReason {
             EndReason::ReleasedDirty { note: Some(n) } => format!("released dirty ({n})"),
             EndReason::ProcessDied => "process died holding it".into(),
             EndReason::SessionExpired => "host session expired (host lost)".into(),
+            EndReason::Fenced => {
+                "fenced: its host could not confirm its session in time and killed it".into()
+            }
             EndReason::Forced { reason, by } => format!("force-released by {by}: {reason}"),
             EndReason::HandedOver { to } => format!("handed over to {to}"),
         }

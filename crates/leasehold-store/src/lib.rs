@@ -224,6 +224,18 @@ pub trait Store: Send + Sync + 'static {
         process: ProcessKey,
     ) -> impl Future<Output = Result<Vec<Released>, StoreError>> + Send;
 
+    /// [`Store::end_process`] for a process the agent killed because it could not confirm
+    /// the host's session in time: its leases are recorded as fenced.
+    ///
+    /// # Errors
+    /// As [`Store::end_process`].
+    fn end_fenced(
+        &self,
+        process: ProcessKey,
+    ) -> impl Future<Output = Result<Vec<Released>, StoreError>> + Send {
+        self.end_process(process)
+    }
+
     /// Revokes every lease on `resource` (admin).
     ///
     /// # Errors
@@ -296,6 +308,13 @@ pub trait Store: Send + Sync + 'static {
     /// holder of the old session carries on under the new. One hook; a later call replaces it.
     fn on_session_end(&self, hook: SessionEndHook) {
         let _ = hook;
+    }
+
+    /// The processes of this host that hold leases now, as far as this store's own commits
+    /// tell (released and handed-over processes are not among them); `None` when the store
+    /// keeps no such index. What a fence kills.
+    fn local_holders(&self) -> Option<Vec<ProcessKey>> {
+        None
     }
 
     /// Processes of this host recorded as holders under a session of this host that has

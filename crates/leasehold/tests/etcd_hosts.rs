@@ -349,3 +349,113 @@ fn a_revoked_session_kills_its_plain_holders_before_another_host_gets_the_disk()
     assert_ne!(session_lease(&etcd, &p, "host-a"), lease);
     assert!(a.log().contains("host session ended"), "{}", a.log());
 }
+
+/// An agent for `host` on `etcd` with a wide fence margin (ttl 6 s, fence at 3 s): a stall of
+/// etcd fences its holders while its session survives, so leases end by the fence alone.
+fn wide_margin_agent(host: &str, etcd: &Etcd, prefix: &str) -> Agent {
+    let endpoint = etcd.endpoint();
+    let mut a = Agent::unstarted(
+        host,
+        &[
+            "--backend",
+            "etcd",
+            "--etcd-endpoints",
+            &endpoint,
+            "--etcd-prefix",
+            prefix,
+            "--ttl",
+            "6s",
+            "--renew",
+            "1s",
+            "--fence-margin",
+            "3s",
+            "--grace",
+            "2s",
+        ],
+        &[],
+    );
+    a.spawn();
+    a
+}
+
+#[test]
+fn a_fence_kills_exactly_the_current_holders_and_records_them_as_fenced() {
+    let etcd = Etcd::start();
+    let p = prefix();
+    let a = wide_margin_agent("host-a", &etcd, &p);
+    let b = Agent::on_etcd("host-b", &etcd.endpoint(), &p, &[], &[]);
+    // One process released its lease, one handed its lease over; neither holds anything.
+    let released = Holder::new();
+    expect_code(&a.lh(&["acquire", "rel", "--pid", &released.pid_arg()]), 0);
+    expect_code(&a.lh(&["release", "rel", "--pid", &released.pid_arg()]), 0);
+    let (source, dest) = (Holder::new(), Holder::new());
+    let src = source.pid_arg();
+    expect_code(
+        &a.lh(&["acquire", "vm", "--pid", &src, "--owner", "src"]),
+        0,
+    );
+    let waiting = a
+        .cli()
+        .args(["acquire", "vm", "--wait=30s", "--owner", "dst"])
+        .args(["--pid", &dest.pid_arg()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the destination waits", Duration::from_secs(10), || {
+        a.inspect("vm")
+            .is_some_and(|v| !v["waiters"].as_array().unwrap().is_empty())
+    });
+    let handover = [
+        "release",
+        "vm",
+        "--pid",
+        &src,
+        "--handover-to",
+        "host-a/dst",
+    ];
+    expect_code(&a.lh(&handover), 0);
+    expect_code(&waiting.wait_with_output().unwrap(), 0);
+    // The real holders: the destination, and a plain holder of a disk.
+    let holder = Holder::new();
+    expect_code(&a.lh(&["acquire", "disk", "--pid", &holder.pid_arg()]), 0);
+    let (holder_died, dest_died) = (death_watch(holder.pid()), death_watch(dest.pid()));
+
+    let watch = b
+        .cli()
+        .args(["watch", "--json"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    etcd.stop();
+    holder_died.join().unwrap();
+    etcd.cont();
+    dest_died.join().unwrap();
+    wait_until("A logs its fence", Duration::from_secs(10), || {
+        a.log().contains("fenced (SIGKILLed)")
+    });
+    assert!(alive(released.pid()), "a released process was fenced");
+    assert!(alive(source.pid()), "a handed-over process was fenced");
+
+    // Every host records the ending as a fence, in the dirty record and in the events.
+    for agent in [&a, &b] {
+        for r in ["disk", "vm"] {
+            wait_until("the ending is recorded", Duration::from_secs(20), || {
+                agent.inspect(r).is_some_and(|v| {
+                    v["holders"].as_array().unwrap().is_empty()
+                        && v["dirty_record"]["how"] == "fenced"
+                })
+            });
+        }
+    }
+    assert_eq!(a.inspect("rel").unwrap()["last_ended"]["how"], "released");
+    let mut watch = watch;
+    let _ = watch.kill();
+    let out = watch.wait_with_output().unwrap();
+    let fenced: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|e: &serde_json::Value| e["kind"] == "fenced" && e["resource"] == "disk")
+        .collect();
+    assert_eq!(fenced.len(), 1, "B's events: {}", text(&out.stdout));
+}

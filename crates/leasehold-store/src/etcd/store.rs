@@ -23,9 +23,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use leasehold_core::{
-    AcquireError, AcquireRequest, Acquired, Conflict, Ended, Engine, EngineConfig, Event, Grant,
-    HostId, Meta, Now, Output, ProcessKey, ReleaseKind, ReleaseRequest, Released, ResourceName,
-    ResourceState, ResourceView, Session, SessionId, Time, Token, WaiterId, WaiterView,
+    AcquireError, AcquireRequest, Acquired, Conflict, EndReason, Ended, Engine, EngineConfig,
+    Event, Grant, HostId, Meta, Now, Output, ProcessKey, ReleaseKind, ReleaseRequest, Released,
+    ResourceName, ResourceState, ResourceView, Session, SessionId, Time, Token, WaiterId,
+    WaiterView,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, broadcast, oneshot, watch};
@@ -1450,6 +1451,62 @@ impl Inner {
         }
     }
 
+    /// Ends every lease and waiting request of an exited local process, recording `how`.
+    async fn end_process_as(
+        &self,
+        process: ProcessKey,
+        how: EndReason,
+    ) -> Result<Vec<Released>, StoreError> {
+        let inner = self;
+        // Its waiting requests go first.
+        let mine: Vec<u64> = inner
+            .waiters
+            .lock()
+            .map(|w| {
+                w.iter()
+                    .filter(|(_, v)| v.value.owner.process == process)
+                    .map(|(id, _)| *id)
+                    .collect()
+            })
+            .unwrap_or_default();
+        for id in mine {
+            if inner.withdraw(id).await? {
+                // The request's caller learns of it through its closed channel.
+            }
+        }
+        let mut names = inner
+            .held
+            .lock()
+            .ok()
+            .and_then(|h| h.get(&process).cloned())
+            .unwrap_or_default();
+        loop {
+            if names.is_empty() {
+                return Ok(Vec::new());
+            }
+            match inner
+                .transact(names.clone(), |engine, now, _| {
+                    Ok((
+                        engine.end_process_as(&process, how.clone(), now),
+                        Extra::default(),
+                    ))
+                })
+                .await
+            {
+                // A damaged record is left for the administrator; the others are ended.
+                Err(StoreError::BadRecord { resource, .. }) => {
+                    names.remove(&resource);
+                    if let Ok(mut h) = inner.held.lock()
+                        && let Some(set) = h.get_mut(&process)
+                    {
+                        set.remove(&resource);
+                    }
+                }
+                r => return r.map(|(r, _, _)| r),
+            }
+        }
+    }
+
     /// Withdraws local waiter `id`. Returns false when it was decided first.
     async fn withdraw(&self, id: u64) -> Result<bool, StoreError> {
         let keys = match self
@@ -1718,51 +1775,13 @@ impl Store for EtcdStore {
     }
 
     async fn end_process(&self, process: ProcessKey) -> Result<Vec<Released>, StoreError> {
-        let inner = &self.inner;
-        // Its waiting requests go first.
-        let mine: Vec<u64> = inner
-            .waiters
-            .lock()
-            .map(|w| {
-                w.iter()
-                    .filter(|(_, v)| v.value.owner.process == process)
-                    .map(|(id, _)| *id)
-                    .collect()
-            })
-            .unwrap_or_default();
-        for id in mine {
-            if inner.withdraw(id).await? {
-                // The request's caller learns of it through its closed channel.
-            }
-        }
-        let mut names = inner
-            .held
-            .lock()
-            .ok()
-            .and_then(|h| h.get(&process).cloned())
-            .unwrap_or_default();
-        loop {
-            if names.is_empty() {
-                return Ok(Vec::new());
-            }
-            match inner
-                .transact(names.clone(), |engine, now, _| {
-                    Ok((engine.end_process(&process, now), Extra::default()))
-                })
-                .await
-            {
-                // A damaged record is left for the administrator; the others are ended.
-                Err(StoreError::BadRecord { resource, .. }) => {
-                    names.remove(&resource);
-                    if let Ok(mut h) = inner.held.lock()
-                        && let Some(set) = h.get_mut(&process)
-                    {
-                        set.remove(&resource);
-                    }
-                }
-                r => return r.map(|(r, _, _)| r),
-            }
-        }
+        self.inner
+            .end_process_as(process, EndReason::ProcessDied)
+            .await
+    }
+
+    async fn end_fenced(&self, process: ProcessKey) -> Result<Vec<Released>, StoreError> {
+        self.inner.end_process_as(process, EndReason::Fenced).await
     }
 
     async fn force_release(
@@ -1900,6 +1919,14 @@ impl Store for EtcdStore {
         if let Ok(mut h) = self.inner.session_end.lock() {
             *h = Some(hook);
         }
+    }
+
+    fn local_holders(&self) -> Option<Vec<ProcessKey>> {
+        self.inner
+            .held
+            .lock()
+            .ok()
+            .map(|h| h.keys().cloned().collect())
     }
 
     fn stale_holders(&self) -> Vec<ProcessKey> {
