@@ -421,12 +421,22 @@ fn a_fence_kills_exactly_the_current_holders_and_records_them_as_fenced() {
     expect_code(&a.lh(&["acquire", "disk", "--pid", &holder.pid_arg()]), 0);
     let (holder_died, dest_died) = (death_watch(holder.pid()), death_watch(dest.pid()));
 
-    let watch = b
+    let mut watch = b
         .cli()
         .args(["watch", "--json"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
+    let events = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let (events, out) = (events.clone(), watch.stdout.take().unwrap());
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(std::io::BufReader::new(out)) {
+                let Ok(line) = line else { return };
+                events.lock().unwrap().push_str(&(line + "\n"));
+            }
+        })
+    };
     etcd.stop();
     holder_died.join().unwrap();
     etcd.cont();
@@ -449,13 +459,19 @@ fn a_fence_kills_exactly_the_current_holders_and_records_them_as_fenced() {
         }
     }
     assert_eq!(a.inspect("rel").unwrap()["last_ended"]["how"], "released");
-    let mut watch = watch;
+    let fenced_disk = |events: &str| {
+        events
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["kind"] == "fenced" && e["resource"] == "disk")
+            .count()
+    };
+    wait_until("B's events show the fence", Duration::from_secs(20), || {
+        fenced_disk(&events.lock().unwrap()) > 0
+    });
     let _ = watch.kill();
-    let out = watch.wait_with_output().unwrap();
-    let fenced: Vec<serde_json::Value> = text(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .filter(|e: &serde_json::Value| e["kind"] == "fenced" && e["resource"] == "disk")
-        .collect();
-    assert_eq!(fenced.len(), 1, "B's events: {}", text(&out.stdout));
+    let _ = watch.wait();
+    reader.join().unwrap();
+    let events = events.lock().unwrap();
+    assert_eq!(fenced_disk(&events), 1, "B's events: {events}");
 }

@@ -115,7 +115,8 @@ impl EndKind {
         match how {
             EndReason::Released => EndKind::Clean,
             EndReason::ReleasedDirty { .. } => EndKind::Dirty,
-            EndReason::ProcessDied => EndKind::Died,
+            // A fenced holder died by its agent's hand: a death, as far as the model goes.
+            EndReason::ProcessDied | EndReason::Fenced => EndKind::Died,
             EndReason::SessionExpired => EndKind::Expired,
             EndReason::Forced { .. } => EndKind::Forced,
             EndReason::HandedOver { .. } => EndKind::Handover,
