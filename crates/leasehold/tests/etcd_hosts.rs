@@ -475,3 +475,42 @@ fn a_fence_kills_exactly_the_current_holders_and_records_them_as_fenced() {
     let events = events.lock().unwrap();
     assert_eq!(fenced_disk(&events), 1, "B's events: {events}");
 }
+
+/// Issue 8 item 3: `etcdctl put P/res/NAME junk` while a `run` on A holds the disk once let B
+/// take it while A's command still wrote. B is refused, told the key and what to do; A's
+/// command is killed; `inspect` says the record is damaged.
+#[test]
+fn a_junk_record_under_a_run_is_refused_elsewhere_and_its_holder_fenced() {
+    let etcd = Etcd::start();
+    let p = prefix();
+    let a = Agent::on_etcd("host-a", &etcd.endpoint(), &p, &[], &[]);
+    let b = Agent::on_etcd("host-b", &etcd.endpoint(), &p, &[], &[]);
+    let (_wrapper, child) = run_holder(&a, "disk");
+    let key = format!("{p}res/disk");
+    let out = etcd.etcdctl(&["put", &key, "junk"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_until("A's command is killed", Duration::from_secs(10), || {
+        !alive(child)
+    });
+    let h = Holder::new();
+    let out = b.lh(&["acquire", "disk", "--accept-dirty", "--pid", &h.pid_arg()]);
+    assert_ne!(code(&out), 0, "B was granted a disk whose record is junk");
+    let err = text(&out.stderr);
+    assert!(err.contains(&key), "{err}");
+    assert!(
+        err.contains("damaged") && err.contains("force-release"),
+        "{err}"
+    );
+    let v = b.inspect("disk").unwrap();
+    assert!(
+        v["damaged"].as_str().unwrap().contains("does not decode"),
+        "{v}"
+    );
+    let out = b.lh(&["inspect", "disk"]);
+    assert!(
+        text(&out.stdout).contains("damaged"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(a.log().contains("fencing its holder"), "{}", a.log());
+}
