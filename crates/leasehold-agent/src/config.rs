@@ -82,6 +82,19 @@ impl Timing {
     }
 }
 
+/// etcd's shortest lease (it raises anything shorter to this).
+pub const ETCD_MIN_LEASE: Duration = Duration::from_secs(2);
+
+impl Timing {
+    /// The default grace on etcd for `ttl`: ttl/2 rounded up to whole seconds, at least
+    /// [`ETCD_MIN_LEASE`] (etcd grants a grace key whole seconds, and no fewer than that).
+    pub fn etcd_default_grace(ttl: Duration) -> Duration {
+        let half = ttl / 2;
+        let secs = half.as_secs() + u64::from(half.subsec_nanos() > 0);
+        Duration::from_secs(secs).max(ETCD_MIN_LEASE)
+    }
+}
+
 impl Default for Timing {
     fn default() -> Self {
         Timing::for_ttl(Duration::from_secs(10))
@@ -341,6 +354,9 @@ impl Config {
             timing.kill_timeout = d;
         }
         let backend = f.backend.unwrap_or(Backend::Local);
+        if backend == Backend::Etcd && f.grace.is_none() {
+            timing.grace = Timing::etcd_default_grace(ttl);
+        }
         let etcd_endpoints = f.etcd_endpoints.unwrap_or_default();
         let admin_group = f
             .admin_group
@@ -447,11 +463,34 @@ impl Config {
             });
         }
         if self.backend == Backend::Etcd {
-            if t.ttl < Duration::from_secs(2) {
+            // What etcd can honour: leases of whole seconds, none shorter than 2 s (it
+            // raises them), expired on a 0.5 s tick (never early).
+            if t.ttl.subsec_nanos() != 0 {
+                return Err(ConfigError::Inequality {
+                    rule: "ttl is whole seconds on etcd",
+                    detail: format!("ttl {}", show(t.ttl)),
+                    why: "etcd grants leases in whole seconds; give the ttl in whole seconds",
+                });
+            }
+            if t.ttl < ETCD_MIN_LEASE {
                 return Err(ConfigError::Inequality {
                     rule: "ttl >= 2s",
                     detail: format!("ttl {}", show(t.ttl)),
                     why: "etcd does not grant leases shorter than 2 s",
+                });
+            }
+            if t.grace.subsec_nanos() != 0 {
+                return Err(ConfigError::Inequality {
+                    rule: "grace is whole seconds on etcd",
+                    detail: format!("grace {}", show(t.grace)),
+                    why: "a grace is an etcd lease, granted in whole seconds; give the grace in whole seconds",
+                });
+            }
+            if t.grace < ETCD_MIN_LEASE {
+                return Err(ConfigError::Inequality {
+                    rule: "grace >= 2s on etcd",
+                    detail: format!("grace {}", show(t.grace)),
+                    why: "etcd raises a shorter lease to 2 s, so failover would take longer than ttl + grace",
                 });
             }
             if self.etcd_endpoints.is_empty() {
@@ -511,6 +550,41 @@ mod tests {
                 other => panic!("{rule}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn etcd_timing_etcd_cannot_honour_is_refused_naming_the_rule() {
+        let etcd = |ttl: &str, grace: Option<&str>| FileConfig {
+            backend: Some(Backend::Etcd),
+            etcd_endpoints: Some(vec!["http://127.0.0.1:2379".into()]),
+            ttl: Some(ttl.into()),
+            renew: Some("300ms".into()),
+            fence_margin: Some("300ms".into()),
+            grace: grace.map(Into::into),
+            ..base()
+        };
+        let cases = [
+            (("2900ms", Some("2s")), "ttl is whole seconds on etcd"),
+            (("1s", Some("2s")), "ttl >= 2s"),
+            (("3s", Some("2500ms")), "grace is whole seconds on etcd"),
+            (("3s", Some("1s")), "grace >= 2s on etcd"),
+        ];
+        for ((ttl, grace), rule) in cases {
+            match Config::resolve(etcd(ttl, grace)) {
+                Err(e @ ConfigError::Inequality { rule: r, .. }) => {
+                    assert_eq!(r, rule);
+                    assert!(e.to_string().contains(rule), "{e}");
+                }
+                other => panic!("{rule}: {other:?}"),
+            }
+        }
+        // The default grace is ttl/2 rounded up to what etcd grants.
+        let c = Config::resolve(etcd("3s", None)).unwrap();
+        assert_eq!(c.timing.grace, Duration::from_secs(2));
+        let c = Config::resolve(etcd("5s", None)).unwrap();
+        assert_eq!(c.timing.grace, Duration::from_secs(3));
+        let c = Config::resolve(etcd("3s", Some("2s"))).unwrap();
+        assert_eq!(c.timing.ttl, Duration::from_secs(3));
     }
 
     #[test]

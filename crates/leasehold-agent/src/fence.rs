@@ -84,10 +84,11 @@ impl Watchdog {
     }
 }
 
-/// The fencing deadline of a session state: `sent + ttl - fence_margin`.
+/// The fencing deadline of a session state: `sent + ttl - fence_margin`, with the ttl the
+/// backend granted (etcd grants whole seconds, and raises short ones), not the one asked.
 pub fn fence_at(s: &SessionState, timing: &Timing) -> Option<Instant> {
     s.renewed_sent_at
-        .map(|t| t + timing.ttl.saturating_sub(timing.fence_margin))
+        .map(|t| t + s.ttl.saturating_sub(timing.fence_margin))
 }
 
 /// Watches the session; fences when its deadline passes unrenewed; publishes the deadline.
@@ -191,4 +192,30 @@ pub fn fence_now<S: Store>(
         }
     });
     victims
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fencing_deadline_follows_the_granted_ttl() {
+        let sent = Instant::now();
+        let timing = Timing {
+            ttl: Duration::from_millis(2900),
+            fence_margin: Duration::from_millis(580),
+            ..Timing::default()
+        };
+        // Asked 2.9 s; etcd granted 2 s: the agent must fence by 2 s - margin, not 2.32 s.
+        let s = SessionState {
+            id: leasehold_core::SessionId(1),
+            ttl: Duration::from_secs(2),
+            renewed_sent_at: Some(sent),
+            expired: false,
+        };
+        assert_eq!(
+            fence_at(&s, &timing),
+            Some(sent + Duration::from_millis(1420))
+        );
+    }
 }

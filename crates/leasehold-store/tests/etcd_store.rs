@@ -405,3 +405,30 @@ async fn a_damaged_own_host_key_is_rewritten_or_its_holders_fenced() {
     let v = etcdctl(&etcd, &["get", &host_key, "--print-value-only"]);
     assert!(v.trim().starts_with('{'), "{v}");
 }
+
+// Issue 8 item 5: etcd grants whole seconds and raises short leases. The session's ttl, which
+// the agent's fencing deadline is computed from, is the one etcd granted, not the one asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_ttl_is_the_one_etcd_granted() {
+    let etcd = Etcd::start();
+    let mut o = EtcdOptions::new(vec![etcd.endpoint()]);
+    o.prefix = format!("/granted-{}/", std::process::id());
+    o.ttl = std::time::Duration::from_millis(1500);
+    o.renew = std::time::Duration::from_millis(500);
+    let s = EtcdStore::open(HostId::new("h1").unwrap(), o)
+        .await
+        .unwrap();
+    let state = s.session().unwrap().borrow().clone();
+    let out = etcdctl(
+        &etcd,
+        &["lease", "timetolive", &format!("{:x}", state.id.0)],
+    );
+    let granted: u64 = out
+        .split("granted with TTL(")
+        .nth(1)
+        .and_then(|r| r.split("s)").next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("etcdctl lease timetolive: {out}"));
+    assert!(granted >= 2, "{out}");
+    assert_eq!(state.ttl, std::time::Duration::from_secs(granted));
+}

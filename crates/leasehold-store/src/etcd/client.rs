@@ -187,7 +187,9 @@ impl Etcd {
     /// An [`EtcdError`].
     pub async fn lease_grant(&self, ttl: Duration) -> Result<(i64, i64), EtcdError> {
         let req = rpc::LeaseGrantRequest {
-            ttl: i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX),
+            // Whole seconds, rounded up: never a shorter lease than asked.
+            ttl: i64::try_from((ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0)).max(1))
+                .unwrap_or(i64::MAX),
             id: 0,
         };
         let r = retrying("lease grant", self.timeout, || {

@@ -249,10 +249,10 @@ impl EtcdStore {
     pub async fn open(host: HostId, opts: EtcdOptions) -> Result<EtcdStore, StoreError> {
         let etcd = Etcd::connect(&opts.endpoints, opts.timeout).map_err(unavailable)?;
         let keys = Keys::new(&opts.prefix);
-        let (lease, renewed) = establish(&etcd, &keys, &host, &opts).await?;
+        let (lease, renewed, ttl) = establish(&etcd, &keys, &host, &opts).await?;
         let (session, _) = watch::channel(SessionState {
             id: SessionId(lease as u64),
-            ttl: opts.ttl,
+            ttl,
             renewed_sent_at: Some(renewed),
             expired: false,
         });
@@ -314,14 +314,20 @@ impl EtcdStore {
     }
 }
 
+/// The TTL etcd answered, in seconds, as a duration (deadlines follow what etcd enforces,
+/// not what was asked).
+fn granted(ttl: i64) -> Duration {
+    Duration::from_secs(u64::try_from(ttl).unwrap_or(0))
+}
+
 /// Resumes the saved session if etcd still has it on this host's key, else creates one.
-/// Returns the lease and when its last renewal was sent.
+/// Returns the lease, when its last renewal was sent, and the TTL etcd granted it.
 async fn establish(
     etcd: &Etcd,
     keys: &Keys,
     host: &HostId,
     opts: &EtcdOptions,
-) -> Result<(i64, Instant), StoreError> {
+) -> Result<(i64, Instant, Duration), StoreError> {
     let saved: Option<SavedSession> = opts
         .session_file
         .as_ref()
@@ -349,8 +355,8 @@ async fn establish(
                 .await
                 .map_err(unavailable)?;
             if ttl > 0 {
-                info!(host = %host, lease = saved.lease, "resumed the host session");
-                return Ok((saved.lease, sent));
+                info!(host = %host, lease = saved.lease, ttl, "resumed the host session");
+                return Ok((saved.lease, sent, granted(ttl)));
             }
         }
         let detail = match current {
@@ -368,7 +374,7 @@ async fn establish(
         });
     }
     let sent = Instant::now();
-    let (lease, _) = etcd.lease_grant(opts.ttl).await.map_err(unavailable)?;
+    let (lease, ttl) = etcd.lease_grant(opts.ttl).await.map_err(unavailable)?;
     let value = HostValue {
         host: host.clone(),
         lease,
@@ -401,8 +407,11 @@ async fn establish(
             let _ = std::fs::write(p, b);
         }
     }
-    info!(host = %host, lease, "host session opened");
-    Ok((lease, sent))
+    if granted(ttl) != opts.ttl {
+        warn!(host = %host, lease, asked = ?opts.ttl, granted_secs = ttl, "etcd granted the session another ttl than asked; deadlines follow etcd's");
+    }
+    info!(host = %host, lease, ttl, "host session opened");
+    Ok((lease, sent, granted(ttl)))
 }
 
 /// A wall-clock time for messages.
@@ -420,10 +429,10 @@ async fn keep_session(inner: Arc<Inner>) {
         let lease = state.id.0 as i64;
         if state.expired {
             match establish(&inner.etcd, &inner.keys, &inner.host, &inner.opts).await {
-                Ok((lease, sent)) => {
+                Ok((lease, sent, ttl)) => {
                     inner.session.send_replace(SessionState {
                         id: SessionId(lease as u64),
-                        ttl: inner.opts.ttl,
+                        ttl,
                         renewed_sent_at: Some(sent),
                         expired: false,
                     });
@@ -440,9 +449,10 @@ async fn keep_session(inner: Arc<Inner>) {
         let sent = Instant::now();
         match inner.etcd.keep_alive_once(lease).await {
             Ok(ttl) if ttl > 0 => {
-                inner
-                    .session
-                    .send_modify(|s| s.renewed_sent_at = Some(sent));
+                inner.session.send_modify(|s| {
+                    s.renewed_sent_at = Some(sent);
+                    s.ttl = granted(ttl);
+                });
                 next = tokio::time::Instant::from_std(sent) + inner.opts.renew;
             }
             Ok(_) => {
