@@ -25,7 +25,6 @@ use leasehold_api::pb::leasehold_server::LeaseholdServer;
 use leasehold_core::{EndReason, Event};
 use leasehold_store::{LocalStore, Store, StoreError};
 use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
 use tracing::{info, warn};
 
 pub mod config;
@@ -39,7 +38,7 @@ mod watcher;
 pub use config::{Backend, Config, ConfigError, FileConfig, Timing};
 pub use notify::notify;
 pub use service::Service;
-pub use watcher::Watcher;
+pub use watcher::{Prepared, Watcher};
 
 /// Why the agent could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +75,7 @@ pub enum AgentError {
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
     // Before touching the store: a live agent on the socket is the clearest reason to stop.
     refuse_live_socket(&config.socket)?;
+    raise_fd_limit();
     match config.backend {
         Backend::Local => {
             let store = LocalStore::open_with(
@@ -212,7 +212,7 @@ pub async fn serve<S: Store>(
                 .max_encoding_message_size(1 << 30)
                 .max_decoding_message_size(4 << 20),
         )
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(Incoming::new(listener), shutdown)
         .await;
     let _ = notify("STOPPING=1");
     info!("agent stopping; leases stay with their processes");
@@ -301,6 +301,75 @@ async fn follow_events<S: Store>(
                 killed,
                 "lease revoked; holder killed"
             );
+        }
+    }
+}
+
+/// Raises the soft limit on open files to the hard one: the agent keeps a pidfd for every
+/// holding process and a descriptor per client.
+fn raise_fd_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut l = getrlimit(Resource::Nofile);
+    if l.current < l.maximum {
+        let was = l.current;
+        l.current = l.maximum;
+        match setrlimit(Resource::Nofile, l) {
+            Ok(()) => info!(from = ?was, to = ?l.maximum, "raised the open-file limit"),
+            Err(e) => warn!(error = %e, "could not raise the open-file limit"),
+        }
+    }
+}
+
+/// The listener as a stream of connections that pauses accepting while the agent is out of
+/// file descriptors, instead of spinning on the error (the server asks again at once).
+struct Incoming {
+    listener: UnixListener,
+    pause: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    warned: Option<std::time::Instant>,
+}
+
+impl Incoming {
+    fn new(listener: UnixListener) -> Incoming {
+        Incoming {
+            listener,
+            pause: None,
+            warned: None,
+        }
+    }
+}
+
+impl tokio_stream::Stream for Incoming {
+    type Item = std::io::Result<tokio::net::UnixStream>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        if let Some(p) = self.pause.as_mut() {
+            if p.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.pause = None;
+        }
+        match self.listener.poll_accept(cx) {
+            Poll::Ready(Ok((stream, _))) => Poll::Ready(Some(Ok(stream))),
+            Poll::Ready(Err(e)) => {
+                if procfs::out_of_fds(e.raw_os_error()) {
+                    let quiet = self
+                        .warned
+                        .is_some_and(|at| at.elapsed() < std::time::Duration::from_secs(10));
+                    if !quiet {
+                        warn!(error = %e, "out of file descriptors; pausing accepting connections");
+                        self.warned = Some(std::time::Instant::now());
+                    }
+                    self.pause = Some(Box::pin(tokio::time::sleep(
+                        std::time::Duration::from_millis(100),
+                    )));
+                }
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Pending => Poll::Pending,
         }
     }
 }

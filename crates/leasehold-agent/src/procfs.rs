@@ -35,6 +35,15 @@ pub enum ProcError {
         /// The start time found.
         now: u64,
     },
+    /// The agent is out of file descriptors (`EMFILE`/`ENFILE`): nothing is known about the
+    /// process, and it must not be taken for gone.
+    #[error("no file descriptor left to look at pid {pid} ({what}); retry later")]
+    NoDescriptors {
+        /// The pid.
+        pid: u32,
+        /// The error.
+        what: String,
+    },
     /// `/proc` said something unexpected.
     #[error("reading /proc/{pid}: {what}")]
     Unreadable {
@@ -45,9 +54,19 @@ pub enum ProcError {
     },
 }
 
+/// Whether `errno` says the process or the system is out of file descriptors.
+pub fn out_of_fds(errno: Option<i32>) -> bool {
+    use rustix::io::Errno;
+    errno.is_some_and(|n| n == Errno::MFILE.raw_os_error() || n == Errno::NFILE.raw_os_error())
+}
+
 fn read_proc(pid: u32, file: &str) -> Result<String, ProcError> {
     std::fs::read_to_string(format!("/proc/{pid}/{file}")).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => ProcError::NoProcess(pid),
+        _ if out_of_fds(e.raw_os_error()) => ProcError::NoDescriptors {
+            pid,
+            what: format!("{file}: {e}"),
+        },
         _ => ProcError::Unreadable {
             pid,
             what: format!("{file}: {e}"),
@@ -88,6 +107,10 @@ impl ProcessInfo {
         use rustix::fs::{Mode, OFlags, fstat, open, openat};
         let gone = |e: rustix::io::Errno| match e {
             rustix::io::Errno::NOENT | rustix::io::Errno::SRCH => ProcError::NoProcess(pid),
+            e if out_of_fds(Some(e.raw_os_error())) => ProcError::NoDescriptors {
+                pid,
+                what: e.to_string(),
+            },
             e => ProcError::Unreadable {
                 pid,
                 what: e.to_string(),
@@ -186,6 +209,10 @@ impl Pidfd {
         let p = Pid::from_raw(raw).ok_or(ProcError::NoProcess(pid))?;
         let fd = pidfd_open(p, PidfdFlags::empty()).map_err(|e| match e {
             rustix::io::Errno::SRCH => ProcError::NoProcess(pid),
+            e if out_of_fds(Some(e.raw_os_error())) => ProcError::NoDescriptors {
+                pid,
+                what: format!("pidfd_open: {e}"),
+            },
             e => ProcError::Unreadable {
                 pid,
                 what: format!("pidfd_open: {e}"),

@@ -22,7 +22,7 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::holds::{Holds, Note, Registration};
 use crate::procfs::{self, ProcError, ProcessInfo};
-use crate::watcher::Watcher;
+use crate::watcher::{Prepared, Watcher};
 
 /// How often a waiting request is told who is in its way.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
@@ -141,6 +141,9 @@ impl<S: Store> Service<S> {
         let no_process = |e: ProcError| match e {
             ProcError::NoProcess(_) => Status::failed_precondition(format!(
                 "no process with pid {pid}; leases are held for a running process"
+            )),
+            e @ ProcError::NoDescriptors { .. } => Status::resource_exhausted(format!(
+                "{e}: the agent is out of file descriptors; nothing was changed"
             )),
             e => Status::internal(e.to_string()),
         };
@@ -309,6 +312,15 @@ impl<S: Store> pb::leasehold_server::Leasehold for Service<S> {
         tokio::spawn(async move {
             // Register before the grant so no loss after it can be missed.
             let registration = hold.then(|| me.holds.register(owner.process.clone()));
+            // The pidfd is opened before the grant: a grant the agent could not watch would
+            // have to end at once, although its process lives.
+            let prepared = match me.prepare_watch(&owner.process).await {
+                Ok(p) => p,
+                Err(status) => {
+                    let _ = tx.send(Err(status)).await;
+                    return;
+                }
+            };
             let outcome = me.acquire_reporting(spec, &tx).await;
             let grants = match outcome {
                 None => return, // the caller went away; the wait was withdrawn
@@ -341,7 +353,7 @@ impl<S: Store> pb::leasehold_server::Leasehold for Service<S> {
                     return;
                 }
             };
-            me.watcher.watch(owner.process.clone());
+            me.watcher.watch_with(prepared);
             for g in grants.iter().filter(|g| !g.existing) {
                 info!(
                     resource = %g.resource,
@@ -630,6 +642,36 @@ impl<S: Store> pb::leasehold_server::Leasehold for Service<S> {
 type Tx = mpsc::Sender<Result<pb::AcquireEvent, Status>>;
 
 impl<S: Store> Service<S> {
+    /// Prepares to watch `process`, waiting a little while the agent is out of file
+    /// descriptors, then refusing: no lease is granted that could not be watched.
+    async fn prepare_watch(&self, process: &ProcessKey) -> Result<Prepared, Status> {
+        let mut delay = Duration::from_millis(20);
+        let give_up = Instant::now() + Duration::from_secs(3);
+        loop {
+            match self.watcher.prepare(process) {
+                Ok(p) => return Ok(p),
+                Err(ProcError::NoDescriptors { .. }) if Instant::now() < give_up => {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_millis(500));
+                }
+                Err(e @ ProcError::NoDescriptors { .. }) => {
+                    warn!(pid = process.pid, error = %e, "out of file descriptors; request refused");
+                    return Err(Status::resource_exhausted(format!(
+                        "the agent is out of file descriptors and cannot watch pid {}: no lease \
+                         was granted; retry later (and raise the agent's LimitNOFILE)",
+                        process.pid
+                    )));
+                }
+                Err(e @ (ProcError::NoProcess(_) | ProcError::Reused { .. })) => {
+                    return Err(Status::failed_precondition(format!(
+                        "{e}; leases are held for a running process"
+                    )));
+                }
+                Err(e) => return Err(Status::internal(e.to_string())),
+            }
+        }
+    }
+
     /// Runs an acquire, telling a waiting caller every second who is in its way. Returns
     /// `None` if the caller went away (dropping the store's future withdraws the request).
     async fn acquire_reporting(

@@ -21,6 +21,13 @@ struct Watched {
     task: tokio::task::AbortHandle,
 }
 
+/// A process made ready to watch before its lease is committed ([`Watcher::prepare`]).
+pub struct Prepared {
+    process: ProcessKey,
+    /// None when it was watched already.
+    pidfd: Option<Pidfd>,
+}
+
 /// Watches lease-holding processes of this host.
 pub struct Watcher<S> {
     store: Arc<S>,
@@ -49,26 +56,82 @@ impl<S: Store> Watcher<S> {
         self.len() == 0
     }
 
+    /// Opens what watching `process` takes, before a lease is committed for it: a grant
+    /// that could not be watched would have to end at once, so a request the agent cannot
+    /// watch (out of file descriptors) is refused instead, ending nothing.
+    ///
+    /// # Errors
+    /// [`ProcError`] when the process is gone or the agent has no descriptor left.
+    pub fn prepare(&self, process: &ProcessKey) -> Result<Prepared, ProcError> {
+        if self.is_watched(process) {
+            return Ok(Prepared {
+                process: process.clone(),
+                pidfd: None,
+            });
+        }
+        let pidfd = Pidfd::open(process.pid, process.start_time)?;
+        Ok(Prepared {
+            process: process.clone(),
+            pidfd: Some(pidfd),
+        })
+    }
+
+    /// Watches a prepared process (once); if it has already exited, ends its leases now.
+    pub fn watch_with(self: &Arc<Self>, prepared: Prepared) {
+        match prepared.pidfd {
+            Some(fd) => self.register(prepared.process, fd),
+            // It was watched when prepared; if that watch has ended since, it exited.
+            None => self.watch(prepared.process),
+        }
+    }
+
     /// Starts watching `process` (once); if it has already exited, ends its leases now.
+    /// When the agent is out of file descriptors it keeps trying, and never ends the leases
+    /// of a process it could not look at.
     pub fn watch(self: &Arc<Self>, process: ProcessKey) {
+        if self.is_watched(&process) {
+            return;
+        }
+        match Pidfd::open(process.pid, process.start_time) {
+            Ok(fd) => self.register(process, fd),
+            Err(ProcError::NoProcess(_) | ProcError::Reused { .. }) => self.spawn_end(process),
+            Err(e) => {
+                warn!(pid = process.pid, error = %e, "cannot watch a holder yet; its leases stay, retrying");
+                let me = Arc::clone(self);
+                tokio::spawn(async move { me.retry_watch(process).await });
+            }
+        }
+    }
+
+    /// Keeps trying to watch `process` until it can, or learns the process is gone.
+    async fn retry_watch(self: Arc<Self>, process: ProcessKey) {
+        let mut delay = std::time::Duration::from_millis(100);
+        loop {
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(std::time::Duration::from_secs(2));
+            if self.is_watched(&process) {
+                return;
+            }
+            match Pidfd::open(process.pid, process.start_time) {
+                Ok(fd) => {
+                    info!(pid = process.pid, "holder watched again");
+                    return self.register(process, fd);
+                }
+                Err(ProcError::NoProcess(_) | ProcError::Reused { .. }) => {
+                    return self.end(process).await;
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    fn register(self: &Arc<Self>, process: ProcessKey, pidfd: Pidfd) {
         let Ok(mut watched) = self.watched.lock() else {
             return;
         };
         if watched.contains_key(&process) {
             return;
         }
-        let pidfd = match Pidfd::open(process.pid, process.start_time) {
-            Ok(fd) => fd,
-            Err(e) => {
-                drop(watched);
-                let gone = matches!(e, ProcError::NoProcess(_) | ProcError::Reused { .. });
-                if !gone {
-                    warn!(pid = process.pid, error = %e, "cannot watch process; ending its leases");
-                }
-                self.spawn_end(process);
-                return;
-            }
-        };
         // SAFETY: the OwnedFd is moved into the AsyncFd, which owns it until dropped; nothing
         // else closes or replaces it, so it stays the same open pidfd for the AsyncFd's life.
         let registered = unsafe {
@@ -78,8 +141,10 @@ impl<S: Store> Watcher<S> {
             Ok(fd) => Arc::new(fd),
             Err(e) => {
                 drop(watched);
-                warn!(pid = process.pid, error = %e, "cannot poll pidfd; ending its leases");
-                self.spawn_end(process);
+                // The process may well live: keep its leases and try again.
+                warn!(pid = process.pid, error = %e, "cannot poll a holder's pidfd yet; its leases stay, retrying");
+                let me = Arc::clone(self);
+                tokio::spawn(async move { me.retry_watch(process).await });
                 return;
             }
         };
