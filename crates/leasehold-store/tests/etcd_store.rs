@@ -432,3 +432,36 @@ async fn the_session_ttl_is_the_one_etcd_granted() {
     assert!(granted >= 2, "{out}");
     assert_eq!(state.ttl, std::time::Duration::from_secs(granted));
 }
+
+/// A fresh snapshot of more resources than one etcd transaction may read is read in several,
+/// all at the first one's revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_of_many_resources_reads_them_all() {
+    let etcd = Etcd::start();
+    let a = store(&etcd, "a").await;
+    let items: Vec<(ResourceName, Mode)> = (0..50)
+        .map(|i| (res(&format!("d{i}")), Mode::Exclusive))
+        .collect();
+    let first = Owner::new(a.host().clone(), 10, 1);
+    a.acquire(AcquireSpec::new(first.clone(), items.clone()))
+        .await
+        .unwrap();
+    let second = Owner::new(a.host().clone(), 11, 1);
+    let (c, _) = a
+        .conflict(second.process.clone(), items.clone())
+        .await
+        .unwrap()
+        .expect("held resources are in the way");
+    assert_eq!(c.holders[0].owner.process, first.process);
+    let e = a
+        .acquire(AcquireSpec::new(second, items))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            StoreError::Acquire(leasehold_core::AcquireError::Busy(_))
+        ),
+        "{e:?}"
+    );
+}
