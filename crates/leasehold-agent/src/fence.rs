@@ -179,7 +179,7 @@ pub fn fence_now<S: Store>(
         tokio::time::sleep_until(tokio::time::Instant::from_std(judge_at)).await;
         let alive: Vec<u32> = judged
             .iter()
-            .filter(|p| watcher.is_watched(p))
+            .filter(|p| watcher.may_be_alive(p))
             .map(|p| p.pid)
             .collect();
         if alive.is_empty() {

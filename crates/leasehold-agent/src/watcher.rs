@@ -34,6 +34,23 @@ pub struct Watcher<S> {
     watched: Mutex<HashMap<ProcessKey, Watched>>,
     /// Processes killed by a fence: their leases end as fenced, not as "process died".
     fenced: Mutex<HashSet<ProcessKey>>,
+    /// Holders not watched yet because the agent ran out of file descriptors.
+    pending: Mutex<HashSet<ProcessKey>>,
+    /// Descriptors kept in reserve, given up to reach a holder that is not watched when it
+    /// must be fenced while the agent is out of descriptors.
+    reserve: Mutex<Vec<std::fs::File>>,
+}
+
+/// How many descriptors the watcher keeps in reserve (a pidfd and a `/proc` read).
+const RESERVE: usize = 4;
+
+fn fill_reserve(reserve: &mut Vec<std::fs::File>) {
+    while reserve.len() < RESERVE {
+        match std::fs::File::open("/dev/null") {
+            Ok(f) => reserve.push(f),
+            Err(_) => return,
+        }
+    }
 }
 
 impl<S: Store> Watcher<S> {
@@ -43,6 +60,12 @@ impl<S: Store> Watcher<S> {
             store,
             watched: Mutex::new(HashMap::new()),
             fenced: Mutex::new(HashSet::new()),
+            pending: Mutex::new(HashSet::new()),
+            reserve: Mutex::new({
+                let mut r = Vec::new();
+                fill_reserve(&mut r);
+                r
+            }),
         })
     }
 
@@ -97,6 +120,7 @@ impl<S: Store> Watcher<S> {
             Err(ProcError::NoProcess(_) | ProcError::Reused { .. }) => self.spawn_end(process),
             Err(e) => {
                 warn!(pid = process.pid, error = %e, "cannot watch a holder yet; its leases stay, retrying");
+                self.set_pending(&process, true);
                 let me = Arc::clone(self);
                 tokio::spawn(async move { me.retry_watch(process).await });
             }
@@ -115,13 +139,55 @@ impl<S: Store> Watcher<S> {
             match Pidfd::open(process.pid, process.start_time) {
                 Ok(fd) => {
                     info!(pid = process.pid, "holder watched again");
+                    self.set_pending(&process, false);
                     return self.register(process, fd);
                 }
                 Err(ProcError::NoProcess(_) | ProcError::Reused { .. }) => {
+                    self.set_pending(&process, false);
                     return self.end(process).await;
                 }
                 Err(_) => {}
             }
+        }
+    }
+
+    fn set_pending(&self, process: &ProcessKey, pending: bool) {
+        if let Ok(mut p) = self.pending.lock() {
+            if pending {
+                p.insert(process.clone());
+            } else {
+                p.remove(process);
+            }
+        }
+    }
+
+    /// Whether `process` may still run: it is watched, or it could not be watched yet and
+    /// `/proc` still has its pid (looked at without a descriptor; a reused pid errs on the
+    /// side of "alive").
+    pub fn may_be_alive(&self, process: &ProcessKey) -> bool {
+        self.is_watched(process)
+            || (self.pending.lock().is_ok_and(|p| p.contains(process))
+                && std::path::Path::new(&format!("/proc/{}", process.pid)).exists())
+    }
+
+    /// SIGKILLs a process that is not watched, through a pidfd opened for the purpose; when
+    /// the agent is out of descriptors, the reserve is given up for it.
+    fn kill_unwatched(&self, process: &ProcessKey) -> bool {
+        let kill = || {
+            Pidfd::open(process.pid, process.start_time).map(|fd| fd.signal(Signal::KILL).is_ok())
+        };
+        match kill() {
+            Ok(sent) => sent,
+            Err(ProcError::NoDescriptors { .. }) => {
+                let Ok(mut reserve) = self.reserve.lock() else {
+                    return false;
+                };
+                reserve.clear();
+                let sent = kill().unwrap_or(false);
+                fill_reserve(&mut reserve);
+                sent
+            }
+            Err(_) => false,
         }
     }
 
@@ -143,6 +209,7 @@ impl<S: Store> Watcher<S> {
                 drop(watched);
                 // The process may well live: keep its leases and try again.
                 warn!(pid = process.pid, error = %e, "cannot poll a holder's pidfd yet; its leases stay, retrying");
+                self.set_pending(&process, true);
                 let me = Arc::clone(self);
                 tokio::spawn(async move { me.retry_watch(process).await });
                 return;
@@ -246,9 +313,7 @@ impl<S: Store> Watcher<S> {
         holders
             .into_iter()
             .map(|p| {
-                let sent = self.signal(&p, Signal::KILL)
-                    || crate::procfs::Pidfd::open(p.pid, p.start_time)
-                        .is_ok_and(|fd| fd.signal(Signal::KILL).is_ok());
+                let sent = self.signal(&p, Signal::KILL) || self.kill_unwatched(&p);
                 (p, sent)
             })
             .collect()

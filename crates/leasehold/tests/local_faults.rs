@@ -217,3 +217,53 @@ fn readopting_holders_with_too_few_file_descriptors_keeps_their_leases() {
         assert!(!a.is_dirty(&r));
     }
 }
+
+#[test]
+fn holders_the_agent_could_not_watch_are_fenced_too() {
+    let etcd = leasehold_testkit::Etcd::start();
+    let prefix = format!("/fds{}/", std::process::id());
+    let mut a = Agent::on_etcd("host-a", &etcd.endpoint(), &prefix, &[], &[]);
+    let holders: Vec<Holder> = (0..80).map(|_| Holder::new()).collect();
+    for (i, h) in holders.iter().enumerate() {
+        expect_code(
+            &a.lh(&["acquire", &format!("vm{i}"), "--pid", &h.pid_arg()]),
+            0,
+        );
+    }
+    a.kill9();
+    // Restarted (within the session's ttl) with fewer descriptors than holders.
+    a.wrap = FEW_FDS.iter().map(|s| s.to_string()).collect();
+    let log = std::fs::File::create(a.path("few.log")).unwrap();
+    let mut child = a
+        .command()
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let few = || std::fs::read_to_string(a.path("few.log")).unwrap();
+    wait_until(
+        "the agent finds it cannot watch every holder",
+        Duration::from_secs(30),
+        || few().contains("cannot watch a holder yet"),
+    );
+    // Its session cannot be renewed: every holder must die, watched or not.
+    etcd.stop();
+    let all_dead = std::panic::catch_unwind(|| {
+        wait_until("every holder is fenced", Duration::from_secs(15), || {
+            holders.iter().all(|h| !alive(h.pid()))
+        })
+    });
+    etcd.cont();
+    let _ = child.kill();
+    let _ = child.wait();
+    let survivors: Vec<u32> = holders
+        .iter()
+        .map(Holder::pid)
+        .filter(|p| alive(*p))
+        .collect();
+    assert!(
+        all_dead.is_ok(),
+        "survived the fence: {survivors:?}\n{}",
+        few()
+    );
+}
