@@ -682,22 +682,42 @@ impl<S: Store> Service<S> {
         let process = spec.owner.process.clone();
         let items = spec.items.clone();
         let waits = spec.wait.is_some();
+        // Subscribed before the request starts, so no note about it is missed.
+        let mut notes = self.store.wait_notes();
+        let mut notes_open = waits;
         let fut = self.store.acquire(spec);
         tokio::pin!(fut);
         let started = Instant::now();
+        let waited_ms = || u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         // The first report comes quickly, so a caller sees who is in the way at once.
         let mut next = tokio::time::Instant::now() + Duration::from_millis(100);
         loop {
             tokio::select! {
                 r = &mut fut => return Some(r),
                 () = tx.closed() => return None,
+                n = notes.recv(), if notes_open => match n {
+                    Ok(n) if n.process == process && n.items == items => {
+                        info!(pid = process.pid, note = %n.note, "told a waiting caller");
+                        let waiting = pb::Waiting {
+                            conflict: None,
+                            waited_ms: waited_ms(),
+                            note: Some(n.note),
+                        };
+                        if tx.send(event(pb::acquire_event::Event::Waiting(waiting))).await.is_err() {
+                            return None;
+                        }
+                    }
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => notes_open = false,
+                },
                 () = tokio::time::sleep_until(next), if waits => {
                     next += PROGRESS_EVERY;
                     let in_way = self.store.conflict(process.clone(), items.clone()).await;
                     if let Ok(Some((c, blocked_for))) = in_way {
                         let waiting = pb::Waiting {
                             conflict: Some(conflict_to_wire(&c, blocked_for)),
-                            waited_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                            waited_ms: waited_ms(),
+                            note: None,
                         };
                         if tx.send(event(pb::acquire_event::Event::Waiting(waiting))).await.is_err() {
                             return None;

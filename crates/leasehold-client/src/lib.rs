@@ -198,6 +198,10 @@ pub enum AcquireEvent {
         /// How long the request has waited.
         waited: Duration,
     },
+    /// Something to tell people about the wait, which goes on: e.g. that the request was
+    /// queued again after the host's session with the backend ended, or that the agent
+    /// restarted.
+    Note(String),
     /// Granted.
     Granted(Granted),
     /// The leases are safe until this instant on CLOCK_MONOTONIC (nanoseconds), unless a
@@ -241,6 +245,9 @@ impl Acquisition {
         };
         use pb::acquire_event::Event as E;
         match msg.event {
+            Some(E::Waiting(pb::Waiting {
+                note: Some(note), ..
+            })) => Ok(Some(AcquireEvent::Note(note))),
             Some(E::Waiting(w)) => {
                 let c = w.conflict.ok_or(WireError::Missing("conflict"))?;
                 let blocked_for = c.blocked_for_ms.map(Duration::from_millis);

@@ -322,4 +322,21 @@ pub trait Store: Send + Sync + 'static {
     fn stale_holders(&self) -> Vec<ProcessKey> {
         Vec::new()
     }
+
+    /// Notes for the callers of this host's waiting requests, such as why a request was
+    /// queued again; a store that has none returns a channel that is closed.
+    fn wait_notes(&self) -> tokio::sync::broadcast::Receiver<WaitNote> {
+        tokio::sync::broadcast::channel(1).1
+    }
+}
+
+/// Something the caller of a waiting request should be told while it waits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WaitNote {
+    /// The waiting process.
+    pub process: ProcessKey,
+    /// What its request waits for.
+    pub items: Vec<(ResourceName, Mode)>,
+    /// What happened, for people.
+    pub note: String,
 }

@@ -465,3 +465,88 @@ async fn a_snapshot_of_many_resources_reads_them_all() {
         "{e:?}"
     );
 }
+
+// Regression (issue 16): a waiter's keys live on its host's session. When that session ends
+// while the request waits (here revoked; in the field, expired in an etcd stall), the request
+// was answered "its waiting keys are gone". It must be queued again under the host's new
+// session, its caller told why, and granted when the resource frees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_whose_session_ends_is_queued_again_and_granted() {
+    let etcd = Etcd::start();
+    let a = store(&etcd, "a").await;
+    let mut o = EtcdOptions::new(vec![etcd.endpoint()]);
+    o.prefix = format!("/store-{}/", std::process::id());
+    o.renew = std::time::Duration::from_millis(500);
+    let b = std::sync::Arc::new(EtcdStore::open(HostId::new("b").unwrap(), o).await.unwrap());
+    let disk = ResourceName::new("disk").unwrap();
+    let holder = Owner::new(a.host().clone(), 10, 1);
+    a.acquire(AcquireSpec::new(
+        holder.clone(),
+        [(disk.clone(), Mode::Exclusive)],
+    ))
+    .await
+    .unwrap();
+    let mut notes = b.wait_notes();
+    let mut session = b.session().unwrap();
+    let first = session.borrow().id;
+    let waiter = Owner::new(b.host().clone(), 20, 2);
+    let wait = tokio::spawn({
+        let b = b.clone();
+        let spec = AcquireSpec::new(waiter.clone(), [(disk.clone(), Mode::Exclusive)])
+            .wait(std::time::Duration::from_secs(60));
+        async move { b.acquire(spec).await }
+    });
+    let limit = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while waiters(&a, &disk).await == 0 {
+        assert!(std::time::Instant::now() < limit, "B never queued");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    b.revoke_session().await.unwrap();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        session.wait_for(|s| s.id != first && !s.expired),
+    )
+    .await
+    .expect("B opens a new session")
+    .unwrap();
+    let mut said = Vec::new();
+    while !said
+        .iter()
+        .any(|n: &String| n.contains("queued again, at the back"))
+    {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), notes.recv())
+            .await
+            .expect("B's caller is told that the request is queued again")
+            .unwrap();
+        assert_eq!(n.process, waiter.process);
+        said.push(n.note);
+    }
+    assert!(
+        said[0].contains("session with etcd ended while the request waited"),
+        "{said:?}"
+    );
+    assert!(!wait.is_finished(), "the wait ended: {:?}", wait.await);
+    assert_eq!(
+        waiters(&a, &disk).await,
+        1,
+        "queued once under the new session"
+    );
+    a.release(disk.clone(), holder.process, ReleaseKind::Clean)
+        .await
+        .unwrap();
+    let grants = tokio::time::timeout(std::time::Duration::from_secs(10), wait)
+        .await
+        .expect("B is granted once the disk is free")
+        .unwrap()
+        .unwrap();
+    assert_eq!(grants[0].resource, disk);
+    assert!(a.validate(disk, grants[0].token).await.unwrap());
+}
+
+/// How many requests wait for `r`, as `s` sees it.
+async fn waiters(s: &EtcdStore, r: &ResourceName) -> usize {
+    s.inspect(r.clone())
+        .await
+        .unwrap()
+        .map_or(0, |v| v.waiters.len())
+}

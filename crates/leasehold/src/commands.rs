@@ -155,6 +155,11 @@ pub async fn wait_for_grant(acq: &mut Acquisition) -> Result<Granted, ClientErro
                 }
                 last_key = key;
             }
+            Ok(Some(AcquireEvent::Note(note))) => {
+                clear(shown);
+                shown = false;
+                eprintln!("leasehold: note: {note}");
+            }
             Ok(Some(AcquireEvent::Granted(g))) => {
                 clear(shown);
                 return Ok(g);

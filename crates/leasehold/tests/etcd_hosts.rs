@@ -514,3 +514,83 @@ fn a_junk_record_under_a_run_is_refused_elsewhere_and_its_holder_fenced() {
     );
     assert!(a.log().contains("fencing its holder"), "{}", a.log());
 }
+
+// Regression (issue 16): etcd stalls past ttl + grace with a holder on A and a waiter on B. The
+// holder is fenced in the stall; B's waiting keys expire with B's session. Once etcd returns,
+// B's wait must go on under B's new session (told why) and B must get the disk, checked first
+// because A's holder died holding it, within ttl + grace of etcd's return, never while A's
+// holder lives.
+#[test]
+fn after_an_etcd_stall_the_waiting_host_takes_the_disk_over() {
+    let etcd = Etcd::start();
+    let p = prefix();
+    let a = Agent::on_etcd("host-a", &etcd.endpoint(), &p, &[], &[]);
+    let b = Agent::on_etcd("host-b", &etcd.endpoint(), &p, &[], &[]);
+    let (_a_wrapper, a_child) = run_holder(&a, "disk");
+    let a_died = death_watch(a_child);
+    let b_pidfile = b.path("disk.child");
+    let script = format!("echo $$ > {}; exec sleep 3600", b_pidfile.display());
+    let mut b_wrapper = b
+        .cli()
+        .args([
+            "run",
+            "--exclusive",
+            "disk",
+            "--wait=60s",
+            "--check",
+            "true",
+        ])
+        .args(["--", "sh", "-c", &script])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("B waits", Duration::from_secs(10), || {
+        a.inspect("disk")
+            .is_some_and(|v| !v["waiters"].as_array().unwrap().is_empty())
+    });
+    etcd.stop();
+    // The stall itself: past ttl + grace (3 s + 2 s), as in the issue.
+    std::thread::sleep(Duration::from_secs(9));
+    wait_until("A fences its holder", Duration::from_secs(5), || {
+        !alive(a_child)
+    });
+    let a_died = a_died.join().unwrap();
+    let resumed = monotonic_ns();
+    etcd.cont();
+    wait_until("B's command starts", Duration::from_secs(30), || {
+        if let Some(status) = b_wrapper.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(b_wrapper.stderr.as_mut().unwrap(), &mut err).unwrap();
+            panic!("B's run ended ({status}) before its command started:\n{err}");
+        }
+        std::fs::read_to_string(&b_pidfile).is_ok_and(|s| s.ends_with('\n'))
+    });
+    let granted = b
+        .logged_mono_ns(&["granted", "resource=disk "])
+        .expect("B logs its grant with a monotonic time");
+    assert!(
+        a_died < resumed && a_died < granted,
+        "A's holder died at {a_died} ns; etcd returned at {resumed}, B was granted at {granted}"
+    );
+    let after = Duration::from_nanos(granted - resumed);
+    eprintln!("B granted {} ms after etcd returned", after.as_millis());
+    // ttl + grace, plus the detection: a renewal interval and etcd's 0.5 s expiry tick, with
+    // room for a busy machine.
+    assert!(
+        after < Duration::from_secs(3 + 2 + 4),
+        "B was granted {after:?} after etcd returned\nB's log:\n{}",
+        b.log()
+    );
+    let b_child: u32 = std::fs::read_to_string(&b_pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    signal(b_child, libc::SIGKILL);
+    let out = b_wrapper.wait_with_output().unwrap();
+    let err = text(&out.stderr);
+    assert!(err.contains("queued again"), "{err}");
+    assert!(err.contains("disk is dirty"), "{err}");
+    assert!(err.contains("checked and marked clean"), "{err}");
+}

@@ -35,7 +35,7 @@ use tracing::{debug, info, warn};
 use super::client::{Etcd, EtcdError, Txn, prefix_end, range_of};
 use super::keys::{HostValue, KeyKind, Keys, Record, WaiterValue};
 use super::pb::mvccpb::KeyValue;
-use crate::{AcquireSpec, Clock, SessionEndHook, SessionState, Store, StoreError};
+use crate::{AcquireSpec, Clock, SessionEndHook, SessionState, Store, StoreError, WaitNote};
 
 /// How long a blocked resource stays blocked, to the engine: the grace key decides when it
 /// ends, not the engine's clock.
@@ -119,11 +119,32 @@ struct Mirror {
     sessions: HashMap<i64, HostId>,
 }
 
-/// A waiting request of this host.
+/// A waiting request of this host, under an id local to this store that stays the same for
+/// as long as the request waits.
 struct LocalWaiter {
     value: WaiterValue,
+    /// Its keys, one per resource. They exist in etcd when `place` is set; otherwise they may,
+    /// from a queueing whose outcome is unknown, and are deleted before the next one.
     keys: Vec<Vec<u8>>,
+    /// The keys' create revision, which is the request's place in every queue (and its waiter
+    /// id to the engine); `None` while it is not queued: its session ended, and it is queued
+    /// again, at the back, under the next one.
+    place: Option<u64>,
+    /// Its caller gave up (its deadline passed, or it went away): it is never queued again.
+    withdrawn: bool,
     reply: Option<oneshot::Sender<Result<Vec<Grant>, AcquireError>>>,
+}
+
+impl LocalWaiter {
+    /// Whether nobody waits for this request any more.
+    fn abandoned(&self) -> bool {
+        self.withdrawn || self.reply.as_ref().is_none_or(|r| r.is_closed())
+    }
+}
+
+/// What a withdrawn request that lost its place answers its caller, who has stopped waiting.
+fn withdrawn() -> AcquireError {
+    AcquireError::Cancelled("the request was withdrawn".into())
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -143,6 +164,13 @@ struct Inner {
     events: broadcast::Sender<Event>,
     changed: Notify,
     waiters: Mutex<BTreeMap<u64, LocalWaiter>>,
+    /// The next local waiter id.
+    next_waiter: std::sync::atomic::AtomicU64,
+    /// Held while a local waiter's keys are written or deleted other than by a grant, so that
+    /// a withdrawal and a queueing again never cross.
+    queueing: tokio::sync::Mutex<()>,
+    /// Notes for waiting callers.
+    notes: broadcast::Sender<WaitNote>,
     /// The resources each local process holds, kept by this store's own commits (every grant
     /// to a local process is one of them).
     held: Mutex<HashMap<ProcessKey, BTreeSet<ResourceName>>>,
@@ -267,6 +295,9 @@ impl EtcdStore {
             events,
             changed: Notify::new(),
             waiters: Mutex::new(BTreeMap::new()),
+            next_waiter: std::sync::atomic::AtomicU64::new(1),
+            queueing: tokio::sync::Mutex::new(()),
+            notes: broadcast::channel(256).0,
             held: Mutex::new(HashMap::new()),
             orphans: Mutex::new(Vec::new()),
             stale: Mutex::new(Vec::new()),
@@ -1226,16 +1257,19 @@ impl Inner {
         }
     }
 
-    /// Tries to decide local waiter `id`.
+    /// Tries to decide local waiter `id`; queues it again if its place was lost.
     async fn try_waiter(&self, id: u64) -> Result<(), StoreError> {
-        let value = match self
+        let (value, place) = match self
             .waiters
             .lock()
             .ok()
-            .and_then(|w| w.get(&id).map(|w| w.value.clone()))
+            .and_then(|w| w.get(&id).map(|w| (w.value.clone(), w.place)))
         {
             Some(v) => v,
             None => return Ok(()),
+        };
+        let Some(place) = place else {
+            return self.requeue(id).await;
         };
         let names: BTreeSet<ResourceName> = value.items.iter().map(|(r, _)| r.clone()).collect();
         // Decided from the mirror (every change wakes this service after the mirror has it);
@@ -1244,21 +1278,23 @@ impl Inner {
         let there = |snap: &Snapshot| {
             snap.res
                 .values()
-                .any(|rs| rs.waiters.iter().any(|w| w.id == id))
+                .any(|rs| rs.waiters.iter().any(|w| w.id == place))
         };
         if !there(&snap) {
             // The mirror may not have the keys yet: only a fresh read can say they are gone.
             snap = self.snapshot(&names).await?;
         }
         if !there(&snap) {
-            // Its keys are gone: its session expired, or it was withdrawn.
-            self.finish_waiter(
-                id,
-                Err(AcquireError::Cancelled(
-                    "its waiting keys are gone (host session expired?)".into(),
-                )),
-            );
-            return Ok(());
+            // Read after the keys were seen gone: the snapshot's sessions may be older.
+            let (host, _) = self
+                .etcd
+                .range(self.keys.host(&self.host), Vec::new(), 0)
+                .await
+                .map_err(unavailable)?;
+            let session_ended = host
+                .first()
+                .is_none_or(|kv| kv.lease != value.session as i64);
+            return self.lost_place(id, place, session_ended).await;
         }
         if snap.res.values().any(|rs| rs.bad.is_some()) {
             // A resource whose record cannot be trusted is granted to nobody; the request
@@ -1266,13 +1302,13 @@ impl Inner {
             return Ok(());
         }
         let now = self.now();
-        let mut engine = self.engine(&snap, &BTreeSet::from([id]), now);
+        let mut engine = self.engine(&snap, &BTreeSet::from([place]), now);
         engine.serve_waiters(names.iter().cloned(), now);
         let out = engine.take_output();
         let outcome = out
             .waiters
             .iter()
-            .find(|(w, _)| w.0 == id)
+            .find(|(w, _)| w.0 == place)
             .map(|(_, r)| r.clone());
         let mut extra = Extra::default();
         if let Some(outcome) = &outcome {
@@ -1282,7 +1318,7 @@ impl Inner {
                 .ok()
                 .and_then(|w| w.get(&id).map(|w| w.keys.clone()))
                 .unwrap_or_default();
-            extra.delete = keys.into_iter().map(|k| (k, id as i64)).collect();
+            extra.delete = keys.into_iter().map(|k| (k, place as i64)).collect();
             if outcome.is_ok() {
                 extra.require_session = Some(self.lease()?);
             }
@@ -1295,6 +1331,133 @@ impl Inner {
         {
             self.finish_waiter(id, outcome);
         }
+        Ok(())
+    }
+
+    /// Local waiter `id`'s keys, queued at `place`, are gone though nobody decided or withdrew
+    /// it: they lived on this host's session, which ended while it waited (etcd stalled or
+    /// was unreachable past the ttl). Only the caller's own deadline ends a wait, so it is
+    /// queued again, at the back of every queue, under the host's next session; its caller
+    /// is told why.
+    async fn lost_place(&self, id: u64, place: u64, session_ended: bool) -> Result<(), StoreError> {
+        let note = {
+            let _q = self.queueing.lock().await;
+            let Ok(mut w) = self.waiters.lock() else {
+                return Ok(());
+            };
+            let Some(lw) = w.get_mut(&id) else {
+                return Ok(());
+            };
+            if lw.place != Some(place) {
+                // Withdrawn or queued again meanwhile.
+                return Ok(());
+            }
+            if lw.abandoned() {
+                drop(w);
+                self.finish_waiter(id, Err(withdrawn()));
+                return Ok(());
+            }
+            lw.place = None;
+            lw.keys.clear();
+            let why = if session_ended {
+                "this host's session with etcd ended while the request waited (etcd stalled or unreachable past the ttl)"
+            } else {
+                "its place in the queue was removed from etcd"
+            };
+            WaitNote {
+                process: lw.value.owner.process.clone(),
+                items: lw.value.items.clone(),
+                note: format!("{why}; it will be queued again under the host's new session"),
+            }
+        };
+        warn!(waiter = id, place, "{}", note.note);
+        let _ = self.notes.send(note);
+        self.requeue(id).await
+    }
+
+    /// Queues local waiter `id` again, at the back, under the current session (when there is
+    /// one; else it waits for the next).
+    async fn requeue(&self, id: u64) -> Result<(), StoreError> {
+        let Ok(lease) = self.lease() else {
+            return Ok(());
+        };
+        let _q = self.queueing.lock().await;
+        let Some((mut value, old_keys, abandoned)) = self.waiters.lock().ok().and_then(|w| {
+            let lw = w.get(&id)?;
+            if lw.place.is_some() {
+                return None;
+            }
+            Some((lw.value.clone(), lw.keys.clone(), lw.abandoned()))
+        }) else {
+            return Ok(());
+        };
+        if !old_keys.is_empty() {
+            // An earlier attempt whose outcome is unknown may have written these.
+            let mut t = Txn::new();
+            for k in &old_keys {
+                t = t.delete(k.clone());
+            }
+            self.etcd.txn(t).await.map_err(unavailable)?;
+            if let Ok(mut w) = self.waiters.lock()
+                && let Some(lw) = w.get_mut(&id)
+            {
+                lw.keys.clear();
+            }
+        }
+        if abandoned {
+            self.finish_waiter(id, Err(withdrawn()));
+            return Ok(());
+        }
+        value.session = lease as u64;
+        let n = self
+            .next_waiter_key
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let keys: Vec<Vec<u8>> = value
+            .items
+            .iter()
+            .map(|(r, _)| self.keys.waiter(r, &self.host, n))
+            .collect();
+        if let Ok(mut w) = self.waiters.lock()
+            && let Some(lw) = w.get_mut(&id)
+        {
+            lw.keys = keys.clone();
+        }
+        let v = json(&value)?;
+        let mut t = Txn::new().if_lease(self.keys.host(&self.host), lease);
+        for k in &keys {
+            t = t.if_create_revision(k.clone(), 0);
+        }
+        for k in &keys {
+            t = t.put(k.clone(), v.clone(), lease);
+        }
+        let r = self.etcd.txn(t).await.map_err(unavailable)?;
+        if !r.succeeded {
+            // The session moved on again: nothing was written; try under the next one.
+            if let Ok(mut w) = self.waiters.lock()
+                && let Some(lw) = w.get_mut(&id)
+            {
+                lw.keys.clear();
+            }
+            return Ok(());
+        }
+        let note = {
+            let Ok(mut w) = self.waiters.lock() else {
+                return Ok(());
+            };
+            let Some(lw) = w.get_mut(&id) else {
+                return Ok(());
+            };
+            lw.place = Some(r.revision as u64);
+            lw.value = value;
+            WaitNote {
+                process: lw.value.owner.process.clone(),
+                items: lw.value.items.clone(),
+                note: "queued again, at the back of the queue, under the host's new session".into(),
+            }
+        };
+        info!(waiter = id, place = r.revision, "{}", note.note);
+        let _ = self.notes.send(note);
+        self.changed.notify_waiters();
         Ok(())
     }
 
@@ -1517,32 +1680,36 @@ impl Inner {
         }
     }
 
-    /// Withdraws local waiter `id`. Returns false when it was decided first.
+    /// Withdraws local waiter `id`. Returns false when it was decided first, or its keys were
+    /// gone with its session: its caller then hears the grant, or that it was withdrawn, on
+    /// its channel.
     async fn withdraw(&self, id: u64) -> Result<bool, StoreError> {
-        let keys = match self
-            .waiters
-            .lock()
-            .ok()
-            .and_then(|w| w.get(&id).map(|w| w.keys.clone()))
-        {
-            Some(k) => k,
-            None => return Ok(false),
+        let _q = self.queueing.lock().await;
+        let Some((keys, place)) = self.waiters.lock().ok().and_then(|mut w| {
+            let lw = w.get_mut(&id)?;
+            lw.withdrawn = true;
+            Some((lw.keys.clone(), lw.place))
+        }) else {
+            return Ok(false);
         };
         let mut t = Txn::new();
-        for k in &keys {
-            t = t.if_create_revision(k.clone(), id as i64);
+        if let Some(place) = place {
+            // Not if a grant took its keys first.
+            for k in &keys {
+                t = t.if_create_revision(k.clone(), place as i64);
+            }
         }
         for k in &keys {
             t = t.delete(k.clone());
         }
-        let r = self.etcd.txn(t).await.map_err(unavailable)?;
-        if r.succeeded {
+        let succeeded = keys.is_empty() || self.etcd.txn(t).await.map_err(unavailable)?.succeeded;
+        if succeeded {
             if let Ok(mut w) = self.waiters.lock() {
                 w.remove(&id);
             }
             self.changed.notify_waiters();
         }
-        Ok(r.succeeded)
+        Ok(succeeded)
     }
 
     fn view(&self, name: &ResourceName, rs: &ResSnap, snap: &Snapshot) -> Option<ResourceView> {
@@ -1715,7 +1882,9 @@ impl Store for EtcdStore {
             Ok(Some(grants)) => return Ok(grants),
             Err(e) => return Err(e.into()),
             Ok(None) => {
-                let id = rev as u64;
+                let id = inner
+                    .next_waiter
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let (tx, rx) = oneshot::channel();
                 if let Ok(mut w) = inner.waiters.lock() {
                     w.insert(
@@ -1723,6 +1892,8 @@ impl Store for EtcdStore {
                         LocalWaiter {
                             value: value.clone(),
                             keys: waiter_keys.clone(),
+                            place: Some(rev as u64),
+                            withdrawn: false,
                             reply: Some(tx),
                         },
                     );
@@ -1741,17 +1912,29 @@ impl Store for EtcdStore {
         let outcome = match tokio::time::timeout(wait, &mut rx).await {
             Ok(o) => o,
             Err(_) => {
-                if inner.withdraw(id).await? {
-                    guard.armed = false;
-                    let c = self
-                        .conflict(spec.owner.process.clone(), spec.items.clone())
-                        .await
-                        .ok()
-                        .flatten()
-                        .map_or_else(|| Conflict::unknown(spec.items[0].0.clone()), |(c, _)| c);
-                    return Err(StoreError::TimedOut(c));
+                let gone = inner.withdraw(id).await?;
+                guard.armed = false;
+                // Not withdrawn: a grant came first (or the keys had gone with the session,
+                // and the request answers that it was withdrawn).
+                let granted = match gone {
+                    true => None,
+                    false => match rx.await {
+                        Ok(Ok(grants)) => Some(grants),
+                        Ok(Err(e)) if e == withdrawn() => None,
+                        Ok(Err(e)) => return Err(e.into()),
+                        Err(_) => return Err(StoreError::Closed),
+                    },
+                };
+                if let Some(grants) = granted {
+                    return Ok(grants);
                 }
-                rx.await
+                let c = self
+                    .conflict(spec.owner.process.clone(), spec.items.clone())
+                    .await
+                    .ok()
+                    .flatten()
+                    .map_or_else(|| Conflict::unknown(spec.items[0].0.clone()), |(c, _)| c);
+                return Err(StoreError::TimedOut(c));
             }
         };
         guard.armed = false;
@@ -1937,6 +2120,10 @@ impl Store for EtcdStore {
             .lock()
             .ok()
             .map(|h| h.keys().cloned().collect())
+    }
+
+    fn wait_notes(&self) -> broadcast::Receiver<WaitNote> {
+        self.inner.notes.subscribe()
     }
 
     fn stale_holders(&self) -> Vec<ProcessKey> {
