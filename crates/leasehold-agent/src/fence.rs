@@ -212,6 +212,8 @@ mod tests {
             ttl: Duration::from_secs(2),
             renewed_sent_at: Some(sent),
             expired: false,
+            latencies: Vec::new(),
+            failed_renewals: 0,
         };
         assert_eq!(
             fence_at(&s, &timing),

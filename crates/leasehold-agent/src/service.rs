@@ -24,6 +24,9 @@ use crate::holds::{Holds, Note, Registration};
 use crate::procfs::{self, ProcError, ProcessInfo};
 use crate::watcher::{Prepared, Watcher};
 
+/// How long `status` waits for the backend's counts before answering without them.
+const STATUS_LIST_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// How often a waiting request is told who is in its way.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
@@ -570,12 +573,56 @@ impl<S: Store> pb::leasehold_server::Leasehold for Service<S> {
         &self,
         _req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        let views: Vec<ResourceView> = self.store.list().await.map_err(status_of)?;
+        // The backend may not answer (etcd unreachable): the session is still reported, and
+        // the counts are said to be missing, not zero.
+        let listed = match tokio::time::timeout(STATUS_LIST_TIMEOUT, self.store.list()).await {
+            Ok(Ok(views)) => Ok(views),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!(
+                "the backend did not answer in {STATUS_LIST_TIMEOUT:?}"
+            )),
+        };
+        let views: &[ResourceView] = listed.as_deref().unwrap_or_default();
         let leases = views.iter().map(|v| v.holders.len() as u64).sum();
         let processes: std::collections::BTreeSet<&ProcessKey> = views
             .iter()
             .flat_map(|v| v.holders.iter().map(|l| &l.owner.process))
             .collect();
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let state = self.store.session().map(|rx| rx.borrow().clone());
+        let now = Instant::now();
+        let safe_for = state
+            .as_ref()
+            .filter(|s| !s.expired)
+            .and_then(|s| s.safe_until())
+            .map(|t| t.saturating_duration_since(now));
+        let session = match &state {
+            None => "local (the agent is the only authority on this host; no expiry)".into(),
+            Some(s) if s.expired => {
+                format!("etcd lease {:x} has ended; opening a new session", s.id.0)
+            }
+            Some(s) => format!(
+                "etcd lease {:x}, ttl {}, safe for {}",
+                s.id.0,
+                humantime::format_duration(s.ttl),
+                humantime::format_duration(Duration::from_millis(ms(safe_for.unwrap_or_default())))
+            ),
+        };
+        let host_session = state.map(|s| pb::HostSession {
+            lease_id: s.id.0,
+            ttl_ms: ms(s.ttl),
+            last_renewal_ms_ago: s
+                .renewed_sent_at
+                .map(|t| ms(now.saturating_duration_since(t))),
+            safe_for_ms: safe_for.map(ms),
+            renewal_latency_us: s
+                .latencies
+                .iter()
+                .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+                .collect(),
+            expired: s.expired,
+            failed_renewals: s.failed_renewals,
+        });
         Ok(Response::new(pb::StatusResponse {
             host: self.config.host_id.to_string(),
             backend: self.config.backend.to_string(),
@@ -588,8 +635,10 @@ impl<S: Store> pb::leasehold_server::Leasehold for Service<S> {
             leases,
             processes: processes.len() as u64,
             dirty: views.iter().filter(|v| v.dirty.is_some()).count() as u64,
-            session: "local (the agent is the only authority on this host; no expiry)".into(),
-            safe_for_ms: None,
+            session,
+            safe_for_ms: safe_for.map(ms),
+            host_session,
+            backend_error: listed.err(),
         }))
     }
 

@@ -95,6 +95,10 @@ pub struct SessionState {
     pub renewed_sent_at: Option<std::time::Instant>,
     /// Whether the backend said the session is gone; a new one follows when it can.
     pub expired: bool,
+    /// Round trips of the most recent confirmed renewals, oldest first.
+    pub latencies: Vec<std::time::Duration>,
+    /// Renewals that failed since the last one confirmed.
+    pub failed_renewals: u64,
 }
 
 impl SessionState {

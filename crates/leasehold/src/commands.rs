@@ -338,6 +338,13 @@ pub async fn status(json_out: bool, socket: &Option<PathBuf>) -> Result<u8, Fail
                 "uptime_ms": s.uptime_ms, "state_dir": s.state_dir, "socket": s.socket,
                 "resources": s.resources, "leases": s.leases, "processes": s.processes,
                 "dirty": s.dirty, "session": s.session, "safe_for_ms": s.safe_for_ms,
+                "backend_error": s.backend_error,
+                "host_session": s.host_session.as_ref().map(|h| json!({
+                    "lease_id": format!("{:x}", h.lease_id), "ttl_ms": h.ttl_ms,
+                    "last_renewal_ms_ago": h.last_renewal_ms_ago, "safe_for_ms": h.safe_for_ms,
+                    "renewal_latency_us": h.renewal_latency_us, "expired": h.expired,
+                    "failed_renewals": h.failed_renewals,
+                })),
             })
         );
         return Ok(0);
@@ -352,11 +359,28 @@ pub async fn status(json_out: bool, socket: &Option<PathBuf>) -> Result<u8, Fail
     );
     println!("  socket:   {}", s.socket);
     println!("  state:    {}", s.state_dir);
-    println!(
-        "  leases:   {} held by {} processes, on {} known resources; {} dirty",
-        s.leases, s.processes, s.resources, s.dirty
-    );
+    match &s.backend_error {
+        None => println!(
+            "  leases:   {} held by {} processes, on {} known resources; {} dirty",
+            s.leases, s.processes, s.resources, s.dirty
+        ),
+        Some(e) => println!("  leases:   unknown: {e}"),
+    }
     println!("  session:  {}", s.session);
+    if let Some(h) = &s.host_session {
+        let ms = |v: u64| humantime::format_duration(Duration::from_millis(v)).to_string();
+        println!(
+            "  last renewal confirmed: {} ago; {} renewals failed since",
+            h.last_renewal_ms_ago.map_or_else(|| "never".into(), ms),
+            h.failed_renewals
+        );
+        let lat: Vec<String> = h
+            .renewal_latency_us
+            .iter()
+            .map(|us| format!("{:.1}ms", *us as f64 / 1000.0))
+            .collect();
+        println!("  recent renewal round trips: {}", lat.join(" "));
+    }
     Ok(0)
 }
 

@@ -261,3 +261,58 @@ fn ten_thousand_leases_cost_one_keep_alive_per_renew_interval() {
         after - before
     );
 }
+
+// Issue 8 item 6: `status` shows the real etcd session, also while etcd does not answer, and
+// the agent keeps saying so in its log while renewals fail.
+#[test]
+fn status_shows_the_host_session_also_while_etcd_is_unreachable() {
+    let etcd = Etcd::start();
+    let p = prefix();
+    let a = Agent::on_etcd("host-a", &etcd.endpoint(), &p, &[], &[]);
+    let status = || -> serde_json::Value {
+        let out = a.lh(&["status", "--json"]);
+        expect_code(&out, 0);
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    wait_until(
+        "two renewals are confirmed",
+        Duration::from_secs(15),
+        || {
+            status()["host_session"]["renewal_latency_us"]
+                .as_array()
+                .is_some_and(|l| l.len() >= 2)
+        },
+    );
+    let s = status();
+    let h = &s["host_session"];
+    let out = etcd.etcdctl(&["get", &format!("{p}hosts/host-a"), "-w", "json"]);
+    let key: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let lease = format!("{:x}", key["kvs"][0]["lease"].as_i64().unwrap());
+    assert_eq!(h["lease_id"], lease.as_str(), "{s}");
+    assert_eq!(h["ttl_ms"], 3000, "{s}");
+    assert!(h["last_renewal_ms_ago"].as_u64().unwrap() < 3000, "{s}");
+    assert!(h["safe_for_ms"].as_u64().unwrap() > 0, "{s}");
+    assert_eq!(h["expired"], false, "{s}");
+    assert!(s["backend_error"].is_null(), "{s}");
+
+    etcd.stop();
+    let warning = "etcd is not answering session renewals";
+    wait_until("the agent warns twice", Duration::from_secs(15), || {
+        a.log().matches(warning).count() >= 2
+    });
+    let s = status();
+    let out = a.lh(&["status"]);
+    etcd.cont();
+    let h = &s["host_session"];
+    assert_eq!(h["lease_id"], lease.as_str(), "{s}");
+    assert!(h["failed_renewals"].as_u64().unwrap() >= 1, "{s}");
+    assert!(h["last_renewal_ms_ago"].as_u64().unwrap() >= 1000, "{s}");
+    assert!(s["backend_error"].is_string(), "{s}");
+    expect_code(&out, 0);
+    let text_out = text(&out.stdout);
+    assert!(
+        text_out.contains(&format!("etcd lease {lease}")),
+        "{text_out}"
+    );
+    assert!(text_out.contains("leases:   unknown"), "{text_out}");
+}

@@ -44,6 +44,12 @@ const BLOCKED: Time = Time(u64::MAX);
 /// etcd refuses transactions with more than this many compares or operations by default.
 const MAX_TXN_OPS: usize = 128;
 
+/// How many recent renewal round trips the session state keeps, for `status`.
+const RECENT_RENEWALS: usize = 10;
+
+/// How often the agent repeats its warning while etcd does not answer renewals.
+const UNREACHABLE_WARN_EVERY: Duration = Duration::from_secs(2);
+
 /// How often the waiter service looks again even without a change seen.
 const WAITER_POLL: Duration = Duration::from_secs(1);
 
@@ -283,6 +289,8 @@ impl EtcdStore {
             ttl,
             renewed_sent_at: Some(renewed),
             expired: false,
+            latencies: Vec::new(),
+            failed_renewals: 0,
         });
         let (events, _) = broadcast::channel(4096);
         let inner = Arc::new(Inner {
@@ -454,6 +462,8 @@ fn fmt_ms(ms: u64) -> String {
 /// is gone, opens a new one.
 async fn keep_session(inner: Arc<Inner>) {
     let mut next = tokio::time::Instant::now() + inner.opts.renew;
+    // When the last "renewals failing" warning was logged, while they fail.
+    let mut warned: Option<Instant> = None;
     loop {
         tokio::time::sleep_until(next).await;
         let state = inner.session.borrow().clone();
@@ -466,6 +476,8 @@ async fn keep_session(inner: Arc<Inner>) {
                         ttl,
                         renewed_sent_at: Some(sent),
                         expired: false,
+                        latencies: Vec::new(),
+                        failed_renewals: 0,
                     });
                     inner.changed.notify_waiters();
                     next = tokio::time::Instant::now() + inner.opts.renew;
@@ -483,7 +495,15 @@ async fn keep_session(inner: Arc<Inner>) {
                 inner.session.send_modify(|s| {
                     s.renewed_sent_at = Some(sent);
                     s.ttl = granted(ttl);
+                    s.failed_renewals = 0;
+                    if s.latencies.len() >= RECENT_RENEWALS {
+                        s.latencies.remove(0);
+                    }
+                    s.latencies.push(sent.elapsed());
                 });
+                if warned.take().is_some() {
+                    info!(lease, "session renewals confirmed again");
+                }
                 next = tokio::time::Instant::from_std(sent) + inner.opts.renew;
             }
             Ok(_) => {
@@ -491,7 +511,17 @@ async fn keep_session(inner: Arc<Inner>) {
                 next = tokio::time::Instant::now();
             }
             Err(e) => {
-                debug!(error = %e, "session renewal failed; retrying");
+                inner.session.send_modify(|s| s.failed_renewals += 1);
+                // Say so every few seconds while it lasts, not only at the fence.
+                if warned.is_none_or(|w: Instant| w.elapsed() >= UNREACHABLE_WARN_EVERY) {
+                    warned = Some(Instant::now());
+                    let st = inner.session.borrow().clone();
+                    let since = st.renewed_sent_at.map(|t| t.elapsed());
+                    let safe_for = st
+                        .safe_until()
+                        .map(|t| t.saturating_duration_since(Instant::now()));
+                    warn!(error = %e, lease, failed = st.failed_renewals, since_last_confirmed = ?since, safe_for = ?safe_for, "etcd is not answering session renewals; holders are fenced if this lasts");
+                }
                 next = tokio::time::Instant::now() + Duration::from_millis(250);
             }
         }
