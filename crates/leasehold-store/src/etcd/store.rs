@@ -520,7 +520,7 @@ async fn keep_session(inner: Arc<Inner>) {
                     let safe_for = st
                         .safe_until()
                         .map(|t| t.saturating_duration_since(Instant::now()));
-                    warn!(error = %e, lease, failed = st.failed_renewals, since_last_confirmed = ?since, safe_for = ?safe_for, "etcd is not answering session renewals; holders are fenced if this lasts");
+                    warn!(error = %e, lease, failed = st.failed_renewals, since_last_confirmed = ?since, safe_for = ?safe_for, "etcd is not answering session renewals; local holders are killed at the deadline if this lasts");
                 }
                 next = tokio::time::Instant::now() + Duration::from_millis(250);
             }
