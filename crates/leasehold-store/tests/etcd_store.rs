@@ -550,3 +550,57 @@ async fn waiters(s: &EtcdStore, r: &ResourceName) -> usize {
         .unwrap()
         .map_or(0, |v| v.waiters.len())
 }
+
+/// Issue 8 item 3: a request waiting for a resource whose record is then damaged is granted
+/// nothing, and when its wait ends it is told why, with the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_for_a_damaged_record_ends_naming_it() {
+    let etcd = Etcd::start();
+    let a = store(&etcd, "a").await;
+    let b = std::sync::Arc::new(store(&etcd, "b").await);
+    let holder = Owner::new(a.host().clone(), 10, 1);
+    a.acquire(AcquireSpec::new(
+        holder.clone(),
+        [(res("disk"), Mode::Exclusive)],
+    ))
+    .await
+    .unwrap();
+    let mut b_events = b.subscribe();
+    let waiting = {
+        let b = std::sync::Arc::clone(&b);
+        tokio::spawn(async move {
+            let w = Owner::new(b.host().clone(), 20, 1);
+            b.acquire(
+                AcquireSpec::new(w, [(res("disk"), Mode::Exclusive)])
+                    .accept_dirty()
+                    .wait(std::time::Duration::from_secs(3)),
+            )
+            .await
+        })
+    };
+    // Once b's request is queued, a's holder goes and the record is damaged.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while b
+        .inspect(res("disk"))
+        .await
+        .unwrap()
+        .unwrap()
+        .waiters
+        .is_empty()
+    {
+        assert!(std::time::Instant::now() < deadline, "b never queued");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    etcdctl(&etcd, &["put", &record_key("disk"), "junk"]);
+    a.release(res("disk"), holder.process, ReleaseKind::Clean)
+        .await
+        .unwrap_err();
+    let e = waiting.await.unwrap().unwrap_err();
+    assert_bad_record(&e, "disk");
+    while let Ok(ev) = b_events.try_recv() {
+        assert!(
+            !matches!(ev, leasehold_core::Event::Granted { .. }),
+            "granted on a damaged record: {ev:?}"
+        );
+    }
+}

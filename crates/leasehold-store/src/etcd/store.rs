@@ -1958,12 +1958,15 @@ impl Store for EtcdStore {
                 if let Some(grants) = granted {
                     return Ok(grants);
                 }
-                let c = self
+                let c = match self
                     .conflict(spec.owner.process.clone(), spec.items.clone())
                     .await
-                    .ok()
-                    .flatten()
-                    .map_or_else(|| Conflict::unknown(spec.items[0].0.clone()), |(c, _)| c);
+                {
+                    // What kept it waiting: a record that cannot be trusted.
+                    Err(e @ StoreError::BadRecord { .. }) => return Err(e),
+                    r => r.ok().flatten(),
+                };
+                let c = c.map_or_else(|| Conflict::unknown(spec.items[0].0.clone()), |(c, _)| c);
                 return Err(StoreError::TimedOut(c));
             }
         };
@@ -2066,6 +2069,13 @@ impl Store for EtcdStore {
     ) -> Result<Option<(Conflict, Option<Duration>)>, StoreError> {
         let names: BTreeSet<ResourceName> = items.iter().map(|(r, _)| r.clone()).collect();
         let snap = self.inner.snapshot(&names).await?;
+        if let Some((name, detail)) = snap
+            .res
+            .iter()
+            .find_map(|(n, rs)| rs.bad.as_ref().map(|d| (n, d)))
+        {
+            return Err(self.inner.bad_record(name, detail));
+        }
         let now = self.inner.now();
         let engine = self.inner.engine(&snap, &BTreeSet::new(), now);
         // The grace is etcd's to end; what is left of it is not known here, at most `grace`.
