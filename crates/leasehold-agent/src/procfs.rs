@@ -17,6 +17,16 @@ pub struct ProcessInfo {
     pub uid: u32,
     /// Its command name (`/proc/PID/comm`).
     pub command: String,
+    /// Its state letter (field 3 of `/proc/PID/stat`): `Z` for a zombie, `X` for dead.
+    pub state: char,
+}
+
+impl ProcessInfo {
+    /// Whether it has exited (a zombie not yet reaped by its parent, or dead): `/proc` still
+    /// describes it, but nothing runs.
+    pub fn exited(&self) -> bool {
+        matches!(self.state, 'Z' | 'X')
+    }
 }
 
 /// Why a process could not be looked at.
@@ -144,11 +154,13 @@ impl ProcessInfo {
         };
         let start_time = parse_start_time(&text).ok_or_else(|| bad("start time"))?;
         let command = parse_command(&text).ok_or_else(|| bad("command name"))?;
+        let state = parse_state(&text).ok_or_else(|| bad("state"))?;
         Ok(ProcessInfo {
             pid,
             start_time,
             uid,
             command,
+            state,
         })
     }
 }
@@ -159,6 +171,33 @@ fn parse_command(stat: &str) -> Option<String> {
     let open = stat.find('(')?;
     let close = stat.rfind(')')?;
     (open < close).then(|| stat[open + 1..close].to_owned())
+}
+
+/// Field 3 of a `/proc/PID/stat` line: the state letter, after the command name.
+fn parse_state(stat: &str) -> Option<char> {
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .next()?
+        .chars()
+        .next()
+}
+
+/// When `pid` is a thread other than its process's main thread, the process it belongs to
+/// (its thread group id). `/proc/TID` answers for such a thread too, but it is no process:
+/// a lease held for it could not be watched.
+pub fn thread_of(pid: u32) -> Option<u32> {
+    let p = Pid::from_raw(i32::try_from(pid).ok()?)?;
+    // pidfd_open refuses a thread that leads no thread group (EINVAL, or ENOENT on newer
+    // kernels): a cheap test that reads nothing for the usual case.
+    match pidfd_open(p, PidfdFlags::empty()) {
+        Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOENT) => read_proc(pid, "status")
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("Tgid:"))
+            .and_then(|t| t.trim().parse().ok())
+            .filter(|t| *t != pid),
+        _ => None,
+    }
 }
 
 /// The real user id of `pid`, from `/proc/PID/status` (dearer to read than [`ProcessInfo`]).
@@ -255,6 +294,7 @@ mod tests {
         assert_eq!(parse_start_time(stat), Some(987_654));
         assert_eq!(parse_start_time("garbage"), None);
         assert_eq!(parse_command(stat).as_deref(), Some("a) b (c)"));
+        assert_eq!(parse_state(stat), Some('S'));
     }
 
     #[test]
@@ -273,6 +313,33 @@ mod tests {
             Pidfd::open(me.pid, me.start_time + 1),
             Err(ProcError::Reused { .. })
         ));
+    }
+
+    #[test]
+    fn a_thread_names_its_process_and_a_zombie_has_exited() {
+        let me = std::process::id();
+        assert_eq!(thread_of(me), None);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            tx.send(rustix::thread::gettid().as_raw_nonzero().get() as u32)
+                .unwrap();
+            let _ = done_rx.recv();
+        });
+        let tid = rx.recv().unwrap();
+        assert_eq!(thread_of(tid), Some(me));
+        done_tx.send(()).unwrap();
+        t.join().unwrap();
+
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Not reaped yet: a zombie once it has exited.
+        let zombie = (0..2000).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            ProcessInfo::read(pid).is_ok_and(|i| i.exited())
+        });
+        assert!(zombie, "the unreaped child shows as exited");
+        child.wait().unwrap();
     }
 
     #[test]

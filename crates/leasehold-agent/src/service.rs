@@ -12,7 +12,7 @@ use leasehold_core::{
     ReleaseKind, ResourceName, ResourceView, Token, check_free_text,
 };
 use leasehold_store::{AcquireSpec, Store, StoreError};
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::UdsConnectInfo;
@@ -42,6 +42,47 @@ pub struct Service<S> {
     agent_events: broadcast::Sender<pb::Event>,
     config: Arc<Config>,
     started: Instant,
+    confirms: Arc<Confirms>,
+}
+
+/// Grants sent to clients and not yet confirmed by them (`Confirm`), by confirm id.
+#[derive(Default)]
+struct Confirms {
+    next: std::sync::atomic::AtomicU64,
+    waiting: std::sync::Mutex<std::collections::HashMap<u64, (u32, oneshot::Sender<()>)>>,
+}
+
+impl Confirms {
+    /// A new confirm id for a grant to a client of `uid`, and what tells it is confirmed.
+    fn register(&self, uid: u32) -> (u64, oneshot::Receiver<()>) {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut w) = self.waiting.lock() {
+            w.insert(id, (uid, tx));
+        }
+        (id, rx)
+    }
+
+    fn forget(&self, id: u64) {
+        if let Ok(mut w) = self.waiting.lock() {
+            w.remove(&id);
+        }
+    }
+
+    /// Confirms grant `id` for a caller of `uid`: only the caller that asked for it may.
+    fn confirm(&self, id: u64, uid: u32) -> bool {
+        let Ok(mut w) = self.waiting.lock() else {
+            return false;
+        };
+        match w.remove(&id) {
+            Some((owner, tx)) if owner == uid || uid == 0 => tx.send(()).is_ok(),
+            Some(entry) => {
+                w.insert(id, entry);
+                false
+            }
+            None => false,
+        }
+    }
 }
 
 impl<S> Clone for Service<S> {
@@ -54,6 +95,7 @@ impl<S> Clone for Service<S> {
             agent_events: self.agent_events.clone(),
             config: self.config.clone(),
             started: self.started,
+            confirms: self.confirms.clone(),
         }
     }
 }
@@ -85,6 +127,7 @@ impl<S: Store> Service<S> {
             agent_events,
             config,
             started: Instant::now(),
+            confirms: Arc::default(),
         }
     }
 
@@ -176,6 +219,24 @@ impl<S: Store> Service<S> {
     fn who(&self, c: &Caller) -> String {
         format!("{} on {}", user_name(c.uid), self.config.host_id)
     }
+}
+
+/// A lease is held for a running process: not for a zombie (it has exited; the lease would
+/// end at once, dirty), nor for a thread other than the main one (it cannot be watched).
+fn refuse_non_process(info: &ProcessInfo) -> Result<(), Status> {
+    let pid = info.pid;
+    if info.exited() {
+        return Err(Status::failed_precondition(format!(
+            "pid {pid} ({}) has exited; its parent has not reaped it yet. Leases are held for a running process",
+            info.command
+        )));
+    }
+    if let Some(process) = procfs::thread_of(pid) {
+        return Err(Status::invalid_argument(format!(
+            "pid {pid} is a thread of process {process}, not a process; leases are held by processes: pass --pid {process}"
+        )));
+    }
+    Ok(())
 }
 
 fn log_released(r: &leasehold_core::Released, pid: u32) {
@@ -284,6 +345,7 @@ impl<S: Store> pb::leasehold_server::Leasehold for Service<S> {
             .map(|i| Ok((resource(i.resource)?, mode_from_wire(i.mode).map_err(bad)?)))
             .collect::<Result<Vec<_>, Status>>()?;
         let info = self.target(&c, r.pid, r.start_time)?;
+        refuse_non_process(&info)?;
         let owner = Owner {
             process: ProcessKey {
                 host: self.config.host_id.clone(),
@@ -367,15 +429,41 @@ impl<S: Store> pb::leasehold_server::Leasehold for Service<S> {
                     "granted"
                 );
             }
+            // New leases count only once the client confirms it received them: one that
+            // went away as it was granted (a withdrawn wait) must not leave them behind.
+            let fresh: Vec<ResourceName> = grants
+                .iter()
+                .filter(|g| !g.existing)
+                .map(|g| g.resource.clone())
+                .collect();
+            let (confirm_id, confirmed) = match fresh.is_empty() {
+                true => (0, None),
+                false => {
+                    let (id, rx) = me.confirms.register(c.uid);
+                    (id, Some(rx))
+                }
+            };
             let granted = pb::Granted {
                 grants: grants.iter().map(pb::Grant::from).collect(),
                 owner: Some((&owner).into()),
+                confirm_id,
             };
-            if tx
+            let sent = tx
                 .send(event(pb::acquire_event::Event::Granted(granted)))
                 .await
-                .is_err()
-            {
+                .is_ok();
+            let kept = match confirmed {
+                None => sent,
+                Some(rx) if sent => tokio::select! {
+                    biased;
+                    r = rx => r.is_ok(),
+                    () = tx.closed() => false,
+                },
+                Some(_) => false,
+            };
+            if !kept {
+                me.confirms.forget(confirm_id);
+                me.undo_unconfirmed(&owner.process, fresh).await;
                 return;
             }
             if let Some(registration) = registration {
@@ -642,6 +730,20 @@ impl<S: Store> pb::leasehold_server::Leasehold for Service<S> {
         }))
     }
 
+    async fn confirm(
+        &self,
+        req: Request<pb::ConfirmRequest>,
+    ) -> Result<Response<pb::ConfirmResponse>, Status> {
+        let c = Self::caller(&req)?;
+        let id = req.into_inner().confirm_id;
+        if self.confirms.confirm(id, c.uid) {
+            return Ok(Response::new(pb::ConfirmResponse {}));
+        }
+        Err(Status::failed_precondition(format!(
+            "no grant {id} of yours awaits confirmation: its acquire stream closed first, so it was released; acquire again"
+        )))
+    }
+
     async fn watch(
         &self,
         req: Request<pb::WatchRequest>,
@@ -717,6 +819,30 @@ impl<S: Store> Service<S> {
                     )));
                 }
                 Err(e) => return Err(Status::internal(e.to_string())),
+            }
+        }
+    }
+
+    /// Releases, clean, the new leases of a grant whose client went away before confirming
+    /// it: nobody learnt their tokens, so nothing was written under them.
+    async fn undo_unconfirmed(&self, process: &ProcessKey, fresh: Vec<ResourceName>) {
+        for r in fresh {
+            match self
+                .store
+                .release(r.clone(), process.clone(), ReleaseKind::Clean)
+                .await
+            {
+                Ok(_) => warn!(
+                    resource = %r,
+                    pid = process.pid,
+                    "released a grant its client went away without confirming"
+                ),
+                Err(e) => warn!(
+                    resource = %r,
+                    pid = process.pid,
+                    error = %e,
+                    "a grant its client never confirmed could not be released"
+                ),
             }
         }
     }

@@ -231,6 +231,8 @@ pub struct Granted {
 /// An acquire in progress: its events, until granted or refused, and with `hold`, after.
 pub struct Acquisition {
     stream: tonic::Streaming<pb::AcquireEvent>,
+    /// To confirm the grant: the agent releases a grant it hears no confirmation of.
+    client: pb::leasehold_client::LeaseholdClient<Channel>,
 }
 
 impl Acquisition {
@@ -257,14 +259,25 @@ impl Acquisition {
                     waited: Duration::from_millis(w.waited_ms),
                 }))
             }
-            Some(E::Granted(g)) => Ok(Some(AcquireEvent::Granted(Granted {
-                grants: g
-                    .grants
-                    .into_iter()
-                    .map(Grant::try_from)
-                    .collect::<Result<_, _>>()?,
-                owner: Owner::try_from(g.owner.ok_or(WireError::Missing("owner"))?)?,
-            }))),
+            Some(E::Granted(g)) => {
+                let granted = Granted {
+                    grants: g
+                        .grants
+                        .into_iter()
+                        .map(Grant::try_from)
+                        .collect::<Result<_, _>>()?,
+                    owner: Owner::try_from(g.owner.ok_or(WireError::Missing("owner"))?)?,
+                };
+                // Received: say so, or the agent releases the grant when the stream closes.
+                if g.confirm_id != 0 {
+                    self.client
+                        .confirm(pb::ConfirmRequest {
+                            confirm_id: g.confirm_id,
+                        })
+                        .await?;
+                }
+                Ok(Some(AcquireEvent::Granted(granted)))
+            }
             Some(E::Refused(r)) => Err(ClientError::Refused(Box::new(Refusal::try_from(r)?))),
             Some(E::Safe(s)) => Ok(Some(AcquireEvent::Safe {
                 until_monotonic_ns: s.until_monotonic_ns,
@@ -370,7 +383,10 @@ impl Client {
             hold: o.hold,
         };
         let stream = self.inner.acquire(req).await?.into_inner();
-        Ok(Acquisition { stream })
+        Ok(Acquisition {
+            stream,
+            client: self.inner.clone(),
+        })
     }
 
     /// Acquires and waits for the outcome.

@@ -759,10 +759,7 @@ impl Worker {
         for answer in answers {
             match answer(failed.as_ref()) {
                 Some(Cleanup::Release(v)) => self.orphans.extend(v),
-                Some(Cleanup::Abandon(id)) => {
-                    self.pending.remove(&id);
-                    self.engine.cancel_wait(id, now);
-                }
+                Some(Cleanup::Abandon(id)) => self.abandon(id, now),
                 None => {}
             }
         }
@@ -770,6 +767,15 @@ impl Worker {
             return;
         }
         self.deliver(out);
+    }
+
+    /// Withdraws a waiter whose caller went away. One the engine already decided in this
+    /// batch keeps its pending entry, so that `deliver` finds its caller gone and releases
+    /// what it was granted: dropping the entry here would leave that grant to nobody.
+    fn abandon(&mut self, id: WaiterId, now: Now) {
+        if self.engine.cancel_wait(id, now) {
+            self.pending.remove(&id);
+        }
     }
 
     /// Answers waiters decided in this batch and publishes its events.
@@ -850,10 +856,7 @@ impl Worker {
                 };
                 defer(answers, reply, Ok(conflict));
             }
-            Cmd::Abandon(id) => {
-                self.pending.remove(&id);
-                self.engine.cancel_wait(id, now);
-            }
+            Cmd::Abandon(id) => self.abandon(id, now),
             Cmd::ReleaseOrphans(v) => self.orphans.extend(v),
             Cmd::Release {
                 resource,

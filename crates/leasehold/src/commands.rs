@@ -102,13 +102,23 @@ fn parent() -> Result<(u32, Option<u64>), Failure> {
     let ppid = rustix::process::getppid()
         .map(|p| p.as_raw_nonzero().get() as u32)
         .ok_or_else(|| {
-            Failure::error("this process has no parent to hold the lease; pass --pid")
+            Failure::usage("this process has no parent to hold the lease; pass --pid")
         })?;
+    // Reparented to init: the shell that ran this has exited, or this runs straight under
+    // init. A lease for pid 1 would never end.
+    if ppid == 1 {
+        return Err(Failure::usage(
+            "the parent of this process is pid 1 (init): the shell that started it has gone, so nothing would ever release the lease\n  pass --pid PID of the process that will hold it",
+        ));
+    }
     Ok((ppid, leasehold_agent::procfs::start_time(ppid).ok()))
 }
 
 fn holder(pid: Option<u32>) -> Result<(u32, Option<u64>), Failure> {
     match pid {
+        Some(0) => Err(Failure::usage(
+            "--pid 0 names no process; pass the pid of the running process that holds the lease, or leave --pid out for the calling shell",
+        )),
         Some(p) => Ok((p, leasehold_agent::procfs::start_time(p).ok())),
         None => parent(),
     }

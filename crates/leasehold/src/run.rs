@@ -126,6 +126,20 @@ pub async fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
     };
     let status = match supervise(&a.command, &tokens, hold).await? {
         Outcome::Exited(status) => status,
+        Outcome::NotStarted { prog, error } => {
+            // Nothing ran, so nothing was written: release clean.
+            let released = release(&mut client, socket, &all, true, None).await;
+            let after = match released {
+                Ok(()) => "the leases were released clean (nothing ran)".to_owned(),
+                Err(f) => format!("releasing the leases failed: {}", f.message),
+            };
+            let (code, why) = match error.kind() {
+                std::io::ErrorKind::NotFound => (127, "command not found".to_owned()),
+                _ => (126, error.to_string()),
+            };
+            eprintln!("leasehold: cannot run {}: {why}; {after}", quote(&prog));
+            return Ok(code);
+        }
         Outcome::Unconfirmed { status } => {
             eprintln!(
                 "leasehold: the agent did not confirm the leases in time (host cut off, or agent hung or gone); killed the command so it cannot write past them"
@@ -208,6 +222,11 @@ async fn check_dirty(client: &mut Client, granted: &Granted, check: &str) -> Res
 
 enum Outcome {
     Exited(ExitStatus),
+    /// The command could not be started (not found: 127; not executable: 126).
+    NotStarted {
+        prog: String,
+        error: std::io::Error,
+    },
     Lost {
         status: ExitStatus,
         resource: ResourceName,
@@ -311,9 +330,15 @@ async fn supervise(
             Ok(())
         });
     }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| Failure::error(format!("starting {}: {e}", quote(&prog.to_string_lossy()))))?;
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(error) => {
+            return Ok(Outcome::NotStarted {
+                prog: prog.to_string_lossy().into_owned(),
+                error,
+            });
+        }
+    };
     let pid = child
         .id()
         .and_then(|p| Pid::from_raw(p as i32))

@@ -1,0 +1,212 @@
+//! No stray or phantom leases (issue 8 item 12): a lease goes only to a running process that
+//! asked for it, and a grant that nobody can use is undone.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+/// Asserts that `r` is neither held nor dirty (and that a refusal changed nothing).
+#[track_caller]
+fn untouched(a: &Agent, r: &str) {
+    assert!(a.holders(r).is_empty(), "{r} is held: {:?}", a.inspect(r));
+    assert!(!a.is_dirty(r), "{r} is dirty: {:?}", a.inspect(r));
+}
+
+#[test]
+fn pid_0_is_refused_as_usage() {
+    let a = Agent::start();
+    for args in [
+        &["acquire", "disk", "--pid", "0"][..],
+        &["release", "disk", "--pid", "0"][..],
+    ] {
+        let out = a.lh(args);
+        expect_code(&out, 2);
+        assert!(
+            text(&out.stderr).contains("--pid 0"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
+    untouched(&a, "disk");
+}
+
+// A shell that ran straight under init, or whose parent left: `acquire` without --pid would
+// give the lease to pid 1, which never exits. Pid 1 here is the shell of a new pid namespace.
+#[test]
+fn an_acquire_whose_parent_is_init_is_refused() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: needs root for a pid namespace");
+        return;
+    }
+    let a = Agent::start();
+    let out = Command::new("unshare")
+        .args([
+            "--pid",
+            "--fork",
+            "sh",
+            "-c",
+            "\"$0\" acquire disk; exit $?",
+        ])
+        .arg(bin())
+        .env("LEASEHOLD_SOCKET", &a.socket)
+        .output()
+        .unwrap();
+    expect_code(&out, 2);
+    let err = text(&out.stderr);
+    assert!(err.contains("pid 1") && err.contains("--pid"), "{err}");
+    untouched(&a, "disk");
+}
+
+#[test]
+fn a_thread_id_is_refused_naming_its_process() {
+    let a = Agent::start();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let t = std::thread::spawn(move || {
+        tx.send(rustix::thread::gettid().as_raw_nonzero().get())
+            .unwrap();
+        let _ = done_rx.recv();
+    });
+    let tid = rx.recv().unwrap().to_string();
+    let out = a.lh(&["acquire", "disk", "--pid", &tid]);
+    expect_code(&out, 1);
+    let err = text(&out.stderr);
+    let me = format!("thread of process {}", std::process::id());
+    assert!(err.contains(&me), "{err}");
+    untouched(&a, "disk");
+    done_tx.send(()).unwrap();
+    t.join().unwrap();
+}
+
+#[test]
+fn a_zombie_is_refused() {
+    let a = Agent::start();
+    let mut child = Command::new("true").spawn().unwrap();
+    let pid = child.id();
+    wait_until("the child is a zombie", Duration::from_secs(10), || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+    });
+    let out = a.lh(&["acquire", "disk", "--pid", &pid.to_string()]);
+    expect_code(&out, 1);
+    assert!(
+        text(&out.stderr).contains("has exited"),
+        "{}",
+        text(&out.stderr)
+    );
+    untouched(&a, "disk");
+    child.wait().unwrap();
+}
+
+// Nothing ran, so nothing was written: the leases are released clean, with the shell's exit
+// codes (127 not found, 126 not executable).
+#[test]
+fn run_of_a_command_that_cannot_start_releases_clean() {
+    let a = Agent::start();
+    let out = a.lh(&[
+        "run",
+        "--exclusive",
+        "disk",
+        "--",
+        "/nonexistent/leasehold-cmd",
+    ]);
+    expect_code(&out, 127);
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("not found") && err.contains("released clean"),
+        "{err}"
+    );
+    untouched(&a, "disk");
+
+    let file = a.path("not-executable");
+    std::fs::write(&file, "#!/bin/sh\ntrue\n").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = a.lh(&["run", "--exclusive", "disk", "--", file.to_str().unwrap()]);
+    expect_code(&out, 126);
+    untouched(&a, "disk");
+    // The resource is free for the next user at once.
+    expect_code(&a.lh(&["run", "--exclusive", "disk", "--", "true"]), 0);
+}
+
+// A client that withdraws its waiting acquire just as the agent grants it never learns the
+// token: the grant must not stay behind, held for a process that does not know it holds it.
+// The client drops the stream without reading it at varying moments around the release that
+// grants it; whichever side of the grant each drop lands, the resource must end up free and
+// clean (the agent releases a grant whose client did not confirm it).
+#[test]
+fn a_wait_withdrawn_as_it_is_granted_leaves_no_lease() {
+    use leasehold_client::{AcquireOptions, Client, ReleaseOptions};
+    use leasehold_core::{Mode, ResourceName};
+    const TRIES: u32 = 60;
+    let a = Agent::start();
+    let first = Holder::new();
+    let waiter = Holder::new();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let r = ResourceName::new("disk").unwrap();
+    let opts = |pid: u32, wait: Option<Duration>| AcquireOptions {
+        items: vec![(r.clone(), Mode::Exclusive)],
+        pid: Some(pid),
+        wait,
+        ..Default::default()
+    };
+    let free = |a: &Agent| {
+        a.inspect("disk").is_none_or(|v| {
+            v["holders"].as_array().is_some_and(Vec::is_empty)
+                && v["waiters"].as_array().is_some_and(Vec::is_empty)
+        })
+    };
+    for i in 0..TRIES {
+        wait_until("the disk is free", Duration::from_secs(10), || free(&a));
+        rt.block_on(async {
+            let mut c = Client::connect(&a.socket).await.unwrap();
+            c.acquire(opts(first.pid(), None)).await.unwrap();
+            let acq = c
+                .start_acquire(opts(waiter.pid(), Some(Duration::MAX)))
+                .await
+                .unwrap();
+            // Queued behind the first holder.
+            loop {
+                let v = c.inspect(&r).await.unwrap().unwrap();
+                if v.waiters.len() == 1 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let release = ReleaseOptions {
+                pid: Some(first.pid()),
+                ..Default::default()
+            };
+            let mut c2 = c.clone();
+            let rel = tokio::spawn(async move { c2.release(&[r_("disk")], release).await });
+            // Drop at varying moments: before, around and after the grant.
+            tokio::time::sleep(Duration::from_micros(u64::from(i % 12) * 150)).await;
+            drop(acq);
+            rel.await.unwrap().unwrap();
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !free(&a) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "try {i}: the withdrawn waiter's lease stays: {:?}\n{}",
+                a.inspect("disk"),
+                a.log()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!a.is_dirty("disk"), "try {i}: {:?}", a.inspect("disk"));
+    }
+    let undone = a.log().matches("without confirming").count();
+    eprintln!("{undone} of {TRIES} withdrawn waits were granted, sent, and undone by the agent");
+}
+
+fn r_(n: &str) -> leasehold_core::ResourceName {
+    leasehold_core::ResourceName::new(n).unwrap()
+}
