@@ -146,10 +146,6 @@ fn a_wait_withdrawn_as_it_is_granted_leaves_no_lease() {
     let a = Agent::start();
     let first = Holder::new();
     let waiter = Holder::new();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     let r = ResourceName::new("disk").unwrap();
     let opts = |pid: u32, wait: Option<Duration>| AcquireOptions {
         items: vec![(r.clone(), Mode::Exclusive)],
@@ -165,6 +161,12 @@ fn a_wait_withdrawn_as_it_is_granted_leaves_no_lease() {
     };
     for i in 0..TRIES {
         wait_until("the disk is free", Duration::from_secs(10), || free(&a));
+        // A runtime per try: dropping it closes the connection, as a client that went away
+        // does (a runtime kept but no longer driven would leave the stream open, unsent).
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async {
             let mut c = Client::connect(&a.socket).await.unwrap();
             c.acquire(opts(first.pid(), None)).await.unwrap();
@@ -191,6 +193,7 @@ fn a_wait_withdrawn_as_it_is_granted_leaves_no_lease() {
             drop(acq);
             rel.await.unwrap().unwrap();
         });
+        drop(rt);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while !free(&a) {
             assert!(
