@@ -56,6 +56,42 @@ fn never_sent(s: &tonic::Status) -> bool {
             || m.contains("transport error"))
 }
 
+/// How often an unanswered keep-alive is sent again.
+pub const KEEPALIVE_RESEND: Duration = Duration::from_millis(250);
+
+/// One keep-alive request on its own stream; the first answer's TTL.
+async fn keep_alive_attempt(
+    mut lease: rpc::lease_client::LeaseClient<Channel>,
+    id: i64,
+) -> Result<i64, EtcdError> {
+    loop {
+        // Each attempt has its own request stream; its sender lives until the answer.
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let _ = tx.send(rpc::LeaseKeepAliveRequest { id }).await;
+        let opened = lease
+            .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await;
+        let mut stream = match opened {
+            Ok(r) => r.into_inner(),
+            Err(s) if never_sent(&s) => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            Err(s) => return Err(EtcdError::from_status("keep-alive", &s)),
+        };
+        let r = stream
+            .message()
+            .await
+            .map_err(|s| EtcdError::from_status("keep-alive", &s))?;
+        drop(tx);
+        return r.map(|r| r.ttl).ok_or(EtcdError {
+            op: "keep-alive",
+            message: "the stream closed without an answer".into(),
+            transient: true,
+        });
+    }
+}
+
 /// Runs `call` until it succeeds, fails for a reason other than an unreachable member, or
 /// `timeout` passes: a balanced channel may try a member that is down before one that is up.
 async fn retrying<T, F, Fut>(
@@ -237,48 +273,42 @@ impl Etcd {
     }
 
     /// Renews lease `id` once, over a keep-alive stream; returns the TTL etcd answered (0: the
-    /// lease has expired). Bounded by the client's timeout.
+    /// lease has expired). While no answer comes, the request is sent again every
+    /// [`KEEPALIVE_RESEND`] on a new stream (which the balanced channel may route to another
+    /// member: a request stuck with a member that lost its leadership does not hold the
+    /// renewal up); the first answer wins. Bounded by the client's timeout.
     ///
     /// # Errors
     /// An [`EtcdError`], transient when etcd could not be reached in time.
     pub async fn keep_alive_once(&self, id: i64) -> Result<i64, EtcdError> {
-        let fut = async {
-            loop {
-                // Each attempt has its own request stream; its sender lives until the answer.
-                let (tx, rx) = tokio::sync::mpsc::channel(1);
-                let _ = tx.send(rpc::LeaseKeepAliveRequest { id }).await;
-                let opened = self
-                    .lease
-                    .clone()
-                    .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
-                    .await;
-                let mut stream = match opened {
-                    Ok(r) => r.into_inner(),
-                    Err(s) if never_sent(&s) => {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        continue;
-                    }
-                    Err(s) => return Err(EtcdError::from_status("keep-alive", &s)),
-                };
-                let r = stream
-                    .message()
-                    .await
-                    .map_err(|s| EtcdError::from_status("keep-alive", &s))?;
-                drop(tx);
-                return r.map(|r| r.ttl).ok_or(EtcdError {
-                    op: "keep-alive",
-                    message: "the stream closed without an answer".into(),
-                    transient: true,
-                });
+        let deadline = tokio::time::sleep(self.timeout);
+        tokio::pin!(deadline);
+        let mut attempts = tokio::task::JoinSet::new();
+        let mut resend = tokio::time::interval(KEEPALIVE_RESEND);
+        let mut last_err = None;
+        loop {
+            tokio::select! {
+                () = &mut deadline => {
+                    return Err(EtcdError {
+                        op: "keep-alive",
+                        message: match last_err {
+                            Some(e) => format!("no answer in {:?} (last: {e})", self.timeout),
+                            None => format!("no answer in {:?}", self.timeout),
+                        },
+                        transient: true,
+                    });
+                }
+                _ = resend.tick() => {
+                    attempts.spawn(keep_alive_attempt(self.lease.clone(), id));
+                }
+                Some(done) = attempts.join_next() => match done {
+                    Ok(Ok(ttl)) => return Ok(ttl),
+                    Ok(Err(e)) if !e.transient => return Err(e),
+                    Ok(Err(e)) => last_err = Some(e),
+                    Err(_) => {}
+                },
             }
-        };
-        tokio::time::timeout(self.timeout, fut)
-            .await
-            .unwrap_or(Err(EtcdError {
-                op: "keep-alive",
-                message: format!("no answer in {:?}", self.timeout),
-                transient: true,
-            }))
+        }
     }
 
     /// Watches `[key, range_end)` from `start_revision`, with previous values.
