@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use leasehold_client::{
-    AcquireEvent, AcquireOptions, Acquisition, ClientError, Granted, ReleaseOptions,
+    AcquireEvent, AcquireOptions, Acquisition, Client, ClientError, Granted, ReleaseOptions,
 };
 use leasehold_core::{Mode, Token};
 use serde_json::json;
@@ -187,6 +187,77 @@ pub async fn wait_for_grant(acq: &mut Acquisition) -> Result<Granted, ClientErro
     }
 }
 
+/// Starts an acquire and waits for its grant. While the request waits, losing the agent (it
+/// restarted, or could not reach its backend for a moment) does not end the wait: the request
+/// is made again, to the agent that answers, within the same deadline, and the caller is told.
+/// Returns the connection, the request (still open, for a hold) and the grant.
+pub async fn acquire_waiting(
+    socket: &Option<PathBuf>,
+    o: AcquireOptions,
+) -> Result<(Client, Acquisition, Granted), Failure> {
+    let deadline = o
+        .wait
+        .and_then(|w| tokio::time::Instant::now().checked_add(w));
+    let mut told = false;
+    loop {
+        let mut attempt = o.clone();
+        if let Some(d) = deadline {
+            // Never 0 ms: the wire says "forever" with 0.
+            attempt.wait = Some(
+                d.saturating_duration_since(tokio::time::Instant::now())
+                    .max(Duration::from_millis(1)),
+            );
+        }
+        let e = match try_acquire(socket, attempt).await {
+            Ok(done) => return Ok(done),
+            Err(e) => e,
+        };
+        let retry = o.wait.is_some() && lost_agent(&e);
+        if !retry {
+            return Err(e.into());
+        }
+        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            return Err(Failure {
+                code: 3,
+                message: format!(
+                    "the wait ran out while the agent could not be asked ({e}); nothing was acquired"
+                ),
+            });
+        }
+        // Once per outage: an agent that is down answers nothing until it is back.
+        if !told || !e.is_unreachable() {
+            eprintln!(
+                "leasehold: note: lost the agent while waiting ({e}); asking again, within the same deadline (the request goes to the back of the queue)"
+            );
+            told = true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn try_acquire(
+    socket: &Option<PathBuf>,
+    o: AcquireOptions,
+) -> Result<(Client, Acquisition, Granted), ClientError> {
+    let mut client = match socket {
+        Some(s) => Client::connect(s).await?,
+        None => Client::connect_default().await?,
+    };
+    let mut acq = client.start_acquire(o).await?;
+    let g = wait_for_grant(&mut acq).await?;
+    Ok((client, acq, g))
+}
+
+/// Whether `e` says the agent went away or could not serve the request for now, rather than
+/// refusing it.
+fn lost_agent(e: &ClientError) -> bool {
+    e.is_unreachable()
+        || matches!(e, ClientError::Status(s) if matches!(
+            s.code(),
+            tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::Aborted | tonic::Code::Unavailable
+        ))
+}
+
 fn tonic_unavailable() -> ClientError {
     ClientError::Status(tonic::Status::unavailable(
         "the agent closed the request before answering",
@@ -202,9 +273,9 @@ pub async fn acquire(a: AcquireArgs, socket: &Option<PathBuf>) -> Result<u8, Fai
     } else {
         Mode::Exclusive
     };
-    let mut client = connect(socket).await?;
-    let mut acq = client
-        .start_acquire(AcquireOptions {
+    let (_client, _acq, g) = acquire_waiting(
+        socket,
+        AcquireOptions {
             items: vec![(r, mode)],
             pid: Some(pid),
             start_time,
@@ -212,9 +283,9 @@ pub async fn acquire(a: AcquireArgs, socket: &Option<PathBuf>) -> Result<u8, Fai
             accept_dirty: a.accept_dirty,
             wait: a.wait,
             hold: false,
-        })
-        .await?;
-    let g = wait_for_grant(&mut acq).await?;
+        },
+    )
+    .await?;
     for grant in &g.grants {
         if let Some(d) = &grant.dirty {
             eprintln!(

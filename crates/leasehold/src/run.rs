@@ -20,7 +20,7 @@ use leasehold_core::{Mode, ResourceName, Token};
 use rustix::process::{Pid, Signal, kill_process};
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::commands::wait_for_grant;
+use crate::commands::acquire_waiting;
 use crate::output::{self, quote};
 use crate::{Failure, connect, names};
 
@@ -81,7 +81,6 @@ pub async fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
             )));
         }
     }
-    let mut client = connect(socket).await?;
     let request = AcquireOptions {
         items,
         pid: Some(std::process::id()),
@@ -91,8 +90,7 @@ pub async fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
         wait: a.wait,
         hold: true,
     };
-    let mut acq = client.start_acquire(request.clone()).await?;
-    let granted = wait_for_grant(&mut acq).await?;
+    let (mut client, acq, granted) = acquire_waiting(socket, request.clone()).await?;
     let all: Vec<ResourceName> = granted.grants.iter().map(|g| g.resource.clone()).collect();
 
     if let Some(check) = &a.check

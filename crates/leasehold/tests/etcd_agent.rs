@@ -316,3 +316,49 @@ fn status_shows_the_host_session_also_while_etcd_is_unreachable() {
     );
     assert!(text_out.contains("leases:   unknown"), "{text_out}");
 }
+
+// Regression (issue 16, item 2): a `run --wait` whose agent restarted while it waited exited
+// ("the agent closed the request"), and the dead agent's waiting keys stayed in the queue on
+// the session the new agent resumed. The wrapper must ask the restarted agent again within its
+// deadline, say so, and get the disk once it is free.
+#[test]
+fn a_run_waiting_through_an_agent_restart_asks_again_and_gets_the_disk() {
+    let etcd = Etcd::start();
+    let p = prefix();
+    let mut a = Agent::on_etcd("host-a", &etcd.endpoint(), &p, &[], &[]);
+    let holder = Holder::new();
+    expect_code(&a.lh(&["acquire", "disk", "--pid", &holder.pid_arg()]), 0);
+    let pidfile = a.path("child.pid");
+    let script = format!("echo $$ > {}; exec sleep 3600", pidfile.display());
+    let mut wrapper = a
+        .cli()
+        .args(["run", "--exclusive", "disk", "--wait=60s"])
+        .args(["--", "sh", "-c", &script])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the run waits", Duration::from_secs(10), || {
+        a.inspect("disk")
+            .is_some_and(|v| !v["waiters"].as_array().unwrap().is_empty())
+    });
+    a.restart_after_kill9();
+    expect_code(&a.lh(&["release", "disk", "--pid", &holder.pid_arg()]), 0);
+    wait_until("the command starts", Duration::from_secs(30), || {
+        if let Some(status) = wrapper.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(wrapper.stderr.as_mut().unwrap(), &mut err).unwrap();
+            panic!("the run ended ({status}) before its command started:\n{err}");
+        }
+        std::fs::read_to_string(&pidfile).is_ok_and(|s| s.ends_with('\n'))
+    });
+    let child: u32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(a.holders("disk"), vec![u64::from(wrapper.id())]);
+    signal(child, libc::SIGTERM);
+    let out = wrapper.wait_with_output().unwrap();
+    let err = text(&out.stderr);
+    assert!(err.contains("asking again"), "{err}");
+}

@@ -317,6 +317,7 @@ impl EtcdStore {
         });
         let start_rev = inner.load_mirror().await?;
         inner.load_held();
+        inner.drop_old_waiters().await?;
         let tasks = vec![
             tokio::spawn(keep_session(Arc::clone(&inner))).abort_handle(),
             tokio::spawn(follow(Arc::clone(&inner), start_rev + 1)).abort_handle(),
@@ -657,6 +658,40 @@ impl Inner {
             *mirror = m;
         }
         Ok(revision)
+    }
+
+    /// Deletes the waiting requests of this host left by an earlier agent (whose session this
+    /// one resumed): nobody waits for them here, and they would stand in every queue ahead of
+    /// the requests their callers make again.
+    async fn drop_old_waiters(&self) -> Result<(), StoreError> {
+        let old: Vec<Vec<u8>> = match self.mirror.read() {
+            Ok(m) => {
+                let from = self.keys.all_waiters();
+                m.kvs
+                    .range(from.clone()..prefix_end(&from))
+                    .filter(|(_, kv)| {
+                        serde_json::from_slice::<WaiterValue>(&kv.value)
+                            .is_ok_and(|v| v.owner.process.host == self.host)
+                    })
+                    .map(|(k, _)| k.clone())
+                    .collect()
+            }
+            Err(_) => return Ok(()),
+        };
+        for chunk in old.chunks(MAX_TXN_OPS) {
+            let mut t = Txn::new();
+            for k in chunk {
+                t = t.delete(k.clone());
+            }
+            self.etcd.txn(t).await.map_err(unavailable)?;
+        }
+        if !old.is_empty() {
+            info!(
+                keys = old.len(),
+                "dropped waiting requests of this host's previous agent; their callers ask again"
+            );
+        }
+        Ok(())
     }
 
     /// Builds the index of this host's holders, and the list of stale ones, from the mirror.
