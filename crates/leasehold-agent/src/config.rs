@@ -135,6 +135,8 @@ pub struct Config {
     pub watchdog: Option<std::path::PathBuf>,
     /// How long the watchdog takes to reset the host once it is no longer fed.
     pub watchdog_timeout: Duration,
+    /// How etcd's history is kept bounded (etcd backend).
+    pub etcd_history: leasehold_store::HistoryOptions,
 }
 
 /// Why the configuration was refused.
@@ -210,6 +212,14 @@ pub struct FileConfig {
     pub watchdog: Option<std::path::PathBuf>,
     /// See [`Config::watchdog_timeout`], as `"5s"`.
     pub watchdog_timeout: Option<String>,
+    /// How often the agents compact etcd's history, as `"1m"`, or `"off"`.
+    pub etcd_compact_every: Option<String>,
+    /// How much of etcd's history compaction keeps, as `"5m"`.
+    pub etcd_history: Option<String>,
+    /// Free, clean records unchanged this long are deleted, as `"1h"`, or `"off"`.
+    pub etcd_forget_after: Option<String>,
+    /// etcd's `--quota-backend-bytes`, as bytes or `"2GiB"`, for the warning near it.
+    pub etcd_quota: Option<String>,
 }
 
 impl FileConfig {
@@ -246,8 +256,54 @@ impl FileConfig {
             etcd_prefix: flags.etcd_prefix.or(self.etcd_prefix),
             watchdog: flags.watchdog.or(self.watchdog),
             watchdog_timeout: flags.watchdog_timeout.or(self.watchdog_timeout),
+            etcd_compact_every: flags.etcd_compact_every.or(self.etcd_compact_every),
+            etcd_history: flags.etcd_history.or(self.etcd_history),
+            etcd_forget_after: flags.etcd_forget_after.or(self.etcd_forget_after),
+            etcd_quota: flags.etcd_quota.or(self.etcd_quota),
         }
     }
+}
+
+/// A duration that may be `"off"`: `None` for off, the default when unset.
+fn duration_or_off(
+    field: &'static str,
+    v: &Option<String>,
+    default: Option<Duration>,
+) -> Result<Option<Duration>, ConfigError> {
+    match v.as_deref() {
+        Some("off") => Ok(None),
+        _ => match duration(field, v)? {
+            Some(d) if d.is_zero() => Err(ConfigError::Invalid {
+                field,
+                message: "must be greater than zero, or \"off\"".into(),
+            }),
+            Some(d) => Ok(Some(d)),
+            None => Ok(default),
+        },
+    }
+}
+
+/// A size in bytes: a number, optionally followed by KiB, MiB, GiB (or K, M, G: powers of
+/// 1024 too, as etcd's quota is usually given).
+fn bytes(field: &'static str, v: &str) -> Result<u64, ConfigError> {
+    let t = v.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" | "KB" => 1 << 10,
+        "M" | "MiB" | "MB" => 1 << 20,
+        "G" | "GiB" | "GB" => 1 << 30,
+        _ => 0,
+    };
+    num.parse::<u64>()
+        .ok()
+        .filter(|n| *n > 0 && mult > 0)
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| ConfigError::Invalid {
+            field,
+            message: format!("{v:?} is not a size: give bytes, or a number with KiB, MiB or GiB"),
+        })
 }
 
 fn duration(field: &'static str, v: &Option<String>) -> Result<Option<Duration>, ConfigError> {
@@ -379,6 +435,35 @@ impl Config {
         }
         let watchdog_timeout =
             duration("watchdog-timeout", &f.watchdog_timeout)?.unwrap_or(Duration::from_secs(2));
+        let defaults = leasehold_store::HistoryOptions::default();
+        let etcd_history = leasehold_store::HistoryOptions {
+            compact_every: duration_or_off(
+                "etcd-compact-every",
+                &f.etcd_compact_every,
+                defaults.compact_every,
+            )?,
+            keep: match duration("etcd-history", &f.etcd_history)? {
+                Some(d) if d.is_zero() => {
+                    return Err(ConfigError::Invalid {
+                        field: "etcd-history",
+                        message: "must be greater than zero: watchers need some history".into(),
+                    });
+                }
+                Some(d) => d,
+                None => defaults.keep,
+            },
+            forget_after: duration_or_off(
+                "etcd-forget-after",
+                &f.etcd_forget_after,
+                defaults.forget_after,
+            )?,
+            quota: f
+                .etcd_quota
+                .as_deref()
+                .map(|q| bytes("etcd-quota", q))
+                .transpose()?
+                .unwrap_or(defaults.quota),
+        };
         let c = Config {
             socket,
             state_dir,
@@ -391,6 +476,7 @@ impl Config {
             etcd_prefix,
             watchdog: f.watchdog,
             watchdog_timeout,
+            etcd_history,
         };
         c.validate()?;
         Ok(c)

@@ -101,6 +101,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 // A request must fail well before the fencing deadline could pass unnoticed.
                 timeout: t.renew.min(std::time::Duration::from_secs(2)),
                 session_file: Some(config.state_dir.join("etcd-session.json")),
+                history: config.etcd_history.clone(),
             };
             // etcd may not be up yet (a host booting): wait for it, saying so. Anything else,
             // such as the host id being in use, is final.

@@ -286,6 +286,7 @@ pub fn status_of(e: StoreError) -> Status {
         StoreError::Closed => Status::unavailable("the agent is shutting down"),
         // The agent answers; the backend does not: not "agent unreachable" (exit 5).
         StoreError::Unavailable(m) => Status::aborted(format!("etcd unavailable: {m}")),
+        StoreError::NoSpace(m) => Status::resource_exhausted(m),
         e @ (StoreError::SessionLost
         | StoreError::HostInUse { .. }
         | StoreError::BadRecord { .. }) => Status::failed_precondition(e.to_string()),
@@ -727,6 +728,16 @@ impl<S: Store> pb::leasehold_server::Leasehold for Service<S> {
             safe_for_ms: safe_for.map(ms),
             host_session,
             backend_error: listed.err(),
+            etcd: self.store.etcd_health().map(|h| pb::EtcdStatus {
+                db_size: h.db_size,
+                quota: h.quota,
+                revision: h.revision,
+                compacted_revision: h.compacted,
+                nospace: h.nospace,
+                compactor: h.compactor.clone(),
+                forgotten: h.forgotten,
+                warning: h.warning().unwrap_or_default(),
+            }),
         }))
     }
 

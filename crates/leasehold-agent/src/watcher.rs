@@ -267,7 +267,11 @@ impl<S: Store> Watcher<S> {
                     }
                     return;
                 }
-                Err(e @ (StoreError::Unavailable(_) | StoreError::SessionLost)) => {
+                Err(
+                    e @ (StoreError::Unavailable(_)
+                    | StoreError::SessionLost
+                    | StoreError::NoSpace(_)),
+                ) => {
                     warn!(pid = process.pid, error = %e, "cannot end the leases of an exited process yet; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(std::time::Duration::from_secs(2));

@@ -43,7 +43,7 @@ pub mod etcd;
 mod local;
 
 pub use clock::Clock;
-pub use etcd::{EtcdOptions, EtcdStore};
+pub use etcd::{EtcdHealth, EtcdOptions, EtcdStore, HistoryOptions};
 pub use local::{LocalStore, LocalStoreOptions};
 
 /// A request for leases, all or none.
@@ -144,6 +144,9 @@ pub enum StoreError {
     /// operation took effect, or it may be retried.
     #[error("backend unavailable: {0}")]
     Unavailable(String),
+    /// etcd is out of space (its NOSPACE alarm): nothing was written; says what to run.
+    #[error("{0}")]
+    NoSpace(String),
     /// This host's session with the shared backend is gone; no lease can be taken until a
     /// new one is established.
     #[error("this host's session has expired; leases cannot be taken until a new one begins")]
@@ -318,6 +321,11 @@ pub trait Store: Send + Sync + 'static {
     /// tell (released and handed-over processes are not among them); `None` when the store
     /// keeps no such index. What a fence kills.
     fn local_holders(&self) -> Option<Vec<ProcessKey>> {
+        None
+    }
+
+    /// etcd's space and history as last seen; `None` for a store without them.
+    fn etcd_health(&self) -> Option<EtcdHealth> {
         None
     }
 

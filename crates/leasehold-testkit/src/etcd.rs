@@ -117,6 +117,8 @@ pub struct Etcd {
     data_dir: PathBuf,
     log_path: PathBuf,
     child: Mutex<Option<Child>>,
+    /// More flags for etcd, given at every start of this member.
+    extra_args: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -132,13 +134,23 @@ impl Etcd {
     /// processes in a [`Netns`](crate::Netns) can reach, or `0.0.0.0` for every address (the
     /// endpoint is then given as 127.0.0.1). Peers still use 127.0.0.1.
     pub fn start_on(ip: &str) -> Etcd {
+        Etcd::start_on_with(ip, &[])
+    }
+
+    /// Like [`start`](Etcd::start), with more flags for etcd, such as
+    /// `--quota-backend-bytes=8388608`; they are given again at every restart.
+    pub fn start_with(args: &[&str]) -> Etcd {
+        Etcd::start_on_with("127.0.0.1", args)
+    }
+
+    fn start_on_with(ip: &str, args: &[&str]) -> Etcd {
         let ip = parse_ip(ip);
         let mut last = String::new();
         for _ in 0..PORT_ATTEMPTS {
             let ports = proc::free_ports(&[ip, IpAddr::V4(Ipv4Addr::LOCALHOST)]);
             let name = "m0".to_owned();
             let initial_cluster = format!("{name}=http://127.0.0.1:{}", ports[1]);
-            let etcd = Etcd::new(
+            let mut etcd = Etcd::new(
                 name,
                 ip,
                 ports[0],
@@ -146,6 +158,7 @@ impl Etcd {
                 initial_cluster,
                 cluster_token(),
             );
+            etcd.extra_args = args.iter().map(|a| (*a).to_owned()).collect();
             etcd.spawn(ClusterState::New);
             match etcd.wait(Readiness::Healthy, START_TIMEOUT) {
                 Ok(()) => return etcd,
@@ -183,6 +196,7 @@ impl Etcd {
             initial_cluster,
             token,
             child: Mutex::new(None),
+            extra_args: Vec::new(),
             _dir: dir,
         }
     }
@@ -248,6 +262,7 @@ impl Etcd {
                 "--log-outputs",
                 "stderr",
             ])
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2));

@@ -52,6 +52,10 @@ pub fn agent(a: AgentArgs, socket: Option<PathBuf>) -> Result<u8, Failure> {
         etcd_prefix: a.etcd_prefix,
         watchdog: a.watchdog,
         watchdog_timeout: a.watchdog_timeout,
+        etcd_compact_every: a.etcd_compact_every,
+        etcd_history: a.etcd_history,
+        etcd_forget_after: a.etcd_forget_after,
+        etcd_quota: a.etcd_quota,
     };
     let file = match &a.config {
         Some(p) => FileConfig::read(p).map_err(|e| Failure::usage(e.to_string()))?,
@@ -426,6 +430,12 @@ pub async fn status(json_out: bool, socket: &Option<PathBuf>) -> Result<u8, Fail
                     "renewal_latency_us": h.renewal_latency_us, "expired": h.expired,
                     "failed_renewals": h.failed_renewals,
                 })),
+                "etcd": s.etcd.as_ref().map(|e| json!({
+                    "db_size": e.db_size, "quota": e.quota, "revision": e.revision,
+                    "compacted_revision": e.compacted_revision, "nospace": e.nospace,
+                    "compactor": e.compactor, "forgotten": e.forgotten,
+                    "warning": (!e.warning.is_empty()).then_some(&e.warning),
+                })),
             })
         );
         return Ok(0);
@@ -461,6 +471,30 @@ pub async fn status(json_out: bool, socket: &Option<PathBuf>) -> Result<u8, Fail
             .map(|us| format!("{:.1}ms", *us as f64 / 1000.0))
             .collect();
         println!("  recent renewal round trips: {}", lat.join(" "));
+    }
+    if let Some(e) = &s.etcd {
+        let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
+        println!(
+            "  etcd:     database {:.1} MiB of a {:.1} MiB quota ({:.0}%); revision {}, history compacted to {} (by {}); {} old records forgotten",
+            mib(e.db_size),
+            mib(e.quota),
+            if e.quota > 0 {
+                e.db_size as f64 * 100.0 / e.quota as f64
+            } else {
+                0.0
+            },
+            e.revision,
+            e.compacted_revision,
+            if e.compactor.is_empty() {
+                "nobody yet"
+            } else {
+                &e.compactor
+            },
+            e.forgotten
+        );
+        if !e.warning.is_empty() {
+            println!("  WARNING:  {}", e.warning);
+        }
     }
     Ok(0)
 }

@@ -121,6 +121,19 @@ struct AgentArgs {
     /// How long the watchdog takes to reset the host [default: 2s]; must be below grace.
     #[arg(long)]
     watchdog_timeout: Option<String>,
+    /// How often the agents compact etcd's history, or "off" when etcd's own
+    /// --auto-compaction-* does it [default: 1m]
+    #[arg(long)]
+    etcd_compact_every: Option<String>,
+    /// How much of etcd's history compaction keeps behind the present [default: 5m]
+    #[arg(long)]
+    etcd_history: Option<String>,
+    /// Free, clean resource records unchanged this long are deleted, or "off" [default: 1h]
+    #[arg(long)]
+    etcd_forget_after: Option<String>,
+    /// etcd's --quota-backend-bytes, for the warning near it [default: 2GiB, etcd's default]
+    #[arg(long)]
+    etcd_quota: Option<String>,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,

@@ -43,6 +43,7 @@ pub struct Etcd {
     kv: rpc::kv_client::KvClient<Channel>,
     lease: rpc::lease_client::LeaseClient<Channel>,
     watch: rpc::watch_client::WatchClient<Channel>,
+    maintenance: rpc::maintenance_client::MaintenanceClient<Channel>,
     timeout: Duration,
 }
 
@@ -159,8 +160,9 @@ impl Etcd {
             kv: rpc::kv_client::KvClient::new(channel.clone())
                 .max_decoding_message_size(MAX_MESSAGE),
             lease: rpc::lease_client::LeaseClient::new(channel.clone()),
-            watch: rpc::watch_client::WatchClient::new(channel)
+            watch: rpc::watch_client::WatchClient::new(channel.clone())
                 .max_decoding_message_size(MAX_MESSAGE),
+            maintenance: rpc::maintenance_client::MaintenanceClient::new(channel),
             timeout,
         })
     }
@@ -350,6 +352,101 @@ impl Etcd {
         });
         Ok(stream)
     }
+}
+
+/// What one etcd member says of itself and of the cluster's alarms.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MemberStatus {
+    /// The size of its database file, bytes.
+    pub db_size: i64,
+    /// The part of it in use, bytes (the rest is free pages, reused before the file grows).
+    pub db_size_in_use: i64,
+    /// Its quota (`--quota-backend-bytes`) when it tells (etcd 3.6 and later), else 0.
+    pub quota: i64,
+    /// The store's revision.
+    pub revision: i64,
+    /// Whether a NOSPACE alarm is raised anywhere in the cluster.
+    pub nospace: bool,
+}
+
+impl Etcd {
+    /// Compacts the history up to `revision`: older versions of keys can no longer be read or
+    /// watched, and their space is reused.
+    ///
+    /// # Errors
+    /// An [`EtcdError`]; compacting to a revision already compacted is one ("required revision
+    /// has been compacted").
+    pub async fn compact(&self, revision: i64) -> Result<(), EtcdError> {
+        let req = rpc::CompactionRequest {
+            revision,
+            physical: false,
+        };
+        retrying("compact", self.timeout, || {
+            let mut kv = self.kv.clone();
+            async move { kv.compact(req).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// The status of the member answering, with the cluster's NOSPACE alarm.
+    ///
+    /// # Errors
+    /// An [`EtcdError`].
+    pub async fn status(&self) -> Result<MemberStatus, EtcdError> {
+        let s = retrying("status", self.timeout, || {
+            let mut m = self.maintenance.clone();
+            async move { m.status(rpc::StatusRequest {}).await }
+        })
+        .await?
+        .into_inner();
+        let alarms = retrying("alarm list", self.timeout, || {
+            let mut m = self.maintenance.clone();
+            async move { m.alarm(rpc::AlarmRequest::default()).await }
+        })
+        .await?
+        .into_inner();
+        Ok(MemberStatus {
+            db_size: s.db_size,
+            db_size_in_use: s.db_size_in_use,
+            quota: s.db_size_quota,
+            revision: s.header.map_or(0, |h| h.revision),
+            nospace: alarms
+                .alarms
+                .iter()
+                .any(|a| a.alarm == rpc::AlarmType::Nospace as i32),
+        })
+    }
+
+    /// The revision up to which the history is compacted (0: none), read by watching `key`
+    /// from revision 1: etcd answers such a watch with its compacted revision. Waits at most
+    /// `wait` for that answer; no answer means no compaction.
+    ///
+    /// # Errors
+    /// An [`EtcdError`] when the watch cannot be created.
+    pub async fn compacted_revision(&self, key: Vec<u8>, wait: Duration) -> Result<i64, EtcdError> {
+        let mut stream = self.watch(key, Vec::new(), 1).await?;
+        let found = tokio::time::timeout(wait, async {
+            loop {
+                match stream.message().await {
+                    Ok(Some(m)) if m.compact_revision > 0 => return Ok(m.compact_revision),
+                    // History from revision 1 is there: nothing is compacted.
+                    Ok(Some(m)) if !m.events.is_empty() || m.canceled => return Ok(0),
+                    Ok(Some(_)) => {}
+                    Ok(None) => return Ok(0),
+                    Err(s) => return Err(EtcdError::from_status("watch", &s)),
+                }
+            }
+        })
+        .await;
+        found.unwrap_or(Ok(0))
+    }
+}
+
+/// Whether an error is etcd's "database space exceeded": its NOSPACE alarm is raised and it
+/// refuses every write until an operator compacts, defragments and disarms it.
+pub fn is_nospace(e: &EtcdError) -> bool {
+    e.message.contains("database space exceeded")
 }
 
 /// The end of the range of keys that start with `prefix`.

@@ -7,8 +7,10 @@
 //! snapshot. See [`keys`] for the layout and `docs/design.md` for the safety argument.
 
 pub mod client;
+pub mod history;
 pub mod keys;
 pub mod pb;
 mod store;
 
+pub use history::{EtcdHealth, HistoryOptions};
 pub use store::{EtcdOptions, EtcdStore, SnapshotPause};

@@ -32,7 +32,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, broadcast, oneshot, watch};
 use tracing::{debug, info, warn};
 
-use super::client::{Etcd, EtcdError, Txn, prefix_end, range_of};
+use super::client::{Etcd, EtcdError, Txn, is_nospace, prefix_end, range_of};
+use super::history::{EtcdHealth, HistoryOptions};
 use super::keys::{HostValue, KeyKind, Keys, Record, WaiterValue};
 use super::pb::mvccpb::KeyValue;
 use crate::{AcquireSpec, Clock, SessionEndHook, SessionState, Store, StoreError, WaitNote};
@@ -70,6 +71,8 @@ pub struct EtcdOptions {
     pub timeout: Duration,
     /// Where to remember the session, so a restarted agent resumes it while it lives.
     pub session_file: Option<PathBuf>,
+    /// How etcd's history is kept bounded (see [`super::history`]).
+    pub history: HistoryOptions,
 }
 
 impl EtcdOptions {
@@ -83,6 +86,7 @@ impl EtcdOptions {
             grace: Duration::from_secs(5),
             timeout: Duration::from_secs(2),
             session_file: None,
+            history: HistoryOptions::default(),
         }
     }
 }
@@ -187,6 +191,8 @@ struct Inner {
     mirror: std::sync::RwLock<Mirror>,
     /// Called when this host's session is found ended, before anything else happens.
     session_end: Mutex<Option<SessionEndHook>>,
+    /// etcd's space and history, as the history keeper last saw them.
+    health: watch::Sender<EtcdHealth>,
     next_waiter_key: std::sync::atomic::AtomicU64,
     /// Repairs the watch found necessary, written by the watch task.
     fixes: Mutex<Vec<Fix>>,
@@ -250,6 +256,9 @@ impl Drop for EtcdStore {
 }
 
 fn unavailable(e: EtcdError) -> StoreError {
+    if is_nospace(&e) {
+        return StoreError::NoSpace(super::history::NOSPACE_REMEDY.into());
+    }
     StoreError::Unavailable(e.to_string())
 }
 
@@ -311,6 +320,7 @@ impl EtcdStore {
             stale: Mutex::new(Vec::new()),
             mirror: std::sync::RwLock::new(Mirror::default()),
             session_end: Mutex::new(None),
+            health: watch::channel(EtcdHealth::default()).0,
             next_waiter_key: std::sync::atomic::AtomicU64::new(now_ms()),
             fixes: Mutex::new(Vec::new()),
             pause_snapshot: Mutex::new(None),
@@ -322,6 +332,14 @@ impl EtcdStore {
             tokio::spawn(keep_session(Arc::clone(&inner))).abort_handle(),
             tokio::spawn(follow(Arc::clone(&inner), start_rev + 1)).abort_handle(),
             tokio::spawn(serve_waiters(Arc::clone(&inner))).abort_handle(),
+            tokio::spawn(super::history::maintain(
+                inner.etcd.clone(),
+                inner.keys.clone(),
+                inner.host.clone(),
+                inner.opts.history.clone(),
+                inner.health.clone(),
+            ))
+            .abort_handle(),
         ];
         Ok(EtcdStore { inner, tasks })
     }
@@ -341,6 +359,11 @@ impl EtcdStore {
             *p = Some((reached_tx, resume_rx));
         }
         SnapshotPause { reached, resume }
+    }
+
+    /// etcd's space and history, as this agent last saw them.
+    pub fn health(&self) -> EtcdHealth {
+        self.inner.health.borrow().clone()
     }
 
     /// Ends this host's session now (revokes its lease): its leases end as if the host were
@@ -2199,6 +2222,10 @@ impl Store for EtcdStore {
 
     fn wait_notes(&self) -> broadcast::Receiver<WaitNote> {
         self.inner.notes.subscribe()
+    }
+
+    fn etcd_health(&self) -> Option<EtcdHealth> {
+        Some(self.health())
     }
 
     fn stale_holders(&self) -> Vec<ProcessKey> {

@@ -1,0 +1,393 @@
+//! Keeping etcd's history bounded, and watching its space.
+//!
+//! etcd keeps every revision of every key until someone compacts, and refuses every write once
+//! its database reaches its quota (the NOSPACE alarm). Each agent runs [`maintain`]:
+//!
+//! - **Compaction.** Every `compact_every`, the history older than `keep` is compacted. The
+//!   round is claimed with a transaction on `P compaction` (compare its mod revision, write
+//!   who compacts to where), so one agent per round compacts, whichever it is. The target is
+//!   a revision this agent saw `keep` ago: every watcher that is less than `keep` behind
+//!   still reads its history; one further behind finds its revision compacted and reads
+//!   everything again (the store already does). If the history is compacted past leasehold's
+//!   last compaction by someone else (etcd's `--auto-compaction-*`, an operator), leasehold
+//!   leaves compaction to them for [`OTHERS_QUIET`] after it last sees them do it.
+//! - **Forgetting.** The agent that won the round deletes resource records that are free,
+//!   clean, unreserved, without waiters or grace, and unchanged for `forget_after`, each with
+//!   a transaction comparing its mod revision, so a record that changed meanwhile stays.
+//!   Tokens still grow: they are above the store's revision, which never goes back.
+//! - **Space.** The database size, the quota and the compacted revision are published for
+//!   `leasehold status`; a warning is logged from [`WARN_AT`] of the quota on, and the NOSPACE
+//!   alarm is logged with what to run.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use leasehold_core::HostId;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::client::{Etcd, EtcdError, Txn, is_nospace, prefix_end};
+use super::keys::{KeyKind, Keys, Record};
+
+/// The share of the quota from which a warning is logged.
+pub const WARN_AT: f64 = 0.75;
+
+/// How long leasehold leaves compaction alone after seeing someone else compact.
+pub const OTHERS_QUIET: Duration = Duration::from_secs(3600);
+
+/// etcd's default quota (`--quota-backend-bytes` unset).
+pub const DEFAULT_QUOTA: u64 = 2 << 30;
+
+/// What an operator runs when etcd is out of space.
+pub const NOSPACE_REMEDY: &str = "etcd is out of space: its NOSPACE alarm is raised and it refuses \
+every write. Run `etcdctl compact REV` (REV: the revision `etcdctl endpoint status -w json` shows), \
+then `etcdctl defrag` on every member, then `etcdctl alarm disarm`. Holders keep their leases while \
+their host sessions renew; leasehold carries on by itself once the alarm is cleared";
+
+/// How the agents keep etcd's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryOptions {
+    /// How often the history is compacted; `None`: never (etcd's own auto-compaction, or an
+    /// operator, does it).
+    pub compact_every: Option<Duration>,
+    /// How much history is kept behind the present.
+    pub keep: Duration,
+    /// Free, clean records unchanged this long are deleted; `None`: kept forever.
+    pub forget_after: Option<Duration>,
+    /// etcd's `--quota-backend-bytes`, for the warning when etcd does not tell it.
+    pub quota: u64,
+}
+
+impl Default for HistoryOptions {
+    fn default() -> HistoryOptions {
+        HistoryOptions {
+            compact_every: Some(Duration::from_secs(60)),
+            keep: Duration::from_secs(300),
+            forget_after: Some(Duration::from_secs(3600)),
+            quota: DEFAULT_QUOTA,
+        }
+    }
+}
+
+/// What the agent last learned of etcd's space and history.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EtcdHealth {
+    /// The database file's size, bytes (0: not known yet).
+    pub db_size: u64,
+    /// The quota, bytes: etcd's when it tells, else the configured one.
+    pub quota: u64,
+    /// The revision up to which the history is compacted (0: none seen).
+    pub compacted: i64,
+    /// The store's revision.
+    pub revision: i64,
+    /// Whether the NOSPACE alarm is raised.
+    pub nospace: bool,
+    /// Who compacts: "leasehold", or a note that someone else does.
+    pub compactor: String,
+    /// Records forgotten by this agent since it started.
+    pub forgotten: u64,
+}
+
+impl EtcdHealth {
+    /// What an operator should do now, if anything.
+    pub fn warning(&self) -> Option<String> {
+        if self.nospace {
+            return Some(NOSPACE_REMEDY.to_owned());
+        }
+        (self.used() >= WARN_AT).then(|| {
+            format!(
+                "etcd's database is at {:.0}% of its quota; compact (`etcdctl compact`), \
+                 defragment (`etcdctl defrag`), or raise --quota-backend-bytes and --etcd-quota \
+                 before etcd refuses writes",
+                self.used() * 100.0
+            )
+        })
+    }
+
+    /// The share of the quota in use (0 when unknown).
+    pub fn used(&self) -> f64 {
+        if self.quota == 0 {
+            0.0
+        } else {
+            self.db_size as f64 / self.quota as f64
+        }
+    }
+}
+
+/// The claim of a compaction round, in `P compaction`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Claim {
+    revision: i64,
+    host: HostId,
+    at_ms: u64,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The key of the compaction claim.
+pub fn compaction_key(keys: &Keys) -> Vec<u8> {
+    format!("{}compaction", keys.prefix()).into_bytes()
+}
+
+/// One agent's history keeper.
+struct Keeper {
+    etcd: Etcd,
+    keys: Keys,
+    host: HostId,
+    opts: HistoryOptions,
+    health: watch::Sender<EtcdHealth>,
+    /// Revisions seen, oldest first.
+    samples: VecDeque<(Instant, i64)>,
+    /// The compacted revision last seen, and when someone else last moved it.
+    seen_compacted: i64,
+    others_at: Option<Instant>,
+    last_round: Option<Instant>,
+    warned_full: bool,
+}
+
+/// Runs the history keeper until the task is aborted.
+pub(super) async fn maintain(
+    etcd: Etcd,
+    keys: Keys,
+    host: HostId,
+    opts: HistoryOptions,
+    health: watch::Sender<EtcdHealth>,
+) {
+    let check = opts
+        .compact_every
+        .unwrap_or(Duration::from_secs(5))
+        .min(Duration::from_secs(5));
+    let mut k = Keeper {
+        etcd,
+        keys,
+        host,
+        opts,
+        health,
+        samples: VecDeque::new(),
+        seen_compacted: 0,
+        others_at: None,
+        last_round: None,
+        warned_full: false,
+    };
+    loop {
+        k.check_space().await;
+        if let Some(every) = k.opts.compact_every
+            && k.last_round.is_none_or(|t| t.elapsed() >= every)
+        {
+            k.last_round = Some(Instant::now());
+            if let Err(e) = k.round(every).await {
+                if is_nospace(&e) {
+                    // Said once when the alarm was seen; compaction still runs each round.
+                    tracing::debug!("etcd history: the round's claim was refused: NOSPACE");
+                } else {
+                    warn!(error = %e, "etcd history: this round failed; trying again next round");
+                }
+            }
+        }
+        tokio::time::sleep(check).await;
+    }
+}
+
+impl Keeper {
+    /// Reads the database size and alarms, samples the revision, and warns.
+    async fn check_space(&mut self) {
+        let s = match self.etcd.status().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "etcd status not available");
+                return;
+            }
+        };
+        let now = Instant::now();
+        self.samples.push_back((now, s.revision));
+        let horizon = self
+            .opts
+            .keep
+            .max(self.opts.forget_after.unwrap_or_default())
+            + Duration::from_secs(60);
+        while self
+            .samples
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > horizon)
+        {
+            self.samples.pop_front();
+        }
+        let was_nospace = self.health.borrow().nospace;
+        let quota = if s.quota > 0 {
+            s.quota as u64
+        } else {
+            self.opts.quota
+        };
+        self.health.send_modify(|h| {
+            h.db_size = s.db_size.max(0) as u64;
+            h.quota = quota;
+            h.revision = s.revision;
+            h.nospace = s.nospace;
+        });
+        let h = self.health.borrow().clone();
+        if s.nospace && !was_nospace {
+            warn!(db_size = h.db_size, quota, "{NOSPACE_REMEDY}");
+        } else if !s.nospace && was_nospace {
+            info!(
+                db_size = h.db_size,
+                "etcd's NOSPACE alarm is cleared; writes resume"
+            );
+        }
+        if h.used() >= WARN_AT && !self.warned_full {
+            self.warned_full = true;
+            if let Some(w) = h.warning() {
+                warn!(db_size = h.db_size, quota, "{w}");
+            }
+        } else if h.used() < WARN_AT * 0.9 {
+            self.warned_full = false;
+        }
+    }
+
+    /// The newest revision this agent saw at least `age` ago.
+    fn revision_before(&self, age: Duration) -> Option<i64> {
+        let now = Instant::now();
+        self.samples
+            .iter()
+            .rev()
+            .find(|(t, _)| now.duration_since(*t) >= age)
+            .map(|(_, r)| *r)
+    }
+
+    /// One round: claim it, compact, forget.
+    async fn round(&mut self, every: Duration) -> Result<(), EtcdError> {
+        let key = compaction_key(&self.keys);
+        let (kvs, _) = self.etcd.range(key.clone(), Vec::new(), 0).await?;
+        let (claim, claim_rev) = match kvs.first() {
+            Some(kv) => (
+                serde_json::from_slice::<Claim>(&kv.value).ok(),
+                kv.mod_revision,
+            ),
+            None => (None, 0),
+        };
+        let compacted = self
+            .etcd
+            .compacted_revision(key.clone(), Duration::from_secs(1))
+            .await?;
+        let ours = claim.as_ref().map_or(0, |c| c.revision);
+        if compacted > ours && compacted != self.seen_compacted {
+            if self.others_at.is_none() {
+                info!(
+                    compacted,
+                    "etcd's history is compacted by someone else (etcd's --auto-compaction, or an operator); leasehold leaves compaction to them"
+                );
+            }
+            self.others_at = Some(Instant::now());
+        }
+        self.seen_compacted = compacted;
+        let others = self.others_at.is_some_and(|t| t.elapsed() < OTHERS_QUIET);
+        self.health.send_modify(|h| {
+            h.compacted = compacted;
+            h.compactor = if others {
+                "someone else (auto-compaction or an operator); leasehold stands aside".into()
+            } else {
+                "leasehold".into()
+            };
+        });
+        if others {
+            return Ok(());
+        }
+        // Another agent's round, recent enough: nothing to do.
+        if claim
+            .as_ref()
+            .is_some_and(|c| now_ms().saturating_sub(c.at_ms) < every.as_millis() as u64 * 9 / 10)
+        {
+            return Ok(());
+        }
+        let Some(target) = self.revision_before(self.opts.keep) else {
+            return Ok(());
+        };
+        let claim = Claim {
+            revision: target.max(compacted),
+            host: self.host.clone(),
+            at_ms: now_ms(),
+        };
+        let t = Txn::new().if_mod_revision(key.clone(), claim_rev).put(
+            key,
+            serde_json::to_vec(&claim).unwrap_or_default(),
+            0,
+        );
+        if !self.etcd.txn(t).await?.succeeded {
+            return Ok(());
+        }
+        if target > compacted {
+            match self.etcd.compact(target).await {
+                Ok(()) => {
+                    tracing::debug!(revision = target, "compacted etcd's history");
+                    self.seen_compacted = target;
+                    self.health.send_modify(|h| h.compacted = target);
+                }
+                Err(e) if e.message.contains("compacted") => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.forget().await
+    }
+
+    /// Deletes free, clean records unchanged for `forget_after`.
+    async fn forget(&mut self) -> Result<(), EtcdError> {
+        let Some(after) = self.opts.forget_after else {
+            return Ok(());
+        };
+        let Some(before) = self.revision_before(after) else {
+            return Ok(());
+        };
+        let prefix = self.keys.prefix().as_bytes().to_vec();
+        let (kvs, _) = self
+            .etcd
+            .range(prefix.clone(), prefix_end(&prefix), 0)
+            .await?;
+        // Resources with waiters or a grace stay.
+        let mut busy = BTreeSet::new();
+        for kv in &kvs {
+            match self.keys.parse(&kv.key) {
+                Some(KeyKind::Waiter(r) | KeyKind::Grace(r)) => {
+                    busy.insert(r);
+                }
+                _ => {}
+            }
+        }
+        let mut forgotten = 0;
+        for kv in &kvs {
+            let Some(KeyKind::Resource(r)) = self.keys.parse(&kv.key) else {
+                continue;
+            };
+            if kv.mod_revision > before || busy.contains(&r) {
+                continue;
+            }
+            let Ok(rec) = serde_json::from_slice::<Record>(&kv.value) else {
+                continue;
+            };
+            if !rec.state.holders.is_empty()
+                || rec.state.dirty.is_some()
+                || rec.reserved_for.is_some()
+            {
+                continue;
+            }
+            let t = Txn::new()
+                .if_mod_revision(kv.key.clone(), kv.mod_revision)
+                .delete(kv.key.clone());
+            if self.etcd.txn(t).await?.succeeded {
+                forgotten += 1;
+            }
+        }
+        if forgotten > 0 {
+            info!(
+                forgotten,
+                "forgot free, clean resource records unchanged for {}",
+                humantime::format_duration(after)
+            );
+            self.health.send_modify(|h| h.forgotten += forgotten);
+        }
+        Ok(())
+    }
+}
