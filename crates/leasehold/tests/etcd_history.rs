@@ -137,7 +137,7 @@ fn full_rate_churn_through_two_agents_stays_far_below_a_small_quota() {
     eprintln!(
         "{:?} of churn: {revision} revisions (about {} MiB of history without compaction), db {db} bytes, quota {quota}",
         started.elapsed(),
-        revision * BYTES_PER_REVISION >> 20
+        (revision * BYTES_PER_REVISION) >> 20
     );
     assert_eq!(alarms(&etcd), "", "no alarm");
     assert!(

@@ -349,11 +349,8 @@ impl Keeper {
         // Resources with waiters or a grace stay.
         let mut busy = BTreeSet::new();
         for kv in &kvs {
-            match self.keys.parse(&kv.key) {
-                Some(KeyKind::Waiter(r) | KeyKind::Grace(r)) => {
-                    busy.insert(r);
-                }
-                _ => {}
+            if let Some(KeyKind::Waiter(r) | KeyKind::Grace(r)) = self.keys.parse(&kv.key) {
+                busy.insert(r);
             }
         }
         let mut forgotten = 0;
