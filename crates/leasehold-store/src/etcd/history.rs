@@ -293,9 +293,6 @@ impl Keeper {
                 "leasehold".into()
             };
         });
-        if others {
-            return Ok(());
-        }
         // Another agent's round, recent enough: nothing to do.
         if claim
             .as_ref()
@@ -303,11 +300,11 @@ impl Keeper {
         {
             return Ok(());
         }
-        let Some(target) = self.revision_before(self.opts.keep) else {
-            return Ok(());
-        };
+        let target = self
+            .revision_before(self.opts.keep)
+            .filter(|t| !others && *t > compacted);
         let claim = Claim {
-            revision: target.max(compacted),
+            revision: target.unwrap_or(ours).max(ours),
             host: self.host.clone(),
             at_ms: now_ms(),
         };
@@ -319,7 +316,7 @@ impl Keeper {
         if !self.etcd.txn(t).await?.succeeded {
             return Ok(());
         }
-        if target > compacted {
+        if let Some(target) = target {
             match self.etcd.compact(target).await {
                 Ok(()) => {
                     tracing::debug!(revision = target, "compacted etcd's history");
