@@ -358,7 +358,8 @@ impl Keeper {
             if kv.mod_revision > before || busy.contains(&r) {
                 continue;
             }
-            let Ok(rec) = serde_json::from_slice::<Record>(&kv.value) else {
+            // Damaged records and markers stay: they are refused until an operator acts.
+            let Ok(rec) = Record::decode(&kv.value) else {
                 continue;
             };
             if !rec.state.holders.is_empty()
