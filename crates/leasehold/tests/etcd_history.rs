@@ -198,8 +198,8 @@ fn at_the_quota_the_agent_names_the_remedy_keeps_its_holders_and_recovers_after_
 
     // Another user fills etcd: first past 75% of the quota, which the agent warns of.
     let mut n = 0;
-    while etcd_status(&etcd).0 < quota * 8 / 10 {
-        let o = put_other(&etcd, &n.to_string(), 256 << 10);
+    while etcd_status(&etcd).0 < quota * 77 / 100 {
+        let o = put_other(&etcd, &n.to_string(), 64 << 10);
         expect_code(&o, 0);
         n += 1;
     }
@@ -221,7 +221,7 @@ fn at_the_quota_the_agent_names_the_remedy_keeps_its_holders_and_recovers_after_
 
     // Then to the quota: etcd raises NOSPACE.
     loop {
-        let o = put_other(&etcd, &n.to_string(), 256 << 10);
+        let o = put_other(&etcd, &n.to_string(), 64 << 10);
         n += 1;
         if !o.status.success() {
             assert!(
@@ -231,7 +231,7 @@ fn at_the_quota_the_agent_names_the_remedy_keeps_its_holders_and_recovers_after_
             );
             break;
         }
-        assert!(n < 100, "etcd never reached its quota");
+        assert!(n < 400, "etcd never reached its quota");
     }
     wait_until(
         "the agent says etcd is out of space",
