@@ -522,6 +522,20 @@ impl Txn {
         self
     }
 
+    /// Requires every key in `[key, range_end)` to have been created at or before revision
+    /// `rev` (true of an empty range).
+    pub fn if_none_created_after(mut self, key: Vec<u8>, range_end: Vec<u8>, rev: i64) -> Txn {
+        let mut c = cmp(
+            key,
+            CompareTarget::Create,
+            CompareResult::Less,
+            TargetUnion::CreateRevision(rev + 1),
+        );
+        c.range_end = range_end;
+        self.compare.push(c);
+        self
+    }
+
     /// Requires `key`'s create revision to be `rev` (0: absent).
     pub fn if_create_revision(mut self, key: Vec<u8>, rev: i64) -> Txn {
         self.compare.push(cmp(

@@ -1256,6 +1256,30 @@ impl Inner {
                 );
             }
         }
+        // A request granted beside holders must not jump a request queued behind them that
+        // the decision did not see (the mirror may lag): no waiter of such a resource may be
+        // newer than the snapshot. (Where the snapshot saw it free or changed since, the
+        // record's compare already covers it.) Per resource, or for all at once where etcd's
+        // limit leaves no room.
+        let joined: Vec<&ResourceName> = out
+            .changed
+            .iter()
+            .filter(|n| {
+                snap.res
+                    .get(*n)
+                    .and_then(|rs| rs.record.as_ref())
+                    .is_some_and(|r| !r.state.holders.is_empty())
+            })
+            .collect();
+        if t.size() + joined.len() <= MAX_TXN_OPS {
+            for name in joined {
+                let w = self.keys.waiters(name);
+                t = t.if_none_created_after(w.clone(), prefix_end(&w), snap.revision);
+            }
+        } else {
+            let w = self.keys.all_waiters();
+            t = t.if_none_created_after(w.clone(), prefix_end(&w), snap.revision);
+        }
         if t.size() > MAX_TXN_OPS {
             return Err(StoreError::Acquire(AcquireError::Invalid(format!(
                 "this request needs a transaction of {} operations; etcd allows {MAX_TXN_OPS}: name fewer resources",
@@ -1347,15 +1371,18 @@ impl Inner {
 
     /// Tries to decide local waiter `id`; queues it again if its place was lost.
     async fn try_waiter(&self, id: u64) -> Result<(), StoreError> {
-        let (value, place) = match self
-            .waiters
-            .lock()
-            .ok()
-            .and_then(|w| w.get(&id).map(|w| (w.value.clone(), w.place)))
-        {
+        let (value, place, abandoned) = match self.waiters.lock().ok().and_then(|w| {
+            w.get(&id)
+                .map(|w| (w.value.clone(), w.place, w.abandoned()))
+        }) {
             Some(v) => v,
             None => return Ok(()),
         };
+        if abandoned && place.is_some() {
+            // Its caller went away without withdrawing it (cut off as it was queued).
+            self.withdraw(id).await?;
+            return Ok(());
+        }
         let Some(place) = place else {
             return self.requeue(id).await;
         };
@@ -1884,6 +1911,12 @@ impl Extra {
     }
 }
 
+/// How an acquire left its queueing step: granted at once, or queued as local waiter `id`.
+enum Queueing {
+    Granted(Vec<Grant>),
+    Queued(u64, oneshot::Receiver<Result<Vec<Grant>, AcquireError>>),
+}
+
 /// Withdraws a waiting request whose caller went away.
 struct WaitGuard {
     inner: Arc<Inner>,
@@ -1930,67 +1963,82 @@ impl Store for EtcdStore {
             items: spec.items.clone(),
             accept_dirty: spec.accept_dirty,
         };
-        let (acquired, _out, rev) = inner
-            .transact(names, |engine, now, _snap| {
-                let req = AcquireRequest {
-                    owner: spec.owner.clone(),
-                    session: SessionId(lease as u64),
-                    items: spec.items.clone(),
-                    accept_dirty: spec.accept_dirty,
-                    wait: spec.wait.is_some(),
-                };
-                let mut extra = Extra {
-                    require_session: Some(lease),
-                    ..Extra::default()
-                };
-                let r = match engine.acquire(req, now) {
-                    Ok(Acquired::Queued(id)) => {
-                        // The engine's waiter is only a placeholder: the waiter keys are the
-                        // request's place in the queues.
-                        engine.cancel_wait(id, now);
-                        let v = json(&value)?;
-                        extra.put = waiter_keys
-                            .iter()
-                            .map(|k| (k.clone(), v.clone(), lease))
-                            .collect();
-                        Ok(None)
+        // Queueing runs as a task of its own, so that a caller who goes away cannot cut it
+        // between writing the waiter keys and registering the waiter: keys written for nobody
+        // would stand in every queue until this host's session ends. A registered waiter
+        // whose caller has gone is withdrawn by the guard below, or by `serve_waiters`.
+        let queueing = {
+            let inner = Arc::clone(inner);
+            let spec = spec.clone();
+            tokio::spawn(async move {
+                let (acquired, _out, rev) = inner
+                    .transact(names, |engine, now, _snap| {
+                        let req = AcquireRequest {
+                            owner: spec.owner.clone(),
+                            session: SessionId(lease as u64),
+                            items: spec.items.clone(),
+                            accept_dirty: spec.accept_dirty,
+                            wait: spec.wait.is_some(),
+                        };
+                        let mut extra = Extra {
+                            require_session: Some(lease),
+                            ..Extra::default()
+                        };
+                        let r = match engine.acquire(req, now) {
+                            Ok(Acquired::Queued(id)) => {
+                                // The engine's waiter is only a placeholder: the waiter keys are the
+                                // request's place in the queues.
+                                engine.cancel_wait(id, now);
+                                let v = json(&value)?;
+                                extra.put = waiter_keys
+                                    .iter()
+                                    .map(|k| (k.clone(), v.clone(), lease))
+                                    .collect();
+                                Ok(None)
+                            }
+                            Ok(Acquired::Granted(g)) => Ok(Some(g)),
+                            Err(e) => Err(e),
+                        };
+                        if r.is_err() {
+                            // A refusal still writes what the snapshot showed had to change (a dead
+                            // session's holders ended), but takes nothing.
+                            extra.require_session = None;
+                        }
+                        Ok((r, extra))
+                    })
+                    .await?;
+                match acquired {
+                    Ok(Some(grants)) => Ok(Queueing::Granted(grants)),
+                    Err(e) => Err(e.into()),
+                    Ok(None) => {
+                        let id = inner
+                            .next_waiter
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let (tx, rx) = oneshot::channel();
+                        if let Ok(mut w) = inner.waiters.lock() {
+                            w.insert(
+                                id,
+                                LocalWaiter {
+                                    value: value.clone(),
+                                    keys: waiter_keys.clone(),
+                                    place: Some(rev as u64),
+                                    withdrawn: false,
+                                    reply: Some(tx),
+                                },
+                            );
+                        }
+                        inner.changed.notify_waiters();
+                        Ok(Queueing::Queued(id, rx))
                     }
-                    Ok(Acquired::Granted(g)) => Ok(Some(g)),
-                    Err(e) => Err(e),
-                };
-                if r.is_err() {
-                    // A refusal still writes what the snapshot showed had to change (a dead
-                    // session's holders ended), but takes nothing.
-                    extra.require_session = None;
                 }
-                Ok((r, extra))
             })
-            .await?;
-        let pending = match acquired {
-            Ok(Some(grants)) => return Ok(grants),
-            Err(e) => return Err(e.into()),
-            Ok(None) => {
-                let id = inner
-                    .next_waiter
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let (tx, rx) = oneshot::channel();
-                if let Ok(mut w) = inner.waiters.lock() {
-                    w.insert(
-                        id,
-                        LocalWaiter {
-                            value: value.clone(),
-                            keys: waiter_keys.clone(),
-                            place: Some(rev as u64),
-                            withdrawn: false,
-                            reply: Some(tx),
-                        },
-                    );
-                }
-                inner.changed.notify_waiters();
-                (id, rx)
-            }
         };
-        let (id, mut rx) = pending;
+        let (id, mut rx) = match queueing.await {
+            Ok(Ok(Queueing::Queued(id, rx))) => (id, rx),
+            Ok(Ok(Queueing::Granted(grants))) => return Ok(grants),
+            Ok(Err(e)) => return Err(e),
+            Err(e) => return Err(StoreError::Unavailable(format!("queueing failed: {e}"))),
+        };
         let mut guard = WaitGuard {
             inner: Arc::clone(inner),
             id,
