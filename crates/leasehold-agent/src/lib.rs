@@ -31,6 +31,7 @@ pub mod config;
 pub mod fence;
 mod holds;
 mod notify;
+mod peer;
 pub mod procfs;
 mod service;
 mod watcher;
@@ -340,7 +341,7 @@ impl Incoming {
 }
 
 impl tokio_stream::Stream for Incoming {
-    type Item = std::io::Result<tokio::net::UnixStream>;
+    type Item = std::io::Result<peer::PeerStream>;
 
     fn poll_next(
         mut self: std::pin::Pin<&mut Self>,
@@ -354,7 +355,7 @@ impl tokio_stream::Stream for Incoming {
             self.pause = None;
         }
         match self.listener.poll_accept(cx) {
-            Poll::Ready(Ok((stream, _))) => Poll::Ready(Some(Ok(stream))),
+            Poll::Ready(Ok((stream, _))) => Poll::Ready(Some(Ok(peer::PeerStream::new(stream)))),
             Poll::Ready(Err(e)) => {
                 if procfs::out_of_fds(e.raw_os_error()) {
                     let quiet = self

@@ -216,20 +216,6 @@ pub fn real_uid(pid: u32) -> Result<u32, ProcError> {
         })
 }
 
-/// The supplementary groups of `pid` (the `Groups:` line of `/proc/PID/status`).
-pub fn groups(pid: u32) -> Vec<u32> {
-    read_proc(pid, "status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
-                g.split_whitespace()
-                    .filter_map(|n| n.parse().ok())
-                    .collect()
-            })
-        })
-        .unwrap_or_default()
-}
-
 /// A pidfd for one specific process: signals sent through it can never reach a later
 /// process that reuses the pid, and it becomes readable when the process exits.
 #[derive(Debug)]

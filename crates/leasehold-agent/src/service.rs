@@ -15,7 +15,6 @@ use leasehold_store::{AcquireSpec, Store, StoreError};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
@@ -100,11 +99,12 @@ impl<S> Clone for Service<S> {
     }
 }
 
-/// Who is calling, from the socket's peer credentials.
-#[derive(Debug, Clone, Copy)]
+/// Who is calling, from the socket's peer credentials (read once, at accept).
+#[derive(Debug, Clone)]
 struct Caller {
     uid: u32,
     gid: u32,
+    groups: Arc<[u32]>,
     pid: Option<u32>,
 }
 
@@ -132,14 +132,18 @@ impl<S: Store> Service<S> {
     }
 
     fn caller<T>(req: &Request<T>) -> Result<Caller, Status> {
-        let cred = req
+        let peer = req
             .extensions()
-            .get::<UdsConnectInfo>()
-            .and_then(|i| i.peer_cred)
+            .get::<crate::peer::PeerInfo>()
+            .ok_or_else(|| Status::permission_denied("the peer's credentials are unknown"))?;
+        let cred = peer
+            .uds
+            .peer_cred
             .ok_or_else(|| Status::permission_denied("the peer's credentials are unknown"))?;
         Ok(Caller {
             uid: cred.uid(),
             gid: cred.gid(),
+            groups: Arc::clone(&peer.groups),
             pid: cred.pid().and_then(|p| u32::try_from(p).ok()),
         })
     }
@@ -151,7 +155,7 @@ impl<S: Store> Service<S> {
         let Some(g) = &self.config.admin_group else {
             return false;
         };
-        c.gid == g.gid || c.pid.is_some_and(|p| procfs::groups(p).contains(&g.gid))
+        c.gid == g.gid || c.groups.contains(&g.gid)
     }
 
     /// Who may do admin operations, in words: "root" or "root or a member of group G".
