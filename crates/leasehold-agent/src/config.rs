@@ -370,6 +370,59 @@ fn hostname() -> String {
         .to_owned()
 }
 
+/// etcd's longest lease (its `MaxLeaseTTL`).
+const ETCD_MAX_LEASE: Duration = Duration::from_secs(9_000_000_000);
+
+/// Checks that `e` is an etcd client URL, `http://HOST:PORT` or `https://HOST:PORT`: anything
+/// else would be retried forever as "not reachable yet".
+fn check_endpoint(e: &str) -> Result<(), ConfigError> {
+    let bad = |why: &str| ConfigError::Invalid {
+        field: "etcd-endpoints",
+        message: format!(
+            "{e:?} is not an etcd client URL ({why}); write e.g. http://10.0.0.1:2379, \
+             comma-separated for several"
+        ),
+    };
+    let rest = e
+        .strip_prefix("http://")
+        .or_else(|| e.strip_prefix("https://"))
+        .ok_or_else(|| bad("it must start with http:// or https://"))?;
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.contains(['/', '?', '#', '@'])
+        || authority
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(bad("only a host and a port may follow the scheme"));
+    }
+    // An IPv6 host is bracketed: [::1]:2379.
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => {
+            let (h, after) = v6.split_once(']').ok_or_else(|| bad("an unclosed '['"))?;
+            match after {
+                "" => (h, None),
+                p => (
+                    h,
+                    Some(p.strip_prefix(':').ok_or_else(|| bad("junk after ']'"))?),
+                ),
+            }
+        }
+        None => match authority.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        },
+    };
+    if host.is_empty() {
+        return Err(bad("no host"));
+    }
+    if let Some(p) = port
+        && !matches!(p.parse::<u16>(), Ok(n) if n > 0)
+    {
+        return Err(bad("the port must be a number from 1 to 65535"));
+    }
+    Ok(())
+}
+
 impl Config {
     /// Resolves settings over the defaults and checks them.
     ///
@@ -579,11 +632,24 @@ impl Config {
                     why: "etcd raises a shorter lease to 2 s, so failover would take longer than ttl + grace",
                 });
             }
+            for (what, d) in [("ttl", t.ttl), ("grace", t.grace)] {
+                if d > ETCD_MAX_LEASE {
+                    return Err(ConfigError::Inequality {
+                        rule: "ttl and grace <= 9000000000s on etcd",
+                        detail: format!("{what} {}", show(d)),
+                        why: "etcd refuses longer leases (its MaxLeaseTTL); a ttl is how long a \
+                              lost host's disks stay locked, so seconds are usual",
+                    });
+                }
+            }
             if self.etcd_endpoints.is_empty() {
                 return Err(ConfigError::Invalid {
                     field: "etcd-endpoints",
                     message: "the etcd backend needs at least one endpoint".into(),
                 });
+            }
+            for e in &self.etcd_endpoints {
+                check_endpoint(e)?;
             }
         }
         Ok(())
@@ -611,6 +677,60 @@ mod tests {
         assert_eq!(c.timing.fence_margin, Duration::from_secs(2));
         assert_eq!(c.timing.grace, Duration::from_secs(5));
         assert_eq!(c.backend, Backend::Local);
+    }
+
+    #[test]
+    fn etcd_endpoints_must_be_client_urls() {
+        let on = |e: &str| {
+            Config::resolve(FileConfig {
+                backend: Some(Backend::Etcd),
+                etcd_endpoints: Some(vec![e.into()]),
+                ..base()
+            })
+        };
+        for good in [
+            "http://127.0.0.1:2379",
+            "https://etcd.example:2379/",
+            "http://[::1]:2379",
+            "http://etcd",
+        ] {
+            assert!(on(good).is_ok(), "{good}: {:?}", on(good));
+        }
+        for bad in [
+            "not-a-url",
+            "127.0.0.1:2379",
+            "http://",
+            "http://:2379",
+            "http://h:0",
+            "http://h:99999",
+            "http://h:port",
+            "http://h:2379/v3/kv",
+            "http://u@h:2379",
+            "http://[::1",
+            "http://h :1",
+        ] {
+            match on(bad) {
+                Err(ConfigError::Invalid { field, message }) => {
+                    assert_eq!(field, "etcd-endpoints");
+                    assert!(message.contains("http://10.0.0.1:2379"), "{message}");
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn an_etcd_ttl_beyond_what_etcd_grants_is_refused() {
+        let f = FileConfig {
+            backend: Some(Backend::Etcd),
+            etcd_endpoints: Some(vec!["http://127.0.0.1:2379".into()]),
+            ttl: Some("1000years".into()),
+            ..base()
+        };
+        match Config::resolve(f) {
+            Err(ConfigError::Inequality { rule, .. }) => assert!(rule.contains("9000000000s")),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -61,12 +61,30 @@ pub enum AgentError {
         /// Why.
         message: String,
     },
+    /// A directory the agent keeps its socket or state in is not safe to use, or the socket
+    /// path holds something other than a socket.
+    #[error("{0}")]
+    UnsafePath(String),
     /// The backend is not available in this build.
     #[error("{0}")]
     Unsupported(String),
     /// The server failed.
     #[error("serving the API: {0}")]
     Serve(String),
+}
+
+impl AgentError {
+    /// Whether starting again cannot help: the configuration, or state a person must repair or
+    /// move (a damaged database, an unsafe directory). `leasehold agent` exits 2 for these,
+    /// and the systemd unit does not restart on 2.
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self,
+            AgentError::Config(_)
+                | AgentError::UnsafePath(_)
+                | AgentError::Store(StoreError::BadState(_))
+        )
+    }
 }
 
 /// Runs the agent described by `config` until `shutdown` completes.
@@ -76,6 +94,10 @@ pub enum AgentError {
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
     // Before touching the store: a live agent on the socket is the clearest reason to stop.
     refuse_live_socket(&config.socket)?;
+    if let Some(dir) = config.socket.parent() {
+        private_dir(dir, "socket", "--socket", 0o755)?;
+    }
+    private_dir(&config.state_dir, "state", "--state-dir", 0o700)?;
     raise_fd_limit();
     match config.backend {
         Backend::Local => {
@@ -383,6 +405,66 @@ fn refuse_live_socket(path: &Path) -> Result<(), AgentError> {
     Ok(())
 }
 
+/// Creates directory `dir` (mode `mode`, and its missing parents 0755) if it is missing, and
+/// checks that nobody but the agent's user (or root) can change what is in it: it is a real
+/// directory, not a symbolic link; it belongs to the agent's user or root; and no group or
+/// other user may write to it (for the socket, unless it is sticky, as /tmp, where nobody may
+/// remove or replace another's files). Otherwise another local user could plant or swap the
+/// socket or the database under the agent. `flag` is the flag that chooses it.
+fn private_dir(dir: &Path, what: &str, flag: &str, mode: u32) -> Result<(), AgentError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let unsafe_dir = |why: String| {
+        AgentError::UnsafePath(format!("the {what} directory {}: {why}", dir.display()))
+    };
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(parent)
+            .map_err(|e| unsafe_dir(format!("cannot create its parent: {e}")))?;
+    }
+    match std::fs::DirBuilder::new().mode(mode).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(unsafe_dir(format!("cannot create it: {e}"))),
+    }
+    let m = std::fs::symlink_metadata(dir).map_err(|e| unsafe_dir(e.to_string()))?;
+    if m.is_symlink() {
+        let target = std::fs::canonicalize(dir)
+            .map_or_else(|_| "a missing path".to_owned(), |t| t.display().to_string());
+        return Err(unsafe_dir(format!(
+            "is a symbolic link (to {target}); the agent does not follow links there: name the \
+             real directory with {flag}"
+        )));
+    }
+    if !m.is_dir() {
+        return Err(unsafe_dir("is not a directory".into()));
+    }
+    let me = rustix::process::geteuid().as_raw();
+    if m.uid() != me && m.uid() != 0 {
+        return Err(unsafe_dir(format!(
+            "belongs to uid {}, not to the agent's user (uid {me}) or root; another user could \
+             replace what the agent keeps there: use a directory of the agent's user",
+            m.uid()
+        )));
+    }
+    let sticky = m.mode() & 0o1000 != 0 && what == "socket";
+    if m.mode() & 0o022 != 0 && !sticky {
+        return Err(unsafe_dir(format!(
+            "is writable by {} (mode {:o}), so another user could replace what the agent keeps \
+             there; make it writable by its owner only: chmod go-w {}",
+            if m.mode() & 0o002 != 0 {
+                "every user"
+            } else {
+                "its group"
+            },
+            m.mode() & 0o7777,
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
 /// The identity of a file: device and inode.
 type FileId = (u64, u64);
 
@@ -414,9 +496,6 @@ fn bind(path: &Path, group: Option<&config::Group>) -> Result<(UnixListener, Fil
         path: path.to_owned(),
         message,
     };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| err(format!("creating its directory: {e}")))?;
-    }
     refuse_live_socket(path)?;
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
@@ -432,9 +511,10 @@ fn bind(path: &Path, group: Option<&config::Group>) -> Result<(UnixListener, Fil
             } else {
                 "a special file"
             };
-            return Err(err(format!(
-                "the path holds {what}, not a socket; the agent only ever replaces a stale \
-                 socket, so it left it alone: pass another --socket, or move that file away"
+            return Err(AgentError::UnsafePath(format!(
+                "socket {}: the path holds {what}, not a socket; the agent only ever replaces a \
+                 stale socket, so it left it alone: pass another --socket, or move that file away",
+                path.display()
             )));
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -187,20 +187,23 @@ impl LocalStore {
             .map_err(|e| storage(format!("creating {}: {e}", dir.display())))?;
         let path = dir.join(DB_FILE);
         private_file(&path)?;
-        // The engine holds every record in memory; redb's cache only speeds up the B-tree
-        // pages a commit rewrites, so a small one keeps the agent's memory flat as leases grow.
-        let db = Database::builder()
-            .set_cache_size(options.cache_bytes)
-            .create(&path)
-            .map_err(|e| {
-                storage(format!(
-                    "opening {}: {e} (is another leasehold agent using this state directory?)",
-                    path.display()
-                ))
-            })?;
-        check_identity(&db, &dir)?;
+        // redb panics on some damaged pages instead of returning an error: whatever it does,
+        // a damaged file is a clear, final error naming the file, never a crash (a crash under
+        // a service manager's restart would only loop).
+        let opened = quietly(|| open_db(&path, &dir, &options));
+        let (db, mut engine, fresh) = match opened {
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => return Err(e),
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "an internal error".into());
+                return Err(damaged(&path, &what));
+            }
+        };
         let clock = Clock::new();
-        let (mut engine, fresh) = load(&db, options.engine)?;
         let now = clock.now();
         let session = adopt_session(&mut engine, &host, now)?;
         let (events, _) = broadcast::channel(options.event_capacity.max(1));
@@ -464,6 +467,87 @@ fn private_file(path: &Path) -> Result<(), StoreError> {
         .map_err(|e| storage(format!("setting the mode of {}: {e}", path.display())))
 }
 
+thread_local! {
+    /// Whether a panic on this thread is caught and reported by [`quietly`].
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, catching a panic, without the panic hook's report for it (the caller turns it
+/// into an error that says what to do). Panics of other threads are reported as before.
+fn quietly<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let before = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(std::cell::Cell::get) {
+                before(info);
+            }
+        }));
+    });
+    QUIET.with(|q| q.set(true));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET.with(|q| q.set(false));
+    r
+}
+
+/// Opens the database at `path`, checks its identity and loads the engine from it. Each
+/// failure says what is wrong: another process has it open, the agent may not open it, or it
+/// is damaged.
+fn open_db(
+    path: &Path,
+    dir: &Path,
+    options: &LocalStoreOptions,
+) -> Result<(Database, Engine, bool), StoreError> {
+    // The engine holds every record in memory; redb's cache only speeds up the B-tree pages a
+    // commit rewrites, so a small one keeps the agent's memory flat as leases grow.
+    let db = Database::builder()
+        .set_cache_size(options.cache_bytes)
+        .create(path)
+        .map_err(|e| open_error(path, e))?;
+    check_identity(&db, dir)?;
+    let (engine, fresh) = load(&db, options.engine).map_err(|e| match e {
+        StoreError::Storage(m) => damaged(path, &m),
+        other => other,
+    })?;
+    Ok((db, engine, fresh))
+}
+
+/// What went wrong opening the database, in words that say what to do.
+fn open_error(path: &Path, e: redb::DatabaseError) -> StoreError {
+    use redb::{DatabaseError as D, StorageError as S};
+    match e {
+        D::DatabaseAlreadyOpen | D::LockProtocolMismatch => storage(format!(
+            "{} is open in another process: another leasehold agent uses this state directory; \
+             stop it first, or pass another --state-dir",
+            path.display()
+        )),
+        D::Storage(S::Io(io)) if io.kind() == std::io::ErrorKind::PermissionDenied => {
+            StoreError::BadState(format!(
+                "{} cannot be opened: {io}; the state directory and its files must belong to \
+                 the user the agent runs as",
+                path.display()
+            ))
+        }
+        D::Storage(S::Io(io)) => storage(format!("opening {}: {io}", path.display())),
+        D::UpgradeRequired(v) => StoreError::BadState(format!(
+            "{} is in redb file format {v}, which this leasehold cannot read: open it with the \
+             leasehold version that wrote it",
+            path.display()
+        )),
+        other => damaged(path, &other.to_string()),
+    }
+}
+
+/// A damaged database: final, with the way to recover.
+fn damaged(path: &Path, what: &str) -> StoreError {
+    StoreError::BadState(format!(
+        "{} is damaged ({what}); the agent will not start on it. Restore the state directory \
+         from a backup; or, with every holder on this host stopped and every resource it used \
+         checked, move the state directory away and start afresh",
+        path.display()
+    ))
+}
+
 /// Checks that the database is the one this state directory held, so that a deleted or
 /// emptied database file is never taken for a fresh store (tokens would restart and dirty
 /// marks vanish while the old holders still run). A database without an identity gets one,
@@ -476,7 +560,10 @@ fn check_identity(db: &Database, dir: &Path) -> Result<(), StoreError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(storage(format!("reading {}: {e}", id_path.display()))),
     };
-    let in_db = stored_id(db)?;
+    let in_db = stored_id(db).map_err(|e| match e {
+        StoreError::Storage(m) => damaged(&db_path, &m),
+        other => other,
+    })?;
     let start_fresh = format!(
         "restore the database from a backup; or, to start afresh deliberately (every holder on \
          this host stopped and every resource it used checked), delete {}",

@@ -149,7 +149,7 @@ pub async fn bench(a: BenchArgs, socket: &Option<PathBuf>) -> Result<u8, Failure
         (None, c.socket().to_path_buf())
     } else {
         let (agent, socket, ready) = start_agent("bench", &backend_args(&a)).await?;
-        println!(
+        out!(
             "agent start to ready (empty state): {}   [SPEC target <= 1 s; sanlock joins a lockspace in 5-21 s]",
             ms(ready)
         );
@@ -157,7 +157,7 @@ pub async fn bench(a: BenchArgs, socket: &Option<PathBuf>) -> Result<u8, Failure
     };
     let mut c = Client::connect(&socket).await?;
     let status = c.status().await?;
-    println!(
+    out!(
         "agent pid {} on host {}, backend {}, socket {}",
         status.pid,
         status.host,
@@ -223,7 +223,7 @@ async fn acquire_vs_raw(socket: &Path, eps: &[String], rounds: usize) -> Result<
     }
     ours.sort();
     raw.sort();
-    println!(
+    out!(
         "acquire through the agent on etcd: p50 {} p99 {} | raw etcd create-if-absent txn: p50 {} p99 {} | ratio p50 {:.2}x p99 {:.2}x   [SPEC target <= 1.2x]",
         ms(pct(&ours, 0.5)),
         ms(pct(&ours, 0.99)),
@@ -263,7 +263,7 @@ async fn raw_throughput(eps: &[String], clients: usize, seconds: f64) -> Result<
             .map_err(|e| Failure::error(e.to_string()))?
             .map_err(|e| Failure::error(e.to_string()))?;
     }
-    println!(
+    out!(
         "{clients:>3} clients, raw etcd put-then-delete: {:>7.0} cycles/s   [reference for acquire+release throughput; SPEC target >= 0.8x]",
         total as f64 / started.elapsed().as_secs_f64()
     );
@@ -302,7 +302,7 @@ async fn failover(a: &BenchArgs) -> Result<(), Failure> {
         None => leasehold_agent::Timing::etcd_default_grace(ttl),
     };
     let floor = (ttl + grace).as_secs_f64();
-    println!(
+    out!(
         "host death -> its disk granted on another host: {:.2} s (ttl {} + grace {}; expected {floor:.1}-{:.1} s: etcd expires each lease on a 0.5 s tick)   [SPEC target ttl + grace + detection; sanlock 140 s]",
         died.elapsed().as_secs_f64(),
         humantime::format_duration(ttl),
@@ -345,7 +345,7 @@ async fn throughput(socket: &Path, clients: usize, seconds: f64) -> Result<(), F
     let secs = started.elapsed().as_secs_f64();
     acq.sort();
     rel.sort();
-    println!(
+    out!(
         "{clients:>3} clients, durable: {:>7.0} acquire+release/s | acquire p50 {} p99 {} | release p50 {} p99 {}",
         acq.len() as f64 / secs,
         ms(pct(&acq, 0.5)),
@@ -386,7 +386,7 @@ async fn exit_to_release(socket: &Path, rounds: usize) -> Result<(), Failure> {
         let _ = holder.wait();
     }
     lat.sort();
-    println!(
+    out!(
         "holder exit -> lease released ({rounds} kills): p50 {} p99 {} max {}   [SPEC target p99 <= 100 ms]",
         ms(pct(&lat, 0.5)),
         ms(pct(&lat, 0.99)),
@@ -428,7 +428,7 @@ fn run_vs_flock(socket: &Path, rounds: usize) -> Result<(), Failure> {
     ours.sort();
     theirs.sort();
     let (m1, m2) = (mean(&ours), mean(&theirs));
-    println!(
+    out!(
         "leasehold run --exclusive R -- true: mean {} p50 {} | flock FILE true: mean {} p50 {} | ratio {:.2}x   [SPEC target <= 1.5x]",
         ms(m1),
         ms(pct(&ours, 0.5)),
@@ -478,7 +478,7 @@ async fn many_leases(socket: &Path, n: usize, agent_pid: u32) -> Result<(), Fail
     let mut c = Client::connect(socket).await?;
     let s = c.status().await?;
     let held = rss(agent_pid);
-    println!(
+    out!(
         "{} leases held by one process (taken in {:.1} s): agent RSS {} MiB (was {} MiB)   [SPEC target <= 200 MB at 100,000]",
         s.leases,
         took.as_secs_f64(),

@@ -64,10 +64,11 @@ pub fn agent(a: AgentArgs, socket: Option<PathBuf>) -> Result<u8, Failure> {
     let config = Config::resolve(file.overlay(flags)).map_err(|e| Failure::usage(e.to_string()))?;
     let filter = tracing_subscriber::EnvFilter::try_from_env("LEASEHOLD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_ansi(ansi)
+        .with_writer(move || LogWriter { ansi });
     if a.log_json {
         builder.json().init();
     } else {
@@ -81,9 +82,51 @@ pub fn agent(a: AgentArgs, socket: Option<PathBuf>) -> Result<u8, Failure> {
     rt.block_on(async {
         leasehold_agent::run(config, shutdown_signal())
             .await
-            .map_err(|e| Failure::error(e.to_string()))
+            .map_err(|e| {
+                // What a restart cannot fix exits 2, like a bad flag: the systemd unit does
+                // not restart on it.
+                let f = if e.is_final() {
+                    Failure::usage
+                } else {
+                    Failure::error
+                };
+                f(output::escaped(&e.to_string()))
+            })
     })?;
     Ok(0)
+}
+
+/// The agent's log on standard error, one line per event, with every control character that
+/// came in a field (a resource name, label or reason) escaped: nothing in a name can forge a
+/// log line or drive the terminal. With colours on, the escape character stays for them
+/// (the log formatter escapes it inside fields itself).
+struct LogWriter {
+    ansi: bool,
+}
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // One call per event: the formatter writes each line whole.
+        let s = String::from_utf8_lossy(buf);
+        let (body, end) = match s.strip_suffix('\n') {
+            Some(b) => (b, "\n"),
+            None => (&*s, ""),
+        };
+        let line = if self.ansi {
+            body.split('\x1b')
+                .map(output::escaped)
+                .collect::<Vec<_>>()
+                .join("\x1b")
+        } else {
+            output::escaped(body)
+        };
+        std::io::stderr().write_all(format!("{line}{end}").as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
 }
 
 async fn shutdown_signal() {
@@ -137,7 +180,7 @@ pub async fn wait_for_grant(acq: &mut Acquisition) -> Result<Granted, ClientErro
     let mut last_print = Instant::now();
     let clear = |shown: bool| {
         if tty && shown {
-            eprint!("\r\x1b[2K");
+            note_part!("\r\x1b[2K");
         }
     };
     loop {
@@ -161,10 +204,10 @@ pub async fn wait_for_grant(acq: &mut Acquisition) -> Result<Granted, ClientErro
                     conflict.reserved
                 );
                 if tty {
-                    eprint!("\r\x1b[2K{line}");
+                    note_part!("\r\x1b[2K{line}");
                     shown = true;
                 } else if key != last_key || last_print.elapsed() >= Duration::from_secs(10) {
-                    eprintln!("leasehold: {line}");
+                    note!("leasehold: {line}");
                     last_print = Instant::now();
                 }
                 last_key = key;
@@ -172,7 +215,7 @@ pub async fn wait_for_grant(acq: &mut Acquisition) -> Result<Granted, ClientErro
             Ok(Some(AcquireEvent::Note(note))) => {
                 clear(shown);
                 shown = false;
-                eprintln!("leasehold: note: {note}");
+                note!("leasehold: note: {note}");
             }
             Ok(Some(AcquireEvent::Granted(g))) => {
                 clear(shown);
@@ -230,7 +273,7 @@ pub async fn acquire_waiting(
         }
         // Once per outage: an agent that is down answers nothing until it is back.
         if !told || !e.is_unreachable() {
-            eprintln!(
+            note!(
                 "leasehold: note: lost the agent while waiting ({e}); asking again, within the same deadline (the request goes to the back of the queue)"
             );
             told = true;
@@ -277,13 +320,13 @@ pub async fn acquire(a: AcquireArgs, socket: &Option<PathBuf>) -> Result<u8, Fai
     } else {
         Mode::Exclusive
     };
-    let (_client, _acq, g) = acquire_waiting(
+    let (mut client, _acq, g) = acquire_waiting(
         socket,
         AcquireOptions {
             items: vec![(r, mode)],
             pid: Some(pid),
             start_time,
-            label: a.owner,
+            label: crate::label(a.owner)?,
             accept_dirty: a.accept_dirty,
             wait: a.wait,
             hold: false,
@@ -292,16 +335,76 @@ pub async fn acquire(a: AcquireArgs, socket: &Option<PathBuf>) -> Result<u8, Fai
     .await?;
     for grant in &g.grants {
         if let Some(d) = &grant.dirty {
-            eprintln!(
+            note!(
                 "leasehold: note: {} is dirty; check it before use, then: leasehold mark-clean {}\n  last writer: the {}",
-                grant.resource,
+                output::name(&grant.resource),
                 output::quote(grant.resource.as_str()),
                 output::ended(d)
             );
         }
-        println!("{}", grant.token);
+    }
+    let tokens: Vec<String> = g.grants.iter().map(|x| x.token.to_string()).collect();
+    if let Err(f) = crate::write_out(format_args!("{}", tokens.join("\n"))) {
+        return Err(unprinted_grant(&mut client, &g, pid, start_time, f).await);
     }
     Ok(0)
+}
+
+/// The token of a grant could not be printed (`leasehold acquire R | true`): nobody can use
+/// or validate a lease whose token was lost, so a new grant is released again, and the caller
+/// told on standard error. A lease the caller already held stays as it was.
+async fn unprinted_grant(
+    client: &mut Client,
+    g: &Granted,
+    pid: u32,
+    start_time: Option<u64>,
+    f: Failure,
+) -> Failure {
+    let why = if f.message.is_empty() {
+        "standard output was closed".to_owned()
+    } else {
+        f.message
+    };
+    let fresh: Vec<_> = g
+        .grants
+        .iter()
+        .filter(|x| !x.existing)
+        .map(|x| x.resource.clone())
+        .collect();
+    let shown = |rs: &[leasehold_core::ResourceName]| {
+        rs.iter()
+            .map(|r| output::quote(r.as_str()))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let message = if fresh.is_empty() {
+        format!(
+            "the token could not be printed ({why}); the lease was already held by pid {pid} and stays held"
+        )
+    } else {
+        let released = client
+            .release(
+                &fresh,
+                ReleaseOptions {
+                    pid: Some(pid),
+                    start_time,
+                    ..ReleaseOptions::default()
+                },
+            )
+            .await;
+        match released {
+            Ok(_) => format!(
+                "the token could not be printed ({why}); released {} again: nothing is held",
+                shown(&fresh)
+            ),
+            Err(e) => format!(
+                "the token could not be printed ({why}), and releasing {} again failed ({e}); it is held by pid {pid}: leasehold release --pid {pid} {}",
+                shown(&fresh),
+                shown(&fresh)
+            ),
+        }
+    };
+    Failure { code: 1, message }
 }
 
 /// `leasehold release`.
@@ -323,9 +426,9 @@ pub async fn release(a: ReleaseArgs, socket: &Option<PathBuf>) -> Result<u8, Fai
         .await?;
     for r in released {
         if r.dirtied {
-            eprintln!(
+            note!(
                 "leasehold: released {} dirty; the next user must check it",
-                r.resource
+                output::name(&r.resource)
             );
         }
     }
@@ -338,16 +441,19 @@ pub async fn list(json_out: bool, socket: &Option<PathBuf>) -> Result<u8, Failur
     let views = client.list().await?;
     if json_out {
         let v: Vec<_> = views.iter().map(view_json).collect();
-        println!("{}", serde_json::Value::Array(v));
+        out!("{}", serde_json::Value::Array(v));
         return Ok(0);
     }
     if views.is_empty() {
-        println!("no resources known");
+        out!("no resources known");
         return Ok(0);
     }
-    println!(
+    out!(
         "{:<40} {:<6} {:<10} {:>8}  HOLDER",
-        "RESOURCE", "STATE", "MODE", "TOKEN"
+        "RESOURCE",
+        "STATE",
+        "MODE",
+        "TOKEN"
     );
     for v in &views {
         let state = if v.dirty.is_some() {
@@ -363,9 +469,9 @@ pub async fn list(json_out: bool, socket: &Option<PathBuf>) -> Result<u8, Failur
                 .as_ref()
                 .map(|d| format!("(needs check: {})", d.how.describe()))
                 .unwrap_or_default();
-            println!(
+            out!(
                 "{:<40} {:<6} {:<10} {:>8}  {note}",
-                v.resource.as_str(),
+                output::name(&v.resource),
                 state,
                 "-",
                 "-"
@@ -373,11 +479,11 @@ pub async fn list(json_out: bool, socket: &Option<PathBuf>) -> Result<u8, Failur
         }
         for (i, l) in v.holders.iter().enumerate() {
             let (name, state) = if i == 0 {
-                (v.resource.as_str(), state)
+                (output::name(&v.resource), state)
             } else {
-                ("", "")
+                (String::new(), "")
             };
-            println!(
+            out!(
                 "{:<40} {:<6} {:<10} {:>8}  {}, since {} ago",
                 name,
                 state,
@@ -388,7 +494,7 @@ pub async fn list(json_out: bool, socket: &Option<PathBuf>) -> Result<u8, Failur
             );
         }
         if !v.waiters.is_empty() {
-            println!("{:<40} {:<6} {} waiting", "", "", v.waiters.len());
+            out!("{:<40} {:<6} {} waiting", "", "", v.waiters.len());
         }
     }
     Ok(0)
@@ -399,8 +505,8 @@ pub async fn inspect(a: InspectArgs, socket: &Option<PathBuf>) -> Result<u8, Fai
     let r = name(&a.resource, a.path.path)?;
     let mut client = connect(socket).await?;
     match client.inspect(&r).await? {
-        Some(v) if a.json => println!("{}", view_json(&v)),
-        Some(v) => print!("{}", view_text(&v)),
+        Some(v) if a.json => out!("{}", view_json(&v)),
+        Some(v) => out!("{}", view_text(&v).trim_end()),
         None => {
             return Err(Failure::error(format!(
                 "{} is not a known resource (never leased here)",
@@ -416,7 +522,7 @@ pub async fn status(json_out: bool, socket: &Option<PathBuf>) -> Result<u8, Fail
     let mut client = connect(socket).await?;
     let s = client.status().await?;
     if json_out {
-        println!(
+        out!(
             "{}",
             json!({
                 "host": s.host, "backend": s.backend, "version": s.version, "pid": s.pid,
@@ -440,7 +546,7 @@ pub async fn status(json_out: bool, socket: &Option<PathBuf>) -> Result<u8, Fail
         );
         return Ok(0);
     }
-    println!(
+    out!(
         "leasehold agent on host {} (backend {}), version {}, pid {}, up {}",
         s.host,
         s.backend,
@@ -448,19 +554,22 @@ pub async fn status(json_out: bool, socket: &Option<PathBuf>) -> Result<u8, Fail
         s.pid,
         humantime::format_duration(Duration::from_secs(s.uptime_ms / 1000))
     );
-    println!("  socket:   {}", s.socket);
-    println!("  state:    {}", s.state_dir);
+    out!("  socket:   {}", s.socket);
+    out!("  state:    {}", s.state_dir);
     match &s.backend_error {
-        None => println!(
+        None => out!(
             "  leases:   {} held by {} processes, on {} known resources; {} dirty",
-            s.leases, s.processes, s.resources, s.dirty
+            s.leases,
+            s.processes,
+            s.resources,
+            s.dirty
         ),
-        Some(e) => println!("  leases:   unknown: {e}"),
+        Some(e) => out!("  leases:   unknown: {e}"),
     }
-    println!("  session:  {}", s.session);
+    out!("  session:  {}", s.session);
     if let Some(h) = &s.host_session {
         let ms = |v: u64| humantime::format_duration(Duration::from_millis(v)).to_string();
-        println!(
+        out!(
             "  last renewal confirmed: {} ago; {} renewals failed since",
             h.last_renewal_ms_ago.map_or_else(|| "never".into(), ms),
             h.failed_renewals
@@ -470,11 +579,11 @@ pub async fn status(json_out: bool, socket: &Option<PathBuf>) -> Result<u8, Fail
             .iter()
             .map(|us| format!("{:.1}ms", *us as f64 / 1000.0))
             .collect();
-        println!("  recent renewal round trips: {}", lat.join(" "));
+        out!("  recent renewal round trips: {}", lat.join(" "));
     }
     if let Some(e) = &s.etcd {
         let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
-        println!(
+        out!(
             "  etcd:     database {:.1} MiB of a {:.1} MiB quota ({:.0}%); revision {}, history compacted to {} (by {}); {} old records forgotten",
             mib(e.db_size),
             mib(e.quota),
@@ -493,7 +602,7 @@ pub async fn status(json_out: bool, socket: &Option<PathBuf>) -> Result<u8, Fail
             e.forgotten
         );
         if !e.warning.is_empty() {
-            println!("  WARNING:  {}", e.warning);
+            out!("  WARNING:  {}", e.warning);
         }
     }
     Ok(0)
@@ -502,14 +611,16 @@ pub async fn status(json_out: bool, socket: &Option<PathBuf>) -> Result<u8, Fail
 /// `leasehold force-release`.
 pub async fn force_release(a: ForceArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
     let r = name(&a.resource, a.path.path)?;
+    leasehold_core::check_free_text("--reason", &a.reason, leasehold_core::MAX_TEXT)
+        .map_err(|e| Failure::usage(output::escaped(&e.to_string())))?;
     let mut client = connect(socket).await?;
     let released = client.force_release(&r, &a.reason).await?;
     for x in released {
-        eprintln!(
+        note!(
             "leasehold: revoked the {}{}",
             output::ended(&x.ended),
             if x.dirtied {
-                format!("; {} is now dirty", x.resource)
+                format!("; {} is now dirty", output::name(&x.resource))
             } else {
                 String::new()
             }
@@ -523,12 +634,12 @@ pub async fn mark_clean(a: NameArg, socket: &Option<PathBuf>) -> Result<u8, Fail
     let r = name(&a.resource, a.path.path)?;
     let mut client = connect(socket).await?;
     match client.mark_clean(&r).await? {
-        Some(was) => eprintln!(
+        Some(was) => note!(
             "leasehold: {} marked clean (was dirty from the {})",
-            r,
+            output::name(&r),
             output::ended(&was)
         ),
-        None => eprintln!("leasehold: {r} was not dirty"),
+        None => note!("leasehold: {} was not dirty", output::name(&r)),
     }
     Ok(0)
 }
@@ -539,11 +650,11 @@ pub async fn validate(a: ValidateArgs, socket: &Option<PathBuf>) -> Result<u8, F
     let mut client = connect(socket).await?;
     let (current, tokens) = client.validate(&r, Token(a.token)).await?;
     if current {
-        println!("current");
+        out!("current");
         Ok(0)
     } else {
         let now: Vec<String> = tokens.iter().map(ToString::to_string).collect();
-        println!(
+        out!(
             "stale (current: {})",
             if now.is_empty() {
                 "none".into()
@@ -571,9 +682,9 @@ pub async fn watch(a: WatchArgs, socket: &Option<PathBuf>) -> Result<u8, Failure
             .map_err(|s| Failure::from(ClientError::Status(s)))?;
         let Some(e) = e else { return Ok(0) };
         if a.json {
-            println!("{}", event_json(&e));
+            out!("{}", event_json(&e));
         } else {
-            println!("{}", event_text(&e));
+            out!("{}", event_text(&e));
         }
     }
 }
@@ -606,7 +717,7 @@ fn event_text(e: &leasehold_api::pb::Event) -> String {
     } else {
         "-".into()
     };
-    let r = e.resource.clone().unwrap_or_default();
+    let r = output::escaped(e.resource.as_deref().unwrap_or_default());
     let detail = if let Some(l) = e
         .lease
         .clone()

@@ -11,6 +11,32 @@ use clap::{Args, Parser, Subcommand};
 use leasehold_client::{Client, ClientError, RefusalKind};
 use leasehold_core::ResourceName;
 
+/// Prints a line on standard output. When the reader has gone (`leasehold list | head -1`),
+/// the command ends quietly with [`BROKEN_PIPE`] instead of panicking; other write errors end
+/// it with exit 1.
+macro_rules! out {
+    ($($t:tt)*) => { $crate::write_out(format_args!($($t)*))? };
+}
+
+/// Prints a line on standard error, ignoring a closed standard error: a message nobody can
+/// read must not end the command (it may hold a lease or wait on a child).
+macro_rules! note {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let line = format!($($t)*);
+        let _ = writeln!(std::io::stderr(), "{}", $crate::output::tame(&line));
+    }};
+}
+
+/// Like [`note!`] without the newline, and raw: for the live progress line, whose own
+/// control sequences redraw it (its names are escaped where they appear).
+macro_rules! note_part {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stderr(), $($t)*);
+    }};
+}
+
 mod bench;
 mod commands;
 mod output;
@@ -20,10 +46,12 @@ const EXIT_CODES: &str = "\
 Exit codes:
   0  ok
   1  error
-  2  usage (bad flags, names or config)
+  2  usage (bad flags, names or config); for the agent, anything a restart
+     cannot fix (bad config, an unsafe directory, a damaged database)
   3  held by another owner, or --wait timed out
   4  needs check: the resource is dirty (its last writer died mid-write)
   5  the agent is unreachable
+  141 standard output was closed by its reader (as SIGPIPE would end it)
   run exits with its command's exit status (128+N if killed by signal N).";
 
 /// Leases for VM disks and other shared resources.
@@ -255,6 +283,22 @@ fn parse_wait(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// The exit status when standard output was closed by its reader, as for a process killed by
+/// SIGPIPE (128 + 13): the shell's view of `yes | head -1`.
+pub const BROKEN_PIPE: u8 = 141;
+
+/// Writes one line on standard output, flushing it, so that a reader that went away is
+/// noticed here: [`BROKEN_PIPE`] with no message, never a panic.
+pub fn write_out(args: std::fmt::Arguments<'_>) -> Result<(), Failure> {
+    use std::io::Write;
+    let line = args.to_string();
+    let mut o = std::io::stdout().lock();
+    o.write_all(output::tame(&line).as_bytes())
+        .and_then(|()| o.write_all(b"\n"))
+        .and_then(|()| o.flush())
+        .map_err(Failure::stdout)
+}
+
 /// A command's failure: what to print and how to exit.
 #[derive(Debug)]
 pub struct Failure {
@@ -270,6 +314,19 @@ impl Failure {
         Failure {
             code: 1,
             message: message.into(),
+        }
+    }
+
+    /// Standard output could not be written: quietly [`BROKEN_PIPE`] when its reader went
+    /// away, else an error naming the cause.
+    pub fn stdout(e: std::io::Error) -> Failure {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            Failure {
+                code: BROKEN_PIPE,
+                message: String::new(),
+            }
+        } else {
+            Failure::error(format!("writing to standard output: {e}"))
         }
     }
 
@@ -328,6 +385,16 @@ pub fn names(args: &[String], path: bool) -> Result<Vec<ResourceName>, Failure> 
         .collect()
 }
 
+/// Checks an `--owner` label here, before anything is asked of the agent: a bad one is a
+/// usage error (exit 2), like a bad name.
+pub fn label(l: Option<String>) -> Result<Option<String>, Failure> {
+    if let Some(l) = &l {
+        leasehold_core::check_free_text("--owner label", l, leasehold_core::MAX_LABEL)
+            .map_err(|e| Failure::usage(output::escaped(&e.to_string())))?;
+    }
+    Ok(l)
+}
+
 fn name(arg: &str, path: bool) -> Result<ResourceName, Failure> {
     let mut v = names(&[arg.to_owned()], path)?;
     v.pop().ok_or_else(|| Failure::usage("no resource named"))
@@ -361,7 +428,7 @@ fn main() -> ExitCode {
             let rt = match rt {
                 Ok(rt) => rt,
                 Err(e) => {
-                    eprintln!("leasehold: starting the runtime: {e}");
+                    note!("leasehold: starting the runtime: {e}");
                     return ExitCode::from(1);
                 }
             };
@@ -371,7 +438,9 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(f) => {
-            eprintln!("leasehold: {}", f.message);
+            if !f.message.is_empty() {
+                note!("leasehold: {}", f.message);
+            }
             ExitCode::from(f.code)
         }
     }

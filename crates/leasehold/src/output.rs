@@ -3,8 +3,53 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use leasehold_client::{Refusal, RefusalKind};
-use leasehold_core::{Conflict, EndReason, Ended, Lease, Owner, ResourceView, WallTime};
+use leasehold_core::{
+    Conflict, EndReason, Ended, Lease, Owner, ResourceName, ResourceView, WallTime,
+};
 use serde_json::{Value, json};
+
+/// Whether `c` must not reach a terminal or a log line raw: control characters (which move
+/// the cursor, colour the terminal, or start a new line) and those that reorder text.
+fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Text from outside (a name, label, command or reason) made safe to show on one line: each
+/// control character appears as its escape (`\n`, `\u{1b}`), so nothing in a name can colour
+/// the terminal, move the cursor or forge a line.
+pub fn escaped(s: &str) -> String {
+    if !s.chars().any(needs_escape) {
+        return s.to_owned();
+    }
+    s.chars()
+        .map(|c| {
+            if needs_escape(c) {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+/// A resource name, safe to show (see [`escaped`]).
+pub fn name(r: &ResourceName) -> String {
+    escaped(r.as_str())
+}
+
+/// A whole message, safe to print: as [`escaped`], but its own line breaks and indents stay.
+/// Everything printed goes through this, after names were escaped where they appear.
+pub fn tame(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(|c| needs_escape(c) && c != '\n' && c != '\t') {
+        return s.into();
+    }
+    s.split('\n')
+        .map(escaped)
+        .collect::<Vec<_>>()
+        .join("\n")
+        .into()
+}
 
 /// A wall-clock time as RFC 3339 (UTC, seconds).
 pub fn when(t: WallTime) -> String {
@@ -25,11 +70,11 @@ pub fn ago(t: WallTime) -> String {
 pub fn owner(o: &Owner) -> String {
     let mut s = format!("pid {}", o.process.pid);
     if let Some(c) = &o.command {
-        s.push_str(&format!(" ({c})"));
+        s.push_str(&format!(" ({})", escaped(c)));
     }
     s.push_str(&format!(" on {}", o.process.host));
     if let Some(l) = &o.label {
-        s.push_str(&format!(" [{l}]"));
+        s.push_str(&format!(" [{}]", escaped(l)));
     }
     s
 }
@@ -50,7 +95,7 @@ pub fn lease(l: &Lease) -> String {
 pub fn ended(e: &Ended) -> String {
     let how = match &e.how {
         EndReason::HandedOver { to } => format!("handed over to pid {} on {}", to.pid, to.host),
-        other => other.describe(),
+        other => escaped(&other.describe()),
     };
     format!(
         "{} lease of {}, token {}: {} at {} ({} ago)",
@@ -66,19 +111,25 @@ pub fn ended(e: &Ended) -> String {
 /// Who is in the way, on one line.
 pub fn conflict(c: &Conflict, blocked_for: Option<Duration>) -> String {
     let mut s = match c.holders.as_slice() {
-        [] if c.reserved => format!("{} is being handed over to another owner", c.resource),
+        [] if c.reserved => format!(
+            "{} is being handed over to another owner",
+            name(&c.resource)
+        ),
         [] => match blocked_for {
             Some(d) => format!(
                 "{} is in its grace period after its holder's host was lost ({} left)",
-                c.resource,
+                name(&c.resource),
                 humantime::format_duration(Duration::from_secs(d.as_secs().max(1)))
             ),
-            None => format!("{} is promised to owners who waited longer", c.resource),
+            None => format!(
+                "{} is promised to owners who waited longer",
+                name(&c.resource)
+            ),
         },
-        [one] => format!("{} is held {}", c.resource, lease(one)),
+        [one] => format!("{} is held {}", name(&c.resource), lease(one)),
         [one, rest @ ..] => format!(
             "{} is held {} and by {} more",
-            c.resource,
+            name(&c.resource),
             lease(one),
             rest.len()
         ),
@@ -91,7 +142,8 @@ pub fn conflict(c: &Conflict, blocked_for: Option<Duration>) -> String {
 
 /// The full message for a refused acquire, with what to do next.
 pub fn refusal(r: &Refusal) -> String {
-    let name = r
+    let shown = r.resource.as_ref().map(name);
+    let raw = r
         .resource
         .as_ref()
         .map(ToString::to_string)
@@ -100,7 +152,7 @@ pub fn refusal(r: &Refusal) -> String {
         RefusalKind::Busy | RefusalKind::TimedOut => {
             let head = match &r.conflict {
                 Some(c) => conflict(c, r.blocked_for),
-                None => r.message.clone(),
+                None => escaped(&r.message),
             };
             let head = if r.kind == RefusalKind::TimedOut {
                 format!("timed out waiting: {head}")
@@ -109,10 +161,11 @@ pub fn refusal(r: &Refusal) -> String {
             };
             format!(
                 "{head}\n  to wait for it, add --wait (or --wait=DURATION)\n  if that holder is gone for good: leasehold force-release {} --reason '...'",
-                quote(&name)
+                quote(&raw)
             )
         }
         RefusalKind::NeedsCheck => {
+            let name = shown.unwrap_or_else(|| "the resource".into());
             let why = r
                 .dirty
                 .as_ref()
@@ -121,20 +174,20 @@ pub fn refusal(r: &Refusal) -> String {
             match &r.accept_dirty_needs {
                 Some(who) => format!(
                     "{name} needs a check before use{why}\n  taking it dirty (--accept-dirty, run --check) needs {who}, and you are not\n  ask an admin to check it (a qcow2 image: qemu-img check {q}), then: leasehold mark-clean {q}",
-                    q = quote(&name)
+                    q = quote(&raw)
                 ),
                 None => format!(
                     "{name} needs a check before use{why}\n  check it (a qcow2 image: qemu-img check {q}), then: leasehold mark-clean {q}\n  or let run check it first: leasehold run --check 'qemu-img check {{path}}' --exclusive {q} -- ...\n  or take it anyway and check it yourself: add --accept-dirty",
-                    q = quote(&name)
+                    q = quote(&raw)
                 ),
             }
         }
-        RefusalKind::ModeConflict | RefusalKind::Cancelled => r.message.clone(),
+        RefusalKind::ModeConflict | RefusalKind::Cancelled => escaped(&r.message),
     }
 }
 
-/// Quotes a word for a shell, when it needs it.
-pub fn quote(s: &str) -> String {
+/// Quotes a word for `/bin/sh`, when it needs it: single quotes, whatever it holds.
+pub fn sh_quote(s: &str) -> String {
     if !s.is_empty()
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || "/._-+:,@%=".contains(c))
@@ -142,6 +195,32 @@ pub fn quote(s: &str) -> String {
         s.to_owned()
     } else {
         format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// Quotes a word for a shell, when it needs it, to be shown. A word holding control characters is
+/// written in bash's `$'...'` form, with each of them as an escape, so that it shows safely
+/// and can still be pasted.
+pub fn quote(s: &str) -> String {
+    if !s.chars().any(needs_escape) {
+        sh_quote(s)
+    } else {
+        let mut q = String::from("$'");
+        for c in s.chars() {
+            match c {
+                '\'' | '\\' => {
+                    q.push('\\');
+                    q.push(c);
+                }
+                c if needs_escape(c) && (c as u32) < 0x80 => {
+                    q.push_str(&format!("\\x{:02x}", c as u32))
+                }
+                c if needs_escape(c) => q.push_str(&format!("\\u{:04x}", c as u32)),
+                c => q.push(c),
+            }
+        }
+        q.push('\'');
+        q
     }
 }
 
@@ -218,7 +297,7 @@ pub fn view_json(v: &ResourceView) -> Value {
 
 /// A resource for people, over several lines.
 pub fn view_text(v: &ResourceView) -> String {
-    let mut s = format!("{}\n", v.resource);
+    let mut s = format!("{}\n", name(&v.resource));
     let state = match (&v.dirty, v.holders.is_empty()) {
         _ if v.damaged.is_some() => "damaged: refused to everyone until repaired".to_owned(),
         (Some(_), _) => "dirty: needs a check before use".to_owned(),
@@ -227,7 +306,7 @@ pub fn view_text(v: &ResourceView) -> String {
     };
     s.push_str(&format!("  state:    {state}\n"));
     if let Some(d) = &v.damaged {
-        s.push_str(&format!("  damaged:  {d}\n"));
+        s.push_str(&format!("  damaged:  {}\n", escaped(d)));
     }
     if let Some(d) = &v.dirty {
         s.push_str(&format!("  dirty by: {}\n", ended(d)));
@@ -272,5 +351,14 @@ mod tests {
         assert_eq!(quote("a b"), "'a b'");
         assert_eq!(quote("it's"), r"'it'\''s'");
         assert_eq!(quote(""), "''");
+        assert_eq!(quote("a\x1b[31mb\n'"), r"$'a\x1b[31mb\x0a\''");
+    }
+
+    #[test]
+    fn control_characters_never_reach_the_terminal_raw() {
+        assert_eq!(escaped("vm\x1b[31m\nx"), r"vm\u{1b}[31m\nx");
+        assert_eq!(escaped("plain/name"), "plain/name");
+        assert_eq!(escaped("\u{202e}evil"), r"\u{202e}evil");
+        assert_eq!(tame("a\n  b\x1b\r"), "a\n  b\\u{1b}\\r");
     }
 }

@@ -52,8 +52,25 @@ pub struct RunArgs {
     command: Vec<std::ffi::OsString>,
 }
 
-/// The environment variable that carries the tokens to the command: `NAME=TOKEN,NAME=TOKEN`.
+/// The environment variable that carries the tokens to the command: `NAME=TOKEN,NAME=TOKEN`,
+/// each NAME with `%`, `,` and `=` percent-encoded (see [`token_name`]).
 pub const TOKENS_ENV: &str = "LEASEHOLD_TOKENS";
+
+/// A resource name as it appears in [`TOKENS_ENV`]: `%` as `%25`, `,` as `%2C` and `=` as
+/// `%3D`, everything else as it is. So the value splits unambiguously: on `,` into pairs, each
+/// on its `=` into name and token, then `%XX` decodes to the byte XX.
+pub fn token_name(name: &str) -> String {
+    let mut s = String::with_capacity(name.len());
+    for c in name.chars() {
+        match c {
+            '%' => s.push_str("%25"),
+            ',' => s.push_str("%2C"),
+            '=' => s.push_str("%3D"),
+            c => s.push(c),
+        }
+    }
+    s
+}
 
 /// `leasehold run`.
 pub async fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
@@ -85,7 +102,7 @@ pub async fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
         items,
         pid: Some(std::process::id()),
         start_time: None,
-        label: a.owner,
+        label: crate::label(a.owner)?,
         accept_dirty: a.check.is_some(),
         wait: a.wait,
         hold: true,
@@ -103,7 +120,7 @@ pub async fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
     let tokens = granted
         .grants
         .iter()
-        .map(|g| format!("{}={}", g.resource, g.token))
+        .map(|g| format!("{}={}", token_name(g.resource.as_str()), g.token))
         .collect::<Vec<_>>()
         .join(",");
     let hold = Hold {
@@ -135,11 +152,11 @@ pub async fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
                 std::io::ErrorKind::NotFound => (127, "command not found".to_owned()),
                 _ => (126, error.to_string()),
             };
-            eprintln!("leasehold: cannot run {}: {why}; {after}", quote(&prog));
+            note!("leasehold: cannot run {}: {why}; {after}", quote(&prog));
             return Ok(code);
         }
         Outcome::Unconfirmed { status } => {
-            eprintln!(
+            note!(
                 "leasehold: the agent did not confirm the leases in time (host cut off, or agent hung or gone); killed the command so it cannot write past them"
             );
             return Ok(exit_code(status));
@@ -149,8 +166,9 @@ pub async fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
             resource,
             how,
         } => {
-            eprintln!(
-                "leasehold: lost the lease on {resource} ({how}); killed the command so it cannot write without it"
+            note!(
+                "leasehold: lost the lease on {} ({how}); killed the command so it cannot write without it",
+                crate::output::name(&resource)
             );
             // The lease is gone; release what remains, dirty: the command was cut off.
             let rest: Vec<ResourceName> = all.iter().filter(|r| **r != resource).cloned().collect();
@@ -170,12 +188,12 @@ pub async fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
     let clean = status.success();
     let note = (!clean).then(|| describe(status));
     if let Err(f) = release(&mut client, socket, &all, clean, note.clone()).await {
-        eprintln!(
+        note!(
             "leasehold: {}\n  the leases end when this process exits, and count as dirty",
             f.message
         );
     } else if !clean {
-        eprintln!(
+        note!(
             "leasehold: the command {}; released {} dirty: the next user must check",
             note.unwrap_or_default(),
             all.iter()
@@ -190,10 +208,10 @@ pub async fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
 /// Runs the check on every dirty resource granted, marking each clean when it succeeds.
 async fn check_dirty(client: &mut Client, granted: &Granted, check: &str) -> Result<(), Failure> {
     for g in granted.grants.iter().filter(|g| g.dirty.is_some()) {
-        let cmd = check.replace("{path}", &quote(g.resource.as_str()));
-        eprintln!(
+        let cmd = check.replace("{path}", &crate::output::sh_quote(g.resource.as_str()));
+        note!(
             "leasehold: {} is dirty ({}); checking: {cmd}",
-            g.resource,
+            crate::output::name(&g.resource),
             g.dirty.as_ref().map(output::ended).unwrap_or_default()
         );
         let status = tokio::process::Command::new("/bin/sh")
@@ -207,13 +225,16 @@ async fn check_dirty(client: &mut Client, granted: &Granted, check: &str) -> Res
                 code: 4,
                 message: format!(
                     "the check of {} failed ({}); it stays dirty and the command was not started",
-                    g.resource,
+                    crate::output::name(&g.resource),
                     describe(status)
                 ),
             });
         }
         client.mark_clean(&g.resource).await?;
-        eprintln!("leasehold: {} checked and marked clean", g.resource);
+        note!(
+            "leasehold: {} checked and marked clean",
+            crate::output::name(&g.resource)
+        );
     }
     Ok(())
 }
@@ -269,7 +290,7 @@ impl Hold {
                 if same {
                     self.acq = Some(acq);
                     self.retry_at = None;
-                    eprintln!("leasehold: reattached to the agent; the leases are still held");
+                    note!("leasehold: reattached to the agent; the leases are still held");
                     Ok(true)
                 } else {
                     let fresh: Vec<ResourceName> = g
@@ -401,7 +422,7 @@ async fn supervise(
                 Ok(None) | Err(_) => {
                     hold.acq = None;
                     hold.retry_at = Some(tokio::time::Instant::now() + Duration::from_millis(200));
-                    eprintln!("leasehold: lost contact with the agent; retrying");
+                    note!("leasehold: lost contact with the agent; retrying");
                 }
             },
         }

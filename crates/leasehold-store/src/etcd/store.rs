@@ -463,11 +463,26 @@ async fn establish(
             prefix: keys.prefix().to_owned(),
             lease,
         };
+        // For the agent's user only, never through a symbolic link.
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
         if let Some(dir) = p.parent() {
-            let _ = std::fs::create_dir_all(dir);
+            let _ = std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir);
         }
         if let Ok(b) = json(&saved) {
-            let _ = std::fs::write(p, b);
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(p)
+                .and_then(|mut f| {
+                    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+                    std::io::Write::write_all(&mut f, &b)
+                });
         }
     }
     if granted(ttl) != opts.ttl {

@@ -1,0 +1,404 @@
+//! Hostile and careless input (issue 10): a reader that goes away, a corrupted database,
+//! unsafe directories, control characters in names, permanent configuration errors. Each
+//! gets a clear message and changes nothing; nothing panics.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+
+/// Runs `cmd` with its standard output closed by the reader before anything is written, as
+/// `leasehold ... | true` does. Returns the exit code and standard error.
+fn with_stdout_closed(mut cmd: std::process::Command) -> (i32, String) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    (code(&out), text(&out.stderr))
+}
+
+#[test]
+fn list_into_a_closed_pipe_ends_quietly() {
+    let a = Agent::start();
+    let h = Holder::new();
+    expect_code(&a.lh(&["acquire", "disk", "--pid", &h.pid_arg()]), 0);
+    for args in [["list"].as_slice(), &["list", "--json"], &["status"]] {
+        let mut cmd = a.cli();
+        cmd.args(args);
+        let (code, err) = with_stdout_closed(cmd);
+        assert_eq!(code, 141, "{args:?}: exit {code}, stderr: {err}");
+        assert!(err.is_empty(), "{args:?}: stderr: {err}");
+    }
+}
+
+#[test]
+fn watch_into_a_pipe_closed_after_one_line_ends_quietly() {
+    let a = Agent::start();
+    let h = Holder::new();
+    let mut watch = a
+        .cli()
+        .arg("watch")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // `watch | head -1`: read one line, then go away.
+    let mut first = String::new();
+    let mut reader = BufReader::new(watch.stdout.take().unwrap());
+    let pid = h.pid_arg();
+    let read = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let events = s.spawn(|| {
+            // Events until the watcher has read its line (it may subscribe late).
+            while !read.load(std::sync::atomic::Ordering::SeqCst) {
+                expect_code(&a.lh(&["acquire", "disk", "--pid", &pid]), 0);
+                expect_code(&a.lh(&["release", "disk", "--pid", &pid]), 0);
+            }
+        });
+        reader.read_line(&mut first).unwrap();
+        drop(reader);
+        read.store(true, std::sync::atomic::Ordering::SeqCst);
+        events.join().unwrap();
+    });
+    assert!(first.contains("disk"), "{first}");
+    let mut status = None;
+    wait_until("watch exits", Duration::from_secs(20), || {
+        if status.is_none() {
+            expect_code(&a.lh(&["acquire", "other", "--pid", &pid]), 0);
+            expect_code(&a.lh(&["release", "other", "--pid", &pid]), 0);
+        }
+        status = watch.try_wait().unwrap();
+        status.is_some()
+    });
+    let out = watch.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(141), "{}", text(&out.stderr));
+    assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
+}
+
+#[test]
+fn an_acquire_whose_token_cannot_be_printed_releases_the_grant_and_says_so() {
+    let a = Agent::start();
+    let h = Holder::new();
+    let mut cmd = a.cli();
+    cmd.args(["acquire", "disk", "--pid", &h.pid_arg()]);
+    let (code, err) = with_stdout_closed(cmd);
+    assert_eq!(code, 1, "stderr: {err}");
+    assert!(err.contains("the token could not be printed"), "{err}");
+    assert!(
+        err.contains("released disk again: nothing is held"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(a.holders("disk").is_empty(), "the lease is still held");
+
+    // A lease already held stays held: the caller has its token from before.
+    expect_code(&a.lh(&["acquire", "disk", "--pid", &h.pid_arg()]), 0);
+    let mut cmd = a.cli();
+    cmd.args(["acquire", "disk", "--pid", &h.pid_arg()]);
+    let (code, err) = with_stdout_closed(cmd);
+    assert_eq!(code, 1, "stderr: {err}");
+    assert!(err.contains("already held"), "{err}");
+    assert_eq!(a.holders("disk"), vec![u64::from(h.pid())]);
+}
+
+/// Decodes `LEASEHOLD_TOKENS` as the README says: split on `,`, each pair on `=`, then `%XX`.
+fn decode_tokens(v: &str) -> Vec<(String, u64)> {
+    v.split(',')
+        .map(|p| {
+            let (n, t) = p.split_once('=').unwrap();
+            let mut name = Vec::new();
+            let b = n.as_bytes();
+            let mut i = 0;
+            while i < b.len() {
+                if b[i] == b'%' {
+                    name.push(u8::from_str_radix(&n[i + 1..i + 3], 16).unwrap());
+                    i += 3;
+                } else {
+                    name.push(b[i]);
+                    i += 1;
+                }
+            }
+            (String::from_utf8(name).unwrap(), t.parse().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn tokens_of_names_with_commas_equals_and_percents_decode_unambiguously() {
+    let a = Agent::start();
+    let names = ["a=1,b=2", "c%2C", "plain"];
+    let mut args = vec!["run"];
+    for n in &names {
+        args.extend(["--exclusive", n]);
+    }
+    args.extend(["--", "sh", "-c", "printf %s \"$LEASEHOLD_TOKENS\""]);
+    let out = a.lh(&args);
+    expect_code(&out, 0);
+    let got = decode_tokens(&text(&out.stdout));
+    let mut want: Vec<&str> = names.to_vec();
+    want.sort();
+    assert_eq!(got.iter().map(|p| p.0.as_str()).collect::<Vec<_>>(), want);
+    assert!(got.iter().all(|p| p.1 > 0), "{got:?}");
+}
+
+#[test]
+fn control_characters_in_names_are_escaped_in_output_and_logs() {
+    let a = Agent::start();
+    let h = Holder::new();
+    let evil = "vm\x1b[31mRED\nleasehold: forged line";
+    let label = "vm-42";
+    expect_code(
+        &a.lh(&["acquire", evil, "--pid", &h.pid_arg(), "--owner", label]),
+        0,
+    );
+    // Refused: the message names the holder, escaped.
+    let refused = a.lh(&["acquire", evil, "--pid", &std::process::id().to_string()]);
+    expect_code(&refused, 3);
+    let list = a.lh(&["list"]);
+    let inspect = a.lh(&["inspect", evil]);
+    expect_code(&a.lh(&["force-release", evil, "--reason", "test"]), 0);
+    for (what, o) in [
+        ("refused", &refused),
+        ("list", &list),
+        ("inspect", &inspect),
+    ] {
+        for bytes in [&o.stdout, &o.stderr] {
+            let t = text(bytes);
+            assert!(
+                !t.contains('\x1b') && !t.contains('\x07') && !t.contains('\r'),
+                "{what}: {t:?}"
+            );
+            assert!(
+                !t.lines().any(|l| l.starts_with("leasehold: forged")),
+                "{what}: a forged line: {t}"
+            );
+        }
+    }
+    assert!(
+        text(&list.stdout).contains(r"vm\u{1b}[31mRED\nleasehold: forged line"),
+        "{}",
+        text(&list.stdout)
+    );
+    assert!(
+        text(&refused.stderr).contains(r"vm\u{1b}[31mRED\nleasehold: forged line is held"),
+        "{}",
+        text(&refused.stderr)
+    );
+    // The JSON keeps the name exactly (JSON escapes it).
+    let v = a.inspect(evil).unwrap();
+    assert_eq!(v["resource"], evil);
+    // The agent's log: no raw control character, no forged line.
+    let log = a.log();
+    assert!(
+        !log.contains('\x1b') && !log.contains('\x07') && !log.contains('\r'),
+        "{log:?}"
+    );
+    assert!(
+        !log.lines()
+            .any(|l| l.starts_with("forged") || l.starts_with("leasehold: forged")),
+        "{log}"
+    );
+    assert!(log.contains(r"RED\nleasehold: forged line"), "{log}");
+}
+
+/// Starts `a`, expecting it to refuse at once: returns its exit code and log.
+fn start_refused(a: &Agent) -> (i32, String) {
+    let out = a
+        .command()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = out;
+    let mut status = None;
+    let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_until("the agent exits", Duration::from_secs(20), || {
+            status = child.try_wait().unwrap();
+            status.is_some()
+        })
+    }));
+    if waited.is_err() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    let log = text(&out.stderr);
+    assert!(
+        status.is_some(),
+        "the agent did not refuse to start:\n{log}"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+    (code(&out), log)
+}
+
+fn set_mode(p: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn mode_of(p: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+#[test]
+fn a_corrupted_database_is_a_clear_final_error_naming_the_file() {
+    let mut a = Agent::start();
+    let h = Holder::new();
+    for i in 0..200 {
+        let r = format!("disk-{i}-{}", "x".repeat(200));
+        expect_code(&a.lh(&["acquire", &r, "--pid", &h.pid_arg()]), 0);
+    }
+    a.stop();
+    let db = a.state.join("leasehold.redb");
+    let len = std::fs::metadata(&db).unwrap().len();
+    // Overwrite every page after the header with garbage, as a failing disk might.
+    let mut bytes = std::fs::read(&db).unwrap();
+    let mut x: u32 = 0x9e37_79b9;
+    for b in bytes.iter_mut().skip(4096) {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        *b = x as u8;
+    }
+    assert_eq!(bytes.len() as u64, len);
+    std::fs::write(&db, &bytes).unwrap();
+    let (code, log) = start_refused(&a);
+    assert_eq!(code, 2, "{log}");
+    assert!(log.contains(&db.display().to_string()), "{log}");
+    assert!(log.contains("is damaged"), "{log}");
+    assert!(log.contains("backup"), "{log}");
+    assert!(!log.contains("another leasehold agent"), "{log}");
+}
+
+#[test]
+fn a_second_agent_on_the_same_state_directory_is_told_so() {
+    let a = Agent::start();
+    let mut b = Agent::unstarted("node1", &[], &[]);
+    b.state = a.state.clone();
+    let (code, log) = start_refused(&b);
+    assert_eq!(code, 1, "{log}");
+    assert!(log.contains("is open in another process"), "{log}");
+    assert!(
+        log.contains("another leasehold agent uses this state directory"),
+        "{log}"
+    );
+    expect_code(&a.lh(&["status"]), 0);
+}
+
+#[test]
+fn unsafe_state_and_socket_directories_are_refused() {
+    // A state directory every user may write to.
+    let a = Agent::unstarted("node1", &[], &[]);
+    std::fs::create_dir(&a.state).unwrap();
+    set_mode(&a.state, 0o777);
+    let (code, log) = start_refused(&a);
+    assert_eq!(code, 2, "{log}");
+    assert!(log.contains("writable by every user"), "{log}");
+    assert!(log.contains("chmod go-w"), "{log}");
+    assert!(!a.state.join("leasehold.redb").exists());
+
+    // A socket directory its group may write to.
+    let mut b = Agent::unstarted("node1", &[], &[]);
+    let dir = b.path("sockets");
+    std::fs::create_dir(&dir).unwrap();
+    set_mode(&dir, 0o775);
+    b.socket = dir.join("agent.sock");
+    let (code, log) = start_refused(&b);
+    assert_eq!(code, 2, "{log}");
+    assert!(log.contains("writable by its group"), "{log}");
+    assert!(!b.socket.exists());
+
+    // A state directory that is a link into a directory every user may write to.
+    let mut c = Agent::unstarted("node1", &[], &[]);
+    let real = c.path("real-state");
+    std::fs::create_dir(&real).unwrap();
+    set_mode(&real, 0o777);
+    std::os::unix::fs::symlink(&real, &c.state).unwrap();
+    let (code, log) = start_refused(&c);
+    assert_eq!(code, 2, "{log}");
+    assert!(log.contains("is a symbolic link"), "{log}");
+    assert!(log.contains("--state-dir"), "{log}");
+    assert!(std::fs::read_dir(&real).unwrap().next().is_none());
+
+    // A safe one works, and what the agent creates is its user's only.
+    c.state = c.path("fresh");
+    c.spawn();
+    assert_eq!(mode_of(&c.state), 0o700);
+    assert_eq!(mode_of(&c.state.join("leasehold.redb")), 0o600);
+    assert_eq!(mode_of(&c.socket), 0o600);
+}
+
+#[test]
+fn a_dangling_symlink_at_the_socket_path_is_named_and_left_alone() {
+    let a = Agent::unstarted("node1", &[], &[]);
+    let target = a.path("nowhere");
+    std::os::unix::fs::symlink(&target, &a.socket).unwrap();
+    let (code, log) = start_refused(&a);
+    assert_eq!(code, 2, "{log}");
+    assert!(log.contains("a symbolic link, not a socket"), "{log}");
+    assert!(!log.contains("Address already in use"), "{log}");
+    assert!(std::fs::symlink_metadata(&a.socket).unwrap().is_symlink());
+    assert!(!target.exists());
+}
+
+#[test]
+fn permanent_etcd_configuration_errors_exit_2_at_once() {
+    for (extra, want) in [
+        (
+            ["--etcd-endpoints", "not-a-url", "--ttl", "10s"],
+            "is not an etcd client URL",
+        ),
+        (
+            [
+                "--etcd-endpoints",
+                "http://127.0.0.1:1",
+                "--ttl",
+                "1000years",
+            ],
+            "9000000000s",
+        ),
+    ] {
+        let mut args = vec!["--backend", "etcd"];
+        args.extend(extra);
+        let a = Agent::unstarted("node1", &args, &[]);
+        let (code, log) = start_refused(&a);
+        assert_eq!(code, 2, "{log}");
+        assert!(log.contains(want), "{log}");
+        assert!(!log.contains("not reachable yet"), "{log}");
+    }
+}
+
+#[test]
+fn a_bad_owner_label_is_a_usage_error_like_a_bad_name() {
+    let a = Agent::start();
+    let h = Holder::new();
+    let bad_name = a.lh(&["acquire", "", "--pid", &h.pid_arg()]);
+    expect_code(&bad_name, 2);
+    for args in [
+        vec!["acquire", "disk", "--pid", &h.pid_arg(), "--owner", "a\nb"],
+        vec![
+            "run",
+            "--exclusive",
+            "disk",
+            "--owner",
+            "a\x1bb",
+            "--",
+            "true",
+        ],
+    ] {
+        let out = a.lh(&args);
+        expect_code(&out, 2);
+        let err = text(&out.stderr);
+        assert!(err.contains("--owner label"), "{err}");
+        assert!(!err.contains('\x1b') && !err.contains("a\nb"), "{err}");
+    }
+    assert!(a.holders("disk").is_empty());
+}
