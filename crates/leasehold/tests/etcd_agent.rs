@@ -125,7 +125,8 @@ fn the_watchdog_is_fed_while_all_is_well_and_starved_when_a_holder_survives() {
             "--clear-groups",
         ],
     );
-    std::fs::set_permissions(a.dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    // The agent's directories are its user's alone (it refuses ones others may write to).
+    std::os::unix::fs::chown(a.dir.path(), Some(65534), Some(65534)).unwrap();
     a.spawn();
     wait_until("the watchdog is fed", Duration::from_secs(5), || {
         feeds(&wd) >= 2
