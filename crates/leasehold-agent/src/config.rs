@@ -220,6 +220,8 @@ pub struct FileConfig {
     pub etcd_forget_after: Option<String>,
     /// etcd's `--quota-backend-bytes`, as bytes or `"2GiB"`, for the warning near it.
     pub etcd_quota: Option<String>,
+    /// Whether the agents defragment etcd's members, `"on"` or `"off"`.
+    pub etcd_defrag: Option<String>,
 }
 
 impl FileConfig {
@@ -260,6 +262,7 @@ impl FileConfig {
             etcd_history: flags.etcd_history.or(self.etcd_history),
             etcd_forget_after: flags.etcd_forget_after.or(self.etcd_forget_after),
             etcd_quota: flags.etcd_quota.or(self.etcd_quota),
+            etcd_defrag: flags.etcd_defrag.or(self.etcd_defrag),
         }
     }
 }
@@ -516,6 +519,17 @@ impl Config {
                 .map(|q| bytes("etcd-quota", q))
                 .transpose()?
                 .unwrap_or(defaults.quota),
+            defrag: match f.etcd_defrag.as_deref() {
+                None => defaults.defrag,
+                Some("on") => true,
+                Some("off") => false,
+                Some(other) => {
+                    return Err(ConfigError::Invalid {
+                        field: "etcd-defrag",
+                        message: format!("{other:?}: say \"on\" or \"off\""),
+                    });
+                }
+            },
         };
         let c = Config {
             socket,
@@ -872,5 +886,23 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn etcd_defrag_is_on_or_off() {
+        assert!(Config::resolve(base()).unwrap().etcd_history.defrag);
+        let with = |v: &str| {
+            Config::resolve(FileConfig {
+                etcd_defrag: Some(v.into()),
+                ..base()
+            })
+        };
+        assert!(!with("off").unwrap().etcd_history.defrag);
+        assert!(with("on").unwrap().etcd_history.defrag);
+        let e = with("sometimes").unwrap_err().to_string();
+        assert!(
+            e.contains("etcd-defrag") && e.contains("\"on\" or \"off\""),
+            "{e}"
+        );
     }
 }

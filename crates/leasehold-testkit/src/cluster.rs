@@ -28,6 +28,16 @@ impl EtcdCluster {
     /// Like [`start`](EtcdCluster::start), but clients connect on `ip` (see
     /// [`Etcd::start_on`]). Peers use 127.0.0.1.
     pub fn start_on(n: usize, ip: &str) -> EtcdCluster {
+        EtcdCluster::start_on_with(n, ip, &[])
+    }
+
+    /// Like [`start`](EtcdCluster::start), with more flags for every member, such as
+    /// `--quota-backend-bytes=8388608`; they are given again at every restart.
+    pub fn start_with(n: usize, args: &[&str]) -> EtcdCluster {
+        EtcdCluster::start_on_with(n, "127.0.0.1", args)
+    }
+
+    fn start_on_with(n: usize, ip: &str, args: &[&str]) -> EtcdCluster {
         assert!(
             n > 0,
             "leasehold-testkit: a cluster needs at least one member"
@@ -45,14 +55,16 @@ impl EtcdCluster {
             let token = cluster_token();
             let members: Vec<Etcd> = (0..n)
                 .map(|i| {
-                    Etcd::new(
+                    let mut m = Etcd::new(
                         format!("m{i}"),
                         ip,
                         ports[i],
                         ports[n + i],
                         initial_cluster.clone(),
                         token.clone(),
-                    )
+                    );
+                    m.extra_args = args.iter().map(|a| (*a).to_owned()).collect();
+                    m
                 })
                 .collect();
             for m in &members {

@@ -118,7 +118,7 @@ pub struct Etcd {
     log_path: PathBuf,
     child: Mutex<Option<Child>>,
     /// More flags for etcd, given at every start of this member.
-    extra_args: Vec<String>,
+    pub(crate) extra_args: Vec<String>,
     _dir: tempfile::TempDir,
 }
 

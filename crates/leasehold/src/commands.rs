@@ -56,6 +56,7 @@ pub fn agent(a: AgentArgs, socket: Option<PathBuf>) -> Result<u8, Failure> {
         etcd_history: a.etcd_history,
         etcd_forget_after: a.etcd_forget_after,
         etcd_quota: a.etcd_quota,
+        etcd_defrag: a.etcd_defrag,
     };
     let file = match &a.config {
         Some(p) => FileConfig::read(p).map_err(|e| Failure::usage(e.to_string()))?,

@@ -162,6 +162,10 @@ struct AgentArgs {
     /// etcd's --quota-backend-bytes, for the warning near it [default: 2GiB, etcd's default]
     #[arg(long)]
     etcd_quota: Option<String>,
+    /// "on": the agents defragment an etcd member whose file is mostly free pages, one member
+    /// at a time; "off": the operator does (`etcdctl defrag`) [default: on]
+    #[arg(long)]
+    etcd_defrag: Option<String>,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,

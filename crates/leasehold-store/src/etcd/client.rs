@@ -367,6 +367,10 @@ pub struct MemberStatus {
     pub revision: i64,
     /// Whether a NOSPACE alarm is raised anywhere in the cluster.
     pub nospace: bool,
+    /// The answering member's id.
+    pub member_id: u64,
+    /// The member it believes leads the cluster (0: none).
+    pub leader: u64,
 }
 
 impl Etcd {
@@ -410,7 +414,9 @@ impl Etcd {
             db_size: s.db_size,
             db_size_in_use: s.db_size_in_use,
             quota: s.db_size_quota,
-            revision: s.header.map_or(0, |h| h.revision),
+            revision: s.header.as_ref().map_or(0, |h| h.revision),
+            member_id: s.header.as_ref().map_or(0, |h| h.member_id),
+            leader: s.leader,
             nospace: alarms
                 .alarms
                 .iter()
@@ -440,6 +446,40 @@ impl Etcd {
         })
         .await;
         found.unwrap_or(Ok(0))
+    }
+}
+
+impl Etcd {
+    /// Defragments the member answering (connect to one endpoint to choose it): it rewrites
+    /// its database file without free pages, so the file shrinks to what is in use. The
+    /// member answers nothing else meanwhile.
+    ///
+    /// # Errors
+    /// An [`EtcdError`].
+    pub async fn defragment(&self) -> Result<(), EtcdError> {
+        retrying("defragment", self.timeout, || {
+            let mut m = self.maintenance.clone();
+            async move { m.defragment(rpc::DefragmentRequest {}).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Asks the member answering, which must be the leader, to hand its leadership to
+    /// `target`.
+    ///
+    /// # Errors
+    /// An [`EtcdError`].
+    pub async fn move_leader(&self, target: u64) -> Result<(), EtcdError> {
+        retrying("move leader", self.timeout, || {
+            let mut m = self.maintenance.clone();
+            async move {
+                m.move_leader(rpc::MoveLeaderRequest { target_id: target })
+                    .await
+            }
+        })
+        .await?;
+        Ok(())
     }
 }
 

@@ -11,6 +11,21 @@
 //!   everything again (the store already does). If the history is compacted past leasehold's
 //!   last compaction by someone else (etcd's `--auto-compaction-*`, an operator), leasehold
 //!   leaves compaction to them for [`OTHERS_QUIET`] after it last sees them do it.
+//!   The history is also compacted as soon as it holds more revisions than [`HISTORY_SHARE`]
+//!   of the quota can take (at [`BYTES_PER_REVISION`] each), whatever `keep` says: at a high
+//!   rate of grants, `keep` worth of history would fill a small quota (measured: 5 minutes at
+//!   200 grants a second fill 32 MiB). A watcher further behind than that reads everything
+//!   again, as above.
+//! - **Defragmentation.** Compaction frees pages inside etcd's database file, but only a
+//!   defragmentation shrinks the file, and the quota counts the file: at a high rate of
+//!   writes the file grows although little of it is in use. When a member's file exceeds
+//!   [`DEFRAG_AT`] of the quota and a [`DEFRAG_FREE`] share of it is free, the agent that won
+//!   the round defragments that member, one member at a time, at most one every
+//!   [`DEFRAG_GAP`] in the cluster (claimed in `P compaction` too). A member being
+//!   defragmented answers nothing for a moment; a leader would hold up every session's
+//!   renewal (followers forward them to it), so the leader first hands its leadership to
+//!   another member. The agent defragments only the members it is configured with
+//!   (`--etcd-endpoints`); `--etcd-defrag off` turns it off.
 //! - **Forgetting.** The agent that won the round deletes resource records that are free,
 //!   clean, unreserved, without waiters or grace, and unchanged for `forget_after`, each with
 //!   a transaction comparing its mod revision, so a record that changed meanwhile stays.
@@ -27,7 +42,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::client::{Etcd, EtcdError, Txn, is_nospace, prefix_end};
+use super::client::{Etcd, EtcdError, MemberStatus, Txn, is_nospace, prefix_end};
 use super::keys::{KeyKind, Keys, Record};
 
 /// The share of the quota from which a warning is logged.
@@ -35,6 +50,26 @@ pub const WARN_AT: f64 = 0.75;
 
 /// How long leasehold leaves compaction alone after seeing someone else compact.
 pub const OTHERS_QUIET: Duration = Duration::from_secs(3600);
+
+/// The share of the quota the history may take before it is compacted, however young.
+pub const HISTORY_SHARE: f64 = 0.25;
+
+/// What one revision of leasehold's churn costs in etcd's database, bytes (measured: about
+/// 850 with no compaction; rounded up).
+pub const BYTES_PER_REVISION: u64 = 1024;
+
+/// The share of the quota from which a member's file is defragmented (when enough is free).
+pub const DEFRAG_AT: f64 = 0.5;
+
+/// The share of a member's file that must be free for a defragmentation to be worth it.
+pub const DEFRAG_FREE: f64 = 0.25;
+
+/// The least time between two defragmentations in the cluster, by any agent.
+pub const DEFRAG_GAP: Duration = Duration::from_secs(10);
+
+/// How long a defragmentation may take before another agent may start one (the agent that
+/// started it may have died).
+const DEFRAG_STUCK: Duration = Duration::from_secs(600);
 
 /// etcd's default quota (`--quota-backend-bytes` unset).
 pub const DEFAULT_QUOTA: u64 = 2 << 30;
@@ -57,6 +92,8 @@ pub struct HistoryOptions {
     pub forget_after: Option<Duration>,
     /// etcd's `--quota-backend-bytes`, for the warning when etcd does not tell it.
     pub quota: u64,
+    /// Whether the agents defragment members whose file is mostly free pages.
+    pub defrag: bool,
 }
 
 impl Default for HistoryOptions {
@@ -66,6 +103,7 @@ impl Default for HistoryOptions {
             keep: Duration::from_secs(300),
             forget_after: Some(Duration::from_secs(3600)),
             quota: DEFAULT_QUOTA,
+            defrag: true,
         }
     }
 }
@@ -121,7 +159,54 @@ struct Claim {
     revision: i64,
     host: HostId,
     at_ms: u64,
+    /// When the last defragmentation started and ended (0: not yet), carried from round to
+    /// round.
+    #[serde(default)]
+    defrag_start_ms: u64,
+    #[serde(default)]
+    defrag_end_ms: u64,
 }
+
+impl Claim {
+    /// Whether a defragmentation may start now: none runs, and the last ended long enough ago.
+    fn defrag_allowed(&self, now: u64) -> bool {
+        if self.defrag_end_ms >= self.defrag_start_ms {
+            now.saturating_sub(self.defrag_end_ms) >= DEFRAG_GAP.as_millis() as u64
+        } else {
+            now.saturating_sub(self.defrag_start_ms) >= DEFRAG_STUCK.as_millis() as u64
+        }
+    }
+}
+
+/// One member, as its own connection: its status, and defragmentation (which takes longer
+/// than an ordinary call).
+pub(super) struct Member {
+    /// Its endpoint, for the logs.
+    pub endpoint: String,
+    /// A connection to it alone, with the ordinary timeout.
+    pub etcd: Etcd,
+    /// A connection to it alone, with [`DEFRAG_TIMEOUT`].
+    pub slow: Etcd,
+}
+
+/// A connection to each of `endpoints` alone (a malformed one is left out: the store's
+/// connection refused it already).
+pub(super) fn members(endpoints: &[String], timeout: Duration) -> Vec<Member> {
+    endpoints
+        .iter()
+        .filter_map(|e| {
+            let one = std::slice::from_ref(e);
+            Some(Member {
+                endpoint: e.clone(),
+                etcd: Etcd::connect(one, timeout).ok()?,
+                slow: Etcd::connect(one, DEFRAG_TIMEOUT).ok()?,
+            })
+        })
+        .collect()
+}
+
+/// How long a defragmentation is waited for.
+pub const DEFRAG_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -137,6 +222,7 @@ pub fn compaction_key(keys: &Keys) -> Vec<u8> {
 /// One agent's history keeper.
 struct Keeper {
     etcd: Etcd,
+    members: Vec<Member>,
     keys: Keys,
     host: HostId,
     opts: HistoryOptions,
@@ -153,17 +239,21 @@ struct Keeper {
 /// Runs the history keeper until the task is aborted.
 pub(super) async fn maintain(
     etcd: Etcd,
+    members: Vec<Member>,
     keys: Keys,
     host: HostId,
     opts: HistoryOptions,
     health: watch::Sender<EtcdHealth>,
 ) {
+    // Space is checked every second: at a high rate the history passes its share of a small
+    // quota within seconds.
     let check = opts
         .compact_every
-        .unwrap_or(Duration::from_secs(5))
-        .min(Duration::from_secs(5));
+        .unwrap_or(Duration::from_secs(1))
+        .min(Duration::from_secs(1));
     let mut k = Keeper {
         etcd,
+        members,
         keys,
         host,
         opts,
@@ -177,7 +267,7 @@ pub(super) async fn maintain(
     loop {
         k.check_space().await;
         if let Some(every) = k.opts.compact_every
-            && k.last_round.is_none_or(|t| t.elapsed() >= every)
+            && (k.last_round.is_none_or(|t| t.elapsed() >= every) || k.history_full())
         {
             k.last_round = Some(Instant::now());
             if let Err(e) = k.round(every).await {
@@ -248,6 +338,20 @@ impl Keeper {
         }
     }
 
+    /// The most revisions the history may hold: [`HISTORY_SHARE`] of the quota.
+    fn history_cap(&self) -> i64 {
+        let quota = self.health.borrow().quota.max(1);
+        ((quota as f64 * HISTORY_SHARE) as u64 / BYTES_PER_REVISION).max(100) as i64
+    }
+
+    /// Whether the history holds more than [`history_cap`](Self::history_cap) revisions
+    /// (and no one else compacts).
+    fn history_full(&self) -> bool {
+        let h = self.health.borrow();
+        self.others_at.is_none_or(|t| t.elapsed() >= OTHERS_QUIET)
+            && h.revision - self.seen_compacted > self.history_cap()
+    }
+
     /// The newest revision this agent saw at least `age` ago.
     fn revision_before(&self, age: Duration) -> Option<i64> {
         let now = Instant::now();
@@ -293,27 +397,41 @@ impl Keeper {
                 "leasehold".into()
             };
         });
-        // Another agent's round, recent enough: nothing to do.
-        if claim
-            .as_ref()
-            .is_some_and(|c| now_ms().saturating_sub(c.at_ms) < every.as_millis() as u64 * 9 / 10)
+        // Another agent's round, recent enough: nothing to do, unless the history is over
+        // its share of the quota already.
+        let full = self.history_full();
+        if !full
+            && claim.as_ref().is_some_and(|c| {
+                now_ms().saturating_sub(c.at_ms) < every.as_millis() as u64 * 9 / 10
+            })
         {
             return Ok(());
         }
+        // What `keep` allows, and at least enough that half the cap is left.
+        let revision = self.health.borrow().revision;
+        let by_size = revision - self.history_cap() / 2;
         let target = self
             .revision_before(self.opts.keep)
-            .filter(|t| !others && *t > compacted);
+            .map_or(by_size, |t| t.max(by_size))
+            .min(revision);
+        let target = Some(target).filter(|t| !others && *t > compacted);
+        let (defrag_start_ms, defrag_end_ms) = claim
+            .as_ref()
+            .map_or((0, 0), |c| (c.defrag_start_ms, c.defrag_end_ms));
         let claim = Claim {
             revision: target.unwrap_or(ours).max(ours),
             host: self.host.clone(),
             at_ms: now_ms(),
+            defrag_start_ms,
+            defrag_end_ms,
         };
         let t = Txn::new().if_mod_revision(key.clone(), claim_rev).put(
             key,
             serde_json::to_vec(&claim).unwrap_or_default(),
             0,
         );
-        if !self.etcd.txn(t).await?.succeeded {
+        let won = self.etcd.txn(t).await?;
+        if !won.succeeded {
             return Ok(());
         }
         if let Some(target) = target {
@@ -327,7 +445,135 @@ impl Keeper {
                 Err(e) => return Err(e),
             }
         }
-        self.forget().await
+        self.forget().await?;
+        if self.opts.defrag && claim.defrag_allowed(now_ms()) {
+            self.defragment(claim, won.revision).await?;
+        }
+        Ok(())
+    }
+
+    /// Defragments one member whose file is mostly free pages, if one is: claimed in
+    /// `P compaction` (whose mod revision is `claim_rev`, written by this round) so that one
+    /// runs at a time in the cluster. A leader hands its leadership over first.
+    async fn defragment(&mut self, mut claim: Claim, claim_rev: i64) -> Result<(), EtcdError> {
+        let quota = self.health.borrow().quota as f64;
+        // Each member once (two endpoints may reach the same one).
+        let mut ids = BTreeSet::new();
+        let mut found: Vec<(usize, MemberStatus)> = Vec::new();
+        for (i, m) in self.members.iter().enumerate() {
+            match m.etcd.status().await {
+                Ok(s) if ids.insert(s.member_id) => found.push((i, s)),
+                Ok(_) => {}
+                Err(e) => tracing::debug!(member = %m.endpoint, error = %e, "no status"),
+            }
+        }
+        let wants = |s: &MemberStatus| {
+            let db = s.db_size.max(0) as f64;
+            db >= quota * DEFRAG_AT && (s.db_size - s.db_size_in_use) as f64 >= db * DEFRAG_FREE
+        };
+        // Followers first, then the largest file.
+        let Some((i, s)) = found
+            .iter()
+            .filter(|(_, s)| wants(s))
+            .max_by_key(|(_, s)| (s.member_id != s.leader, s.db_size))
+            .cloned()
+        else {
+            return Ok(());
+        };
+        let key = compaction_key(&self.keys);
+        claim.defrag_start_ms = now_ms();
+        let t = Txn::new().if_mod_revision(key.clone(), claim_rev).put(
+            key.clone(),
+            serde_json::to_vec(&claim).unwrap_or_default(),
+            0,
+        );
+        if !self.etcd.txn(t).await?.succeeded {
+            return Ok(());
+        }
+        let m = &self.members[i];
+        let started = Instant::now();
+        let outcome = if s.member_id == s.leader && found.len() > 1 {
+            // A leader answering nothing would hold up the renewal of every session.
+            let to = found
+                .iter()
+                .filter(|(_, o)| o.member_id != s.member_id)
+                .min_by_key(|(_, o)| o.db_size)
+                .map_or(0, |(_, o)| o.member_id);
+            match self.hand_over(i, to).await {
+                Ok(()) => m.slow.defragment().await,
+                Err(e) => Err(e),
+            }
+        } else {
+            m.slow.defragment().await
+        };
+        let took = started.elapsed();
+        match &outcome {
+            Ok(()) => {
+                let after = m.etcd.status().await.map_or(0, |a| a.db_size);
+                info!(
+                    member = %m.endpoint,
+                    before = s.db_size,
+                    in_use = s.db_size_in_use,
+                    after,
+                    took_ms = took.as_millis() as u64,
+                    "defragmented an etcd member: its file was mostly free pages"
+                );
+            }
+            Err(e) => warn!(
+                member = %m.endpoint,
+                error = %e,
+                "could not defragment an etcd member; another round will try again"
+            ),
+        }
+        self.defrag_ended(claim.defrag_start_ms).await;
+        Ok(())
+    }
+
+    /// Asks member `i`, the leader, to hand its leadership to `to`, and waits until it has.
+    async fn hand_over(&self, i: usize, to: u64) -> Result<(), EtcdError> {
+        let m = &self.members[i];
+        m.etcd.move_leader(to).await?;
+        for _ in 0..50 {
+            let s = m.etcd.status().await?;
+            if s.leader != s.member_id && s.leader != 0 {
+                info!(
+                    member = %m.endpoint,
+                    to = format!("{to:x}"),
+                    "handed etcd's leadership to another member before defragmenting the leader"
+                );
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(EtcdError {
+            op: "move leader",
+            message: "the leader still leads 5 s after handing its leadership over".into(),
+            transient: true,
+        })
+    }
+
+    /// Records in `P compaction` that the defragmentation started at `start_ms` ended.
+    async fn defrag_ended(&self, start_ms: u64) {
+        let key = compaction_key(&self.keys);
+        for _ in 0..5 {
+            let Ok((kvs, _)) = self.etcd.range(key.clone(), Vec::new(), 0).await else {
+                continue;
+            };
+            let Some(kv) = kvs.first() else { return };
+            let Ok(mut c) = serde_json::from_slice::<Claim>(&kv.value) else {
+                return;
+            };
+            if c.defrag_start_ms != start_ms {
+                return;
+            }
+            c.defrag_end_ms = now_ms();
+            let t = Txn::new()
+                .if_mod_revision(key.clone(), kv.mod_revision)
+                .put(key.clone(), serde_json::to_vec(&c).unwrap_or_default(), 0);
+            if self.etcd.txn(t).await.is_ok_and(|r| r.succeeded) {
+                return;
+            }
+        }
     }
 
     /// Deletes free, clean records unchanged for `forget_after`.

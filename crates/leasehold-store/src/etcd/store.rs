@@ -334,6 +334,7 @@ impl EtcdStore {
             tokio::spawn(serve_waiters(Arc::clone(&inner))).abort_handle(),
             tokio::spawn(super::history::maintain(
                 inner.etcd.clone(),
+                super::history::members(&inner.opts.endpoints, inner.opts.timeout),
                 inner.keys.clone(),
                 inner.host.clone(),
                 inner.opts.history.clone(),
