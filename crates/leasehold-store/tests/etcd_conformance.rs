@@ -38,7 +38,6 @@ impl OnEtcd {
 
 impl Harness for OnEtcd {
     type S = EtcdStore;
-    const MULTI_HOST: bool = true;
 
     async fn open(&self, host: &HostId) -> EtcdStore {
         let mut o = EtcdOptions::new(self.endpoints.clone());
@@ -50,4 +49,4 @@ impl Harness for OnEtcd {
     }
 }
 
-leasehold_store::conformance_suite!(OnEtcd::new());
+leasehold_store::conformance_suite!(OnEtcd::new(), multi_host);

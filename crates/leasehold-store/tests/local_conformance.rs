@@ -21,7 +21,6 @@ impl Local {
 
 impl Harness for Local {
     type S = LocalStore;
-    const MULTI_HOST: bool = false;
 
     async fn open(&self, host: &HostId) -> LocalStore {
         LocalStore::open(self.dir.path(), host.clone()).expect("open local store")

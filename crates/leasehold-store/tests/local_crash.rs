@@ -53,9 +53,8 @@ impl Rng {
 #[test]
 #[ignore = "the child process of local_store_survives_kill_9; started by it"]
 fn crash_child() {
-    let Ok(dir) = std::env::var("LEASEHOLD_CRASH_DIR") else {
-        return;
-    };
+    let dir = std::env::var("LEASEHOLD_CRASH_DIR")
+        .expect("run only by local_store_survives_kill_9, as its child, with LEASEHOLD_CRASH_DIR");
     let round: u32 = std::env::var("LEASEHOLD_CRASH_ROUND")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -73,6 +72,21 @@ fn crash_child() {
     };
     rt.block_on(async move {
         let store = Arc::new(LocalStore::open(&dir, host()).unwrap());
+        // Every grant published as an event must already be durable: the parent counts the
+        // tokens seen here as given out, like acknowledged ones.
+        let mut events = store.subscribe();
+        let say_event = say.clone();
+        tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(leasehold_core::Event::Granted { resource, lease }) => {
+                        say_event(format!("E {resource} {}", lease.token));
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
         say("ready".into());
         let mut tasks = Vec::new();
         for c in 0..CLIENTS {
@@ -132,6 +146,8 @@ struct Model {
     must_be_dirty: BTreeSet<String>,
     /// Every acknowledged token, per resource.
     tokens: BTreeMap<String, BTreeSet<u64>>,
+    /// Every token seen in a `Granted` event, per resource: published, so durable.
+    published: BTreeMap<String, BTreeSet<u64>>,
 }
 
 impl Model {
@@ -147,6 +163,12 @@ impl Model {
                 );
                 self.granted
                     .insert((r.to_string(), pid), (token, mode.to_string()));
+            }
+            ["E", r, token] => {
+                self.published
+                    .entry(r.to_string())
+                    .or_default()
+                    .insert(token.parse().unwrap());
             }
             ["r", r, pid] => {
                 self.let_go.insert((r.to_string(), pid.parse().unwrap()));
@@ -294,6 +316,16 @@ async fn local_store_survives_kill_9() {
                 "round {round}: {r} reissued token {} (max acked {max})",
                 g[0].token
             );
+            let published = model
+                .published
+                .get(r.as_str())
+                .and_then(|t| t.last().copied())
+                .unwrap_or(0);
+            assert!(
+                g[0].token.0 > published,
+                "round {round}: {r} reissued token {}, though a grant with token {published} was published as an event before the crash: events must follow durability",
+                g[0].token
+            );
             assert!(
                 model
                     .tokens
@@ -313,6 +345,11 @@ async fn local_store_survives_kill_9() {
         model.let_go.clear();
         store.close();
     }
+    let published_total: usize = model.published.values().map(BTreeSet::len).sum();
+    assert!(
+        published_total >= rounds as usize,
+        "the children saw only {published_total} grant events; the event check exercised nothing"
+    );
     assert!(
         acked_total >= rounds as usize,
         "the children acknowledged only {acked_total} grants; the test exercised nothing"

@@ -676,6 +676,12 @@ pub async fn watch(a: WatchArgs, socket: &Option<PathBuf>) -> Result<u8, Failure
         .transpose()?;
     let mut client = connect(socket).await?;
     let mut stream = client.watch(r.as_ref()).await?;
+    // The agent has subscribed this stream: every event from now on is shown. Scripts (and
+    // the tests) wait for this line rather than guess.
+    match &r {
+        Some(r) => eprintln!("leasehold: watching {r}"),
+        None => eprintln!("leasehold: watching every resource"),
+    }
     loop {
         let e = stream
             .message()

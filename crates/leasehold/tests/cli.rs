@@ -213,24 +213,27 @@ fn acquire_wait_names_the_holder_on_plain_lines_then_prints_the_token() {
     let h1 = Holder::new();
     let h2 = Holder::new();
     expect_code(&a.lh(&["acquire", "disk", "--pid", &h1.pid_arg()]), 0);
-    let waiter = a
+    let mut waiter = a
         .cli()
         .args(["acquire", "disk", "--wait", "--pid", &h2.pid_arg()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_until("the waiter queues", Duration::from_secs(5), || {
-        a.inspect("disk")
-            .is_some_and(|v| v["waiters"].as_array().unwrap().len() == 1)
-    });
-    std::thread::sleep(Duration::from_millis(300));
+    let mut err = Lines::new(waiter.stderr.take().unwrap());
+    let line = err.wait_for("waiting", Duration::from_secs(10));
+    assert!(line.contains(&format!("pid {}", h1.pid())), "{line}");
+    assert_eq!(
+        a.inspect("disk").unwrap()["waiters"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
     expect_code(&a.lh(&["release", "disk", "--pid", &h1.pid_arg()]), 0);
     let out = waiter.wait_with_output().unwrap();
     expect_code(&out, 0);
-    let err = text(&out.stderr);
-    assert!(err.contains("waiting"), "{err}");
-    assert!(err.contains(&format!("pid {}", h1.pid())), "{err}");
+    let err = err.rest(Duration::from_secs(5));
     assert!(
         !err.contains('\r'),
         "no live line when not a terminal: {err:?}"
@@ -471,44 +474,26 @@ fn readiness_is_sent_to_systemd() {
 fn watch_streams_events_as_json_lines() {
     let a = Agent::start();
     let mut h = Holder::new();
-    let mut w = a
-        .cli()
-        .args(["watch", "--json"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let (mut w, mut events) = watch_json(&a);
     expect_code(&a.lh(&["acquire", "disk", "--pid", &h.pid_arg()]), 0);
     h.kill9();
-    wait_until("the lease ends", Duration::from_secs(5), || {
-        a.holders("disk").is_empty()
-    });
-    std::thread::sleep(Duration::from_millis(200));
+    events.wait_until("three events", Duration::from_secs(10), |l| l.len() >= 3);
     let _ = w.kill();
-    let out = w.wait_with_output().unwrap();
-    let kinds: Vec<String> = text(&out.stdout)
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["kind"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
-    assert_eq!(kinds, vec!["granted", "process-died", "dirtied"]);
+    let _ = w.wait();
+    assert_eq!(
+        {
+            events.rest(Duration::from_secs(5));
+            kinds(&events.seen)
+        },
+        vec!["granted", "process-died", "dirtied"]
+    );
 }
 
 #[test]
 fn watch_names_every_kind_of_lease_event() {
     let a = Agent::start();
     let (h1, h2) = (Holder::new(), Holder::new());
-    let w = a
-        .cli()
-        .args(["watch", "--json"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let (mut w, mut events) = watch_json(&a);
     expect_code(&a.lh(&["acquire", "d", "--pid", &h1.pid_arg()]), 0);
     let waiter = a
         .cli()
@@ -555,21 +540,12 @@ fn watch_names_every_kind_of_lease_event() {
     expect_code(&a.lh(&["mark-clean", "d"]), 0);
     expect_code(&a.lh(&["acquire", "d", "--pid", &h1.pid_arg()]), 0);
     expect_code(&a.lh(&["release", "d", "--pid", &h1.pid_arg()]), 0);
-    std::thread::sleep(Duration::from_millis(300));
-    let mut w = w;
+    events.wait_until("twelve events", Duration::from_secs(10), |l| l.len() >= 12);
     let _ = w.kill();
-    let out = w.wait_with_output().unwrap();
-    let kinds: Vec<String> = text(&out.stdout)
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["kind"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
+    let _ = w.wait();
+    events.rest(Duration::from_secs(5));
     assert_eq!(
-        kinds,
+        kinds(&events.seen),
         vec![
             "granted",
             "handed-over",

@@ -45,11 +45,16 @@ fn a_restarted_agent_resumes_its_session_and_its_run_wrappers_carry_on() {
         .parse()
         .unwrap();
     let token = a.inspect("disk").unwrap()["holders"][0]["token"].clone();
+    let mut err = Lines::new(wrapper.stderr.take().unwrap());
+    let killed = std::time::Instant::now();
     a.restart_after_kill9();
-    // Several session lifetimes: the wrapper must have reattached, or its deadline would
-    // have killed the command.
-    std::thread::sleep(Duration::from_secs(8));
+    err.wait_for("reattached", Duration::from_secs(20));
     assert!(a.log().contains("resumed the host session"), "{}", a.log());
+    // The condition under test: the command outlives the deadline its wrapper had when the
+    // agent died (at most ttl 3 s later), plus a renew interval. Reattached, the wrapper
+    // follows the new agent's deadlines; had it not, its own would have killed the command.
+    let past_old_deadline = killed + Duration::from_secs(3 + 1);
+    std::thread::sleep(past_old_deadline.saturating_duration_since(std::time::Instant::now()));
     assert!(
         alive(child),
         "the command was killed; the wrapper did not reattach"
@@ -60,8 +65,7 @@ fn a_restarted_agent_resumes_its_session_and_its_run_wrappers_carry_on() {
     signal(wrapper.id(), libc::SIGTERM);
     let status = wrapper.wait().unwrap();
     assert!(!status.success(), "SIGTERM ends the sleep: a failure exit");
-    let mut err = String::new();
-    std::io::Read::read_to_string(wrapper.stderr.as_mut().unwrap(), &mut err).unwrap();
+    let err = err.rest(Duration::from_secs(5));
     assert!(err.contains("reattached"), "{err}");
 }
 
@@ -72,9 +76,22 @@ fn holders_of_a_session_that_ended_while_the_agent_was_down_are_killed_at_start(
     let mut a = Agent::on_etcd("host-a", &etcd.endpoint(), &p, &[], &[]);
     let holder = Holder::new();
     expect_code(&a.lh(&["acquire", "disk", "--pid", &holder.pid_arg()]), 0);
+    // The host's key lives on its session's etcd lease: gone from etcd when the session ends.
+    let host_key = format!("{p}hosts/host-a");
+    let host_key_present = || {
+        let out = etcd.etcdctl(&["get", &host_key, "--print-value-only"]);
+        assert!(out.status.success(), "etcdctl get: {}", text(&out.stderr));
+        !out.stdout.is_empty()
+    };
+    assert!(
+        host_key_present(),
+        "the session's key {host_key} is in etcd"
+    );
     a.kill9();
     // The session (ttl 3 s) ends while no agent runs; nothing fences the holder meanwhile.
-    std::thread::sleep(Duration::from_secs(5));
+    wait_until("the session ends in etcd", Duration::from_secs(15), || {
+        !host_key_present()
+    });
     assert!(alive(holder.pid()));
     a.spawn();
     wait_until("the stale holder is killed", Duration::from_secs(5), || {
@@ -140,6 +157,7 @@ fn the_watchdog_is_fed_while_all_is_well_and_starved_when_a_holder_survives() {
         a.log().contains("stopped feeding the watchdog")
     });
     let starved_at = feeds(&wd);
+    // The condition under test is an absence: no feed for twice the watchdog timeout.
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(feeds(&wd), starved_at, "no feed after starving");
     assert!(
@@ -174,10 +192,17 @@ fn the_watchdog_keeps_being_fed_when_fenced_holders_die() {
     wait_until("the holder is fenced", Duration::from_secs(10), || {
         !alive(holder.pid())
     });
-    std::thread::sleep(Duration::from_secs(3));
+    // Past the moment the agent judges whether the fenced holders are dead (the session's
+    // end), the watchdog is still fed.
+    wait_until(
+        "the agent finds the fenced holder dead",
+        Duration::from_secs(10),
+        || a.log().contains("every fenced holder is dead"),
+    );
     let before = feeds(&wd);
-    std::thread::sleep(Duration::from_secs(2));
-    assert!(feeds(&wd) > before, "still fed:\n{}", a.log());
+    wait_until("a feed after the judgement", Duration::from_secs(5), || {
+        feeds(&wd) > before
+    });
     assert!(!a.log().contains("stopped feeding"), "{}", a.log());
     etcd.cont();
 }
@@ -241,6 +266,7 @@ fn ten_thousand_leases_cost_one_keep_alive_per_renew_interval() {
     let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(s["leases"], 10_000);
     let before = renewals(&etcd);
+    // A measuring window, not a wait: keep-alives counted over 5 s.
     std::thread::sleep(Duration::from_secs(5));
     let after = renewals(&etcd);
     let rss_kib = std::fs::read_to_string(format!("/proc/{}/status", a.pid()))

@@ -219,13 +219,7 @@ fn a_host_cut_off_from_etcd_fences_its_holders_first() {
     let holder = Holder::new();
     expect_code(&a.lh(&["acquire", "disk", "--pid", &holder.pid_arg()]), 0);
     let died = death_watch(holder.pid());
-    let watch = a
-        .cli()
-        .args(["watch", "--json"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let (mut watch, mut events) = watch_json(&a);
     netns.cut();
     let (granted, _b_holder) = b_takes_after_check(&b, "disk");
     let died = died.join().unwrap();
@@ -240,15 +234,16 @@ fn a_host_cut_off_from_etcd_fences_its_holders_first() {
         died < granted,
         "holder died at {died}, B granted at {granted}"
     );
-    let mut watch = watch;
+    events.wait_for(r#""kind":"fenced""#, Duration::from_secs(10));
     let _ = watch.kill();
-    let out = watch.wait_with_output().unwrap();
-    let fenced: Vec<serde_json::Value> = text(&out.stdout)
+    let _ = watch.wait();
+    let all = events.rest(Duration::from_secs(5));
+    let fenced: Vec<serde_json::Value> = all
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .filter(|e: &serde_json::Value| e["kind"] == "fenced")
         .collect();
-    assert_eq!(fenced.len(), 1, "{}", text(&out.stdout));
+    assert_eq!(fenced.len(), 1, "{all}");
     assert_eq!(fenced[0]["pid"], holder.pid());
     assert_eq!(fenced[0]["host"], "host-a");
     netns.heal();
@@ -621,7 +616,8 @@ fn after_an_etcd_stall_the_waiting_host_takes_the_disk_over() {
             .is_some_and(|v| !v["waiters"].as_array().unwrap().is_empty())
     });
     etcd.stop();
-    // The stall itself: past ttl + grace (3 s + 2 s), as in the issue.
+    // The stall itself, the condition under test (not a wait for something): etcd answers
+    // nothing for longer than ttl + grace (3 s + 2 s), as in the issue.
     std::thread::sleep(Duration::from_secs(9));
     wait_until("A fences its holder", Duration::from_secs(5), || {
         !alive(a_child)

@@ -137,10 +137,7 @@ fn a_guard_hands_over_to_a_waiter() {
 /// (root) test process when an administrator revokes the lease: the guard hears of it.
 #[test]
 fn a_guard_learns_that_its_lease_was_lost() {
-    if !rustix::process::geteuid().is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root("to run the agent as nobody");
     let mut a = Agent::unstarted(
         "node1",
         &[],

@@ -70,7 +70,10 @@ fn the_cache_is_aged_only_when_no_spawn_uses_it() {
     });
     // A spawn arriving now waits behind the ageing job (no starvation of the writer).
     let s3 = spawn("s3");
-    std::thread::sleep(Duration::from_millis(500));
+    wait_until("the late spawn queues", Duration::from_secs(10), || {
+        a.inspect(name)
+            .is_some_and(|v| v["waiters"].as_array().unwrap().len() == 2)
+    });
     assert!(
         !started("s3"),
         "a later spawn must not pass the waiting ageing job"

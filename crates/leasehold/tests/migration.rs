@@ -25,23 +25,44 @@ fn prefix() -> String {
 
 const BLOCK: usize = 4096;
 
-/// Writes block `seq` of `img`, stamped with `token`, through qemu-io.
-fn write_block(dir: &Path, img: &Path, seq: usize, token: u64) {
+/// The README's guarded write, run as written there: `leasehold validate` asks agent `a`
+/// whether `token` is the current grant of `r`, and only then is block `seq` written, stamped
+/// with `token`. Returns whether the write happened (false: refused as stale).
+fn guarded_write(a: &Agent, r: &str, dir: &Path, img: &Path, seq: usize, token: u64) -> bool {
     let pattern = dir.join(format!("pattern-{seq}"));
     let mut stamp = format!("token={token} seq={seq}\n").into_bytes();
     stamp.resize(BLOCK, b'.');
     std::fs::write(&pattern, &stamp).unwrap();
-    let out = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c"])
-        .arg(format!(
-            "write -q -s {} {} {BLOCK}",
-            pattern.display(),
-            seq * BLOCK
-        ))
-        .arg(img)
+    let bin_dir = Path::new(bin()).parent().unwrap();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let script = r#"leasehold validate "$R" "$TOKEN" || { echo "stale token: not writing"; exit 1; }
+exec qemu-io -f qcow2 -c "write -q -s $PATTERN $OFFSET $LEN" "$IMG""#;
+    let out = Command::new("sh")
+        .args(["-c", script])
+        .env("PATH", path)
+        .env("LEASEHOLD_SOCKET", &a.socket)
+        .env("R", r)
+        .env("TOKEN", token.to_string())
+        .env("PATTERN", &pattern)
+        .env("OFFSET", (seq * BLOCK).to_string())
+        .env("LEN", BLOCK.to_string())
+        .env("IMG", img)
         .output()
         .unwrap();
-    expect_code(&out, 0);
+    match code(&out) {
+        0 => true,
+        1 if text(&out.stdout).contains("stale token: not writing") => false,
+        _ => panic!(
+            "guarded write failed: exit {}\nstdout: {}\nstderr: {}",
+            code(&out),
+            text(&out.stdout),
+            text(&out.stderr)
+        ),
+    }
 }
 
 /// The stamps of the image's first `n` blocks (None: never written).
@@ -98,8 +119,10 @@ fn migration_hands_the_disk_over_and_the_old_token_is_refused() {
     let old: u64 = text(&out.stdout).trim().parse().unwrap();
     let k = 8;
     for seq in 0..k {
-        expect_code(&src.lh(&["validate", &r, &old.to_string()]), 0);
-        write_block(dir.path(), &img, seq, old);
+        assert!(
+            guarded_write(&src, &r, dir.path(), &img, seq, old),
+            "the source's write {seq} with the current token {old}"
+        );
     }
 
     // Someone else on the destination asked first; the destination VM waits too.
@@ -168,9 +191,15 @@ fn migration_hands_the_disk_over_and_the_old_token_is_refused() {
 
     // The destination writes; the source's late write, with the old token, is refused.
     for seq in k..2 * k {
-        expect_code(&dst.lh(&["validate", &r, &new.to_string()]), 0);
-        write_block(dir.path(), &img, seq, new);
+        assert!(
+            guarded_write(&dst, &r, dir.path(), &img, seq, new),
+            "the destination's write {seq} with the current token {new}"
+        );
     }
+    assert!(
+        !guarded_write(&src, &r, dir.path(), &img, 2 * k, old),
+        "the source's late write with the old token {old} must be refused"
+    );
     let late = src.lh(&["validate", &r, &old.to_string()]);
     expect_code(&late, 1);
     assert!(
@@ -190,7 +219,7 @@ fn migration_hands_the_disk_over_and_the_old_token_is_refused() {
             .all(|b| b.is_none_or(|(t, _)| t == new)),
         "a block with the old token after the first block of the new one: {blocks:?}"
     );
-    assert_eq!(blocks[2 * k], None, "the refused write never happened");
+    assert_eq!(blocks[2 * k], None, "the refused late write never landed");
     for (seq, b) in blocks[..2 * k].iter().enumerate() {
         let (t, s) = b.expect("written");
         assert_eq!(s, seq);

@@ -51,6 +51,9 @@ fn qemu_io_is_protected_end_to_end() {
             "--exclusive",
             "disk.qcow2",
             "--",
+            // Line-buffered, so that its report of the write arrives while it still runs.
+            "stdbuf",
+            "-oL",
             "qemu-io",
             "-f",
             "qcow2",
@@ -60,10 +63,11 @@ fn qemu_io_is_protected_end_to_end() {
             "sleep 600000",
             "disk.qcow2",
         ])
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let mut first_out = Lines::new(first.stdout.take().unwrap());
     wait_until(
         "qemu-io runs under the lease",
         Duration::from_secs(10),
@@ -75,8 +79,8 @@ fn qemu_io_is_protected_end_to_end() {
             .unwrap()
             .starts_with("qemu-io")
     );
-    // Let the write land.
-    std::thread::sleep(Duration::from_millis(500));
+    // The write has landed when qemu-io reports it.
+    first_out.wait_for("wrote 65536/65536 bytes", Duration::from_secs(20));
 
     // A second run is refused before its command starts.
     let marker = dir.join("second-started");
@@ -175,7 +179,8 @@ fn qemu_io_is_protected_end_to_end() {
     assert!(err.contains("checking: qemu-img check"), "{err}");
     assert!(err.contains("marked clean"), "{err}");
     assert!(
-        !text(&out.stdout).contains("Pattern verification failed"),
+        text(&out.stdout).contains("read 65536/65536 bytes")
+            && !text(&out.stdout).contains("Pattern verification failed"),
         "{}",
         text(&out.stdout)
     );

@@ -1,6 +1,6 @@
 //! Rights on the local socket (SPEC G8): peer credentials decide. These tests run the CLI as
-//! `nobody` (uid 65534) beside an agent run by root; they need root to switch users and are
-//! skipped with a message otherwise.
+//! `nobody` (uid 65534) beside an agent run by root; they need root to switch users and fail
+//! saying so otherwise (scripts/test runs as root in CI).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -16,10 +16,6 @@ const NOBODY: u32 = 65534;
 const NOGROUP: u32 = 65534;
 /// A group id for admins; numeric, so it need not exist in /etc/group.
 const ADMINS: u32 = 4242;
-
-fn root() -> bool {
-    rustix::process::geteuid().is_root()
-}
 
 /// An agent whose socket group is nogroup and whose admin group is ADMINS, reachable by
 /// `nobody`.
@@ -66,10 +62,7 @@ fn nobodys_process() -> Child {
 
 #[test]
 fn the_socket_belongs_to_its_group_and_is_not_world_writable() {
-    if !root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root("to run the CLI as nobody");
     let a = agent();
     let m = std::fs::metadata(&a.socket).unwrap();
     assert_eq!(m.permissions().mode() & 0o777, 0o660);
@@ -83,10 +76,7 @@ fn the_socket_belongs_to_its_group_and_is_not_world_writable() {
 
 #[test]
 fn a_user_acts_only_for_its_own_processes() {
-    if !root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root("to run the CLI as nobody");
     let a = agent();
     let roots = Holder::new();
     let mut mine = nobodys_process();
@@ -127,10 +117,7 @@ fn a_user_acts_only_for_its_own_processes() {
 
 #[test]
 fn force_release_and_mark_clean_need_root_or_the_admin_group() {
-    if !root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root("to run the CLI as nobody");
     let a = agent();
     let mut h = Holder::new();
     expect_code(&a.lh(&["acquire", "disk", "--pid", &h.pid_arg()]), 0);
@@ -176,10 +163,7 @@ fn force_release_and_mark_clean_need_root_or_the_admin_group() {
 // process left it dirty: `mark-clean`, `acquire --accept-dirty` and `run --check` alike.
 #[test]
 fn a_user_outside_the_admin_group_cannot_take_or_clean_a_dirty_disk() {
-    if !root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root("to run the CLI as nobody");
     let a = agent();
     // nobody's own run leaves the disk dirty.
     expect_code(
@@ -297,10 +281,7 @@ fn waiter(a: &Agent, as_nobody_: bool, pid: u32, label: &str) -> KillOnDrop {
 // destination does not get root's handover; root's destination does.
 #[test]
 fn a_handover_goes_to_the_holders_user_or_root_not_to_a_label() {
-    if !root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root("to run the CLI as nobody");
     let a = agent();
     let source = Holder::new();
     let dest = Holder::new();
@@ -355,9 +336,10 @@ fn a_handover_goes_to_the_holders_user_or_root_not_to_a_label() {
 #[test]
 #[ignore = "the child process of a_non_dumpable_process_still_belongs_to_its_user"]
 fn non_dumpable_child() {
-    if std::env::var_os("LEASEHOLD_NONDUMPABLE_CHILD").is_none() {
-        return;
-    }
+    assert!(
+        std::env::var_os("LEASEHOLD_NONDUMPABLE_CHILD").is_some(),
+        "run only by a_non_dumpable_process_still_belongs_to_its_user, as its child"
+    );
     // SAFETY: prctl(PR_SET_DUMPABLE, 0) takes no pointers.
     unsafe {
         libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
@@ -379,10 +361,7 @@ impl Drop for KillOnDrop {
 // effective uid. Rights must follow the process, not those files.
 #[test]
 fn a_non_dumpable_process_still_belongs_to_its_user() {
-    if !root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root("to run the CLI as nobody");
     let a = agent();
     let mut c = Command::new(std::env::current_exe().unwrap());
     c.args(["non_dumpable_child", "--exact", "--ignored", "--nocapture"])

@@ -258,24 +258,29 @@ fn run_wait_shows_the_holder_then_runs() {
     let a = Agent::start();
     let h = Holder::new();
     expect_code(&a.lh(&["acquire", "disk", "--pid", &h.pid_arg()]), 0);
-    let waiter = a
+    let mut waiter = a
         .cli()
         .args(["run", "--wait", "--exclusive", "disk", "--", "true"])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_until("the run waits", Duration::from_secs(5), || {
-        a.inspect("disk")
-            .is_some_and(|v| !v["waiters"].as_array().unwrap().is_empty())
-    });
-    std::thread::sleep(Duration::from_millis(300));
-    expect_code(&a.lh(&["release", "disk", "--pid", &h.pid_arg()]), 0);
-    let out = waiter.wait_with_output().unwrap();
-    expect_code(&out, 0);
+    // The run shows the holder while it waits, before anything is released.
+    let mut err = Lines::new(waiter.stderr.take().unwrap());
+    let line = err.wait_for("waiting", Duration::from_secs(10));
+    assert!(line.contains(&format!("pid {}", h.pid())), "{line}");
     assert!(
-        text(&out.stderr).contains(&format!("pid {}", h.pid())),
-        "{}",
-        text(&out.stderr)
+        !a.inspect("disk").unwrap()["waiters"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "the run is queued"
+    );
+    expect_code(&a.lh(&["release", "disk", "--pid", &h.pid_arg()]), 0);
+    let status = waiter.wait().unwrap();
+    assert!(
+        status.success(),
+        "{status}\n{}",
+        err.rest(Duration::from_secs(5))
     );
 }
 

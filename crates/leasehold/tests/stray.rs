@@ -40,10 +40,7 @@ fn pid_0_is_refused_as_usage() {
 // give the lease to pid 1, which never exits. Pid 1 here is the shell of a new pid namespace.
 #[test]
 fn an_acquire_whose_parent_is_init_is_refused() {
-    if !rustix::process::geteuid().is_root() {
-        eprintln!("skipped: needs root for a pid namespace");
-        return;
-    }
+    require_root("for a pid namespace");
     let a = Agent::start();
     let out = Command::new("unshare")
         .args([

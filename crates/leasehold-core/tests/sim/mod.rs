@@ -401,6 +401,10 @@ pub struct Params {
     pub wait_pct: u64,
     /// Percent of acquires accepting a dirty resource.
     pub accept_pct: u64,
+    /// Whether operations find due sessions and ended graces unticked: the model learns the
+    /// tick from a copy of the engine, and the engine's own operation must do the same first
+    /// (its implicit tick). Otherwise the simulator ticks the engine before each operation.
+    pub implicit_ticks: bool,
     weights: Vec<(OpKind, u32)>,
 }
 
@@ -449,6 +453,39 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// The names of the counters still at zero.
+    pub fn unexercised(&self) -> Vec<&'static str> {
+        let ended = [
+            "clean releases",
+            "dirty releases",
+            "deaths",
+            "expired leases",
+            "force-releases",
+            "handovers",
+        ];
+        let mut v: Vec<&'static str> = [
+            ("direct grants", self.direct_grants),
+            ("waiter grants", self.waiter_grants),
+            ("queued requests", self.queued),
+            ("busy refusals", self.busy),
+            ("needs-check refusals", self.needs_check),
+            ("dirty grants", self.dirty_grants),
+            ("session expiries", self.expiries),
+            ("grace refusals", self.grace_refusals),
+            ("restarts", self.restarts),
+        ]
+        .into_iter()
+        .filter(|(_, n)| *n == 0)
+        .map(|(name, _)| name)
+        .collect();
+        for (name, n) in ended.iter().zip(self.ended) {
+            if n == 0 {
+                v.push(name);
+            }
+        }
+        v
+    }
+
     fn add(&mut self, o: &Stats) {
         self.steps += o.steps;
         self.direct_grants += o.direct_grants;
@@ -520,6 +557,20 @@ pub struct Sim {
     trace: VecDeque<String>,
     line: String,
     print_trace: bool,
+    /// The output of a tick run on a copy of the engine, which the next operation of the
+    /// engine itself must produce first.
+    implicit: Implicit,
+}
+
+/// Where the simulator is in checking an implicit tick.
+#[derive(Debug)]
+enum Implicit {
+    /// No tick pending.
+    None,
+    /// A tick runs on a copy of the engine: its output is kept, not persisted.
+    Capturing,
+    /// The next operation must first produce this output.
+    Pending(leasehold_core::Output),
 }
 
 fn pk(p: &ProcessKey) -> String {
@@ -613,6 +664,8 @@ impl Sim {
             shared_pct: rng.between(15, 70),
             wait_pct: rng.between(10, 50),
             accept_pct: rng.between(10, 50),
+            // Drawn apart from `rng`, so that the rest of a seed's run is the same either way.
+            implicit_ticks: mix(seed ^ 0x1A11_7D1C) % 2 == 0,
             weights,
         };
         let config = EngineConfig {
@@ -637,6 +690,7 @@ impl Sim {
             trace: VecDeque::new(),
             line: String::new(),
             print_trace: std::env::var_os("LEASEHOLD_SIM_TRACE").is_some(),
+            implicit: Implicit::None,
             params,
             rng,
         };
@@ -756,15 +810,20 @@ impl Sim {
         self.line.clear();
         let op = self.pick_op();
         // Every engine operation first expires the sessions due at its time and ends the
-        // graces that are over (an implicit tick). The model learns those changes from an
-        // explicit tick at the same time, which leaves the implicit one nothing to do; the
-        // implicit tick itself is covered by the engine's unit tests.
+        // graces that are over (an implicit tick). In half the runs the model learns those
+        // changes from an explicit tick of the engine at the same time, which leaves the
+        // implicit one nothing to do; in the other half from a tick of a copy of the engine,
+        // and the engine's operation must then do the same itself (`Params::implicit_ticks`).
         let touches_engine = !matches!(
             op,
             OpKind::Advance | OpKind::Jump | OpKind::Lose | OpKind::Recover | OpKind::Tick
         );
         if touches_engine && self.time_is_due() {
-            self.op_tick(c)?;
+            if self.params.implicit_ticks && op != OpKind::Restart {
+                self.tick_a_copy(c)?;
+            } else {
+                self.op_tick(c)?;
+            }
             self.note("; ");
         }
         let r = match op {
@@ -797,6 +856,13 @@ impl Sim {
             OpKind::Tick => self.op_tick(c),
             OpKind::Restart => self.op_restart(c),
         };
+        // An operation that did not reach the engine leaves its implicit tick pending: tick the
+        // engine now, which must do just what the copy did.
+        if r.is_ok() && matches!(self.implicit, Implicit::Pending(_)) {
+            self.engine.tick(self.at());
+            self.note("; tick");
+            self.absorb(Ctx::Tick, Vec::new(), c)?;
+        }
         let line = format!("#{} t={} {}", self.step, self.now, self.line);
         if self.print_trace {
             eprintln!("{line}");
@@ -1498,6 +1564,20 @@ impl Sim {
         Ok(())
     }
 
+    /// The model learns what a tick now does from a tick of a copy of the engine; the engine
+    /// itself stays unticked, and its next operation must do exactly that first.
+    fn tick_a_copy(&mut self, c: &mut dyn Checker) -> Check {
+        let untouched = self.engine.clone();
+        self.implicit = Implicit::Capturing;
+        let r = self.op_tick(c);
+        self.engine = untouched;
+        if !matches!(self.implicit, Implicit::Pending(_)) {
+            self.implicit = Implicit::None;
+        }
+        self.note(" (on a copy)");
+        r
+    }
+
     fn op_tick(&mut self, c: &mut dyn Checker) -> Check {
         self.engine.tick(self.at());
         self.note("tick");
@@ -1564,8 +1644,31 @@ impl Sim {
     /// the simulator was told of and the endings the operation allows, in the order the engine
     /// reports them; then the outcomes of waiting requests.
     fn absorb(&mut self, ctx: Ctx, told: Vec<Told>, c: &mut dyn Checker) -> Check {
-        let out = self.engine.take_output();
-        self.persist(&out.changed, out.meta_changed);
+        let mut out = self.engine.take_output();
+        match std::mem::replace(&mut self.implicit, Implicit::None) {
+            Implicit::None => {}
+            // A copy's output: what a store would persist is the engine's own, later.
+            Implicit::Capturing => self.implicit = Implicit::Pending(out.clone()),
+            Implicit::Pending(tick) => {
+                let n = tick.events.len();
+                let m = tick.waiters.len();
+                if out.events.get(..n) != Some(&tick.events[..])
+                    || out.waiters.get(..m) != Some(&tick.waiters[..])
+                    || !tick.changed.is_subset(&out.changed)
+                {
+                    return Err(format!(
+                        "the operation at t={} did not first do what a tick at its time does (expire the due sessions, end the graces that are over, serve the waiters)\n  a tick: {:?} {:?}\n  the operation: {:?} {:?}",
+                        self.now, tick.events, tick.waiters, out.events, out.waiters
+                    ));
+                }
+                // The model has learnt those from the copy.
+                out.events.drain(..n);
+                out.waiters.drain(..m);
+            }
+        }
+        if !matches!(self.implicit, Implicit::Pending(_)) {
+            self.persist(&out.changed, out.meta_changed);
+        }
         let mut a = Absorbing {
             told,
             live_during: self
@@ -2025,4 +2128,18 @@ pub fn run<C: Checker>(test: &str, salt: u64, mut make: impl FnMut() -> C) {
         seeds.len(),
         started.elapsed()
     );
+    // A run that passes must also have exercised what it checks. One replayed seed, or a
+    // handful, need not reach everything; the default campaign must.
+    if seeds.len() >= COVERAGE_SEEDS && steps >= 400 {
+        let missing = total.unexercised();
+        assert!(
+            missing.is_empty(),
+            "{test}: {} seeds x {steps} steps never exercised: {}; the simulation passes without checking these (coverage: {total:?})",
+            seeds.len(),
+            missing.join(", ")
+        );
+    }
 }
+
+/// The number of seeds from which a run must exercise every counter of [`Stats`].
+const COVERAGE_SEEDS: usize = 100;

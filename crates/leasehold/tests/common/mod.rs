@@ -348,3 +348,123 @@ pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> D
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// Fails the test, saying why, unless it runs as root: a test that cannot run must not pass.
+/// `scripts/test` runs as root in CI.
+#[track_caller]
+pub fn require_root(why: &str) {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test needs root ({why}); run it as root, as scripts/test does in CI"
+    );
+}
+
+/// The lines a child writes to one of its pipes, read by a thread as they come, so that a
+/// test can wait for a line (an observable state) instead of sleeping.
+pub struct Lines {
+    rx: std::sync::mpsc::Receiver<String>,
+    /// Every line read so far.
+    pub seen: Vec<String>,
+    eof: bool,
+}
+
+impl Lines {
+    /// Starts reading `pipe` (e.g. `child.stdout.take().unwrap()`).
+    pub fn new(pipe: impl std::io::Read + Send + 'static) -> Lines {
+        use std::io::BufRead as _;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(pipe).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Lines {
+            rx,
+            seen: Vec::new(),
+            eof: false,
+        }
+    }
+
+    /// Reads lines until `f` holds of those seen, for up to `limit`; panics naming `what`
+    /// and showing the lines otherwise (or when the pipe closes first).
+    #[track_caller]
+    pub fn wait_until(&mut self, what: &str, limit: Duration, f: impl Fn(&[String]) -> bool) {
+        let deadline = Instant::now() + limit;
+        while !f(&self.seen) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(e) => panic!(
+                    "waiting for {what}: {}; lines so far:\n{}",
+                    match e {
+                        std::sync::mpsc::RecvTimeoutError::Timeout =>
+                            format!("timed out after {limit:?}"),
+                        std::sync::mpsc::RecvTimeoutError::Disconnected =>
+                            "the pipe closed".to_owned(),
+                    },
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Waits for a line containing `s`; returns it.
+    #[track_caller]
+    pub fn wait_for(&mut self, s: &str, limit: Duration) -> String {
+        self.wait_until(&format!("a line with {s:?}"), limit, |l| {
+            l.iter().any(|x| x.contains(s))
+        });
+        self.seen.iter().find(|x| x.contains(s)).unwrap().clone()
+    }
+
+    /// Every line up to the end of the pipe (the child has exited or closed it), for up to
+    /// `limit`.
+    #[track_caller]
+    pub fn rest(&mut self, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        while !self.eof {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => self.eof = true,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!(
+                    "the pipe stayed open {limit:?}; lines so far:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+        self.seen.join("\n")
+    }
+}
+
+/// `leasehold watch --json` on `a`, returned once the agent has subscribed it (the CLI says
+/// so on stderr), with its stdout's lines.
+pub fn watch_json(a: &Agent) -> (Child, Lines) {
+    let mut w = a
+        .cli()
+        .args(["watch", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = Lines::new(w.stderr.take().unwrap());
+    err.wait_for("watching", Duration::from_secs(10));
+    let out = Lines::new(w.stdout.take().unwrap());
+    (w, out)
+}
+
+/// The `kind` of each JSON event line.
+pub fn kinds(lines: &[String]) -> Vec<String> {
+    lines
+        .iter()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["kind"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
+}
