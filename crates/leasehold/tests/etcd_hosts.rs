@@ -64,13 +64,11 @@ fn b_takes_after_check(b: &Agent, r: &str) -> (u64, Holder) {
     let out = b.lh(&["acquire", r, "--accept-dirty", "--pid", &h.pid_arg()]);
     expect_code(&out, 0);
     let token = text(&out.stdout).trim().to_owned();
-    let at = b
-        .logged_mono_ns(&[
-            "granted",
-            &format!("resource={r} "),
-            &format!("token={token} "),
-        ])
-        .expect("B logs its grant with a monotonic time");
+    let at = b.wait_logged_mono_ns(&[
+        "granted",
+        &format!("resource={r} "),
+        &format!("token={token} "),
+    ]);
     (at, h)
 }
 
@@ -223,9 +221,7 @@ fn a_host_cut_off_from_etcd_fences_its_holders_first() {
     netns.cut();
     let (granted, _b_holder) = b_takes_after_check(&b, "disk");
     let died = died.join().unwrap();
-    let fenced = a
-        .logged_mono_ns(&["fenced"])
-        .expect("A logs its fencing with a monotonic time");
+    let fenced = a.wait_logged_mono_ns(&["fenced"]);
     assert!(
         fenced <= died + 50_000_000,
         "fenced at {fenced}, holder died at {died}"
@@ -358,7 +354,7 @@ fn losing_etcd_quorum_fences_holders_and_service_returns_with_it() {
     }
     // No renewal can be confirmed without quorum: the holder is fenced before ttl passes.
     let died = died.join().unwrap();
-    let fenced = a.logged_mono_ns(&["fenced"]).expect("fenced");
+    let fenced = a.wait_logged_mono_ns(&["fenced"]);
     assert!(fenced <= died + 50_000_000);
     for i in &others {
         cluster.member(*i).cont();
@@ -633,9 +629,7 @@ fn after_an_etcd_stall_the_waiting_host_takes_the_disk_over() {
         }
         std::fs::read_to_string(&b_pidfile).is_ok_and(|s| s.ends_with('\n'))
     });
-    let granted = b
-        .logged_mono_ns(&["granted", "resource=disk "])
-        .expect("B logs its grant with a monotonic time");
+    let granted = b.wait_logged_mono_ns(&["granted", "resource=disk "]);
     assert!(
         a_died < resumed && a_died < granted,
         "A's holder died at {a_died} ns; etcd returned at {resumed}, B was granted at {granted}"

@@ -228,6 +228,22 @@ impl Agent {
             .and_then(|v| v.parse().ok())
     }
 
+    /// The same, waiting up to 10 s for the line: an agent may log an action just after
+    /// the effect a test observes (a holder killed, a grant answered).
+    #[track_caller]
+    pub fn wait_logged_mono_ns(&self, words: &[&str]) -> u64 {
+        let mut at = None;
+        wait_until(
+            &format!("the agent to log {words:?}"),
+            Duration::from_secs(10),
+            || {
+                at = self.logged_mono_ns(words);
+                at.is_some()
+            },
+        );
+        at.unwrap()
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
