@@ -240,8 +240,9 @@ impl<S: Store> Watcher<S> {
         tokio::spawn(async move { me.end(process).await });
     }
 
-    /// Ends the leases of an exited process, retrying while the backend is unavailable (a
-    /// fenced holder's leases must end once etcd answers again).
+    /// Ends the leases of an exited process, retrying while the backend is unavailable or its
+    /// storage fails (a fenced holder's leases must end once etcd answers again; a dead
+    /// holder's once the full disk has room again).
     async fn end(&self, process: ProcessKey) {
         let mut delay = std::time::Duration::from_millis(200);
         let fenced = self.fenced.lock().is_ok_and(|f| f.contains(&process));
@@ -270,7 +271,8 @@ impl<S: Store> Watcher<S> {
                 Err(
                     e @ (StoreError::Unavailable(_)
                     | StoreError::SessionLost
-                    | StoreError::NoSpace(_)),
+                    | StoreError::NoSpace(_)
+                    | StoreError::Storage(_)),
                 ) => {
                     warn!(pid = process.pid, error = %e, "cannot end the leases of an exited process yet; retrying");
                     tokio::time::sleep(delay).await;

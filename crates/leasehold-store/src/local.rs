@@ -209,7 +209,9 @@ impl LocalStore {
         let (events, _) = broadcast::channel(options.event_capacity.max(1));
         let mut worker = Worker {
             engine,
-            db,
+            db: Some(db),
+            path: path.clone(),
+            broken: None,
             clock,
             session,
             options,
@@ -759,7 +761,14 @@ struct Pending {
 
 struct Worker {
     engine: Engine,
-    db: Database,
+    /// The database; `None` after a write failed and it could not be opened again yet
+    /// (the disk is full, or failing): then every command is refused, and reopening is
+    /// retried every [`RETRY_STORAGE`], until the engine is reloaded from what is on disk.
+    db: Option<Database>,
+    /// The database file.
+    path: PathBuf,
+    /// Why the database cannot be used, while it cannot.
+    broken: Option<String>,
     clock: Clock,
     session: SessionId,
     options: LocalStoreOptions,
@@ -770,10 +779,19 @@ struct Worker {
     fresh: bool,
 }
 
+/// How often a store whose database failed tries to open it again.
+const RETRY_STORAGE: Duration = Duration::from_millis(500);
+
 impl Worker {
     fn run(mut self, rx: mpsc::Receiver<Cmd>) {
         loop {
-            let first = if !self.orphans.is_empty() {
+            let first = if self.broken.is_some() {
+                match rx.recv_timeout(RETRY_STORAGE) {
+                    Ok(cmd) => Some(cmd),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return self.shutdown(),
+                }
+            } else if !self.orphans.is_empty() {
                 rx.try_recv().ok()
             } else {
                 let deadline = self.engine.next_deadline();
@@ -818,8 +836,16 @@ impl Worker {
 
     /// Applies a batch, commits it once, then answers.
     fn step(&mut self, batch: Vec<Cmd>) {
+        if self.broken.is_some() && !self.recover() {
+            let e = StoreError::Storage(self.broken.clone().unwrap_or_default());
+            for cmd in batch {
+                refuse(cmd, &e, &mut self.orphans);
+            }
+            return;
+        }
         let now = self.clock.now();
         self.engine.tick(now);
+        let orphans = self.orphans.clone();
         for (resource, process) in std::mem::take(&mut self.orphans) {
             let _ = self.engine.release(
                 ReleaseRequest {
@@ -836,12 +862,22 @@ impl Worker {
         }
         let out = self.engine.take_output();
         let failed = if out.needs_persist() {
-            self.persist(&out).err().map(storage)
+            self.persist(&out).err().map(|e| {
+                storage(format!(
+                    "the state database {} could not be written ({e}); nothing of what was \
+                     asked took effect; the agent retries every {} ms (free disk space, or \
+                     check the disk)",
+                    self.path.display(),
+                    RETRY_STORAGE.as_millis()
+                ))
+            })
         } else {
             None
         };
         if let Some(err) = &failed {
             self.reload(err);
+            // Those grants are still to be released, from the state on disk.
+            self.orphans.extend(orphans);
         }
         for answer in answers {
             match answer(failed.as_ref()) {
@@ -1021,7 +1057,8 @@ impl Worker {
 
     /// Writes the records changed in `out` and commits: one fsync.
     fn persist(&self, out: &Output) -> Result<(), String> {
-        let txn = self.db.begin_write().map_err(|e| e.to_string())?;
+        let db = self.db.as_ref().ok_or("the database is not open")?;
+        let txn = db.begin_write().map_err(|e| e.to_string())?;
         {
             let mut table = txn.open_table(RESOURCES).map_err(|e| e.to_string())?;
             for name in &out.changed {
@@ -1050,7 +1087,9 @@ impl Worker {
         txn.commit().map_err(|e| e.to_string())
     }
 
-    /// After a failed commit: forget the batch by rebuilding the engine from disk.
+    /// After a failed commit: forget the batch by rebuilding the engine from disk. The
+    /// database is opened again first: after an I/O error (a full disk) redb refuses every
+    /// later write until then, even once space is back.
     fn reload(&mut self, err: &StoreError) {
         for (_, p) in self.pending.drain() {
             let _ = p.reply.send(Err(AcquireError::Cancelled(format!(
@@ -1058,14 +1097,86 @@ impl Worker {
             ))));
         }
         self.orphans.clear();
-        match load(&self.db, self.options.engine) {
-            Ok((engine, _)) => self.engine = engine,
-            // The database cannot be read back: keep the engine, which at worst is ahead
-            // of the disk by the failed batch, whose callers were all told it failed.
-            Err(_) => {
-                let _ = self.engine.take_output();
+        self.db = None;
+        self.broken = Some(match err {
+            StoreError::Storage(m) => m.clone(),
+            other => other.to_string(),
+        });
+        let _ = self.engine.take_output();
+    }
+
+    /// After a failed write: opens the database again, rebuilds the engine from it, and
+    /// proves that a write commits now. False while any of that fails: the store stays
+    /// unhealthy, refusing every command (its `list` fails, so `status` says so).
+    fn recover(&mut self) -> bool {
+        if self.db.is_none() && !self.reopen() {
+            return false;
+        }
+        let probe = || -> Result<(), String> {
+            let db = self.db.as_ref().ok_or("the database is not open")?;
+            let txn = db.begin_write().map_err(|e| e.to_string())?;
+            {
+                let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
+                meta.insert(FORMAT_KEY, FORMAT).map_err(|e| e.to_string())?;
+            }
+            txn.commit().map_err(|e| e.to_string())
+        };
+        match quietly(probe) {
+            Ok(Ok(())) => {
+                if let Some(was) = self.broken.take() {
+                    tracing::warn!(
+                        "the state database can be written again; leases are as on disk (it failed: {was})"
+                    );
+                }
+                true
+            }
+            Ok(Err(_)) | Err(_) => {
+                self.db = None;
+                false
             }
         }
+    }
+
+    /// Opens the database again and rebuilds the engine from it; false while it cannot.
+    fn reopen(&mut self) -> bool {
+        self.db = None;
+        let opened = quietly(|| {
+            let db = Database::builder()
+                .set_cache_size(self.options.cache_bytes)
+                .create(&self.path)
+                .map_err(|e| e.to_string())?;
+            let (engine, _) = load(&db, self.options.engine).map_err(|e| e.to_string())?;
+            Ok::<_, String>((db, engine))
+        });
+        match opened {
+            Ok(Ok((db, engine))) => {
+                self.db = Some(db);
+                self.engine = engine;
+                true
+            }
+            Ok(Err(_)) | Err(_) => false,
+        }
+    }
+}
+
+/// Answers a command with `e` while the database cannot be used: nothing is applied.
+/// Grants to release are kept for when it can.
+fn refuse(cmd: Cmd, e: &StoreError, orphans: &mut Vec<(ResourceName, ProcessKey)>) {
+    let e = e.clone();
+    match cmd {
+        Cmd::Acquire { reply, .. } => drop(reply.send(Err(e))),
+        Cmd::CancelWait { reply, .. } => drop(reply.send(Err(e))),
+        Cmd::Release { reply, .. } => drop(reply.send(Err(e))),
+        Cmd::EndProcess { reply, .. } | Cmd::ForceRelease { reply, .. } => {
+            drop(reply.send(Err(e)));
+        }
+        Cmd::MarkClean { reply, .. } => drop(reply.send(Err(e))),
+        Cmd::Validate { reply, .. } => drop(reply.send(Err(e))),
+        Cmd::Inspect { reply, .. } => drop(reply.send(Err(e))),
+        Cmd::Conflict { reply, .. } => drop(reply.send(Err(e))),
+        Cmd::List { reply } => drop(reply.send(Err(e))),
+        Cmd::ReleaseOrphans(v) => orphans.extend(v),
+        Cmd::Abandon(_) | Cmd::Shutdown => {}
     }
 }
 

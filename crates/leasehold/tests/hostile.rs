@@ -402,3 +402,88 @@ fn a_bad_owner_label_is_a_usage_error_like_a_bad_name() {
     }
     assert!(a.holders("disk").is_empty());
 }
+
+#[test]
+fn a_full_disk_is_reported_and_recovered_from_without_a_restart() {
+    // The agent's state directory is a 1 MiB tmpfs of its own mount namespace (gone with it).
+    let mut a = Agent::unstarted("node1", &[], &[]);
+    std::fs::create_dir(&a.state).unwrap();
+    let script = format!(
+        "mount -t tmpfs -o size=1m,mode=0700 leasehold-test {} && exec \"$0\" \"$@\"",
+        a.state.display()
+    );
+    a.wrap = [
+        "unshare",
+        "-m",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &script,
+    ]
+    .map(String::from)
+    .to_vec();
+    a.spawn();
+    let inside = std::path::PathBuf::from(format!("/proc/{}/root", a.pid()))
+        .join(a.state.strip_prefix("/").unwrap());
+    let mut dead = Holder::new();
+    expect_code(&a.lh(&["acquire", "held", "--pid", &dead.pid_arg()]), 0);
+    let h = Holder::new();
+
+    // Fill the disk, then take leases until a commit fails.
+    let fill = inside.join("fill");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&fill).unwrap();
+        while f.write_all(&[0u8; 4096]).is_ok() {}
+    }
+    let mut failed = None;
+    for i in 0..400 {
+        let r = format!("r{i}-{}", "x".repeat(900));
+        let out = a.lh(&["acquire", &r, "--pid", &h.pid_arg()]);
+        if !out.status.success() {
+            failed = Some(out);
+            break;
+        }
+    }
+    let failed = failed.expect("no acquire failed on a full disk");
+    expect_code(&failed, 1);
+    let err = text(&failed.stderr);
+    assert!(err.contains("could not be written"), "{err}");
+    assert!(
+        err.contains("nothing of what was asked took effect"),
+        "{err}"
+    );
+
+    // The holder dies meanwhile; status says the store is not healthy.
+    dead.kill9();
+    let status = a.lh(&["status"]);
+    expect_code(&status, 0);
+    assert!(
+        text(&status.stdout).contains("leases:   unknown"),
+        "{}",
+        text(&status.stdout)
+    );
+
+    // Space comes back: writes work again without a restart, and the dead holder's lease
+    // ends (dirty: it died holding it).
+    std::fs::remove_file(&fill).unwrap();
+    wait_until("acquire works again", Duration::from_secs(20), || {
+        a.lh(&["acquire", "after", "--pid", &h.pid_arg()])
+            .status
+            .success()
+    });
+    wait_until(
+        "the dead holder's lease ends",
+        Duration::from_secs(20),
+        || a.holders("held").is_empty(),
+    );
+    assert!(a.is_dirty("held"));
+    let status = a.lh(&["status"]);
+    assert!(
+        !text(&status.stdout).contains("unknown"),
+        "{}",
+        text(&status.stdout)
+    );
+    assert!(a.log().contains("can be written again"), "{}", a.log());
+}
