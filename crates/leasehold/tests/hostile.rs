@@ -79,8 +79,10 @@ fn watch_into_a_pipe_closed_after_one_line_ends_quietly() {
         status.is_some()
     });
     let out = watch.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(141), "{}", text(&out.stderr));
-    assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{err}");
+    // Only the line saying what it watches: no panic, no error about the pipe.
+    assert!(!err.contains("panicked") && !err.contains("pipe"), "{err}");
 }
 
 #[test]
