@@ -137,6 +137,8 @@ pub struct Config {
     pub watchdog_timeout: Duration,
     /// How etcd's history is kept bounded (etcd backend).
     pub etcd_history: leasehold_store::HistoryOptions,
+    /// TLS files and the etcd user (etcd backend).
+    pub etcd_security: leasehold_store::EtcdSecurity,
 }
 
 /// Why the configuration was refused.
@@ -222,6 +224,17 @@ pub struct FileConfig {
     pub etcd_quota: Option<String>,
     /// Whether the agents defragment etcd's members, `"on"` or `"off"`.
     pub etcd_defrag: Option<String>,
+    /// The CA certificate (PEM) that signs etcd's server certificates (etcdctl's `--cacert`).
+    pub etcd_cacert: Option<PathBuf>,
+    /// This agent's client certificate (PEM) for etcd (etcdctl's `--cert`).
+    pub etcd_cert: Option<PathBuf>,
+    /// The client certificate's key (PEM) (etcdctl's `--key`).
+    pub etcd_key: Option<PathBuf>,
+    /// The etcd user, when etcd's authentication is enabled.
+    pub etcd_user: Option<String>,
+    /// A file holding the etcd user's password (mode 0600 or stricter), never the password
+    /// itself: a command line is visible to every local user.
+    pub etcd_password_file: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -263,6 +276,11 @@ impl FileConfig {
             etcd_forget_after: flags.etcd_forget_after.or(self.etcd_forget_after),
             etcd_quota: flags.etcd_quota.or(self.etcd_quota),
             etcd_defrag: flags.etcd_defrag.or(self.etcd_defrag),
+            etcd_cacert: flags.etcd_cacert.or(self.etcd_cacert),
+            etcd_cert: flags.etcd_cert.or(self.etcd_cert),
+            etcd_key: flags.etcd_key.or(self.etcd_key),
+            etcd_user: flags.etcd_user.or(self.etcd_user),
+            etcd_password_file: flags.etcd_password_file.or(self.etcd_password_file),
         }
     }
 }
@@ -349,6 +367,70 @@ pub fn resolve_group(field: &'static str, name: &str) -> Result<Group, ConfigErr
             field,
             message: format!("no group named {name:?} in /etc/group"),
         })
+}
+
+/// The etcd user and its password, read from `password_file`.
+fn etcd_user(
+    user: Option<String>,
+    password_file: Option<&Path>,
+) -> Result<Option<leasehold_store::EtcdUser>, ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let bad = |field, message: String| Err(ConfigError::Invalid { field, message });
+    let (name, file) = match (user, password_file) {
+        (None, None) => return Ok(None),
+        (Some(u), Some(f)) => (u, f),
+        (Some(u), None) => {
+            return bad(
+                "etcd-password-file",
+                format!(
+                    "etcd-user {u:?} needs its password: put it in a file (mode 0600) and name it with etcd-password-file"
+                ),
+            );
+        }
+        (None, Some(_)) => {
+            return bad(
+                "etcd-user",
+                "etcd-password-file is set without etcd-user: name the etcd user too".into(),
+            );
+        }
+    };
+    if name.is_empty() || name.contains(':') || name.chars().any(char::is_control) {
+        return bad(
+            "etcd-user",
+            format!(
+                "{name:?} is not an etcd user name: give the name alone (no ':', no control characters), and the password in etcd-password-file"
+            ),
+        );
+    }
+    let shown = file.display();
+    let meta = std::fs::metadata(file).map_err(|e| ConfigError::Invalid {
+        field: "etcd-password-file",
+        message: format!("{shown}: {e}"),
+    })?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return bad(
+            "etcd-password-file",
+            format!(
+                "{shown} is readable or writable by others (mode {:04o}): run `chmod 600 {shown}`",
+                meta.permissions().mode() & 0o7777
+            ),
+        );
+    }
+    let text = std::fs::read_to_string(file).map_err(|e| ConfigError::Invalid {
+        field: "etcd-password-file",
+        message: format!("{shown}: {e}"),
+    })?;
+    // One trailing newline is the file's, not the password's.
+    let password = text
+        .strip_suffix('\n')
+        .map_or(text.as_str(), |t| t.strip_suffix('\r').unwrap_or(t));
+    if password.is_empty() {
+        return bad("etcd-password-file", format!("{shown} is empty"));
+    }
+    Ok(Some(leasehold_store::EtcdUser {
+        name,
+        password: password.to_owned(),
+    }))
 }
 
 fn is_root() -> bool {
@@ -531,6 +613,12 @@ impl Config {
                 }
             },
         };
+        let etcd_security = leasehold_store::EtcdSecurity {
+            cacert: f.etcd_cacert,
+            cert: f.etcd_cert,
+            key: f.etcd_key,
+            user: etcd_user(f.etcd_user, f.etcd_password_file.as_deref())?,
+        };
         let c = Config {
             socket,
             state_dir,
@@ -544,6 +632,7 @@ impl Config {
             watchdog: f.watchdog,
             watchdog_timeout,
             etcd_history,
+            etcd_security,
         };
         c.validate()?;
         Ok(c)
@@ -665,6 +754,14 @@ impl Config {
             for e in &self.etcd_endpoints {
                 check_endpoint(e)?;
             }
+            leasehold_store::etcd::client::check_endpoints(
+                &self.etcd_endpoints,
+                &self.etcd_security,
+            )
+            .map_err(|e| ConfigError::Invalid {
+                field: "etcd-endpoints",
+                message: e.message,
+            })?;
         }
         Ok(())
     }
@@ -903,6 +1000,82 @@ mod tests {
         assert!(
             e.contains("etcd-defrag") && e.contains("\"on\" or \"off\""),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn etcd_tls_and_user_settings_are_checked_saying_what_to_change() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "secret\n").unwrap();
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let etcd = |eps: &[&str]| FileConfig {
+            backend: Some(Backend::Etcd),
+            etcd_endpoints: Some(eps.iter().map(|e| (*e).to_owned()).collect()),
+            ..base()
+        };
+        let refused = |f: FileConfig, field: &str, says: &str| match Config::resolve(f) {
+            Err(e @ ConfigError::Invalid { field: got, .. }) => {
+                assert_eq!(got, field, "{e}");
+                assert!(e.to_string().contains(says), "{e}");
+            }
+            other => panic!("{field}: {other:?}"),
+        };
+        refused(
+            FileConfig {
+                etcd_cacert: Some("/ca.pem".into()),
+                ..etcd(&["http://127.0.0.1:2379"])
+            },
+            "etcd-endpoints",
+            "use https://",
+        );
+        refused(
+            etcd(&["https://10.0.0.1:2379", "http://10.0.0.2:2379"]),
+            "etcd-endpoints",
+            "mix http:// and https://",
+        );
+        refused(etcd(&["not-a-url"]), "etcd-endpoints", "not an etcd");
+        refused(
+            FileConfig {
+                etcd_user: Some("lh".into()),
+                ..etcd(&["https://127.0.0.1:2379"])
+            },
+            "etcd-password-file",
+            "etcd-password-file",
+        );
+        refused(
+            FileConfig {
+                etcd_user: Some("lh:secret".into()),
+                etcd_password_file: Some(pw.clone()),
+                ..etcd(&["https://127.0.0.1:2379"])
+            },
+            "etcd-user",
+            "no ':'",
+        );
+        let c = Config::resolve(FileConfig {
+            etcd_user: Some("lh".into()),
+            etcd_password_file: Some(pw.clone()),
+            etcd_cacert: Some("/ca.pem".into()),
+            ..etcd(&["https://127.0.0.1:2379"])
+        })
+        .unwrap();
+        let user = c.etcd_security.user.clone().unwrap();
+        assert_eq!(
+            (user.name.as_str(), user.password.as_str()),
+            ("lh", "secret")
+        );
+        // The password never shows in logs of the configuration.
+        assert!(!format!("{c:?}").contains("secret"));
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o644)).unwrap();
+        refused(
+            FileConfig {
+                etcd_user: Some("lh".into()),
+                etcd_password_file: Some(pw),
+                ..etcd(&["https://127.0.0.1:2379"])
+            },
+            "etcd-password-file",
+            "chmod 600",
         );
     }
 }

@@ -83,6 +83,8 @@ impl AgentError {
             AgentError::Config(_)
                 | AgentError::UnsafePath(_)
                 | AgentError::Store(StoreError::BadState(_))
+                // Settings etcd refuses (TLS, user, password, rights).
+                | AgentError::Store(StoreError::Misconfigured(_))
         )
     }
 }
@@ -125,9 +127,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 timeout: t.renew.min(std::time::Duration::from_secs(2)),
                 session_file: Some(config.state_dir.join("etcd-session.json")),
                 history: config.etcd_history.clone(),
+                security: config.etcd_security.clone(),
             };
             // etcd may not be up yet (a host booting): wait for it, saying so. Anything else,
-            // such as the host id being in use, is final.
+            // such as the host id being in use, or settings etcd refuses (a certificate, a
+            // password), is final.
             tokio::pin!(shutdown);
             let store = loop {
                 match leasehold_store::EtcdStore::open(config.host_id.clone(), opts.clone()).await {

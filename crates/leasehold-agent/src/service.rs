@@ -291,6 +291,7 @@ pub fn status_of(e: StoreError) -> Status {
         // The agent answers; the backend does not: not "agent unreachable" (exit 5).
         StoreError::Unavailable(m) => Status::aborted(format!("etcd unavailable: {m}")),
         StoreError::NoSpace(m) => Status::resource_exhausted(m),
+        StoreError::Misconfigured(m) => Status::aborted(format!("etcd refused the agent: {m}")),
         e @ (StoreError::SessionLost
         | StoreError::HostInUse { .. }
         | StoreError::BadRecord { .. }) => Status::failed_precondition(e.to_string()),

@@ -271,6 +271,7 @@ impl<S: Store> Watcher<S> {
                 Err(
                     e @ (StoreError::Unavailable(_)
                     | StoreError::SessionLost
+                    | StoreError::Misconfigured(_)
                     | StoreError::NoSpace(_)
                     | StoreError::Storage(_)),
                 ) => {

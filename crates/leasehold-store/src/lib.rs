@@ -43,7 +43,7 @@ pub mod etcd;
 mod local;
 
 pub use clock::Clock;
-pub use etcd::{EtcdHealth, EtcdOptions, EtcdStore, HistoryOptions};
+pub use etcd::{EtcdHealth, EtcdOptions, EtcdSecurity, EtcdStore, EtcdUser, HistoryOptions};
 pub use local::{LocalStore, LocalStoreOptions};
 
 /// A request for leases, all or none.
@@ -144,6 +144,10 @@ pub enum StoreError {
     /// operation took effect, or it may be retried.
     #[error("backend unavailable: {0}")]
     Unavailable(String),
+    /// The backend refuses this agent's settings (TLS, etcd user or password, rights):
+    /// retrying cannot help; the message says what to change.
+    #[error("{0}")]
+    Misconfigured(String),
     /// etcd is out of space (its NOSPACE alarm): nothing was written; says what to run.
     #[error("{0}")]
     NoSpace(String),

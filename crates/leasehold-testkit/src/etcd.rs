@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use rustix::process::Signal;
 
 use crate::proc;
+use crate::tls::TestCerts;
 
 /// How long a member may take to answer after it is started.
 pub(crate) const START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -119,7 +120,21 @@ pub struct Etcd {
     child: Mutex<Option<Child>>,
     /// More flags for etcd, given at every start of this member.
     pub(crate) extra_args: Vec<String>,
+    /// The certificates when clients must use TLS (copies in the member's directory).
+    tls: Option<TlsFiles>,
+    /// The root user's password once authentication is enabled: etcdctl then logs in as root.
+    root_password: Mutex<Option<String>>,
     _dir: tempfile::TempDir,
+}
+
+/// The PEM files of a TLS member, copied from [`TestCerts`].
+#[derive(Debug, Clone)]
+struct TlsFiles {
+    ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
 }
 
 impl Etcd {
@@ -143,7 +158,19 @@ impl Etcd {
         Etcd::start_on_with("127.0.0.1", args)
     }
 
+    /// Like [`start_with`](Etcd::start_with), but clients must use TLS and present a client
+    /// certificate signed by `certs`' CA (`--client-cert-auth`); the endpoint is
+    /// `https://127.0.0.1:PORT` and [`etcdctl`](Etcd::etcdctl) uses `certs`' client
+    /// certificate. The files are copied: `certs` may be dropped.
+    pub fn start_tls(certs: &TestCerts, args: &[&str]) -> Etcd {
+        Etcd::start_inner("127.0.0.1", args, Some(certs))
+    }
+
     fn start_on_with(ip: &str, args: &[&str]) -> Etcd {
+        Etcd::start_inner(ip, args, None)
+    }
+
+    fn start_inner(ip: &str, args: &[&str], certs: Option<&TestCerts>) -> Etcd {
         let ip = parse_ip(ip);
         let mut last = String::new();
         for _ in 0..PORT_ATTEMPTS {
@@ -159,6 +186,9 @@ impl Etcd {
                 cluster_token(),
             );
             etcd.extra_args = args.iter().map(|a| (*a).to_owned()).collect();
+            if let Some(c) = certs {
+                etcd.use_tls(c);
+            }
             etcd.spawn(ClusterState::New);
             match etcd.wait(Readiness::Healthy, START_TIMEOUT) {
                 Ok(()) => return etcd,
@@ -197,8 +227,85 @@ impl Etcd {
             token,
             child: Mutex::new(None),
             extra_args: Vec::new(),
+            tls: None,
+            root_password: Mutex::new(None),
             _dir: dir,
         }
+    }
+
+    /// Copies `certs` into the member's directory and serves clients over TLS with them.
+    fn use_tls(&mut self, certs: &TestCerts) {
+        let dir = self.data_dir.with_file_name("certs");
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            panic!("leasehold-testkit: creating {}: {e}", dir.display());
+        }
+        let copy = |from: PathBuf, name: &str| {
+            let to = dir.join(name);
+            if let Err(e) = std::fs::copy(&from, &to) {
+                panic!("leasehold-testkit: copying {}: {e}", from.display());
+            }
+            to
+        };
+        let files = TlsFiles {
+            ca: copy(certs.ca(), "ca.pem"),
+            server_cert: copy(certs.server_cert(), "server.pem"),
+            server_key: copy(certs.server_key(), "server-key.pem"),
+            client_cert: copy(certs.client_cert(), "client.pem"),
+            client_key: copy(certs.client_key(), "client-key.pem"),
+        };
+        self.extra_args.extend([
+            format!("--cert-file={}", files.server_cert.display()),
+            format!("--key-file={}", files.server_key.display()),
+            format!("--trusted-ca-file={}", files.ca.display()),
+            "--client-cert-auth".to_owned(),
+        ]);
+        self.tls = Some(files);
+    }
+
+    /// Enables etcd's authentication: a `root` user with `root_password`, and `user` with
+    /// `password` whose role `ROLE-user` may read and write only keys under `prefix`. From
+    /// then on [`etcdctl`](Etcd::etcdctl) runs as root. Panics, with etcdctl's output, if a
+    /// step fails.
+    pub fn enable_auth(&self, root_password: &str, user: &str, password: &str, prefix: &str) {
+        let role = format!("role-{user}");
+        let steps: [Vec<String>; 7] = [
+            vec!["user".into(), "add".into(), format!("root:{root_password}")],
+            vec!["role".into(), "add".into(), role.clone()],
+            vec![
+                "role".into(),
+                "grant-permission".into(),
+                role.clone(),
+                "--prefix=true".into(),
+                "readwrite".into(),
+                prefix.into(),
+            ],
+            vec!["user".into(), "add".into(), format!("{user}:{password}")],
+            vec!["user".into(), "grant-role".into(), user.into(), role],
+            vec![
+                "user".into(),
+                "grant-role".into(),
+                "root".into(),
+                "root".into(),
+            ],
+            vec!["auth".into(), "enable".into()],
+        ];
+        for step in steps {
+            let args: Vec<&str> = step.iter().map(String::as_str).collect();
+            let out = self.etcdctl(&args);
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            // `user add root` already grants root the root role in some versions.
+            if !out.status.success() && !text.contains("already") {
+                panic!("leasehold-testkit: etcdctl {args:?} failed: {text}");
+            }
+        }
+        *self
+            .root_password
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(root_password.to_owned());
     }
 
     fn child(&self) -> MutexGuard<'_, Option<Child>> {
@@ -230,7 +337,12 @@ impl Etcd {
             Ok(f) => f,
             Err(e) => panic!("leasehold-testkit: cannot dup a log file handle: {e}"),
         };
-        let client_url = format!("http://{}:{}", url_host(self.client_ip), self.client_port);
+        let client_url = format!(
+            "{}://{}:{}",
+            self.scheme(),
+            url_host(self.client_ip),
+            self.client_port
+        );
         let peer_url = format!("http://127.0.0.1:{}", self.peer_port);
         let mut cmd = proc::clean_command("etcd");
         cmd.arg("--name")
@@ -344,14 +456,19 @@ impl Etcd {
             .and_then(|c| c.try_wait().ok().flatten())
     }
 
-    /// The client URL, `http://IP:PORT` (127.0.0.1 when listening on `0.0.0.0`).
+    /// The client URL, `http://IP:PORT` (127.0.0.1 when listening on `0.0.0.0`), or
+    /// `https://` for a member started with [`start_tls`](Etcd::start_tls).
     pub fn endpoint(&self) -> String {
         let ip = if self.client_ip.is_unspecified() {
             IpAddr::V4(Ipv4Addr::LOCALHOST)
         } else {
             self.client_ip
         };
-        format!("http://{}:{}", url_host(ip), self.client_port)
+        format!("{}://{}:{}", self.scheme(), url_host(ip), self.client_port)
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
     }
 
     /// The peer URL, `http://127.0.0.1:PORT`.
@@ -463,7 +580,21 @@ impl Etcd {
     /// An `etcdctl` command (API v3, `--endpoints` set to this member, no `ETCDCTL_*`
     /// variables inherited) to add arguments to.
     pub fn etcdctl_command(&self) -> Command {
-        proc::etcdctl_command(&self.endpoint())
+        let mut cmd = proc::etcdctl_command(&self.endpoint());
+        if let Some(t) = &self.tls {
+            cmd.arg(format!("--cacert={}", t.ca.display()))
+                .arg(format!("--cert={}", t.client_cert.display()))
+                .arg(format!("--key={}", t.client_key.display()));
+        }
+        if let Some(pw) = self
+            .root_password
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+        {
+            cmd.arg(format!("--user=root:{pw}"));
+        }
+        cmd
     }
 
     /// The data directory (inside a temporary directory removed on drop).

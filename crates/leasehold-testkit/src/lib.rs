@@ -4,6 +4,8 @@
 //!   killed, frozen ([`Etcd::stop`]/[`Etcd::cont`]) and restarted on the same ports and data.
 //! - [`EtcdCluster`] is several members on one IP, each an [`Etcd`], with [`EtcdCluster::leader`]
 //!   and [`EtcdCluster::wait_writable`] for failover tests.
+//! - [`TestCerts`] makes a CA with server and client certificates; [`Etcd::start_tls`] serves
+//!   clients over TLS with them, and [`Etcd::enable_auth`] turns on etcd's users and roles.
 //! - [`Netns`] is a network namespace joined to the root namespace by a veth pair, whose link
 //!   can be cut and healed ([`Netns::cut`]/[`Netns::heal`]) to partition the processes inside it
 //!   from an etcd listening on [`Netns::host_ip`].
@@ -48,7 +50,9 @@ mod cluster;
 mod etcd;
 mod netns;
 mod proc;
+mod tls;
 
 pub use cluster::EtcdCluster;
 pub use etcd::Etcd;
 pub use netns::Netns;
+pub use tls::TestCerts;

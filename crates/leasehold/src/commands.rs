@@ -57,6 +57,11 @@ pub fn agent(a: AgentArgs, socket: Option<PathBuf>) -> Result<u8, Failure> {
         etcd_forget_after: a.etcd_forget_after,
         etcd_quota: a.etcd_quota,
         etcd_defrag: a.etcd_defrag,
+        etcd_cacert: a.etcd_cacert,
+        etcd_cert: a.etcd_cert,
+        etcd_key: a.etcd_key,
+        etcd_user: a.etcd_user,
+        etcd_password_file: a.etcd_password_file,
     };
     let file = match &a.config {
         Some(p) => FileConfig::read(p).map_err(|e| Failure::usage(e.to_string()))?,

@@ -166,6 +166,23 @@ struct AgentArgs {
     /// at a time; "off": the operator does (`etcdctl defrag`) [default: on]
     #[arg(long)]
     etcd_defrag: Option<String>,
+    /// The CA certificate (PEM) that signs etcd's server certificates; https:// endpoints
+    /// without it are checked against the system's roots.
+    #[arg(long, value_name = "FILE")]
+    etcd_cacert: Option<PathBuf>,
+    /// This agent's client certificate (PEM), for an etcd with --client-cert-auth.
+    #[arg(long, value_name = "FILE")]
+    etcd_cert: Option<PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(long, value_name = "FILE")]
+    etcd_key: Option<PathBuf>,
+    /// The etcd user, when etcd's authentication is enabled (its password in
+    /// --etcd-password-file).
+    #[arg(long, value_name = "USER")]
+    etcd_user: Option<String>,
+    /// A file (mode 0600) holding the etcd user's password.
+    #[arg(long, value_name = "FILE")]
+    etcd_password_file: Option<PathBuf>,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,

@@ -1,9 +1,13 @@
 //! A small etcd v3 client over the generated gRPC stubs: what the etcd store needs and no
-//! more (ranges, transactions, leases with keep-alive, watches).
+//! more (ranges, transactions, leases with keep-alive, watches), over plaintext or TLS (with a
+//! client certificate), as an etcd user when etcd's authentication is enabled.
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::AsciiMetadataValue;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use super::pb::etcdserverpb as rpc;
 use super::pb::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
@@ -20,20 +24,140 @@ pub struct EtcdError {
     pub message: String,
     /// Whether it is worth retrying (the cluster or the network was unavailable).
     pub transient: bool,
+    /// Whether the agent's settings are wrong (TLS, user, password, rights): retrying the
+    /// same thing cannot help; the message says what to change.
+    pub misconfigured: bool,
 }
 
 impl EtcdError {
+    fn new(op: &'static str, message: impl Into<String>, transient: bool) -> EtcdError {
+        EtcdError {
+            op,
+            message: message.into(),
+            transient,
+            misconfigured: false,
+        }
+    }
+
+    fn misconfigured(op: &'static str, message: impl Into<String>) -> EtcdError {
+        EtcdError {
+            op,
+            message: message.into(),
+            transient: false,
+            misconfigured: true,
+        }
+    }
+
     fn from_status(op: &'static str, s: &tonic::Status) -> EtcdError {
         use tonic::Code;
+        let message = status_text(s);
+        if let Some(advice) = misconfiguration(s, &message) {
+            return EtcdError::misconfigured(op, format!("{message}: {advice}"));
+        }
         let transient = matches!(
             s.code(),
             Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled
-        ) || s.message().contains("leader");
-        EtcdError {
-            op,
-            message: s.message().to_owned(),
-            transient,
+        ) || message.contains("leader");
+        EtcdError::new(op, message, transient)
+    }
+}
+
+/// A status's message with the chain of errors under it (a transport failure says only
+/// "transport error"; the reason, such as a certificate refused, is below it).
+fn status_text(s: &tonic::Status) -> String {
+    let mut text = s.message().to_owned();
+    let mut source = std::error::Error::source(s);
+    while let Some(e) = source {
+        let more = e.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
         }
+        source = e.source();
+    }
+    text
+}
+
+/// What to change when `s` says the agent's TLS or authentication settings are wrong.
+fn misconfiguration(s: &tonic::Status, text: &str) -> Option<&'static str> {
+    use tonic::Code;
+    let has = |needle: &str| text.contains(needle);
+    match s.code() {
+        Code::PermissionDenied => Some(
+            "the etcd user lacks a permission: grant its role readwrite on leasehold's prefix \
+             (`etcdctl role grant-permission ROLE --prefix=true readwrite PREFIX`)",
+        ),
+        Code::InvalidArgument if has("authentication failed") || has("invalid user ID") => {
+            Some("check etcd-user and the password in etcd-password-file")
+        }
+        Code::InvalidArgument if has("user name is empty") => {
+            Some("etcd's authentication is enabled: set etcd-user and etcd-password-file")
+        }
+        Code::FailedPrecondition if has("authentication is not enabled") => {
+            Some("etcd-user is set but etcd's authentication is not enabled: unset etcd-user")
+        }
+        _ if has("invalid peer certificate") || has("UnknownIssuer") => Some(
+            "etcd's certificate is not signed by the CA this agent trusts: set etcd-cacert to \
+             the CA that signed etcd's server certificate (etcd's --trusted-ca-file)",
+        ),
+        _ if has("NotValidForName") || has("not valid for name") => Some(
+            "etcd's certificate does not name the endpoint's host: use a host name or address \
+             its certificate lists",
+        ),
+        _ if has("CertificateRequired") || has("BadCertificate") || has("bad certificate") => Some(
+            "etcd refused this agent's client certificate (etcd runs with \
+                 --client-cert-auth): set etcd-cert and etcd-key to a certificate signed by \
+                 etcd's --trusted-ca-file",
+        ),
+        _ if has("InvalidContentType") || has("corrupt message") => {
+            Some("the endpoint does not speak TLS: use http:// for it, without TLS settings")
+        }
+        _ if has("frame with invalid size") || has("HTTP request to an HTTPS server") => Some(
+            "the endpoint answers with TLS: use https:// and set etcd-cacert (and etcd-cert and \
+             etcd-key if etcd checks client certificates)",
+        ),
+        _ => None,
+    }
+}
+
+/// How to reach etcd beyond its URLs: TLS files and an etcd user, as etcdctl's `--cacert`,
+/// `--cert`, `--key` and `--user`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EtcdSecurity {
+    /// The CA certificate(s), PEM, that sign etcd's server certificates; without it,
+    /// `https://` endpoints are checked against the system's roots.
+    pub cacert: Option<PathBuf>,
+    /// This agent's client certificate, PEM, for an etcd that checks them
+    /// (`--client-cert-auth`).
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key, PEM.
+    pub key: Option<PathBuf>,
+    /// The etcd user to authenticate as, when etcd's authentication is enabled.
+    pub user: Option<EtcdUser>,
+}
+
+impl EtcdSecurity {
+    /// Whether any TLS setting is given.
+    pub fn has_tls_files(&self) -> bool {
+        self.cacert.is_some() || self.cert.is_some() || self.key.is_some()
+    }
+}
+
+/// An etcd user and its password (never shown by `Debug`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct EtcdUser {
+    /// The user's name.
+    pub name: String,
+    /// Its password.
+    pub password: String,
+}
+
+impl std::fmt::Debug for EtcdUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdUser")
+            .field("name", &self.name)
+            .field("password", &"(hidden)")
+            .finish()
     }
 }
 
@@ -44,38 +168,82 @@ pub struct Etcd {
     lease: rpc::lease_client::LeaseClient<Channel>,
     watch: rpc::watch_client::WatchClient<Channel>,
     maintenance: rpc::maintenance_client::MaintenanceClient<Channel>,
+    auth: rpc::auth_client::AuthClient<Channel>,
+    /// The user to authenticate as, and its current token (etcd's simple tokens expire when
+    /// unused for a while, and with a restarted member: a refused token is renewed).
+    user: Option<Arc<(EtcdUser, tokio::sync::Mutex<Option<AsciiMetadataValue>>)>>,
+    /// The endpoints and settings, for [`Etcd::diagnose`].
+    endpoints: Arc<(Vec<String>, EtcdSecurity)>,
     timeout: Duration,
 }
 
+/// An error with the chain of errors under it.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+/// `msg` as a request carrying `token`, etcd's authentication token.
+fn authed<T>(msg: T, token: Option<&AsciiMetadataValue>) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    if let Some(t) = token {
+        r.metadata_mut().insert("token", t.clone());
+    }
+    r
+}
+
+/// Whether etcd refused a call's token as expired or unknown: authenticate again and resend.
+fn stale_token(s: &tonic::Status) -> bool {
+    let m = s.message();
+    m.contains("invalid auth token") || m.contains("revision in header is old")
+}
+
 /// Whether a failed call never reached etcd (its connection could not be made), so it is
-/// safe to send again, to another member.
+/// safe to send again, to another member. A connection refused for a reason that retrying
+/// cannot change (a certificate, a protocol) is not retried.
 fn never_sent(s: &tonic::Status) -> bool {
     let m = s.message();
     s.code() == tonic::Code::Unavailable
         && (m.contains("connect")
             || m.contains("Connection refused")
             || m.contains("transport error"))
+        && misconfiguration(s, &status_text(s)).is_none()
 }
 
 /// How often an unanswered keep-alive is sent again.
 pub const KEEPALIVE_RESEND: Duration = Duration::from_millis(250);
 
 /// One keep-alive request on its own stream; the first answer's TTL.
-async fn keep_alive_attempt(
-    mut lease: rpc::lease_client::LeaseClient<Channel>,
-    id: i64,
-) -> Result<i64, EtcdError> {
+async fn keep_alive_attempt(etcd: Etcd, id: i64) -> Result<i64, EtcdError> {
+    let mut reauthed = false;
     loop {
+        let token = etcd.token().await?;
         // Each attempt has its own request stream; its sender lives until the answer.
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         let _ = tx.send(rpc::LeaseKeepAliveRequest { id }).await;
-        let opened = lease
-            .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
+        let opened = etcd
+            .lease
+            .clone()
+            .lease_keep_alive(authed(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+                token.as_ref(),
+            ))
             .await;
         let mut stream = match opened {
             Ok(r) => r.into_inner(),
             Err(s) if never_sent(&s) => {
                 tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            Err(s) if stale_token(&s) && !reauthed => {
+                reauthed = true;
+                etcd.forget_token(token.as_ref()).await;
                 continue;
             }
             Err(s) => return Err(EtcdError::from_status("keep-alive", &s)),
@@ -85,34 +253,11 @@ async fn keep_alive_attempt(
             .await
             .map_err(|s| EtcdError::from_status("keep-alive", &s))?;
         drop(tx);
-        return r.map(|r| r.ttl).ok_or(EtcdError {
-            op: "keep-alive",
-            message: "the stream closed without an answer".into(),
-            transient: true,
-        });
-    }
-}
-
-/// Runs `call` until it succeeds, fails for a reason other than an unreachable member, or
-/// `timeout` passes: a balanced channel may try a member that is down before one that is up.
-async fn retrying<T, F, Fut>(
-    op: &'static str,
-    timeout: Duration,
-    mut call: F,
-) -> Result<T, EtcdError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        match call().await {
-            Ok(v) => return Ok(v),
-            Err(s) if never_sent(&s) && tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Err(s) => return Err(EtcdError::from_status(op, &s)),
-        }
+        return r.map(|r| r.ttl).ok_or(EtcdError::new(
+            "keep-alive",
+            "the stream closed without an answer",
+            true,
+        ));
     }
 }
 
@@ -122,6 +267,93 @@ pub const MAX_MESSAGE: usize = 1 << 30;
 /// The request timeout for ordinary calls.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Reads a PEM file named by setting `field`.
+fn read_pem(field: &str, path: &std::path::Path) -> Result<Vec<u8>, EtcdError> {
+    let pem = std::fs::read(path).map_err(|e| {
+        EtcdError::misconfigured("connect", format!("{field} {}: {e}", path.display()))
+    })?;
+    if !String::from_utf8_lossy(&pem).contains("-----BEGIN ") {
+        return Err(EtcdError::misconfigured(
+            "connect",
+            format!("{field} {}: not a PEM file", path.display()),
+        ));
+    }
+    Ok(pem)
+}
+
+/// The TLS settings for `https://` endpoints, from `sec`.
+fn tls_config(sec: &EtcdSecurity, timeout: Duration) -> Result<ClientTlsConfig, EtcdError> {
+    // etcd speaks HTTP/2 on its TLS port whether or not it offers it through ALPN.
+    let mut tls = ClientTlsConfig::new().assume_http2(true).timeout(timeout);
+    tls = match &sec.cacert {
+        Some(p) => tls.ca_certificate(Certificate::from_pem(read_pem("etcd-cacert", p)?)),
+        None => tls.with_native_roots(),
+    };
+    match (&sec.cert, &sec.key) {
+        (Some(c), Some(k)) => Ok(tls.identity(Identity::from_pem(
+            read_pem("etcd-cert", c)?,
+            read_pem("etcd-key", k)?,
+        ))),
+        (None, None) => Ok(tls),
+        (Some(_), None) => Err(EtcdError::misconfigured(
+            "connect",
+            "etcd-cert is set without etcd-key: give both, or neither",
+        )),
+        (None, Some(_)) => Err(EtcdError::misconfigured(
+            "connect",
+            "etcd-key is set without etcd-cert: give both, or neither",
+        )),
+    }
+}
+
+/// Checks `endpoints` against `sec`: every one `http://` (no TLS settings) or every one
+/// `https://`. Returns whether they use TLS.
+///
+/// # Errors
+/// A misconfigured [`EtcdError`] saying what to change.
+pub fn check_endpoints(endpoints: &[String], sec: &EtcdSecurity) -> Result<bool, EtcdError> {
+    let bad = |m: String| Err(EtcdError::misconfigured("connect", m));
+    if endpoints.is_empty() {
+        return bad("no endpoints: give at least one etcd URL".into());
+    }
+    let mut tls = None;
+    for e in endpoints {
+        let this = if e.starts_with("https://") {
+            true
+        } else if e.starts_with("http://") {
+            false
+        } else {
+            return bad(format!(
+                "endpoint {e:?} is not an etcd URL: write http://HOST:PORT, or https://HOST:PORT \
+                 for TLS"
+            ));
+        };
+        let host = e.split_once("://").map_or("", |(_, rest)| rest);
+        if host.is_empty() || host.starts_with(':') || host.starts_with('/') {
+            return bad(format!(
+                "endpoint {e:?} names no host: write http://HOST:PORT"
+            ));
+        }
+        if tls.is_some_and(|t| t != this) {
+            return bad(format!(
+                "endpoints mix http:// and https:// ({}): use https:// for every member of a \
+                 TLS cluster",
+                endpoints.join(",")
+            ));
+        }
+        tls = Some(this);
+    }
+    let tls = tls.unwrap_or(false);
+    if !tls && sec.has_tls_files() {
+        return bad(format!(
+            "etcd-cacert, etcd-cert or etcd-key is set but the endpoints are http:// ({}): use \
+             https:// to reach etcd over TLS, or drop the TLS settings",
+            endpoints.join(",")
+        ));
+    }
+    Ok(tls)
+}
+
 impl Etcd {
     /// Connects lazily to `endpoints` (`http://host:port`), balancing over them; calls fail
     /// after `timeout`.
@@ -129,32 +361,53 @@ impl Etcd {
     /// # Errors
     /// An [`EtcdError`] for a malformed endpoint.
     pub fn connect(endpoints: &[String], timeout: Duration) -> Result<Etcd, EtcdError> {
-        if endpoints.is_empty() {
-            return Err(EtcdError {
-                op: "connect",
-                message: "no endpoints".into(),
-                transient: false,
-            });
-        }
+        Etcd::connect_with(endpoints, timeout, &EtcdSecurity::default())
+    }
+
+    /// Connects lazily to `endpoints` (all `http://`, or all `https://` with TLS), balancing
+    /// over them, as `sec` says; calls fail after `timeout`. The TLS files are read now; the
+    /// user authenticates at the first call.
+    ///
+    /// # Errors
+    /// A misconfigured [`EtcdError`] for a malformed endpoint, endpoints that mix or do not
+    /// match the TLS settings, or a TLS file that cannot be read.
+    pub fn connect_with(
+        endpoints: &[String],
+        timeout: Duration,
+        sec: &EtcdSecurity,
+    ) -> Result<Etcd, EtcdError> {
+        let tls = if check_endpoints(endpoints, sec)? {
+            Some(tls_config(sec, timeout)?)
+        } else {
+            None
+        };
         let eps = endpoints
             .iter()
             .map(|e| {
-                Endpoint::from_shared(e.clone())
-                    .map(|ep| {
-                        ep.connect_timeout(timeout)
-                            .timeout(timeout)
-                            .tcp_nodelay(true)
-                            .http2_keep_alive_interval(Duration::from_secs(1))
-                            .keep_alive_timeout(timeout)
-                            .keep_alive_while_idle(true)
-                    })
-                    .map_err(|e| EtcdError {
-                        op: "connect",
-                        message: format!("bad endpoint {e:?}"),
-                        transient: false,
-                    })
+                let ep = Endpoint::from_shared(e.clone()).map_err(|err| {
+                    EtcdError::misconfigured(
+                        "connect",
+                        format!("endpoint {e:?} is not a URL ({err}): write http://HOST:PORT"),
+                    )
+                })?;
+                let ep = match &tls {
+                    Some(t) => ep.tls_config(t.clone()).map_err(|err| {
+                        EtcdError::misconfigured(
+                            "connect",
+                            format!("TLS for endpoint {e:?}: {}", chain(&err)),
+                        )
+                    })?,
+                    None => ep,
+                };
+                Ok(ep
+                    .connect_timeout(timeout)
+                    .timeout(timeout)
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(1))
+                    .keep_alive_timeout(timeout)
+                    .keep_alive_while_idle(true))
             })
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>, EtcdError>>()?;
         let channel = Channel::balance_list(eps.into_iter());
         Ok(Etcd {
             kv: rpc::kv_client::KvClient::new(channel.clone())
@@ -162,9 +415,104 @@ impl Etcd {
             lease: rpc::lease_client::LeaseClient::new(channel.clone()),
             watch: rpc::watch_client::WatchClient::new(channel.clone())
                 .max_decoding_message_size(MAX_MESSAGE),
-            maintenance: rpc::maintenance_client::MaintenanceClient::new(channel),
+            maintenance: rpc::maintenance_client::MaintenanceClient::new(channel.clone()),
+            auth: rpc::auth_client::AuthClient::new(channel),
+            user: sec
+                .user
+                .clone()
+                .map(|u| Arc::new((u, tokio::sync::Mutex::new(None)))),
+            endpoints: Arc::new((endpoints.to_vec(), sec.clone())),
             timeout,
         })
+    }
+
+    /// After a first contact failed for want of a connection: whether an endpoint refuses
+    /// this client's settings (a certificate, TLS on one side only), which a gRPC error often
+    /// hides behind "connection closed". `None` when no endpoint tells (etcd may be down).
+    pub async fn diagnose(&self) -> Option<EtcdError> {
+        let (endpoints, sec) = &*self.endpoints;
+        for e in endpoints {
+            if let Some(why) = super::probe::diagnose(e, sec, self.timeout).await {
+                return Some(EtcdError::misconfigured("connect", format!("{e}: {why}")));
+            }
+        }
+        None
+    }
+
+    /// The token to send with a call: `None` without a user; else the current one, after
+    /// authenticating if there is none.
+    async fn token(&self) -> Result<Option<AsciiMetadataValue>, EtcdError> {
+        let Some(user) = &self.user else {
+            return Ok(None);
+        };
+        let mut token = user.1.lock().await;
+        if let Some(t) = token.as_ref() {
+            return Ok(Some(t.clone()));
+        }
+        let req = rpc::AuthenticateRequest {
+            name: user.0.name.clone(),
+            password: user.0.password.clone(),
+        };
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let answer = loop {
+            match self.auth.clone().authenticate(req.clone()).await {
+                Ok(r) => break r.into_inner(),
+                Err(s) if never_sent(&s) && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(s) => {
+                    let mut e = EtcdError::from_status("authenticate", &s);
+                    e.message = format!("as etcd user {:?}: {}", user.0.name, e.message);
+                    return Err(e);
+                }
+            }
+        };
+        let t = AsciiMetadataValue::try_from(answer.token).map_err(|_| {
+            EtcdError::new(
+                "authenticate",
+                "etcd answered a token that is not text",
+                false,
+            )
+        })?;
+        *token = Some(t.clone());
+        Ok(Some(t))
+    }
+
+    /// Drops `stale`, the token etcd refused, so that the next call authenticates again
+    /// (unless another call already did).
+    async fn forget_token(&self, stale: Option<&AsciiMetadataValue>) {
+        if let Some(user) = &self.user {
+            let mut token = user.1.lock().await;
+            if token.as_ref() == stale {
+                *token = None;
+            }
+        }
+    }
+
+    /// Runs `call` (given the token to send) until it succeeds, fails for a reason other
+    /// than an unreachable member or a stale token, or `timeout` passes: a balanced channel
+    /// may try a member that is down before one that is up.
+    async fn retrying<T, F, Fut>(&self, op: &'static str, mut call: F) -> Result<T, EtcdError>
+    where
+        F: FnMut(Option<AsciiMetadataValue>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut reauthed = false;
+        loop {
+            let token = self.token().await?;
+            match call(token.clone()).await {
+                Ok(v) => return Ok(v),
+                Err(s) if never_sent(&s) && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(s) if stale_token(&s) && self.user.is_some() && !reauthed => {
+                    reauthed = true;
+                    self.forget_token(token.as_ref()).await;
+                }
+                Err(s) => return Err(EtcdError::from_status(op, &s)),
+            }
+        }
     }
 
     /// Reads every key in `[key, range_end)` (or `key` alone when `range_end` is empty), at
@@ -184,13 +532,14 @@ impl Etcd {
             revision,
             ..Default::default()
         };
-        let r = retrying("range", self.timeout, || {
-            let mut kv = self.kv.clone();
-            let req = req.clone();
-            async move { kv.range(req).await }
-        })
-        .await?
-        .into_inner();
+        let r = self
+            .retrying("range", |t| {
+                let mut kv = self.kv.clone();
+                let req = req.clone();
+                async move { kv.range(authed(req, t.as_ref())).await }
+            })
+            .await?
+            .into_inner();
         Ok((r.kvs, r.header.map_or(0, |h| h.revision)))
     }
 
@@ -205,13 +554,14 @@ impl Etcd {
             success: t.success,
             failure: t.failure,
         };
-        let r = retrying("txn", self.timeout, || {
-            let mut kv = self.kv.clone();
-            let req = req.clone();
-            async move { kv.txn(req).await }
-        })
-        .await?
-        .into_inner();
+        let r = self
+            .retrying("txn", |t| {
+                let mut kv = self.kv.clone();
+                let req = req.clone();
+                async move { kv.txn(authed(req, t.as_ref())).await }
+            })
+            .await?
+            .into_inner();
         Ok(TxnResult {
             succeeded: r.succeeded,
             revision: r.header.map_or(0, |h| h.revision),
@@ -230,17 +580,19 @@ impl Etcd {
                 .unwrap_or(i64::MAX),
             id: 0,
         };
-        let r = retrying("lease grant", self.timeout, || {
-            let mut lease = self.lease.clone();
-            async move { lease.lease_grant(req).await }
-        })
-        .await?
-        .into_inner();
+        let r = self
+            .retrying("lease grant", |t| {
+                let mut lease = self.lease.clone();
+                async move { lease.lease_grant(authed(req, t.as_ref())).await }
+            })
+            .await?
+            .into_inner();
         if !r.error.is_empty() {
             return Err(EtcdError {
                 op: "lease grant",
                 message: r.error,
                 transient: false,
+                misconfigured: false,
             });
         }
         Ok((r.id, r.ttl))
@@ -252,12 +604,13 @@ impl Etcd {
     /// An [`EtcdError`].
     pub async fn lease_ttl(&self, id: i64) -> Result<Option<i64>, EtcdError> {
         let req = rpc::LeaseTimeToLiveRequest { id, keys: false };
-        let r = retrying("lease ttl", self.timeout, || {
-            let mut lease = self.lease.clone();
-            async move { lease.lease_time_to_live(req).await }
-        })
-        .await?
-        .into_inner();
+        let r = self
+            .retrying("lease ttl", |t| {
+                let mut lease = self.lease.clone();
+                async move { lease.lease_time_to_live(authed(req, t.as_ref())).await }
+            })
+            .await?
+            .into_inner();
         Ok((r.ttl > 0).then_some(r.ttl))
     }
 
@@ -266,9 +619,13 @@ impl Etcd {
     /// # Errors
     /// An [`EtcdError`].
     pub async fn lease_revoke(&self, id: i64) -> Result<(), EtcdError> {
-        retrying("lease revoke", self.timeout, || {
+        self.retrying("lease revoke", |t| {
             let mut lease = self.lease.clone();
-            async move { lease.lease_revoke(rpc::LeaseRevokeRequest { id }).await }
+            async move {
+                lease
+                    .lease_revoke(authed(rpc::LeaseRevokeRequest { id }, t.as_ref()))
+                    .await
+            }
         })
         .await?;
         Ok(())
@@ -291,17 +648,17 @@ impl Etcd {
         loop {
             tokio::select! {
                 () = &mut deadline => {
-                    return Err(EtcdError {
-                        op: "keep-alive",
-                        message: match last_err {
+                    return Err(EtcdError::new(
+                        "keep-alive",
+                        match last_err {
                             Some(e) => format!("no answer in {:?} (last: {e})", self.timeout),
                             None => format!("no answer in {:?}", self.timeout),
                         },
-                        transient: true,
-                    });
+                        true,
+                    ));
                 }
                 _ = resend.tick() => {
-                    attempts.spawn(keep_alive_attempt(self.lease.clone(), id));
+                    attempts.spawn(keep_alive_attempt(self.clone(), id));
                 }
                 Some(done) = attempts.join_next() => match done {
                     Ok(Ok(ttl)) => return Ok(ttl),
@@ -322,7 +679,7 @@ impl Etcd {
         key: Vec<u8>,
         range_end: Vec<u8>,
         start_revision: i64,
-    ) -> Result<tonic::Streaming<rpc::WatchResponse>, EtcdError> {
+    ) -> Result<WatchStream, EtcdError> {
         let create = rpc::WatchRequest {
             request_union: Some(rpc::watch_request::RequestUnion::CreateRequest(
                 rpc::WatchCreateRequest {
@@ -335,22 +692,94 @@ impl Etcd {
                 },
             )),
         };
-        // The request stream stays open while the watch lives: etcd ends a watch whose client
-        // half-closes.
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
-        let _ = tx.send(create).await;
-        let stream = self
-            .watch
-            .clone()
-            .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .map_err(|s| EtcdError::from_status("watch", &s))?
-            .into_inner();
-        // Keep the sender alive for the stream's lifetime.
-        tokio::spawn(async move {
-            tx.closed().await;
-        });
-        Ok(stream)
+        let mut reauthed = false;
+        loop {
+            let token = self.token().await?;
+            // The request stream stays open while the watch lives: etcd ends a watch whose
+            // client half-closes.
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            let _ = tx.send(create.clone()).await;
+            let mut stream = self
+                .watch
+                .clone()
+                .watch(authed(
+                    tokio_stream::wrappers::ReceiverStream::new(rx),
+                    token.as_ref(),
+                ))
+                .await
+                .map_err(|s| EtcdError::from_status("watch", &s))?
+                .into_inner();
+            // etcd answers the create first; a watch it refuses (a stale token, no right to
+            // read the range) is cancelled there, and the stream would otherwise stay silent.
+            let first = tokio::time::timeout(self.timeout, stream.message()).await;
+            match first {
+                Ok(Ok(Some(r))) if r.canceled => {
+                    let why = r.cancel_reason;
+                    if why.contains("permission denied") && self.user.is_some() && !reauthed {
+                        // The token may have expired: once more with a fresh one.
+                        reauthed = true;
+                        self.forget_token(token.as_ref()).await;
+                        continue;
+                    }
+                    return Err(if why.contains("permission denied") {
+                        EtcdError::misconfigured(
+                            "watch",
+                            format!(
+                                "{why}: the etcd user may not read the range watched; grant its \
+                                 role readwrite on leasehold's prefix"
+                            ),
+                        )
+                    } else {
+                        EtcdError::new("watch", format!("cancelled: {why}"), true)
+                    });
+                }
+                Ok(Ok(Some(r))) => {
+                    // Keep the sender alive for the stream's lifetime.
+                    tokio::spawn(async move {
+                        tx.closed().await;
+                    });
+                    return Ok(WatchStream {
+                        first: Some(r),
+                        stream,
+                    });
+                }
+                Ok(Ok(None)) => {
+                    return Err(EtcdError::new(
+                        "watch",
+                        "the stream closed before the watch was created",
+                        true,
+                    ));
+                }
+                Ok(Err(s)) => return Err(EtcdError::from_status("watch", &s)),
+                Err(_) => {
+                    return Err(EtcdError::new(
+                        "watch",
+                        format!("not created in {:?}", self.timeout),
+                        true,
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// The responses of one watch, its first (the answer to its creation) included.
+#[derive(Debug)]
+pub struct WatchStream {
+    first: Option<rpc::WatchResponse>,
+    stream: tonic::Streaming<rpc::WatchResponse>,
+}
+
+impl WatchStream {
+    /// The next response; `None` when the stream has ended.
+    ///
+    /// # Errors
+    /// The status the stream ended with.
+    pub async fn message(&mut self) -> Result<Option<rpc::WatchResponse>, tonic::Status> {
+        match self.first.take() {
+            Some(r) => Ok(Some(r)),
+            None => self.stream.message().await,
+        }
     }
 }
 
@@ -385,9 +814,9 @@ impl Etcd {
             revision,
             physical: false,
         };
-        retrying("compact", self.timeout, || {
+        self.retrying("compact", |t| {
             let mut kv = self.kv.clone();
-            async move { kv.compact(req).await }
+            async move { kv.compact(authed(req, t.as_ref())).await }
         })
         .await?;
         Ok(())
@@ -398,18 +827,23 @@ impl Etcd {
     /// # Errors
     /// An [`EtcdError`].
     pub async fn status(&self) -> Result<MemberStatus, EtcdError> {
-        let s = retrying("status", self.timeout, || {
-            let mut m = self.maintenance.clone();
-            async move { m.status(rpc::StatusRequest {}).await }
-        })
-        .await?
-        .into_inner();
-        let alarms = retrying("alarm list", self.timeout, || {
-            let mut m = self.maintenance.clone();
-            async move { m.alarm(rpc::AlarmRequest::default()).await }
-        })
-        .await?
-        .into_inner();
+        let s = self
+            .retrying("status", |t| {
+                let mut m = self.maintenance.clone();
+                async move { m.status(authed(rpc::StatusRequest {}, t.as_ref())).await }
+            })
+            .await?
+            .into_inner();
+        let alarms = self
+            .retrying("alarm list", |t| {
+                let mut m = self.maintenance.clone();
+                async move {
+                    m.alarm(authed(rpc::AlarmRequest::default(), t.as_ref()))
+                        .await
+                }
+            })
+            .await?
+            .into_inner();
         Ok(MemberStatus {
             db_size: s.db_size,
             db_size_in_use: s.db_size_in_use,
@@ -457,9 +891,12 @@ impl Etcd {
     /// # Errors
     /// An [`EtcdError`].
     pub async fn defragment(&self) -> Result<(), EtcdError> {
-        retrying("defragment", self.timeout, || {
+        self.retrying("defragment", |t| {
             let mut m = self.maintenance.clone();
-            async move { m.defragment(rpc::DefragmentRequest {}).await }
+            async move {
+                m.defragment(authed(rpc::DefragmentRequest {}, t.as_ref()))
+                    .await
+            }
         })
         .await?;
         Ok(())
@@ -471,11 +908,14 @@ impl Etcd {
     /// # Errors
     /// An [`EtcdError`].
     pub async fn move_leader(&self, target: u64) -> Result<(), EtcdError> {
-        retrying("move leader", self.timeout, || {
+        self.retrying("move leader", |t| {
             let mut m = self.maintenance.clone();
             async move {
-                m.move_leader(rpc::MoveLeaderRequest { target_id: target })
-                    .await
+                m.move_leader(authed(
+                    rpc::MoveLeaderRequest { target_id: target },
+                    t.as_ref(),
+                ))
+                .await
             }
         })
         .await?;

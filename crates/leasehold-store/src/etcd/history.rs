@@ -191,15 +191,19 @@ pub(super) struct Member {
 
 /// A connection to each of `endpoints` alone (a malformed one is left out: the store's
 /// connection refused it already).
-pub(super) fn members(endpoints: &[String], timeout: Duration) -> Vec<Member> {
+pub(super) fn members(
+    endpoints: &[String],
+    timeout: Duration,
+    security: &super::client::EtcdSecurity,
+) -> Vec<Member> {
     endpoints
         .iter()
         .filter_map(|e| {
             let one = std::slice::from_ref(e);
             Some(Member {
                 endpoint: e.clone(),
-                etcd: Etcd::connect(one, timeout).ok()?,
-                slow: Etcd::connect(one, DEFRAG_TIMEOUT).ok()?,
+                etcd: Etcd::connect_with(one, timeout, security).ok()?,
+                slow: Etcd::connect_with(one, DEFRAG_TIMEOUT, security).ok()?,
             })
         })
         .collect()
@@ -234,6 +238,8 @@ struct Keeper {
     others_at: Option<Instant>,
     last_round: Option<Instant>,
     warned_full: bool,
+    /// Whether the refusal of compaction for want of rights was logged.
+    warned_rights: bool,
 }
 
 /// Runs the history keeper until the task is aborted.
@@ -263,6 +269,7 @@ pub(super) async fn maintain(
         others_at: None,
         last_round: None,
         warned_full: false,
+        warned_rights: false,
     };
     loop {
         k.check_space().await;
@@ -274,6 +281,15 @@ pub(super) async fn maintain(
                 if is_nospace(&e) {
                     // Said once when the alarm was seen; compaction still runs each round.
                     tracing::debug!("etcd history: the round's claim was refused: NOSPACE");
+                } else if e.misconfigured {
+                    // The etcd user may not compact (some etcd versions keep compaction to
+                    // root): said once; leases are unaffected.
+                    if !k.warned_rights {
+                        k.warned_rights = true;
+                        warn!(error = %e, "etcd history: this agent's etcd user may not compact etcd's history; grant it the rights, or set --etcd-compact-every off and let etcd's --auto-compaction-* compact");
+                    } else {
+                        tracing::debug!(error = %e, "etcd history: compaction refused again");
+                    }
                 } else {
                     warn!(error = %e, "etcd history: this round failed; trying again next round");
                 }
@@ -549,6 +565,7 @@ impl Keeper {
             op: "move leader",
             message: "the leader still leads 5 s after handing its leadership over".into(),
             transient: true,
+            misconfigured: false,
         })
     }
 

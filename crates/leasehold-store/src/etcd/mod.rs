@@ -10,7 +10,9 @@ pub mod client;
 pub mod history;
 pub mod keys;
 pub mod pb;
+mod probe;
 mod store;
 
+pub use client::{EtcdSecurity, EtcdUser};
 pub use history::{EtcdHealth, HistoryOptions};
 pub use store::{EtcdOptions, EtcdStore, SnapshotPause};

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, broadcast, oneshot, watch};
 use tracing::{debug, info, warn};
 
-use super::client::{Etcd, EtcdError, Txn, is_nospace, prefix_end, range_of};
+use super::client::{Etcd, EtcdError, EtcdSecurity, Txn, is_nospace, prefix_end, range_of};
 use super::history::{EtcdHealth, HistoryOptions};
 use super::keys::{HostValue, KeyKind, Keys, Record, WaiterValue};
 use super::pb::mvccpb::KeyValue;
@@ -73,6 +73,8 @@ pub struct EtcdOptions {
     pub session_file: Option<PathBuf>,
     /// How etcd's history is kept bounded (see [`super::history`]).
     pub history: HistoryOptions,
+    /// TLS and the etcd user, when etcd asks for them.
+    pub security: EtcdSecurity,
 }
 
 impl EtcdOptions {
@@ -87,6 +89,7 @@ impl EtcdOptions {
             timeout: Duration::from_secs(2),
             session_file: None,
             history: HistoryOptions::default(),
+            security: EtcdSecurity::default(),
         }
     }
 }
@@ -259,6 +262,9 @@ fn unavailable(e: EtcdError) -> StoreError {
     if is_nospace(&e) {
         return StoreError::NoSpace(super::history::NOSPACE_REMEDY.into());
     }
+    if e.misconfigured {
+        return StoreError::Misconfigured(e.to_string());
+    }
     StoreError::Unavailable(e.to_string())
 }
 
@@ -290,9 +296,21 @@ impl EtcdStore {
     /// [`StoreError::HostInUse`] when another live agent has this host id;
     /// [`StoreError::Unavailable`] when etcd cannot be reached.
     pub async fn open(host: HostId, opts: EtcdOptions) -> Result<EtcdStore, StoreError> {
-        let etcd = Etcd::connect(&opts.endpoints, opts.timeout).map_err(unavailable)?;
+        let etcd = Etcd::connect_with(&opts.endpoints, opts.timeout, &opts.security)
+            .map_err(unavailable)?;
         let keys = Keys::new(&opts.prefix);
-        let (lease, renewed, ttl) = establish(&etcd, &keys, &host, &opts).await?;
+        let (lease, renewed, ttl) = match establish(&etcd, &keys, &host, &opts).await {
+            Ok(v) => v,
+            // A connection that closes may be etcd refusing this client's settings: say so,
+            // rather than wait for an etcd that will never accept them.
+            Err(StoreError::Unavailable(m)) => {
+                return Err(match etcd.diagnose().await {
+                    Some(e) => StoreError::Misconfigured(format!("{e} (first error: {m})")),
+                    None => StoreError::Unavailable(m),
+                });
+            }
+            Err(e) => return Err(e),
+        };
         let (session, _) = watch::channel(SessionState {
             id: SessionId(lease as u64),
             ttl,
@@ -334,7 +352,11 @@ impl EtcdStore {
             tokio::spawn(serve_waiters(Arc::clone(&inner))).abort_handle(),
             tokio::spawn(super::history::maintain(
                 inner.etcd.clone(),
-                super::history::members(&inner.opts.endpoints, inner.opts.timeout),
+                super::history::members(
+                    &inner.opts.endpoints,
+                    inner.opts.timeout,
+                    &inner.opts.security,
+                ),
                 inner.keys.clone(),
                 inner.host.clone(),
                 inner.opts.history.clone(),
