@@ -61,7 +61,6 @@ impl OnTlsEtcd {
 
 impl Harness for OnTlsEtcd {
     type S = EtcdStore;
-    const MULTI_HOST: bool = true;
 
     async fn open(&self, host: &HostId) -> EtcdStore {
         let mut o = EtcdOptions::new(self.endpoints.clone());
@@ -74,4 +73,4 @@ impl Harness for OnTlsEtcd {
     }
 }
 
-leasehold_store::conformance_suite!(OnTlsEtcd::new());
+leasehold_store::conformance_suite!(OnTlsEtcd::new(), multi_host);
