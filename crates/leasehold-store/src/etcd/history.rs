@@ -16,9 +16,12 @@
 //!   rate of grants, `keep` worth of history would fill a small quota (measured: 5 minutes at
 //!   200 grants a second fill 32 MiB). A watcher further behind than that reads everything
 //!   again, as above.
-//! - **Defragmentation.** Compaction frees pages inside etcd's database file, but only a
-//!   defragmentation shrinks the file, and the quota counts the file: at a high rate of
-//!   writes the file grows although little of it is in use. When a member's file exceeds
+//! - **Defragmentation.** Compaction frees pages inside etcd's database file, which etcd
+//!   reuses, but only a defragmentation shrinks the file, and the quota counts the file: the
+//!   file keeps the size of the most history it ever held (measured, etcd 3.4: with
+//!   compaction every second or two, the file settles at the peak of what is in use, which at
+//!   1,000 writes a second is several MiB), so a burst of churn, or compaction falling behind
+//!   for a while, leaves it large. When a member's file exceeds
 //!   [`DEFRAG_AT`] of the quota and a [`DEFRAG_FREE`] share of it is free, the agent that won
 //!   the round defragments that member, one member at a time, at most one every
 //!   [`DEFRAG_GAP`] in the cluster (claimed in `P compaction` too). A member being
@@ -271,7 +274,12 @@ pub(super) async fn maintain(
         warned_full: false,
         warned_rights: false,
     };
+    // A tick every `check` from the start of the last, not `check` after a round ended: at a
+    // high rate, every second of delay is history kept.
+    let mut tick = tokio::time::interval(check);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        tick.tick().await;
         k.check_space().await;
         if let Some(every) = k.opts.compact_every
             && (k.last_round.is_none_or(|t| t.elapsed() >= every) || k.history_full())
@@ -295,7 +303,6 @@ pub(super) async fn maintain(
                 }
             }
         }
-        tokio::time::sleep(check).await;
     }
 }
 
