@@ -83,7 +83,7 @@ fn misconfiguration(s: &tonic::Status, text: &str) -> Option<&'static str> {
     use tonic::Code;
     let has = |needle: &str| text.contains(needle);
     match s.code() {
-        Code::PermissionDenied => Some(
+        _ if s.code() == Code::PermissionDenied || has("permission denied") => Some(
             "the etcd user lacks a permission: grant its role readwrite on leasehold's prefix \
              (`etcdctl role grant-permission ROLE --prefix=true readwrite PREFIX`)",
         ),

@@ -243,6 +243,8 @@ struct Keeper {
     warned_full: bool,
     /// Whether the refusal of compaction for want of rights was logged.
     warned_rights: bool,
+    /// Whether the refusal of defragmentation for want of rights was logged.
+    warned_defrag_rights: bool,
 }
 
 /// Runs the history keeper until the task is aborted.
@@ -273,6 +275,7 @@ pub(super) async fn maintain(
         last_round: None,
         warned_full: false,
         warned_rights: false,
+        warned_defrag_rights: false,
     };
     // A tick every `check` from the start of the last, not `check` after a round ended: at a
     // high rate, every second of delay is history kept.
@@ -540,6 +543,18 @@ impl Keeper {
                     after,
                     took_ms = took.as_millis() as u64,
                     "defragmented an etcd member: its file was mostly free pages"
+                );
+            }
+            // etcd keeps defragmentation to its root role: said once.
+            Err(e) if e.misconfigured && self.warned_defrag_rights => {
+                tracing::debug!(member = %m.endpoint, error = %e, "defragmentation refused again");
+            }
+            Err(e) if e.misconfigured => {
+                self.warned_defrag_rights = true;
+                warn!(
+                    member = %m.endpoint,
+                    error = %e,
+                    "this agent's etcd user may not defragment (etcd keeps it to root): run `etcdctl defrag` as root yourself, or set --etcd-defrag off"
                 );
             }
             Err(e) => warn!(
