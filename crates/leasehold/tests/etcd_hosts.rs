@@ -487,8 +487,11 @@ fn a_fence_kills_exactly_the_current_holders_and_records_them_as_fenced() {
         .cli()
         .args(["watch", "--json"])
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Subscribed from here on: the CLI says so.
+    Lines::new(watch.stderr.take().unwrap()).wait_for("watching", Duration::from_secs(10));
     let events = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
     let reader = {
         let (events, out) = (events.clone(), watch.stdout.take().unwrap());
