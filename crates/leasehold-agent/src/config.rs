@@ -192,7 +192,9 @@ pub struct FileConfig {
     pub host_id: Option<String>,
     /// See [`Config::backend`].
     pub backend: Option<Backend>,
-    /// See [`Config::etcd_endpoints`].
+    /// See [`Config::etcd_endpoints`]: an array, or one string of comma-separated URLs (as
+    /// the flag takes them).
+    #[serde(default, deserialize_with = "endpoints")]
     pub etcd_endpoints: Option<Vec<String>>,
     /// See [`Timing::ttl`], as `"10s"`.
     pub ttl: Option<String>,
@@ -235,6 +237,38 @@ pub struct FileConfig {
     /// A file holding the etcd user's password (mode 0600 or stricter), never the password
     /// itself: a command line is visible to every local user.
     pub etcd_password_file: Option<PathBuf>,
+    /// The log's level or filter, as `"info"` or `"info,leasehold_store=debug"` (read by the
+    /// `leasehold agent` front, which sets up the log).
+    pub log_level: Option<String>,
+    /// Log JSON lines instead of text.
+    pub log_json: Option<bool>,
+}
+
+/// URLs split at commas, blanks dropped.
+pub fn split_endpoints<'a>(parts: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    parts
+        .into_iter()
+        .flat_map(|p| p.split(','))
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `etcd-endpoints`: `["http://a:2379", "http://b:2379"]` or `"http://a:2379,http://b:2379"`.
+fn endpoints<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    let v = match Option::<OneOrMany>::deserialize(d)? {
+        None => return Ok(None),
+        Some(OneOrMany::One(s)) => split_endpoints([s.as_str()]),
+        Some(OneOrMany::Many(v)) => split_endpoints(v.iter().map(String::as_str)),
+    };
+    Ok(Some(v))
 }
 
 impl FileConfig {
@@ -249,7 +283,7 @@ impl FileConfig {
         })?;
         toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.to_string().trim_end().replace('\n', " "),
+            message: parse_message(&text, &e),
         })
     }
 
@@ -281,8 +315,30 @@ impl FileConfig {
             etcd_key: flags.etcd_key.or(self.etcd_key),
             etcd_user: flags.etcd_user.or(self.etcd_user),
             etcd_password_file: flags.etcd_password_file.or(self.etcd_password_file),
+            log_level: flags.log_level.or(self.log_level),
+            log_json: flags.log_json.or(self.log_json),
         }
     }
+}
+
+/// A TOML error as `line L, column C: what`, then the line itself with a caret under the
+/// column, each on its own line.
+fn parse_message(text: &str, e: &toml::de::Error) -> String {
+    let what = e.message().trim_end().replace('\n', " ");
+    let Some(at) = e.span().map(|s| s.start.min(text.len())) else {
+        return what;
+    };
+    let before = text.get(..at).unwrap_or_default();
+    let line = before.matches('\n').count() + 1;
+    let start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before.get(start..).map_or(0, |s| s.chars().count()) + 1;
+    let source = text.lines().nth(line - 1).unwrap_or_default();
+    let shown: String = source.chars().filter(|c| !c.is_control()).collect();
+    format!(
+        "\n  line {line}, column {column}: {what}\n  {line} | {shown}\n  {pad} | {caret:>column$}",
+        pad = " ".repeat(line.to_string().len()),
+        caret = "^",
+    )
 }
 
 /// A duration that may be `"off"`: `None` for off, the default when unset.

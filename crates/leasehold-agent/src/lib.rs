@@ -88,6 +88,9 @@ impl AgentError {
         )
     }
 }
+/// How long calls in flight may take to finish once the agent is told to stop, before every
+/// connection is closed.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Runs the agent described by `config` until `shutdown` completes.
 ///
@@ -233,6 +236,24 @@ pub async fn serve<S: Store>(
     if let Err(e) = notify("READY=1\nSTATUS=serving") {
         warn!(error = %e, "could not notify the service manager");
     }
+    // Stopping: no new connections, a moment for calls in flight, then every connection is
+    // cut, streams included (run wrappers, watches, waiters): their clients carry on with the
+    // next agent, as after a crash. Waiting for them to end would never end.
+    let (cut_tx, cut_rx) = tokio::sync::watch::channel(false);
+    let stop_started = Arc::new(std::sync::OnceLock::new());
+    let stop = {
+        let stop_started = stop_started.clone();
+        async move {
+            shutdown.await;
+            let _ = stop_started.set(std::time::Instant::now());
+            let _ = notify("STOPPING=1");
+            info!("agent stopping: closing client connections; leases stay with their processes");
+            tokio::spawn(async move {
+                tokio::time::sleep(STOP_GRACE).await;
+                let _ = cut_tx.send(true);
+            });
+        }
+    };
     let served = tonic::transport::Server::builder()
         // Answers to `list` grow with the cluster; requests are small and validated.
         .add_service(
@@ -240,10 +261,12 @@ pub async fn serve<S: Store>(
                 .max_encoding_message_size(1 << 30)
                 .max_decoding_message_size(4 << 20),
         )
-        .serve_with_incoming_shutdown(Incoming::new(listener), shutdown)
+        .serve_with_incoming_shutdown(Incoming::new(listener, cut_rx), stop)
         .await;
-    let _ = notify("STOPPING=1");
-    info!("agent stopping; leases stay with their processes");
+    info!(
+        took_ms = stop_started.get().map_or(0, |at| at.elapsed().as_millis()),
+        "agent stopped; leases stay with their processes"
+    );
     for t in background {
         t.abort();
     }
@@ -352,14 +375,17 @@ fn raise_fd_limit() {
 /// file descriptors, instead of spinning on the error (the server asks again at once).
 struct Incoming {
     listener: UnixListener,
+    /// Given to each connection: true when the agent stops.
+    cut: tokio::sync::watch::Receiver<bool>,
     pause: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     warned: Option<std::time::Instant>,
 }
 
 impl Incoming {
-    fn new(listener: UnixListener) -> Incoming {
+    fn new(listener: UnixListener, cut: tokio::sync::watch::Receiver<bool>) -> Incoming {
         Incoming {
             listener,
+            cut,
             pause: None,
             warned: None,
         }
@@ -381,7 +407,9 @@ impl tokio_stream::Stream for Incoming {
             self.pause = None;
         }
         match self.listener.poll_accept(cx) {
-            Poll::Ready(Ok((stream, _))) => Poll::Ready(Some(Ok(peer::PeerStream::new(stream)))),
+            Poll::Ready(Ok((stream, _))) => Poll::Ready(Some(Ok(
+                peer::PeerStream::new(stream).cut_on(self.cut.clone())
+            ))),
             Poll::Ready(Err(e)) => {
                 if procfs::out_of_fds(e.raw_os_error()) {
                     let quiet = self

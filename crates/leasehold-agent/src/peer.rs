@@ -4,6 +4,7 @@
 //! come from the kernel for the connection itself (`SO_PEERCRED`, `SO_PEERGROUPS`, both fixed
 //! at connect), never from `/proc/PID` later: by then the pid may belong to another process.
 
+use std::future::Future;
 use std::os::fd::{AsFd, AsRawFd};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -23,10 +24,23 @@ pub struct PeerInfo {
 }
 
 /// An accepted connection with its peer's identity.
-#[derive(Debug)]
 pub struct PeerStream {
     stream: UnixStream,
     info: PeerInfo,
+    /// Completes when the agent stops: the connection is then shut down, whatever streams
+    /// (wrappers, watches, waiters) it carries; their clients reconnect to the next agent.
+    cut: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    closed: bool,
+}
+
+impl std::fmt::Debug for PeerStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerStream")
+            .field("stream", &self.stream)
+            .field("info", &self.info)
+            .field("closed", &self.closed)
+            .finish_non_exhaustive()
+    }
 }
 
 impl PeerStream {
@@ -41,8 +55,46 @@ impl PeerStream {
             uds: stream.connect_info(),
             groups: groups.into(),
         };
-        PeerStream { stream, info }
+        PeerStream {
+            stream,
+            info,
+            cut: None,
+            closed: false,
+        }
     }
+
+    /// Shuts the connection down (both ways) once `cut` reads true.
+    pub fn cut_on(mut self, mut cut: tokio::sync::watch::Receiver<bool>) -> PeerStream {
+        self.cut = Some(Box::pin(async move {
+            let _ = cut.wait_for(|c| *c).await;
+        }));
+        self
+    }
+
+    /// True once the agent cut this connection; shuts the socket down the first time, so the
+    /// peer sees the end at once.
+    fn is_cut(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.closed {
+            return true;
+        }
+        let Some(cut) = self.cut.as_mut() else {
+            return false;
+        };
+        if cut.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        self.cut = None;
+        self.closed = true;
+        let _ = rustix::net::shutdown(&self.stream, rustix::net::Shutdown::Both);
+        true
+    }
+}
+
+fn cut_error() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::BrokenPipe,
+        "the agent is stopping; connection closed",
+    )
 }
 
 /// The supplementary groups of the process that connected `socket`, as they were then.
@@ -91,6 +143,9 @@ impl AsyncRead for PeerStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if self.is_cut(cx) {
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
@@ -101,6 +156,9 @@ impl AsyncWrite for PeerStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
+        if self.is_cut(cx) {
+            return Poll::Ready(Err(cut_error()));
+        }
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
@@ -117,6 +175,9 @@ impl AsyncWrite for PeerStream {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
+        if self.is_cut(cx) {
+            return Poll::Ready(Err(cut_error()));
+        }
         Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 

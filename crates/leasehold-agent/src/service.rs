@@ -173,6 +173,7 @@ impl<S: Store> Service<S> {
         if self.is_admin(c) {
             return Ok(());
         }
+        warn!(uid = c.uid, what, "refused: not an admin");
         Err(Status::permission_denied(format!(
             "{what} needs {}; you are uid {}",
             self.admin_words(),
@@ -244,13 +245,12 @@ fn refuse_non_process(info: &ProcessInfo) -> Result<(), Status> {
 }
 
 fn log_released(r: &leasehold_core::Released, pid: u32) {
-    info!(
-        resource = %r.resource,
-        pid,
-        token = %r.ended.token,
-        how = %r.ended.how.describe(),
-        "released"
-    );
+    let how = r.ended.how.describe();
+    if matches!(r.ended.how, EndReason::ReleasedDirty { .. }) {
+        warn!(resource = %r.resource, pid, token = %r.ended.token, how = %how, "released dirty; the resource needs a check");
+    } else {
+        info!(resource = %r.resource, pid, token = %r.ended.token, how = %how, "released");
+    }
 }
 
 fn user_name(uid: u32) -> String {
@@ -407,6 +407,7 @@ impl<S: Store> pb::leasehold_server::Leasehold for Service<S> {
                             .and_then(|v| v.blocked_for),
                         _ => None,
                     };
+                    info!(pid = owner.process.pid, reason = %e, "acquire refused");
                     let msg = refusal(e, blocked).and_then(|mut r| {
                         if let Some(needs) = &dirty_needs
                             && r.kind == i32::from(pb::refusal::Kind::NeedsCheck)

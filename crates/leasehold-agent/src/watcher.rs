@@ -258,13 +258,24 @@ impl<S: Store> Watcher<S> {
                         f.remove(&process);
                     }
                     for r in ended {
-                        info!(
-                            resource = %r.resource,
-                            pid = process.pid,
-                            token = %r.ended.token,
-                            dirtied = r.dirtied,
-                            "holder exited; lease ended"
-                        );
+                        // A writer that died mid-write leaves work for people: a warning.
+                        if r.dirtied {
+                            warn!(
+                                resource = %r.resource,
+                                pid = process.pid,
+                                token = %r.ended.token,
+                                dirtied = r.dirtied,
+                                "holder exited; lease ended; the resource needs a check"
+                            );
+                        } else {
+                            info!(
+                                resource = %r.resource,
+                                pid = process.pid,
+                                token = %r.ended.token,
+                                dirtied = r.dirtied,
+                                "holder exited; lease ended"
+                            );
+                        }
                     }
                     return;
                 }

@@ -62,24 +62,18 @@ pub fn agent(a: AgentArgs, socket: Option<PathBuf>) -> Result<u8, Failure> {
         etcd_key: a.etcd_key,
         etcd_user: a.etcd_user,
         etcd_password_file: a.etcd_password_file,
+        log_level: a.log_level,
+        log_json: a.log_json.then_some(true),
     };
     let file = match &a.config {
         Some(p) => FileConfig::read(p).map_err(|e| Failure::usage(e.to_string()))?,
         None => FileConfig::default(),
     };
-    let config = Config::resolve(file.overlay(flags)).map_err(|e| Failure::usage(e.to_string()))?;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LEASEHOLD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let ansi = std::io::stderr().is_terminal();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(move || LogWriter { ansi });
-    if a.log_json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    let merged = file.overlay(flags);
+    let filter = crate::logging::filter(merged.log_level.as_deref()).map_err(Failure::usage)?;
+    let json = merged.log_json.unwrap_or(false);
+    let config = Config::resolve(merged).map_err(|e| Failure::usage(e.to_string()))?;
+    crate::logging::init(filter, json);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -100,39 +94,6 @@ pub fn agent(a: AgentArgs, socket: Option<PathBuf>) -> Result<u8, Failure> {
             })
     })?;
     Ok(0)
-}
-
-/// The agent's log on standard error, one line per event, with every control character that
-/// came in a field (a resource name, label or reason) escaped: nothing in a name can forge a
-/// log line or drive the terminal. With colours on, the escape character stays for them
-/// (the log formatter escapes it inside fields itself).
-struct LogWriter {
-    ansi: bool,
-}
-
-impl std::io::Write for LogWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        // One call per event: the formatter writes each line whole.
-        let s = String::from_utf8_lossy(buf);
-        let (body, end) = match s.strip_suffix('\n') {
-            Some(b) => (b, "\n"),
-            None => (&*s, ""),
-        };
-        let line = if self.ansi {
-            body.split('\x1b')
-                .map(output::escaped)
-                .collect::<Vec<_>>()
-                .join("\x1b")
-        } else {
-            output::escaped(body)
-        };
-        std::io::stderr().write_all(format!("{line}{end}").as_bytes())?;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        std::io::stderr().flush()
-    }
 }
 
 async fn shutdown_signal() {
@@ -326,17 +287,23 @@ pub async fn acquire(a: AcquireArgs, socket: &Option<PathBuf>) -> Result<u8, Fai
     } else {
         Mode::Exclusive
     };
-    let (mut client, _acq, g) = acquire_waiting(
-        socket,
-        AcquireOptions {
-            items: vec![(r, mode)],
-            pid: Some(pid),
-            start_time,
-            label: crate::label(a.owner)?,
-            accept_dirty: a.accept_dirty,
-            wait: a.wait,
-            hold: false,
-        },
+    let wait = crate::wait_option(a.wait);
+    let label = crate::label(a.owner)?;
+    let (mut client, _acq, g) = crate::bounded(
+        "the acquire",
+        wait,
+        acquire_waiting(
+            socket,
+            AcquireOptions {
+                items: vec![(r, mode)],
+                pid: Some(pid),
+                start_time,
+                label,
+                accept_dirty: a.accept_dirty,
+                wait,
+                hold: false,
+            },
+        ),
     )
     .await?;
     for grant in &g.grants {
@@ -564,10 +531,10 @@ pub async fn status(json_out: bool, socket: &Option<PathBuf>) -> Result<u8, Fail
     out!("  state:    {}", s.state_dir);
     match &s.backend_error {
         None => out!(
-            "  leases:   {} held by {} processes, on {} known resources; {} dirty",
-            s.leases,
-            s.processes,
-            s.resources,
+            "  leases:   {} held by {}, on {} known; {} dirty",
+            output::count(s.leases, "lease", "leases"),
+            output::count(s.processes, "process", "processes"),
+            output::count(s.resources, "resource", "resources"),
             s.dirty
         ),
         Some(e) => out!("  leases:   unknown: {e}"),
@@ -679,8 +646,12 @@ pub async fn watch(a: WatchArgs, socket: &Option<PathBuf>) -> Result<u8, Failure
         .as_deref()
         .map(|x| name(x, a.path.path))
         .transpose()?;
-    let mut client = connect(socket).await?;
-    let mut stream = client.watch(r.as_ref()).await?;
+    let (_client, mut stream) = crate::bounded("the watch", None, async {
+        let mut client = connect(socket).await?;
+        let stream = client.watch(r.as_ref()).await?;
+        Ok((client, stream))
+    })
+    .await?;
     // The agent has subscribed this stream: every event from now on is shown. Scripts (and
     // the tests) wait for this line rather than guess.
     match &r {
@@ -688,10 +659,14 @@ pub async fn watch(a: WatchArgs, socket: &Option<PathBuf>) -> Result<u8, Failure
         None => eprintln!("leasehold: watching every resource"),
     }
     loop {
-        let e = stream
-            .message()
-            .await
-            .map_err(|s| Failure::from(ClientError::Status(s)))?;
+        // Once streaming, an error is the agent going away (stopping, restarting).
+        let e = stream.message().await.map_err(|s| Failure {
+            code: 5,
+            message: format!(
+                "lost the agent ({}): it stopped or restarted; events from now on need a new: leasehold watch",
+                s.message()
+            ),
+        })?;
         let Some(e) = e else { return Ok(0) };
         if a.json {
             out!("{}", event_json(&e));
@@ -724,10 +699,11 @@ fn event_json(e: &leasehold_api::pb::Event) -> serde_json::Value {
 }
 
 fn event_text(e: &leasehold_api::pb::Event) -> String {
+    // Every line has a time: the event's, else when it arrived.
     let at = if e.at_ms > 0 {
         output::when(leasehold_core::WallTime(e.at_ms))
     } else {
-        "-".into()
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
     };
     let r = output::escaped(e.resource.as_deref().unwrap_or_default());
     let detail = if let Some(l) = e

@@ -39,6 +39,7 @@ macro_rules! note_part {
 
 mod bench;
 mod commands;
+mod logging;
 mod output;
 mod run;
 
@@ -62,6 +63,12 @@ struct Cli {
     /// root, else $XDG_RUNTIME_DIR/leasehold/agent.sock]
     #[arg(long, global = true, value_name = "PATH")]
     socket: Option<PathBuf>,
+
+    /// Give up (exit 5) when the agent has not answered within DUR, or "off". A --wait adds
+    /// its own deadline; run's command and watch's stream are not limited.
+    #[arg(long, global = true, value_name = "DUR", default_value = "30s",
+          value_parser = parse_timeout)]
+    timeout: Timeout,
 
     #[command(subcommand)]
     command: Command,
@@ -115,8 +122,8 @@ struct AgentArgs {
     /// local (embedded, default) or etcd.
     #[arg(long)]
     backend: Option<String>,
-    /// etcd client URLs, comma-separated.
-    #[arg(long, value_delimiter = ',')]
+    /// etcd client URLs, comma-separated (or the flag repeated).
+    #[arg(long, value_delimiter = ',', value_name = "URL,...")]
     etcd_endpoints: Option<Vec<String>>,
     /// Host session lifetime without renewal [default: 10s]
     #[arg(long)]
@@ -186,6 +193,10 @@ struct AgentArgs {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
+    /// The log's level (error, warn, info, debug, trace) or a filter such as
+    /// info,leasehold_store=debug [default: $LEASEHOLD_LOG, else $RUST_LOG, else info]
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -295,12 +306,14 @@ struct WatchArgs {
     path: PathArg,
 }
 
-/// `forever` (or `0`) waits without end; otherwise a duration such as `30s`.
+/// `forever` waits without end; `0` tries once, as no `--wait` at all (see [`wait_option`]);
+/// otherwise a duration such as `30s`.
 fn parse_wait(s: &str) -> Result<Duration, String> {
     match s {
-        "forever" | "0" | "" => Ok(Duration::MAX),
-        s => humantime::parse_duration(s)
-            .map_err(|e| format!("{s:?} is not a duration ({e}); write e.g. 30s, or forever")),
+        "forever" => Ok(Duration::MAX),
+        s => humantime::parse_duration(s).map_err(|e| {
+            format!("{s:?} is not a duration ({e}); write e.g. --wait=30s, --wait=forever (or a bare --wait), or --wait=0 to try once")
+        }),
     }
 }
 
@@ -318,6 +331,72 @@ pub fn write_out(args: std::fmt::Arguments<'_>) -> Result<(), Failure> {
         .and_then(|()| o.write_all(b"\n"))
         .and_then(|()| o.flush())
         .map_err(Failure::stdout)
+}
+
+/// A parsed `--wait` as the request's wait: none for `--wait=0` (try once, not waiting).
+pub fn wait_option(w: Option<Duration>) -> Option<Duration> {
+    w.filter(|d| !d.is_zero())
+}
+
+/// How long to wait for the agent's answer; `None` for ever.
+#[derive(Debug, Clone, Copy)]
+struct Timeout(Option<Duration>);
+
+/// `off` never gives up; otherwise a duration above zero.
+fn parse_timeout(s: &str) -> Result<Timeout, String> {
+    if s == "off" {
+        return Ok(Timeout(None));
+    }
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("0 would give up at once; write e.g. 30s, or off".into()),
+        Ok(d) => Ok(Timeout(Some(d))),
+        Err(e) => Err(format!(
+            "{s:?} is not a duration ({e}); write e.g. 30s, or off"
+        )),
+    }
+}
+
+/// The `--timeout` of this invocation.
+static TIMEOUT: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+
+/// Runs `fut`, a talk with the agent, giving up with exit 5 once `--timeout` (plus `wait`, a
+/// `--wait` deadline within it) has passed. `what` names the request for the message.
+pub async fn bounded<T>(
+    what: &str,
+    wait: Option<Duration>,
+    fut: impl std::future::Future<Output = Result<T, Failure>>,
+) -> Result<T, Failure> {
+    let Some(t) = TIMEOUT.get().copied().flatten() else {
+        return fut.await;
+    };
+    let Some(limit) = t.checked_add(wait.unwrap_or_default()) else {
+        return fut.await; // waiting forever
+    };
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(Failure {
+            code: 5,
+            message: format!(
+                "the agent did not answer {what} within {} (--timeout); it may be stopping, \
+                 overloaded or stuck: look at its log (journalctl -u leasehold), or pass a \
+                 longer --timeout (or --timeout=off)",
+                humantime::format_duration(limit)
+            ),
+        }),
+    }
+}
+
+/// The hint for `--wait 2s` (a space where `--wait=2s` needs `=`), if the arguments have one.
+fn wait_space_hint(args: &[std::ffi::OsString]) -> Option<String> {
+    args.windows(2).find_map(|w| {
+        let (flag, value) = (w[0].to_str()?, w[1].to_str()?);
+        let looks = value == "forever" || humantime::parse_duration(value).is_ok();
+        (flag == "--wait" && looks).then(|| {
+            format!(
+                "--wait takes its duration after an \"=\": write --wait={value} (a bare --wait waits forever)"
+            )
+        })
+    })
 }
 
 /// A command's failure: what to print and how to exit.
@@ -362,6 +441,14 @@ impl Failure {
 
 impl From<ClientError> for Failure {
     fn from(e: ClientError) -> Failure {
+        if let ClientError::Unreachable { socket, message } = &e
+            && (message.contains("os error 13") || message.contains("ermission denied"))
+        {
+            return Failure {
+                code: 5,
+                message: socket_denied(socket, message),
+            };
+        }
         if e.is_unreachable() {
             return Failure {
                 code: 5,
@@ -385,6 +472,32 @@ impl From<ClientError> for Failure {
             other => Failure::error(other.to_string()),
         }
     }
+}
+
+/// Why a caller may not use the agent's socket, and how it is opened to others.
+fn socket_denied(socket: &std::path::Path, message: &str) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let uid = rustix::process::geteuid().as_raw();
+    let how = match std::fs::metadata(socket) {
+        Ok(m) if m.mode() & 0o077 == 0 => format!(
+            "the socket is open to its owner only (uid {}, mode {:o}); you are uid {uid}",
+            m.uid(),
+            m.mode() & 0o777
+        ),
+        Ok(m) => format!(
+            "the socket (uid {}, gid {}, mode {:o}) is not open to you (uid {uid})",
+            m.uid(),
+            m.gid(),
+            m.mode() & 0o777
+        ),
+        Err(_) => {
+            format!("you (uid {uid}) may not reach it: a directory on the way is closed to you")
+        }
+    };
+    format!(
+        "permission denied on the agent's socket {}: {how}\n  run this as root (sudo leasehold ...), or open the socket to a group: set socket-group = \"leasehold\" in /etc/leasehold/agent.toml (or start the agent with --socket-group leasehold), restart the agent, and add yourself to that group (usermod -aG leasehold $USER, then log in again)\n  ({message})",
+        socket.display()
+    )
 }
 
 /// Turns resource arguments into names: as given, or with `--path` the canonical path of the
@@ -431,7 +544,19 @@ pub async fn connect(socket: &Option<PathBuf>) -> Result<Client, Failure> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let hint = e.use_stderr().then(|| wait_space_hint(&args)).flatten();
+            let _ = e.print();
+            if let Some(h) = hint {
+                eprintln!("\nhint: {h}");
+            }
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+        }
+    };
+    let _ = TIMEOUT.set(cli.timeout.0);
     let result = match cli.command {
         Command::Agent(args) => commands::agent(*args, cli.socket),
         other => {
@@ -471,14 +596,18 @@ async fn dispatch(command: Command, socket: Option<PathBuf>) -> Result<u8, Failu
     match command {
         Command::Agent(_) => Err(Failure::usage("the agent is not started this way")),
         Command::Acquire(a) => commands::acquire(a, &socket).await,
-        Command::Release(a) => commands::release(a, &socket).await,
+        Command::Release(a) => bounded("release", None, commands::release(a, &socket)).await,
         Command::Run(a) => run::run(a, &socket).await,
-        Command::List(a) => commands::list(a.json, &socket).await,
-        Command::Inspect(a) => commands::inspect(a, &socket).await,
-        Command::Status(a) => commands::status(a.json, &socket).await,
-        Command::ForceRelease(a) => commands::force_release(a, &socket).await,
-        Command::MarkClean(a) => commands::mark_clean(a, &socket).await,
-        Command::Validate(a) => commands::validate(a, &socket).await,
+        Command::List(a) => bounded("list", None, commands::list(a.json, &socket)).await,
+        Command::Inspect(a) => bounded("inspect", None, commands::inspect(a, &socket)).await,
+        Command::Status(a) => bounded("status", None, commands::status(a.json, &socket)).await,
+        Command::ForceRelease(a) => {
+            bounded("force-release", None, commands::force_release(a, &socket)).await
+        }
+        Command::MarkClean(a) => {
+            bounded("mark-clean", None, commands::mark_clean(a, &socket)).await
+        }
+        Command::Validate(a) => bounded("validate", None, commands::validate(a, &socket)).await,
         Command::Watch(a) => commands::watch(a, &socket).await,
         Command::Bench(a) => bench::bench(a, &socket).await,
     }

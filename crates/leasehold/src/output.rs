@@ -154,15 +154,23 @@ pub fn refusal(r: &Refusal) -> String {
                 Some(c) => conflict(c, r.blocked_for),
                 None => escaped(&r.message),
             };
-            let head = if r.kind == RefusalKind::TimedOut {
-                format!("timed out waiting: {head}")
+            let (head, wait) = if r.kind == RefusalKind::TimedOut {
+                (
+                    format!("timed out waiting: {head}"),
+                    "to wait longer, raise the deadline (--wait=10m), or wait without one (--wait)",
+                )
             } else {
-                head
+                (head, "to wait for it, add --wait (or --wait=DURATION)")
             };
-            format!(
-                "{head}\n  to wait for it, add --wait (or --wait=DURATION)\n  if that holder is gone for good: leasehold force-release {} --reason '...'",
-                quote(&raw)
-            )
+            let force = format!("leasehold force-release {} --reason '...'", quote(&raw));
+            let force = if rustix::process::geteuid().is_root() {
+                format!("if that holder is gone for good: {force}")
+            } else {
+                format!(
+                    "if that holder is gone for good, an admin (root, or the agent's admin group) can run: {force}"
+                )
+            };
+            format!("{head}\n  {wait}\n  {force}")
         }
         RefusalKind::NeedsCheck => {
             let name = shown.unwrap_or_else(|| "the resource".into());
@@ -184,6 +192,11 @@ pub fn refusal(r: &Refusal) -> String {
         }
         RefusalKind::ModeConflict | RefusalKind::Cancelled => escaped(&r.message),
     }
+}
+
+/// `1 process`, `2 processes`.
+pub fn count(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 /// Quotes a word for `/bin/sh`, when it needs it: single quotes, whatever it holds.

@@ -104,10 +104,15 @@ pub async fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
         start_time: None,
         label: crate::label(a.owner)?,
         accept_dirty: a.check.is_some(),
-        wait: a.wait,
+        wait: crate::wait_option(a.wait),
         hold: true,
     };
-    let (mut client, acq, granted) = acquire_waiting(socket, request.clone()).await?;
+    let (mut client, acq, granted) = crate::bounded(
+        "the acquire",
+        request.wait,
+        acquire_waiting(socket, request.clone()),
+    )
+    .await?;
     let all: Vec<ResourceName> = granted.grants.iter().map(|g| g.resource.clone()).collect();
 
     if let Some(check) = &a.check
@@ -187,7 +192,13 @@ pub async fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
     };
     let clean = status.success();
     let note = (!clean).then(|| describe(status));
-    if let Err(f) = release(&mut client, socket, &all, clean, note.clone()).await {
+    let released = crate::bounded(
+        "the release",
+        None,
+        release(&mut client, socket, &all, clean, note.clone()),
+    )
+    .await;
+    if let Err(f) = released {
         note!(
             "leasehold: {}\n  the leases end when this process exits, and count as dirty",
             f.message

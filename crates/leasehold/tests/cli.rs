@@ -562,3 +562,89 @@ fn watch_names_every_kind_of_lease_event() {
         ]
     );
 }
+
+#[test]
+fn wait_0_tries_once_and_wait_with_a_space_gets_a_hint() {
+    let a = Agent::start();
+    let h1 = Holder::new();
+    let h2 = Holder::new();
+    expect_code(&a.lh(&["acquire", "disk", "--pid", &h1.pid_arg()]), 0);
+    // --wait=0: one try, refused at once as without --wait (it used to wait forever).
+    let mut c = a.cli();
+    c.args(["acquire", "disk", "--wait=0", "--pid", &h2.pid_arg()]);
+    let out = output_within(c, Duration::from_secs(20));
+    expect_code(&out, 3);
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("is held") && err.contains("add --wait"),
+        "{err}"
+    );
+    assert!(!err.contains("timed out"), "{err}");
+    assert!(
+        a.inspect("disk").unwrap()["waiters"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    // A free resource is taken with --wait=0.
+    expect_code(
+        &a.lh(&["acquire", "free", "--wait=0", "--pid", &h2.pid_arg()]),
+        0,
+    );
+    // --wait 2s (a space): a usage error that shows the right spelling; nothing acquired.
+    let pid = h2.pid_arg();
+    for args in [
+        vec!["acquire", "other", "--wait", "2s", "--pid", pid.as_str()],
+        vec!["run", "--exclusive", "other", "--wait", "2s", "--", "true"],
+    ] {
+        let out = a.lh(&args);
+        expect_code(&out, 2);
+        let err = text(&out.stderr);
+        assert!(err.contains("write --wait=2s"), "{err}");
+    }
+    assert!(a.inspect("other").is_none());
+}
+
+/// Runs `c`, killing it and failing if it has not exited within `limit`.
+fn output_within(mut c: std::process::Command, limit: Duration) -> std::process::Output {
+    let child = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output().unwrap()));
+    match rx.recv_timeout(limit) {
+        Ok(out) => out,
+        Err(_) => {
+            signal(pid, libc::SIGKILL);
+            panic!("the command had not exited after {limit:?}");
+        }
+    }
+}
+
+#[test]
+fn a_call_to_an_agent_that_does_not_answer_gives_up_after_its_timeout() {
+    let a = Agent::start();
+    // A stopped agent: connections are accepted by the kernel, nothing answers.
+    signal(a.pid(), libc::SIGSTOP);
+    let started = std::time::Instant::now();
+    let mut c = a.cli();
+    c.args(["--timeout", "1s", "list"]);
+    let out = output_within(c, Duration::from_secs(20));
+    let took = started.elapsed();
+    signal(a.pid(), libc::SIGCONT);
+    println!("list against a stopped agent gave up after {took:?} (--timeout 1s)");
+    expect_code(&out, 5);
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("did not answer") && err.contains("--timeout"),
+        "{err}"
+    );
+    // The default applies too, and "off" and nonsense are told apart from durations.
+    let out = a.lh(&["--timeout", "0", "list"]);
+    expect_code(&out, 2);
+    expect_code(&a.lh(&["--timeout", "off", "list"]), 0);
+    expect_code(&a.lh(&["--timeout=5s", "status"]), 0);
+}

@@ -379,3 +379,64 @@ fn a_non_dumpable_process_still_belongs_to_its_user() {
     expect_code(&out, 0);
     assert_eq!(a.inspect("disk").unwrap()["holders"][0]["uid"], NOBODY);
 }
+
+#[test]
+fn a_user_shut_out_by_the_sockets_mode_is_told_how_socket_group_opens_it() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    // No socket group: the socket is root's alone (0600). Its directory is open.
+    let a = Agent::start();
+    std::fs::set_permissions(a.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = lh_as(&a, &[], &["list"]);
+    expect_code(&out, 5);
+    let err = text(&out.stderr);
+    assert!(err.contains("permission denied"), "{err}");
+    assert!(
+        err.contains("owner only") && err.contains("mode 600"),
+        "{err}"
+    );
+    assert!(err.contains("socket-group"), "{err}");
+    assert!(!err.contains("is the agent running"), "{err}");
+}
+
+#[test]
+fn a_user_refused_by_a_holder_is_not_told_to_force_release_as_if_it_could() {
+    if !root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let a = agent();
+    let roots = Holder::new();
+    expect_code(&a.lh(&["acquire", "disk", "--pid", &roots.pid_arg()]), 0);
+    let mut mine = nobodys_process();
+    let pid = mine.id().to_string();
+    let out = lh_as(&a, &[], &["acquire", "disk", "--pid", &pid]);
+    expect_code(&out, 3);
+    let err = text(&out.stderr);
+    assert!(err.contains("add --wait"), "{err}");
+    assert!(
+        err.contains(
+            "an admin (root, or the agent's admin group) can run: leasehold force-release disk"
+        ),
+        "{err}"
+    );
+    // A wait that ran out does not advise adding the --wait it had.
+    let out = lh_as(&a, &[], &["acquire", "disk", "--wait=200ms", "--pid", &pid]);
+    expect_code(&out, 3);
+    let err = text(&out.stderr);
+    assert!(err.contains("timed out waiting"), "{err}");
+    assert!(!err.contains("add --wait"), "{err}");
+    assert!(err.contains("--wait=10m"), "{err}");
+    // Root is told the command itself.
+    let out = a.lh(&["acquire", "disk", "--pid", &Holder::new().pid_arg()]);
+    expect_code(&out, 3);
+    assert!(
+        text(&out.stderr).contains("gone for good: leasehold force-release disk"),
+        "{}",
+        text(&out.stderr)
+    );
+    let _ = mine.kill();
+    let _ = mine.wait();
+}

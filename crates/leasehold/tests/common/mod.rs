@@ -163,6 +163,28 @@ impl Agent {
         }
     }
 
+    /// SIGTERM the agent; returns how long it took to exit. Panics, with its log, if it has
+    /// not exited after `limit` (and kills it).
+    pub fn stop_within(&mut self, limit: Duration) -> Duration {
+        let mut c = self.child.take().expect("agent running");
+        let start = Instant::now();
+        signal(c.id(), libc::SIGTERM);
+        loop {
+            if c.try_wait().unwrap().is_some() {
+                return start.elapsed();
+            }
+            if start.elapsed() > limit {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!(
+                    "the agent had not stopped {limit:?} after SIGTERM:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// kill -9, then start again on the same socket and state.
     pub fn restart_after_kill9(&mut self) {
         self.kill9();
@@ -218,14 +240,23 @@ impl Agent {
         std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
     }
 
-    /// The `mono_ns` of the first log line containing every one of `words`.
+    /// When the first log line containing every one of `words` was logged, on
+    /// CLOCK_MONOTONIC in nanoseconds: human lines carry a wall-clock time (to the
+    /// microsecond), converted here; the monotonic field itself is in JSON lines only.
     pub fn logged_mono_ns(&self, words: &[&str]) -> Option<u64> {
-        self.log()
+        let line = self
+            .log()
             .lines()
-            .find(|l| words.iter().all(|w| l.contains(w)))
-            .and_then(|l| l.split("mono_ns=").nth(1))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
+            .find(|l| words.iter().all(|w| l.contains(w)))?
+            .to_owned();
+        let wall = humantime::parse_rfc3339(line.split_whitespace().next()?).ok()?;
+        let wall_ns = wall.duration_since(std::time::UNIX_EPOCH).ok()?.as_nanos();
+        let now_wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_nanos();
+        let now_mono = u128::from(monotonic_ns());
+        u64::try_from((wall_ns + now_mono).checked_sub(now_wall)?).ok()
     }
 
     /// The same, waiting up to 10 s for the line: an agent may log an action just after
