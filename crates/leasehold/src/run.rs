@@ -360,6 +360,15 @@ async fn supervise(
             Ok(())
         });
     }
+    // Before the command starts: a signal sent as soon as it runs is passed on, not fatal.
+    let install = |k: SignalKind| {
+        signal(k).map_err(|e| Failure::error(format!("installing a signal handler: {e}")))
+    };
+    let (mut sint, mut sterm, mut shup) = (
+        install(SignalKind::interrupt())?,
+        install(SignalKind::terminate())?,
+        install(SignalKind::hangup())?,
+    );
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(error) => {
@@ -373,14 +382,6 @@ async fn supervise(
         .id()
         .and_then(|p| Pid::from_raw(p as i32))
         .ok_or_else(|| Failure::error("the command exited before it could be watched"))?;
-    let install = |k: SignalKind| {
-        signal(k).map_err(|e| Failure::error(format!("installing a signal handler: {e}")))
-    };
-    let (mut sint, mut sterm, mut shup) = (
-        install(SignalKind::interrupt())?,
-        install(SignalKind::terminate())?,
-        install(SignalKind::hangup())?,
-    );
     let wait_error = |e: std::io::Error| Failure::error(format!("waiting for the command: {e}"));
     loop {
         let far = tokio::time::Instant::now() + Duration::from_secs(86_400);

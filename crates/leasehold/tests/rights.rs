@@ -382,10 +382,7 @@ fn a_non_dumpable_process_still_belongs_to_its_user() {
 
 #[test]
 fn a_user_shut_out_by_the_sockets_mode_is_told_how_socket_group_opens_it() {
-    if !root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root("to run the CLI as nobody");
     // No socket group: the socket is root's alone (0600). Its directory is open.
     let a = Agent::start();
     std::fs::set_permissions(a.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -403,10 +400,7 @@ fn a_user_shut_out_by_the_sockets_mode_is_told_how_socket_group_opens_it() {
 
 #[test]
 fn a_user_refused_by_a_holder_is_not_told_to_force_release_as_if_it_could() {
-    if !root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root("to run the CLI as nobody");
     let a = agent();
     let roots = Holder::new();
     expect_code(&a.lh(&["acquire", "disk", "--pid", &roots.pid_arg()]), 0);
