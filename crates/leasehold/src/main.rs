@@ -79,8 +79,9 @@ enum Command {
     /// Run the agent (one per host) in the foreground.
     Agent(Box<AgentArgs>),
     /// Take a lease for a process (by default the caller's parent, such as the shell running
-    /// this command) and print its token. The lease lasts until released or the process
-    /// exits.
+    /// this command) and print its token. The lease lasts until released; a holder that exits
+    /// still holding an exclusive lease leaves the resource dirty, so release it (in a script:
+    /// trap 'leasehold release R' EXIT), or use run.
     Acquire(AcquireArgs),
     /// Release leases of a process (by default the caller's parent).
     Release(ReleaseArgs),

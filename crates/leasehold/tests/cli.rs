@@ -648,3 +648,45 @@ fn a_call_to_an_agent_that_does_not_answer_gives_up_after_its_timeout() {
     expect_code(&a.lh(&["--timeout", "off", "list"]), 0);
     expect_code(&a.lh(&["--timeout=5s", "status"]), 0);
 }
+
+/// The README's advice for scripts: a script that exits holding an exclusive lease leaves it
+/// dirty; one that releases on exit through a trap leaves it clean.
+#[test]
+fn a_script_releases_through_a_trap_or_leaves_the_resource_dirty() {
+    let a = Agent::start();
+    let script = |r: &str, trap: bool| {
+        let t = if trap {
+            format!("trap 'leasehold release {r}' EXIT; ")
+        } else {
+            String::new()
+        };
+        let path = format!(
+            "{}:{}",
+            std::path::Path::new(bin()).parent().unwrap().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let mut sh = std::process::Command::new("sh");
+        sh.env("PATH", path)
+            .env("LEASEHOLD_SOCKET", &a.socket)
+            .arg("-c")
+            .arg(format!(
+                "T=$(leasehold acquire {r}) || exit; {t}echo \"token $T\""
+            ));
+        sh.output().unwrap()
+    };
+    let out = script("with-trap", true);
+    expect_code(&out, 0);
+    assert!(
+        text(&out.stdout).contains("token "),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(a.holders("with-trap").is_empty());
+    assert!(!a.is_dirty("with-trap"));
+    let out = script("no-trap", false);
+    expect_code(&out, 0);
+    wait_until("the script's lease ends", Duration::from_secs(10), || {
+        a.holders("no-trap").is_empty()
+    });
+    assert!(a.is_dirty("no-trap"), "exiting holding it leaves it dirty");
+}
