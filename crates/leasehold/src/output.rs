@@ -179,18 +179,56 @@ pub fn refusal(r: &Refusal) -> String {
                 .as_ref()
                 .map(|d| format!(": last writer was the {}", ended(d)))
                 .unwrap_or_default();
+            let (how, check) = check_advice(&raw);
             match &r.accept_dirty_needs {
                 Some(who) => format!(
-                    "{name} needs a check before use{why}\n  taking it dirty (--accept-dirty, run --check) needs {who}, and you are not\n  ask an admin to check it (a qcow2 image: qemu-img check {q}), then: leasehold mark-clean {q}",
+                    "{name} needs a check before use{why}\n  taking it dirty (--accept-dirty, run --check) needs {who}, and you are not\n  ask an admin to check it ({how}), then: leasehold mark-clean {q}",
                     q = quote(&raw)
                 ),
                 None => format!(
-                    "{name} needs a check before use{why}\n  check it (a qcow2 image: qemu-img check {q}), then: leasehold mark-clean {q}\n  or let run check it first: leasehold run --check 'qemu-img check {{path}}' --exclusive {q} -- ...\n  or take it anyway and check it yourself: add --accept-dirty",
+                    "{name} needs a check before use{why}\n  check it ({how}), then: leasehold mark-clean {q}\n  or let run check it first: leasehold run --check '{check}' --exclusive {q} -- ...\n  or take it anyway and check it yourself: add --accept-dirty",
                     q = quote(&raw)
                 ),
             }
         }
         RefusalKind::ModeConflict | RefusalKind::Cancelled => escaped(&r.message),
+    }
+}
+
+/// How to check a dirty resource, by what it looks like: a qcow2 image, a raw image, a block
+/// device, or a name that is no file (`san/vm1-disk`). Returns the advice and a `run --check`
+/// command for it.
+pub fn check_advice(resource: &str) -> (String, &'static str) {
+    use std::os::unix::fs::FileTypeExt;
+    let q = quote(resource);
+    let lower = resource.to_ascii_lowercase();
+    let is_block = std::fs::metadata(resource).is_ok_and(|m| m.file_type().is_block_device());
+    if lower.ends_with(".qcow2") || lower.ends_with(".qcow") {
+        (
+            format!("a qcow2 image: qemu-img check {q}"),
+            "qemu-img check -q {path}",
+        )
+    } else if is_block {
+        (
+            format!(
+                "a block device: check what is on it, e.g. a bare filesystem with fsck -n {q}; qemu-img check does not check raw data"
+            ),
+            "fsck -n {path}",
+        )
+    } else if resource.starts_with('/')
+        || [".raw", ".img", ".iso"].iter().any(|e| lower.ends_with(e))
+    {
+        (
+            format!(
+                "a raw image has no format to check (qemu-img check exits 63 on it): check the filesystems inside it, e.g. virt-rescue --ro -a {q}, or fsck -n {q} if it holds a bare filesystem"
+            ),
+            "fsck -n {path}",
+        )
+    } else {
+        (
+            format!("{q} is not a file here: check it the way its writers require"),
+            "YOUR-CHECK {path}",
+        )
     }
 }
 

@@ -690,3 +690,28 @@ fn a_script_releases_through_a_trap_or_leaves_the_resource_dirty() {
     });
     assert!(a.is_dirty("no-trap"), "exiting holding it leaves it dirty");
 }
+
+/// The needs-check advice fits the resource: qemu-img only for qcow2 images.
+#[test]
+fn needs_check_advice_fits_qcow2_raw_and_names_that_are_no_file() {
+    let a = Agent::start();
+    let h = Holder::new();
+    let dirty = |r: &str| {
+        expect_code(&a.lh(&["acquire", r, "--pid", &h.pid_arg()]), 0);
+        expect_code(&a.lh(&["release", r, "--dirty", "--pid", &h.pid_arg()]), 0);
+        let out = a.lh(&["acquire", r, "--pid", &h.pid_arg()]);
+        expect_code(&out, 4);
+        text(&out.stderr)
+    };
+    let err = dirty("vm1.qcow2");
+    assert!(err.contains("qemu-img check vm1.qcow2"), "{err}");
+    let err = dirty("disk.raw");
+    assert!(!err.contains("qemu-img check disk.raw"), "{err}");
+    assert!(
+        err.contains("raw image") && err.contains("fsck -n disk.raw"),
+        "{err}"
+    );
+    let err = dirty("san/vm1-disk");
+    assert!(!err.contains("qemu-img"), "{err}");
+    assert!(err.contains("not a file here"), "{err}");
+}

@@ -71,7 +71,14 @@ fn qemu_io_is_protected_end_to_end() {
     wait_until(
         "qemu-io runs under the lease",
         Duration::from_secs(10),
-        || a.holders(resource) == vec![u64::from(first.id())] && !children(first.id()).is_empty(),
+        || {
+            // The child shows before it has exec'd qemu-io (through stdbuf): wait for that.
+            a.holders(resource) == vec![u64::from(first.id())]
+                && children(first.id()).first().is_some_and(|c| {
+                    std::fs::read_to_string(format!("/proc/{c}/comm"))
+                        .is_ok_and(|s| s.starts_with("qemu-io"))
+                })
+        },
     );
     let qemu = children(first.id())[0];
     assert!(
