@@ -580,6 +580,81 @@ fn a_junk_record_under_a_run_is_refused_elsewhere_and_its_holder_fenced() {
     assert!(a.log().contains("fencing its holder"), "{}", a.log());
 }
 
+/// Issue 8 item 3: a record deleted, or replaced by a valid record naming no holder, while a
+/// `run` on A holds the disk looked free to B until A's agent noticed and fenced its holder:
+/// one watch round trip, or as long as A's agent was slow. With A's agent stopped (so it
+/// notices nothing), B is refused, told which session holds the disk; once A's agent runs
+/// again it fences its holder, and only an admin's `force-release` frees the disk.
+#[test]
+fn a_record_changed_outside_leasehold_is_refused_before_the_holders_host_notices() {
+    let etcd = Etcd::start();
+    let p = prefix();
+    // A long ttl on A: its session must outlive the stop, or B would rightly take the disk.
+    let endpoint = etcd.endpoint();
+    let mut a = Agent::unstarted(
+        "host-a",
+        &[
+            "--backend",
+            "etcd",
+            "--etcd-endpoints",
+            &endpoint,
+            "--etcd-prefix",
+            &p,
+            "--ttl",
+            "20s",
+            "--renew",
+            "2s",
+            "--grace",
+            "2s",
+        ],
+        &[],
+    );
+    a.spawn();
+    let b = Agent::on_etcd("host-b", &endpoint, &p, &[], &[]);
+    let (_wrapper, child) = run_holder(&a, "disk");
+    let key = format!("{p}res/disk");
+    let out = etcd.etcdctl(&["get", &key, "--print-value-only"]);
+    let held: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let free = serde_json::json!({"holders": [], "last_token": held["last_token"]});
+    signal(a.pid(), libc::SIGSTOP);
+    let refused = |what: &str, words: &[&str]| {
+        let h = Holder::new();
+        let out = b.lh(&["acquire", "disk", "--accept-dirty", "--pid", &h.pid_arg()]);
+        assert_ne!(
+            code(&out),
+            0,
+            "B was granted a disk whose record was {what}"
+        );
+        let err = text(&out.stderr);
+        for w in words {
+            assert!(err.contains(w), "{what}: no {w:?} in: {err}");
+        }
+    };
+    let out = etcd.etcdctl(&["put", &key, &free.to_string()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    refused(
+        "replaced by a free one",
+        &["host-a", "without an ending", "force-release"],
+    );
+    let out = etcd.etcdctl(&["del", &key]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    refused("deleted", &["host-a", "missing", "force-release"]);
+    assert!(
+        alive(child),
+        "A's holder must not be touched while A's agent is stopped"
+    );
+    signal(a.pid(), libc::SIGCONT);
+    wait_until("A fences its holder", Duration::from_secs(15), || {
+        !alive(child)
+    });
+    refused("deleted, its holder fenced", &["force-release"]);
+    let out = b.lh(&["force-release", "disk", "--reason", "repaired by the test"]);
+    expect_code(&out, 0);
+    let h = Holder::new();
+    let out = b.lh(&["acquire", "disk", "--accept-dirty", "--pid", &h.pid_arg()]);
+    expect_code(&out, 0);
+}
+
 // Regression (issue 16): etcd stalls past ttl + grace with a holder on A and a waiter on B. The
 // holder is fenced in the stall; B's waiting keys expire with B's session. Once etcd returns,
 // B's wait must go on under B's new session (told why) and B must get the disk, checked first

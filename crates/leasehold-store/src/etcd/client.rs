@@ -1073,6 +1073,18 @@ impl Txn {
         self
     }
 
+    /// Deletes every key in `[key, range_end)` when the compares hold.
+    pub fn delete_range(mut self, key: Vec<u8>, range_end: Vec<u8>) -> Txn {
+        self.success.push(rpc::RequestOp {
+            request: Some(Request::RequestDeleteRange(rpc::DeleteRangeRequest {
+                key,
+                range_end,
+                ..Default::default()
+            })),
+        });
+        self
+    }
+
     /// Reads `[key, range_end)` in the branch that runs (both, so a failed transaction still
     /// answers what it found).
     pub fn get(self, key: Vec<u8>, range_end: Vec<u8>) -> Txn {

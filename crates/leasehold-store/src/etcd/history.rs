@@ -631,7 +631,9 @@ impl Keeper {
         // Resources with waiters or a grace stay.
         let mut busy = BTreeSet::new();
         for kv in &kvs {
-            if let Some(KeyKind::Waiter(r) | KeyKind::Grace(r)) = self.keys.parse(&kv.key) {
+            if let Some(KeyKind::Waiter(r) | KeyKind::Grace(r) | KeyKind::Held(r, _)) =
+                self.keys.parse(&kv.key)
+            {
                 busy.insert(r);
             }
         }
@@ -653,8 +655,10 @@ impl Keeper {
             {
                 continue;
             }
+            let hp = self.keys.held_of(&r);
             let t = Txn::new()
                 .if_mod_revision(kv.key.clone(), kv.mod_revision)
+                .if_none_created_after(hp, self.keys.resource_end(&r), 0)
                 .delete(kv.key.clone());
             if self.etcd.txn(t).await?.succeeded {
                 forgotten += 1;

@@ -8,6 +8,15 @@
 //! | `P res/NAME` | [`Record`]: holders, last token, dirty mark, reservation | nothing: durable |
 //! | `P wait/NAME/HOST-N` | [`WaiterValue`]: a waiting request | the waiter's session lease |
 //! | `P grace/NAME` | empty: NAME is in its grace after a host was lost | a lease of TTL `grace` |
+//! | `P res/NAME` NUL `LEASE` | the holding host: session LEASE holds NAME | that session's lease |
+//!
+//! A `held` key (the record's key, a NUL, the session's lease id: names hold no NUL, so the
+//! range from `P res/NAME` to `P res/NAME` + 0x01 is exactly a record and its held keys, read
+//! or compared as one) is written and deleted in the same transaction as the record that adds or
+//! removes the session's last holder of NAME, so every held key's session is among the
+//! record's holders. A record missing, or missing a holder, while a held key names its
+//! session was changed outside leasehold: it is refused, not taken for free, even by a host
+//! whose agent has not yet seen the holder's host fence its holder.
 //!
 //! `NAME` is the resource name with `%` and `/` percent-encoded, so that one resource's
 //! waiter prefix never covers another's. A waiting request writes its keys for all its
@@ -111,6 +120,21 @@ impl Keys {
         format!("{}grace/{}", self.prefix, enc(r)).into_bytes()
     }
 
+    /// The end of the range holding `P res/NAME` and its held keys, and nothing else.
+    pub fn resource_end(&self, r: &ResourceName) -> Vec<u8> {
+        format!("{}res/{}\u{1}", self.prefix, enc(r)).into_bytes()
+    }
+
+    /// `P res/NAME` NUL: the prefix of NAME's held keys.
+    pub fn held_of(&self, r: &ResourceName) -> Vec<u8> {
+        format!("{}res/{}\0", self.prefix, enc(r)).into_bytes()
+    }
+
+    /// `P res/NAME` NUL `LEASE`: session LEASE holds NAME.
+    pub fn held(&self, r: &ResourceName, lease: i64) -> Vec<u8> {
+        format!("{}res/{}\0{lease}", self.prefix, enc(r)).into_bytes()
+    }
+
     /// What a key under the prefix is.
     pub fn parse(&self, key: &[u8]) -> Option<KeyKind> {
         let s = std::str::from_utf8(key).ok()?.strip_prefix(&self.prefix)?;
@@ -118,6 +142,10 @@ impl Keys {
             return HostId::new(h).ok().map(KeyKind::Host);
         }
         if let Some(r) = s.strip_prefix("res/") {
+            if let Some((r, lease)) = r.split_once('\0') {
+                let lease = lease.parse().ok()?;
+                return dec(r).map(|r| KeyKind::Held(r, lease));
+            }
             return dec(r).map(KeyKind::Resource);
         }
         if let Some(r) = s.strip_prefix("grace/") {
@@ -142,6 +170,8 @@ pub enum KeyKind {
     Waiter(ResourceName),
     /// The grace key of this resource.
     Grace(ResourceName),
+    /// A session (etcd lease id) holds this resource.
+    Held(ResourceName, i64),
 }
 
 /// A host's session, as its key holds it.
@@ -232,7 +262,11 @@ mod tests {
                 k.parse(&k.waiter(&r, &HostId::new("h").unwrap(), 7)),
                 Some(KeyKind::Waiter(r.clone()))
             );
-            assert_eq!(k.parse(&k.grace(&r)), Some(KeyKind::Grace(r)));
+            assert_eq!(k.parse(&k.grace(&r)), Some(KeyKind::Grace(r.clone())));
+            assert_eq!(k.parse(&k.held(&r, 42)), Some(KeyKind::Held(r.clone(), 42)));
+            assert!(k.held(&r, 42).starts_with(&k.held_of(&r)));
+            assert!(k.held(&r, i64::MAX) < k.resource_end(&r));
+            assert!(k.resource(&r) < k.held(&r, 1));
         }
         assert_eq!(
             k.parse(b"/lh/hosts/n1"),

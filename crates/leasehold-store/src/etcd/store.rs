@@ -104,6 +104,57 @@ struct ResSnap {
     mod_rev: i64,
     waiters: Vec<WaiterSnap>,
     grace: bool,
+    /// The sessions whose `held` keys say they hold it: etcd lease id to the host named.
+    held: BTreeMap<i64, String>,
+}
+
+impl ResSnap {
+    /// A record missing, or missing a holder, while a session's `held` key says it holds
+    /// the resource was changed outside leasehold (every commit writes both together): the
+    /// resource is refused, not taken for free.
+    fn judge_held(&mut self) {
+        if self.bad.is_some() || self.held.is_empty() {
+            return;
+        }
+        let holding: BTreeSet<i64> = self
+            .record
+            .iter()
+            .flat_map(|r| r.state.holders.iter().map(|l| l.session.0 as i64))
+            .collect();
+        let missing: Vec<String> = self
+            .held
+            .iter()
+            .filter(|(lease, _)| !holding.contains(lease))
+            .map(|(lease, host)| format!("session {lease:x} of host {host}"))
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        self.bad = Some(if self.record.is_none() {
+            format!(
+                "it is missing while {} holds it (changed outside leasehold)",
+                missing.join(", ")
+            )
+        } else {
+            format!(
+                "it lost the lease of {} without an ending (changed outside leasehold)",
+                missing.join(", ")
+            )
+        });
+        self.record = None;
+    }
+}
+
+/// The sessions named by `held` keys among `kvs`.
+fn held_of<'a>(keys: &Keys, kvs: impl IntoIterator<Item = &'a KeyValue>) -> BTreeMap<i64, String> {
+    kvs.into_iter()
+        .filter_map(|kv| match keys.parse(&kv.key) {
+            Some(KeyKind::Held(_, lease)) => {
+                Some((lease, String::from_utf8_lossy(&kv.value).into_owned()))
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone)]
@@ -801,8 +852,9 @@ impl Inner {
         for r in names {
             let rec = m.kvs.get(&self.keys.resource(r));
             let wp = self.keys.waiters(r);
+            let hp = self.keys.held_of(r);
             let (record, bad) = record_of(rec);
-            let rs = ResSnap {
+            let mut rs = ResSnap {
                 record,
                 bad,
                 mod_rev: rec.map_or(0, |kv| kv.mod_revision),
@@ -817,7 +869,12 @@ impl Inner {
                     })
                     .collect(),
                 grace: m.kvs.contains_key(&self.keys.grace(r)),
+                held: held_of(
+                    &self.keys,
+                    m.kvs.range(hp.clone()..prefix_end(&hp)).map(|(_, kv)| kv),
+                ),
             };
+            rs.judge_held();
             snap.res.insert(r.clone(), rs);
         }
         snap
@@ -1077,7 +1134,11 @@ impl Inner {
             for r in chunk {
                 let wp = self.keys.waiters(r);
                 t = t
-                    .get_at(self.keys.resource(r), Vec::new(), snap.revision)
+                    .get_at(
+                        self.keys.resource(r),
+                        self.keys.resource_end(r),
+                        snap.revision,
+                    )
                     .get_at(wp.clone(), prefix_end(&wp), snap.revision)
                     .get_at(self.keys.grace(r), Vec::new(), snap.revision);
             }
@@ -1094,7 +1155,8 @@ impl Inner {
             }
             for (i, r) in chunk.iter().enumerate() {
                 let at = base + 3 * i;
-                let rec = range_of(&res, at).first();
+                let key = self.keys.resource(r);
+                let rec = range_of(&res, at).iter().find(|kv| kv.key == key);
                 let (record, bad) = record_of(rec);
                 let mut rs = ResSnap {
                     record,
@@ -1102,6 +1164,7 @@ impl Inner {
                     mod_rev: rec.map_or(0, |kv| kv.mod_revision),
                     waiters: Vec::new(),
                     grace: !range_of(&res, at + 2).is_empty(),
+                    held: held_of(&self.keys, range_of(&res, at)),
                 };
                 for kv in range_of(&res, at + 1) {
                     if let Ok(value) = serde_json::from_slice::<WaiterValue>(&kv.value) {
@@ -1111,6 +1174,7 @@ impl Inner {
                         });
                     }
                 }
+                rs.judge_held();
                 snap.res.insert((*r).clone(), rs);
             }
         }
@@ -1266,11 +1330,36 @@ impl Inner {
                 events: events.remove(name).unwrap_or_default(),
                 damaged: None,
             };
-            t = t.if_mod_revision(self.keys.resource(name), rs.mod_rev).put(
-                self.keys.resource(name),
-                json(&rec)?,
-                0,
-            );
+            // The sessions that start or stop holding it get or lose their `held` key here,
+            // with the record. A record written where there was none requires that no session
+            // claims it (a record deleted outside leasehold is not free).
+            let before: BTreeSet<i64> = rs
+                .record
+                .iter()
+                .flat_map(|r| r.state.holders.iter().map(|l| l.session.0 as i64))
+                .collect();
+            let mut after = BTreeMap::new();
+            for l in &rec.state.holders {
+                after.insert(l.session.0 as i64, l.owner.process.host.to_string());
+            }
+            for lease in before.iter().filter(|l| !after.contains_key(l)) {
+                t = t.delete(self.keys.held(name, *lease));
+            }
+            for (lease, host) in after.iter().filter(|(l, _)| !before.contains(l)) {
+                t = t.put(
+                    self.keys.held(name, *lease),
+                    host.clone().into_bytes(),
+                    *lease,
+                );
+            }
+            t = if rs.record.is_none() && rs.mod_rev == 0 {
+                // Neither the record nor a held key: a record deleted outside leasehold is not
+                // taken for free.
+                t.if_none_created_after(self.keys.resource(name), self.keys.resource_end(name), 0)
+            } else {
+                t.if_mod_revision(self.keys.resource(name), rs.mod_rev)
+            };
+            t = t.put(self.keys.resource(name), json(&rec)?, 0);
         }
         for key in &extra.delete {
             t = t
@@ -1767,9 +1856,11 @@ impl Inner {
                     .collect(),
                 damaged: None,
             };
+            let hp = self.keys.held_of(resource);
             let t = Txn::new()
                 .if_mod_revision(key.clone(), rs.mod_rev)
-                .put(key, json(&rec)?, 0);
+                .put(key, json(&rec)?, 0)
+                .delete_range(hp.clone(), prefix_end(&hp));
             if self.etcd.txn(t).await.map_err(unavailable)?.succeeded {
                 warn!(resource = %resource, by, reason, "damaged record reset to an empty record marked dirty");
                 return Ok(Some(released));
@@ -2266,8 +2357,15 @@ impl Store for EtcdStore {
                 }
                 Some(KeyKind::Grace(r)) => snap.res.entry(r).or_default().grace = true,
                 Some(KeyKind::Waiter(r)) => waiters.push((r, kv)),
+                Some(KeyKind::Held(r, lease)) => {
+                    let host = String::from_utf8_lossy(&kv.value).into_owned();
+                    snap.res.entry(r).or_default().held.insert(lease, host);
+                }
                 None => {}
             }
+        }
+        for rs in snap.res.values_mut() {
+            rs.judge_held();
         }
         for (r, kv) in waiters {
             if let Ok(value) = serde_json::from_slice::<WaiterValue>(&kv.value) {
