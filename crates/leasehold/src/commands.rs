@@ -409,9 +409,20 @@ pub async fn release(a: ReleaseArgs, socket: &Option<PathBuf>) -> Result<u8, Fai
 }
 
 /// `leasehold list`.
-pub async fn list(json_out: bool, socket: &Option<PathBuf>) -> Result<u8, Failure> {
+pub async fn list(a: crate::ListArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
+    let json_out = a.json;
     let mut client = connect(socket).await?;
-    let views = client.list().await?;
+    let mut views = client.list().await?;
+    views.retain(|v| {
+        a.prefix
+            .as_deref()
+            .is_none_or(|p| v.resource.as_str().starts_with(p))
+            && (!a.held || !v.holders.is_empty())
+            && (!a.dirty || v.dirty.is_some())
+            && a.host
+                .as_deref()
+                .is_none_or(|h| v.holders.iter().any(|l| l.owner.process.host.as_str() == h))
+    });
     if json_out {
         let v: Vec<_> = views.iter().map(view_json).collect();
         out!("{}", serde_json::Value::Array(v));
@@ -421,8 +432,15 @@ pub async fn list(json_out: bool, socket: &Option<PathBuf>) -> Result<u8, Failur
         out!("no resources known");
         return Ok(0);
     }
+    // The resource column is as wide as the longest name shown: long paths stay aligned.
+    let w = views
+        .iter()
+        .map(|v| output::name(&v.resource).chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(8);
     out!(
-        "{:<40} {:<6} {:<10} {:>8}  HOLDER",
+        "{:<w$} {:<6} {:<10} {:>8}  HOLDER",
         "RESOURCE",
         "STATE",
         "MODE",
@@ -443,7 +461,7 @@ pub async fn list(json_out: bool, socket: &Option<PathBuf>) -> Result<u8, Failur
                 .map(|d| format!("(needs check: {})", d.how.describe()))
                 .unwrap_or_default();
             out!(
-                "{:<40} {:<6} {:<10} {:>8}  {note}",
+                "{:<w$} {:<6} {:<10} {:>8}  {note}",
                 output::name(&v.resource),
                 state,
                 "-",
@@ -457,7 +475,7 @@ pub async fn list(json_out: bool, socket: &Option<PathBuf>) -> Result<u8, Failur
                 (String::new(), "")
             };
             out!(
-                "{:<40} {:<6} {:<10} {:>8}  {}, since {} ago",
+                "{:<w$} {:<6} {:<10} {:>8}  {}, since {} ago",
                 name,
                 state,
                 l.mode.as_str(),
@@ -467,7 +485,7 @@ pub async fn list(json_out: bool, socket: &Option<PathBuf>) -> Result<u8, Failur
             );
         }
         if !v.waiters.is_empty() {
-            out!("{:<40} {:<6} {} waiting", "", "", v.waiters.len());
+            out!("{:<w$} {:<6} {} waiting", "", "", v.waiters.len());
         }
     }
     Ok(0)

@@ -88,7 +88,7 @@ enum Command {
     /// Take leases, run a command, release: clean if it exits 0, dirty otherwise.
     Run(run::RunArgs),
     /// List every known resource with its holders.
-    List(JsonArg),
+    List(ListArgs),
     /// Show one resource: holders, waiters, dirty mark, how its last lease ended.
     Inspect(InspectArgs),
     /// Show the agent's state.
@@ -202,6 +202,26 @@ struct AgentArgs {
 
 #[derive(Args, Debug)]
 struct JsonArg {
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Flags of `leasehold list`.
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    /// Only resources whose names start with PREFIX.
+    #[arg(value_name = "PREFIX")]
+    prefix: Option<String>,
+    /// Only resources held now.
+    #[arg(long)]
+    held: bool,
+    /// Only dirty resources (needing a check).
+    #[arg(long)]
+    dirty: bool,
+    /// Only resources with a holder on host H.
+    #[arg(long, value_name = "H")]
+    host: Option<String>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -599,7 +619,7 @@ async fn dispatch(command: Command, socket: Option<PathBuf>) -> Result<u8, Failu
         Command::Acquire(a) => commands::acquire(a, &socket).await,
         Command::Release(a) => bounded("release", None, commands::release(a, &socket)).await,
         Command::Run(a) => run::run(a, &socket).await,
-        Command::List(a) => bounded("list", None, commands::list(a.json, &socket)).await,
+        Command::List(a) => bounded("list", None, commands::list(a, &socket)).await,
         Command::Inspect(a) => bounded("inspect", None, commands::inspect(a, &socket)).await,
         Command::Status(a) => bounded("status", None, commands::status(a.json, &socket)).await,
         Command::ForceRelease(a) => {

@@ -715,3 +715,64 @@ fn needs_check_advice_fits_qcow2_raw_and_names_that_are_no_file() {
     assert!(!err.contains("qemu-img"), "{err}");
     assert!(err.contains("not a file here"), "{err}");
 }
+
+/// `list` filters: a name prefix, --held, --dirty, --host; long names stay aligned.
+#[test]
+fn list_filters_by_prefix_held_dirty_and_host() {
+    let a = Agent::start();
+    let h = Holder::new();
+    let long = "/srv/images/a-rather-long-directory-name/vm-with-a-long-name.qcow2";
+    expect_code(&a.lh(&["acquire", "vm/a", "--pid", &h.pid_arg()]), 0);
+    expect_code(&a.lh(&["acquire", long, "--pid", &h.pid_arg()]), 0);
+    expect_code(&a.lh(&["acquire", "vm/b", "--pid", &h.pid_arg()]), 0);
+    expect_code(
+        &a.lh(&["release", "vm/b", "--dirty", "--pid", &h.pid_arg()]),
+        0,
+    );
+    expect_code(&a.lh(&["acquire", "other", "--pid", &h.pid_arg()]), 0);
+    expect_code(&a.lh(&["release", "other", "--pid", &h.pid_arg()]), 0);
+    let names = |args: &[&str]| {
+        let mut all = vec!["list", "--json"];
+        all.extend_from_slice(args);
+        let out = a.lh(&all);
+        expect_code(&out, 0);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let mut n: Vec<String> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["resource"].as_str().unwrap().to_owned())
+            .collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(&["vm/"]), vec!["vm/a", "vm/b"]);
+    assert_eq!(names(&["--held"]), vec![long.to_owned(), "vm/a".into()]);
+    assert_eq!(names(&["--dirty"]), vec!["vm/b"]);
+    assert_eq!(names(&["--held", "vm/"]), vec!["vm/a"]);
+    assert_eq!(names(&["--host", "node1", "vm/"]), vec!["vm/a"]);
+    assert!(names(&["--host", "elsewhere"]).is_empty());
+    // Text: every STATE column starts at the same place, the long name included.
+    let out = a.lh(&["list"]);
+    expect_code(&out, 0);
+    let t = text(&out.stdout);
+    let cols: Vec<usize> = t
+        .lines()
+        .filter(|l| !l.starts_with(' '))
+        .map(|l| l.find(|c: char| c == ' ').unwrap())
+        .collect();
+    let state_at: Vec<usize> = t
+        .lines()
+        .filter(|l| !l.starts_with(' '))
+        .filter_map(|l| {
+            ["STATE", "held", "free", "DIRTY"]
+                .iter()
+                .find_map(|w| l.find(&format!(" {w} ")))
+        })
+        .collect();
+    assert!(cols.len() >= 4, "{t}");
+    assert!(
+        state_at.windows(2).all(|p| p[0] == p[1]),
+        "misaligned:\n{t}"
+    );
+}
