@@ -759,7 +759,7 @@ fn list_filters_by_prefix_held_dirty_and_host() {
     let cols: Vec<usize> = t
         .lines()
         .filter(|l| !l.starts_with(' '))
-        .map(|l| l.find(|c: char| c == ' ').unwrap())
+        .map(|l| l.find(' ').unwrap())
         .collect();
     let state_at: Vec<usize> = t
         .lines()
