@@ -129,6 +129,9 @@ pub struct Config {
     pub admin_group: Option<Group>,
     /// The socket's group; members may connect. Without it only the agent's user may.
     pub socket_group: Option<Group>,
+    /// The most connections one user other than root may have open at once; more are told
+    /// so and closed, so that nobody can use up the agent's descriptors and memory.
+    pub max_connections_per_user: usize,
     /// The key prefix in etcd; clusters sharing an etcd use different ones.
     pub etcd_prefix: String,
     /// A watchdog device to feed while all is well (etcd backend).
@@ -210,6 +213,8 @@ pub struct FileConfig {
     pub admin_group: Option<String>,
     /// See [`Config::socket_group`]: a name or a number.
     pub socket_group: Option<String>,
+    /// See [`Config::max_connections_per_user`] [default: 1024].
+    pub max_connections_per_user: Option<usize>,
     /// See [`Config::etcd_prefix`].
     pub etcd_prefix: Option<String>,
     /// See [`Config::watchdog`].
@@ -302,6 +307,9 @@ impl FileConfig {
             kill_timeout: flags.kill_timeout.or(self.kill_timeout),
             admin_group: flags.admin_group.or(self.admin_group),
             socket_group: flags.socket_group.or(self.socket_group),
+            max_connections_per_user: flags
+                .max_connections_per_user
+                .or(self.max_connections_per_user),
             etcd_prefix: flags.etcd_prefix.or(self.etcd_prefix),
             watchdog: flags.watchdog.or(self.watchdog),
             watchdog_timeout: flags.watchdog_timeout.or(self.watchdog_timeout),
@@ -675,6 +683,13 @@ impl Config {
             key: f.etcd_key,
             user: etcd_user(f.etcd_user, f.etcd_password_file.as_deref())?,
         };
+        let max_connections_per_user = f.max_connections_per_user.unwrap_or(1024);
+        if max_connections_per_user == 0 {
+            return Err(ConfigError::Invalid {
+                field: "max-connections-per-user",
+                message: "must be at least 1: every client needs a connection".into(),
+            });
+        }
         let c = Config {
             socket,
             state_dir,
@@ -684,6 +699,7 @@ impl Config {
             timing,
             admin_group,
             socket_group,
+            max_connections_per_user,
             etcd_prefix,
             watchdog: f.watchdog,
             watchdog_timeout,

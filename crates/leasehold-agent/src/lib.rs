@@ -254,14 +254,17 @@ pub async fn serve<S: Store>(
             });
         }
     };
+    let connections = peer::Connections::new(config.max_connections_per_user);
+    // Answers to `list` grow with the cluster; requests are small and validated.
+    let api = LeaseholdServer::new(service)
+        .max_encoding_message_size(1 << 30)
+        .max_decoding_message_size(4 << 20);
     let served = tonic::transport::Server::builder()
-        // Answers to `list` grow with the cluster; requests are small and validated.
-        .add_service(
-            LeaseholdServer::new(service)
-                .max_encoding_message_size(1 << 30)
-                .max_decoding_message_size(4 << 20),
-        )
-        .serve_with_incoming_shutdown(Incoming::new(listener, cut_rx), stop)
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            api,
+            refuse_over_limit,
+        ))
+        .serve_with_incoming_shutdown(Incoming::new(listener, cut_rx, connections), stop)
         .await;
     info!(
         took_ms = stop_started.get().map_or(0, |at| at.elapsed().as_millis()),
@@ -371,21 +374,40 @@ fn raise_fd_limit() {
     }
 }
 
+/// Answers every request on a connection refused for its user's connection count with why.
+fn refuse_over_limit(req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    match req
+        .extensions()
+        .get::<peer::PeerInfo>()
+        .and_then(|p| p.refused.clone())
+    {
+        Some(why) => Err(tonic::Status::resource_exhausted(why.to_string())),
+        None => Ok(req),
+    }
+}
+
 /// The listener as a stream of connections that pauses accepting while the agent is out of
-/// file descriptors, instead of spinning on the error (the server asks again at once).
+/// file descriptors, instead of spinning on the error (the server asks again at once), and
+/// counts each user's connections.
 struct Incoming {
     listener: UnixListener,
     /// Given to each connection: true when the agent stops.
     cut: tokio::sync::watch::Receiver<bool>,
+    connections: Arc<peer::Connections>,
     pause: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     warned: Option<std::time::Instant>,
 }
 
 impl Incoming {
-    fn new(listener: UnixListener, cut: tokio::sync::watch::Receiver<bool>) -> Incoming {
+    fn new(
+        listener: UnixListener,
+        cut: tokio::sync::watch::Receiver<bool>,
+        connections: Arc<peer::Connections>,
+    ) -> Incoming {
         Incoming {
             listener,
             cut,
+            connections,
             pause: None,
             warned: None,
         }
@@ -407,9 +429,9 @@ impl tokio_stream::Stream for Incoming {
             self.pause = None;
         }
         match self.listener.poll_accept(cx) {
-            Poll::Ready(Ok((stream, _))) => Poll::Ready(Some(Ok(
-                peer::PeerStream::new(stream).cut_on(self.cut.clone())
-            ))),
+            Poll::Ready(Ok((stream, _))) => Poll::Ready(Some(Ok(peer::PeerStream::new(stream)
+                .cut_on(self.cut.clone())
+                .admit(&self.connections)))),
             Poll::Ready(Err(e)) => {
                 if procfs::out_of_fds(e.raw_os_error()) {
                     let quiet = self

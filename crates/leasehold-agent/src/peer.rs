@@ -21,6 +21,75 @@ pub struct PeerInfo {
     pub uds: UdsConnectInfo,
     /// Supplementary groups at connect.
     pub groups: Arc<[u32]>,
+    /// Why this connection is not served (its user has too many open): every request on it
+    /// gets this answer, and the connection is closed soon after.
+    pub refused: Option<Arc<str>>,
+}
+
+/// How long a refused connection stays open to carry its answer.
+const REFUSED_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The connections open per user, bounded so that one user (a member of the socket group, or
+/// a careless script) cannot use up the agent's descriptors and memory. Root is never
+/// refused: it always has a way in.
+#[derive(Debug)]
+pub struct Connections {
+    per_user: usize,
+    open: std::sync::Mutex<std::collections::HashMap<u32, usize>>,
+}
+
+impl Connections {
+    /// At most `per_user` connections per user other than root.
+    pub fn new(per_user: usize) -> Arc<Connections> {
+        Arc::new(Connections {
+            per_user,
+            open: std::sync::Mutex::default(),
+        })
+    }
+
+    /// Counts a new connection of `uid`, or says why it is refused.
+    fn admit(self: &Arc<Self>, uid: u32) -> Result<Slot, String> {
+        let mut open = self
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = open.entry(uid).or_insert(0);
+        if uid != 0 && *n >= self.per_user {
+            return Err(format!(
+                "uid {uid} already has {n} connections open to the agent, the most one user may \
+                 (max-connections-per-user); close some (each waiting acquire or running `run` \
+                 keeps one), or ask root to raise the limit"
+            ));
+        }
+        *n += 1;
+        Ok(Slot {
+            connections: self.clone(),
+            uid,
+        })
+    }
+}
+
+/// One counted connection; uncounted when dropped.
+#[derive(Debug)]
+struct Slot {
+    connections: Arc<Connections>,
+    uid: u32,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self
+            .connections
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = open.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.uid);
+            }
+        }
+    }
 }
 
 /// An accepted connection with its peer's identity.
@@ -31,6 +100,10 @@ pub struct PeerStream {
     /// (wrappers, watches, waiters) it carries; their clients reconnect to the next agent.
     cut: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     closed: bool,
+    /// Counts the connection while it is open.
+    _slot: Option<Slot>,
+    /// For a refused connection: when it reads as closed.
+    linger: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl std::fmt::Debug for PeerStream {
@@ -54,13 +127,32 @@ impl PeerStream {
         let info = PeerInfo {
             uds: stream.connect_info(),
             groups: groups.into(),
+            refused: None,
         };
         PeerStream {
             stream,
             info,
             cut: None,
             closed: false,
+            _slot: None,
+            linger: None,
         }
+    }
+
+    /// Counts this connection against its user's limit; over it, the connection is marked
+    /// refused (its requests are answered with why) and closes after a moment.
+    pub fn admit(mut self, connections: &Arc<Connections>) -> PeerStream {
+        // A peer of unknown uid (never on Linux) shares one count.
+        let uid = self.info.uds.peer_cred.map_or(u32::MAX, |c| c.uid());
+        match connections.admit(uid) {
+            Ok(slot) => self._slot = Some(slot),
+            Err(why) => {
+                tracing::warn!(uid, "refused a connection: {why}");
+                self.info.refused = Some(why.into());
+                self.linger = Some(Box::pin(tokio::time::sleep(REFUSED_LINGER)));
+            }
+        }
+        self
     }
 
     /// Shuts the connection down (both ways) once `cut` reads true.
@@ -143,7 +235,13 @@ impl AsyncRead for PeerStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        if self.is_cut(cx) {
+        // Cut when the agent stops; a refused connection reads as closed once it has had
+        // time to carry its answer.
+        let lingered = self
+            .linger
+            .as_mut()
+            .is_some_and(|l| l.as_mut().poll(cx).is_ready());
+        if lingered || self.is_cut(cx) {
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.stream).poll_read(cx, buf)

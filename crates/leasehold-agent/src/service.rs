@@ -489,6 +489,14 @@ impl<S: Store> pb::leasehold_server::Leasehold for Service<S> {
         if r.resources.is_empty() {
             return Err(bad("no resources named"));
         }
+        // Checked before any is released: a request is refused whole, never half done.
+        if r.resources.len() > leasehold_core::MAX_ITEMS {
+            return Err(bad(format!(
+                "{} resources named; at most {} per request: release them in several",
+                r.resources.len(),
+                leasehold_core::MAX_ITEMS
+            )));
+        }
         let names = r
             .resources
             .into_iter()

@@ -49,6 +49,7 @@ pub fn agent(a: AgentArgs, socket: Option<PathBuf>) -> Result<u8, Failure> {
         kill_timeout: a.kill_timeout,
         admin_group: a.admin_group,
         socket_group: a.socket_group,
+        max_connections_per_user: a.max_connections_per_user,
         etcd_prefix: a.etcd_prefix,
         watchdog: a.watchdog,
         watchdog_timeout: a.watchdog_timeout,
@@ -673,8 +674,8 @@ pub async fn watch(a: WatchArgs, socket: &Option<PathBuf>) -> Result<u8, Failure
     // The agent has subscribed this stream: every event from now on is shown. Scripts (and
     // the tests) wait for this line rather than guess.
     match &r {
-        Some(r) => eprintln!("leasehold: watching {r}"),
-        None => eprintln!("leasehold: watching every resource"),
+        Some(r) => note!("leasehold: watching {}", output::name(r)),
+        None => note!("leasehold: watching every resource"),
     }
     loop {
         // Once streaming, an error is the agent going away (stopping, restarting).

@@ -147,6 +147,9 @@ struct AgentArgs {
     /// Members of this group may connect to the socket (mode 0660); without it, 0600.
     #[arg(long)]
     socket_group: Option<String>,
+    /// The most connections one user other than root may have open at once [default: 1024]
+    #[arg(long, value_name = "N")]
+    max_connections_per_user: Option<usize>,
     /// The key prefix in etcd [default: /leasehold/]
     #[arg(long)]
     etcd_prefix: Option<String>,
@@ -524,6 +527,13 @@ fn socket_denied(socket: &std::path::Path, message: &str) -> String {
 /// Turns resource arguments into names: as given, or with `--path` the canonical path of the
 /// file.
 pub fn names(args: &[String], path: bool) -> Result<Vec<ResourceName>, Failure> {
+    if args.len() > leasehold_core::MAX_ITEMS {
+        return Err(Failure::usage(format!(
+            "{} resources named; at most {} per command: split them into several",
+            args.len(),
+            leasehold_core::MAX_ITEMS
+        )));
+    }
     args.iter()
         .map(|a| {
             let name = if path {

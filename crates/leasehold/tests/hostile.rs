@@ -489,3 +489,121 @@ fn a_full_disk_is_reported_and_recovered_from_without_a_restart() {
     );
     assert!(a.log().contains("can be written again"), "{}", a.log());
 }
+
+/// `c`, run as nobody (uid and gid 65534).
+fn as_nobody(mut c: std::process::Command) -> std::process::Command {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: setgroups, setgid and setuid are async-signal-safe.
+    unsafe {
+        c.pre_exec(|| {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(65534) != 0
+                || libc::setuid(65534) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    c
+}
+
+#[test]
+fn one_user_cannot_take_every_connection_and_root_still_gets_in() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test needs root, to run clients as nobody"
+    );
+    let a = Agent::start_with(&[
+        "--socket-group",
+        "nogroup",
+        "--max-connections-per-user",
+        "3",
+    ]);
+    set_mode(a.dir.path(), 0o755);
+    // nobody fills its share with watches, each holding its connection open.
+    let mut watches = Vec::new();
+    for _ in 0..3 {
+        let mut c = a.cli();
+        c.arg("watch");
+        let mut w = as_nobody(c)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(w.stderr.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.contains("watching"), "{line}");
+        watches.push(w);
+    }
+    let mut c = a.cli();
+    c.arg("list");
+    let out = as_nobody(c).output().unwrap();
+    expect_code(&out, 1);
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("uid 65534 already has 3 connections open"),
+        "{err}"
+    );
+    assert!(err.contains("max-connections-per-user"), "{err}");
+    // Root still gets in.
+    expect_code(&a.lh(&["list"]), 0);
+    // One closes: nobody may connect again.
+    let mut w = watches.pop().unwrap();
+    w.kill().unwrap();
+    w.wait().unwrap();
+    wait_until("nobody may connect again", Duration::from_secs(20), || {
+        let mut c = a.cli();
+        c.arg("list");
+        as_nobody(c).output().unwrap().status.success()
+    });
+    for mut w in watches {
+        let _ = w.kill();
+        let _ = w.wait();
+    }
+}
+
+#[test]
+fn a_release_of_too_many_names_is_refused_whole() {
+    let a = Agent::start();
+    let h = Holder::new();
+    expect_code(&a.lh(&["acquire", "r0", "--pid", &h.pid_arg()]), 0);
+    let many: Vec<String> = (0..300).map(|i| format!("r{i}")).collect();
+    // The CLI refuses before asking.
+    let mut args = vec!["release", "--pid"];
+    let pid = h.pid_arg();
+    args.push(&pid);
+    args.extend(many.iter().map(String::as_str));
+    let out = a.lh(&args);
+    expect_code(&out, 2);
+    assert!(
+        text(&out.stderr).contains("at most 256 per command"),
+        "{}",
+        text(&out.stderr)
+    );
+    // The agent refuses such a request whole, from any client.
+    let names: Vec<leasehold_core::ResourceName> = many
+        .iter()
+        .map(|n| leasehold_core::ResourceName::new(n.clone()).unwrap())
+        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let err = rt.block_on(async {
+        let mut c = leasehold_client::Client::connect(&a.socket).await.unwrap();
+        c.release(
+            &names,
+            leasehold_client::ReleaseOptions {
+                pid: Some(h.pid()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err()
+    });
+    assert!(err.to_string().contains("at most 256 per request"), "{err}");
+    assert_eq!(a.holders("r0"), vec![u64::from(h.pid())]);
+}
