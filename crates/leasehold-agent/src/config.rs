@@ -391,13 +391,26 @@ fn bytes(field: &'static str, v: &str) -> Result<u64, ConfigError> {
         })
 }
 
+/// The longest duration any setting takes: longer ones would overflow the clock arithmetic
+/// that deadlines use, and no setting needs them.
+pub const MAX_DURATION: Duration = Duration::from_secs(10_000 * 366 * 86_400);
+
 fn duration(field: &'static str, v: &Option<String>) -> Result<Option<Duration>, ConfigError> {
     v.as_deref()
         .map(|s| {
-            humantime::parse_duration(s.trim()).map_err(|e| ConfigError::Invalid {
+            let d = humantime::parse_duration(s.trim()).map_err(|e| ConfigError::Invalid {
                 field,
                 message: format!("{s:?} is not a duration ({e}); write e.g. \"10s\" or \"500ms\""),
-            })
+            })?;
+            if d > MAX_DURATION {
+                return Err(ConfigError::Invalid {
+                    field,
+                    message: format!(
+                        "{s:?} is longer than 10,000 years; give a realistic duration"
+                    ),
+                });
+            }
+            Ok(d)
         })
         .transpose()
 }
@@ -753,7 +766,7 @@ impl Config {
                 why: "the agent must renew before it has to fence its holders",
             });
         }
-        if t.fence_margin + t.grace <= t.kill_timeout {
+        if t.fence_margin.saturating_add(t.grace) <= t.kill_timeout {
             return Err(ConfigError::Inequality {
                 rule: "fence_margin + grace > kill_timeout",
                 detail: format!(

@@ -482,3 +482,61 @@ fn exit_code(status: ExitStatus) -> u8 {
         _ => 1,
     }
 }
+
+#[cfg(test)]
+mod token_env_tests {
+    use proptest::prelude::*;
+
+    use super::token_name;
+
+    /// What a command reading `LEASEHOLD_TOKENS` does, as the docs say: split on `,`, then
+    /// each pair on its `=`, then decode `%XX`.
+    fn parse(v: &str) -> Option<Vec<(String, u64)>> {
+        if v.is_empty() {
+            return Some(Vec::new());
+        }
+        v.split(',')
+            .map(|pair| {
+                let (name, token) = pair.split_once('=')?;
+                let mut bytes = Vec::new();
+                let mut rest = name.as_bytes();
+                while let Some((&b, tail)) = rest.split_first() {
+                    if b == b'%' {
+                        let hex = std::str::from_utf8(tail.get(..2)?).ok()?;
+                        bytes.push(u8::from_str_radix(hex, 16).ok()?);
+                        rest = &tail[2..];
+                    } else {
+                        bytes.push(b);
+                        rest = tail;
+                    }
+                }
+                Some((String::from_utf8(bytes).ok()?, token.parse().ok()?))
+            })
+            .collect()
+    }
+
+    fn cases() -> u32 {
+        std::env::var("LEASEHOLD_FUZZ_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(256)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+        /// Any names, with `,`, `=` and `%` in them, come back out exactly.
+        #[test]
+        fn tokens_env_reads_back_exactly(
+            grants in proptest::collection::vec(("[a-z,=%2C3D/ ]{1,12}|\\PC{1,12}", any::<u64>()), 0..6),
+        ) {
+            let v = grants
+                .iter()
+                .map(|(n, t)| format!("{}={t}", token_name(n)))
+                .collect::<Vec<_>>()
+                .join(",");
+            prop_assert_eq!(parse(&v), Some(grants));
+        }
+
+    }
+}

@@ -45,6 +45,11 @@ fn enc(name: &ResourceName) -> String {
 }
 
 fn dec(s: &str) -> Option<ResourceName> {
+    // `enc` never leaves a '/': a key with one was not written by leasehold, and would be
+    // a second key for the resource (`a/b` beside `a%2Fb`).
+    if s.contains('/') {
+        return None;
+    }
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     while let Some(i) = rest.find('%') {

@@ -1,0 +1,108 @@
+//! Property tests of what the etcd store reads from etcd, which anyone with access to etcd can
+//! write: keys under the prefix and resource records. Nothing panics; a record is trusted only
+//! when it decodes and keeps the lease rules, and then reads back the same; each key names at
+//! most one resource, and every key leasehold writes reads back as what it wrote.
+//!
+//! `LEASEHOLD_FUZZ_CASES=N` runs N cases per property (default 256; millions in a long run).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use leasehold_core::{HostId, ResourceName};
+use leasehold_store::etcd::keys::{KeyKind, Keys, Record};
+use proptest::prelude::*;
+
+fn cases() -> u32 {
+    std::env::var("LEASEHOLD_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256)
+}
+
+const PREFIX: &str = "/lh/";
+
+fn names() -> impl Strategy<Value = ResourceName> {
+    "[a-z/%._ -]{1,12}|\\PC{1,20}".prop_filter_map("a valid name", |s| ResourceName::new(s).ok())
+}
+
+fn hosts() -> impl Strategy<Value = HostId> {
+    "[a-z0-9.-]{1,20}".prop_filter_map("a valid host", |s| HostId::new(s).ok())
+}
+
+/// A record as leasehold writes it, as JSON text.
+fn record_json() -> String {
+    let r = Record {
+        state: Default::default(),
+        reserved_for: Some(7),
+        events: Vec::new(),
+        damaged: None,
+    };
+    serde_json::to_string(&r).unwrap()
+}
+
+/// JSON close to a record: a record with a fragment spliced in, or with bytes cut or changed.
+fn near_records() -> impl Strategy<Value = Vec<u8>> {
+    let fragments = prop_oneof![
+        Just(r#""holders":[{"x":1}],"#.to_owned()),
+        Just(r#""last_token":-1,"#.to_owned()),
+        Just(r#""last_token":18446744073709551616,"#.to_owned()),
+        Just(r#""damaged":"edited","#.to_owned()),
+        Just(r#""events":[null],"#.to_owned()),
+        Just("\u{0}".to_owned()),
+        "[\\[\\]{}\":,0-9a-z_ -]{0,16}",
+    ];
+    prop_oneof![
+        proptest::collection::vec(any::<u8>(), 0..120),
+        (fragments, any::<usize>(), any::<usize>(), any::<u8>()).prop_map(|(f, at, cut, x)| {
+            let mut b = record_json().into_bytes();
+            let at = at % (b.len() + 1);
+            b.splice(at..at, f.into_bytes());
+            if x % 3 == 0 {
+                let n = b.len();
+                b[cut % n] ^= x;
+            } else if x % 3 == 1 {
+                b.truncate(cut % (b.len() + 1));
+            }
+            b
+        }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+    #[test]
+    fn records_decode_only_when_trustworthy_and_read_back_the_same(bytes in near_records()) {
+        if let Ok(rec) = Record::decode(&bytes) {
+            prop_assert!(rec.damaged.is_none());
+            prop_assert!(rec.state.violation().is_none());
+            let again = Record::decode(&serde_json::to_vec(&rec).unwrap());
+            prop_assert_eq!(again.as_ref(), Ok(&rec));
+        }
+    }
+
+    #[test]
+    fn the_keys_leasehold_writes_read_back_as_written(r in names(), h in hosts(), n in any::<u64>()) {
+        let k = Keys::new(PREFIX);
+        prop_assert_eq!(k.parse(&k.resource(&r)), Some(KeyKind::Resource(r.clone())));
+        prop_assert_eq!(k.parse(&k.grace(&r)), Some(KeyKind::Grace(r.clone())));
+        prop_assert_eq!(k.parse(&k.waiter(&r, &h, n)), Some(KeyKind::Waiter(r.clone())));
+        prop_assert_eq!(k.parse(&k.host(&h)), Some(KeyKind::Host(h.clone())));
+    }
+
+    /// A key written outside leasehold never passes for another resource's record: each
+    /// resource has exactly one key, the one leasehold writes.
+    #[test]
+    fn each_resource_has_one_key(tail in "[a-z/%25F2]{0,12}|\\PC{0,12}", bytes in proptest::collection::vec(any::<u8>(), 0..40)) {
+        let k = Keys::new(PREFIX);
+        for kind in ["res/", "grace/", "wait/", "hosts/", ""] {
+            let key = format!("{PREFIX}{kind}{tail}").into_bytes();
+            match k.parse(&key) {
+                Some(KeyKind::Resource(r)) => prop_assert_eq!(k.resource(&r), key),
+                Some(KeyKind::Grace(r)) => prop_assert_eq!(k.grace(&r), key),
+                Some(KeyKind::Host(h)) => prop_assert_eq!(k.host(&h), key),
+                Some(KeyKind::Waiter(_)) | None => {}
+            }
+        }
+        let _ = k.parse(&bytes);
+    }
+}
