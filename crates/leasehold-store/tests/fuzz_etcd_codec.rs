@@ -92,7 +92,7 @@ proptest! {
     /// A key written outside leasehold never passes for another resource's record: each
     /// resource has exactly one key, the one leasehold writes.
     #[test]
-    fn each_resource_has_one_key(tail in "[a-z/%25F2]{0,12}|\\PC{0,12}", bytes in proptest::collection::vec(any::<u8>(), 0..40)) {
+    fn each_resource_has_one_key(tail in "[a-z/%25F]{0,8}(\\x00[+0-9-]{0,4})?|\\PC{0,12}", bytes in proptest::collection::vec(any::<u8>(), 0..40)) {
         let k = Keys::new(PREFIX);
         for kind in ["res/", "grace/", "wait/", "hosts/", ""] {
             let key = format!("{PREFIX}{kind}{tail}").into_bytes();
@@ -100,6 +100,7 @@ proptest! {
                 Some(KeyKind::Resource(r)) => prop_assert_eq!(k.resource(&r), key),
                 Some(KeyKind::Grace(r)) => prop_assert_eq!(k.grace(&r), key),
                 Some(KeyKind::Host(h)) => prop_assert_eq!(k.host(&h), key),
+                Some(KeyKind::Held(r, lease)) => prop_assert_eq!(k.held(&r, lease), key),
                 Some(KeyKind::Waiter(_)) | None => {}
             }
         }

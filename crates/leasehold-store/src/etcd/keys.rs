@@ -148,7 +148,11 @@ impl Keys {
         }
         if let Some(r) = s.strip_prefix("res/") {
             if let Some((r, lease)) = r.split_once('\0') {
-                let lease = lease.parse().ok()?;
+                // Only the form `held` writes: "+5" or "05" would be a second key for one.
+                let lease = lease
+                    .parse::<i64>()
+                    .ok()
+                    .filter(|l| l.to_string() == lease)?;
                 return dec(r).map(|r| KeyKind::Held(r, lease));
             }
             return dec(r).map(KeyKind::Resource);
