@@ -483,25 +483,8 @@ fn a_fence_kills_exactly_the_current_holders_and_records_them_as_fenced() {
     expect_code(&a.lh(&["acquire", "disk", "--pid", &holder.pid_arg()]), 0);
     let (holder_died, dest_died) = (death_watch(holder.pid()), death_watch(dest.pid()));
 
-    let mut watch = b
-        .cli()
-        .args(["watch", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Subscribed from here on: the CLI says so.
-    Lines::new(watch.stderr.take().unwrap()).wait_for("watching", Duration::from_secs(10));
-    let events = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let reader = {
-        let (events, out) = (events.clone(), watch.stdout.take().unwrap());
-        std::thread::spawn(move || {
-            for line in std::io::BufRead::lines(std::io::BufReader::new(out)) {
-                let Ok(line) = line else { return };
-                events.lock().unwrap().push_str(&(line + "\n"));
-            }
-        })
-    };
+    // Subscribed from here on.
+    let (mut watch, mut events) = watch_json(&b);
     etcd.stop();
     holder_died.join().unwrap();
     etcd.cont();
@@ -524,21 +507,20 @@ fn a_fence_kills_exactly_the_current_holders_and_records_them_as_fenced() {
         }
     }
     assert_eq!(a.inspect("rel").unwrap()["last_ended"]["how"], "released");
-    let fenced_disk = |events: &str| {
+    let fenced_disk = |events: &[String]| {
         events
-            .lines()
+            .iter()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|e| e["kind"] == "fenced" && e["resource"] == "disk")
             .count()
     };
-    wait_until("B's events show the fence", Duration::from_secs(20), || {
-        fenced_disk(&events.lock().unwrap()) > 0
+    events.wait_until("B's events show the fence", Duration::from_secs(20), |l| {
+        fenced_disk(l) > 0
     });
     let _ = watch.kill();
     let _ = watch.wait();
-    reader.join().unwrap();
-    let events = events.lock().unwrap();
-    assert_eq!(fenced_disk(&events), 1, "B's events: {events}");
+    let all = events.rest(Duration::from_secs(10));
+    assert_eq!(fenced_disk(&events.seen), 1, "B's events: {all}");
 }
 
 /// Issue 8 item 3: `etcdctl put P/res/NAME junk` while a `run` on A holds the disk once let B
@@ -591,25 +573,12 @@ fn a_record_changed_outside_leasehold_is_refused_before_the_holders_host_notices
     let p = prefix();
     // A long ttl on A: its session must outlive the stop, or B would rightly take the disk.
     let endpoint = etcd.endpoint();
-    let mut a = Agent::unstarted(
+    let a = agent_with(
         "host-a",
-        &[
-            "--backend",
-            "etcd",
-            "--etcd-endpoints",
-            &endpoint,
-            "--etcd-prefix",
-            &p,
-            "--ttl",
-            "20s",
-            "--renew",
-            "2s",
-            "--grace",
-            "2s",
-        ],
-        &[],
+        &endpoint,
+        &p,
+        &["--ttl", "20s", "--renew", "2s", "--grace", "2s"],
     );
-    a.spawn();
     let b = Agent::on_etcd("host-b", &endpoint, &p, &[], &[]);
     let (_wrapper, child) = run_holder(&a, "disk");
     let key = format!("{p}res/disk");

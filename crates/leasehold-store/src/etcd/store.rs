@@ -116,11 +116,7 @@ impl ResSnap {
         if self.bad.is_some() || self.held.is_empty() {
             return;
         }
-        let holding: BTreeSet<i64> = self
-            .record
-            .iter()
-            .flat_map(|r| r.state.holders.iter().map(|l| l.session.0 as i64))
-            .collect();
+        let holding = holding_sessions(self.record.as_ref());
         let missing: Vec<String> = self
             .held
             .iter()
@@ -143,6 +139,14 @@ impl ResSnap {
         });
         self.record = None;
     }
+}
+
+/// The sessions (etcd lease ids) with a holder in `record`.
+fn holding_sessions(record: Option<&Record>) -> BTreeSet<i64> {
+    record
+        .iter()
+        .flat_map(|r| r.state.holders.iter().map(|l| l.session.0 as i64))
+        .collect()
 }
 
 /// The sessions named by `held` keys among `kvs`.
@@ -1333,11 +1337,7 @@ impl Inner {
             // The sessions that start or stop holding it get or lose their `held` key here,
             // with the record. A record written where there was none requires that no session
             // claims it (a record deleted outside leasehold is not free).
-            let before: BTreeSet<i64> = rs
-                .record
-                .iter()
-                .flat_map(|r| r.state.holders.iter().map(|l| l.session.0 as i64))
-                .collect();
+            let before = holding_sessions(rs.record.as_ref());
             let mut after = BTreeMap::new();
             for l in &rec.state.holders {
                 after.insert(l.session.0 as i64, l.owner.process.host.to_string());
