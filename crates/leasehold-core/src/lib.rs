@@ -42,17 +42,21 @@
 //! assert!(matches!(engine.acquire(req, Now::at(3)), Err(AcquireError::NeedsCheck { .. })));
 //! ```
 
+mod acquire;
 mod engine;
+mod output;
+mod release;
 mod resource;
+mod session;
 mod types;
 mod view;
 
-pub use engine::{
-    AcquireError, AcquireRequest, Acquired, Conflict, Engine, EngineConfig, Event, Grant,
-    MAX_ITEMS, Meta, Output, ReleaseError, ReleaseKind, ReleaseRequest, Released, Session,
-    SessionError,
-};
+pub use acquire::{AcquireError, AcquireRequest, Acquired, Conflict, Grant, MAX_ITEMS};
+pub use engine::{Engine, EngineConfig};
+pub use output::{Event, Meta, Output};
+pub use release::{ReleaseError, ReleaseKind, ReleaseRequest, Released};
 pub use resource::{EndReason, Ended, Lease, ResourceState};
+pub use session::{Session, SessionError};
 pub use types::{
     HostId, MAX_COMMAND, MAX_HOST_ID, MAX_LABEL, MAX_RESOURCE_NAME, MAX_TEXT, Mode, NameError, Now,
     Owner, ProcessKey, ResourceName, SessionId, Time, Token, WaiterId, WallTime, check_free_text,

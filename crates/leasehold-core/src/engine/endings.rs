@@ -1,0 +1,250 @@
+//! Ending leases: release (clean, dirty, handover), a process's end, force-release and
+//! mark-clean.
+
+use std::collections::BTreeSet;
+
+use super::Engine;
+use crate::acquire::AcquireError;
+use crate::output::Event;
+use crate::release::{ReleaseError, ReleaseKind, ReleaseRequest, Released};
+use crate::resource::{EndReason, Ended};
+use crate::types::{MAX_TEXT, Mode, Now, ProcessKey, ResourceName, WaiterId, check_free_text};
+
+impl Engine {
+    /// Ends one lease as its holder asks.
+    ///
+    /// # Errors
+    /// [`ReleaseError::NotHeld`] when the process holds no lease on the resource;
+    /// [`ReleaseError::NoWaiter`] or [`ReleaseError::HandoverShared`] when a handover cannot
+    /// happen, in which case the lease stays as it was.
+    pub fn release(&mut self, req: ReleaseRequest, now: Now) -> Result<Released, ReleaseError> {
+        self.tick(now);
+        let lease = self
+            .resources
+            .get(&req.resource)
+            .and_then(|st| st.lease_of(&req.process))
+            .cloned()
+            .ok_or_else(|| ReleaseError::NotHeld {
+                resource: req.resource.clone(),
+                process: req.process.clone(),
+            })?;
+        let how = match req.kind {
+            ReleaseKind::Clean => EndReason::Released,
+            ReleaseKind::Dirty { note } => {
+                if let Some(n) = &note {
+                    check_free_text("release note", n, MAX_TEXT)
+                        .map_err(|e| ReleaseError::Invalid(e.to_string()))?;
+                }
+                EndReason::ReleasedDirty { note }
+            }
+            ReleaseKind::Handover { host, label } => {
+                if lease.mode != Mode::Exclusive {
+                    return Err(ReleaseError::HandoverShared(req.resource));
+                }
+                let named: Vec<_> = self
+                    .waiters_of(&req.resource)
+                    .into_iter()
+                    .filter(|(_, o, m)| {
+                        *m == Mode::Exclusive
+                            && o.process.host == host
+                            && (label.is_none() || o.label == label)
+                    })
+                    .collect();
+                // A label is a name for people, not an identity: the lease goes only to a
+                // waiter of the holder's own user, or of root (SPEC G8).
+                let target = named
+                    .iter()
+                    .find(|(_, o, _)| o.uid == Some(0) || o.uid == lease.owner.uid)
+                    .map(|(id, o, _)| (*id, o.process.clone()));
+                let Some((target, to)) = target else {
+                    if let Some((_, o, _)) = named.first() {
+                        return Err(ReleaseError::WaiterOfOtherUser {
+                            resource: req.resource,
+                            waiter: Box::new(o.process.clone()),
+                            waiter_uid: o.uid,
+                            holder_uid: lease.owner.uid,
+                        });
+                    }
+                    return Err(ReleaseError::NoWaiter {
+                        resource: req.resource,
+                        host,
+                        label,
+                    });
+                };
+                let released = self.end_lease(
+                    &req.resource,
+                    &req.process,
+                    EndReason::HandedOver { to },
+                    now,
+                );
+                if let Some(st) = self.resources.get_mut(&req.resource) {
+                    st.reserved_for = Some(target);
+                }
+                self.serve(BTreeSet::from([req.resource]), now);
+                return Ok(released);
+            }
+        };
+        let released = self.end_lease(&req.resource, &req.process, how, now);
+        self.serve(BTreeSet::from([req.resource]), now);
+        Ok(released)
+    }
+
+    /// Ends every lease and waiting request of a process that has exited.
+    pub fn end_process(&mut self, process: &ProcessKey, now: Now) -> Vec<Released> {
+        self.end_process_as(process, EndReason::ProcessDied, now)
+    }
+
+    /// [`Engine::end_process`], recording the leases as ended `how` (a fenced holder).
+    pub fn end_process_as(
+        &mut self,
+        process: &ProcessKey,
+        how: EndReason,
+        now: Now,
+    ) -> Vec<Released> {
+        self.tick(now);
+        let held: Vec<ResourceName> = self.held_by(process).cloned().collect();
+        let mut affected: BTreeSet<ResourceName> = held.iter().cloned().collect();
+        let released = held
+            .iter()
+            .map(|r| self.end_lease(r, process, how.clone(), now))
+            .collect();
+        let waiting: Vec<WaiterId> = self
+            .waiters
+            .iter()
+            .filter(|(_, w)| &w.owner.process == process)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in waiting {
+            affected.extend(
+                self.drop_waiter(id, Err(AcquireError::Cancelled("its process ended".into()))),
+            );
+        }
+        self.serve(affected, now);
+        released
+    }
+
+    /// Revokes every lease on a resource (an administrator's act). Exclusive leases leave it
+    /// dirty. A handover in progress is called off.
+    ///
+    /// # Errors
+    /// [`ReleaseError::Unheld`] when nobody holds the resource; [`ReleaseError::Invalid`]
+    /// when the reason is empty or malformed.
+    pub fn force_release(
+        &mut self,
+        resource: &ResourceName,
+        reason: &str,
+        by: &str,
+        now: Now,
+    ) -> Result<Vec<Released>, ReleaseError> {
+        self.tick(now);
+        if reason.trim().is_empty() {
+            return Err(ReleaseError::Invalid(
+                "a force-release needs a reason".into(),
+            ));
+        }
+        check_free_text("reason", reason, MAX_TEXT)
+            .and_then(|()| check_free_text("forcing user", by, MAX_TEXT))
+            .map_err(|e| ReleaseError::Invalid(e.to_string()))?;
+        let Some(st) = self.resources.get_mut(resource) else {
+            return Err(ReleaseError::Unknown(resource.clone()));
+        };
+        if st.holders.is_empty() && st.reserved_for.is_none() {
+            return Err(ReleaseError::Unheld(resource.clone()));
+        }
+        st.reserved_for = None;
+        let holders: Vec<ProcessKey> = st.holders.iter().map(|l| l.owner.process.clone()).collect();
+        let released = holders
+            .iter()
+            .map(|p| {
+                let how = EndReason::Forced {
+                    reason: reason.to_owned(),
+                    by: by.to_owned(),
+                };
+                self.end_lease(resource, p, how, now)
+            })
+            .collect();
+        self.serve(BTreeSet::from([resource.clone()]), now);
+        Ok(released)
+    }
+
+    /// Clears a resource's dirty mark. Returns the mark it had, if any.
+    ///
+    /// # Errors
+    /// [`ReleaseError::Unknown`] when the resource has never been seen.
+    pub fn mark_clean(
+        &mut self,
+        resource: &ResourceName,
+        by: &str,
+        now: Now,
+    ) -> Result<Option<Ended>, ReleaseError> {
+        self.tick(now);
+        check_free_text("cleaning user", by, MAX_TEXT)
+            .map_err(|e| ReleaseError::Invalid(e.to_string()))?;
+        let Some(st) = self.resources.get_mut(resource) else {
+            return Err(ReleaseError::Unknown(resource.clone()));
+        };
+        let was = st.dirty.take();
+        if was.is_some() {
+            self.out.changed.insert(resource.clone());
+            self.out.events.push(Event::Cleaned {
+                resource: resource.clone(),
+                by: by.to_owned(),
+                at: now.wall,
+            });
+            self.serve(BTreeSet::from([resource.clone()]), now);
+        }
+        Ok(was)
+    }
+
+    /// Removes one live lease and records how it ended. The lease must exist.
+    pub(super) fn end_lease(
+        &mut self,
+        resource: &ResourceName,
+        process: &ProcessKey,
+        how: EndReason,
+        now: Now,
+    ) -> Released {
+        let st = self.resources.entry(resource.clone()).or_default();
+        let pos = st.holders.iter().position(|l| &l.owner.process == process);
+        let lease = match pos {
+            Some(i) => st.holders.remove(i),
+            None => unreachable_lease(resource, process),
+        };
+        let dirtied = lease.mode == Mode::Exclusive && how.dirties();
+        let ended = Ended {
+            owner: lease.owner,
+            mode: lease.mode,
+            token: lease.token,
+            granted_at: lease.granted_at,
+            ended_at: now.wall,
+            how,
+        };
+        if dirtied {
+            st.dirty = Some(ended.clone());
+        }
+        st.last_ended = Some(ended.clone());
+        if let Some(set) = self.by_process.get_mut(process) {
+            set.remove(resource);
+            if set.is_empty() {
+                self.by_process.remove(process);
+            }
+        }
+        self.out.changed.insert(resource.clone());
+        self.out.events.push(Event::Ended {
+            resource: resource.clone(),
+            ended: ended.clone(),
+            dirtied,
+        });
+        Released {
+            resource: resource.clone(),
+            ended,
+            dirtied,
+        }
+    }
+}
+
+#[cold]
+fn unreachable_lease(resource: &ResourceName, process: &ProcessKey) -> ! {
+    // Every caller looked the lease up first; reaching this is a bug in the engine.
+    panic!("engine bug: no lease of {process} on {resource} to end")
+}

@@ -1,0 +1,370 @@
+//! Asking for leases: checking a request, deciding it, granting it or queueing it, and serving
+//! the waiters in line whenever a resource changes.
+
+use std::collections::BTreeSet;
+
+use super::{Engine, Verdict, Waiter};
+use crate::acquire::{AcquireError, AcquireRequest, Acquired, Conflict, Grant, MAX_ITEMS};
+use crate::output::Event;
+use crate::resource::{Lease, ResourceState};
+use crate::types::{
+    Mode, NameError, Now, Owner, ProcessKey, ResourceName, SessionId, Token, WaiterId,
+};
+
+impl Engine {
+    /// Asks for leases, all or nothing.
+    ///
+    /// # Errors
+    /// [`AcquireError::Busy`] when a resource is held (and the request does not wait),
+    /// [`AcquireError::NeedsCheck`] when a free resource is dirty and not accepted, and the
+    /// other variants for bad requests.
+    pub fn acquire(&mut self, mut req: AcquireRequest, now: Now) -> Result<Acquired, AcquireError> {
+        self.tick(now);
+        self.check_request(&mut req)?;
+        match self.evaluate(&req.owner.process, &req.items, req.accept_dirty, None, now) {
+            Verdict::Grant(existing) => Ok(Acquired::Granted(self.grant(
+                &req.owner,
+                req.session,
+                &req.items,
+                &existing,
+                now,
+            ))),
+            Verdict::Fail(e) => Err(e),
+            Verdict::Blocked(c) if !req.wait => Err(AcquireError::Busy(c)),
+            Verdict::Blocked(_) => {
+                let id = WaiterId(self.next_waiter);
+                self.enqueue(id, req, true);
+                Ok(Acquired::Queued(id))
+            }
+        }
+    }
+
+    /// Withdraws a waiting request. Returns false when it is no longer waiting (it was
+    /// granted or failed, and its outcome is in the output).
+    pub fn cancel_wait(&mut self, id: WaiterId, now: Now) -> bool {
+        self.tick(now);
+        if !self.waiters.contains_key(&id) {
+            return false;
+        }
+        let affected = self.drop_waiter_silently(id);
+        self.serve(affected, now);
+        true
+    }
+
+    /// Puts a waiting request whose id was chosen elsewhere (a cluster store's queue order)
+    /// into the queues of its resources, without deciding anything. With `decided_here` the
+    /// engine grants or fails it like its own waiters; without, it only keeps its place, and
+    /// can be named by a handover. The request's `wait` flag is ignored.
+    ///
+    /// # Errors
+    /// [`AcquireError::Invalid`] for a malformed request or an id already in use.
+    pub fn insert_waiter(
+        &mut self,
+        id: WaiterId,
+        mut req: AcquireRequest,
+        decided_here: bool,
+    ) -> Result<(), AcquireError> {
+        if self.waiters.contains_key(&id) {
+            return Err(AcquireError::Invalid(format!("waiter {} exists", id.0)));
+        }
+        req.items.sort();
+        if req.items.is_empty() || req.items.windows(2).any(|w| w[0].0 == w[1].0) {
+            return Err(AcquireError::Invalid(
+                "a waiter needs distinct resources".into(),
+            ));
+        }
+        self.enqueue(id, req, decided_here);
+        Ok(())
+    }
+
+    /// Puts a checked request in the queues of its resources under `id`.
+    fn enqueue(&mut self, id: WaiterId, req: AcquireRequest, decided_here: bool) {
+        for (r, _) in &req.items {
+            self.resources
+                .entry(r.clone())
+                .or_default()
+                .queue
+                .insert(id);
+        }
+        self.next_waiter = self.next_waiter.max(id.0.saturating_add(1));
+        self.waiters.insert(
+            id,
+            Waiter {
+                owner: req.owner,
+                session: req.session,
+                items: req.items,
+                accept_dirty: req.accept_dirty,
+                decided_here,
+            },
+        );
+    }
+
+    /// Keeps `resource` for waiter `id` (a handover in progress, restored from a cluster
+    /// store's record). Nothing changes if the resource is unknown.
+    pub fn set_reservation(&mut self, resource: &ResourceName, id: Option<WaiterId>) {
+        if let Some(st) = self.resources.get_mut(resource) {
+            st.reserved_for = id;
+        }
+    }
+
+    /// Serves the waiters of `resources` that this engine decides, as after any change to
+    /// them; a cluster store calls it after loading a snapshot.
+    pub fn serve_waiters(&mut self, resources: impl IntoIterator<Item = ResourceName>, now: Now) {
+        self.tick(now);
+        self.serve(resources.into_iter().collect(), now);
+    }
+
+    /// The waiter `id`'s owner process, if it is waiting.
+    pub fn waiter_process(&self, id: WaiterId) -> Option<&ProcessKey> {
+        self.waiters.get(&id).map(|w| &w.owner.process)
+    }
+
+    /// Why `items` could not be granted to a new request from `process` at `now`, if they
+    /// could not; for telling a waiting caller who is in its way.
+    pub fn conflict(
+        &self,
+        process: &ProcessKey,
+        items: &[(ResourceName, Mode)],
+        now: Now,
+    ) -> Option<Conflict> {
+        let mut items = items.to_vec();
+        items.sort();
+        match self.evaluate(process, &items, true, None, now) {
+            Verdict::Blocked(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    fn check_request(&self, req: &mut AcquireRequest) -> Result<(), AcquireError> {
+        let invalid = |m: String| Err(AcquireError::Invalid(m));
+        if req.items.is_empty() {
+            return invalid("no resources named".into());
+        }
+        if req.items.len() > MAX_ITEMS {
+            return invalid(format!(
+                "{} resources named; the limit is {MAX_ITEMS}",
+                req.items.len()
+            ));
+        }
+        req.items.sort();
+        if let Some(w) = req.items.windows(2).find(|w| w[0].0 == w[1].0) {
+            return invalid(format!("{} is named twice", w[0].0));
+        }
+        req.owner
+            .validate()
+            .or_else(|e: NameError| invalid(e.to_string()))?;
+        let Some(s) = self.sessions.get(&req.session) else {
+            return Err(AcquireError::NoSession(req.session));
+        };
+        if s.host != req.owner.process.host {
+            return invalid(format!(
+                "owner is on host {} but the session belongs to host {}",
+                req.owner.process.host, s.host
+            ));
+        }
+        Ok(())
+    }
+
+    /// Decides whether `items` can be granted to `process` now. `me` is the waiter asking,
+    /// or `None` for a new request, which comes after every waiter.
+    fn evaluate(
+        &self,
+        process: &ProcessKey,
+        items: &[(ResourceName, Mode)],
+        accept_dirty: bool,
+        me: Option<WaiterId>,
+        now: Now,
+    ) -> Verdict {
+        let empty = ResourceState::default();
+        let mut existing = Vec::with_capacity(items.len());
+        let mut needs_check = None;
+        let mut blocked = None;
+        for (r, mode) in items {
+            let st = self.resources.get(r).unwrap_or(&empty);
+            if let Some(l) = st.lease_of(process) {
+                if l.mode != *mode {
+                    return Verdict::Fail(AcquireError::ModeConflict {
+                        resource: r.clone(),
+                        held: l.mode,
+                    });
+                }
+                existing.push(Some(l.token));
+                continue;
+            }
+            existing.push(None);
+            let mine = me.is_some() && st.reserved_for == me;
+            let ahead = match me {
+                Some(me) => st.queue.range(..me).next().is_some(),
+                None => !st.queue.is_empty(),
+            };
+            let free = (mine || (st.reserved_for.is_none() && !ahead))
+                && st.admits(*mode)
+                && st.blocked_until.is_none_or(|t| t <= now.mono);
+            if !free {
+                blocked.get_or_insert_with(|| Conflict {
+                    resource: r.clone(),
+                    holders: st.holders.clone(),
+                    waiting: st.queue.len(),
+                    blocked_until: st.blocked_until.filter(|t| *t > now.mono),
+                    reserved: st.reserved_for.is_some() && !mine,
+                });
+            } else if let Some(d) = &st.dirty
+                && !accept_dirty
+            {
+                needs_check.get_or_insert_with(|| AcquireError::NeedsCheck {
+                    resource: r.clone(),
+                    dirty: Box::new(d.clone()),
+                });
+            }
+        }
+        match (blocked, needs_check) {
+            (Some(c), _) => Verdict::Blocked(c),
+            (None, Some(e)) => Verdict::Fail(e),
+            (None, None) => Verdict::Grant(existing),
+        }
+    }
+
+    fn grant(
+        &mut self,
+        owner: &Owner,
+        session: SessionId,
+        items: &[(ResourceName, Mode)],
+        existing: &[Option<Token>],
+        now: Now,
+    ) -> Vec<Grant> {
+        let fresh = existing.iter().any(Option::is_none);
+        let token = if fresh {
+            let floor = items
+                .iter()
+                .zip(existing)
+                .filter(|(_, e)| e.is_none())
+                .filter_map(|((r, _), _)| self.resources.get(r))
+                .map(|st| st.last_token.0.saturating_add(1))
+                .max()
+                .unwrap_or(1);
+            let t = self.next_token.max(floor);
+            // Not a metadata change: the token is recorded as `last_token` of every resource
+            // granted below, in the same output, and `restore` rebuilds the counter from those.
+            self.next_token = t + 1;
+            Token(t)
+        } else {
+            Token(0)
+        };
+        let mut grants = Vec::with_capacity(items.len());
+        for ((r, mode), prior) in items.iter().zip(existing) {
+            let st = self.resources.entry(r.clone()).or_default();
+            let dirty = st.dirty.clone();
+            if let Some(t) = prior {
+                grants.push(Grant {
+                    resource: r.clone(),
+                    mode: *mode,
+                    token: *t,
+                    dirty,
+                    existing: true,
+                });
+                continue;
+            }
+            let lease = Lease {
+                owner: owner.clone(),
+                mode: *mode,
+                token,
+                session,
+                granted_at: now.wall,
+            };
+            st.holders.push(lease.clone());
+            st.last_token = token;
+            st.reserved_for = None;
+            self.by_process
+                .entry(owner.process.clone())
+                .or_default()
+                .insert(r.clone());
+            self.out.changed.insert(r.clone());
+            self.out.events.push(Event::Granted {
+                resource: r.clone(),
+                lease,
+            });
+            grants.push(Grant {
+                resource: r.clone(),
+                mode: *mode,
+                token,
+                dirty,
+                existing: false,
+            });
+        }
+        grants
+    }
+
+    /// Grants or fails every waiter that can now be decided, in arrival order, until nothing
+    /// more changes. `affected` names the resources whose state changed.
+    pub(super) fn serve(&mut self, mut affected: BTreeSet<ResourceName>, now: Now) {
+        loop {
+            let candidates: BTreeSet<WaiterId> = affected
+                .iter()
+                .filter_map(|r| self.resources.get(r))
+                .flat_map(|st| st.queue.iter().copied())
+                .collect();
+            let mut progress = false;
+            for id in candidates {
+                let Some(w) = self.waiters.get(&id).filter(|w| w.decided_here) else {
+                    continue;
+                };
+                let outcome = match self.evaluate(
+                    &w.owner.process,
+                    &w.items,
+                    w.accept_dirty,
+                    Some(id),
+                    now,
+                ) {
+                    Verdict::Blocked(_) => continue,
+                    Verdict::Fail(e) => Err(e),
+                    Verdict::Grant(existing) => {
+                        let w = w.clone();
+                        Ok(self.grant(&w.owner, w.session, &w.items, &existing, now))
+                    }
+                };
+                affected.extend(self.drop_waiter(id, outcome));
+                progress = true;
+            }
+            if !progress {
+                break;
+            }
+        }
+        self.prune(affected);
+    }
+
+    /// Removes a waiter and reports its outcome. Returns the resources it waited for.
+    pub(super) fn drop_waiter(
+        &mut self,
+        id: WaiterId,
+        outcome: Result<Vec<Grant>, AcquireError>,
+    ) -> BTreeSet<ResourceName> {
+        let affected = self.drop_waiter_silently(id);
+        self.out.waiters.push((id, outcome));
+        affected
+    }
+
+    fn drop_waiter_silently(&mut self, id: WaiterId) -> BTreeSet<ResourceName> {
+        let mut affected = BTreeSet::new();
+        if let Some(w) = self.waiters.remove(&id) {
+            for (r, _) in w.items {
+                if let Some(st) = self.resources.get_mut(&r) {
+                    st.queue.remove(&id);
+                    if st.reserved_for == Some(id) {
+                        st.reserved_for = None;
+                    }
+                }
+                affected.insert(r);
+            }
+        }
+        affected
+    }
+
+    /// Forgets records that hold nothing worth keeping (a waiter that came and went).
+    fn prune(&mut self, names: BTreeSet<ResourceName>) {
+        for r in names {
+            if self.resources.get(&r).is_some_and(ResourceState::is_empty) {
+                self.resources.remove(&r);
+            }
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! Letting go of leases: how, what ended, and why a release is refused.
+
+use serde::{Deserialize, Serialize};
+
+use crate::resource::Ended;
+use crate::types::{HostId, ProcessKey, ResourceName};
+
+/// How a holder lets go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReleaseKind {
+    /// Cleanly: the resource is consistent.
+    Clean,
+    /// Dirty: the resource may be inconsistent and needs a check.
+    Dirty {
+        /// Why, such as the exit status of a command.
+        note: Option<String>,
+    },
+    /// To the exclusive waiter of `host` (with `label`, when given), in one step (SPEC G7).
+    Handover {
+        /// The host of the waiting owner.
+        host: HostId,
+        /// The label of the waiting owner, when several wait on that host.
+        label: Option<String>,
+    },
+}
+
+/// A request to release one lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleaseRequest {
+    /// The resource.
+    pub resource: ResourceName,
+    /// The holder.
+    pub process: ProcessKey,
+    /// How.
+    pub kind: ReleaseKind,
+}
+
+/// A lease that ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Released {
+    /// The resource.
+    pub resource: ResourceName,
+    /// The record of the ended lease.
+    pub ended: Ended,
+    /// Whether this left the resource dirty.
+    pub dirtied: bool,
+}
+
+/// Why a release, force-release or mark-clean failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[serde(tag = "error", rename_all = "kebab-case")]
+pub enum ReleaseError {
+    /// The request is malformed.
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// The process holds no lease on the resource.
+    #[error("{resource} is not held by {process}")]
+    NotHeld {
+        /// The resource.
+        resource: ResourceName,
+        /// The process.
+        process: ProcessKey,
+    },
+    /// Nobody holds the resource.
+    #[error("{0} is not held by anyone")]
+    Unheld(ResourceName),
+    /// The resource has never been seen.
+    #[error("{0} is not a known resource")]
+    Unknown(ResourceName),
+    /// A handover needs an exclusive lease.
+    #[error("{0} is held shared; only an exclusive lease can be handed over")]
+    HandoverShared(ResourceName),
+    /// Nobody on the named host waits for the resource.
+    #[error("nobody on host {host}{} waits for {resource} in exclusive mode; start the destination's `acquire --wait` first", .label.as_ref().map(|l| format!(" with label {l:?}")).unwrap_or_default())]
+    NoWaiter {
+        /// The resource.
+        resource: ResourceName,
+        /// The host named.
+        host: HostId,
+        /// The label named.
+        label: Option<String>,
+    },
+    /// The only waiters named belong to another user than the holder's, and not to root.
+    #[error(
+        "the owner waiting for {resource} there ({waiter}) runs as {}, not as the holder's {} or root; a label is not an identity, so the lease is not handed to it. Start the destination as the holder's user (or root), or release normally",
+        uid_words(*.waiter_uid), uid_words(*.holder_uid)
+    )]
+    WaiterOfOtherUser {
+        /// The resource.
+        resource: ResourceName,
+        /// The first waiter that matched host and label.
+        waiter: Box<ProcessKey>,
+        /// Its uid, when known.
+        waiter_uid: Option<u32>,
+        /// The holder's uid, when known.
+        holder_uid: Option<u32>,
+    },
+}
+
+fn uid_words(uid: Option<u32>) -> String {
+    uid.map_or_else(|| "an unknown user".to_owned(), |u| format!("uid {u}"))
+}
