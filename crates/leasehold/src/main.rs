@@ -40,6 +40,7 @@ macro_rules! note_part {
 mod bench;
 mod commands;
 mod logging;
+mod manual;
 mod output;
 mod run;
 
@@ -105,6 +106,14 @@ enum Command {
     /// Measure acquire/release latency and throughput through a running agent, and
     /// `leasehold run -- true` beside `flock FILE true`.
     Bench(bench::BenchArgs),
+    /// Print the manual page leasehold(1) (roff) on standard output.
+    Man,
+    /// Print a shell completion script on standard output.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: manual::Shell,
+    },
 }
 
 /// Flags of `leasehold agent`.
@@ -590,6 +599,8 @@ fn main() -> ExitCode {
     let _ = TIMEOUT.set(cli.timeout.0);
     let result = match cli.command {
         Command::Agent(args) => commands::agent(*args, cli.socket),
+        Command::Man => manual::man(),
+        Command::Completions { shell } => manual::completions(shell),
         other => {
             // One thread: `run` spawns its child from this thread, whose death must not
             // trigger the child's parent-death signal early. The bench drives many clients.
@@ -625,7 +636,9 @@ fn main() -> ExitCode {
 
 async fn dispatch(command: Command, socket: Option<PathBuf>) -> Result<u8, Failure> {
     match command {
-        Command::Agent(_) => Err(Failure::usage("the agent is not started this way")),
+        Command::Agent(_) | Command::Man | Command::Completions { .. } => {
+            Err(Failure::usage("not a command for the agent"))
+        }
         Command::Acquire(a) => commands::acquire(a, &socket).await,
         Command::Release(a) => bounded("release", None, commands::release(a, &socket)).await,
         Command::Run(a) => run::run(a, &socket).await,
