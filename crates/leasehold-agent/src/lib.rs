@@ -65,9 +65,6 @@ pub enum AgentError {
     /// path holds something other than a socket.
     #[error("{0}")]
     UnsafePath(String),
-    /// The backend is not available in this build.
-    #[error("{0}")]
-    Unsupported(String),
     /// The server failed.
     #[error("serving the API: {0}")]
     Serve(String),

@@ -27,6 +27,7 @@
 
 mod endings;
 mod grants;
+mod per_operation;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -174,15 +175,6 @@ impl Engine {
         self.by_process.keys()
     }
 
-    /// Raises the token counter so the next grant takes at least `floor`; stores whose own
-    /// counter lives elsewhere (etcd's revision) use this before each operation.
-    pub fn raise_token_floor(&mut self, floor: u64) {
-        if floor > self.next_token {
-            self.next_token = floor;
-            self.out.meta_changed = true;
-        }
-    }
-
     /// Takes what was decided since the last call.
     pub fn take_output(&mut self) -> Output {
         std::mem::take(&mut self.out)
@@ -203,11 +195,6 @@ impl Engine {
         self.resources
             .get(resource)
             .is_some_and(|st| st.holders.iter().any(|l| l.token == token))
-    }
-
-    /// How many requests wait for `resource`.
-    pub fn waiting(&self, resource: &ResourceName) -> usize {
-        self.resources.get(resource).map_or(0, |st| st.queue.len())
     }
 
     /// The owners waiting for `resource`, in order.

@@ -51,34 +51,8 @@ impl Engine {
         true
     }
 
-    /// Puts a waiting request whose id was chosen elsewhere (a cluster store's queue order)
-    /// into the queues of its resources, without deciding anything. With `decided_here` the
-    /// engine grants or fails it like its own waiters; without, it only keeps its place, and
-    /// can be named by a handover. The request's `wait` flag is ignored.
-    ///
-    /// # Errors
-    /// [`AcquireError::Invalid`] for a malformed request or an id already in use.
-    pub fn insert_waiter(
-        &mut self,
-        id: WaiterId,
-        mut req: AcquireRequest,
-        decided_here: bool,
-    ) -> Result<(), AcquireError> {
-        if self.waiters.contains_key(&id) {
-            return Err(AcquireError::Invalid(format!("waiter {} exists", id.0)));
-        }
-        req.items.sort();
-        if req.items.is_empty() || req.items.windows(2).any(|w| w[0].0 == w[1].0) {
-            return Err(AcquireError::Invalid(
-                "a waiter needs distinct resources".into(),
-            ));
-        }
-        self.enqueue(id, req, decided_here);
-        Ok(())
-    }
-
     /// Puts a checked request in the queues of its resources under `id`.
-    fn enqueue(&mut self, id: WaiterId, req: AcquireRequest, decided_here: bool) {
+    pub(super) fn enqueue(&mut self, id: WaiterId, req: AcquireRequest, decided_here: bool) {
         for (r, _) in &req.items {
             self.resources
                 .entry(r.clone())
@@ -97,26 +71,6 @@ impl Engine {
                 decided_here,
             },
         );
-    }
-
-    /// Keeps `resource` for waiter `id` (a handover in progress, restored from a cluster
-    /// store's record). Nothing changes if the resource is unknown.
-    pub fn set_reservation(&mut self, resource: &ResourceName, id: Option<WaiterId>) {
-        if let Some(st) = self.resources.get_mut(resource) {
-            st.reserved_for = id;
-        }
-    }
-
-    /// Serves the waiters of `resources` that this engine decides, as after any change to
-    /// them; a cluster store calls it after loading a snapshot.
-    pub fn serve_waiters(&mut self, resources: impl IntoIterator<Item = ResourceName>, now: Now) {
-        self.tick(now);
-        self.serve(resources.into_iter().collect(), now);
-    }
-
-    /// The waiter `id`'s owner process, if it is waiting.
-    pub fn waiter_process(&self, id: WaiterId) -> Option<&ProcessKey> {
-        self.waiters.get(&id).map(|w| &w.owner.process)
     }
 
     /// Why `items` could not be granted to a new request from `process` at `now`, if they
