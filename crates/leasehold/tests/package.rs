@@ -124,6 +124,7 @@ fn deb_installs_and_the_installed_unit_starts_the_agent() {
         "/usr/lib/sysusers.d/leasehold.conf",
         "/usr/lib/tmpfiles.d/leasehold.conf",
         "/usr/share/doc/leasehold/README.md",
+        "/usr/share/doc/leasehold/contract.md",
     ];
     for f in files {
         assert!(
