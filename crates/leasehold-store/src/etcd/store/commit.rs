@@ -1,0 +1,457 @@
+//! Deciding and committing: the engine over a snapshot, the transaction that writes what it
+//! changed only if nothing it read has moved, and the retry loop around both.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use leasehold_core::{
+    AcquireError, AcquireRequest, Ended, Engine, EngineConfig, Event, Meta, Now, Output, Released,
+    ResourceName, ResourceState, Session, SessionId, Time, Token, WaiterId,
+};
+use tracing::warn;
+
+use super::snapshot::{Snapshot, holding_sessions};
+use super::{BLOCKED, Inner, MAX_TXN_OPS, json, now_ms, unavailable};
+use crate::StoreError;
+use crate::etcd::client::{Txn, prefix_end};
+use crate::etcd::keys::Record;
+
+/// Whether the engine changed a record. (Its metadata, which the token floor marks changed,
+/// is not kept in etcd: tokens come from records and revisions.)
+pub(super) fn writes(out: &Output) -> bool {
+    !out.changed.is_empty()
+}
+
+/// What a commit writes besides records.
+#[derive(Debug, Default)]
+pub(super) struct Extra {
+    /// Keys to delete, each only if its create revision is still the one given.
+    pub(super) delete: Vec<(Vec<u8>, i64)>,
+    /// Keys to put, with their lease.
+    pub(super) put: Vec<(Vec<u8>, Vec<u8>, i64)>,
+    /// Require this host's key to be on this lease (the session is alive) at commit.
+    pub(super) require_session: Option<i64>,
+}
+
+impl Extra {
+    pub(super) fn is_empty(&self) -> bool {
+        self.delete.is_empty() && self.put.is_empty()
+    }
+}
+
+impl Inner {
+    /// The engine over a snapshot: live sessions, dead sessions due at once, records, queues,
+    /// reservations. `decide` names this host's waiters it may grant.
+    pub(super) fn engine(&self, snap: &Snapshot, decide: &BTreeSet<u64>, now: Now) -> Engine {
+        let mut sessions: BTreeMap<SessionId, Session> = BTreeMap::new();
+        for (lease, host) in &snap.sessions {
+            let id = SessionId(*lease as u64);
+            sessions.insert(
+                id,
+                Session {
+                    id,
+                    host: host.clone(),
+                    ttl: None,
+                    expires_at: None,
+                },
+            );
+        }
+        let mut records = Vec::new();
+        for (name, rs) in &snap.res {
+            let mut st = rs
+                .record
+                .as_ref()
+                .map(|r| r.state.clone())
+                .unwrap_or_default();
+            st.blocked_until = rs.grace.then_some(BLOCKED);
+            for l in &st.holders {
+                // A holder whose session is gone: a session that expires now, so the engine
+                // ends its leases (dirty) and starts the grace.
+                sessions.entry(l.session).or_insert_with(|| Session {
+                    id: l.session,
+                    host: l.owner.process.host.clone(),
+                    ttl: Some(Duration::ZERO),
+                    expires_at: Some(Time(0)),
+                });
+            }
+            if rs.record.is_some() || rs.grace || !rs.waiters.is_empty() {
+                records.push((name.clone(), st));
+            }
+        }
+        let mut engine = Engine::restore(
+            EngineConfig {
+                grace: self.opts.grace,
+            },
+            Meta {
+                next_token: 0,
+                next_session: 1,
+                sessions: sessions.into_values().collect(),
+            },
+            records,
+        );
+        engine.raise_token_floor(u64::try_from(snap.revision).unwrap_or(0) + 1);
+        let mut seen = BTreeSet::new();
+        for rs in snap.res.values() {
+            for w in &rs.waiters {
+                if !seen.insert(w.id) {
+                    continue;
+                }
+                let req = AcquireRequest {
+                    owner: w.value.owner.clone(),
+                    session: SessionId(w.value.session),
+                    items: w.value.items.clone(),
+                    accept_dirty: w.value.accept_dirty,
+                    wait: true,
+                };
+                let _ = engine.insert_waiter(WaiterId(w.id), req, decide.contains(&w.id));
+            }
+        }
+        for (name, rs) in &snap.res {
+            let reserved = rs
+                .record
+                .as_ref()
+                .and_then(|r| r.reserved_for)
+                .filter(|id| seen.contains(id));
+            engine.set_reservation(name, reserved.map(WaiterId));
+        }
+        // Dead sessions expire now; what that changes is written with the operation.
+        engine.tick(now);
+        engine
+    }
+
+    /// Writes what the engine changed, if nothing it read has moved. Returns the commit's
+    /// revision, or `None` when something moved (the caller starts again).
+    pub(super) async fn commit(
+        &self,
+        snap: &Snapshot,
+        engine: &Engine,
+        out: &Output,
+        extra: Extra,
+    ) -> Result<Option<i64>, StoreError> {
+        let mut t = Txn::new();
+        if let Some(lease) = extra.require_session {
+            t = t.if_lease(self.keys.host(&self.host), lease);
+        }
+        let mut events: BTreeMap<&ResourceName, Vec<Event>> = BTreeMap::new();
+        for e in &out.events {
+            let r = match e {
+                Event::Granted { resource, .. }
+                | Event::Ended { resource, .. }
+                | Event::Cleaned { resource, .. } => resource,
+                Event::SessionExpired { .. } => continue,
+            };
+            events.entry(r).or_default().push(e.clone());
+        }
+        // A lease ended because its session looked dead: that session's host key must still
+        // not be on it at commit, or nothing is written.
+        let mut dead = BTreeSet::new();
+        for name in &out.changed {
+            let holders = snap
+                .res
+                .get(name)
+                .and_then(|rs| rs.record.as_ref())
+                .map(|r| r.state.holders.as_slice())
+                .unwrap_or_default();
+            for l in holders {
+                let lease = l.session.0 as i64;
+                if !snap.sessions.contains_key(&lease) {
+                    dead.insert((l.owner.process.host.clone(), lease));
+                }
+            }
+        }
+        for (host, lease) in dead {
+            t = t.if_lease_not(self.keys.host(&host), lease);
+        }
+        let mut graces = Vec::new();
+        for name in &out.changed {
+            let Some(rs) = snap.res.get(name) else {
+                continue;
+            };
+            let st = engine.resource(name).cloned().unwrap_or_default();
+            if st.blocked_until.is_some_and(|t| t != BLOCKED) && !rs.grace {
+                graces.push(name.clone());
+            }
+            let rec = Record {
+                reserved_for: st.reserved_for.map(|w| w.0),
+                state: ResourceState {
+                    blocked_until: None,
+                    ..st
+                },
+                events: events.remove(name).unwrap_or_default(),
+                damaged: None,
+            };
+            // The sessions that start or stop holding it get or lose their `held` key here,
+            // with the record. A record written where there was none requires that no session
+            // claims it (a record deleted outside leasehold is not free).
+            let before = holding_sessions(rs.record.as_ref());
+            let mut after = BTreeMap::new();
+            for l in &rec.state.holders {
+                after.insert(l.session.0 as i64, l.owner.process.host.to_string());
+            }
+            for lease in before.iter().filter(|l| !after.contains_key(l)) {
+                t = t.delete(self.keys.held(name, *lease));
+            }
+            for (lease, host) in after.iter().filter(|(l, _)| !before.contains(l)) {
+                t = t.put(
+                    self.keys.held(name, *lease),
+                    host.clone().into_bytes(),
+                    *lease,
+                );
+            }
+            t = if rs.record.is_none() && rs.mod_rev == 0 {
+                // Neither the record nor a held key: a record deleted outside leasehold is not
+                // taken for free.
+                t.if_none_created_after(self.keys.resource(name), self.keys.resource_end(name), 0)
+            } else {
+                t.if_mod_revision(self.keys.resource(name), rs.mod_rev)
+            };
+            t = t.put(self.keys.resource(name), json(&rec)?, 0);
+        }
+        for key in &extra.delete {
+            t = t
+                .if_create_revision(key.0.clone(), key.1)
+                .delete(key.0.clone());
+        }
+        for (key, value, lease) in &extra.put {
+            t = t.put(key.clone(), value.clone(), *lease);
+        }
+        if !graces.is_empty() {
+            let (grace_lease, _) = self
+                .etcd
+                .lease_grant(self.opts.grace)
+                .await
+                .map_err(unavailable)?;
+            for r in &graces {
+                t = t.if_create_revision(self.keys.grace(r), 0).put(
+                    self.keys.grace(r),
+                    Vec::new(),
+                    grace_lease,
+                );
+            }
+        }
+        // A request granted beside holders must not jump a request queued behind them that
+        // the decision did not see (the mirror may lag): no waiter of such a resource may be
+        // newer than the snapshot. (Where the snapshot saw it free or changed since, the
+        // record's compare already covers it.) Per resource, or for all at once where etcd's
+        // limit leaves no room.
+        let joined: Vec<&ResourceName> = out
+            .changed
+            .iter()
+            .filter(|n| {
+                snap.res
+                    .get(*n)
+                    .and_then(|rs| rs.record.as_ref())
+                    .is_some_and(|r| !r.state.holders.is_empty())
+            })
+            .collect();
+        if t.size() + joined.len() <= MAX_TXN_OPS {
+            for name in joined {
+                let w = self.keys.waiters(name);
+                t = t.if_none_created_after(w.clone(), prefix_end(&w), snap.revision);
+            }
+        } else {
+            let w = self.keys.all_waiters();
+            t = t.if_none_created_after(w.clone(), prefix_end(&w), snap.revision);
+        }
+        if t.size() > MAX_TXN_OPS {
+            return Err(StoreError::Acquire(AcquireError::Invalid(format!(
+                "this request needs a transaction of {} operations; etcd allows {MAX_TXN_OPS}: name fewer resources",
+                t.size()
+            ))));
+        }
+        let r = self.etcd.txn(t).await.map_err(unavailable)?;
+        if !r.succeeded {
+            return Ok(None);
+        }
+        self.note_holders(engine, &out.changed);
+        Ok(Some(r.revision))
+    }
+
+    /// Updates the index of local holders after a commit.
+    pub(super) fn note_holders(&self, engine: &Engine, changed: &BTreeSet<ResourceName>) {
+        let Ok(mut held) = self.held.lock() else {
+            return;
+        };
+        for name in changed {
+            for set in held.values_mut() {
+                set.remove(name);
+            }
+            if let Some(st) = engine.resource(name) {
+                for l in &st.holders {
+                    if l.owner.process.host == self.host {
+                        held.entry(l.owner.process.clone())
+                            .or_default()
+                            .insert(name.clone());
+                    }
+                }
+            }
+        }
+        held.retain(|_, s| !s.is_empty());
+    }
+
+    /// Runs `op` on the engine over a fresh snapshot of `names`, commits, and retries from a
+    /// new snapshot while something moved in between.
+    pub(super) async fn transact<T>(
+        &self,
+        names: BTreeSet<ResourceName>,
+        mut op: impl FnMut(&mut Engine, Now, &Snapshot) -> Result<(T, Extra), StoreError>,
+    ) -> Result<(T, Output, i64), StoreError> {
+        let deadline = Instant::now() + self.opts.timeout * 5;
+        // The first attempt decides from the mirror; a decision that writes nothing, or whose
+        // compares fail, is made again on a fresh read.
+        let mut fresh = false;
+        loop {
+            let snap = if fresh {
+                self.snapshot(&names).await?
+            } else {
+                self.cached_snapshot(&names)
+            };
+            if let Some((name, detail)) = snap
+                .res
+                .iter()
+                .find_map(|(n, rs)| rs.bad.as_ref().map(|d| (n, d)))
+            {
+                // Never act on a record that cannot be trusted; the mirror may be behind a
+                // repair, so only a fresh read decides.
+                if fresh {
+                    return Err(self.bad_record(name, detail));
+                }
+                fresh = true;
+                continue;
+            }
+            let now = self.now();
+            let mut engine = self.engine(&snap, &BTreeSet::new(), now);
+            let (value, extra) = op(&mut engine, now, &snap)?;
+            let out = engine.take_output();
+            if !writes(&out) && extra.is_empty() {
+                if fresh {
+                    return Ok((value, out, snap.revision));
+                }
+                fresh = true;
+                continue;
+            }
+            if let Some(rev) = self.commit(&snap, &engine, &out, extra).await? {
+                return Ok((value, out, rev));
+            }
+            fresh = true;
+            if Instant::now() > deadline {
+                return Err(StoreError::Unavailable(
+                    "too much contention on these resources; try again".into(),
+                ));
+            }
+        }
+    }
+
+    /// The error for acting on `name`, whose record cannot be trusted.
+    pub(super) fn bad_record(&self, name: &ResourceName, detail: &str) -> StoreError {
+        let key = String::from_utf8_lossy(&self.keys.resource(name)).into_owned();
+        warn!(resource = %name, key = %key, detail, "refused to act on a damaged record; repair it with force-release");
+        StoreError::BadRecord {
+            key,
+            resource: name.clone(),
+            detail: detail.to_owned(),
+        }
+    }
+
+    /// Replaces a record that cannot be trusted with an empty one marked dirty (an admin's
+    /// force-release). Returns `None` when the record is sound (force-release proceeds as
+    /// usual), else the leases it recorded, now ended.
+    pub(super) async fn repair(
+        &self,
+        resource: &ResourceName,
+        reason: &str,
+        by: &str,
+    ) -> Result<Option<Vec<Released>>, StoreError> {
+        loop {
+            let snap = self.snapshot(&BTreeSet::from([resource.clone()])).await?;
+            let Some(rs) = snap.res.get(resource) else {
+                return Ok(None);
+            };
+            let Some(detail) = &rs.bad else {
+                return Ok(None);
+            };
+            if reason.trim().is_empty() {
+                return Err(StoreError::Release(leasehold_core::ReleaseError::Invalid(
+                    "a force-release needs a reason".into(),
+                )));
+            }
+            let key = self.keys.resource(resource);
+            let (kvs, _) = self
+                .etcd
+                .range(key.clone(), Vec::new(), snap.revision)
+                .await
+                .map_err(unavailable)?;
+            // What can still be read of it (a marker keeps the holders last seen).
+            let old: Option<Record> = kvs
+                .first()
+                .and_then(|kv| serde_json::from_slice(&kv.value).ok());
+            let holders = old.map(|r| r.state.holders).unwrap_or_default();
+            let now = leasehold_core::WallTime(now_ms());
+            let how = leasehold_core::EndReason::Forced {
+                reason: format!("{reason} (repairing a damaged record: {detail})"),
+                by: by.to_owned(),
+            };
+            let ended: Vec<Ended> = if holders.is_empty() {
+                let mut owner = leasehold_core::Owner::new(self.host.clone(), 0, 0);
+                owner.label = Some("unknown (the record was damaged)".into());
+                vec![Ended {
+                    owner,
+                    mode: leasehold_core::Mode::Exclusive,
+                    token: Token(0),
+                    granted_at: leasehold_core::WallTime(0),
+                    ended_at: now,
+                    how: how.clone(),
+                }]
+            } else {
+                holders
+                    .iter()
+                    .map(|l| Ended {
+                        owner: l.owner.clone(),
+                        mode: l.mode,
+                        token: l.token,
+                        granted_at: l.granted_at,
+                        ended_at: now,
+                        how: how.clone(),
+                    })
+                    .collect()
+            };
+            let released: Vec<Released> = holders
+                .iter()
+                .zip(&ended)
+                .map(|(_, e)| Released {
+                    resource: resource.clone(),
+                    ended: e.clone(),
+                    dirtied: true,
+                })
+                .collect();
+            let rec = Record {
+                state: ResourceState {
+                    // Tokens stay above every earlier grant: they follow etcd's revision.
+                    last_token: Token(u64::try_from(snap.revision).unwrap_or(0)),
+                    dirty: ended.first().cloned(),
+                    last_ended: ended.first().cloned(),
+                    ..ResourceState::default()
+                },
+                reserved_for: None,
+                events: released
+                    .iter()
+                    .map(|r| Event::Ended {
+                        resource: resource.clone(),
+                        ended: r.ended.clone(),
+                        dirtied: true,
+                    })
+                    .collect(),
+                damaged: None,
+            };
+            let hp = self.keys.held_of(resource);
+            let t = Txn::new()
+                .if_mod_revision(key.clone(), rs.mod_rev)
+                .put(key, json(&rec)?, 0)
+                .delete_range(hp.clone(), prefix_end(&hp));
+            if self.etcd.txn(t).await.map_err(unavailable)?.succeeded {
+                warn!(resource = %resource, by, reason, "damaged record reset to an empty record marked dirty");
+                return Ok(Some(released));
+            }
+        }
+    }
+}

@@ -1,0 +1,383 @@
+//! The watch-fed mirror of every key under the prefix: it publishes the events recorded in
+//! resource records, notices this host's session ending, and repairs what was changed outside
+//! leasehold.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use leasehold_core::{Ended, Event, HostId, ProcessKey, ResourceName, ResourceState, SessionId};
+use tracing::{debug, warn};
+
+use super::{Inner, json, now_ms, unavailable};
+use crate::StoreError;
+use crate::etcd::client::{Txn, prefix_end};
+use crate::etcd::keys::{HostValue, KeyKind, Record};
+use crate::etcd::pb::mvccpb::KeyValue;
+
+/// Every key under the prefix, as the watch last delivered it. Writes decide from it and
+/// commit with compares, so a stale mirror costs a retry, never a wrong grant; outcomes that
+/// write nothing are decided again on a fresh read.
+#[derive(Debug, Default)]
+pub(super) struct Mirror {
+    pub(super) revision: i64,
+    pub(super) kvs: BTreeMap<Vec<u8>, KeyValue>,
+    /// Live sessions: lease id to host.
+    pub(super) sessions: HashMap<i64, HostId>,
+}
+
+/// A repair the watch found necessary.
+#[derive(Debug)]
+pub(super) enum Fix {
+    /// Put this marker where a record held here was deleted, unless a new one is there.
+    Marker(Vec<u8>, Vec<u8>),
+    /// Write this host's key again on this session.
+    HostValue(i64),
+    /// Revoke this ended session of this host.
+    Revoke(i64),
+}
+
+/// Follows every change under the prefix: publishes the events recorded in resource
+/// records, notes expired sessions, and wakes the waiter service.
+pub(super) async fn follow(inner: Arc<Inner>, mut from: i64) {
+    loop {
+        let mut stream = match inner
+            .etcd
+            .watch(
+                inner.keys.prefix().as_bytes().to_vec(),
+                prefix_end(inner.keys.prefix().as_bytes()),
+                from,
+            )
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(error = %e, "watch failed; retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                continue;
+            }
+        };
+        loop {
+            let msg = match stream.message().await {
+                Ok(Some(m)) => m,
+                Ok(None) | Err(_) => break,
+            };
+            if msg.compact_revision > 0 {
+                // Missed history: read everything again and follow from there.
+                match inner.load_mirror().await {
+                    Ok(rev) => from = rev + 1,
+                    Err(_) => from = msg.compact_revision,
+                }
+                inner.changed.notify_waiters();
+                break;
+            }
+            for ev in &msg.events {
+                inner.apply_watch_event(ev);
+            }
+            inner.apply_fixes().await;
+            if let Some(h) = &msg.header {
+                from = from.max(h.revision + 1);
+                if let Ok(mut m) = inner.mirror.write() {
+                    m.revision = m.revision.max(h.revision);
+                }
+            }
+            if !msg.events.is_empty() {
+                inner.changed.notify_waiters();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+impl Inner {
+    /// Reads every key under the prefix into the mirror; returns its revision.
+    pub(super) async fn load_mirror(&self) -> Result<i64, StoreError> {
+        let prefix = self.keys.prefix().as_bytes().to_vec();
+        let (kvs, revision) = self
+            .etcd
+            .range(prefix.clone(), prefix_end(&prefix), 0)
+            .await
+            .map_err(unavailable)?;
+        let mut m = Mirror {
+            revision,
+            ..Mirror::default()
+        };
+        for kv in kvs {
+            if let Some(KeyKind::Host(h)) = self.keys.parse(&kv.key) {
+                m.sessions.insert(kv.lease, h);
+            }
+            m.kvs.insert(kv.key.clone(), kv);
+        }
+        if let Ok(mut mirror) = self.mirror.write() {
+            *mirror = m;
+        }
+        Ok(revision)
+    }
+
+    /// Builds the index of this host's holders, and the list of stale ones, from the mirror.
+    pub(super) fn load_held(&self) {
+        let current = self.session.borrow().id;
+        let mut held = HashMap::<ProcessKey, BTreeSet<ResourceName>>::new();
+        let mut stale = BTreeSet::new();
+        if let Ok(m) = self.mirror.read() {
+            let from = self.keys.resources();
+            for (key, kv) in m.kvs.range(from.clone()..prefix_end(&from)) {
+                let (Some(KeyKind::Resource(r)), Ok(rec)) =
+                    (self.keys.parse(key), Record::decode(&kv.value))
+                else {
+                    continue;
+                };
+                for l in rec.state.holders {
+                    if l.owner.process.host != self.host {
+                        continue;
+                    }
+                    if l.session == current {
+                        held.entry(l.owner.process).or_default().insert(r.clone());
+                    } else {
+                        stale.insert(l.owner.process);
+                    }
+                }
+            }
+        }
+        if let Ok(mut h) = self.held.lock() {
+            *h = held;
+        }
+        if let Ok(mut s) = self.stale.lock() {
+            *s = stale.into_iter().collect();
+        }
+    }
+
+    /// Applies one watch event: to the mirror, and as lease events for subscribers (those
+    /// recorded in a resource record, and the expiry of a host's session).
+    pub(super) fn apply_watch_event(&self, ev: &crate::etcd::pb::mvccpb::Event) {
+        let Some(kv) = &ev.kv else { return };
+        let deleted = ev.r#type == crate::etcd::pb::mvccpb::event::EventType::Delete as i32;
+        let kind = self.keys.parse(&kv.key);
+        let mut own_ended = None;
+        let mut old = None;
+        if let Ok(mut m) = self.mirror.write() {
+            if deleted {
+                old = m.kvs.remove(&kv.key);
+                if let (Some(o), Some(KeyKind::Host(h))) = (&old, &kind) {
+                    m.sessions.remove(&o.lease);
+                    if h == &self.host {
+                        own_ended = Some(o.lease);
+                    }
+                }
+            } else {
+                old = m.kvs.insert(kv.key.clone(), kv.clone());
+                if let Some(KeyKind::Host(h)) = &kind {
+                    // Liveness is the key's lease: a key moved off a lease ends that session.
+                    if let Some(o) = &old
+                        && o.lease != kv.lease
+                    {
+                        m.sessions.remove(&o.lease);
+                    }
+                    m.sessions.insert(kv.lease, h.clone());
+                }
+            }
+        }
+        if let Some(lease) = own_ended {
+            // Revoked or expired: the holders go now, not at the next renewal.
+            self.session_ended(lease, "this host's key was deleted in etcd");
+        }
+        match kind {
+            Some(KeyKind::Resource(name)) => {
+                let new = (!deleted).then(|| Record::decode(&kv.value));
+                if let Some(Ok(rec)) = &new {
+                    for e in &rec.events {
+                        let _ = self.events.send(e.clone());
+                    }
+                }
+                self.check_own_holders(&name, &kv.key, old.as_ref(), new.as_ref());
+            }
+            Some(KeyKind::Host(host)) if !deleted && host == self.host => {
+                self.check_own_host_key(kv);
+            }
+            Some(KeyKind::Host(host)) if deleted => {
+                let lease = ev.prev_kv.as_ref().map_or(0, |p| p.lease);
+                let _ = self.events.send(Event::SessionExpired {
+                    session: SessionId(lease as u64),
+                    host,
+                });
+            }
+            _ => {}
+        }
+    }
+
+    /// A record that held leases of this host changed: a holder that vanished from it, or
+    /// whose record no longer decodes, without an ending written by leasehold, must not go on
+    /// writing. Its lease ends as force-released (the agent kills it), and a record deleted
+    /// while held is replaced by a marker, so the resource stays refused until repaired.
+    pub(super) fn check_own_holders(
+        &self,
+        name: &ResourceName,
+        key: &[u8],
+        old: Option<&KeyValue>,
+        new: Option<&Result<Record, String>>,
+    ) {
+        let Some(old) = old.and_then(|kv| Record::decode(&kv.value).ok()) else {
+            return;
+        };
+        let ends = |l: &leasehold_core::Lease, rec: &Record| {
+            rec.state
+                .holders
+                .iter()
+                .any(|h| h.owner.process == l.owner.process && h.token == l.token)
+                || rec.events.iter().any(|e| {
+                    matches!(e, Event::Ended { ended, .. }
+                        if ended.owner.process == l.owner.process && ended.token == l.token)
+                })
+        };
+        let gone: Vec<&leasehold_core::Lease> = old
+            .state
+            .holders
+            .iter()
+            .filter(|l| l.owner.process.host == self.host)
+            .filter(|l| match new {
+                Some(Ok(rec)) => !ends(l, rec),
+                _ => true,
+            })
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        let key = String::from_utf8_lossy(key).into_owned();
+        let why = match new {
+            None => "was deleted".to_owned(),
+            Some(Err(d)) => format!("was overwritten ({d})"),
+            Some(Ok(_)) => "lost this lease without an ending".to_owned(),
+        };
+        let now = leasehold_core::WallTime(now_ms());
+        for l in &gone {
+            warn!(resource = %name, key = %key, pid = l.owner.process.pid, token = %l.token, why = %why,
+                "the record of a lease held here changed outside leasehold; fencing its holder");
+            let _ = self.events.send(Event::Ended {
+                resource: name.clone(),
+                ended: Ended {
+                    owner: l.owner.clone(),
+                    mode: l.mode,
+                    token: l.token,
+                    granted_at: l.granted_at,
+                    ended_at: now,
+                    how: leasehold_core::EndReason::Forced {
+                        reason: format!("its record at {key} {why} outside leasehold"),
+                        by: "leasehold".into(),
+                    },
+                },
+                dirtied: l.mode == leasehold_core::Mode::Exclusive,
+            });
+            if let Ok(mut held) = self.held.lock()
+                && let Some(set) = held.get_mut(&l.owner.process)
+            {
+                set.remove(name);
+            }
+        }
+        if new.is_none() {
+            let holders: Vec<String> = gone
+                .iter()
+                .map(|l| format!("{} (token {})", l.owner.process, l.token))
+                .collect();
+            let marker = Record {
+                state: ResourceState {
+                    holders: old.state.holders.clone(),
+                    ..old.state.clone()
+                },
+                reserved_for: None,
+                events: Vec::new(),
+                damaged: Some(format!(
+                    "it was deleted while {} held it; the holder was fenced",
+                    holders.join(", ")
+                )),
+            };
+            if let Ok(bytes) = json(&marker)
+                && let Ok(mut f) = self.fixes.lock()
+            {
+                f.push(Fix::Marker(key.into_bytes(), bytes));
+            }
+        }
+    }
+
+    /// This host's key changed: a value that does not decode while the key is still on this
+    /// session is written again; a key moved off this session (other hosts now take the
+    /// session for dead) ends it: the holders are fenced and a new session is opened.
+    pub(super) fn check_own_host_key(&self, kv: &KeyValue) {
+        let state = self.session.borrow().clone();
+        let lease = state.id.0 as i64;
+        if state.expired {
+            return;
+        }
+        if kv.lease != lease {
+            warn!(
+                lease,
+                now_on = kv.lease,
+                "this host's key was overwritten and is no longer on its session"
+            );
+            self.session_ended(
+                lease,
+                "this host's key was overwritten in etcd; other hosts take the session for dead",
+            );
+            if let Ok(mut f) = self.fixes.lock() {
+                f.push(Fix::Revoke(lease));
+            }
+            return;
+        }
+        if serde_json::from_slice::<HostValue>(&kv.value).is_ok_and(|v| v.lease == lease) {
+            return;
+        }
+        warn!(
+            lease,
+            "this host's key holds a damaged value; writing it again"
+        );
+        if let Ok(mut f) = self.fixes.lock() {
+            f.push(Fix::HostValue(lease));
+        }
+    }
+
+    /// Writes what the watch found had to be repaired.
+    pub(super) async fn apply_fixes(&self) {
+        let fixes = self
+            .fixes
+            .lock()
+            .map(|mut f| std::mem::take(&mut *f))
+            .unwrap_or_default();
+        for fix in fixes {
+            let r = match &fix {
+                Fix::Marker(key, bytes) => {
+                    // Only where nothing was written since: a new record is not overwritten.
+                    let t = Txn::new().if_create_revision(key.clone(), 0).put(
+                        key.clone(),
+                        bytes.clone(),
+                        0,
+                    );
+                    self.etcd.txn(t).await.map(|_| ())
+                }
+                Fix::HostValue(lease) => {
+                    let value = HostValue {
+                        host: self.host.clone(),
+                        lease: *lease,
+                        pid: std::process::id(),
+                        since_ms: now_ms(),
+                    };
+                    let Ok(bytes) = json(&value) else { continue };
+                    let key = self.keys.host(&self.host);
+                    let t = Txn::new()
+                        .if_lease(key.clone(), *lease)
+                        .put(key, bytes, *lease);
+                    self.etcd.txn(t).await.map(|_| ())
+                }
+                Fix::Revoke(lease) => {
+                    // Best effort: unrenewed, it expires by itself within the TTL.
+                    let _ = self.etcd.lease_revoke(*lease).await;
+                    Ok(())
+                }
+            };
+            if let Err(e) = r {
+                warn!(error = %e, "could not write a repair yet; retrying");
+                if let Ok(mut f) = self.fixes.lock() {
+                    f.push(fix);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! The etcd store.
+//!
+//! Every operation follows one pattern:
+//!
+//! 1. read a **snapshot** of the resources concerned, their waiters and grace keys, and the
+//!    live host sessions, at one revision;
+//! 2. run `leasehold-core`'s engine over it: live sessions never expire inside it, dead ones
+//!    (a holder whose host key is gone) expire at once, so their exclusive resources become
+//!    dirty and blocked for the grace; waiters of other hosts hold their place in the queues
+//!    but only this host's waiters are decided here;
+//! 3. **commit** what the engine changed in one transaction that compares the mod revision of
+//!    every record it read (and, when it grants or queues for this host, that this host's
+//!    session key is still on its lease). If anything moved, nothing is written and the
+//!    operation starts again from a fresh snapshot.
+//!
+//! A grace is a key on an etcd lease of TTL `grace`, created by whoever clears a dead session's
+//! holders, so it is measured by etcd from a moment no earlier than the expiry. Tokens are at
+//! least the snapshot's revision + 1, and above the record's last token.
+
+mod commit;
+mod mirror;
+mod operations;
+mod session;
+mod snapshot;
+mod waiters;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use leasehold_core::{Event, HostId, Now, ProcessKey, ResourceName, SessionId, Time};
+use serde::Serialize;
+use tokio::sync::{Notify, broadcast, oneshot, watch};
+
+use crate::etcd::client::{Etcd, EtcdError, EtcdSecurity, is_nospace};
+use crate::etcd::history::{EtcdHealth, HistoryOptions};
+use crate::etcd::keys::Keys;
+use crate::{Clock, SessionEndHook, SessionState, StoreError, WaitNote};
+use mirror::{Fix, Mirror, follow};
+use session::{establish, keep_session};
+use waiters::{LocalWaiter, serve_waiters};
+
+/// How long a blocked resource stays blocked, to the engine: the grace key decides when it
+/// ends, not the engine's clock.
+const BLOCKED: Time = Time(u64::MAX);
+
+/// etcd refuses transactions with more than this many compares or operations by default.
+const MAX_TXN_OPS: usize = 128;
+
+/// Settings of an [`EtcdStore`].
+#[derive(Debug, Clone)]
+pub struct EtcdOptions {
+    /// etcd client URLs.
+    pub endpoints: Vec<String>,
+    /// The key prefix; clusters that share an etcd use different ones.
+    pub prefix: String,
+    /// Session lifetime without renewal.
+    pub ttl: Duration,
+    /// Heartbeat interval.
+    pub renew: Duration,
+    /// After a session expires, its resources stay unavailable this long.
+    pub grace: Duration,
+    /// Timeout of one etcd request.
+    pub timeout: Duration,
+    /// Where to remember the session, so a restarted agent resumes it while it lives.
+    pub session_file: Option<PathBuf>,
+    /// How etcd's history is kept bounded (see [`super::history`]).
+    pub history: HistoryOptions,
+    /// TLS and the etcd user, when etcd asks for them.
+    pub security: EtcdSecurity,
+}
+
+impl EtcdOptions {
+    /// Options for `endpoints` with SPEC §4's defaults.
+    pub fn new(endpoints: Vec<String>) -> EtcdOptions {
+        EtcdOptions {
+            endpoints,
+            prefix: "/leasehold/".into(),
+            ttl: Duration::from_secs(10),
+            renew: Duration::from_millis(3333),
+            grace: Duration::from_secs(5),
+            timeout: Duration::from_secs(2),
+            session_file: None,
+            history: HistoryOptions::default(),
+            security: EtcdSecurity::default(),
+        }
+    }
+}
+
+struct Inner {
+    host: HostId,
+    keys: Keys,
+    opts: EtcdOptions,
+    etcd: Etcd,
+    clock: Clock,
+    session: watch::Sender<SessionState>,
+    events: broadcast::Sender<Event>,
+    changed: Notify,
+    waiters: Mutex<BTreeMap<u64, LocalWaiter>>,
+    /// The next local waiter id.
+    next_waiter: std::sync::atomic::AtomicU64,
+    /// Held while a local waiter's keys are written or deleted other than by a grant, so that
+    /// a withdrawal and a queueing again never cross.
+    queueing: tokio::sync::Mutex<()>,
+    /// Notes for waiting callers.
+    notes: broadcast::Sender<WaitNote>,
+    /// The resources each local process holds, kept by this store's own commits (every grant
+    /// to a local process is one of them).
+    held: Mutex<HashMap<ProcessKey, BTreeSet<ResourceName>>>,
+    /// Grants whose caller had gone when they were decided; released by the waiter service.
+    orphans: Mutex<Vec<(ResourceName, ProcessKey)>>,
+    /// Local processes recorded as holders under an ended session of this host, at open.
+    stale: Mutex<Vec<ProcessKey>>,
+    mirror: std::sync::RwLock<Mirror>,
+    /// Called when this host's session is found ended, before anything else happens.
+    session_end: Mutex<Option<SessionEndHook>>,
+    /// etcd's space and history, as the history keeper last saw them.
+    health: watch::Sender<EtcdHealth>,
+    next_waiter_key: std::sync::atomic::AtomicU64,
+    /// Repairs the watch found necessary, written by the watch task.
+    fixes: Mutex<Vec<Fix>>,
+    /// A test hook: the next fresh snapshot stops after its first read until released.
+    pause_snapshot: Mutex<Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>>,
+}
+
+/// A fresh snapshot stopped after its first read, for tests that script an interleaving
+/// (see [`EtcdStore::pause_next_snapshot`]).
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct SnapshotPause {
+    reached: oneshot::Receiver<()>,
+    resume: oneshot::Sender<()>,
+}
+
+impl SnapshotPause {
+    /// Waits until a snapshot has made its first read and stopped.
+    pub async fn reached(&mut self) {
+        let _ = (&mut self.reached).await;
+    }
+
+    /// Lets the snapshot go on.
+    pub fn resume(self) {
+        let _ = self.resume.send(());
+    }
+}
+
+/// The etcd store. See the module documentation.
+pub struct EtcdStore {
+    inner: Arc<Inner>,
+    tasks: Vec<tokio::task::AbortHandle>,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("host", &self.inner.host)
+            .field("prefix", &self.inner.keys.prefix())
+            .finish()
+    }
+}
+
+impl Drop for EtcdStore {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn unavailable(e: EtcdError) -> StoreError {
+    if is_nospace(&e) {
+        return StoreError::NoSpace(crate::etcd::history::NOSPACE_REMEDY.into());
+    }
+    if e.misconfigured {
+        return StoreError::Misconfigured(e.to_string());
+    }
+    StoreError::Unavailable(e.to_string())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Encodes a value to store; never empty bytes in place of a value that failed to encode.
+fn json<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(v).map_err(|e| StoreError::Storage(format!("cannot encode a value: {e}")))
+}
+
+impl EtcdStore {
+    /// Connects to etcd and opens this host's session: resumes the one saved in
+    /// `session_file` if etcd still holds it, else creates one.
+    ///
+    /// # Errors
+    /// [`StoreError::HostInUse`] when another live agent has this host id;
+    /// [`StoreError::Unavailable`] when etcd cannot be reached.
+    pub async fn open(host: HostId, opts: EtcdOptions) -> Result<EtcdStore, StoreError> {
+        let etcd = Etcd::connect_with(&opts.endpoints, opts.timeout, &opts.security)
+            .map_err(unavailable)?;
+        let keys = Keys::new(&opts.prefix);
+        let (lease, renewed, ttl) = match establish(&etcd, &keys, &host, &opts).await {
+            Ok(v) => v,
+            // A connection that closes may be etcd refusing this client's settings: say so,
+            // rather than wait for an etcd that will never accept them.
+            Err(StoreError::Unavailable(m)) => {
+                return Err(match etcd.diagnose().await {
+                    Some(e) => StoreError::Misconfigured(format!("{e} (first error: {m})")),
+                    None => StoreError::Unavailable(m),
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        let (session, _) = watch::channel(SessionState {
+            id: SessionId(lease as u64),
+            ttl,
+            renewed_sent_at: Some(renewed),
+            expired: false,
+            latencies: Vec::new(),
+            failed_renewals: 0,
+        });
+        let (events, _) = broadcast::channel(4096);
+        let inner = Arc::new(Inner {
+            host,
+            keys,
+            opts,
+            etcd,
+            clock: Clock::new(),
+            session,
+            events,
+            changed: Notify::new(),
+            waiters: Mutex::new(BTreeMap::new()),
+            next_waiter: std::sync::atomic::AtomicU64::new(1),
+            queueing: tokio::sync::Mutex::new(()),
+            notes: broadcast::channel(256).0,
+            held: Mutex::new(HashMap::new()),
+            orphans: Mutex::new(Vec::new()),
+            stale: Mutex::new(Vec::new()),
+            mirror: std::sync::RwLock::new(Mirror::default()),
+            session_end: Mutex::new(None),
+            health: watch::channel(EtcdHealth::default()).0,
+            next_waiter_key: std::sync::atomic::AtomicU64::new(now_ms()),
+            fixes: Mutex::new(Vec::new()),
+            pause_snapshot: Mutex::new(None),
+        });
+        let start_rev = inner.load_mirror().await?;
+        inner.load_held();
+        inner.drop_old_waiters().await?;
+        let tasks = vec![
+            tokio::spawn(keep_session(Arc::clone(&inner))).abort_handle(),
+            tokio::spawn(follow(Arc::clone(&inner), start_rev + 1)).abort_handle(),
+            tokio::spawn(serve_waiters(Arc::clone(&inner))).abort_handle(),
+            tokio::spawn(crate::etcd::history::maintain(
+                inner.etcd.clone(),
+                crate::etcd::history::members(
+                    &inner.opts.endpoints,
+                    inner.opts.timeout,
+                    &inner.opts.security,
+                ),
+                inner.keys.clone(),
+                inner.host.clone(),
+                inner.opts.history.clone(),
+                inner.health.clone(),
+            ))
+            .abort_handle(),
+        ];
+        Ok(EtcdStore { inner, tasks })
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        self.inner.keys.prefix()
+    }
+
+    /// A test hook: the next fresh read of a snapshot stops after its first read of etcd
+    /// until the returned handle lets it go on, so a test can change things in between.
+    #[doc(hidden)]
+    pub fn pause_next_snapshot(&self) -> SnapshotPause {
+        let (reached_tx, reached) = oneshot::channel();
+        let (resume, resume_rx) = oneshot::channel();
+        if let Ok(mut p) = self.inner.pause_snapshot.lock() {
+            *p = Some((reached_tx, resume_rx));
+        }
+        SnapshotPause { reached, resume }
+    }
+
+    /// etcd's space and history, as this agent last saw them.
+    pub fn health(&self) -> EtcdHealth {
+        self.inner.health.borrow().clone()
+    }
+
+    /// Ends this host's session now (revokes its lease): its leases end as if the host were
+    /// lost. For tests and for decommissioning a host.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`].
+    pub async fn revoke_session(&self) -> Result<(), StoreError> {
+        let id = self.inner.session.borrow().id.0 as i64;
+        self.inner.etcd.lease_revoke(id).await.map_err(unavailable)
+    }
+}
+
+impl Inner {
+    fn now(&self) -> Now {
+        self.clock.now()
+    }
+}

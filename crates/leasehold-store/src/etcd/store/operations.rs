@@ -1,0 +1,431 @@
+//! The [`Store`] operations of the etcd store.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use leasehold_core::{
+    AcquireRequest, Acquired, Conflict, EndReason, Ended, Event, Grant, HostId, ProcessKey,
+    ReleaseKind, ReleaseRequest, Released, ResourceName, ResourceView, SessionId, Token,
+};
+use tokio::sync::{broadcast, oneshot, watch};
+
+use super::commit::Extra;
+use super::snapshot::{Snapshot, WaiterSnap, record_of};
+use super::waiters::{LocalWaiter, Queueing, WaitGuard, withdrawn};
+use super::{EtcdStore, Inner, json, unavailable};
+use crate::etcd::client::prefix_end;
+use crate::etcd::history::EtcdHealth;
+use crate::etcd::keys::{KeyKind, WaiterValue};
+use crate::etcd::pb::mvccpb::KeyValue;
+use crate::{AcquireSpec, SessionEndHook, SessionState, Store, StoreError, WaitNote};
+
+impl Store for EtcdStore {
+    fn host(&self) -> &HostId {
+        &self.inner.host
+    }
+
+    async fn acquire(&self, spec: AcquireSpec) -> Result<Vec<Grant>, StoreError> {
+        let inner = &self.inner;
+        crate::check_host(&inner.host, &spec)?;
+        let lease = inner.lease()?;
+        let names: BTreeSet<ResourceName> = spec.items.iter().map(|(r, _)| r.clone()).collect();
+        let n = inner
+            .next_waiter_key
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let waiter_keys: Vec<Vec<u8>> = names
+            .iter()
+            .map(|r| inner.keys.waiter(r, &inner.host, n))
+            .collect();
+        let value = WaiterValue {
+            owner: spec.owner.clone(),
+            session: lease as u64,
+            items: spec.items.clone(),
+            accept_dirty: spec.accept_dirty,
+        };
+        // Queueing runs as a task of its own, so that a caller who goes away cannot cut it
+        // between writing the waiter keys and registering the waiter: keys written for nobody
+        // would stand in every queue until this host's session ends. A registered waiter
+        // whose caller has gone is withdrawn by the guard below, or by `serve_waiters`.
+        let queueing = {
+            let inner = Arc::clone(inner);
+            let spec = spec.clone();
+            tokio::spawn(async move {
+                let (acquired, _out, rev) = inner
+                    .transact(names, |engine, now, _snap| {
+                        let req = AcquireRequest {
+                            owner: spec.owner.clone(),
+                            session: SessionId(lease as u64),
+                            items: spec.items.clone(),
+                            accept_dirty: spec.accept_dirty,
+                            wait: spec.wait.is_some(),
+                        };
+                        let mut extra = Extra {
+                            require_session: Some(lease),
+                            ..Extra::default()
+                        };
+                        let r = match engine.acquire(req, now) {
+                            Ok(Acquired::Queued(id)) => {
+                                // The engine's waiter is only a placeholder: the waiter keys are the
+                                // request's place in the queues.
+                                engine.cancel_wait(id, now);
+                                let v = json(&value)?;
+                                extra.put = waiter_keys
+                                    .iter()
+                                    .map(|k| (k.clone(), v.clone(), lease))
+                                    .collect();
+                                Ok(None)
+                            }
+                            Ok(Acquired::Granted(g)) => Ok(Some(g)),
+                            Err(e) => Err(e),
+                        };
+                        if r.is_err() {
+                            // A refusal still writes what the snapshot showed had to change (a dead
+                            // session's holders ended), but takes nothing.
+                            extra.require_session = None;
+                        }
+                        Ok((r, extra))
+                    })
+                    .await?;
+                match acquired {
+                    Ok(Some(grants)) => Ok(Queueing::Granted(grants)),
+                    Err(e) => Err(e.into()),
+                    Ok(None) => {
+                        let id = inner
+                            .next_waiter
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let (tx, rx) = oneshot::channel();
+                        if let Ok(mut w) = inner.waiters.lock() {
+                            w.insert(
+                                id,
+                                LocalWaiter {
+                                    value: value.clone(),
+                                    keys: waiter_keys.clone(),
+                                    place: Some(rev as u64),
+                                    withdrawn: false,
+                                    reply: Some(tx),
+                                },
+                            );
+                        }
+                        inner.changed.notify_waiters();
+                        Ok(Queueing::Queued(id, rx))
+                    }
+                }
+            })
+        };
+        let (id, mut rx) = match queueing.await {
+            Ok(Ok(Queueing::Queued(id, rx))) => (id, rx),
+            Ok(Ok(Queueing::Granted(grants))) => return Ok(grants),
+            Ok(Err(e)) => return Err(e),
+            Err(e) => return Err(StoreError::Unavailable(format!("queueing failed: {e}"))),
+        };
+        let mut guard = WaitGuard {
+            inner: Arc::clone(inner),
+            id,
+            armed: true,
+        };
+        let wait = spec.wait.unwrap_or_default();
+        let outcome = match tokio::time::timeout(wait, &mut rx).await {
+            Ok(o) => o,
+            Err(_) => {
+                let gone = inner.withdraw(id).await?;
+                guard.armed = false;
+                // Not withdrawn: a grant came first (or the keys had gone with the session,
+                // and the request answers that it was withdrawn).
+                let granted = match gone {
+                    true => None,
+                    false => match rx.await {
+                        Ok(Ok(grants)) => Some(grants),
+                        Ok(Err(e)) if e == withdrawn() => None,
+                        Ok(Err(e)) => return Err(e.into()),
+                        Err(_) => return Err(StoreError::Closed),
+                    },
+                };
+                if let Some(grants) = granted {
+                    return Ok(grants);
+                }
+                let c = match self
+                    .conflict(spec.owner.process.clone(), spec.items.clone())
+                    .await
+                {
+                    // What kept it waiting: a record that cannot be trusted.
+                    Err(e @ StoreError::BadRecord { .. }) => return Err(e),
+                    r => r.ok().flatten(),
+                };
+                let c = c.map_or_else(|| Conflict::unknown(spec.items[0].0.clone()), |(c, _)| c);
+                return Err(StoreError::TimedOut(c));
+            }
+        };
+        guard.armed = false;
+        match outcome {
+            Ok(r) => r.map_err(StoreError::from),
+            Err(_) => Err(StoreError::Closed),
+        }
+    }
+
+    async fn release(
+        &self,
+        resource: ResourceName,
+        process: ProcessKey,
+        kind: ReleaseKind,
+    ) -> Result<Released, StoreError> {
+        let (r, _, _) = self
+            .inner
+            .transact(BTreeSet::from([resource.clone()]), |engine, now, _| {
+                let r = engine.release(
+                    ReleaseRequest {
+                        resource: resource.clone(),
+                        process: process.clone(),
+                        kind: kind.clone(),
+                    },
+                    now,
+                );
+                Ok((r, Extra::default()))
+            })
+            .await?;
+        r.map_err(StoreError::from)
+    }
+
+    async fn end_process(&self, process: ProcessKey) -> Result<Vec<Released>, StoreError> {
+        self.inner
+            .end_process_as(process, EndReason::ProcessDied)
+            .await
+    }
+
+    async fn end_fenced(&self, process: ProcessKey) -> Result<Vec<Released>, StoreError> {
+        self.inner.end_process_as(process, EndReason::Fenced).await
+    }
+
+    async fn force_release(
+        &self,
+        resource: ResourceName,
+        reason: String,
+        by: String,
+    ) -> Result<Vec<Released>, StoreError> {
+        if let Some(released) = self.inner.repair(&resource, &reason, &by).await? {
+            return Ok(released);
+        }
+        let (r, _, _) = self
+            .inner
+            .transact(BTreeSet::from([resource.clone()]), |engine, now, _| {
+                Ok((
+                    engine.force_release(&resource, &reason, &by, now),
+                    Extra::default(),
+                ))
+            })
+            .await?;
+        r.map_err(StoreError::from)
+    }
+
+    async fn mark_clean(
+        &self,
+        resource: ResourceName,
+        by: String,
+    ) -> Result<Option<Ended>, StoreError> {
+        let (r, _, _) = self
+            .inner
+            .transact(BTreeSet::from([resource.clone()]), |engine, now, _| {
+                Ok((engine.mark_clean(&resource, &by, now), Extra::default()))
+            })
+            .await?;
+        r.map_err(StoreError::from)
+    }
+
+    async fn validate(&self, resource: ResourceName, token: Token) -> Result<bool, StoreError> {
+        let snap = self
+            .inner
+            .snapshot(&BTreeSet::from([resource.clone()]))
+            .await?;
+        Ok(snap
+            .res
+            .get(&resource)
+            .and_then(|rs| rs.record.as_ref())
+            .is_some_and(|rec| {
+                rec.state
+                    .holders
+                    .iter()
+                    .any(|l| l.token == token && snap.sessions.contains_key(&(l.session.0 as i64)))
+            }))
+    }
+
+    async fn conflict(
+        &self,
+        process: ProcessKey,
+        items: Vec<(ResourceName, leasehold_core::Mode)>,
+    ) -> Result<Option<(Conflict, Option<Duration>)>, StoreError> {
+        let names: BTreeSet<ResourceName> = items.iter().map(|(r, _)| r.clone()).collect();
+        let snap = self.inner.snapshot(&names).await?;
+        if let Some((name, detail)) = snap
+            .res
+            .iter()
+            .find_map(|(n, rs)| rs.bad.as_ref().map(|d| (n, d)))
+        {
+            return Err(self.inner.bad_record(name, detail));
+        }
+        let now = self.inner.now();
+        let engine = self.inner.engine(&snap, &BTreeSet::new(), now);
+        // The grace is etcd's to end; what is left of it is not known here, at most `grace`.
+        Ok(engine.conflict(&process, &items, now).map(|c| {
+            let left = c.blocked_until.map(|_| self.inner.opts.grace);
+            (c, left)
+        }))
+    }
+
+    async fn inspect(&self, resource: ResourceName) -> Result<Option<ResourceView>, StoreError> {
+        let snap = self
+            .inner
+            .snapshot(&BTreeSet::from([resource.clone()]))
+            .await?;
+        Ok(snap
+            .res
+            .get(&resource)
+            .and_then(|rs| self.inner.view(&resource, rs, &snap)))
+    }
+
+    async fn list(&self) -> Result<Vec<ResourceView>, StoreError> {
+        let inner = &self.inner;
+        let k = &inner.keys;
+        let prefix = k.prefix().as_bytes().to_vec();
+        let (kvs, revision) = inner
+            .etcd
+            .range(prefix.clone(), prefix_end(&prefix), 0)
+            .await
+            .map_err(unavailable)?;
+        let mut snap = Snapshot {
+            revision,
+            ..Snapshot::default()
+        };
+        let mut waiters: Vec<(ResourceName, &KeyValue)> = Vec::new();
+        for kv in &kvs {
+            match k.parse(&kv.key) {
+                Some(KeyKind::Host(h)) => {
+                    snap.sessions.insert(kv.lease, h);
+                }
+                Some(KeyKind::Resource(r)) => {
+                    let e = snap.res.entry(r).or_default();
+                    (e.record, e.bad) = record_of(Some(kv));
+                    e.mod_rev = kv.mod_revision;
+                }
+                Some(KeyKind::Grace(r)) => snap.res.entry(r).or_default().grace = true,
+                Some(KeyKind::Waiter(r)) => waiters.push((r, kv)),
+                Some(KeyKind::Held(r, lease)) => {
+                    let host = String::from_utf8_lossy(&kv.value).into_owned();
+                    snap.res.entry(r).or_default().held.insert(lease, host);
+                }
+                None => {}
+            }
+        }
+        for rs in snap.res.values_mut() {
+            rs.judge_held();
+        }
+        for (r, kv) in waiters {
+            if let Ok(value) = serde_json::from_slice::<WaiterValue>(&kv.value) {
+                snap.res.entry(r).or_default().waiters.push(WaiterSnap {
+                    id: kv.create_revision as u64,
+                    value,
+                });
+            }
+        }
+        Ok(snap
+            .res
+            .iter()
+            .filter_map(|(name, rs)| inner.view(name, rs, &snap))
+            .collect())
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.inner.events.subscribe()
+    }
+
+    fn session(&self) -> Option<watch::Receiver<SessionState>> {
+        Some(self.inner.session.subscribe())
+    }
+
+    fn on_session_end(&self, hook: SessionEndHook) {
+        if let Ok(mut h) = self.inner.session_end.lock() {
+            *h = Some(hook);
+        }
+    }
+
+    fn local_holders(&self) -> Option<Vec<ProcessKey>> {
+        self.inner
+            .held
+            .lock()
+            .ok()
+            .map(|h| h.keys().cloned().collect())
+    }
+
+    fn wait_notes(&self) -> broadcast::Receiver<WaitNote> {
+        self.inner.notes.subscribe()
+    }
+
+    fn etcd_health(&self) -> Option<EtcdHealth> {
+        Some(self.health())
+    }
+
+    fn stale_holders(&self) -> Vec<ProcessKey> {
+        self.inner
+            .stale
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
+    }
+}
+
+impl Inner {
+    /// Ends every lease and waiting request of an exited local process, recording `how`.
+    pub(super) async fn end_process_as(
+        &self,
+        process: ProcessKey,
+        how: EndReason,
+    ) -> Result<Vec<Released>, StoreError> {
+        let inner = self;
+        // Its waiting requests go first.
+        let mine: Vec<u64> = inner
+            .waiters
+            .lock()
+            .map(|w| {
+                w.iter()
+                    .filter(|(_, v)| v.value.owner.process == process)
+                    .map(|(id, _)| *id)
+                    .collect()
+            })
+            .unwrap_or_default();
+        for id in mine {
+            if inner.withdraw(id).await? {
+                // The request's caller learns of it through its closed channel.
+            }
+        }
+        let mut names = inner
+            .held
+            .lock()
+            .ok()
+            .and_then(|h| h.get(&process).cloned())
+            .unwrap_or_default();
+        loop {
+            if names.is_empty() {
+                return Ok(Vec::new());
+            }
+            match inner
+                .transact(names.clone(), |engine, now, _| {
+                    Ok((
+                        engine.end_process_as(&process, how.clone(), now),
+                        Extra::default(),
+                    ))
+                })
+                .await
+            {
+                // A damaged record is left for the administrator; the others are ended.
+                Err(StoreError::BadRecord { resource, .. }) => {
+                    names.remove(&resource);
+                    if let Ok(mut h) = inner.held.lock()
+                        && let Some(set) = h.get_mut(&process)
+                    {
+                        set.remove(&resource);
+                    }
+                }
+                r => return r.map(|(r, _, _)| r),
+            }
+        }
+    }
+}

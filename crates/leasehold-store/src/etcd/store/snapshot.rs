@@ -1,0 +1,293 @@
+//! Snapshots: the resources concerned, their waiters, grace and held keys, and the live host
+//! sessions, as read at one revision (or from the mirror); and what they show to `inspect`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use leasehold_core::{Ended, HostId, ResourceName, ResourceView, WaiterView};
+
+use super::{Inner, MAX_TXN_OPS, now_ms, unavailable};
+use crate::StoreError;
+use crate::etcd::client::{Txn, prefix_end, range_of};
+use crate::etcd::keys::{KeyKind, Keys, Record, WaiterValue};
+use crate::etcd::pb::mvccpb::KeyValue;
+
+/// What a resource looked like in a snapshot.
+#[derive(Debug, Clone, Default)]
+pub(super) struct ResSnap {
+    pub(super) record: Option<Record>,
+    /// Why the stored record cannot be trusted (then `record` is `None`): the resource is
+    /// refused to everyone.
+    pub(super) bad: Option<String>,
+    pub(super) mod_rev: i64,
+    pub(super) waiters: Vec<WaiterSnap>,
+    pub(super) grace: bool,
+    /// The sessions whose `held` keys say they hold it: etcd lease id to the host named.
+    pub(super) held: BTreeMap<i64, String>,
+}
+
+impl ResSnap {
+    /// A record missing, or missing a holder, while a session's `held` key says it holds
+    /// the resource was changed outside leasehold (every commit writes both together): the
+    /// resource is refused, not taken for free.
+    pub(super) fn judge_held(&mut self) {
+        if self.bad.is_some() || self.held.is_empty() {
+            return;
+        }
+        let holding = holding_sessions(self.record.as_ref());
+        let missing: Vec<String> = self
+            .held
+            .iter()
+            .filter(|(lease, _)| !holding.contains(lease))
+            .map(|(lease, host)| format!("session {lease:x} of host {host}"))
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        self.bad = Some(if self.record.is_none() {
+            format!(
+                "it is missing while {} holds it (changed outside leasehold)",
+                missing.join(", ")
+            )
+        } else {
+            format!(
+                "it lost the lease of {} without an ending (changed outside leasehold)",
+                missing.join(", ")
+            )
+        });
+        self.record = None;
+    }
+}
+
+/// The sessions (etcd lease ids) with a holder in `record`.
+pub(super) fn holding_sessions(record: Option<&Record>) -> BTreeSet<i64> {
+    record
+        .iter()
+        .flat_map(|r| r.state.holders.iter().map(|l| l.session.0 as i64))
+        .collect()
+}
+
+/// The sessions named by `held` keys among `kvs`.
+pub(super) fn held_of<'a>(
+    keys: &Keys,
+    kvs: impl IntoIterator<Item = &'a KeyValue>,
+) -> BTreeMap<i64, String> {
+    kvs.into_iter()
+        .filter_map(|kv| match keys.parse(&kv.key) {
+            Some(KeyKind::Held(_, lease)) => {
+                Some((lease, String::from_utf8_lossy(&kv.value).into_owned()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct WaiterSnap {
+    pub(super) id: u64,
+    pub(super) value: WaiterValue,
+}
+
+/// A consistent read of some resources and of the live sessions.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Snapshot {
+    pub(super) revision: i64,
+    /// Live sessions: lease id to host.
+    pub(super) sessions: HashMap<i64, HostId>,
+    pub(super) res: BTreeMap<ResourceName, ResSnap>,
+}
+
+/// A stored record, or why it cannot be trusted.
+pub(super) fn record_of(kv: Option<&KeyValue>) -> (Option<Record>, Option<String>) {
+    match kv.map(|kv| Record::decode(&kv.value)) {
+        None => (None, None),
+        Some(Ok(r)) => (Some(r), None),
+        Some(Err(d)) => (None, Some(d)),
+    }
+}
+
+impl Inner {
+    /// A snapshot of `names` from the mirror: no round trip, possibly stale.
+    pub(super) fn cached_snapshot(&self, names: &BTreeSet<ResourceName>) -> Snapshot {
+        let Ok(m) = self.mirror.read() else {
+            return Snapshot::default();
+        };
+        let mut snap = Snapshot {
+            revision: m.revision,
+            sessions: m.sessions.clone(),
+            res: BTreeMap::new(),
+        };
+        for r in names {
+            let rec = m.kvs.get(&self.keys.resource(r));
+            let wp = self.keys.waiters(r);
+            let hp = self.keys.held_of(r);
+            let (record, bad) = record_of(rec);
+            let mut rs = ResSnap {
+                record,
+                bad,
+                mod_rev: rec.map_or(0, |kv| kv.mod_revision),
+                waiters: m
+                    .kvs
+                    .range(wp.clone()..prefix_end(&wp))
+                    .filter_map(|(_, kv)| {
+                        Some(WaiterSnap {
+                            id: kv.create_revision as u64,
+                            value: serde_json::from_slice(&kv.value).ok()?,
+                        })
+                    })
+                    .collect(),
+                grace: m.kvs.contains_key(&self.keys.grace(r)),
+                held: held_of(
+                    &self.keys,
+                    m.kvs.range(hp.clone()..prefix_end(&hp)).map(|(_, kv)| kv),
+                ),
+            };
+            rs.judge_held();
+            snap.res.insert(r.clone(), rs);
+        }
+        snap
+    }
+
+    /// Reads the resources `names` (with their waiters and grace keys) and the live sessions
+    /// at one revision: the hosts and the first resources in one transaction, the rest as
+    /// of that transaction's revision. A holder is judged dead only when its session's key
+    /// was gone at the very revision its record was read.
+    pub(super) async fn snapshot(
+        &self,
+        names: &BTreeSet<ResourceName>,
+    ) -> Result<Snapshot, StoreError> {
+        let hosts = self.keys.hosts();
+        let names: Vec<&ResourceName> = names.iter().collect();
+        let mut chunks: Vec<&[&ResourceName]> = names.chunks((MAX_TXN_OPS - 1) / 3).collect();
+        if chunks.is_empty() {
+            chunks.push(&[]);
+        }
+        let mut snap = Snapshot::default();
+        for (n, chunk) in chunks.into_iter().enumerate() {
+            let mut t = Txn::new();
+            if n == 0 {
+                t = t.get(hosts.clone(), prefix_end(&hosts));
+            }
+            for r in chunk {
+                let wp = self.keys.waiters(r);
+                t = t
+                    .get_at(
+                        self.keys.resource(r),
+                        self.keys.resource_end(r),
+                        snap.revision,
+                    )
+                    .get_at(wp.clone(), prefix_end(&wp), snap.revision)
+                    .get_at(self.keys.grace(r), Vec::new(), snap.revision);
+            }
+            let res = self.etcd.txn(t).await.map_err(unavailable)?;
+            let base = usize::from(n == 0);
+            if n == 0 {
+                snap.revision = res.revision;
+                for kv in range_of(&res, 0) {
+                    if let Some(KeyKind::Host(h)) = self.keys.parse(&kv.key) {
+                        snap.sessions.insert(kv.lease, h);
+                    }
+                }
+                self.pause_if_asked().await;
+            }
+            for (i, r) in chunk.iter().enumerate() {
+                let at = base + 3 * i;
+                let key = self.keys.resource(r);
+                let rec = range_of(&res, at).iter().find(|kv| kv.key == key);
+                let (record, bad) = record_of(rec);
+                let mut rs = ResSnap {
+                    record,
+                    bad,
+                    mod_rev: rec.map_or(0, |kv| kv.mod_revision),
+                    waiters: Vec::new(),
+                    grace: !range_of(&res, at + 2).is_empty(),
+                    held: held_of(&self.keys, range_of(&res, at)),
+                };
+                for kv in range_of(&res, at + 1) {
+                    if let Ok(value) = serde_json::from_slice::<WaiterValue>(&kv.value) {
+                        rs.waiters.push(WaiterSnap {
+                            id: kv.create_revision as u64,
+                            value,
+                        });
+                    }
+                }
+                rs.judge_held();
+                snap.res.insert((*r).clone(), rs);
+            }
+        }
+        Ok(snap)
+    }
+
+    /// Stops here if a test asked for it (see [`EtcdStore::pause_next_snapshot`]).
+    pub(super) async fn pause_if_asked(&self) {
+        let pause = self.pause_snapshot.lock().ok().and_then(|mut p| p.take());
+        if let Some((reached, resume)) = pause {
+            let _ = reached.send(());
+            let _ = resume.await;
+        }
+    }
+
+    pub(super) fn view(
+        &self,
+        name: &ResourceName,
+        rs: &ResSnap,
+        snap: &Snapshot,
+    ) -> Option<ResourceView> {
+        let rec = rs.record.as_ref();
+        if rec.is_none() && rs.bad.is_none() && rs.waiters.is_empty() && !rs.grace {
+            return None;
+        }
+        let state = rec.map(|r| r.state.clone()).unwrap_or_default();
+        let mut waiters: Vec<&WaiterSnap> = rs.waiters.iter().collect();
+        waiters.sort_by_key(|w| w.id);
+        Some(ResourceView {
+            resource: name.clone(),
+            holders: state
+                .holders
+                .iter()
+                .filter(|l| snap.sessions.contains_key(&(l.session.0 as i64)))
+                .cloned()
+                .collect(),
+            dirty: state.dirty.clone().or_else(|| {
+                // A dead session's exclusive holder leaves the resource dirty once anyone
+                // touches it; show it so now.
+                state
+                    .holders
+                    .iter()
+                    .find(|l| {
+                        l.mode == leasehold_core::Mode::Exclusive
+                            && !snap.sessions.contains_key(&(l.session.0 as i64))
+                    })
+                    .map(|l| Ended {
+                        owner: l.owner.clone(),
+                        mode: l.mode,
+                        token: l.token,
+                        granted_at: l.granted_at,
+                        ended_at: leasehold_core::WallTime(now_ms()),
+                        how: leasehold_core::EndReason::SessionExpired,
+                    })
+            }),
+            last_ended: state.last_ended.clone(),
+            last_token: state.last_token,
+            waiters: waiters
+                .iter()
+                .map(|w| WaiterView {
+                    owner: w.value.owner.clone(),
+                    mode: w
+                        .value
+                        .items
+                        .iter()
+                        .find(|(r, _)| r == name)
+                        .map_or(leasehold_core::Mode::Exclusive, |(_, m)| *m),
+                })
+                .collect(),
+            blocked_for: rs.grace.then_some(self.opts.grace),
+            handover_pending: rec.and_then(|r| r.reserved_for).is_some(),
+            damaged: rs.bad.as_ref().map(|d| {
+                format!(
+                    "record at key {}: {d}; find out who uses it, then `leasehold force-release {name} --reason TEXT` resets it to an empty record marked dirty",
+                    String::from_utf8_lossy(&self.keys.resource(name))
+                )
+            }),
+        })
+    }
+}

@@ -1,0 +1,487 @@
+//! The embedded single-host store: the engine on one thread, its records in a redb file.
+//!
+//! One worker thread owns the [`Engine`] and the database. Callers send it commands; it
+//! takes every command that is waiting (up to a batch limit), applies them to the engine in
+//! order, writes every changed record in **one** write transaction, commits it (one fsync),
+//! and only then answers every caller of the batch. So concurrent grants share an fsync
+//! (group commit), nobody is told of a grant before it is durable, and reads answered in a
+//! batch never show a change that a crash could still undo.
+//!
+//! If a commit fails, the engine is rebuilt from the database (dropping the batch) and every
+//! caller of the batch gets [`StoreError::Storage`]: nothing they asked for took effect.
+
+mod db;
+mod worker;
+
+use std::collections::HashMap;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use leasehold_core::{
+    AcquireError, Conflict, Ended, EngineConfig, Event, Grant, HostId, Mode, Owner, ProcessKey,
+    ReleaseKind, Released, ResourceName, Token, WaiterId,
+};
+use tokio::sync::{broadcast, oneshot};
+
+use crate::{AcquireSpec, Clock, Store, StoreError};
+use db::{DB_FILE, adopt_session, damaged, open_db, private_file, quietly, storage};
+use leasehold_core::ResourceView;
+use worker::Worker;
+
+/// Settings of a [`LocalStore`].
+#[derive(Debug, Clone)]
+pub struct LocalStoreOptions {
+    /// The engine settings. Grace matters only where sessions expire, which they do not on
+    /// the local store; kept for symmetry.
+    pub engine: EngineConfig,
+    /// The most commands applied in one commit.
+    pub max_batch: usize,
+    /// Capacity of the event channel; slow subscribers miss events beyond it.
+    pub event_capacity: usize,
+    /// redb's page cache, in bytes.
+    pub cache_bytes: usize,
+}
+
+impl Default for LocalStoreOptions {
+    fn default() -> Self {
+        LocalStoreOptions {
+            engine: EngineConfig::default(),
+            max_batch: 4096,
+            event_capacity: 4096,
+            cache_bytes: 16 << 20,
+        }
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+enum AcquireReply {
+    Done(Vec<Grant>),
+    Queued(
+        WaiterId,
+        oneshot::Receiver<Result<Vec<Grant>, AcquireError>>,
+    ),
+}
+
+enum Cmd {
+    Acquire {
+        owner: Owner,
+        items: Vec<(ResourceName, Mode)>,
+        accept_dirty: bool,
+        wait: bool,
+        reply: Reply<AcquireReply>,
+    },
+    /// Withdraws a wait that timed out; answers the conflict, or `None` when the outcome was
+    /// already decided (and is on its way).
+    CancelWait {
+        id: WaiterId,
+        reply: Reply<Option<Conflict>>,
+    },
+    /// The waiting caller went away: withdraw, answering nobody.
+    Abandon(WaiterId),
+    /// Release grants that a caller received but could not use.
+    ReleaseOrphans(Vec<(ResourceName, ProcessKey)>),
+    Release {
+        resource: ResourceName,
+        process: ProcessKey,
+        kind: ReleaseKind,
+        reply: Reply<Released>,
+    },
+    EndProcess {
+        process: ProcessKey,
+        reply: Reply<Vec<Released>>,
+    },
+    ForceRelease {
+        resource: ResourceName,
+        reason: String,
+        by: String,
+        reply: Reply<Vec<Released>>,
+    },
+    MarkClean {
+        resource: ResourceName,
+        by: String,
+        reply: Reply<Option<Ended>>,
+    },
+    Validate {
+        resource: ResourceName,
+        token: Token,
+        reply: Reply<bool>,
+    },
+    Inspect {
+        resource: ResourceName,
+        reply: Reply<Option<ResourceView>>,
+    },
+    Conflict {
+        process: ProcessKey,
+        items: Vec<(ResourceName, Mode)>,
+        reply: Reply<Option<(Conflict, Option<Duration>)>>,
+    },
+    List {
+        reply: Reply<Vec<ResourceView>>,
+    },
+    Shutdown,
+}
+
+/// The embedded single-host store. See the module documentation for how it commits.
+pub struct LocalStore {
+    host: HostId,
+    dir: PathBuf,
+    tx: mpsc::Sender<Cmd>,
+    events: broadcast::Sender<Event>,
+    worker: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for LocalStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalStore")
+            .field("host", &self.host)
+            .field("dir", &self.dir)
+            .finish()
+    }
+}
+
+impl LocalStore {
+    /// Opens (creating if needed) the store in directory `dir` for `host`.
+    ///
+    /// # Errors
+    /// [`StoreError::Storage`] when the directory or database cannot be opened (another
+    /// process has it open, or it is not writable); [`StoreError::BadState`] when it holds
+    /// a format this code does not know, or live leases of another host id.
+    pub fn open(dir: impl AsRef<Path>, host: HostId) -> Result<LocalStore, StoreError> {
+        LocalStore::open_with(dir, host, LocalStoreOptions::default())
+    }
+
+    /// Opens the store with explicit options.
+    ///
+    /// # Errors
+    /// As [`LocalStore::open`].
+    pub fn open_with(
+        dir: impl AsRef<Path>,
+        host: HostId,
+        options: LocalStoreOptions,
+    ) -> Result<LocalStore, StoreError> {
+        let dir = dir.as_ref().to_path_buf();
+        // A new state directory is for the agent's user only (SPEC G8); an existing one is
+        // left as its owner made it.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| storage(format!("creating {}: {e}", dir.display())))?;
+        let path = dir.join(DB_FILE);
+        private_file(&path)?;
+        // redb panics on some damaged pages instead of returning an error: whatever it does,
+        // a damaged file is a clear, final error naming the file, never a crash (a crash under
+        // a service manager's restart would only loop).
+        let opened = quietly(|| open_db(&path, &dir, &options));
+        let (db, mut engine, fresh) = match opened {
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => return Err(e),
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "an internal error".into());
+                return Err(damaged(&path, &what));
+            }
+        };
+        let clock = Clock::new();
+        let now = clock.now();
+        let session = adopt_session(&mut engine, &host, now)?;
+        let (events, _) = broadcast::channel(options.event_capacity.max(1));
+        let mut worker = Worker {
+            engine,
+            db: Some(db),
+            path: path.clone(),
+            broken: None,
+            clock,
+            session,
+            options,
+            events: events.clone(),
+            pending: HashMap::new(),
+            orphans: Vec::new(),
+            fresh,
+        };
+        let out = worker.engine.take_output();
+        if out.needs_persist() || worker.fresh {
+            worker.persist(&out).map_err(storage)?;
+            worker.fresh = false;
+        }
+        let (tx, rx) = mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name("leasehold-store".into())
+            .spawn(move || worker.run(rx))
+            .map_err(|e| storage(format!("starting the store thread: {e}")))?;
+        Ok(LocalStore {
+            host,
+            dir,
+            tx,
+            events,
+            worker: Mutex::new(Some(handle)),
+        })
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Stops the worker after it finishes the commands already sent, and closes the
+    /// database. Dropping the store does the same.
+    pub fn close(&self) {
+        let _ = self.tx.send(Cmd::Shutdown);
+        let handle = self.worker.lock().ok().and_then(|mut h| h.take());
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+
+    fn send(&self, cmd: Cmd) -> Result<(), StoreError> {
+        self.tx.send(cmd).map_err(|_| StoreError::Closed)
+    }
+
+    async fn call<T>(&self, cmd: impl FnOnce(Reply<T>) -> Cmd) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(cmd(tx))?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+impl Drop for LocalStore {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Withdraws a waiting request if the caller goes away before learning its outcome.
+struct WaitGuard {
+    id: WaiterId,
+    process: ProcessKey,
+    rx: Option<oneshot::Receiver<Result<Vec<Grant>, AcquireError>>>,
+    tx: mpsc::Sender<Cmd>,
+}
+
+impl Drop for WaitGuard {
+    fn drop(&mut self) {
+        let Some(mut rx) = self.rx.take() else {
+            return;
+        };
+        // After close() no outcome can arrive; one that arrived before is still readable.
+        rx.close();
+        match rx.try_recv() {
+            Ok(Ok(grants)) => {
+                let orphans = fresh(&grants, &self.process);
+                let _ = self.tx.send(Cmd::ReleaseOrphans(orphans));
+            }
+            Ok(Err(_)) => {}
+            Err(_) => {
+                let _ = self.tx.send(Cmd::Abandon(self.id));
+            }
+        }
+    }
+}
+
+fn fresh(grants: &[Grant], process: &ProcessKey) -> Vec<(ResourceName, ProcessKey)> {
+    grants
+        .iter()
+        .filter(|g| !g.existing)
+        .map(|g| (g.resource.clone(), process.clone()))
+        .collect()
+}
+
+impl Store for LocalStore {
+    fn host(&self) -> &HostId {
+        &self.host
+    }
+
+    async fn acquire(&self, spec: AcquireSpec) -> Result<Vec<Grant>, StoreError> {
+        crate::check_host(&self.host, &spec)?;
+        let process = spec.owner.process.clone();
+        let reply = self
+            .call(|reply| Cmd::Acquire {
+                owner: spec.owner,
+                items: spec.items,
+                accept_dirty: spec.accept_dirty,
+                wait: spec.wait.is_some(),
+                reply,
+            })
+            .await?;
+        let (id, rx) = match reply {
+            AcquireReply::Done(grants) => return Ok(grants),
+            AcquireReply::Queued(id, rx) => (id, rx),
+        };
+        let mut guard = WaitGuard {
+            id,
+            process,
+            rx: Some(rx),
+            tx: self.tx.clone(),
+        };
+        let wait = spec.wait.unwrap_or_default();
+        let outcome = match &mut guard.rx {
+            Some(rx) => tokio::time::timeout(wait, rx).await,
+            None => return Err(StoreError::Closed),
+        };
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(_elapsed) => {
+                match self.call(|reply| Cmd::CancelWait { id, reply }).await? {
+                    Some(conflict) => {
+                        guard.rx = None;
+                        return Err(StoreError::TimedOut(conflict));
+                    }
+                    // Decided just before the cancel: the outcome is on its way.
+                    None => match &mut guard.rx {
+                        Some(rx) => rx.await,
+                        None => return Err(StoreError::Closed),
+                    },
+                }
+            }
+        };
+        guard.rx = None;
+        match outcome {
+            Ok(result) => result.map_err(StoreError::from),
+            Err(_) => Err(StoreError::Closed),
+        }
+    }
+
+    async fn release(
+        &self,
+        resource: ResourceName,
+        process: ProcessKey,
+        kind: ReleaseKind,
+    ) -> Result<Released, StoreError> {
+        self.call(|reply| Cmd::Release {
+            resource,
+            process,
+            kind,
+            reply,
+        })
+        .await
+    }
+
+    async fn end_process(&self, process: ProcessKey) -> Result<Vec<Released>, StoreError> {
+        self.call(|reply| Cmd::EndProcess { process, reply }).await
+    }
+
+    async fn force_release(
+        &self,
+        resource: ResourceName,
+        reason: String,
+        by: String,
+    ) -> Result<Vec<Released>, StoreError> {
+        self.call(|reply| Cmd::ForceRelease {
+            resource,
+            reason,
+            by,
+            reply,
+        })
+        .await
+    }
+
+    async fn mark_clean(
+        &self,
+        resource: ResourceName,
+        by: String,
+    ) -> Result<Option<Ended>, StoreError> {
+        self.call(|reply| Cmd::MarkClean {
+            resource,
+            by,
+            reply,
+        })
+        .await
+    }
+
+    async fn validate(&self, resource: ResourceName, token: Token) -> Result<bool, StoreError> {
+        self.call(|reply| Cmd::Validate {
+            resource,
+            token,
+            reply,
+        })
+        .await
+    }
+
+    async fn conflict(
+        &self,
+        process: ProcessKey,
+        items: Vec<(ResourceName, Mode)>,
+    ) -> Result<Option<(Conflict, Option<Duration>)>, StoreError> {
+        self.call(|reply| Cmd::Conflict {
+            process,
+            items,
+            reply,
+        })
+        .await
+    }
+
+    async fn inspect(&self, resource: ResourceName) -> Result<Option<ResourceView>, StoreError> {
+        self.call(|reply| Cmd::Inspect { resource, reply }).await
+    }
+
+    async fn list(&self) -> Result<Vec<ResourceView>, StoreError> {
+        self.call(|reply| Cmd::List { reply }).await
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use leasehold_core::{Mode, Owner, ResourceState};
+    use redb::{Database, ReadableTable};
+
+    use super::db::RESOURCES;
+    use super::*;
+
+    /// Issue 8 item 3: a stored record with an exclusive and a shared holder together breaks
+    /// G1; the store refuses to open on it instead of acting on it.
+    #[tokio::test]
+    async fn a_record_breaking_exclusion_is_refused_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = HostId::new("h").unwrap();
+        let disk = ResourceName::new("disk").unwrap();
+        {
+            let s = LocalStore::open(dir.path(), host.clone()).unwrap();
+            for (pid, mode) in [(10, Mode::Exclusive), (11, Mode::Shared)] {
+                let other = ResourceName::new(format!("r{pid}")).unwrap();
+                s.acquire(AcquireSpec::new(
+                    Owner::new(host.clone(), pid, 1),
+                    [(other, mode)],
+                ))
+                .await
+                .unwrap();
+            }
+        }
+        // Write one record holding both leases, as an outside edit would.
+        let db = Database::create(dir.path().join(DB_FILE)).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut table = txn.open_table(RESOURCES).unwrap();
+            let mut merged: ResourceState =
+                serde_json::from_slice(table.get("r10").unwrap().unwrap().value()).unwrap();
+            let shared: ResourceState =
+                serde_json::from_slice(table.get("r11").unwrap().unwrap().value()).unwrap();
+            merged.holders.extend(shared.holders);
+            merged.last_token = merged.last_token.max(shared.last_token);
+            let bytes = serde_json::to_vec(&merged).unwrap();
+            table.insert(disk.as_str(), bytes.as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+        drop(db);
+        let e = LocalStore::open(dir.path(), host.clone()).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, StoreError::BadState(_)), "{e:?}");
+        assert!(
+            msg.contains("record of disk breaks the lease rules"),
+            "{msg}"
+        );
+    }
+}

@@ -1,0 +1,495 @@
+//! The worker thread: it applies a batch of commands to the engine, commits the batch in one
+//! write transaction, and only then answers.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use leasehold_core::{
+    AcquireError, AcquireRequest, Acquired, Conflict, Engine, Event, Grant, Mode, Now, Output,
+    ProcessKey, ReleaseKind, ReleaseRequest, ResourceName, SessionId, WaiterId,
+};
+use redb::Database;
+use tokio::sync::{broadcast, oneshot};
+
+use super::db::{ENGINE_KEY, FORMAT, FORMAT_KEY, META, RESOURCES, load, quietly, storage};
+use super::{AcquireReply, Cmd, LocalStoreOptions, Reply, fresh};
+use crate::{Clock, StoreError};
+use leasehold_core::{ResourceView, WaiterView};
+
+pub(super) enum Cleanup {
+    Release(Vec<(ResourceName, ProcessKey)>),
+    Abandon(WaiterId),
+}
+
+/// An answer held back until the batch is durable; called with the commit error, if any.
+pub(super) type Deferred = Box<dyn FnOnce(Option<&StoreError>) -> Option<Cleanup> + Send>;
+
+pub(super) fn defer<T: Send + 'static>(
+    out: &mut Vec<Deferred>,
+    reply: Reply<T>,
+    value: Result<T, StoreError>,
+) {
+    out.push(Box::new(move |failed| {
+        let value = match failed {
+            Some(e) => Err(e.clone()),
+            None => value,
+        };
+        let _ = reply.send(value);
+        None
+    }));
+}
+
+pub(super) struct Pending {
+    pub(super) reply: oneshot::Sender<Result<Vec<Grant>, AcquireError>>,
+    pub(super) process: ProcessKey,
+    pub(super) items: Vec<(ResourceName, Mode)>,
+}
+
+pub(super) struct Worker {
+    pub(super) engine: Engine,
+    /// The database; `None` after a write failed and it could not be opened again yet
+    /// (the disk is full, or failing): then every command is refused, and reopening is
+    /// retried every [`RETRY_STORAGE`], until the engine is reloaded from what is on disk.
+    pub(super) db: Option<Database>,
+    /// The database file.
+    pub(super) path: PathBuf,
+    /// Why the database cannot be used, while it cannot.
+    pub(super) broken: Option<String>,
+    pub(super) clock: Clock,
+    pub(super) session: SessionId,
+    pub(super) options: LocalStoreOptions,
+    pub(super) events: broadcast::Sender<Event>,
+    pub(super) pending: HashMap<WaiterId, Pending>,
+    pub(super) orphans: Vec<(ResourceName, ProcessKey)>,
+    /// Whether the database has no format marker yet (a new state directory).
+    pub(super) fresh: bool,
+}
+
+/// How often a store whose database failed tries to open it again.
+pub(super) const RETRY_STORAGE: Duration = Duration::from_millis(500);
+
+impl Worker {
+    pub(super) fn run(mut self, rx: mpsc::Receiver<Cmd>) {
+        loop {
+            let first = if self.broken.is_some() {
+                match rx.recv_timeout(RETRY_STORAGE) {
+                    Ok(cmd) => Some(cmd),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return self.shutdown(),
+                }
+            } else if !self.orphans.is_empty() {
+                rx.try_recv().ok()
+            } else {
+                let deadline = self.engine.next_deadline();
+                let received = match deadline {
+                    Some(t) => {
+                        let wait = self
+                            .clock
+                            .instant(t)
+                            .saturating_duration_since(std::time::Instant::now());
+                        rx.recv_timeout(wait.max(Duration::from_millis(1)))
+                    }
+                    None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+                };
+                match received {
+                    Ok(cmd) => Some(cmd),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return self.shutdown(),
+                }
+            };
+            let mut batch: Vec<Cmd> = first.into_iter().collect();
+            while batch.len() < self.options.max_batch {
+                match rx.try_recv() {
+                    Ok(cmd) => batch.push(cmd),
+                    Err(_) => break,
+                }
+            }
+            let stop = batch.iter().any(|c| matches!(c, Cmd::Shutdown));
+            self.step(batch);
+            if stop {
+                return self.shutdown();
+            }
+        }
+    }
+
+    pub(super) fn shutdown(self) {
+        for (_, p) in self.pending {
+            let _ = p.reply.send(Err(AcquireError::Cancelled(
+                "the store is shutting down".into(),
+            )));
+        }
+    }
+
+    /// Applies a batch, commits it once, then answers.
+    pub(super) fn step(&mut self, batch: Vec<Cmd>) {
+        if self.broken.is_some() && !self.recover() {
+            let e = StoreError::Storage(self.broken.clone().unwrap_or_default());
+            for cmd in batch {
+                refuse(cmd, &e, &mut self.orphans);
+            }
+            return;
+        }
+        let now = self.clock.now();
+        self.engine.tick(now);
+        let orphans = self.orphans.clone();
+        for (resource, process) in std::mem::take(&mut self.orphans) {
+            let _ = self.engine.release(
+                ReleaseRequest {
+                    resource,
+                    process,
+                    kind: ReleaseKind::Clean,
+                },
+                now,
+            );
+        }
+        let mut answers: Vec<Deferred> = Vec::with_capacity(batch.len());
+        for cmd in batch {
+            self.apply(cmd, now, &mut answers);
+        }
+        let out = self.engine.take_output();
+        let failed = if out.needs_persist() {
+            self.persist(&out).err().map(|e| {
+                storage(format!(
+                    "the state database {} could not be written ({e}); nothing of what was \
+                     asked took effect; the agent retries every {} ms (free disk space, or \
+                     check the disk)",
+                    self.path.display(),
+                    RETRY_STORAGE.as_millis()
+                ))
+            })
+        } else {
+            None
+        };
+        if let Some(err) = &failed {
+            self.reload(err);
+            // Those grants are still to be released, from the state on disk.
+            self.orphans.extend(orphans);
+        }
+        for answer in answers {
+            match answer(failed.as_ref()) {
+                Some(Cleanup::Release(v)) => self.orphans.extend(v),
+                Some(Cleanup::Abandon(id)) => self.abandon(id, now),
+                None => {}
+            }
+        }
+        if failed.is_some() {
+            return;
+        }
+        self.deliver(out);
+    }
+
+    /// Withdraws a waiter whose caller went away. One the engine already decided in this
+    /// batch keeps its pending entry, so that `deliver` finds its caller gone and releases
+    /// what it was granted: dropping the entry here would leave that grant to nobody.
+    pub(super) fn abandon(&mut self, id: WaiterId, now: Now) {
+        if self.engine.cancel_wait(id, now) {
+            self.pending.remove(&id);
+        }
+    }
+
+    /// Answers waiters decided in this batch and publishes its events.
+    pub(super) fn deliver(&mut self, out: Output) {
+        for (id, outcome) in out.waiters {
+            let Some(p) = self.pending.remove(&id) else {
+                continue;
+            };
+            if let Err(Ok(grants)) = p.reply.send(outcome) {
+                self.orphans.extend(fresh(&grants, &p.process));
+            }
+        }
+        for e in out.events {
+            let _ = self.events.send(e);
+        }
+    }
+
+    pub(super) fn apply(&mut self, cmd: Cmd, now: Now, answers: &mut Vec<Deferred>) {
+        match cmd {
+            Cmd::Acquire {
+                owner,
+                items,
+                accept_dirty,
+                wait,
+                reply,
+            } => {
+                let process = owner.process.clone();
+                let req = AcquireRequest {
+                    owner,
+                    session: self.session,
+                    items: items.clone(),
+                    accept_dirty,
+                    wait,
+                };
+                let value = match self.engine.acquire(req, now) {
+                    Ok(Acquired::Granted(g)) => Ok(AcquireReply::Done(g)),
+                    Ok(Acquired::Queued(id)) => {
+                        let (tx, rx) = oneshot::channel();
+                        self.pending.insert(
+                            id,
+                            Pending {
+                                reply: tx,
+                                process: process.clone(),
+                                items,
+                            },
+                        );
+                        Ok(AcquireReply::Queued(id, rx))
+                    }
+                    Err(e) => Err(StoreError::from(e)),
+                };
+                answers.push(Box::new(move |failed| {
+                    let value = match failed {
+                        Some(e) => Err(e.clone()),
+                        None => value,
+                    };
+                    match reply.send(value) {
+                        Ok(()) => None,
+                        Err(Ok(AcquireReply::Done(grants))) => {
+                            Some(Cleanup::Release(fresh(&grants, &process)))
+                        }
+                        Err(Ok(AcquireReply::Queued(id, _))) => Some(Cleanup::Abandon(id)),
+                        Err(Err(_)) => None,
+                    }
+                }));
+            }
+            Cmd::CancelWait { id, reply } => {
+                let conflict = match self.pending.remove(&id) {
+                    Some(p) if self.engine.cancel_wait(id, now) => {
+                        let c = self.engine.conflict(&p.process, &p.items, now);
+                        Some(c.unwrap_or_else(|| Conflict::unknown(p.items[0].0.clone())))
+                    }
+                    // Already decided: put it back so its outcome is delivered.
+                    Some(p) => {
+                        self.pending.insert(id, p);
+                        None
+                    }
+                    None => None,
+                };
+                defer(answers, reply, Ok(conflict));
+            }
+            Cmd::Abandon(id) => self.abandon(id, now),
+            Cmd::ReleaseOrphans(v) => self.orphans.extend(v),
+            Cmd::Release {
+                resource,
+                process,
+                kind,
+                reply,
+            } => {
+                let r = self.engine.release(
+                    ReleaseRequest {
+                        resource,
+                        process,
+                        kind,
+                    },
+                    now,
+                );
+                defer(answers, reply, r.map_err(StoreError::from));
+            }
+            Cmd::EndProcess { process, reply } => {
+                let r = self.engine.end_process(&process, now);
+                defer(answers, reply, Ok(r));
+            }
+            Cmd::ForceRelease {
+                resource,
+                reason,
+                by,
+                reply,
+            } => {
+                let r = self.engine.force_release(&resource, &reason, &by, now);
+                defer(answers, reply, r.map_err(StoreError::from));
+            }
+            Cmd::MarkClean {
+                resource,
+                by,
+                reply,
+            } => {
+                let r = self.engine.mark_clean(&resource, &by, now);
+                defer(answers, reply, r.map_err(StoreError::from));
+            }
+            Cmd::Validate {
+                resource,
+                token,
+                reply,
+            } => {
+                let v = self.engine.validate(&resource, token);
+                defer(answers, reply, Ok(v));
+            }
+            Cmd::Conflict {
+                process,
+                items,
+                reply,
+            } => {
+                let c = self.engine.conflict(&process, &items, now).map(|c| {
+                    let left = c
+                        .blocked_until
+                        .map(|t| Duration::from_millis(t.0.saturating_sub(now.mono.0)));
+                    (c, left)
+                });
+                defer(answers, reply, Ok(c));
+            }
+            Cmd::Inspect { resource, reply } => {
+                let v = view(&self.engine, &resource, now);
+                defer(answers, reply, Ok(v));
+            }
+            Cmd::List { reply } => {
+                let v = self
+                    .engine
+                    .resources()
+                    .filter_map(|(name, _)| view(&self.engine, name, now))
+                    .collect();
+                defer(answers, reply, Ok(v));
+            }
+            Cmd::Shutdown => {}
+        }
+    }
+
+    /// Writes the records changed in `out` and commits: one fsync.
+    pub(super) fn persist(&self, out: &Output) -> Result<(), String> {
+        let db = self.db.as_ref().ok_or("the database is not open")?;
+        let txn = db.begin_write().map_err(|e| e.to_string())?;
+        {
+            let mut table = txn.open_table(RESOURCES).map_err(|e| e.to_string())?;
+            for name in &out.changed {
+                match self.engine.resource(name) {
+                    Some(st) => {
+                        let bytes = serde_json::to_vec(st).map_err(|e| e.to_string())?;
+                        table
+                            .insert(name.as_str(), bytes.as_slice())
+                            .map_err(|e| e.to_string())?;
+                    }
+                    None => {
+                        table.remove(name.as_str()).map_err(|e| e.to_string())?;
+                    }
+                }
+            }
+            // Grants touch only their resources' records: the token counter is rebuilt from
+            // their `last_token` on load, so the metadata is written only when sessions change.
+            if out.meta_changed || self.fresh {
+                let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
+                meta.insert(FORMAT_KEY, FORMAT).map_err(|e| e.to_string())?;
+                let bytes = serde_json::to_vec(&self.engine.meta()).map_err(|e| e.to_string())?;
+                meta.insert(ENGINE_KEY, bytes.as_slice())
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        txn.commit().map_err(|e| e.to_string())
+    }
+
+    /// After a failed commit: forget the batch by rebuilding the engine from disk. The
+    /// database is opened again first: after an I/O error (a full disk) redb refuses every
+    /// later write until then, even once space is back.
+    pub(super) fn reload(&mut self, err: &StoreError) {
+        for (_, p) in self.pending.drain() {
+            let _ = p.reply.send(Err(AcquireError::Cancelled(format!(
+                "the store failed: {err}"
+            ))));
+        }
+        self.orphans.clear();
+        self.db = None;
+        self.broken = Some(match err {
+            StoreError::Storage(m) => m.clone(),
+            other => other.to_string(),
+        });
+        let _ = self.engine.take_output();
+    }
+
+    /// After a failed write: opens the database again, rebuilds the engine from it, and
+    /// proves that a write commits now. False while any of that fails: the store stays
+    /// unhealthy, refusing every command (its `list` fails, so `status` says so).
+    pub(super) fn recover(&mut self) -> bool {
+        if self.db.is_none() && !self.reopen() {
+            return false;
+        }
+        let probe = || -> Result<(), String> {
+            let db = self.db.as_ref().ok_or("the database is not open")?;
+            let txn = db.begin_write().map_err(|e| e.to_string())?;
+            {
+                let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
+                meta.insert(FORMAT_KEY, FORMAT).map_err(|e| e.to_string())?;
+            }
+            txn.commit().map_err(|e| e.to_string())
+        };
+        match quietly(probe) {
+            Ok(Ok(())) => {
+                if let Some(was) = self.broken.take() {
+                    tracing::warn!(
+                        "the state database can be written again; leases are as on disk (it failed: {was})"
+                    );
+                }
+                true
+            }
+            Ok(Err(_)) | Err(_) => {
+                self.db = None;
+                false
+            }
+        }
+    }
+
+    /// Opens the database again and rebuilds the engine from it; false while it cannot.
+    pub(super) fn reopen(&mut self) -> bool {
+        self.db = None;
+        let opened = quietly(|| {
+            let db = Database::builder()
+                .set_cache_size(self.options.cache_bytes)
+                .create(&self.path)
+                .map_err(|e| e.to_string())?;
+            let (engine, _) = load(&db, self.options.engine).map_err(|e| e.to_string())?;
+            Ok::<_, String>((db, engine))
+        });
+        match opened {
+            Ok(Ok((db, engine))) => {
+                self.db = Some(db);
+                self.engine = engine;
+                true
+            }
+            Ok(Err(_)) | Err(_) => false,
+        }
+    }
+}
+
+/// Answers a command with `e` while the database cannot be used: nothing is applied.
+/// Grants to release are kept for when it can.
+pub(super) fn refuse(cmd: Cmd, e: &StoreError, orphans: &mut Vec<(ResourceName, ProcessKey)>) {
+    let e = e.clone();
+    match cmd {
+        Cmd::Acquire { reply, .. } => drop(reply.send(Err(e))),
+        Cmd::CancelWait { reply, .. } => drop(reply.send(Err(e))),
+        Cmd::Release { reply, .. } => drop(reply.send(Err(e))),
+        Cmd::EndProcess { reply, .. } | Cmd::ForceRelease { reply, .. } => {
+            drop(reply.send(Err(e)));
+        }
+        Cmd::MarkClean { reply, .. } => drop(reply.send(Err(e))),
+        Cmd::Validate { reply, .. } => drop(reply.send(Err(e))),
+        Cmd::Inspect { reply, .. } => drop(reply.send(Err(e))),
+        Cmd::Conflict { reply, .. } => drop(reply.send(Err(e))),
+        Cmd::List { reply } => drop(reply.send(Err(e))),
+        Cmd::ReleaseOrphans(v) => orphans.extend(v),
+        Cmd::Abandon(_) | Cmd::Shutdown => {}
+    }
+}
+
+/// The view of one resource for callers.
+pub(super) fn view(engine: &Engine, name: &ResourceName, now: Now) -> Option<ResourceView> {
+    let st = engine.resource(name)?;
+    Some(ResourceView {
+        resource: name.clone(),
+        holders: st.holders.clone(),
+        dirty: st.dirty.clone(),
+        last_ended: st.last_ended.clone(),
+        last_token: st.last_token,
+        waiters: engine
+            .waiters_of(name)
+            .into_iter()
+            .map(|(_, owner, mode)| WaiterView {
+                owner: owner.clone(),
+                mode,
+            })
+            .collect(),
+        blocked_for: st
+            .blocked_until
+            .filter(|t| *t > now.mono)
+            .map(|t| Duration::from_millis(t.0 - now.mono.0)),
+        handover_pending: st.reserved_for.is_some(),
+        damaged: None,
+    })
+}
