@@ -293,16 +293,25 @@ async fn forced_end_of(
         .expect("the holder was never fenced")
 }
 
-/// Waits until `s` shows `name` as damaged.
-async fn wait_damaged(s: &EtcdStore, name: &str) -> String {
+/// Waits until `s` shows `name` as damaged, saying `why`. (Between the deletion and the
+/// holder's host writing its marker, the record is shown damaged for another reason: missing
+/// while a session holds it.)
+async fn wait_damaged(s: &EtcdStore, name: &str, why: &str) -> String {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut last = None;
     loop {
-        if let Some(d) = s.inspect(res(name)).await.unwrap().and_then(|v| v.damaged) {
-            return d;
+        last = s
+            .inspect(res(name))
+            .await
+            .unwrap()
+            .and_then(|v| v.damaged)
+            .or(last);
+        if let Some(d) = last.as_ref().filter(|d| d.contains(why)) {
+            return d.clone();
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "{name} never shown damaged"
+            "{name} never shown damaged with {why:?}; last: {last:?}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
@@ -327,7 +336,7 @@ async fn a_record_deleted_while_held_stays_refused_and_its_holder_is_fenced() {
     etcdctl(&etcd, &["del", &record_key("disk")]);
     let reason = forced_end_of(&mut events, &holder).await;
     assert!(reason.contains("was deleted"), "{reason}");
-    let damaged = wait_damaged(&b, "disk").await;
+    let damaged = wait_damaged(&b, "disk", "deleted while").await;
     assert!(damaged.contains("deleted while"), "{damaged}");
     let other = Owner::new(b.host().clone(), 20, 1);
     let e = b

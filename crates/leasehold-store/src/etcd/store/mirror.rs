@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use leasehold_core::{Ended, Event, HostId, ProcessKey, ResourceName, ResourceState, SessionId};
+use leasehold_core::{Ended, Event, ProcessKey, ResourceName, ResourceState, SessionId};
 use tracing::{debug, warn};
 
 use super::{Inner, json, now_ms, unavailable};
@@ -22,8 +22,6 @@ use crate::etcd::pb::mvccpb::KeyValue;
 pub(super) struct Mirror {
     pub(super) revision: i64,
     pub(super) kvs: BTreeMap<Vec<u8>, KeyValue>,
-    /// Live sessions: lease id to host.
-    pub(super) sessions: HashMap<i64, HostId>,
 }
 
 /// A repair the watch found necessary.
@@ -103,9 +101,6 @@ impl Inner {
             ..Mirror::default()
         };
         for kv in kvs {
-            if let Some(KeyKind::Host(h)) = self.keys.parse(&kv.key) {
-                m.sessions.insert(kv.lease, h);
-            }
             m.kvs.insert(kv.key.clone(), kv);
         }
         if let Ok(mut mirror) = self.mirror.write() {
@@ -158,23 +153,15 @@ impl Inner {
         if let Ok(mut m) = self.mirror.write() {
             if deleted {
                 old = m.kvs.remove(&kv.key);
-                if let (Some(o), Some(KeyKind::Host(h))) = (&old, &kind) {
-                    m.sessions.remove(&o.lease);
-                    if h == &self.host {
-                        own_ended = Some(o.lease);
-                    }
+                if let (Some(o), Some(KeyKind::Host(h))) = (&old, &kind)
+                    && h == &self.host
+                {
+                    own_ended = Some(o.lease);
                 }
             } else {
+                // Liveness is a host key's lease: a key moved off a lease ends that session
+                // (snapshots take the sessions from the host keys).
                 old = m.kvs.insert(kv.key.clone(), kv.clone());
-                if let Some(KeyKind::Host(h)) = &kind {
-                    // Liveness is the key's lease: a key moved off a lease ends that session.
-                    if let Some(o) = &old
-                        && o.lease != kv.lease
-                    {
-                        m.sessions.remove(&o.lease);
-                    }
-                    m.sessions.insert(kv.lease, h.clone());
-                }
             }
         }
         if let Some(lease) = own_ended {

@@ -11,13 +11,12 @@ use leasehold_core::{
 use tokio::sync::{broadcast, oneshot, watch};
 
 use super::commit::Extra;
-use super::snapshot::{Snapshot, WaiterSnap, record_of};
+use super::snapshot::Snapshot;
 use super::waiters::{LocalWaiter, Queueing, WaitGuard, withdrawn};
 use super::{EtcdStore, Inner, json, unavailable};
 use crate::etcd::client::prefix_end;
 use crate::etcd::history::EtcdHealth;
-use crate::etcd::keys::{KeyKind, WaiterValue};
-use crate::etcd::pb::mvccpb::KeyValue;
+use crate::etcd::keys::WaiterValue;
 use crate::{AcquireSpec, SessionEndHook, SessionState, Store, StoreError, WaitNote};
 
 impl Store for EtcdStore {
@@ -291,41 +290,7 @@ impl Store for EtcdStore {
             .range(prefix.clone(), prefix_end(&prefix), 0)
             .await
             .map_err(unavailable)?;
-        let mut snap = Snapshot {
-            revision,
-            ..Snapshot::default()
-        };
-        let mut waiters: Vec<(ResourceName, &KeyValue)> = Vec::new();
-        for kv in &kvs {
-            match k.parse(&kv.key) {
-                Some(KeyKind::Host(h)) => {
-                    snap.sessions.insert(kv.lease, h);
-                }
-                Some(KeyKind::Resource(r)) => {
-                    let e = snap.res.entry(r).or_default();
-                    (e.record, e.bad) = record_of(Some(kv));
-                    e.mod_rev = kv.mod_revision;
-                }
-                Some(KeyKind::Grace(r)) => snap.res.entry(r).or_default().grace = true,
-                Some(KeyKind::Waiter(r)) => waiters.push((r, kv)),
-                Some(KeyKind::Held(r, lease)) => {
-                    let host = String::from_utf8_lossy(&kv.value).into_owned();
-                    snap.res.entry(r).or_default().held.insert(lease, host);
-                }
-                None => {}
-            }
-        }
-        for rs in snap.res.values_mut() {
-            rs.judge_held();
-        }
-        for (r, kv) in waiters {
-            if let Ok(value) = serde_json::from_slice::<WaiterValue>(&kv.value) {
-                snap.res.entry(r).or_default().waiters.push(WaiterSnap {
-                    id: kv.create_revision as u64,
-                    value,
-                });
-            }
-        }
+        let snap = Snapshot::build(k, revision, None, &kvs);
         Ok(snap
             .res
             .iter()

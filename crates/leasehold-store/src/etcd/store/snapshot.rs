@@ -66,21 +66,6 @@ pub(super) fn holding_sessions(record: Option<&Record>) -> BTreeSet<i64> {
         .collect()
 }
 
-/// The sessions named by `held` keys among `kvs`.
-pub(super) fn held_of<'a>(
-    keys: &Keys,
-    kvs: impl IntoIterator<Item = &'a KeyValue>,
-) -> BTreeMap<i64, String> {
-    kvs.into_iter()
-        .filter_map(|kv| match keys.parse(&kv.key) {
-            Some(KeyKind::Held(_, lease)) => {
-                Some((lease, String::from_utf8_lossy(&kv.value).into_owned()))
-            }
-            _ => None,
-        })
-        .collect()
-}
-
 #[derive(Debug, Clone)]
 pub(super) struct WaiterSnap {
     pub(super) id: u64,
@@ -97,11 +82,86 @@ pub(super) struct Snapshot {
 }
 
 /// A stored record, or why it cannot be trusted.
-pub(super) fn record_of(kv: Option<&KeyValue>) -> (Option<Record>, Option<String>) {
-    match kv.map(|kv| Record::decode(&kv.value)) {
-        None => (None, None),
-        Some(Ok(r)) => (Some(r), None),
-        Some(Err(d)) => (None, Some(d)),
+fn record_of(kv: &KeyValue) -> (Option<Record>, Option<String>) {
+    match Record::decode(&kv.value) {
+        Ok(r) => (Some(r), None),
+        Err(d) => (None, Some(d)),
+    }
+}
+
+/// The entry of resource `r` in `res`: with `only_named`, only one made beforehand (a
+/// resource asked about); else one made if need be.
+fn slot(
+    res: &mut BTreeMap<ResourceName, ResSnap>,
+    r: ResourceName,
+    only_named: bool,
+) -> Option<&mut ResSnap> {
+    if only_named {
+        res.get_mut(&r)
+    } else {
+        Some(res.entry(r).or_default())
+    }
+}
+
+impl Snapshot {
+    /// The one way a snapshot is made, from keys read at `revision` (by a fresh read, from the
+    /// mirror, or by a read of everything): host keys give the live sessions; records, held,
+    /// waiter and grace keys give the resources. With `names`, only those resources are kept,
+    /// each with an entry even when nothing of it was read; without, every resource read.
+    pub(super) fn build<'a>(
+        keys: &Keys,
+        revision: i64,
+        names: Option<&BTreeSet<ResourceName>>,
+        kvs: impl IntoIterator<Item = &'a KeyValue>,
+    ) -> Snapshot {
+        let mut snap = Snapshot {
+            revision,
+            ..Snapshot::default()
+        };
+        for name in names.into_iter().flatten() {
+            snap.res.insert(name.clone(), ResSnap::default());
+        }
+        let named = names.is_some();
+        for kv in kvs {
+            match keys.parse(&kv.key) {
+                Some(KeyKind::Host(h)) => {
+                    snap.sessions.insert(kv.lease, h);
+                }
+                Some(KeyKind::Resource(r)) => {
+                    if let Some(rs) = slot(&mut snap.res, r, named) {
+                        (rs.record, rs.bad) = record_of(kv);
+                        rs.mod_rev = kv.mod_revision;
+                    }
+                }
+                Some(KeyKind::Held(r, lease)) => {
+                    if let Some(rs) = slot(&mut snap.res, r, named) {
+                        let host = String::from_utf8_lossy(&kv.value).into_owned();
+                        rs.held.insert(lease, host);
+                    }
+                }
+                Some(KeyKind::Waiter(r)) => {
+                    // A waiter key that does not decode stands in no queue.
+                    if let Ok(value) = serde_json::from_slice::<WaiterValue>(&kv.value)
+                        && let Some(rs) = slot(&mut snap.res, r, named)
+                    {
+                        rs.waiters.push(WaiterSnap {
+                            id: kv.create_revision as u64,
+                            value,
+                        });
+                    }
+                }
+                Some(KeyKind::Grace(r)) => {
+                    if let Some(rs) = slot(&mut snap.res, r, named) {
+                        rs.grace = true;
+                    }
+                }
+                None => {}
+            }
+        }
+        for rs in snap.res.values_mut() {
+            rs.judge_held();
+        }
+        snap
     }
 }
 
@@ -111,40 +171,24 @@ impl Inner {
         let Ok(m) = self.mirror.read() else {
             return Snapshot::default();
         };
-        let mut snap = Snapshot {
-            revision: m.revision,
-            sessions: m.sessions.clone(),
-            res: BTreeMap::new(),
-        };
+        let k = &self.keys;
+        let hosts = k.hosts();
+        let mut kvs: Vec<&KeyValue> = m
+            .kvs
+            .range(hosts.clone()..prefix_end(&hosts))
+            .map(|(_, kv)| kv)
+            .collect();
         for r in names {
-            let rec = m.kvs.get(&self.keys.resource(r));
-            let wp = self.keys.waiters(r);
-            let hp = self.keys.held_of(r);
-            let (record, bad) = record_of(rec);
-            let mut rs = ResSnap {
-                record,
-                bad,
-                mod_rev: rec.map_or(0, |kv| kv.mod_revision),
-                waiters: m
-                    .kvs
-                    .range(wp.clone()..prefix_end(&wp))
-                    .filter_map(|(_, kv)| {
-                        Some(WaiterSnap {
-                            id: kv.create_revision as u64,
-                            value: serde_json::from_slice(&kv.value).ok()?,
-                        })
-                    })
-                    .collect(),
-                grace: m.kvs.contains_key(&self.keys.grace(r)),
-                held: held_of(
-                    &self.keys,
-                    m.kvs.range(hp.clone()..prefix_end(&hp)).map(|(_, kv)| kv),
-                ),
-            };
-            rs.judge_held();
-            snap.res.insert(r.clone(), rs);
+            let wp = k.waiters(r);
+            kvs.extend(
+                m.kvs
+                    .range(k.resource(r)..k.resource_end(r))
+                    .map(|(_, kv)| kv),
+            );
+            kvs.extend(m.kvs.range(wp.clone()..prefix_end(&wp)).map(|(_, kv)| kv));
+            kvs.extend(m.kvs.get(&k.grace(r)));
         }
-        snap
+        Snapshot::build(k, m.revision, Some(names), kvs)
     }
 
     /// Reads the resources `names` (with their waiters and grace keys) and the live sessions
@@ -153,15 +197,16 @@ impl Inner {
     /// was gone at the very revision its record was read.
     pub(super) async fn snapshot(
         &self,
-        names: &BTreeSet<ResourceName>,
+        names_set: &BTreeSet<ResourceName>,
     ) -> Result<Snapshot, StoreError> {
         let hosts = self.keys.hosts();
-        let names: Vec<&ResourceName> = names.iter().collect();
+        let names: Vec<&ResourceName> = names_set.iter().collect();
         let mut chunks: Vec<&[&ResourceName]> = names.chunks((MAX_TXN_OPS - 1) / 3).collect();
         if chunks.is_empty() {
             chunks.push(&[]);
         }
-        let mut snap = Snapshot::default();
+        let mut revision = 0;
+        let mut read = Vec::with_capacity(chunks.len());
         for (n, chunk) in chunks.into_iter().enumerate() {
             let mut t = Txn::new();
             if n == 0 {
@@ -170,51 +215,21 @@ impl Inner {
             for r in chunk {
                 let wp = self.keys.waiters(r);
                 t = t
-                    .get_at(
-                        self.keys.resource(r),
-                        self.keys.resource_end(r),
-                        snap.revision,
-                    )
-                    .get_at(wp.clone(), prefix_end(&wp), snap.revision)
-                    .get_at(self.keys.grace(r), Vec::new(), snap.revision);
+                    .get_at(self.keys.resource(r), self.keys.resource_end(r), revision)
+                    .get_at(wp.clone(), prefix_end(&wp), revision)
+                    .get_at(self.keys.grace(r), Vec::new(), revision);
             }
             let res = self.etcd.txn(t).await.map_err(unavailable)?;
-            let base = usize::from(n == 0);
             if n == 0 {
-                snap.revision = res.revision;
-                for kv in range_of(&res, 0) {
-                    if let Some(KeyKind::Host(h)) = self.keys.parse(&kv.key) {
-                        snap.sessions.insert(kv.lease, h);
-                    }
-                }
+                revision = res.revision;
                 self.pause_if_asked().await;
             }
-            for (i, r) in chunk.iter().enumerate() {
-                let at = base + 3 * i;
-                let key = self.keys.resource(r);
-                let rec = range_of(&res, at).iter().find(|kv| kv.key == key);
-                let (record, bad) = record_of(rec);
-                let mut rs = ResSnap {
-                    record,
-                    bad,
-                    mod_rev: rec.map_or(0, |kv| kv.mod_revision),
-                    waiters: Vec::new(),
-                    grace: !range_of(&res, at + 2).is_empty(),
-                    held: held_of(&self.keys, range_of(&res, at)),
-                };
-                for kv in range_of(&res, at + 1) {
-                    if let Ok(value) = serde_json::from_slice::<WaiterValue>(&kv.value) {
-                        rs.waiters.push(WaiterSnap {
-                            id: kv.create_revision as u64,
-                            value,
-                        });
-                    }
-                }
-                rs.judge_held();
-                snap.res.insert((*r).clone(), rs);
-            }
+            read.push(res);
         }
-        Ok(snap)
+        let kvs = read
+            .iter()
+            .flat_map(|res| (0..res.responses.len()).flat_map(move |i| range_of(res, i)));
+        Ok(Snapshot::build(&self.keys, revision, Some(names_set), kvs))
     }
 
     /// Stops here if a test asked for it (see [`EtcdStore::pause_next_snapshot`]).
