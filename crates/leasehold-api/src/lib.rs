@@ -22,6 +22,8 @@ use leasehold_core::{
 };
 
 pub mod codec;
+pub mod v1;
+pub mod words;
 
 /// The generated protobuf messages and gRPC client and server.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

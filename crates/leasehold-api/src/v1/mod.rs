@@ -1,0 +1,582 @@
+//! The agent's HTTP/JSON API, version 1: every request, answer and streamed event as a serde
+//! type. These types are the one definition of the JSON on the wire: the agent serves them,
+//! the clients read them, and `docs/api/v1.schema.json` is generated from them
+//! ([`schema`]).
+//!
+//! Names, modes, durations and times are readable strings (`"exclusive"`, `"1m 30s"`,
+//! `"2026-01-02T03:04:05.678Z"`); every object refuses fields it does not know, so a request
+//! from a newer client is never obeyed only in part. Errors carry a stable [`ErrorCode`] that
+//! maps one-to-one to the CLI's exit codes.
+//!
+//! ```
+//! use leasehold_api::v1::{AcquireRequest, Item, Mode};
+//!
+//! let req: AcquireRequest =
+//!     serde_json::from_str(r#"{"items":[{"resource":"disk","mode":"exclusive"}],"wait":"30s"}"#)
+//!         .unwrap();
+//! assert_eq!(req.items[0].mode, Mode::Exclusive);
+//! assert!(serde_json::from_str::<AcquireRequest>(r#"{"items":[],"colour":"red"}"#).is_err());
+//! ```
+
+use std::time::Duration;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+mod convert;
+mod error;
+mod time;
+
+pub use convert::{conflict_from_v1, conflict_to_v1};
+pub use error::{ApiError, ErrorCode};
+pub use time::{Dur, Time};
+
+/// The most bytes a request body may have; larger ones are refused (`too-large`) unread.
+pub const MAX_BODY: usize = 1 << 20;
+
+/// A lease mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// One holder, which may write.
+    Exclusive,
+    /// Many holders, which only read.
+    Shared,
+}
+
+/// A process on a host, without its details.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Process {
+    /// The host.
+    pub host: String,
+    /// The process id.
+    pub pid: u32,
+    /// Its start time (field 22 of `/proc/PID/stat`), which tells a reused pid apart.
+    pub start_time: u64,
+}
+
+/// Who holds (or held, or waits for) a lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Owner {
+    /// The host.
+    pub host: String,
+    /// The process id.
+    pub pid: u32,
+    /// Its start time (field 22 of `/proc/PID/stat`).
+    pub start_time: u64,
+    /// A label for people: a VM name or uuid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// The process's user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    /// The process's command name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+}
+
+/// A live lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Lease {
+    /// Who holds it.
+    pub owner: Owner,
+    /// In which mode.
+    pub mode: Mode,
+    /// Its fencing token.
+    pub token: u64,
+    /// When it was granted.
+    pub granted_at: Time,
+}
+
+/// How a lease ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum How {
+    /// Its holder released it.
+    Released,
+    /// Its holder released it and said the resource needs a check.
+    ReleasedDirty,
+    /// Its process ended holding it.
+    ProcessDied,
+    /// Its host's session expired (the host was lost).
+    SessionExpired,
+    /// Its host's agent killed the holder: the session could not be confirmed in time.
+    Fenced,
+    /// An administrator revoked it.
+    Forced,
+    /// It moved to a waiting owner.
+    HandedOver,
+}
+
+/// The record of a lease that ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Ended {
+    /// Who held it.
+    pub owner: Owner,
+    /// In which mode.
+    pub mode: Mode,
+    /// With which token.
+    pub token: u64,
+    /// When it was granted.
+    pub granted_at: Time,
+    /// When it ended.
+    pub ended_at: Time,
+    /// How.
+    pub how: How,
+    /// `released-dirty`: the holder's note; `forced`: the reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    /// `forced`: who forced it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    /// `handed-over`: the process it went to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<Process>,
+}
+
+/// One lease of a grant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Grant {
+    /// The resource.
+    pub resource: String,
+    /// The mode.
+    pub mode: Mode,
+    /// The fencing token: pass it along with every write.
+    pub token: u64,
+    /// Set when the resource was dirty and the caller accepted to check it: the last writer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dirty: Option<Ended>,
+    /// Whether the caller already held it (the same lease, not a new one).
+    #[serde(default)]
+    pub existing: bool,
+}
+
+/// Who is in the way of a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Conflict {
+    /// The resource.
+    pub resource: String,
+    /// Its live leases.
+    pub holders: Vec<Lease>,
+    /// How many requests wait for it.
+    pub waiting: u32,
+    /// How long it stays in its grace after its holder's host was lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocked_for: Option<Dur>,
+    /// Whether it is kept for a handover in progress.
+    #[serde(default)]
+    pub handover_pending: bool,
+}
+
+/// Someone waiting for a resource.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Waiter {
+    /// Who.
+    pub owner: Owner,
+    /// For which mode.
+    pub mode: Mode,
+}
+
+/// What is known of one resource.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Resource {
+    /// Its name.
+    pub resource: String,
+    /// Its live leases.
+    pub holders: Vec<Lease>,
+    /// Why it needs a check: the lease that left it dirty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dirty: Option<Ended>,
+    /// How its most recent lease ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_ended: Option<Ended>,
+    /// The largest token granted for it.
+    pub last_token: u64,
+    /// Who waits for it, in order.
+    #[serde(default)]
+    pub waiters: Vec<Waiter>,
+    /// How long it stays unavailable after its holder's host was lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocked_for: Option<Dur>,
+    /// Whether a handover to a waiter is in progress.
+    #[serde(default)]
+    pub handover_pending: bool,
+    /// Why its stored record cannot be trusted, and what to do; nobody is granted it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub damaged: Option<String>,
+}
+
+/// A resource and a mode, in an acquire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Item {
+    /// The resource's name.
+    pub resource: String,
+    /// The mode.
+    pub mode: Mode,
+}
+
+/// `POST /v1/acquire`: leases on every item or none. Answered with a stream of
+/// [`AcquireEvent`] lines.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AcquireRequest {
+    /// The resources and modes.
+    pub items: Vec<Item>,
+    /// The process to hold the leases; absent: the calling process. A lease ends when its
+    /// process exits: a shell script passes its own pid (`$$`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// The start time the caller read for `pid`; refused if the pid now names another process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<u64>,
+    /// A label for people: a VM name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// Take a dirty resource, promising to check it first (root or the admin group only).
+    #[serde(default)]
+    pub accept_dirty: bool,
+    /// Wait up to this long (`"30s"`, or `"forever"`); absent: do not wait.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait: Option<Dur>,
+    /// Keep the stream open after the grant: `safe` and `lost` lines follow, and the stream
+    /// ends when every lease of the grant has ended.
+    #[serde(default)]
+    pub hold: bool,
+}
+
+/// A line of the acquire stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum AcquireEvent {
+    /// Still waiting: who is in the way.
+    Waiting {
+        /// Who is in the way; absent in a line that carries only a note.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        conflict: Option<Conflict>,
+        /// How long the request has waited.
+        waited: Dur,
+        /// For people: who is in the way, or what happened to the wait.
+        message: String,
+        /// Set when the line is a note about the wait (it was queued again, ...).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        note: Option<String>,
+    },
+    /// Granted: the tokens.
+    Granted {
+        /// One grant per resource, in name order.
+        grants: Vec<Grant>,
+        /// The owner as the agent recorded it.
+        owner: Owner,
+    },
+    /// The leases are safe until this instant on the host's `CLOCK_MONOTONIC` unless a later
+    /// line extends it; a holder that hears nothing newer must stop writing by then.
+    Safe {
+        /// The instant, in nanoseconds of `CLOCK_MONOTONIC`.
+        until_monotonic_ns: u64,
+    },
+    /// A held lease ended by other means than the holder's release.
+    Lost {
+        /// The resource.
+        resource: String,
+        /// How it ended.
+        ended: Ended,
+    },
+    /// Refused or failed; the last line.
+    Error(ApiError),
+}
+
+/// `POST /v1/release`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseRequest {
+    /// The resources.
+    pub resources: Vec<String>,
+    /// The holder; absent: the calling process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// The holder's start time, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<u64>,
+    /// Leave the resources dirty: they need a check.
+    #[serde(default)]
+    pub dirty: bool,
+    /// Why (with `dirty`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    /// `HOST` or `HOST/LABEL` of the waiting owner to hand the lease to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handover_to: Option<String>,
+}
+
+/// A lease that a release ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Released {
+    /// The resource.
+    pub resource: String,
+    /// How it ended.
+    pub ended: Ended,
+    /// Whether this release left the resource dirty.
+    pub dirtied: bool,
+}
+
+/// A resource a release could not release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NotReleased {
+    /// The resource.
+    pub resource: String,
+    /// Why.
+    pub error: ApiError,
+}
+
+/// The answer to a release (and a force-release): each resource's outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseResponse {
+    /// The leases ended.
+    pub released: Vec<Released>,
+    /// The resources that were not released, each with why.
+    #[serde(default)]
+    pub failed: Vec<NotReleased>,
+}
+
+/// `POST /v1/force-release` (root or the admin group).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForceReleaseRequest {
+    /// The resource.
+    pub resource: String,
+    /// Why, for the record.
+    pub reason: String,
+}
+
+/// `POST /v1/inspect` and `POST /v1/mark-clean` (root or the admin group).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceRequest {
+    /// The resource.
+    pub resource: String,
+}
+
+/// The answer to mark-clean.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MarkCleanResponse {
+    /// The mark that was cleared; absent when the resource was clean.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub was: Option<Ended>,
+}
+
+/// `POST /v1/validate`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ValidateRequest {
+    /// The resource.
+    pub resource: String,
+    /// The token to check.
+    pub token: u64,
+}
+
+/// The answer to validate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ValidateResponse {
+    /// Whether the token is a live grant of the resource.
+    pub current: bool,
+    /// The tokens of its live leases.
+    pub current_tokens: Vec<u64>,
+}
+
+/// The answer to inspect.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InspectResponse {
+    /// The resource; absent when the agent knows nothing of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<Resource>,
+}
+
+/// The answer to `GET /v1/leases`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ListResponse {
+    /// Every known resource.
+    pub resources: Vec<Resource>,
+}
+
+/// `POST /v1/watch` (`GET /v1/watch` watches everything). Answered with a stream of
+/// [`Event`] lines.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WatchRequest {
+    /// Only events of this resource.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<String>,
+}
+
+/// A lease event, as `watch` streams it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Event {
+    /// granted, released, released-dirty, dirtied, cleaned, handed-over, forced,
+    /// process-died, expired (a lease of a lost host), host-session-expired, fenced (this
+    /// host's agent killed a holder because its session could not be renewed in time);
+    /// `error` ends a stream that fell behind.
+    pub kind: String,
+    /// The resource, when the event concerns one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<String>,
+    /// When.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<Time>,
+    /// The lease granted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<Lease>,
+    /// The lease ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended: Option<Ended>,
+    /// Who did it (cleaned).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    /// The host concerned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// fenced: the process the agent killed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// error: why the stream ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ApiError>,
+}
+
+/// The host's session with a shared backend (etcd).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostSession {
+    /// The etcd lease id.
+    pub lease_id: u64,
+    /// The ttl etcd granted.
+    pub ttl: Dur,
+    /// How long ago the last renewal etcd confirmed was sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_renewal_ago: Option<Dur>,
+    /// How long the session is sure to live without another renewal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub safe_for: Option<Dur>,
+    /// Round trips of the most recent confirmed renewals, oldest first, in microseconds.
+    pub renewal_latency_us: Vec<u64>,
+    /// Whether etcd said the session is gone (a new one follows).
+    pub expired: bool,
+    /// Renewals sent since the last one confirmed.
+    pub failed_renewals: u64,
+}
+
+/// etcd's space and history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdStatus {
+    /// The database's size, bytes.
+    pub db_size: u64,
+    /// The quota it may reach, bytes.
+    pub quota: u64,
+    /// The store's revision.
+    pub revision: i64,
+    /// The revision up to which its history is compacted.
+    pub compacted_revision: i64,
+    /// Whether etcd's NOSPACE alarm is raised (it refuses every write).
+    pub nospace: bool,
+    /// Who compacts the history.
+    pub compactor: String,
+    /// Free, clean records this agent deleted since it started.
+    pub forgotten: u64,
+    /// What to do, when something is.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub warning: String,
+}
+
+/// The answer to `GET /v1/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StatusResponse {
+    /// This host's id.
+    pub host: String,
+    /// The backend: local or etcd.
+    pub backend: String,
+    /// The agent's version.
+    pub version: String,
+    /// The agent's pid.
+    pub pid: u64,
+    /// How long the agent has run.
+    pub uptime: Dur,
+    /// Its state directory.
+    pub state_dir: String,
+    /// Its socket.
+    pub socket: String,
+    /// Known resources.
+    pub resources: u64,
+    /// Live leases.
+    pub leases: u64,
+    /// Processes holding leases.
+    pub processes: u64,
+    /// Dirty resources.
+    pub dirty: u64,
+    /// The host session, in words.
+    pub session: String,
+    /// How long the host's leases are sure to stay safe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub safe_for: Option<Dur>,
+    /// The host's session with a shared backend, answered also while it is unreachable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_session: Option<HostSession>,
+    /// Why the counts are missing (the backend did not answer), when they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_error: Option<String>,
+    /// etcd's space and history (etcd backend).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd: Option<EtcdStatus>,
+}
+
+/// Every type of the API, for the schema.
+#[derive(JsonSchema)]
+#[allow(dead_code)]
+struct Api {
+    acquire_request: AcquireRequest,
+    acquire_event: AcquireEvent,
+    release_request: ReleaseRequest,
+    release_response: ReleaseResponse,
+    force_release_request: ForceReleaseRequest,
+    resource_request: ResourceRequest,
+    mark_clean_response: MarkCleanResponse,
+    validate_request: ValidateRequest,
+    validate_response: ValidateResponse,
+    inspect_response: InspectResponse,
+    list_response: ListResponse,
+    watch_request: WatchRequest,
+    event: Event,
+    status_response: StatusResponse,
+    error: ApiError,
+}
+
+/// The JSON schema of the whole API (every request, answer and line), generated from these
+/// types; `docs/api/v1.schema.json` holds a copy that a test keeps equal.
+pub fn schema() -> String {
+    let s = schemars::schema_for!(Api);
+    let mut text = serde_json::to_string_pretty(&s).unwrap_or_default();
+    text.push('\n');
+    text
+}
+
+/// The milliseconds of `d`, saturating.
+pub(crate) fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
