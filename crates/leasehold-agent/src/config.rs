@@ -132,6 +132,12 @@ pub struct Config {
     /// The most connections one user other than root may have open at once; more are told
     /// so and closed, so that nobody can use up the agent's descriptors and memory.
     pub max_connections_per_user: usize,
+    /// The most connections all users other than root together may have open at once; root
+    /// is never refused, so `leasehold list` as root answers whatever others hold open.
+    pub max_connections: usize,
+    /// How long a connection may take to send a request's headers, and may stay idle
+    /// between requests, before it is closed (streams in progress are not idle).
+    pub request_timeout: Duration,
     /// The key prefix in etcd; clusters sharing an etcd use different ones.
     pub etcd_prefix: String,
     /// A watchdog device to feed while all is well (etcd backend).
@@ -215,6 +221,10 @@ pub struct FileConfig {
     pub socket_group: Option<String>,
     /// See [`Config::max_connections_per_user`] [default: 1024].
     pub max_connections_per_user: Option<usize>,
+    /// See [`Config::max_connections`] [default: 4096].
+    pub max_connections: Option<usize>,
+    /// See [`Config::request_timeout`], as `"10s"` [default: 10s].
+    pub request_timeout: Option<String>,
     /// See [`Config::etcd_prefix`].
     pub etcd_prefix: Option<String>,
     /// See [`Config::watchdog`].
@@ -310,6 +320,8 @@ impl FileConfig {
             max_connections_per_user: flags
                 .max_connections_per_user
                 .or(self.max_connections_per_user),
+            max_connections: flags.max_connections.or(self.max_connections),
+            request_timeout: flags.request_timeout.or(self.request_timeout),
             etcd_prefix: flags.etcd_prefix.or(self.etcd_prefix),
             watchdog: flags.watchdog.or(self.watchdog),
             watchdog_timeout: flags.watchdog_timeout.or(self.watchdog_timeout),
@@ -703,6 +715,21 @@ impl Config {
                 message: "must be at least 1: every client needs a connection".into(),
             });
         }
+        let max_connections = f.max_connections.unwrap_or(4096);
+        if max_connections == 0 {
+            return Err(ConfigError::Invalid {
+                field: "max-connections",
+                message: "must be at least 1: every client needs a connection".into(),
+            });
+        }
+        let request_timeout =
+            duration("request-timeout", &f.request_timeout)?.unwrap_or(Duration::from_secs(10));
+        if request_timeout.is_zero() {
+            return Err(ConfigError::Invalid {
+                field: "request-timeout",
+                message: "must be more than 0: a request takes some time to arrive".into(),
+            });
+        }
         let c = Config {
             socket,
             state_dir,
@@ -713,6 +740,8 @@ impl Config {
             admin_group,
             socket_group,
             max_connections_per_user,
+            max_connections,
+            request_timeout,
             etcd_prefix,
             watchdog: f.watchdog,
             watchdog_timeout,

@@ -98,7 +98,7 @@ pub async fn fence<S: Store>(
     timing: Timing,
     watchdog: Option<Arc<Watchdog>>,
     deadline: watch::Sender<Option<Instant>>,
-    events: tokio::sync::broadcast::Sender<leasehold_api::pb::Event>,
+    events: tokio::sync::broadcast::Sender<leasehold_api::v1::Event>,
     host: leasehold_core::HostId,
 ) {
     let mut fenced_for: Option<Instant> = None;
@@ -136,7 +136,7 @@ pub async fn fence<S: Store>(
 /// they are dead by `safe_until` (else starves the watchdog). Returns the processes signalled.
 pub fn fence_now<S: Store>(
     watcher: &Arc<Watcher<S>>,
-    events: &tokio::sync::broadcast::Sender<leasehold_api::pb::Event>,
+    events: &tokio::sync::broadcast::Sender<leasehold_api::v1::Event>,
     host: &leasehold_core::HostId,
     watchdog: Option<Arc<Watchdog>>,
     safe_until: Instant,
@@ -160,9 +160,9 @@ pub fn fence_now<S: Store>(
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     for (p, _) in &signalled {
-        let _ = events.send(leasehold_api::pb::Event {
+        let _ = events.send(leasehold_api::v1::Event {
             kind: "fenced".into(),
-            at_ms,
+            at: Some(leasehold_api::v1::Time::from_unix_ms(at_ms)),
             host: Some(host.to_string()),
             pid: Some(p.pid),
             ..Default::default()

@@ -30,6 +30,7 @@ use tracing::{info, warn};
 pub mod config;
 pub mod fence;
 mod holds;
+mod http;
 mod notify;
 mod peer;
 pub mod procfs;
@@ -237,12 +238,14 @@ pub async fn serve<S: Store>(
     // cut, streams included (run wrappers, watches, waiters): their clients carry on with the
     // next agent, as after a crash. Waiting for them to end would never end.
     let (cut_tx, cut_rx) = tokio::sync::watch::channel(false);
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
     let stop_started = Arc::new(std::sync::OnceLock::new());
     let stop = {
         let stop_started = stop_started.clone();
         async move {
             shutdown.await;
             let _ = stop_started.set(std::time::Instant::now());
+            let _ = stopping_tx.send(true);
             let _ = notify("STOPPING=1");
             info!("agent stopping: closing client connections; leases stay with their processes");
             tokio::spawn(async move {
@@ -251,7 +254,18 @@ pub async fn serve<S: Store>(
             });
         }
     };
-    let connections = peer::Connections::new(config.max_connections_per_user);
+    let connections =
+        peer::Connections::new(config.max_connections_per_user, config.max_connections);
+    // One socket, two protocols: each connection is sniffed; HTTP/2 (gRPC) goes to tonic
+    // through this channel, HTTP/1.1 (JSON) is served beside it.
+    let (grpc_tx, grpc_rx) = tokio::sync::mpsc::channel(64);
+    let accepting = tokio::spawn(accept(
+        Incoming::new(listener, cut_rx, connections),
+        service.clone(),
+        config.request_timeout,
+        grpc_tx,
+        stopping,
+    ));
     // Answers to `list` grow with the cluster; requests are small and validated.
     let api = LeaseholdServer::new(service)
         .max_encoding_message_size(1 << 30)
@@ -261,8 +275,9 @@ pub async fn serve<S: Store>(
             api,
             refuse_over_limit,
         ))
-        .serve_with_incoming_shutdown(Incoming::new(listener, cut_rx, connections), stop)
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(grpc_rx), stop)
         .await;
+    accepting.abort();
     info!(
         took_ms = stop_started.get().map_or(0, |at| at.elapsed().as_millis()),
         "agent stopped; leases stay with their processes"
@@ -367,6 +382,35 @@ fn raise_fd_limit() {
         match setrlimit(Resource::Nofile, l) {
             Ok(()) => info!(from = ?was, to = ?l.maximum, "raised the open-file limit"),
             Err(e) => warn!(error = %e, "could not raise the open-file limit"),
+        }
+    }
+}
+
+/// Accepts connections until the agent stops, and serves each by its protocol.
+async fn accept<S: Store>(
+    mut incoming: Incoming,
+    service: Service<S>,
+    request_timeout: std::time::Duration,
+    grpc: tokio::sync::mpsc::Sender<std::io::Result<peer::PeerStream>>,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio_stream::StreamExt;
+    loop {
+        let conn = tokio::select! {
+            c = incoming.next() => c,
+            _ = stopping.wait_for(|s| *s) => return,
+        };
+        match conn {
+            Some(Ok(conn)) => {
+                tokio::spawn(http::serve_connection(
+                    conn,
+                    service.clone(),
+                    request_timeout,
+                    grpc.clone(),
+                ));
+            }
+            Some(Err(_)) => {}
+            None => return,
         }
     }
 }

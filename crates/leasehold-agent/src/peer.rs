@@ -29,20 +29,24 @@ pub struct PeerInfo {
 /// How long a refused connection stays open to carry its answer.
 const REFUSED_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// The connections open per user, bounded so that one user (a member of the socket group, or
-/// a careless script) cannot use up the agent's descriptors and memory. Root is never
-/// refused: it always has a way in.
+/// The connections open per user and in total, bounded so that one user (a member of the
+/// socket group, or a careless script) or several cannot use up the agent's descriptors and
+/// memory. Root is never refused: whatever others hold open, root's `leasehold list` gets
+/// in (the open-file limit is raised far above the total).
 #[derive(Debug)]
 pub struct Connections {
     per_user: usize,
+    total: usize,
     open: std::sync::Mutex<std::collections::HashMap<u32, usize>>,
 }
 
 impl Connections {
-    /// At most `per_user` connections per user other than root.
-    pub fn new(per_user: usize) -> Arc<Connections> {
+    /// At most `per_user` connections per user other than root, and `total` of all users
+    /// other than root together.
+    pub fn new(per_user: usize, total: usize) -> Arc<Connections> {
         Arc::new(Connections {
             per_user,
+            total,
             open: std::sync::Mutex::default(),
         })
     }
@@ -53,6 +57,14 @@ impl Connections {
             .open
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let others: usize = open.iter().filter(|(u, _)| **u != 0).map(|(_, n)| n).sum();
+        if uid != 0 && others >= self.total {
+            return Err(format!(
+                "the agent already has {others} connections open from users other than root, \
+                 the most it serves (max-connections); close some (each waiting acquire, watch \
+                 or running `run` keeps one), or ask root to raise the limit"
+            ));
+        }
         let n = open.entry(uid).or_insert(0);
         if uid != 0 && *n >= self.per_user {
             return Err(format!(
@@ -104,6 +116,10 @@ pub struct PeerStream {
     _slot: Option<Slot>,
     /// For a refused connection: when it reads as closed.
     linger: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Bytes read to learn the protocol, given again to the first reads.
+    prefix: Vec<u8>,
+    /// How many of `prefix` were given already.
+    replayed: usize,
 }
 
 impl std::fmt::Debug for PeerStream {
@@ -136,7 +152,37 @@ impl PeerStream {
             closed: false,
             _slot: None,
             linger: None,
+            prefix: Vec::new(),
+            replayed: 0,
         }
+    }
+
+    /// What the server knows of the peer.
+    pub fn info(&self) -> &PeerInfo {
+        &self.info
+    }
+
+    /// The bytes read so far by [`PeerStream::read_more`].
+    pub fn head(&self) -> &[u8] {
+        &self.prefix
+    }
+
+    /// Reads more of what the peer sent into [`PeerStream::head`], to learn the protocol
+    /// before a server takes the connection; every byte is read again by the server. Returns
+    /// how many bytes came (0: the peer closed).
+    pub async fn read_more(&mut self) -> std::io::Result<usize> {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 4096];
+        let n = self.stream.read(&mut buf).await?;
+        self.prefix.extend_from_slice(&buf[..n]);
+        Ok(n)
+    }
+
+    /// Writes `bytes` to the peer (an answer before any server took the connection).
+    pub async fn write_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.stream.write_all(bytes).await?;
+        self.stream.shutdown().await
     }
 
     /// Counts this connection against its user's limit; over it, the connection is marked
@@ -242,6 +288,17 @@ impl AsyncRead for PeerStream {
             .as_mut()
             .is_some_and(|l| l.as_mut().poll(cx).is_ready());
         if lingered || self.is_cut(cx) {
+            return Poll::Ready(Ok(()));
+        }
+        if self.replayed < self.prefix.len() {
+            let from = self.replayed;
+            let n = buf.remaining().min(self.prefix.len() - from);
+            buf.put_slice(&self.prefix[from..from + n]);
+            self.replayed += n;
+            if self.replayed == self.prefix.len() {
+                self.prefix = Vec::new();
+                self.replayed = 0;
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.stream).poll_read(cx, buf)

@@ -50,6 +50,8 @@ pub fn agent(a: AgentArgs, socket: Option<PathBuf>) -> Result<u8, Failure> {
         admin_group: a.admin_group,
         socket_group: a.socket_group,
         max_connections_per_user: a.max_connections_per_user,
+        max_connections: a.max_connections,
+        request_timeout: a.request_timeout,
         etcd_prefix: a.etcd_prefix,
         watchdog: a.watchdog,
         watchdog_timeout: a.watchdog_timeout,

@@ -159,6 +159,13 @@ struct AgentArgs {
     /// The most connections one user other than root may have open at once [default: 1024]
     #[arg(long, value_name = "N")]
     max_connections_per_user: Option<usize>,
+    /// The most connections all users other than root may have open together [default: 4096]
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+    /// Close a connection that takes longer than this to send a request's headers, or stays
+    /// idle this long between requests [default: 10s]
+    #[arg(long, value_name = "DUR")]
+    request_timeout: Option<String>,
     /// The key prefix in etcd [default: /leasehold/]
     #[arg(long)]
     etcd_prefix: Option<String>,

@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write as _};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -563,6 +563,69 @@ fn one_user_cannot_take_every_connection_and_root_still_gets_in() {
         let _ = w.kill();
         let _ = w.wait();
     }
+}
+
+/// A flood of idle connections from users other than root (20,000 in the field hung root's
+/// `list`) is bounded in total, not only per user, and every idle connection is answered and
+/// closed after the request timeout; root's `list` answers throughout.
+#[test]
+fn a_flood_of_idle_connections_is_bounded_and_closed_and_root_still_lists() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test needs root, to run clients as nobody"
+    );
+    let a = Agent::start_with(&[
+        "--socket-group",
+        "nogroup",
+        "--max-connections",
+        "20",
+        "--request-timeout",
+        "10s",
+    ]);
+    set_mode(a.dir.path(), 0o755);
+    // nobody opens 100 connections and sends nothing; then reads what each is answered.
+    let script = r#"
+import socket, sys
+path, n = sys.argv[1], int(sys.argv[2])
+conns = []
+for _ in range(n):
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(60)
+    s.connect(path)
+    conns.append(s)
+print("open", flush=True)
+sys.stdin.readline()
+kept = refused = 0
+for s in conns:
+    data = b""
+    while True:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    if data.startswith(b"HTTP/1.1 408") and b"request-timeout" in data:
+        kept += 1
+    elif data.startswith(b"HTTP/1.1 503") and b"max-connections" in data:
+        refused += 1
+    else:
+        print("unexpected", data, flush=True)
+print("kept", kept, "refused", refused, flush=True)
+"#;
+    let mut c = std::process::Command::new("python3");
+    c.args(["-c", script]).arg(&a.socket).arg("100");
+    let mut flood = as_nobody(c)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = Lines::new(flood.stdout.take().unwrap());
+    out.wait_for("open", Duration::from_secs(30));
+    // Root gets in while nobody's connections are open.
+    expect_code(&a.lh(&["list"]), 0);
+    flood.stdin.take().unwrap().write_all(b"\n").unwrap();
+    let counts = out.wait_for("kept", Duration::from_secs(60));
+    assert_eq!(counts, "kept 20 refused 80", "{}", out.seen.join("\n"));
+    assert!(flood.wait().unwrap().success());
 }
 
 #[test]

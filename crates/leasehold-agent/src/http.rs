@@ -1,0 +1,404 @@
+//! The HTTP/1.1 + JSON front end on the agent's socket (`/v1/...`): routes, reads and checks
+//! bodies, and translates the core's answers to JSON; newline-delimited JSON for the long
+//! calls (a waiting acquire, a hold, watch). No logic of its own: every operation is the
+//! core's (`service`), as for gRPC.
+//!
+//! Each connection is sniffed first ([`serve_connection`]): the HTTP/2 preface goes to the
+//! gRPC server, anything else is HTTP/1.1. A request whose headers do not arrive within the
+//! request timeout is answered `408` and closed, so idle connections cannot pile up.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use leasehold_api::v1::{self, ApiError, ErrorCode, MAX_BODY, conflict_to_v1};
+use leasehold_store::Store;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::debug;
+
+use crate::peer::PeerStream;
+use crate::service::{Caller, ConfirmBy, Out, Service};
+
+/// The first bytes of every HTTP/2 connection.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// How soon a connection over a limit is answered and closed.
+const REFUSED_WITHIN: Duration = Duration::from_secs(2);
+
+/// The most bytes of request line and headers read before the request is refused.
+const MAX_HEAD: usize = 16 << 10;
+
+type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// The protocol a connection speaks, from its first bytes.
+enum Sniffed {
+    /// HTTP/2 (gRPC).
+    H2,
+    /// HTTP/1.1, with the first request's headers complete.
+    Http1,
+    /// Headers larger than [`MAX_HEAD`].
+    TooLarge,
+    /// Closed before saying anything useful.
+    Closed,
+}
+
+async fn sniff(conn: &mut PeerStream) -> std::io::Result<Sniffed> {
+    loop {
+        let head = conn.head();
+        let n = head.len().min(H2_PREFACE.len());
+        if head[..n] == H2_PREFACE[..n] {
+            if n == H2_PREFACE.len() {
+                return Ok(Sniffed::H2);
+            }
+        } else if head.windows(4).any(|w| w == b"\r\n\r\n") {
+            return Ok(Sniffed::Http1);
+        } else if head.len() > MAX_HEAD {
+            return Ok(Sniffed::TooLarge);
+        }
+        if conn.read_more().await? == 0 {
+            return Ok(Sniffed::Closed);
+        }
+    }
+}
+
+/// A whole HTTP/1.1 answer with a JSON error, for a connection no server took.
+fn raw_error(status: u16, reason: &str, e: &ApiError) -> Vec<u8> {
+    let body = serde_json::to_string(e).unwrap_or_default();
+    format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}\n",
+        body.len() + 1
+    )
+    .into_bytes()
+}
+
+/// Serves one accepted connection: HTTP/2 goes to `grpc`, HTTP/1.1 is served here.
+pub(crate) async fn serve_connection<S: Store>(
+    mut conn: PeerStream,
+    service: Service<S>,
+    request_timeout: Duration,
+    grpc: mpsc::Sender<std::io::Result<PeerStream>>,
+) {
+    // A connection over a limit is answered why and closed soon, whatever it sends.
+    let refused = conn.info().refused.clone();
+    let wait = match refused {
+        Some(_) => request_timeout.min(REFUSED_WITHIN),
+        None => request_timeout,
+    };
+    let sniffed = tokio::time::timeout(wait, sniff(&mut conn)).await;
+    let answer = match (sniffed, refused) {
+        (Ok(Ok(Sniffed::H2)), _) => {
+            let _ = grpc.send(Ok(conn)).await;
+            return;
+        }
+        (Ok(Ok(Sniffed::Closed) | Err(_)), _) => return,
+        (_, Some(why)) => Some(raw_error(
+            503,
+            "Service Unavailable",
+            &ApiError::new(ErrorCode::Exhausted, why.to_string()),
+        )),
+        (Ok(Ok(Sniffed::Http1)), None) => None,
+        (Ok(Ok(Sniffed::TooLarge)), None) => Some(raw_error(
+            431,
+            "Request Header Fields Too Large",
+            &ApiError::usage(format!(
+                "the request's headers are over {MAX_HEAD} bytes; nothing was done"
+            )),
+        )),
+        (Err(_), None) => Some(raw_error(
+            408,
+            "Request Timeout",
+            &ApiError::new(
+                ErrorCode::RequestTimeout,
+                format!(
+                    "no complete request within {}; nothing was done. Send the request's \
+                     headers at once (the agent's request-timeout)",
+                    humantime::format_duration(request_timeout)
+                ),
+            ),
+        )),
+    };
+    if let Some(answer) = answer {
+        let _ = conn.write_raw(&answer).await;
+        return;
+    }
+    let peer = conn.info().clone();
+    let handler = hyper::service::service_fn(move |req| {
+        let service = service.clone();
+        let caller = Caller::of(Some(&peer));
+        async move { Ok::<_, Infallible>(route(&service, caller, req, request_timeout).await) }
+    });
+    let served = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        // Also the idle timeout between requests: the timer runs while hyper waits for the
+        // next request's headers.
+        .header_read_timeout(request_timeout)
+        .max_buf_size(MAX_HEAD.max(8192))
+        .serve_connection(TokioIo::new(conn), handler)
+        .await;
+    if let Err(e) = served {
+        debug!(error = %e, "HTTP connection ended");
+    }
+}
+
+fn json_response(status: StatusCode, value: &impl Serialize) -> Response<Body> {
+    let mut text = serde_json::to_vec(value).unwrap_or_default();
+    text.push(b'\n');
+    let mut r = Response::new(Full::new(Bytes::from(text)).boxed_unsync());
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn error_response(e: &ApiError) -> Response<Body> {
+    let status =
+        StatusCode::from_u16(e.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    json_response(status, e)
+}
+
+fn line(value: &impl Serialize) -> Result<Frame<Bytes>, Infallible> {
+    let mut text = serde_json::to_vec(value).unwrap_or_default();
+    text.push(b'\n');
+    Ok(Frame::data(Bytes::from(text)))
+}
+
+fn stream_response(
+    lines: impl tokio_stream::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send + 'static,
+) -> Response<Body> {
+    let mut r = Response::new(StreamBody::new(lines).boxed_unsync());
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    r
+}
+
+/// Reads a JSON request body of type `T`: at most [`MAX_BODY`] bytes, no unknown fields. An
+/// empty body is `T`'s default when `empty` is given.
+async fn body<T: DeserializeOwned>(
+    req: Request<Incoming>,
+    empty: Option<T>,
+    timeout: Duration,
+) -> Result<T, ApiError> {
+    use hyper::body::Body as _;
+    let too_large = || {
+        ApiError::new(
+            ErrorCode::TooLarge,
+            format!("the request body is over {MAX_BODY} bytes; nothing was done"),
+        )
+    };
+    if req.body().size_hint().lower() > MAX_BODY as u64 {
+        return Err(too_large());
+    }
+    let read = tokio::time::timeout(timeout, Limited::new(req.into_body(), MAX_BODY).collect());
+    let bytes = read
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                ErrorCode::RequestTimeout,
+                format!(
+                    "the request body did not arrive within {}; nothing was done",
+                    humantime::format_duration(timeout)
+                ),
+            )
+        })?
+        .map_err(|e| {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                too_large()
+            } else {
+                ApiError::usage(format!("the request body could not be read: {e}"))
+            }
+        })?
+        .to_bytes();
+    if bytes.iter().all(u8::is_ascii_whitespace)
+        && let Some(default) = empty
+    {
+        return Ok(default);
+    }
+    serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::usage(format!(
+            "the request body is not a valid {}: {e}; nothing was done (the schema: docs/api/v1.schema.json)",
+            std::any::type_name::<T>().rsplit("::").next().unwrap_or("request")
+        ))
+    })
+}
+
+/// The routes, for a request to a path that is none.
+const ROUTES: &str = "GET /v1/leases, GET /v1/status, GET|POST /v1/watch, POST /v1/acquire, \
+                      /v1/release, /v1/force-release, /v1/mark-clean, /v1/validate, /v1/inspect";
+
+fn ok(value: &impl Serialize) -> Result<Response<Body>, ApiError> {
+    Ok(json_response(StatusCode::OK, value))
+}
+
+async fn route<S: Store>(
+    service: &Service<S>,
+    caller: Result<Caller, ApiError>,
+    req: Request<Incoming>,
+    timeout: Duration,
+) -> Response<Body> {
+    match handle(service, caller, req, timeout).await {
+        Ok(r) => r,
+        Err(e) => error_response(&e),
+    }
+}
+
+async fn handle<S: Store>(
+    service: &Service<S>,
+    caller: Result<Caller, ApiError>,
+    req: Request<Incoming>,
+    timeout: Duration,
+) -> Result<Response<Body>, ApiError> {
+    let c = caller?;
+    let path = req.uri().path().trim_end_matches('/').to_owned();
+    let method = req.method().clone();
+    match (&method, path.as_str()) {
+        (&Method::GET, "/v1/leases" | "/v1/list") => {
+            let views = service.list().await?;
+            ok(&v1::ListResponse {
+                resources: views.iter().map(Into::into).collect(),
+            })
+        }
+        (&Method::GET, "/v1/status") => ok(&service.status().await),
+        (&Method::POST, "/v1/acquire") => {
+            let r: v1::AcquireRequest = body(req, None, timeout).await?;
+            acquire(service.acquire(&c, r, ConfirmBy::Delivery)?).await
+        }
+        (&Method::POST, "/v1/release") => {
+            let r: v1::ReleaseRequest = body(req, None, timeout).await?;
+            let out = service.release(&c, r).await?;
+            ok(&v1::ReleaseResponse {
+                released: out.released.iter().map(Into::into).collect(),
+                failed: out
+                    .failed
+                    .into_iter()
+                    .map(|(resource, error)| v1::NotReleased {
+                        resource: resource.to_string(),
+                        error,
+                    })
+                    .collect(),
+            })
+        }
+        (&Method::POST, "/v1/force-release") => {
+            let r: v1::ForceReleaseRequest = body(req, None, timeout).await?;
+            let released = service.force_release(&c, r).await?;
+            ok(&v1::ReleaseResponse {
+                released: released.iter().map(Into::into).collect(),
+                failed: Vec::new(),
+            })
+        }
+        (&Method::POST, "/v1/mark-clean") => {
+            let r: v1::ResourceRequest = body(req, None, timeout).await?;
+            let was = service.mark_clean(&c, r.resource).await?;
+            ok(&v1::MarkCleanResponse {
+                was: was.as_ref().map(Into::into),
+            })
+        }
+        (&Method::POST, "/v1/validate") => {
+            let r: v1::ValidateRequest = body(req, None, timeout).await?;
+            ok(&service.validate(r).await?)
+        }
+        (&Method::POST, "/v1/inspect") => {
+            let r: v1::ResourceRequest = body(req, None, timeout).await?;
+            let v = service.inspect(r.resource).await?;
+            ok(&v1::InspectResponse {
+                resource: v.as_ref().map(Into::into),
+            })
+        }
+        (&Method::GET | &Method::POST, "/v1/watch") => {
+            let r: v1::WatchRequest = match method {
+                Method::GET => v1::WatchRequest::default(),
+                _ => body(req, Some(v1::WatchRequest::default()), timeout).await?,
+            };
+            let rx = service.watch(r.resource)?;
+            Ok(stream_response(ReceiverStream::new(rx).map(|e| match e {
+                Ok(e) => line(&e),
+                Err(error) => line(&v1::Event {
+                    kind: "error".into(),
+                    error: Some(error),
+                    ..Default::default()
+                }),
+            })))
+        }
+        (
+            _,
+            "/v1/leases" | "/v1/list" | "/v1/status" | "/v1/acquire" | "/v1/release"
+            | "/v1/force-release" | "/v1/mark-clean" | "/v1/validate" | "/v1/inspect" | "/v1/watch",
+        ) => Err(ApiError::usage(format!(
+            "{method} is not served at {path}; the API: {ROUTES}"
+        ))),
+        _ => Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!("no such endpoint {path}; the API: {ROUTES}"),
+        )),
+    }
+}
+
+/// The JSON line of one acquire message.
+fn acquire_line(out: Out) -> v1::AcquireEvent {
+    match out {
+        Out::Waiting {
+            conflict,
+            waited,
+            note,
+        } => v1::AcquireEvent::Waiting {
+            message: Out::waiting_words(conflict.as_ref(), note.as_deref()),
+            conflict: conflict.map(|(c, blocked)| conflict_to_v1(&c, blocked)),
+            waited: waited.into(),
+            note,
+        },
+        Out::Granted {
+            grants,
+            owner,
+            delivered,
+            ..
+        } => {
+            // Taken for writing while the connection is open: the grant counts as received.
+            if let Some(d) = delivered {
+                let _ = d.send(());
+            }
+            v1::AcquireEvent::Granted {
+                grants: grants.iter().map(Into::into).collect(),
+                owner: (&owner).into(),
+            }
+        }
+        Out::Safe(until_monotonic_ns) => v1::AcquireEvent::Safe { until_monotonic_ns },
+        Out::Lost { resource, ended } => v1::AcquireEvent::Lost {
+            resource: resource.to_string(),
+            ended: (&ended).into(),
+        },
+        Out::Failed(e) => v1::AcquireEvent::Error(e),
+    }
+}
+
+/// An acquire's answer: an error at once (refused without waiting) has its own status and
+/// body; anything else streams, one JSON line per event.
+async fn acquire(mut rx: mpsc::Receiver<Out>) -> Result<Response<Body>, ApiError> {
+    let first = rx.recv().await.ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::Unavailable,
+            "the agent is stopping; acquire again",
+        )
+    })?;
+    if let Out::Failed(e) = first {
+        return Err(e);
+    }
+    let first = tokio_stream::once(first);
+    Ok(stream_response(
+        first
+            .chain(ReceiverStream::new(rx))
+            .map(|out| line(&acquire_line(out))),
+    ))
+}

@@ -1,0 +1,480 @@
+//! Acquire: the request's checks, the wait with its progress reports, the grant and its
+//! confirmation, and with `hold` the lease's life after (safe-until, lost).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use leasehold_api::v1::{self, ApiError, ErrorCode, conflict_to_v1};
+use leasehold_api::words;
+use leasehold_core::{
+    AcquireError, Conflict, EndReason, Ended, Grant, Owner, ProcessKey, ReleaseKind, ResourceName,
+    Token,
+};
+use leasehold_store::{AcquireSpec, Store, StoreError};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tracing::{info, warn};
+
+use super::{Caller, Service, fault_of, refuse_non_process, resource};
+use crate::holds::{Note, Registration};
+use crate::procfs::ProcError;
+use crate::watcher::Prepared;
+
+/// How often a waiting request is told who is in its way.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// How the client says it received a grant. A grant it did not receive (it went away just
+/// as it was granted: a withdrawn wait) is released clean, so no lease is left that nobody
+/// knows of.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum ConfirmBy {
+    /// With a separate call naming the grant's confirm id (gRPC).
+    Call,
+    /// By the front end, once the grant was handed to the connection (HTTP: the line was
+    /// taken for writing while the connection was open).
+    Delivery,
+}
+
+/// What an acquire tells its caller, in order: waiting reports, then a grant or an error;
+/// with `hold`, safe-until updates and lost leases after the grant.
+#[derive(Debug)]
+pub(crate) enum Out {
+    /// Still waiting: who is in the way (and the grace left), or a note about the wait.
+    Waiting {
+        /// Who is in the way, with the grace left.
+        conflict: Option<(Conflict, Option<Duration>)>,
+        /// How long the request has waited.
+        waited: Duration,
+        /// Something the caller should know about its wait.
+        note: Option<String>,
+    },
+    /// Granted.
+    Granted {
+        /// One grant per resource.
+        grants: Vec<Grant>,
+        /// The owner as recorded.
+        owner: Owner,
+        /// With [`ConfirmBy::Call`]: the id to confirm (0: nothing new to confirm).
+        confirm_id: u64,
+        /// With [`ConfirmBy::Delivery`]: fire once the grant is handed to the connection.
+        delivered: Option<oneshot::Sender<()>>,
+    },
+    /// Safe until this instant of CLOCK_MONOTONIC, in nanoseconds.
+    Safe(u64),
+    /// A held lease ended by other means than the holder's release.
+    Lost {
+        /// The resource.
+        resource: ResourceName,
+        /// How.
+        ended: Ended,
+    },
+    /// Refused or failed: the last message.
+    Failed(ApiError),
+}
+
+impl Out {
+    /// The line a waiting report shows people.
+    pub(crate) fn waiting_words(
+        conflict: Option<&(Conflict, Option<Duration>)>,
+        note: Option<&str>,
+    ) -> String {
+        match (conflict, note) {
+            (_, Some(n)) => words::escaped(n),
+            (Some((c, blocked_for)), None) => {
+                format!("waiting: {}", words::conflict(c, *blocked_for))
+            }
+            (None, None) => "waiting".into(),
+        }
+    }
+}
+
+type Tx = mpsc::Sender<Out>;
+
+/// The refusal of an acquire as an API error: who is in the way, and what to do next.
+fn refusal(e: StoreError, blocked_for: Option<Duration>) -> ApiError {
+    let (code, conflict, resource, dirty) = match &e {
+        StoreError::Acquire(AcquireError::Busy(c)) => (ErrorCode::Held, Some(c), None, None),
+        StoreError::TimedOut(c) => (ErrorCode::TimedOut, Some(c), None, None),
+        StoreError::Acquire(AcquireError::NeedsCheck { resource, dirty }) => {
+            (ErrorCode::NeedsCheck, None, Some(resource), Some(&**dirty))
+        }
+        StoreError::Acquire(AcquireError::ModeConflict { resource, .. }) => {
+            (ErrorCode::ModeConflict, None, Some(resource), None)
+        }
+        StoreError::Acquire(AcquireError::Cancelled(_)) => (ErrorCode::Cancelled, None, None, None),
+        _ => return fault_of(e),
+    };
+    let resource = resource
+        .or(conflict.map(|c| &c.resource))
+        .map(ToString::to_string);
+    let message = match (code, conflict) {
+        (ErrorCode::Held, Some(c)) => format!(
+            "{}; to wait for it, acquire with a wait (\"wait\": \"5m\", or \"forever\"); if that holder is gone for good, an admin can force-release it",
+            words::conflict(c, blocked_for)
+        ),
+        (ErrorCode::TimedOut, Some(c)) => format!(
+            "timed out waiting: {}; to wait longer, raise the wait",
+            words::conflict(c, blocked_for)
+        ),
+        (ErrorCode::NeedsCheck, _) => format!(
+            "{e}; check it, then mark it clean (leasehold mark-clean), or take it anyway with accept_dirty and check it first"
+        ),
+        _ => e.to_string(),
+    };
+    ApiError {
+        code,
+        message,
+        resource,
+        conflict: conflict.map(|c| conflict_to_v1(c, blocked_for)),
+        dirty: dirty.map(Into::into),
+        accept_dirty_needs: None,
+    }
+}
+
+impl<S: Store> Service<S> {
+    /// Starts an acquire for `c`: checked at once (a bad request is an error here, nothing
+    /// asked of the store), then carried out in the background, reporting on the receiver.
+    /// Dropping the receiver withdraws a waiting request.
+    pub(crate) fn acquire(
+        &self,
+        c: &Caller,
+        r: v1::AcquireRequest,
+        confirm: ConfirmBy,
+    ) -> Result<mpsc::Receiver<Out>, ApiError> {
+        let items = r
+            .items
+            .into_iter()
+            .map(|i| Ok((resource(i.resource)?, i.mode.into())))
+            .collect::<Result<Vec<_>, ApiError>>()?;
+        let info = self.target(c, r.pid, r.start_time)?;
+        refuse_non_process(&info)?;
+        let owner = Owner {
+            process: ProcessKey {
+                host: self.config.host_id.clone(),
+                pid: info.pid,
+                start_time: info.start_time,
+            },
+            label: r.label,
+            uid: Some(info.uid),
+            command: Some(info.command),
+        };
+        owner.validate().map_err(super::usage)?;
+        let wait = r.wait.map(|d| d.0);
+        // Taking a dirty resource unchecked clears its purpose as surely as mark-clean: only
+        // root or the admin group may (SPEC G8). Others are told it needs a check, and by whom.
+        let admin = self.is_admin(c);
+        let spec = AcquireSpec {
+            owner: owner.clone(),
+            items,
+            accept_dirty: r.accept_dirty && admin,
+            wait,
+        };
+        let dirty_needs = (r.accept_dirty && !admin).then(|| self.admin_words());
+        let (tx, rx) = mpsc::channel(8);
+        let me = self.clone();
+        let hold = r.hold;
+        let uid = c.uid;
+        tokio::spawn(async move {
+            // Register before the grant so no loss after it can be missed.
+            let registration = hold.then(|| me.holds.register(owner.process.clone()));
+            // The pidfd is opened before the grant: a grant the agent could not watch would
+            // have to end at once, although its process lives.
+            let prepared = match me.prepare_watch(&owner.process).await {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = tx.send(Out::Failed(e)).await;
+                    return;
+                }
+            };
+            let grants = match me.acquire_reporting(spec, &tx).await {
+                None => return, // the caller went away; the wait was withdrawn
+                Some(Ok(grants)) => grants,
+                Some(Err(e)) => {
+                    let blocked = match &e {
+                        StoreError::Acquire(AcquireError::Busy(c)) | StoreError::TimedOut(c) => me
+                            .store
+                            .inspect(c.resource.clone())
+                            .await
+                            .ok()
+                            .flatten()
+                            .and_then(|v| v.blocked_for),
+                        _ => None,
+                    };
+                    info!(pid = owner.process.pid, reason = %e, "acquire refused");
+                    let mut r = refusal(e, blocked);
+                    if let Some(needs) = &dirty_needs
+                        && r.code == ErrorCode::NeedsCheck
+                    {
+                        r.message = format!(
+                            "{}; taking a dirty resource (--accept-dirty, run --check) needs {needs}: ask an admin to check it and run `leasehold mark-clean {}`",
+                            r.message,
+                            r.resource.as_deref().unwrap_or("R")
+                        );
+                        r.accept_dirty_needs = Some(needs.clone());
+                    }
+                    let _ = tx.send(Out::Failed(r)).await;
+                    return;
+                }
+            };
+            me.watcher.watch_with(prepared);
+            for g in grants.iter().filter(|g| !g.existing) {
+                info!(
+                    resource = %g.resource,
+                    pid = owner.process.pid,
+                    token = %g.token,
+                    mode = %g.mode,
+                    mono_ns = crate::fence::monotonic_ns(),
+                    "granted"
+                );
+            }
+            // New leases count only once the client received them: one that went away as
+            // it was granted (a withdrawn wait) must not leave them behind.
+            let fresh: Vec<ResourceName> = grants
+                .iter()
+                .filter(|g| !g.existing)
+                .map(|g| g.resource.clone())
+                .collect();
+            let (confirm_id, confirmed, delivered) = match (fresh.is_empty(), confirm) {
+                (true, _) => (0, None, None),
+                (false, ConfirmBy::Call) => {
+                    let (id, rx) = me.confirms.register(uid);
+                    (id, Some(rx), None)
+                }
+                (false, ConfirmBy::Delivery) => {
+                    let (dtx, drx) = oneshot::channel();
+                    (0, Some(drx), Some(dtx))
+                }
+            };
+            let granted = Out::Granted {
+                grants: grants.clone(),
+                owner: owner.clone(),
+                confirm_id,
+                delivered,
+            };
+            let sent = tx.send(granted).await.is_ok();
+            let kept = match confirmed {
+                None => sent,
+                Some(rx) if sent => tokio::select! {
+                    biased;
+                    r = rx => r.is_ok(),
+                    () = tx.closed() => false,
+                },
+                Some(_) => false,
+            };
+            if !kept {
+                me.confirms.forget(confirm_id);
+                me.undo_unconfirmed(&owner.process, fresh).await;
+                return;
+            }
+            if let Some(registration) = registration {
+                me.hold(&grants, registration, &tx).await;
+            }
+        });
+        Ok(rx)
+    }
+
+    /// Confirms grant `id` for `c` (gRPC's `Confirm`).
+    pub(crate) fn confirm(&self, c: &Caller, id: u64) -> Result<(), ApiError> {
+        if self.confirms.confirm(id, c.uid) {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            ErrorCode::Refused,
+            format!(
+                "no grant {id} of yours awaits confirmation: its acquire stream closed first, so it was released; acquire again"
+            ),
+        ))
+    }
+
+    /// Prepares to watch `process`, waiting a little while the agent is out of file
+    /// descriptors, then refusing: no lease is granted that could not be watched.
+    async fn prepare_watch(&self, process: &ProcessKey) -> Result<Prepared, ApiError> {
+        let mut delay = Duration::from_millis(20);
+        let give_up = Instant::now() + Duration::from_secs(3);
+        loop {
+            match self.watcher.prepare(process) {
+                Ok(p) => return Ok(p),
+                Err(ProcError::NoDescriptors { .. }) if Instant::now() < give_up => {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_millis(500));
+                }
+                Err(e @ ProcError::NoDescriptors { .. }) => {
+                    warn!(pid = process.pid, error = %e, "out of file descriptors; request refused");
+                    return Err(ApiError::new(
+                        ErrorCode::Exhausted,
+                        format!(
+                            "the agent is out of file descriptors and cannot watch pid {}: no lease \
+                             was granted; retry later (and raise the agent's LimitNOFILE)",
+                            process.pid
+                        ),
+                    ));
+                }
+                Err(e @ (ProcError::NoProcess(_) | ProcError::Reused { .. })) => {
+                    return Err(ApiError::new(
+                        ErrorCode::Refused,
+                        format!("{e}; leases are held for a running process"),
+                    ));
+                }
+                Err(e) => return Err(ApiError::new(ErrorCode::Internal, e.to_string())),
+            }
+        }
+    }
+
+    /// Releases, clean, the new leases of a grant whose client went away before receiving
+    /// it: nobody learnt their tokens, so nothing was written under them.
+    async fn undo_unconfirmed(&self, process: &ProcessKey, fresh: Vec<ResourceName>) {
+        for r in fresh {
+            match self
+                .store
+                .release(r.clone(), process.clone(), ReleaseKind::Clean)
+                .await
+            {
+                Ok(_) => warn!(
+                    resource = %r,
+                    pid = process.pid,
+                    "released a grant its client went away without confirming"
+                ),
+                Err(e) => warn!(
+                    resource = %r,
+                    pid = process.pid,
+                    error = %e,
+                    "a grant its client never confirmed could not be released"
+                ),
+            }
+        }
+    }
+
+    /// Runs an acquire, telling a waiting caller every second who is in its way. Returns
+    /// `None` if the caller went away (dropping the store's future withdraws the request).
+    async fn acquire_reporting(
+        &self,
+        spec: AcquireSpec,
+        tx: &Tx,
+    ) -> Option<Result<Vec<Grant>, StoreError>> {
+        let process = spec.owner.process.clone();
+        let items = spec.items.clone();
+        let waits = spec.wait.is_some();
+        // Subscribed before the request starts, so no note about it is missed.
+        let mut notes = self.store.wait_notes();
+        let mut notes_open = waits;
+        let fut = self.store.acquire(spec);
+        tokio::pin!(fut);
+        let started = Instant::now();
+        // The first report comes quickly, so a caller sees who is in the way at once.
+        let mut next = tokio::time::Instant::now() + Duration::from_millis(100);
+        loop {
+            tokio::select! {
+                r = &mut fut => return Some(r),
+                () = tx.closed() => return None,
+                n = notes.recv(), if notes_open => match n {
+                    Ok(n) if n.process == process && n.items == items => {
+                        info!(pid = process.pid, note = %n.note, "told a waiting caller");
+                        let waiting = Out::Waiting {
+                            conflict: None,
+                            waited: started.elapsed(),
+                            note: Some(n.note),
+                        };
+                        if tx.send(waiting).await.is_err() {
+                            return None;
+                        }
+                    }
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => notes_open = false,
+                },
+                () = tokio::time::sleep_until(next), if waits => {
+                    next += PROGRESS_EVERY;
+                    let in_way = self.store.conflict(process.clone(), items.clone()).await;
+                    if let Ok(Some(conflict)) = in_way {
+                        let waiting = Out::Waiting {
+                            conflict: Some(conflict),
+                            waited: started.elapsed(),
+                            note: None,
+                        };
+                        if tx.send(waiting).await.is_err() {
+                            return None;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// After a grant with `hold`: reports leases lost by other means than the holder's own
+    /// release, until every lease of the grant has ended or the caller goes away.
+    async fn hold(&self, grants: &[Grant], mut reg: Registration, tx: &Tx) {
+        let mut live: BTreeMap<ResourceName, Token> = grants
+            .iter()
+            .map(|g| (g.resource.clone(), g.token))
+            .collect();
+        let mut deadline = self.deadline.clone();
+        let mut deadline_live = true;
+        let safe = |at: Option<Instant>| at.map(|at| Out::Safe(crate::fence::monotonic_ns_of(at)));
+        let first = *deadline.borrow_and_update();
+        if let Some(msg) = safe(first)
+            && tx.send(msg).await.is_err()
+        {
+            return;
+        }
+        while !live.is_empty() {
+            let note = tokio::select! {
+                n = reg.notes.recv() => n,
+                () = tx.closed() => return,
+                changed = deadline.changed(), if deadline_live => {
+                    if changed.is_err() {
+                        deadline_live = false;
+                        continue;
+                    }
+                    // None: the session is gone; the last deadline stands.
+                    let at = *deadline.borrow_and_update();
+                    if let Some(msg) = safe(at)
+                        && tx.send(msg).await.is_err()
+                    {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let ended = match note {
+                Some(Note::Ended { resource, ended })
+                    if live.get(&resource) == Some(&ended.token) =>
+                {
+                    live.remove(&resource);
+                    vec![(resource, ended)]
+                }
+                Some(Note::Ended { .. }) => continue,
+                // Missed events: look at each lease directly.
+                Some(Note::Resync) => {
+                    let mut lost = Vec::new();
+                    for (r, t) in &live {
+                        if !self.store.validate(r.clone(), *t).await.unwrap_or(false) {
+                            lost.push(r.clone());
+                        }
+                    }
+                    let mut ended = Vec::new();
+                    for r in lost {
+                        live.remove(&r);
+                        let v = self.store.inspect(r.clone()).await.ok().flatten();
+                        if let Some(e) = v.and_then(|v| v.last_ended) {
+                            ended.push((r, e));
+                        }
+                    }
+                    ended
+                }
+                None => return,
+            };
+            for (resource, ended) in ended {
+                let own = matches!(
+                    ended.how,
+                    EndReason::Released
+                        | EndReason::ReleasedDirty { .. }
+                        | EndReason::HandedOver { .. }
+                );
+                if own {
+                    continue;
+                }
+                if tx.send(Out::Lost { resource, ended }).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! The HTTP/JSON API on the agent's socket, driven by the clients people use: `curl` for
+//! every operation, and a Python script with nothing but the standard library.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{Agent, Holder, Lines};
+use serde_json::{Value, json};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// `curl` on the agent's socket: the HTTP status and the body.
+fn curl(a: &Agent, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
+    let mut c = Command::new("curl");
+    c.args(["-sS", "--max-time", "30", "--unix-socket"])
+        .arg(&a.socket)
+        .args(["-X", method, "-w", "\n%{http_code}"])
+        .arg(format!("http://leasehold{path}"));
+    if body.is_some() {
+        c.args([
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            "@-",
+        ]);
+    }
+    let mut child = c
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("curl runs");
+    let mut stdin = child.stdin.take().expect("stdin");
+    if let Some(b) = body {
+        stdin
+            .write_all(b.to_string().as_bytes())
+            .expect("curl reads its body");
+    }
+    drop(stdin);
+    let out = child.wait_with_output().expect("curl runs");
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        common::text(&out.stderr)
+    );
+    let text = common::text(&out.stdout);
+    let (body, code) = text.rsplit_once('\n').expect("a status line");
+    (code.trim().parse().expect("a status"), body.to_owned())
+}
+
+/// The same, answered with JSON: the status and the parsed body.
+fn call(a: &Agent, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let (code, text) = curl(a, method, path, body.as_ref());
+    let v = serde_json::from_str(text.lines().next().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {text}"));
+    (code, v)
+}
+
+/// A streaming `curl -N` (acquire with a wait or hold, watch), its lines read as they come,
+/// returned once the answer's headers arrived (`-v` shows them at once; the agent has
+/// subscribed the stream by then).
+fn stream(a: &Agent, path: &str, body: &Value) -> (std::process::Child, Lines) {
+    let mut child = Command::new("curl")
+        .args(["-sS", "-N", "-v", "--unix-socket"])
+        .arg(&a.socket)
+        .arg(format!("http://leasehold{path}"))
+        .arg("--data-binary")
+        .arg(body.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("curl runs");
+    let mut headers = Lines::new(child.stderr.take().expect("stderr"));
+    headers.wait_for("< content-type: application/x-ndjson", LIMIT);
+    let lines = Lines::new(child.stdout.take().expect("stdout"));
+    (child, lines)
+}
+
+fn items(resource: &str, mode: &str) -> Value {
+    json!([{"resource": resource, "mode": mode}])
+}
+
+#[test]
+fn every_operation_works_through_curl() {
+    let a = Agent::start();
+    let (h1, h2) = (Holder::new(), Holder::new());
+
+    let (code, status) = call(&a, "GET", "/v1/status", None);
+    assert_eq!(
+        (code, status["host"].as_str()),
+        (200, Some("node1")),
+        "{status}"
+    );
+
+    // acquire: one line, the grant.
+    let (code, text) = curl(
+        &a,
+        "POST",
+        "/v1/acquire",
+        Some(&json!({"items": items("disk", "exclusive"), "pid": h1.pid(), "label": "vm1"})),
+    );
+    assert_eq!(code, 200, "{text}");
+    let granted: Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(granted["event"], "granted", "{granted}");
+    let token = granted["grants"][0]["token"].as_u64().unwrap();
+    assert_eq!(a.holders("disk"), vec![u64::from(h1.pid())]);
+
+    let (code, list) = call(&a, "GET", "/v1/leases", None);
+    assert_eq!(code, 200);
+    assert_eq!(
+        list["resources"][0]["holders"][0]["owner"]["pid"],
+        h1.pid(),
+        "{list}"
+    );
+
+    let (code, v) = call(&a, "POST", "/v1/inspect", Some(json!({"resource": "disk"})));
+    assert_eq!(code, 200);
+    assert_eq!(v["resource"]["holders"][0]["owner"]["label"], "vm1", "{v}");
+
+    let (code, v) = call(
+        &a,
+        "POST",
+        "/v1/validate",
+        Some(json!({"resource": "disk", "token": token})),
+    );
+    assert_eq!((code, &v["current"]), (200, &json!(true)), "{v}");
+
+    // Held: 409, code "held", the holder named, what to do next.
+    let (code, v) = call(
+        &a,
+        "POST",
+        "/v1/acquire",
+        Some(json!({"items": items("disk", "exclusive"), "pid": h2.pid()})),
+    );
+    assert_eq!((code, v["code"].as_str()), (409, Some("held")), "{v}");
+    let msg = v["message"].as_str().unwrap();
+    assert!(
+        msg.contains(&format!("pid {}", h1.pid())) && msg.contains("wait"),
+        "{msg}"
+    );
+    assert_eq!(v["conflict"]["holders"][0]["owner"]["pid"], h1.pid(), "{v}");
+
+    // watch, and a waiting acquire that tells who is in the way as it waits.
+    let (mut watch, mut events) = stream(&a, "/v1/watch", &json!({"resource": "disk"}));
+    let (mut waiter, mut waiting) = stream(
+        &a,
+        "/v1/acquire",
+        &json!({"items": items("disk", "exclusive"), "pid": h2.pid(), "wait": "forever"}),
+    );
+    let line = waiting.wait_for("\"event\":\"waiting\"", LIMIT);
+    assert!(
+        line.contains(&format!(
+            "waiting: disk is held exclusive by pid {}",
+            h1.pid()
+        )),
+        "{line}"
+    );
+
+    // release dirty: the waiter is told the resource needs a check.
+    let (code, v) = call(
+        &a,
+        "POST",
+        "/v1/release",
+        Some(json!({"resources": ["disk"], "pid": h1.pid(), "dirty": true, "note": "curl test"})),
+    );
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["released"][0]["dirtied"], true, "{v}");
+    assert_eq!(v["failed"], json!([]), "{v}");
+    let line = waiting.wait_for("\"event\":\"error\"", LIMIT);
+    assert!(line.contains("\"code\":\"needs-check\""), "{line}");
+    assert!(waiter.wait().unwrap().success());
+    events.wait_for("\"kind\":\"dirtied\"", LIMIT);
+
+    // mark-clean.
+    let (code, v) = call(
+        &a,
+        "POST",
+        "/v1/mark-clean",
+        Some(json!({"resource": "disk"})),
+    );
+    assert_eq!(
+        (code, v["was"]["how"].as_str()),
+        (200, Some("released-dirty")),
+        "{v}"
+    );
+    events.wait_for("\"kind\":\"cleaned\"", LIMIT);
+
+    // A holding acquire hears of its lease's loss; force-release.
+    let (mut holder, mut held) = stream(
+        &a,
+        "/v1/acquire",
+        &json!({"items": items("disk", "shared"), "pid": h2.pid(), "hold": true}),
+    );
+    held.wait_for("\"event\":\"granted\"", LIMIT);
+    let (code, v) = call(
+        &a,
+        "POST",
+        "/v1/force-release",
+        Some(json!({"resource": "disk", "reason": "curl test"})),
+    );
+    assert_eq!(
+        (code, v["released"][0]["ended"]["how"].as_str()),
+        (200, Some("forced")),
+        "{v}"
+    );
+    let line = held.wait_for("\"event\":\"lost\"", LIMIT);
+    assert!(line.contains("\"how\":\"forced\""), "{line}");
+    assert!(
+        holder.wait().unwrap().success(),
+        "the hold ends with its last lease"
+    );
+    events.wait_for("\"kind\":\"forced\"", LIMIT);
+
+    // Per-resource outcomes: one released, one unknown.
+    call(
+        &a,
+        "POST",
+        "/v1/acquire",
+        Some(json!({"items": items("d2", "exclusive"), "pid": h1.pid()})),
+    );
+    let (code, v) = call(
+        &a,
+        "POST",
+        "/v1/release",
+        Some(json!({"resources": ["d2", "nothing-here"], "pid": h1.pid()})),
+    );
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["released"][0]["resource"], "d2", "{v}");
+    assert_eq!(v["failed"][0]["resource"], "nothing-here", "{v}");
+    assert_eq!(v["failed"][0]["error"]["code"], "refused", "{v}");
+    assert!(
+        v["failed"][0]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not held"),
+        "{v}"
+    );
+
+    let _ = watch.kill();
+    let _ = watch.wait();
+}
+
+#[test]
+fn bad_requests_get_a_json_error_and_change_nothing() {
+    let a = Agent::start_with(&["--request-timeout", "1s"]);
+    let h = Holder::new();
+    let (code, _) = call(
+        &a,
+        "POST",
+        "/v1/acquire",
+        Some(json!({"items": items("disk", "exclusive"), "pid": h.pid()})),
+    );
+    assert_eq!(code, 200);
+    let before = a.list();
+    let pid = h.pid();
+    for (body, want) in [
+        (
+            json!({"resources": ["disk"], "pid": pid, "dirtyy": true}),
+            "unknown field `dirtyy`",
+        ),
+        (json!({"resources": "disk", "pid": pid}), "invalid type"),
+        (json!({"resources": ["disk"], "pid": -1}), "invalid value"),
+        (
+            json!({"resources": ["a\u{0}b"], "pid": pid}),
+            "forbidden character",
+        ),
+    ] {
+        let (code, v) = call(&a, "POST", "/v1/release", Some(body));
+        assert_eq!((code, v["code"].as_str()), (400, Some("usage")), "{v}");
+        assert!(v["message"].as_str().unwrap().contains(want), "{v}");
+    }
+    let (code, v) = call(
+        &a,
+        "POST",
+        "/v1/acquire",
+        Some(json!({"items": [], "wait": 30})),
+    );
+    assert_eq!((code, v["code"].as_str()), (400, Some("usage")), "{v}");
+    let (code, v) = call(&a, "GET", "/v1/nothing", None);
+    assert_eq!((code, v["code"].as_str()), (404, Some("not-found")), "{v}");
+    let (code, v) = call(&a, "DELETE", "/v1/leases", None);
+    assert_eq!((code, v["code"].as_str()), (400, Some("usage")), "{v}");
+    let (code, v) = call(
+        &a,
+        "POST",
+        "/v1/release",
+        Some(json!({"x": "y".repeat(2 << 20)})),
+    );
+    assert_eq!((code, v["code"].as_str()), (413, Some("too-large")), "{v}");
+
+    // Slowloris: headers never finished, a body never sent.
+    for partial in [
+        &b"POST /v1/release HTTP/1.1\r\nhost: x\r\n"[..],
+        &b"POST /v1/release HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{\"resources\""[..],
+    ] {
+        let mut s = std::os::unix::net::UnixStream::connect(&a.socket).unwrap();
+        s.set_read_timeout(Some(LIMIT)).unwrap();
+        s.write_all(partial).unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(answer.contains("\"code\":\"request-timeout\""), "{answer}");
+    }
+    // An idle connection is closed too.
+    let mut s = std::os::unix::net::UnixStream::connect(&a.socket).unwrap();
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+
+    assert_eq!(a.list(), before, "a refused request changed nothing");
+}
+
+#[test]
+fn a_python_stdlib_client_acquires_waits_watches_and_releases() {
+    let a = Agent::start();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/http_client.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(&a.socket)
+        .output()
+        .expect("python3 runs");
+    let stdout = common::text(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("all done"),
+        "stdout:\n{stdout}\nstderr:\n{}",
+        common::text(&out.stderr)
+    );
+}
