@@ -31,6 +31,7 @@ use leasehold_core::{
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+pub mod blocking;
 mod guard;
 
 pub use guard::LeaseGuard;

@@ -1,0 +1,697 @@
+//! A blocking client over the agent's HTTP/JSON API, with nothing but `std`: no async
+//! runtime, no thread. One call is one connection, one request and one answer, so it can
+//! run anywhere, e.g. in a forked child before `exec` where no runtime or thread may run
+//! (a libvirt lock driver).
+//!
+//! Its types are `leasehold-core`'s and this crate's ([`AcquireOptions`], [`Granted`],
+//! [`Refusal`]); a refused acquire is [`Error::Refused`] with the holder as data, and a
+//! release reports each resource's outcome ([`ReleaseReport`]).
+//!
+//! ```no_run
+//! use leasehold_client::blocking::Client;
+//! use leasehold_client::AcquireOptions;
+//! use leasehold_core::{Mode, ResourceName};
+//!
+//! let client = Client::default_socket()?;
+//! let disk = ResourceName::new("/srv/images/vm1.qcow2").unwrap();
+//! let mut o = AcquireOptions::new([(disk.clone(), Mode::Exclusive)]);
+//! o.pid = Some(std::process::id());
+//! let granted = client.acquire(&o)?;
+//! println!("token {}", granted.grants[0].token);
+//! let report = client.release(&[disk], &Default::default())?;
+//! assert!(report.failed.is_empty());
+//! # Ok::<(), leasehold_client::blocking::Error>(())
+//! ```
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use leasehold_api::v1::{self, ApiError};
+use leasehold_core::{Ended, Grant, Owner, Released, ResourceName, ResourceView, Token};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+pub use leasehold_api::v1::{ErrorCode, Event, StatusResponse as Status};
+
+use crate::{AcquireEvent, AcquireOptions, Granted, Refusal, RefusalKind, ReleaseOptions};
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No socket was given and none could be found.
+    #[error(
+        "no agent socket: pass --socket or set LEASEHOLD_SOCKET (XDG_RUNTIME_DIR is not set either)"
+    )]
+    NoSocket,
+    /// The agent could not be reached.
+    #[error("cannot reach the leasehold agent at {}: {source}", socket.display())]
+    Unreachable {
+        /// The socket tried.
+        socket: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The acquire was refused: who holds the resource, or why it needs a check.
+    #[error("{}", .0.message)]
+    Refused(Box<Refusal>),
+    /// The agent answered with an error.
+    #[error("{message}")]
+    Agent {
+        /// What went wrong, for programs.
+        code: ErrorCode,
+        /// What went wrong and what to do, for people.
+        message: String,
+    },
+    /// The connection failed after it was made (the agent stopped, a timeout).
+    #[error("the connection to the agent failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// The agent's answer was not understood.
+    #[error("malformed answer from the agent: {0}")]
+    Protocol(String),
+}
+
+impl Error {
+    /// The error's code, as the API defines it; `None` for errors of the connection.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Error::Refused(r) => Some(match r.kind {
+                RefusalKind::Busy => ErrorCode::Held,
+                RefusalKind::TimedOut => ErrorCode::TimedOut,
+                RefusalKind::NeedsCheck => ErrorCode::NeedsCheck,
+                RefusalKind::ModeConflict => ErrorCode::ModeConflict,
+                RefusalKind::Cancelled => ErrorCode::Cancelled,
+            }),
+            Error::Agent { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// The CLI's exit code for this error: 5 when the agent is not there.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::NoSocket | Error::Unreachable { .. } => 5,
+            Error::Io(_) | Error::Protocol(_) => 1,
+            e => e.code().map_or(1, ErrorCode::exit_code),
+        }
+    }
+
+    fn protocol(e: impl std::fmt::Display) -> Error {
+        Error::Protocol(e.to_string())
+    }
+}
+
+impl From<ApiError> for Error {
+    fn from(e: ApiError) -> Error {
+        let kind = match e.code {
+            ErrorCode::Held => RefusalKind::Busy,
+            ErrorCode::TimedOut => RefusalKind::TimedOut,
+            ErrorCode::NeedsCheck => RefusalKind::NeedsCheck,
+            ErrorCode::ModeConflict => RefusalKind::ModeConflict,
+            ErrorCode::Cancelled => RefusalKind::Cancelled,
+            code => {
+                return Error::Agent {
+                    code,
+                    message: e.message,
+                };
+            }
+        };
+        let (conflict, blocked_for) = match e.conflict.map(v1::conflict_from_v1).transpose() {
+            Ok(Some((c, b))) => (Some(c), b),
+            Ok(None) => (None, None),
+            Err(w) => return Error::protocol(w),
+        };
+        let dirty = match e.dirty.map(Ended::try_from).transpose() {
+            Ok(d) => d,
+            Err(w) => return Error::protocol(w),
+        };
+        Error::Refused(Box::new(Refusal {
+            kind,
+            message: e.message,
+            resource: e.resource.and_then(|r| ResourceName::new(r).ok()),
+            conflict,
+            blocked_for,
+            dirty,
+            accept_dirty_needs: e.accept_dirty_needs,
+        }))
+    }
+}
+
+/// A resource a release did not release, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleaseFailure {
+    /// The resource.
+    pub resource: String,
+    /// Why, for programs.
+    pub code: ErrorCode,
+    /// Why, for people.
+    pub message: String,
+}
+
+/// What a release did to each resource it named.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReleaseReport {
+    /// The leases ended.
+    pub released: Vec<Released>,
+    /// The resources not released.
+    pub failed: Vec<ReleaseFailure>,
+}
+
+/// The answer to validate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Validation {
+    /// Whether the token is a live grant.
+    pub current: bool,
+    /// The tokens of the live leases.
+    pub current_tokens: Vec<Token>,
+}
+
+/// A client of one agent socket. Cheap: it holds only the path; each call connects.
+#[derive(Debug, Clone)]
+pub struct Client {
+    socket: PathBuf,
+    timeout: Option<Duration>,
+}
+
+impl Client {
+    /// A client of the agent at `socket`.
+    pub fn new(socket: impl Into<PathBuf>) -> Client {
+        Client {
+            socket: socket.into(),
+            timeout: None,
+        }
+    }
+
+    /// A client of the agent at [`crate::default_socket`].
+    ///
+    /// # Errors
+    /// [`Error::NoSocket`] when there is none.
+    pub fn default_socket() -> Result<Client, Error> {
+        crate::default_socket()
+            .map(Client::new)
+            .ok_or(Error::NoSocket)
+    }
+
+    /// Gives up on an answer that does not come within `timeout` (`None`: never); a waiting
+    /// acquire and a watch are not bounded by it once they have started.
+    pub fn with_timeout(mut self, timeout: Option<Duration>) -> Client {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The socket this client talks to.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    fn connect(&self) -> Result<UnixStream, Error> {
+        let s = UnixStream::connect(&self.socket).map_err(|source| Error::Unreachable {
+            socket: self.socket.clone(),
+            source,
+        })?;
+        s.set_read_timeout(self.timeout)?;
+        s.set_write_timeout(self.timeout)?;
+        Ok(s)
+    }
+
+    /// Sends one request; returns the answer's reader once its head is read. An error
+    /// answer (not 2xx) is returned as its error.
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<Answer, Error> {
+        let mut s = self.connect()?;
+        let body = match body {
+            Some(b) => serde_json::to_vec(b).map_err(Error::protocol)?,
+            None => Vec::new(),
+        };
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nhost: leasehold\r\nconnection: close\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(&body);
+        s.write_all(&req)?;
+        let answer = Answer::read(BufReader::new(s))?;
+        if !(200..300).contains(&answer.status) {
+            let status = answer.status;
+            let text = answer.text()?;
+            let e: ApiError = serde_json::from_str(&text).map_err(|e| {
+                Error::Protocol(format!(
+                    "status {status} with a body that is no error ({e}): {text}"
+                ))
+            })?;
+            return Err(e.into());
+        }
+        Ok(answer)
+    }
+
+    fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<T, Error> {
+        let text = self.send(method, path, body)?.text()?;
+        serde_json::from_str(&text).map_err(Error::protocol)
+    }
+
+    /// Starts an acquire; its events follow on the returned stream.
+    ///
+    /// # Errors
+    /// [`Error::Refused`] when refused at once (not waiting); [`Error::Agent`] when the
+    /// request is malformed or not allowed.
+    pub fn start_acquire(&self, o: &AcquireOptions) -> Result<Acquisition, Error> {
+        let req = v1::AcquireRequest {
+            items: o
+                .items
+                .iter()
+                .map(|(r, m)| v1::Item {
+                    resource: r.to_string(),
+                    mode: (*m).into(),
+                })
+                .collect(),
+            pid: o.pid,
+            start_time: o.start_time,
+            label: o.label.clone(),
+            accept_dirty: o.accept_dirty,
+            wait: o.wait.map(v1::Dur),
+            hold: o.hold,
+        };
+        let answer = self.send("POST", "/v1/acquire", Some(&req))?;
+        // A wait is as long as it is: the stream is not bounded by the call timeout.
+        answer.reader.get_ref().inner().set_read_timeout(None)?;
+        Ok(Acquisition { lines: answer })
+    }
+
+    /// Acquires, waiting as the options say, and returns the grant. The connection closes
+    /// after the grant; with `hold`, use [`Client::start_acquire`] and keep the stream.
+    ///
+    /// # Errors
+    /// [`Error::Refused`] with the holder when refused.
+    pub fn acquire(&self, o: &AcquireOptions) -> Result<Granted, Error> {
+        self.start_acquire(o)?.granted()
+    }
+
+    /// Releases `resources` held by the process of `o` (the caller's by default); reports
+    /// each one's outcome.
+    ///
+    /// # Errors
+    /// [`Error::Agent`] when the request as a whole is refused (malformed, no such process,
+    /// not allowed): then nothing was released.
+    pub fn release(
+        &self,
+        resources: &[ResourceName],
+        o: &ReleaseOptions,
+    ) -> Result<ReleaseReport, Error> {
+        let req = v1::ReleaseRequest {
+            resources: resources.iter().map(ToString::to_string).collect(),
+            pid: o.pid,
+            start_time: o.start_time,
+            dirty: o.dirty,
+            note: o.note.clone(),
+            handover_to: o.handover_to.clone(),
+        };
+        let r: v1::ReleaseResponse = self.call("POST", "/v1/release", Some(&req))?;
+        report(r)
+    }
+
+    /// Revokes every lease on `resource` (root or the admin group).
+    ///
+    /// # Errors
+    /// [`Error::Agent`] when not allowed.
+    pub fn force_release(
+        &self,
+        resource: &ResourceName,
+        reason: &str,
+    ) -> Result<Vec<Released>, Error> {
+        let req = v1::ForceReleaseRequest {
+            resource: resource.to_string(),
+            reason: reason.to_owned(),
+        };
+        let r: v1::ReleaseResponse = self.call("POST", "/v1/force-release", Some(&req))?;
+        Ok(report(r)?.released)
+    }
+
+    /// Clears the dirty mark of `resource` (root or the admin group); the mark it had.
+    ///
+    /// # Errors
+    /// [`Error::Agent`] when not allowed.
+    pub fn mark_clean(&self, resource: &ResourceName) -> Result<Option<Ended>, Error> {
+        let req = v1::ResourceRequest {
+            resource: resource.to_string(),
+        };
+        let r: v1::MarkCleanResponse = self.call("POST", "/v1/mark-clean", Some(&req))?;
+        r.was
+            .map(Ended::try_from)
+            .transpose()
+            .map_err(Error::protocol)
+    }
+
+    /// Whether `token` is a live grant of `resource`.
+    ///
+    /// # Errors
+    /// [`Error::Agent`] for a bad name.
+    pub fn validate(&self, resource: &ResourceName, token: Token) -> Result<Validation, Error> {
+        let req = v1::ValidateRequest {
+            resource: resource.to_string(),
+            token: token.0,
+        };
+        let r: v1::ValidateResponse = self.call("POST", "/v1/validate", Some(&req))?;
+        Ok(Validation {
+            current: r.current,
+            current_tokens: r.current_tokens.into_iter().map(Token).collect(),
+        })
+    }
+
+    /// One resource; `None` when the agent knows nothing of it.
+    ///
+    /// # Errors
+    /// [`Error::Agent`] for a bad name.
+    pub fn inspect(&self, resource: &ResourceName) -> Result<Option<ResourceView>, Error> {
+        let req = v1::ResourceRequest {
+            resource: resource.to_string(),
+        };
+        let r: v1::InspectResponse = self.call("POST", "/v1/inspect", Some(&req))?;
+        r.resource
+            .map(ResourceView::try_from)
+            .transpose()
+            .map_err(Error::protocol)
+    }
+
+    /// Every known resource.
+    ///
+    /// # Errors
+    /// [`Error::Agent`] when the backend does not answer.
+    pub fn list(&self) -> Result<Vec<ResourceView>, Error> {
+        let r: v1::ListResponse = self.call("GET", "/v1/leases", None::<&()>)?;
+        r.resources
+            .into_iter()
+            .map(ResourceView::try_from)
+            .collect::<Result<_, _>>()
+            .map_err(Error::protocol)
+    }
+
+    /// The agent's status.
+    ///
+    /// # Errors
+    /// [`Error::Unreachable`] when no agent answers.
+    pub fn status(&self) -> Result<Status, Error> {
+        self.call("GET", "/v1/status", None::<&()>)
+    }
+
+    /// Lease events as they happen from the moment this returns, for one resource or all.
+    ///
+    /// # Errors
+    /// [`Error::Agent`] for a bad name.
+    pub fn watch(&self, resource: Option<&ResourceName>) -> Result<Watch, Error> {
+        let req = v1::WatchRequest {
+            resource: resource.map(ToString::to_string),
+        };
+        let answer = self.send("POST", "/v1/watch", Some(&req))?;
+        answer.reader.get_ref().inner().set_read_timeout(None)?;
+        Ok(Watch { lines: answer })
+    }
+}
+
+fn report(r: v1::ReleaseResponse) -> Result<ReleaseReport, Error> {
+    Ok(ReleaseReport {
+        released: r
+            .released
+            .into_iter()
+            .map(Released::try_from)
+            .collect::<Result<_, _>>()
+            .map_err(Error::protocol)?,
+        failed: r
+            .failed
+            .into_iter()
+            .map(|f| ReleaseFailure {
+                resource: f.resource,
+                code: f.error.code,
+                message: f.error.message,
+            })
+            .collect(),
+    })
+}
+
+/// An acquire in progress: its events until granted or refused, and with `hold`, after.
+#[derive(Debug)]
+pub struct Acquisition {
+    lines: Answer,
+}
+
+impl Acquisition {
+    /// The next event; `Ok(None)` when the agent ended the stream (with `hold`: every lease
+    /// of the grant has ended).
+    ///
+    /// # Errors
+    /// [`Error::Refused`] when the acquire is refused; [`Error::Io`] when the connection
+    /// breaks (the agent stopped).
+    pub fn next_event(&mut self) -> Result<Option<AcquireEvent>, Error> {
+        let Some(line) = self.lines.line()? else {
+            return Ok(None);
+        };
+        let event: v1::AcquireEvent = serde_json::from_str(&line).map_err(Error::protocol)?;
+        Ok(Some(match event {
+            v1::AcquireEvent::Waiting {
+                note: Some(note), ..
+            } => AcquireEvent::Note(note),
+            v1::AcquireEvent::Waiting {
+                conflict, waited, ..
+            } => {
+                let (conflict, blocked_for) =
+                    v1::conflict_from_v1(conflict.ok_or_else(|| {
+                        Error::protocol("a waiting line without who is in the way")
+                    })?)
+                    .map_err(Error::protocol)?;
+                AcquireEvent::Waiting {
+                    conflict,
+                    blocked_for,
+                    waited: waited.0,
+                }
+            }
+            v1::AcquireEvent::Granted { grants, owner } => AcquireEvent::Granted(Granted {
+                grants: grants
+                    .into_iter()
+                    .map(Grant::try_from)
+                    .collect::<Result<_, _>>()
+                    .map_err(Error::protocol)?,
+                owner: Owner::try_from(owner).map_err(Error::protocol)?,
+            }),
+            v1::AcquireEvent::Safe { until_monotonic_ns } => {
+                AcquireEvent::Safe { until_monotonic_ns }
+            }
+            v1::AcquireEvent::Lost { resource, ended } => AcquireEvent::Lost {
+                resource: ResourceName::new(resource).map_err(Error::protocol)?,
+                ended: Ended::try_from(ended).map_err(Error::protocol)?,
+            },
+            v1::AcquireEvent::Error(e) => return Err(e.into()),
+        }))
+    }
+
+    /// Waits for the grant, passing over progress reports.
+    ///
+    /// # Errors
+    /// As [`Acquisition::next_event`]; [`Error::Io`] when the stream ends first.
+    pub fn granted(&mut self) -> Result<Granted, Error> {
+        loop {
+            match self.next_event()? {
+                Some(AcquireEvent::Granted(g)) => return Ok(g),
+                Some(_) => {}
+                None => {
+                    return Err(Error::Io(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the agent ended the acquire without an answer",
+                    )));
+                }
+            }
+        }
+    }
+
+    /// The connection, e.g. to poll it beside other descriptors or to shut it down (which
+    /// withdraws a waiting request and ends a hold).
+    pub fn socket(&self) -> &UnixStream {
+        self.lines.reader.get_ref().inner()
+    }
+}
+
+/// Lease events as they happen.
+#[derive(Debug)]
+pub struct Watch {
+    lines: Answer,
+}
+
+impl Iterator for Watch {
+    type Item = Result<Event, Error>;
+
+    fn next(&mut self) -> Option<Result<Event, Error>> {
+        let line = match self.lines.line() {
+            Ok(Some(l)) => l,
+            Ok(None) => return None,
+            Err(e) => return Some(Err(e)),
+        };
+        Some(
+            serde_json::from_str::<Event>(&line)
+                .map_err(Error::protocol)
+                .and_then(|e| match e.error {
+                    Some(err) => Err(err.into()),
+                    None => Ok(e),
+                }),
+        )
+    }
+}
+
+/// An answer: its status, then its body as one text or as lines.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    reader: BufReader<Body>,
+}
+
+impl Answer {
+    fn read(mut r: BufReader<UnixStream>) -> Result<Answer, Error> {
+        let mut status_line = String::new();
+        if r.read_line(&mut status_line)? == 0 {
+            return Err(Error::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the agent closed the connection without answering",
+            )));
+        }
+        let status: u16 = status_line
+            .strip_prefix("HTTP/1.1 ")
+            .and_then(|s| s.get(..3))
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| Error::Protocol(format!("not an HTTP answer: {status_line:?}")))?;
+        let mut length = None;
+        let mut chunked = false;
+        loop {
+            let mut h = String::new();
+            if r.read_line(&mut h)? == 0 {
+                return Err(Error::protocol("the answer's headers ended early"));
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            let Some((name, value)) = h.split_once(':') else {
+                continue;
+            };
+            let value = value.trim();
+            if name.eq_ignore_ascii_case("content-length") {
+                length = Some(value.parse::<u64>().map_err(Error::protocol)?);
+            } else if name.eq_ignore_ascii_case("transfer-encoding") {
+                chunked = value.eq_ignore_ascii_case("chunked");
+            }
+        }
+        let body = match (chunked, length) {
+            (true, _) => Body::Chunked {
+                r,
+                left: 0,
+                done: false,
+            },
+            (false, Some(n)) => Body::Length { r, left: n },
+            (false, None) => Body::Length { r, left: u64::MAX },
+        };
+        Ok(Answer {
+            status,
+            reader: BufReader::new(body),
+        })
+    }
+
+    fn text(mut self) -> Result<String, Error> {
+        let mut s = String::new();
+        self.reader.read_to_string(&mut s)?;
+        Ok(s)
+    }
+
+    /// The next non-empty line, `None` at the end of the body.
+    fn line(&mut self) -> Result<Option<String>, Error> {
+        loop {
+            let mut l = String::new();
+            if self.reader.read_line(&mut l)? == 0 {
+                return Ok(None);
+            }
+            if !l.trim().is_empty() {
+                return Ok(Some(l));
+            }
+        }
+    }
+}
+
+/// An answer's body: so many bytes, or chunks (the streams).
+#[derive(Debug)]
+enum Body {
+    Length {
+        r: BufReader<UnixStream>,
+        left: u64,
+    },
+    Chunked {
+        r: BufReader<UnixStream>,
+        left: u64,
+        done: bool,
+    },
+}
+
+impl Body {
+    fn inner(&self) -> &UnixStream {
+        match self {
+            Body::Length { r, .. } | Body::Chunked { r, .. } => r.get_ref(),
+        }
+    }
+}
+
+impl Read for Body {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let bad =
+            |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
+        match self {
+            Body::Length { r, left } => {
+                if *left == 0 {
+                    return Ok(0);
+                }
+                let max = buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                let n = r.read(&mut buf[..max])?;
+                *left = left.saturating_sub(n as u64);
+                Ok(n)
+            }
+            Body::Chunked { r, left, done } => {
+                if *done {
+                    return Ok(0);
+                }
+                if *left == 0 {
+                    let mut size = String::new();
+                    if r.read_line(&mut size)? == 0 {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "the agent closed the connection in the middle of an answer",
+                        ));
+                    }
+                    let hex = size.trim().split(';').next().unwrap_or_default();
+                    *left = u64::from_str_radix(hex, 16).map_err(|_| bad("a bad chunk size"))?;
+                    if *left == 0 {
+                        *done = true;
+                        return Ok(0);
+                    }
+                }
+                let max = buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                let n = r.read(&mut buf[..max])?;
+                if n == 0 {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the agent closed the connection in the middle of an answer",
+                    ));
+                }
+                *left -= n as u64;
+                if *left == 0 {
+                    let mut crlf = [0u8; 2];
+                    r.read_exact(&mut crlf)?;
+                }
+                Ok(n)
+            }
+        }
+    }
+}
