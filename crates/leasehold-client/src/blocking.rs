@@ -117,12 +117,13 @@ impl From<ApiError> for Error {
                 };
             }
         };
-        let (conflict, blocked_for) = match e.conflict.map(v1::conflict_from_v1).transpose() {
+        let (conflict, blocked_for) = match e.conflict.map(|c| v1::conflict_from_v1(*c)).transpose()
+        {
             Ok(Some((c, b))) => (Some(c), b),
             Ok(None) => (None, None),
             Err(w) => return Error::protocol(w),
         };
-        let dirty = match e.dirty.map(Ended::try_from).transpose() {
+        let dirty = match e.dirty.map(|d| Ended::try_from(*d)).transpose() {
             Ok(d) => d,
             Err(w) => return Error::protocol(w),
         };

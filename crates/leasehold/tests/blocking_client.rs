@@ -1,6 +1,8 @@
 //! The blocking Rust client (`leasehold_client::blocking`): plain `std` calls on the agent's
 //! HTTP/JSON API, refusals and release outcomes as data.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::Duration;
@@ -85,7 +87,7 @@ fn acquire_wait_watch_and_release_with_plain_std_calls() {
     // A malformed request as a whole is an error, nothing released.
     let e = c
         .release(
-            &[disk.clone()],
+            std::slice::from_ref(&disk),
             &ReleaseOptions {
                 dirty: true,
                 handover_to: Some("node2".into()),

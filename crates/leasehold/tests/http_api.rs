@@ -1,6 +1,8 @@
 //! The HTTP/JSON API on the agent's socket, driven by the clients people use: `curl` for
 //! every operation, and a Python script with nothing but the standard library.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::io::{Read, Write};

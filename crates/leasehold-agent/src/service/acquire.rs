@@ -124,8 +124,8 @@ fn refusal(e: StoreError, blocked_for: Option<Duration>) -> ApiError {
         code,
         message,
         resource,
-        conflict: conflict.map(|c| conflict_to_v1(c, blocked_for)),
-        dirty: dirty.map(Into::into),
+        conflict: conflict.map(|c| Box::new(conflict_to_v1(c, blocked_for))),
+        dirty: dirty.map(|d| Box::new(d.into())),
         accept_dirty_needs: None,
     }
 }

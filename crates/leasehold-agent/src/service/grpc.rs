@@ -68,12 +68,12 @@ fn refusal(e: ApiError) -> Result<pb::Refusal, Status> {
     };
     let conflict = e
         .conflict
-        .map(|c| conflict_from_v1(c).map(|(c, blocked)| conflict_to_wire(&c, blocked)))
+        .map(|c| conflict_from_v1(*c).map(|(c, blocked)| conflict_to_wire(&c, blocked)))
         .transpose()
         .map_err(wire)?;
     let dirty = e
         .dirty
-        .map(|d| leasehold_core::Ended::try_from(d).map(|d| pb::Ended::from(&d)))
+        .map(|d| leasehold_core::Ended::try_from(*d).map(|d| pb::Ended::from(&d)))
         .transpose()
         .map_err(wire)?;
     Ok(pb::Refusal {

@@ -148,10 +148,10 @@ pub struct ApiError {
     pub resource: Option<String>,
     /// `held`, `timed-out`: who is in the way.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub conflict: Option<Conflict>,
+    pub conflict: Option<Box<Conflict>>,
     /// `needs-check`: the lease that left the resource dirty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dirty: Option<Ended>,
+    pub dirty: Option<Box<Ended>>,
     /// `needs-check`, when the caller asked to take it dirty but may not: who may.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accept_dirty_needs: Option<String>,
