@@ -81,6 +81,16 @@ impl Drop for OwnAgent {
     }
 }
 
+/// A process the bench started; killed when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn exe() -> Result<PathBuf, Failure> {
     std::env::current_exe().map_err(|e| Failure::error(format!("finding this binary: {e}")))
 }
@@ -171,6 +181,7 @@ pub async fn bench(a: BenchArgs, socket: &Option<PathBuf>) -> Result<u8, Failure
         exit_to_release(&socket, a.exits).await?;
     }
     if a.runs > 0 {
+        http_vs_grpc(&socket, a.runs).await?;
         run_vs_flock(&socket, a.runs)?;
     }
     if let Some(eps) = &a.etcd_endpoints {
@@ -391,6 +402,52 @@ async fn exit_to_release(socket: &Path, rounds: usize) -> Result<(), Failure> {
         ms(pct(&lat, 0.5)),
         ms(pct(&lat, 0.99)),
         ms(pct(&lat, 1.0))
+    );
+    Ok(())
+}
+
+/// One acquire and its release as a one-shot client makes them (connect, ask, close), over
+/// HTTP/1.1 with the blocking client against gRPC over HTTP/2 with the async one,
+/// alternately.
+async fn http_vs_grpc(socket: &Path, rounds: usize) -> Result<(), Failure> {
+    use leasehold_client::blocking;
+    let holder = Command::new("sleep")
+        .arg("3600")
+        .spawn()
+        .map_err(|e| Failure::error(format!("starting a holder: {e}")))?;
+    let holder = Killed(holder);
+    let pid = holder.0.id();
+    let r = name("bench/http-vs-grpc".into())?;
+    let o = AcquireOptions {
+        pid: Some(pid),
+        ..AcquireOptions::new([(r.clone(), Mode::Exclusive)])
+    };
+    let ro = ReleaseOptions {
+        pid: Some(pid),
+        ..Default::default()
+    };
+    let http_err = |e: blocking::Error| Failure::error(e.to_string());
+    let (mut grpc, mut http) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let t = Instant::now();
+        let mut c = Client::connect(socket).await?;
+        c.acquire(o.clone()).await?;
+        c.release(std::slice::from_ref(&r), ro.clone()).await?;
+        grpc.push(t.elapsed());
+        let t = Instant::now();
+        let c = blocking::Client::new(socket);
+        c.acquire(&o).map_err(http_err)?;
+        c.release(std::slice::from_ref(&r), &ro).map_err(http_err)?;
+        http.push(t.elapsed());
+    }
+    grpc.sort();
+    http.sort();
+    out!(
+        "one-shot acquire + release, connecting each time: HTTP/1.1 JSON (blocking client) p50 {} p99 {} | gRPC (async client) p50 {} p99 {}",
+        ms(pct(&http, 0.5)),
+        ms(pct(&http, 0.99)),
+        ms(pct(&grpc, 0.5)),
+        ms(pct(&grpc, 0.99))
     );
     Ok(())
 }
