@@ -148,6 +148,9 @@ pub struct Config {
     pub etcd_history: leasehold_store::HistoryOptions,
     /// TLS files and the etcd user (etcd backend).
     pub etcd_security: leasehold_store::EtcdSecurity,
+    /// Where to serve Prometheus `/metrics`, `/livez` and `/readyz` over plain HTTP; off when
+    /// `None`. A loopback address unless `metrics-allow-remote` is set.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Why the configuration was refused.
@@ -257,6 +260,32 @@ pub struct FileConfig {
     pub log_level: Option<String>,
     /// Log JSON lines instead of text.
     pub log_json: Option<bool>,
+    /// See [`Config::metrics_listen`], as `"127.0.0.1:9464"`.
+    pub metrics_listen: Option<String>,
+    /// Allow a `metrics-listen` address that is not loopback (the endpoints have no
+    /// authentication).
+    pub metrics_allow_remote: Option<bool>,
+}
+
+/// A `metrics-listen` address: an IP address and port, loopback unless `allow_remote`.
+fn metrics_address(a: &str, allow_remote: bool) -> Result<std::net::SocketAddr, ConfigError> {
+    let addr: std::net::SocketAddr = a.parse().map_err(|_| ConfigError::Invalid {
+        field: "metrics-listen",
+        message: format!(
+            "{a:?} is not an IP address and port, such as 127.0.0.1:9464 or [::1]:9464"
+        ),
+    })?;
+    if !addr.ip().is_loopback() && !allow_remote {
+        return Err(ConfigError::Invalid {
+            field: "metrics-listen",
+            message: format!(
+                "{addr} is not a loopback address, and the metrics and health endpoints are \
+                 plain HTTP with no authentication: to serve them beyond this host anyway, set \
+                 metrics-allow-remote = true (--metrics-allow-remote), or use 127.0.0.1:PORT"
+            ),
+        });
+    }
+    Ok(addr)
 }
 
 /// URLs split at commas, blanks dropped.
@@ -337,6 +366,8 @@ impl FileConfig {
             etcd_password_file: flags.etcd_password_file.or(self.etcd_password_file),
             log_level: flags.log_level.or(self.log_level),
             log_json: flags.log_json.or(self.log_json),
+            metrics_listen: flags.metrics_listen.or(self.metrics_listen),
+            metrics_allow_remote: flags.metrics_allow_remote.or(self.metrics_allow_remote),
         }
     }
 }
@@ -730,6 +761,11 @@ impl Config {
                 message: "must be more than 0: a request takes some time to arrive".into(),
             });
         }
+        let metrics_listen = f
+            .metrics_listen
+            .as_deref()
+            .map(|a| metrics_address(a, f.metrics_allow_remote.unwrap_or(false)))
+            .transpose()?;
         let c = Config {
             socket,
             state_dir,
@@ -747,6 +783,7 @@ impl Config {
             watchdog_timeout,
             etcd_history,
             etcd_security,
+            metrics_listen,
         };
         c.validate()?;
         Ok(c)

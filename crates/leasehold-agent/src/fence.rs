@@ -77,7 +77,9 @@ impl Watchdog {
             if !self.healthy.load(Ordering::SeqCst) {
                 return;
             }
-            if let Err(e) = dev.write_all(b"\0").and_then(|()| dev.flush()) {
+            let fed = dev.write_all(b"\0").and_then(|()| dev.flush());
+            crate::metrics::watchdog_fed(fed.is_ok());
+            if let Err(e) = fed {
                 warn!(error = %e, "feeding the watchdog failed");
             }
         }
@@ -143,6 +145,7 @@ pub fn fence_now<S: Store>(
     why: &'static str,
 ) -> Vec<leasehold_core::ProcessKey> {
     let signalled = watcher.fence_holders();
+    crate::metrics::fenced(signalled.len());
     let failed: Vec<u32> = signalled
         .iter()
         .filter(|(_, sent)| !sent)

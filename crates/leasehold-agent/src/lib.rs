@@ -31,6 +31,7 @@ pub mod config;
 pub mod fence;
 mod holds;
 mod http;
+pub mod metrics;
 mod notify;
 mod peer;
 pub mod procfs;
@@ -215,6 +216,15 @@ pub async fn serve<S: Store>(
     }
     let (listener, bound) = bind(&config.socket, config.socket_group.as_ref())?;
     let config = Arc::new(config);
+    if let Some(addr) = config.metrics_listen {
+        let listener = metrics::bind(addr).await.map_err(|e| AgentError::Socket {
+            path: PathBuf::from(format!("metrics-listen {addr}")),
+            message: e.to_string(),
+        })?;
+        let backend = config.backend.to_string();
+        background
+            .push(tokio::spawn(metrics::serve(listener, store.clone(), backend)).abort_handle());
+    }
     let service = Service::new(
         store.clone(),
         watcher.clone(),

@@ -221,10 +221,12 @@ impl<S: Store> Watcher<S> {
         let task = tokio::spawn(async move {
             // Readable means the process has exited.
             let _ = waiter.readable().await;
+            let seen = std::time::Instant::now();
             if let Ok(mut w) = me.watched.lock() {
                 w.remove(&key);
             }
             me.end(key).await;
+            crate::metrics::exit_to_release(seen.elapsed());
         });
         watched.insert(
             process,

@@ -67,6 +67,8 @@ pub fn agent(a: AgentArgs, socket: Option<PathBuf>) -> Result<u8, Failure> {
         etcd_password_file: a.etcd_password_file,
         log_level: a.log_level,
         log_json: a.log_json.then_some(true),
+        metrics_listen: a.metrics_listen,
+        metrics_allow_remote: a.metrics_allow_remote.then_some(true),
     };
     let file = match &a.config {
         Some(p) => FileConfig::read(p).map_err(|e| Failure::usage(e.to_string()))?,

@@ -217,6 +217,14 @@ struct AgentArgs {
     /// info,leasehold_store=debug [default: $LEASEHOLD_LOG, else $RUST_LOG, else info]
     #[arg(long, value_name = "LEVEL")]
     log_level: Option<String>,
+    /// Serve Prometheus /metrics, /livez and /readyz over plain HTTP at ADDR (IP:PORT, such as
+    /// 127.0.0.1:9464) [default: off]
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
+    /// Allow a --metrics-listen address that is not loopback (the endpoints have no
+    /// authentication).
+    #[arg(long)]
+    metrics_allow_remote: bool,
 }
 
 #[derive(Args, Debug)]

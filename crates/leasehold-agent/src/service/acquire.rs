@@ -16,6 +16,7 @@ use tracing::{info, warn};
 
 use super::{Caller, Service, fault_of, refuse_non_process, resource};
 use crate::holds::{Note, Registration};
+use crate::metrics;
 use crate::procfs::ProcError;
 use crate::watcher::Prepared;
 
@@ -361,10 +362,20 @@ impl<S: Store> Service<S> {
         let started = Instant::now();
         // The first report comes quickly, so a caller sees who is in the way at once.
         let mut next = tokio::time::Instant::now() + Duration::from_millis(100);
+        let waited = || waits.then(|| started.elapsed());
         loop {
             tokio::select! {
-                r = &mut fut => return Some(r),
-                () = tx.closed() => return None,
+                r = &mut fut => {
+                    if !waits {
+                        metrics::store_op(metrics::StoreOp::acquire, started.elapsed());
+                    }
+                    metrics::acquired(metrics::acquire_result(&r), waited());
+                    return Some(r);
+                }
+                () = tx.closed() => {
+                    metrics::acquired(metrics::AcquireResult::withdrawn, waited());
+                    return None;
+                }
                 n = notes.recv(), if notes_open => match n {
                     Ok(n) if n.process == process && n.items == items => {
                         info!(pid = process.pid, note = %n.note, "told a waiting caller");

@@ -349,7 +349,17 @@ impl<S: Store> Service<S> {
                 let store = self.store.clone();
                 let (process, kind) = (process.clone(), kind.clone());
                 let n = name.clone();
-                let task = tokio::spawn(async move { store.release(n, process, kind).await });
+                let task = tokio::spawn(async move {
+                    let started = std::time::Instant::now();
+                    let r = store.release(n, process, kind).await;
+                    if r.is_ok() {
+                        crate::metrics::store_op(
+                            crate::metrics::StoreOp::release,
+                            started.elapsed(),
+                        );
+                    }
+                    r
+                });
                 (name, task)
             })
             .collect();
