@@ -41,6 +41,7 @@ pub mod conformance;
 /// The etcd store, for clusters.
 pub mod etcd;
 mod local;
+mod sync;
 
 pub use clock::Clock;
 pub use etcd::{EtcdHealth, EtcdOptions, EtcdSecurity, EtcdStore, EtcdUser, HistoryOptions};
@@ -140,6 +141,11 @@ pub enum StoreError {
     /// The store is shut down.
     #[error("the store is shut down")]
     Closed,
+    /// The store stopped itself: state it must trust was left half-changed (a thread panicked
+    /// while changing it). Nothing more is granted or written; restarting the agent rebuilds
+    /// the state from the backend.
+    #[error("the store stopped: {0}; restart the agent")]
+    Halted(String),
     /// The shared backend could not be reached, or did not answer in time; nothing of the
     /// operation took effect, or it may be retried.
     #[error("backend unavailable: {0}")]

@@ -162,6 +162,7 @@ pub(crate) fn fault_of(e: StoreError) -> ApiError {
         | StoreError::HostInUse { .. }
         | StoreError::BadRecord { .. }) => (C::Refused, e.to_string()),
         StoreError::Storage(m) | StoreError::BadState(m) => (C::Internal, format!("storage: {m}")),
+        e @ StoreError::Halted(_) => (C::Internal, e.to_string()),
     };
     ApiError::new(code, message)
 }

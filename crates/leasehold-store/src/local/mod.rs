@@ -235,7 +235,9 @@ impl LocalStore {
     /// database. Dropping the store does the same.
     pub fn close(&self) {
         let _ = self.tx.send(Cmd::Shutdown);
-        let handle = self.worker.lock().ok().and_then(|mut h| h.take());
+        // A recovered lock (see `crate::sync`): the handle is taken whole; skipping a poisoned
+        // one would leave the database open behind a close that returned.
+        let handle = crate::sync::lock(&self.worker, "worker").take();
         if let Some(h) = handle {
             let _ = h.join();
         }

@@ -128,6 +128,7 @@ impl Inner {
         out: &Output,
         extra: Extra,
     ) -> Result<Option<i64>, StoreError> {
+        self.running()?;
         let mut t = Txn::new();
         if let Some(lease) = extra.require_session {
             t = t.if_lease(self.keys.host(&self.host), lease);
@@ -269,7 +270,7 @@ impl Inner {
 
     /// Updates the index of local holders after a commit.
     pub(super) fn note_holders(&self, engine: &Engine, changed: &BTreeSet<ResourceName>) {
-        let Ok(mut held) = self.held.lock() else {
+        let Some(mut held) = self.held_index() else {
             return;
         };
         for name in changed {
@@ -296,6 +297,7 @@ impl Inner {
         names: BTreeSet<ResourceName>,
         mut op: impl FnMut(&mut Engine, Now, &Snapshot) -> Result<(T, Extra), StoreError>,
     ) -> Result<(T, Output, i64), StoreError> {
+        self.running()?;
         let deadline = Instant::now() + self.opts.timeout * 5;
         // The first attempt decides from the mirror; a decision that writes nothing, or whose
         // compares fail, is made again on a fresh read.

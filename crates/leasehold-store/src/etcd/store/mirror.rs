@@ -14,6 +14,7 @@ use crate::StoreError;
 use crate::etcd::client::{Txn, prefix_end};
 use crate::etcd::keys::{HostValue, KeyKind, Record};
 use crate::etcd::pb::mvccpb::KeyValue;
+use crate::sync::{lock, read, write};
 
 /// Every key under the prefix, as the watch last delivered it. Writes decide from it and
 /// commit with compares, so a stale mirror costs a retry, never a wrong grant; outcomes that
@@ -75,9 +76,8 @@ pub(super) async fn follow(inner: Arc<Inner>, mut from: i64) {
             inner.apply_fixes().await;
             if let Some(h) = &msg.header {
                 from = from.max(h.revision + 1);
-                if let Ok(mut m) = inner.mirror.write() {
-                    m.revision = m.revision.max(h.revision);
-                }
+                let mut m = write(&inner.mirror, "mirror");
+                m.revision = m.revision.max(h.revision);
             }
             if !msg.events.is_empty() {
                 inner.changed.notify_waiters();
@@ -103,9 +103,7 @@ impl Inner {
         for kv in kvs {
             m.kvs.insert(kv.key.clone(), kv);
         }
-        if let Ok(mut mirror) = self.mirror.write() {
-            *mirror = m;
-        }
+        *write(&self.mirror, "mirror") = m;
         Ok(revision)
     }
 
@@ -114,7 +112,8 @@ impl Inner {
         let current = self.session.borrow().id;
         let mut held = HashMap::<ProcessKey, BTreeSet<ResourceName>>::new();
         let mut stale = BTreeSet::new();
-        if let Ok(m) = self.mirror.read() {
+        {
+            let m = read(&self.mirror, "mirror");
             let from = self.keys.resources();
             for (key, kv) in m.kvs.range(from.clone()..prefix_end(&from)) {
                 let (Some(KeyKind::Resource(r)), Ok(rec)) =
@@ -134,12 +133,10 @@ impl Inner {
                 }
             }
         }
-        if let Ok(mut h) = self.held.lock() {
+        if let Some(mut h) = self.held_index() {
             *h = held;
         }
-        if let Ok(mut s) = self.stale.lock() {
-            *s = stale.into_iter().collect();
-        }
+        *lock(&self.stale, "stale") = stale.into_iter().collect();
     }
 
     /// Applies one watch event: to the mirror, and as lease events for subscribers (those
@@ -149,20 +146,21 @@ impl Inner {
         let deleted = ev.r#type == crate::etcd::pb::mvccpb::event::EventType::Delete as i32;
         let kind = self.keys.parse(&kv.key);
         let mut own_ended = None;
-        let mut old = None;
-        if let Ok(mut m) = self.mirror.write() {
+        let old = {
+            let mut m = write(&self.mirror, "mirror");
             if deleted {
-                old = m.kvs.remove(&kv.key);
-                if let (Some(o), Some(KeyKind::Host(h))) = (&old, &kind)
-                    && h == &self.host
-                {
-                    own_ended = Some(o.lease);
-                }
+                m.kvs.remove(&kv.key)
             } else {
                 // Liveness is a host key's lease: a key moved off a lease ends that session
                 // (snapshots take the sessions from the host keys).
-                old = m.kvs.insert(kv.key.clone(), kv.clone());
+                m.kvs.insert(kv.key.clone(), kv.clone())
             }
+        };
+        if deleted
+            && let (Some(o), Some(KeyKind::Host(h))) = (&old, &kind)
+            && h == &self.host
+        {
+            own_ended = Some(o.lease);
         }
         if let Some(lease) = own_ended {
             // Revoked or expired: the holders go now, not at the next renewal.
@@ -254,7 +252,7 @@ impl Inner {
                 },
                 dirtied: l.mode == leasehold_core::Mode::Exclusive,
             });
-            if let Ok(mut held) = self.held.lock()
+            if let Some(mut held) = self.held_index()
                 && let Some(set) = held.get_mut(&l.owner.process)
             {
                 set.remove(name);
@@ -277,10 +275,8 @@ impl Inner {
                     holders.join(", ")
                 )),
             };
-            if let Ok(bytes) = json(&marker)
-                && let Ok(mut f) = self.fixes.lock()
-            {
-                f.push(Fix::Marker(key.into_bytes(), bytes));
+            if let Ok(bytes) = json(&marker) {
+                self.fixes().push(Fix::Marker(key.into_bytes(), bytes));
             }
         }
     }
@@ -304,9 +300,7 @@ impl Inner {
                 lease,
                 "this host's key was overwritten in etcd; other hosts take the session for dead",
             );
-            if let Ok(mut f) = self.fixes.lock() {
-                f.push(Fix::Revoke(lease));
-            }
+            self.fixes().push(Fix::Revoke(lease));
             return;
         }
         if serde_json::from_slice::<HostValue>(&kv.value).is_ok_and(|v| v.lease == lease) {
@@ -316,18 +310,12 @@ impl Inner {
             lease,
             "this host's key holds a damaged value; writing it again"
         );
-        if let Ok(mut f) = self.fixes.lock() {
-            f.push(Fix::HostValue(lease));
-        }
+        self.fixes().push(Fix::HostValue(lease));
     }
 
     /// Writes what the watch found had to be repaired.
     pub(super) async fn apply_fixes(&self) {
-        let fixes = self
-            .fixes
-            .lock()
-            .map(|mut f| std::mem::take(&mut *f))
-            .unwrap_or_default();
+        let fixes = std::mem::take(&mut *self.fixes());
         for fix in fixes {
             let r = match &fix {
                 Fix::Marker(key, bytes) => {
@@ -361,9 +349,7 @@ impl Inner {
             };
             if let Err(e) = r {
                 warn!(error = %e, "could not write a repair yet; retrying");
-                if let Ok(mut f) = self.fixes.lock() {
-                    f.push(fix);
-                }
+                self.fixes().push(fix);
             }
         }
     }

@@ -22,20 +22,24 @@ mod mirror;
 mod operations;
 mod session;
 mod snapshot;
+#[cfg(test)]
+mod tests;
 mod waiters;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use leasehold_core::{Event, HostId, Now, ProcessKey, ResourceName, SessionId, Time};
 use serde::Serialize;
 use tokio::sync::{Notify, broadcast, oneshot, watch};
+use tracing::error;
 
 use crate::etcd::client::{Etcd, EtcdError, EtcdSecurity, is_nospace};
 use crate::etcd::history::{EtcdHealth, HistoryOptions};
 use crate::etcd::keys::Keys;
+use crate::sync::lock;
 use crate::{Clock, SessionEndHook, SessionState, StoreError, WaitNote};
 use mirror::{Fix, Mirror, follow};
 use session::{establish, keep_session};
@@ -97,6 +101,8 @@ struct Inner {
     session: watch::Sender<SessionState>,
     events: broadcast::Sender<Event>,
     changed: Notify,
+    /// This host's waiting requests. A recovered lock (see [`crate::sync`]): each change is one
+    /// entry's insertion, removal or fields set together.
     waiters: Mutex<BTreeMap<u64, LocalWaiter>>,
     /// The next local waiter id.
     next_waiter: std::sync::atomic::AtomicU64,
@@ -106,22 +112,34 @@ struct Inner {
     /// Notes for waiting callers.
     notes: broadcast::Sender<WaitNote>,
     /// The resources each local process holds, kept by this store's own commits (every grant
-    /// to a local process is one of them).
+    /// to a local process is one of them). A fatal lock (see [`crate::sync`]): a commit changes
+    /// it in several steps, and a half-made change could leave a holder out of what a fence
+    /// kills; poisoned, it halts the store and [`Store::local_holders`] answers `None`, so the
+    /// agent's fence kills every process it watches.
     held: Mutex<HashMap<ProcessKey, BTreeSet<ResourceName>>>,
     /// Grants whose caller had gone when they were decided; released by the waiter service.
+    /// Recovered: pushed and taken whole.
     orphans: Mutex<Vec<(ResourceName, ProcessKey)>>,
     /// Local processes recorded as holders under an ended session of this host, at open.
+    /// Recovered: replaced whole.
     stale: Mutex<Vec<ProcessKey>>,
+    /// Recovered: each change is one key's insertion or removal, or a replacement of the
+    /// whole; and a mirror behind etcd costs a retry, never a wrong grant (commits compare).
     mirror: std::sync::RwLock<Mirror>,
     /// Called when this host's session is found ended, before anything else happens.
+    /// Recovered: replaced whole; skipping a poisoned hook would leave holders unfenced.
     session_end: Mutex<Option<SessionEndHook>>,
     /// etcd's space and history, as the history keeper last saw them.
     health: watch::Sender<EtcdHealth>,
     next_waiter_key: std::sync::atomic::AtomicU64,
-    /// Repairs the watch found necessary, written by the watch task.
+    /// Repairs the watch found necessary, written by the watch task. Recovered: pushed and
+    /// taken whole.
     fixes: Mutex<Vec<Fix>>,
     /// A test hook: the next fresh snapshot stops after its first read until released.
+    /// Recovered: replaced and taken whole.
     pause_snapshot: Mutex<Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>>,
+    /// Why the store halted (a fatal lock was poisoned), once it has.
+    halted: std::sync::OnceLock<String>,
 }
 
 /// A fresh snapshot stopped after its first read, for tests that script an interleaving
@@ -243,6 +261,7 @@ impl EtcdStore {
             next_waiter_key: std::sync::atomic::AtomicU64::new(now_ms()),
             fixes: Mutex::new(Vec::new()),
             pause_snapshot: Mutex::new(None),
+            halted: std::sync::OnceLock::new(),
         });
         let start_rev = inner.load_mirror().await?;
         inner.load_held();
@@ -279,9 +298,7 @@ impl EtcdStore {
     pub fn pause_next_snapshot(&self) -> SnapshotPause {
         let (reached_tx, reached) = oneshot::channel();
         let (resume, resume_rx) = oneshot::channel();
-        if let Ok(mut p) = self.inner.pause_snapshot.lock() {
-            *p = Some((reached_tx, resume_rx));
-        }
+        *lock(&self.inner.pause_snapshot, "pause_snapshot") = Some((reached_tx, resume_rx));
         SnapshotPause { reached, resume }
     }
 
@@ -304,5 +321,53 @@ impl EtcdStore {
 impl Inner {
     fn now(&self) -> Now {
         self.clock.now()
+    }
+
+    /// This host's waiting requests (a recovered lock).
+    fn waiters(&self) -> MutexGuard<'_, BTreeMap<u64, LocalWaiter>> {
+        lock(&self.waiters, "waiters")
+    }
+
+    /// Grants to release (a recovered lock).
+    fn orphans(&self) -> MutexGuard<'_, Vec<(ResourceName, ProcessKey)>> {
+        lock(&self.orphans, "orphans")
+    }
+
+    /// Repairs to write (a recovered lock).
+    fn fixes(&self) -> MutexGuard<'_, Vec<Fix>> {
+        lock(&self.fixes, "fixes")
+    }
+
+    /// The index of local holders, a fatal lock: `None`, and the store halted, when a panic
+    /// left it half-changed.
+    fn held_index(&self) -> Option<MutexGuard<'_, HashMap<ProcessKey, BTreeSet<ResourceName>>>> {
+        match self.held.lock() {
+            Ok(held) => Some(held),
+            Err(_) => {
+                self.halt(
+                    "the index of this host's lease holders was left half-changed by a panic",
+                );
+                None
+            }
+        }
+    }
+
+    /// Stops the store for good (see [`crate::sync`]): says why, once; every later operation
+    /// fails with [`StoreError::Halted`].
+    fn halt(&self, why: &str) {
+        if self.halted.set(why.to_owned()).is_ok() {
+            error!(
+                why,
+                "the etcd store halted: nothing more is granted or written; restart the agent"
+            );
+        }
+    }
+
+    /// Fails once the store has halted.
+    fn running(&self) -> Result<(), StoreError> {
+        match self.halted.get() {
+            Some(why) => Err(StoreError::Halted(why.clone())),
+            None => Ok(()),
+        }
     }
 }

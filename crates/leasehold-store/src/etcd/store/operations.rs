@@ -17,6 +17,7 @@ use super::{EtcdStore, Inner, json, unavailable};
 use crate::etcd::client::prefix_end;
 use crate::etcd::history::EtcdHealth;
 use crate::etcd::keys::WaiterValue;
+use crate::sync::lock;
 use crate::{AcquireSpec, SessionEndHook, SessionState, Store, StoreError, WaitNote};
 
 impl Store for EtcdStore {
@@ -94,8 +95,8 @@ impl Store for EtcdStore {
                             .next_waiter
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let (tx, rx) = oneshot::channel();
-                        if let Ok(mut w) = inner.waiters.lock() {
-                            w.insert(
+                        {
+                            inner.waiters().insert(
                                 id,
                                 LocalWaiter {
                                     value: value.clone(),
@@ -283,6 +284,7 @@ impl Store for EtcdStore {
 
     async fn list(&self) -> Result<Vec<ResourceView>, StoreError> {
         let inner = &self.inner;
+        inner.running()?;
         let k = &inner.keys;
         let prefix = k.prefix().as_bytes().to_vec();
         let (kvs, revision) = inner
@@ -307,17 +309,13 @@ impl Store for EtcdStore {
     }
 
     fn on_session_end(&self, hook: SessionEndHook) {
-        if let Ok(mut h) = self.inner.session_end.lock() {
-            *h = Some(hook);
-        }
+        *lock(&self.inner.session_end, "session_end") = Some(hook);
     }
 
     fn local_holders(&self) -> Option<Vec<ProcessKey>> {
-        self.inner
-            .held
-            .lock()
-            .ok()
-            .map(|h| h.keys().cloned().collect())
+        // `None` when the index is poisoned: the agent's fence then kills every process it
+        // watches.
+        self.inner.held_index().map(|h| h.keys().cloned().collect())
     }
 
     fn wait_notes(&self) -> broadcast::Receiver<WaitNote> {
@@ -329,11 +327,7 @@ impl Store for EtcdStore {
     }
 
     fn stale_holders(&self) -> Vec<ProcessKey> {
-        self.inner
-            .stale
-            .lock()
-            .map(|s| s.clone())
-            .unwrap_or_default()
+        lock(&self.inner.stale, "stale").clone()
     }
 }
 
@@ -347,26 +341,22 @@ impl Inner {
         let inner = self;
         // Its waiting requests go first.
         let mine: Vec<u64> = inner
-            .waiters
-            .lock()
-            .map(|w| {
-                w.iter()
-                    .filter(|(_, v)| v.value.owner.process == process)
-                    .map(|(id, _)| *id)
-                    .collect()
-            })
-            .unwrap_or_default();
+            .waiters()
+            .iter()
+            .filter(|(_, v)| v.value.owner.process == process)
+            .map(|(id, _)| *id)
+            .collect();
         for id in mine {
             if inner.withdraw(id).await? {
                 // The request's caller learns of it through its closed channel.
             }
         }
         let mut names = inner
-            .held
-            .lock()
-            .ok()
+            .held_index()
             .and_then(|h| h.get(&process).cloned())
             .unwrap_or_default();
+        // With the index poisoned, nothing is known to end: say so rather than end nothing.
+        inner.running()?;
         loop {
             if names.is_empty() {
                 return Ok(Vec::new());
@@ -383,7 +373,7 @@ impl Inner {
                 // A damaged record is left for the administrator; the others are ended.
                 Err(StoreError::BadRecord { resource, .. }) => {
                     names.remove(&resource);
-                    if let Ok(mut h) = inner.held.lock()
+                    if let Some(mut h) = inner.held_index()
                         && let Some(set) = h.get_mut(&process)
                     {
                         set.remove(&resource);

@@ -11,6 +11,7 @@ use tracing::{info, warn};
 use super::{EtcdOptions, Inner, json, now_ms, unavailable};
 use crate::etcd::client::{Etcd, Txn};
 use crate::etcd::keys::{HostValue, Keys};
+use crate::sync::lock;
 use crate::{SessionState, StoreError};
 
 /// How many recent renewal round trips the session state keeps, for `status`.
@@ -226,9 +227,7 @@ impl Inner {
             return;
         }
         warn!(lease, why, "this host's session has ended");
-        if let Ok(hook) = self.session_end.lock()
-            && let Some(hook) = hook.as_ref()
-        {
+        if let Some(hook) = lock(&self.session_end, "session_end").as_ref() {
             hook(current.id);
         }
         self.session.send_if_modified(|s| {
@@ -241,6 +240,7 @@ impl Inner {
     }
 
     pub(super) fn lease(&self) -> Result<i64, StoreError> {
+        self.running()?;
         let s = self.session.borrow();
         if s.expired {
             return Err(StoreError::SessionLost);

@@ -10,6 +10,7 @@ use crate::StoreError;
 use crate::etcd::client::{Txn, prefix_end, range_of};
 use crate::etcd::keys::{KeyKind, Keys, Record, WaiterValue};
 use crate::etcd::pb::mvccpb::KeyValue;
+use crate::sync::{lock, read};
 
 /// What a resource looked like in a snapshot.
 #[derive(Debug, Clone, Default)]
@@ -168,9 +169,7 @@ impl Snapshot {
 impl Inner {
     /// A snapshot of `names` from the mirror: no round trip, possibly stale.
     pub(super) fn cached_snapshot(&self, names: &BTreeSet<ResourceName>) -> Snapshot {
-        let Ok(m) = self.mirror.read() else {
-            return Snapshot::default();
-        };
+        let m = read(&self.mirror, "mirror");
         let k = &self.keys;
         let hosts = k.hosts();
         let mut kvs: Vec<&KeyValue> = m
@@ -199,6 +198,7 @@ impl Inner {
         &self,
         names_set: &BTreeSet<ResourceName>,
     ) -> Result<Snapshot, StoreError> {
+        self.running()?;
         let hosts = self.keys.hosts();
         let names: Vec<&ResourceName> = names_set.iter().collect();
         let mut chunks: Vec<&[&ResourceName]> = names.chunks((MAX_TXN_OPS - 1) / 3).collect();
@@ -234,7 +234,7 @@ impl Inner {
 
     /// Stops here if a test asked for it (see [`EtcdStore::pause_next_snapshot`]).
     pub(super) async fn pause_if_asked(&self) {
-        let pause = self.pause_snapshot.lock().ok().and_then(|mut p| p.take());
+        let pause = lock(&self.pause_snapshot, "pause_snapshot").take();
         if let Some((reached, resume)) = pause {
             let _ = reached.send(());
             let _ = resume.await;

@@ -14,6 +14,7 @@ use super::snapshot::Snapshot;
 use super::{Inner, MAX_TXN_OPS, json, unavailable};
 use crate::etcd::client::{Txn, prefix_end};
 use crate::etcd::keys::WaiterValue;
+use crate::sync::read;
 use crate::{StoreError, WaitNote};
 
 /// How often the waiter service looks again even without a change seen.
@@ -52,11 +53,7 @@ pub(super) async fn serve_waiters(inner: Arc<Inner>) {
     loop {
         let notified = inner.changed.notified();
         inner.release_orphans().await;
-        let ids: Vec<u64> = inner
-            .waiters
-            .lock()
-            .map(|w| w.keys().copied().collect())
-            .unwrap_or_default();
+        let ids: Vec<u64> = inner.waiters().keys().copied().collect();
         for id in ids {
             if let Err(e) = inner.try_waiter(id).await {
                 debug!(waiter = id, error = %e, "waiter not decided yet");
@@ -100,19 +97,17 @@ impl Inner {
     /// one resumed): nobody waits for them here, and they would stand in every queue ahead of
     /// the requests their callers make again.
     pub(super) async fn drop_old_waiters(&self) -> Result<(), StoreError> {
-        let old: Vec<Vec<u8>> = match self.mirror.read() {
-            Ok(m) => {
-                let from = self.keys.all_waiters();
-                m.kvs
-                    .range(from.clone()..prefix_end(&from))
-                    .filter(|(_, kv)| {
-                        serde_json::from_slice::<WaiterValue>(&kv.value)
-                            .is_ok_and(|v| v.owner.process.host == self.host)
-                    })
-                    .map(|(k, _)| k.clone())
-                    .collect()
-            }
-            Err(_) => return Ok(()),
+        let old: Vec<Vec<u8>> = {
+            let m = read(&self.mirror, "mirror");
+            let from = self.keys.all_waiters();
+            m.kvs
+                .range(from.clone()..prefix_end(&from))
+                .filter(|(_, kv)| {
+                    serde_json::from_slice::<WaiterValue>(&kv.value)
+                        .is_ok_and(|v| v.owner.process.host == self.host)
+                })
+                .map(|(k, _)| k.clone())
+                .collect()
         };
         for chunk in old.chunks(MAX_TXN_OPS) {
             let mut t = Txn::new();
@@ -132,10 +127,11 @@ impl Inner {
 
     /// Tries to decide local waiter `id`; queues it again if its place was lost.
     pub(super) async fn try_waiter(&self, id: u64) -> Result<(), StoreError> {
-        let (value, place, abandoned) = match self.waiters.lock().ok().and_then(|w| {
-            w.get(&id)
-                .map(|w| (w.value.clone(), w.place, w.abandoned()))
-        }) {
+        let found = self
+            .waiters()
+            .get(&id)
+            .map(|w| (w.value.clone(), w.place, w.abandoned()));
+        let (value, place, abandoned) = match found {
             Some(v) => v,
             None => return Ok(()),
         };
@@ -189,10 +185,9 @@ impl Inner {
         let mut extra = Extra::default();
         if let Some(outcome) = &outcome {
             let keys = self
-                .waiters
-                .lock()
-                .ok()
-                .and_then(|w| w.get(&id).map(|w| w.keys.clone()))
+                .waiters()
+                .get(&id)
+                .map(|w| w.keys.clone())
                 .unwrap_or_default();
             extra.delete = keys.into_iter().map(|k| (k, place as i64)).collect();
             if outcome.is_ok() {
@@ -223,9 +218,7 @@ impl Inner {
     ) -> Result<(), StoreError> {
         let note = {
             let _q = self.queueing.lock().await;
-            let Ok(mut w) = self.waiters.lock() else {
-                return Ok(());
-            };
+            let mut w = self.waiters();
             let Some(lw) = w.get_mut(&id) else {
                 return Ok(());
             };
@@ -263,13 +256,12 @@ impl Inner {
             return Ok(());
         };
         let _q = self.queueing.lock().await;
-        let Some((mut value, old_keys, abandoned)) = self.waiters.lock().ok().and_then(|w| {
-            let lw = w.get(&id)?;
-            if lw.place.is_some() {
-                return None;
-            }
-            Some((lw.value.clone(), lw.keys.clone(), lw.abandoned()))
-        }) else {
+        let found = self
+            .waiters()
+            .get(&id)
+            .filter(|lw| lw.place.is_none())
+            .map(|lw| (lw.value.clone(), lw.keys.clone(), lw.abandoned()));
+        let Some((mut value, old_keys, abandoned)) = found else {
             return Ok(());
         };
         if !old_keys.is_empty() {
@@ -279,9 +271,7 @@ impl Inner {
                 t = t.delete(k.clone());
             }
             self.etcd.txn(t).await.map_err(unavailable)?;
-            if let Ok(mut w) = self.waiters.lock()
-                && let Some(lw) = w.get_mut(&id)
-            {
+            if let Some(lw) = self.waiters().get_mut(&id) {
                 lw.keys.clear();
             }
         }
@@ -298,9 +288,7 @@ impl Inner {
             .iter()
             .map(|(r, _)| self.keys.waiter(r, &self.host, n))
             .collect();
-        if let Ok(mut w) = self.waiters.lock()
-            && let Some(lw) = w.get_mut(&id)
-        {
+        if let Some(lw) = self.waiters().get_mut(&id) {
             lw.keys = keys.clone();
         }
         let v = json(&value)?;
@@ -314,17 +302,13 @@ impl Inner {
         let r = self.etcd.txn(t).await.map_err(unavailable)?;
         if !r.succeeded {
             // The session moved on again: nothing was written; try under the next one.
-            if let Ok(mut w) = self.waiters.lock()
-                && let Some(lw) = w.get_mut(&id)
-            {
+            if let Some(lw) = self.waiters().get_mut(&id) {
                 lw.keys.clear();
             }
             return Ok(());
         }
         let note = {
-            let Ok(mut w) = self.waiters.lock() else {
-                return Ok(());
-            };
+            let mut w = self.waiters();
             let Some(lw) = w.get_mut(&id) else {
                 return Ok(());
             };
@@ -343,7 +327,7 @@ impl Inner {
     }
 
     pub(super) fn finish_waiter(&self, id: u64, outcome: Result<Vec<Grant>, AcquireError>) {
-        let Some(mut w) = self.waiters.lock().ok().and_then(|mut w| w.remove(&id)) else {
+        let Some(mut w) = self.waiters().remove(&id) else {
             return;
         };
         let process = w.value.owner.process.clone();
@@ -352,25 +336,19 @@ impl Inner {
         {
             // Nobody is waiting for it any more: give it back.
             warn!(waiter = id, "a grant found its caller gone; releasing it");
-            if let Ok(mut o) = self.orphans.lock() {
-                o.extend(
-                    grants
-                        .into_iter()
-                        .filter(|g| !g.existing)
-                        .map(|g| (g.resource, process.clone())),
-                );
-            }
+            self.orphans().extend(
+                grants
+                    .into_iter()
+                    .filter(|g| !g.existing)
+                    .map(|g| (g.resource, process.clone())),
+            );
             self.changed.notify_one();
         }
     }
 
     /// Releases grants whose caller went away before learning of them.
     pub(super) async fn release_orphans(&self) {
-        let orphans = self
-            .orphans
-            .lock()
-            .map(|mut o| std::mem::take(&mut *o))
-            .unwrap_or_default();
+        let orphans = std::mem::take(&mut *self.orphans());
         for (resource, process) in orphans {
             let r = self
                 .transact(BTreeSet::from([resource.clone()]), |engine, now, _| {
@@ -387,9 +365,7 @@ impl Inner {
                 .await;
             if let Err(e) = r {
                 warn!(resource = %resource, error = %e, "could not release an orphaned grant; retrying");
-                if let Ok(mut o) = self.orphans.lock() {
-                    o.push((resource, process));
-                }
+                self.orphans().push((resource, process));
             }
         }
     }
@@ -399,11 +375,11 @@ impl Inner {
     /// its channel.
     pub(super) async fn withdraw(&self, id: u64) -> Result<bool, StoreError> {
         let _q = self.queueing.lock().await;
-        let Some((keys, place)) = self.waiters.lock().ok().and_then(|mut w| {
-            let lw = w.get_mut(&id)?;
+        let found = self.waiters().get_mut(&id).map(|lw| {
             lw.withdrawn = true;
-            Some((lw.keys.clone(), lw.place))
-        }) else {
+            (lw.keys.clone(), lw.place)
+        });
+        let Some((keys, place)) = found else {
             return Ok(false);
         };
         let mut t = Txn::new();
@@ -418,9 +394,7 @@ impl Inner {
         }
         let succeeded = keys.is_empty() || self.etcd.txn(t).await.map_err(unavailable)?.succeeded;
         if succeeded {
-            if let Ok(mut w) = self.waiters.lock() {
-                w.remove(&id);
-            }
+            self.waiters().remove(&id);
             self.changed.notify_waiters();
         }
         Ok(succeeded)

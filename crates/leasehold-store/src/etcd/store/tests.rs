@@ -1,0 +1,88 @@
+//! What the store does with a poisoned lock (see [`crate::sync`]), on a real etcd.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use leasehold_core::{HostId, Mode, Owner, ReleaseKind, ResourceName};
+use leasehold_testkit::Etcd;
+
+use super::{EtcdOptions, EtcdStore};
+use crate::{AcquireSpec, Store, StoreError};
+
+async fn open(etcd: &Etcd, test: &str) -> EtcdStore {
+    let mut o = EtcdOptions::new(vec![etcd.endpoint()]);
+    o.prefix = format!("/unit-{}-{test}/", std::process::id());
+    EtcdStore::open(HostId::new("a").unwrap(), o).await.unwrap()
+}
+
+fn res(name: &str) -> ResourceName {
+    ResourceName::new(name).unwrap()
+}
+
+/// Poisons `m`: a thread panics while holding it.
+fn poison<T: Send>(m: &Mutex<T>) {
+    std::thread::scope(|s| {
+        let _ = s
+            .spawn(|| {
+                let _held = m.lock().unwrap();
+                panic!("a panic while holding a store lock (expected by this test)");
+            })
+            .join();
+    });
+    assert!(m.is_poisoned());
+}
+
+/// The index of local holders is a fatal lock: poisoned, the store halts (nothing more is
+/// granted or ended, every call says to restart the agent) and answers no index, so the
+/// agent's fence kills every process it watches rather than trust a half-made index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poisoned_holder_index_halts_the_store() {
+    let etcd = Etcd::start();
+    let s = open(&etcd, "halt").await;
+    let holder = Owner::new(s.host().clone(), 10, 1);
+    s.acquire(AcquireSpec::new(
+        holder.clone(),
+        [(res("disk"), Mode::Exclusive)],
+    ))
+    .await
+    .unwrap();
+    assert_eq!(s.local_holders(), Some(vec![holder.process.clone()]));
+    poison(&s.inner.held);
+    assert_eq!(s.local_holders(), None);
+    let other = Owner::new(s.host().clone(), 11, 1);
+    let e = s
+        .acquire(AcquireSpec::new(other, [(res("other"), Mode::Exclusive)]))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Halted(_)), "{e:?}");
+    assert!(e.to_string().contains("restart the agent"), "{e}");
+    let e = s
+        .release(res("disk"), holder.process.clone(), ReleaseKind::Clean)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Halted(_)), "{e:?}");
+    let e = s.end_process(holder.process).await.unwrap_err();
+    assert!(matches!(e, StoreError::Halted(_)), "{e:?}");
+}
+
+/// The session-end hook's lock is recovered: a poisoned one still runs the hook when the
+/// session ends (skipping it, as before, left the holders unfenced).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poisoned_session_end_hook_still_runs() {
+    let etcd = Etcd::start();
+    let s = open(&etcd, "hook").await;
+    let (tx, mut ended) = tokio::sync::mpsc::unbounded_channel();
+    s.on_session_end(Box::new(move |id| {
+        let _ = tx.send(id);
+    }));
+    poison(&s.inner.session_end);
+    let id = s.session().unwrap().borrow().id;
+    s.revoke_session().await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(30), ended.recv())
+        .await
+        .expect("the session-end hook never ran")
+        .unwrap();
+    assert_eq!(got, id);
+}
