@@ -355,7 +355,7 @@ fn acquire_line(out: Out) -> v1::AcquireEvent {
             note,
         } => v1::AcquireEvent::Waiting {
             message: Out::waiting_words(conflict.as_ref(), note.as_deref()),
-            conflict: conflict.map(|(c, blocked)| conflict_to_v1(&c, blocked)),
+            conflict: conflict.map(|c| conflict_to_v1(&c)),
             waited: waited.into(),
             note,
         },

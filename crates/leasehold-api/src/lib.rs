@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use leasehold_core::{
     Conflict, EndReason, Ended, Grant, HostId, Lease, Mode, NameError, Owner, ProcessKey, Released,
-    ResourceName, ResourceView, SessionId, Time, Token, WaiterView, WallTime,
+    ResourceName, ResourceView, SessionId, Token, WaiterView, WallTime,
 };
 
 pub mod codec;
@@ -237,19 +237,18 @@ impl TryFrom<pb::Grant> for Grant {
     }
 }
 
-/// The wire form of a conflict; `blocked_for` is the grace left, if any.
-pub fn conflict_to_wire(c: &Conflict, blocked_for: Option<Duration>) -> pb::Conflict {
+/// The wire form of a conflict.
+pub fn conflict_to_wire(c: &Conflict) -> pb::Conflict {
     pb::Conflict {
         resource: c.resource.to_string(),
         holders: c.holders.iter().map(Into::into).collect(),
         waiting: u32::try_from(c.waiting).unwrap_or(u32::MAX),
-        blocked_for_ms: blocked_for.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        blocked_for_ms: c.blocked_for.map(millis),
         handover_pending: c.reserved,
     }
 }
 
-/// The core form of a wire conflict. The grace end is not carried over the wire as a time;
-/// `blocked_until` holds the milliseconds left, relative to zero.
+/// The core form of a wire conflict.
 ///
 /// # Errors
 /// [`WireError`] for invalid names or owners.
@@ -262,7 +261,7 @@ pub fn conflict_from_wire(c: pb::Conflict) -> Result<Conflict, WireError> {
             .map(Lease::try_from)
             .collect::<Result<_, _>>()?,
         waiting: c.waiting as usize,
-        blocked_until: c.blocked_for_ms.map(Time),
+        blocked_for: c.blocked_for_ms.map(Duration::from_millis),
         reserved: c.handover_pending,
     })
 }

@@ -107,13 +107,13 @@ pub fn ended(e: &Ended) -> String {
 }
 
 /// Who is in the way, on one line.
-pub fn conflict(c: &Conflict, blocked_for: Option<Duration>) -> String {
+pub fn conflict(c: &Conflict) -> String {
     let mut s = match c.holders.as_slice() {
         [] if c.reserved => format!(
             "{} is being handed over to another owner",
             name(&c.resource)
         ),
-        [] => match blocked_for {
+        [] => match c.blocked_for {
             Some(d) => format!(
                 "{} is in its grace period after its holder's host was lost ({} left)",
                 name(&c.resource),

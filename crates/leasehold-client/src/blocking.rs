@@ -119,7 +119,10 @@ impl From<ApiError> for Error {
         };
         let (conflict, blocked_for) = match e.conflict.map(|c| v1::conflict_from_v1(*c)).transpose()
         {
-            Ok(Some((c, b))) => (Some(c), b),
+            Ok(Some(c)) => {
+                let b = c.blocked_for;
+                (Some(c), b)
+            }
             Ok(None) => (None, None),
             Err(w) => return Error::protocol(w),
         };
@@ -464,11 +467,12 @@ impl Acquisition {
             v1::AcquireEvent::Waiting {
                 conflict, waited, ..
             } => {
-                let (conflict, blocked_for) =
+                let conflict =
                     v1::conflict_from_v1(conflict.ok_or_else(|| {
                         Error::protocol("a waiting line without who is in the way")
                     })?)
                     .map_err(Error::protocol)?;
+                let blocked_for = conflict.blocked_for;
                 AcquireEvent::Waiting {
                     conflict,
                     blocked_for,

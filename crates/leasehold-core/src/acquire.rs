@@ -1,11 +1,12 @@
 //! Asking for leases: the request, what is granted, and why a request is refused.
 
 use std::fmt;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::resource::{Ended, Lease};
-use crate::types::{Mode, Owner, ResourceName, SessionId, Time, Token, WaiterId};
+use crate::types::{Mode, Owner, ResourceName, SessionId, Token, WaiterId};
 
 /// The most resources one request may name.
 pub const MAX_ITEMS: usize = 256;
@@ -60,9 +61,11 @@ pub struct Conflict {
     pub holders: Vec<Lease>,
     /// How many requests wait for it.
     pub waiting: usize,
-    /// When it is in the grace after a host was lost, the end of the grace.
+    /// When it is in the grace after a host was lost, how long the grace still lasts, as
+    /// seen when the request was refused. A cluster store whose backend ends the grace (etcd)
+    /// knows only an upper bound: the whole grace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub blocked_until: Option<Time>,
+    pub blocked_for: Option<Duration>,
     /// Whether it is kept for a handover in progress.
     #[serde(default)]
     pub reserved: bool,
@@ -75,7 +78,7 @@ impl Conflict {
             resource,
             holders: Vec::new(),
             waiting: 0,
-            blocked_until: None,
+            blocked_for: None,
             reserved: false,
         }
     }
@@ -95,11 +98,11 @@ impl fmt::Display for Conflict {
             }
         } else if self.reserved {
             write!(f, "being handed over")?;
-        } else if let Some(until) = self.blocked_until {
+        } else if let Some(left) = self.blocked_for {
             write!(
                 f,
-                "in its grace period after its holder's host was lost (until t={}ms)",
-                until.0
+                "in its grace period after its holder's host was lost ({} left)",
+                duration_words(left)
             )?;
         } else {
             write!(f, "promised to earlier waiters")?;
@@ -108,6 +111,18 @@ impl fmt::Display for Conflict {
             write!(f, "; {} waiting", self.waiting)?;
         }
         Ok(())
+    }
+}
+
+/// A duration for people: "300 ms", "5 s", "4.3 s".
+fn duration_words(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        format!("{ms} ms")
+    } else if ms % 1000 == 0 {
+        format!("{} s", ms / 1000)
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
     }
 }
 

@@ -39,6 +39,7 @@ use crate::session::{Session, SessionError};
 use crate::types::{
     HostId, Mode, Now, Owner, ProcessKey, ResourceName, SessionId, Time, Token, WaiterId,
 };
+use crate::view::{ResourceView, WaiterView};
 
 /// The engine's settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -210,6 +211,31 @@ impl Engine {
                 Some((*id, &w.owner, mode))
             })
             .collect()
+    }
+
+    /// What callers see of `resource` at `now`: its holders, dirty mark, last ending, waiters,
+    /// the grace left and whether a handover is pending; `None` when the engine holds no
+    /// record of it. Every store shows resources through this one view.
+    pub fn view(&self, resource: &ResourceName, now: Now) -> Option<ResourceView> {
+        let st = self.resources.get(resource)?;
+        Some(ResourceView {
+            resource: resource.clone(),
+            holders: st.holders.clone(),
+            dirty: st.dirty.clone(),
+            last_ended: st.last_ended.clone(),
+            last_token: st.last_token,
+            waiters: self
+                .waiters_of(resource)
+                .into_iter()
+                .map(|(_, owner, mode)| WaiterView {
+                    owner: owner.clone(),
+                    mode,
+                })
+                .collect(),
+            blocked_for: st.grace_left(now),
+            handover_pending: st.reserved_for.is_some(),
+            damaged: None,
+        })
     }
 
     // ---- sessions ----

@@ -1,10 +1,11 @@
 //! The state of one resource: its live leases, its dirty mark and how its last lease ended.
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::{Mode, Owner, ProcessKey, SessionId, Time, Token, WaiterId, WallTime};
+use crate::types::{Mode, Now, Owner, ProcessKey, SessionId, Time, Token, WaiterId, WallTime};
 
 /// A live grant of one resource to one owner.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,32 +100,92 @@ pub struct Ended {
 /// Everything known about one resource.
 ///
 /// The fields that are not skipped by serde are durable; `queue` and `reserved_for` belong
-/// to waiting requests, which live only as long as the connections that made them.
+/// to waiting requests, which live only as long as the connections that made them. Only the
+/// engine changes a state; stores read it through the accessors, keep it as serde writes it,
+/// and set what their backend keeps elsewhere (etcd's grace keys) when they rebuild an engine.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResourceState {
     /// The live leases: none, one exclusive, or one or more shared.
-    pub holders: Vec<Lease>,
+    pub(crate) holders: Vec<Lease>,
     /// The largest token ever granted for this resource.
-    pub last_token: Token,
+    pub(crate) last_token: Token,
     /// Set when the last exclusive lease ended other than cleanly; cleared by `mark-clean`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dirty: Option<Ended>,
+    pub(crate) dirty: Option<Ended>,
     /// How the most recent lease ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_ended: Option<Ended>,
+    pub(crate) last_ended: Option<Ended>,
     /// After a host session expired holding this resource, nobody is granted it before this
     /// time (the grace, or lock-delay).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub blocked_until: Option<Time>,
+    pub(crate) blocked_until: Option<Time>,
     /// Requests waiting for this resource, in arrival order.
     #[serde(skip)]
-    pub queue: BTreeSet<WaiterId>,
+    pub(crate) queue: BTreeSet<WaiterId>,
     /// A handover in progress: the resource is kept for this waiter alone.
     #[serde(skip)]
-    pub reserved_for: Option<WaiterId>,
+    pub(crate) reserved_for: Option<WaiterId>,
 }
 
 impl ResourceState {
+    /// The state a force-release leaves of a record that could not be trusted: no holders,
+    /// marked dirty by `ended` (the first lease it names, if any), with `last_token` kept
+    /// above every earlier grant.
+    pub fn reset(last_token: Token, ended: Option<Ended>) -> ResourceState {
+        ResourceState {
+            last_token,
+            dirty: ended.clone(),
+            last_ended: ended,
+            ..ResourceState::default()
+        }
+    }
+
+    /// The same state, unavailable until `until` (a grace a cluster store keeps outside the
+    /// record), or with no grace for `None` (the record as it is written).
+    pub fn with_blocked_until(mut self, until: Option<Time>) -> ResourceState {
+        self.blocked_until = until;
+        self
+    }
+
+    /// The live leases: none, one exclusive, or one or more shared.
+    pub fn holders(&self) -> &[Lease] {
+        &self.holders
+    }
+
+    /// The largest token ever granted for this resource.
+    pub fn last_token(&self) -> Token {
+        self.last_token
+    }
+
+    /// Why the resource is dirty, if it is: the lease whose end left it so.
+    pub fn dirty(&self) -> Option<&Ended> {
+        self.dirty.as_ref()
+    }
+
+    /// How the most recent lease ended.
+    pub fn last_ended(&self) -> Option<&Ended> {
+        self.last_ended.as_ref()
+    }
+
+    /// Until when (the engine's time) the resource stays unavailable after its holder's host
+    /// was lost, as of the last tick.
+    pub fn blocked_until(&self) -> Option<Time> {
+        self.blocked_until
+    }
+
+    /// How long the resource stays unavailable after its holder's host was lost, seen at
+    /// `now`; `None` when it is not in a grace period. The one place this is computed.
+    pub fn grace_left(&self, now: Now) -> Option<Duration> {
+        self.blocked_until
+            .filter(|t| *t > now.mono)
+            .map(|t| Duration::from_millis(t.0 - now.mono.0))
+    }
+
+    /// The waiter a handover in progress keeps the resource for, if any.
+    pub fn reserved_for(&self) -> Option<WaiterId> {
+        self.reserved_for
+    }
+
     /// Whether a new lease in `mode` could coexist with the current holders.
     pub fn admits(&self, mode: Mode) -> bool {
         self.holders.iter().all(|l| l.mode.compatible_with(mode))

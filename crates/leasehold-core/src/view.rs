@@ -31,7 +31,8 @@ pub struct ResourceView {
     pub last_token: Token,
     /// Who waits for it, in order.
     pub waiters: Vec<WaiterView>,
-    /// How long it stays unavailable after its holder's host was lost.
+    /// How long it stays unavailable after its holder's host was lost (on etcd, which ends
+    /// the grace itself, an upper bound: the whole grace).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blocked_for: Option<Duration>,
     /// Whether a handover to a waiter is in progress.
@@ -40,4 +41,22 @@ pub struct ResourceView {
     /// or vanished while held), with what to do; nobody is granted it while this is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub damaged: Option<String>,
+}
+
+impl ResourceView {
+    /// A view of `resource` with nothing known about it: no holders, no mark, no waiters.
+    /// A store starts from it when the record itself cannot be read (and sets `damaged`).
+    pub fn empty(resource: ResourceName) -> ResourceView {
+        ResourceView {
+            resource,
+            holders: Vec::new(),
+            dirty: None,
+            last_ended: None,
+            last_token: Token(0),
+            waiters: Vec::new(),
+            blocked_for: None,
+            handover_pending: false,
+            damaged: None,
+        }
+    }
 }

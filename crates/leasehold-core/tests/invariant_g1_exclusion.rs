@@ -70,7 +70,7 @@ impl Checker for Exclusion {
                 .engine
                 .resource(r)
                 .map(|st| {
-                    st.holders
+                    st.holders()
                         .iter()
                         .map(|l: &Lease| key(&l.owner.process, l.mode, l.token, l.session))
                         .collect()

@@ -115,7 +115,7 @@ impl Checker for Dirty {
     fn after_step(&mut self, sim: &Sim) -> Check {
         for r in &sim.names {
             let st = sim.model.res(r);
-            let mark = sim.engine.resource(r).and_then(|s| s.dirty.as_ref());
+            let mark = sim.engine.resource(r).and_then(|s| s.dirty());
             if mark.is_some() != st.dirty {
                 return Err(format!(
                     "G5 violated: {r} is {} in the engine but {} in the model (dirtied by {:?})",

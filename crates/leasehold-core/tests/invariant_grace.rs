@@ -5,7 +5,7 @@
 
 mod sim;
 
-use leasehold_core::{AcquireError, AcquireRequest, Acquired, Time};
+use leasehold_core::{AcquireError, AcquireRequest, Acquired};
 use sim::{Check, Checker, GrantSeen, Sim};
 
 struct Grace;
@@ -29,7 +29,8 @@ impl Checker for Grace {
         }
     }
 
-    /// A refusal that blames the grace names the end the model expects.
+    /// A refusal that blames the grace says how long it still lasts: exactly what is left of
+    /// the grace the model expects.
     fn on_acquire(
         &mut self,
         sim: &Sim,
@@ -37,12 +38,13 @@ impl Checker for Grace {
         res: &Result<Acquired, AcquireError>,
     ) -> Check {
         if let Err(AcquireError::Busy(c)) = res
-            && let Some(Time(t)) = c.blocked_until
+            && let Some(left) = c.blocked_for
         {
             let st = sim.model.res(&c.resource);
-            if st.blocked_until != Some(t) || sim.now >= t {
+            let ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
+            if ms == 0 || st.blocked_until != Some(sim.now.saturating_add(ms)) {
                 return Err(format!(
-                    "{} refused as in grace until t={t} at t={}; the model's grace for it ends at {:?}",
+                    "{} refused at t={} as in grace for {ms} ms more; the model's grace for it ends at {:?}",
                     c.resource, sim.now, st.blocked_until
                 ));
             }

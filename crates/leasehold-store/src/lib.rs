@@ -284,7 +284,7 @@ pub trait Store: Send + Sync + 'static {
         token: Token,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
-    /// Who or what is in the way of `items` for `process` now (`None`: nothing), and how
+    /// Who or what is in the way of `items` for `process` now (`None`: nothing), with how
     /// long a grace period still blocks the resource; for telling a waiting caller.
     ///
     /// # Errors
@@ -293,7 +293,7 @@ pub trait Store: Send + Sync + 'static {
         &self,
         process: ProcessKey,
         items: Vec<(ResourceName, Mode)>,
-    ) -> impl Future<Output = Result<Option<(Conflict, Option<Duration>)>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Option<Conflict>, StoreError>> + Send;
 
     /// What is known about one resource.
     ///

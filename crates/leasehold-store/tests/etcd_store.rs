@@ -458,7 +458,7 @@ async fn a_snapshot_of_many_resources_reads_them_all() {
         .await
         .unwrap();
     let second = Owner::new(a.host().clone(), 11, 1);
-    let (c, _) = a
+    let c = a
         .conflict(second.process.clone(), items.clone())
         .await
         .unwrap()
@@ -615,4 +615,55 @@ async fn a_wait_for_a_damaged_record_ends_naming_it() {
             "granted on a damaged record: {ev:?}"
         );
     }
+}
+
+/// Issue 9 item 2: refused during the grace after a host was lost, a caller is told how long
+/// the grace lasts as a duration, at most the grace, and `inspect` says the same. The refusal
+/// once carried the engine's stand-in instant for a grace etcd keeps, printed as
+/// "until t=18446744073709551615ms".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_in_the_grace_says_how_long_it_lasts() {
+    let etcd = Etcd::start();
+    let a = store(&etcd, "a").await;
+    let b = store(&etcd, "b").await;
+    let grace = EtcdOptions::new(Vec::new()).grace;
+    let disk = res("disk");
+    let holder = Owner::new(a.host().clone(), 10, 1);
+    a.acquire(AcquireSpec::new(holder, [(disk.clone(), Mode::Exclusive)]))
+        .await
+        .unwrap();
+    // A's host is lost: its session ends, and B's next look at the disk starts the grace.
+    a.revoke_session().await.unwrap();
+    let taker = Owner::new(b.host().clone(), 20, 2);
+    for attempt in ["first", "second"] {
+        let e = b
+            .acquire(
+                AcquireSpec::new(taker.clone(), [(disk.clone(), Mode::Exclusive)]).accept_dirty(),
+            )
+            .await
+            .unwrap_err();
+        let StoreError::Acquire(leasehold_core::AcquireError::Busy(c)) = &e else {
+            panic!("{attempt} acquire inside the grace: {e}")
+        };
+        let said = e.to_string();
+        assert!(
+            said.contains("grace period") && said.contains(" left)") && !said.contains("t="),
+            "{attempt} refusal: {said}"
+        );
+        let left = c
+            .blocked_for
+            .expect("the refusal says how long the grace lasts");
+        assert!(
+            !left.is_zero() && left <= grace,
+            "{attempt} refusal: {left:?} left of a {grace:?} grace"
+        );
+    }
+    let v = b.inspect(disk.clone()).await.unwrap().unwrap();
+    let left = v.blocked_for.expect("inspect shows the grace");
+    assert!(!left.is_zero() && left <= grace, "{left:?} of {grace:?}");
+    assert!(v.holders.is_empty(), "{:?}", v.holders);
+    assert!(
+        v.dirty.is_some(),
+        "the lost host's exclusive lease left it dirty"
+    );
 }

@@ -159,14 +159,12 @@ pub async fn wait_for_grant(acq: &mut Acquisition) -> Result<Granted, ClientErro
         let ev = acq.next_event().await;
         match ev {
             Ok(Some(AcquireEvent::Waiting {
-                conflict,
-                blocked_for,
-                waited,
+                conflict, waited, ..
             })) => {
                 let line = format!(
                     "waiting {}: {}",
                     humantime::format_duration(Duration::from_secs(waited.as_secs())),
-                    output::conflict(&conflict, blocked_for)
+                    output::conflict(&conflict)
                 );
                 let key = format!(
                     "{}{:?}{}{}",

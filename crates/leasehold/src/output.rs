@@ -21,7 +21,7 @@ pub fn refusal(r: &Refusal) -> String {
     match r.kind {
         RefusalKind::Busy | RefusalKind::TimedOut => {
             let head = match &r.conflict {
-                Some(c) => conflict(c, r.blocked_for),
+                Some(c) => conflict(c),
                 None => escaped(&r.message),
             };
             let (head, wait) = if r.kind == RefusalKind::TimedOut {

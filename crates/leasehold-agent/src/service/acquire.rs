@@ -42,7 +42,7 @@ pub(crate) enum Out {
     /// Still waiting: who is in the way (and the grace left), or a note about the wait.
     Waiting {
         /// Who is in the way, with the grace left.
-        conflict: Option<(Conflict, Option<Duration>)>,
+        conflict: Option<Conflict>,
         /// How long the request has waited.
         waited: Duration,
         /// Something the caller should know about its wait.
@@ -74,15 +74,10 @@ pub(crate) enum Out {
 
 impl Out {
     /// The line a waiting report shows people.
-    pub(crate) fn waiting_words(
-        conflict: Option<&(Conflict, Option<Duration>)>,
-        note: Option<&str>,
-    ) -> String {
+    pub(crate) fn waiting_words(conflict: Option<&Conflict>, note: Option<&str>) -> String {
         match (conflict, note) {
             (_, Some(n)) => words::escaped(n),
-            (Some((c, blocked_for)), None) => {
-                format!("waiting: {}", words::conflict(c, *blocked_for))
-            }
+            (Some(c), None) => format!("waiting: {}", words::conflict(c)),
             (None, None) => "waiting".into(),
         }
     }
@@ -91,7 +86,7 @@ impl Out {
 type Tx = mpsc::Sender<Out>;
 
 /// The refusal of an acquire as an API error: who is in the way, and what to do next.
-fn refusal(e: StoreError, blocked_for: Option<Duration>) -> ApiError {
+fn refusal(e: StoreError) -> ApiError {
     let (code, conflict, resource, dirty) = match &e {
         StoreError::Acquire(AcquireError::Busy(c)) => (ErrorCode::Held, Some(c), None, None),
         StoreError::TimedOut(c) => (ErrorCode::TimedOut, Some(c), None, None),
@@ -110,11 +105,11 @@ fn refusal(e: StoreError, blocked_for: Option<Duration>) -> ApiError {
     let message = match (code, conflict) {
         (ErrorCode::Held, Some(c)) => format!(
             "{}; to wait for it, acquire with a wait (\"wait\": \"5m\", or \"forever\"); if that holder is gone for good, an admin can force-release it",
-            words::conflict(c, blocked_for)
+            words::conflict(c)
         ),
         (ErrorCode::TimedOut, Some(c)) => format!(
             "timed out waiting: {}; to wait longer, raise the wait",
-            words::conflict(c, blocked_for)
+            words::conflict(c)
         ),
         (ErrorCode::NeedsCheck, _) => format!(
             "{e}; check it, then mark it clean (leasehold mark-clean), or take it anyway with accept_dirty and check it first"
@@ -125,7 +120,7 @@ fn refusal(e: StoreError, blocked_for: Option<Duration>) -> ApiError {
         code,
         message,
         resource,
-        conflict: conflict.map(|c| Box::new(conflict_to_v1(c, blocked_for))),
+        conflict: conflict.map(|c| Box::new(conflict_to_v1(c))),
         dirty: dirty.map(|d| Box::new(d.into())),
         accept_dirty_needs: None,
     }
@@ -190,18 +185,8 @@ impl<S: Store> Service<S> {
                 None => return, // the caller went away; the wait was withdrawn
                 Some(Ok(grants)) => grants,
                 Some(Err(e)) => {
-                    let blocked = match &e {
-                        StoreError::Acquire(AcquireError::Busy(c)) | StoreError::TimedOut(c) => me
-                            .store
-                            .inspect(c.resource.clone())
-                            .await
-                            .ok()
-                            .flatten()
-                            .and_then(|v| v.blocked_for),
-                        _ => None,
-                    };
                     info!(pid = owner.process.pid, reason = %e, "acquire refused");
-                    let mut r = refusal(e, blocked);
+                    let mut r = refusal(e);
                     if let Some(needs) = &dirty_needs
                         && r.code == ErrorCode::NeedsCheck
                     {

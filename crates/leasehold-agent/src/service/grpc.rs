@@ -68,7 +68,7 @@ fn refusal(e: ApiError) -> Result<pb::Refusal, Status> {
     };
     let conflict = e
         .conflict
-        .map(|c| conflict_from_v1(*c).map(|(c, blocked)| conflict_to_wire(&c, blocked)))
+        .map(|c| conflict_from_v1(*c).map(|c| conflict_to_wire(&c)))
         .transpose()
         .map_err(wire)?;
     let dirty = e
@@ -94,7 +94,7 @@ fn acquire_event(out: Out) -> Result<pb::AcquireEvent, Status> {
             waited,
             note,
         } => E::Waiting(pb::Waiting {
-            conflict: conflict.map(|(c, blocked)| conflict_to_wire(&c, blocked)),
+            conflict: conflict.map(|c| conflict_to_wire(&c)),
             waited_ms: millis(waited),
             note,
         }),

@@ -1,12 +1,8 @@
 //! Conversions between the API's JSON types and `leasehold-core`'s: infallible from core,
 //! validating every name and field into core ([`WireError`]).
 
-use std::time::Duration;
-
 use leasehold_core as lh;
-use leasehold_core::{
-    HostId, ProcessKey, ResourceName, SessionId, Time as CoreTime, Token, WallTime,
-};
+use leasehold_core::{HostId, ProcessKey, ResourceName, SessionId, Token, WallTime};
 
 use super::*;
 use crate::WireError;
@@ -189,38 +185,33 @@ impl TryFrom<Grant> for lh::Grant {
     }
 }
 
-/// The JSON form of a conflict; `blocked_for` is the grace left, if any.
-pub fn conflict_to_v1(c: &lh::Conflict, blocked_for: Option<Duration>) -> Conflict {
+/// The JSON form of a conflict.
+pub fn conflict_to_v1(c: &lh::Conflict) -> Conflict {
     Conflict {
         resource: c.resource.to_string(),
         holders: c.holders.iter().map(Into::into).collect(),
         waiting: u32::try_from(c.waiting).unwrap_or(u32::MAX),
-        blocked_for: blocked_for.map(Dur),
+        blocked_for: c.blocked_for.map(Dur),
         handover_pending: c.reserved,
     }
 }
 
-/// The core form of a JSON conflict, with the grace left.
+/// The core form of a JSON conflict.
 ///
 /// # Errors
 /// [`WireError`] for invalid names or owners.
-pub fn conflict_from_v1(c: Conflict) -> Result<(lh::Conflict, Option<Duration>), WireError> {
-    let blocked_for = c.blocked_for.map(|d| d.0);
-    Ok((
-        lh::Conflict {
-            resource: ResourceName::new(c.resource)?,
-            holders: c
-                .holders
-                .into_iter()
-                .map(TryInto::try_into)
-                .collect::<Result<_, _>>()?,
-            waiting: c.waiting as usize,
-            // The grace's end is the agent's instant; clients get the time left instead.
-            blocked_until: blocked_for.map(|d| CoreTime(super::millis(d))),
-            reserved: c.handover_pending,
-        },
-        blocked_for,
-    ))
+pub fn conflict_from_v1(c: Conflict) -> Result<lh::Conflict, WireError> {
+    Ok(lh::Conflict {
+        resource: ResourceName::new(c.resource)?,
+        holders: c
+            .holders
+            .into_iter()
+            .map(TryInto::try_into)
+            .collect::<Result<_, _>>()?,
+        waiting: c.waiting as usize,
+        blocked_for: c.blocked_for.map(|d| d.0),
+        reserved: c.handover_pending,
+    })
 }
 
 impl From<&lh::ResourceView> for Resource {

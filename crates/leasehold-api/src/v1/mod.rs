@@ -18,8 +18,6 @@
 //! assert!(serde_json::from_str::<AcquireRequest>(r#"{"items":[],"colour":"red"}"#).is_err());
 //! ```
 
-use std::time::Duration;
-
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -574,9 +572,4 @@ pub fn schema() -> String {
     let mut text = serde_json::to_string_pretty(&s).unwrap_or_default();
     text.push('\n');
     text
-}
-
-/// The milliseconds of `d`, saturating.
-pub(crate) fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

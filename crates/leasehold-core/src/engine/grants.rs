@@ -159,7 +159,7 @@ impl Engine {
                     resource: r.clone(),
                     holders: st.holders.clone(),
                     waiting: st.queue.len(),
-                    blocked_until: st.blocked_until.filter(|t| *t > now.mono),
+                    blocked_for: st.grace_left(now),
                     reserved: st.reserved_for.is_some() && !mine,
                 });
             } else if let Some(d) = &st.dirty

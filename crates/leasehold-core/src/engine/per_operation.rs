@@ -9,8 +9,9 @@
 //! - [`Engine::insert_waiter`]: the waiters of every host, in the backend's queue order, each
 //!   either decided here (this host's own) or only keeping its place;
 //! - [`Engine::set_reservation`]: a handover in progress, from the record;
-//! - a grace the backend keeps outside the record, as the `blocked_until` of the resource
-//!   states it restores.
+//! - a grace the backend keeps outside the record, with
+//!   [`ResourceState::with_blocked_until`](crate::ResourceState::with_blocked_until) before
+//!   the restore.
 //!
 //! It then runs one operation (or [`Engine::serve_waiters`], to decide this host's waiters
 //! once their resources changed), writes [`Output::changed`](crate::Output::changed) in one

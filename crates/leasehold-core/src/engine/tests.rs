@@ -391,7 +391,7 @@ fn an_expired_session_dirties_and_holds_its_resources_for_grace() {
     };
     assert!(matches!(
         e.acquire(mk(owner_on(&b, 3), sb, "ro", Sh, false, false), Now::at(14_999)),
-        Err(AcquireError::Busy(c)) if c.blocked_until == Some(Time(15_000))
+        Err(AcquireError::Busy(c)) if c.blocked_for == Some(Duration::from_millis(1))
     ));
     assert_eq!(e.next_deadline(), Some(Time(15_000)));
     e.take_output();
@@ -402,6 +402,49 @@ fn an_expired_session_dirties_and_holds_its_resources_for_grace() {
     assert_eq!(out.waiters.len(), 1);
     assert_eq!(out.waiters[0].0, w);
     assert!(out.waiters[0].1.as_ref().unwrap()[0].dirty.is_some());
+}
+
+// Issue 9 item 2: a refusal says how long the grace still lasts, as a duration; an engine
+// instant ("until t=...ms") meant nothing to anyone, and on etcd it read t=18446744073709551615.
+#[test]
+fn a_refusal_and_the_view_in_a_grace_say_how_long_it_lasts() {
+    let mut e = Engine::new(EngineConfig { grace: 5 * S });
+    let a = HostId::new("a").unwrap();
+    let b = HostId::new("b").unwrap();
+    let sa = e.open_session(a.clone(), Some(10 * S), Now::at(0)).unwrap();
+    let sb = e.open_session(b.clone(), None, Now::at(0)).unwrap();
+    let take = |o: Owner, s| AcquireRequest {
+        owner: o,
+        session: s,
+        items: vec![(res("disk"), X)],
+        accept_dirty: true,
+        wait: false,
+    };
+    e.acquire(take(owner_on(&a, 1), sa), Now::at(1)).unwrap();
+    e.tick(Now::at(10_000));
+    let refused = e.acquire(take(owner_on(&b, 2), sb), Now::at(11_700));
+    let Err(AcquireError::Busy(c)) = refused else {
+        panic!("granted or refused otherwise inside the grace: {refused:?}")
+    };
+    assert_eq!(c.blocked_for, Some(Duration::from_millis(3_300)));
+    let said = AcquireError::Busy(c).to_string();
+    assert!(
+        said.contains("grace period") && said.contains("(3.3 s left)"),
+        "{said}"
+    );
+    assert!(!said.contains("t="), "{said}");
+    let v = e.view(&res("disk"), Now::at(14_000)).unwrap();
+    assert_eq!(v.blocked_for, Some(Duration::from_secs(1)));
+    assert!(v.holders.is_empty());
+    assert_eq!(
+        v.dirty.as_ref().map(|d| &d.how),
+        Some(&EndReason::SessionExpired)
+    );
+    assert_eq!(
+        e.view(&res("disk"), Now::at(15_000)).unwrap().blocked_for,
+        None
+    );
+    assert!(e.view(&res("other"), Now::at(15_000)).is_none());
 }
 
 #[test]
@@ -472,7 +515,7 @@ fn a_due_session_is_expired_by_any_operation_not_only_tick() {
     // The grace runs from the expiry, which is no earlier than the due time.
     assert!(matches!(
         e.acquire(req(owner_on(&b, 2), sb, "x"), Now::at(12_001)),
-        Err(AcquireError::Busy(c)) if c.blocked_until.is_some_and(|t| t >= Time(15_000))
+        Err(AcquireError::Busy(c)) if c.blocked_for.is_some_and(|d| d >= Duration::from_millis(2_999))
     ));
     assert!(
         e.open_session(a.clone(), None, Now::at(12_002)).is_ok(),

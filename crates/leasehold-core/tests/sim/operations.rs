@@ -171,7 +171,7 @@ impl Sim {
             }
             Err(AcquireError::Busy(conflict)) => {
                 self.stats.busy += 1;
-                if conflict.blocked_until.is_some() {
+                if conflict.blocked_for.is_some() {
                     self.stats.grace_refusals += 1;
                 }
             }

@@ -649,8 +649,8 @@ impl Keeper {
             let Ok(rec) = Record::decode(&kv.value) else {
                 continue;
             };
-            if !rec.state.holders.is_empty()
-                || rec.state.dirty.is_some()
+            if !rec.state.holders().is_empty()
+                || rec.state.dirty().is_some()
                 || rec.reserved_for.is_some()
             {
                 continue;

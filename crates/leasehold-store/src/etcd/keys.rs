@@ -293,7 +293,7 @@ mod tests {
         );
         assert!(Record::decode(b"").unwrap_err().contains("empty"));
         let good = br#"{"holders":[],"last_token":3}"#;
-        assert_eq!(Record::decode(good).unwrap().state.last_token.0, 3);
+        assert_eq!(Record::decode(good).unwrap().state.last_token().0, 3);
         let marker = br#"{"holders":[],"last_token":3,"damaged":"gone while held"}"#;
         assert_eq!(Record::decode(marker).unwrap_err(), "gone while held");
     }

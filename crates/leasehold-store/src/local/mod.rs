@@ -19,7 +19,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use leasehold_core::{
     AcquireError, Conflict, Ended, EngineConfig, Event, Grant, HostId, Mode, Owner, ProcessKey,
@@ -118,7 +117,7 @@ enum Cmd {
     Conflict {
         process: ProcessKey,
         items: Vec<(ResourceName, Mode)>,
-        reply: Reply<Option<(Conflict, Option<Duration>)>>,
+        reply: Reply<Option<Conflict>>,
     },
     List {
         reply: Reply<Vec<ResourceView>>,
@@ -411,7 +410,7 @@ impl Store for LocalStore {
         &self,
         process: ProcessKey,
         items: Vec<(ResourceName, Mode)>,
-    ) -> Result<Option<(Conflict, Option<Duration>)>, StoreError> {
+    ) -> Result<Option<Conflict>, StoreError> {
         self.call(|reply| Cmd::Conflict {
             process,
             items,
@@ -437,7 +436,7 @@ impl Store for LocalStore {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-    use leasehold_core::{Mode, Owner, ResourceState};
+    use leasehold_core::{Mode, Owner};
     use redb::{Database, ReadableTable};
 
     use super::db::RESOURCES;
@@ -467,12 +466,16 @@ mod tests {
         let txn = db.begin_write().unwrap();
         {
             let mut table = txn.open_table(RESOURCES).unwrap();
-            let mut merged: ResourceState =
+            let mut merged: serde_json::Value =
                 serde_json::from_slice(table.get("r10").unwrap().unwrap().value()).unwrap();
-            let shared: ResourceState =
+            let shared: serde_json::Value =
                 serde_json::from_slice(table.get("r11").unwrap().unwrap().value()).unwrap();
-            merged.holders.extend(shared.holders);
-            merged.last_token = merged.last_token.max(shared.last_token);
+            let more = shared["holders"].as_array().unwrap().clone();
+            merged["holders"].as_array_mut().unwrap().extend(more);
+            let last = merged["last_token"]
+                .as_u64()
+                .max(shared["last_token"].as_u64());
+            merged["last_token"] = last.unwrap().into();
             let bytes = serde_json::to_vec(&merged).unwrap();
             table.insert(disk.as_str(), bytes.as_slice()).unwrap();
         }

@@ -16,7 +16,6 @@ use tokio::sync::{broadcast, oneshot};
 use super::db::{ENGINE_KEY, FORMAT, FORMAT_KEY, META, RESOURCES, load, quietly, storage};
 use super::{AcquireReply, Cmd, LocalStoreOptions, Reply, fresh};
 use crate::{Clock, StoreError};
-use leasehold_core::{ResourceView, WaiterView};
 
 pub(super) enum Cleanup {
     Release(Vec<(ResourceName, ProcessKey)>),
@@ -319,23 +318,18 @@ impl Worker {
                 items,
                 reply,
             } => {
-                let c = self.engine.conflict(&process, &items, now).map(|c| {
-                    let left = c
-                        .blocked_until
-                        .map(|t| Duration::from_millis(t.0.saturating_sub(now.mono.0)));
-                    (c, left)
-                });
+                let c = self.engine.conflict(&process, &items, now);
                 defer(answers, reply, Ok(c));
             }
             Cmd::Inspect { resource, reply } => {
-                let v = view(&self.engine, &resource, now);
+                let v = self.engine.view(&resource, now);
                 defer(answers, reply, Ok(v));
             }
             Cmd::List { reply } => {
                 let v = self
                     .engine
                     .resources()
-                    .filter_map(|(name, _)| view(&self.engine, name, now))
+                    .filter_map(|(name, _)| self.engine.view(name, now))
                     .collect();
                 defer(answers, reply, Ok(v));
             }
@@ -466,30 +460,4 @@ pub(super) fn refuse(cmd: Cmd, e: &StoreError, orphans: &mut Vec<(ResourceName, 
         Cmd::ReleaseOrphans(v) => orphans.extend(v),
         Cmd::Abandon(_) | Cmd::Shutdown => {}
     }
-}
-
-/// The view of one resource for callers.
-pub(super) fn view(engine: &Engine, name: &ResourceName, now: Now) -> Option<ResourceView> {
-    let st = engine.resource(name)?;
-    Some(ResourceView {
-        resource: name.clone(),
-        holders: st.holders.clone(),
-        dirty: st.dirty.clone(),
-        last_ended: st.last_ended.clone(),
-        last_token: st.last_token,
-        waiters: engine
-            .waiters_of(name)
-            .into_iter()
-            .map(|(_, owner, mode)| WaiterView {
-                owner: owner.clone(),
-                mode,
-            })
-            .collect(),
-        blocked_for: st
-            .blocked_until
-            .filter(|t| *t > now.mono)
-            .map(|t| Duration::from_millis(t.0 - now.mono.0)),
-        handover_pending: st.reserved_for.is_some(),
-        damaged: None,
-    })
 }

@@ -11,7 +11,7 @@ use leasehold_core::{
 use tracing::warn;
 
 use super::snapshot::{Snapshot, holding_sessions};
-use super::{BLOCKED, Inner, MAX_TXN_OPS, json, now_ms, unavailable};
+use super::{Inner, MAX_TXN_OPS, json, now_ms, unavailable};
 use crate::StoreError;
 use crate::etcd::client::{Txn, prefix_end};
 use crate::etcd::keys::Record;
@@ -63,8 +63,10 @@ impl Inner {
                 .as_ref()
                 .map(|r| r.state.clone())
                 .unwrap_or_default();
-            st.blocked_until = rs.grace.then_some(BLOCKED);
-            for l in &st.holders {
+            // A grace etcd keeps ends when its key's lease does; the engine is told the most
+            // it can last from now, so refusals and views say at most the grace is left.
+            st = st.with_blocked_until(rs.grace.then(|| now.mono.after(self.opts.grace)));
+            for l in st.holders() {
                 // A holder whose session is gone: a session that expires now, so the engine
                 // ends its leases (dirty) and starts the grace.
                 sessions.entry(l.session).or_insert_with(|| Session {
@@ -151,7 +153,7 @@ impl Inner {
                 .res
                 .get(name)
                 .and_then(|rs| rs.record.as_ref())
-                .map(|r| r.state.holders.as_slice())
+                .map(|r| r.state.holders())
                 .unwrap_or_default();
             for l in holders {
                 let lease = l.session.0 as i64;
@@ -169,15 +171,14 @@ impl Inner {
                 continue;
             };
             let st = engine.resource(name).cloned().unwrap_or_default();
-            if st.blocked_until.is_some_and(|t| t != BLOCKED) && !rs.grace {
+            // A grace this operation started (one etcd keeps was given to the engine as
+            // `rs.grace`, and is not written again).
+            if st.blocked_until().is_some() && !rs.grace {
                 graces.push(name.clone());
             }
             let rec = Record {
-                reserved_for: st.reserved_for.map(|w| w.0),
-                state: ResourceState {
-                    blocked_until: None,
-                    ..st
-                },
+                reserved_for: st.reserved_for().map(|w| w.0),
+                state: st.with_blocked_until(None),
                 events: events.remove(name).unwrap_or_default(),
                 damaged: None,
             };
@@ -186,7 +187,7 @@ impl Inner {
             // claims it (a record deleted outside leasehold is not free).
             let before = holding_sessions(rs.record.as_ref());
             let mut after = BTreeMap::new();
-            for l in &rec.state.holders {
+            for l in rec.state.holders() {
                 after.insert(l.session.0 as i64, l.owner.process.host.to_string());
             }
             for lease in before.iter().filter(|l| !after.contains_key(l)) {
@@ -242,7 +243,7 @@ impl Inner {
                 snap.res
                     .get(*n)
                     .and_then(|rs| rs.record.as_ref())
-                    .is_some_and(|r| !r.state.holders.is_empty())
+                    .is_some_and(|r| !r.state.holders().is_empty())
             })
             .collect();
         if t.size() + joined.len() <= MAX_TXN_OPS {
@@ -278,7 +279,7 @@ impl Inner {
                 set.remove(name);
             }
             if let Some(st) = engine.resource(name) {
-                for l in &st.holders {
+                for l in st.holders() {
                     if l.owner.process.host == self.host {
                         held.entry(l.owner.process.clone())
                             .or_default()
@@ -387,7 +388,7 @@ impl Inner {
             let old: Option<Record> = kvs
                 .first()
                 .and_then(|kv| serde_json::from_slice(&kv.value).ok());
-            let holders = old.map(|r| r.state.holders).unwrap_or_default();
+            let holders = old.map(|r| r.state.holders().to_vec()).unwrap_or_default();
             let now = leasehold_core::WallTime(now_ms());
             let how = leasehold_core::EndReason::Forced {
                 reason: format!("{reason} (repairing a damaged record: {detail})"),
@@ -427,13 +428,11 @@ impl Inner {
                 })
                 .collect();
             let rec = Record {
-                state: ResourceState {
+                state: ResourceState::reset(
                     // Tokens stay above every earlier grant: they follow etcd's revision.
-                    last_token: Token(u64::try_from(snap.revision).unwrap_or(0)),
-                    dirty: ended.first().cloned(),
-                    last_ended: ended.first().cloned(),
-                    ..ResourceState::default()
-                },
+                    Token(u64::try_from(snap.revision).unwrap_or(0)),
+                    ended.first().cloned(),
+                ),
                 reserved_for: None,
                 events: released
                     .iter()

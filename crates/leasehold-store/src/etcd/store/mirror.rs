@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use leasehold_core::{Ended, Event, ProcessKey, ResourceName, ResourceState, SessionId};
+use leasehold_core::{Ended, Event, ProcessKey, ResourceName, SessionId};
 use tracing::{debug, warn};
 
 use super::{Inner, json, now_ms, unavailable};
@@ -121,7 +121,7 @@ impl Inner {
                 else {
                     continue;
                 };
-                for l in rec.state.holders {
+                for l in rec.state.holders().iter().cloned() {
                     if l.owner.process.host != self.host {
                         continue;
                     }
@@ -206,7 +206,7 @@ impl Inner {
         };
         let ends = |l: &leasehold_core::Lease, rec: &Record| {
             rec.state
-                .holders
+                .holders()
                 .iter()
                 .any(|h| h.owner.process == l.owner.process && h.token == l.token)
                 || rec.events.iter().any(|e| {
@@ -216,7 +216,7 @@ impl Inner {
         };
         let gone: Vec<&leasehold_core::Lease> = old
             .state
-            .holders
+            .holders()
             .iter()
             .filter(|l| l.owner.process.host == self.host)
             .filter(|l| match new {
@@ -264,10 +264,7 @@ impl Inner {
                 .map(|l| format!("{} (token {})", l.owner.process, l.token))
                 .collect();
             let marker = Record {
-                state: ResourceState {
-                    holders: old.state.holders.clone(),
-                    ..old.state.clone()
-                },
+                state: old.state.clone(),
                 reserved_for: None,
                 events: Vec::new(),
                 damaged: Some(format!(

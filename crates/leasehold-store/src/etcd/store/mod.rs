@@ -31,7 +31,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use leasehold_core::{Event, HostId, Now, ProcessKey, ResourceName, SessionId, Time};
+use leasehold_core::{Event, HostId, Now, ProcessKey, ResourceName, SessionId};
 use serde::Serialize;
 use tokio::sync::{Notify, broadcast, oneshot, watch};
 use tracing::error;
@@ -44,10 +44,6 @@ use crate::{Clock, SessionEndHook, SessionState, StoreError, WaitNote};
 use mirror::{Fix, Mirror, follow};
 use session::{establish, keep_session};
 use waiters::{LocalWaiter, serve_waiters};
-
-/// How long a blocked resource stays blocked, to the engine: the grace key decides when it
-/// ends, not the engine's clock.
-const BLOCKED: Time = Time(u64::MAX);
 
 /// etcd refuses transactions with more than this many compares or operations by default.
 const MAX_TXN_OPS: usize = 128;

@@ -2,7 +2,6 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Duration;
 
 use leasehold_core::{
     AcquireRequest, Acquired, Conflict, EndReason, Ended, Event, Grant, HostId, ProcessKey,
@@ -152,7 +151,7 @@ impl Store for EtcdStore {
                     Err(e @ StoreError::BadRecord { .. }) => return Err(e),
                     r => r.ok().flatten(),
                 };
-                let c = c.map_or_else(|| Conflict::unknown(spec.items[0].0.clone()), |(c, _)| c);
+                let c = c.unwrap_or_else(|| Conflict::unknown(spec.items[0].0.clone()));
                 return Err(StoreError::TimedOut(c));
             }
         };
@@ -242,7 +241,7 @@ impl Store for EtcdStore {
             .and_then(|rs| rs.record.as_ref())
             .is_some_and(|rec| {
                 rec.state
-                    .holders
+                    .holders()
                     .iter()
                     .any(|l| l.token == token && snap.sessions.contains_key(&(l.session.0 as i64)))
             }))
@@ -252,7 +251,7 @@ impl Store for EtcdStore {
         &self,
         process: ProcessKey,
         items: Vec<(ResourceName, leasehold_core::Mode)>,
-    ) -> Result<Option<(Conflict, Option<Duration>)>, StoreError> {
+    ) -> Result<Option<Conflict>, StoreError> {
         let names: BTreeSet<ResourceName> = items.iter().map(|(r, _)| r.clone()).collect();
         let snap = self.inner.snapshot(&names).await?;
         if let Some((name, detail)) = snap
@@ -264,11 +263,9 @@ impl Store for EtcdStore {
         }
         let now = self.inner.now();
         let engine = self.inner.engine(&snap, &BTreeSet::new(), now);
-        // The grace is etcd's to end; what is left of it is not known here, at most `grace`.
-        Ok(engine.conflict(&process, &items, now).map(|c| {
-            let left = c.blocked_until.map(|_| self.inner.opts.grace);
-            (c, left)
-        }))
+        // A grace etcd keeps is given to the engine as the whole grace from now: what is left
+        // of it is not known here, at most that.
+        Ok(engine.conflict(&process, &items, now))
     }
 
     async fn inspect(&self, resource: ResourceName) -> Result<Option<ResourceView>, StoreError> {
@@ -276,10 +273,12 @@ impl Store for EtcdStore {
             .inner
             .snapshot(&BTreeSet::from([resource.clone()]))
             .await?;
+        let now = self.inner.now();
+        let engine = self.inner.engine(&snap, &BTreeSet::new(), now);
         Ok(snap
             .res
             .get(&resource)
-            .and_then(|rs| self.inner.view(&resource, rs, &snap)))
+            .and_then(|rs| self.inner.view(&engine, &resource, rs, now)))
     }
 
     async fn list(&self) -> Result<Vec<ResourceView>, StoreError> {
@@ -293,10 +292,12 @@ impl Store for EtcdStore {
             .await
             .map_err(unavailable)?;
         let snap = Snapshot::build(k, revision, None, &kvs);
+        let now = inner.now();
+        let engine = inner.engine(&snap, &BTreeSet::new(), now);
         Ok(snap
             .res
             .iter()
-            .filter_map(|(name, rs)| inner.view(name, rs, &snap))
+            .filter_map(|(name, rs)| inner.view(&engine, name, rs, now))
             .collect())
     }
 

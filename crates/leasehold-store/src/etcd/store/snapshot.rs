@@ -3,9 +3,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use leasehold_core::{Ended, HostId, ResourceName, ResourceView, WaiterView};
+use leasehold_core::{Engine, HostId, Now, ResourceName, ResourceView};
 
-use super::{Inner, MAX_TXN_OPS, now_ms, unavailable};
+use super::{Inner, MAX_TXN_OPS, unavailable};
 use crate::StoreError;
 use crate::etcd::client::{Txn, prefix_end, range_of};
 use crate::etcd::keys::{KeyKind, Keys, Record, WaiterValue};
@@ -63,7 +63,7 @@ impl ResSnap {
 pub(super) fn holding_sessions(record: Option<&Record>) -> BTreeSet<i64> {
     record
         .iter()
-        .flat_map(|r| r.state.holders.iter().map(|l| l.session.0 as i64))
+        .flat_map(|r| r.state.holders().iter().map(|l| l.session.0 as i64))
         .collect()
 }
 
@@ -241,68 +241,28 @@ impl Inner {
         }
     }
 
+    /// What `inspect` and `list` show of `name`: the engine's view over the snapshot (the
+    /// leases of a dead session already ended, as the next operation ends them), with why the
+    /// record cannot be trusted when it cannot.
     pub(super) fn view(
         &self,
+        engine: &Engine,
         name: &ResourceName,
         rs: &ResSnap,
-        snap: &Snapshot,
+        now: Now,
     ) -> Option<ResourceView> {
-        let rec = rs.record.as_ref();
-        if rec.is_none() && rs.bad.is_none() && rs.waiters.is_empty() && !rs.grace {
-            return None;
-        }
-        let state = rec.map(|r| r.state.clone()).unwrap_or_default();
-        let mut waiters: Vec<&WaiterSnap> = rs.waiters.iter().collect();
-        waiters.sort_by_key(|w| w.id);
-        Some(ResourceView {
-            resource: name.clone(),
-            holders: state
-                .holders
-                .iter()
-                .filter(|l| snap.sessions.contains_key(&(l.session.0 as i64)))
-                .cloned()
-                .collect(),
-            dirty: state.dirty.clone().or_else(|| {
-                // A dead session's exclusive holder leaves the resource dirty once anyone
-                // touches it; show it so now.
-                state
-                    .holders
-                    .iter()
-                    .find(|l| {
-                        l.mode == leasehold_core::Mode::Exclusive
-                            && !snap.sessions.contains_key(&(l.session.0 as i64))
-                    })
-                    .map(|l| Ended {
-                        owner: l.owner.clone(),
-                        mode: l.mode,
-                        token: l.token,
-                        granted_at: l.granted_at,
-                        ended_at: leasehold_core::WallTime(now_ms()),
-                        how: leasehold_core::EndReason::SessionExpired,
-                    })
-            }),
-            last_ended: state.last_ended.clone(),
-            last_token: state.last_token,
-            waiters: waiters
-                .iter()
-                .map(|w| WaiterView {
-                    owner: w.value.owner.clone(),
-                    mode: w
-                        .value
-                        .items
-                        .iter()
-                        .find(|(r, _)| r == name)
-                        .map_or(leasehold_core::Mode::Exclusive, |(_, m)| *m),
-                })
-                .collect(),
-            blocked_for: rs.grace.then_some(self.opts.grace),
-            handover_pending: rec.and_then(|r| r.reserved_for).is_some(),
-            damaged: rs.bad.as_ref().map(|d| {
-                format!(
-                    "record at key {}: {d}; find out who uses it, then `leasehold force-release {name} --reason TEXT` resets it to an empty record marked dirty",
-                    String::from_utf8_lossy(&self.keys.resource(name))
-                )
-            }),
-        })
+        let damaged = rs.bad.as_ref().map(|d| {
+            format!(
+                "record at key {}: {d}; find out who uses it, then `leasehold force-release {name} --reason TEXT` resets it to an empty record marked dirty",
+                String::from_utf8_lossy(&self.keys.resource(name))
+            )
+        });
+        let mut view = match engine.view(name, now) {
+            Some(v) => v,
+            None if damaged.is_some() => ResourceView::empty(name.clone()),
+            None => return None,
+        };
+        view.damaged = damaged;
+        Some(view)
     }
 }
