@@ -129,3 +129,98 @@ pub(super) fn never_sent(s: &tonic::Status) -> bool {
 pub fn is_nospace(e: &EtcdError) -> bool {
     e.message.contains("database space exceeded")
 }
+
+/// How each kind of failure is classified: sent again at once (never reached etcd), retried
+/// (transient), or permanent, and then whether a setting is to blame. These pin today's
+/// classification, which still reads status messages besides codes (issue 9 item 4, open:
+/// decide from codes and typed sources only); a change to it must keep these passing.
+#[cfg(test)]
+mod tests {
+    use tonic::{Code, Status};
+
+    use super::*;
+
+    fn classify(code: Code, message: &str) -> EtcdError {
+        EtcdError::from_status("txn", &Status::new(code, message))
+    }
+
+    #[test]
+    fn an_unavailable_or_timed_out_cluster_is_retried() {
+        for code in [
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::Unknown,
+            Code::Cancelled,
+        ] {
+            let e = classify(code, "etcdserver: request timed out");
+            assert!(e.transient && !e.misconfigured, "{code:?}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn a_member_that_is_not_the_leader_is_retried() {
+        let e = classify(Code::FailedPrecondition, "etcdserver: not leader");
+        assert!(e.transient && !e.misconfigured, "{e:?}");
+    }
+
+    #[test]
+    fn a_denied_permission_is_permanent_and_says_what_to_grant() {
+        let e = classify(Code::PermissionDenied, "etcdserver: permission denied");
+        assert!(!e.transient && e.misconfigured, "{e:?}");
+        assert!(e.message.contains("grant-permission"), "{e}");
+    }
+
+    #[test]
+    fn a_wrong_password_is_permanent_and_names_the_settings() {
+        let e = classify(
+            Code::InvalidArgument,
+            "etcdserver: authentication failed, invalid user ID or password",
+        );
+        assert!(!e.transient && e.misconfigured, "{e:?}");
+        assert!(e.message.contains("etcd-password-file"), "{e}");
+    }
+
+    #[test]
+    fn another_invalid_argument_is_permanent_but_no_setting_is_blamed() {
+        let e = classify(
+            Code::InvalidArgument,
+            "etcdserver: too many operations in txn request",
+        );
+        assert!(!e.transient && !e.misconfigured, "{e:?}");
+    }
+
+    #[test]
+    fn a_full_database_is_permanent_and_recognised() {
+        let e = classify(
+            Code::ResourceExhausted,
+            "etcdserver: mvcc: database space exceeded",
+        );
+        assert!(!e.transient && is_nospace(&e), "{e:?}");
+    }
+
+    #[test]
+    fn a_refused_connection_is_sent_again_a_refused_certificate_is_not() {
+        let refused = Status::new(
+            Code::Unavailable,
+            "error trying to connect: tcp connect error: Connection refused (os error 111)",
+        );
+        assert!(never_sent(&refused));
+        let cert = Status::new(
+            Code::Unavailable,
+            "transport error: invalid peer certificate: UnknownIssuer",
+        );
+        assert!(!never_sent(&cert));
+        let e = EtcdError::from_status("connect", &cert);
+        assert!(!e.transient && e.misconfigured, "{e:?}");
+    }
+
+    #[test]
+    fn an_expired_token_is_renewed() {
+        let s = Status::new(Code::Unauthenticated, "etcdserver: invalid auth token");
+        assert!(stale_token(&s));
+        assert!(!stale_token(&Status::new(
+            Code::PermissionDenied,
+            "etcdserver: permission denied"
+        )));
+    }
+}
