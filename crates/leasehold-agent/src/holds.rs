@@ -17,8 +17,8 @@ pub enum Note {
     Ended {
         /// The resource.
         resource: ResourceName,
-        /// How.
-        ended: Ended,
+        /// How (boxed: an owner is large beside [`Note::Resync`]).
+        ended: Box<Ended>,
     },
     /// Events were missed; look at the leases directly.
     Resync,
@@ -68,7 +68,7 @@ impl Holds {
         for (_, tx) in g.1.get(&ended.owner.process).into_iter().flatten() {
             let _ = tx.send(Note::Ended {
                 resource: resource.clone(),
-                ended: ended.clone(),
+                ended: Box::new(ended.clone()),
             });
         }
     }

@@ -17,8 +17,8 @@
 use std::time::Duration;
 
 use leasehold_core::{
-    Conflict, EndReason, Ended, Grant, HostId, Lease, Mode, NameError, Owner, ProcessKey, Released,
-    ResourceName, ResourceView, SessionId, Token, WaiterView, WallTime,
+    Conflict, EndReason, Ended, Grant, HostId, Lease, Mode, NameError, OnExit, Owner, ProcessKey,
+    Released, ResourceName, ResourceView, SessionId, Token, WaiterView, WallTime,
 };
 
 pub mod codec;
@@ -83,6 +83,11 @@ impl From<&Owner> for pb::Owner {
             label: o.label.clone(),
             uid: o.uid,
             command: o.command.clone(),
+            restricted: o.restricted,
+            on_exit: match o.on_exit {
+                OnExit::Dirty => String::new(),
+                other => other.as_str().to_owned(),
+            },
         }
     }
 }
@@ -99,6 +104,15 @@ impl TryFrom<pb::Owner> for Owner {
             label: o.label,
             uid: o.uid,
             command: o.command,
+            restricted: o.restricted,
+            on_exit: if o.on_exit.is_empty() {
+                OnExit::Dirty
+            } else {
+                OnExit::parse(&o.on_exit).ok_or_else(|| WireError::Unknown {
+                    what: "on_exit (dirty or status)",
+                    value: o.on_exit.clone(),
+                })?
+            },
         };
         owner.validate()?;
         Ok(owner)
@@ -140,6 +154,7 @@ pub fn how_word(how: &EndReason) -> &'static str {
         EndReason::Released => "released",
         EndReason::ReleasedDirty { .. } => "released-dirty",
         EndReason::ProcessDied => "process-died",
+        EndReason::ExitedClean => "exited-clean",
         EndReason::SessionExpired => "session-expired",
         EndReason::Fenced => "fenced",
         EndReason::Forced { .. } => "forced",
@@ -185,6 +200,7 @@ impl TryFrom<pb::Ended> for Ended {
             "released" => EndReason::Released,
             "released-dirty" => EndReason::ReleasedDirty { note: e.note },
             "process-died" => EndReason::ProcessDied,
+            "exited-clean" => EndReason::ExitedClean,
             "session-expired" => EndReason::SessionExpired,
             "fenced" => EndReason::Fenced,
             "forced" => EndReason::Forced {

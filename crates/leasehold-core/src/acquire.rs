@@ -24,6 +24,10 @@ pub struct AcquireRequest {
     pub accept_dirty: bool,
     /// Whether to queue when the resources are not free now.
     pub wait: bool,
+    /// Resources to take only if nobody held them since the caller's own lease with this
+    /// token ended: the resource's last token must still be it (a paused VM resuming, a
+    /// migrating VM arriving). Such a request never waits.
+    pub expect_tokens: Vec<(ResourceName, Token)>,
 }
 
 /// One granted resource.
@@ -158,4 +162,17 @@ pub enum AcquireError {
     /// The waiting request was withdrawn: its process ended or its session expired.
     #[error("the waiting request was cancelled: {0}")]
     Cancelled(String),
+    /// A resource asked for with an expected token was taken by someone else since (its last
+    /// token moved on), or is held now.
+    #[error(
+        "{resource} was taken by another owner since token {expected} (last token {last}): it may have been written"
+    )]
+    Moved {
+        /// The resource.
+        resource: ResourceName,
+        /// The token the caller expected to be the last.
+        expected: Token,
+        /// The resource's last token now.
+        last: Token,
+    },
 }

@@ -22,6 +22,7 @@
 //!     items: vec![(disk.clone(), Mode::Exclusive)],
 //!     accept_dirty: false,
 //!     wait: false,
+//!     expect_tokens: Vec::new(),
 //! };
 //! let Acquired::Granted(grants) = engine.acquire(req, Now::at(1)).unwrap() else { unreachable!() };
 //! let token = grants[0].token;
@@ -38,6 +39,7 @@
 //!     items: vec![(disk.clone(), Mode::Shared)],
 //!     accept_dirty: false,
 //!     wait: false,
+//!     expect_tokens: Vec::new(),
 //! };
 //! assert!(matches!(engine.acquire(req, Now::at(3)), Err(AcquireError::NeedsCheck { .. })));
 //! ```
@@ -59,6 +61,7 @@ pub use resource::{EndReason, Ended, Lease, ResourceState};
 pub use session::{Session, SessionError};
 pub use types::{
     HostId, MAX_COMMAND, MAX_HOST_ID, MAX_LABEL, MAX_RESOURCE_NAME, MAX_TEXT, Mode, NameError, Now,
-    Owner, ProcessKey, ResourceName, SessionId, Time, Token, WaiterId, WallTime, check_free_text,
+    OnExit, Owner, ProcessKey, ResourceName, SessionId, Time, Token, WaiterId, WallTime,
+    check_free_text,
 };
 pub use view::{ResourceView, WaiterView};

@@ -37,6 +37,9 @@ pub enum EndReason {
     },
     /// Its process ended without releasing it.
     ProcessDied,
+    /// Its process exited with status 0 and had asked that its exit status decide
+    /// ([`OnExit::Status`](crate::OnExit::Status)): clean.
+    ExitedClean,
     /// Its host's session expired: the host was lost or could not renew.
     SessionExpired,
     /// Its host's agent killed its process because it could not confirm the host's session
@@ -59,7 +62,10 @@ pub enum EndReason {
 impl EndReason {
     /// Whether an exclusive lease that ends this way leaves its resource dirty (SPEC G5).
     pub fn dirties(&self) -> bool {
-        !matches!(self, EndReason::Released | EndReason::HandedOver { .. })
+        !matches!(
+            self,
+            EndReason::Released | EndReason::ExitedClean | EndReason::HandedOver { .. }
+        )
     }
 
     /// A short phrase for people: "released", "process died", ...
@@ -69,6 +75,7 @@ impl EndReason {
             EndReason::ReleasedDirty { note: None } => "released dirty".into(),
             EndReason::ReleasedDirty { note: Some(n) } => format!("released dirty ({n})"),
             EndReason::ProcessDied => "process died holding it".into(),
+            EndReason::ExitedClean => "process exited with status 0".into(),
             EndReason::SessionExpired => "host session expired (host lost)".into(),
             EndReason::Fenced => {
                 "fenced: its host could not confirm its session in time and killed it".into()

@@ -298,6 +298,49 @@ pub struct Owner {
     /// The command name of the process, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<String>,
+    /// Only root or the admin group may release or hand over its leases, not the process's
+    /// own user (libvirt's restricted QEMU).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub restricted: bool,
+    /// What the process's exit does to its exclusive leases.
+    #[serde(default, skip_serializing_if = "OnExit::is_default")]
+    pub on_exit: OnExit,
+}
+
+/// What a holder's exit without a release does to its exclusive leases.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnExit {
+    /// Any exit leaves them dirty: the process may have stopped mid-write (SPEC G5).
+    #[default]
+    Dirty,
+    /// Its exit status decides: status 0 ends them clean (a program that flushes and exits
+    /// 0 only when its writes are complete, as QEMU does); a signal or another status leaves
+    /// them dirty. Where the kernel cannot tell the status, they are left dirty.
+    Status,
+}
+
+impl OnExit {
+    fn is_default(&self) -> bool {
+        *self == OnExit::Dirty
+    }
+
+    /// The word used on the wire and in the CLI: `dirty` or `status`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            OnExit::Dirty => "dirty",
+            OnExit::Status => "status",
+        }
+    }
+
+    /// Reads [`OnExit::as_str`]'s words.
+    pub fn parse(s: &str) -> Option<OnExit> {
+        match s {
+            "dirty" => Some(OnExit::Dirty),
+            "status" => Some(OnExit::Status),
+            _ => None,
+        }
+    }
 }
 
 impl Owner {
@@ -312,6 +355,8 @@ impl Owner {
             label: None,
             uid: None,
             command: None,
+            restricted: false,
+            on_exit: OnExit::Dirty,
         }
     }
 

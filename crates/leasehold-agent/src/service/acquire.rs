@@ -152,6 +152,8 @@ impl<S: Store> Service<S> {
             label: r.label,
             uid: Some(info.uid),
             command: Some(info.command),
+            restricted: false,
+            on_exit: leasehold_core::OnExit::Dirty,
         };
         owner.validate().map_err(super::usage)?;
         let wait = r.wait.map(|d| d.0);
@@ -434,7 +436,7 @@ impl<S: Store> Service<S> {
                     if live.get(&resource) == Some(&ended.token) =>
                 {
                     live.remove(&resource);
-                    vec![(resource, ended)]
+                    vec![(resource, *ended)]
                 }
                 Some(Note::Ended { .. }) => continue,
                 // Missed events: look at each lease directly.

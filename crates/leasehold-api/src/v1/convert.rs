@@ -42,6 +42,11 @@ impl From<&lh::Owner> for Owner {
             label: o.label.clone(),
             uid: o.uid,
             command: o.command.clone(),
+            restricted: o.restricted,
+            on_exit: match o.on_exit {
+                lh::OnExit::Dirty => OnExit::Dirty,
+                lh::OnExit::Status => OnExit::Status,
+            },
         }
     }
 }
@@ -58,6 +63,11 @@ impl TryFrom<Owner> for lh::Owner {
             label: o.label,
             uid: o.uid,
             command: o.command,
+            restricted: o.restricted,
+            on_exit: match o.on_exit {
+                OnExit::Dirty => lh::OnExit::Dirty,
+                OnExit::Status => lh::OnExit::Status,
+            },
         };
         owner.validate()?;
         Ok(owner)
@@ -96,6 +106,7 @@ impl From<&lh::Ended> for Ended {
             R::Released => (How::Released, None, None, None),
             R::ReleasedDirty { note } => (How::ReleasedDirty, note.clone(), None, None),
             R::ProcessDied => (How::ProcessDied, None, None, None),
+            R::ExitedClean => (How::ExitedClean, None, None, None),
             R::SessionExpired => (How::SessionExpired, None, None, None),
             R::Fenced => (How::Fenced, None, None, None),
             R::Forced { reason, by } => (How::Forced, Some(reason.clone()), Some(by.clone()), None),
@@ -132,6 +143,7 @@ impl TryFrom<Ended> for lh::Ended {
             How::Released => R::Released,
             How::ReleasedDirty => R::ReleasedDirty { note: e.note },
             How::ProcessDied => R::ProcessDied,
+            How::ExitedClean => R::ExitedClean,
             How::SessionExpired => R::SessionExpired,
             How::Fenced => R::Fenced,
             How::Forced => R::Forced {

@@ -73,6 +73,30 @@ pub struct Owner {
     /// The process's command name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<String>,
+    /// Only root or the admin group may release or hand over its leases (libvirt's
+    /// restricted QEMU).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub restricted: bool,
+    /// What its exit does to its exclusive leases.
+    #[serde(default, skip_serializing_if = "OnExit::is_dirty")]
+    pub on_exit: OnExit,
+}
+
+/// What a holder's exit without a release does to its exclusive leases.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnExit {
+    /// They are left dirty (the default: it may have stopped mid-write).
+    #[default]
+    Dirty,
+    /// Exit status 0 ends them clean; a signal or another status leaves them dirty.
+    Status,
+}
+
+impl OnExit {
+    fn is_dirty(&self) -> bool {
+        *self == OnExit::Dirty
+    }
 }
 
 /// A live lease.
@@ -99,6 +123,8 @@ pub enum How {
     ReleasedDirty,
     /// Its process ended holding it.
     ProcessDied,
+    /// Its process exited with status 0, and had asked that its exit status decide.
+    ExitedClean,
     /// Its host's session expired (the host was lost).
     SessionExpired,
     /// Its host's agent killed the holder: the session could not be confirmed in time.

@@ -21,6 +21,10 @@ impl Engine {
     pub fn acquire(&mut self, mut req: AcquireRequest, now: Now) -> Result<Acquired, AcquireError> {
         self.tick(now);
         self.check_request(&mut req)?;
+        if !req.expect_tokens.is_empty() {
+            self.check_expected_tokens(&req)?;
+            req.wait = false;
+        }
         match self.evaluate(&req.owner.process, &req.items, req.accept_dirty, None, now) {
             Verdict::Grant(existing) => Ok(Acquired::Granted(self.grant(
                 &req.owner,
@@ -115,6 +119,37 @@ impl Engine {
                 "owner is on host {} but the session belongs to host {}",
                 req.owner.process.host, s.host
             ));
+        }
+        Ok(())
+    }
+
+    /// Refuses a request whose expected tokens are no longer the last of their resources:
+    /// someone else held them since (a resume after a pause, a migration's arrival). A lease
+    /// the process holds already with that token passes.
+    fn check_expected_tokens(&self, req: &AcquireRequest) -> Result<(), AcquireError> {
+        for (r, expected) in &req.expect_tokens {
+            let Some((_, mode)) = req.items.iter().find(|(n, _)| n == r) else {
+                return Err(AcquireError::Invalid(format!(
+                    "an expected token names {r}, which the request does not ask for"
+                )));
+            };
+            if *mode != Mode::Exclusive {
+                return Err(AcquireError::Invalid(format!(
+                    "an expected token is for an exclusive lease; {r} is asked shared"
+                )));
+            }
+            let st = self.resources.get(r);
+            if st.and_then(|s| s.lease_of(&req.owner.process)).is_some() {
+                continue;
+            }
+            let last = st.map_or(Token(0), |s| s.last_token);
+            if last != *expected {
+                return Err(AcquireError::Moved {
+                    resource: r.clone(),
+                    expected: *expected,
+                    last,
+                });
+            }
         }
         Ok(())
     }

@@ -5,6 +5,7 @@ use crate::types::MAX_LABEL;
 use crate::*;
 
 mod endings;
+mod resume;
 
 const S: Duration = Duration::from_secs(1);
 
@@ -43,6 +44,7 @@ impl T {
             items: items.iter().map(|(r, m)| (res(r), *m)).collect(),
             accept_dirty: false,
             wait: false,
+            expect_tokens: Vec::new(),
         }
     }
 
@@ -353,6 +355,7 @@ fn an_expired_session_dirties_and_holds_its_resources_for_grace() {
         items: vec![(res(r), m)],
         accept_dirty: accept,
         wait,
+        expect_tokens: Vec::new(),
     };
     e.acquire(mk(owner_on(&a, 1), sa, "disk", X, false, false), Now::at(1))
         .unwrap();
@@ -419,6 +422,7 @@ fn a_refusal_and_the_view_in_a_grace_say_how_long_it_lasts() {
         items: vec![(res("disk"), X)],
         accept_dirty: true,
         wait: false,
+        expect_tokens: Vec::new(),
     };
     e.acquire(take(owner_on(&a, 1), sa), Now::at(1)).unwrap();
     e.tick(Now::at(10_000));
@@ -492,6 +496,7 @@ fn a_due_session_is_expired_by_any_operation_not_only_tick() {
         items: vec![(res(r), X)],
         accept_dirty: true,
         wait: false,
+        expect_tokens: Vec::new(),
     };
     e.acquire(req(owner_on(&a, 1), sa, "x"), Now::at(1))
         .unwrap();
@@ -543,6 +548,7 @@ fn a_tick_expires_every_due_session_before_serving_anyone() {
         items: items.iter().map(|r| (res(r), X)).collect(),
         accept_dirty: false,
         wait,
+        expect_tokens: Vec::new(),
     };
     // c holds z for good. a waits for y and z together (first in y's queue, stuck on z);
     // b waits for y behind it. Both a and b fall due at 10 s.
@@ -588,6 +594,7 @@ fn a_waiter_decided_elsewhere_keeps_its_place_and_is_never_granted_here() {
         items: vec![(res("d"), X)],
         accept_dirty: false,
         wait: true,
+        expect_tokens: Vec::new(),
     };
     t.e.insert_waiter(WaiterId(50), remote.clone(), false)
         .unwrap();
@@ -611,6 +618,7 @@ fn a_waiter_decided_elsewhere_keeps_its_place_and_is_never_granted_here() {
         items: vec![(res("e"), X)],
         accept_dirty: false,
         wait: true,
+        expect_tokens: Vec::new(),
     };
     t.e.insert_waiter(WaiterId(70), remote_e, false).unwrap();
     t.e.take_output();

@@ -303,6 +303,7 @@ fn err_str(e: &AcquireError) -> String {
         AcquireError::NoSession(s) => format!("no-session({s})"),
         AcquireError::Cancelled(why) => format!("cancelled({why})"),
         AcquireError::Invalid(why) => format!("invalid({why})"),
+        AcquireError::Moved { resource, .. } => format!("moved({resource})"),
     }
 }
 

@@ -34,7 +34,7 @@ impl EndKind {
     /// How the engine says a lease ended.
     pub fn of(how: &EndReason) -> EndKind {
         match how {
-            EndReason::Released => EndKind::Clean,
+            EndReason::Released | EndReason::ExitedClean => EndKind::Clean,
             EndReason::ReleasedDirty { .. } => EndKind::Dirty,
             // A fenced holder died by its agent's hand: a death, as far as the model goes.
             EndReason::ProcessDied | EndReason::Fenced => EndKind::Died,

@@ -99,6 +99,7 @@ impl Sim {
             items,
             accept_dirty: self.rng.chance(self.params.accept_pct),
             wait: self.rng.chance(self.params.wait_pct),
+            expect_tokens: Vec::new(),
         };
         let res = self.engine.acquire(req.clone(), self.at());
         self.note(format!(

@@ -219,6 +219,7 @@ impl Worker {
                     items: items.clone(),
                     accept_dirty,
                     wait,
+                    expect_tokens: Vec::new(),
                 };
                 let value = match self.engine.acquire(req, now) {
                     Ok(Acquired::Granted(g)) => Ok(AcquireReply::Done(g)),

@@ -18,6 +18,7 @@ fn handover_moves_the_lease_past_earlier_waiters() {
         items: vec![(res("vm"), X)],
         accept_dirty: false,
         wait,
+        expect_tokens: Vec::new(),
     };
     let Acquired::Granted(g) = e
         .acquire(mk(owner_on(&a, 1), sa, false), Now::at(1))
@@ -103,6 +104,7 @@ fn handover_goes_only_to_the_holders_user_or_root() {
             items: vec![(res("vm"), X)],
             accept_dirty: false,
             wait,
+            expect_tokens: Vec::new(),
         };
         t.e.acquire(r, Now::at(1)).unwrap()
     };

@@ -104,6 +104,7 @@ impl Inner {
                     items: w.value.items.clone(),
                     accept_dirty: w.value.accept_dirty,
                     wait: true,
+                    expect_tokens: Vec::new(),
                 };
                 let _ = engine.insert_waiter(WaiterId(w.id), req, decide.contains(&w.id));
             }

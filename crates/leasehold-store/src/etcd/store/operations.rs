@@ -58,6 +58,7 @@ impl Store for EtcdStore {
                             items: spec.items.clone(),
                             accept_dirty: spec.accept_dirty,
                             wait: spec.wait.is_some(),
+                            expect_tokens: Vec::new(),
                         };
                         let mut extra = Extra {
                             require_session: Some(lease),
