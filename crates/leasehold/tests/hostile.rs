@@ -510,10 +510,7 @@ fn as_nobody(mut c: std::process::Command) -> std::process::Command {
 
 #[test]
 fn one_user_cannot_take_every_connection_and_root_still_gets_in() {
-    assert!(
-        rustix::process::geteuid().is_root(),
-        "this test needs root, to run clients as nobody"
-    );
+    common::require_root("to run clients as nobody");
     let a = Agent::start_with(&[
         "--socket-group",
         "nogroup",
@@ -570,10 +567,7 @@ fn one_user_cannot_take_every_connection_and_root_still_gets_in() {
 /// closed after the request timeout; root's `list` answers throughout.
 #[test]
 fn a_flood_of_idle_connections_is_bounded_and_closed_and_root_still_lists() {
-    assert!(
-        rustix::process::geteuid().is_root(),
-        "this test needs root, to run clients as nobody"
-    );
+    common::require_root("to run clients as nobody");
     let a = Agent::start_with(&[
         "--socket-group",
         "nogroup",
