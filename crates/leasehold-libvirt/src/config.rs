@@ -235,14 +235,13 @@ mod tests {
 
     #[test]
     fn a_missing_file_is_the_defaults_and_an_unreadable_one_is_an_error() {
-        let dir = std::env::temp_dir().join(format!("lh-libvirt-conf-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         assert_eq!(
             Config::load(&dir.join("none.conf")).unwrap(),
             Config::default()
         );
-        let e = Config::load(&dir).unwrap_err();
+        let e = Config::load(dir).unwrap_err();
         assert!(e.contains(&dir.display().to_string()), "{e}");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

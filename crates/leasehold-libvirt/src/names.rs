@@ -144,7 +144,8 @@ mod tests {
 
     #[test]
     fn disks_follow_the_policies_and_leases_are_exclusive() {
-        let dir = tempdir();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let img = dir.join("vm.qcow2");
         std::fs::write(&img, b"").unwrap();
         let link = dir.join("link.qcow2");
@@ -191,12 +192,12 @@ mod tests {
             ],
         );
         assert!(got.is_empty(), "{got:?}");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn hashed_names_are_the_same_for_every_path_to_one_file() {
-        let dir = tempdir();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let img = dir.join("vm.qcow2");
         std::fs::write(&img, b"").unwrap();
         let link = dir.join("l");
@@ -209,18 +210,5 @@ mod tests {
             disk_name(DiskNames::Path, Path::new("/nonexistent/x.qcow2")),
             "/nonexistent/x.qcow2"
         );
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    fn tempdir() -> PathBuf {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let d = std::env::temp_dir().join(format!(
-            "lh-libvirt-names-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&d).unwrap();
-        d
     }
 }
