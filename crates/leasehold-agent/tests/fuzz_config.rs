@@ -9,12 +9,7 @@
 use leasehold_agent::{Backend, Config, ConfigError, FileConfig};
 use proptest::prelude::*;
 
-fn cases() -> u32 {
-    std::env::var("LEASEHOLD_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(256)
-}
+use leasehold_testkit::fuzz_cases as cases;
 
 fn base() -> FileConfig {
     FileConfig {

@@ -11,12 +11,7 @@ use leasehold_core::{HostId, Owner, ResourceName};
 use proptest::prelude::*;
 use prost::Message;
 
-fn cases() -> u32 {
-    std::env::var("LEASEHOLD_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(256)
-}
+use leasehold_testkit::fuzz_cases as cases;
 
 /// Bytes that are often close to a valid message: a valid request with some bytes flipped,
 /// cut or appended, or noise.

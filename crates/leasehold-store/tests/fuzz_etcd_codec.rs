@@ -11,12 +11,7 @@ use leasehold_core::{HostId, ResourceName};
 use leasehold_store::etcd::keys::{KeyKind, Keys, Record};
 use proptest::prelude::*;
 
-fn cases() -> u32 {
-    std::env::var("LEASEHOLD_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(256)
-}
+use leasehold_testkit::fuzz_cases as cases;
 
 const PREFIX: &str = "/lh/";
 

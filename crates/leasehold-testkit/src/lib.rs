@@ -56,3 +56,12 @@ pub use cluster::EtcdCluster;
 pub use etcd::Etcd;
 pub use netns::Netns;
 pub use tls::TestCerts;
+
+/// How many cases each property test runs: `LEASEHOLD_FUZZ_CASES` (millions in a long run),
+/// else 256.
+pub fn fuzz_cases() -> u32 {
+    std::env::var("LEASEHOLD_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256)
+}

@@ -515,12 +515,7 @@ mod token_env_tests {
             .collect()
     }
 
-    fn cases() -> u32 {
-        std::env::var("LEASEHOLD_FUZZ_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(256)
-    }
+    use leasehold_testkit::fuzz_cases as cases;
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(cases()))]
