@@ -36,14 +36,7 @@ fn a_restarted_agent_resumes_its_session_and_its_run_wrappers_carry_on() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_until("the command starts", Duration::from_secs(10), || {
-        std::fs::read_to_string(&pidfile).is_ok_and(|s| s.ends_with('\n'))
-    });
-    let child: u32 = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let child = wait_pid_file(&pidfile, Duration::from_secs(10));
     let token = a.inspect("disk").unwrap()["holders"][0]["token"].clone();
     let mut err = Lines::new(wrapper.stderr.take().unwrap());
     let killed = std::time::Instant::now();

@@ -39,14 +39,7 @@ fn run_holder(a: &Agent, r: &str) -> (std::process::Child, u32) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_until("the command starts", Duration::from_secs(10), || {
-        std::fs::read_to_string(&pidfile).is_ok_and(|s| s.ends_with('\n'))
-    });
-    let pid = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid = wait_pid_file(&pidfile, Duration::from_secs(10));
     (wrapper, pid)
 }
 

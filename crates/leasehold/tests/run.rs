@@ -169,14 +169,7 @@ fn killing_the_wrapper_kills_its_command_and_ends_the_lease_dirty() {
         .args(["run", "--exclusive", "disk", "--", "sh", "-c", &script])
         .spawn()
         .unwrap();
-    wait_until("the command starts", Duration::from_secs(5), || {
-        std::fs::read_to_string(&pidfile).is_ok_and(|s| s.ends_with('\n'))
-    });
-    let child: u32 = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let child = wait_pid_file(&pidfile, Duration::from_secs(5));
     assert!(alive(child));
     assert_eq!(a.holders("disk"), vec![u64::from(wrapper.id())]);
     let _ = wrapper.kill(); // SIGKILL: no chance to clean up
@@ -203,14 +196,7 @@ fn a_force_released_run_has_its_command_killed() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_until("the command starts", Duration::from_secs(5), || {
-        std::fs::read_to_string(&pidfile).is_ok_and(|s| s.ends_with('\n'))
-    });
-    let child: u32 = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let child = wait_pid_file(&pidfile, Duration::from_secs(5));
     expect_code(&a.lh(&["force-release", "disk", "--reason", "test"]), 0);
     let out = wrapper.wait_with_output().unwrap();
     assert!(!out.status.success());

@@ -59,14 +59,7 @@ fn sigterm_with_a_wrapper_a_watch_and_a_waiter_connected_stops_at_once_and_lease
         .spawn()
         .unwrap();
     let wrapper_err = lines(wrapper.stderr.take().unwrap());
-    wait_until("the command starts", Duration::from_secs(20), || {
-        std::fs::read_to_string(&pidfile).is_ok_and(|s| s.ends_with('\n'))
-    });
-    let child: u32 = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let child = wait_pid_file(&pidfile, Duration::from_secs(20));
     let token = a.inspect("disk").unwrap()["holders"][0]["token"].clone();
 
     // A watch, seen to be connected: it reports a probe lease.

@@ -396,6 +396,19 @@ pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> D
     }
 }
 
+/// Waits until a command has written its pid and a newline to `pidfile` (`echo $$ > F`), and
+/// returns the pid.
+pub fn wait_pid_file(pidfile: &Path, limit: Duration) -> u32 {
+    wait_until("the command starts", limit, || {
+        std::fs::read_to_string(pidfile).is_ok_and(|s| s.ends_with('\n'))
+    });
+    std::fs::read_to_string(pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 /// Fails the test, saying why, unless it runs as root: a test that cannot run must not pass.
 /// `scripts/test` runs as root in CI.
 #[track_caller]
