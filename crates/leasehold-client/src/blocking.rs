@@ -576,7 +576,10 @@ impl Answer {
         loop {
             let mut h = String::new();
             if r.read_line(&mut h)? == 0 {
-                return Err(Error::protocol("the answer's headers ended early"));
+                return Err(Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the agent closed the connection in the middle of an answer's headers",
+                )));
             }
             let h = h.trim_end();
             if h.is_empty() {

@@ -9,7 +9,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use leasehold_client::{AcquireOptions, Client, ReleaseOptions};
+use leasehold_client::blocking::Client;
+use leasehold_client::{AcquireOptions, ReleaseOptions};
 use leasehold_core::{Mode, ResourceName};
 
 use leasehold_store::etcd::client::{Etcd, Txn};
@@ -116,10 +117,7 @@ fn backend_args(a: &BenchArgs) -> Vec<String> {
     v
 }
 
-async fn start_agent(
-    host: &str,
-    args: &[String],
-) -> Result<(OwnAgent, PathBuf, Duration), Failure> {
+fn start_agent(host: &str, args: &[String]) -> Result<(OwnAgent, PathBuf, Duration), Failure> {
     let dir = tempfile::tempdir().map_err(|e| Failure::error(e.to_string()))?;
     let socket = dir.path().join("agent.sock");
     let started = Instant::now();
@@ -139,34 +137,36 @@ async fn start_agent(
         .map_err(|e| Failure::error(format!("starting an agent: {e}")))?;
     let agent = OwnAgent { child, _dir: dir };
     loop {
-        if let Ok(mut c) = Client::connect(&socket).await
-            && c.status().await.is_ok()
-        {
+        if Client::new(&socket).status().is_ok() {
             break;
         }
         if started.elapsed() > Duration::from_secs(30) {
             return Err(Failure::error("the bench's agent did not answer in 30 s"));
         }
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        std::thread::sleep(Duration::from_millis(1));
     }
     Ok((agent, socket, started.elapsed()))
 }
 
-/// `leasehold bench`.
-pub async fn bench(a: BenchArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
+/// `leasehold bench`. The client side is the blocking client, one thread per client; a
+/// runtime drives the async parts (the gRPC client, raw etcd).
+pub fn bench(a: BenchArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::error(format!("starting the runtime: {e}")))?;
     let (_own, socket) = if a.external {
-        let c = connect(socket).await?;
+        let c = connect(socket)?;
         (None, c.socket().to_path_buf())
     } else {
-        let (agent, socket, ready) = start_agent("bench", &backend_args(&a)).await?;
+        let (agent, socket, ready) = start_agent("bench", &backend_args(&a))?;
         out!(
             "agent start to ready (empty state): {}   [SPEC target <= 1 s; sanlock joins a lockspace in 5-21 s]",
             ms(ready)
         );
         (Some(agent), socket)
     };
-    let mut c = Client::connect(&socket).await?;
-    let status = c.status().await?;
+    let status = Client::new(&socket).status()?;
     out!(
         "agent pid {} on host {}, backend {}, socket {}",
         status.pid,
@@ -175,24 +175,24 @@ pub async fn bench(a: BenchArgs, socket: &Option<PathBuf>) -> Result<u8, Failure
         socket.display()
     );
     for n in &a.clients {
-        throughput(&socket, *n, a.seconds).await?;
+        throughput(&socket, *n, a.seconds)?;
     }
     if a.exits > 0 {
-        exit_to_release(&socket, a.exits).await?;
+        exit_to_release(&socket, a.exits)?;
     }
     if a.runs > 0 {
-        http_vs_grpc(&socket, a.runs).await?;
+        rt.block_on(http_vs_grpc(&socket, a.runs))?;
         run_vs_flock(&socket, a.runs)?;
     }
     if let Some(eps) = &a.etcd_endpoints {
-        acquire_vs_raw(&socket, eps, a.raw_rounds).await?;
-        raw_throughput(eps, 64, a.seconds).await?;
+        rt.block_on(acquire_vs_raw(&socket, eps, a.raw_rounds))?;
+        rt.block_on(raw_throughput(eps, 64, a.seconds))?;
     }
     if a.leases > 0 {
-        many_leases(&socket, a.leases, status.pid as u32).await?;
+        many_leases(&socket, a.leases, status.pid as u32)?;
     }
     if a.etcd_endpoints.is_some() {
-        failover(&a).await?;
+        failover(&a)?;
     }
     Ok(0)
 }
@@ -205,17 +205,15 @@ fn raw_client(eps: &[String]) -> Result<Etcd, Failure> {
 /// alternating, one at a time.
 async fn acquire_vs_raw(socket: &Path, eps: &[String], rounds: usize) -> Result<(), Failure> {
     let etcd = raw_client(eps)?;
-    let mut c = Client::connect(socket).await?;
+    let c = Client::new(socket);
     let r = name("bench/latency".into())?;
     let key = format!("/leasehold-bench-raw-{}/k", std::process::id()).into_bytes();
     let (mut ours, mut raw) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
         let t = Instant::now();
-        c.acquire(AcquireOptions::new([(r.clone(), Mode::Exclusive)]))
-            .await?;
+        c.acquire(&AcquireOptions::new([(r.clone(), Mode::Exclusive)]))?;
         ours.push(t.elapsed());
-        c.release(std::slice::from_ref(&r), ReleaseOptions::default())
-            .await?;
+        c.release(std::slice::from_ref(&r), &ReleaseOptions::default())?;
         let t = Instant::now();
         let txn = Txn::new()
             .if_create_revision(key.clone(), 0)
@@ -283,28 +281,26 @@ async fn raw_throughput(eps: &[String], clients: usize, seconds: f64) -> Result<
 
 /// Host death to grant elsewhere: host A holds a disk for a process; A's agent and the
 /// process are killed at once (the host died); host B waits for the disk.
-async fn failover(a: &BenchArgs) -> Result<(), Failure> {
+fn failover(a: &BenchArgs) -> Result<(), Failure> {
     let args = backend_args(a);
-    let (mut agent_a, sock_a, _) = start_agent("bench-host-a", &args).await?;
-    let (_agent_b, sock_b, _) = start_agent("bench-host-b", &args).await?;
+    let (mut agent_a, sock_a, _) = start_agent("bench-host-a", &args)?;
+    let (_agent_b, sock_b, _) = start_agent("bench-host-b", &args)?;
     let mut holder = Command::new("sleep")
         .arg("3600")
         .spawn()
         .map_err(|e| Failure::error(e.to_string()))?;
     let r = name("bench/failover-disk".into())?;
-    let mut ca = Client::connect(&sock_a).await?;
     let mut o = AcquireOptions::new([(r.clone(), Mode::Exclusive)]);
     o.pid = Some(holder.id());
-    ca.acquire(o).await?;
+    Client::new(&sock_a).acquire(&o)?;
     let died = Instant::now();
     let _ = agent_a.child.kill();
     let _ = holder.kill();
     let _ = holder.wait();
-    let mut cb = Client::connect(&sock_b).await?;
     let mut o = AcquireOptions::new([(r, Mode::Exclusive)]);
     o.accept_dirty = true;
     o.wait = Some(Duration::MAX);
-    cb.acquire(o).await?;
+    Client::new(&sock_b).acquire(&o)?;
     // What etcd enforces: the session and the grace are leases of whole seconds, each
     // expired on etcd's 0.5 s tick, so the disk is free between ttl + grace and 1 s later.
     let ttl = humantime::parse_duration(&a.ttl).unwrap_or_default();
@@ -323,33 +319,34 @@ async fn failover(a: &BenchArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Acquire+release cycles by `clients` concurrent connections, each on its own resource.
-async fn throughput(socket: &Path, clients: usize, seconds: f64) -> Result<(), Failure> {
+/// Acquire+release cycles by `clients` concurrent clients (threads, one call one
+/// connection, as the CLI), each on its own resource.
+fn throughput(socket: &Path, clients: usize, seconds: f64) -> Result<(), Failure> {
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let mut tasks = Vec::new();
     for i in 0..clients {
-        let mut c = Client::connect(socket).await?;
+        let c = Client::new(socket);
         let r = name(format!("bench/{clients}/{i}"))?;
-        tasks.push(tokio::spawn(async move {
+        tasks.push(std::thread::spawn(move || {
             let mut acq = Vec::new();
             let mut rel = Vec::new();
             while Instant::now() < deadline {
                 let t = Instant::now();
-                c.acquire(AcquireOptions::new([(r.clone(), Mode::Exclusive)]))
-                    .await?;
+                c.acquire(&AcquireOptions::new([(r.clone(), Mode::Exclusive)]))?;
                 let t2 = Instant::now();
-                c.release(std::slice::from_ref(&r), ReleaseOptions::default())
-                    .await?;
+                c.release(std::slice::from_ref(&r), &ReleaseOptions::default())?;
                 acq.push(t2 - t);
                 rel.push(t2.elapsed());
             }
-            Ok::<_, leasehold_client::ClientError>((acq, rel))
+            Ok::<_, leasehold_client::blocking::Error>((acq, rel))
         }));
     }
     let started = Instant::now();
     let (mut acq, mut rel) = (Vec::new(), Vec::new());
     for t in tasks {
-        let (a, r) = t.await.map_err(|e| Failure::error(e.to_string()))??;
+        let (a, r) = t
+            .join()
+            .map_err(|_| Failure::error("a bench client panicked"))??;
         acq.extend(a);
         rel.extend(r);
     }
@@ -368,9 +365,9 @@ async fn throughput(socket: &Path, clients: usize, seconds: f64) -> Result<(), F
 }
 
 /// Time from SIGKILL of a holder to the agent's event saying its lease ended.
-async fn exit_to_release(socket: &Path, rounds: usize) -> Result<(), Failure> {
-    let mut c = Client::connect(socket).await?;
-    let mut watch = c.watch(None).await?;
+fn exit_to_release(socket: &Path, rounds: usize) -> Result<(), Failure> {
+    let c = Client::new(socket);
+    let mut watch = c.watch(None)?;
     let mut lat = Vec::with_capacity(rounds);
     for i in 0..rounds {
         let mut holder = Command::new("sleep")
@@ -380,15 +377,13 @@ async fn exit_to_release(socket: &Path, rounds: usize) -> Result<(), Failure> {
         let r = name(format!("bench/exit/{i}"))?;
         let mut o = AcquireOptions::new([(r.clone(), Mode::Shared)]);
         o.pid = Some(holder.id());
-        c.acquire(o).await?;
+        c.acquire(&o)?;
         let killed = Instant::now();
         let _ = holder.kill();
         loop {
             let e = watch
-                .message()
-                .await
-                .map_err(|s| Failure::error(s.to_string()))?
-                .ok_or_else(|| Failure::error("the event stream ended"))?;
+                .next()
+                .ok_or_else(|| Failure::error("the event stream ended"))??;
             if e.kind == "process-died" && e.resource.as_deref() == Some(r.as_str()) {
                 lat.push(killed.elapsed());
                 break;
@@ -430,9 +425,14 @@ async fn http_vs_grpc(socket: &Path, rounds: usize) -> Result<(), Failure> {
     let (mut grpc, mut http) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
         let t = Instant::now();
-        let mut c = Client::connect(socket).await?;
-        c.acquire(o.clone()).await?;
-        c.release(std::slice::from_ref(&r), ro.clone()).await?;
+        let grpc_err = |e: leasehold_client::ClientError| Failure::error(e.to_string());
+        let mut c = leasehold_client::Client::connect(socket)
+            .await
+            .map_err(grpc_err)?;
+        c.acquire(o.clone()).await.map_err(grpc_err)?;
+        c.release(std::slice::from_ref(&r), ro.clone())
+            .await
+            .map_err(grpc_err)?;
         grpc.push(t.elapsed());
         let t = Instant::now();
         let c = blocking::Client::new(socket);
@@ -497,7 +497,7 @@ fn run_vs_flock(socket: &Path, rounds: usize) -> Result<(), Failure> {
 }
 
 /// Holds `n` leases in this process at once and reports the agent's resident memory.
-async fn many_leases(socket: &Path, n: usize, agent_pid: u32) -> Result<(), Failure> {
+fn many_leases(socket: &Path, n: usize, agent_pid: u32) -> Result<(), Failure> {
     let rss = |pid: u32| -> u64 {
         std::fs::read_to_string(format!("/proc/{pid}/status"))
             .ok()
@@ -513,13 +513,12 @@ async fn many_leases(socket: &Path, n: usize, agent_pid: u32) -> Result<(), Fail
     let workers = 32;
     let mut tasks = Vec::new();
     for w in 0..workers {
-        let mut c = Client::connect(socket).await?;
-        tasks.push(tokio::spawn(async move {
+        let c = Client::new(socket);
+        tasks.push(std::thread::spawn(move || {
             let mut i = w;
             while i < n {
                 let r = ResourceName::new(format!("bench/many/{i}")).map_err(|e| e.to_string())?;
-                c.acquire(AcquireOptions::new([(r, Mode::Exclusive)]))
-                    .await
+                c.acquire(&AcquireOptions::new([(r, Mode::Exclusive)]))
                     .map_err(|e| e.to_string())?;
                 i += workers;
             }
@@ -527,13 +526,12 @@ async fn many_leases(socket: &Path, n: usize, agent_pid: u32) -> Result<(), Fail
         }));
     }
     for t in tasks {
-        t.await
-            .map_err(|e| Failure::error(e.to_string()))?
+        t.join()
+            .map_err(|_| Failure::error("a bench client panicked"))?
             .map_err(Failure::error)?;
     }
     let took = started.elapsed();
-    let mut c = Client::connect(socket).await?;
-    let s = c.status().await?;
+    let s = Client::new(socket).status()?;
     let held = rss(agent_pid);
     out!(
         "{} leases held by one process (taken in {:.1} s): agent RSS {} MiB (was {} MiB)   [SPEC target <= 200 MB at 100,000]",

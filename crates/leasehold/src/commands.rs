@@ -4,9 +4,8 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use leasehold_client::{
-    AcquireEvent, AcquireOptions, Acquisition, Client, ClientError, Granted, ReleaseOptions,
-};
+use leasehold_client::blocking::{Acquisition, Client, Error as ClientError, Event, ReleaseReport};
+use leasehold_client::{AcquireEvent, AcquireOptions, Granted, ReleaseOptions};
 use leasehold_core::{Mode, Token};
 use serde_json::json;
 
@@ -145,7 +144,7 @@ fn holder(pid: Option<u32>) -> Result<(u32, Option<u64>), Failure> {
 
 /// Waits for a grant, showing who is in the way: a live line on a terminal, plain lines
 /// (when the holder changes, and every 10 s) otherwise.
-pub async fn wait_for_grant(acq: &mut Acquisition) -> Result<Granted, ClientError> {
+pub fn wait_for_grant(acq: &mut Acquisition) -> Result<Granted, ClientError> {
     let tty = std::io::stderr().is_terminal();
     let mut shown = false;
     let mut last_key = String::new();
@@ -156,7 +155,7 @@ pub async fn wait_for_grant(acq: &mut Acquisition) -> Result<Granted, ClientErro
         }
     };
     loop {
-        let ev = acq.next_event().await;
+        let ev = acq.next_event();
         match ev {
             Ok(Some(AcquireEvent::Waiting {
                 conflict, waited, ..
@@ -194,7 +193,10 @@ pub async fn wait_for_grant(acq: &mut Acquisition) -> Result<Granted, ClientErro
             Ok(Some(AcquireEvent::Lost { .. } | AcquireEvent::Safe { .. })) => {}
             Ok(None) => {
                 clear(shown);
-                return Err(tonic_unavailable());
+                return Err(ClientError::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the agent closed the request before answering",
+                )));
             }
             Err(e) => {
                 clear(shown);
@@ -207,25 +209,22 @@ pub async fn wait_for_grant(acq: &mut Acquisition) -> Result<Granted, ClientErro
 /// Starts an acquire and waits for its grant. While the request waits, losing the agent (it
 /// restarted, or could not reach its backend for a moment) does not end the wait: the request
 /// is made again, to the agent that answers, within the same deadline, and the caller is told.
-/// Returns the connection, the request (still open, for a hold) and the grant.
-pub async fn acquire_waiting(
-    socket: &Option<PathBuf>,
-    o: AcquireOptions,
-) -> Result<(Client, Acquisition, Granted), Failure> {
-    let deadline = o
-        .wait
-        .and_then(|w| tokio::time::Instant::now().checked_add(w));
+/// Returns the client, the request (still open, for a hold) and the grant.
+pub fn acquire_waiting(
+    client: &Client,
+    o: &AcquireOptions,
+) -> Result<(Acquisition, Granted), Failure> {
+    let deadline = o.wait.and_then(|w| Instant::now().checked_add(w));
     let mut told = false;
     loop {
         let mut attempt = o.clone();
         if let Some(d) = deadline {
-            // Never 0 ms: the wire says "forever" with 0.
             attempt.wait = Some(
-                d.saturating_duration_since(tokio::time::Instant::now())
+                d.saturating_duration_since(Instant::now())
                     .max(Duration::from_millis(1)),
             );
         }
-        let e = match try_acquire(socket, attempt).await {
+        let e = match try_acquire(client, &attempt) {
             Ok(done) => return Ok(done),
             Err(e) => e,
         };
@@ -233,7 +232,7 @@ pub async fn acquire_waiting(
         if !retry {
             return Err(e.into());
         }
-        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
             return Err(Failure {
                 code: 3,
                 message: format!(
@@ -242,47 +241,45 @@ pub async fn acquire_waiting(
             });
         }
         // Once per outage: an agent that is down answers nothing until it is back.
-        if !told || !e.is_unreachable() {
+        let unreachable = matches!(e, ClientError::Unreachable { .. });
+        if !told || !unreachable {
             note!(
                 "leasehold: note: lost the agent while waiting ({e}); asking again, within the same deadline (the request goes to the back of the queue)"
             );
             told = true;
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
-async fn try_acquire(
-    socket: &Option<PathBuf>,
-    o: AcquireOptions,
-) -> Result<(Client, Acquisition, Granted), ClientError> {
-    let mut client = match socket {
-        Some(s) => Client::connect(s).await?,
-        None => Client::connect_default().await?,
-    };
-    let mut acq = client.start_acquire(o).await?;
-    let g = wait_for_grant(&mut acq).await?;
-    Ok((client, acq, g))
+fn try_acquire(client: &Client, o: &AcquireOptions) -> Result<(Acquisition, Granted), ClientError> {
+    let mut acq = client.start_acquire(o)?;
+    // The stream is as long as the wait; give up when the agent says nothing for longer than
+    // the --timeout beyond it.
+    acq.socket().set_read_timeout(crate::timeout_with(o.wait))?;
+    let g = wait_for_grant(&mut acq)?;
+    Ok((acq, g))
 }
 
 /// Whether `e` says the agent went away or could not serve the request for now, rather than
-/// refusing it.
+/// refusing it or not answering in time.
 fn lost_agent(e: &ClientError) -> bool {
-    e.is_unreachable()
-        || matches!(e, ClientError::Status(s) if matches!(
-            s.code(),
-            tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::Aborted | tonic::Code::Unavailable
-        ))
-}
-
-fn tonic_unavailable() -> ClientError {
-    ClientError::Status(tonic::Status::unavailable(
-        "the agent closed the request before answering",
-    ))
+    use leasehold_client::blocking::ErrorCode;
+    match e {
+        ClientError::Unreachable { .. } => true,
+        ClientError::Io(io) => !matches!(
+            io.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+        ClientError::Agent { code, .. } => {
+            matches!(code, ErrorCode::Unavailable | ErrorCode::BackendUnavailable)
+        }
+        _ => false,
+    }
 }
 
 /// `leasehold acquire`.
-pub async fn acquire(a: AcquireArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
+pub fn acquire(a: AcquireArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
     let r = name(&a.resource, a.path.path)?;
     let (pid, start_time) = holder(a.pid)?;
     let mode = if a.shared {
@@ -292,23 +289,19 @@ pub async fn acquire(a: AcquireArgs, socket: &Option<PathBuf>) -> Result<u8, Fai
     };
     let wait = crate::wait_option(a.wait);
     let label = crate::label(a.owner)?;
-    let (mut client, _acq, g) = crate::bounded(
-        "the acquire",
-        wait,
-        acquire_waiting(
-            socket,
-            AcquireOptions {
-                items: vec![(r, mode)],
-                pid: Some(pid),
-                start_time,
-                label,
-                accept_dirty: a.accept_dirty,
-                wait,
-                hold: false,
-            },
-        ),
-    )
-    .await?;
+    let client = connect(socket)?;
+    let (_acq, g) = acquire_waiting(
+        &client,
+        &AcquireOptions {
+            items: vec![(r, mode)],
+            pid: Some(pid),
+            start_time,
+            label,
+            accept_dirty: a.accept_dirty,
+            wait,
+            hold: false,
+        },
+    )?;
     for grant in &g.grants {
         if let Some(d) = &grant.dirty {
             note!(
@@ -321,7 +314,7 @@ pub async fn acquire(a: AcquireArgs, socket: &Option<PathBuf>) -> Result<u8, Fai
     }
     let tokens: Vec<String> = g.grants.iter().map(|x| x.token.to_string()).collect();
     if let Err(f) = crate::write_out(format_args!("{}", tokens.join("\n"))) {
-        return Err(unprinted_grant(&mut client, &g, pid, start_time, f).await);
+        return Err(unprinted_grant(&client, &g, pid, start_time, f));
     }
     Ok(0)
 }
@@ -329,8 +322,8 @@ pub async fn acquire(a: AcquireArgs, socket: &Option<PathBuf>) -> Result<u8, Fai
 /// The token of a grant could not be printed (`leasehold acquire R | true`): nobody can use
 /// or validate a lease whose token was lost, so a new grant is released again, and the caller
 /// told on standard error. A lease the caller already held stays as it was.
-async fn unprinted_grant(
-    client: &mut Client,
+fn unprinted_grant(
+    client: &Client,
     g: &Granted,
     pid: u32,
     start_time: Option<u64>,
@@ -358,19 +351,27 @@ async fn unprinted_grant(
             "the token could not be printed ({why}); the lease was already held by pid {pid} and stays held"
         )
     } else {
-        let released = client
-            .release(
-                &fresh,
-                ReleaseOptions {
-                    pid: Some(pid),
-                    start_time,
-                    ..ReleaseOptions::default()
-                },
-            )
-            .await;
+        let released = client.release(
+            &fresh,
+            &ReleaseOptions {
+                pid: Some(pid),
+                start_time,
+                ..ReleaseOptions::default()
+            },
+        );
         match released {
-            Ok(_) => format!(
+            Ok(r) if r.failed.is_empty() => format!(
                 "the token could not be printed ({why}); released {} again: nothing is held",
+                shown(&fresh)
+            ),
+            Ok(r) => format!(
+                "the token could not be printed ({why}), and releasing {} again failed ({}); it is held by pid {pid}: leasehold release --pid {pid} {}",
+                shown(&fresh),
+                r.failed
+                    .iter()
+                    .map(|f| f.message.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; "),
                 shown(&fresh)
             ),
             Err(e) => format!(
@@ -384,23 +385,20 @@ async fn unprinted_grant(
 }
 
 /// `leasehold release`.
-pub async fn release(a: ReleaseArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
+pub fn release(a: ReleaseArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
     let rs = names(&a.resources, a.path.path)?;
     let (pid, start_time) = holder(a.pid)?;
-    let mut client = connect(socket).await?;
-    let released = client
-        .release(
-            &rs,
-            ReleaseOptions {
-                pid: Some(pid),
-                start_time,
-                dirty: a.dirty,
-                note: None,
-                handover_to: a.handover_to,
-            },
-        )
-        .await?;
-    for r in released {
+    let report = connect(socket)?.release(
+        &rs,
+        &ReleaseOptions {
+            pid: Some(pid),
+            start_time,
+            dirty: a.dirty,
+            note: None,
+            handover_to: a.handover_to,
+        },
+    )?;
+    for r in &report.released {
         if r.dirtied {
             note!(
                 "leasehold: released {} dirty; the next user must check it",
@@ -408,14 +406,39 @@ pub async fn release(a: ReleaseArgs, socket: &Option<PathBuf>) -> Result<u8, Fai
             );
         }
     }
-    Ok(0)
+    released_or_not(&report)
+}
+
+/// Each resource a release did not release, with why; the exit code of the first.
+pub fn released_or_not(report: &ReleaseReport) -> Result<u8, Failure> {
+    let Some(first) = report.failed.first() else {
+        return Ok(0);
+    };
+    let message = if report.failed.len() == 1 && report.released.is_empty() {
+        first.message.clone()
+    } else {
+        format!(
+            "{} of {} releases failed:\n  {}",
+            report.failed.len(),
+            report.failed.len() + report.released.len(),
+            report
+                .failed
+                .iter()
+                .map(|f| format!("{}: {}", output::quote(&f.resource), f.message))
+                .collect::<Vec<_>>()
+                .join("\n  ")
+        )
+    };
+    Err(Failure {
+        code: first.code.exit_code(),
+        message,
+    })
 }
 
 /// `leasehold list`.
-pub async fn list(a: crate::ListArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
+pub fn list(a: crate::ListArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
     let json_out = a.json;
-    let mut client = connect(socket).await?;
-    let mut views = client.list().await?;
+    let mut views = connect(socket)?.list()?;
     views.retain(|v| {
         a.prefix
             .as_deref()
@@ -495,10 +518,9 @@ pub async fn list(a: crate::ListArgs, socket: &Option<PathBuf>) -> Result<u8, Fa
 }
 
 /// `leasehold inspect`.
-pub async fn inspect(a: InspectArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
+pub fn inspect(a: InspectArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
     let r = name(&a.resource, a.path.path)?;
-    let mut client = connect(socket).await?;
-    match client.inspect(&r).await? {
+    match connect(socket)?.inspect(&r)? {
         Some(v) if a.json => out!("{}", view_json(&v)),
         Some(v) => out!("{}", view_text(&v).trim_end()),
         None => {
@@ -512,21 +534,22 @@ pub async fn inspect(a: InspectArgs, socket: &Option<PathBuf>) -> Result<u8, Fai
 }
 
 /// `leasehold status`.
-pub async fn status(json_out: bool, socket: &Option<PathBuf>) -> Result<u8, Failure> {
-    let mut client = connect(socket).await?;
-    let s = client.status().await?;
+pub fn status(json_out: bool, socket: &Option<PathBuf>) -> Result<u8, Failure> {
+    let s = connect(socket)?.status()?;
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let ms_of = |d: Option<leasehold_api::v1::Dur>| d.map(|d| ms(d.0));
     if json_out {
         out!(
             "{}",
             json!({
                 "host": s.host, "backend": s.backend, "version": s.version, "pid": s.pid,
-                "uptime_ms": s.uptime_ms, "state_dir": s.state_dir, "socket": s.socket,
+                "uptime_ms": ms(s.uptime.0), "state_dir": s.state_dir, "socket": s.socket,
                 "resources": s.resources, "leases": s.leases, "processes": s.processes,
-                "dirty": s.dirty, "session": s.session, "safe_for_ms": s.safe_for_ms,
+                "dirty": s.dirty, "session": s.session, "safe_for_ms": ms_of(s.safe_for),
                 "backend_error": s.backend_error,
                 "host_session": s.host_session.as_ref().map(|h| json!({
-                    "lease_id": format!("{:x}", h.lease_id), "ttl_ms": h.ttl_ms,
-                    "last_renewal_ms_ago": h.last_renewal_ms_ago, "safe_for_ms": h.safe_for_ms,
+                    "lease_id": format!("{:x}", h.lease_id), "ttl_ms": ms(h.ttl.0),
+                    "last_renewal_ms_ago": ms_of(h.last_renewal_ago), "safe_for_ms": ms_of(h.safe_for),
                     "renewal_latency_us": h.renewal_latency_us, "expired": h.expired,
                     "failed_renewals": h.failed_renewals,
                 })),
@@ -546,7 +569,7 @@ pub async fn status(json_out: bool, socket: &Option<PathBuf>) -> Result<u8, Fail
         s.backend,
         s.version,
         s.pid,
-        humantime::format_duration(Duration::from_secs(s.uptime_ms / 1000))
+        humantime::format_duration(Duration::from_secs(s.uptime.0.as_secs()))
     );
     out!("  socket:   {}", s.socket);
     out!("  state:    {}", s.state_dir);
@@ -562,10 +585,12 @@ pub async fn status(json_out: bool, socket: &Option<PathBuf>) -> Result<u8, Fail
     }
     out!("  session:  {}", s.session);
     if let Some(h) = &s.host_session {
-        let ms = |v: u64| humantime::format_duration(Duration::from_millis(v)).to_string();
+        let ago = |v: leasehold_api::v1::Dur| {
+            humantime::format_duration(Duration::from_millis(ms(v.0))).to_string()
+        };
         out!(
             "  last renewal confirmed: {} ago; {} renewals failed since",
-            h.last_renewal_ms_ago.map_or_else(|| "never".into(), ms),
+            h.last_renewal_ago.map_or_else(|| "never".into(), ago),
             h.failed_renewals
         );
         let lat: Vec<String> = h
@@ -603,12 +628,11 @@ pub async fn status(json_out: bool, socket: &Option<PathBuf>) -> Result<u8, Fail
 }
 
 /// `leasehold force-release`.
-pub async fn force_release(a: ForceArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
+pub fn force_release(a: ForceArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
     let r = name(&a.resource, a.path.path)?;
     leasehold_core::check_free_text("--reason", &a.reason, leasehold_core::MAX_TEXT)
         .map_err(|e| Failure::usage(output::escaped(&e.to_string())))?;
-    let mut client = connect(socket).await?;
-    let released = client.force_release(&r, &a.reason).await?;
+    let released = connect(socket)?.force_release(&r, &a.reason)?;
     for x in released {
         note!(
             "leasehold: revoked the {}{}",
@@ -624,10 +648,9 @@ pub async fn force_release(a: ForceArgs, socket: &Option<PathBuf>) -> Result<u8,
 }
 
 /// `leasehold mark-clean`.
-pub async fn mark_clean(a: NameArg, socket: &Option<PathBuf>) -> Result<u8, Failure> {
+pub fn mark_clean(a: NameArg, socket: &Option<PathBuf>) -> Result<u8, Failure> {
     let r = name(&a.resource, a.path.path)?;
-    let mut client = connect(socket).await?;
-    match client.mark_clean(&r).await? {
+    match connect(socket)?.mark_clean(&r)? {
         Some(was) => note!(
             "leasehold: {} marked clean (was dirty from the {})",
             output::name(&r),
@@ -639,11 +662,11 @@ pub async fn mark_clean(a: NameArg, socket: &Option<PathBuf>) -> Result<u8, Fail
 }
 
 /// `leasehold validate`.
-pub async fn validate(a: ValidateArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
+pub fn validate(a: ValidateArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
     let r = name(&a.resource, a.path.path)?;
-    let mut client = connect(socket).await?;
-    let (current, tokens) = client.validate(&r, Token(a.token)).await?;
-    if current {
+    let v = connect(socket)?.validate(&r, Token(a.token))?;
+    let tokens = v.current_tokens;
+    if v.current {
         out!("current");
         Ok(0)
     } else {
@@ -661,43 +684,37 @@ pub async fn validate(a: ValidateArgs, socket: &Option<PathBuf>) -> Result<u8, F
 }
 
 /// `leasehold watch`.
-pub async fn watch(a: WatchArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
+pub fn watch(a: WatchArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
     let r = a
         .resource
         .as_deref()
         .map(|x| name(x, a.path.path))
         .transpose()?;
-    let (_client, mut stream) = crate::bounded("the watch", None, async {
-        let mut client = connect(socket).await?;
-        let stream = client.watch(r.as_ref()).await?;
-        Ok((client, stream))
-    })
-    .await?;
+    let stream = connect(socket)?.watch(r.as_ref())?;
     // The agent has subscribed this stream: every event from now on is shown. Scripts (and
     // the tests) wait for this line rather than guess.
     match &r {
         Some(r) => note!("leasehold: watching {}", output::name(r)),
         None => note!("leasehold: watching every resource"),
     }
-    loop {
+    for e in stream {
         // Once streaming, an error is the agent going away (stopping, restarting).
-        let e = stream.message().await.map_err(|s| Failure {
+        let e = e.map_err(|e| Failure {
             code: 5,
             message: format!(
-                "lost the agent ({}): it stopped or restarted; events from now on need a new: leasehold watch",
-                s.message()
+                "lost the agent ({e}): it stopped or restarted; events from now on need a new: leasehold watch"
             ),
         })?;
-        let Some(e) = e else { return Ok(0) };
         if a.json {
             out!("{}", event_json(&e));
         } else {
             out!("{}", event_text(&e));
         }
     }
+    Ok(0)
 }
 
-fn event_json(e: &leasehold_api::pb::Event) -> serde_json::Value {
+fn event_json(e: &Event) -> serde_json::Value {
     let lease = e
         .lease
         .clone()
@@ -706,11 +723,12 @@ fn event_json(e: &leasehold_api::pb::Event) -> serde_json::Value {
         .ended
         .clone()
         .and_then(|x| leasehold_core::Ended::try_from(x).ok());
+    let at_ms = e.at.map_or(0, |t| t.unix_ms());
     json!({
         "kind": e.kind,
         "resource": e.resource,
-        "at": (e.at_ms > 0).then(|| output::when(leasehold_core::WallTime(e.at_ms))),
-        "at_ms": e.at_ms,
+        "at": (at_ms > 0).then(|| output::when(leasehold_core::WallTime(at_ms))),
+        "at_ms": at_ms,
         "lease": lease.as_ref().map(output::lease_json),
         "ended": ended.as_ref().map(output::ended_json),
         "by": e.by,
@@ -719,10 +737,11 @@ fn event_json(e: &leasehold_api::pb::Event) -> serde_json::Value {
     })
 }
 
-fn event_text(e: &leasehold_api::pb::Event) -> String {
+fn event_text(e: &Event) -> String {
     // Every line has a time: the event's, else when it arrived.
-    let at = if e.at_ms > 0 {
-        output::when(leasehold_core::WallTime(e.at_ms))
+    let at_ms = e.at.map_or(0, |t| t.unix_ms());
+    let at = if at_ms > 0 {
+        output::when(leasehold_core::WallTime(at_ms))
     } else {
         humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
     };

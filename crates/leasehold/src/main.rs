@@ -8,7 +8,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use leasehold_client::{Client, ClientError, RefusalKind};
+use leasehold_client::RefusalKind;
+use leasehold_client::blocking::{Client, Error as ClientError};
 use leasehold_core::ResourceName;
 
 /// Prints a line on standard output. When the reader has gone (`leasehold list | head -1`),
@@ -407,30 +408,30 @@ fn parse_timeout(s: &str) -> Result<Timeout, String> {
 /// The `--timeout` of this invocation.
 static TIMEOUT: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
 
-/// Runs `fut`, a talk with the agent, giving up with exit 5 once `--timeout` (plus `wait`, a
-/// `--wait` deadline within it) has passed. `what` names the request for the message.
-pub async fn bounded<T>(
-    what: &str,
-    wait: Option<Duration>,
-    fut: impl std::future::Future<Output = Result<T, Failure>>,
-) -> Result<T, Failure> {
-    let Some(t) = TIMEOUT.get().copied().flatten() else {
-        return fut.await;
-    };
-    let Some(limit) = t.checked_add(wait.unwrap_or_default()) else {
-        return fut.await; // waiting forever
-    };
-    match tokio::time::timeout(limit, fut).await {
-        Ok(r) => r,
-        Err(_) => Err(Failure {
-            code: 5,
-            message: format!(
-                "the agent did not answer {what} within {} (--timeout); it may be stopping, \
-                 overloaded or stuck: look at its log (journalctl -u leasehold), or pass a \
-                 longer --timeout (or --timeout=off)",
-                humantime::format_duration(limit)
-            ),
-        }),
+/// The `--timeout` of this invocation; `None` for ever.
+pub fn timeout() -> Option<Duration> {
+    TIMEOUT.get().copied().flatten()
+}
+
+/// `--timeout` plus `wait` (a `--wait` deadline), the longest to wait for the agent's next
+/// word on a waiting acquire; `None` for ever.
+pub fn timeout_with(wait: Option<Duration>) -> Option<Duration> {
+    timeout()?.checked_add(wait.unwrap_or_default())
+}
+
+/// The failure of a call the agent did not answer within `--timeout`: exit 5.
+fn no_answer() -> Failure {
+    Failure {
+        code: 5,
+        message: format!(
+            "the agent did not answer within {} (--timeout); it may be stopping, overloaded or \
+             stuck: look at its log (journalctl -u leasehold), or pass a longer --timeout (or \
+             --timeout=off)",
+            timeout().map_or_else(
+                || "its time".into(),
+                |t| humantime::format_duration(t).to_string()
+            )
+        ),
     }
 }
 
@@ -489,23 +490,27 @@ impl Failure {
 
 impl From<ClientError> for Failure {
     fn from(e: ClientError) -> Failure {
-        if let ClientError::Unreachable { socket, message } = &e
-            && (message.contains("os error 13") || message.contains("ermission denied"))
-        {
-            return Failure {
-                code: 5,
-                message: socket_denied(socket, message),
-            };
-        }
-        if e.is_unreachable() {
-            return Failure {
+        use std::io::ErrorKind;
+        match e {
+            ClientError::Unreachable { socket, source }
+                if source.kind() == ErrorKind::PermissionDenied =>
+            {
+                Failure {
+                    code: 5,
+                    message: socket_denied(&socket, &source.to_string()),
+                }
+            }
+            e @ (ClientError::Unreachable { .. } | ClientError::NoSocket) => Failure {
                 code: 5,
                 message: format!(
                     "{e}\n  is the agent running? start it with: leasehold agent (as root), or pass --socket"
                 ),
-            };
-        }
-        match e {
+            },
+            ClientError::Io(io)
+                if matches!(io.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+            {
+                no_answer()
+            }
             ClientError::Refused(r) => {
                 let code = match r.kind {
                     RefusalKind::Busy | RefusalKind::TimedOut => 3,
@@ -517,6 +522,10 @@ impl From<ClientError> for Failure {
                     message: output::refusal(&r),
                 }
             }
+            e @ ClientError::Agent { .. } => Failure {
+                code: e.exit_code(),
+                message: e.to_string(),
+            },
             other => Failure::error(other.to_string()),
         }
     }
@@ -589,13 +598,14 @@ fn name(arg: &str, path: bool) -> Result<ResourceName, Failure> {
     v.pop().ok_or_else(|| Failure::usage("no resource named"))
 }
 
-/// Connects to the agent named by `--socket`, `$LEASEHOLD_SOCKET` or the default path.
-pub async fn connect(socket: &Option<PathBuf>) -> Result<Client, Failure> {
+/// A client of the agent named by `--socket`, `$LEASEHOLD_SOCKET` or the default path, giving
+/// up on an answer after `--timeout`. Nothing is connected yet: each call connects.
+pub fn connect(socket: &Option<PathBuf>) -> Result<Client, Failure> {
     let client = match socket {
-        Some(s) => Client::connect(s).await,
-        None => Client::connect_default().await,
+        Some(s) => Client::new(s),
+        None => Client::default_socket()?,
     };
-    Ok(client?)
+    Ok(client.with_timeout(timeout()))
 }
 
 fn main() -> ExitCode {
@@ -612,31 +622,24 @@ fn main() -> ExitCode {
         }
     };
     let _ = TIMEOUT.set(cli.timeout.0);
+    let socket = cli.socket;
+    // No async runtime for the calls: each is one request and one answer on the socket (the
+    // bench alone builds a runtime, to drive many clients at once).
     let result = match cli.command {
-        Command::Agent(args) => commands::agent(*args, cli.socket),
+        Command::Agent(args) => commands::agent(*args, socket),
         Command::Man => manual::man(),
         Command::Completions { shell } => manual::completions(shell),
-        other => {
-            // One thread: `run` spawns its child from this thread, whose death must not
-            // trigger the child's parent-death signal early. The bench drives many clients.
-            let rt = if matches!(other, Command::Bench(_)) {
-                tokio::runtime::Builder::new_multi_thread()
-                    .enable_all()
-                    .build()
-            } else {
-                tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-            };
-            let rt = match rt {
-                Ok(rt) => rt,
-                Err(e) => {
-                    note!("leasehold: starting the runtime: {e}");
-                    return ExitCode::from(1);
-                }
-            };
-            rt.block_on(dispatch(other, cli.socket))
-        }
+        Command::Acquire(a) => commands::acquire(a, &socket),
+        Command::Release(a) => commands::release(a, &socket),
+        Command::Run(a) => run::run(a, &socket),
+        Command::List(a) => commands::list(a, &socket),
+        Command::Inspect(a) => commands::inspect(a, &socket),
+        Command::Status(a) => commands::status(a.json, &socket),
+        Command::ForceRelease(a) => commands::force_release(a, &socket),
+        Command::MarkClean(a) => commands::mark_clean(a, &socket),
+        Command::Validate(a) => commands::validate(a, &socket),
+        Command::Watch(a) => commands::watch(a, &socket),
+        Command::Bench(a) => bench::bench(a, &socket),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -646,28 +649,5 @@ fn main() -> ExitCode {
             }
             ExitCode::from(f.code)
         }
-    }
-}
-
-async fn dispatch(command: Command, socket: Option<PathBuf>) -> Result<u8, Failure> {
-    match command {
-        Command::Agent(_) | Command::Man | Command::Completions { .. } => {
-            Err(Failure::usage("not a command for the agent"))
-        }
-        Command::Acquire(a) => commands::acquire(a, &socket).await,
-        Command::Release(a) => bounded("release", None, commands::release(a, &socket)).await,
-        Command::Run(a) => run::run(a, &socket).await,
-        Command::List(a) => bounded("list", None, commands::list(a, &socket)).await,
-        Command::Inspect(a) => bounded("inspect", None, commands::inspect(a, &socket)).await,
-        Command::Status(a) => bounded("status", None, commands::status(a.json, &socket)).await,
-        Command::ForceRelease(a) => {
-            bounded("force-release", None, commands::force_release(a, &socket)).await
-        }
-        Command::MarkClean(a) => {
-            bounded("mark-clean", None, commands::mark_clean(a, &socket)).await
-        }
-        Command::Validate(a) => bounded("validate", None, commands::validate(a, &socket)).await,
-        Command::Watch(a) => commands::watch(a, &socket).await,
-        Command::Bench(a) => bench::bench(a, &socket).await,
     }
 }

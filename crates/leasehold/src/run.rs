@@ -5,22 +5,25 @@
 //! process keeps writing without a lease. If a lease is lost (force-released), the command is
 //! killed. SIGINT, SIGTERM and SIGHUP are passed to the command, and its exit status is
 //! returned; exit 0 releases clean, anything else releases dirty.
+//!
+//! No async runtime: the hold is one streaming request, read by a thread; another thread
+//! takes the signals (blocked everywhere else, and unblocked in the command); the main thread
+//! spawns the command, and acts on what the two report, and on the safe-until deadline.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::ExitStatus;
-use std::time::Duration;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use clap::Args;
-use leasehold_client::{
-    AcquireEvent, AcquireOptions, Acquisition, Client, ClientError, Granted, ReleaseOptions,
-};
+use leasehold_client::blocking::{Acquisition, Client, Error as ClientError};
+use leasehold_client::{AcquireEvent, AcquireOptions, Granted, ReleaseOptions};
 use leasehold_core::{Mode, ResourceName, Token};
 use rustix::process::{Pid, Signal, kill_process};
-use tokio::signal::unix::{SignalKind, signal};
 
-use crate::commands::acquire_waiting;
+use crate::commands::{acquire_waiting, released_or_not};
 use crate::output::{self, quote};
 use crate::{Failure, connect, names};
 
@@ -73,7 +76,7 @@ pub fn token_name(name: &str) -> String {
 }
 
 /// `leasehold run`.
-pub async fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
+pub fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
     if a.exclusive.is_empty() && a.shared.is_empty() {
         return Err(Failure::usage(
             "run needs at least one --exclusive R or --shared R",
@@ -107,18 +110,18 @@ pub async fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
         wait: crate::wait_option(a.wait),
         hold: true,
     };
-    let (mut client, acq, granted) = crate::bounded(
-        "the acquire",
-        request.wait,
-        acquire_waiting(socket, request.clone()),
-    )
-    .await?;
+    let client = connect(socket)?;
+    let (acq, granted) = acquire_waiting(&client, &request)?;
+    // The hold lasts as long as the command: no timeout on its stream.
+    acq.socket()
+        .set_read_timeout(None)
+        .map_err(|e| Failure::error(format!("holding the leases: {e}")))?;
     let all: Vec<ResourceName> = granted.grants.iter().map(|g| g.resource.clone()).collect();
 
     if let Some(check) = &a.check
-        && let Err(f) = check_dirty(&mut client, &granted, check).await
+        && let Err(f) = check_dirty(&client, &granted, check)
     {
-        let _ = client.release(&all, ReleaseOptions::default()).await;
+        let _ = client.release(&all, &ReleaseOptions::default());
         return Err(f);
     }
 
@@ -129,8 +132,7 @@ pub async fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
         .collect::<Vec<_>>()
         .join(",");
     let hold = Hold {
-        acq: Some(acq),
-        socket: socket.clone(),
+        client: client.clone(),
         reattach: AcquireOptions {
             wait: None,
             accept_dirty: true,
@@ -141,14 +143,15 @@ pub async fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
             .iter()
             .map(|g| (g.resource.clone(), g.token))
             .collect(),
+        generation: 0,
         deadline: None,
         retry_at: None,
     };
-    let status = match supervise(&a.command, &tokens, hold).await? {
+    let status = match supervise(&a.command, &tokens, hold, acq)? {
         Outcome::Exited(status) => status,
         Outcome::NotStarted { prog, error } => {
             // Nothing ran, so nothing was written: release clean.
-            let released = release(&mut client, socket, &all, true, None).await;
+            let released = release(&client, &all, true, None);
             let after = match released {
                 Ok(()) => "the leases were released clean (nothing ran)".to_owned(),
                 Err(f) => format!("releasing the leases failed: {}", f.message),
@@ -179,25 +182,18 @@ pub async fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
             let rest: Vec<ResourceName> = all.iter().filter(|r| **r != resource).cloned().collect();
             if !rest.is_empty() {
                 let _ = release(
-                    &mut client,
-                    socket,
+                    &client,
                     &rest,
                     false,
                     Some("command killed after a lease was lost".into()),
-                )
-                .await;
+                );
             }
             return Ok(exit_code(status));
         }
     };
     let clean = status.success();
     let note = (!clean).then(|| describe(status));
-    let released = crate::bounded(
-        "the release",
-        None,
-        release(&mut client, socket, &all, clean, note.clone()),
-    )
-    .await;
+    let released = release(&client, &all, clean, note.clone());
     if let Err(f) = released {
         note!(
             "leasehold: {}\n  the leases end when this process exits, and count as dirty",
@@ -217,7 +213,7 @@ pub async fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
 }
 
 /// Runs the check on every dirty resource granted, marking each clean when it succeeds.
-async fn check_dirty(client: &mut Client, granted: &Granted, check: &str) -> Result<(), Failure> {
+fn check_dirty(client: &Client, granted: &Granted, check: &str) -> Result<(), Failure> {
     for g in granted.grants.iter().filter(|g| g.dirty.is_some()) {
         let cmd = check.replace("{path}", &crate::output::sh_quote(g.resource.as_str()));
         note!(
@@ -225,11 +221,10 @@ async fn check_dirty(client: &mut Client, granted: &Granted, check: &str) -> Res
             crate::output::name(&g.resource),
             g.dirty.as_ref().map(output::ended).unwrap_or_default()
         );
-        let status = tokio::process::Command::new("/bin/sh")
+        let status = std::process::Command::new("/bin/sh")
             .arg("-c")
             .arg(&cmd)
             .status()
-            .await
             .map_err(|e| Failure::error(format!("starting the check {cmd:?}: {e}")))?;
         if !status.success() {
             return Err(Failure {
@@ -241,7 +236,7 @@ async fn check_dirty(client: &mut Client, granted: &Granted, check: &str) -> Res
                 ),
             });
         }
-        client.mark_clean(&g.resource).await?;
+        client.mark_clean(&g.resource)?;
         note!(
             "leasehold: {} checked and marked clean",
             crate::output::name(&g.resource)
@@ -268,41 +263,38 @@ enum Outcome {
     },
 }
 
-/// The wrapper's hold on its leases: the agent's stream, the latest safe-until, and how to
-/// reattach after the agent restarts.
+/// The wrapper's hold on its leases: how to reattach after the agent restarts, and the
+/// latest safe-until.
 struct Hold {
-    acq: Option<Acquisition>,
-    socket: Option<PathBuf>,
+    client: Client,
     /// The request again, to reattach: the same leases for this process, not waiting.
     reattach: AcquireOptions,
     tokens: BTreeMap<ResourceName, Token>,
+    /// Which hold stream is current: lines of an older one are stale.
+    generation: u64,
     /// Kill the command by this instant unless the agent extends it.
-    deadline: Option<tokio::time::Instant>,
+    deadline: Option<Instant>,
     /// When to try reattaching, while the agent is away.
-    retry_at: Option<tokio::time::Instant>,
+    retry_at: Option<Instant>,
 }
 
 impl Hold {
     /// Reconnects to a (restarted) agent and re-acquires the same leases; they must come
-    /// back as the very grants this process holds, or they were lost.
-    async fn reattach(&mut self) -> Result<bool, Option<(ResourceName, String)>> {
-        let Ok(mut c) = connect(&self.socket).await else {
-            return Ok(false);
+    /// back as the very grants this process holds, or they were lost. The new stream, if so.
+    fn reattach(&mut self) -> Result<Option<Acquisition>, Option<(ResourceName, String)>> {
+        let Ok(mut acq) = self.client.start_acquire(&self.reattach) else {
+            return Ok(None);
         };
-        let Ok(mut acq) = c.start_acquire(self.reattach.clone()).await else {
-            return Ok(false);
-        };
-        match acq.granted().await {
+        match acq.granted() {
             Ok(g) => {
                 let same = g
                     .grants
                     .iter()
                     .all(|x| x.existing && self.tokens.get(&x.resource) == Some(&x.token));
                 if same {
-                    self.acq = Some(acq);
                     self.retry_at = None;
                     note!("leasehold: reattached to the agent; the leases are still held");
-                    Ok(true)
+                    Ok(Some(acq))
                 } else {
                     let fresh: Vec<ResourceName> = g
                         .grants
@@ -310,7 +302,7 @@ impl Hold {
                         .filter(|x| !x.existing)
                         .map(|x| x.resource.clone())
                         .collect();
-                    let _ = c.release(&fresh, ReleaseOptions::default()).await;
+                    let _ = self.client.release(&fresh, &ReleaseOptions::default());
                     let r = fresh
                         .first()
                         .cloned()
@@ -324,34 +316,108 @@ impl Hold {
                     format!("it ended while the agent was away: {}", r.message),
                 )
             })),
-            Err(_) => Ok(false),
+            Err(_) => Ok(None),
         }
     }
 }
 
-fn instant_of_monotonic(ns: u64) -> tokio::time::Instant {
+fn instant_of_monotonic(ns: u64) -> Instant {
     let now = leasehold_agent::fence::monotonic_ns();
-    tokio::time::Instant::now() + Duration::from_nanos(ns.saturating_sub(now))
+    Instant::now() + Duration::from_nanos(ns.saturating_sub(now))
+}
+
+/// What the threads tell the main one.
+enum Msg {
+    /// A line of hold stream number `.0`; `None`: it ended.
+    Hold(u64, Box<Result<Option<AcquireEvent>, ClientError>>),
+    /// A signal arrived (SIGCHLD: the command may have exited).
+    Signal(i32),
+}
+
+/// Reads hold stream `generation` on a thread until it ends.
+fn read_hold(mut acq: Acquisition, generation: u64, tx: mpsc::Sender<Msg>) {
+    std::thread::spawn(move || {
+        loop {
+            let ev = acq.next_event();
+            let end = !matches!(ev, Ok(Some(_)));
+            if tx.send(Msg::Hold(generation, Box::new(ev))).is_err() || end {
+                return;
+            }
+        }
+    });
+}
+
+/// The signals the wrapper passes on, and SIGCHLD.
+const SIGNALS: [i32; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGCHLD];
+
+fn sigset(signals: &[i32]) -> libc::sigset_t {
+    // SAFETY: sigemptyset initialises the set it is given; sigaddset adds valid signal
+    // numbers to an initialised set.
+    unsafe {
+        let mut set = std::mem::zeroed::<libc::sigset_t>();
+        libc::sigemptyset(&mut set);
+        for s in signals {
+            libc::sigaddset(&mut set, *s);
+        }
+        set
+    }
+}
+
+/// Blocks [`SIGNALS`] in this thread (and so in every thread started after) and starts the
+/// thread that takes them with sigwait, one message each.
+fn take_signals(tx: mpsc::Sender<Msg>) -> Result<(), Failure> {
+    let set = sigset(&SIGNALS);
+    // SAFETY: `set` is an initialised signal set; the old mask is not asked for.
+    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if r != 0 {
+        return Err(Failure::error(format!(
+            "blocking signals: {}",
+            std::io::Error::from_raw_os_error(r)
+        )));
+    }
+    std::thread::spawn(move || {
+        loop {
+            let mut sig = 0;
+            // SAFETY: `set` is initialised and `sig` a valid place for the signal number.
+            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                continue;
+            }
+            if tx.send(Msg::Signal(sig)).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(())
 }
 
 /// Spawns the command and waits for it, passing signals on, and killing it if a lease is
 /// lost or its safe-until passes unconfirmed.
-async fn supervise(
+fn supervise(
     argv: &[std::ffi::OsString],
     tokens: &str,
     mut hold: Hold,
+    acq: Acquisition,
 ) -> Result<Outcome, Failure> {
     let (prog, args) = argv
         .split_first()
         .ok_or_else(|| Failure::usage("no command given after --"))?;
+    let (tx, rx) = mpsc::channel();
+    // Before the command starts: a signal sent as soon as it runs is passed on, not fatal.
+    take_signals(tx.clone())?;
+    read_hold(acq, hold.generation, tx.clone());
     let wrapper = rustix::process::getpid();
-    let mut cmd = tokio::process::Command::new(prog);
-    cmd.args(args).env(TOKENS_ENV, tokens);
+    let unblock = sigset(&SIGNALS);
+    let mut cmd = std::process::Command::new(prog);
+    cmd.args(args).env(crate::run::TOKENS_ENV, tokens);
     // SAFETY: the closure runs in the child between fork and exec and calls only
-    // async-signal-safe functions (prctl and getppid as raw syscalls, and _exit); it
-    // allocates nothing and takes no lock.
+    // async-signal-safe functions (sigprocmask, prctl and getppid as raw syscalls, and
+    // _exit); it allocates nothing and takes no lock.
     unsafe {
         cmd.pre_exec(move || {
+            // The command gets the signals the wrapper blocked for its own thread.
+            if libc::sigprocmask(libc::SIG_UNBLOCK, &unblock, std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
             // The wrapper may have died before the line above took effect.
             if rustix::process::getppid() != Some(wrapper) {
@@ -360,15 +426,6 @@ async fn supervise(
             Ok(())
         });
     }
-    // Before the command starts: a signal sent as soon as it runs is passed on, not fatal.
-    let install = |k: SignalKind| {
-        signal(k).map_err(|e| Failure::error(format!("installing a signal handler: {e}")))
-    };
-    let (mut sint, mut sterm, mut shup) = (
-        install(SignalKind::interrupt())?,
-        install(SignalKind::terminate())?,
-        install(SignalKind::hangup())?,
-    );
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(error) => {
@@ -378,72 +435,99 @@ async fn supervise(
             });
         }
     };
-    let pid = child
-        .id()
-        .and_then(|p| Pid::from_raw(p as i32))
-        .ok_or_else(|| Failure::error("the command exited before it could be watched"))?;
+    let pid =
+        Pid::from_raw(child.id() as i32).ok_or_else(|| Failure::error("the command has no pid"))?;
     let wait_error = |e: std::io::Error| Failure::error(format!("waiting for the command: {e}"));
+    // Kills the command (not yet reaped, so its pid is still its own) and waits for it.
+    let kill = |child: &mut std::process::Child| -> Result<ExitStatus, Failure> {
+        let _ = kill_process(pid, Signal::KILL);
+        child.wait().map_err(wait_error)
+    };
     loop {
-        let far = tokio::time::Instant::now() + Duration::from_secs(86_400);
-        let next_event = async {
-            match hold.acq.as_mut() {
-                Some(a) => a.next_event().await,
-                None => std::future::pending().await,
-            }
+        if let Some(status) = child.try_wait().map_err(wait_error)? {
+            return Ok(Outcome::Exited(status));
+        }
+        let wake = match (hold.deadline, hold.retry_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         };
-        tokio::select! {
-            status = child.wait() => return Ok(Outcome::Exited(status.map_err(wait_error)?)),
-            _ = sint.recv() => { let _ = kill_process(pid, Signal::INT); }
-            _ = sterm.recv() => { let _ = kill_process(pid, Signal::TERM); }
-            _ = shup.recv() => { let _ = kill_process(pid, Signal::HUP); }
-            () = tokio::time::sleep_until(hold.deadline.unwrap_or(far)), if hold.deadline.is_some() => {
-                let _ = child.start_kill();
-                let status = child.wait().await.map_err(wait_error)?;
-                return Ok(Outcome::Unconfirmed { status });
-            }
-            () = tokio::time::sleep_until(hold.retry_at.unwrap_or(far)), if hold.retry_at.is_some() => {
-                match hold.reattach().await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        hold.retry_at = Some(tokio::time::Instant::now() + Duration::from_millis(500));
-                    }
-                    Err(lost) => {
-                        let _ = child.start_kill();
-                        let status = child.wait().await.map_err(wait_error)?;
-                        let Some((resource, how)) = lost.or_else(|| {
-                            hold.tokens.keys().next().map(|r| (r.clone(), "lost".to_owned()))
-                        }) else {
-                            return Ok(Outcome::Unconfirmed { status });
-                        };
-                        return Ok(Outcome::Lost { status, resource, how });
-                    }
+        let msg = match wake {
+            None => rx.recv().ok(),
+            Some(w) => match rx.recv_timeout(w.saturating_duration_since(Instant::now())) {
+                Ok(m) => Some(m),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(Failure::error("the wrapper's threads stopped"));
+                }
+            },
+        };
+        let now = Instant::now();
+        match msg {
+            Some(Msg::Signal(libc::SIGCHLD)) => {}
+            Some(Msg::Signal(sig)) => {
+                if let Some(s) = Signal::from_named_raw(sig) {
+                    let _ = kill_process(pid, s);
                 }
             }
-            ev = next_event => match ev {
+            Some(Msg::Hold(generation, _)) if generation != hold.generation => {}
+            Some(Msg::Hold(_, ev)) => match *ev {
                 Ok(Some(AcquireEvent::Safe { until_monotonic_ns })) => {
                     hold.deadline = Some(instant_of_monotonic(until_monotonic_ns));
                 }
                 Ok(Some(AcquireEvent::Lost { resource, ended })) => {
-                    let _ = child.start_kill();
-                    let status = child.wait().await.map_err(wait_error)?;
-                    return Ok(Outcome::Lost { status, resource, how: ended.how.describe() });
+                    let status = kill(&mut child)?;
+                    return Ok(Outcome::Lost {
+                        status,
+                        resource,
+                        how: ended.how.describe(),
+                    });
                 }
                 Ok(Some(_)) => {}
                 // The agent went away or restarted: the leases stay with this process. Until
                 // an agent confirms them again, the last safe-until stands.
                 Ok(None) | Err(_) => {
-                    hold.acq = None;
-                    hold.retry_at = Some(tokio::time::Instant::now() + Duration::from_millis(200));
+                    hold.retry_at = Some(now + Duration::from_millis(200));
                     note!("leasehold: lost contact with the agent; retrying");
                 }
             },
+            None => {}
+        }
+        if hold.deadline.is_some_and(|d| Instant::now() >= d) {
+            let status = kill(&mut child)?;
+            return Ok(Outcome::Unconfirmed { status });
+        }
+        if hold.retry_at.is_some_and(|r| Instant::now() >= r) {
+            match hold.reattach() {
+                Ok(Some(acq)) => {
+                    hold.generation += 1;
+                    read_hold(acq, hold.generation, tx.clone());
+                }
+                Ok(None) => {
+                    hold.retry_at = Some(Instant::now() + Duration::from_millis(500));
+                }
+                Err(lost) => {
+                    let status = kill(&mut child)?;
+                    let Some((resource, how)) = lost.or_else(|| {
+                        hold.tokens
+                            .keys()
+                            .next()
+                            .map(|r| (r.clone(), "lost".to_owned()))
+                    }) else {
+                        return Ok(Outcome::Unconfirmed { status });
+                    };
+                    return Ok(Outcome::Lost {
+                        status,
+                        resource,
+                        how,
+                    });
+                }
+            }
         }
     }
 }
 
-async fn release(
-    client: &mut Client,
-    socket: &Option<PathBuf>,
+fn release(
+    client: &Client,
     resources: &[ResourceName],
     clean: bool,
     note: Option<String>,
@@ -453,18 +537,9 @@ async fn release(
         note,
         ..Default::default()
     };
-    match client.release(resources, opts.clone()).await {
-        Ok(_) => Ok(()),
-        // The agent may have restarted while the command ran: try a fresh connection.
-        Err(e) if e.is_unreachable() => {
-            let mut c = connect(socket).await?;
-            c.release(resources, opts)
-                .await
-                .map(|_| ())
-                .map_err(Failure::from)
-        }
-        Err(e) => Err(e.into()),
-    }
+    // Each call connects afresh: an agent that restarted while the command ran is asked.
+    let report = client.release(resources, &opts)?;
+    released_or_not(&report).map(|_| ())
 }
 
 fn describe(status: ExitStatus) -> String {

@@ -322,7 +322,8 @@ fn bad_input_is_refused_with_exit_2_and_changes_nothing() {
         "--handover-to",
         "bad host",
     ]);
-    expect_code(&out, 1);
+    // A malformed host name is a usage error, as the agent's code says (`usage`: exit 2).
+    expect_code(&out, 2);
     assert_eq!(a.list(), before, "nothing changed");
 }
 

@@ -72,7 +72,8 @@ fn a_thread_id_is_refused_naming_its_process() {
     });
     let tid = rx.recv().unwrap().to_string();
     let out = a.lh(&["acquire", "disk", "--pid", &tid]);
-    expect_code(&out, 1);
+    // The agent's code is `usage` (a pid that names no process): exit 2.
+    expect_code(&out, 2);
     let err = text(&out.stderr);
     let me = format!("thread of process {}", std::process::id());
     assert!(err.contains(&me), "{err}");
