@@ -112,6 +112,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                     engine: leasehold_core::EngineConfig {
                         grace: config.timing.grace,
                     },
+                    forget_after: config.forget_after,
                     ..Default::default()
                 },
             )?;

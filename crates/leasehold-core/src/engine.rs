@@ -238,6 +238,31 @@ impl Engine {
         })
     }
 
+    /// Drops the record of `resource` when nothing in it needs remembering: nobody holds it,
+    /// it is clean, no grace blocks it, nobody waits for it and no handover keeps it. Returns
+    /// whether it was dropped. The token counter stays above the record's last token and is
+    /// marked to be made durable with the removal ([`Output::meta_changed`]), so the next
+    /// grant of the resource still takes a larger token than any before (SPEC G2).
+    pub fn forget(&mut self, resource: &ResourceName, now: Now) -> bool {
+        self.tick(now);
+        let Some(st) = self.resources.get(resource) else {
+            return false;
+        };
+        if !st.holders.is_empty()
+            || st.dirty.is_some()
+            || st.blocked_until.is_some()
+            || !st.queue.is_empty()
+            || st.reserved_for.is_some()
+        {
+            return false;
+        }
+        self.next_token = self.next_token.max(st.last_token.0.saturating_add(1));
+        self.resources.remove(resource);
+        self.out.changed.insert(resource.clone());
+        self.out.meta_changed = true;
+        true
+    }
+
     // ---- sessions ----
 
     /// Opens a session for `host`; with `ttl`, it expires unless renewed within it.

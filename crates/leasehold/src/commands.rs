@@ -57,6 +57,7 @@ pub fn agent(a: AgentArgs, socket: Option<PathBuf>) -> Result<u8, Failure> {
         etcd_compact_every: a.etcd_compact_every,
         etcd_history: a.etcd_history,
         etcd_forget_after: a.etcd_forget_after,
+        forget_after: a.forget_after,
         etcd_quota: a.etcd_quota,
         etcd_defrag: a.etcd_defrag,
         etcd_cacert: a.etcd_cacert,

@@ -187,6 +187,10 @@ struct AgentArgs {
     /// Free, clean resource records unchanged this long are deleted, or "off" [default: 1h]
     #[arg(long)]
     etcd_forget_after: Option<String>,
+    /// Local backend: records of free, clean resources unchanged this long are forgotten, or
+    /// "off" [default: 1h]
+    #[arg(long)]
+    forget_after: Option<String>,
     /// etcd's --quota-backend-bytes, for the warning near it [default: 2GiB, etcd's default]
     #[arg(long)]
     etcd_quota: Option<String>,

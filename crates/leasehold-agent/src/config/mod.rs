@@ -146,6 +146,9 @@ pub struct Config {
     pub watchdog_timeout: Duration,
     /// How etcd's history is kept bounded (etcd backend).
     pub etcd_history: leasehold_store::HistoryOptions,
+    /// Local backend: records of free, clean resources unchanged this long are forgotten;
+    /// `None`: kept forever.
+    pub forget_after: Option<Duration>,
     /// TLS files and the etcd user (etcd backend).
     pub etcd_security: leasehold_store::EtcdSecurity,
     /// Where to serve Prometheus `/metrics`, `/livez` and `/readyz` over plain HTTP; off when
@@ -234,6 +237,9 @@ pub struct FileConfig {
     pub watchdog: Option<std::path::PathBuf>,
     /// See [`Config::watchdog_timeout`], as `"5s"`.
     pub watchdog_timeout: Option<String>,
+    /// Local backend: free, clean records unchanged this long are forgotten, as `"1h"`, or
+    /// `"off"`.
+    pub forget_after: Option<String>,
     /// How often the agents compact etcd's history, as `"1m"`, or `"off"`.
     pub etcd_compact_every: Option<String>,
     /// How much of etcd's history compaction keeps, as `"5m"`.
@@ -354,6 +360,7 @@ impl FileConfig {
             etcd_prefix: flags.etcd_prefix.or(self.etcd_prefix),
             watchdog: flags.watchdog.or(self.watchdog),
             watchdog_timeout: flags.watchdog_timeout.or(self.watchdog_timeout),
+            forget_after: flags.forget_after.or(self.forget_after),
             etcd_compact_every: flags.etcd_compact_every.or(self.etcd_compact_every),
             etcd_history: flags.etcd_history.or(self.etcd_history),
             etcd_forget_after: flags.etcd_forget_after.or(self.etcd_forget_after),
@@ -444,6 +451,11 @@ impl Config {
         }
         let watchdog_timeout =
             duration("watchdog-timeout", &f.watchdog_timeout)?.unwrap_or(Duration::from_secs(2));
+        let forget_after = duration_or_off(
+            "forget-after",
+            &f.forget_after,
+            leasehold_store::LocalStoreOptions::default().forget_after,
+        )?;
         let defaults = leasehold_store::HistoryOptions::default();
         let etcd_history = leasehold_store::HistoryOptions {
             compact_every: duration_or_off(
@@ -533,6 +545,7 @@ impl Config {
             watchdog: f.watchdog,
             watchdog_timeout,
             etcd_history,
+            forget_after,
             etcd_security,
             metrics_listen,
         };

@@ -309,3 +309,26 @@ fn etcd_tls_and_user_settings_are_checked_saying_what_to_change() {
         "chmod 600",
     );
 }
+
+#[test]
+fn forget_after_is_a_duration_or_off() {
+    let with = |v: &str| {
+        Config::resolve(FileConfig {
+            forget_after: Some(v.into()),
+            ..base()
+        })
+    };
+    assert_eq!(
+        Config::resolve(base()).unwrap().forget_after,
+        Some(Duration::from_secs(3600))
+    );
+    assert_eq!(
+        with("10m").unwrap().forget_after,
+        Some(Duration::from_secs(600))
+    );
+    assert_eq!(with("off").unwrap().forget_after, None);
+    let e = with("0s").unwrap_err().to_string();
+    assert!(e.contains("forget-after") && e.contains("\"off\""), "{e}");
+    let toml: FileConfig = toml::from_str("forget-after = \"2h\"").unwrap();
+    assert_eq!(toml.forget_after.as_deref(), Some("2h"));
+}

@@ -11,6 +11,7 @@
 //! caller of the batch gets [`StoreError::Storage`]: nothing they asked for took effect.
 
 mod db;
+mod forget;
 mod worker;
 
 use std::collections::HashMap;
@@ -43,6 +44,10 @@ pub struct LocalStoreOptions {
     pub event_capacity: usize,
     /// redb's page cache, in bytes.
     pub cache_bytes: usize,
+    /// Records of resources that are free, clean, unreserved, without waiters or grace, and
+    /// unchanged this long are forgotten (`None`: kept forever). Tokens still grow: the
+    /// store's token counter is kept durable above every forgotten record's last token.
+    pub forget_after: Option<std::time::Duration>,
 }
 
 impl Default for LocalStoreOptions {
@@ -52,6 +57,7 @@ impl Default for LocalStoreOptions {
             max_batch: 4096,
             event_capacity: 4096,
             cache_bytes: 16 << 20,
+            forget_after: Some(std::time::Duration::from_secs(3600)),
         }
     }
 }
@@ -193,6 +199,7 @@ impl LocalStore {
         let now = clock.now();
         let session = adopt_session(&mut engine, &host, now)?;
         let (events, _) = broadcast::channel(options.event_capacity.max(1));
+        let touched = forget::Touched::new(&engine, now);
         let mut worker = Worker {
             engine,
             db: Some(db),
@@ -205,6 +212,7 @@ impl LocalStore {
             pending: HashMap::new(),
             orphans: Vec::new(),
             fresh,
+            touched,
         };
         let out = worker.engine.take_output();
         if out.needs_persist() || worker.fresh {

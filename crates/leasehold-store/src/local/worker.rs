@@ -14,6 +14,7 @@ use redb::Database;
 use tokio::sync::{broadcast, oneshot};
 
 use super::db::{ENGINE_KEY, FORMAT, FORMAT_KEY, META, RESOURCES, load, quietly, storage};
+use super::forget::Touched;
 use super::{AcquireReply, Cmd, LocalStoreOptions, Reply, fresh};
 use crate::{Clock, StoreError};
 
@@ -64,6 +65,8 @@ pub(super) struct Worker {
     pub(super) orphans: Vec<(ResourceName, ProcessKey)>,
     /// Whether the database has no format marker yet (a new state directory).
     pub(super) fresh: bool,
+    /// When each record last changed, for forgetting old free ones.
+    pub(super) touched: Touched,
 }
 
 /// How often a store whose database failed tries to open it again.
@@ -81,7 +84,11 @@ impl Worker {
             } else if !self.orphans.is_empty() {
                 rx.try_recv().ok()
             } else {
-                let deadline = self.engine.next_deadline();
+                let sweep = self.touched.due(self.options.forget_after);
+                let deadline = match (self.engine.next_deadline(), sweep) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
                 let received = match deadline {
                     Some(t) => {
                         let wait = self
@@ -147,6 +154,9 @@ impl Worker {
         for cmd in batch {
             self.apply(cmd, now, &mut answers);
         }
+        let forgotten = self
+            .touched
+            .sweep(&mut self.engine, self.options.forget_after, now);
         let out = self.engine.take_output();
         let failed = if out.needs_persist() {
             self.persist(&out).err().map(|e| {
@@ -175,6 +185,10 @@ impl Worker {
         }
         if failed.is_some() {
             return;
+        }
+        self.touched.note(&self.engine, &out.changed, now);
+        if forgotten > 0 {
+            tracing::debug!(forgotten, "forgot free, clean resource records");
         }
         self.deliver(out);
     }
@@ -435,6 +449,7 @@ impl Worker {
             Ok(Ok((db, engine))) => {
                 self.db = Some(db);
                 self.engine = engine;
+                self.touched = Touched::new(&self.engine, self.clock.now());
                 true
             }
             Ok(Err(_)) | Err(_) => false,
