@@ -1,7 +1,7 @@
 //! The checked-in JSON schema of the HTTP API is the one the types generate: nobody edits a
 //! second copy by hand. `LEASEHOLD_WRITE_SCHEMA=1` rewrites it after a change of the types.
 
-use leasehold_api::v1::{AcquireEvent, AcquireRequest, ApiError, ErrorCode, schema};
+use leasehold_api::v1::{AcquireEvent, AcquireRequest, ApiError, ErrorCode, ExitCode, schema};
 
 #[test]
 fn the_checked_in_schema_is_the_generated_one() {
@@ -53,11 +53,20 @@ fn an_error_line_reads_back_and_its_code_has_one_exit_code() {
     for code in ErrorCode::ALL {
         let word = serde_json::to_value(code).unwrap();
         assert_eq!(word.as_str(), Some(code.as_str()));
-        assert!((1..=5).contains(&code.exit_code()), "{code}");
+        assert!((1..=5).contains(&code.exit_code().code()), "{code}");
     }
-    assert_eq!(ErrorCode::Held.exit_code(), 3);
-    assert_eq!(ErrorCode::TimedOut.exit_code(), 3);
-    assert_eq!(ErrorCode::NeedsCheck.exit_code(), 4);
-    assert_eq!(ErrorCode::Usage.exit_code(), 2);
-    assert_eq!(ErrorCode::Unavailable.exit_code(), 5);
+    assert_eq!(ErrorCode::Held.exit_code(), ExitCode::Held);
+    assert_eq!(ErrorCode::TimedOut.exit_code().code(), 3);
+    assert_eq!(ErrorCode::NeedsCheck.exit_code().code(), 4);
+    assert_eq!(ErrorCode::Usage.exit_code().code(), 2);
+    assert_eq!(ErrorCode::Unavailable.exit_code().code(), 5);
+    // Every exit code but 0 and 141 is some error's.
+    for exit in ExitCode::ALL {
+        let used = ErrorCode::ALL.iter().any(|c| c.exit_code() == exit);
+        assert_eq!(
+            used,
+            !matches!(exit, ExitCode::Ok | ExitCode::BrokenPipe),
+            "{exit:?}"
+        );
+    }
 }

@@ -33,7 +33,7 @@ use leasehold_core::{Ended, Grant, Owner, Released, ResourceName, ResourceView, 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-pub use leasehold_api::v1::{ErrorCode, Event, StatusResponse as Status};
+pub use leasehold_api::v1::{ErrorCode, Event, ExitCode, StatusResponse as Status};
 
 use crate::{AcquireEvent, AcquireOptions, Granted, Refusal, RefusalKind, ReleaseOptions};
 
@@ -88,12 +88,22 @@ impl Error {
         }
     }
 
-    /// The CLI's exit code for this error: 5 when the agent is not there.
-    pub fn exit_code(&self) -> u8 {
+    /// Whether the agent did not answer within the client's timeout.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::Io(e) if matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ))
+    }
+
+    /// The CLI's exit code for this error: [`ExitCode::Unreachable`] when the agent is not
+    /// there or did not answer in time, else its code's ([`ErrorCode::exit_code`]).
+    pub fn exit_code(&self) -> ExitCode {
         match self {
-            Error::NoSocket | Error::Unreachable { .. } => 5,
-            Error::Io(_) | Error::Protocol(_) => 1,
-            e => e.code().map_or(1, ErrorCode::exit_code),
+            Error::NoSocket | Error::Unreachable { .. } => ExitCode::Unreachable,
+            e if e.is_timeout() => ExitCode::Unreachable,
+            Error::Io(_) | Error::Protocol(_) => ExitCode::Error,
+            e => e.code().map_or(ExitCode::Error, ErrorCode::exit_code),
         }
     }
 

@@ -4,7 +4,9 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use leasehold_client::blocking::{Acquisition, Client, Error as ClientError, Event, ReleaseReport};
+use leasehold_client::blocking::{
+    Acquisition, Client, Error as ClientError, Event, ExitCode, ReleaseReport,
+};
 use leasehold_client::{AcquireEvent, AcquireOptions, Granted, ReleaseOptions};
 use leasehold_core::{Mode, Token};
 use serde_json::json;
@@ -235,7 +237,7 @@ pub fn acquire_waiting(
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return Err(Failure {
-                code: 3,
+                code: ExitCode::Held,
                 message: format!(
                     "the wait ran out while the agent could not be asked ({e}); nothing was acquired"
                 ),
@@ -382,7 +384,10 @@ fn unprinted_grant(
             ),
         }
     };
-    Failure { code: 1, message }
+    Failure {
+        code: ExitCode::Error,
+        message,
+    }
 }
 
 /// `leasehold release`.
@@ -701,7 +706,7 @@ pub fn watch(a: WatchArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
     for e in stream {
         // Once streaming, an error is the agent going away (stopping, restarting).
         let e = e.map_err(|e| Failure {
-            code: 5,
+            code: ExitCode::Unreachable,
             message: format!(
                 "lost the agent ({e}): it stopped or restarted; events from now on need a new: leasehold watch"
             ),

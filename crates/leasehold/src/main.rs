@@ -4,12 +4,10 @@
 //! out), 4 needs check, 5 agent unreachable. `run` exits with its command's status.
 
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use leasehold_client::RefusalKind;
-use leasehold_client::blocking::{Client, Error as ClientError};
+use leasehold_client::blocking::{Client, Error as ClientError, ExitCode};
 use leasehold_core::ResourceName;
 
 /// Prints a line on standard output. When the reader has gone (`leasehold list | head -1`),
@@ -45,21 +43,19 @@ mod manual;
 mod output;
 mod run;
 
-const EXIT_CODES: &str = "\
-Exit codes:
-  0  ok
-  1  error
-  2  usage (bad flags, names or config); for the agent, anything a restart
-     cannot fix (bad config, an unsafe directory, a damaged database)
-  3  held by another owner, or --wait timed out
-  4  needs check: the resource is dirty (its last writer died mid-write)
-  5  the agent is unreachable
-  141 standard output was closed by its reader (as SIGPIPE would end it)
-  run exits with its command's exit status (128+N if killed by signal N).";
+/// The exit codes, for `--help`: every [`ExitCode`] with what it means.
+fn exit_codes_help() -> String {
+    let mut s = String::from("Exit codes:\n");
+    for c in ExitCode::ALL {
+        s.push_str(&format!("  {:<3} {}\n", c.code(), c.meaning()));
+    }
+    s.push_str("  run exits with its command's exit status (128+N if killed by signal N).");
+    s
+}
 
 /// Leases for VM disks and other shared resources.
 #[derive(Parser, Debug)]
-#[command(name = "leasehold", version, about, after_help = EXIT_CODES)]
+#[command(name = "leasehold", version, about, after_help = exit_codes_help())]
 struct Cli {
     /// The agent's socket [default: $LEASEHOLD_SOCKET, else /run/leasehold/agent.sock for
     /// root, else $XDG_RUNTIME_DIR/leasehold/agent.sock]
@@ -372,7 +368,7 @@ fn parse_wait(s: &str) -> Result<Duration, String> {
 
 /// The exit status when standard output was closed by its reader, as for a process killed by
 /// SIGPIPE (128 + 13): the shell's view of `yes | head -1`.
-pub const BROKEN_PIPE: u8 = 141;
+pub const BROKEN_PIPE: ExitCode = ExitCode::BrokenPipe;
 
 /// Writes one line on standard output, flushing it, so that a reader that went away is
 /// noticed here: [`BROKEN_PIPE`] with no message, never a panic.
@@ -426,7 +422,7 @@ pub fn timeout_with(wait: Option<Duration>) -> Option<Duration> {
 /// The failure of a call the agent did not answer within `--timeout`: exit 5.
 fn no_answer() -> Failure {
     Failure {
-        code: 5,
+        code: ExitCode::Unreachable,
         message: format!(
             "the agent did not answer within {} (--timeout); it may be stopping, overloaded or \
              stuck: look at its log (journalctl -u leasehold), or pass a longer --timeout (or \
@@ -456,7 +452,7 @@ fn wait_space_hint(args: &[std::ffi::OsString]) -> Option<String> {
 #[derive(Debug)]
 pub struct Failure {
     /// The exit code.
-    pub code: u8,
+    pub code: ExitCode,
     /// The message (may span lines).
     pub message: String,
 }
@@ -465,7 +461,7 @@ impl Failure {
     /// An error (exit 1).
     pub fn error(message: impl Into<String>) -> Failure {
         Failure {
-            code: 1,
+            code: ExitCode::Error,
             message: message.into(),
         }
     }
@@ -486,52 +482,34 @@ impl Failure {
     /// A usage error (exit 2).
     pub fn usage(message: impl Into<String>) -> Failure {
         Failure {
-            code: 2,
+            code: ExitCode::Usage,
             message: message.into(),
         }
     }
 }
 
+/// The one place an error of a call becomes an exit code and a message: the code is the
+/// error's own ([`ClientError::exit_code`], for the agent's errors [`ErrorCode::exit_code`]
+/// one-to-one); the message adds what to do.
+///
+/// [`ErrorCode::exit_code`]: leasehold_client::blocking::ErrorCode::exit_code
 impl From<ClientError> for Failure {
     fn from(e: ClientError) -> Failure {
-        use std::io::ErrorKind;
-        match e {
+        let code = e.exit_code();
+        let message = match e {
             ClientError::Unreachable { socket, source }
-                if source.kind() == ErrorKind::PermissionDenied =>
+                if source.kind() == std::io::ErrorKind::PermissionDenied =>
             {
-                Failure {
-                    code: 5,
-                    message: socket_denied(&socket, &source.to_string()),
-                }
+                socket_denied(&socket, &source.to_string())
             }
-            e @ (ClientError::Unreachable { .. } | ClientError::NoSocket) => Failure {
-                code: 5,
-                message: format!(
-                    "{e}\n  is the agent running? start it with: leasehold agent (as root), or pass --socket"
-                ),
-            },
-            ClientError::Io(io)
-                if matches!(io.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
-            {
-                no_answer()
-            }
-            ClientError::Refused(r) => {
-                let code = match r.kind {
-                    RefusalKind::Busy | RefusalKind::TimedOut => 3,
-                    RefusalKind::NeedsCheck => 4,
-                    RefusalKind::ModeConflict | RefusalKind::Cancelled => 1,
-                };
-                Failure {
-                    code,
-                    message: output::refusal(&r),
-                }
-            }
-            e @ ClientError::Agent { .. } => Failure {
-                code: e.exit_code(),
-                message: e.to_string(),
-            },
-            other => Failure::error(other.to_string()),
-        }
+            e @ (ClientError::Unreachable { .. } | ClientError::NoSocket) => format!(
+                "{e}\n  is the agent running? start it with: leasehold agent (as root), or pass --socket"
+            ),
+            e if e.is_timeout() => return no_answer(),
+            ClientError::Refused(r) => output::refusal(&r),
+            other => other.to_string(),
+        };
+        Failure { code, message }
     }
 }
 
@@ -612,7 +590,7 @@ pub fn connect(socket: &Option<PathBuf>) -> Result<Client, Failure> {
     Ok(client.with_timeout(timeout()))
 }
 
-fn main() -> ExitCode {
+fn main() -> std::process::ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let cli = match Cli::try_parse_from(&args) {
         Ok(cli) => cli,
@@ -622,7 +600,7 @@ fn main() -> ExitCode {
             if let Some(h) = hint {
                 eprintln!("\nhint: {h}");
             }
-            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+            return std::process::ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
         }
     };
     let _ = TIMEOUT.set(cli.timeout.0);
@@ -646,12 +624,12 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench::bench(a, &socket),
     };
     match result {
-        Ok(code) => ExitCode::from(code),
+        Ok(code) => std::process::ExitCode::from(code),
         Err(f) => {
             if !f.message.is_empty() {
                 note!("leasehold: {}", f.message);
             }
-            ExitCode::from(f.code)
+            std::process::ExitCode::from(f.code.code())
         }
     }
 }

@@ -18,7 +18,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use leasehold_client::blocking::{Acquisition, Client, Error as ClientError};
+use leasehold_client::blocking::{Acquisition, Client, Error as ClientError, ExitCode};
 use leasehold_client::{AcquireEvent, AcquireOptions, Granted, ReleaseOptions};
 use leasehold_core::{Mode, ResourceName, Token};
 use rustix::process::{Pid, Signal, kill_process};
@@ -228,7 +228,7 @@ fn check_dirty(client: &Client, granted: &Granted, check: &str) -> Result<(), Fa
             .map_err(|e| Failure::error(format!("starting the check {cmd:?}: {e}")))?;
         if !status.success() {
             return Err(Failure {
-                code: 4,
+                code: ExitCode::NeedsCheck,
                 message: format!(
                     "the check of {} failed ({}); it stays dirty and the command was not started",
                     crate::output::name(&g.resource),

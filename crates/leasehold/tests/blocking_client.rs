@@ -52,7 +52,7 @@ fn acquire_wait_watch_and_release_with_plain_std_calls() {
     assert_eq!(r.kind, RefusalKind::Busy);
     let holder = &r.conflict.as_ref().unwrap().holders[0];
     assert_eq!(holder.owner.process.pid, h1.pid());
-    assert_eq!((e.code(), e.exit_code()), (Some(ErrorCode::Held), 3));
+    assert_eq!((e.code(), e.exit_code().code()), (Some(ErrorCode::Held), 3));
 
     // A wait reports who is in the way, then is granted when the holder releases.
     let mut o = for_pid(&disk, h2.pid());
@@ -96,7 +96,7 @@ fn acquire_wait_watch_and_release_with_plain_std_calls() {
         )
         .unwrap_err();
     assert_eq!(
-        (e.code(), e.exit_code()),
+        (e.code(), e.exit_code().code()),
         (Some(ErrorCode::Usage), 2),
         "{e}"
     );
@@ -109,5 +109,5 @@ fn an_absent_agent_is_exit_5() {
     let c = Client::new(dir.path().join("none.sock"));
     let e = c.list().unwrap_err();
     assert!(matches!(e, Error::Unreachable { .. }), "{e:?}");
-    assert_eq!(e.exit_code(), 5);
+    assert_eq!(e.exit_code().code(), 5);
 }

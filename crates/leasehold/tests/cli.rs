@@ -777,3 +777,23 @@ fn list_filters_by_prefix_held_dirty_and_host() {
         "misaligned:\n{t}"
     );
 }
+
+/// `--help` lists every exit code the CLI uses, from the one enum the agent's error codes map
+/// to (an error code's exit code is what the CLI exits with: see the refusals above).
+#[test]
+fn help_lists_every_exit_code_with_its_meaning() {
+    use leasehold_api::v1::{ErrorCode, ExitCode};
+    let out = std::process::Command::new(bin())
+        .arg("--help")
+        .output()
+        .unwrap();
+    expect_code(&out, 0);
+    let help = text(&out.stdout);
+    for c in ExitCode::ALL {
+        let line = format!("  {:<3} {}", c.code(), c.meaning());
+        assert!(help.contains(&line), "{line:?} missing from:\n{help}");
+    }
+    for e in ErrorCode::ALL {
+        assert!(ExitCode::ALL.contains(&e.exit_code()), "{e}");
+    }
+}

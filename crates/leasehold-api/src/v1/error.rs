@@ -45,15 +45,74 @@ pub enum ErrorCode {
     Internal,
 }
 
+/// The CLI's exit codes (SPEC §6), one for each [`ErrorCode`] ([`ErrorCode::exit_code`]).
+/// `leasehold run` exits with its command's status instead, when the command ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum ExitCode {
+    /// Done.
+    Ok = 0,
+    /// An error.
+    Error = 1,
+    /// Bad flags, names or config; for the agent, anything a restart cannot fix.
+    Usage = 2,
+    /// Held by another owner, or `--wait` ran out.
+    Held = 3,
+    /// The resource is dirty: check it, then mark it clean.
+    NeedsCheck = 4,
+    /// The agent is unreachable, or did not answer in time.
+    Unreachable = 5,
+    /// Standard output was closed by its reader (as SIGPIPE would end the command).
+    BrokenPipe = 141,
+}
+
+impl ExitCode {
+    /// Every exit code, in order.
+    pub const ALL: [ExitCode; 7] = [
+        ExitCode::Ok,
+        ExitCode::Error,
+        ExitCode::Usage,
+        ExitCode::Held,
+        ExitCode::NeedsCheck,
+        ExitCode::Unreachable,
+        ExitCode::BrokenPipe,
+    ];
+
+    /// The number the process exits with.
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+
+    /// What the code means, for `--help`.
+    pub fn meaning(self) -> &'static str {
+        match self {
+            ExitCode::Ok => "ok",
+            ExitCode::Error => "error",
+            ExitCode::Usage => {
+                "usage (bad flags, names or config); for the agent, anything a restart cannot fix \
+                 (bad config, an unsafe directory, a damaged database)"
+            }
+            ExitCode::Held => "held by another owner, or --wait timed out",
+            ExitCode::NeedsCheck => {
+                "needs check: the resource is dirty (its last writer died mid-write)"
+            }
+            ExitCode::Unreachable => "the agent is unreachable, or did not answer within --timeout",
+            ExitCode::BrokenPipe => {
+                "standard output was closed by its reader (as SIGPIPE would end it)"
+            }
+        }
+    }
+}
+
 impl ErrorCode {
     /// The CLI's exit code for this error (SPEC §6: 1 error, 2 usage, 3 held, 4 needs check,
     /// 5 agent unreachable).
-    pub fn exit_code(self) -> u8 {
+    pub fn exit_code(self) -> ExitCode {
         match self {
-            ErrorCode::Held | ErrorCode::TimedOut => 3,
-            ErrorCode::NeedsCheck => 4,
-            ErrorCode::Usage | ErrorCode::TooLarge => 2,
-            ErrorCode::Unavailable => 5,
+            ErrorCode::Held | ErrorCode::TimedOut => ExitCode::Held,
+            ErrorCode::NeedsCheck => ExitCode::NeedsCheck,
+            ErrorCode::Usage | ErrorCode::TooLarge => ExitCode::Usage,
+            ErrorCode::Unavailable => ExitCode::Unreachable,
             ErrorCode::ModeConflict
             | ErrorCode::Cancelled
             | ErrorCode::Forbidden
@@ -62,7 +121,7 @@ impl ErrorCode {
             | ErrorCode::BackendUnavailable
             | ErrorCode::Exhausted
             | ErrorCode::RequestTimeout
-            | ErrorCode::Internal => 1,
+            | ErrorCode::Internal => ExitCode::Error,
         }
     }
 

@@ -26,7 +26,7 @@ mod error;
 mod time;
 
 pub use convert::{conflict_from_v1, conflict_to_v1};
-pub use error::{ApiError, ErrorCode};
+pub use error::{ApiError, ErrorCode, ExitCode};
 pub use time::{Dur, Time};
 
 /// The most bytes a request body may have; larger ones are refused (`too-large`) unread.
