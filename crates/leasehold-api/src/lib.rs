@@ -101,6 +101,8 @@ impl TryFrom<pb::Owner> for Owner {
                 pid: o.pid,
                 start_time: o.start_time,
             },
+            // The gRPC API is being retired and carries no owner id.
+            id: None,
             label: o.label,
             uid: o.uid,
             command: o.command,

@@ -345,14 +345,14 @@ impl Engine {
         self.out.meta_changed = true;
         let until = now.mono.after(self.config.grace);
         let mut affected = BTreeSet::new();
-        let doomed: Vec<(ResourceName, ProcessKey)> = self
+        let doomed: Vec<(ResourceName, Owner)> = self
             .resources
             .iter()
             .flat_map(|(r, st)| {
                 st.holders
                     .iter()
                     .filter(|l| l.session == id)
-                    .map(move |l| (r.clone(), l.owner.process.clone()))
+                    .map(move |l| (r.clone(), l.owner.clone()))
             })
             .collect();
         for (r, p) in doomed {

@@ -60,8 +60,8 @@ pub use release::{ReleaseError, ReleaseKind, ReleaseRequest, Released};
 pub use resource::{EndReason, Ended, Lease, ResourceState};
 pub use session::{Session, SessionError};
 pub use types::{
-    HostId, MAX_COMMAND, MAX_HOST_ID, MAX_LABEL, MAX_RESOURCE_NAME, MAX_TEXT, Mode, NameError, Now,
-    OnExit, Owner, ProcessKey, ResourceName, SessionId, Time, Token, WaiterId, WallTime,
-    check_free_text,
+    HostId, MAX_COMMAND, MAX_HOST_ID, MAX_LABEL, MAX_OWNER_ID, MAX_RESOURCE_NAME, MAX_TEXT, Mode,
+    NameError, Now, OnExit, Owner, OwnerId, ProcessKey, ResourceName, SessionId, Time, Token,
+    WaiterId, WallTime, check_free_text,
 };
 pub use view::{ResourceView, WaiterView};

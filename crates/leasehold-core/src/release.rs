@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::resource::Ended;
-use crate::types::{HostId, ProcessKey, ResourceName};
+use crate::types::{HostId, OwnerId, ProcessKey, ResourceName};
 
 /// How a holder lets go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,8 +29,10 @@ pub enum ReleaseKind {
 pub struct ReleaseRequest {
     /// The resource.
     pub resource: ResourceName,
-    /// The holder.
+    /// The holder's process.
     pub process: ProcessKey,
+    /// The holder's owner id inside its process, if it has one.
+    pub owner_id: Option<OwnerId>,
     /// How.
     pub kind: ReleaseKind,
 }
@@ -53,13 +55,16 @@ pub enum ReleaseError {
     /// The request is malformed.
     #[error("invalid request: {0}")]
     Invalid(String),
-    /// The process holds no lease on the resource.
-    #[error("{resource} is not held by {process}")]
+    /// The owner holds no lease on the resource.
+    #[error("{resource} is not held by {process}{}", .owner_id.as_ref().map(|i| format!(" owner {i}")).unwrap_or_default())]
     NotHeld {
         /// The resource.
         resource: ResourceName,
         /// The process.
         process: ProcessKey,
+        /// The owner id inside the process, if one was named.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner_id: Option<OwnerId>,
     },
     /// Nobody holds the resource.
     #[error("{0} is not held by anyone")]

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::{Mode, Now, Owner, ProcessKey, SessionId, Time, Token, WaiterId, WallTime};
+use crate::types::{
+    Mode, Now, Owner, OwnerId, ProcessKey, SessionId, Time, Token, WaiterId, WallTime,
+};
 
 /// A live grant of one resource to one owner.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -198,13 +200,18 @@ impl ResourceState {
         self.holders.iter().all(|l| l.mode.compatible_with(mode))
     }
 
-    /// The lease held by `process`, if any.
-    pub fn lease_of(&self, process: &ProcessKey) -> Option<&Lease> {
-        self.holders.iter().find(|l| &l.owner.process == process)
+    /// The lease held by the owner `id` of `process`, if any.
+    pub fn lease_of(&self, process: &ProcessKey, id: Option<&OwnerId>) -> Option<&Lease> {
+        self.holders.iter().find(|l| l.owner.is(process, id))
+    }
+
+    /// Whether any owner of `process` holds a lease here.
+    pub fn held_by_process(&self, process: &ProcessKey) -> bool {
+        self.holders.iter().any(|l| &l.owner.process == process)
     }
 
     /// How this state breaks the lease rules (SPEC G1, G2), if it does: an exclusive lease
-    /// beside another lease, one process holding twice, or a lease whose token is above the
+    /// beside another lease, one owner holding twice, or a lease whose token is above the
     /// resource's last token. A store refuses to act on such a state.
     pub fn violation(&self) -> Option<String> {
         let exclusive = self
@@ -219,11 +226,8 @@ impl ResourceState {
             ));
         }
         for (i, l) in self.holders.iter().enumerate() {
-            if self.holders[..i]
-                .iter()
-                .any(|o| o.owner.process == l.owner.process)
-            {
-                return Some(format!("{} recorded twice as a holder", l.owner.process));
+            if self.holders[..i].iter().any(|o| o.owner.same_as(&l.owner)) {
+                return Some(format!("{} recorded twice as a holder", l.owner));
             }
             if l.token > self.last_token {
                 return Some(format!(
@@ -296,6 +300,15 @@ mod tests {
         st.holders = vec![lease(1, Mode::Exclusive, 4)];
         assert!(st.violation().unwrap().contains("above the last token"));
         st.holders = vec![lease(1, Mode::Shared, 2), lease(1, Mode::Shared, 3)];
+        assert!(st.violation().unwrap().contains("twice"));
+        let id = |s: &str| crate::OwnerId::new(s).unwrap();
+        let mut a = lease(1, Mode::Shared, 2);
+        a.owner.id = Some(id("a"));
+        let mut b = lease(1, Mode::Shared, 3);
+        b.owner.id = Some(id("b"));
+        st.holders = vec![a.clone(), b];
+        assert_eq!(st.violation(), None, "two owners of one process");
+        st.holders = vec![a.clone(), a];
         assert!(st.violation().unwrap().contains("twice"));
     }
 

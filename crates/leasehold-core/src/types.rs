@@ -15,6 +15,8 @@ pub const MAX_LABEL: usize = 256;
 pub const MAX_COMMAND: usize = 64;
 /// The longest free text (a force-release reason, a release note), in bytes.
 pub const MAX_TEXT: usize = 1024;
+/// The longest owner id, in bytes (a UUID takes 36).
+pub const MAX_OWNER_ID: usize = 64;
 
 /// Why a name, id, label or text was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -284,11 +286,67 @@ impl fmt::Display for ProcessKey {
     }
 }
 
+/// The id of one owner among several inside one process (threads of a service, each lease
+/// of a Python client): 1 to 64 bytes of ASCII letters, digits, `-`, `_`, `.` and `:`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct OwnerId(String);
+
+impl OwnerId {
+    /// Validates and wraps an owner id.
+    ///
+    /// # Errors
+    /// [`NameError`] when the id is empty, too long, or holds anything but
+    /// `[A-Za-z0-9._:-]`.
+    pub fn new(id: impl Into<String>) -> Result<Self, NameError> {
+        let id = id.into();
+        check_text(
+            "owner id",
+            &id,
+            MAX_OWNER_ID,
+            false,
+            |c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'),
+            " (allowed: ASCII letters, digits, '-', '_', '.', ':')",
+        )?;
+        Ok(Self(id))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for OwnerId {
+    type Error = NameError;
+    fn try_from(s: String) -> Result<Self, NameError> {
+        Self::new(s)
+    }
+}
+
+impl From<OwnerId> for String {
+    fn from(o: OwnerId) -> String {
+        o.0
+    }
+}
+
+impl fmt::Display for OwnerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// Who holds or waits for a lease: a process, and what helps a person recognise it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Owner {
-    /// The process; this alone is the owner's identity.
+    /// The process; with `id`, the owner's identity.
     pub process: ProcessKey,
+    /// Tells apart several owners inside one process: two owners of one process with
+    /// different ids are two owners (an exclusive lease of one excludes the other). The
+    /// process's exit still ends the leases of all of them. Records written before owner ids
+    /// existed have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<OwnerId>,
     /// An optional label, such as a VM name or uuid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub label: Option<String>,
@@ -352,6 +410,7 @@ impl Owner {
                 pid,
                 start_time,
             },
+            id: None,
             label: None,
             uid: None,
             command: None,
@@ -364,6 +423,22 @@ impl Owner {
     pub fn with_label(mut self, label: impl Into<String>) -> Owner {
         self.label = Some(label.into());
         self
+    }
+
+    /// The same owner with an owner id.
+    pub fn with_id(mut self, id: OwnerId) -> Owner {
+        self.id = Some(id);
+        self
+    }
+
+    /// Whether this is the owner `id` inside `process`: the owner's identity.
+    pub fn is(&self, process: &ProcessKey, id: Option<&OwnerId>) -> bool {
+        &self.process == process && self.id.as_ref() == id
+    }
+
+    /// Whether `self` and `other` are one owner (same process, same owner id).
+    pub fn same_as(&self, other: &Owner) -> bool {
+        other.is(&self.process, self.id.as_ref())
     }
 
     /// The host the owner runs on.
@@ -397,6 +472,9 @@ impl Owner {
 impl fmt::Display for Owner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.process)?;
+        if let Some(id) = &self.id {
+            write!(f, " owner {id}")?;
+        }
         if let Some(cmd) = &self.command {
             write!(f, " ({cmd})")?;
         }

@@ -26,8 +26,8 @@ use std::future::Future;
 use std::time::Duration;
 
 use leasehold_core::{
-    AcquireError, EndReason, Event, HostId, Mode, Owner, ProcessKey, ReleaseError, ReleaseKind,
-    ResourceName, Token,
+    AcquireError, EndReason, Event, HostId, Mode, Owner, OwnerId, ProcessKey, ReleaseError,
+    ReleaseKind, ResourceName, Token,
 };
 
 use crate::{AcquireSpec, Store, StoreError};
@@ -70,6 +70,7 @@ macro_rules! conformance_suite {
             a_dropped_waiter_leaves_no_lease,
             list_and_inspect_show_holders_and_dirt,
             events_are_published_after_they_are_durable,
+            owners_of_one_process_are_told_apart_by_owner_id,
         );
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
@@ -111,7 +112,7 @@ async fn take<S: Store>(s: &S, pid: u32, r: &str, mode: Mode) -> Result<Token, S
 }
 
 async fn release<S: Store>(s: &S, pid: u32, r: &str, kind: ReleaseKind) {
-    s.release(res(r), process(s.host(), pid), kind)
+    s.release(res(r), process(s.host(), pid), None, kind)
         .await
         .expect("release");
 }
@@ -158,6 +159,104 @@ pub async fn exclusive_excludes_every_other_owner<H: Harness>(h: &H) {
             .expect_err("shared beside exclusive"),
     );
     assert_eq!(holders(&s, "disk").await, vec![(1, X)]);
+}
+
+/// G1 between owners of one process (SPEC §2's owner id, threads of a service): two owner ids
+/// of one pid exclude each other as two processes would, shared ones coexist, a release names
+/// its owner id, the ids survive a restart, and the process's exit ends all of them.
+pub async fn owners_of_one_process_are_told_apart_by_owner_id<H: Harness>(h: &H) {
+    let a = host("a");
+    let as_id = |id: &str| owner(&a, 5).with_id(OwnerId::new(id).expect("valid owner id"));
+    let take_as = |id: &str, r: &str, mode: Mode| AcquireSpec::new(as_id(id), [(res(r), mode)]);
+    let s = h.open(&a).await;
+    let t = s
+        .acquire(take_as("t1", "disk", X))
+        .await
+        .expect("first owner")[0]
+        .token;
+    let again = s
+        .acquire(take_as("t1", "disk", X))
+        .await
+        .expect("same owner again");
+    assert_eq!(again[0].token, t, "the same owner gets its own lease back");
+    match s.acquire(take_as("t2", "disk", X)).await {
+        Err(StoreError::Acquire(AcquireError::Busy(c))) => {
+            assert_eq!(c.holders.len(), 1);
+            assert_eq!(c.holders[0].owner, as_id("t1"));
+        }
+        other => panic!("a second owner of the same pid must be refused: {other:?}"),
+    }
+    busy_holder(
+        take(&s, 5, "disk", SH)
+            .await
+            .expect_err("the pid without an owner id"),
+    );
+    s.acquire(take_as("t1", "img", SH))
+        .await
+        .expect("shared t1");
+    s.acquire(take_as("t2", "img", SH))
+        .await
+        .expect("shared t2 beside t1");
+
+    drop(s);
+    let s = h.open(&a).await;
+    let v = s
+        .inspect(res("img"))
+        .await
+        .expect("inspect")
+        .expect("known");
+    let mut ids: Vec<_> = v.holders.iter().map(|l| l.owner.id.clone()).collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        vec![
+            Some(OwnerId::new("t1").unwrap()),
+            Some(OwnerId::new("t2").unwrap())
+        ]
+    );
+
+    // A release names its owner: none, or another id, releases nothing.
+    let p = process(&a, 5);
+    let e = s
+        .release(res("disk"), p.clone(), None, ReleaseKind::Clean)
+        .await
+        .expect_err("no owner id");
+    assert!(
+        matches!(e, StoreError::Release(ReleaseError::NotHeld { .. })),
+        "{e:?}"
+    );
+    s.release(
+        res("disk"),
+        p.clone(),
+        OwnerId::new("t2").ok(),
+        ReleaseKind::Clean,
+    )
+    .await
+    .expect_err("the other owner id");
+    assert!(s.validate(res("disk"), t).await.expect("validate"));
+    s.release(
+        res("img"),
+        p.clone(),
+        OwnerId::new("t1").ok(),
+        ReleaseKind::Clean,
+    )
+    .await
+    .expect("t1 releases its shared lease");
+    let v = s
+        .inspect(res("img"))
+        .await
+        .expect("inspect")
+        .expect("known");
+    assert_eq!(v.holders.len(), 1);
+    assert_eq!(v.holders[0].owner, as_id("t2"));
+
+    // The process's exit ends every owner's leases.
+    let ended = s.end_process(p).await.expect("exit");
+    assert_eq!(ended.len(), 2, "{ended:?}");
+    assert!(holders(&s, "disk").await.is_empty());
+    assert!(holders(&s, "img").await.is_empty());
+    assert!(is_dirty(&s, "disk").await);
+    assert!(!is_dirty(&s, "img").await);
 }
 
 /// G1: shared leases coexist; an exclusive one waits for all of them.
@@ -484,7 +583,7 @@ pub async fn handover_moves_the_lease_in_one_step<H: Harness>(h: &H) {
         label: Some("no-such-label".into()),
     };
     let e = s
-        .release(res("vm"), process(&a, 1), nobody)
+        .release(res("vm"), process(&a, 1), None, nobody)
         .await
         .expect_err("nobody to hand over to");
     assert!(matches!(
@@ -500,7 +599,7 @@ pub async fn handover_moves_the_lease_in_one_step<H: Harness>(h: &H) {
         label: Some("destination".into()),
     };
     let r = s
-        .release(res("vm"), process(&a, 1), to)
+        .release(res("vm"), process(&a, 1), None, to)
         .await
         .expect("handover");
     assert!(!r.dirtied);
@@ -537,7 +636,7 @@ pub async fn bad_requests_change_nothing<H: Harness>(h: &H) {
         );
     }
     let e = s
-        .release(res("disk"), process(&a, 2), ReleaseKind::Clean)
+        .release(res("disk"), process(&a, 2), None, ReleaseKind::Clean)
         .await
         .expect_err("not the holder");
     assert!(matches!(

@@ -31,8 +31,8 @@ use std::future::Future;
 use std::time::Duration;
 
 use leasehold_core::{
-    AcquireError, Conflict, Ended, Event, Grant, HostId, Mode, Owner, ProcessKey, ReleaseError,
-    ReleaseKind, Released, ResourceName, Token,
+    AcquireError, Conflict, Ended, Event, Grant, HostId, Mode, Owner, OwnerId, ProcessKey,
+    ReleaseError, ReleaseKind, Released, ResourceName, Token,
 };
 pub use leasehold_core::{ResourceView, WaiterView};
 
@@ -220,19 +220,21 @@ pub trait Store: Send + Sync + 'static {
         spec: AcquireSpec,
     ) -> impl Future<Output = Result<Vec<Grant>, StoreError>> + Send;
 
-    /// Ends one lease of `process` as it asks.
+    /// Ends the lease of the owner `owner_id` of `process` as it asks.
     ///
     /// # Errors
-    /// [`StoreError::Release`] when the process does not hold the resource, or the handover
+    /// [`StoreError::Release`] when that owner does not hold the resource, or the handover
     /// has nobody to go to (the lease is then kept).
     fn release(
         &self,
         resource: ResourceName,
         process: ProcessKey,
+        owner_id: Option<OwnerId>,
         kind: ReleaseKind,
     ) -> impl Future<Output = Result<Released, StoreError>> + Send;
 
-    /// Ends every lease and waiting request of a process that has exited.
+    /// Ends every lease and waiting request of a process that has exited, of all its owner
+    /// ids.
     ///
     /// # Errors
     /// [`StoreError::Storage`] or [`StoreError::Closed`].
@@ -284,14 +286,14 @@ pub trait Store: Send + Sync + 'static {
         token: Token,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
-    /// Who or what is in the way of `items` for `process` now (`None`: nothing), with how
+    /// Who or what is in the way of `items` for `owner` now (`None`: nothing), with how
     /// long a grace period still blocks the resource; for telling a waiting caller.
     ///
     /// # Errors
     /// [`StoreError::Storage`], [`StoreError::Unavailable`] or [`StoreError::Closed`].
     fn conflict(
         &self,
-        process: ProcessKey,
+        owner: Owner,
         items: Vec<(ResourceName, Mode)>,
     ) -> impl Future<Output = Result<Option<Conflict>, StoreError>> + Send;
 

@@ -80,7 +80,7 @@ async fn a_user_limited_to_the_prefix_takes_and_ends_leases_over_tls() {
     let out = etcd.etcdctl(&["get", "--prefix", PREFIX, "--keys-only"]);
     let keys = String::from_utf8_lossy(&out.stdout);
     assert!(keys.contains("/res/disk1"), "{keys}");
-    s.release(r.clone(), owner.process.clone(), ReleaseKind::Clean)
+    s.release(r.clone(), owner.process.clone(), None, ReleaseKind::Clean)
         .await
         .unwrap();
     assert!(!s.validate(r, token).await.unwrap());

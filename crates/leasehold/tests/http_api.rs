@@ -332,3 +332,59 @@ fn a_python_stdlib_client_acquires_waits_watches_and_releases() {
         common::text(&out.stderr)
     );
 }
+
+/// Several owners inside one process (a threaded service): two owner ids of one pid exclude
+/// each other, shared ones coexist, a release names its owner id, and the process's exit ends
+/// the leases of all of them.
+#[test]
+fn owner_ids_tell_apart_several_owners_of_one_process() {
+    let a = Agent::start();
+    let mut h = Holder::new();
+    let take = |owner: &str, r: &str, mode: &str| {
+        call(
+            &a,
+            "POST",
+            "/v1/acquire",
+            Some(json!({"items": items(r, mode), "pid": h.pid(), "owner_id": owner})),
+        )
+    };
+    let (code, g) = take("t-1", "disk", "exclusive");
+    assert_eq!((code, g["event"].as_str()), (200, Some("granted")), "{g}");
+    assert_eq!(g["owner"]["owner_id"], "t-1", "{g}");
+    let (code, v) = take("t-2", "disk", "exclusive");
+    assert_eq!((code, v["code"].as_str()), (409, Some("held")), "{v}");
+    assert_eq!(
+        v["conflict"]["holders"][0]["owner"]["owner_id"], "t-1",
+        "{v}"
+    );
+    assert!(take("t-1", "img", "shared").0 == 200 && take("t-2", "img", "shared").0 == 200);
+    assert_eq!(a.holders("img"), vec![u64::from(h.pid()); 2]);
+
+    let (code, v) = take("not valid", "other", "exclusive");
+    assert_eq!((code, v["code"].as_str()), (400, Some("usage")), "{v}");
+    assert!(
+        a.inspect("other").is_none(),
+        "a refused request changes nothing"
+    );
+
+    // Releasing names the owner: the process without an id holds nothing.
+    let release = |owner: Option<&str>, r: &str| {
+        let mut body = json!({"resources": [r], "pid": h.pid()});
+        if let Some(o) = owner {
+            body["owner_id"] = json!(o);
+        }
+        call(&a, "POST", "/v1/release", Some(body))
+    };
+    let (_, v) = release(None, "disk");
+    assert_eq!(v["failed"][0]["resource"], "disk", "{v}");
+    let (_, v) = release(Some("t-2"), "img");
+    assert_eq!(v["released"][0]["ended"]["owner"]["owner_id"], "t-2", "{v}");
+    assert_eq!(a.holders("img"), vec![u64::from(h.pid())]);
+
+    h.kill9();
+    common::wait_until("the process's exit ends every owner's lease", LIMIT, || {
+        a.holders("disk").is_empty() && a.holders("img").is_empty()
+    });
+    assert!(a.is_dirty("disk"));
+    assert!(!a.is_dirty("img"));
+}

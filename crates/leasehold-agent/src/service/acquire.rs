@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use leasehold_api::v1::{self, ApiError, ErrorCode, conflict_to_v1};
 use leasehold_api::words;
 use leasehold_core::{
-    AcquireError, Conflict, EndReason, Ended, Grant, Owner, ProcessKey, ReleaseKind, ResourceName,
-    Token,
+    AcquireError, Conflict, EndReason, Ended, Grant, Owner, OwnerId, ProcessKey, ReleaseKind,
+    ResourceName, Token,
 };
 use leasehold_store::{AcquireSpec, Store, StoreError};
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -149,6 +149,11 @@ impl<S: Store> Service<S> {
                 pid: info.pid,
                 start_time: info.start_time,
             },
+            id: r
+                .owner_id
+                .map(OwnerId::new)
+                .transpose()
+                .map_err(super::usage)?,
             label: r.label,
             uid: Some(info.uid),
             command: Some(info.command),
@@ -250,7 +255,7 @@ impl<S: Store> Service<S> {
             };
             if !kept {
                 me.confirms.forget(confirm_id);
-                me.undo_unconfirmed(&owner.process, fresh).await;
+                me.undo_unconfirmed(&owner, fresh).await;
                 return;
             }
             if let Some(registration) = registration {
@@ -309,11 +314,17 @@ impl<S: Store> Service<S> {
 
     /// Releases, clean, the new leases of a grant whose client went away before receiving
     /// it: nobody learnt their tokens, so nothing was written under them.
-    async fn undo_unconfirmed(&self, process: &ProcessKey, fresh: Vec<ResourceName>) {
+    async fn undo_unconfirmed(&self, owner: &Owner, fresh: Vec<ResourceName>) {
+        let process = &owner.process;
         for r in fresh {
             match self
                 .store
-                .release(r.clone(), process.clone(), ReleaseKind::Clean)
+                .release(
+                    r.clone(),
+                    process.clone(),
+                    owner.id.clone(),
+                    ReleaseKind::Clean,
+                )
                 .await
             {
                 Ok(_) => warn!(
@@ -338,7 +349,8 @@ impl<S: Store> Service<S> {
         spec: AcquireSpec,
         tx: &Tx,
     ) -> Option<Result<Vec<Grant>, StoreError>> {
-        let process = spec.owner.process.clone();
+        let owner = spec.owner.clone();
+        let process = owner.process.clone();
         let items = spec.items.clone();
         let waits = spec.wait.is_some();
         // Subscribed before the request starts, so no note about it is missed.
@@ -380,7 +392,7 @@ impl<S: Store> Service<S> {
                 },
                 () = tokio::time::sleep_until(next), if waits => {
                     next += PROGRESS_EVERY;
-                    let in_way = self.store.conflict(process.clone(), items.clone()).await;
+                    let in_way = self.store.conflict(owner.clone(), items.clone()).await;
                     if let Ok(Some(conflict)) = in_way {
                         let waiting = Out::Waiting {
                             conflict: Some(conflict),

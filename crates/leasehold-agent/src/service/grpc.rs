@@ -218,6 +218,7 @@ impl<S: Store> pb::leasehold_server::Leasehold for Service<S> {
             items,
             pid: pid(r.pid),
             start_time: r.start_time,
+            owner_id: None,
             label: r.label,
             accept_dirty: r.accept_dirty,
             // 0 waits forever.
@@ -243,6 +244,7 @@ impl<S: Store> pb::leasehold_server::Leasehold for Service<S> {
             resources: r.resources,
             pid: pid(r.pid),
             start_time: r.start_time,
+            owner_id: None,
             dirty: r.dirty,
             note: r.note,
             handover_to: r.handover_to,

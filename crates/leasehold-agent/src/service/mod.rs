@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use leasehold_api::v1::{self, ApiError, ErrorCode};
 use leasehold_core::{
-    AcquireError, EndReason, Ended, Event, HostId, MAX_TEXT, ProcessKey, ReleaseError, ReleaseKind,
-    Released, ResourceName, ResourceView, Token, check_free_text,
+    AcquireError, EndReason, Ended, Event, HostId, MAX_TEXT, OwnerId, ProcessKey, ReleaseError,
+    ReleaseKind, Released, ResourceName, ResourceView, Token, check_free_text,
 };
 use leasehold_store::{Store, StoreError};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -337,6 +337,7 @@ impl<S: Store> Service<S> {
             }
             (None, false) => ReleaseKind::Clean,
         };
+        let owner_id = r.owner_id.map(OwnerId::new).transpose().map_err(usage)?;
         let info = self.target(c, r.pid, r.start_time)?;
         let process = ProcessKey {
             host: self.config.host_id.clone(),
@@ -348,11 +349,11 @@ impl<S: Store> Service<S> {
             .into_iter()
             .map(|name| {
                 let store = self.store.clone();
-                let (process, kind) = (process.clone(), kind.clone());
+                let (process, owner_id, kind) = (process.clone(), owner_id.clone(), kind.clone());
                 let n = name.clone();
                 let task = tokio::spawn(async move {
                     let started = std::time::Instant::now();
-                    let r = store.release(n, process, kind).await;
+                    let r = store.release(n, process, owner_id, kind).await;
                     if r.is_ok() {
                         crate::metrics::store_op(
                             crate::metrics::StoreOp::release,

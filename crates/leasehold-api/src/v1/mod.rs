@@ -64,6 +64,9 @@ pub struct Owner {
     pub pid: u32,
     /// Its start time (field 22 of `/proc/PID/stat`).
     pub start_time: u64,
+    /// Which owner inside the process, when it has several (threads of a service).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_id: Option<String>,
     /// A label for people: a VM name or uuid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub label: Option<String>,
@@ -262,6 +265,11 @@ pub struct AcquireRequest {
     /// The start time the caller read for `pid`; refused if the pid now names another process.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<u64>,
+    /// Which owner inside the process (1 to 64 of `[A-Za-z0-9._:-]`, e.g. a UUID): owners
+    /// of one process with different ids exclude each other as two processes would; the
+    /// process's exit still ends the leases of all of them. Absent: the process itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_id: Option<String>,
     /// A label for people: a VM name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub label: Option<String>,
@@ -330,6 +338,9 @@ pub struct ReleaseRequest {
     /// The holder's start time, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<u64>,
+    /// The holder's owner id inside its process, as given to acquire.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_id: Option<String>,
     /// Leave the resources dirty: they need a check.
     #[serde(default)]
     pub dirty: bool,

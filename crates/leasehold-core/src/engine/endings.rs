@@ -8,7 +8,9 @@ use crate::acquire::AcquireError;
 use crate::output::Event;
 use crate::release::{ReleaseError, ReleaseKind, ReleaseRequest, Released};
 use crate::resource::{EndReason, Ended};
-use crate::types::{MAX_TEXT, Mode, Now, ProcessKey, ResourceName, WaiterId, check_free_text};
+use crate::types::{
+    MAX_TEXT, Mode, Now, Owner, ProcessKey, ResourceName, WaiterId, check_free_text,
+};
 
 impl Engine {
     /// Ends one lease as its holder asks.
@@ -22,11 +24,12 @@ impl Engine {
         let lease = self
             .resources
             .get(&req.resource)
-            .and_then(|st| st.lease_of(&req.process))
+            .and_then(|st| st.lease_of(&req.process, req.owner_id.as_ref()))
             .cloned()
             .ok_or_else(|| ReleaseError::NotHeld {
                 resource: req.resource.clone(),
                 process: req.process.clone(),
+                owner_id: req.owner_id.clone(),
             })?;
         let how = match req.kind {
             ReleaseKind::Clean => EndReason::Released,
@@ -73,7 +76,7 @@ impl Engine {
                 };
                 let released = self.end_lease(
                     &req.resource,
-                    &req.process,
+                    &lease.owner,
                     EndReason::HandedOver { to },
                     now,
                 );
@@ -84,12 +87,13 @@ impl Engine {
                 return Ok(released);
             }
         };
-        let released = self.end_lease(&req.resource, &req.process, how, now);
+        let released = self.end_lease(&req.resource, &lease.owner, how, now);
         self.serve(BTreeSet::from([req.resource]), now);
         Ok(released)
     }
 
-    /// Ends every lease and waiting request of a process that has exited.
+    /// Ends every lease and waiting request of a process that has exited, whatever their
+    /// owner ids.
     pub fn end_process(&mut self, process: &ProcessKey, now: Now) -> Vec<Released> {
         self.end_process_as(process, EndReason::ProcessDied, now)
     }
@@ -104,9 +108,19 @@ impl Engine {
         self.tick(now);
         let held: Vec<ResourceName> = self.held_by(process).cloned().collect();
         let mut affected: BTreeSet<ResourceName> = held.iter().cloned().collect();
-        let released = held
+        let doomed: Vec<(ResourceName, Owner)> = held
             .iter()
-            .map(|r| self.end_lease(r, process, how.clone(), now))
+            .filter_map(|r| self.resources.get(r).map(|st| (r, st)))
+            .flat_map(|(r, st)| {
+                st.holders
+                    .iter()
+                    .filter(|l| &l.owner.process == process)
+                    .map(move |l| (r.clone(), l.owner.clone()))
+            })
+            .collect();
+        let released = doomed
+            .iter()
+            .map(|(r, o)| self.end_lease(r, o, how.clone(), now))
             .collect();
         let waiting: Vec<WaiterId> = self
             .waiters
@@ -152,7 +166,7 @@ impl Engine {
             return Err(ReleaseError::Unheld(resource.clone()));
         }
         st.reserved_for = None;
-        let holders: Vec<ProcessKey> = st.holders.iter().map(|l| l.owner.process.clone()).collect();
+        let holders: Vec<Owner> = st.holders.iter().map(|l| l.owner.clone()).collect();
         let released = holders
             .iter()
             .map(|p| {
@@ -196,20 +210,23 @@ impl Engine {
         Ok(was)
     }
 
-    /// Removes one live lease and records how it ended. The lease must exist.
+    /// Removes the live lease of `owner` (its process and owner id) and records how it
+    /// ended. The lease must exist.
     pub(super) fn end_lease(
         &mut self,
         resource: &ResourceName,
-        process: &ProcessKey,
+        owner: &Owner,
         how: EndReason,
         now: Now,
     ) -> Released {
         let st = self.resources.entry(resource.clone()).or_default();
-        let pos = st.holders.iter().position(|l| &l.owner.process == process);
+        let pos = st.holders.iter().position(|l| l.owner.same_as(owner));
         let lease = match pos {
             Some(i) => st.holders.remove(i),
-            None => unreachable_lease(resource, process),
+            None => unreachable_lease(resource, owner),
         };
+        let process = &owner.process;
+        let process_still_holds = st.held_by_process(process);
         let dirtied = lease.mode == Mode::Exclusive && how.dirties();
         let ended = Ended {
             owner: lease.owner,
@@ -223,7 +240,9 @@ impl Engine {
             st.dirty = Some(ended.clone());
         }
         st.last_ended = Some(ended.clone());
-        if let Some(set) = self.by_process.get_mut(process) {
+        if let Some(set) = self.by_process.get_mut(process)
+            && !process_still_holds
+        {
             set.remove(resource);
             if set.is_empty() {
                 self.by_process.remove(process);
@@ -244,7 +263,7 @@ impl Engine {
 }
 
 #[cold]
-fn unreachable_lease(resource: &ResourceName, process: &ProcessKey) -> ! {
+fn unreachable_lease(resource: &ResourceName, owner: &Owner) -> ! {
     // Every caller looked the lease up first; reaching this is a bug in the engine.
-    panic!("engine bug: no lease of {process} on {resource} to end")
+    panic!("engine bug: no lease of {owner} on {resource} to end")
 }

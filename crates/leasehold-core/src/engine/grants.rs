@@ -7,9 +7,7 @@ use super::{Engine, Verdict, Waiter};
 use crate::acquire::{AcquireError, AcquireRequest, Acquired, Conflict, Grant, MAX_ITEMS};
 use crate::output::Event;
 use crate::resource::{Lease, ResourceState};
-use crate::types::{
-    Mode, NameError, Now, Owner, ProcessKey, ResourceName, SessionId, Token, WaiterId,
-};
+use crate::types::{Mode, NameError, Now, Owner, ResourceName, SessionId, Token, WaiterId};
 
 impl Engine {
     /// Asks for leases, all or nothing.
@@ -25,7 +23,7 @@ impl Engine {
             self.check_expected_tokens(&req)?;
             req.wait = false;
         }
-        match self.evaluate(&req.owner.process, &req.items, req.accept_dirty, None, now) {
+        match self.evaluate(&req.owner, &req.items, req.accept_dirty, None, now) {
             Verdict::Grant(existing) => Ok(Acquired::Granted(self.grant(
                 &req.owner,
                 req.session,
@@ -77,17 +75,17 @@ impl Engine {
         );
     }
 
-    /// Why `items` could not be granted to a new request from `process` at `now`, if they
+    /// Why `items` could not be granted to a new request from `owner` at `now`, if they
     /// could not; for telling a waiting caller who is in its way.
     pub fn conflict(
         &self,
-        process: &ProcessKey,
+        owner: &Owner,
         items: &[(ResourceName, Mode)],
         now: Now,
     ) -> Option<Conflict> {
         let mut items = items.to_vec();
         items.sort();
-        match self.evaluate(process, &items, true, None, now) {
+        match self.evaluate(owner, &items, true, None, now) {
             Verdict::Blocked(c) => Some(c),
             _ => None,
         }
@@ -139,7 +137,10 @@ impl Engine {
                 )));
             }
             let st = self.resources.get(r);
-            if st.and_then(|s| s.lease_of(&req.owner.process)).is_some() {
+            if st
+                .and_then(|s| s.lease_of(&req.owner.process, req.owner.id.as_ref()))
+                .is_some()
+            {
                 continue;
             }
             let last = st.map_or(Token(0), |s| s.last_token);
@@ -154,11 +155,12 @@ impl Engine {
         Ok(())
     }
 
-    /// Decides whether `items` can be granted to `process` now. `me` is the waiter asking,
-    /// or `None` for a new request, which comes after every waiter.
+    /// Decides whether `items` can be granted to `owner` now. `me` is the waiter asking,
+    /// or `None` for a new request, which comes after every waiter. Another owner id of the
+    /// same process is another owner.
     fn evaluate(
         &self,
-        process: &ProcessKey,
+        owner: &Owner,
         items: &[(ResourceName, Mode)],
         accept_dirty: bool,
         me: Option<WaiterId>,
@@ -170,7 +172,7 @@ impl Engine {
         let mut blocked = None;
         for (r, mode) in items {
             let st = self.resources.get(r).unwrap_or(&empty);
-            if let Some(l) = st.lease_of(process) {
+            if let Some(l) = st.lease_of(&owner.process, owner.id.as_ref()) {
                 if l.mode != *mode {
                     return Verdict::Fail(AcquireError::ModeConflict {
                         resource: r.clone(),
@@ -297,13 +299,8 @@ impl Engine {
                 let Some(w) = self.waiters.get(&id).filter(|w| w.decided_here) else {
                     continue;
                 };
-                let outcome = match self.evaluate(
-                    &w.owner.process,
-                    &w.items,
-                    w.accept_dirty,
-                    Some(id),
-                    now,
-                ) {
+                let outcome = match self.evaluate(&w.owner, &w.items, w.accept_dirty, Some(id), now)
+                {
                     Verdict::Blocked(_) => continue,
                     Verdict::Fail(e) => Err(e),
                     Verdict::Grant(existing) => {

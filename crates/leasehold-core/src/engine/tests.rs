@@ -5,6 +5,7 @@ use crate::types::MAX_LABEL;
 use crate::*;
 
 mod endings;
+mod owners;
 mod resume;
 
 const S: Duration = Duration::from_secs(1);
@@ -75,6 +76,7 @@ impl T {
             ReleaseRequest {
                 resource: res(r),
                 process: self.owner(pid).process,
+                owner_id: None,
                 kind,
             },
             Now::at(at),
@@ -510,6 +512,7 @@ fn a_due_session_is_expired_by_any_operation_not_only_tick() {
         ReleaseRequest {
             resource: res("x"),
             process: owner_on(&a, 1).process,
+            owner_id: None,
             kind: ReleaseKind::Clean,
         },
         Now::at(12_000),

@@ -260,6 +260,7 @@ impl Sim {
         let req = ReleaseRequest {
             resource: r.clone(),
             process: p.clone(),
+            owner_id: None,
             kind: kind.clone(),
         };
         let res = self.engine.release(req, self.at());

@@ -22,8 +22,8 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 
 use leasehold_core::{
-    AcquireError, Conflict, Ended, EngineConfig, Event, Grant, HostId, Mode, Owner, ProcessKey,
-    ReleaseKind, Released, ResourceName, Token, WaiterId,
+    AcquireError, Conflict, Ended, EngineConfig, Event, Grant, HostId, Mode, Owner, OwnerId,
+    ProcessKey, ReleaseKind, Released, ResourceName, Token, WaiterId,
 };
 use tokio::sync::{broadcast, oneshot};
 
@@ -89,10 +89,11 @@ enum Cmd {
     /// The waiting caller went away: withdraw, answering nobody.
     Abandon(WaiterId),
     /// Release grants that a caller received but could not use.
-    ReleaseOrphans(Vec<(ResourceName, ProcessKey)>),
+    ReleaseOrphans(Vec<(ResourceName, Owner)>),
     Release {
         resource: ResourceName,
         process: ProcessKey,
+        owner_id: Option<OwnerId>,
         kind: ReleaseKind,
         reply: Reply<Released>,
     },
@@ -121,7 +122,7 @@ enum Cmd {
         reply: Reply<Option<ResourceView>>,
     },
     Conflict {
-        process: ProcessKey,
+        owner: Owner,
         items: Vec<(ResourceName, Mode)>,
         reply: Reply<Option<Conflict>>,
     },
@@ -270,7 +271,7 @@ impl Drop for LocalStore {
 /// Withdraws a waiting request if the caller goes away before learning its outcome.
 struct WaitGuard {
     id: WaiterId,
-    process: ProcessKey,
+    owner: Owner,
     rx: Option<oneshot::Receiver<Result<Vec<Grant>, AcquireError>>>,
     tx: mpsc::Sender<Cmd>,
 }
@@ -284,7 +285,7 @@ impl Drop for WaitGuard {
         rx.close();
         match rx.try_recv() {
             Ok(Ok(grants)) => {
-                let orphans = fresh(&grants, &self.process);
+                let orphans = fresh(&grants, &self.owner);
                 let _ = self.tx.send(Cmd::ReleaseOrphans(orphans));
             }
             Ok(Err(_)) => {}
@@ -295,11 +296,11 @@ impl Drop for WaitGuard {
     }
 }
 
-fn fresh(grants: &[Grant], process: &ProcessKey) -> Vec<(ResourceName, ProcessKey)> {
+fn fresh(grants: &[Grant], owner: &Owner) -> Vec<(ResourceName, Owner)> {
     grants
         .iter()
         .filter(|g| !g.existing)
-        .map(|g| (g.resource.clone(), process.clone()))
+        .map(|g| (g.resource.clone(), owner.clone()))
         .collect()
 }
 
@@ -310,7 +311,7 @@ impl Store for LocalStore {
 
     async fn acquire(&self, spec: AcquireSpec) -> Result<Vec<Grant>, StoreError> {
         crate::check_host(&self.host, &spec)?;
-        let process = spec.owner.process.clone();
+        let owner = spec.owner.clone();
         let reply = self
             .call(|reply| Cmd::Acquire {
                 owner: spec.owner,
@@ -326,7 +327,7 @@ impl Store for LocalStore {
         };
         let mut guard = WaitGuard {
             id,
-            process,
+            owner,
             rx: Some(rx),
             tx: self.tx.clone(),
         };
@@ -362,11 +363,13 @@ impl Store for LocalStore {
         &self,
         resource: ResourceName,
         process: ProcessKey,
+        owner_id: Option<OwnerId>,
         kind: ReleaseKind,
     ) -> Result<Released, StoreError> {
         self.call(|reply| Cmd::Release {
             resource,
             process,
+            owner_id,
             kind,
             reply,
         })
@@ -416,11 +419,11 @@ impl Store for LocalStore {
 
     async fn conflict(
         &self,
-        process: ProcessKey,
+        owner: Owner,
         items: Vec<(ResourceName, Mode)>,
     ) -> Result<Option<Conflict>, StoreError> {
         self.call(|reply| Cmd::Conflict {
-            process,
+            owner,
             items,
             reply,
         })

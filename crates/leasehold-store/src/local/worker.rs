@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use leasehold_core::{
     AcquireError, AcquireRequest, Acquired, Conflict, Engine, Event, Grant, Mode, Now, Output,
-    ProcessKey, ReleaseKind, ReleaseRequest, ResourceName, SessionId, WaiterId,
+    Owner, ReleaseKind, ReleaseRequest, ResourceName, SessionId, WaiterId,
 };
 use redb::Database;
 use tokio::sync::{broadcast, oneshot};
@@ -19,7 +19,7 @@ use super::{AcquireReply, Cmd, LocalStoreOptions, Reply, fresh};
 use crate::{Clock, StoreError};
 
 pub(super) enum Cleanup {
-    Release(Vec<(ResourceName, ProcessKey)>),
+    Release(Vec<(ResourceName, Owner)>),
     Abandon(WaiterId),
 }
 
@@ -43,7 +43,7 @@ pub(super) fn defer<T: Send + 'static>(
 
 pub(super) struct Pending {
     pub(super) reply: oneshot::Sender<Result<Vec<Grant>, AcquireError>>,
-    pub(super) process: ProcessKey,
+    pub(super) owner: Owner,
     pub(super) items: Vec<(ResourceName, Mode)>,
 }
 
@@ -62,7 +62,7 @@ pub(super) struct Worker {
     pub(super) options: LocalStoreOptions,
     pub(super) events: broadcast::Sender<Event>,
     pub(super) pending: HashMap<WaiterId, Pending>,
-    pub(super) orphans: Vec<(ResourceName, ProcessKey)>,
+    pub(super) orphans: Vec<(ResourceName, Owner)>,
     /// Whether the database has no format marker yet (a new state directory).
     pub(super) fresh: bool,
     /// When each record last changed, for forgetting old free ones.
@@ -140,11 +140,12 @@ impl Worker {
         let now = self.clock.now();
         self.engine.tick(now);
         let orphans = self.orphans.clone();
-        for (resource, process) in std::mem::take(&mut self.orphans) {
+        for (resource, owner) in std::mem::take(&mut self.orphans) {
             let _ = self.engine.release(
                 ReleaseRequest {
                     resource,
-                    process,
+                    process: owner.process,
+                    owner_id: owner.id,
                     kind: ReleaseKind::Clean,
                 },
                 now,
@@ -209,7 +210,7 @@ impl Worker {
                 continue;
             };
             if let Err(Ok(grants)) = p.reply.send(outcome) {
-                self.orphans.extend(fresh(&grants, &p.process));
+                self.orphans.extend(fresh(&grants, &p.owner));
             }
         }
         for e in out.events {
@@ -226,7 +227,7 @@ impl Worker {
                 wait,
                 reply,
             } => {
-                let process = owner.process.clone();
+                let holder = owner.clone();
                 let req = AcquireRequest {
                     owner,
                     session: self.session,
@@ -243,7 +244,7 @@ impl Worker {
                             id,
                             Pending {
                                 reply: tx,
-                                process: process.clone(),
+                                owner: holder.clone(),
                                 items,
                             },
                         );
@@ -259,7 +260,7 @@ impl Worker {
                     match reply.send(value) {
                         Ok(()) => None,
                         Err(Ok(AcquireReply::Done(grants))) => {
-                            Some(Cleanup::Release(fresh(&grants, &process)))
+                            Some(Cleanup::Release(fresh(&grants, &holder)))
                         }
                         Err(Ok(AcquireReply::Queued(id, _))) => Some(Cleanup::Abandon(id)),
                         Err(Err(_)) => None,
@@ -269,7 +270,7 @@ impl Worker {
             Cmd::CancelWait { id, reply } => {
                 let conflict = match self.pending.remove(&id) {
                     Some(p) if self.engine.cancel_wait(id, now) => {
-                        let c = self.engine.conflict(&p.process, &p.items, now);
+                        let c = self.engine.conflict(&p.owner, &p.items, now);
                         Some(c.unwrap_or_else(|| Conflict::unknown(p.items[0].0.clone())))
                     }
                     // Already decided: put it back so its outcome is delivered.
@@ -286,6 +287,7 @@ impl Worker {
             Cmd::Release {
                 resource,
                 process,
+                owner_id,
                 kind,
                 reply,
             } => {
@@ -293,6 +295,7 @@ impl Worker {
                     ReleaseRequest {
                         resource,
                         process,
+                        owner_id,
                         kind,
                     },
                     now,
@@ -329,11 +332,11 @@ impl Worker {
                 defer(answers, reply, Ok(v));
             }
             Cmd::Conflict {
-                process,
+                owner,
                 items,
                 reply,
             } => {
-                let c = self.engine.conflict(&process, &items, now);
+                let c = self.engine.conflict(&owner, &items, now);
                 defer(answers, reply, Ok(c));
             }
             Cmd::Inspect { resource, reply } => {
@@ -459,7 +462,7 @@ impl Worker {
 
 /// Answers a command with `e` while the database cannot be used: nothing is applied.
 /// Grants to release are kept for when it can.
-pub(super) fn refuse(cmd: Cmd, e: &StoreError, orphans: &mut Vec<(ResourceName, ProcessKey)>) {
+pub(super) fn refuse(cmd: Cmd, e: &StoreError, orphans: &mut Vec<(ResourceName, Owner)>) {
     let e = e.clone();
     match cmd {
         Cmd::Acquire { reply, .. } => drop(reply.send(Err(e))),

@@ -44,6 +44,7 @@ fn handover_moves_the_lease_past_earlier_waiters() {
         ReleaseRequest {
             resource: res("vm"),
             process: owner_on(&a, 1).process,
+            owner_id: None,
             kind: ReleaseKind::Handover {
                 host: b.clone(),
                 label: Some("vm-7".into()),
@@ -60,6 +61,7 @@ fn handover_moves_the_lease_past_earlier_waiters() {
             ReleaseRequest {
                 resource: res("vm"),
                 process: owner_on(&a, 1).process,
+                owner_id: None,
                 kind: ReleaseKind::Handover {
                     host: b.clone(),
                     label: Some("vm-42".into()),
@@ -268,6 +270,7 @@ fn releasing_what_one_does_not_hold_fails() {
         ReleaseRequest {
             resource: res("d"),
             process: p,
+            owner_id: None,
             kind: ReleaseKind::Clean,
         },
         Now::at(3),

@@ -31,7 +31,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use leasehold_core::{Event, HostId, Now, ProcessKey, ResourceName, SessionId};
+use leasehold_core::{Event, HostId, Now, Owner, ProcessKey, ResourceName, SessionId};
 use serde::Serialize;
 use tokio::sync::{Notify, broadcast, oneshot, watch};
 use tracing::error;
@@ -115,7 +115,7 @@ struct Inner {
     held: Mutex<HashMap<ProcessKey, BTreeSet<ResourceName>>>,
     /// Grants whose caller had gone when they were decided; released by the waiter service.
     /// Recovered: pushed and taken whole.
-    orphans: Mutex<Vec<(ResourceName, ProcessKey)>>,
+    orphans: Mutex<Vec<(ResourceName, Owner)>>,
     /// Local processes recorded as holders under an ended session of this host, at open.
     /// Recovered: replaced whole.
     stale: Mutex<Vec<ProcessKey>>,
@@ -325,7 +325,7 @@ impl Inner {
     }
 
     /// Grants to release (a recovered lock).
-    fn orphans(&self) -> MutexGuard<'_, Vec<(ResourceName, ProcessKey)>> {
+    fn orphans(&self) -> MutexGuard<'_, Vec<(ResourceName, Owner)>> {
         lock(&self.orphans, "orphans")
     }
 

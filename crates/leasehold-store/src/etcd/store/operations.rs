@@ -4,8 +4,9 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use leasehold_core::{
-    AcquireRequest, Acquired, Conflict, EndReason, Ended, Event, Grant, HostId, ProcessKey,
-    ReleaseKind, ReleaseRequest, Released, ResourceName, ResourceView, SessionId, Token,
+    AcquireRequest, Acquired, Conflict, EndReason, Ended, Event, Grant, HostId, Owner, OwnerId,
+    ProcessKey, ReleaseKind, ReleaseRequest, Released, ResourceName, ResourceView, SessionId,
+    Token,
 };
 use tokio::sync::{broadcast, oneshot, watch};
 
@@ -144,10 +145,7 @@ impl Store for EtcdStore {
                 if let Some(grants) = granted {
                     return Ok(grants);
                 }
-                let c = match self
-                    .conflict(spec.owner.process.clone(), spec.items.clone())
-                    .await
-                {
+                let c = match self.conflict(spec.owner.clone(), spec.items.clone()).await {
                     // What kept it waiting: a record that cannot be trusted.
                     Err(e @ StoreError::BadRecord { .. }) => return Err(e),
                     r => r.ok().flatten(),
@@ -167,6 +165,7 @@ impl Store for EtcdStore {
         &self,
         resource: ResourceName,
         process: ProcessKey,
+        owner_id: Option<OwnerId>,
         kind: ReleaseKind,
     ) -> Result<Released, StoreError> {
         let (r, _, _) = self
@@ -176,6 +175,7 @@ impl Store for EtcdStore {
                     ReleaseRequest {
                         resource: resource.clone(),
                         process: process.clone(),
+                        owner_id: owner_id.clone(),
                         kind: kind.clone(),
                     },
                     now,
@@ -250,7 +250,7 @@ impl Store for EtcdStore {
 
     async fn conflict(
         &self,
-        process: ProcessKey,
+        owner: Owner,
         items: Vec<(ResourceName, leasehold_core::Mode)>,
     ) -> Result<Option<Conflict>, StoreError> {
         let names: BTreeSet<ResourceName> = items.iter().map(|(r, _)| r.clone()).collect();
@@ -266,7 +266,7 @@ impl Store for EtcdStore {
         let engine = self.inner.engine(&snap, &BTreeSet::new(), now);
         // A grace etcd keeps is given to the engine as the whole grace from now: what is left
         // of it is not known here, at most that.
-        Ok(engine.conflict(&process, &items, now))
+        Ok(engine.conflict(&owner, &items, now))
     }
 
     async fn inspect(&self, resource: ResourceName) -> Result<Option<ResourceView>, StoreError> {

@@ -59,7 +59,12 @@ async fn a_poisoned_holder_index_halts_the_store() {
     assert!(matches!(e, StoreError::Halted(_)), "{e:?}");
     assert!(e.to_string().contains("restart the agent"), "{e}");
     let e = s
-        .release(res("disk"), holder.process.clone(), ReleaseKind::Clean)
+        .release(
+            res("disk"),
+            holder.process.clone(),
+            None,
+            ReleaseKind::Clean,
+        )
         .await
         .unwrap_err();
     assert!(matches!(e, StoreError::Halted(_)), "{e:?}");

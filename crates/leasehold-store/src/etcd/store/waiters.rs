@@ -330,7 +330,7 @@ impl Inner {
         let Some(mut w) = self.waiters().remove(&id) else {
             return;
         };
-        let process = w.value.owner.process.clone();
+        let owner = w.value.owner.clone();
         if let Some(reply) = w.reply.take()
             && let Err(Ok(grants)) = reply.send(outcome)
         {
@@ -340,7 +340,7 @@ impl Inner {
                 grants
                     .into_iter()
                     .filter(|g| !g.existing)
-                    .map(|g| (g.resource, process.clone())),
+                    .map(|g| (g.resource, owner.clone())),
             );
             self.changed.notify_one();
         }
@@ -349,13 +349,14 @@ impl Inner {
     /// Releases grants whose caller went away before learning of them.
     pub(super) async fn release_orphans(&self) {
         let orphans = std::mem::take(&mut *self.orphans());
-        for (resource, process) in orphans {
+        for (resource, owner) in orphans {
             let r = self
                 .transact(BTreeSet::from([resource.clone()]), |engine, now, _| {
                     let r = engine.release(
                         ReleaseRequest {
                             resource: resource.clone(),
-                            process: process.clone(),
+                            process: owner.process.clone(),
+                            owner_id: owner.id.clone(),
                             kind: ReleaseKind::Clean,
                         },
                         now,
@@ -365,7 +366,7 @@ impl Inner {
                 .await;
             if let Err(e) = r {
                 warn!(resource = %resource, error = %e, "could not release an orphaned grant; retrying");
-                self.orphans().push((resource, process));
+                self.orphans().push((resource, owner));
             }
         }
     }
