@@ -76,6 +76,7 @@ async fn released_clean_records_are_forgotten_and_tokens_still_grow() {
     s.release(
         dirty.clone(),
         Owner::new(host(), 7, 1).process,
+        None,
         ReleaseKind::Dirty {
             note: Some("exit status 1".into()),
         },
@@ -100,7 +101,9 @@ async fn released_clean_records_are_forgotten_and_tokens_still_grow() {
         let s = Arc::clone(&s);
         let p = owner.process.clone();
         releases.push(tokio::spawn(async move {
-            s.release(name(i), p, ReleaseKind::Clean).await.unwrap();
+            s.release(name(i), p, None, ReleaseKind::Clean)
+                .await
+                .unwrap();
         }));
     }
     for r in releases {
