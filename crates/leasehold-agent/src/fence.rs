@@ -22,22 +22,7 @@ use tracing::{error, info, warn};
 use crate::config::Timing;
 use crate::watcher::Watcher;
 
-/// Nanoseconds on CLOCK_MONOTONIC, which every process on the host shares.
-pub fn monotonic_ns() -> u64 {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-    u64::try_from(t.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(t.tv_nsec).unwrap_or(0)
-}
-
-/// `at` on CLOCK_MONOTONIC, in nanoseconds.
-pub fn monotonic_ns_of(at: Instant) -> u64 {
-    let now = Instant::now();
-    let base = monotonic_ns();
-    if at >= now {
-        base.saturating_add(u64::try_from((at - now).as_nanos()).unwrap_or(u64::MAX))
-    } else {
-        base.saturating_sub(u64::try_from((now - at).as_nanos()).unwrap_or(u64::MAX))
-    }
-}
+pub use leasehold_api::host::{monotonic_ns, monotonic_ns_of};
 
 /// A watchdog device, fed while all is well.
 pub struct Watchdog {

@@ -3,6 +3,7 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 
+use leasehold_api::host::parse_start_time;
 use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open, pidfd_send_signal};
 
 /// Facts about a live process.
@@ -94,14 +95,6 @@ pub fn start_time(pid: u32) -> Result<u64, ProcError> {
         pid,
         what: "stat has no start time".into(),
     })
-}
-
-/// Field 22 of a `/proc/PID/stat` line. The command name (field 2) may hold spaces and
-/// parentheses, so fields are counted after its last `)`.
-fn parse_start_time(stat: &str) -> Option<u64> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    // After ")" come fields 3, 4, ...; field 22 is the 20th of them.
-    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 impl ProcessInfo {

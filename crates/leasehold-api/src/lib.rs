@@ -22,6 +22,7 @@ use leasehold_core::{
 };
 
 pub mod codec;
+pub mod host;
 pub mod v1;
 pub mod words;
 

@@ -132,7 +132,7 @@ fn parent() -> Result<(u32, Option<u64>), Failure> {
             "the parent of this process is pid 1 (init): the shell that started it has gone, so nothing would ever release the lease\n  pass --pid PID of the process that will hold it",
         ));
     }
-    Ok((ppid, leasehold_agent::procfs::start_time(ppid).ok()))
+    Ok((ppid, leasehold_api::host::start_time(ppid).ok()))
 }
 
 fn holder(pid: Option<u32>) -> Result<(u32, Option<u64>), Failure> {
@@ -140,7 +140,7 @@ fn holder(pid: Option<u32>) -> Result<(u32, Option<u64>), Failure> {
         Some(0) => Err(Failure::usage(
             "--pid 0 names no process; pass the pid of the running process that holds the lease, or leave --pid out for the calling shell",
         )),
-        Some(p) => Ok((p, leasehold_agent::procfs::start_time(p).ok())),
+        Some(p) => Ok((p, leasehold_api::host::start_time(p).ok())),
         None => parent(),
     }
 }

@@ -321,11 +321,6 @@ impl Hold {
     }
 }
 
-fn instant_of_monotonic(ns: u64) -> Instant {
-    let now = leasehold_agent::fence::monotonic_ns();
-    Instant::now() + Duration::from_nanos(ns.saturating_sub(now))
-}
-
 /// What the threads tell the main one.
 enum Msg {
     /// A line of hold stream number `.0`; `None`: it ended.
@@ -472,7 +467,9 @@ fn supervise(
             Some(Msg::Hold(generation, _)) if generation != hold.generation => {}
             Some(Msg::Hold(_, ev)) => match *ev {
                 Ok(Some(AcquireEvent::Safe { until_monotonic_ns })) => {
-                    hold.deadline = Some(instant_of_monotonic(until_monotonic_ns));
+                    hold.deadline = Some(leasehold_api::host::instant_of_monotonic(
+                        until_monotonic_ns,
+                    ));
                 }
                 Ok(Some(AcquireEvent::Lost { resource, ended })) => {
                     let status = kill(&mut child)?;

@@ -797,3 +797,36 @@ fn help_lists_every_exit_code_with_its_meaning() {
         assert!(ExitCode::ALL.contains(&e.exit_code()), "{e}");
     }
 }
+
+/// Layering (issue 9): the CLI's commands talk to the agent through the client only; they
+/// reach into the agent crate only to run the agent (its config and `run`), never for its
+/// clock or procfs (both now read through `leasehold_api::host`, as the agent does).
+#[test]
+fn the_cli_reaches_into_the_agent_crate_only_to_run_the_agent() {
+    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/src");
+    let allowed = [
+        "leasehold_agent::{Config, FileConfig}",
+        "leasehold_agent::ConfigError",
+        "leasehold_agent::run(",
+        // The SPEC §4 default the bench's failover figure is printed against.
+        "leasehold_agent::Timing::etcd_default_grace",
+    ];
+    for entry in std::fs::read_dir(src).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        for (n, line) in text.lines().enumerate() {
+            let mut rest = line;
+            while let Some(i) = rest.find("leasehold_agent::") {
+                let at = &rest[i..];
+                assert!(
+                    allowed.iter().any(|a| at.starts_with(a)),
+                    "{}:{}: the CLI uses the agent crate: {}",
+                    path.display(),
+                    n + 1,
+                    line.trim()
+                );
+                rest = &at["leasehold_agent::".len()..];
+            }
+        }
+    }
+}
