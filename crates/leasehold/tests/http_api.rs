@@ -388,3 +388,59 @@ fn owner_ids_tell_apart_several_owners_of_one_process() {
     assert!(a.is_dirty("disk"));
     assert!(!a.is_dirty("img"));
 }
+
+/// Issue 10 item 3: a request naming 30,000 resources is refused whole with a usage error
+/// (it once died with an HTTP/2 error after releasing part of them), and changes nothing.
+#[test]
+fn a_request_naming_30000_resources_is_refused_whole() {
+    let a = Agent::start();
+    let h = Holder::new();
+    let (code, _) = call(
+        &a,
+        "POST",
+        "/v1/acquire",
+        Some(json!({"items": items("r7", "exclusive"), "pid": h.pid()})),
+    );
+    assert_eq!(code, 200);
+    let before = a.list();
+    let names: Vec<String> = (0..30_000).map(|i| format!("r{i}")).collect();
+
+    let (code, v) = call(
+        &a,
+        "POST",
+        "/v1/release",
+        Some(json!({"resources": names, "pid": h.pid()})),
+    );
+    assert_eq!((code, v["code"].as_str()), (400, Some("usage")), "{v}");
+    let msg = v["message"].as_str().unwrap();
+    assert!(msg.contains("30000 resources named; at most 256"), "{v}");
+
+    // An acquire of as many is larger than a request may be; one of 257 is over the cap.
+    let many = |n: usize| -> Value {
+        Value::Array(
+            names[..n]
+                .iter()
+                .map(|r| json!({"resource": r, "mode": "shared"}))
+                .collect(),
+        )
+    };
+    let (code, v) = call(
+        &a,
+        "POST",
+        "/v1/acquire",
+        Some(json!({"items": many(30_000), "pid": h.pid()})),
+    );
+    assert_eq!((code, v["code"].as_str()), (413, Some("too-large")), "{v}");
+    let (code, v) = call(
+        &a,
+        "POST",
+        "/v1/acquire",
+        Some(json!({"items": many(257), "pid": h.pid(), "wait": "30s"})),
+    );
+    assert_eq!((code, v["code"].as_str()), (400, Some("usage")), "{v}");
+    let msg = v["message"].as_str().unwrap();
+    assert!(msg.contains("257 resources named; at most 256"), "{v}");
+
+    assert_eq!(a.list(), before, "a refused request changed nothing");
+    assert_eq!(a.holders("r7"), vec![u64::from(h.pid())]);
+}

@@ -136,6 +136,14 @@ impl<S: Store> Service<S> {
         r: v1::AcquireRequest,
         confirm: ConfirmBy,
     ) -> Result<mpsc::Receiver<Out>, ApiError> {
+        // Checked before anything is asked of the store: refused whole, as a usage error.
+        if r.items.len() > leasehold_core::MAX_ITEMS {
+            return Err(super::usage(format!(
+                "{} resources named; at most {} per request: acquire them in several",
+                r.items.len(),
+                leasehold_core::MAX_ITEMS
+            )));
+        }
         let items = r
             .items
             .into_iter()
