@@ -236,7 +236,7 @@ async fn body<T: DeserializeOwned>(
 }
 
 /// The routes, for a request to a path that is none.
-const ROUTES: &str = "GET /v1/leases, GET /v1/status, GET|POST /v1/watch, POST /v1/acquire, \
+const ROUTES: &str = "GET /v1/leases[?prefix=P&held=true&dirty=true&host=H&after=NAME&limit=N], GET /v1/status, GET|POST /v1/watch, POST /v1/acquire, \
                       /v1/release, /v1/force-release, /v1/mark-clean, /v1/validate, /v1/inspect";
 
 fn ok(value: &impl Serialize) -> Result<Response<Body>, ApiError> {
@@ -266,9 +266,12 @@ async fn handle<S: Store>(
     let method = req.method().clone();
     match (&method, path.as_str()) {
         (&Method::GET, "/v1/leases" | "/v1/list") => {
-            let views = service.list().await?;
+            let q = v1::ListQuery::parse(req.uri().query().unwrap_or_default())
+                .map_err(|e| ApiError::usage(format!("{e}; nothing was done")))?;
+            let (views, next) = service.list_page(&q).await?;
             ok(&v1::ListResponse {
                 resources: views.iter().map(Into::into).collect(),
+                next,
             })
         }
         (&Method::GET, "/v1/status") => ok(&service.status().await),

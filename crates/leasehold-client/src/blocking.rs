@@ -399,17 +399,61 @@ impl Client {
             .map_err(Error::protocol)
     }
 
-    /// Every known resource.
+    /// Every known resource, in name order (every page of [`Client::list_page`]).
     ///
     /// # Errors
     /// [`Error::Agent`] when the backend does not answer.
     pub fn list(&self) -> Result<Vec<ResourceView>, Error> {
-        let r: v1::ListResponse = self.call("GET", "/v1/leases", None::<&()>)?;
-        r.resources
+        self.list_where(&v1::ListQuery::default())
+    }
+
+    /// Every resource `q` asks for (its filters; its `after` and `limit` start and size the
+    /// pages), in name order: the pages are asked for one after another until the last.
+    ///
+    /// # Errors
+    /// As [`Client::list_page`].
+    pub fn list_where(&self, q: &v1::ListQuery) -> Result<Vec<ResourceView>, Error> {
+        let mut q = q.clone();
+        let mut all = Vec::new();
+        loop {
+            let (page, next) = self.list_page(&q)?;
+            all.extend(page);
+            match next {
+                // A `next` that does not move on would ask for the same page forever.
+                Some(n) if q.after.as_ref() != Some(&n) => q.after = Some(n),
+                Some(n) => {
+                    return Err(Error::Protocol(format!(
+                        "the agent answered the page after {n:?} with the same page again"
+                    )));
+                }
+                None => return Ok(all),
+            }
+        }
+    }
+
+    /// One page of the resources `q` asks for, in name order, and the name to pass as `after`
+    /// for the next page when more follow.
+    ///
+    /// # Errors
+    /// [`Error::Agent`] when the backend does not answer or the query is refused.
+    pub fn list_page(
+        &self,
+        q: &v1::ListQuery,
+    ) -> Result<(Vec<ResourceView>, Option<String>), Error> {
+        let query = q.to_query();
+        let path = if query.is_empty() {
+            "/v1/leases".to_owned()
+        } else {
+            format!("/v1/leases?{query}")
+        };
+        let r: v1::ListResponse = self.call("GET", &path, None::<&()>)?;
+        let views = r
+            .resources
             .into_iter()
             .map(ResourceView::try_from)
             .collect::<Result<_, _>>()
-            .map_err(Error::protocol)
+            .map_err(Error::protocol)?;
+        Ok((views, r.next))
     }
 
     /// The agent's status.

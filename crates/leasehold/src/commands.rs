@@ -444,17 +444,14 @@ pub fn released_or_not(report: &ReleaseReport) -> Result<u8, Failure> {
 /// `leasehold list`.
 pub fn list(a: crate::ListArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
     let json_out = a.json;
-    let mut views = connect(socket)?.list()?;
-    views.retain(|v| {
-        a.prefix
-            .as_deref()
-            .is_none_or(|p| v.resource.as_str().starts_with(p))
-            && (!a.held || !v.holders.is_empty())
-            && (!a.dirty || v.dirty.is_some())
-            && a.host
-                .as_deref()
-                .is_none_or(|h| v.holders.iter().any(|l| l.owner.process.host.as_str() == h))
-    });
+    // The agent filters, and answers page by page; every page is shown.
+    let views = connect(socket)?.list_where(&leasehold_api::v1::ListQuery {
+        prefix: a.prefix,
+        held: a.held,
+        dirty: a.dirty,
+        host: a.host,
+        ..Default::default()
+    })?;
     if json_out {
         let v: Vec<_> = views.iter().map(view_json).collect();
         out!("{}", serde_json::Value::Array(v));

@@ -444,3 +444,107 @@ fn a_request_naming_30000_resources_is_refused_whole() {
     assert_eq!(a.list(), before, "a refused request changed nothing");
     assert_eq!(a.holders("r7"), vec![u64::from(h.pid())]);
 }
+
+/// The names of a `GET /v1/leases` answer, and its `next`.
+fn page(a: &Agent, query: &str) -> (Vec<String>, Option<String>) {
+    let (code, v) = call(a, "GET", &format!("/v1/leases{query}"), None);
+    assert_eq!(code, 200, "{v}");
+    let names = v["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["resource"].as_str().unwrap().to_owned())
+        .collect();
+    (names, v["next"].as_str().map(str::to_owned))
+}
+
+/// Issue 10 item 3, issue 11 item 6: `GET /v1/leases` answers in pages, in name order, and
+/// filters on the agent's side; the CLI follows the pages, so `list` still shows everything.
+#[test]
+fn list_is_paginated_and_filtered_by_the_agent_and_the_cli_follows_the_pages() {
+    let a = Agent::start();
+    let h = Holder::new();
+    let names: Vec<String> = (0..2100).map(|i| format!("p/{i:04}")).collect();
+    for chunk in names.chunks(256) {
+        let items: Vec<Value> = chunk
+            .iter()
+            .map(|r| json!({"resource": r, "mode": "exclusive"}))
+            .collect();
+        let (code, text) = curl(
+            &a,
+            "POST",
+            "/v1/acquire",
+            Some(&json!({"items": items, "pid": h.pid()})),
+        );
+        assert_eq!(code, 200, "{text}");
+        let (code, v) = call(
+            &a,
+            "POST",
+            "/v1/release",
+            Some(json!({"resources": chunk, "pid": h.pid()})),
+        );
+        assert_eq!(code, 200, "{v}");
+    }
+    for r in ["q/held", "q/dirty"] {
+        let (code, _) = call(
+            &a,
+            "POST",
+            "/v1/acquire",
+            Some(json!({"items": items(r, "exclusive"), "pid": h.pid()})),
+        );
+        assert_eq!(code, 200);
+    }
+    let (code, v) = call(
+        &a,
+        "POST",
+        "/v1/release",
+        Some(json!({"resources": ["q/dirty"], "pid": h.pid(), "dirty": true})),
+    );
+    assert_eq!(code, 200, "{v}");
+
+    // Pages of at most `limit`, each continuing after the last name of the one before.
+    let (first, next) = page(&a, "?limit=1000");
+    assert_eq!(first, names[..1000]);
+    assert_eq!(next.as_deref(), Some("p/0999"));
+    let (second, next) = page(&a, "?limit=1000&after=p%2F0999");
+    assert_eq!(second, names[1000..2000]);
+    let (third, next) = page(&a, &format!("?limit=1000&after={}", next.unwrap()));
+    let mut rest = names[2000..].to_vec();
+    rest.extend(["q/dirty".to_owned(), "q/held".to_owned()]);
+    assert_eq!((third, next), (rest, None));
+    // Without a limit, a page holds 1,000.
+    assert_eq!(page(&a, "").0.len(), 1000);
+
+    // Filters, on the agent's side.
+    let q = |query: &str| page(&a, query).0;
+    assert_eq!(q("?held=true"), ["q/held"]);
+    assert_eq!(q("?dirty=true"), ["q/dirty"]);
+    assert_eq!(q("?prefix=q%2F"), ["q/dirty", "q/held"]);
+    assert_eq!(q("?host=node1"), ["q/held"]);
+    assert!(q("?host=elsewhere").is_empty());
+    assert_eq!(q("?prefix=p%2F20&limit=5").len(), 5);
+    for bad in ["?limit=0", "?limit=lots", "?colour=red", "?after=a&after=b"] {
+        let (code, v) = call(&a, "GET", &format!("/v1/leases{bad}"), None);
+        assert_eq!(
+            (code, v["code"].as_str()),
+            (400, Some("usage")),
+            "{bad}: {v}"
+        );
+    }
+
+    // The CLI shows every page.
+    let listed = a.list();
+    assert_eq!(listed.as_array().unwrap().len(), 2102);
+    let out = a.lh(&["list"]);
+    common::expect_code(&out, 0);
+    assert_eq!(
+        common::text(&out.stdout).lines().count(),
+        2103,
+        "a header and 2,102 rows"
+    );
+    let out = a.lh(&["list", "--json", "--dirty", "q/"]);
+    common::expect_code(&out, 0);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v[0]["resource"], "q/dirty", "{v}");
+}

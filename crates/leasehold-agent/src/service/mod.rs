@@ -456,6 +456,42 @@ impl<S: Store> Service<S> {
         self.store.list().await.map_err(fault_of)
     }
 
+    /// One page of the resources `q` asks for, in name order, and the name to continue after
+    /// when more follow.
+    pub(crate) async fn list_page(
+        &self,
+        q: &v1::ListQuery,
+    ) -> Result<(Vec<ResourceView>, Option<String>), ApiError> {
+        let mut views = self.list().await?;
+        views.sort_by(|a, b| a.resource.cmp(&b.resource));
+        let mut page = Vec::new();
+        let mut more = false;
+        for v in views {
+            let name = v.resource.as_str();
+            if q.after.as_deref().is_some_and(|a| name <= a)
+                || q.prefix.as_deref().is_some_and(|p| !name.starts_with(p))
+                || (q.held && v.holders.is_empty())
+                || (q.dirty && v.dirty.is_none())
+                || q.host
+                    .as_deref()
+                    .is_some_and(|h| !v.holders.iter().any(|l| l.owner.process.host.as_str() == h))
+            {
+                continue;
+            }
+            if page.len() == q.page() {
+                more = true;
+                break;
+            }
+            page.push(v);
+        }
+        let next = if more {
+            page.last().map(|v: &ResourceView| v.resource.to_string())
+        } else {
+            None
+        };
+        Ok((page, next))
+    }
+
     /// The agent itself; answered also when the backend does not answer.
     pub(crate) async fn status(&self) -> v1::StatusResponse {
         // The backend may not answer (etcd unreachable): the session is still reported, and

@@ -23,10 +23,12 @@ use serde::{Deserialize, Serialize};
 
 mod convert;
 mod error;
+mod query;
 mod time;
 
 pub use convert::{conflict_from_v1, conflict_to_v1};
 pub use error::{ApiError, ErrorCode, ExitCode};
+pub use query::{DEFAULT_PAGE, ListQuery, MAX_PAGE};
 pub use time::{Dur, Time};
 
 /// The most bytes a request body may have; larger ones are refused (`too-large`) unread.
@@ -441,12 +443,16 @@ pub struct InspectResponse {
     pub resource: Option<Resource>,
 }
 
-/// The answer to `GET /v1/leases`.
+/// The answer to `GET /v1/leases` ([`ListQuery`]): one page of the resources asked for, in
+/// name order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListResponse {
-    /// Every known resource.
+    /// The resources of this page.
     pub resources: Vec<Resource>,
+    /// Present when more follow: ask again with `after` set to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
 }
 
 /// `POST /v1/watch` (`GET /v1/watch` watches everything). Answered with a stream of
