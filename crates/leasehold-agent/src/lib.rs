@@ -56,12 +56,15 @@ pub enum AgentError {
     #[error("another agent is already serving {0}; stop it first, or pass another --socket")]
     SocketInUse(PathBuf),
     /// The socket could not be set up.
-    #[error("socket {path}: {message}")]
+    #[error("socket {path}: {doing}: {source}")]
     Socket {
         /// The socket path.
         path: PathBuf,
-        /// Why.
-        message: String,
+        /// What was being done.
+        doing: String,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
     },
     /// A directory the agent keeps its socket or state in is not safe to use, or the socket
     /// path holds something other than a socket.
@@ -69,7 +72,7 @@ pub enum AgentError {
     UnsafePath(String),
     /// The server failed.
     #[error("serving the API: {0}")]
-    Serve(String),
+    Serve(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl AgentError {
@@ -220,7 +223,8 @@ pub async fn serve<S: Store>(
     if let Some(addr) = config.metrics_listen {
         let listener = metrics::bind(addr).await.map_err(|e| AgentError::Socket {
             path: PathBuf::from(format!("metrics-listen {addr}")),
-            message: e.to_string(),
+            doing: "binding".into(),
+            source: e,
         })?;
         let backend = config.backend.to_string();
         background
@@ -298,7 +302,7 @@ pub async fn serve<S: Store>(
     }
     watcher.stop();
     remove_own_socket(&config.socket, bound);
-    served.map_err(|e| AgentError::Serve(e.to_string()))
+    served.map_err(|e| AgentError::Serve(Box::new(e)))
 }
 
 /// Watches the holders recorded for this host: those still running keep their leases, those
@@ -598,14 +602,15 @@ fn remove_own_socket(path: &Path, bound: FileId) {
 /// `group`, when given) only. Returns the listener and the socket file's identity.
 fn bind(path: &Path, group: Option<&config::Group>) -> Result<(UnixListener, FileId), AgentError> {
     use std::os::unix::fs::FileTypeExt;
-    let err = |message: String| AgentError::Socket {
+    let err = |doing: &str, source: std::io::Error| AgentError::Socket {
         path: path.to_owned(),
-        message,
+        doing: doing.to_owned(),
+        source,
     };
     refuse_live_socket(path)?;
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
-            std::fs::remove_file(path).map_err(|e| err(format!("removing a stale socket: {e}")))?;
+            std::fs::remove_file(path).map_err(|e| err("removing a stale socket", e))?;
         }
         Ok(m) => {
             let what = if m.is_dir() {
@@ -624,18 +629,18 @@ fn bind(path: &Path, group: Option<&config::Group>) -> Result<(UnixListener, Fil
             )));
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err(format!("looking at the path: {e}"))),
+        Err(e) => return Err(err("looking at the path", e)),
     }
-    let listener = UnixListener::bind(path).map_err(|e| err(e.to_string()))?;
+    let listener = UnixListener::bind(path).map_err(|e| err("binding", e))?;
     let bound = std::fs::symlink_metadata(path)
         .map(|m| file_id(&m))
-        .map_err(|e| err(format!("looking at the new socket: {e}")))?;
+        .map_err(|e| err("looking at the new socket", e))?;
     let mode = if group.is_some() { 0o660 } else { 0o600 };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| err(format!("setting its mode: {e}")))?;
+        .map_err(|e| err("setting its mode", e))?;
     if let Some(g) = group {
         std::os::unix::fs::chown(path, None, Some(g.gid))
-            .map_err(|e| err(format!("giving it to group {}: {e}", g.name)))?;
+            .map_err(|e| err(&format!("giving it to group {}", g.name), e))?;
     }
     Ok((listener, bound))
 }

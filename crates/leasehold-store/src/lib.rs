@@ -38,12 +38,14 @@ pub use leasehold_core::{ResourceView, WaiterView};
 
 mod clock;
 pub mod conformance;
+mod error;
 /// The etcd store, for clusters.
 pub mod etcd;
 mod local;
 mod sync;
 
 pub use clock::Clock;
+pub use error::Cause;
 pub use etcd::{EtcdHealth, EtcdOptions, EtcdSecurity, EtcdStore, EtcdUser, HistoryOptions};
 pub use local::{LocalStore, LocalStoreOptions};
 
@@ -134,7 +136,7 @@ pub enum StoreError {
     },
     /// The durable storage failed; nothing of the failed operation took effect.
     #[error("storage failed: {0}")]
-    Storage(String),
+    Storage(#[source] Cause),
     /// The store was opened on state it cannot use.
     #[error("cannot use the state: {0}")]
     BadState(String),
@@ -149,14 +151,14 @@ pub enum StoreError {
     /// The shared backend could not be reached, or did not answer in time; nothing of the
     /// operation took effect, or it may be retried.
     #[error("backend unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] Cause),
     /// The backend refuses this agent's settings (TLS, etcd user or password, rights):
     /// retrying cannot help; the message says what to change.
     #[error("{0}")]
-    Misconfigured(String),
+    Misconfigured(#[source] Cause),
     /// etcd is out of space (its NOSPACE alarm): nothing was written; says what to run.
     #[error("{0}")]
-    NoSpace(String),
+    NoSpace(#[source] Cause),
     /// This host's session with the shared backend is gone; no lease can be taken until a
     /// new one is established.
     #[error("this host's session has expired; leases cannot be taken until a new one begins")]

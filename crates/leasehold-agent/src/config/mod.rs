@@ -675,7 +675,7 @@ impl Config {
             )
             .map_err(|e| ConfigError::Invalid {
                 field: "etcd-endpoints",
-                message: e.message,
+                message: e.detail().to_owned(),
             })?;
         }
         Ok(())

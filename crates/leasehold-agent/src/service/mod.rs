@@ -153,7 +153,7 @@ pub(crate) fn fault_of(e: StoreError) -> ApiError {
         StoreError::Closed => (C::Unavailable, "the agent is shutting down".into()),
         // The agent answers; the backend does not: not "agent unreachable" (exit 5).
         StoreError::Unavailable(m) => (C::BackendUnavailable, format!("etcd unavailable: {m}")),
-        StoreError::NoSpace(m) => (C::Exhausted, m),
+        StoreError::NoSpace(m) => (C::Exhausted, m.to_string()),
         StoreError::Misconfigured(m) => (
             C::BackendUnavailable,
             format!("etcd refused the agent: {m}"),
@@ -161,7 +161,8 @@ pub(crate) fn fault_of(e: StoreError) -> ApiError {
         e @ (StoreError::SessionLost
         | StoreError::HostInUse { .. }
         | StoreError::BadRecord { .. }) => (C::Refused, e.to_string()),
-        StoreError::Storage(m) | StoreError::BadState(m) => (C::Internal, format!("storage: {m}")),
+        StoreError::Storage(m) => (C::Internal, format!("storage: {m}")),
+        StoreError::BadState(m) => (C::Internal, format!("storage: {m}")),
         e @ StoreError::Halted(_) => (C::Internal, e.to_string()),
     };
     ApiError::new(code, message)

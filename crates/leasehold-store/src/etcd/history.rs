@@ -45,7 +45,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::client::{Etcd, EtcdError, MemberStatus, Txn, is_nospace, prefix_end};
+use super::client::{Etcd, EtcdCode, EtcdError, MemberStatus, Txn, prefix_end};
 use super::keys::{KeyKind, Keys, Record};
 
 /// The share of the quota from which a warning is logged.
@@ -289,10 +289,10 @@ pub(super) async fn maintain(
         {
             k.last_round = Some(Instant::now());
             if let Err(e) = k.round(every).await {
-                if is_nospace(&e) {
+                if e.is_nospace() {
                     // Said once when the alarm was seen; compaction still runs each round.
                     tracing::debug!("etcd history: the round's claim was refused: NOSPACE");
-                } else if e.misconfigured {
+                } else if e.misconfigured() {
                     // The etcd user may not compact (some etcd versions keep compaction to
                     // root): said once; leases are unaffected.
                     if !k.warned_rights {
@@ -467,7 +467,7 @@ impl Keeper {
                     self.seen_compacted = target;
                     self.health.send_modify(|h| h.compacted = target);
                 }
-                Err(e) if e.message.contains("compacted") => {}
+                Err(e) if e.code() == Some(EtcdCode::Compacted) => {}
                 Err(e) => return Err(e),
             }
         }
@@ -546,10 +546,10 @@ impl Keeper {
                 );
             }
             // etcd keeps defragmentation to its root role: said once.
-            Err(e) if e.misconfigured && self.warned_defrag_rights => {
+            Err(e) if e.misconfigured() && self.warned_defrag_rights => {
                 tracing::debug!(member = %m.endpoint, error = %e, "defragmentation refused again");
             }
-            Err(e) if e.misconfigured => {
+            Err(e) if e.misconfigured() => {
                 self.warned_defrag_rights = true;
                 warn!(
                     member = %m.endpoint,
@@ -583,12 +583,10 @@ impl Keeper {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Err(EtcdError {
-            op: "move leader",
-            message: "the leader still leads 5 s after handing its leadership over".into(),
-            transient: true,
-            misconfigured: false,
-        })
+        Err(EtcdError::no_answer(
+            "move leader",
+            "the leader still leads 5 s after handing its leadership over",
+        ))
     }
 
     /// Records in `P compaction` that the defragmentation started at `start_ms` ended.

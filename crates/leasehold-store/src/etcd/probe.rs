@@ -17,7 +17,8 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
 
-use super::client::EtcdSecurity;
+use super::client::{EtcdError, EtcdErrorKind, EtcdSecurity, Setting};
+use super::client::{tls_error, transport_setting};
 
 /// How long the probe waits for a refusal after the handshake; etcd refuses at once.
 const SETTLE: Duration = Duration::from_millis(700);
@@ -28,7 +29,23 @@ pub(super) async fn diagnose(
     endpoint: &str,
     sec: &EtcdSecurity,
     timeout: Duration,
-) -> Option<String> {
+) -> Option<EtcdError> {
+    let (setting, detail, source) = probe(endpoint, sec, timeout).await?;
+    let e = EtcdError::new(
+        "connect",
+        EtcdErrorKind::Settings(setting),
+        format!("{endpoint}: {detail}"),
+    );
+    Some(match source {
+        Some(s) => e.with_source(s),
+        None => e,
+    })
+}
+
+/// What a probe found: the setting to blame, what happened, and the error under it.
+type Found = (Setting, String, Option<std::io::Error>);
+
+async fn probe(endpoint: &str, sec: &EtcdSecurity, timeout: Duration) -> Option<Found> {
     let (tls, rest) = if let Some(r) = endpoint.strip_prefix("https://") {
         (true, r)
     } else {
@@ -58,7 +75,7 @@ pub(super) async fn diagnose(
 
 /// Starts a TLS handshake trusting nobody: a TLS server gets as far as showing its
 /// certificate, which is then refused as unknown.
-async fn probe_plain(tcp: TcpStream, host: &str, timeout: Duration) -> Option<String> {
+async fn probe_plain(tcp: TcpStream, host: &str, timeout: Duration) -> Option<Found> {
     let config =
         ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
@@ -68,11 +85,9 @@ async fn probe_plain(tcp: TcpStream, host: &str, timeout: Duration) -> Option<St
     let name = ServerName::try_from(host.to_owned()).ok()?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
-        Ok(Err(e)) if e.to_string().contains("invalid peer certificate") => Some(
-            "the endpoint answers with TLS: use https:// and set etcd-cacert (and etcd-cert and \
-             etcd-key if etcd checks client certificates)"
-                .to_owned(),
-        ),
+        Ok(Err(e)) if matches!(tls_error(&e), Some(rustls::Error::InvalidCertificate(_))) => {
+            Some((Setting::IsTls, e.to_string(), Some(e)))
+        }
         _ => None,
     }
 }
@@ -83,45 +98,34 @@ async fn probe_tls(
     host: &str,
     sec: &EtcdSecurity,
     timeout: Duration,
-) -> Option<String> {
+) -> Option<Found> {
     let config = client_config(sec).ok()?;
     let name = ServerName::try_from(host.to_owned()).ok()?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let mut stream = match tokio::time::timeout(timeout, connector.connect(name, tcp)).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Some(explain(&e.to_string())),
+        Ok(Err(e)) => return Some(explain(e)),
         Err(_) => return None,
     };
     let mut buf = [0u8; 64];
     match tokio::time::timeout(SETTLE, stream.read(&mut buf)).await {
         // Still open: the server is waiting for a request, as it should.
         Err(_) => None,
-        Ok(Ok(0)) => Some(
-            "etcd closed the connection right after the TLS handshake: it refused this agent's \
-             client certificate (etcd runs with --client-cert-auth): set etcd-cert and etcd-key \
-             to a certificate signed by etcd's --trusted-ca-file"
-                .into(),
-        ),
+        Ok(Ok(0)) => Some((
+            Setting::ClientCertificate,
+            "etcd closed the connection right after the TLS handshake".into(),
+            None,
+        )),
         Ok(Ok(_)) => None,
-        Ok(Err(e)) => Some(explain(&e.to_string())),
+        Ok(Err(e)) => Some(explain(e)),
     }
 }
 
-/// Advice for a TLS error's text.
-fn explain(e: &str) -> String {
-    let advice = if e.contains("UnknownIssuer") || e.contains("BadSignature") {
-        "etcd's certificate is not signed by the CA this agent trusts: set etcd-cacert to the CA \
-         that signed etcd's server certificate (etcd's --trusted-ca-file)"
-    } else if e.contains("NotValidForName") {
-        "etcd's certificate does not name the endpoint's host: use a host name or address its \
-         certificate lists"
-    } else if e.contains("InvalidContentType") || e.contains("corrupt message") {
-        "the endpoint does not speak TLS: use http:// for it, without TLS settings"
-    } else {
-        "etcd refused this agent's client certificate (etcd runs with --client-cert-auth): set \
-         etcd-cert and etcd-key to a certificate signed by etcd's --trusted-ca-file"
-    };
-    format!("{e}: {advice}")
+/// The setting a failed handshake blames: what its TLS error says, else the client's
+/// certificate (with TLS 1.3, a server that refuses it closes or resets the connection).
+fn explain(e: std::io::Error) -> Found {
+    let setting = transport_setting(&e).unwrap_or(Setting::ClientCertificate);
+    (setting, e.to_string(), Some(e))
 }
 
 /// The rustls settings the client uses, for the probe.

@@ -10,7 +10,7 @@ use leasehold_core::{
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::LocalStoreOptions;
-use crate::StoreError;
+use crate::{Cause, StoreError};
 
 /// Resource records: name to the JSON of its durable [`ResourceState`].
 pub(super) const RESOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("resources");
@@ -28,8 +28,17 @@ pub(super) const FORMAT: &[u8] = b"leasehold-local-1";
 /// The file in the state directory.
 pub(super) const DB_FILE: &str = "leasehold.redb";
 
-pub(super) fn storage(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Storage(e.to_string())
+/// A storage failure that is `e` (a redb or I/O error), kept under it.
+pub(super) fn storage(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::Storage(Cause::of(e))
+}
+
+/// A storage failure that is `e`, met while doing `context`.
+pub(super) fn storage_at(
+    context: impl std::fmt::Display,
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> StoreError {
+    StoreError::Storage(Cause::at(context, e))
 }
 
 /// Creates `path` (or finds it) as a regular file of mode 0600, never through a symbolic
@@ -44,13 +53,16 @@ pub(super) fn private_file(path: &Path) -> Result<(), StoreError> {
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .map_err(|e| {
-            storage(format!(
-                "opening {}: {e} (a symbolic link there is refused)",
-                path.display()
-            ))
+            StoreError::Storage(
+                Cause::new(format!(
+                    "opening {}: {e} (a symbolic link there is refused)",
+                    path.display()
+                ))
+                .with_source(e),
+            )
         })?;
     f.set_permissions(std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| storage(format!("setting the mode of {}: {e}", path.display())))
+        .map_err(|e| storage_at(format!("setting the mode of {}", path.display()), e))
 }
 
 thread_local! {
@@ -92,7 +104,7 @@ pub(super) fn open_db(
         .map_err(|e| open_error(path, e))?;
     check_identity(&db, dir)?;
     let (engine, fresh) = load(&db, options.engine).map_err(|e| match e {
-        StoreError::Storage(m) => damaged(path, &m),
+        StoreError::Storage(m) => damaged(path, &m.to_string()),
         other => other,
     })?;
     Ok((db, engine, fresh))
@@ -102,11 +114,14 @@ pub(super) fn open_db(
 pub(super) fn open_error(path: &Path, e: redb::DatabaseError) -> StoreError {
     use redb::{DatabaseError as D, StorageError as S};
     match e {
-        D::DatabaseAlreadyOpen | D::LockProtocolMismatch => storage(format!(
-            "{} is open in another process: another leasehold agent uses this state directory; \
-             stop it first, or pass another --state-dir",
-            path.display()
-        )),
+        e @ (D::DatabaseAlreadyOpen | D::LockProtocolMismatch) => StoreError::Storage(
+            Cause::new(format!(
+                "{} is open in another process: another leasehold agent uses this state \
+                 directory; stop it first, or pass another --state-dir",
+                path.display()
+            ))
+            .with_source(e),
+        ),
         D::Storage(S::Io(io)) if io.kind() == std::io::ErrorKind::PermissionDenied => {
             StoreError::BadState(format!(
                 "{} cannot be opened: {io}; the state directory and its files must belong to \
@@ -114,7 +129,7 @@ pub(super) fn open_error(path: &Path, e: redb::DatabaseError) -> StoreError {
                 path.display()
             ))
         }
-        D::Storage(S::Io(io)) => storage(format!("opening {}: {io}", path.display())),
+        D::Storage(S::Io(io)) => storage_at(format!("opening {}", path.display()), io),
         D::UpgradeRequired(v) => StoreError::BadState(format!(
             "{} is in redb file format {v}, which this leasehold cannot read: open it with the \
              leasehold version that wrote it",
@@ -144,10 +159,10 @@ pub(super) fn check_identity(db: &Database, dir: &Path) -> Result<(), StoreError
     let recorded = match std::fs::read_to_string(&id_path) {
         Ok(s) => Some(s.trim().to_owned()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(storage(format!("reading {}: {e}", id_path.display()))),
+        Err(e) => return Err(storage_at(format!("reading {}", id_path.display()), e)),
     };
     let in_db = stored_id(db).map_err(|e| match e {
-        StoreError::Storage(m) => damaged(&db_path, &m),
+        StoreError::Storage(m) => damaged(&db_path, &m.to_string()),
         other => other,
     })?;
     let start_fresh = format!(
@@ -210,7 +225,7 @@ pub(super) fn new_store_id() -> Result<String, StoreError> {
 
 /// Writes the id file (mode 0600) durably: the file, then its directory entry.
 pub(super) fn write_id_file(path: &Path, id: &str) -> Result<(), StoreError> {
-    let fail = |e: std::io::Error| storage(format!("writing {}: {e}", path.display()));
+    let fail = |e: std::io::Error| storage_at(format!("writing {}", path.display()), e);
     let tmp = path.with_extension("id.tmp");
     let mut f = std::fs::OpenOptions::new()
         .write(true)

@@ -28,7 +28,7 @@ use leasehold_core::{
 use tokio::sync::{broadcast, oneshot};
 
 use crate::{AcquireSpec, Clock, Store, StoreError};
-use db::{DB_FILE, adopt_session, damaged, open_db, private_file, quietly, storage};
+use db::{DB_FILE, adopt_session, damaged, open_db, private_file, quietly, storage_at};
 use leasehold_core::ResourceView;
 use worker::Worker;
 
@@ -177,7 +177,7 @@ impl LocalStore {
             .recursive(true)
             .mode(0o700)
             .create(&dir)
-            .map_err(|e| storage(format!("creating {}: {e}", dir.display())))?;
+            .map_err(|e| storage_at(format!("creating {}", dir.display()), e))?;
         let path = dir.join(DB_FILE);
         private_file(&path)?;
         // redb panics on some damaged pages instead of returning an error: whatever it does,
@@ -217,14 +217,16 @@ impl LocalStore {
         };
         let out = worker.engine.take_output();
         if out.needs_persist() || worker.fresh {
-            worker.persist(&out).map_err(storage)?;
+            worker
+                .persist(&out)
+                .map_err(|e| StoreError::Storage(crate::Cause::new(e)))?;
             worker.fresh = false;
         }
         let (tx, rx) = mpsc::channel();
         let handle = std::thread::Builder::new()
             .name("leasehold-store".into())
             .spawn(move || worker.run(rx))
-            .map_err(|e| storage(format!("starting the store thread: {e}")))?;
+            .map_err(|e| storage_at("starting the store thread", e))?;
         Ok(LocalStore {
             host,
             dir,

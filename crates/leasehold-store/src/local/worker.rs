@@ -13,7 +13,7 @@ use leasehold_core::{
 use redb::Database;
 use tokio::sync::{broadcast, oneshot};
 
-use super::db::{ENGINE_KEY, FORMAT, FORMAT_KEY, META, RESOURCES, load, quietly, storage};
+use super::db::{ENGINE_KEY, FORMAT, FORMAT_KEY, META, RESOURCES, load, quietly};
 use super::forget::Touched;
 use super::{AcquireReply, Cmd, LocalStoreOptions, Reply, fresh};
 use crate::{Clock, StoreError};
@@ -131,7 +131,7 @@ impl Worker {
     /// Applies a batch, commits it once, then answers.
     pub(super) fn step(&mut self, batch: Vec<Cmd>) {
         if self.broken.is_some() && !self.recover() {
-            let e = StoreError::Storage(self.broken.clone().unwrap_or_default());
+            let e = StoreError::Storage(crate::Cause::new(self.broken.clone().unwrap_or_default()));
             for cmd in batch {
                 refuse(cmd, &e, &mut self.orphans);
             }
@@ -161,13 +161,13 @@ impl Worker {
         let out = self.engine.take_output();
         let failed = if out.needs_persist() {
             self.persist(&out).err().map(|e| {
-                storage(format!(
+                StoreError::Storage(crate::Cause::new(format!(
                     "the state database {} could not be written ({e}); nothing of what was \
                      asked took effect; the agent retries every {} ms (free disk space, or \
                      check the disk)",
                     self.path.display(),
                     RETRY_STORAGE.as_millis()
-                ))
+                )))
             })
         } else {
             None
@@ -399,7 +399,7 @@ impl Worker {
         self.orphans.clear();
         self.db = None;
         self.broken = Some(match err {
-            StoreError::Storage(m) => m.clone(),
+            StoreError::Storage(m) => m.to_string(),
             other => other.to_string(),
         });
         let _ = self.engine.take_output();

@@ -15,8 +15,9 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::pb::etcdserverpb as rpc;
 use super::pb::mvccpb::KeyValue;
-pub use error::{EtcdError, is_nospace};
+pub use error::{EtcdCode, EtcdError, EtcdErrorKind, Setting};
 use error::{never_sent, stale_token};
+pub(crate) use error::{tls_error, transport_setting};
 pub use maintenance::MemberStatus;
 use security::tls_config;
 pub use security::{EtcdSecurity, EtcdUser, check_endpoints};
@@ -96,10 +97,9 @@ async fn keep_alive_attempt(etcd: Etcd, id: i64) -> Result<i64, EtcdError> {
             .await
             .map_err(|s| EtcdError::from_status("keep-alive", &s))?;
         drop(tx);
-        return r.map(|r| r.ttl).ok_or(EtcdError::new(
+        return r.map(|r| r.ttl).ok_or(EtcdError::no_answer(
             "keep-alive",
             "the stream closed without an answer",
-            true,
         ));
     }
 }
@@ -141,17 +141,19 @@ impl Etcd {
             .iter()
             .map(|e| {
                 let ep = Endpoint::from_shared(e.clone()).map_err(|err| {
-                    EtcdError::misconfigured(
+                    EtcdError::given(
                         "connect",
                         format!("endpoint {e:?} is not a URL ({err}): write http://HOST:PORT"),
                     )
+                    .with_source(err)
                 })?;
                 let ep = match &tls {
                     Some(t) => ep.tls_config(t.clone()).map_err(|err| {
-                        EtcdError::misconfigured(
+                        EtcdError::given(
                             "connect",
                             format!("TLS for endpoint {e:?}: {}", chain(&err)),
                         )
+                        .with_source(err)
                     })?,
                     None => ep,
                 };
@@ -189,7 +191,7 @@ impl Etcd {
         let (endpoints, sec) = &*self.endpoints;
         for e in endpoints {
             if let Some(why) = super::probe::diagnose(e, sec, self.timeout).await {
-                return Some(EtcdError::misconfigured("connect", format!("{e}: {why}")));
+                return Some(why);
             }
         }
         None
@@ -217,18 +219,18 @@ impl Etcd {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 Err(s) => {
-                    let mut e = EtcdError::from_status("authenticate", &s);
-                    e.message = format!("as etcd user {:?}: {}", user.0.name, e.message);
-                    return Err(e);
+                    return Err(EtcdError::from_status("authenticate", &s)
+                        .context(format_args!("as etcd user {:?}", user.0.name)));
                 }
             }
         };
-        let t = AsciiMetadataValue::try_from(answer.token).map_err(|_| {
+        let t = AsciiMetadataValue::try_from(answer.token).map_err(|e| {
             EtcdError::new(
                 "authenticate",
+                EtcdErrorKind::BadAnswer,
                 "etcd answered a token that is not text",
-                false,
             )
+            .with_source(e)
         })?;
         *token = Some(t.clone());
         Ok(Some(t))
@@ -344,12 +346,11 @@ impl Etcd {
             .await?
             .into_inner();
         if !r.error.is_empty() {
-            return Err(EtcdError {
-                op: "lease grant",
-                message: r.error,
-                transient: false,
-                misconfigured: false,
-            });
+            return Err(EtcdError::new(
+                "lease grant",
+                EtcdErrorKind::BadAnswer,
+                r.error,
+            ));
         }
         Ok((r.id, r.ttl))
     }
@@ -404,21 +405,21 @@ impl Etcd {
         loop {
             tokio::select! {
                 () = &mut deadline => {
-                    return Err(EtcdError::new(
+                    let e = EtcdError::no_answer(
                         "keep-alive",
-                        match last_err {
-                            Some(e) => format!("no answer in {:?} (last: {e})", self.timeout),
-                            None => format!("no answer in {:?}", self.timeout),
-                        },
-                        true,
-                    ));
+                        format!("no answer in {:?}", self.timeout),
+                    );
+                    return Err(match last_err {
+                        Some(last) => e.context("the last attempt failed").with_source(last),
+                        None => e,
+                    });
                 }
                 _ = resend.tick() => {
                     attempts.spawn(keep_alive_attempt(self.clone(), id));
                 }
                 Some(done) = attempts.join_next() => match done {
                     Ok(Ok(ttl)) => return Ok(ttl),
-                    Ok(Err(e)) if !e.transient => return Err(e),
+                    Ok(Err(e)) if !e.transient() => return Err(e),
                     Ok(Err(e)) => last_err = Some(e),
                     Err(_) => {}
                 },
@@ -471,22 +472,22 @@ impl Etcd {
             match first {
                 Ok(Ok(Some(r))) if r.canceled => {
                     let why = r.cancel_reason;
-                    if why.contains("permission denied") && self.user.is_some() && !reauthed {
+                    let denied =
+                        EtcdCode::of_cancel_reason(&why) == Some(EtcdCode::PermissionDenied);
+                    if denied && self.user.is_some() && !reauthed {
                         // The token may have expired: once more with a fresh one.
                         reauthed = true;
                         self.forget_token(token.as_ref()).await;
                         continue;
                     }
-                    return Err(if why.contains("permission denied") {
-                        EtcdError::misconfigured(
+                    return Err(if denied {
+                        EtcdError::new(
                             "watch",
-                            format!(
-                                "{why}: the etcd user may not read the range watched; grant its \
-                                 role readwrite on leasehold's prefix"
-                            ),
+                            EtcdErrorKind::Settings(Setting::Rights),
+                            format!("{why}: the etcd user may not read the range watched"),
                         )
                     } else {
-                        EtcdError::new("watch", format!("cancelled: {why}"), true)
+                        EtcdError::no_answer("watch", format!("cancelled: {why}"))
                     });
                 }
                 Ok(Ok(Some(r))) => {
@@ -500,18 +501,16 @@ impl Etcd {
                     });
                 }
                 Ok(Ok(None)) => {
-                    return Err(EtcdError::new(
+                    return Err(EtcdError::no_answer(
                         "watch",
                         "the stream closed before the watch was created",
-                        true,
                     ));
                 }
                 Ok(Err(s)) => return Err(EtcdError::from_status("watch", &s)),
                 Err(_) => {
-                    return Err(EtcdError::new(
+                    return Err(EtcdError::no_answer(
                         "watch",
                         format!("not created in {:?}", self.timeout),
-                        true,
                     ));
                 }
             }

@@ -51,10 +51,10 @@ impl std::fmt::Debug for EtcdUser {
 /// Reads a PEM file named by setting `field`.
 pub(super) fn read_pem(field: &str, path: &std::path::Path) -> Result<Vec<u8>, EtcdError> {
     let pem = std::fs::read(path).map_err(|e| {
-        EtcdError::misconfigured("connect", format!("{field} {}: {e}", path.display()))
+        EtcdError::given("connect", format!("{field} {}: {e}", path.display())).with_source(e)
     })?;
     if !String::from_utf8_lossy(&pem).contains("-----BEGIN ") {
-        return Err(EtcdError::misconfigured(
+        return Err(EtcdError::given(
             "connect",
             format!("{field} {}: not a PEM file", path.display()),
         ));
@@ -79,11 +79,11 @@ pub(super) fn tls_config(
             read_pem("etcd-key", k)?,
         ))),
         (None, None) => Ok(tls),
-        (Some(_), None) => Err(EtcdError::misconfigured(
+        (Some(_), None) => Err(EtcdError::given(
             "connect",
             "etcd-cert is set without etcd-key: give both, or neither",
         )),
-        (None, Some(_)) => Err(EtcdError::misconfigured(
+        (None, Some(_)) => Err(EtcdError::given(
             "connect",
             "etcd-key is set without etcd-cert: give both, or neither",
         )),
@@ -96,7 +96,7 @@ pub(super) fn tls_config(
 /// # Errors
 /// A misconfigured [`EtcdError`] saying what to change.
 pub fn check_endpoints(endpoints: &[String], sec: &EtcdSecurity) -> Result<bool, EtcdError> {
-    let bad = |m: String| Err(EtcdError::misconfigured("connect", m));
+    let bad = |m: String| Err(EtcdError::given("connect", m));
     if endpoints.is_empty() {
         return bad("no endpoints: give at least one etcd URL".into());
     }

@@ -12,9 +12,9 @@ use tracing::warn;
 
 use super::snapshot::{Snapshot, holding_sessions};
 use super::{Inner, MAX_TXN_OPS, json, now_ms, unavailable};
-use crate::StoreError;
 use crate::etcd::client::{Txn, prefix_end};
 use crate::etcd::keys::Record;
+use crate::{Cause, StoreError};
 
 /// Whether the engine changed a record. (Its metadata, which the token floor marks changed,
 /// is not kept in etcd: tokens come from records and revisions.)
@@ -339,9 +339,9 @@ impl Inner {
             }
             fresh = true;
             if Instant::now() > deadline {
-                return Err(StoreError::Unavailable(
-                    "too much contention on these resources; try again".into(),
-                ));
+                return Err(StoreError::Unavailable(Cause::new(
+                    "too much contention on these resources; try again",
+                )));
             }
         }
     }

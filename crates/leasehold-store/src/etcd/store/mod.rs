@@ -36,11 +36,11 @@ use serde::Serialize;
 use tokio::sync::{Notify, broadcast, oneshot, watch};
 use tracing::error;
 
-use crate::etcd::client::{Etcd, EtcdError, EtcdSecurity, is_nospace};
+use crate::etcd::client::{Etcd, EtcdError, EtcdSecurity};
 use crate::etcd::history::{EtcdHealth, HistoryOptions};
 use crate::etcd::keys::Keys;
 use crate::sync::lock;
-use crate::{Clock, SessionEndHook, SessionState, StoreError, WaitNote};
+use crate::{Cause, Clock, SessionEndHook, SessionState, StoreError, WaitNote};
 use mirror::{Fix, Mirror, follow};
 use session::{establish, keep_session};
 use waiters::{LocalWaiter, serve_waiters};
@@ -182,14 +182,18 @@ impl Drop for EtcdStore {
     }
 }
 
+/// A failed etcd call as the store reports it, decided by the error's kind; the error stays
+/// under it.
 fn unavailable(e: EtcdError) -> StoreError {
-    if is_nospace(&e) {
-        return StoreError::NoSpace(crate::etcd::history::NOSPACE_REMEDY.into());
+    if e.is_nospace() {
+        return StoreError::NoSpace(
+            Cause::new(crate::etcd::history::NOSPACE_REMEDY).with_source(e),
+        );
     }
-    if e.misconfigured {
-        return StoreError::Misconfigured(e.to_string());
+    if e.misconfigured() {
+        return StoreError::Misconfigured(Cause::of(e));
     }
-    StoreError::Unavailable(e.to_string())
+    StoreError::Unavailable(Cause::of(e))
 }
 
 fn now_ms() -> u64 {
@@ -200,7 +204,7 @@ fn now_ms() -> u64 {
 
 /// Encodes a value to store; never empty bytes in place of a value that failed to encode.
 fn json<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(v).map_err(|e| StoreError::Storage(format!("cannot encode a value: {e}")))
+    serde_json::to_vec(v).map_err(|e| StoreError::Storage(Cause::at("cannot encode a value", e)))
 }
 
 impl EtcdStore {
@@ -218,10 +222,12 @@ impl EtcdStore {
             Ok(v) => v,
             // A connection that closes may be etcd refusing this client's settings: say so,
             // rather than wait for an etcd that will never accept them.
-            Err(StoreError::Unavailable(m)) => {
+            Err(StoreError::Unavailable(first)) => {
                 return Err(match etcd.diagnose().await {
-                    Some(e) => StoreError::Misconfigured(format!("{e} (first error: {m})")),
-                    None => StoreError::Unavailable(m),
+                    Some(e) => StoreError::Misconfigured(
+                        Cause::new(format!("{e} (first error: {first})")).with_source(e),
+                    ),
+                    None => StoreError::Unavailable(first),
                 });
             }
             Err(e) => return Err(e),

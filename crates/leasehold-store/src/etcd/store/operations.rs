@@ -18,7 +18,7 @@ use crate::etcd::client::prefix_end;
 use crate::etcd::history::EtcdHealth;
 use crate::etcd::keys::WaiterValue;
 use crate::sync::lock;
-use crate::{AcquireSpec, SessionEndHook, SessionState, Store, StoreError, WaitNote};
+use crate::{AcquireSpec, Cause, SessionEndHook, SessionState, Store, StoreError, WaitNote};
 
 impl Store for EtcdStore {
     fn host(&self) -> &HostId {
@@ -118,7 +118,7 @@ impl Store for EtcdStore {
             Ok(Ok(Queueing::Queued(id, rx))) => (id, rx),
             Ok(Ok(Queueing::Granted(grants))) => return Ok(grants),
             Ok(Err(e)) => return Err(e),
-            Err(e) => return Err(StoreError::Unavailable(format!("queueing failed: {e}"))),
+            Err(e) => return Err(StoreError::Unavailable(Cause::at("queueing failed", e))),
         };
         let mut guard = WaitGuard {
             inner: Arc::clone(inner),
