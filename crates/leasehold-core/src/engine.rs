@@ -49,9 +49,10 @@ pub struct EngineConfig {
 }
 
 impl Default for EngineConfig {
+    /// The grace of [`crate::Timing::default`].
     fn default() -> Self {
         EngineConfig {
-            grace: Duration::from_secs(5),
+            grace: crate::Timing::default().grace,
         }
     }
 }

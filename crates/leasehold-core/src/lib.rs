@@ -50,6 +50,7 @@ mod output;
 mod release;
 mod resource;
 mod session;
+mod timing;
 mod types;
 mod view;
 
@@ -59,6 +60,7 @@ pub use output::{Event, Meta, Output};
 pub use release::{ReleaseError, ReleaseKind, ReleaseRequest, Released};
 pub use resource::{EndReason, Ended, Lease, ResourceState};
 pub use session::{Session, SessionError};
+pub use timing::{DEFAULT_KILL_TIMEOUT, DEFAULT_TTL, Timing};
 pub use types::{
     HostId, MAX_COMMAND, MAX_HOST_ID, MAX_LABEL, MAX_OWNER_ID, MAX_RESOURCE_NAME, MAX_TEXT, Mode,
     NameError, Now, OnExit, Owner, OwnerId, ProcessKey, ResourceName, SessionId, Time, Token,

@@ -306,7 +306,7 @@ fn failover(a: &BenchArgs) -> Result<(), Failure> {
     let ttl = humantime::parse_duration(&a.ttl).unwrap_or_default();
     let grace = match &a.grace {
         Some(g) => humantime::parse_duration(g).unwrap_or_default(),
-        None => leasehold_agent::Timing::etcd_default_grace(ttl),
+        None => leasehold_store::etcd::etcd_default_grace(ttl),
     };
     let floor = (ttl + grace).as_secs_f64();
     out!(

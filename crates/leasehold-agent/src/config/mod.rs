@@ -53,53 +53,8 @@ impl std::str::FromStr for Backend {
     }
 }
 
-/// The timing parameters of SPEC §4.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Timing {
-    /// Host session lifetime without renewal.
-    pub ttl: Duration,
-    /// Heartbeat interval.
-    pub renew: Duration,
-    /// The agent kills its holders at `last_renew_sent + ttl - fence_margin`.
-    pub fence_margin: Duration,
-    /// After a session expires, its resources stay unavailable this long.
-    pub grace: Duration,
-    /// The longest a SIGKILLed holder may take to die (or, with a watchdog, for the host to
-    /// reset); safety needs `fence_margin + grace` to exceed it.
-    pub kill_timeout: Duration,
-}
-
-impl Timing {
-    /// The defaults of SPEC §4 for a given `ttl`.
-    pub fn for_ttl(ttl: Duration) -> Timing {
-        Timing {
-            ttl,
-            renew: ttl / 3,
-            fence_margin: ttl / 5,
-            grace: ttl / 2,
-            kill_timeout: Duration::from_secs(1),
-        }
-    }
-}
-
-/// etcd's shortest lease (it raises anything shorter to this).
-pub const ETCD_MIN_LEASE: Duration = Duration::from_secs(2);
-
-impl Timing {
-    /// The default grace on etcd for `ttl`: ttl/2 rounded up to whole seconds, at least
-    /// [`ETCD_MIN_LEASE`] (etcd grants a grace key whole seconds, and no fewer than that).
-    pub fn etcd_default_grace(ttl: Duration) -> Duration {
-        let half = ttl / 2;
-        let secs = half.as_secs() + u64::from(half.subsec_nanos() > 0);
-        Duration::from_secs(secs).max(ETCD_MIN_LEASE)
-    }
-}
-
-impl Default for Timing {
-    fn default() -> Self {
-        Timing::for_ttl(Duration::from_secs(10))
-    }
-}
+pub use leasehold_core::Timing;
+pub use leasehold_store::etcd::{ETCD_MIN_LEASE, etcd_default_grace};
 
 /// A Unix group, by name and id.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -411,7 +366,7 @@ impl Config {
             field: "host-id",
             message: e.to_string(),
         })?;
-        let ttl = duration("ttl", &f.ttl)?.unwrap_or(Duration::from_secs(10));
+        let ttl = duration("ttl", &f.ttl)?.unwrap_or(leasehold_core::DEFAULT_TTL);
         let mut timing = Timing::for_ttl(ttl);
         if let Some(d) = duration("renew", &f.renew)? {
             timing.renew = d;
@@ -427,7 +382,7 @@ impl Config {
         }
         let backend = f.backend.unwrap_or(Backend::Local);
         if backend == Backend::Etcd && f.grace.is_none() {
-            timing.grace = Timing::etcd_default_grace(ttl);
+            timing.grace = etcd_default_grace(ttl);
         }
         let etcd_endpoints = f.etcd_endpoints.unwrap_or_default();
         let admin_group = f

@@ -15,4 +15,4 @@ mod store;
 
 pub use client::{EtcdSecurity, EtcdUser};
 pub use history::{EtcdHealth, HistoryOptions};
-pub use store::{EtcdOptions, EtcdStore, SnapshotPause};
+pub use store::{ETCD_MIN_LEASE, EtcdOptions, EtcdStore, SnapshotPause, etcd_default_grace};

@@ -31,7 +31,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use leasehold_core::{Event, HostId, Now, Owner, ProcessKey, ResourceName, SessionId};
+use leasehold_core::{Event, HostId, Now, Owner, ProcessKey, ResourceName, SessionId, Timing};
 use serde::Serialize;
 use tokio::sync::{Notify, broadcast, oneshot, watch};
 use tracing::error;
@@ -71,15 +71,29 @@ pub struct EtcdOptions {
     pub security: EtcdSecurity,
 }
 
+/// etcd's shortest lease (it raises anything shorter to this).
+pub const ETCD_MIN_LEASE: Duration = Duration::from_secs(2);
+
+/// The default grace on etcd for `ttl`: SPEC §4's (ttl/2, [`Timing::for_ttl`]) rounded up to
+/// whole seconds, at least [`ETCD_MIN_LEASE`] (etcd grants a grace key whole seconds, and no
+/// fewer than that).
+pub fn etcd_default_grace(ttl: Duration) -> Duration {
+    let grace = Timing::for_ttl(ttl).grace;
+    let secs = grace.as_secs() + u64::from(grace.subsec_nanos() > 0);
+    Duration::from_secs(secs).max(ETCD_MIN_LEASE)
+}
+
 impl EtcdOptions {
-    /// Options for `endpoints` with SPEC §4's defaults.
+    /// Options for `endpoints` with SPEC §4's defaults ([`Timing::default`], the grace as
+    /// [`etcd_default_grace`] makes it).
     pub fn new(endpoints: Vec<String>) -> EtcdOptions {
+        let timing = Timing::default();
         EtcdOptions {
             endpoints,
             prefix: "/leasehold/".into(),
-            ttl: Duration::from_secs(10),
-            renew: Duration::from_millis(3333),
-            grace: Duration::from_secs(5),
+            ttl: timing.ttl,
+            renew: timing.renew,
+            grace: etcd_default_grace(timing.ttl),
             timeout: Duration::from_secs(2),
             session_file: None,
             history: HistoryOptions::default(),

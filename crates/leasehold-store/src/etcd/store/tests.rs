@@ -91,3 +91,28 @@ async fn a_poisoned_session_end_hook_still_runs() {
         .unwrap();
     assert_eq!(got, id);
 }
+
+/// The etcd store's defaults are SPEC §4's, from the one definition (`leasehold_core::Timing`),
+/// the grace in etcd's whole seconds.
+#[test]
+fn the_etcd_defaults_are_spec_section_4s() {
+    let o = EtcdOptions::new(Vec::new());
+    let spec = leasehold_core::Timing::default();
+    assert_eq!(
+        (o.ttl, o.renew, o.grace),
+        (spec.ttl, spec.renew, spec.grace)
+    );
+    assert_eq!(
+        super::etcd_default_grace(Duration::from_secs(10)),
+        spec.grace
+    );
+    // ttl/2 rounded up to whole seconds, never under etcd's shortest lease.
+    assert_eq!(
+        super::etcd_default_grace(Duration::from_secs(5)),
+        Duration::from_secs(3)
+    );
+    assert_eq!(
+        super::etcd_default_grace(Duration::from_secs(3)),
+        Duration::from_secs(2)
+    );
+}
