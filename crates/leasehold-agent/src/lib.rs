@@ -27,6 +27,7 @@ use leasehold_store::{LocalStore, Store, StoreError};
 use tokio::net::UnixListener;
 use tracing::{info, warn};
 
+mod accounts;
 pub mod config;
 pub mod fence;
 mod holds;

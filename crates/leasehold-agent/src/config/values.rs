@@ -103,24 +103,23 @@ pub fn resolve_group(field: &'static str, name: &str) -> Result<Group, ConfigErr
             gid,
         });
     }
-    let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
-    groups
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split(':');
-            let n = f.next()?;
-            let gid = f.nth(1)?.parse().ok()?;
-            Some((n, gid))
-        })
-        .find(|(n, _)| *n == name)
-        .map(|(_, gid)| Group {
+    match crate::accounts::group_id(name) {
+        Ok(Some(gid)) => Ok(Group {
             name: name.to_owned(),
             gid,
-        })
-        .ok_or_else(|| ConfigError::Invalid {
+        }),
+        Ok(None) => Err(ConfigError::Invalid {
             field,
-            message: format!("no group named {name:?} in /etc/group"),
-        })
+            message: format!("no group named {name:?} in {}", crate::accounts::GROUP),
+        }),
+        Err(e) => Err(ConfigError::Invalid {
+            field,
+            message: format!(
+                "cannot look group {name:?} up: {}: {e}; give its number instead",
+                crate::accounts::GROUP
+            ),
+        }),
+    }
 }
 
 /// The etcd user and its password, read from `password_file`.

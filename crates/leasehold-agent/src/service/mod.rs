@@ -654,17 +654,7 @@ fn log_released(r: &Released, pid: u32) {
 }
 
 fn user_name(uid: u32) -> String {
-    std::fs::read_to_string("/etc/passwd")
-        .ok()
-        .and_then(|p| {
-            p.lines().find_map(|l| {
-                let mut f = l.split(':');
-                let name = f.next()?;
-                let id: u32 = f.nth(1)?.parse().ok()?;
-                (id == uid).then(|| name.to_owned())
-            })
-        })
-        .unwrap_or_else(|| format!("uid {uid}"))
+    crate::accounts::user_name(uid).unwrap_or_else(|| format!("uid {uid}"))
 }
 
 /// The events `watch` streams for one engine event (an ending that dirties also yields
