@@ -11,6 +11,7 @@ pub mod history;
 pub mod keys;
 pub mod pb;
 mod probe;
+pub mod reference;
 mod store;
 
 pub use client::{EtcdSecurity, EtcdUser};
