@@ -372,6 +372,18 @@ async fn follow_events<S: Store>(
         holds.ended(resource, ended);
         if let EndReason::Forced { reason, by } = &ended.how
             && ended.owner.host() == &host
+            && ended.owner.on_lost == leasehold_core::OnLost::Revoke
+        {
+            warn!(
+                resource = %resource,
+                pid = ended.owner.process.pid,
+                token = %ended.token,
+                by = %by,
+                reason = %reason,
+                "lease revoked; holder not killed (it asked on_lost = revoke): its token is refused by validate"
+            );
+        } else if let EndReason::Forced { reason, by } = &ended.how
+            && ended.owner.host() == &host
         {
             let killed = watcher.signal(&ended.owner.process, rustix::process::Signal::KILL);
             warn!(

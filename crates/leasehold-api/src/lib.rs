@@ -116,6 +116,8 @@ impl TryFrom<pb::Owner> for Owner {
                     value: o.on_exit.clone(),
                 })?
             },
+            // The gRPC API is being retired and carries no on_lost.
+            on_lost: leasehold_core::OnLost::Kill,
         };
         owner.validate()?;
         Ok(owner)

@@ -292,6 +292,7 @@ impl Client {
             pid: o.pid,
             start_time: o.start_time,
             owner_id: None,
+            on_lost: v1::OnLost::Kill,
             label: o.label.clone(),
             accept_dirty: o.accept_dirty,
             wait: o.wait.map(v1::Dur),

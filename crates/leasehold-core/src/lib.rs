@@ -63,7 +63,7 @@ pub use session::{Session, SessionError};
 pub use timing::{DEFAULT_KILL_TIMEOUT, DEFAULT_TTL, Timing};
 pub use types::{
     HostId, MAX_COMMAND, MAX_HOST_ID, MAX_LABEL, MAX_OWNER_ID, MAX_RESOURCE_NAME, MAX_TEXT, Mode,
-    NameError, Now, OnExit, Owner, OwnerId, ProcessKey, ResourceName, SessionId, Time, Token,
-    WaiterId, WallTime, check_free_text,
+    NameError, Now, OnExit, OnLost, Owner, OwnerId, ProcessKey, ResourceName, SessionId, Time,
+    Token, WaiterId, WallTime, check_free_text,
 };
 pub use view::{ResourceView, WaiterView};

@@ -363,6 +363,36 @@ pub struct Owner {
     /// What the process's exit does to its exclusive leases.
     #[serde(default, skip_serializing_if = "OnExit::is_default")]
     pub on_exit: OnExit,
+    /// What a lease's revocation (force-release) does to the process.
+    #[serde(default, skip_serializing_if = "OnLost::is_default")]
+    pub on_lost: OnLost,
+}
+
+/// What the agent does to a holder whose lease is revoked by force-release.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnLost {
+    /// SIGKILL the process (a VM: it must not write once another may).
+    #[default]
+    Kill,
+    /// End the lease only: the process lives on and learns it from `validate` (a service
+    /// holding short locks). Writes checked against the token stay safe; unchecked ones do
+    /// not.
+    Revoke,
+}
+
+impl OnLost {
+    fn is_default(&self) -> bool {
+        *self == OnLost::Kill
+    }
+
+    /// The word used on the wire: `kill` or `revoke`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            OnLost::Kill => "kill",
+            OnLost::Revoke => "revoke",
+        }
+    }
 }
 
 /// What a holder's exit without a release does to its exclusive leases.
@@ -416,6 +446,7 @@ impl Owner {
             command: None,
             restricted: false,
             on_exit: OnExit::Dirty,
+            on_lost: OnLost::Kill,
         }
     }
 

@@ -547,4 +547,55 @@ fn list_is_paginated_and_filtered_by_the_agent_and_the_cli_follows_the_pages() {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 1, "{v}");
     assert_eq!(v[0]["resource"], "q/dirty", "{v}");
+
+/// `on_lost: revoke` (issue 14 item 3): a force-release ends the lease without killing its
+/// holder, and `validate` refuses the old token; the default still kills.
+#[test]
+fn a_revocable_holder_survives_force_release_and_its_token_is_refused() {
+    let a = Agent::start();
+    let (service, vm) = (Holder::new(), Holder::new());
+    let take = |h: &Holder, r: &str, extra: Value| {
+        let mut body = json!({"items": items(r, "exclusive"), "pid": h.pid()});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let (code, g) = call(&a, "POST", "/v1/acquire", Some(body));
+        assert_eq!((code, g["event"].as_str()), (200, Some("granted")), "{g}");
+        g
+    };
+    let g = take(
+        &service,
+        "lock",
+        json!({"on_lost": "revoke", "owner_id": "t1"}),
+    );
+    assert_eq!(g["owner"]["on_lost"], "revoke", "{g}");
+    let token = g["grants"][0]["token"].as_u64().unwrap();
+    take(&vm, "disk", json!({}));
+    let force = |r: &str| {
+        let (code, v) = call(
+            &a,
+            "POST",
+            "/v1/force-release",
+            Some(json!({"resource": r, "reason": "test"})),
+        );
+        assert_eq!(code, 200, "{v}");
+    };
+    force("lock");
+    force("disk");
+    common::wait_until("the default holder is killed", LIMIT, || {
+        !common::alive(vm.pid())
+    });
+    assert!(
+        common::alive(service.pid()),
+        "a revocable holder is not killed"
+    );
+    let (_, v) = call(
+        &a,
+        "POST",
+        "/v1/validate",
+        Some(json!({"resource": "lock", "token": token})),
+    );
+    assert_eq!(v["current"], false, "{v}");
+    assert!(a.holders("lock").is_empty());
+    assert!(a.log().contains("holder not killed"), "{}", a.log());
 }

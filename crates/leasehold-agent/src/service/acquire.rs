@@ -167,6 +167,7 @@ impl<S: Store> Service<S> {
             command: Some(info.command),
             restricted: false,
             on_exit: leasehold_core::OnExit::Dirty,
+            on_lost: r.on_lost.into(),
         };
         owner.validate().map_err(super::usage)?;
         let wait = r.wait.map(|d| d.0);

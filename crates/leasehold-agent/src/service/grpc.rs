@@ -219,6 +219,7 @@ impl<S: Store> pb::leasehold_server::Leasehold for Service<S> {
             pid: pid(r.pid),
             start_time: r.start_time,
             owner_id: None,
+            on_lost: v1::OnLost::Kill,
             label: r.label,
             accept_dirty: r.accept_dirty,
             // 0 waits forever.

@@ -48,6 +48,10 @@ impl From<&lh::Owner> for Owner {
                 lh::OnExit::Dirty => OnExit::Dirty,
                 lh::OnExit::Status => OnExit::Status,
             },
+            on_lost: match o.on_lost {
+                lh::OnLost::Kill => OnLost::Kill,
+                lh::OnLost::Revoke => OnLost::Revoke,
+            },
         }
     }
 }
@@ -70,6 +74,7 @@ impl TryFrom<Owner> for lh::Owner {
                 OnExit::Dirty => lh::OnExit::Dirty,
                 OnExit::Status => lh::OnExit::Status,
             },
+            on_lost: o.on_lost.into(),
         };
         owner.validate()?;
         Ok(owner)

@@ -85,6 +85,37 @@ pub struct Owner {
     /// What its exit does to its exclusive leases.
     #[serde(default, skip_serializing_if = "OnExit::is_dirty")]
     pub on_exit: OnExit,
+    /// What a revocation of its lease (force-release) does to it.
+    #[serde(default, skip_serializing_if = "OnLost::is_kill")]
+    pub on_lost: OnLost,
+}
+
+/// What the agent does to a holder whose lease is revoked (force-release).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnLost {
+    /// SIGKILL the holder (the default; right for a VM).
+    #[default]
+    Kill,
+    /// End the lease only: the holder lives on, `validate` refuses its token, and its next
+    /// call learns it (a service holding short locks; its writes are safe only where storage
+    /// checks the token).
+    Revoke,
+}
+
+impl OnLost {
+    fn is_kill(&self) -> bool {
+        *self == OnLost::Kill
+    }
+}
+
+impl From<OnLost> for leasehold_core::OnLost {
+    fn from(o: OnLost) -> leasehold_core::OnLost {
+        match o {
+            OnLost::Kill => leasehold_core::OnLost::Kill,
+            OnLost::Revoke => leasehold_core::OnLost::Revoke,
+        }
+    }
 }
 
 /// What a holder's exit without a release does to its exclusive leases.
@@ -272,6 +303,10 @@ pub struct AcquireRequest {
     /// process's exit still ends the leases of all of them. Absent: the process itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner_id: Option<String>,
+    /// What a revocation (force-release) does to the process: `kill` (the default) or
+    /// `revoke` (the lease ends, the process lives on and learns it from `validate`).
+    #[serde(default, skip_serializing_if = "OnLost::is_kill")]
+    pub on_lost: OnLost,
     /// A label for people: a VM name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub label: Option<String>,
