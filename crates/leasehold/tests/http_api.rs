@@ -547,6 +547,7 @@ fn list_is_paginated_and_filtered_by_the_agent_and_the_cli_follows_the_pages() {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 1, "{v}");
     assert_eq!(v[0]["resource"], "q/dirty", "{v}");
+}
 
 /// `on_lost: revoke` (issue 14 item 3): a force-release ends the lease without killing its
 /// holder, and `validate` refuses the old token; the default still kills.
