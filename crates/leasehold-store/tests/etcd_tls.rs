@@ -211,3 +211,77 @@ async fn a_client_certificate_named_for_the_user_needs_no_password() {
         .await
         .unwrap();
 }
+
+/// Issue 10 item 7: etcd forgets a simple token unused for `--auth-token-ttl`; the store
+/// authenticates again when etcd refuses its token, and keeps its host session meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_auth_token_is_renewed_and_the_session_kept() {
+    const TOKEN_TTL: Duration = Duration::from_secs(2);
+    let etcd = Etcd::start_with(&["--auth-token", "simple", "--auth-token-ttl", "2"]);
+    etcd.enable_auth("root-pw", "leasehold", "lh-pw", PREFIX);
+    let mut o = options(
+        etcd.endpoint(),
+        EtcdSecurity {
+            user: user("lh-pw"),
+            ..EtcdSecurity::default()
+        },
+    );
+    // Renewals further apart than the token's life, so the token goes unused long enough.
+    o.ttl = Duration::from_secs(30);
+    o.renew = Duration::from_secs(10);
+    o.grace = Duration::from_secs(15);
+    let s = EtcdStore::open(HostId::new("a").unwrap(), o).await.unwrap();
+    let session = s.session().unwrap();
+    let before = session.borrow().id;
+    let owner = Owner::new(s.host().clone(), 4242, 1);
+    let (r1, r2) = (
+        ResourceName::new("disk1").unwrap(),
+        ResourceName::new("disk2").unwrap(),
+    );
+    let g = s
+        .acquire(AcquireSpec::new(
+            owner.clone(),
+            [(r1.clone(), Mode::Exclusive)],
+        ))
+        .await
+        .unwrap();
+
+    // Several token lifetimes pass. The agent's own calls (the space check each second) may
+    // keep its token in use; so etcd also drops every token, as an expiry does, by turning
+    // authentication off and on again. Either way the next call carries a token etcd refuses.
+    let idle_until = Instant::now() + TOKEN_TTL * 3;
+    while Instant::now() < idle_until {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let st = session.borrow().clone();
+        assert!(!st.expired && st.id == before, "session lost: {st:?}");
+    }
+    for step in [["auth", "disable"], ["auth", "enable"]] {
+        let out = etcd.etcdctl(&step);
+        assert!(out.status.success(), "{out:?}");
+    }
+
+    // Every kind of call still works, on the same session.
+    assert!(s.validate(r1.clone(), g[0].token).await.unwrap());
+    s.acquire(AcquireSpec::new(
+        owner.clone(),
+        [(r2.clone(), Mode::Exclusive)],
+    ))
+    .await
+    .unwrap();
+    let listed = s.list().await.unwrap();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    for r in [r1, r2] {
+        s.release(r, owner.process.clone(), None, ReleaseKind::Clean)
+            .await
+            .unwrap();
+    }
+    let st = session.borrow().clone();
+    assert!(!st.expired && st.id == before, "session lost: {st:?}");
+    // etcd did refuse a token in between: the store renewed it, not merely kept using one.
+    let log = std::fs::read_to_string(etcd.log_path()).unwrap();
+    assert!(
+        log.contains("invalid auth token"),
+        "etcd never refused a token: the test did not test renewal\n{}",
+        etcd.log_tail(30)
+    );
+}
