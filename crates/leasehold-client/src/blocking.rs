@@ -88,6 +88,13 @@ impl Error {
         }
     }
 
+    /// Whether the error means the agent is not there: no socket, nothing listening, or
+    /// the agent says it is stopping or overloaded (exit 5).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, Error::NoSocket | Error::Unreachable { .. })
+            || self.code() == Some(ErrorCode::Unavailable)
+    }
+
     /// Whether the agent did not answer within the client's timeout.
     pub fn is_timeout(&self) -> bool {
         matches!(self, Error::Io(e) if matches!(
@@ -217,6 +224,14 @@ impl Client {
     /// The socket this client talks to.
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// Whether an agent listens on the socket (connects, and closes again).
+    ///
+    /// # Errors
+    /// [`Error::Unreachable`] when nothing listens there.
+    pub fn reachable(&self) -> Result<(), Error> {
+        self.connect().map(drop)
     }
 
     fn connect(&self) -> Result<UnixStream, Error> {
@@ -585,6 +600,13 @@ impl Acquisition {
 #[derive(Debug)]
 pub struct Watch {
     lines: Answer,
+}
+
+impl Watch {
+    /// The connection, e.g. to shut it down (which ends the watch).
+    pub fn socket(&self) -> &UnixStream {
+        self.lines.reader.get_ref().inner()
+    }
 }
 
 impl Iterator for Watch {

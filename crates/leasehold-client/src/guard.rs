@@ -21,7 +21,7 @@
 use leasehold_core::{Ended, Grant, ResourceName, Token};
 use std::sync::{Arc, Mutex};
 
-use crate::{AcquireEvent, AcquireOptions, Client, ClientError, ReleaseOptions};
+use crate::{AcquireEvent, AcquireOptions, Client, ClientError, ReleaseOptions, ReleaseReport};
 
 #[derive(Debug, Default)]
 struct HoldState {
@@ -63,7 +63,7 @@ impl LeaseGuard {
         client: &Client,
         options: AcquireOptions,
     ) -> Result<LeaseGuard, ClientError> {
-        let mut client = client.clone();
+        let client = client.clone();
         let mut acq = client
             .start_acquire(AcquireOptions {
                 pid: None,
@@ -143,7 +143,7 @@ impl LeaseGuard {
             r.abort();
         }
         let resources = self.resources();
-        self.client.release(&resources, o).await.map(|_| ())
+        all_released(self.client.release(&resources, o).await?)
     }
 
     /// Releases cleanly.
@@ -179,12 +179,23 @@ impl LeaseGuard {
             handover_to: Some(to.into()),
             ..Default::default()
         };
-        self.client.release(&resources, o).await?;
+        all_released(self.client.release(&resources, o).await?)?;
         self.done = true;
         if let Some(r) = self.reader.take() {
             r.abort();
         }
         Ok(())
+    }
+}
+
+/// A release whose every resource was released, or the first failure as an error.
+fn all_released(r: ReleaseReport) -> Result<(), ClientError> {
+    match r.failed.into_iter().next() {
+        None => Ok(()),
+        Some(f) => Err(ClientError::Agent {
+            code: f.code,
+            message: format!("{}: {}", f.resource, f.message),
+        }),
     }
 }
 
@@ -197,7 +208,7 @@ impl Drop for LeaseGuard {
             return;
         }
         let resources = self.resources();
-        let mut client = self.client.clone();
+        let client = self.client.clone();
         let dirty = std::thread::panicking();
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {

@@ -1,79 +1,51 @@
-//! A client for the leasehold agent, over its local Unix socket.
+//! A client for the leasehold agent, over the HTTP/1.1 + JSON API on its local Unix socket
+//! (docs/contract.md, docs/api/v1.schema.json).
+//!
+//! Two faces on one protocol: [`blocking`], with nothing but `std` (one call is one
+//! connection, one request and one answer: usable in a forked child before `exec`, in C-ABI
+//! plugins), and, with the default feature `async`, [`Client`] and [`LeaseGuard`] for tokio
+//! programs, which run the blocking client's calls off the runtime's threads: the requests are
+//! built and the answers read in one place.
 //!
 //! Every call returns `leasehold-core` types. An acquire that is refused (held by someone
 //! else, needs a check, timed out) is [`ClientError::Refused`] with the details as data, so a
-//! program can name the holder or run the check without parsing text.
+//! program can name the holder or run the check without parsing text; a release reports each
+//! resource's outcome ([`ReleaseReport`]).
 //!
 //! ```no_run
+//! # #[cfg(feature = "async")]
 //! # async fn demo() -> Result<(), leasehold_client::ClientError> {
 //! use leasehold_client::{AcquireOptions, Client};
 //! use leasehold_core::{Mode, ResourceName};
 //!
-//! let mut client = Client::connect_default().await?;
+//! let client = Client::connect_default().await?;
 //! let disk = ResourceName::new("/srv/images/vm1.qcow2").unwrap();
 //! // Held for this process until it releases or exits.
 //! let grants = client
 //!     .acquire(AcquireOptions::new([(disk.clone(), Mode::Exclusive)]))
 //!     .await?;
 //! println!("token {}", grants.grants[0].token);
-//! client.release(&[disk], Default::default()).await?;
+//! let report = client.release(&[disk], Default::default()).await?;
+//! assert!(report.failed.is_empty());
 //! # Ok(()) }
 //! ```
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
-use leasehold_api::{WireError, conflict_from_wire, pb};
-use leasehold_core::{
-    Conflict, Ended, Grant, Mode, Owner, Released, ResourceName, ResourceView, Token,
-};
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use leasehold_core::{Conflict, Ended, Grant, Mode, Owner, ResourceName};
 
 pub mod blocking;
+#[cfg(feature = "async")]
 mod guard;
+#[cfg(feature = "async")]
+mod tokio_client;
 
+pub use blocking::{Error as ClientError, ReleaseFailure, ReleaseReport, Validation};
+#[cfg(feature = "async")]
 pub use guard::LeaseGuard;
 pub use leasehold_api::default_socket;
-
-/// Why a call failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    /// The agent could not be reached.
-    #[error("cannot reach the leasehold agent at {socket}: {message}")]
-    Unreachable {
-        /// The socket tried.
-        socket: PathBuf,
-        /// Why.
-        message: String,
-    },
-    /// No socket path was given and none could be found.
-    #[error(
-        "no agent socket: pass --socket or set LEASEHOLD_SOCKET (XDG_RUNTIME_DIR is not set either)"
-    )]
-    NoSocket,
-    /// The acquire was refused; the refusal says why.
-    #[error("{}", .0.message)]
-    Refused(Box<Refusal>),
-    /// The agent answered with an error.
-    #[error("{}", .0.message())]
-    Status(#[from] tonic::Status),
-    /// The agent's answer was malformed.
-    #[error("malformed answer from the agent: {0}")]
-    Wire(#[from] WireError),
-}
-
-impl ClientError {
-    /// Whether the error means the agent is not there (exit code 5).
-    pub fn is_unreachable(&self) -> bool {
-        match self {
-            ClientError::Unreachable { .. } | ClientError::NoSocket => true,
-            ClientError::Status(s) => s.code() == tonic::Code::Unavailable,
-            _ => false,
-        }
-    }
-}
+#[cfg(feature = "async")]
+pub use tokio_client::{Acquisition, Client, Watch};
 
 /// Why an acquire was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,40 +79,6 @@ pub struct Refusal {
     pub dirty: Option<Ended>,
     /// Needs check, when the caller asked to take it dirty but may not: who may.
     pub accept_dirty_needs: Option<String>,
-}
-
-impl TryFrom<pb::Refusal> for Refusal {
-    type Error = WireError;
-    fn try_from(r: pb::Refusal) -> Result<Self, WireError> {
-        use pb::refusal::Kind;
-        let kind = match Kind::try_from(r.kind) {
-            Ok(Kind::Busy) => RefusalKind::Busy,
-            Ok(Kind::TimedOut) => RefusalKind::TimedOut,
-            Ok(Kind::NeedsCheck) => RefusalKind::NeedsCheck,
-            Ok(Kind::ModeConflict) => RefusalKind::ModeConflict,
-            Ok(Kind::Cancelled) => RefusalKind::Cancelled,
-            _ => {
-                return Err(WireError::Unknown {
-                    what: "refusal",
-                    value: r.kind.to_string(),
-                });
-            }
-        };
-        let blocked_for = r
-            .conflict
-            .as_ref()
-            .and_then(|c| c.blocked_for_ms)
-            .map(Duration::from_millis);
-        Ok(Refusal {
-            kind,
-            message: r.message,
-            resource: r.resource.map(ResourceName::new).transpose()?,
-            conflict: r.conflict.map(conflict_from_wire).transpose()?,
-            blocked_for,
-            dirty: r.dirty.map(Ended::try_from).transpose()?,
-            accept_dirty_needs: r.accept_dirty_needs,
-        })
-    }
 }
 
 /// What to acquire and how.
@@ -227,314 +165,4 @@ pub struct Granted {
     pub grants: Vec<Grant>,
     /// The owner as the agent recorded it.
     pub owner: Owner,
-}
-
-/// An acquire in progress: its events, until granted or refused, and with `hold`, after.
-pub struct Acquisition {
-    stream: tonic::Streaming<pb::AcquireEvent>,
-    /// To confirm the grant: the agent releases a grant it hears no confirmation of.
-    client: pb::leasehold_client::LeaseholdClient<Channel>,
-}
-
-impl Acquisition {
-    /// The next event; `Ok(None)` when the agent closed the stream.
-    ///
-    /// # Errors
-    /// [`ClientError::Refused`] when the acquire is refused; [`ClientError::Status`] on other
-    /// failures.
-    pub async fn next_event(&mut self) -> Result<Option<AcquireEvent>, ClientError> {
-        let Some(msg) = self.stream.message().await? else {
-            return Ok(None);
-        };
-        use pb::acquire_event::Event as E;
-        match msg.event {
-            Some(E::Waiting(pb::Waiting {
-                note: Some(note), ..
-            })) => Ok(Some(AcquireEvent::Note(note))),
-            Some(E::Waiting(w)) => {
-                let c = w.conflict.ok_or(WireError::Missing("conflict"))?;
-                let blocked_for = c.blocked_for_ms.map(Duration::from_millis);
-                Ok(Some(AcquireEvent::Waiting {
-                    conflict: conflict_from_wire(c)?,
-                    blocked_for,
-                    waited: Duration::from_millis(w.waited_ms),
-                }))
-            }
-            Some(E::Granted(g)) => {
-                let granted = Granted {
-                    grants: g
-                        .grants
-                        .into_iter()
-                        .map(Grant::try_from)
-                        .collect::<Result<_, _>>()?,
-                    owner: Owner::try_from(g.owner.ok_or(WireError::Missing("owner"))?)?,
-                };
-                // Received: say so, or the agent releases the grant when the stream closes.
-                if g.confirm_id != 0 {
-                    self.client
-                        .confirm(pb::ConfirmRequest {
-                            confirm_id: g.confirm_id,
-                        })
-                        .await?;
-                }
-                Ok(Some(AcquireEvent::Granted(granted)))
-            }
-            Some(E::Refused(r)) => Err(ClientError::Refused(Box::new(Refusal::try_from(r)?))),
-            Some(E::Safe(s)) => Ok(Some(AcquireEvent::Safe {
-                until_monotonic_ns: s.until_monotonic_ns,
-            })),
-            Some(E::Lost(l)) => Ok(Some(AcquireEvent::Lost {
-                resource: ResourceName::new(l.resource).map_err(WireError::from)?,
-                ended: Ended::try_from(l.ended.ok_or(WireError::Missing("ended"))?)?,
-            })),
-            None => Err(WireError::Missing("event").into()),
-        }
-    }
-
-    /// Waits for the grant, ignoring progress reports.
-    ///
-    /// # Errors
-    /// As [`Acquisition::next_event`]; [`ClientError::Status`] if the stream ends first.
-    pub async fn granted(&mut self) -> Result<Granted, ClientError> {
-        loop {
-            match self.next_event().await? {
-                Some(AcquireEvent::Granted(g)) => return Ok(g),
-                Some(_) => {}
-                None => {
-                    return Err(tonic::Status::unavailable("the agent closed the request").into());
-                }
-            }
-        }
-    }
-}
-
-/// A connection to an agent.
-#[derive(Debug, Clone)]
-pub struct Client {
-    inner: pb::leasehold_client::LeaseholdClient<Channel>,
-    socket: PathBuf,
-}
-
-impl Client {
-    /// Connects to the agent at `socket`.
-    ///
-    /// # Errors
-    /// [`ClientError::Unreachable`] when nothing answers there.
-    pub async fn connect(socket: impl AsRef<Path>) -> Result<Client, ClientError> {
-        let socket = socket.as_ref().to_path_buf();
-        let path = socket.clone();
-        // The URI is required by the API and unused: the connector dials the socket.
-        let channel = Endpoint::from_static("http://leasehold.sock")
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move { UnixStream::connect(path).await.map(TokioIo::new) }
-            }))
-            .await
-            .map_err(|e| ClientError::Unreachable {
-                socket: socket.clone(),
-                message: source_chain(&e),
-            })?;
-        Ok(Client {
-            // `list` of a big cluster is large; the socket is local.
-            inner: pb::leasehold_client::LeaseholdClient::new(channel)
-                .max_decoding_message_size(1 << 30),
-            socket,
-        })
-    }
-
-    /// Connects to the agent at [`default_socket`].
-    ///
-    /// # Errors
-    /// [`ClientError::NoSocket`] or [`ClientError::Unreachable`].
-    pub async fn connect_default() -> Result<Client, ClientError> {
-        Client::connect(default_socket().ok_or(ClientError::NoSocket)?).await
-    }
-
-    /// The socket this client talks to.
-    pub fn socket(&self) -> &Path {
-        &self.socket
-    }
-
-    /// Starts an acquire and returns its event stream.
-    ///
-    /// # Errors
-    /// [`ClientError::Status`] when the agent refuses the request as malformed or not
-    /// allowed.
-    pub async fn start_acquire(&mut self, o: AcquireOptions) -> Result<Acquisition, ClientError> {
-        let req = pb::AcquireRequest {
-            items: o
-                .items
-                .iter()
-                .map(|(r, m)| pb::Item {
-                    resource: r.to_string(),
-                    mode: pb::Mode::from(*m).into(),
-                })
-                .collect(),
-            pid: o.pid.unwrap_or(0),
-            start_time: o.start_time,
-            label: o.label,
-            accept_dirty: o.accept_dirty,
-            wait_ms: o.wait.map(|d| {
-                if d == Duration::MAX {
-                    0
-                } else {
-                    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
-                }
-            }),
-            hold: o.hold,
-        };
-        let stream = self.inner.acquire(req).await?.into_inner();
-        Ok(Acquisition {
-            stream,
-            client: self.inner.clone(),
-        })
-    }
-
-    /// Acquires and waits for the outcome.
-    ///
-    /// # Errors
-    /// [`ClientError::Refused`] when refused.
-    pub async fn acquire(&mut self, o: AcquireOptions) -> Result<Granted, ClientError> {
-        self.start_acquire(o).await?.granted().await
-    }
-
-    /// Releases `resources`.
-    ///
-    /// # Errors
-    /// [`ClientError::Status`] when a resource is not held by the process, or a handover has
-    /// nobody to go to.
-    pub async fn release(
-        &mut self,
-        resources: &[ResourceName],
-        o: ReleaseOptions,
-    ) -> Result<Vec<Released>, ClientError> {
-        let req = pb::ReleaseRequest {
-            resources: resources.iter().map(ToString::to_string).collect(),
-            pid: o.pid.unwrap_or(0),
-            start_time: o.start_time,
-            dirty: o.dirty,
-            note: o.note,
-            handover_to: o.handover_to,
-        };
-        let r = self.inner.release(req).await?.into_inner();
-        Ok(r.released
-            .into_iter()
-            .map(Released::try_from)
-            .collect::<Result<_, _>>()?)
-    }
-
-    /// Revokes every lease on `resource` (root or the admin group).
-    ///
-    /// # Errors
-    /// [`ClientError::Status`] when not allowed or nobody holds it.
-    pub async fn force_release(
-        &mut self,
-        resource: &ResourceName,
-        reason: &str,
-    ) -> Result<Vec<Released>, ClientError> {
-        let req = pb::ForceReleaseRequest {
-            resource: resource.to_string(),
-            reason: reason.to_owned(),
-        };
-        let r = self.inner.force_release(req).await?.into_inner();
-        Ok(r.released
-            .into_iter()
-            .map(Released::try_from)
-            .collect::<Result<_, _>>()?)
-    }
-
-    /// Clears the dirty mark of `resource`; returns the mark it had.
-    ///
-    /// # Errors
-    /// [`ClientError::Status`] when not allowed or the resource is unknown.
-    pub async fn mark_clean(
-        &mut self,
-        resource: &ResourceName,
-    ) -> Result<Option<Ended>, ClientError> {
-        let req = pb::MarkCleanRequest {
-            resource: resource.to_string(),
-        };
-        let r = self.inner.mark_clean(req).await?.into_inner();
-        Ok(r.was.map(Ended::try_from).transpose()?)
-    }
-
-    /// Whether `token` is the current grant of `resource`; also the current tokens.
-    ///
-    /// # Errors
-    /// [`ClientError::Status`] on failure.
-    pub async fn validate(
-        &mut self,
-        resource: &ResourceName,
-        token: Token,
-    ) -> Result<(bool, Vec<Token>), ClientError> {
-        let req = pb::ValidateRequest {
-            resource: resource.to_string(),
-            token: token.0,
-        };
-        let r = self.inner.validate(req).await?.into_inner();
-        Ok((r.current, r.current_tokens.into_iter().map(Token).collect()))
-    }
-
-    /// One resource.
-    ///
-    /// # Errors
-    /// [`ClientError::Status`] on failure.
-    pub async fn inspect(
-        &mut self,
-        resource: &ResourceName,
-    ) -> Result<Option<ResourceView>, ClientError> {
-        let req = pb::InspectRequest {
-            resource: resource.to_string(),
-        };
-        let r = self.inner.inspect(req).await?.into_inner();
-        Ok(r.resource.map(ResourceView::try_from).transpose()?)
-    }
-
-    /// Every known resource.
-    ///
-    /// # Errors
-    /// [`ClientError::Status`] on failure.
-    pub async fn list(&mut self) -> Result<Vec<ResourceView>, ClientError> {
-        let r = self.inner.list(pb::ListRequest {}).await?.into_inner();
-        Ok(r.resources
-            .into_iter()
-            .map(ResourceView::try_from)
-            .collect::<Result<_, _>>()?)
-    }
-
-    /// The agent's status.
-    ///
-    /// # Errors
-    /// [`ClientError::Status`] on failure.
-    pub async fn status(&mut self) -> Result<pb::StatusResponse, ClientError> {
-        Ok(self.inner.status(pb::StatusRequest {}).await?.into_inner())
-    }
-
-    /// Lease events as they happen, for one resource or all.
-    ///
-    /// # Errors
-    /// [`ClientError::Status`] on failure.
-    pub async fn watch(
-        &mut self,
-        resource: Option<&ResourceName>,
-    ) -> Result<tonic::Streaming<pb::Event>, ClientError> {
-        let req = pb::WatchRequest {
-            resource: resource.map(ToString::to_string),
-        };
-        Ok(self.inner.watch(req).await?.into_inner())
-    }
-}
-
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
-    s
 }

@@ -181,7 +181,7 @@ pub fn bench(a: BenchArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
         exit_to_release(&socket, a.exits)?;
     }
     if a.runs > 0 {
-        rt.block_on(http_vs_grpc(&socket, a.runs))?;
+        one_shot(&socket, a.runs)?;
         run_vs_flock(&socket, a.runs)?;
     }
     if let Some(eps) = &a.etcd_endpoints {
@@ -375,17 +375,15 @@ fn exit_to_release(socket: &Path, rounds: usize) -> Result<(), Failure> {
 }
 
 /// One acquire and its release as a one-shot client makes them (connect, ask, close), over
-/// HTTP/1.1 with the blocking client against gRPC over HTTP/2 with the async one,
-/// alternately.
-async fn http_vs_grpc(socket: &Path, rounds: usize) -> Result<(), Failure> {
-    use leasehold_client::blocking;
+/// HTTP/1.1 with the blocking client, as the CLI does.
+fn one_shot(socket: &Path, rounds: usize) -> Result<(), Failure> {
     let holder = Command::new("sleep")
         .arg("3600")
         .spawn()
         .map_err(|e| Failure::error(format!("starting a holder: {e}")))?;
     let holder = Killed(holder);
     let pid = holder.0.id();
-    let r = name("bench/http-vs-grpc".into())?;
+    let r = name("bench/one-shot".into())?;
     let o = AcquireOptions {
         pid: Some(pid),
         ..AcquireOptions::new([(r.clone(), Mode::Exclusive)])
@@ -394,33 +392,24 @@ async fn http_vs_grpc(socket: &Path, rounds: usize) -> Result<(), Failure> {
         pid: Some(pid),
         ..Default::default()
     };
-    let http_err = |e: blocking::Error| Failure::error(e.to_string());
-    let (mut grpc, mut http) = (Vec::new(), Vec::new());
+    let c = Client::new(socket);
+    let (mut acq, mut rel) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
         let t = Instant::now();
-        let grpc_err = |e: leasehold_client::ClientError| Failure::error(e.to_string());
-        let mut c = leasehold_client::Client::connect(socket)
-            .await
-            .map_err(grpc_err)?;
-        c.acquire(o.clone()).await.map_err(grpc_err)?;
-        c.release(std::slice::from_ref(&r), ro.clone())
-            .await
-            .map_err(grpc_err)?;
-        grpc.push(t.elapsed());
-        let t = Instant::now();
-        let c = blocking::Client::new(socket);
-        c.acquire(&o).map_err(http_err)?;
-        c.release(std::slice::from_ref(&r), &ro).map_err(http_err)?;
-        http.push(t.elapsed());
+        c.acquire(&o)?;
+        let t2 = Instant::now();
+        c.release(std::slice::from_ref(&r), &ro)?;
+        acq.push(t2 - t);
+        rel.push(t2.elapsed());
     }
-    grpc.sort();
-    http.sort();
+    acq.sort();
+    rel.sort();
     out!(
-        "one-shot acquire + release, connecting each time: HTTP/1.1 JSON (blocking client) p50 {} p99 {} | gRPC (async client) p50 {} p99 {}",
-        ms(pct(&http, 0.5)),
-        ms(pct(&http, 0.99)),
-        ms(pct(&grpc, 0.5)),
-        ms(pct(&grpc, 0.99))
+        "one-shot calls, connecting each time (HTTP/1.1 JSON, as the CLI): acquire p50 {} p99 {} | release p50 {} p99 {}",
+        ms(pct(&acq, 0.5)),
+        ms(pct(&acq, 0.99)),
+        ms(pct(&rel, 0.5)),
+        ms(pct(&rel, 0.99))
     );
     Ok(())
 }

@@ -233,7 +233,7 @@ fn ten_thousand_leases_cost_one_keep_alive_per_renew_interval() {
             let socket = a.socket.clone();
             let pid = holder.pid();
             tasks.push(tokio::spawn(async move {
-                let mut c = leasehold_client::Client::connect(&socket).await.unwrap();
+                let c = leasehold_client::Client::connect(&socket).await.unwrap();
                 let mut batch = w;
                 while batch < 250 {
                     let items = (0..40).map(|i| {

@@ -34,7 +34,7 @@ fn a_guard_holds_its_leases_and_releases_them() {
         .await
         .unwrap();
         let token = g.token(&res("disk")).unwrap();
-        let (current, _) = client.clone().validate(&res("disk"), token).await.unwrap();
+        let current = client.validate(&res("disk"), token).await.unwrap().current;
         assert!(current);
         assert_eq!(a.holders("disk"), vec![u64::from(std::process::id())]);
         // Another owner is refused, with the holder as data.

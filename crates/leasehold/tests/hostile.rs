@@ -650,7 +650,7 @@ fn a_release_of_too_many_names_is_refused_whole() {
         .build()
         .unwrap();
     let err = rt.block_on(async {
-        let mut c = leasehold_client::Client::connect(&a.socket).await.unwrap();
+        let c = leasehold_client::Client::connect(&a.socket).await.unwrap();
         c.release(
             &names,
             leasehold_client::ReleaseOptions {

@@ -38,7 +38,7 @@ fn the_agent_refuses_a_pid_reused_by_another_process() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let mut c = leasehold_client::Client::connect(&a.socket).await.unwrap();
+        let c = leasehold_client::Client::connect(&a.socket).await.unwrap();
         let real = leasehold_agent::procfs::start_time(h.pid()).unwrap();
         let r = leasehold_core::ResourceName::new("disk").unwrap();
         let mut o =
