@@ -15,12 +15,20 @@ use common::*;
 /// Runs `cmd` with its standard output closed by the reader before anything is written, as
 /// `leasehold ... | true` does. Returns the exit code and standard error.
 fn with_stdout_closed(mut cmd: std::process::Command) -> (i32, String) {
-    let mut child = cmd
-        .stdout(Stdio::piped())
+    // The read end is closed before the command starts: however fast it writes, the write
+    // fails (closing it after the spawn raced a fast command's write into the pipe).
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut fds = [0; 2];
+    // SAFETY: pipe writes two new descriptors into the array it is given.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both descriptors were just created and are owned by nothing else.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(read);
+    let child = cmd
+        .stdout(Stdio::from(write))
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    drop(child.stdout.take());
     let out = child.wait_with_output().unwrap();
     (code(&out), text(&out.stderr))
 }
