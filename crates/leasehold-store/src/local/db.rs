@@ -88,6 +88,15 @@ pub(super) fn quietly<T>(f: impl FnOnce() -> T) -> std::thread::Result<T> {
     r
 }
 
+/// What a panic caught by [`quietly`] said.
+pub(super) fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "an internal error".into())
+}
+
 /// Opens the database at `path`, checks its identity and loads the engine from it. Each
 /// failure says what is wrong: another process has it open, the agent may not open it, or it
 /// is damaged.
@@ -145,6 +154,18 @@ pub(super) fn damaged(path: &Path, what: &str) -> StoreError {
         "{} is damaged ({what}); the agent will not start on it. Restore the state directory \
          from a backup; or, with every holder on this host stopped and every resource it used \
          checked, move the state directory away and start afresh",
+        path.display()
+    ))
+}
+
+/// A database found damaged while the store runs: nothing of the failed write took effect,
+/// and every request is refused until the file can be used again.
+pub(super) fn damaged_running(path: &Path, what: &str) -> StoreError {
+    StoreError::BadState(format!(
+        "{} is damaged ({what}); nothing of what was asked took effect, and the agent refuses \
+         every request until it can use the file again. Stop the agent and restore the state \
+         directory from a backup; or, with every holder on this host stopped and every \
+         resource it used checked, move the state directory away and start afresh",
         path.display()
     ))
 }

@@ -28,7 +28,7 @@ use leasehold_core::{
 use tokio::sync::{broadcast, oneshot};
 
 use crate::{AcquireSpec, Clock, Store, StoreError};
-use db::{DB_FILE, adopt_session, damaged, open_db, private_file, quietly, storage_at};
+use db::{DB_FILE, adopt_session, damaged, open_db, panic_text, private_file, quietly, storage_at};
 use leasehold_core::ResourceView;
 use worker::Worker;
 
@@ -187,14 +187,7 @@ impl LocalStore {
         let (db, mut engine, fresh) = match opened {
             Ok(Ok(x)) => x,
             Ok(Err(e)) => return Err(e),
-            Err(panic) => {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "an internal error".into());
-                return Err(damaged(&path, &what));
-            }
+            Err(panic) => return Err(damaged(&path, &panic_text(&*panic))),
         };
         let clock = Clock::new();
         let now = clock.now();

@@ -13,7 +13,9 @@ use leasehold_core::{
 use redb::Database;
 use tokio::sync::{broadcast, oneshot};
 
-use super::db::{ENGINE_KEY, FORMAT, FORMAT_KEY, META, RESOURCES, load, quietly};
+use super::db::{
+    ENGINE_KEY, FORMAT, FORMAT_KEY, META, RESOURCES, damaged_running, load, panic_text, quietly,
+};
 use super::forget::Touched;
 use super::{AcquireReply, Cmd, LocalStoreOptions, Reply, fresh};
 use crate::{Clock, StoreError};
@@ -120,11 +122,20 @@ impl Worker {
         }
     }
 
-    pub(super) fn shutdown(self) {
-        for (_, p) in self.pending {
+    pub(super) fn shutdown(mut self) {
+        for (_, p) in self.pending.drain() {
             let _ = p.reply.send(Err(AcquireError::Cancelled(
                 "the store is shutting down".into(),
             )));
+        }
+        self.close_db();
+    }
+
+    /// Closes the database. redb writes on close, reading pages that may be damaged, and may
+    /// panic there: caught, the file is left as it is (it is reported already).
+    pub(super) fn close_db(&mut self) {
+        if let Some(db) = self.db.take() {
+            let _ = quietly(move || drop(db));
         }
     }
 
@@ -159,16 +170,26 @@ impl Worker {
             .touched
             .sweep(&mut self.engine, self.options.forget_after, now);
         let out = self.engine.take_output();
+        // redb panics on some damaged pages (a failing disk, the file changed under the agent)
+        // instead of returning an error. Caught, that is a damaged database, said with the way
+        // to recover, and the store refuses requests until it can reopen the file; uncaught,
+        // the panic would end the store's thread, and a restarted agent would only panic again.
         let failed = if out.needs_persist() {
-            self.persist(&out).err().map(|e| {
-                StoreError::Storage(crate::Cause::new(format!(
+            match quietly(|| self.persist(&out)) {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(StoreError::Storage(crate::Cause::new(format!(
                     "the state database {} could not be written ({e}); nothing of what was \
                      asked took effect; the agent retries every {} ms (free disk space, or \
                      check the disk)",
                     self.path.display(),
                     RETRY_STORAGE.as_millis()
-                )))
-            })
+                )))),
+                Err(panic) => {
+                    let e = damaged_running(&self.path, &panic_text(&*panic));
+                    tracing::error!("{e}");
+                    Some(e)
+                }
+            }
         } else {
             None
         };
@@ -397,7 +418,7 @@ impl Worker {
             ))));
         }
         self.orphans.clear();
-        self.db = None;
+        self.close_db();
         self.broken = Some(match err {
             StoreError::Storage(m) => m.to_string(),
             other => other.to_string(),
@@ -431,7 +452,7 @@ impl Worker {
                 true
             }
             Ok(Err(_)) | Err(_) => {
-                self.db = None;
+                self.close_db();
                 false
             }
         }
@@ -439,7 +460,7 @@ impl Worker {
 
     /// Opens the database again and rebuilds the engine from it; false while it cannot.
     pub(super) fn reopen(&mut self) -> bool {
-        self.db = None;
+        self.close_db();
         let opened = quietly(|| {
             let db = Database::builder()
                 .set_cache_size(self.options.cache_bytes)
