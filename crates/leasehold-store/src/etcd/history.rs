@@ -454,7 +454,7 @@ impl Keeper {
         let t = Txn::new().if_mod_revision(key.clone(), claim_rev).put(
             key,
             serde_json::to_vec(&claim).unwrap_or_default(),
-            0,
+            None,
         );
         let won = self.etcd.txn(t).await?;
         if !won.succeeded {
@@ -511,7 +511,7 @@ impl Keeper {
         let t = Txn::new().if_mod_revision(key.clone(), claim_rev).put(
             key.clone(),
             serde_json::to_vec(&claim).unwrap_or_default(),
-            0,
+            None,
         );
         if !self.etcd.txn(t).await?.succeeded {
             return Ok(());
@@ -606,7 +606,11 @@ impl Keeper {
             c.defrag_end_ms = now_ms();
             let t = Txn::new()
                 .if_mod_revision(key.clone(), kv.mod_revision)
-                .put(key.clone(), serde_json::to_vec(&c).unwrap_or_default(), 0);
+                .put(
+                    key.clone(),
+                    serde_json::to_vec(&c).unwrap_or_default(),
+                    None,
+                );
             if self.etcd.txn(t).await.is_ok_and(|r| r.succeeded) {
                 return;
             }

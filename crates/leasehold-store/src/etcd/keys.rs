@@ -26,6 +26,8 @@
 use leasehold_core::{Event, HostId, Mode, Owner, ResourceName, ResourceState};
 use serde::{Deserialize, Serialize};
 
+use super::client::LeaseId;
+
 /// The keys of one store prefix.
 #[derive(Debug, Clone)]
 pub struct Keys {
@@ -136,8 +138,8 @@ impl Keys {
     }
 
     /// `P res/NAME` NUL `LEASE`: session LEASE holds NAME.
-    pub fn held(&self, r: &ResourceName, lease: i64) -> Vec<u8> {
-        format!("{}res/{}\0{lease}", self.prefix, enc(r)).into_bytes()
+    pub fn held(&self, r: &ResourceName, lease: LeaseId) -> Vec<u8> {
+        format!("{}res/{}\0{}", self.prefix, enc(r), lease.0).into_bytes()
     }
 
     /// What a key under the prefix is.
@@ -153,7 +155,7 @@ impl Keys {
                     .parse::<i64>()
                     .ok()
                     .filter(|l| l.to_string() == lease)?;
-                return dec(r).map(|r| KeyKind::Held(r, lease));
+                return dec(r).map(|r| KeyKind::Held(r, LeaseId(lease)));
             }
             return dec(r).map(KeyKind::Resource);
         }
@@ -180,7 +182,7 @@ pub enum KeyKind {
     /// The grace key of this resource.
     Grace(ResourceName),
     /// A session (etcd lease id) holds this resource.
-    Held(ResourceName, i64),
+    Held(ResourceName, LeaseId),
 }
 
 /// A host's session, as its key holds it.
@@ -189,7 +191,7 @@ pub struct HostValue {
     /// The host.
     pub host: HostId,
     /// Its session: the etcd lease the key is attached to.
-    pub lease: i64,
+    pub lease: LeaseId,
     /// The agent's pid, for people.
     pub pid: u32,
     /// When the session began, Unix milliseconds.
@@ -243,7 +245,7 @@ pub struct WaiterValue {
     /// Who waits.
     pub owner: Owner,
     /// Its host's session (etcd lease id).
-    pub session: u64,
+    pub session: LeaseId,
     /// Everything it waits for.
     pub items: Vec<(ResourceName, Mode)>,
     /// Whether it accepts a dirty resource.
@@ -272,10 +274,11 @@ mod tests {
                 Some(KeyKind::Waiter(r.clone()))
             );
             assert_eq!(k.parse(&k.grace(&r)), Some(KeyKind::Grace(r.clone())));
-            assert_eq!(k.parse(&k.held(&r, 42)), Some(KeyKind::Held(r.clone(), 42)));
-            assert!(k.held(&r, 42).starts_with(&k.held_of(&r)));
-            assert!(k.held(&r, i64::MAX) < k.resource_end(&r));
-            assert!(k.resource(&r) < k.held(&r, 1));
+            let l = LeaseId(42);
+            assert_eq!(k.parse(&k.held(&r, l)), Some(KeyKind::Held(r.clone(), l)));
+            assert!(k.held(&r, l).starts_with(&k.held_of(&r)));
+            assert!(k.held(&r, LeaseId(i64::MAX)) < k.resource_end(&r));
+            assert!(k.resource(&r) < k.held(&r, LeaseId(1)));
         }
         assert_eq!(
             k.parse(b"/lh/hosts/n1"),

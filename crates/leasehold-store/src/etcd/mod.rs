@@ -14,6 +14,6 @@ mod probe;
 pub mod reference;
 mod store;
 
-pub use client::{EtcdSecurity, EtcdUser};
+pub use client::{EtcdSecurity, EtcdUser, LeaseId};
 pub use history::{EtcdHealth, HistoryOptions};
 pub use store::{ETCD_MIN_LEASE, EtcdOptions, EtcdStore, SnapshotPause, etcd_default_grace};

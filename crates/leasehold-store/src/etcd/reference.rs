@@ -42,11 +42,11 @@ impl RawEtcd {
         let started = Instant::now();
         let done = self
             .etcd
-            .txn(
-                Txn::new()
-                    .if_create_revision(key.clone(), 0)
-                    .put(key.clone(), b"x".to_vec(), 0),
-            )
+            .txn(Txn::new().if_create_revision(key.clone(), 0).put(
+                key.clone(),
+                b"x".to_vec(),
+                None,
+            ))
             .await?;
         let took = started.elapsed();
         if !done.succeeded {
@@ -84,7 +84,7 @@ impl RawEtcd {
             tasks.spawn(async move {
                 let mut n = 0u64;
                 while Instant::now() < deadline {
-                    etcd.txn(Txn::new().put(key.clone(), b"x".to_vec(), 0))
+                    etcd.txn(Txn::new().put(key.clone(), b"x".to_vec(), None))
                         .await?;
                     etcd.txn(Txn::new().delete(key.clone())).await?;
                     n += 1;
@@ -141,7 +141,7 @@ mod tests {
         assert!(left.is_empty(), "{left:?}");
         // A key already there is an error that says so.
         client
-            .txn(Txn::new().put(raw.key("k"), b"y".to_vec(), 0))
+            .txn(Txn::new().put(raw.key("k"), b"y".to_vec(), None))
             .await
             .unwrap();
         let e = raw.create_if_absent().await.unwrap_err();

@@ -3,6 +3,7 @@
 //! client certificate), as an etcd user when etcd's authentication is enabled.
 
 mod error;
+mod lease;
 mod maintenance;
 mod security;
 mod txn;
@@ -18,6 +19,7 @@ use super::pb::mvccpb::KeyValue;
 pub use error::{EtcdCode, EtcdError, EtcdErrorKind, Setting};
 use error::{never_sent, stale_token};
 pub(crate) use error::{tls_error, transport_setting};
+pub use lease::LeaseId;
 pub use maintenance::MemberStatus;
 use security::tls_config;
 pub use security::{EtcdSecurity, EtcdUser, check_endpoints};
@@ -64,13 +66,13 @@ fn authed<T>(msg: T, token: Option<&AsciiMetadataValue>) -> tonic::Request<T> {
 pub const KEEPALIVE_RESEND: Duration = Duration::from_millis(250);
 
 /// One keep-alive request on its own stream; the first answer's TTL.
-async fn keep_alive_attempt(etcd: Etcd, id: i64) -> Result<i64, EtcdError> {
+async fn keep_alive_attempt(etcd: Etcd, lease: LeaseId) -> Result<i64, EtcdError> {
     let mut reauthed = false;
     loop {
         let token = etcd.token().await?;
         // Each attempt has its own request stream; its sender lives until the answer.
         let (tx, rx) = tokio::sync::mpsc::channel(1);
-        let _ = tx.send(rpc::LeaseKeepAliveRequest { id }).await;
+        let _ = tx.send(rpc::LeaseKeepAliveRequest { id: lease.0 }).await;
         let opened = etcd
             .lease
             .clone()
@@ -331,7 +333,7 @@ impl Etcd {
     ///
     /// # Errors
     /// An [`EtcdError`].
-    pub async fn lease_grant(&self, ttl: Duration) -> Result<(i64, i64), EtcdError> {
+    pub async fn lease_grant(&self, ttl: Duration) -> Result<(LeaseId, i64), EtcdError> {
         let req = rpc::LeaseGrantRequest {
             // Whole seconds, rounded up: never a shorter lease than asked.
             ttl: i64::try_from((ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0)).max(1))
@@ -352,15 +354,18 @@ impl Etcd {
                 r.error,
             ));
         }
-        Ok((r.id, r.ttl))
+        Ok((LeaseId(r.id), r.ttl))
     }
 
-    /// The seconds left of lease `id`; `None` when it has expired or never was.
+    /// The seconds left of `lease`; `None` when it has expired or never was.
     ///
     /// # Errors
     /// An [`EtcdError`].
-    pub async fn lease_ttl(&self, id: i64) -> Result<Option<i64>, EtcdError> {
-        let req = rpc::LeaseTimeToLiveRequest { id, keys: false };
+    pub async fn lease_ttl(&self, lease: LeaseId) -> Result<Option<i64>, EtcdError> {
+        let req = rpc::LeaseTimeToLiveRequest {
+            id: lease.0,
+            keys: false,
+        };
         let r = self
             .retrying("lease ttl", |t| {
                 let mut lease = self.lease.clone();
@@ -371,11 +376,12 @@ impl Etcd {
         Ok((r.ttl > 0).then_some(r.ttl))
     }
 
-    /// Revokes lease `id`, deleting its keys.
+    /// Revokes `lease`, deleting its keys.
     ///
     /// # Errors
     /// An [`EtcdError`].
-    pub async fn lease_revoke(&self, id: i64) -> Result<(), EtcdError> {
+    pub async fn lease_revoke(&self, lease: LeaseId) -> Result<(), EtcdError> {
+        let id = lease.0;
         self.retrying("lease revoke", |t| {
             let mut lease = self.lease.clone();
             async move {
@@ -388,7 +394,7 @@ impl Etcd {
         Ok(())
     }
 
-    /// Renews lease `id` once, over a keep-alive stream; returns the TTL etcd answered (0: the
+    /// Renews `lease` once, over a keep-alive stream; returns the TTL etcd answered (0: the
     /// lease has expired). While no answer comes, the request is sent again every
     /// [`KEEPALIVE_RESEND`] on a new stream (which the balanced channel may route to another
     /// member: a request stuck with a member that lost its leadership does not hold the
@@ -396,7 +402,7 @@ impl Etcd {
     ///
     /// # Errors
     /// An [`EtcdError`], transient when etcd could not be reached in time.
-    pub async fn keep_alive_once(&self, id: i64) -> Result<i64, EtcdError> {
+    pub async fn keep_alive_once(&self, lease: LeaseId) -> Result<i64, EtcdError> {
         let deadline = tokio::time::sleep(self.timeout);
         tokio::pin!(deadline);
         let mut attempts = tokio::task::JoinSet::new();
@@ -415,7 +421,7 @@ impl Etcd {
                     });
                 }
                 _ = resend.tick() => {
-                    attempts.spawn(keep_alive_attempt(self.clone(), id));
+                    attempts.spawn(keep_alive_attempt(self.clone(), lease));
                 }
                 Some(done) = attempts.join_next() => match done {
                     Ok(Ok(ttl)) => return Ok(ttl),

@@ -1,5 +1,6 @@
 //! Transactions and ranges: a builder for etcd transactions, and reading their answers.
 
+use super::LeaseId;
 use crate::etcd::pb::etcdserverpb as rpc;
 use crate::etcd::pb::etcdserverpb::compare::{CompareResult, CompareTarget, TargetUnion};
 use crate::etcd::pb::etcdserverpb::request_op::Request;
@@ -108,35 +109,35 @@ impl Txn {
         self
     }
 
-    /// Requires `key` to be attached to lease `lease`.
-    pub fn if_lease(mut self, key: Vec<u8>, lease: i64) -> Txn {
+    /// Requires `key` to be attached to `lease`.
+    pub fn if_lease(mut self, key: Vec<u8>, lease: LeaseId) -> Txn {
         self.compare.push(cmp(
             key,
             CompareTarget::Lease,
             CompareResult::Equal,
-            TargetUnion::Lease(lease),
+            TargetUnion::Lease(lease.0),
         ));
         self
     }
 
-    /// Requires `key` not to be attached to lease `lease` (a missing key is on no lease).
-    pub fn if_lease_not(mut self, key: Vec<u8>, lease: i64) -> Txn {
+    /// Requires `key` not to be attached to `lease` (a missing key is on no lease).
+    pub fn if_lease_not(mut self, key: Vec<u8>, lease: LeaseId) -> Txn {
         self.compare.push(cmp(
             key,
             CompareTarget::Lease,
             CompareResult::NotEqual,
-            TargetUnion::Lease(lease),
+            TargetUnion::Lease(lease.0),
         ));
         self
     }
 
-    /// Puts `key = value`, attached to `lease` (0: none), when the compares hold.
-    pub fn put(mut self, key: Vec<u8>, value: Vec<u8>, lease: i64) -> Txn {
+    /// Puts `key = value`, attached to `lease` (`None`: to none), when the compares hold.
+    pub fn put(mut self, key: Vec<u8>, value: Vec<u8>, lease: Option<LeaseId>) -> Txn {
         self.success.push(rpc::RequestOp {
             request: Some(Request::RequestPut(rpc::PutRequest {
                 key,
                 value,
-                lease,
+                lease: lease.map_or(0, |l| l.0),
                 ..Default::default()
             })),
         });

@@ -12,7 +12,7 @@ use tracing::warn;
 
 use super::snapshot::{Snapshot, holding_sessions};
 use super::{Inner, MAX_TXN_OPS, json, now_ms, unavailable};
-use crate::etcd::client::{Txn, prefix_end};
+use crate::etcd::client::{LeaseId, Txn, prefix_end};
 use crate::etcd::keys::Record;
 use crate::{Cause, StoreError};
 
@@ -28,9 +28,9 @@ pub(super) struct Extra {
     /// Keys to delete, each only if its create revision is still the one given.
     pub(super) delete: Vec<(Vec<u8>, i64)>,
     /// Keys to put, with their lease.
-    pub(super) put: Vec<(Vec<u8>, Vec<u8>, i64)>,
+    pub(super) put: Vec<(Vec<u8>, Vec<u8>, Option<LeaseId>)>,
     /// Require this host's key to be on this lease (the session is alive) at commit.
-    pub(super) require_session: Option<i64>,
+    pub(super) require_session: Option<LeaseId>,
 }
 
 impl Extra {
@@ -45,7 +45,7 @@ impl Inner {
     pub(super) fn engine(&self, snap: &Snapshot, decide: &BTreeSet<u64>, now: Now) -> Engine {
         let mut sessions: BTreeMap<SessionId, Session> = BTreeMap::new();
         for (lease, host) in &snap.sessions {
-            let id = SessionId(*lease as u64);
+            let id = lease.session();
             sessions.insert(
                 id,
                 Session {
@@ -100,7 +100,7 @@ impl Inner {
                 }
                 let req = AcquireRequest {
                     owner: w.value.owner.clone(),
-                    session: SessionId(w.value.session),
+                    session: w.value.session.session(),
                     items: w.value.items.clone(),
                     accept_dirty: w.value.accept_dirty,
                     wait: true,
@@ -157,7 +157,7 @@ impl Inner {
                 .map(|r| r.state.holders())
                 .unwrap_or_default();
             for l in holders {
-                let lease = l.session.0 as i64;
+                let lease = LeaseId::of_session(l.session);
                 if !snap.sessions.contains_key(&lease) {
                     dead.insert((l.owner.process.host.clone(), lease));
                 }
@@ -189,7 +189,10 @@ impl Inner {
             let before = holding_sessions(rs.record.as_ref());
             let mut after = BTreeMap::new();
             for l in rec.state.holders() {
-                after.insert(l.session.0 as i64, l.owner.process.host.to_string());
+                after.insert(
+                    LeaseId::of_session(l.session),
+                    l.owner.process.host.to_string(),
+                );
             }
             for lease in before.iter().filter(|l| !after.contains_key(l)) {
                 t = t.delete(self.keys.held(name, *lease));
@@ -198,7 +201,7 @@ impl Inner {
                 t = t.put(
                     self.keys.held(name, *lease),
                     host.clone().into_bytes(),
-                    *lease,
+                    Some(*lease),
                 );
             }
             t = if rs.record.is_none() && rs.mod_rev == 0 {
@@ -208,7 +211,7 @@ impl Inner {
             } else {
                 t.if_mod_revision(self.keys.resource(name), rs.mod_rev)
             };
-            t = t.put(self.keys.resource(name), json(&rec)?, 0);
+            t = t.put(self.keys.resource(name), json(&rec)?, None);
         }
         for key in &extra.delete {
             t = t
@@ -228,7 +231,7 @@ impl Inner {
                 t = t.if_create_revision(self.keys.grace(r), 0).put(
                     self.keys.grace(r),
                     Vec::new(),
-                    grace_lease,
+                    Some(grace_lease),
                 );
             }
         }
@@ -448,7 +451,7 @@ impl Inner {
             let hp = self.keys.held_of(resource);
             let t = Txn::new()
                 .if_mod_revision(key.clone(), rs.mod_rev)
-                .put(key, json(&rec)?, 0)
+                .put(key, json(&rec)?, None)
                 .delete_range(hp.clone(), prefix_end(&hp));
             if self.etcd.txn(t).await.map_err(unavailable)?.succeeded {
                 warn!(resource = %resource, by, reason, "damaged record reset to an empty record marked dirty");

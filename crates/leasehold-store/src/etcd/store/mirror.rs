@@ -6,12 +6,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use leasehold_core::{Ended, Event, ProcessKey, ResourceName, SessionId};
+use leasehold_core::{Ended, Event, ProcessKey, ResourceName};
 use tracing::{debug, warn};
 
 use super::{Inner, json, now_ms, unavailable};
 use crate::StoreError;
-use crate::etcd::client::{Txn, prefix_end};
+use crate::etcd::client::{LeaseId, Txn, prefix_end};
 use crate::etcd::keys::{HostValue, KeyKind, Record};
 use crate::etcd::pb::mvccpb::KeyValue;
 use crate::sync::{lock, read, write};
@@ -31,9 +31,9 @@ pub(super) enum Fix {
     /// Put this marker where a record held here was deleted, unless a new one is there.
     Marker(Vec<u8>, Vec<u8>),
     /// Write this host's key again on this session.
-    HostValue(i64),
+    HostValue(LeaseId),
     /// Revoke this ended session of this host.
-    Revoke(i64),
+    Revoke(LeaseId),
 }
 
 /// Follows every change under the prefix: publishes the events recorded in resource
@@ -160,7 +160,7 @@ impl Inner {
             && let (Some(o), Some(KeyKind::Host(h))) = (&old, &kind)
             && h == &self.host
         {
-            own_ended = Some(o.lease);
+            own_ended = Some(LeaseId(o.lease));
         }
         if let Some(lease) = own_ended {
             // Revoked or expired: the holders go now, not at the next renewal.
@@ -180,9 +180,9 @@ impl Inner {
                 self.check_own_host_key(kv);
             }
             Some(KeyKind::Host(host)) if deleted => {
-                let lease = ev.prev_kv.as_ref().map_or(0, |p| p.lease);
+                let lease = LeaseId(ev.prev_kv.as_ref().map_or(0, |p| p.lease));
                 let _ = self.events.send(Event::SessionExpired {
-                    session: SessionId(lease as u64),
+                    session: lease.session(),
                     host,
                 });
             }
@@ -283,14 +283,14 @@ impl Inner {
     /// session for dead) ends it: the holders are fenced and a new session is opened.
     pub(super) fn check_own_host_key(&self, kv: &KeyValue) {
         let state = self.session.borrow().clone();
-        let lease = state.id.0 as i64;
+        let lease = LeaseId::of_session(state.id);
         if state.expired {
             return;
         }
-        if kv.lease != lease {
+        if LeaseId::of_key(kv.lease) != Some(lease) {
             warn!(
-                lease,
-                now_on = kv.lease,
+                lease = %lease,
+                now_on = %LeaseId(kv.lease),
                 "this host's key was overwritten and is no longer on its session"
             );
             self.session_ended(
@@ -304,7 +304,7 @@ impl Inner {
             return;
         }
         warn!(
-            lease,
+            lease = %lease,
             "this host's key holds a damaged value; writing it again"
         );
         self.fixes().push(Fix::HostValue(lease));
@@ -320,7 +320,7 @@ impl Inner {
                     let t = Txn::new().if_create_revision(key.clone(), 0).put(
                         key.clone(),
                         bytes.clone(),
-                        0,
+                        None,
                     );
                     self.etcd.txn(t).await.map(|_| ())
                 }
@@ -335,7 +335,7 @@ impl Inner {
                     let key = self.keys.host(&self.host);
                     let t = Txn::new()
                         .if_lease(key.clone(), *lease)
-                        .put(key, bytes, *lease);
+                        .put(key, bytes, Some(*lease));
                     self.etcd.txn(t).await.map(|_| ())
                 }
                 Fix::Revoke(lease) => {

@@ -31,12 +31,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use leasehold_core::{Event, HostId, Now, Owner, ProcessKey, ResourceName, SessionId, Timing};
+use leasehold_core::{Event, HostId, Now, Owner, ProcessKey, ResourceName, Timing};
 use serde::Serialize;
 use tokio::sync::{Notify, broadcast, oneshot, watch};
 use tracing::error;
 
-use crate::etcd::client::{Etcd, EtcdError, EtcdSecurity};
+use crate::etcd::client::{Etcd, EtcdError, EtcdSecurity, LeaseId};
 use crate::etcd::history::{EtcdHealth, HistoryOptions};
 use crate::etcd::keys::Keys;
 use crate::sync::lock;
@@ -247,7 +247,7 @@ impl EtcdStore {
             Err(e) => return Err(e),
         };
         let (session, _) = watch::channel(SessionState {
-            id: SessionId(lease as u64),
+            id: lease.session(),
             ttl,
             renewed_sent_at: Some(renewed),
             expired: false,
@@ -329,7 +329,7 @@ impl EtcdStore {
     /// # Errors
     /// [`StoreError::Unavailable`].
     pub async fn revoke_session(&self) -> Result<(), StoreError> {
-        let id = self.inner.session.borrow().id.0 as i64;
+        let id = LeaseId::of_session(self.inner.session.borrow().id);
         self.inner.etcd.lease_revoke(id).await.map_err(unavailable)
     }
 }

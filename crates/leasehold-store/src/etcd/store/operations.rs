@@ -5,8 +5,7 @@ use std::sync::Arc;
 
 use leasehold_core::{
     AcquireRequest, Acquired, Conflict, EndReason, Ended, Event, Grant, HostId, Owner, OwnerId,
-    ProcessKey, ReleaseKind, ReleaseRequest, Released, ResourceName, ResourceView, SessionId,
-    Token,
+    ProcessKey, ReleaseKind, ReleaseRequest, Released, ResourceName, ResourceView, Token,
 };
 use tokio::sync::{broadcast, oneshot, watch};
 
@@ -14,7 +13,7 @@ use super::commit::Extra;
 use super::snapshot::Snapshot;
 use super::waiters::{LocalWaiter, Queueing, WaitGuard, withdrawn};
 use super::{EtcdStore, Inner, json, unavailable};
-use crate::etcd::client::prefix_end;
+use crate::etcd::client::{LeaseId, prefix_end};
 use crate::etcd::history::EtcdHealth;
 use crate::etcd::keys::WaiterValue;
 use crate::sync::lock;
@@ -39,7 +38,7 @@ impl Store for EtcdStore {
             .collect();
         let value = WaiterValue {
             owner: spec.owner.clone(),
-            session: lease as u64,
+            session: lease,
             items: spec.items.clone(),
             accept_dirty: spec.accept_dirty,
         };
@@ -55,7 +54,7 @@ impl Store for EtcdStore {
                     .transact(names, |engine, now, _snap| {
                         let req = AcquireRequest {
                             owner: spec.owner.clone(),
-                            session: SessionId(lease as u64),
+                            session: lease.session(),
                             items: spec.items.clone(),
                             accept_dirty: spec.accept_dirty,
                             wait: spec.wait.is_some(),
@@ -73,7 +72,7 @@ impl Store for EtcdStore {
                                 let v = json(&value)?;
                                 extra.put = waiter_keys
                                     .iter()
-                                    .map(|k| (k.clone(), v.clone(), lease))
+                                    .map(|k| (k.clone(), v.clone(), Some(lease)))
                                     .collect();
                                 Ok(None)
                             }
@@ -241,10 +240,9 @@ impl Store for EtcdStore {
             .get(&resource)
             .and_then(|rs| rs.record.as_ref())
             .is_some_and(|rec| {
-                rec.state
-                    .holders()
-                    .iter()
-                    .any(|l| l.token == token && snap.sessions.contains_key(&(l.session.0 as i64)))
+                rec.state.holders().iter().any(|l| {
+                    l.token == token && snap.sessions.contains_key(&LeaseId::of_session(l.session))
+                })
             }))
     }
 

@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use leasehold_core::{HostId, SessionId};
+use leasehold_core::HostId;
+
+use crate::etcd::client::LeaseId;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -24,7 +26,7 @@ pub(super) const UNREACHABLE_WARN_EVERY: Duration = Duration::from_secs(2);
 pub(super) struct SavedSession {
     pub(super) host: HostId,
     pub(super) prefix: String,
-    pub(super) lease: i64,
+    pub(super) lease: LeaseId,
 }
 
 /// The TTL etcd answered, in seconds, as a duration (deadlines follow what etcd enforces,
@@ -40,7 +42,7 @@ pub(super) async fn establish(
     keys: &Keys,
     host: &HostId,
     opts: &EtcdOptions,
-) -> Result<(i64, Instant, Duration), StoreError> {
+) -> Result<(LeaseId, Instant, Duration), StoreError> {
     let saved: Option<SavedSession> = opts
         .session_file
         .as_ref()
@@ -60,7 +62,7 @@ pub(super) async fn establish(
     } else if let Some(kv) = kvs.first() {
         let current: Option<HostValue> = serde_json::from_slice(&kv.value).ok();
         if let Some(saved) = &saved
-            && kv.lease == saved.lease
+            && LeaseId::of_key(kv.lease) == Some(saved.lease)
         {
             let sent = Instant::now();
             let ttl = etcd
@@ -68,13 +70,13 @@ pub(super) async fn establish(
                 .await
                 .map_err(unavailable)?;
             if ttl > 0 {
-                info!(host = %host, lease = saved.lease, ttl, "resumed the host session");
+                info!(host = %host, lease = %saved.lease, ttl, "resumed the host session");
                 return Ok((saved.lease, sent, granted(ttl)));
             }
         }
         let detail = match current {
             Some(v) => format!(
-                "agent pid {} holds its session (etcd lease {:x}) since {}",
+                "agent pid {} holds its session (etcd lease {}) since {}",
                 v.pid,
                 v.lease,
                 fmt_ms(v.since_ms)
@@ -97,7 +99,7 @@ pub(super) async fn establish(
     let t = Txn::new().if_mod_revision(keys.host(host), expect_mod).put(
         keys.host(host),
         json(&value)?,
-        lease,
+        Some(lease),
     );
     let r = etcd.txn(t).await.map_err(unavailable)?;
     if !r.succeeded {
@@ -136,9 +138,9 @@ pub(super) async fn establish(
         }
     }
     if granted(ttl) != opts.ttl {
-        warn!(host = %host, lease, asked = ?opts.ttl, granted_secs = ttl, "etcd granted the session another ttl than asked; deadlines follow etcd's");
+        warn!(host = %host, lease = %lease, asked = ?opts.ttl, granted_secs = ttl, "etcd granted the session another ttl than asked; deadlines follow etcd's");
     }
-    info!(host = %host, lease, ttl, "host session opened");
+    info!(host = %host, lease = %lease, ttl, "host session opened");
     Ok((lease, sent, granted(ttl)))
 }
 
@@ -156,12 +158,12 @@ pub(super) async fn keep_session(inner: Arc<Inner>) {
     loop {
         tokio::time::sleep_until(next).await;
         let state = inner.session.borrow().clone();
-        let lease = state.id.0 as i64;
+        let lease = LeaseId::of_session(state.id);
         if state.expired {
             match establish(&inner.etcd, &inner.keys, &inner.host, &inner.opts).await {
                 Ok((lease, sent, ttl)) => {
                     inner.session.send_replace(SessionState {
-                        id: SessionId(lease as u64),
+                        id: lease.session(),
                         ttl,
                         renewed_sent_at: Some(sent),
                         expired: false,
@@ -191,7 +193,7 @@ pub(super) async fn keep_session(inner: Arc<Inner>) {
                     s.latencies.push(sent.elapsed());
                 });
                 if warned.take().is_some() {
-                    info!(lease, "session renewals confirmed again");
+                    info!(lease = %lease, "session renewals confirmed again");
                 }
                 next = tokio::time::Instant::from_std(sent) + inner.opts.renew;
             }
@@ -209,7 +211,7 @@ pub(super) async fn keep_session(inner: Arc<Inner>) {
                     let safe_for = st
                         .safe_until()
                         .map(|t| t.saturating_duration_since(Instant::now()));
-                    warn!(error = %e, lease, failed = st.failed_renewals, since_last_confirmed = ?since, safe_for = ?safe_for, "etcd is not answering session renewals; local holders are killed at the deadline if this lasts");
+                    warn!(error = %e, lease = %lease, failed = st.failed_renewals, since_last_confirmed = ?since, safe_for = ?safe_for, "etcd is not answering session renewals; local holders are killed at the deadline if this lasts");
                 }
                 next = tokio::time::Instant::now() + Duration::from_millis(250);
             }
@@ -221,12 +223,12 @@ impl Inner {
     /// This host's session `lease` has ended (etcd said so): runs the hook (the agent kills
     /// every local holder), then marks the session expired, which lets a new one be opened.
     /// Nothing happens for a lease that is not the current session, or twice for one.
-    pub(super) fn session_ended(&self, lease: i64, why: &str) {
+    pub(super) fn session_ended(&self, lease: LeaseId, why: &str) {
         let current = self.session.borrow().clone();
-        if current.expired || current.id.0 as i64 != lease {
+        if current.expired || LeaseId::of_session(current.id) != lease {
             return;
         }
-        warn!(lease, why, "this host's session has ended");
+        warn!(lease = %lease, why, "this host's session has ended");
         if let Some(hook) = lock(&self.session_end, "session_end").as_ref() {
             hook(current.id);
         }
@@ -239,12 +241,12 @@ impl Inner {
         });
     }
 
-    pub(super) fn lease(&self) -> Result<i64, StoreError> {
+    pub(super) fn lease(&self) -> Result<LeaseId, StoreError> {
         self.running()?;
         let s = self.session.borrow();
         if s.expired {
             return Err(StoreError::SessionLost);
         }
-        Ok(s.id.0 as i64)
+        Ok(LeaseId::of_session(s.id))
     }
 }

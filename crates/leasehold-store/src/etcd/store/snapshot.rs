@@ -7,7 +7,7 @@ use leasehold_core::{Engine, HostId, Now, ResourceName, ResourceView};
 
 use super::{Inner, MAX_TXN_OPS, unavailable};
 use crate::StoreError;
-use crate::etcd::client::{Txn, prefix_end, range_of};
+use crate::etcd::client::{LeaseId, Txn, prefix_end, range_of};
 use crate::etcd::keys::{KeyKind, Keys, Record, WaiterValue};
 use crate::etcd::pb::mvccpb::KeyValue;
 use crate::sync::{lock, read};
@@ -23,7 +23,7 @@ pub(super) struct ResSnap {
     pub(super) waiters: Vec<WaiterSnap>,
     pub(super) grace: bool,
     /// The sessions whose `held` keys say they hold it: etcd lease id to the host named.
-    pub(super) held: BTreeMap<i64, String>,
+    pub(super) held: BTreeMap<LeaseId, String>,
 }
 
 impl ResSnap {
@@ -39,7 +39,7 @@ impl ResSnap {
             .held
             .iter()
             .filter(|(lease, _)| !holding.contains(lease))
-            .map(|(lease, host)| format!("session {lease:x} of host {host}"))
+            .map(|(lease, host)| format!("session {lease} of host {host}"))
             .collect();
         if missing.is_empty() {
             return;
@@ -60,10 +60,15 @@ impl ResSnap {
 }
 
 /// The sessions (etcd lease ids) with a holder in `record`.
-pub(super) fn holding_sessions(record: Option<&Record>) -> BTreeSet<i64> {
+pub(super) fn holding_sessions(record: Option<&Record>) -> BTreeSet<LeaseId> {
     record
         .iter()
-        .flat_map(|r| r.state.holders().iter().map(|l| l.session.0 as i64))
+        .flat_map(|r| {
+            r.state
+                .holders()
+                .iter()
+                .map(|l| LeaseId::of_session(l.session))
+        })
         .collect()
 }
 
@@ -78,7 +83,7 @@ pub(super) struct WaiterSnap {
 pub(super) struct Snapshot {
     pub(super) revision: i64,
     /// Live sessions: lease id to host.
-    pub(super) sessions: HashMap<i64, HostId>,
+    pub(super) sessions: HashMap<LeaseId, HostId>,
     pub(super) res: BTreeMap<ResourceName, ResSnap>,
 }
 
@@ -126,7 +131,7 @@ impl Snapshot {
         for kv in kvs {
             match keys.parse(&kv.key) {
                 Some(KeyKind::Host(h)) => {
-                    snap.sessions.insert(kv.lease, h);
+                    snap.sessions.insert(LeaseId(kv.lease), h);
                 }
                 Some(KeyKind::Resource(r)) => {
                     if let Some(rs) = slot(&mut snap.res, r, named) {

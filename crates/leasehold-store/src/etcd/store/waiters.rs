@@ -12,7 +12,7 @@ use tracing::{debug, info, warn};
 use super::commit::{Extra, writes};
 use super::snapshot::Snapshot;
 use super::{Inner, MAX_TXN_OPS, json, unavailable};
-use crate::etcd::client::{Txn, prefix_end};
+use crate::etcd::client::{LeaseId, Txn, prefix_end};
 use crate::etcd::keys::WaiterValue;
 use crate::sync::read;
 use crate::{StoreError, WaitNote};
@@ -165,7 +165,7 @@ impl Inner {
                 .map_err(unavailable)?;
             let session_ended = host
                 .first()
-                .is_none_or(|kv| kv.lease != value.session as i64);
+                .is_none_or(|kv| LeaseId::of_key(kv.lease) != Some(value.session));
             return self.lost_place(id, place, session_ended).await;
         }
         if snap.res.values().any(|rs| rs.bad.is_some()) {
@@ -279,7 +279,7 @@ impl Inner {
             self.finish_waiter(id, Err(withdrawn()));
             return Ok(());
         }
-        value.session = lease as u64;
+        value.session = lease;
         let n = self
             .next_waiter_key
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -297,7 +297,7 @@ impl Inner {
             t = t.if_create_revision(k.clone(), 0);
         }
         for k in &keys {
-            t = t.put(k.clone(), v.clone(), lease);
+            t = t.put(k.clone(), v.clone(), Some(lease));
         }
         let r = self.etcd.txn(t).await.map_err(unavailable)?;
         if !r.succeeded {
