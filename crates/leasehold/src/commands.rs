@@ -71,6 +71,8 @@ pub fn agent(a: AgentArgs, socket: Option<PathBuf>) -> Result<u8, Failure> {
         log_json: a.log_json.then_some(true),
         metrics_listen: a.metrics_listen,
         metrics_allow_remote: a.metrics_allow_remote.then_some(true),
+        // A file-only setting (`allow-revoke = false`).
+        allow_revoke: None,
     };
     let file = match &a.config {
         Some(p) => FileConfig::read(p).map_err(|e| Failure::usage(e.to_string()))?,

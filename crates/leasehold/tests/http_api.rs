@@ -600,3 +600,36 @@ fn a_revocable_holder_survives_force_release_and_its_token_is_refused() {
     assert!(a.holders("lock").is_empty());
     assert!(a.log().contains("holder not killed"), "{}", a.log());
 }
+
+/// `allow-revoke = false` in the agent's config refuses `on_lost: revoke` as a usage error
+/// and changes nothing; an ordinary acquire still works.
+#[test]
+fn an_agent_may_forbid_revocable_holders() {
+    let conf = tempfile::tempdir().unwrap();
+    let path = conf.path().join("agent.toml");
+    std::fs::write(&path, "allow-revoke = false\n").unwrap();
+    let a = Agent::start_with(&["--config", path.to_str().unwrap()]);
+    let h = Holder::new();
+    let (code, v) = call(
+        &a,
+        "POST",
+        "/v1/acquire",
+        Some(json!({"items": items("lock", "exclusive"), "pid": h.pid(), "on_lost": "revoke"})),
+    );
+    assert_eq!((code, v["code"].as_str()), (400, Some("usage")), "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("allow-revoke"),
+        "{v}"
+    );
+    assert!(
+        a.inspect("lock").is_none(),
+        "a refused request changes nothing"
+    );
+    let (code, v) = call(
+        &a,
+        "POST",
+        "/v1/acquire",
+        Some(json!({"items": items("lock", "exclusive"), "pid": h.pid()})),
+    );
+    assert_eq!((code, v["event"].as_str()), (200, Some("granted")), "{v}");
+}

@@ -109,6 +109,9 @@ pub struct Config {
     /// Where to serve Prometheus `/metrics`, `/livez` and `/readyz` over plain HTTP; off when
     /// `None`. A loopback address unless `metrics-allow-remote` is set.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Whether an acquire may ask `on_lost = revoke` (a force-release ends the lease without
+    /// killing the holder); `allow-revoke = false` refuses such requests. Default true.
+    pub allow_revoke: bool,
 }
 
 /// Why the configuration was refused.
@@ -226,6 +229,8 @@ pub struct FileConfig {
     /// Allow a `metrics-listen` address that is not loopback (the endpoints have no
     /// authentication).
     pub metrics_allow_remote: Option<bool>,
+    /// See [`Config::allow_revoke`].
+    pub allow_revoke: Option<bool>,
 }
 
 /// A `metrics-listen` address: an IP address and port, loopback unless `allow_remote`.
@@ -330,6 +335,7 @@ impl FileConfig {
             log_json: flags.log_json.or(self.log_json),
             metrics_listen: flags.metrics_listen.or(self.metrics_listen),
             metrics_allow_remote: flags.metrics_allow_remote.or(self.metrics_allow_remote),
+            allow_revoke: flags.allow_revoke.or(self.allow_revoke),
         }
     }
 }
@@ -503,6 +509,7 @@ impl Config {
             forget_after,
             etcd_security,
             metrics_listen,
+            allow_revoke: f.allow_revoke.unwrap_or(true),
         };
         c.validate()?;
         Ok(c)

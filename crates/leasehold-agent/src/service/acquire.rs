@@ -170,6 +170,13 @@ impl<S: Store> Service<S> {
             on_lost: r.on_lost.into(),
         };
         owner.validate().map_err(super::usage)?;
+        if owner.on_lost == leasehold_core::OnLost::Revoke && !self.config.allow_revoke {
+            return Err(super::usage(
+                "this agent forbids on_lost = revoke (allow-revoke = false in its config): a \
+                 force-release kills the holder here; ask without on_lost, or ask the agent's \
+                 administrator",
+            ));
+        }
         let wait = r.wait.map(|d| d.0);
         // Taking a dirty resource unchecked clears its purpose as surely as mark-clean: only
         // root or the admin group may (SPEC G8). Others are told it needs a check, and by whom.
