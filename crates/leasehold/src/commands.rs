@@ -557,6 +557,12 @@ pub fn status(json_out: bool, socket: &Option<PathBuf>) -> Result<u8, Failure> {
                     "last_renewal_ms_ago": ms_of(h.last_renewal_ago), "safe_for_ms": ms_of(h.safe_for),
                     "renewal_latency_us": h.renewal_latency_us, "expired": h.expired,
                     "failed_renewals": h.failed_renewals,
+                    "renewals": h.renewals.iter().map(|r| json!({
+                        "at": output::when(leasehold_core::WallTime(r.at.unix_ms())),
+                        "at_ms": r.at.unix_ms(),
+                        "outcome": r.outcome,
+                        "latency_us": r.latency.map(|d| u64::try_from(d.0.as_micros()).unwrap_or(u64::MAX)),
+                    })).collect::<Vec<_>>(),
                 })),
                 "etcd": s.etcd.as_ref().map(|e| json!({
                     "db_size": e.db_size, "quota": e.quota, "revision": e.revision,

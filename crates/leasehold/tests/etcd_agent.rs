@@ -314,6 +314,22 @@ fn status_shows_the_host_session_also_while_etcd_is_unreachable() {
     assert!(h["safe_for_ms"].as_u64().unwrap() > 0, "{s}");
     assert_eq!(h["expired"], false, "{s}");
     assert!(s["backend_error"].is_null(), "{s}");
+    // Issue 12 item 5: the renewal history, each with its outcome, time and round trip.
+    let outcomes = |h: &serde_json::Value, what: &str| -> Vec<serde_json::Value> {
+        h["renewals"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no renewals in {h}"))
+            .iter()
+            .filter(|r| r["outcome"] == what)
+            .cloned()
+            .collect()
+    };
+    let confirmed = outcomes(h, "confirmed");
+    assert!(!confirmed.is_empty(), "{s}");
+    for r in &confirmed {
+        assert!(r["latency_us"].as_u64().is_some_and(|us| us > 0), "{s}");
+        assert!(r["at"].is_string() && r["at_ms"].as_u64().is_some(), "{s}");
+    }
 
     etcd.stop();
     let warning = "etcd is not answering session renewals";
@@ -326,6 +342,9 @@ fn status_shows_the_host_session_also_while_etcd_is_unreachable() {
     let h = &s["host_session"];
     assert_eq!(h["lease_id"], lease.as_str(), "{s}");
     assert!(h["failed_renewals"].as_u64().unwrap() >= 1, "{s}");
+    let failed = outcomes(h, "failed");
+    assert!(!failed.is_empty(), "{s}");
+    assert!(failed.iter().all(|r| r["latency_us"].is_null()), "{s}");
     assert!(h["last_renewal_ms_ago"].as_u64().unwrap() >= 1000, "{s}");
     assert!(s["backend_error"].is_string(), "{s}");
     expect_code(&out, 0);

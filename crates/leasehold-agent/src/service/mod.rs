@@ -22,6 +22,7 @@ use crate::watcher::Watcher;
 
 mod acquire;
 mod grpc;
+mod renewals;
 
 pub(crate) use acquire::{ConfirmBy, Out};
 
@@ -41,6 +42,8 @@ pub struct Service<S> {
     config: Arc<Config>,
     started: Instant,
     confirms: Arc<Confirms>,
+    /// The host session's recent renewals, for `status`.
+    renewals: Arc<renewals::Renewals>,
 }
 
 /// Grants sent to gRPC clients and not yet confirmed by them (`Confirm`), by confirm id.
@@ -97,6 +100,7 @@ impl<S> Clone for Service<S> {
             config: self.config.clone(),
             started: self.started,
             confirms: self.confirms.clone(),
+            renewals: self.renewals.clone(),
         }
     }
 }
@@ -188,6 +192,7 @@ impl<S: Store> Service<S> {
         agent_events: broadcast::Sender<v1::Event>,
         config: Arc<Config>,
     ) -> Self {
+        let store_for_renewals = store.clone();
         Service {
             store,
             watcher,
@@ -197,6 +202,7 @@ impl<S: Store> Service<S> {
             config,
             started: Instant::now(),
             confirms: Arc::default(),
+            renewals: renewals::Renewals::follow(&*store_for_renewals),
         }
     }
 
@@ -545,6 +551,7 @@ impl<S: Store> Service<S> {
                 .collect(),
             expired: s.expired,
             failed_renewals: s.failed_renewals,
+            renewals: self.renewals.recent(),
         });
         v1::StatusResponse {
             host: self.config.host_id.to_string(),

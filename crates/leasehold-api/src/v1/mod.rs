@@ -555,6 +555,33 @@ pub struct HostSession {
     pub expired: bool,
     /// Renewals sent since the last one confirmed.
     pub failed_renewals: u64,
+    /// The most recent renewals the agent saw end, oldest first (at most 20): each confirmed
+    /// one with its round trip, each failed one, and when.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub renewals: Vec<Renewal>,
+}
+
+/// One renewal of the host session, as it ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Renewal {
+    /// When the agent learned how it ended.
+    pub at: Time,
+    /// How it ended.
+    pub outcome: RenewalOutcome,
+    /// Its round trip, when confirmed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency: Option<Dur>,
+}
+
+/// How a renewal of the host session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum RenewalOutcome {
+    /// The backend confirmed it: the session lives a ttl from when it was sent.
+    Confirmed,
+    /// It failed (the backend did not answer in time, or refused).
+    Failed,
 }
 
 /// etcd's space and history.
