@@ -111,6 +111,24 @@ impl SessionState {
     }
 }
 
+/// One host's session on the backend, as `leasehold hosts` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostView {
+    /// The host.
+    pub host: HostId,
+    /// Its session (for etcd, the lease id); `None` on the local store, which has no expiry.
+    pub session: Option<leasehold_core::SessionId>,
+    /// Whether the session is alive.
+    pub alive: bool,
+    /// Alive: when the session began; expired: when this agent saw it end (`None`: before
+    /// this agent started).
+    pub since: Option<leasehold_core::WallTime>,
+    /// The leases its processes hold now (none once expired).
+    pub leases: usize,
+    /// The pid of its agent, as it recorded it.
+    pub agent_pid: Option<u32>,
+}
+
 /// What a store calls when this host's session has ended; see [`Store::on_session_end`].
 pub type SessionEndHook = Box<dyn Fn(leasehold_core::SessionId) + Send + Sync>;
 
@@ -313,6 +331,13 @@ pub trait Store: Send + Sync + 'static {
     /// # Errors
     /// [`StoreError::Storage`] or [`StoreError::Closed`].
     fn list(&self) -> impl Future<Output = Result<Vec<ResourceView>, StoreError>> + Send;
+
+    /// Every host's session on the backend, by host id: the live ones, and those this agent
+    /// saw end. The local store reports its own host.
+    ///
+    /// # Errors
+    /// As [`Store::list`].
+    fn hosts(&self) -> impl Future<Output = Result<Vec<HostView>, StoreError>> + Send;
 
     /// Lease events from now on, after they are durable.
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event>;

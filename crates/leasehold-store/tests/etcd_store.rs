@@ -667,3 +667,71 @@ async fn a_refusal_in_the_grace_says_how_long_it_lasts() {
         "the lost host's exclusive lease left it dirty"
     );
 }
+
+/// Waits until `s.hosts()` satisfies `ok`, for at most 45 s (a ttl and more); returns what it last showed.
+async fn hosts_until(
+    s: &EtcdStore,
+    what: &str,
+    ok: impl Fn(&[leasehold_store::HostView]) -> bool,
+) -> Vec<leasehold_store::HostView> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(45);
+    loop {
+        let hosts = s.hosts().await.unwrap();
+        if ok(&hosts) {
+            return hosts;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: {hosts:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Issue 11 item 6: every host's session, as `leasehold hosts` shows it: alive with its
+/// leases and agent, and a host whose session ended shown expired since then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_shows_each_session_alive_or_expired_with_its_leases() {
+    let etcd = Etcd::start();
+    let a = store(&etcd, "host-a").await;
+    let b = store(&etcd, "host-b").await;
+    for (i, r) in ["d1", "d2"].into_iter().enumerate() {
+        b.acquire(AcquireSpec::new(
+            Owner::new(b.host().clone(), 500 + i as u32, 1),
+            [(res(r), Mode::Exclusive)],
+        ))
+        .await
+        .unwrap();
+    }
+    let b_session = b.session().unwrap().borrow().id;
+    let hosts = hosts_until(&a, "both alive, b holding two", |h| {
+        h.len() == 2 && h[1].leases == 2
+    })
+    .await;
+    assert_eq!(
+        (hosts[0].host.as_str(), hosts[0].alive, hosts[0].leases),
+        ("host-a", true, 0),
+        "{hosts:?}"
+    );
+    assert_eq!(
+        (hosts[1].host.as_str(), hosts[1].alive, hosts[1].session),
+        ("host-b", true, Some(b_session)),
+        "{hosts:?}"
+    );
+    assert_eq!(hosts[1].agent_pid, Some(std::process::id()));
+    assert!(hosts[1].since.is_some());
+
+    // b's agent dies (its renewals stop, nothing is revoked): etcd expires its session after
+    // the ttl, and a shows it expired since then.
+    let before = leasehold_core::WallTime(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64,
+    );
+    drop(b);
+    let hosts = hosts_until(&a, "b shown expired", |h| {
+        h.iter().any(|v| v.host.as_str() == "host-b" && !v.alive)
+    })
+    .await;
+    let bv = hosts.iter().find(|v| v.host.as_str() == "host-b").unwrap();
+    assert_eq!((bv.session, bv.leases), (Some(b_session), 0), "{bv:?}");
+    assert!(bv.since.is_some_and(|t| t >= before), "{bv:?}");
+}

@@ -135,6 +135,8 @@ enum Cmd {
 /// The embedded single-host store. See the module documentation for how it commits.
 pub struct LocalStore {
     host: HostId,
+    /// When this store was opened (the agent's start), for `hosts`.
+    opened_at: leasehold_core::WallTime,
     dir: PathBuf,
     tx: mpsc::Sender<Cmd>,
     events: broadcast::Sender<Event>,
@@ -222,6 +224,7 @@ impl LocalStore {
             .map_err(|e| storage_at("starting the store thread", e))?;
         Ok(LocalStore {
             host,
+            opened_at: now.wall,
             dir,
             tx,
             events,
@@ -431,6 +434,18 @@ impl Store for LocalStore {
 
     async fn list(&self) -> Result<Vec<ResourceView>, StoreError> {
         self.call(|reply| Cmd::List { reply }).await
+    }
+
+    async fn hosts(&self) -> Result<Vec<crate::HostView>, StoreError> {
+        let leases = self.list().await?.iter().map(|v| v.holders.len()).sum();
+        Ok(vec![crate::HostView {
+            host: self.host.clone(),
+            session: None,
+            alive: true,
+            since: Some(self.opened_at),
+            leases,
+            agent_pid: Some(std::process::id()),
+        }])
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Event> {

@@ -176,11 +176,16 @@ impl Inner {
                 }
                 self.check_own_holders(&name, &kv.key, old.as_ref(), new.as_ref());
             }
-            Some(KeyKind::Host(host)) if !deleted && host == self.host => {
-                self.check_own_host_key(kv);
+            Some(KeyKind::Host(host)) if !deleted => {
+                lock(&self.ended_hosts, "ended_hosts").remove(&host);
+                if host == self.host {
+                    self.check_own_host_key(kv);
+                }
             }
             Some(KeyKind::Host(host)) if deleted => {
                 let lease = LeaseId(ev.prev_kv.as_ref().map_or(0, |p| p.lease));
+                lock(&self.ended_hosts, "ended_hosts")
+                    .insert(host.clone(), (lease, self.clock.now().wall));
                 let _ = self.events.send(Event::SessionExpired {
                     session: lease.session(),
                     host,

@@ -141,6 +141,9 @@ struct Inner {
     session_end: Mutex<Option<SessionEndHook>>,
     /// etcd's space and history, as the history keeper last saw them.
     health: watch::Sender<EtcdHealth>,
+    /// Hosts whose session key this agent saw deleted (their session ended), with the
+    /// session and when; a host's new session key removes it. Recovered: one entry a change.
+    ended_hosts: Mutex<BTreeMap<HostId, (LeaseId, leasehold_core::WallTime)>>,
     next_waiter_key: std::sync::atomic::AtomicU64,
     /// Repairs the watch found necessary, written by the watch task. Recovered: pushed and
     /// taken whole.
@@ -274,6 +277,7 @@ impl EtcdStore {
             mirror: std::sync::RwLock::new(Mirror::default()),
             session_end: Mutex::new(None),
             health: watch::channel(EtcdHealth::default()).0,
+            ended_hosts: Mutex::new(BTreeMap::new()),
             next_waiter_key: std::sync::atomic::AtomicU64::new(now_ms()),
             fixes: Mutex::new(Vec::new()),
             pause_snapshot: Mutex::new(None),

@@ -1,11 +1,11 @@
 //! The [`Store`] operations of the etcd store.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use leasehold_core::{
     AcquireRequest, Acquired, Conflict, EndReason, Ended, Event, Grant, HostId, Owner, OwnerId,
-    ProcessKey, ReleaseKind, ReleaseRequest, Released, ResourceName, ResourceView, Token,
+    ProcessKey, ReleaseKind, ReleaseRequest, Released, ResourceName, ResourceView, Token, WallTime,
 };
 use tokio::sync::{broadcast, oneshot, watch};
 
@@ -15,8 +15,8 @@ use super::waiters::{LocalWaiter, Queueing, WaitGuard, withdrawn};
 use super::{EtcdStore, Inner, json, unavailable};
 use crate::etcd::client::{LeaseId, prefix_end};
 use crate::etcd::history::EtcdHealth;
-use crate::etcd::keys::WaiterValue;
-use crate::sync::lock;
+use crate::etcd::keys::{HostValue, KeyKind, Record, WaiterValue};
+use crate::sync::{lock, read};
 use crate::{AcquireSpec, Cause, SessionEndHook, SessionState, Store, StoreError, WaitNote};
 
 impl Store for EtcdStore {
@@ -298,6 +298,50 @@ impl Store for EtcdStore {
             .iter()
             .filter_map(|(name, rs)| inner.view(&engine, name, rs, now))
             .collect())
+    }
+
+    async fn hosts(&self) -> Result<Vec<crate::HostView>, StoreError> {
+        let mut hosts: BTreeMap<HostId, crate::HostView> = BTreeMap::new();
+        {
+            let m = read(&self.inner.mirror, "mirror");
+            let mut leases: HashMap<LeaseId, usize> = HashMap::new();
+            for kv in m.kvs.values() {
+                if let Some(KeyKind::Resource(_)) = self.inner.keys.parse(&kv.key)
+                    && let Ok(rec) = Record::decode(&kv.value)
+                {
+                    for l in rec.state.holders() {
+                        *leases.entry(LeaseId::of_session(l.session)).or_default() += 1;
+                    }
+                }
+            }
+            for kv in m.kvs.values() {
+                if let Some(KeyKind::Host(h)) = self.inner.keys.parse(&kv.key) {
+                    let v = serde_json::from_slice::<HostValue>(&kv.value).ok();
+                    hosts.insert(
+                        h.clone(),
+                        crate::HostView {
+                            host: h,
+                            session: Some(LeaseId(kv.lease).session()),
+                            alive: true,
+                            since: v.as_ref().map(|v| WallTime(v.since_ms)),
+                            leases: leases.get(&LeaseId(kv.lease)).copied().unwrap_or(0),
+                            agent_pid: v.map(|v| v.pid),
+                        },
+                    );
+                }
+            }
+        }
+        for (h, (lease, at)) in lock(&self.inner.ended_hosts, "ended_hosts").iter() {
+            hosts.entry(h.clone()).or_insert_with(|| crate::HostView {
+                host: h.clone(),
+                session: Some(lease.session()),
+                alive: false,
+                since: Some(*at),
+                leases: 0,
+                agent_pid: None,
+            });
+        }
+        Ok(hosts.into_values().collect())
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Event> {
