@@ -319,6 +319,12 @@ async fn readopt<S: Store>(store: &Arc<S>, watcher: &Arc<Watcher<S>>) -> Result<
         .collect();
     processes.sort();
     processes.dedup();
+    // Those whose exit status decides how their leases end (libvirt's QEMU).
+    for l in views.iter().flat_map(|v| v.holders.iter()) {
+        if l.owner.host() == &host && l.owner.on_exit == leasehold_core::OnExit::Status {
+            watcher.by_exit_status(&l.owner.process);
+        }
+    }
     for p in processes {
         watcher.watch(p);
     }

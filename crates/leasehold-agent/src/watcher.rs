@@ -14,10 +14,12 @@ use rustix::process::Signal;
 use tokio::io::unix::AsyncFd;
 use tracing::{info, warn};
 
-use crate::procfs::{Pidfd, ProcError};
+use std::os::fd::{AsFd, OwnedFd};
+
+use crate::procfs::{ExitStatus, Pidfd, ProcError};
 
 struct Watched {
-    pidfd: Arc<AsyncFd<std::os::fd::OwnedFd>>,
+    pidfd: Arc<AsyncFd<OwnedFd>>,
     task: tokio::task::AbortHandle,
 }
 
@@ -36,6 +38,8 @@ pub struct Watcher<S> {
     fenced: Mutex<HashSet<ProcessKey>>,
     /// Holders not watched yet because the agent ran out of file descriptors.
     pending: Mutex<HashSet<ProcessKey>>,
+    /// Holders whose exit status decides how their leases end (`on_exit = status`).
+    by_status: Mutex<HashSet<ProcessKey>>,
     /// Descriptors kept in reserve, given up to reach a holder that is not watched when it
     /// must be fenced while the agent is out of descriptors.
     reserve: Mutex<Vec<std::fs::File>>,
@@ -43,6 +47,10 @@ pub struct Watcher<S> {
 
 /// How many descriptors the watcher keeps in reserve (a pidfd and a `/proc` read).
 const RESERVE: usize = 4;
+
+/// How long an exited holder whose status matters may stay unreaped before its leases end
+/// without it (as died). libvirt's QEMU is reaped by init, at once under systemd.
+const REAP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn fill_reserve(reserve: &mut Vec<std::fs::File>) {
     while reserve.len() < RESERVE {
@@ -61,6 +69,7 @@ impl<S: Store> Watcher<S> {
             watched: Mutex::new(HashMap::new()),
             fenced: Mutex::new(HashSet::new()),
             pending: Mutex::new(HashSet::new()),
+            by_status: Mutex::new(HashSet::new()),
             reserve: Mutex::new({
                 let mut r = Vec::new();
                 fill_reserve(&mut r);
@@ -144,7 +153,7 @@ impl<S: Store> Watcher<S> {
                 }
                 Err(ProcError::NoProcess(_) | ProcError::Reused { .. }) => {
                     self.set_pending(&process, false);
-                    return self.end(process).await;
+                    return self.end_with(process, None).await;
                 }
                 Err(_) => {}
             }
@@ -157,6 +166,44 @@ impl<S: Store> Watcher<S> {
                 p.insert(process.clone());
             } else {
                 p.remove(process);
+            }
+        }
+    }
+
+    /// Makes `process`'s exit status decide how its leases end (an owner with
+    /// `on_exit = status`): call before it is watched.
+    pub fn by_exit_status(&self, process: &ProcessKey) {
+        if let Ok(mut s) = self.by_status.lock() {
+            s.insert(process.clone());
+        }
+    }
+
+    /// The exit status of an exited holder that asked for it, once its parent reaped it;
+    /// `None` for the others, on a kernel that cannot tell, or when nobody reaps it in time:
+    /// its leases then end as died.
+    async fn exit_status(&self, process: &ProcessKey, fd: &AsyncFd<OwnedFd>) -> Option<ExitStatus> {
+        let wanted = self.by_status.lock().is_ok_and(|mut s| s.remove(process));
+        if !wanted {
+            return None;
+        }
+        let give_up = std::time::Instant::now() + REAP_WAIT;
+        loop {
+            match crate::procfs::exit_status(fd.get_ref().as_fd()) {
+                Ok(Some(s)) => return Some(s),
+                Ok(None) if std::time::Instant::now() < give_up => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Ok(None) => {
+                    warn!(
+                        pid = process.pid,
+                        "holder exited but was not reaped in time: its exit status is unknown, so its leases end as died"
+                    );
+                    return None;
+                }
+                Err(e) => {
+                    warn!(pid = process.pid, error = %e, "cannot read a holder's exit status (PIDFD_GET_INFO needs Linux 6.15): its leases end as died");
+                    return None;
+                }
             }
         }
     }
@@ -222,10 +269,11 @@ impl<S: Store> Watcher<S> {
             // Readable means the process has exited.
             let _ = waiter.readable().await;
             let seen = std::time::Instant::now();
+            let status = me.exit_status(&key, &waiter).await;
             if let Ok(mut w) = me.watched.lock() {
                 w.remove(&key);
             }
-            me.end(key).await;
+            me.end_with(key, status).await;
             crate::metrics::exit_to_release(seen.elapsed());
         });
         watched.insert(
@@ -239,18 +287,25 @@ impl<S: Store> Watcher<S> {
 
     fn spawn_end(self: &Arc<Self>, process: ProcessKey) {
         let me = Arc::clone(self);
-        tokio::spawn(async move { me.end(process).await });
+        tokio::spawn(async move { me.end_with(process, None).await });
     }
 
     /// Ends the leases of an exited process, retrying while the backend is unavailable or its
     /// storage fails (a fenced holder's leases must end once etcd answers again; a dead
-    /// holder's once the full disk has room again).
-    async fn end(&self, process: ProcessKey) {
+    /// holder's once the full disk has room again). `status` is its exit status when it
+    /// matters and is known: 0 ends clean the leases whose owner chose `on_exit = status`.
+    async fn end_with(&self, process: ProcessKey, status: Option<ExitStatus>) {
         let mut delay = std::time::Duration::from_millis(200);
         let fenced = self.fenced.lock().is_ok_and(|f| f.contains(&process));
+        if let Ok(mut s) = self.by_status.lock() {
+            s.remove(&process);
+        }
+        let zero = status.is_some_and(ExitStatus::is_zero);
         loop {
             let r = if fenced {
                 self.store.end_fenced(process.clone()).await
+            } else if zero {
+                self.store.end_exited_zero(process.clone()).await
             } else {
                 self.store.end_process(process.clone()).await
             };

@@ -312,8 +312,18 @@ impl Client {
             accept_dirty: o.accept_dirty,
             wait: o.wait.map(v1::Dur),
             hold: o.hold,
+            ..v1::AcquireRequest::default()
         };
-        let answer = self.send("POST", "/v1/acquire", Some(&req))?;
+        self.start_acquire_request(&req)
+    }
+
+    /// [`Client::start_acquire`] with the API's request itself, for what the options do not
+    /// carry: restricted leases, `on_exit`, expected tokens (the libvirt lock driver).
+    ///
+    /// # Errors
+    /// As [`Client::start_acquire`].
+    pub fn start_acquire_request(&self, req: &v1::AcquireRequest) -> Result<Acquisition, Error> {
+        let answer = self.send("POST", "/v1/acquire", Some(req))?;
         // A wait is as long as it is: the stream is not bounded by the call timeout.
         answer.reader.get_ref().inner().set_read_timeout(None)?;
         Ok(Acquisition { lines: answer })

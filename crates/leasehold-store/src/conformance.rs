@@ -63,6 +63,8 @@ macro_rules! conformance_suite {
             a_dead_exclusive_holder_leaves_a_dirty_mark_that_survives_restart,
             dirty_needs_check_unless_accepted_then_mark_clean,
             a_shared_holder_dying_does_not_dirty,
+            an_exit_with_status_zero_is_clean_only_where_the_owner_chose_it,
+            a_resume_is_granted_only_while_the_token_is_the_last,
             release_dirty_marks_dirty,
             force_release_revokes_and_records_why,
             handover_moves_the_lease_in_one_step,
@@ -451,6 +453,92 @@ pub async fn a_dead_exclusive_holder_leaves_a_dirty_mark_that_survives_restart<H
     assert_eq!(d.owner.process.pid, 1);
     assert_eq!(d.how, EndReason::ProcessDied);
     assert!(v.holders.is_empty());
+}
+
+/// G5: a process that exits with status 0 ends clean only the leases whose owner chose
+/// `on_exit = status` (libvirt's QEMU); another holder's exit 0 still dirties, and the clean
+/// ending survives a restart.
+pub async fn an_exit_with_status_zero_is_clean_only_where_the_owner_chose_it<H: Harness>(h: &H) {
+    let a = host("a");
+    let s = h.open(&a).await;
+    let mut qemu = owner(&a, 1);
+    qemu.on_exit = leasehold_core::OnExit::Status;
+    s.acquire(AcquireSpec::new(qemu, [(res("vm-disk"), X)]))
+        .await
+        .expect("grant");
+    take(&s, 2, "script-disk", X).await.expect("grant");
+    for pid in [1, 2] {
+        let ended = s.end_exited_zero(process(&a, pid)).await.expect("exit");
+        assert_eq!(ended.len(), 1, "pid {pid} held one lease");
+    }
+    drop(s);
+    let s = h.open(&a).await;
+    let vm = s
+        .inspect(res("vm-disk"))
+        .await
+        .expect("inspect")
+        .expect("known");
+    assert!(
+        vm.dirty.is_none(),
+        "exit 0 with on_exit=status is clean: {vm:?}"
+    );
+    assert_eq!(vm.last_ended.map(|e| e.how), Some(EndReason::ExitedClean));
+    let script = s
+        .inspect(res("script-disk"))
+        .await
+        .expect("inspect")
+        .expect("known");
+    assert_eq!(
+        script.dirty.map(|e| e.how),
+        Some(EndReason::ProcessDied),
+        "an owner that did not choose on_exit=status is dirty whatever its status"
+    );
+}
+
+/// A paused VM resuming (or a migration arriving) takes its disk back only if nobody held it
+/// since: its old token must still be the last, and it gets a new one.
+pub async fn a_resume_is_granted_only_while_the_token_is_the_last<H: Harness>(h: &H) {
+    let a = host("a");
+    let s = h.open(&a).await;
+    let resume = |pid: u32, token: Token| {
+        let mut spec = AcquireSpec::new(owner(&a, pid), [(res("disk"), X)]);
+        spec.expect_tokens = vec![(res("disk"), token)];
+        spec
+    };
+    let paused = take(&s, 1, "disk", X).await.expect("grant");
+    s.release(res("disk"), process(&a, 1), None, ReleaseKind::Clean)
+        .await
+        .expect("pause");
+    let back = s.acquire(resume(1, paused)).await.expect("resume")[0].token;
+    assert!(
+        back > paused,
+        "a new token on resume: {back:?} after {paused:?}"
+    );
+    s.release(res("disk"), process(&a, 1), None, ReleaseKind::Clean)
+        .await
+        .expect("pause again");
+    // Someone else takes the disk while the VM is paused, and lets go.
+    take(&s, 2, "disk", X).await.expect("a third owner");
+    s.release(res("disk"), process(&a, 2), None, ReleaseKind::Clean)
+        .await
+        .expect("third owner done");
+    let refused = s.acquire(resume(1, back)).await.expect_err("moved on");
+    assert!(
+        matches!(
+            refused,
+            StoreError::Acquire(leasehold_core::AcquireError::Moved { expected, .. }) if expected == back
+        ),
+        "refused as moved: {refused:?}"
+    );
+    let v = s
+        .inspect(res("disk"))
+        .await
+        .expect("inspect")
+        .expect("known");
+    assert!(
+        v.holders.is_empty(),
+        "a refused resume takes nothing: {v:?}"
+    );
 }
 
 /// G5: acquiring a dirty resource needs the caller to accept the check; mark-clean clears.

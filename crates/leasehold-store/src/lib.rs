@@ -60,6 +60,9 @@ pub struct AcquireSpec {
     pub accept_dirty: bool,
     /// How long to wait for the resources to become free; `None` fails at once.
     pub wait: Option<Duration>,
+    /// Resources to take only if their last token is still this one: nobody held them since
+    /// the caller's own lease with it ended (a paused VM resuming, a migration arriving).
+    pub expect_tokens: Vec<(ResourceName, leasehold_core::Token)>,
 }
 
 impl AcquireSpec {
@@ -70,6 +73,7 @@ impl AcquireSpec {
             items: items.into_iter().collect(),
             accept_dirty: false,
             wait: None,
+            expect_tokens: Vec::new(),
         }
     }
 
@@ -259,6 +263,17 @@ pub trait Store: Send + Sync + 'static {
     /// # Errors
     /// [`StoreError::Storage`] or [`StoreError::Closed`].
     fn end_process(
+        &self,
+        process: ProcessKey,
+    ) -> impl Future<Output = Result<Vec<Released>, StoreError>> + Send;
+
+    /// [`Store::end_process`] for a process that exited with status 0: the leases whose
+    /// owner chose [`OnExit::Status`](leasehold_core::OnExit::Status) end clean, the others as
+    /// died.
+    ///
+    /// # Errors
+    /// As [`Store::end_process`].
+    fn end_exited_zero(
         &self,
         process: ProcessKey,
     ) -> impl Future<Output = Result<Vec<Released>, StoreError>> + Send;

@@ -20,6 +20,7 @@ async fn grant(store: &LocalStore, pid: u32) -> u64 {
         items: vec![(ResourceName::new("disk").unwrap(), Mode::Exclusive)],
         accept_dirty: true,
         wait: None,
+        expect_tokens: Vec::new(),
     };
     store.acquire(spec).await.unwrap()[0].token.0
 }

@@ -97,6 +97,9 @@ fn refusal(e: StoreError) -> ApiError {
             (ErrorCode::ModeConflict, None, Some(resource), None)
         }
         StoreError::Acquire(AcquireError::Cancelled(_)) => (ErrorCode::Cancelled, None, None, None),
+        StoreError::Acquire(AcquireError::Moved { resource, .. }) => {
+            (ErrorCode::Moved, None, Some(resource), None)
+        }
         _ => return fault_of(e),
     };
     let resource = resource
@@ -110,6 +113,9 @@ fn refusal(e: StoreError) -> ApiError {
         (ErrorCode::TimedOut, Some(c)) => format!(
             "timed out waiting: {}; to wait longer, raise the wait",
             words::conflict(c)
+        ),
+        (ErrorCode::Moved, _) => format!(
+            "{e}; check the disk (another owner held it since), then take it afresh without the expected token"
         ),
         (ErrorCode::NeedsCheck, _) => format!(
             "{e}; check it, then mark it clean (leasehold mark-clean), or take it anyway with accept_dirty and check it first"
@@ -149,6 +155,11 @@ impl<S: Store> Service<S> {
             .into_iter()
             .map(|i| Ok((resource(i.resource)?, i.mode.into())))
             .collect::<Result<Vec<_>, ApiError>>()?;
+        let expect_tokens = r
+            .expect_tokens
+            .into_iter()
+            .map(|e| Ok((resource(e.resource)?, Token(e.token))))
+            .collect::<Result<Vec<_>, ApiError>>()?;
         let info = self.target(c, r.pid, r.start_time)?;
         refuse_non_process(&info)?;
         let owner = Owner {
@@ -165,8 +176,11 @@ impl<S: Store> Service<S> {
             label: r.label,
             uid: Some(info.uid),
             command: Some(info.command),
-            restricted: false,
-            on_exit: leasehold_core::OnExit::Dirty,
+            restricted: r.restricted,
+            on_exit: match r.on_exit {
+                v1::OnExit::Dirty => leasehold_core::OnExit::Dirty,
+                v1::OnExit::Status => leasehold_core::OnExit::Status,
+            },
             on_lost: r.on_lost.into(),
         };
         owner.validate().map_err(super::usage)?;
@@ -186,6 +200,7 @@ impl<S: Store> Service<S> {
             items,
             accept_dirty: r.accept_dirty && admin,
             wait,
+            expect_tokens,
         };
         let dirty_needs = (r.accept_dirty && !admin).then(|| self.admin_words());
         let (tx, rx) = mpsc::channel(8);
@@ -224,6 +239,9 @@ impl<S: Store> Service<S> {
                     return;
                 }
             };
+            if owner.on_exit == leasehold_core::OnExit::Status {
+                me.watcher.by_exit_status(&owner.process);
+            }
             me.watcher.watch_with(prepared);
             for g in grants.iter().filter(|g| !g.existing) {
                 info!(

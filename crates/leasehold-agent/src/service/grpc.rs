@@ -21,6 +21,7 @@ pub(crate) fn status(e: ApiError) -> Status {
         ErrorCode::NotFound => Code::NotFound,
         ErrorCode::Forbidden => Code::PermissionDenied,
         ErrorCode::Held
+        | ErrorCode::Moved
         | ErrorCode::NeedsCheck
         | ErrorCode::ModeConflict
         | ErrorCode::Cancelled
@@ -228,6 +229,7 @@ impl<S: Store> pb::leasehold_server::Leasehold for Service<S> {
                 ms => v1::Dur(Duration::from_millis(ms)),
             }),
             hold: r.hold,
+            ..v1::AcquireRequest::default()
         };
         let rx = self.acquire(&c, request, ConfirmBy::Call).map_err(status)?;
         Ok(Response::new(Box::pin(

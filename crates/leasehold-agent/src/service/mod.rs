@@ -351,6 +351,7 @@ impl<S: Store> Service<S> {
             pid: info.pid,
             start_time: info.start_time,
         };
+        self.refuse_restricted(c, &names, &process).await?;
         // Several releases go to the store together, so they share one commit.
         let tasks: Vec<_> = names
             .into_iter()
@@ -386,6 +387,39 @@ impl<S: Store> Service<S> {
             }
         }
         Ok(out)
+    }
+
+    /// Refuses, before anything is released, a release or handover of a restricted lease by
+    /// anyone but root or the admin group: libvirt's QEMU may not give up its own disks.
+    async fn refuse_restricted(
+        &self,
+        c: &Caller,
+        names: &[ResourceName],
+        process: &ProcessKey,
+    ) -> Result<(), ApiError> {
+        if self.is_admin(c) {
+            return Ok(());
+        }
+        for name in names {
+            let view = self.store.inspect(name.clone()).await.map_err(fault_of)?;
+            let restricted = view.is_some_and(|v| {
+                v.holders
+                    .iter()
+                    .any(|l| &l.owner.process == process && l.owner.restricted)
+            });
+            if restricted {
+                warn!(uid = c.uid, resource = %name, pid = process.pid, "refused: release of a restricted lease");
+                return Err(ApiError::new(
+                    ErrorCode::Forbidden,
+                    format!(
+                        "{name} is held restricted by pid {} (a libvirt domain's QEMU): only {} may release or hand it over; stop the domain instead (virsh shutdown or destroy); nothing was released",
+                        process.pid,
+                        self.admin_words()
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Revokes every lease on a resource (root or the admin group).

@@ -15,6 +15,9 @@ pub enum ErrorCode {
     Held,
     /// The wait ran out (exit 3).
     TimedOut,
+    /// An acquire with an expected token found that another owner took the resource since
+    /// (exit 3): a paused VM must not resume on a disk someone else may have written.
+    Moved,
     /// Dirty: check it, then mark it clean, or accept it dirty (exit 4).
     NeedsCheck,
     /// The caller holds it in the other mode (exit 1).
@@ -109,7 +112,7 @@ impl ErrorCode {
     /// 5 agent unreachable).
     pub fn exit_code(self) -> ExitCode {
         match self {
-            ErrorCode::Held | ErrorCode::TimedOut => ExitCode::Held,
+            ErrorCode::Held | ErrorCode::TimedOut | ErrorCode::Moved => ExitCode::Held,
             ErrorCode::NeedsCheck => ExitCode::NeedsCheck,
             ErrorCode::Usage | ErrorCode::TooLarge => ExitCode::Usage,
             ErrorCode::Unavailable => ExitCode::Unreachable,
@@ -134,6 +137,7 @@ impl ErrorCode {
             ErrorCode::RequestTimeout => 408,
             ErrorCode::Held
             | ErrorCode::TimedOut
+            | ErrorCode::Moved
             | ErrorCode::NeedsCheck
             | ErrorCode::ModeConflict
             | ErrorCode::Cancelled
@@ -150,6 +154,7 @@ impl ErrorCode {
         match self {
             ErrorCode::Held => "held",
             ErrorCode::TimedOut => "timed-out",
+            ErrorCode::Moved => "moved",
             ErrorCode::NeedsCheck => "needs-check",
             ErrorCode::ModeConflict => "mode-conflict",
             ErrorCode::Cancelled => "cancelled",

@@ -320,6 +320,28 @@ pub struct AcquireRequest {
     /// ends when every lease of the grant has ended.
     #[serde(default)]
     pub hold: bool,
+    /// Only root or the admin group may release or hand over these leases, not the holder's
+    /// own user (libvirt's `ACQUIRE_RESTRICT`: QEMU may not give up its disks).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub restricted: bool,
+    /// What the holder's exit does to its exclusive leases; `status`: exit 0 is clean.
+    #[serde(default, skip_serializing_if = "OnExit::is_dirty")]
+    pub on_exit: OnExit,
+    /// Take these exclusive items only if nobody held them since the caller's own lease with
+    /// this token ended (a paused VM resuming, a migration arriving); such a request never
+    /// waits, and is refused with `moved` otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expect_tokens: Vec<ExpectToken>,
+}
+
+/// A token an acquire expects to still be a resource's last.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectToken {
+    /// The resource, one of the request's items.
+    pub resource: String,
+    /// The token of the caller's own earlier lease.
+    pub token: u64,
 }
 
 /// A line of the acquire stream.

@@ -9,7 +9,7 @@ use crate::output::Event;
 use crate::release::{ReleaseError, ReleaseKind, ReleaseRequest, Released};
 use crate::resource::{EndReason, Ended};
 use crate::types::{
-    MAX_TEXT, Mode, Now, Owner, ProcessKey, ResourceName, WaiterId, check_free_text,
+    MAX_TEXT, Mode, Now, OnExit, Owner, ProcessKey, ResourceName, WaiterId, check_free_text,
 };
 
 impl Engine {
@@ -98,7 +98,9 @@ impl Engine {
         self.end_process_as(process, EndReason::ProcessDied, now)
     }
 
-    /// [`Engine::end_process`], recording the leases as ended `how` (a fenced holder).
+    /// [`Engine::end_process`], recording the leases as ended `how`: a fenced holder, or
+    /// [`EndReason::ExitedClean`] for a process that exited with status 0, which ends clean
+    /// only the leases whose owner chose [`OnExit::Status`] (the others as died).
     pub fn end_process_as(
         &mut self,
         process: &ProcessKey,
@@ -227,6 +229,15 @@ impl Engine {
         };
         let process = &owner.process;
         let process_still_holds = st.held_by_process(process);
+        // An exit with status 0 is clean only for an owner that asked for it (libvirt's QEMU,
+        // whose exit 0 follows a flushed, orderly stop); any other holder may have died
+        // mid-write whatever its status.
+        let how = match how {
+            EndReason::ExitedClean if lease.owner.on_exit != OnExit::Status => {
+                EndReason::ProcessDied
+            }
+            how => how,
+        };
         let dirtied = lease.mode == Mode::Exclusive && how.dirties();
         let ended = Ended {
             owner: lease.owner,

@@ -22,8 +22,8 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 
 use leasehold_core::{
-    AcquireError, Conflict, Ended, EngineConfig, Event, Grant, HostId, Mode, Owner, OwnerId,
-    ProcessKey, ReleaseKind, Released, ResourceName, Token, WaiterId,
+    AcquireError, Conflict, EndReason, Ended, EngineConfig, Event, Grant, HostId, Mode, Owner,
+    OwnerId, ProcessKey, ReleaseKind, Released, ResourceName, Token, WaiterId,
 };
 use tokio::sync::{broadcast, oneshot};
 
@@ -78,6 +78,7 @@ enum Cmd {
         items: Vec<(ResourceName, Mode)>,
         accept_dirty: bool,
         wait: bool,
+        expect_tokens: Vec<(ResourceName, Token)>,
         reply: Reply<AcquireReply>,
     },
     /// Withdraws a wait that timed out; answers the conflict, or `None` when the outcome was
@@ -99,6 +100,8 @@ enum Cmd {
     },
     EndProcess {
         process: ProcessKey,
+        /// How its leases end: as died, or as exited with status 0.
+        how: EndReason,
         reply: Reply<Vec<Released>>,
     },
     ForceRelease {
@@ -316,6 +319,7 @@ impl Store for LocalStore {
                 items: spec.items,
                 accept_dirty: spec.accept_dirty,
                 wait: spec.wait.is_some(),
+                expect_tokens: spec.expect_tokens,
                 reply,
             })
             .await?;
@@ -375,7 +379,21 @@ impl Store for LocalStore {
     }
 
     async fn end_process(&self, process: ProcessKey) -> Result<Vec<Released>, StoreError> {
-        self.call(|reply| Cmd::EndProcess { process, reply }).await
+        self.call(|reply| Cmd::EndProcess {
+            process,
+            how: EndReason::ProcessDied,
+            reply,
+        })
+        .await
+    }
+
+    async fn end_exited_zero(&self, process: ProcessKey) -> Result<Vec<Released>, StoreError> {
+        self.call(|reply| Cmd::EndProcess {
+            process,
+            how: EndReason::ExitedClean,
+            reply,
+        })
+        .await
     }
 
     async fn force_release(

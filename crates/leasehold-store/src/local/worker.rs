@@ -246,6 +246,7 @@ impl Worker {
                 items,
                 accept_dirty,
                 wait,
+                expect_tokens,
                 reply,
             } => {
                 let holder = owner.clone();
@@ -255,7 +256,7 @@ impl Worker {
                     items: items.clone(),
                     accept_dirty,
                     wait,
-                    expect_tokens: Vec::new(),
+                    expect_tokens,
                 };
                 let value = match self.engine.acquire(req, now) {
                     Ok(Acquired::Granted(g)) => Ok(AcquireReply::Done(g)),
@@ -323,8 +324,12 @@ impl Worker {
                 );
                 defer(answers, reply, r.map_err(StoreError::from));
             }
-            Cmd::EndProcess { process, reply } => {
-                let r = self.engine.end_process(&process, now);
+            Cmd::EndProcess {
+                process,
+                how,
+                reply,
+            } => {
+                let r = self.engine.end_process_as(&process, how, now);
                 defer(answers, reply, Ok(r));
             }
             Cmd::ForceRelease {

@@ -321,3 +321,33 @@ fn a_waiter_that_comes_and_goes_leaves_no_record() {
     t.e.cancel_wait(w, Now::at(3));
     assert!(t.e.resource(&res("b")).is_none());
 }
+
+#[test]
+fn an_exit_with_status_zero_is_clean_only_for_owners_that_chose_it() {
+    let mut t = T::new();
+    // pid 1 chose "status" (libvirt's QEMU); pid 2 did not.
+    let mut req = t.req(1, &[("vm-disk", Mode::Exclusive)]);
+    req.owner.on_exit = OnExit::Status;
+    t.e.acquire(req, Now::at(0)).unwrap();
+    t.take(2, "other-disk", Mode::Exclusive, 0).unwrap();
+    for pid in [1, 2] {
+        let ended =
+            t.e.end_process_as(&t.owner(pid).process, EndReason::ExitedClean, Now::at(1));
+        assert_eq!(ended.len(), 1, "pid {pid} held one lease");
+    }
+    let clean = t.e.view(&res("vm-disk"), Now::at(2)).unwrap();
+    assert!(
+        clean.dirty.is_none(),
+        "status 0 with on_exit=status is clean: {clean:?}"
+    );
+    assert_eq!(
+        clean.last_ended.map(|e| e.how),
+        Some(EndReason::ExitedClean)
+    );
+    let dirty = t.e.view(&res("other-disk"), Now::at(2)).unwrap();
+    assert_eq!(
+        dirty.dirty.map(|e| e.how),
+        Some(EndReason::ProcessDied),
+        "an owner that did not choose on_exit=status is dirty whatever its exit status"
+    );
+}

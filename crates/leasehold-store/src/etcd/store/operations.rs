@@ -58,7 +58,7 @@ impl Store for EtcdStore {
                             items: spec.items.clone(),
                             accept_dirty: spec.accept_dirty,
                             wait: spec.wait.is_some(),
-                            expect_tokens: Vec::new(),
+                            expect_tokens: spec.expect_tokens.clone(),
                         };
                         let mut extra = Extra {
                             require_session: Some(lease),
@@ -188,6 +188,12 @@ impl Store for EtcdStore {
     async fn end_process(&self, process: ProcessKey) -> Result<Vec<Released>, StoreError> {
         self.inner
             .end_process_as(process, EndReason::ProcessDied)
+            .await
+    }
+
+    async fn end_exited_zero(&self, process: ProcessKey) -> Result<Vec<Released>, StoreError> {
+        self.inner
+            .end_process_as(process, EndReason::ExitedClean)
             .await
     }
 
