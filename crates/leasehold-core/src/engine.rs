@@ -254,6 +254,7 @@ impl Engine {
             || st.blocked_until.is_some()
             || !st.queue.is_empty()
             || st.reserved_for.is_some()
+            || st.kept_for_resume()
         {
             return false;
         }

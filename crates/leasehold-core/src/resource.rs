@@ -176,6 +176,16 @@ impl ResourceState {
         self.last_ended.as_ref()
     }
 
+    /// Whether the record must stay although the resource is free and clean: its last lease
+    /// was a libvirt domain's ([`OnExit::Status`](crate::OnExit::Status)), which resumes
+    /// after a pause only against this record's last token. Forgetting it would make every
+    /// resume after a long pause refused as moved.
+    pub fn kept_for_resume(&self) -> bool {
+        self.last_ended
+            .as_ref()
+            .is_some_and(|e| e.owner.on_exit == crate::OnExit::Status)
+    }
+
     /// Until when (the engine's time) the resource stays unavailable after its holder's host
     /// was lost, as of the last tick.
     pub fn blocked_until(&self) -> Option<Time> {

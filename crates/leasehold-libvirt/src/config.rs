@@ -199,6 +199,21 @@ impl Value {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_sample_file_reads_as_the_defaults() {
+        let sample = include_str!("../../../packaging/qemu-leasehold.conf");
+        assert_eq!(super::Config::parse(sample), Ok(super::Config::default()));
+        // Each commented setting, uncommented, is accepted with its default value.
+        let set: String = sample
+            .lines()
+            .filter_map(|l| l.strip_prefix('#'))
+            .filter(|l| l.starts_with(|c: char| c.is_ascii_lowercase()))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(set.lines().count(), 5, "{set}");
+        assert_eq!(super::Config::parse(&set), Ok(super::Config::default()));
+    }
+
     use super::*;
 
     #[test]

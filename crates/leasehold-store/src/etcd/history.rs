@@ -654,6 +654,7 @@ impl Keeper {
             if !rec.state.holders().is_empty()
                 || rec.state.dirty().is_some()
                 || rec.reserved_for.is_some()
+                || rec.state.kept_for_resume()
             {
                 continue;
             }

@@ -1,0 +1,215 @@
+//! The libvirt lock driver (`lock_manager = "leasehold"`), black-box: a private `libvirtd`
+//! (Debian's libvirt 9.0) loads the plugin this checkout built, starts QEMU domains of type
+//! `qemu` (64 MiB, no OS) and is driven with `virsh`. Needs root and libvirt (scripts/test
+//! installs it); fails saying so otherwise.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+mod libvirt_support;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use libvirt_support::Libvirtd;
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// The lease name of a disk: its canonical path.
+fn lease(p: &Path) -> String {
+    std::fs::canonicalize(p).unwrap().display().to_string()
+}
+
+/// The holder of `r` as `list --json` shows it: (host, pid, label, token).
+fn holder(a: &Agent, r: &str) -> Option<(String, u64, String, u64)> {
+    let v = a.inspect(r)?;
+    let h = v["holders"].as_array()?.first()?.clone();
+    Some((
+        h["host"].as_str()?.to_string(),
+        h["pid"].as_u64()?,
+        h["owner"].as_str().unwrap_or_default().to_string(),
+        h["token"].as_u64()?,
+    ))
+}
+
+fn wait_released(a: &Agent, r: &str) {
+    wait_until(&format!("{r} to be released"), LONG, || a.holders(r).is_empty());
+}
+
+fn start_refused(l: &Libvirtd, dom: &str) -> String {
+    let o = l.virsh(&["start", dom]);
+    assert!(!o.status.success(), "{dom} started on a held disk");
+    assert_eq!(l.state(dom), "shut off");
+    text(&o.stderr)
+}
+
+#[test]
+fn a_domain_holds_its_disks_and_a_second_one_is_refused_naming_the_holder() {
+    let a = Agent::start();
+    let l = Libvirtd::start("a", &a.socket, "");
+    let disk = l.image("shared.qcow2");
+    let spare = l.image("spare.qcow2");
+    let iso = l.image("tools.qcow2");
+    l.define("vm1", &[(&disk, ""), (&iso, "<readonly/>")], "");
+    l.define("vm2", &[(&spare, ""), (&disk, "")], "");
+    l.ok(&["start", "vm1"]);
+    let qemu = l.qemu_pid("vm1");
+    let (host, pid, label, _) = holder(&a, &lease(&disk)).expect("vm1 holds its disk");
+    assert_eq!((host.as_str(), pid), ("node1", u64::from(qemu)));
+    assert!(label.contains("vm1"), "the lease is labelled with the domain: {label}");
+    // A read-only disk takes no exclusive lease (the default policy is shared).
+    assert!(a.inspect(&lease(&iso)).is_some_and(|v| v["holders"][0]["mode"] == "shared"));
+
+    let err = start_refused(&l, "vm2");
+    assert!(
+        err.contains("held") && err.contains(&format!("pid {qemu}")) && err.contains("vm1"),
+        "virsh names the holder: {err}"
+    );
+    // All or nothing: vm2's other disk was not taken either.
+    assert!(a.holders(&lease(&spare)).is_empty());
+}
+
+#[test]
+fn shutdown_and_destroy_release_clean_and_a_killed_qemu_leaves_the_disk_dirty() {
+    let a = Agent::start();
+    let l = Libvirtd::start("b", &a.socket, "");
+    let disk = l.image("vm.qcow2");
+    let r = lease(&disk);
+    l.define("vm1", &[(&disk, "")], "");
+
+    // `virsh destroy`: QEMU ends on SIGTERM with status 0, its image flushed: clean.
+    l.ok(&["start", "vm1"]);
+    l.ok(&["destroy", "vm1"]);
+    wait_released(&a, &r);
+    assert!(!a.is_dirty(&r), "destroy leaves the disk clean");
+
+    // The guest powers off (QEMU quits by itself): clean.
+    l.ok(&["start", "vm1"]);
+    l.ok(&["qemu-monitor-command", "vm1", "--hmp", "quit"]);
+    wait_released(&a, &r);
+    wait_until("libvirt to see vm1 gone", LONG, || l.state("vm1") == "shut off");
+    assert!(!a.is_dirty(&r), "a guest poweroff leaves the disk clean");
+
+    // kill -9: QEMU may have died mid-write: dirty, and the next start needs a check.
+    l.ok(&["start", "vm1"]);
+    signal(l.qemu_pid("vm1"), libc::SIGKILL);
+    wait_released(&a, &r);
+    assert!(a.is_dirty(&r), "a killed QEMU leaves its disk dirty");
+    wait_until("libvirt to see vm1 gone", LONG, || l.state("vm1") == "shut off");
+    let err = start_refused(&l, "vm1");
+    assert!(
+        err.contains("needs a check") && err.contains("mark-clean"),
+        "virsh says what to do: {err}"
+    );
+    let check = Command::new("qemu-img")
+        .args(["check", "-q"])
+        .arg(&disk)
+        .status()
+        .unwrap();
+    assert!(check.success());
+    expect_code(&a.lh(&["mark-clean", &r]), 0);
+    l.ok(&["start", "vm1"]);
+}
+
+#[test]
+fn a_paused_domain_resumes_only_if_nobody_took_its_disk() {
+    let a = Agent::start();
+    let l = Libvirtd::start("c", &a.socket, "");
+    let disk = l.image("vm.qcow2");
+    let r = lease(&disk);
+    l.define("vm1", &[(&disk, "")], "");
+    l.ok(&["start", "vm1"]);
+    let (_, _, _, first) = holder(&a, &r).unwrap();
+
+    l.ok(&["suspend", "vm1"]);
+    wait_released(&a, &r);
+    l.ok(&["resume", "vm1"]);
+    let (_, pid, _, again) = holder(&a, &r).expect("resumed with its disk");
+    assert_eq!(pid, u64::from(l.qemu_pid("vm1")));
+    assert!(again > first, "a resume takes a new token");
+
+    // Paused again; meanwhile someone else writes the disk and lets go.
+    l.ok(&["suspend", "vm1"]);
+    wait_released(&a, &r);
+    let mut other = Holder::new();
+    expect_code(&a.lh(&["acquire", &r, "--pid", &other.pid_arg()]), 0);
+    expect_code(&a.lh(&["release", &r, "--pid", &other.pid_arg()]), 0);
+    other.kill9();
+    let o = l.virsh(&["resume", "vm1"]);
+    assert!(!o.status.success(), "resumed on a disk someone else held");
+    let err = text(&o.stderr);
+    assert!(err.contains("taken by another owner"), "virsh says why: {err}");
+    assert_eq!(l.state("vm1"), "paused");
+    assert!(a.holders(&r).is_empty());
+}
+
+#[test]
+fn qemus_own_user_cannot_release_its_disks() {
+    let a = Agent::start_with(&["--socket-group", "kvm"]);
+    std::fs::set_permissions(
+        a.dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let l = Libvirtd::start("d", &a.socket, "");
+    let disk = l.image("vm.qcow2");
+    let r = lease(&disk);
+    l.define("vm1", &[(&disk, "")], "");
+    l.ok(&["start", "vm1"]);
+    let qemu = l.qemu_pid("vm1").to_string();
+    let out = Command::new("setpriv")
+        .args(["--reuid", "libvirt-qemu", "--regid", "kvm", "--clear-groups", "--"])
+        .arg(bin())
+        .args(["--socket"])
+        .arg(&a.socket)
+        .args(["release", &r, "--pid", &qemu])
+        .output()
+        .unwrap();
+    expect_code(&out, 1);
+    assert!(text(&out.stderr).contains("restricted"), "{}", text(&out.stderr));
+    assert_eq!(a.holders(&r), vec![qemu.parse::<u64>().unwrap()]);
+}
+
+#[test]
+fn live_migration_moves_the_lease_between_hosts_of_one_etcd() {
+    let etcd = leasehold_testkit::Etcd::start();
+    let p = format!("/lh-libvirt-{}", std::process::id());
+    let agent_a = Agent::on_etcd("host-a", &etcd.endpoint(), &p, &[], &[]);
+    let agent_b = Agent::on_etcd("host-b", &etcd.endpoint(), &p, &[], &[]);
+    let src = Libvirtd::start("src", &agent_a.socket, "");
+    let dst = Libvirtd::start("dst", &agent_b.socket, "");
+    let disk = src.image("vm.qcow2");
+    let r = lease(&disk);
+    src.define("vm1", &[(&disk, "")], "");
+    dst.define("intruder", &[(&disk, "")], "");
+    src.ok(&["start", "vm1"]);
+    let (host, _, _, before) = holder(&agent_b, &r).expect("held, as host-b sees it");
+    assert_eq!(host, "host-a");
+
+    // Another host cannot start a domain on the disk.
+    let err = start_refused(&dst, "intruder");
+    assert!(err.contains("host-a") && err.contains("vm1"), "{err}");
+
+    let dst_sock = dst.dir.path().join("run/libvirt-sock");
+    src.ok(&[
+        "migrate",
+        "--live",
+        // Both "hosts" see the image at the same path on one machine; libvirt cannot tell
+        // that this local file system is shared.
+        "--unsafe",
+        "vm1",
+        &format!("qemu+unix:///system?socket={}", dst_sock.display()),
+        "--migrateuri",
+        "tcp://127.0.0.1",
+    ]);
+    assert_eq!(dst.state("vm1"), "running");
+    let (host, pid, _, after) = holder(&agent_a, &r).expect("held after migration");
+    assert_eq!(host, "host-b");
+    assert_eq!(pid, u64::from(dst.qemu_pid("vm1")));
+    assert!(after > before, "the destination holds a newer token");
+    wait_until("the source QEMU to end", LONG, || src.state("vm1") != "running");
+    // The source's QEMU exited after handing over: nothing of it is left, nothing dirty.
+    assert!(!agent_a.is_dirty(&r));
+}
