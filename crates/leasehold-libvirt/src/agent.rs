@@ -51,8 +51,7 @@ fn client(c: &Config) -> Client {
 }
 
 fn failure(e: Error, what: &str) -> AgentFailure {
-    let busy = matches!(e, Error::Refused(_))
-        || e.code() == Some(v1::ErrorCode::Moved);
+    let busy = matches!(e, Error::Refused(_)) || e.code() == Some(v1::ErrorCode::Moved);
     let message = match &e {
         Error::Refused(r) => match (r.kind, &r.conflict) {
             (RefusalKind::Busy | RefusalKind::TimedOut, Some(c)) => format!(
@@ -60,7 +59,10 @@ fn failure(e: Error, what: &str) -> AgentFailure {
                 words::conflict(c)
             ),
             (RefusalKind::NeedsCheck, _) => {
-                let name = r.resource.as_ref().map_or("the disk".into(), ToString::to_string);
+                let name = r
+                    .resource
+                    .as_ref()
+                    .map_or("the disk".into(), ToString::to_string);
                 let last = r.dirty.as_ref().map(words::ended).unwrap_or_default();
                 format!(
                     "{name} needs a check before any domain may use it ({last}): check the image (e.g. `qemu-img check`), then run `leasehold mark-clean {name}`"
@@ -141,9 +143,9 @@ pub fn acquire(
             if r.kind == RefusalKind::Busy
                 && r.conflict.as_ref().is_some_and(|c| {
                     !c.holders.is_empty()
-                        && c.holders.iter().all(|l| {
-                            l.owner.label.as_deref().is_some_and(|x| x.ends_with(uuid))
-                        })
+                        && c.holders
+                            .iter()
+                            .all(|l| l.owner.label.as_deref().is_some_and(|x| x.ends_with(uuid)))
                 }) =>
         {
             Ok(())

@@ -277,8 +277,7 @@ unsafe extern "C" fn drv_add_resource(
                 let mut lockspace = None;
                 // SAFETY: libvirt gives `nparams` valid params.
                 for p in unsafe { params_of(params, nparams) } {
-                    if let ("lockspace", Value::Text(s)) = (param_key(p).as_str(), param_value(p))
-                    {
+                    if let ("lockspace", Value::Text(s)) = (param_key(p).as_str(), param_value(p)) {
                         lockspace = Some(s);
                     }
                 }

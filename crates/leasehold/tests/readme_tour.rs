@@ -78,4 +78,3 @@ fn the_readme_three_host_walk_through_works_as_written() {
     assert!(stdout.contains("needs check: exit 4"), "{stdout}");
     assert!(stdout.contains("VM 1 runs on host-b"), "{stdout}");
 }
-

@@ -72,8 +72,7 @@ impl Libvirtd {
             .unwrap();
         let d = dir.path();
         // QEMU (user libvirt-qemu) opens images under the test directories.
-        std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         for sub in ["etc", "run", "lib", "log", "cache", "plugins", "images"] {
             std::fs::create_dir_all(d.join(sub)).unwrap();
         }
@@ -85,7 +84,8 @@ impl Libvirtd {
         )
         .unwrap();
         // Installed by the project's own script, as an operator would.
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/install-libvirt-plugin");
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/install-libvirt-plugin");
         let o = Command::new(script)
             .env("LEASEHOLD_PLUGIN", plugin())
             .env("LIBVIRT_LOCK_DRIVER_DIR", d.join("plugins"))
@@ -225,10 +225,7 @@ impl Libvirtd {
 
     /// The QEMU pid of a running domain.
     pub fn qemu_pid(&self, name: &str) -> u32 {
-        let p = self
-            .dir
-            .path()
-            .join(format!("run/qemu/{name}.pid"));
+        let p = self.dir.path().join(format!("run/qemu/{name}.pid"));
         let mut pid = 0;
         common::wait_until("QEMU's pid file", Duration::from_secs(30), || {
             pid = std::fs::read_to_string(&p)
@@ -242,13 +239,15 @@ impl Libvirtd {
 
     /// `virsh domstate`.
     pub fn state(&self, name: &str) -> String {
-        text(&self.virsh(&["domstate", name]).stdout).trim().to_string()
+        text(&self.virsh(&["domstate", name]).stdout)
+            .trim()
+            .to_string()
     }
 
     /// The end of libvirtd's log, for failure messages.
     pub fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.path().join("log/libvirtd.log"))
-            .unwrap_or_default();
+        let log =
+            std::fs::read_to_string(self.dir.path().join("log/libvirtd.log")).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
         let from = lines.len().saturating_sub(20);
         format!("libvirtd log (end):\n{}", lines[from..].join("\n"))

@@ -115,11 +115,19 @@ fn a_paused_domains_disk_record_is_not_forgotten() {
     t.release(1, "vm-disk", ReleaseKind::Clean, 1).unwrap();
     t.take(2, "cache-dir", Mode::Exclusive, 1).unwrap();
     t.release(2, "cache-dir", ReleaseKind::Clean, 1).unwrap();
-    assert!(t.e.forget(&res("cache-dir"), Now::at(2)), "a plain record goes");
+    assert!(
+        t.e.forget(&res("cache-dir"), Now::at(2)),
+        "a plain record goes"
+    );
     assert!(
         !t.e.forget(&res("vm-disk"), Now::at(2)),
         "a domain's disk stays, so its resume can still find its token"
     );
-    let req = with_tokens(&t, 1, &[("vm-disk", Mode::Exclusive)], &[("vm-disk", g[0].token)]);
+    let req = with_tokens(
+        &t,
+        1,
+        &[("vm-disk", Mode::Exclusive)],
+        &[("vm-disk", g[0].token)],
+    );
     assert!(t.e.acquire(req, Now::at(3)).is_ok());
 }
