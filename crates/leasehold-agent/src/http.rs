@@ -236,7 +236,7 @@ async fn body<T: DeserializeOwned>(
 }
 
 /// The routes, for a request to a path that is none.
-const ROUTES: &str = "GET /v1/leases[?prefix=P&held=true&dirty=true&host=H&after=NAME&limit=N], GET /v1/status, GET|POST /v1/watch, POST /v1/acquire, \
+const ROUTES: &str = "GET /v1/leases[?prefix=P&held=true&dirty=true&host=H&after=NAME&limit=N], GET /v1/status, GET /v1/hosts, GET|POST /v1/watch, POST /v1/acquire, \
                       /v1/release, /v1/force-release, /v1/mark-clean, /v1/validate, /v1/inspect";
 
 fn ok(value: &impl Serialize) -> Result<Response<Body>, ApiError> {
@@ -275,6 +275,7 @@ async fn handle<S: Store>(
             })
         }
         (&Method::GET, "/v1/status") => ok(&service.status().await),
+        (&Method::GET, "/v1/hosts") => ok(&service.hosts().await?),
         (&Method::POST, "/v1/acquire") => {
             let r: v1::AcquireRequest = body(req, None, timeout).await?;
             acquire(service.acquire(&c, r, ConfirmBy::Delivery)?).await
@@ -337,7 +338,7 @@ async fn handle<S: Store>(
         }
         (
             _,
-            "/v1/leases" | "/v1/list" | "/v1/status" | "/v1/acquire" | "/v1/release"
+            "/v1/leases" | "/v1/list" | "/v1/status" | "/v1/hosts" | "/v1/acquire" | "/v1/release"
             | "/v1/force-release" | "/v1/mark-clean" | "/v1/validate" | "/v1/inspect" | "/v1/watch",
         ) => Err(ApiError::usage(format!(
             "{method} is not served at {path}; the API: {ROUTES}"

@@ -490,6 +490,16 @@ impl Client {
         self.call("GET", "/v1/status", None::<&()>)
     }
 
+    /// Every host's session on the backend: alive or expired since when, leases held.
+    ///
+    /// # Errors
+    /// [`Error::Unreachable`] when no agent answers; [`Error::Agent`] when the backend does
+    /// not.
+    pub fn hosts(&self) -> Result<Vec<v1::Host>, Error> {
+        let r: v1::HostsResponse = self.call("GET", "/v1/hosts", None::<&()>)?;
+        Ok(r.hosts)
+    }
+
     /// Lease events as they happen from the moment this returns, for one resource or all.
     ///
     /// # Errors

@@ -539,6 +539,53 @@ pub fn inspect(a: InspectArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> 
 }
 
 /// `leasehold status`.
+pub fn hosts(json_out: bool, socket: &Option<PathBuf>) -> Result<u8, Failure> {
+    let hosts = connect(socket)?.hosts()?;
+    let when = |h: &leasehold_api::v1::Host| {
+        h.since
+            .map(|t| output::when(leasehold_core::WallTime(t.unix_ms())))
+    };
+    if json_out {
+        let v: Vec<_> = hosts
+            .iter()
+            .map(|h| {
+                json!({
+                    "host": h.host, "alive": h.alive, "session": h.session.map(|s| format!("{s:x}")),
+                    "since": when(h), "since_ms": h.since.map(|t| t.unix_ms()),
+                    "leases": h.leases, "agent_pid": h.agent_pid, "this_host": h.this_host,
+                })
+            })
+            .collect();
+        out!("{}", serde_json::Value::Array(v));
+        return Ok(0);
+    }
+    let w = hosts
+        .iter()
+        .map(|h| output::tame(&h.host).chars().count())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    out!(
+        "{:w$}  {:7}  {:6}  {:9}  SINCE",
+        "HOST",
+        "SESSION",
+        "LEASES",
+        "AGENT PID"
+    );
+    for h in &hosts {
+        let state = if h.alive { "alive" } else { "expired" };
+        let since = when(h).unwrap_or_else(|| "before this agent started".into());
+        let me = if h.this_host { " (this host)" } else { "" };
+        out!(
+            "{:w$}  {state:7}  {:6}  {:9}  {since}{me}",
+            output::tame(&h.host),
+            h.leases,
+            h.agent_pid.map_or("-".into(), |p| p.to_string()),
+        );
+    }
+    Ok(0)
+}
+
 pub fn status(json_out: bool, socket: &Option<PathBuf>) -> Result<u8, Failure> {
     let s = connect(socket)?.status()?;
     let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);

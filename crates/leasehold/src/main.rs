@@ -91,6 +91,8 @@ enum Command {
     Inspect(InspectArgs),
     /// Show the agent's state.
     Status(JsonArg),
+    /// Show every host's session on the backend: alive or expired since when, leases held.
+    Hosts(JsonArg),
     /// Revoke every lease on a resource (root or the admin group). The holder is killed and
     /// the resource is left dirty.
     ForceRelease(ForceArgs),
@@ -617,6 +619,7 @@ fn main() -> std::process::ExitCode {
         Command::List(a) => commands::list(a, &socket),
         Command::Inspect(a) => commands::inspect(a, &socket),
         Command::Status(a) => commands::status(a.json, &socket),
+        Command::Hosts(a) => commands::hosts(a.json, &socket),
         Command::ForceRelease(a) => commands::force_release(a, &socket),
         Command::MarkClean(a) => commands::mark_clean(a, &socket),
         Command::Validate(a) => commands::validate(a, &socket),

@@ -695,3 +695,63 @@ fn after_an_etcd_stall_the_waiting_host_takes_the_disk_over() {
     assert!(err.contains("disk is dirty"), "{err}");
     assert!(err.contains("checked and marked clean"), "{err}");
 }
+
+/// `leasehold hosts`: every host's session, as `sanlock client host_status` shows them. A host
+/// whose agent is killed shows as expired once its session's TTL has run out.
+#[test]
+fn hosts_shows_every_session_alive_or_expired_with_its_leases() {
+    let etcd = Etcd::start();
+    let p = prefix();
+    let mut a = Agent::on_etcd("host-a", &etcd.endpoint(), &p, &[], &[]);
+    let b = Agent::on_etcd("host-b", &etcd.endpoint(), &p, &[], &[]);
+    let (ha, hb) = (Holder::new(), Holder::new());
+    for r in ["d1", "d2"] {
+        expect_code(&a.lh(&["acquire", r, "--pid", &ha.pid_arg()]), 0);
+    }
+    expect_code(&b.lh(&["acquire", "d3", "--pid", &hb.pid_arg()]), 0);
+    let hosts = |who: &Agent| -> Vec<serde_json::Value> {
+        let o = who.lh(&["hosts", "--json"]);
+        expect_code(&o, 0);
+        serde_json::from_slice::<serde_json::Value>(&o.stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let find = |hs: &[serde_json::Value], h: &str| {
+        hs.iter()
+            .find(|x| x["host"] == h)
+            .unwrap_or_else(|| panic!("{h} missing from {hs:?}"))
+            .clone()
+    };
+    let seen = hosts(&b);
+    let (ra, rb) = (find(&seen, "host-a"), find(&seen, "host-b"));
+    assert_eq!(
+        (ra["alive"].as_bool(), ra["leases"].as_u64()),
+        (Some(true), Some(2))
+    );
+    assert_eq!(
+        (rb["alive"].as_bool(), rb["leases"].as_u64()),
+        (Some(true), Some(1))
+    );
+    assert_eq!(rb["this_host"], true);
+    assert_eq!(ra["this_host"], false);
+    assert_eq!(ra["agent_pid"].as_u64(), Some(u64::from(a.pid())));
+    let human = text(&b.lh(&["hosts"]).stdout);
+    assert!(
+        human.contains("host-a") && human.contains("alive") && human.contains("(this host)"),
+        "{human}"
+    );
+
+    // host-a's agent dies: its session is not renewed and expires after its TTL (3 s).
+    a.kill9();
+    wait_until(
+        "host-a's session to expire",
+        Duration::from_secs(30),
+        || find(&hosts(&b), "host-a")["alive"] == false,
+    );
+    let ra = find(&hosts(&b), "host-a");
+    assert_eq!(ra["leases"].as_u64(), Some(0), "{ra}");
+    assert!(ra["since"].is_string(), "when it expired: {ra}");
+    assert!(text(&b.lh(&["hosts"]).stdout).contains("expired"));
+}

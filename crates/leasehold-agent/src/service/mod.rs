@@ -534,6 +534,26 @@ impl<S: Store> Service<S> {
     }
 
     /// The agent itself; answered also when the backend does not answer.
+    /// Every host's session on the backend (`GET /v1/hosts`).
+    pub(crate) async fn hosts(&self) -> Result<v1::HostsResponse, ApiError> {
+        let hosts = self.store.hosts().await.map_err(fault_of)?;
+        let me = &self.config.host_id;
+        Ok(v1::HostsResponse {
+            hosts: hosts
+                .into_iter()
+                .map(|h| v1::Host {
+                    this_host: &h.host == me,
+                    host: h.host.to_string(),
+                    alive: h.alive,
+                    session: h.session.map(|s| s.0),
+                    since: h.since.map(|t| v1::Time::from_unix_ms(t.0)),
+                    leases: h.leases as u64,
+                    agent_pid: h.agent_pid,
+                })
+                .collect(),
+        })
+    }
+
     pub(crate) async fn status(&self) -> v1::StatusResponse {
         // The backend may not answer (etcd unreachable): the session is still reported, and
         // the counts are said to be missing, not zero.

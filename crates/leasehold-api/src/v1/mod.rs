@@ -629,6 +629,38 @@ pub struct EtcdStatus {
     pub warning: String,
 }
 
+/// The answer to `GET /v1/hosts`: every host's session on the backend, by host id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostsResponse {
+    /// The hosts: those with a live session, and those this agent saw lose theirs.
+    pub hosts: Vec<Host>,
+}
+
+/// One host's session, as `leasehold hosts` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Host {
+    /// The host id.
+    pub host: String,
+    /// Whether its session is alive.
+    pub alive: bool,
+    /// Its session (on etcd, the lease id); absent on the local store, which has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<u64>,
+    /// Alive: when the session began; expired: when this agent saw it end. Absent when it
+    /// ended before this agent started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Time>,
+    /// The leases its processes hold now (none once expired).
+    pub leases: u64,
+    /// Its agent's pid, as that agent recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_pid: Option<u32>,
+    /// Whether this is the answering agent's own host.
+    pub this_host: bool,
+}
+
 /// The answer to `GET /v1/status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
