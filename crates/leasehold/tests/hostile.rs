@@ -498,24 +498,6 @@ fn a_full_disk_is_reported_and_recovered_from_without_a_restart() {
     assert!(a.log().contains("can be written again"), "{}", a.log());
 }
 
-/// `c`, run as nobody (uid and gid 65534).
-fn as_nobody(mut c: std::process::Command) -> std::process::Command {
-    use std::os::unix::process::CommandExt as _;
-    // SAFETY: setgroups, setgid and setuid are async-signal-safe.
-    unsafe {
-        c.pre_exec(|| {
-            if libc::setgroups(0, std::ptr::null()) != 0
-                || libc::setgid(65534) != 0
-                || libc::setuid(65534) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    c
-}
-
 #[test]
 fn one_user_cannot_take_every_connection_and_root_still_gets_in() {
     common::require_root("to run clients as nobody");

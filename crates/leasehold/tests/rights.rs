@@ -7,7 +7,6 @@
 mod common;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::process::CommandExt as _;
 use std::process::{Child, Command, Output};
 
 use common::*;
@@ -25,39 +24,22 @@ fn agent() -> Agent {
     a
 }
 
-/// A command run as nobody, with primary group `gid` and these supplementary groups.
-fn as_user(mut c: Command, gid: u32, groups: &'static [u32]) -> Command {
-    // SAFETY: setgroups, setgid and setuid are async-signal-safe; the slice is 'static.
-    // They run in this order so that each still has the rights it needs.
-    unsafe {
-        c.pre_exec(move || {
-            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                || libc::setgid(gid) != 0
-                || libc::setuid(NOBODY) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    c
-}
-
-fn as_nobody(c: Command, groups: &'static [u32]) -> Command {
-    as_user(c, NOGROUP, groups)
+/// A command run as nobody with these supplementary groups (primary group nogroup).
+fn nobody_with(c: Command, groups: &'static [u32]) -> Command {
+    as_nobody_in(c, NOGROUP, groups)
 }
 
 fn lh_as(a: &Agent, groups: &'static [u32], args: &[&str]) -> Output {
     let mut c = a.cli();
     c.args(args);
-    as_nobody(c, groups).output().unwrap()
+    nobody_with(c, groups).output().unwrap()
 }
 
 /// A `sleep` of nobody's, to hold leases.
 fn nobodys_process() -> Child {
     let mut c = Command::new("sleep");
     c.arg("3600");
-    as_nobody(c, &[]).spawn().unwrap()
+    nobody_with(c, &[]).spawn().unwrap()
 }
 
 #[test]
@@ -70,7 +52,7 @@ fn the_socket_belongs_to_its_group_and_is_not_world_writable() {
     // Outside the group, nobody cannot even connect.
     let mut c = a.cli();
     c.arg("list");
-    let out = as_user(c, ADMINS + 1, &[]).output().unwrap();
+    let out = as_nobody_in(c, ADMINS + 1, &[]).output().unwrap();
     expect_code(&out, 5);
 }
 
@@ -273,7 +255,7 @@ fn waiter(a: &Agent, as_nobody_: bool, pid: u32, label: &str) -> KillOnDrop {
         .arg(pid.to_string())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null());
-    let mut c = if as_nobody_ { as_nobody(c, &[]) } else { c };
+    let mut c = if as_nobody_ { nobody_with(c, &[]) } else { c };
     KillOnDrop(c.spawn().unwrap())
 }
 
@@ -368,7 +350,7 @@ fn a_non_dumpable_process_still_belongs_to_its_user() {
         .env("LEASEHOLD_NONDUMPABLE_CHILD", "1")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
-    let child = KillOnDrop(as_nobody(c, &[]).spawn().unwrap());
+    let child = KillOnDrop(nobody_with(c, &[]).spawn().unwrap());
     let pid = child.0.id();
     wait_until(
         "the child is non-dumpable",

@@ -8,7 +8,6 @@
 mod common;
 
 use std::io::Write;
-use std::os::unix::process::CommandExt as _;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -145,21 +144,6 @@ fn the_holders_own_user_cannot_release_a_restricted_lease() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    let as_nobody = |mut c: Command| {
-        // SAFETY: setgroups, setgid and setuid are async-signal-safe.
-        unsafe {
-            c.pre_exec(|| {
-                if libc::setgroups(0, std::ptr::null()) != 0
-                    || libc::setgid(65534) != 0
-                    || libc::setuid(65534) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        c
-    };
     let mut sleep = Command::new("sleep");
     sleep.arg("3600");
     let mut qemu = as_nobody(sleep).spawn().unwrap();

@@ -286,6 +286,30 @@ impl Drop for Agent {
     }
 }
 
+/// `c`, run as nobody (uid 65534) with primary group `gid` and these supplementary groups.
+pub fn as_nobody_in(mut c: Command, gid: u32, groups: &'static [u32]) -> Command {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: setgroups, setgid and setuid are async-signal-safe; the slice is 'static.
+    // They run in this order so that each still has the rights it needs.
+    unsafe {
+        c.pre_exec(move || {
+            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                || libc::setgid(gid) != 0
+                || libc::setuid(65534) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    c
+}
+
+/// `c`, run as nobody (uid and gid 65534, no supplementary groups).
+pub fn as_nobody(c: Command) -> Command {
+    as_nobody_in(c, 65534, &[])
+}
+
 /// A process that holds leases for a test: `sleep`, killed by PID when dropped.
 pub struct Holder {
     child: Child,
