@@ -23,7 +23,7 @@
 //! # Ok::<(), leasehold_client::blocking::Error>(())
 //! ```
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -36,6 +36,9 @@ use serde::de::DeserializeOwned;
 pub use leasehold_api::v1::{ErrorCode, Event, ExitCode, StatusResponse as Status};
 
 use crate::{AcquireEvent, AcquireOptions, Granted, Refusal, RefusalKind, ReleaseOptions};
+
+mod answer;
+use answer::Answer;
 
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
@@ -646,159 +649,5 @@ impl Iterator for Watch {
                     None => Ok(e),
                 }),
         )
-    }
-}
-
-/// An answer: its status, then its body as one text or as lines.
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    reader: BufReader<Body>,
-}
-
-impl Answer {
-    fn read(mut r: BufReader<UnixStream>) -> Result<Answer, Error> {
-        let mut status_line = String::new();
-        if r.read_line(&mut status_line)? == 0 {
-            return Err(Error::Io(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "the agent closed the connection without answering",
-            )));
-        }
-        let status: u16 = status_line
-            .strip_prefix("HTTP/1.1 ")
-            .and_then(|s| s.get(..3))
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| Error::Protocol(format!("not an HTTP answer: {status_line:?}")))?;
-        let mut length = None;
-        let mut chunked = false;
-        loop {
-            let mut h = String::new();
-            if r.read_line(&mut h)? == 0 {
-                return Err(Error::Io(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "the agent closed the connection in the middle of an answer's headers",
-                )));
-            }
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            let Some((name, value)) = h.split_once(':') else {
-                continue;
-            };
-            let value = value.trim();
-            if name.eq_ignore_ascii_case("content-length") {
-                length = Some(value.parse::<u64>().map_err(Error::protocol)?);
-            } else if name.eq_ignore_ascii_case("transfer-encoding") {
-                chunked = value.eq_ignore_ascii_case("chunked");
-            }
-        }
-        let body = match (chunked, length) {
-            (true, _) => Body::Chunked {
-                r,
-                left: 0,
-                done: false,
-            },
-            (false, Some(n)) => Body::Length { r, left: n },
-            (false, None) => Body::Length { r, left: u64::MAX },
-        };
-        Ok(Answer {
-            status,
-            reader: BufReader::new(body),
-        })
-    }
-
-    fn text(mut self) -> Result<String, Error> {
-        let mut s = String::new();
-        self.reader.read_to_string(&mut s)?;
-        Ok(s)
-    }
-
-    /// The next non-empty line, `None` at the end of the body.
-    fn line(&mut self) -> Result<Option<String>, Error> {
-        loop {
-            let mut l = String::new();
-            if self.reader.read_line(&mut l)? == 0 {
-                return Ok(None);
-            }
-            if !l.trim().is_empty() {
-                return Ok(Some(l));
-            }
-        }
-    }
-}
-
-/// An answer's body: so many bytes, or chunks (the streams).
-#[derive(Debug)]
-enum Body {
-    Length {
-        r: BufReader<UnixStream>,
-        left: u64,
-    },
-    Chunked {
-        r: BufReader<UnixStream>,
-        left: u64,
-        done: bool,
-    },
-}
-
-impl Body {
-    fn inner(&self) -> &UnixStream {
-        match self {
-            Body::Length { r, .. } | Body::Chunked { r, .. } => r.get_ref(),
-        }
-    }
-}
-
-impl Read for Body {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let bad =
-            |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
-        match self {
-            Body::Length { r, left } => {
-                if *left == 0 {
-                    return Ok(0);
-                }
-                let max = buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
-                let n = r.read(&mut buf[..max])?;
-                *left = left.saturating_sub(n as u64);
-                Ok(n)
-            }
-            Body::Chunked { r, left, done } => {
-                if *done {
-                    return Ok(0);
-                }
-                if *left == 0 {
-                    let mut size = String::new();
-                    if r.read_line(&mut size)? == 0 {
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::UnexpectedEof,
-                            "the agent closed the connection in the middle of an answer",
-                        ));
-                    }
-                    let hex = size.trim().split(';').next().unwrap_or_default();
-                    *left = u64::from_str_radix(hex, 16).map_err(|_| bad("a bad chunk size"))?;
-                    if *left == 0 {
-                        *done = true;
-                        return Ok(0);
-                    }
-                }
-                let max = buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
-                let n = r.read(&mut buf[..max])?;
-                if n == 0 {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "the agent closed the connection in the middle of an answer",
-                    ));
-                }
-                *left -= n as u64;
-                if *left == 0 {
-                    let mut crlf = [0u8; 2];
-                    r.read_exact(&mut crlf)?;
-                }
-                Ok(n)
-            }
-        }
     }
 }

@@ -41,6 +41,7 @@ mod commands;
 mod logging;
 mod manual;
 mod output;
+mod report;
 mod run;
 
 /// The exit codes, for `--help`: every [`ExitCode`] with what it means.
@@ -618,8 +619,8 @@ fn main() -> std::process::ExitCode {
         Command::Run(a) => run::run(a, &socket),
         Command::List(a) => commands::list(a, &socket),
         Command::Inspect(a) => commands::inspect(a, &socket),
-        Command::Status(a) => commands::status(a.json, &socket),
-        Command::Hosts(a) => commands::hosts(a.json, &socket),
+        Command::Status(a) => report::status(a.json, &socket),
+        Command::Hosts(a) => report::hosts(a.json, &socket),
         Command::ForceRelease(a) => commands::force_release(a, &socket),
         Command::MarkClean(a) => commands::mark_clean(a, &socket),
         Command::Validate(a) => commands::validate(a, &socket),
