@@ -131,6 +131,11 @@ pub struct HostView {
     pub leases: usize,
     /// The pid of its agent, as it recorded it.
     pub agent_pid: Option<u32>,
+    /// About how long ago its session was last renewed (etcd counts whole seconds, and a
+    /// leader change renews every session); `None` where unknown or not applicable.
+    pub renewed_ago: Option<Duration>,
+    /// How long its session lives without another renewal; `None` where it never expires.
+    pub expires_in: Option<Duration>,
 }
 
 /// What a store calls when this host's session has ended; see [`Store::on_session_end`].

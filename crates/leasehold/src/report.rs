@@ -8,9 +8,10 @@ use serde_json::json;
 use crate::output;
 use crate::{Failure, connect};
 
-/// `leasehold status`.
+/// `leasehold hosts`: every host's session on the backend.
 pub fn hosts(json_out: bool, socket: &Option<PathBuf>) -> Result<u8, Failure> {
     let hosts = connect(socket)?.hosts()?;
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     let when = |h: &leasehold_api::v1::Host| {
         h.since
             .map(|t| output::when(leasehold_core::WallTime(t.unix_ms())))
@@ -23,6 +24,9 @@ pub fn hosts(json_out: bool, socket: &Option<PathBuf>) -> Result<u8, Failure> {
                     "host": h.host, "alive": h.alive, "session": h.session.map(|s| format!("{s:x}")),
                     "since": when(h), "since_ms": h.since.map(|t| t.unix_ms()),
                     "leases": h.leases, "agent_pid": h.agent_pid, "this_host": h.this_host,
+                    "renewed_ms_ago": h.renewed_ago.map(|d| ms(d.0)),
+                    "expires_in_ms": h.expires_in.map(|d| ms(d.0)),
+                    "renewed": h.renewed_ago.map(|d| format!("{}s ago", d.0.as_secs())),
                 })
             })
             .collect();
@@ -36,18 +40,24 @@ pub fn hosts(json_out: bool, socket: &Option<PathBuf>) -> Result<u8, Failure> {
         .unwrap_or(4)
         .max(4);
     out!(
-        "{:w$}  {:7}  {:6}  {:9}  SINCE",
+        "{:w$}  {:7}  {:6}  {:9}  {:8}  {:10}  SINCE",
         "HOST",
         "SESSION",
         "LEASES",
-        "AGENT PID"
+        "AGENT PID",
+        "RENEWED",
+        "EXPIRES IN"
     );
+    let secs = |d: Option<leasehold_api::v1::Dur>, suffix: &str| {
+        d.map_or("-".into(), |d| format!("{}s{suffix}", d.0.as_secs()))
+    };
     for h in &hosts {
         let state = if h.alive { "alive" } else { "expired" };
+        let (renewed, expires) = (secs(h.renewed_ago, " ago"), secs(h.expires_in, ""));
         let since = when(h).unwrap_or_else(|| "before this agent started".into());
         let me = if h.this_host { " (this host)" } else { "" };
         out!(
-            "{:w$}  {state:7}  {:6}  {:9}  {since}{me}",
+            "{:w$}  {state:7}  {:6}  {:9}  {renewed:8}  {expires:10}  {since}{me}",
             output::tame(&h.host),
             h.leases,
             h.agent_pid.map_or("-".into(), |p| p.to_string()),
@@ -56,6 +66,7 @@ pub fn hosts(json_out: bool, socket: &Option<PathBuf>) -> Result<u8, Failure> {
     Ok(0)
 }
 
+/// `leasehold status`.
 pub fn status(json_out: bool, socket: &Option<PathBuf>) -> Result<u8, Failure> {
     let s = connect(socket)?.status()?;
     let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);

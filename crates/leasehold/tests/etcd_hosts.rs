@@ -737,6 +737,12 @@ fn hosts_shows_every_session_alive_or_expired_with_its_leases() {
     assert_eq!(rb["this_host"], true);
     assert_eq!(ra["this_host"], false);
     assert_eq!(ra["agent_pid"].as_u64(), Some(u64::from(a.pid())));
+    // Renewed every second (renew 1 s) with a 3 s TTL: whole seconds, at most the TTL.
+    let (renewed, left) = (ra["renewed_ms_ago"].as_u64(), ra["expires_in_ms"].as_u64());
+    assert!(
+        renewed.is_some_and(|r| r <= 3000) && left.is_some_and(|l| (1..=3000).contains(&l)),
+        "{ra}"
+    );
     let human = text(&b.lh(&["hosts"]).stdout);
     assert!(
         human.contains("host-a") && human.contains("alive") && human.contains("(this host)"),
@@ -752,6 +758,10 @@ fn hosts_shows_every_session_alive_or_expired_with_its_leases() {
     );
     let ra = find(&hosts(&b), "host-a");
     assert_eq!(ra["leases"].as_u64(), Some(0), "{ra}");
+    assert!(
+        ra["expires_in_ms"].is_null(),
+        "an expired session has no time left: {ra}"
+    );
     assert!(ra["since"].is_string(), "when it expired: {ra}");
     assert!(text(&b.lh(&["hosts"]).stdout).contains("expired"));
 }

@@ -549,6 +549,8 @@ impl<S: Store> Service<S> {
                     since: h.since.map(|t| v1::Time::from_unix_ms(t.0)),
                     leases: h.leases as u64,
                     agent_pid: h.agent_pid,
+                    renewed_ago: h.renewed_ago.map(v1::Dur),
+                    expires_in: h.expires_in.map(v1::Dur),
                 })
                 .collect(),
         })

@@ -657,6 +657,13 @@ pub struct Host {
     /// Its agent's pid, as that agent recorded it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_pid: Option<u32>,
+    /// About how long ago its session was last renewed (whole seconds on etcd); absent where
+    /// sessions do not expire (the local store) or once expired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewed_ago: Option<Dur>,
+    /// How long its session lives without another renewal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in: Option<Dur>,
     /// Whether this is the answering agent's own host.
     pub this_host: bool,
 }

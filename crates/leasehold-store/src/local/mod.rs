@@ -463,6 +463,8 @@ impl Store for LocalStore {
             since: Some(self.opened_at),
             leases,
             agent_pid: Some(std::process::id()),
+            renewed_ago: None,
+            expires_in: None,
         }])
     }
 

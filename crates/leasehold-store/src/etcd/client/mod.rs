@@ -357,11 +357,12 @@ impl Etcd {
         Ok((LeaseId(r.id), r.ttl))
     }
 
-    /// The seconds left of `lease`; `None` when it has expired or never was.
+    /// The whole seconds left of `lease` and the TTL it was granted; `None` when it has
+    /// expired or never was.
     ///
     /// # Errors
     /// An [`EtcdError`].
-    pub async fn lease_ttl(&self, lease: LeaseId) -> Result<Option<i64>, EtcdError> {
+    pub async fn lease_ttl(&self, lease: LeaseId) -> Result<Option<(i64, i64)>, EtcdError> {
         let req = rpc::LeaseTimeToLiveRequest {
             id: lease.0,
             keys: false,
@@ -373,7 +374,7 @@ impl Etcd {
             })
             .await?
             .into_inner();
-        Ok((r.ttl > 0).then_some(r.ttl))
+        Ok((r.ttl > 0).then_some((r.ttl, r.granted_ttl)))
     }
 
     /// Revokes `lease`, deleting its keys.

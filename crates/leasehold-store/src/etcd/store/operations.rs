@@ -332,6 +332,8 @@ impl Store for EtcdStore {
                             since: v.as_ref().map(|v| WallTime(v.since_ms)),
                             leases: leases.get(&LeaseId(kv.lease)).copied().unwrap_or(0),
                             agent_pid: v.map(|v| v.pid),
+                            renewed_ago: None,
+                            expires_in: None,
                         },
                     );
                 }
@@ -345,7 +347,24 @@ impl Store for EtcdStore {
                 since: Some(*at),
                 leases: 0,
                 agent_pid: None,
+                renewed_ago: None,
+                expires_in: None,
             });
+        }
+        // A live session's time left and last renewal, from etcd (one call per live host).
+        for h in hosts.values_mut().filter(|h| h.alive) {
+            let Some(session) = h.session else { continue };
+            if let Some((left, granted)) = self
+                .inner
+                .etcd
+                .lease_ttl(LeaseId::of_session(session))
+                .await
+                .map_err(unavailable)?
+            {
+                let secs = |s: i64| std::time::Duration::from_secs(u64::try_from(s).unwrap_or(0));
+                h.expires_in = Some(secs(left));
+                h.renewed_ago = Some(secs(granted.saturating_sub(left)));
+            }
         }
         Ok(hosts.into_values().collect())
     }
