@@ -7,8 +7,14 @@ use leasehold_store::{AcquireSpec, EtcdOptions, EtcdStore, Store, StoreError};
 use leasehold_testkit::Etcd;
 
 async fn store(etcd: &Etcd, host: &str) -> EtcdStore {
+    store_with(etcd, host, |_| {}).await
+}
+
+/// A store with its options changed by `f`.
+async fn store_with(etcd: &Etcd, host: &str, f: impl FnOnce(&mut EtcdOptions)) -> EtcdStore {
     let mut o = EtcdOptions::new(vec![etcd.endpoint()]);
     o.prefix = format!("/store-{}/", std::process::id());
+    f(&mut o);
     EtcdStore::open(HostId::new(host).unwrap(), o)
         .await
         .unwrap()
@@ -624,9 +630,12 @@ async fn a_wait_for_a_damaged_record_ends_naming_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusal_in_the_grace_says_how_long_it_lasts() {
     let etcd = Etcd::start();
-    let a = store(&etcd, "a").await;
-    let b = store(&etcd, "b").await;
-    let grace = EtcdOptions::new(Vec::new()).grace;
+    // A grace far longer than the test's steps can take on a busy machine: every attempt
+    // below must fall inside it (with the default 5 s, a stalled CI machine once let the
+    // second attempt be granted after the grace had run out).
+    let grace = std::time::Duration::from_secs(60);
+    let a = store_with(&etcd, "a", |o| o.grace = grace).await;
+    let b = store_with(&etcd, "b", |o| o.grace = grace).await;
     let disk = res("disk");
     let holder = Owner::new(a.host().clone(), 10, 1);
     a.acquire(AcquireSpec::new(holder, [(disk.clone(), Mode::Exclusive)]))
