@@ -81,16 +81,12 @@ fn failure(e: Error, what: &str) -> AgentFailure {
     }
 }
 
-fn names(items: &[Item]) -> Result<Vec<ResourceName>, AgentFailure> {
-    items
-        .iter()
-        .map(|i| {
-            ResourceName::new(&i.name).map_err(|e| AgentFailure {
-                busy: false,
-                message: format!("leasehold: bad lease name {:?}: {e}", i.name),
-            })
-        })
-        .collect()
+/// A lease name checked as the agent checks it.
+fn lease_name(n: &str) -> Result<ResourceName, AgentFailure> {
+    ResourceName::new(n).map_err(|e| AgentFailure {
+        busy: false,
+        message: format!("leasehold: bad lease name {n:?}: {e}"),
+    })
 }
 
 /// Takes every item for QEMU's `pid`, all or none, as restricted leases whose end QEMU's exit
@@ -108,7 +104,9 @@ pub fn acquire(
     if items.is_empty() {
         return Ok(());
     }
-    names(items)?;
+    for i in items {
+        lease_name(&i.name)?;
+    }
     let req = v1::AcquireRequest {
         items: items
             .iter()
@@ -166,10 +164,7 @@ pub fn held(c: &Config, pid: i32, names: &[String]) -> Result<Vec<Held>, AgentFa
         .host;
     let mut out = Vec::new();
     for n in names {
-        let name = ResourceName::new(n).map_err(|e| AgentFailure {
-            busy: false,
-            message: format!("leasehold: bad lease name {n:?}: {e}"),
-        })?;
+        let name = lease_name(n)?;
         let Some(view) = cl
             .inspect(&name)
             .map_err(|e| failure(e, "cannot ask for the domain's leases"))?
@@ -205,12 +200,8 @@ pub fn release(c: &Config, pid: i32, names: &[String]) -> Result<Vec<Held>, Agen
     }
     let resources = held
         .iter()
-        .map(|h| ResourceName::new(&h.name))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| AgentFailure {
-            busy: false,
-            message: format!("leasehold: bad lease name: {e}"),
-        })?;
+        .map(|h| lease_name(&h.name))
+        .collect::<Result<Vec<_>, _>>()?;
     let o = ReleaseOptions {
         pid: u32::try_from(pid).ok(),
         ..ReleaseOptions::default()
