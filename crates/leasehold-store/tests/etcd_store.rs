@@ -628,7 +628,6 @@ async fn a_wait_for_a_damaged_record_ends_naming_it() {
 /// once carried the engine's stand-in instant for a grace etcd keeps, printed as
 /// "until t=18446744073709551615ms".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "open bug: after revoke_session, host b is sometimes granted the disk at once (dirty, SessionExpired) instead of refused for the grace; seen 2 of 4 CI runs, even with a 60 s grace; run with --ignored"]
 async fn a_refusal_in_the_grace_says_how_long_it_lasts() {
     let etcd = Etcd::start();
     // A grace far longer than the test's steps can take on a busy machine: every attempt

@@ -250,14 +250,27 @@ impl Inner {
                     .is_some_and(|r| !r.state.holders().is_empty())
             })
             .collect();
-        if t.size() + joined.len() <= MAX_TXN_OPS {
+        // Likewise no grace may have started on a resource it changes since the snapshot: the
+        // mirror applies a commit's keys one at a time, so it can show another host's record
+        // ended dirty before the grace key written with it, and a decision from it would grant
+        // inside that grace. (A grace this commit starts already requires the key absent.)
+        let ungraced: Vec<&ResourceName> = out
+            .changed
+            .iter()
+            .filter(|n| !graces.contains(*n))
+            .collect();
+        if t.size() + joined.len() + ungraced.len() <= MAX_TXN_OPS {
             for name in joined {
                 let w = self.keys.waiters(name);
                 t = t.if_none_created_after(w.clone(), prefix_end(&w), snap.revision);
             }
+            for name in ungraced {
+                t = t.if_none_created_after(self.keys.grace(name), Vec::new(), snap.revision);
+            }
         } else {
-            let w = self.keys.all_waiters();
-            t = t.if_none_created_after(w.clone(), prefix_end(&w), snap.revision);
+            for prefix in [self.keys.all_waiters(), self.keys.graces()] {
+                t = t.if_none_created_after(prefix.clone(), prefix_end(&prefix), snap.revision);
+            }
         }
         if t.size() > MAX_TXN_OPS {
             return Err(StoreError::Acquire(AcquireError::Invalid(format!(

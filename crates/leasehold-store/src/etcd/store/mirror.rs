@@ -25,6 +25,11 @@ pub(super) struct Mirror {
     pub(super) kvs: BTreeMap<Vec<u8>, KeyValue>,
 }
 
+/// Whether a watch event deletes its key.
+fn is_delete(ev: &crate::etcd::pb::mvccpb::Event) -> bool {
+    ev.r#type == crate::etcd::pb::mvccpb::event::EventType::Delete as i32
+}
+
 /// A repair the watch found necessary.
 #[derive(Debug)]
 pub(super) enum Fix {
@@ -70,14 +75,10 @@ pub(super) async fn follow(inner: Arc<Inner>, mut from: i64) {
                 inner.changed.notify_waiters();
                 break;
             }
-            for ev in &msg.events {
-                inner.apply_watch_event(ev);
-            }
+            inner.apply_watch_events(&msg.events, msg.header.as_ref().map(|h| h.revision));
             inner.apply_fixes().await;
             if let Some(h) = &msg.header {
                 from = from.max(h.revision + 1);
-                let mut m = write(&inner.mirror, "mirror");
-                m.revision = m.revision.max(h.revision);
             }
             if !msg.events.is_empty() {
                 inner.changed.notify_waiters();
@@ -139,23 +140,48 @@ impl Inner {
         *lock(&self.stale, "stale") = stale.into_iter().collect();
     }
 
-    /// Applies one watch event: to the mirror, and as lease events for subscribers (those
-    /// recorded in a resource record, and the expiry of a host's session).
-    pub(super) fn apply_watch_event(&self, ev: &crate::etcd::pb::mvccpb::Event) {
+    /// Applies one watch message: its keys to the mirror all at once, with the revision it
+    /// reached (so a snapshot from the mirror never shows half of one commit, e.g. another
+    /// host's record ended dirty without the grace key written with it), then each event as
+    /// lease events for subscribers.
+    pub(super) fn apply_watch_events(
+        &self,
+        events: &[crate::etcd::pb::mvccpb::Event],
+        revision: Option<i64>,
+    ) {
+        let olds: Vec<Option<KeyValue>> = {
+            let mut m = write(&self.mirror, "mirror");
+            let olds = events
+                .iter()
+                .map(|ev| {
+                    let kv = ev.kv.as_ref()?;
+                    if is_delete(ev) {
+                        m.kvs.remove(&kv.key)
+                    } else {
+                        // Liveness is a host key's lease: a key moved off a lease ends that
+                        // session (snapshots take the sessions from the host keys).
+                        m.kvs.insert(kv.key.clone(), kv.clone())
+                    }
+                })
+                .collect();
+            if let Some(rev) = revision {
+                m.revision = m.revision.max(rev);
+            }
+            olds
+        };
+        for (ev, old) in events.iter().zip(olds) {
+            self.after_watch_event(ev, old);
+        }
+    }
+
+    /// What one watch event, already in the mirror (`old` is the key's value before it),
+    /// means: this host's session ended, lease events recorded in a resource record, a
+    /// lease held here lost outside leasehold, another host's session ended.
+    fn after_watch_event(&self, ev: &crate::etcd::pb::mvccpb::Event, old: Option<KeyValue>) {
         let Some(kv) = &ev.kv else { return };
-        let deleted = ev.r#type == crate::etcd::pb::mvccpb::event::EventType::Delete as i32;
+        let deleted = is_delete(ev);
         let kind = self.keys.parse(&kv.key);
         let mut own_ended = None;
-        let old = {
-            let mut m = write(&self.mirror, "mirror");
-            if deleted {
-                m.kvs.remove(&kv.key)
-            } else {
-                // Liveness is a host key's lease: a key moved off a lease ends that session
-                // (snapshots take the sessions from the host keys).
-                m.kvs.insert(kv.key.clone(), kv.clone())
-            }
-        };
         if deleted
             && let (Some(o), Some(KeyKind::Host(h))) = (&old, &kind)
             && h == &self.host

@@ -9,8 +9,9 @@
 //!    dirty and blocked for the grace; waiters of other hosts hold their place in the queues
 //!    but only this host's waiters are decided here;
 //! 3. **commit** what the engine changed in one transaction that compares the mod revision of
-//!    every record it read (and, when it grants or queues for this host, that this host's
-//!    session key is still on its lease). If anything moved, nothing is written and the
+//!    every record it read, that no grace key or (beside holders) waiter of those resources
+//!    appeared since the snapshot, and, when it grants or queues for this host, that this
+//!    host's session key is still on its lease. If anything moved, nothing is written and the
 //!    operation starts again from a fresh snapshot.
 //!
 //! A grace is a key on an etcd lease of TTL `grace`, created by whoever clears a dead session's

@@ -116,3 +116,71 @@ fn the_etcd_defaults_are_spec_section_4s() {
         Duration::from_secs(2)
     );
 }
+
+/// A decision made from a snapshot that missed a grace key (the mirror applies a commit's
+/// keys one by one, so it can show another host's record ended dirty before the grace key
+/// written with it) must commit nothing: the grace decides, not how fresh the mirror was.
+/// Before the commit compared the grace keys, this granted inside another host's grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_decided_without_a_grace_key_written_since_commits_nothing() {
+    use std::collections::BTreeSet;
+
+    use leasehold_core::{AcquireRequest, Acquired};
+
+    use super::commit::Extra;
+    use crate::etcd::client::Txn;
+
+    let etcd = Etcd::start();
+    let s = open(&etcd, "grace-compare").await;
+    let disk = res("disk");
+    let names = BTreeSet::from([disk.clone()]);
+    // What this host saw: the disk free, no grace.
+    let snap = s.inner.snapshot(&names).await.unwrap();
+    assert!(!snap.res[&disk].grace);
+    // Meanwhile another host ends a dead session's lease on it and starts its grace.
+    let (grace_lease, _) = s
+        .inner
+        .etcd
+        .lease_grant(Duration::from_secs(60))
+        .await
+        .unwrap();
+    let grace_key = s.inner.keys.grace(&disk);
+    s.inner
+        .etcd
+        .txn(Txn::new().put(grace_key, Vec::new(), Some(grace_lease)))
+        .await
+        .unwrap();
+    // The decision from the older snapshot grants...
+    let lease = s.inner.lease().unwrap();
+    let now = s.inner.now();
+    let mut engine = s.inner.engine(&snap, &BTreeSet::new(), now);
+    let owner = Owner::new(s.host().clone(), 10, 1);
+    let got = engine
+        .acquire(
+            AcquireRequest {
+                owner: owner.clone(),
+                session: lease.session(),
+                items: vec![(disk.clone(), Mode::Exclusive)],
+                accept_dirty: true,
+                wait: false,
+                expect_tokens: Vec::new(),
+            },
+            now,
+        )
+        .unwrap();
+    assert!(matches!(got, Acquired::Granted(_)), "{got:?}");
+    let out = engine.take_output();
+    let extra = Extra {
+        require_session: Some(lease),
+        ..Extra::default()
+    };
+    // ...but its commit finds the grace key and writes nothing.
+    let committed = s.inner.commit(&snap, &engine, &out, extra).await.unwrap();
+    assert_eq!(committed, None, "granted inside another host's grace");
+    // And the store's own acquire, deciding afresh, is refused for the grace.
+    let e = s
+        .acquire(AcquireSpec::new(owner, [(disk, Mode::Exclusive)]).accept_dirty())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("grace period"), "{e}");
+}
