@@ -3,14 +3,16 @@
 //! binary is stripped, the manual page renders, the completions parse, the unit is valid, and
 //! the agent starts from the installed unit's own `ExecStart` line (with the installed sample
 //! config), reports ready as `Type=notify` wants, serves the installed CLI and stops on
-//! SIGTERM. Then `dpkg -r` removes it.
+//! SIGTERM. Then `dpkg -r` removes it. libvirt's lock driver is in it, where Debian's libvirt
+//! loads it, with its settings as a conffile.
 //!
-//! It packages this build's own binary (the test profile's, not a release build: the suite does
-//! not build twice); cargo-deb strips it as it strips the release binary.
+//! It packages this build's own binary and plugin (the test profile's, not a release build: the
+//! suite does not build twice); cargo-deb strips them as it strips the release build.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
+mod libvirt_support;
 
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -20,6 +22,10 @@ use std::time::{Duration, Instant};
 use common::{Holder, bin, expect_code, require_root, text, wait_until};
 
 const PACKAGE: &str = "leasehold";
+
+/// Where the package puts libvirt's lock driver, and its settings.
+const PLUGIN: &str = "/usr/lib/x86_64-linux-gnu/libvirt/lock-driver/leasehold.so";
+const PLUGIN_CONF: &str = "/etc/libvirt/qemu-leasehold.conf";
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -59,13 +65,18 @@ impl Drop for Purge {
     }
 }
 
-/// Builds the .deb from this build's binary, in `out`.
+/// Builds the .deb from this build's binary and plugin, in `out`.
 fn build_deb(out: &Path) -> PathBuf {
-    // cargo-deb packages `$CARGO_TARGET_DIR/release/leasehold`: stage this build's binary
-    // there (a copy in a temporary directory; nothing is compiled).
+    // cargo-deb packages `$CARGO_TARGET_DIR/release/leasehold` and the plugin beside it: stage
+    // this build's there (copies in a temporary directory; nothing is compiled).
     let staged = out.join("target");
     std::fs::create_dir_all(staged.join("release")).unwrap();
     std::fs::copy(bin(), staged.join("release/leasehold")).unwrap();
+    std::fs::copy(
+        libvirt_support::plugin(),
+        staged.join("release/libleasehold_libvirt.so"),
+    )
+    .unwrap();
     let made = run(Command::new(repo().join("packaging/build-deb"))
         .args(["--no-build", "--fast", "--output"])
         .arg(out)
@@ -103,6 +114,14 @@ fn deb_installs_and_the_installed_unit_starts_the_agent() {
     require_root("dpkg -i installs the package into this machine");
     let dir = tempfile::tempdir().unwrap();
     let deb = build_deb(dir.path());
+    // What the .deb holds, before anything is installed.
+    let contents = text(&run(Command::new("dpkg-deb").arg("-c").arg(&deb)).stdout);
+    for f in [PLUGIN, PLUGIN_CONF, "/usr/bin/leasehold"] {
+        assert!(
+            contents.lines().any(|l| l.ends_with(&format!(".{f}"))),
+            "{f} not in the .deb:\n{contents}"
+        );
+    }
 
     // A package left by an interrupted run of this test is removed first.
     let _purge = Purge;
@@ -125,6 +144,8 @@ fn deb_installs_and_the_installed_unit_starts_the_agent() {
         "/usr/lib/tmpfiles.d/leasehold.conf",
         "/usr/share/doc/leasehold/README.md",
         "/usr/share/doc/leasehold/contract.md",
+        PLUGIN,
+        PLUGIN_CONF,
     ];
     for f in files {
         assert!(
@@ -139,10 +160,12 @@ fn deb_installs_and_the_installed_unit_starts_the_agent() {
         .map(PathBuf::from)
         .unwrap_or_else(|| panic!("no unit in the package:\n{listed}"));
     let conffiles = std::fs::read_to_string("/var/lib/dpkg/info/leasehold.conffiles").unwrap();
-    assert!(
-        conffiles.contains("/etc/leasehold/agent.toml"),
-        "agent.toml is not a conffile: {conffiles}"
-    );
+    for c in ["/etc/leasehold/agent.toml", PLUGIN_CONF] {
+        assert!(
+            conffiles.lines().any(|l| l == c),
+            "{c} is not a conffile: {conffiles}"
+        );
+    }
 
     // The postinst made the groups of sysusers.d and the state directory of tmpfiles.d.
     for g in ["leasehold", "leasehold-admin"] {
@@ -154,15 +177,29 @@ fn deb_installs_and_the_installed_unit_starts_the_agent() {
         0o700
     );
 
-    // Stripped: no debug information left in the packaged binary.
-    let sections =
-        text(&run(Command::new("readelf").args(["-S", "-W", "/usr/bin/leasehold"])).stdout);
-    // (.debug_gdb_scripts is loaded data, not debug information: strip keeps it.)
+    // Stripped: no debug information left in the packaged binary and plugin.
+    for elf in ["/usr/bin/leasehold", PLUGIN] {
+        let sections = text(&run(Command::new("readelf").args(["-S", "-W", elf])).stdout);
+        // (.debug_gdb_scripts is loaded data, not debug information: strip keeps it.)
+        assert!(
+            ![".debug_info", ".debug_line", ".debug_str"]
+                .iter()
+                .any(|d| sections.contains(d)),
+            "the installed {elf} keeps debug sections:\n{sections}"
+        );
+    }
+    // The plugin still exports the one symbol libvirt looks up (a data object of 72 bytes).
+    let symbols = text(&run(Command::new("readelf").args(["--dyn-syms", "-W", PLUGIN])).stdout);
     assert!(
-        ![".debug_info", ".debug_line", ".debug_str"]
-            .iter()
-            .any(|d| sections.contains(d)),
-        "the installed binary keeps debug sections:\n{sections}"
+        symbols
+            .lines()
+            .any(|l| l.ends_with(" virLockDriverImpl") && l.contains(" 72 OBJECT ")),
+        "{PLUGIN} does not export virLockDriverImpl:\n{symbols}"
+    );
+    // The settings file is the documented sample.
+    assert_eq!(
+        std::fs::read_to_string(PLUGIN_CONF).unwrap(),
+        std::fs::read_to_string(repo().join("packaging/qemu-leasehold.conf")).unwrap()
     );
 
     // The manual page renders without warnings and documents the commands and exit codes.
@@ -292,6 +329,8 @@ fn deb_installs_and_the_installed_unit_starts_the_agent() {
     run(Command::new("dpkg").args(["-r", PACKAGE]));
     assert!(!Path::new("/usr/bin/leasehold").exists());
     assert!(Path::new("/etc/leasehold/agent.toml").exists());
+    assert!(!Path::new(PLUGIN).exists());
+    assert!(Path::new(PLUGIN_CONF).exists());
     wait_until("dpkg to forget the package", Duration::from_secs(5), || {
         !installed()
     });
