@@ -17,6 +17,8 @@ use leasehold_store::etcd::reference::RawEtcd;
 
 use crate::{Failure, connect};
 
+mod hosts;
+
 /// Flags of `leasehold bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -52,6 +54,16 @@ pub struct BenchArgs {
     /// Rounds of acquire against a raw etcd transaction, alternating.
     #[arg(long, default_value_t = 500)]
     raw_rounds: usize,
+    /// Instead of the rest, the many-hosts table (needs --etcd-endpoints): for each count,
+    /// that many agents, each its own process and host id, on the etcd.
+    #[arg(long, value_delimiter = ',')]
+    hosts: Vec<usize>,
+    /// Leases the --hosts agents take between them, held while measuring.
+    #[arg(long, default_value_t = 10_000)]
+    host_leases: usize,
+    /// Acquire rounds of the --hosts table, before and after taking the leases.
+    #[arg(long, default_value_t = 200)]
+    host_rounds: usize,
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
@@ -151,6 +163,10 @@ fn start_agent(host: &str, args: &[String]) -> Result<(OwnAgent, PathBuf, Durati
 /// `leasehold bench`. The client side is the blocking client, one thread per client; a
 /// runtime drives the async parts (the gRPC client, raw etcd).
 pub fn bench(a: BenchArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
+    if !a.hosts.is_empty() {
+        hosts::many_hosts(&a)?;
+        return Ok(0);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -337,6 +353,18 @@ fn throughput(socket: &Path, clients: usize, seconds: f64) -> Result<(), Failure
     Ok(())
 }
 
+/// A process's resident memory in KiB (0 when it cannot be read).
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// Time from SIGKILL of a holder to the agent's event saying its lease ended.
 fn exit_to_release(socket: &Path, rounds: usize) -> Result<(), Failure> {
     let c = Client::new(socket);
@@ -460,17 +488,7 @@ fn run_vs_flock(socket: &Path, rounds: usize) -> Result<(), Failure> {
 
 /// Holds `n` leases in this process at once and reports the agent's resident memory.
 fn many_leases(socket: &Path, n: usize, agent_pid: u32) -> Result<(), Failure> {
-    let rss = |pid: u32| -> u64 {
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("VmRSS:"))
-                    .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            })
-            .unwrap_or(0)
-    };
-    let before = rss(agent_pid);
+    let before = rss_kib(agent_pid);
     let started = Instant::now();
     let workers = 32;
     let mut tasks = Vec::new();
@@ -494,7 +512,7 @@ fn many_leases(socket: &Path, n: usize, agent_pid: u32) -> Result<(), Failure> {
     }
     let took = started.elapsed();
     let s = Client::new(socket).status()?;
-    let held = rss(agent_pid);
+    let held = rss_kib(agent_pid);
     out!(
         "{} leases held by one process (taken in {:.1} s): agent RSS {} MiB (was {} MiB)   [SPEC target <= 200 MB at 100,000]",
         s.leases,

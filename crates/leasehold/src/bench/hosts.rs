@@ -1,0 +1,188 @@
+//! `leasehold bench --hosts N,N,... --etcd-endpoints URLS`: many agents on one etcd.
+//!
+//! For each N, starts N agents (each its own process and host id, under a key prefix of its
+//! own) on the given etcd, and measures acquire latency with nothing held, the rate at which
+//! the agents take `--host-leases` leases between them, acquire latency with those held, each
+//! agent's RSS, and etcd's cost from its own `/metrics`: CPU seconds, database size and bytes
+//! sent to clients (mostly the watch that every agent keeps on the whole prefix). Leases are
+//! held for this process, so they end with it.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use leasehold_client::blocking::Client;
+use leasehold_client::{AcquireOptions, ReleaseOptions};
+use leasehold_core::Mode;
+
+use super::{BenchArgs, OwnAgent, backend_args, ms, name, pct, rss_kib, start_agent};
+use crate::Failure;
+
+/// Resources per acquire while filling: etcd allows 128 operations per transaction, and a
+/// grant costs about four per resource.
+const FILL_BATCH: usize = 25;
+
+/// What etcd's `/metrics` say, summed over the members.
+#[derive(Debug, Default, Clone, Copy)]
+struct EtcdFigures {
+    cpu_seconds: f64,
+    db_bytes: f64,
+    sent_bytes: f64,
+}
+
+impl EtcdFigures {
+    /// Reads every member's `/metrics` (plain HTTP only; `None` for TLS endpoints or when a
+    /// member does not answer).
+    fn read(endpoints: &[String]) -> Option<EtcdFigures> {
+        let mut f = EtcdFigures::default();
+        for ep in endpoints {
+            let text = metrics(ep)?;
+            f.cpu_seconds += sum(&text, "process_cpu_seconds_total");
+            f.db_bytes += sum(&text, "etcd_mvcc_db_total_size_in_bytes");
+            f.sent_bytes += sum(&text, "etcd_network_client_grpc_sent_bytes_total");
+        }
+        Some(f)
+    }
+}
+
+/// GET `/metrics` from `endpoint` (`http://HOST:PORT`).
+fn metrics(endpoint: &str) -> Option<String> {
+    let addr = endpoint.strip_prefix("http://")?.trim_end_matches('/');
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    Some(body)
+}
+
+/// The sum of metric `name` over its label sets.
+fn sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Acquire-then-release rounds spread over the agents, one at a time; the acquire latencies,
+/// sorted.
+fn latencies(sockets: &[PathBuf], tag: &str, rounds: usize) -> Result<Vec<Duration>, Failure> {
+    let mut lat = Vec::with_capacity(rounds);
+    for i in 0..rounds {
+        let c = Client::new(&sockets[i % sockets.len()]);
+        let r = name(format!("bench/hosts/{tag}/{i}"))?;
+        let t = Instant::now();
+        c.acquire(&AcquireOptions::new([(r.clone(), Mode::Exclusive)]))?;
+        lat.push(t.elapsed());
+        c.release(std::slice::from_ref(&r), &ReleaseOptions::default())?;
+    }
+    lat.sort();
+    Ok(lat)
+}
+
+/// Every agent takes its share of `total` leases, in batches, all agents at once. Returns how
+/// long it took.
+fn fill(sockets: &[PathBuf], total: usize) -> Result<Duration, Failure> {
+    let started = Instant::now();
+    let n = sockets.len();
+    let tasks: Vec<_> = sockets
+        .iter()
+        .enumerate()
+        .map(|(h, socket)| {
+            let c = Client::new(socket);
+            let share: Vec<usize> = (h..total).step_by(n).collect();
+            std::thread::spawn(move || {
+                for batch in share.chunks(FILL_BATCH) {
+                    let items = batch
+                        .iter()
+                        .map(|i| Ok((name(format!("bench/hosts/held/{i}"))?, Mode::Exclusive)))
+                        .collect::<Result<Vec<_>, Failure>>()?;
+                    c.acquire(&AcquireOptions::new(items))?;
+                }
+                Ok::<_, Failure>(())
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.join()
+            .map_err(|_| Failure::error("a bench client panicked"))??;
+    }
+    Ok(started.elapsed())
+}
+
+/// One row: N agents, `leases` held between them.
+fn one_size(a: &BenchArgs, eps: &[String], n: usize) -> Result<(), Failure> {
+    let mut args = backend_args(a);
+    if let Some(p) = args.iter().position(|v| v == "--etcd-prefix") {
+        args[p + 1] = format!("/leasehold-bench-{}-hosts{n}/", std::process::id());
+    }
+    let started: Vec<_> = (0..n)
+        .map(|i| {
+            let args = args.clone();
+            std::thread::spawn(move || start_agent(&format!("bench-n{n}-h{i}"), &args))
+        })
+        .collect();
+    let mut agents: Vec<(OwnAgent, PathBuf)> = Vec::with_capacity(n);
+    let mut slowest = Duration::ZERO;
+    for t in started {
+        let (agent, socket, ready) = t
+            .join()
+            .map_err(|_| Failure::error("starting a bench agent panicked"))??;
+        slowest = slowest.max(ready);
+        agents.push((agent, socket));
+    }
+    let sockets: Vec<PathBuf> = agents.iter().map(|(_, s)| s.clone()).collect();
+    let before = EtcdFigures::read(eps);
+    let empty = latencies(&sockets, "empty", a.host_rounds)?;
+    let took = fill(&sockets, a.host_leases)?;
+    let loaded = latencies(&sockets, "loaded", a.host_rounds)?;
+    let after = EtcdFigures::read(eps);
+    let rss: Vec<u64> = agents.iter().map(|(o, _)| rss_kib(o.child.id())).collect();
+    let rss_mean = rss.iter().sum::<u64>() as f64 / rss.len().max(1) as f64 / 1024.0;
+    let rss_max = rss.iter().max().copied().unwrap_or(0) as f64 / 1024.0;
+    let etcd = match (before, after) {
+        (Some(b), Some(f)) => format!(
+            "etcd CPU {:.1} s, db {:.1} MiB, sent {:.1} MiB ({:.0} B per agent per lease)",
+            f.cpu_seconds - b.cpu_seconds,
+            f.db_bytes / 1048576.0,
+            (f.sent_bytes - b.sent_bytes) / 1048576.0,
+            (f.sent_bytes - b.sent_bytes) / (n * a.host_leases.max(1)) as f64,
+        ),
+        _ => "etcd figures: n/a (its /metrics is not plain HTTP here)".into(),
+    };
+    out!(
+        "{n:>3} hosts, {} leases: acquire p50 {} p99 {} empty, p50 {} p99 {} loaded | fill {:.0} leases/s | agent RSS mean {:.1} max {:.1} MiB | slowest start {} | {etcd}",
+        a.host_leases,
+        ms(pct(&empty, 0.5)),
+        ms(pct(&empty, 0.99)),
+        ms(pct(&loaded, 0.5)),
+        ms(pct(&loaded, 0.99)),
+        a.host_leases as f64 / took.as_secs_f64(),
+        rss_mean,
+        rss_max,
+        ms(slowest),
+    );
+    Ok(())
+}
+
+/// The many-hosts table: one row per count in `--hosts`.
+pub(super) fn many_hosts(a: &BenchArgs) -> Result<(), Failure> {
+    let Some(eps) = &a.etcd_endpoints else {
+        return Err(Failure::usage("--hosts needs --etcd-endpoints"));
+    };
+    for &n in &a.hosts {
+        if n == 0 {
+            return Err(Failure::usage("--hosts counts start at 1"));
+        }
+        one_size(a, eps, n)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,57 @@
+//! `leasehold bench --hosts`: the many-hosts table runs end to end on a real etcd (a smoke
+//! test with small counts; the figures themselves are for `docs/performance.md`, never
+//! asserted).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+
+use leasehold_testkit::Etcd;
+
+#[test]
+fn the_many_hosts_table_has_a_row_per_count_with_etcds_figures() {
+    let etcd = Etcd::start();
+    let out = Command::new(env!("CARGO_BIN_EXE_leasehold"))
+        .args([
+            "bench",
+            "--etcd-endpoints",
+            &etcd.endpoint(),
+            "--hosts",
+            "1,3",
+            "--host-leases",
+            "120",
+            "--host-rounds",
+            "10",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    for n in ["  1 hosts, 120 leases", "  3 hosts, 120 leases"] {
+        let row = stdout
+            .lines()
+            .find(|l| l.starts_with(n))
+            .unwrap_or_else(|| panic!("no row {n:?} in:\n{stdout}\n{stderr}"));
+        for part in [
+            "acquire p50",
+            "loaded",
+            "agent RSS",
+            "etcd CPU",
+            "B per agent per lease",
+        ] {
+            assert!(row.contains(part), "{part:?} missing from {row:?}");
+        }
+    }
+    // Bad counts change nothing and say why.
+    let out = Command::new(env!("CARGO_BIN_EXE_leasehold"))
+        .args(["bench", "--hosts", "2"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--hosts needs --etcd-endpoints"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
