@@ -28,6 +28,7 @@ use tokio::net::UnixListener;
 use tracing::{info, warn};
 
 mod accounts;
+mod before_fence;
 pub mod config;
 pub mod fence;
 mod holds;
@@ -183,6 +184,15 @@ pub async fn serve<S: Store>(
     let (agent_events, _) = tokio::sync::broadcast::channel(256);
     let mut background = vec![events.abort_handle()];
     if let Some(session) = store.session() {
+        // What holders asked to be done before a fence (libvirt's <on_lockfailure>).
+        background.push(
+            tokio::spawn(before_fence::run(
+                session.clone(),
+                watcher.clone(),
+                config.timing,
+            ))
+            .abort_handle(),
+        );
         let watchdog = config.watchdog.clone().map(fence::Watchdog::new);
         if let Some(w) = &watchdog {
             let every = (config.timing.renew / 2).min(std::time::Duration::from_secs(1));

@@ -8,6 +8,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
+use leasehold_api::v1::BeforeFence;
 use leasehold_core::ProcessKey;
 use leasehold_store::{Store, StoreError};
 use rustix::process::Signal;
@@ -40,6 +41,10 @@ pub struct Watcher<S> {
     pending: Mutex<HashSet<ProcessKey>>,
     /// Holders whose exit status decides how their leases end (`on_exit = status`).
     by_status: Mutex<HashSet<ProcessKey>>,
+    /// What holders asked to be done to them before a fence (libvirt's `<on_lockfailure>`).
+    before_fence: Mutex<HashMap<ProcessKey, BeforeFence>>,
+    /// Holders SIGSTOPped by [`Watcher::warn_holders`], to SIGCONT if the session recovers.
+    paused: Mutex<HashSet<ProcessKey>>,
     /// Descriptors kept in reserve, given up to reach a holder that is not watched when it
     /// must be fenced while the agent is out of descriptors.
     reserve: Mutex<Vec<std::fs::File>>,
@@ -70,6 +75,8 @@ impl<S: Store> Watcher<S> {
             fenced: Mutex::new(HashSet::new()),
             pending: Mutex::new(HashSet::new()),
             by_status: Mutex::new(HashSet::new()),
+            before_fence: Mutex::new(HashMap::new()),
+            paused: Mutex::new(HashSet::new()),
             reserve: Mutex::new({
                 let mut r = Vec::new();
                 fill_reserve(&mut r);
@@ -176,6 +183,62 @@ impl<S: Store> Watcher<S> {
         if let Ok(mut s) = self.by_status.lock() {
             s.insert(process.clone());
         }
+    }
+
+    /// Makes `action` what [`Watcher::warn_holders`] does to `process` (libvirt's
+    /// `<on_lockfailure>`: pause or poweroff), until it exits.
+    pub fn before_fence(&self, process: &ProcessKey, action: BeforeFence) {
+        if let Ok(mut b) = self.before_fence.lock() {
+            b.insert(process.clone(), action);
+        }
+    }
+
+    /// This host's session is in danger (renewals are late): does to each holder what it
+    /// asked for before a fence, through its pidfd: SIGSTOP (pause) or SIGTERM (terminate).
+    /// The fence's SIGKILL at the deadline follows whatever happens here. A process that
+    /// released its leases is left alone. Returns each with its action and whether the
+    /// signal could be sent.
+    pub fn warn_holders(&self) -> Vec<(ProcessKey, BeforeFence, bool)> {
+        let asked: Vec<(ProcessKey, BeforeFence)> = self
+            .before_fence
+            .lock()
+            .map(|b| b.iter().map(|(p, a)| (p.clone(), *a)).collect())
+            .unwrap_or_default();
+        if asked.is_empty() {
+            return Vec::new();
+        }
+        let holders = self.store.local_holders();
+        asked
+            .into_iter()
+            .filter(|(p, _)| holders.as_ref().is_none_or(|h| h.contains(p)))
+            .map(|(p, action)| {
+                let sent = match action {
+                    BeforeFence::Pause => {
+                        let sent = self.signal(&p, Signal::STOP);
+                        if sent && let Ok(mut paused) = self.paused.lock() {
+                            paused.insert(p.clone());
+                        }
+                        sent
+                    }
+                    BeforeFence::Terminate => self.signal(&p, Signal::TERM),
+                };
+                (p, action, sent)
+            })
+            .collect()
+    }
+
+    /// The session recovered before its deadline: SIGCONTs the holders that
+    /// [`Watcher::warn_holders`] paused. Returns them.
+    pub fn resume_paused(&self) -> Vec<ProcessKey> {
+        let paused: Vec<ProcessKey> = self
+            .paused
+            .lock()
+            .map(|mut p| p.drain().collect())
+            .unwrap_or_default();
+        for p in &paused {
+            self.signal(p, Signal::CONT);
+        }
+        paused
     }
 
     /// The exit status of an exited holder that asked for it, once its parent reaped it;
@@ -299,6 +362,12 @@ impl<S: Store> Watcher<S> {
         let fenced = self.fenced.lock().is_ok_and(|f| f.contains(&process));
         if let Ok(mut s) = self.by_status.lock() {
             s.remove(&process);
+        }
+        if let Ok(mut b) = self.before_fence.lock() {
+            b.remove(&process);
+        }
+        if let Ok(mut p) = self.paused.lock() {
+            p.remove(&process);
         }
         let zero = status.is_some_and(ExitStatus::is_zero);
         loop {

@@ -89,8 +89,26 @@ fn lease_name(n: &str) -> Result<ResourceName, AgentFailure> {
     })
 }
 
+/// What the agent does to QEMU before it SIGKILLs it when this host loses its session: the
+/// domain's `<on_lockfailure>` (libvirt's `action` argument of Acquire) where it can be
+/// honoured. `poweroff` (1): SIGTERM, QEMU's graceful quit; `pause` (3): SIGSTOP, which stops
+/// the vCPUs and I/O (continued if the session recovers in time). The default (0), `restart`
+/// (2) and `ignore` (4) ask nothing: QEMU is SIGKILLed at the fencing deadline, as it is after
+/// `pause` and `poweroff` too. `ignore` cannot be honoured: once the session may have expired,
+/// another host may be granted the disk, and a QEMU still writing it would corrupt it (G3).
+/// `restart` is libvirt's to do once QEMU has died (it needs the leases again, which a host
+/// without a session cannot have).
+pub fn before_fence(action: i32) -> Option<v1::BeforeFence> {
+    match action {
+        1 => Some(v1::BeforeFence::Terminate),
+        3 => Some(v1::BeforeFence::Pause),
+        _ => None,
+    }
+}
+
 /// Takes every item for QEMU's `pid`, all or none, as restricted leases whose end QEMU's exit
-/// status decides (exit 0 clean, anything else dirty).
+/// status decides (exit 0 clean, anything else dirty); `on_failure` is [`before_fence`] of the
+/// domain's `<on_lockfailure>`.
 ///
 /// # Errors
 /// [`AgentFailure`] naming the holder when a lease is held, or what else went wrong.
@@ -100,6 +118,7 @@ pub fn acquire(
     label: &str,
     items: &[Item],
     start: Start<'_>,
+    on_failure: Option<v1::BeforeFence>,
 ) -> Result<(), AgentFailure> {
     if items.is_empty() {
         return Ok(());
@@ -119,6 +138,7 @@ pub fn acquire(
         label: Some(label.to_owned()),
         restricted: true,
         on_exit: v1::OnExit::Status,
+        before_fence: on_failure,
         expect_tokens: items
             .iter()
             .filter_map(|i| {

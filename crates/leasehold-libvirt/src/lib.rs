@@ -16,6 +16,10 @@
 //! - **resume**, migration's destination: `Acquire(state)`: each exclusive lease only if its
 //!   token is still the one in the state, so nobody held the disk in between.
 //! - **inquire**: the state for the migration cookie.
+//! - **lock failure** (`<on_lockfailure>`, the `action` of every Acquire): passed to the agent
+//!   with the leases ([`agent::before_fence`]); the agent pauses (SIGSTOP) or terminates
+//!   (SIGTERM) QEMU once its host's session renewals are late, and SIGKILLs it at the fencing
+//!   deadline regardless.
 //!
 //! Nothing here panics across the C ABI, starts a thread, or takes a lock that a `fork` could
 //! leave held: the child calls the agent with one blocking request on a Unix socket.
@@ -299,7 +303,7 @@ unsafe extern "C" fn drv_acquire(
     man: *mut Manager,
     state: *const c_char,
     flags: c_uint,
-    _action: c_int,
+    action: c_int,
     fd: *mut c_int,
 ) -> c_int {
     guarded("acquire", || {
@@ -314,6 +318,7 @@ unsafe extern "C" fn drv_acquire(
         // SAFETY: libvirt passes NULL or a NUL-terminated string.
         let state = Some(unsafe { text(state) }).filter(|s| !s.is_empty());
         let register_only = flags & ffi::ACQUIRE_REGISTER_ONLY != 0;
+        let on_failure = agent::before_fence(action);
         match state {
             Some(s) => {
                 // Resume, or a migration's destination: each lease only if nobody held it
@@ -321,7 +326,14 @@ unsafe extern "C" fn drv_acquire(
                 let held = state::decode(&s).map_err(Failure::internal)?;
                 let wanted = names::leases(c, &d.resources);
                 let items = with_tokens(&wanted, &held);
-                agent::acquire(c, d.pid, &d.label(), &items, agent::Start::Daemon)?;
+                agent::acquire(
+                    c,
+                    d.pid,
+                    &d.label(),
+                    &items,
+                    agent::Start::Daemon,
+                    on_failure,
+                )?;
             }
             None => {
                 let items: Vec<agent::Item> = names::leases(c, &d.resources)
@@ -337,7 +349,7 @@ unsafe extern "C" fn drv_acquire(
                 } else {
                     agent::Start::Daemon
                 };
-                agent::acquire(c, d.pid, &d.label(), &items, start)?;
+                agent::acquire(c, d.pid, &d.label(), &items, start, on_failure)?;
             }
         }
         Ok(())

@@ -243,3 +243,99 @@ fn live_migration_moves_the_lease_between_hosts_of_one_etcd() {
     // The source's QEMU exited after handing over: nothing of it is left, nothing dirty.
     assert!(!agent_a.is_dirty(&r));
 }
+
+/// The state letter of `pid` (field 3 of `/proc/PID/stat`): `T` when stopped; `None` once gone.
+fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..].trim_start().chars().next()
+}
+
+#[test]
+fn on_lockfailure_pause_and_poweroff_act_before_the_fence_which_kills_regardless() {
+    let etcd = leasehold_testkit::Etcd::start();
+    let p = format!("/lh-libvirt-lf-{}", std::process::id());
+    // A long enough session that the steps fit between the warning and the fence: renewals
+    // are late from `sent + 1 s`, the agent acts at `sent + 5 s` and fences at `sent + 9 s`.
+    let a = Agent::launch(
+        "host-a",
+        &[
+            "--backend",
+            "etcd",
+            "--etcd-endpoints",
+            &etcd.endpoint(),
+            "--etcd-prefix",
+            &p,
+            "--ttl",
+            "10s",
+            "--renew",
+            "1s",
+            "--fence-margin",
+            "1s",
+            "--grace",
+            "2s",
+        ],
+        &[],
+    );
+    let l = Libvirtd::start("lf", &a.socket, "");
+    let (d1, d2) = (l.image("vm1.qcow2"), l.image("vm2.qcow2"));
+    l.define(
+        "vm1",
+        &[(&d1, "")],
+        "<on_lockfailure>pause</on_lockfailure>",
+    );
+    l.define(
+        "vm2",
+        &[(&d2, "")],
+        "<on_lockfailure>poweroff</on_lockfailure>",
+    );
+    l.ok(&["start", "vm1"]);
+    l.ok(&["start", "vm2"]);
+    let (q1, q2) = (l.qemu_pid("vm1"), l.qemu_pid("vm2"));
+    let q2_died = death_watch(q2);
+
+    // etcd hangs: renewals are late. vm1's QEMU is paused (SIGSTOP: its vCPUs and I/O stop),
+    // vm2's quits gracefully (SIGTERM), both before the fence.
+    etcd.stop();
+    wait_until("vm1's QEMU to be stopped", LONG, || {
+        proc_state(q1) == Some('T')
+    });
+    q2_died.join().unwrap();
+    // etcd answers again before the fencing deadline: vm1 continues, still holding its disk.
+    etcd.cont();
+    wait_until("vm1's QEMU to continue", LONG, || {
+        proc_state(q1).is_some_and(|s| s != 'T')
+    });
+    assert!(
+        !a.log().contains("no session renewal confirmed in time"),
+        "nothing was fenced: {}",
+        a.log()
+    );
+    assert_eq!(holder(&a, &lease(&d1)).unwrap().1, u64::from(q1));
+    assert_eq!(l.state("vm1"), "running");
+    // vm2's QEMU exited 0 after flushing: its disk is clean.
+    wait_released(&a, &lease(&d2));
+    assert!(!a.is_dirty(&lease(&d2)), "a graceful poweroff is clean");
+
+    // etcd hangs again, for good: vm1 is paused first, then SIGKILLed at the fencing deadline
+    // all the same (`pause` does not keep a QEMU alive on a lease that may end).
+    let q1_died = death_watch(q1);
+    etcd.stop();
+    wait_until("vm1's QEMU to be stopped again", LONG, || {
+        proc_state(q1) == Some('T')
+    });
+    let paused_at = monotonic_ns();
+    let died_at = q1_died.join().unwrap();
+    let fenced_at = a.wait_logged_mono_ns(&["no session renewal confirmed in time"]);
+    assert!(paused_at < died_at, "paused before it died");
+    assert!(
+        paused_at < fenced_at,
+        "paused before the fence ({} ms before)",
+        (fenced_at - paused_at) / 1_000_000
+    );
+    let log = a.log();
+    assert!(
+        log.contains("paused (SIGSTOP)") && log.contains(&q1.to_string()),
+        "{log}"
+    );
+    etcd.cont();
+}

@@ -191,6 +191,7 @@ impl<S: Store> Service<S> {
                  administrator",
             ));
         }
+        let before_fence = r.before_fence;
         let wait = r.wait.map(|d| d.0);
         // Taking a dirty resource unchecked clears its purpose as surely as mark-clean: only
         // root or the admin group may (SPEC G8). Others are told it needs a check, and by whom.
@@ -241,6 +242,9 @@ impl<S: Store> Service<S> {
             };
             if owner.on_exit == leasehold_core::OnExit::Status {
                 me.watcher.by_exit_status(&owner.process);
+            }
+            if let Some(action) = before_fence {
+                me.watcher.before_fence(&owner.process, action);
             }
             me.watcher.watch_with(prepared);
             for g in grants.iter().filter(|g| !g.existing) {

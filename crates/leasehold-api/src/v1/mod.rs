@@ -118,6 +118,19 @@ impl From<OnLost> for leasehold_core::OnLost {
     }
 }
 
+/// What the agent does to a holder when this host's session is being lost, before the SIGKILL
+/// at the fencing deadline (libvirt's `<on_lockfailure>`). The SIGKILL comes whatever was
+/// asked: the holder must be gone before another host can be granted its resources (G3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum BeforeFence {
+    /// SIGSTOP it (a paused QEMU: its vCPUs and I/O stop); SIGCONT if a renewal is confirmed
+    /// before the deadline.
+    Pause,
+    /// SIGTERM it (QEMU's graceful quit, as `virsh destroy` begins).
+    Terminate,
+}
+
 /// What a holder's exit without a release does to its exclusive leases.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
@@ -327,6 +340,11 @@ pub struct AcquireRequest {
     /// What the holder's exit does to its exclusive leases; `status`: exit 0 is clean.
     #[serde(default, skip_serializing_if = "OnExit::is_dirty")]
     pub on_exit: OnExit,
+    /// What the agent does to the holder once renewals of this host's session are late,
+    /// before it SIGKILLs it at the fencing deadline (libvirt's `<on_lockfailure>`); absent:
+    /// nothing before the SIGKILL. Kept by this agent only (an agent restart forgets it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before_fence: Option<BeforeFence>,
     /// Take these exclusive items only if nobody held them since the caller's own lease with
     /// this token ended (a paused VM resuming, a migration arriving); such a request never
     /// waits, and is refused with `moved` otherwise.
