@@ -339,3 +339,54 @@ fn on_lockfailure_pause_and_poweroff_act_before_the_fence_which_kills_regardless
     );
     etcd.cont();
 }
+
+#[test]
+fn hotplug_takes_a_lease_refuses_a_held_disk_naming_its_holder_and_unplug_releases() {
+    let a = Agent::start();
+    let l = Libvirtd::start("hp", &a.socket, "");
+    let (d1, d2) = (l.image("vm1.qcow2"), l.image("vm2.qcow2"));
+    let (held, free) = (l.image("held.qcow2"), l.image("free.qcow2"));
+    l.define("vm1", &[(&d1, "")], "");
+    l.define("vm2", &[(&d2, ""), (&held, "")], "");
+    l.ok(&["start", "vm1"]);
+    l.ok(&["start", "vm2"]);
+    let (q1, q2) = (l.qemu_pid("vm1"), l.qemu_pid("vm2"));
+    // A USB disk: its unplug needs no guest (these domains run no OS to acknowledge one).
+    let attach = |disk: &Path| {
+        l.virsh(&[
+            "attach-disk",
+            "vm1",
+            disk.to_str().unwrap(),
+            "sdb",
+            "--targetbus",
+            "usb",
+            "--subdriver",
+            "qcow2",
+            "--live",
+        ])
+    };
+
+    // A disk vm2 holds: refused, naming the holder; nothing changes.
+    let o = attach(&held);
+    assert!(!o.status.success(), "attached a disk another domain holds");
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("held") && err.contains(&format!("pid {q2}")) && err.contains("vm2"),
+        "virsh names the holder: {err}"
+    );
+    assert_eq!(a.holders(&lease(&held)), vec![u64::from(q2)]);
+    assert!(!l.ok(&["domblklist", "vm1"]).contains("held.qcow2"));
+
+    // A free disk: attached, and held by vm1's QEMU with the domain's label.
+    let o = attach(&free);
+    assert!(o.status.success(), "attach-disk: {}", text(&o.stderr));
+    let (_, pid, label, _) = holder(&a, &lease(&free)).expect("the attached disk is held");
+    assert_eq!(pid, u64::from(q1));
+    assert!(label.contains("vm1"), "{label}");
+
+    // Unplugged: released clean; vm1 keeps its other disk.
+    l.ok(&["detach-disk", "vm1", "sdb", "--live"]);
+    wait_released(&a, &lease(&free));
+    assert!(!a.is_dirty(&lease(&free)), "an unplugged disk is clean");
+    assert_eq!(a.holders(&lease(&d1)), vec![u64::from(q1)]);
+}
