@@ -3,9 +3,14 @@
 //!
 //! By default the bench starts its own agent in a temporary directory (so it measures start
 //! to ready and disturbs nothing); `--external` uses the agent at `--socket` instead.
+//!
+//! Every row of issue 15's table is measured beside its reference in the same run,
+//! alternating where the two can alternate (latency round by round, throughput phase by
+//! phase), and printed with the ratio and the target; `--json` prints them for scripts.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -14,6 +19,7 @@ use leasehold_client::{AcquireOptions, ReleaseOptions};
 use leasehold_core::{Mode, ResourceName};
 
 use leasehold_store::etcd::reference::RawEtcd;
+use serde_json::{Value, json};
 
 use crate::{Failure, connect};
 
@@ -64,6 +70,86 @@ pub struct BenchArgs {
     /// Acquire rounds of the --hosts table, before and after taking the leases.
     #[arg(long, default_value_t = 200)]
     host_rounds: usize,
+    /// Print one JSON object (every figure, each row with its reference, ratio, target and
+    /// whether it is met) instead of lines.
+    #[arg(long)]
+    json: bool,
+}
+
+/// What the bench found: its lines as it goes (unless `--json`), and the rows for `--json`.
+struct Report {
+    json: bool,
+    rows: Mutex<Vec<Value>>,
+}
+
+/// The global report of this run of the bench.
+static REPORT: std::sync::OnceLock<Report> = std::sync::OnceLock::new();
+
+/// Prints a line of the bench (not with `--json`).
+fn say(line: String) -> Result<(), Failure> {
+    if REPORT.get().is_some_and(|r| r.json) {
+        return Ok(());
+    }
+    crate::write_out(format_args!("{line}"))
+}
+
+/// Records a figure for `--json`: `fields` is an object (name, value, unit, reference...).
+fn record(fields: Value) {
+    if let Some(r) = REPORT.get()
+        && let Ok(mut rows) = r.rows.lock()
+    {
+        rows.push(fields);
+    }
+}
+
+/// One row of the issue's table: ours beside its reference (the ratio is ours over it) and
+/// the target, met or not.
+struct Row<'a> {
+    measure: &'a str,
+    ours: f64,
+    unit: &'a str,
+    reference: Option<(&'a str, f64)>,
+    target: &'a str,
+    met: Option<bool>,
+    /// More of the figure for people (percentiles), printed after the row.
+    extra: String,
+}
+
+/// Records and prints a row.
+fn emit(r: Row<'_>) -> Result<(), Failure> {
+    let ratio = r.reference.map(|(_, v)| r.ours / v);
+    record(json!({
+        "measure": r.measure, "value": r.ours, "unit": r.unit,
+        "reference": r.reference.map(|(n, _)| n),
+        "reference_value": r.reference.map(|(_, v)| v),
+        "ratio": ratio, "target": r.target, "met": r.met,
+        "detail": r.extra,
+    }));
+    let mut line = format!("{}: {}", r.measure, fig(r.ours, r.unit));
+    if let (Some((name, v)), Some(ratio)) = (r.reference, ratio) {
+        line.push_str(&format!(
+            " | {name}: {} | ratio {ratio:.2}x",
+            fig(v, r.unit)
+        ));
+    }
+    if !r.extra.is_empty() {
+        line.push_str(&format!(" | {}", r.extra));
+    }
+    line.push_str(&format!("   [target {}", r.target));
+    line.push_str(match r.met {
+        Some(true) => ": met]",
+        Some(false) => ": NOT met]",
+        None => "]",
+    });
+    say(line)
+}
+
+fn fig(v: f64, unit: &str) -> String {
+    match unit {
+        "ms" => format!("{v:.3} ms"),
+        "MiB" => format!("{v:.1} MiB"),
+        u => format!("{v:.0} {u}"),
+    }
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
@@ -106,6 +192,12 @@ impl Drop for Killed {
 
 fn exe() -> Result<PathBuf, Failure> {
     std::env::current_exe().map_err(|e| Failure::error(format!("finding this binary: {e}")))
+}
+
+/// The lean `leasehold` binary beside this one, as people run it; this one if there is none.
+fn lean_exe() -> Result<PathBuf, Failure> {
+    let lean = crate::sibling("leasehold")?;
+    if lean.is_file() { Ok(lean) } else { exe() }
 }
 
 /// The flags that put a bench agent on etcd, if the bench runs on etcd.
@@ -160,38 +252,66 @@ fn start_agent(host: &str, args: &[String]) -> Result<(OwnAgent, PathBuf, Durati
     Ok((agent, socket, started.elapsed()))
 }
 
+/// The load average now (1, 5 and 15 minutes), as /proc/loadavg says.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
 /// `leasehold bench`. The client side is the blocking client, one thread per client; a
-/// runtime drives the async parts (the gRPC client, raw etcd).
+/// runtime drives the async parts (the store alone, raw etcd).
 pub fn bench(a: BenchArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
     if !a.hosts.is_empty() {
         hosts::many_hosts(&a)?;
         return Ok(0);
     }
+    let _ = REPORT.set(Report {
+        json: a.json,
+        rows: Mutex::new(Vec::new()),
+    });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| Failure::error(format!("starting the runtime: {e}")))?;
+    let load = loadavg();
+    record(json!({"measure": "load average at start", "value": load}));
+    say(format!("load average at start: {load}"))?;
     let (_own, socket) = if a.external {
         let c = connect(socket)?;
         (None, c.socket().to_path_buf())
     } else {
         let (agent, socket, ready) = start_agent("bench", &backend_args(&a))?;
-        out!(
-            "agent start to ready (empty state): {}   [SPEC target <= 1 s; sanlock joins a lockspace in 5-21 s]",
-            ms(ready)
-        );
+        emit(Row {
+            measure: "agent start to ready (empty state)",
+            ours: ready.as_secs_f64() * 1e3,
+            unit: "ms",
+            reference: None,
+            target: "<= 1000 ms; sanlock joins a lockspace in 5-21 s",
+            met: Some(ready <= Duration::from_secs(1)),
+            extra: String::new(),
+        })?;
         (Some(agent), socket)
     };
     let status = Client::new(&socket).status()?;
-    out!(
+    record(
+        json!({"measure": "agent", "pid": status.pid, "host": status.host, "backend": status.backend}),
+    );
+    say(format!(
         "agent pid {} on host {}, backend {}, socket {}",
         status.pid,
         status.host,
         status.backend,
         socket.display()
-    );
+    ))?;
+    let on_etcd = status.backend != "local";
     for n in &a.clients {
-        throughput(&socket, *n, a.seconds)?;
+        let reference = match (&a.etcd_endpoints, on_etcd) {
+            (Some(eps), true) => Reference::RawEtcd(eps.clone()),
+            (None, true) => Reference::None,
+            (_, false) => Reference::StoreAlone,
+        };
+        throughput(&rt, &socket, *n, a.seconds, reference)?;
     }
     if a.exits > 0 {
         exit_to_release(&socket, a.exits)?;
@@ -202,13 +322,21 @@ pub fn bench(a: BenchArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
     }
     if let Some(eps) = &a.etcd_endpoints {
         rt.block_on(acquire_vs_raw(&socket, eps, a.raw_rounds))?;
-        rt.block_on(raw_throughput(eps, 64, a.seconds))?;
     }
     if a.leases > 0 {
         many_leases(&socket, a.leases, status.pid as u32)?;
     }
     if a.etcd_endpoints.is_some() {
         failover(&a)?;
+    }
+    let load = loadavg();
+    record(json!({"measure": "load average at end", "value": load}));
+    say(format!("load average at end: {load}"))?;
+    if a.json
+        && let Some(r) = REPORT.get()
+    {
+        let rows = r.rows.lock().map(|r| r.clone()).unwrap_or_default();
+        crate::write_out(format_args!("{}", json!({ "figures": rows })))?;
     }
     Ok(0)
 }
@@ -241,31 +369,23 @@ async fn acquire_vs_raw(socket: &Path, eps: &[String], rounds: usize) -> Result<
     }
     ours.sort();
     raw.sort();
-    out!(
-        "acquire through the agent on etcd: p50 {} p99 {} | raw etcd create-if-absent txn: p50 {} p99 {} | ratio p50 {:.2}x p99 {:.2}x   [SPEC target <= 1.2x]",
-        ms(pct(&ours, 0.5)),
-        ms(pct(&ours, 0.99)),
-        ms(pct(&raw, 0.5)),
-        ms(pct(&raw, 0.99)),
-        pct(&ours, 0.5).as_secs_f64() / pct(&raw, 0.5).as_secs_f64(),
-        pct(&ours, 0.99).as_secs_f64() / pct(&raw, 0.99).as_secs_f64(),
-    );
-    Ok(())
-}
-
-/// Raw put-then-delete cycles on etcd by `clients` concurrent tasks: the reference for
-/// acquire+release throughput.
-async fn raw_throughput(eps: &[String], clients: usize, seconds: f64) -> Result<(), Failure> {
-    let etcd = raw_client(eps)?;
-    let (total, took) = etcd
-        .put_delete_cycles(clients, Duration::from_secs_f64(seconds))
-        .await
-        .map_err(|e| Failure::error(e.to_string()))?;
-    out!(
-        "{clients:>3} clients, raw etcd put-then-delete: {:>7.0} cycles/s   [reference for acquire+release throughput; SPEC target >= 0.8x]",
-        total as f64 / took.as_secs_f64()
-    );
-    Ok(())
+    let (p50, p99) = (pct(&ours, 0.5), pct(&ours, 0.99));
+    let (r50, r99) = (pct(&raw, 0.5), pct(&raw, 0.99));
+    let ratio = p50.as_secs_f64() / r50.as_secs_f64();
+    emit(Row {
+        measure: "acquire p50 through the agent on etcd",
+        ours: p50.as_secs_f64() * 1e3,
+        unit: "ms",
+        reference: Some(("raw etcd create-if-absent txn p50", r50.as_secs_f64() * 1e3)),
+        target: "<= 1.2x",
+        met: Some(ratio <= 1.2),
+        extra: format!(
+            "p99 {} vs {} ({:.2}x), {rounds} rounds alternating",
+            ms(p99),
+            ms(r99),
+            p99.as_secs_f64() / r99.as_secs_f64()
+        ),
+    })
 }
 
 /// Host death to grant elsewhere: host A holds a disk for a process; A's agent and the
@@ -298,19 +418,139 @@ fn failover(a: &BenchArgs) -> Result<(), Failure> {
         None => leasehold_store::etcd::etcd_default_grace(ttl),
     };
     let floor = (ttl + grace).as_secs_f64();
-    out!(
-        "host death -> its disk granted on another host: {:.2} s (ttl {} + grace {}; expected {floor:.1}-{:.1} s: etcd expires each lease on a 0.5 s tick)   [SPEC target ttl + grace + detection; sanlock 140 s]",
-        died.elapsed().as_secs_f64(),
-        humantime::format_duration(ttl),
-        humantime::format_duration(grace),
-        floor + 1.0,
-    );
-    Ok(())
+    let took = died.elapsed().as_secs_f64();
+    emit(Row {
+        measure: "host death -> its disk granted on another host",
+        ours: took * 1e3,
+        unit: "ms",
+        reference: Some(("ttl + grace", floor * 1e3)),
+        target: "ttl + grace + detection (etcd expires leases on a 0.5 s tick: up to 1 s more); sanlock 140 s",
+        met: Some(took <= floor + 1.0 + 0.5),
+        extra: format!(
+            "ttl {}, grace {}",
+            humantime::format_duration(ttl),
+            humantime::format_duration(grace)
+        ),
+    })
 }
 
-/// Acquire+release cycles by `clients` concurrent clients (threads, one call one
-/// connection, as the CLI), each on its own resource.
-fn throughput(socket: &Path, clients: usize, seconds: f64) -> Result<(), Failure> {
+/// What the throughput through the agent is measured beside.
+enum Reference {
+    /// The local store alone, in this process, durable, on the same file system.
+    StoreAlone,
+    /// Raw put-then-delete cycles on this etcd.
+    RawEtcd(Vec<String>),
+    /// Nothing (an external agent on etcd without --etcd-endpoints).
+    None,
+}
+
+/// Acquire+release cycles by `clients` concurrent clients through the agent (threads, one
+/// call one connection, as the CLI), each on its own resource, beside the reference: two
+/// phases of each, alternating, `seconds` in all for each.
+fn throughput(
+    rt: &tokio::runtime::Runtime,
+    socket: &Path,
+    clients: usize,
+    seconds: f64,
+    reference: Reference,
+) -> Result<(), Failure> {
+    let half = seconds / 2.0;
+    let (mut ours, mut theirs) = ((0u64, 0f64), (0u64, 0f64));
+    let (mut acq, mut rel) = (Vec::new(), Vec::new());
+    let store_dir = tempfile::tempdir().map_err(|e| Failure::error(e.to_string()))?;
+    let store = match reference {
+        Reference::StoreAlone => Some(Arc::new(
+            leasehold_store::LocalStore::open(
+                store_dir.path().join("state"),
+                leasehold_core::HostId::new("bench-store")
+                    .map_err(|e| Failure::error(e.to_string()))?,
+            )
+            .map_err(|e| Failure::error(format!("opening the store alone: {e}")))?,
+        )),
+        _ => None,
+    };
+    let raw = match &reference {
+        Reference::RawEtcd(eps) => Some(raw_client(eps)?),
+        _ => None,
+    };
+    for _ in 0..2 {
+        let (n, secs, a, r) = agent_cycles(socket, clients, half)?;
+        ours = (ours.0 + n, ours.1 + secs);
+        acq.extend(a);
+        rel.extend(r);
+        if let Some(store) = &store {
+            let (n, secs) = rt.block_on(store_cycles(store.clone(), clients, half))?;
+            theirs = (theirs.0 + n, theirs.1 + secs);
+        }
+        if let Some(raw) = &raw {
+            let (n, took) = rt
+                .block_on(raw.put_delete_cycles(clients, Duration::from_secs_f64(half)))
+                .map_err(|e| Failure::error(e.to_string()))?;
+            theirs = (theirs.0 + n, theirs.1 + took.as_secs_f64());
+        }
+    }
+    acq.sort();
+    rel.sort();
+    let rate = ours.0 as f64 / ours.1;
+    let ref_rate = theirs.0 as f64 / theirs.1.max(f64::MIN_POSITIVE);
+    let extra = format!(
+        "acquire p50 {} p99 {} | release p50 {} p99 {}",
+        ms(pct(&acq, 0.5)),
+        ms(pct(&acq, 0.99)),
+        ms(pct(&rel, 0.5)),
+        ms(pct(&rel, 0.99)),
+    );
+    let (measure, reference, target, met) = match (&reference, clients) {
+        (Reference::StoreAlone, 64) => (
+            "acquire+release/s through the agent, local store, durable, 64 clients".to_owned(),
+            Some(("the store alone", ref_rate)),
+            ">= 25000/s".to_owned(),
+            Some(rate >= 25_000.0),
+        ),
+        (Reference::RawEtcd(_), 64) => (
+            "acquire+release/s through the agent on etcd, 64 clients".to_owned(),
+            Some(("raw etcd put-then-delete", ref_rate)),
+            ">= 0.8x".to_owned(),
+            Some(rate / ref_rate >= 0.8),
+        ),
+        (Reference::StoreAlone, n) => (
+            format!("acquire+release/s through the agent, local store, durable, {n} clients"),
+            Some(("the store alone", ref_rate)),
+            "none (64 clients: >= 25000/s)".to_owned(),
+            None,
+        ),
+        (Reference::RawEtcd(_), n) => (
+            format!("acquire+release/s through the agent on etcd, {n} clients"),
+            Some(("raw etcd put-then-delete", ref_rate)),
+            "none (64 clients: >= 0.8x)".to_owned(),
+            None,
+        ),
+        (Reference::None, n) => (
+            format!("acquire+release/s through the agent, {n} clients"),
+            None,
+            "none".to_owned(),
+            None,
+        ),
+    };
+    emit(Row {
+        measure: &measure,
+        ours: rate,
+        unit: "/s",
+        reference,
+        target: &target,
+        met,
+        extra,
+    })
+}
+
+/// Acquire+release cycles through the agent for `seconds`: the cycles, the seconds they took,
+/// and each acquire's and release's latency.
+#[allow(clippy::type_complexity)]
+fn agent_cycles(
+    socket: &Path,
+    clients: usize,
+    seconds: f64,
+) -> Result<(u64, f64, Vec<Duration>, Vec<Duration>), Failure> {
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let mut tasks = Vec::new();
     for i in 0..clients {
@@ -339,18 +579,54 @@ fn throughput(socket: &Path, clients: usize, seconds: f64) -> Result<(), Failure
         acq.extend(a);
         rel.extend(r);
     }
-    let secs = started.elapsed().as_secs_f64();
-    acq.sort();
-    rel.sort();
-    out!(
-        "{clients:>3} clients, durable: {:>7.0} acquire+release/s | acquire p50 {} p99 {} | release p50 {} p99 {}",
-        acq.len() as f64 / secs,
-        ms(pct(&acq, 0.5)),
-        ms(pct(&acq, 0.99)),
-        ms(pct(&rel, 0.5)),
-        ms(pct(&rel, 0.99)),
-    );
-    Ok(())
+    Ok((acq.len() as u64, started.elapsed().as_secs_f64(), acq, rel))
+}
+
+/// Acquire+release cycles on the local store alone (durable, as the agent's), by `clients`
+/// tasks for `seconds`: the cycles and the seconds they took.
+async fn store_cycles(
+    store: Arc<leasehold_store::LocalStore>,
+    clients: usize,
+    seconds: f64,
+) -> Result<(u64, f64), Failure> {
+    use leasehold_store::Store as _;
+    let host = store.host().clone();
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..clients {
+        let store = store.clone();
+        let owner = leasehold_core::Owner::new(host.clone(), 100_000 + c as u32, 1);
+        let r = name(format!("bench/store/{clients}/{c}"))?;
+        tasks.spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                store
+                    .acquire(leasehold_store::AcquireSpec::new(
+                        owner.clone(),
+                        [(r.clone(), Mode::Exclusive)],
+                    ))
+                    .await?;
+                store
+                    .release(
+                        r.clone(),
+                        owner.process.clone(),
+                        None,
+                        leasehold_core::ReleaseKind::Clean,
+                    )
+                    .await?;
+                n += 1;
+            }
+            Ok::<_, leasehold_store::StoreError>(n)
+        });
+    }
+    let started = Instant::now();
+    let mut total = 0;
+    while let Some(done) = tasks.join_next().await {
+        total += done
+            .map_err(|_| Failure::error("a bench client panicked"))?
+            .map_err(|e| Failure::error(format!("the store alone: {e}")))?;
+    }
+    Ok((total, started.elapsed().as_secs_f64()))
 }
 
 /// A process's resident memory in KiB (0 when it cannot be read).
@@ -393,13 +669,20 @@ fn exit_to_release(socket: &Path, rounds: usize) -> Result<(), Failure> {
         let _ = holder.wait();
     }
     lat.sort();
-    out!(
-        "holder exit -> lease released ({rounds} kills): p50 {} p99 {} max {}   [SPEC target p99 <= 100 ms]",
-        ms(pct(&lat, 0.5)),
-        ms(pct(&lat, 0.99)),
-        ms(pct(&lat, 1.0))
-    );
-    Ok(())
+    let p99 = pct(&lat, 0.99);
+    emit(Row {
+        measure: "holder exit -> lease released, p99",
+        ours: p99.as_secs_f64() * 1e3,
+        unit: "ms",
+        reference: None,
+        target: "p99 <= 100 ms",
+        met: Some(p99 <= Duration::from_millis(100)),
+        extra: format!(
+            "p50 {} max {}, {rounds} kills",
+            ms(pct(&lat, 0.5)),
+            ms(pct(&lat, 1.0))
+        ),
+    })
 }
 
 /// One acquire and its release as a one-shot client makes them (connect, ask, close), over
@@ -432,19 +715,25 @@ fn one_shot(socket: &Path, rounds: usize) -> Result<(), Failure> {
     }
     acq.sort();
     rel.sort();
-    out!(
+    record(json!({
+        "measure": "one-shot acquire and release, connecting each time (as the CLI)",
+        "acquire_p50_ms": pct(&acq, 0.5).as_secs_f64() * 1e3,
+        "acquire_p99_ms": pct(&acq, 0.99).as_secs_f64() * 1e3,
+        "release_p50_ms": pct(&rel, 0.5).as_secs_f64() * 1e3,
+        "release_p99_ms": pct(&rel, 0.99).as_secs_f64() * 1e3,
+    }));
+    say(format!(
         "one-shot calls, connecting each time (HTTP/1.1 JSON, as the CLI): acquire p50 {} p99 {} | release p50 {} p99 {}",
         ms(pct(&acq, 0.5)),
         ms(pct(&acq, 0.99)),
         ms(pct(&rel, 0.5)),
         ms(pct(&rel, 0.99))
-    );
-    Ok(())
+    ))
 }
 
 /// `leasehold run --exclusive R -- true` against `flock FILE true`, alternately.
 fn run_vs_flock(socket: &Path, rounds: usize) -> Result<(), Failure> {
-    let exe = exe()?;
+    let exe = lean_exe()?;
     let dir = tempfile::tempdir().map_err(|e| Failure::error(e.to_string()))?;
     let lock = dir.path().join("flock");
     std::fs::write(&lock, b"").map_err(|e| Failure::error(e.to_string()))?;
@@ -475,15 +764,20 @@ fn run_vs_flock(socket: &Path, rounds: usize) -> Result<(), Failure> {
     ours.sort();
     theirs.sort();
     let (m1, m2) = (mean(&ours), mean(&theirs));
-    out!(
-        "leasehold run --exclusive R -- true: mean {} p50 {} | flock FILE true: mean {} p50 {} | ratio {:.2}x   [SPEC target <= 1.5x]",
-        ms(m1),
-        ms(pct(&ours, 0.5)),
-        ms(m2),
-        ms(pct(&theirs, 0.5)),
-        m1.as_secs_f64() / m2.as_secs_f64()
-    );
-    Ok(())
+    let ratio = m1.as_secs_f64() / m2.as_secs_f64();
+    emit(Row {
+        measure: "leasehold run --exclusive R -- true, mean",
+        ours: m1.as_secs_f64() * 1e3,
+        unit: "ms",
+        reference: Some(("flock FILE true, mean", m2.as_secs_f64() * 1e3)),
+        target: "<= 1.5x",
+        met: Some(ratio <= 1.5),
+        extra: format!(
+            "p50 {} vs {}, {rounds} rounds alternating",
+            ms(pct(&ours, 0.5)),
+            ms(pct(&theirs, 0.5))
+        ),
+    })
 }
 
 /// Holds `n` leases in this process at once and reports the agent's resident memory.
@@ -513,12 +807,20 @@ fn many_leases(socket: &Path, n: usize, agent_pid: u32) -> Result<(), Failure> {
     let took = started.elapsed();
     let s = Client::new(socket).status()?;
     let held = rss_kib(agent_pid);
-    out!(
-        "{} leases held by one process (taken in {:.1} s): agent RSS {} MiB (was {} MiB)   [SPEC target <= 200 MB at 100,000]",
-        s.leases,
-        took.as_secs_f64(),
-        held / 1024,
-        before / 1024
-    );
-    Ok(())
+    let mib = held as f64 / 1024.0;
+    let per_lease = held.saturating_sub(before) as f64 * 1024.0 / s.leases.max(1) as f64;
+    record(json!({"measure": "bytes per lease held", "value": per_lease, "unit": "B"}));
+    emit(Row {
+        measure: &format!("agent RSS with {} leases held by one process", s.leases),
+        ours: mib,
+        unit: "MiB",
+        reference: None,
+        target: "<= 100 MiB at 100,000 leases",
+        met: (s.leases >= 100_000).then_some(mib <= 100.0),
+        extra: format!(
+            "{per_lease:.0} bytes per lease (RSS {:.1} MiB before), taken in {:.1} s",
+            before as f64 / 1024.0,
+            took.as_secs_f64()
+        ),
+    })
 }

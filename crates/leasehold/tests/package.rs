@@ -77,6 +77,11 @@ fn build_deb(out: &Path) -> PathBuf {
         staged.join("release/libleasehold_libvirt.so"),
     )
     .unwrap();
+    std::fs::copy(
+        std::path::Path::new(bin()).with_file_name("leasehold-agent"),
+        staged.join("release/leasehold-agent"),
+    )
+    .unwrap();
     let made = run(Command::new(repo().join("packaging/build-deb"))
         .args(["--no-build", "--fast", "--output"])
         .arg(out)

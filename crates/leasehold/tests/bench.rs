@@ -1,0 +1,111 @@
+//! `leasehold bench`, short, as a smoke test (no timed assertions: figures are the bench's to
+//! print, never a test's to judge), and the split into the lean `leasehold` and the whole
+//! `leasehold-agent` that `leasehold agent` and `leasehold bench` execute.
+
+mod common;
+
+use std::process::Command;
+
+use common::{Agent, bin, text};
+
+/// Every row of issue 15's table that one host can show comes out of `--json` beside its
+/// reference, with the ratio and the target.
+#[test]
+fn bench_json_has_every_row_beside_its_reference() {
+    let out = Command::new(bin())
+        .args([
+            "bench",
+            "--json",
+            "--seconds",
+            "0.2",
+            "--clients",
+            "1,64",
+            "--runs",
+            "3",
+            "--exits",
+            "2",
+            "--leases",
+            "200",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "bench failed: {}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not one JSON document ({e}): {}", text(&out.stdout)));
+    let figures = v["figures"].as_array().expect("figures");
+    let find = |prefix: &str| {
+        figures
+            .iter()
+            .find(|f| f["measure"].as_str().is_some_and(|m| m.starts_with(prefix)))
+            .unwrap_or_else(|| panic!("no figure {prefix:?} in {v}"))
+    };
+    for (measure, reference) in [
+        (
+            "leasehold run --exclusive R -- true",
+            "flock FILE true, mean",
+        ),
+        (
+            "acquire+release/s through the agent, local store, durable, 64 clients",
+            "the store alone",
+        ),
+        (
+            "acquire+release/s through the agent, local store, durable, 1 clients",
+            "the store alone",
+        ),
+    ] {
+        let f = find(measure);
+        assert_eq!(f["reference"], reference, "{f}");
+        let (ours, theirs) = (
+            f["value"].as_f64().unwrap(),
+            f["reference_value"].as_f64().unwrap(),
+        );
+        assert!(ours > 0.0 && theirs > 0.0, "{f}");
+        let ratio = f["ratio"].as_f64().unwrap();
+        assert!((ratio - ours / theirs).abs() < 1e-9, "{f}");
+        assert!(f["target"].as_str().is_some_and(|t| !t.is_empty()), "{f}");
+    }
+    assert!(find("leasehold run")["met"].is_boolean());
+    assert!(
+        find("acquire+release/s through the agent, local store, durable, 64")["met"].is_boolean()
+    );
+    let rss = find("agent RSS with 200 leases");
+    assert!(rss["value"].as_f64().unwrap() > 0.0, "{rss}");
+    assert!(find("bytes per lease")["value"].as_f64().is_some());
+    assert!(
+        find("holder exit -> lease released")["value"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    assert!(find("agent start to ready")["value"].as_f64().unwrap() > 0.0);
+    assert!(find("load average at start")["value"].is_string());
+}
+
+/// `leasehold agent` continues in `leasehold-agent` (same process), and `leasehold` itself
+/// is lean: it links none of the agent.
+#[test]
+fn the_agent_runs_from_the_whole_binary_and_leasehold_is_lean() {
+    let agent = Agent::start();
+    let exe = std::fs::read_link(format!("/proc/{}/exe", agent.pid())).unwrap();
+    assert_eq!(
+        exe.file_name().unwrap(),
+        "leasehold-agent",
+        "the agent runs as {exe:?}"
+    );
+    let status = agent.lh(&["status", "--json"]);
+    assert!(status.status.success(), "{}", text(&status.stderr));
+    let full = std::path::Path::new(bin()).with_file_name("leasehold-agent");
+    let (lean, whole) = (
+        std::fs::metadata(bin()).unwrap().len(),
+        std::fs::metadata(&full).unwrap().len(),
+    );
+    assert!(
+        lean * 2 < whole,
+        "leasehold is {lean} bytes, leasehold-agent {whole}: the lean binary links the agent"
+    );
+}
