@@ -700,8 +700,24 @@ fn the_cli_reaches_into_the_agent_crate_only_to_run_the_agent() {
         // The SPEC §4 default the bench's failover figure is printed against.
         "leasehold_agent::Timing::etcd_default_grace",
     ];
-    for entry in std::fs::read_dir(src).unwrap() {
-        let path = entry.unwrap().path();
+    // Every source file, in subdirectories too (src/bench/, src/bin/).
+    let mut files = Vec::new();
+    let mut dirs = vec![std::path::PathBuf::from(src)];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    assert!(
+        files.iter().any(|f| f.ends_with("bench/hosts.rs")),
+        "{files:?}"
+    );
+    for path in files {
         let text = std::fs::read_to_string(&path).unwrap();
         for (n, line) in text.lines().enumerate() {
             let mut rest = line;
