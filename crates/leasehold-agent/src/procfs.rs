@@ -395,6 +395,140 @@ pub fn exit_status(pidfd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<Option
     Ok((info.mask & PIDFD_INFO_EXIT != 0).then_some(ExitStatus(info.exit_code)))
 }
 
+/// Whether this kernel keeps an exited process's status for its pidfds (`PIDFD_GET_INFO`
+/// with `PIDFD_INFO_EXIT`, Linux 6.15), found once by trying it on a child of our own.
+/// `LEASEHOLD_EXIT_STATUS_FROM=proc` in the agent's environment says no (the tests use it to
+/// run the older kernels' path on this one).
+pub fn pidfd_exit_supported() -> bool {
+    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SUPPORTED.get_or_init(|| {
+        if std::env::var_os("LEASEHOLD_EXIT_STATUS_FROM").is_some_and(|v| v == "proc") {
+            return false;
+        }
+        let probe = || -> Option<bool> {
+            let mut child = std::process::Command::new("true")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .ok()?;
+            // Not reaped yet, so the pid is still this child's.
+            let pid = Pid::from_raw(i32::try_from(child.id()).ok()?)?;
+            let fd = pidfd_open(pid, PidfdFlags::empty());
+            child.wait().ok()?;
+            Some(exit_status(fd.ok()?.as_fd()).is_ok_and(|s| s.is_some()))
+        };
+        probe().unwrap_or(false)
+    })
+}
+
+/// The kernel's `PROC_USER_INIT_INO`: the initial user namespace.
+const INIT_USER_NS: &str = "user:[4026531837]";
+
+/// The exit status of an exited process from field 52 of `/proc/PID/stat`, for kernels
+/// without [`exit_status`] (before Linux 6.15). It is there only while the process is a
+/// zombie: once its parent reaps it (for QEMU, init: under systemd at once), it is gone, and
+/// a non-parent cannot delay the reaping. So this is a race the agent may lose; it reads as
+/// soon as the pidfd says the process exited.
+///
+/// The kernel shows the field as 0 to a reader without ptrace read access to the process:
+/// that would look clean. So the status counts only when the agent has that access: the same
+/// user and group ids as the process, or `CAP_SYS_PTRACE` in the initial user namespace.
+///
+/// # Errors
+/// Why the status cannot be told: the process was reaped (or the pid reused), is not a
+/// zombie, or the agent may not read the field.
+pub fn zombie_exit_status(pid: u32, start_time: u64) -> Result<ExitStatus, String> {
+    use rustix::fs::{Mode, OFlags, open, openat};
+    let dir = open(
+        format!("/proc/{pid}"),
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| format!("it was reaped before the agent could read its status ({e})"))?;
+    // Both files through the one directory: a pid reused meanwhile cannot answer for it.
+    let read = |name: &str| -> Result<String, String> {
+        let fd = openat(&dir, name, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
+            .map_err(|e| format!("it was reaped before the agent could read its status ({e})"))?;
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::fs::File::from(fd), &mut text)
+            .map_err(|e| format!("it was reaped before the agent could read its status ({e})"))?;
+        Ok(text)
+    };
+    let stat = read("stat")?;
+    let status = read("status")?;
+    if parse_start_time(&stat) != Some(start_time) {
+        return Err("it was reaped before the agent could read its status (pid reused)".into());
+    }
+    if parse_state(&stat) != Some('Z') {
+        return Err(format!(
+            "/proc/{pid}/stat says state {:?}, not a zombie",
+            parse_state(&stat)
+        ));
+    }
+    if !may_read_exit_code(&status) {
+        return Err(
+            "the agent may not read its exit code (another user, and no CAP_SYS_PTRACE)".into(),
+        );
+    }
+    parse_exit_code(&stat)
+        .map(ExitStatus)
+        .ok_or_else(|| format!("/proc/{pid}/stat has no exit code field (Linux before 3.5)"))
+}
+
+/// Field 52 of a `/proc/PID/stat` line: the exit code, in `waitpid`'s form.
+fn parse_exit_code(stat: &str) -> Option<i32> {
+    // After ")" come fields 3, 4, ...; field 52 is the 50th of them.
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(49)?
+        .parse()
+        .ok()
+}
+
+/// Whether the kernel shows this agent a process's exit code (`ptrace_may_access` in read
+/// mode), from the process's `/proc/PID/status`: its real, effective and saved ids all equal
+/// the agent's, or the agent has `CAP_SYS_PTRACE` in the initial user namespace.
+fn may_read_exit_code(status: &str) -> bool {
+    let ids = |key: &str| -> Vec<u32> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(|l| {
+                l.split_whitespace()
+                    .take(3)
+                    .filter_map(|n| n.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let (uids, gids) = (ids("Uid:"), ids("Gid:"));
+    let me = (
+        rustix::process::geteuid().as_raw(),
+        rustix::process::getegid().as_raw(),
+    );
+    let same = uids.len() == 3
+        && gids.len() == 3
+        && uids.iter().all(|u| *u == me.0)
+        && gids.iter().all(|g| *g == me.1);
+    same || has_sys_ptrace()
+}
+
+/// Whether the agent has `CAP_SYS_PTRACE` (bit 19 of `CapEff`) in the initial user namespace.
+fn has_sys_ptrace() -> bool {
+    let in_init_ns =
+        std::fs::read_link("/proc/self/ns/user").is_ok_and(|l| l.as_os_str() == INIT_USER_NS);
+    let caps = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+        })
+        .unwrap_or(0);
+    in_init_ns && caps & (1 << 19) != 0
+}
+
 #[cfg(test)]
 mod exit_tests {
     use super::*;
@@ -419,5 +553,48 @@ mod exit_tests {
         assert_eq!(status_of("kill -9 $$"), Some(ExitStatus(9)));
         assert!(status_of("exit 0").unwrap().is_zero());
         assert!(!status_of("kill -TERM $$").unwrap().is_zero());
+    }
+
+    /// The status of a child that ran `sh -c SCRIPT`, read from `/proc` while a zombie.
+    fn zombie_status_of(script: &str) -> Result<ExitStatus, String> {
+        let mut child = Command::new("sh").args(["-c", script]).spawn().unwrap();
+        let pid = child.id();
+        let start = start_time(pid).unwrap();
+        let fd = Pidfd::open(pid, start).unwrap();
+        // Exited (the pidfd is readable), not reaped: a zombie.
+        let mut fds = [rustix::event::PollFd::new(
+            &fd.fd,
+            rustix::event::PollFlags::IN,
+        )];
+        rustix::event::poll(&mut fds, None).unwrap();
+        let got = zombie_exit_status(pid, start);
+        child.wait().unwrap();
+        assert!(zombie_exit_status(pid, start).is_err(), "reaped: unknown");
+        got
+    }
+
+    #[test]
+    fn the_exit_status_is_read_from_a_zombies_stat_on_older_kernels() {
+        assert_eq!(zombie_status_of("exit 0"), Ok(ExitStatus(0)));
+        assert_eq!(zombie_status_of("exit 3"), Ok(ExitStatus(3 << 8)));
+        assert_eq!(zombie_status_of("kill -9 $$"), Ok(ExitStatus(9)));
+        // A live process is no zombie.
+        let me = std::process::id();
+        assert!(zombie_exit_status(me, start_time(me).unwrap()).is_err());
+        // This kernel (6.15 or later here) keeps exit states for pidfds.
+        assert!(pidfd_exit_supported());
+    }
+
+    #[test]
+    fn another_users_exit_code_counts_only_with_cap_sys_ptrace() {
+        let mine = format!(
+            "Uid:\t{0}\t{0}\t{0}\t{0}\nGid:\t{1}\t{1}\t{1}\t{1}\n",
+            rustix::process::geteuid().as_raw(),
+            rustix::process::getegid().as_raw()
+        );
+        assert!(may_read_exit_code(&mine));
+        let other = "Uid:\t64055\t64055\t64055\t64055\nGid:\t108\t108\t108\t108\n";
+        assert_eq!(may_read_exit_code(other), has_sys_ptrace());
+        assert_eq!(may_read_exit_code(""), has_sys_ptrace());
     }
 }

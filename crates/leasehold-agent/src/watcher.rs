@@ -57,6 +57,23 @@ const RESERVE: usize = 4;
 /// without it (as died). libvirt's QEMU is reaped by init, at once under systemd.
 const REAP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// The exit status of an exited holder read from `/proc` while it is a zombie (kernels
+/// before 6.15); `None`, logged with the reason, when it cannot be told: its leases then end
+/// as died.
+fn zombie_status(process: &ProcessKey) -> Option<ExitStatus> {
+    match crate::procfs::zombie_exit_status(process.pid, process.start_time) {
+        Ok(s) => Some(s),
+        Err(why) => {
+            warn!(
+                pid = process.pid,
+                why,
+                "a holder's exit status is unknown (this kernel keeps none for pidfds; /proc has it only until the process is reaped): its leases end as died"
+            );
+            None
+        }
+    }
+}
+
 fn fill_reserve(reserve: &mut Vec<std::fs::File>) {
     while reserve.len() < RESERVE {
         match std::fs::File::open("/dev/null") {
@@ -249,6 +266,10 @@ impl<S: Store> Watcher<S> {
         if !wanted {
             return None;
         }
+        if !crate::procfs::pidfd_exit_supported() {
+            // Before Linux 6.15: read it from the zombie, now, before init reaps it.
+            return zombie_status(process);
+        }
         let give_up = std::time::Instant::now() + REAP_WAIT;
         loop {
             match crate::procfs::exit_status(fd.get_ref().as_fd()) {
@@ -264,8 +285,8 @@ impl<S: Store> Watcher<S> {
                     return None;
                 }
                 Err(e) => {
-                    warn!(pid = process.pid, error = %e, "cannot read a holder's exit status (PIDFD_GET_INFO needs Linux 6.15): its leases end as died");
-                    return None;
+                    warn!(pid = process.pid, error = %e, "cannot read a holder's exit status from its pidfd (PIDFD_GET_INFO needs Linux 6.15): trying /proc");
+                    return zombie_status(process);
                 }
             }
         }

@@ -94,6 +94,63 @@ fn the_exit_status_decides_clean_or_dirty_for_owners_that_ask() {
     assert_eq!(ended(&a, &c, "script-disk"), (EndReason::ProcessDied, true));
 }
 
+/// Kernels before 6.15 keep no exit status for pidfds: the agent reads it from the zombie's
+/// `/proc/PID/stat` before its parent reaps it (forced here by `LEASEHOLD_EXIT_STATUS_FROM=proc`,
+/// which this 6.15+ kernel needs to take that path). Reaped first, it is unknown: dirty.
+#[test]
+fn before_linux_6_15_the_exit_status_is_read_from_the_zombie_until_it_is_reaped() {
+    let a = Agent::launch("node1", &[], &["env", "LEASEHOLD_EXIT_STATUS_FROM=proc"]);
+    let c = Client::new(&a.socket).with_timeout(Some(Duration::from_secs(30)));
+
+    // Exit 0, not reaped until its lease has ended (a parent that reaps late): clean.
+    let mut vm = shell();
+    take(&c, &vm_request("zombie-clean", vm.id())).unwrap();
+    writeln!(vm.stdin.take().unwrap(), "0").unwrap();
+    assert_eq!(
+        ended(&a, &c, "zombie-clean"),
+        (EndReason::ExitedClean, false)
+    );
+    assert!(vm.wait().unwrap().success());
+
+    // Another status, or a signal: dirty.
+    let mut vm = shell();
+    take(&c, &vm_request("zombie-failed", vm.id())).unwrap();
+    writeln!(vm.stdin.take().unwrap(), "3").unwrap();
+    assert_eq!(
+        ended(&a, &c, "zombie-failed"),
+        (EndReason::ProcessDied, true)
+    );
+    assert_eq!(vm.wait().unwrap().code(), Some(3));
+
+    let mut vm = shell();
+    take(&c, &vm_request("zombie-killed", vm.id())).unwrap();
+    vm.kill().unwrap();
+    assert_eq!(
+        ended(&a, &c, "zombie-killed"),
+        (EndReason::ProcessDied, true)
+    );
+    vm.wait().unwrap();
+
+    // Exit 0, but reaped before the agent looked (it was stopped): the status is gone, so
+    // the disk is dirty (with PIDFD_GET_INFO it would be clean).
+    let mut vm = shell();
+    take(&c, &vm_request("zombie-reaped", vm.id())).unwrap();
+    signal(a.pid(), libc::SIGSTOP);
+    writeln!(vm.stdin.take().unwrap(), "0").unwrap();
+    assert!(vm.wait().unwrap().success());
+    signal(a.pid(), libc::SIGCONT);
+    assert_eq!(
+        ended(&a, &c, "zombie-reaped"),
+        (EndReason::ProcessDied, true)
+    );
+    assert!(
+        a.log()
+            .contains("reaped before the agent could read its status"),
+        "{}",
+        a.log()
+    );
+}
+
 #[test]
 fn a_resume_is_refused_when_someone_held_the_disk_while_paused() {
     let a = Agent::start();
