@@ -389,4 +389,26 @@ fn hotplug_takes_a_lease_refuses_a_held_disk_naming_its_holder_and_unplug_releas
     wait_released(&a, &lease(&free));
     assert!(!a.is_dirty(&lease(&free)), "an unplugged disk is clean");
     assert_eq!(a.holders(&lease(&d1)), vec![u64::from(q1)]);
+
+    // An attach that QEMU fails after the lease was taken (not a qcow2 image): libvirt's
+    // rollback releases it, so the disk is not left held by a domain that never had it.
+    let bad = l.dir.path().join("images/bad.qcow2");
+    std::fs::write(&bad, b"not an image").unwrap();
+    let o = attach(&bad);
+    assert!(!o.status.success(), "attached a broken image");
+    // (The lease was taken first: libvirt locks an image before QEMU opens it.)
+    let granted = format!("resource={}", lease(&bad));
+    assert!(
+        a.log()
+            .lines()
+            .any(|l| l.contains("granted") && l.contains(&granted)),
+        "{}",
+        a.log()
+    );
+    assert!(
+        a.holders(&lease(&bad)).is_empty(),
+        "a failed attach left its lease held: {}",
+        text(&o.stderr)
+    );
+    assert_eq!(a.holders(&lease(&d1)), vec![u64::from(q1)]);
 }
