@@ -808,19 +808,22 @@ fn many_leases(socket: &Path, n: usize, agent_pid: u32) -> Result<(), Failure> {
     let s = Client::new(socket).status()?;
     let held = rss_kib(agent_pid);
     let mib = held as f64 / 1024.0;
-    let per_lease = held.saturating_sub(before) as f64 * 1024.0 / s.leases.max(1) as f64;
+    // Every acquire above succeeded (the bench stops at the first that fails), so `n` are
+    // held; the agent's own count is shown too (missing, 0, when listing timed out).
+    let per_lease = held.saturating_sub(before) as f64 * 1024.0 / n.max(1) as f64;
     record(json!({"measure": "bytes per lease held", "value": per_lease, "unit": "B"}));
     emit(Row {
-        measure: &format!("agent RSS with {} leases held by one process", s.leases),
+        measure: &format!("agent RSS with {n} leases held by one process"),
         ours: mib,
         unit: "MiB",
         reference: None,
         target: "<= 100 MiB at 100,000 leases",
-        met: (s.leases >= 100_000).then_some(mib <= 100.0),
+        met: (n >= 100_000).then_some(mib <= 100.0),
         extra: format!(
-            "{per_lease:.0} bytes per lease (RSS {:.1} MiB before), taken in {:.1} s",
+            "{per_lease:.0} bytes per lease (RSS {:.1} MiB before), taken in {:.1} s; the agent counts {}",
             before as f64 / 1024.0,
-            took.as_secs_f64()
+            took.as_secs_f64(),
+            s.leases
         ),
     })
 }
