@@ -470,7 +470,8 @@ fn throughput(
         _ => None,
     };
     let raw = match &reference {
-        Reference::RawEtcd(eps) => Some(raw_client(eps)?),
+        // The etcd client needs the runtime's context to be made.
+        Reference::RawEtcd(eps) => Some(rt.block_on(async { raw_client(eps) })?),
         _ => None,
     };
     for _ in 0..2 {

@@ -109,3 +109,66 @@ fn the_agent_runs_from_the_whole_binary_and_leasehold_is_lean() {
         "leasehold is {lean} bytes, leasehold-agent {whole}: the lean binary links the agent"
     );
 }
+
+/// On etcd, the rows of the etcd targets come out beside their raw-etcd references: acquire
+/// beside a create-if-absent transaction, 64 clients beside raw put-then-delete cycles, and
+/// the failover figure.
+#[test]
+fn bench_on_etcd_has_its_rows_beside_raw_etcd() {
+    let etcd = leasehold_testkit::Etcd::start();
+    let out = Command::new(bin())
+        .args([
+            "bench",
+            "--json",
+            "--etcd-endpoints",
+            &etcd.endpoint(),
+            "--seconds",
+            "0.2",
+            "--clients",
+            "64",
+            "--runs",
+            "0",
+            "--exits",
+            "0",
+            "--leases",
+            "0",
+            "--raw-rounds",
+            "5",
+            "--ttl",
+            "2s",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "bench failed: {}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not one JSON document ({e}): {}", text(&out.stdout)));
+    let figures = v["figures"].as_array().expect("figures");
+    for (measure, reference) in [
+        (
+            "acquire p50 through the agent on etcd",
+            "raw etcd create-if-absent txn p50",
+        ),
+        (
+            "acquire+release/s through the agent on etcd, 64 clients",
+            "raw etcd put-then-delete",
+        ),
+        (
+            "host death -> its disk granted on another host",
+            "ttl + grace",
+        ),
+    ] {
+        let f = figures
+            .iter()
+            .find(|f| f["measure"] == measure)
+            .unwrap_or_else(|| panic!("no figure {measure:?} in {v}"));
+        assert_eq!(f["reference"], reference, "{f}");
+        assert!(f["value"].as_f64().unwrap() > 0.0, "{f}");
+        assert!(f["reference_value"].as_f64().unwrap() > 0.0, "{f}");
+        assert!(f["met"].is_boolean(), "{f}");
+    }
+}
