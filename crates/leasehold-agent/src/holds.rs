@@ -3,11 +3,15 @@
 //! One task follows the store's events; a client that holds its acquire stream open registers
 //! its process here and receives only the endings of that process's leases, so an event
 //! wakes the one client concerned, not every holding client.
+//!
+//! It also keeps the leases the fence revoked (a revocable holder's, when the host session
+//! was lost) until the store records their end: meanwhile `validate` refuses their tokens and
+//! their owners cannot release them as if nothing happened, even while etcd does not answer.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
-use leasehold_core::{Ended, ProcessKey, ResourceName};
+use leasehold_core::{Ended, OwnerId, ProcessKey, ResourceName, Token};
 use tokio::sync::mpsc;
 
 /// What a holding client is told.
@@ -30,6 +34,8 @@ type Senders = HashMap<ProcessKey, Vec<(u64, mpsc::UnboundedSender<Note>)>>;
 #[derive(Default)]
 pub struct Holds {
     inner: Mutex<(u64, Senders)>,
+    /// Leases revoked by the fence whose end the store has not recorded yet.
+    revoked: Mutex<BTreeMap<(ResourceName, Token), Ended>>,
 }
 
 /// A registration; dropping it unregisters.
@@ -62,8 +68,47 @@ impl Holds {
         }
     }
 
-    /// Passes the end of a lease to whoever holds it.
+    /// Passes the end of a lease to whoever holds it (the store recorded it).
     pub fn ended(&self, resource: &ResourceName, ended: &Ended) {
+        if let Ok(mut r) = self.revoked.lock() {
+            r.remove(&(resource.clone(), ended.token));
+        }
+        self.tell(resource, ended);
+    }
+
+    /// Revokes a lease here, before the store can record its end (the host session was lost
+    /// and the holder asked `on_lost = revoke`): its holder is told now, and its token counts
+    /// as ended here until the store's own ending of it arrives through [`Holds::ended`].
+    pub fn revoke(&self, resource: &ResourceName, ended: &Ended) {
+        if let Ok(mut r) = self.revoked.lock() {
+            r.insert((resource.clone(), ended.token), ended.clone());
+        }
+        self.tell(resource, ended);
+    }
+
+    /// Whether `token` of `resource` was revoked here and its end not yet recorded; `true`
+    /// when the registry was poisoned (the safe answer for a token).
+    pub fn is_revoked(&self, resource: &ResourceName, token: Token) -> bool {
+        self.revoked
+            .lock()
+            .map_or(true, |r| r.contains_key(&(resource.clone(), token)))
+    }
+
+    /// The revoked lease of `resource` held by `process` (as `owner_id`), if any, whose end
+    /// the store has not recorded yet.
+    pub fn revoked_of(
+        &self,
+        resource: &ResourceName,
+        process: &ProcessKey,
+        owner_id: Option<&OwnerId>,
+    ) -> Option<Ended> {
+        let r = self.revoked.lock().ok()?;
+        r.iter()
+            .find(|((name, _), e)| name == resource && e.owner.is(process, owner_id))
+            .map(|(_, e)| e.clone())
+    }
+
+    fn tell(&self, resource: &ResourceName, ended: &Ended) {
         let Ok(g) = self.inner.lock() else { return };
         for (_, tx) in g.1.get(&ended.owner.process).into_iter().flatten() {
             let _ = tx.send(Note::Ended {

@@ -198,35 +198,25 @@ pub async fn serve<S: Store>(
             let every = (config.timing.renew / 2).min(std::time::Duration::from_secs(1));
             background.push(tokio::spawn(Arc::clone(w).feed(every)).abort_handle());
         }
+        let fencer = Arc::new(fence::Fencer {
+            store: store.clone(),
+            watcher: watcher.clone(),
+            holds: holds.clone(),
+            events: agent_events.clone(),
+            host: config.host_id.clone(),
+            watchdog,
+        });
         // The backend says the session is over (revoked, expired, restored away): every
-        // holder of it dies now, before the store opens a new session.
-        let (w, e, h, dog) = (
-            watcher.clone(),
-            agent_events.clone(),
-            config.host_id.clone(),
-            watchdog.clone(),
-        );
+        // holder of it dies now (but the revocable ones), before the store opens a new session.
+        let f = fencer.clone();
         store.on_session_end(Box::new(move |_| {
-            fence::fence_now(
-                &w,
-                &e,
-                &h,
-                dog.clone(),
+            f.fence_now(
                 std::time::Instant::now(),
-                "the host session ended: fenced (SIGKILLed) every local holder",
+                "the host session ended: fenced (SIGKILLed) every local holder but the revocable ones",
             );
         }));
         background.push(
-            tokio::spawn(fence::fence(
-                session,
-                watcher.clone(),
-                config.timing,
-                watchdog,
-                deadline_tx,
-                agent_events.clone(),
-                config.host_id.clone(),
-            ))
-            .abort_handle(),
+            tokio::spawn(fence::fence(session, fencer, config.timing, deadline_tx)).abort_handle(),
         );
     }
     let (listener, bound) = bind(&config.socket, config.socket_group.as_ref())?;

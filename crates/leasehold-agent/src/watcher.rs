@@ -472,6 +472,12 @@ impl<S: Store> Watcher<S> {
                 .map(|w| w.keys().cloned().collect())
                 .unwrap_or_default(),
         };
+        self.fence_these(holders)
+    }
+
+    /// [`Watcher::fence_holders`] for the processes `holders` (the fence has spared the
+    /// revocable ones).
+    pub fn fence_these(&self, holders: Vec<ProcessKey>) -> Vec<(ProcessKey, bool)> {
         if let Ok(mut f) = self.fenced.lock() {
             f.extend(holders.iter().cloned());
         }

@@ -363,12 +363,13 @@ pub struct Owner {
     /// What the process's exit does to its exclusive leases.
     #[serde(default, skip_serializing_if = "OnExit::is_default")]
     pub on_exit: OnExit,
-    /// What a lease's revocation (force-release) does to the process.
+    /// What losing a lease (force-release, or the host session lost) does to the process.
     #[serde(default, skip_serializing_if = "OnLost::is_default")]
     pub on_lost: OnLost,
 }
 
-/// What the agent does to a holder whose lease is revoked by force-release.
+/// What the agent does to a holder whose lease is lost: revoked by force-release, or its host
+/// session lost (the fence).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum OnLost {

@@ -31,8 +31,8 @@ use std::future::Future;
 use std::time::Duration;
 
 use leasehold_core::{
-    AcquireError, Conflict, Ended, Event, Grant, HostId, Mode, Owner, OwnerId, ProcessKey,
-    ReleaseError, ReleaseKind, Released, ResourceName, Token,
+    AcquireError, Conflict, EndReason, Ended, Event, Grant, HostId, Mode, Owner, OwnerId,
+    ProcessKey, ReleaseError, ReleaseKind, Released, ResourceName, Token,
 };
 pub use leasehold_core::{ResourceView, WaiterView};
 
@@ -137,6 +137,10 @@ pub struct HostView {
     /// How long its session lives without another renewal; `None` where it never expires.
     pub expires_in: Option<Duration>,
 }
+
+/// The leases of this host's holders by process; see [`Store::local_leases`].
+pub type LocalLeases =
+    std::collections::HashMap<ProcessKey, Option<Vec<(ResourceName, leasehold_core::Lease)>>>;
 
 /// What a store calls when this host's session has ended; see [`Store::on_session_end`].
 pub type SessionEndHook = Box<dyn Fn(leasehold_core::SessionId) + Send + Sync>;
@@ -295,6 +299,19 @@ pub trait Store: Send + Sync + 'static {
         self.end_process(process)
     }
 
+    /// Ends the leases named by resource and token as `how`, leaving out any that has
+    /// already ended; their processes live on. The agent's end of a revocable holder's leases
+    /// (`on_lost = revoke`) after its host session was lost: by token, so a lease its owner
+    /// was granted since is not touched.
+    ///
+    /// # Errors
+    /// As [`Store::end_process`].
+    fn end_leases(
+        &self,
+        leases: Vec<(ResourceName, Token)>,
+        how: EndReason,
+    ) -> impl Future<Output = Result<Vec<Released>, StoreError>> + Send;
+
     /// Revokes every lease on `resource` (admin).
     ///
     /// # Errors
@@ -380,6 +397,14 @@ pub trait Store: Send + Sync + 'static {
     /// tell (released and handed-over processes are not among them); `None` when the store
     /// keeps no such index. What a fence kills.
     fn local_holders(&self) -> Option<Vec<ProcessKey>> {
+        None
+    }
+
+    /// The leases of [`Store::local_holders`], by process, as far as this store knows them
+    /// without asking its backend; `None` when it keeps no such index. A process is given
+    /// `None` when the lease of one of its resources is not known here yet (its record not
+    /// seen): the fence then treats it as a holder to kill.
+    fn local_leases(&self) -> Option<LocalLeases> {
         None
     }
 

@@ -401,3 +401,161 @@ fn a_run_waiting_through_an_agent_restart_asks_again_and_gets_the_disk() {
     let err = text(&out.stderr);
     assert!(err.contains("asking again"), "{err}");
 }
+
+/// A revocable holder (issue 14 item 3): a Python service, through the `leasehold` package
+/// of this tree, that takes `lock` with `on_lost="revoke"`, prints `token N`, then answers
+/// each line on its stdin with `owner True|False` (`is_still_owner()`); when stdin closes it
+/// releases and prints how that went.
+const REVOCABLE: &str = r#"
+import sys, leasehold
+c = leasehold.Client()
+lease = c.acquire("lock", on_lost="revoke")
+print("token", lease.tokens["lock"], flush=True)
+for _ in sys.stdin:
+    print("owner", lease.is_still_owner(), flush=True)
+try:
+    lease.release()
+    print("released", flush=True)
+except leasehold.LeaseLost as e:
+    print("lost:", e, flush=True)
+"#;
+
+/// The revocable service under `a`: the child, its stdin and its output lines, and its token.
+fn revocable_holder(a: &Agent) -> (std::process::Child, std::process::ChildStdin, Lines, u64) {
+    let python = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../python");
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", REVOCABLE])
+        .env("PYTHONPATH", python)
+        .env("LEASEHOLD_SOCKET", &a.socket)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("python3 runs");
+    let stdin = child.stdin.take().unwrap();
+    let mut out = Lines::new(child.stdout.take().unwrap());
+    let line = out.wait_for("token ", Duration::from_secs(30));
+    let token = line.trim().rsplit(' ').next().unwrap().parse().unwrap();
+    (child, stdin, out, token)
+}
+
+/// Asks the service whether it still owns its lease.
+fn still_owner(stdin: &mut std::process::ChildStdin, out: &mut Lines) -> String {
+    use std::io::Write;
+    out.seen.clear();
+    writeln!(stdin, "check").unwrap();
+    out.wait_for("owner ", Duration::from_secs(30))
+        .trim()
+        .to_owned()
+}
+
+/// Whether `token` of `lock` is valid, by the agent's `validate` (exit 0: valid).
+fn validates(a: &Agent, token: u64) -> bool {
+    a.lh(&["validate", "lock", &token.to_string()])
+        .status
+        .success()
+}
+
+/// The lease of the revocable service ended in etcd, and is nobody's now: as fenced (the
+/// agent ended it) or as its session's expiry (etcd ended the session first).
+fn revoked_lease_recorded(a: &Agent, token: u64) {
+    let mut last = None;
+    let recorded = |v: &serde_json::Value| {
+        v["holders"].as_array().is_some_and(Vec::is_empty)
+            && v["last_ended"]["token"] == token
+            && ["fenced", "session-expired"]
+                .contains(&v["last_ended"]["how"].as_str().unwrap_or(""))
+    };
+    let limit = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < limit {
+        last = a.inspect("lock");
+        if last.as_ref().is_some_and(recorded) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!(
+        "the revoked lease's end is not recorded in 30 s: {last:?}\n{}",
+        a.log()
+    );
+}
+
+/// The service finishes: its release is refused as lost, and it exits by itself.
+fn service_ends_told_lost(
+    mut child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    mut out: Lines,
+) {
+    drop(stdin);
+    let line = out.wait_for("lost:", Duration::from_secs(30));
+    assert!(line.contains("lock"), "{line}");
+    assert!(child.wait().unwrap().success());
+}
+
+/// Issue 14 item 3, on etcd: when etcd says the host session ended, a holder whose leases
+/// asked `on_lost = revoke` is not killed: it is told (`is_still_owner()` false), its lease
+/// ends as fenced, and `validate` refuses its token under the new session; a plain holder
+/// beside it is still SIGKILLed (G3 unchanged for it).
+#[test]
+fn an_ended_session_revokes_the_leases_of_revocable_holders_and_kills_the_others() {
+    let etcd = Etcd::start();
+    let p = prefix();
+    let a = Agent::on_etcd("host-a", &etcd.endpoint(), &p, &[], &[]);
+    let plain = Holder::new();
+    expect_code(&a.lh(&["acquire", "disk", "--pid", &plain.pid_arg()]), 0);
+    let (service, mut stdin, mut out, token) = revocable_holder(&a);
+    assert_eq!(still_owner(&mut stdin, &mut out), "owner True");
+    assert!(validates(&a, token));
+    let key = format!("{p}hosts/host-a");
+    let lease = |etcd: &Etcd| {
+        let out = etcd.etcdctl(&["get", &key, "-w", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["kvs"][0]["lease"].as_i64()
+    };
+    let old = lease(&etcd).expect("the host key is on the session's lease");
+    let out_revoke = etcd.etcdctl(&["lease", "revoke", &format!("{old:x}")]);
+    assert!(out_revoke.status.success(), "{}", text(&out_revoke.stderr));
+    wait_until(
+        "the plain holder is killed",
+        Duration::from_secs(15),
+        || !alive(plain.pid()),
+    );
+    wait_until("a new session is open", Duration::from_secs(15), || {
+        lease(&etcd).is_some_and(|l| l != old)
+    });
+    revoked_lease_recorded(&a, token);
+    assert!(alive(service.id()), "the revocable holder lives on");
+    assert_eq!(still_owner(&mut stdin, &mut out), "owner False");
+    assert!(!validates(&a, token), "the old token is refused");
+    let log = a.log();
+    assert!(log.contains("holder not killed"), "{log}");
+    service_ends_told_lost(service, stdin, out);
+}
+
+/// Issue 14 item 3, on etcd: when renewals fail until the fence deadline (etcd frozen), the
+/// revocable holder is told at once: `validate` refuses its token while etcd still does not
+/// answer; its lease ends as fenced once etcd is back. The plain holder beside it is killed.
+#[test]
+fn a_fence_revokes_revocable_holders_at_once_while_etcd_is_unreachable() {
+    let etcd = Etcd::start();
+    let p = prefix();
+    let a = Agent::on_etcd("host-a", &etcd.endpoint(), &p, &[], &[]);
+    let plain = Holder::new();
+    expect_code(&a.lh(&["acquire", "disk", "--pid", &plain.pid_arg()]), 0);
+    let (service, mut stdin, mut out, token) = revocable_holder(&a);
+    assert_eq!(still_owner(&mut stdin, &mut out), "owner True");
+    etcd.stop();
+    wait_until(
+        "the plain holder is fenced",
+        Duration::from_secs(15),
+        || !alive(plain.pid()),
+    );
+    // etcd still answers nothing: the agent refuses the token from what it revoked.
+    assert_eq!(still_owner(&mut stdin, &mut out), "owner False");
+    assert!(!validates(&a, token), "the old token is refused");
+    assert!(alive(service.id()), "the revocable holder lives on");
+    etcd.cont();
+    revoked_lease_recorded(&a, token);
+    assert!(!validates(&a, token));
+    service_ends_told_lost(service, stdin, out);
+}

@@ -187,8 +187,25 @@ impl<S: Store> Service<S> {
         if owner.on_lost == leasehold_core::OnLost::Revoke && !self.config.allow_revoke {
             return Err(super::usage(
                 "this agent forbids on_lost = revoke (allow-revoke = false in its config): a \
-                 force-release kills the holder here; ask without on_lost, or ask the agent's \
-                 administrator",
+                 force-release or a lost host session kills the holder here; ask without \
+                 on_lost, or ask the agent's administrator",
+            ));
+        }
+        // A lease the fence revoked is still recorded until etcd answers: asking again must
+        // not hand back its old token as if nothing happened.
+        if let Some((name, e)) = items.iter().find_map(|(n, _)| {
+            self.holds
+                .revoked_of(n, &owner.process, owner.id.as_ref())
+                .map(|e| (n, e))
+        }) {
+            return Err(ApiError::new(
+                ErrorCode::BackendUnavailable,
+                format!(
+                    "{name}: this owner's lease (token {}) was revoked when the host's etcd \
+                     session was lost, and etcd has not recorded its end yet; try again once \
+                     etcd answers (leasehold status shows the session)",
+                    e.token
+                ),
             ));
         }
         let before_fence = r.before_fence;

@@ -352,6 +352,30 @@ impl<S: Store> Service<S> {
             start_time: info.start_time,
         };
         self.refuse_restricted(c, &names, &process).await?;
+        let mut out = ReleaseOutcome::default();
+        // A lease the fence revoked is not the owner's to release any more, even while etcd
+        // still records it.
+        let names: Vec<ResourceName> = names
+            .into_iter()
+            .filter(|name| {
+                let Some(e) = self.holds.revoked_of(name, &process, owner_id.as_ref()) else {
+                    return true;
+                };
+                out.failed.push((
+                    name.clone(),
+                    ApiError::new(
+                        ErrorCode::Refused,
+                        format!(
+                            "{name} is not held by pid {} any more: its lease (token {}) was \
+                             revoked when this host's etcd session was lost (it asked \
+                             on_lost = revoke); stop using that token and acquire it again",
+                            process.pid, e.token
+                        ),
+                    ),
+                ));
+                false
+            })
+            .collect();
         // Several releases go to the store together, so they share one commit.
         let tasks: Vec<_> = names
             .into_iter()
@@ -373,7 +397,6 @@ impl<S: Store> Service<S> {
                 (name, task)
             })
             .collect();
-        let mut out = ReleaseOutcome::default();
         for (name, t) in tasks {
             match t.await {
                 Ok(Ok(r)) => {
@@ -468,6 +491,24 @@ impl<S: Store> Service<S> {
         r: v1::ValidateRequest,
     ) -> Result<v1::ValidateResponse, ApiError> {
         let name = resource(r.resource)?;
+        // A token the fence revoked is refused here at once, etcd reachable or not; the live
+        // tokens are then given as far as etcd answers (none when it does not).
+        if self.holds.is_revoked(&name, Token(r.token)) {
+            let current_tokens = match self.store.inspect(name.clone()).await {
+                Ok(v) => v
+                    .map(|v| v.holders.iter().map(|l| l.token).collect::<Vec<_>>())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|t| !self.holds.is_revoked(&name, *t))
+                    .map(|t| t.0)
+                    .collect(),
+                Err(_) => Vec::new(),
+            };
+            return Ok(v1::ValidateResponse {
+                current: false,
+                current_tokens,
+            });
+        }
         let current = self
             .store
             .validate(name.clone(), Token(r.token))

@@ -9,7 +9,7 @@ use crate::output::Event;
 use crate::release::{ReleaseError, ReleaseKind, ReleaseRequest, Released};
 use crate::resource::{EndReason, Ended};
 use crate::types::{
-    MAX_TEXT, Mode, Now, OnExit, Owner, ProcessKey, ResourceName, WaiterId, check_free_text,
+    MAX_TEXT, Mode, Now, OnExit, Owner, ProcessKey, ResourceName, Token, WaiterId, check_free_text,
 };
 
 impl Engine {
@@ -136,6 +136,33 @@ impl Engine {
             );
         }
         self.serve(affected, now);
+        released
+    }
+
+    /// Ends the leases named by resource and token, recording them as ended `how`; a lease
+    /// that has already ended (no holder has that token any more) is left out. The agent ends
+    /// so the leases of a revocable holder (`on_lost = revoke`) after its host session was
+    /// lost: by token, so a lease the same owner was granted since is not touched.
+    pub fn end_leases(
+        &mut self,
+        leases: &[(ResourceName, Token)],
+        how: EndReason,
+        now: Now,
+    ) -> Vec<Released> {
+        self.tick(now);
+        let doomed: Vec<(ResourceName, Owner)> = leases
+            .iter()
+            .filter_map(|(r, t)| {
+                let st = self.resources.get(r)?;
+                let l = st.holders.iter().find(|l| l.token == *t)?;
+                Some((r.clone(), l.owner.clone()))
+            })
+            .collect();
+        let released = doomed
+            .iter()
+            .map(|(r, o)| self.end_lease(r, o, how.clone(), now))
+            .collect();
+        self.serve(doomed.into_iter().map(|(r, _)| r).collect(), now);
         released
     }
 

@@ -104,6 +104,11 @@ enum Cmd {
         how: EndReason,
         reply: Reply<Vec<Released>>,
     },
+    EndLeases {
+        leases: Vec<(ResourceName, Token)>,
+        how: EndReason,
+        reply: Reply<Vec<Released>>,
+    },
     ForceRelease {
         resource: ResourceName,
         reason: String,
@@ -394,6 +399,15 @@ impl Store for LocalStore {
             reply,
         })
         .await
+    }
+
+    async fn end_leases(
+        &self,
+        leases: Vec<(ResourceName, Token)>,
+        how: EndReason,
+    ) -> Result<Vec<Released>, StoreError> {
+        self.call(|reply| Cmd::EndLeases { leases, how, reply })
+            .await
     }
 
     async fn force_release(

@@ -332,6 +332,10 @@ impl Worker {
                 let r = self.engine.end_process_as(&process, how, now);
                 defer(answers, reply, Ok(r));
             }
+            Cmd::EndLeases { leases, how, reply } => {
+                let r = self.engine.end_leases(&leases, how, now);
+                defer(answers, reply, Ok(r));
+            }
             Cmd::ForceRelease {
                 resource,
                 reason,
@@ -494,7 +498,9 @@ pub(super) fn refuse(cmd: Cmd, e: &StoreError, orphans: &mut Vec<(ResourceName, 
         Cmd::Acquire { reply, .. } => drop(reply.send(Err(e))),
         Cmd::CancelWait { reply, .. } => drop(reply.send(Err(e))),
         Cmd::Release { reply, .. } => drop(reply.send(Err(e))),
-        Cmd::EndProcess { reply, .. } | Cmd::ForceRelease { reply, .. } => {
+        Cmd::EndProcess { reply, .. }
+        | Cmd::EndLeases { reply, .. }
+        | Cmd::ForceRelease { reply, .. } => {
             drop(reply.send(Err(e)));
         }
         Cmd::MarkClean { reply, .. } => drop(reply.send(Err(e))),

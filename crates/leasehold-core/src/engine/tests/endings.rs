@@ -211,6 +211,32 @@ fn force_release_revokes_dirties_and_records_why() {
     ));
 }
 
+/// The leases of a revocable holder whose host session was lost end by token: the one named
+/// ends as fenced (dirty if exclusive), a token that is no longer a holder's ends nothing.
+#[test]
+fn end_leases_ends_exactly_the_named_tokens() {
+    let mut t = T::new();
+    let old = t.take(1, "d", X, 1).unwrap();
+    let other = t.take(2, "e", Sh, 1).unwrap();
+    t.e.take_output();
+    let r = t.e.end_leases(
+        &[(res("d"), old), (res("e"), Token(other.0 + 100))],
+        EndReason::Fenced,
+        Now::at(2),
+    );
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].ended.token, old);
+    assert_eq!(r[0].ended.how, EndReason::Fenced);
+    assert!(t.holders("d").is_empty());
+    assert!(t.is_dirty("d"));
+    assert_eq!(t.holders("e"), vec![(2, Sh)]);
+    // Ending an ended lease again ends nothing.
+    assert!(
+        t.e.end_leases(&[(res("d"), old)], EndReason::Fenced, Now::at(3))
+            .is_empty()
+    );
+}
+
 #[test]
 fn reacquiring_what_one_holds_returns_the_same_grant() {
     let mut t = T::new();

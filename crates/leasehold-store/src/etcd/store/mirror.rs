@@ -140,6 +140,41 @@ impl Inner {
         *lock(&self.stale, "stale") = stale.into_iter().collect();
     }
 
+    /// The leases of this host's holders (the index of [`Inner::held_index`]) from the
+    /// mirror, by process; `None` for a process with a resource whose lease of it the mirror
+    /// does not show (not seen yet), and for all when the index is poisoned.
+    pub(super) fn local_leases(&self) -> Option<crate::LocalLeases> {
+        // The index is copied first: one lock is never held while taking the other.
+        let held = self.held_index()?.clone();
+        let m = read(&self.mirror, "mirror");
+        let leases_of = |process: &ProcessKey, names: &BTreeSet<ResourceName>| {
+            let mut out = Vec::new();
+            for r in names {
+                let rec = m
+                    .kvs
+                    .get(&self.keys.resource(r))
+                    .and_then(|kv| Record::decode(&kv.value).ok())?;
+                let mine: Vec<_> = rec
+                    .state
+                    .holders()
+                    .iter()
+                    .filter(|l| &l.owner.process == process)
+                    .map(|l| (r.clone(), l.clone()))
+                    .collect();
+                if mine.is_empty() {
+                    return None;
+                }
+                out.extend(mine);
+            }
+            Some(out)
+        };
+        Some(
+            held.iter()
+                .map(|(p, names)| (p.clone(), leases_of(p, names)))
+                .collect(),
+        )
+    }
+
     /// Applies one watch message: its keys to the mirror all at once, with the revision it
     /// reached (so a snapshot from the mirror never shows half of one commit, e.g. another
     /// host's record ended dirty without the grace key written with it), then each event as

@@ -201,6 +201,24 @@ impl Store for EtcdStore {
         self.inner.end_process_as(process, EndReason::Fenced).await
     }
 
+    async fn end_leases(
+        &self,
+        leases: Vec<(ResourceName, Token)>,
+        how: EndReason,
+    ) -> Result<Vec<Released>, StoreError> {
+        let names: BTreeSet<ResourceName> = leases.iter().map(|(r, _)| r.clone()).collect();
+        let (r, _, _) = self
+            .inner
+            .transact(names, |engine, now, _| {
+                Ok((
+                    engine.end_leases(&leases, how.clone(), now),
+                    Extra::default(),
+                ))
+            })
+            .await?;
+        Ok(r)
+    }
+
     async fn force_release(
         &self,
         resource: ResourceName,
@@ -385,6 +403,10 @@ impl Store for EtcdStore {
         // `None` when the index is poisoned: the agent's fence then kills every process it
         // watches.
         self.inner.held_index().map(|h| h.keys().cloned().collect())
+    }
+
+    fn local_leases(&self) -> Option<crate::LocalLeases> {
+        self.inner.local_leases()
     }
 
     fn wait_notes(&self) -> broadcast::Receiver<WaitNote> {
