@@ -221,12 +221,23 @@ fn backend_args(a: &BenchArgs) -> Vec<String> {
     v
 }
 
+/// Starts an agent and waits until it answers.
 fn start_agent(host: &str, args: &[String]) -> Result<(OwnAgent, PathBuf, Duration), Failure> {
+    let (agent, socket, started) = spawn_agent(host, args)?;
+    let ready = wait_ready(&socket, started)?;
+    Ok((agent, socket, ready))
+}
+
+/// Starts an agent on a socket in a scratch directory. It dies with the thread that called
+/// this (`PR_SET_PDEATHSIG`), so a bench that is killed leaves no agent behind: call it from
+/// the thread that outlives the agent.
+fn spawn_agent(host: &str, args: &[String]) -> Result<(OwnAgent, PathBuf, Instant), Failure> {
+    use std::os::unix::process::CommandExt as _;
     let dir = tempfile::tempdir().map_err(|e| Failure::error(e.to_string()))?;
     let socket = dir.path().join("agent.sock");
     let started = Instant::now();
-    let child = Command::new(exe()?)
-        .arg("agent")
+    let mut cmd = Command::new(exe()?);
+    cmd.arg("agent")
         .arg("--socket")
         .arg(&socket)
         .arg("--state-dir")
@@ -236,20 +247,31 @@ fn start_agent(host: &str, args: &[String]) -> Result<(OwnAgent, PathBuf, Durati
         .args(args)
         .env("LEASEHOLD_LOG", "warn")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: the closure only makes one async-signal-safe system call.
+    unsafe {
+        cmd.pre_exec(|| {
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
+            Ok(())
+        });
+    }
+    let child = cmd
         .spawn()
         .map_err(|e| Failure::error(format!("starting an agent: {e}")))?;
-    let agent = OwnAgent { child, _dir: dir };
+    Ok((OwnAgent { child, _dir: dir }, socket, started))
+}
+
+/// Waits until the agent at `socket` answers; returns how long since `started`.
+fn wait_ready(socket: &Path, started: Instant) -> Result<Duration, Failure> {
     loop {
-        if Client::new(&socket).status().is_ok() {
-            break;
+        if Client::new(socket).status().is_ok() {
+            return Ok(started.elapsed());
         }
         if started.elapsed() > Duration::from_secs(30) {
             return Err(Failure::error("the bench's agent did not answer in 30 s"));
         }
         std::thread::sleep(Duration::from_millis(1));
     }
-    Ok((agent, socket, started.elapsed()))
 }
 
 /// The load average now (1, 5 and 15 minutes), as /proc/loadavg says.

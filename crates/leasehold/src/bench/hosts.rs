@@ -10,13 +10,16 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use leasehold_client::blocking::Client;
+use leasehold_client::blocking::{Client, ErrorCode};
 use leasehold_client::{AcquireOptions, ReleaseOptions};
 use leasehold_core::Mode;
 
-use super::{BenchArgs, OwnAgent, backend_args, ms, name, pct, rss_kib, start_agent};
+use super::{
+    BenchArgs, Killed, OwnAgent, backend_args, ms, name, pct, rss_kib, spawn_agent, wait_ready,
+};
 use crate::Failure;
 
 /// Resources per acquire while filling: etcd allows 128 operations per transaction, and a
@@ -88,34 +91,68 @@ fn latencies(sockets: &[PathBuf], tag: &str, rounds: usize) -> Result<Vec<Durati
     Ok(lat)
 }
 
-/// Every agent takes its share of `total` leases, in batches, all agents at once. Returns how
-/// long it took.
-fn fill(sockets: &[PathBuf], total: usize) -> Result<Duration, Failure> {
+/// Times a batch is asked again when etcd does not answer in time (an overloaded etcd is a
+/// figure of the table, not the end of the bench).
+const FILL_RETRIES: usize = 20;
+
+/// Every agent takes its share of `total` leases, in batches, all agents at once, each for
+/// its holder process. Returns how long it took, and how many batches were asked again
+/// because etcd did not answer in time.
+fn fill(
+    sockets: &[PathBuf],
+    holders: &[Killed],
+    total: usize,
+) -> Result<(Duration, usize), Failure> {
     let started = Instant::now();
     let n = sockets.len();
     let tasks: Vec<_> = sockets
         .iter()
+        .zip(holders)
         .enumerate()
-        .map(|(h, socket)| {
+        .map(|(h, (socket, holder))| {
             let c = Client::new(socket);
+            let pid = holder.0.id();
             let share: Vec<usize> = (h..total).step_by(n).collect();
             std::thread::spawn(move || {
+                let mut retried = 0;
                 for batch in share.chunks(FILL_BATCH) {
                     let items = batch
                         .iter()
                         .map(|i| Ok((name(format!("bench/hosts/held/{i}"))?, Mode::Exclusive)))
                         .collect::<Result<Vec<_>, Failure>>()?;
-                    c.acquire(&AcquireOptions::new(items))?;
+                    let mut o = AcquireOptions::new(items);
+                    o.pid = Some(pid);
+                    let mut tries = 0;
+                    loop {
+                        match c.acquire(&o) {
+                            Ok(_) => break,
+                            Err(e)
+                                if tries < FILL_RETRIES
+                                    && matches!(
+                                        e.code(),
+                                        Some(
+                                            ErrorCode::BackendUnavailable | ErrorCode::Unavailable
+                                        )
+                                    ) =>
+                            {
+                                tries += 1;
+                                retried += 1;
+                            }
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
                 }
-                Ok::<_, Failure>(())
+                Ok::<_, Failure>(retried)
             })
         })
         .collect();
+    let mut retried = 0;
     for t in tasks {
-        t.join()
+        retried += t
+            .join()
             .map_err(|_| Failure::error("a bench client panicked"))??;
     }
-    Ok(started.elapsed())
+    Ok((started.elapsed(), retried))
 }
 
 /// One row: N agents, `leases` held between them.
@@ -124,27 +161,39 @@ fn one_size(a: &BenchArgs, eps: &[String], n: usize) -> Result<(), Failure> {
     if let Some(p) = args.iter().position(|v| v == "--etcd-prefix") {
         args[p + 1] = format!("/leasehold-bench-{}-hosts{n}/", std::process::id());
     }
-    let started: Vec<_> = (0..n)
-        .map(|i| {
-            let args = args.clone();
-            std::thread::spawn(move || start_agent(&format!("bench-n{n}-h{i}"), &args))
-        })
-        .collect();
+    // Spawned here, on the thread that outlives them (they die with it), then awaited.
     let mut agents: Vec<(OwnAgent, PathBuf)> = Vec::with_capacity(n);
-    let mut slowest = Duration::ZERO;
-    for t in started {
-        let (agent, socket, ready) = t
-            .join()
-            .map_err(|_| Failure::error("starting a bench agent panicked"))??;
-        slowest = slowest.max(ready);
+    let mut started = Vec::with_capacity(n);
+    for i in 0..n {
+        let (agent, socket, at) = spawn_agent(&format!("bench-n{n}-h{i}"), &args)?;
+        started.push((socket.clone(), at));
         agents.push((agent, socket));
+    }
+    let mut slowest = Duration::ZERO;
+    for (socket, at) in started {
+        slowest = slowest.max(wait_ready(&socket, at)?);
     }
     let sockets: Vec<PathBuf> = agents.iter().map(|(_, s)| s.clone()).collect();
     let before = EtcdFigures::read(eps);
     let empty = latencies(&sockets, "empty", a.host_rounds)?;
-    let took = fill(&sockets, a.host_leases)?;
+    // The leases are held by one process per agent, not by the bench: an agent that cannot
+    // renew its session in time kills its holders (G3), and the table says so.
+    let mut holders = Vec::with_capacity(n);
+    for _ in 0..n {
+        let child = Command::new("sleep")
+            .arg("infinity")
+            .spawn()
+            .map_err(|e| Failure::error(format!("starting a holder process: {e}")))?;
+        holders.push(Killed(child));
+    }
+    let (took, retried) = fill(&sockets, &holders, a.host_leases)?;
     let loaded = latencies(&sockets, "loaded", a.host_rounds)?;
     let after = EtcdFigures::read(eps);
+    let fenced = holders
+        .iter_mut()
+        .map(|h| h.0.try_wait())
+        .filter(|alive| !matches!(alive, Ok(None)))
+        .count();
     let rss: Vec<u64> = agents.iter().map(|(o, _)| rss_kib(o.child.id())).collect();
     let rss_mean = rss.iter().sum::<u64>() as f64 / rss.len().max(1) as f64 / 1024.0;
     let rss_max = rss.iter().max().copied().unwrap_or(0) as f64 / 1024.0;
@@ -159,7 +208,7 @@ fn one_size(a: &BenchArgs, eps: &[String], n: usize) -> Result<(), Failure> {
         _ => "etcd figures: n/a (its /metrics is not plain HTTP here)".into(),
     };
     out!(
-        "{n:>3} hosts, {} leases: acquire p50 {} p99 {} empty, p50 {} p99 {} loaded | fill {:.0} leases/s | agent RSS mean {:.1} max {:.1} MiB | slowest start {} | {etcd}",
+        "{n:>3} hosts, {} leases: acquire p50 {} p99 {} empty, p50 {} p99 {} loaded | fill {:.0} leases/s ({retried} batches of {FILL_BATCH} asked again: etcd too slow) | agent RSS mean {:.1} max {:.1} MiB | holders fenced {fenced} of {n} | slowest start {} | {etcd}",
         a.host_leases,
         ms(pct(&empty, 0.5)),
         ms(pct(&empty, 0.99)),
