@@ -75,20 +75,45 @@ fn sum(text: &str, name: &str) -> f64 {
         .sum()
 }
 
-/// Acquire-then-release rounds spread over the agents, one at a time; the acquire latencies,
-/// sorted.
-fn latencies(sockets: &[PathBuf], tag: &str, rounds: usize) -> Result<Vec<Duration>, Failure> {
+/// Whether `e` says etcd (or the agent's session on it) did not answer in time: under an
+/// overloaded etcd that is a figure of the table, not the end of the bench.
+fn overloaded(e: &leasehold_client::blocking::Error) -> bool {
+    matches!(
+        e.code(),
+        Some(ErrorCode::BackendUnavailable | ErrorCode::Unavailable)
+    )
+}
+
+/// Acquire-then-release rounds spread over the agents, one at a time: the acquire latencies,
+/// sorted, and how many rounds etcd did not answer in time.
+fn latencies(
+    sockets: &[PathBuf],
+    tag: &str,
+    rounds: usize,
+) -> Result<(Vec<Duration>, usize), Failure> {
     let mut lat = Vec::with_capacity(rounds);
+    let mut failed = 0;
     for i in 0..rounds {
         let c = Client::new(&sockets[i % sockets.len()]);
         let r = name(format!("bench/hosts/{tag}/{i}"))?;
         let t = Instant::now();
-        c.acquire(&AcquireOptions::new([(r.clone(), Mode::Exclusive)]))?;
-        lat.push(t.elapsed());
+        match c.acquire(&AcquireOptions::new([(r.clone(), Mode::Exclusive)])) {
+            Ok(_) => lat.push(t.elapsed()),
+            Err(e) if overloaded(&e) => {
+                failed += 1;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        }
         c.release(std::slice::from_ref(&r), &ReleaseOptions::default())?;
     }
+    if lat.is_empty() {
+        return Err(Failure::error(format!(
+            "none of {rounds} acquires was answered: etcd is too slow here"
+        )));
+    }
     lat.sort();
-    Ok(lat)
+    Ok((lat, failed))
 }
 
 /// Times a batch is asked again when etcd does not answer in time (an overloaded etcd is a
@@ -126,18 +151,13 @@ fn fill(
                     loop {
                         match c.acquire(&o) {
                             Ok(_) => break,
-                            Err(e)
-                                if tries < FILL_RETRIES
-                                    && matches!(
-                                        e.code(),
-                                        Some(
-                                            ErrorCode::BackendUnavailable | ErrorCode::Unavailable
-                                        )
-                                    ) =>
-                            {
+                            Err(e) if tries < FILL_RETRIES && overloaded(&e) => {
                                 tries += 1;
                                 retried += 1;
                             }
+                            // Its agent fenced the holder (a session not renewed in time):
+                            // this agent takes no more; the row counts the fenced holders.
+                            Err(_) if !running(pid) => return Ok(retried),
                             Err(e) => return Err(e.into()),
                         }
                     }
@@ -153,6 +173,17 @@ fn fill(
             .map_err(|_| Failure::error("a bench client panicked"))??;
     }
     Ok((started.elapsed(), retried))
+}
+
+/// Whether process `pid` is still running (not gone, not a zombie).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let state = s.rsplit_once(") ")?.1.chars().next()?;
+            Some(state != 'Z' && state != 'X')
+        })
+        .unwrap_or(false)
 }
 
 /// One row: N agents, `leases` held between them.
@@ -175,7 +206,7 @@ fn one_size(a: &BenchArgs, eps: &[String], n: usize) -> Result<(), Failure> {
     }
     let sockets: Vec<PathBuf> = agents.iter().map(|(_, s)| s.clone()).collect();
     let before = EtcdFigures::read(eps);
-    let empty = latencies(&sockets, "empty", a.host_rounds)?;
+    let (empty, failed_empty) = latencies(&sockets, "empty", a.host_rounds)?;
     // The leases are held by one process per agent, not by the bench: an agent that cannot
     // renew its session in time kills its holders (G3), and the table says so.
     let mut holders = Vec::with_capacity(n);
@@ -187,7 +218,7 @@ fn one_size(a: &BenchArgs, eps: &[String], n: usize) -> Result<(), Failure> {
         holders.push(Killed(child));
     }
     let (took, retried) = fill(&sockets, &holders, a.host_leases)?;
-    let loaded = latencies(&sockets, "loaded", a.host_rounds)?;
+    let (loaded, failed_loaded) = latencies(&sockets, "loaded", a.host_rounds)?;
     let after = EtcdFigures::read(eps);
     let fenced = holders
         .iter_mut()
@@ -208,12 +239,14 @@ fn one_size(a: &BenchArgs, eps: &[String], n: usize) -> Result<(), Failure> {
         _ => "etcd figures: n/a (its /metrics is not plain HTTP here)".into(),
     };
     out!(
-        "{n:>3} hosts, {} leases: acquire p50 {} p99 {} empty, p50 {} p99 {} loaded | fill {:.0} leases/s ({retried} batches of {FILL_BATCH} asked again: etcd too slow) | agent RSS mean {:.1} max {:.1} MiB | holders fenced {fenced} of {n} | slowest start {} | {etcd}",
+        "{n:>3} hosts, {} leases: acquire p50 {} p99 {} empty, p50 {} p99 {} loaded ({} of {} rounds not answered in time) | fill {:.0} leases/s ({retried} batches of {FILL_BATCH} asked again: etcd too slow) | agent RSS mean {:.1} max {:.1} MiB | holders fenced {fenced} of {n} | slowest start {} | {etcd}",
         a.host_leases,
         ms(pct(&empty, 0.5)),
         ms(pct(&empty, 0.99)),
         ms(pct(&loaded, 0.5)),
         ms(pct(&loaded, 0.99)),
+        failed_empty + failed_loaded,
+        2 * a.host_rounds,
         a.host_leases as f64 / took.as_secs_f64(),
         rss_mean,
         rss_max,
