@@ -72,6 +72,18 @@ impl PartialEq for Cause {
 
 impl Eq for Cause {}
 
+/// Why a store stopped itself ([`crate::StoreError::Halted`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Halt {
+    /// State the store must trust was left half-changed: a thread panicked while changing
+    /// it (a poisoned fatal lock, see `sync.rs`). `state` names it for people.
+    #[error("{state} was left half-changed by a panic")]
+    Poisoned {
+        /// What was left half-changed.
+        state: &'static str,
+    },
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

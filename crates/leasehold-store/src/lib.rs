@@ -45,7 +45,7 @@ mod local;
 mod sync;
 
 pub use clock::Clock;
-pub use error::Cause;
+pub use error::{Cause, Halt};
 pub use etcd::{EtcdHealth, EtcdOptions, EtcdSecurity, EtcdStore, EtcdUser, HistoryOptions};
 pub use local::{LocalStore, LocalStoreOptions};
 
@@ -168,9 +168,10 @@ pub enum StoreError {
     /// The durable storage failed; nothing of the failed operation took effect.
     #[error("storage failed: {0}")]
     Storage(#[source] Cause),
-    /// The store was opened on state it cannot use.
+    /// The store was opened on state it cannot use (damaged, another store's, another host's,
+    /// a format it cannot read); the cause says what to do, with the error under it.
     #[error("cannot use the state: {0}")]
-    BadState(String),
+    BadState(#[source] Cause),
     /// The store is shut down.
     #[error("the store is shut down")]
     Closed,
@@ -178,7 +179,7 @@ pub enum StoreError {
     /// while changing it). Nothing more is granted or written; restarting the agent rebuilds
     /// the state from the backend.
     #[error("the store stopped: {0}; restart the agent")]
-    Halted(String),
+    Halted(#[source] Halt),
     /// The shared backend could not be reached, or did not answer in time; nothing of the
     /// operation took effect, or it may be retried.
     #[error("backend unavailable: {0}")]

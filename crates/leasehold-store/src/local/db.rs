@@ -113,7 +113,7 @@ pub(super) fn open_db(
         .map_err(|e| open_error(path, e))?;
     check_identity(&db, dir)?;
     let (engine, fresh) = load(&db, options.engine).map_err(|e| match e {
-        StoreError::Storage(m) => damaged(path, &m.to_string()),
+        StoreError::Storage(m) => damaged(path, m),
         other => other,
     })?;
     Ok((db, engine, fresh))
@@ -132,42 +132,56 @@ pub(super) fn open_error(path: &Path, e: redb::DatabaseError) -> StoreError {
             .with_source(e),
         ),
         D::Storage(S::Io(io)) if io.kind() == std::io::ErrorKind::PermissionDenied => {
-            StoreError::BadState(format!(
-                "{} cannot be opened: {io}; the state directory and its files must belong to \
-                 the user the agent runs as",
-                path.display()
-            ))
+            StoreError::BadState(
+                Cause::new(format!(
+                    "{} cannot be opened: {io}; the state directory and its files must belong \
+                     to the user the agent runs as",
+                    path.display()
+                ))
+                .with_source(io),
+            )
         }
         D::Storage(S::Io(io)) => storage_at(format!("opening {}", path.display()), io),
-        D::UpgradeRequired(v) => StoreError::BadState(format!(
-            "{} is in redb file format {v}, which this leasehold cannot read: open it with the \
-             leasehold version that wrote it",
-            path.display()
-        )),
-        other => damaged(path, &other.to_string()),
+        e @ D::UpgradeRequired(v) => StoreError::BadState(
+            Cause::new(format!(
+                "{} is in redb file format {v}, which this leasehold cannot read: open it with \
+                 the leasehold version that wrote it",
+                path.display()
+            ))
+            .with_source(e),
+        ),
+        other => damaged(path, Cause::of(other)),
     }
 }
 
-/// A damaged database: final, with the way to recover.
-pub(super) fn damaged(path: &Path, what: &str) -> StoreError {
-    StoreError::BadState(format!(
-        "{} is damaged ({what}); the agent will not start on it. Restore the state directory \
-         from a backup; or, with every holder on this host stopped and every resource it used \
-         checked, move the state directory away and start afresh",
-        path.display()
-    ))
+/// A damaged database: final, with the way to recover; `what` (the error found, or what a
+/// panic said) is kept under it.
+pub(super) fn damaged(path: &Path, what: Cause) -> StoreError {
+    StoreError::BadState(
+        Cause::new(format!(
+            "{} is damaged ({what}); the agent will not start on it. Restore the state \
+             directory from a backup; or, with every holder on this host stopped and every \
+             resource it used checked, move the state directory away and start afresh",
+            path.display()
+        ))
+        .with_source(what),
+    )
 }
 
 /// A database found damaged while the store runs: nothing of the failed write took effect,
 /// and every request is refused until the file can be used again.
-pub(super) fn damaged_running(path: &Path, what: &str) -> StoreError {
-    StoreError::BadState(format!(
-        "{} is damaged ({what}); nothing of what was asked took effect, and the agent refuses \
-         every request until it can use the file again. Stop the agent and restore the state \
-         directory from a backup; or, with every holder on this host stopped and every \
-         resource it used checked, move the state directory away and start afresh",
-        path.display()
-    ))
+pub(super) fn damaged_running(path: &Path, what: Cause) -> StoreError {
+    StoreError::BadState(
+        Cause::new(format!(
+            "{} is damaged ({what}); nothing of what was asked took effect, and the agent \
+             refuses every request until it can use the file again. Stop the agent and \
+             restore the state directory from a backup; or, with every holder on this host \
+             stopped and every resource it used checked, move the state directory away and \
+             start afresh",
+            path.display()
+        ))
+        .with_source(what),
+    )
 }
 
 /// Checks that the database is the one this state directory held, so that a deleted or
@@ -183,7 +197,7 @@ pub(super) fn check_identity(db: &Database, dir: &Path) -> Result<(), StoreError
         Err(e) => return Err(storage_at(format!("reading {}", id_path.display()), e)),
     };
     let in_db = stored_id(db).map_err(|e| match e {
-        StoreError::Storage(m) => damaged(&db_path, &m.to_string()),
+        StoreError::Storage(m) => damaged(&db_path, m),
         other => other,
     })?;
     let start_fresh = format!(
@@ -193,19 +207,19 @@ pub(super) fn check_identity(db: &Database, dir: &Path) -> Result<(), StoreError
     );
     match (in_db, recorded) {
         (Some(d), Some(f)) if d == f => Ok(()),
-        (Some(d), Some(f)) => Err(StoreError::BadState(format!(
+        (Some(d), Some(f)) => Err(StoreError::BadState(Cause::new(format!(
             "{} is store {d}, but {} says this directory holds store {f}: this is another \
              store's database; {start_fresh}",
             db_path.display(),
             id_path.display()
-        ))),
+        )))),
         (Some(d), None) => write_id_file(&id_path, &d),
-        (None, Some(f)) => Err(StoreError::BadState(format!(
+        (None, Some(f)) => Err(StoreError::BadState(Cause::new(format!(
             "the state of store {f} is lost: {} is missing, empty or not this store's (its \
              leases, tokens and dirty marks are gone, and holders may still run); the agent \
              will not start on an empty store in its place: {start_fresh}",
             db_path.display()
-        ))),
+        )))),
         (None, None) => {
             let id = new_store_id()?;
             let txn = db.begin_write().map_err(storage)?;
@@ -282,23 +296,23 @@ pub(super) fn load(db: &Database, config: EngineConfig) -> Result<(Engine, bool)
     match meta_table.get(FORMAT_KEY).map_err(storage)? {
         Some(v) if v.value() == FORMAT => {}
         Some(v) => {
-            return Err(StoreError::BadState(format!(
+            return Err(StoreError::BadState(Cause::new(format!(
                 "the state directory holds format {:?}; this leasehold reads {:?}",
                 String::from_utf8_lossy(v.value()),
                 String::from_utf8_lossy(FORMAT)
-            )));
+            ))));
         }
         None => {
-            return Err(StoreError::BadState(
-                "the state database has no format marker".into(),
-            ));
+            return Err(StoreError::BadState(Cause::new(
+                "the state database has no format marker",
+            )));
         }
     }
     // A database that has its identity but no engine state yet is still new.
     let (meta, fresh): (Meta, bool) = match meta_table.get(ENGINE_KEY).map_err(storage)? {
         Some(v) => (
             serde_json::from_slice(v.value())
-                .map_err(|e| StoreError::BadState(format!("engine metadata: {e}")))?,
+                .map_err(|e| StoreError::BadState(Cause::at("engine metadata", e)))?,
             false,
         ),
         None => (Meta::default(), true),
@@ -308,15 +322,15 @@ pub(super) fn load(db: &Database, config: EngineConfig) -> Result<(Engine, bool)
         for row in table.iter().map_err(storage)? {
             let (k, v) = row.map_err(storage)?;
             let name = ResourceName::new(k.value())
-                .map_err(|e| StoreError::BadState(format!("resource record key: {e}")))?;
+                .map_err(|e| StoreError::BadState(Cause::at("resource record key", e)))?;
             let st: ResourceState = serde_json::from_slice(v.value())
-                .map_err(|e| StoreError::BadState(format!("record of {name}: {e}")))?;
+                .map_err(|e| StoreError::BadState(Cause::at(format!("record of {name}"), e)))?;
             if let Some(v) = st.violation() {
-                return Err(StoreError::BadState(format!(
+                return Err(StoreError::BadState(Cause::new(format!(
                     "the record of {name} breaks the lease rules ({v}); the state was changed \
                      outside leasehold: restore it from a backup, or move the state directory \
                      away and check every resource it held before starting afresh"
-                )));
+                ))));
             }
             records.push((name, st));
         }
@@ -338,10 +352,10 @@ pub(super) fn adopt_session(
         .collect();
     for (id, other) in others {
         if engine.holders().any(|p| p.host == other) {
-            return Err(StoreError::BadState(format!(
+            return Err(StoreError::BadState(Cause::new(format!(
                 "this state directory holds live leases of host id {other}, not {host}; \
                  start with --host-id {other}, or use another state directory"
-            )));
+            ))));
         }
         let _ = engine.expire_session(id, now);
     }
@@ -349,6 +363,6 @@ pub(super) fn adopt_session(
         Some(s) => Ok(s.id),
         None => engine
             .open_session(host.clone(), None, now)
-            .map_err(|e| StoreError::BadState(e.to_string())),
+            .map_err(|e| StoreError::BadState(Cause::of(e))),
     }
 }

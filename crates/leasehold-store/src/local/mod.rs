@@ -27,7 +27,7 @@ use leasehold_core::{
 };
 use tokio::sync::{broadcast, oneshot};
 
-use crate::{AcquireSpec, Clock, Store, StoreError};
+use crate::{AcquireSpec, Cause, Clock, Store, StoreError};
 use db::{DB_FILE, adopt_session, damaged, open_db, panic_text, private_file, quietly, storage_at};
 use leasehold_core::ResourceView;
 use worker::Worker;
@@ -197,7 +197,7 @@ impl LocalStore {
         let (db, mut engine, fresh) = match opened {
             Ok(Ok(x)) => x,
             Ok(Err(e)) => return Err(e),
-            Err(panic) => return Err(damaged(&path, &panic_text(&*panic))),
+            Err(panic) => return Err(damaged(&path, Cause::new(panic_text(&*panic)))),
         };
         let clock = Clock::new();
         let now = clock.now();
@@ -220,9 +220,7 @@ impl LocalStore {
         };
         let out = worker.engine.take_output();
         if out.needs_persist() || worker.fresh {
-            worker
-                .persist(&out)
-                .map_err(|e| StoreError::Storage(crate::Cause::new(e)))?;
+            worker.persist(&out).map_err(StoreError::Storage)?;
             worker.fresh = false;
         }
         let (tx, rx) = mpsc::channel();
@@ -543,5 +541,32 @@ mod tests {
             msg.contains("record of disk breaks the lease rules"),
             "{msg}"
         );
+    }
+
+    /// Issue 9 item 4: a record that does not decode refuses the open with the decoder's
+    /// error kept typed under the message, not flattened into it.
+    #[tokio::test]
+    async fn an_undecodable_record_is_refused_with_its_error_under_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = HostId::new("h").unwrap();
+        drop(LocalStore::open(dir.path(), host.clone()).unwrap());
+        let db = Database::create(dir.path().join(DB_FILE)).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut table = txn.open_table(RESOURCES).unwrap();
+            table.insert("disk", b"{not json".as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+        drop(db);
+        let e = LocalStore::open(dir.path(), host).unwrap_err();
+        assert!(matches!(e, StoreError::BadState(_)), "{e:?}");
+        assert!(e.to_string().contains("record of disk"), "{e}");
+        let mut under = std::error::Error::source(&e);
+        let mut found = false;
+        while let Some(x) = under {
+            found |= x.is::<serde_json::Error>();
+            under = x.source();
+        }
+        assert!(found, "the JSON error is kept under {e:?}");
     }
 }

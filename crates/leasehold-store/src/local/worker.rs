@@ -18,7 +18,7 @@ use super::db::{
 };
 use super::forget::Touched;
 use super::{AcquireReply, Cmd, LocalStoreOptions, Reply, fresh};
-use crate::{Clock, StoreError};
+use crate::{Cause, Clock, StoreError};
 
 pub(super) enum Cleanup {
     Release(Vec<(ResourceName, Owner)>),
@@ -58,7 +58,7 @@ pub(super) struct Worker {
     /// The database file.
     pub(super) path: PathBuf,
     /// Why the database cannot be used, while it cannot.
-    pub(super) broken: Option<String>,
+    pub(super) broken: Option<Cause>,
     pub(super) clock: Clock,
     pub(super) session: SessionId,
     pub(super) options: LocalStoreOptions,
@@ -142,7 +142,11 @@ impl Worker {
     /// Applies a batch, commits it once, then answers.
     pub(super) fn step(&mut self, batch: Vec<Cmd>) {
         if self.broken.is_some() && !self.recover() {
-            let e = StoreError::Storage(crate::Cause::new(self.broken.clone().unwrap_or_default()));
+            let e = StoreError::Storage(
+                self.broken
+                    .clone()
+                    .unwrap_or_else(|| Cause::new("the state database cannot be used")),
+            );
             for cmd in batch {
                 refuse(cmd, &e, &mut self.orphans);
             }
@@ -177,15 +181,18 @@ impl Worker {
         let failed = if out.needs_persist() {
             match quietly(|| self.persist(&out)) {
                 Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(StoreError::Storage(crate::Cause::new(format!(
-                    "the state database {} could not be written ({e}); nothing of what was \
-                     asked took effect; the agent retries every {} ms (free disk space, or \
-                     check the disk)",
-                    self.path.display(),
-                    RETRY_STORAGE.as_millis()
-                )))),
+                Ok(Err(e)) => Some(StoreError::Storage(
+                    Cause::new(format!(
+                        "the state database {} could not be written ({e}); nothing of what \
+                         was asked took effect; the agent retries every {} ms (free disk \
+                         space, or check the disk)",
+                        self.path.display(),
+                        RETRY_STORAGE.as_millis()
+                    ))
+                    .with_source(e),
+                )),
                 Err(panic) => {
-                    let e = damaged_running(&self.path, &panic_text(&*panic));
+                    let e = damaged_running(&self.path, Cause::new(panic_text(&*panic)));
                     tracing::error!("{e}");
                     Some(e)
                 }
@@ -385,36 +392,37 @@ impl Worker {
         }
     }
 
-    /// Writes the records changed in `out` and commits: one fsync.
-    pub(super) fn persist(&self, out: &Output) -> Result<(), String> {
-        let db = self.db.as_ref().ok_or("the database is not open")?;
-        let txn = db.begin_write().map_err(|e| e.to_string())?;
+    /// Writes the records changed in `out` and commits: one fsync. The error is redb's (or
+    /// the encoder's), kept typed under the cause.
+    pub(super) fn persist(&self, out: &Output) -> Result<(), Cause> {
+        let db = self.db.as_ref().ok_or_else(not_open)?;
+        let txn = db.begin_write().map_err(Cause::of)?;
         {
-            let mut table = txn.open_table(RESOURCES).map_err(|e| e.to_string())?;
+            let mut table = txn.open_table(RESOURCES).map_err(Cause::of)?;
             for name in &out.changed {
                 match self.engine.resource(name) {
                     Some(st) => {
-                        let bytes = serde_json::to_vec(st).map_err(|e| e.to_string())?;
+                        let bytes = serde_json::to_vec(st).map_err(Cause::of)?;
                         table
                             .insert(name.as_str(), bytes.as_slice())
-                            .map_err(|e| e.to_string())?;
+                            .map_err(Cause::of)?;
                     }
                     None => {
-                        table.remove(name.as_str()).map_err(|e| e.to_string())?;
+                        table.remove(name.as_str()).map_err(Cause::of)?;
                     }
                 }
             }
             // Grants touch only their resources' records: the token counter is rebuilt from
             // their `last_token` on load, so the metadata is written only when sessions change.
             if out.meta_changed || self.fresh {
-                let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
-                meta.insert(FORMAT_KEY, FORMAT).map_err(|e| e.to_string())?;
-                let bytes = serde_json::to_vec(&self.engine.meta()).map_err(|e| e.to_string())?;
+                let mut meta = txn.open_table(META).map_err(Cause::of)?;
+                meta.insert(FORMAT_KEY, FORMAT).map_err(Cause::of)?;
+                let bytes = serde_json::to_vec(&self.engine.meta()).map_err(Cause::of)?;
                 meta.insert(ENGINE_KEY, bytes.as_slice())
-                    .map_err(|e| e.to_string())?;
+                    .map_err(Cause::of)?;
             }
         }
-        txn.commit().map_err(|e| e.to_string())
+        txn.commit().map_err(Cause::of)
     }
 
     /// After a failed commit: forget the batch by rebuilding the engine from disk. The
@@ -429,8 +437,8 @@ impl Worker {
         self.orphans.clear();
         self.close_db();
         self.broken = Some(match err {
-            StoreError::Storage(m) => m.to_string(),
-            other => other.to_string(),
+            StoreError::Storage(m) => m.clone(),
+            other => Cause::of(other.clone()),
         });
         let _ = self.engine.take_output();
     }
@@ -442,14 +450,14 @@ impl Worker {
         if self.db.is_none() && !self.reopen() {
             return false;
         }
-        let probe = || -> Result<(), String> {
-            let db = self.db.as_ref().ok_or("the database is not open")?;
-            let txn = db.begin_write().map_err(|e| e.to_string())?;
+        let probe = || -> Result<(), Cause> {
+            let db = self.db.as_ref().ok_or_else(not_open)?;
+            let txn = db.begin_write().map_err(Cause::of)?;
             {
-                let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
-                meta.insert(FORMAT_KEY, FORMAT).map_err(|e| e.to_string())?;
+                let mut meta = txn.open_table(META).map_err(Cause::of)?;
+                meta.insert(FORMAT_KEY, FORMAT).map_err(Cause::of)?;
             }
-            txn.commit().map_err(|e| e.to_string())
+            txn.commit().map_err(Cause::of)
         };
         match quietly(probe) {
             Ok(Ok(())) => {
@@ -474,9 +482,9 @@ impl Worker {
             let db = Database::builder()
                 .set_cache_size(self.options.cache_bytes)
                 .create(&self.path)
-                .map_err(|e| e.to_string())?;
-            let (engine, _) = load(&db, self.options.engine).map_err(|e| e.to_string())?;
-            Ok::<_, String>((db, engine))
+                .map_err(Cause::of)?;
+            let (engine, _) = load(&db, self.options.engine).map_err(Cause::of)?;
+            Ok::<_, Cause>((db, engine))
         });
         match opened {
             Ok(Ok((db, engine))) => {
@@ -488,6 +496,11 @@ impl Worker {
             Ok(Err(_)) | Err(_) => false,
         }
     }
+}
+
+/// The database was closed after a failure and not opened again.
+fn not_open() -> Cause {
+    Cause::new("the database is not open")
 }
 
 /// Answers a command with `e` while the database cannot be used: nothing is applied.

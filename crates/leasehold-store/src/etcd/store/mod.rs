@@ -153,7 +153,7 @@ struct Inner {
     /// Recovered: replaced and taken whole.
     pause_snapshot: Mutex<Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>>,
     /// Why the store halted (a fatal lock was poisoned), once it has.
-    halted: std::sync::OnceLock<String>,
+    halted: std::sync::OnceLock<crate::Halt>,
 }
 
 /// A fresh snapshot stopped after its first read, for tests that script an interleaving
@@ -365,9 +365,9 @@ impl Inner {
         match self.held.lock() {
             Ok(held) => Some(held),
             Err(_) => {
-                self.halt(
-                    "the index of this host's lease holders was left half-changed by a panic",
-                );
+                self.halt(crate::Halt::Poisoned {
+                    state: "the index of this host's lease holders",
+                });
                 None
             }
         }
@@ -375,10 +375,10 @@ impl Inner {
 
     /// Stops the store for good (see [`crate::sync`]): says why, once; every later operation
     /// fails with [`StoreError::Halted`].
-    fn halt(&self, why: &str) {
-        if self.halted.set(why.to_owned()).is_ok() {
+    fn halt(&self, why: crate::Halt) {
+        if self.halted.set(why).is_ok() {
             error!(
-                why,
+                why = %why,
                 "the etcd store halted: nothing more is granted or written; restart the agent"
             );
         }
@@ -387,7 +387,7 @@ impl Inner {
     /// Fails once the store has halted.
     fn running(&self) -> Result<(), StoreError> {
         match self.halted.get() {
-            Some(why) => Err(StoreError::Halted(why.clone())),
+            Some(why) => Err(StoreError::Halted(*why)),
             None => Ok(()),
         }
     }

@@ -56,8 +56,13 @@ async fn a_poisoned_holder_index_halts_the_store() {
         .acquire(AcquireSpec::new(other, [(res("other"), Mode::Exclusive)]))
         .await
         .unwrap_err();
-    assert!(matches!(e, StoreError::Halted(_)), "{e:?}");
+    assert!(
+        matches!(e, StoreError::Halted(crate::Halt::Poisoned { .. })),
+        "{e:?}"
+    );
     assert!(e.to_string().contains("restart the agent"), "{e}");
+    let under = std::error::Error::source(&e).and_then(|s| s.downcast_ref::<crate::Halt>());
+    assert!(under.is_some(), "the halt is kept typed under the error");
     let e = s
         .release(
             res("disk"),
