@@ -28,7 +28,10 @@ fn the_many_hosts_table_has_a_row_per_count_with_etcds_figures() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
-    for n in ["  1 hosts, 120 leases", "  3 hosts, 120 leases"] {
+    for n in [
+        "  1 hosts, 120 of 120 leases taken",
+        "  3 hosts, 120 of 120 leases taken",
+    ] {
         let row = stdout
             .lines()
             .find(|l| l.starts_with(n))

@@ -75,12 +75,13 @@ fn sum(text: &str, name: &str) -> f64 {
         .sum()
 }
 
-/// Whether `e` says etcd (or the agent's session on it) did not answer in time: under an
-/// overloaded etcd that is a figure of the table, not the end of the bench.
+/// Whether `e` says etcd did not answer in time, or the agent's session ended because it did
+/// not (refused: "this host's session has expired"; the bench's requests are otherwise always
+/// valid): under an overloaded etcd that is a figure of the table, not the end of the bench.
 fn overloaded(e: &leasehold_client::blocking::Error) -> bool {
     matches!(
         e.code(),
-        Some(ErrorCode::BackendUnavailable | ErrorCode::Unavailable)
+        Some(ErrorCode::BackendUnavailable | ErrorCode::Unavailable | ErrorCode::Refused)
     )
 }
 
@@ -121,13 +122,13 @@ fn latencies(
 const FILL_RETRIES: usize = 20;
 
 /// Every agent takes its share of `total` leases, in batches, all agents at once, each for
-/// its holder process. Returns how long it took, and how many batches were asked again
-/// because etcd did not answer in time.
+/// its holder process. Returns how long it took, how many batches were asked again
+/// because etcd did not answer in time, and how many leases were taken.
 fn fill(
     sockets: &[PathBuf],
     holders: &[Killed],
     total: usize,
-) -> Result<(Duration, usize), Failure> {
+) -> Result<(Duration, usize, usize), Failure> {
     let started = Instant::now();
     let n = sockets.len();
     let tasks: Vec<_> = sockets
@@ -139,7 +140,7 @@ fn fill(
             let pid = holder.0.id();
             let share: Vec<usize> = (h..total).step_by(n).collect();
             std::thread::spawn(move || {
-                let mut retried = 0;
+                let (mut retried, mut taken) = (0, 0);
                 for batch in share.chunks(FILL_BATCH) {
                     let items = batch
                         .iter()
@@ -150,29 +151,37 @@ fn fill(
                     let mut tries = 0;
                     loop {
                         match c.acquire(&o) {
-                            Ok(_) => break,
+                            Ok(_) => {
+                                taken += batch.len();
+                                break;
+                            }
                             Err(e) if tries < FILL_RETRIES && overloaded(&e) => {
                                 tries += 1;
                                 retried += 1;
                             }
-                            // Its agent fenced the holder (a session not renewed in time):
-                            // this agent takes no more; the row counts the fenced holders.
-                            Err(_) if !running(pid) => return Ok(retried),
+                            // Its agent fenced the holder, or is about to (a session not
+                            // renewed in time): this agent takes no more; the row counts the
+                            // fenced holders.
+                            Err(e) if !running(pid) || overloaded(&e) => {
+                                return Ok((retried, taken));
+                            }
                             Err(e) => return Err(e.into()),
                         }
                     }
                 }
-                Ok::<_, Failure>(retried)
+                Ok::<_, Failure>((retried, taken))
             })
         })
         .collect();
-    let mut retried = 0;
+    let (mut retried, mut taken) = (0, 0);
     for t in tasks {
-        retried += t
+        let (r, n) = t
             .join()
             .map_err(|_| Failure::error("a bench client panicked"))??;
+        retried += r;
+        taken += n;
     }
-    Ok((started.elapsed(), retried))
+    Ok((started.elapsed(), retried, taken))
 }
 
 /// Whether process `pid` is still running (not gone, not a zombie).
@@ -217,7 +226,7 @@ fn one_size(a: &BenchArgs, eps: &[String], n: usize) -> Result<(), Failure> {
             .map_err(|e| Failure::error(format!("starting a holder process: {e}")))?;
         holders.push(Killed(child));
     }
-    let (took, retried) = fill(&sockets, &holders, a.host_leases)?;
+    let (took, retried, taken) = fill(&sockets, &holders, a.host_leases)?;
     let (loaded, failed_loaded) = latencies(&sockets, "loaded", a.host_rounds)?;
     let after = EtcdFigures::read(eps);
     let fenced = holders
@@ -234,12 +243,12 @@ fn one_size(a: &BenchArgs, eps: &[String], n: usize) -> Result<(), Failure> {
             f.cpu_seconds - b.cpu_seconds,
             f.db_bytes / 1048576.0,
             (f.sent_bytes - b.sent_bytes) / 1048576.0,
-            (f.sent_bytes - b.sent_bytes) / (n * a.host_leases.max(1)) as f64,
+            (f.sent_bytes - b.sent_bytes) / (n * taken.max(1)) as f64,
         ),
         _ => "etcd figures: n/a (its /metrics is not plain HTTP here)".into(),
     };
     out!(
-        "{n:>3} hosts, {} leases: acquire p50 {} p99 {} empty, p50 {} p99 {} loaded ({} of {} rounds not answered in time) | fill {:.0} leases/s ({retried} batches of {FILL_BATCH} asked again: etcd too slow) | agent RSS mean {:.1} max {:.1} MiB | holders fenced {fenced} of {n} | slowest start {} | {etcd}",
+        "{n:>3} hosts, {taken} of {} leases taken: acquire p50 {} p99 {} empty, p50 {} p99 {} loaded ({} of {} rounds not answered in time) | fill {:.0} leases/s ({retried} batches of {FILL_BATCH} asked again: etcd too slow) | agent RSS mean {:.1} max {:.1} MiB | holders fenced {fenced} of {n} | slowest start {} | {etcd}",
         a.host_leases,
         ms(pct(&empty, 0.5)),
         ms(pct(&empty, 0.99)),
@@ -247,7 +256,7 @@ fn one_size(a: &BenchArgs, eps: &[String], n: usize) -> Result<(), Failure> {
         ms(pct(&loaded, 0.99)),
         failed_empty + failed_loaded,
         2 * a.host_rounds,
-        a.host_leases as f64 / took.as_secs_f64(),
+        taken as f64 / took.as_secs_f64(),
         rss_mean,
         rss_max,
         ms(slowest),
