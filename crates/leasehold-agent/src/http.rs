@@ -8,6 +8,7 @@
 //! request timeout is answered `408` and closed, so idle connections cannot pile up.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,6 +27,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::debug;
 
+use crate::delivery::{Delivery, RECEIVED_WITHIN};
 use crate::peer::PeerStream;
 use crate::service::{Caller, ConfirmBy, Out, Service};
 
@@ -132,10 +134,12 @@ pub(crate) async fn serve_connection<S: Store>(
         return;
     }
     let peer = conn.info().clone();
+    let delivery = conn.delivery();
     let handler = hyper::service::service_fn(move |req| {
         let service = service.clone();
         let caller = Caller::of(Some(&peer));
-        async move { Ok::<_, Infallible>(route(&service, caller, req, request_timeout).await) }
+        let delivery = delivery.clone();
+        async move { Ok::<_, Infallible>(route(&service, caller, req, request_timeout, delivery).await) }
     });
     let served = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -248,8 +252,9 @@ async fn route<S: Store>(
     caller: Result<Caller, ApiError>,
     req: Request<Incoming>,
     timeout: Duration,
+    delivery: Arc<Delivery>,
 ) -> Response<Body> {
-    match handle(service, caller, req, timeout).await {
+    match handle(service, caller, req, timeout, delivery).await {
         Ok(r) => r,
         Err(e) => error_response(&e),
     }
@@ -260,6 +265,7 @@ async fn handle<S: Store>(
     caller: Result<Caller, ApiError>,
     req: Request<Incoming>,
     timeout: Duration,
+    delivery: Arc<Delivery>,
 ) -> Result<Response<Body>, ApiError> {
     let c = caller?;
     let path = req.uri().path().trim_end_matches('/').to_owned();
@@ -278,7 +284,7 @@ async fn handle<S: Store>(
         (&Method::GET, "/v1/hosts") => ok(&service.hosts().await?),
         (&Method::POST, "/v1/acquire") => {
             let r: v1::AcquireRequest = body(req, None, timeout).await?;
-            acquire(service.acquire(&c, r, ConfirmBy::Delivery)?).await
+            acquire(service.acquire(&c, r, ConfirmBy::Delivery)?, delivery).await
         }
         (&Method::POST, "/v1/release") => {
             let r: v1::ReleaseRequest = body(req, None, timeout).await?;
@@ -350,8 +356,8 @@ async fn handle<S: Store>(
     }
 }
 
-/// The JSON line of one acquire message.
-fn acquire_line(out: Out) -> v1::AcquireEvent {
+/// The JSON line of one acquire message, called as the server takes it for writing.
+fn acquire_line(out: Out, delivery: &Arc<Delivery>) -> v1::AcquireEvent {
     match out {
         Out::Waiting {
             conflict,
@@ -369,9 +375,16 @@ fn acquire_line(out: Out) -> v1::AcquireEvent {
             delivered,
             ..
         } => {
-            // Taken for writing while the connection is open: the grant counts as received.
+            // The grant counts once the client has read it from the socket; one that closed
+            // without (a withdrawn wait) does not get it, and the grant is undone.
             if let Some(d) = delivered {
-                let _ = d.send(());
+                let mark = delivery.mark();
+                let delivery = delivery.clone();
+                tokio::spawn(async move {
+                    if delivery.received(mark, RECEIVED_WITHIN).await {
+                        let _ = d.send(());
+                    }
+                });
             }
             v1::AcquireEvent::Granted {
                 grants: grants.iter().map(Into::into).collect(),
@@ -389,7 +402,10 @@ fn acquire_line(out: Out) -> v1::AcquireEvent {
 
 /// An acquire's answer: an error at once (refused without waiting) has its own status and
 /// body; anything else streams, one JSON line per event.
-async fn acquire(mut rx: mpsc::Receiver<Out>) -> Result<Response<Body>, ApiError> {
+async fn acquire(
+    mut rx: mpsc::Receiver<Out>,
+    delivery: Arc<Delivery>,
+) -> Result<Response<Body>, ApiError> {
     let first = rx.recv().await.ok_or_else(|| {
         ApiError::new(
             ErrorCode::Unavailable,
@@ -403,6 +419,6 @@ async fn acquire(mut rx: mpsc::Receiver<Out>) -> Result<Response<Body>, ApiError
     Ok(stream_response(
         first
             .chain(ReceiverStream::new(rx))
-            .map(|out| line(&acquire_line(out))),
+            .map(move |out| line(&acquire_line(out, &delivery))),
     ))
 }

@@ -30,6 +30,7 @@ use tracing::{info, warn};
 mod accounts;
 mod before_fence;
 pub mod config;
+mod delivery;
 pub mod fence;
 mod holds;
 mod http;

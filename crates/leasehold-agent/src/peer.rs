@@ -14,6 +14,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
 use tonic::transport::server::{Connected, UdsConnectInfo};
 
+use crate::delivery::Delivery;
+
 /// What the server knows of a connection's peer.
 #[derive(Debug, Clone)]
 pub struct PeerInfo {
@@ -120,6 +122,14 @@ pub struct PeerStream {
     prefix: Vec<u8>,
     /// How many of `prefix` were given already.
     replayed: usize,
+    /// What the peer read of what was written.
+    delivery: Arc<Delivery>,
+}
+
+impl Drop for PeerStream {
+    fn drop(&mut self) {
+        self.delivery.closed();
+    }
 }
 
 impl std::fmt::Debug for PeerStream {
@@ -146,6 +156,7 @@ impl PeerStream {
             refused: None,
         };
         PeerStream {
+            delivery: Delivery::new(stream.as_raw_fd()),
             stream,
             info,
             cut: None,
@@ -160,6 +171,11 @@ impl PeerStream {
     /// What the server knows of the peer.
     pub fn info(&self) -> &PeerInfo {
         &self.info
+    }
+
+    /// What the peer read of what was written to it.
+    pub(crate) fn delivery(&self) -> Arc<Delivery> {
+        self.delivery.clone()
     }
 
     /// The bytes read so far by [`PeerStream::read_more`].
@@ -301,7 +317,9 @@ impl AsyncRead for PeerStream {
             }
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let this = &mut *self;
+        this.delivery
+            .io(|| Pin::new(&mut this.stream).poll_read(cx, buf))
     }
 }
 
@@ -314,11 +332,18 @@ impl AsyncWrite for PeerStream {
         if self.is_cut(cx) {
             return Poll::Ready(Err(cut_error()));
         }
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let this = &mut *self;
+        this.delivery
+            .io(|| Pin::new(&mut this.stream).poll_write(cx, buf))
     }
 
+    /// The HTTP server flushes once its buffer is empty: all it was handed is in the socket.
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        let flushed = Pin::new(&mut self.stream).poll_flush(cx);
+        if let Poll::Ready(Ok(())) = flushed {
+            self.delivery.flushed();
+        }
+        flushed
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -333,7 +358,9 @@ impl AsyncWrite for PeerStream {
         if self.is_cut(cx) {
             return Poll::Ready(Err(cut_error()));
         }
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let this = &mut *self;
+        this.delivery
+            .io(|| Pin::new(&mut this.stream).poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -219,6 +219,88 @@ fn a_wait_withdrawn_as_it_is_granted_leaves_no_lease() {
     eprintln!("{undone} of {TRIES} withdrawn waits were granted, sent, and undone by the agent");
 }
 
+// The same over the HTTP/JSON API, where no call confirms a grant: it counts once the client
+// read it from the socket. The waiter drops its connection without reading, at varying
+// moments around the release that grants it; a grant it never read must be undone (the agent
+// sees the reset a socket closed with data unread leaves). A lease left behind is counted,
+// released, and fails the test at the end. LEASEHOLD_STRAY_ROUNDS sets the rounds (40 by
+// default; CI's long run uses 200 or more).
+#[test]
+fn a_wait_withdrawn_as_it_is_granted_over_http_leaves_no_lease() {
+    use leasehold_client::blocking::Client;
+    use leasehold_client::{AcquireOptions, ReleaseOptions};
+    use leasehold_core::Mode;
+    let rounds: u32 = std::env::var("LEASEHOLD_STRAY_ROUNDS")
+        .ok()
+        .map_or(40, |v| v.parse().expect("LEASEHOLD_STRAY_ROUNDS: a number"));
+    let a = Agent::start();
+    let first = Holder::new();
+    let waiter = Holder::new();
+    let r = r_("disk");
+    let c = Client::new(&a.socket).with_timeout(Some(Duration::from_secs(30)));
+    let opts = |pid: u32, wait: Option<Duration>| AcquireOptions {
+        pid: Some(pid),
+        wait,
+        ..AcquireOptions::new([(r.clone(), Mode::Exclusive)])
+    };
+    let release_for = |pid: u32| ReleaseOptions {
+        pid: Some(pid),
+        ..Default::default()
+    };
+    let free = |a: &Agent| {
+        a.inspect("disk").is_none_or(|v| {
+            v["holders"].as_array().is_some_and(Vec::is_empty)
+                && v["waiters"].as_array().is_some_and(Vec::is_empty)
+        })
+    };
+    let mut left = Vec::new();
+    let mut release_takes = Duration::from_millis(3);
+    for i in 0..rounds {
+        wait_until("the disk is free", Duration::from_secs(10), || free(&a));
+        c.acquire(&opts(first.pid(), None)).unwrap();
+        let waiting = c
+            .start_acquire(&opts(waiter.pid(), Some(Duration::MAX)))
+            .unwrap();
+        wait_until("the waiter is queued", Duration::from_secs(10), || {
+            c.inspect(&r).unwrap().is_some_and(|v| v.waiters.len() == 1)
+        });
+        let releaser = {
+            let c = c.clone();
+            let release = release_for(first.pid());
+            let r = r.clone();
+            std::thread::spawn(move || {
+                let started = std::time::Instant::now();
+                c.release(&[r], &release).map(|_| started.elapsed())
+            })
+        };
+        // Drop at varying moments, never reading the grant: before, around and after it,
+        // spread over the time a release has been taking (a few ms, more under load).
+        std::thread::sleep(release_takes * (i % 16) / 12);
+        drop(waiting);
+        release_takes = releaser.join().unwrap().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !free(&a) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if !free(&a) {
+            left.push(i);
+            c.release(std::slice::from_ref(&r), &release_for(waiter.pid()))
+                .unwrap();
+        }
+        assert!(!a.is_dirty("disk"), "round {i}: {:?}", a.inspect("disk"));
+    }
+    let undone = a.log().matches("without confirming").count();
+    eprintln!(
+        "{undone} of {rounds} withdrawn waits were granted, written, and undone by the agent"
+    );
+    assert!(
+        left.is_empty(),
+        "{} of {rounds} withdrawn waits left a lease held for a process that never learnt it \
+         (rounds {left:?})",
+        left.len()
+    );
+}
+
 /// A client of the agent's gRPC API, whose grants are confirmed by a separate call that this
 /// test withholds by dropping the stream. (The HTTP/JSON API has no such confirmation: a grant
 /// written to the socket counts as received, read or not.)

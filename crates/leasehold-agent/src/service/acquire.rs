@@ -30,8 +30,8 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 pub(crate) enum ConfirmBy {
     /// With a separate call naming the grant's confirm id (gRPC).
     Call,
-    /// By the front end, once the grant was handed to the connection (HTTP: the line was
-    /// taken for writing while the connection was open).
+    /// By the front end, once the client read the grant from the socket (HTTP: see
+    /// `delivery.rs`); dropping the sender unsent means it did not.
     Delivery,
 }
 
@@ -56,7 +56,8 @@ pub(crate) enum Out {
         owner: Owner,
         /// With [`ConfirmBy::Call`]: the id to confirm (0: nothing new to confirm).
         confirm_id: u64,
-        /// With [`ConfirmBy::Delivery`]: fire once the grant is handed to the connection.
+        /// With [`ConfirmBy::Delivery`]: fire once the client read the grant; dropped unsent
+        /// if it did not.
         delivered: Option<oneshot::Sender<()>>,
     },
     /// Safe until this instant of CLOCK_MONOTONIC, in nanoseconds.
@@ -299,14 +300,17 @@ impl<S: Store> Service<S> {
                 delivered,
             };
             let sent = tx.send(granted).await.is_ok();
-            let kept = match confirmed {
-                None => sent,
-                Some(rx) if sent => tokio::select! {
+            let kept = match (confirmed, confirm) {
+                (None, _) => sent,
+                (Some(_), _) if !sent => false,
+                (Some(rx), ConfirmBy::Call) => tokio::select! {
                     biased;
                     r = rx => r.is_ok(),
                     () = tx.closed() => false,
                 },
-                Some(_) => false,
+                // The front end answers once it knows, bounded, even if the stream closed
+                // meanwhile: a client that read the grant and closed at once has it.
+                (Some(rx), ConfirmBy::Delivery) => rx.await.is_ok(),
             };
             if !kept {
                 me.confirms.forget(confirm_id);

@@ -1,0 +1,313 @@
+//! Whether the client of a connection read what the agent wrote to it, learnt from the socket.
+//!
+//! A waited grant counts only once the client has it: a client that withdrew its wait (closed
+//! the connection) just as it was granted never learnt the token, and the grant is undone.
+//! Two facts of Linux's Unix stream sockets (net/unix/af_unix.c) tell the cases apart without
+//! any reply from the client:
+//! - `ioctl(SIOCOUTQ)` gives the bytes this side sent that the peer has not read yet (0 once
+//!   it read everything, or once its socket is gone);
+//! - a peer that closes with unread data sets this side's socket error to `ECONNRESET` (before
+//!   throwing that data away); one that read everything first does not.
+//!
+//! So after the grant's line is flushed to the socket: nothing unread and no error = received;
+//! `ECONNRESET` = not received. A client that keeps the connection open without reading for
+//! [`RECEIVED_WITHIN`] is alive and counts as having it: a lease is never taken back from a
+//! client that may hold it (that would let two hold it), only from one that surely went away.
+//!
+//! The agent's own reads and writes on the socket also see (and clear) that error, so they go
+//! through [`Delivery::io`], which notes it under the same lock the check takes.
+
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::Poll;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// How long a client that neither reads nor closes is given before a grant counts as received.
+pub(crate) const RECEIVED_WITHIN: Duration = Duration::from_secs(5);
+
+/// The longest pause between two looks at a socket whose client has not read yet.
+const LOOK_AT_MOST_EVERY: Duration = Duration::from_millis(50);
+
+/// What the agent knows of one connection's socket.
+#[derive(Debug)]
+pub(crate) struct Delivery {
+    /// The socket, valid while `state.closed` is false (checked under the lock).
+    fd: RawFd,
+    state: Mutex<State>,
+    /// How many flushes completed: the writer's buffer was empty, all in the socket.
+    flushes: AtomicU64,
+    /// Told of each flush, reset and close.
+    changed: Notify,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// The connection was dropped: its fd may be closed (or reused).
+    closed: bool,
+    /// The peer closed with data unread (ECONNRESET, seen by the agent's reads or a check).
+    reset: bool,
+}
+
+/// A point in the connection's output: what was handed to the writer before it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Mark(u64);
+
+/// What one look at the socket shows.
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    /// Everything written was read (or the connection closed without a reset).
+    Read,
+    /// Some is still unread, the peer's socket open.
+    Unread,
+    /// The peer closed with data unread.
+    Reset,
+}
+
+/// A peer that closed with data unread. (Not `EPIPE`: a write gets it from any closed peer,
+/// also one that read everything first.)
+fn is_reset(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ECONNRESET)
+}
+
+impl Delivery {
+    /// Watches socket `fd`; the caller calls [`Delivery::closed`] before closing it.
+    pub(crate) fn new(fd: RawFd) -> Arc<Delivery> {
+        Arc::new(Delivery {
+            fd,
+            state: Mutex::default(),
+            flushes: AtomicU64::new(0),
+            changed: Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs a read or write on the socket, noting a reset it returns: the kernel clears the
+    /// error as it reports it, and a check must not miss it.
+    pub(crate) fn io<T>(
+        &self,
+        f: impl FnOnce() -> Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        let mut state = self.lock();
+        let r = f();
+        if let Poll::Ready(Err(e)) = &r
+            && is_reset(e)
+        {
+            state.reset = true;
+            drop(state);
+            self.changed.notify_waiters();
+        }
+        r
+    }
+
+    /// A flush completed: everything handed to the writer is in the socket.
+    pub(crate) fn flushed(&self) {
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+
+    /// The connection is being dropped: its fd is not looked at again.
+    pub(crate) fn closed(&self) {
+        self.lock().closed = true;
+        self.changed.notify_waiters();
+    }
+
+    /// Marks the output here: call as the writer takes the data to check, before it flushes.
+    pub(crate) fn mark(&self) -> Mark {
+        Mark(self.flushes.load(Ordering::SeqCst))
+    }
+
+    /// One look at the socket.
+    fn look(&self) -> Seen {
+        let mut state = self.lock();
+        if state.reset {
+            return Seen::Reset;
+        }
+        if state.closed {
+            // Dropped without a reset: the peer read everything and closed (a close with data
+            // unread shows as a reset to the agent's read first), or the agent stopped.
+            return Seen::Read;
+        }
+        // Unread bytes first, then the error: a peer closing with data unread sets the error
+        // before its queue is emptied, so "none unread" with no error means it read them.
+        match unread(self.fd) {
+            Ok(0) => {}
+            Ok(_) => return Seen::Unread,
+            // Never on a Unix stream socket; when unsure, it counts as received.
+            Err(_) => return Seen::Read,
+        }
+        match socket_error(self.fd) {
+            Ok(Some(e)) if is_reset(&e) => {
+                state.reset = true;
+                Seen::Reset
+            }
+            _ => Seen::Read,
+        }
+    }
+
+    /// Whether the peer received what the writer was handed before `mark`: once it is flushed,
+    /// the socket is looked at until the peer has read it (true) or closed without (false),
+    /// for at most `within` (then true: the peer is alive).
+    pub(crate) async fn received(&self, mark: Mark, within: Duration) -> bool {
+        let give_up = Instant::now() + within;
+        // Not in the socket before the writer flushed it.
+        loop {
+            let changed = self.changed.notified();
+            if self.flushes.load(Ordering::SeqCst) > mark.0 {
+                break;
+            }
+            let gone = {
+                let state = self.lock();
+                state.reset || state.closed
+            };
+            if gone {
+                // Dropped before it was wholly written: the peer cannot have it all.
+                return false;
+            }
+            if tokio::time::timeout_at(give_up, changed).await.is_err() {
+                return true;
+            }
+        }
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let changed = self.changed.notified();
+            match self.look() {
+                Seen::Read => return true,
+                Seen::Reset => return false,
+                Seen::Unread => {}
+            }
+            let now = Instant::now();
+            if now >= give_up {
+                return true;
+            }
+            let _ = tokio::time::timeout(pause.min(give_up - now), changed).await;
+            pause = (pause * 2).min(LOOK_AT_MOST_EVERY);
+        }
+    }
+}
+
+/// The bytes written to socket `fd` that its peer has not read yet (`SIOCOUTQ`).
+fn unread(fd: RawFd) -> std::io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (= SIOCOUTQ) writes one int through the pointer, which points at `n`.
+    let r = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
+/// Socket `fd`'s pending error (`SO_ERROR`), which reading clears.
+fn socket_error(fd: RawFd) -> std::io::Result<Option<std::io::Error>> {
+    let mut e: libc::c_int = 0;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>())
+        .map_err(std::io::Error::other)?;
+    // SAFETY: SO_ERROR writes one int, `len` bytes at most, into `e`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&raw mut e).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((e != 0).then(|| std::io::Error::from_raw_os_error(e)))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+
+    /// The kernel facts this module stands on, checked on the running kernel.
+    #[test]
+    fn the_kernel_tells_read_from_closed_unread() {
+        // Read, then closed: nothing unread, no error.
+        let (a, mut b) = UnixStream::pair().unwrap();
+        (&a).write_all(b"granted\n").unwrap();
+        assert!(
+            unread(a.as_raw_fd()).unwrap() > 0,
+            "SIOCOUTQ counts unread bytes"
+        );
+        let mut buf = [0u8; 64];
+        assert_eq!(b.read(&mut buf).unwrap(), 8);
+        assert_eq!(unread(a.as_raw_fd()).unwrap(), 0, "and none once read");
+        drop(b);
+        assert_eq!(unread(a.as_raw_fd()).unwrap(), 0);
+        assert!(socket_error(a.as_raw_fd()).unwrap().is_none());
+
+        // Closed unread: ECONNRESET on the writer, its queue emptied.
+        let (a, b) = UnixStream::pair().unwrap();
+        (&a).write_all(b"granted\n").unwrap();
+        drop(b);
+        assert_eq!(unread(a.as_raw_fd()).unwrap(), 0);
+        let e = socket_error(a.as_raw_fd()).unwrap().expect("an error");
+        assert_eq!(e.raw_os_error(), Some(libc::ECONNRESET), "{e}");
+        // Reading the error clears it.
+        assert!(socket_error(a.as_raw_fd()).unwrap().is_none());
+
+        // Partly read, then closed: still a reset.
+        let (a, mut b) = UnixStream::pair().unwrap();
+        (&a).write_all(b"granted\n").unwrap();
+        assert_eq!(b.read(&mut buf[..3]).unwrap(), 3);
+        drop(b);
+        let e = socket_error(a.as_raw_fd()).unwrap().expect("an error");
+        assert_eq!(e.raw_os_error(), Some(libc::ECONNRESET), "{e}");
+    }
+
+    /// A check after the flush: read, closed unread, and alive without reading.
+    #[tokio::test]
+    async fn a_flushed_write_counts_once_read_and_not_if_closed_unread() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let d = Delivery::new(a.as_raw_fd());
+        let mark = d.mark();
+        (&a).write_all(b"granted\n").unwrap();
+        d.flushed();
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            b.read(&mut buf).unwrap()
+        });
+        assert!(d.received(mark, Duration::from_secs(60)).await);
+        assert_eq!(reader.join().unwrap(), 8);
+
+        let (a, b) = UnixStream::pair().unwrap();
+        let d = Delivery::new(a.as_raw_fd());
+        let mark = d.mark();
+        (&a).write_all(b"granted\n").unwrap();
+        d.flushed();
+        drop(b);
+        assert!(!d.received(mark, Duration::from_secs(60)).await);
+
+        // Not flushed and dropped: not received.
+        let (a, _b) = UnixStream::pair().unwrap();
+        let d = Delivery::new(a.as_raw_fd());
+        let mark = d.mark();
+        d.closed();
+        assert!(!d.received(mark, Duration::from_secs(60)).await);
+
+        // Alive, not reading: received after the bound.
+        let (a, _b) = UnixStream::pair().unwrap();
+        let d = Delivery::new(a.as_raw_fd());
+        let mark = d.mark();
+        (&a).write_all(b"granted\n").unwrap();
+        d.flushed();
+        let started = std::time::Instant::now();
+        assert!(d.received(mark, Duration::from_millis(200)).await);
+        assert!(started.elapsed() >= Duration::from_millis(200));
+    }
+}
