@@ -159,13 +159,15 @@ impl Delivery {
         // Not in the socket before the writer flushed it.
         loop {
             let changed = self.changed.notified();
-            if self.flushes.load(Ordering::SeqCst) > mark.0 {
-                break;
-            }
+            // Gone first, then flushed: the writer flushes before the connection is dropped,
+            // so a flush before the drop is seen here, however late this task runs.
             let gone = {
                 let state = self.lock();
                 state.reset || state.closed
             };
+            if self.flushes.load(Ordering::SeqCst) > mark.0 {
+                break;
+            }
             if gone {
                 // Dropped before it was wholly written: the peer cannot have it all.
                 return false;
@@ -292,6 +294,17 @@ mod tests {
         d.flushed();
         drop(b);
         assert!(!d.received(mark, Duration::from_secs(60)).await);
+
+        // Flushed, read, and the connection dropped before the check first runs: received.
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let d = Delivery::new(a.as_raw_fd());
+        let mark = d.mark();
+        (&a).write_all(b"granted\n").unwrap();
+        d.flushed();
+        assert_eq!(b.read(&mut [0u8; 64]).unwrap(), 8);
+        drop(b);
+        d.closed();
+        assert!(d.received(mark, Duration::from_secs(60)).await);
 
         // Not flushed and dropped: not received.
         let (a, _b) = UnixStream::pair().unwrap();
