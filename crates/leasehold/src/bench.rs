@@ -284,14 +284,14 @@ fn loadavg() -> String {
 /// `leasehold bench`. The client side is the blocking client, one thread per client; a
 /// runtime drives the async parts (the store alone, raw etcd).
 pub fn bench(a: BenchArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
-    if !a.hosts.is_empty() {
-        hosts::many_hosts(&a)?;
-        return Ok(0);
-    }
     let _ = REPORT.set(Report {
         json: a.json,
         rows: Mutex::new(Vec::new()),
     });
+    if !a.hosts.is_empty() {
+        hosts::many_hosts(&a)?;
+        return print_json(&a).map(|()| 0);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -354,13 +354,19 @@ pub fn bench(a: BenchArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
     let load = loadavg();
     record(json!({"measure": "load average at end", "value": load}));
     say(format!("load average at end: {load}"))?;
+    print_json(&a)?;
+    Ok(0)
+}
+
+/// With `--json`, prints every figure recorded, as one object.
+fn print_json(a: &BenchArgs) -> Result<(), Failure> {
     if a.json
         && let Some(r) = REPORT.get()
     {
         let rows = r.rows.lock().map(|r| r.clone()).unwrap_or_default();
         crate::write_out(format_args!("{}", json!({ "figures": rows })))?;
     }
-    Ok(0)
+    Ok(())
 }
 
 fn raw_client(eps: &[String]) -> Result<RawEtcd, Failure> {

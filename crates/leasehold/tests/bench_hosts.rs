@@ -46,6 +46,39 @@ fn the_many_hosts_table_has_a_row_per_count_with_etcds_figures() {
             assert!(row.contains(part), "{part:?} missing from {row:?}");
         }
     }
+    // --json: one object, a figure per count.
+    let out = Command::new(env!("CARGO_BIN_EXE_leasehold"))
+        .args([
+            "bench",
+            "--etcd-endpoints",
+            &etcd.endpoint(),
+            "--hosts",
+            "2",
+            "--host-leases",
+            "60",
+            "--host-rounds",
+            "5",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let rows = v["figures"].as_array().unwrap();
+    let row = rows
+        .iter()
+        .find(|r| r["measure"] == "many hosts")
+        .unwrap_or_else(|| panic!("no many-hosts figure in {v}"));
+    assert_eq!(row["hosts"], 2, "{row}");
+    assert_eq!(row["leases_taken"], 60, "{row}");
+    for k in ["acquire_ms", "agent_rss_mib", "etcd", "holders_fenced"] {
+        assert!(!row[k].is_null(), "{k} missing: {row}");
+    }
     // Bad counts change nothing and say why.
     let out = Command::new(env!("CARGO_BIN_EXE_leasehold"))
         .args(["bench", "--hosts", "2"])

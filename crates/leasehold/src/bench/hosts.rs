@@ -16,9 +16,11 @@ use std::time::{Duration, Instant};
 use leasehold_client::blocking::{Client, ErrorCode};
 use leasehold_client::{AcquireOptions, ReleaseOptions};
 use leasehold_core::Mode;
+use serde_json::{Value, json};
 
 use super::{
-    BenchArgs, Killed, OwnAgent, backend_args, ms, name, pct, rss_kib, spawn_agent, wait_ready,
+    BenchArgs, Killed, OwnAgent, backend_args, ms, name, pct, record, rss_kib, say, spawn_agent,
+    wait_ready,
 };
 use crate::Failure;
 
@@ -247,7 +249,27 @@ fn one_size(a: &BenchArgs, eps: &[String], n: usize) -> Result<(), Failure> {
         ),
         _ => "etcd figures: n/a (its /metrics is not plain HTTP here)".into(),
     };
-    out!(
+    let etcd_json = match (before, after) {
+        (Some(b), Some(f)) => json!({
+            "cpu_seconds": f.cpu_seconds - b.cpu_seconds,
+            "db_bytes": f.db_bytes,
+            "sent_bytes": f.sent_bytes - b.sent_bytes,
+        }),
+        _ => Value::Null,
+    };
+    let secs = |d: Duration| d.as_secs_f64() * 1e3;
+    record(json!({
+        "measure": "many hosts", "hosts": n, "leases_asked": a.host_leases, "leases_taken": taken,
+        "acquire_ms": {
+            "empty": {"p50": secs(pct(&empty, 0.5)), "p99": secs(pct(&empty, 0.99))},
+            "held": {"p50": secs(pct(&loaded, 0.5)), "p99": secs(pct(&loaded, 0.99))},
+        },
+        "rounds_not_answered": failed_empty + failed_loaded, "rounds": 2 * a.host_rounds,
+        "fill_per_second": taken as f64 / took.as_secs_f64(), "fill_batches_asked_again": retried,
+        "agent_rss_mib": {"mean": rss_mean, "max": rss_max},
+        "holders_fenced": fenced, "slowest_start_ms": secs(slowest), "etcd": etcd_json,
+    }));
+    say(format!(
         "{n:>3} hosts, {taken} of {} leases taken: acquire p50 {} p99 {} empty, p50 {} p99 {} loaded ({} of {} rounds not answered in time) | fill {:.0} leases/s ({retried} batches of {FILL_BATCH} asked again: etcd too slow) | agent RSS mean {:.1} max {:.1} MiB | holders fenced {fenced} of {n} | slowest start {} | {etcd}",
         a.host_leases,
         ms(pct(&empty, 0.5)),
@@ -260,7 +282,7 @@ fn one_size(a: &BenchArgs, eps: &[String], n: usize) -> Result<(), Failure> {
         rss_mean,
         rss_max,
         ms(slowest),
-    );
+    ))?;
     Ok(())
 }
 
