@@ -1,11 +1,11 @@
 //! The HTTP/1.1 + JSON front end on the agent's socket (`/v1/...`): routes, reads and checks
 //! bodies, and translates the core's answers to JSON; newline-delimited JSON for the long
 //! calls (a waiting acquire, a hold, watch). No logic of its own: every operation is the
-//! core's (`service`), as for gRPC.
+//! core's (`service`).
 //!
-//! Each connection is sniffed first ([`serve_connection`]): the HTTP/2 preface goes to the
-//! gRPC server, anything else is HTTP/1.1. A request whose headers do not arrive within the
-//! request timeout is answered `408` and closed, so idle connections cannot pile up.
+//! The first request's headers are read before the HTTP server takes the connection
+//! ([`serve_connection`]): a request whose headers do not arrive within the request timeout
+//! is answered `408` and closed, so idle connections cannot pile up.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -29,10 +29,7 @@ use tracing::debug;
 
 use crate::delivery::{Delivery, RECEIVED_WITHIN};
 use crate::peer::PeerStream;
-use crate::service::{Caller, ConfirmBy, Out, Service};
-
-/// The first bytes of every HTTP/2 connection.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+use crate::service::{Caller, Out, Service};
 
 /// How soon a connection over a limit is answered and closed.
 const REFUSED_WITHIN: Duration = Duration::from_secs(2);
@@ -42,33 +39,26 @@ const MAX_HEAD: usize = 16 << 10;
 
 type Body = UnsyncBoxBody<Bytes, Infallible>;
 
-/// The protocol a connection speaks, from its first bytes.
-enum Sniffed {
-    /// HTTP/2 (gRPC).
-    H2,
-    /// HTTP/1.1, with the first request's headers complete.
-    Http1,
+/// What a connection sent first.
+enum Head {
+    /// The first request's headers, complete.
+    Complete,
     /// Headers larger than [`MAX_HEAD`].
     TooLarge,
     /// Closed before saying anything useful.
     Closed,
 }
 
-async fn sniff(conn: &mut PeerStream) -> std::io::Result<Sniffed> {
+async fn read_head(conn: &mut PeerStream) -> std::io::Result<Head> {
     loop {
         let head = conn.head();
-        let n = head.len().min(H2_PREFACE.len());
-        if head[..n] == H2_PREFACE[..n] {
-            if n == H2_PREFACE.len() {
-                return Ok(Sniffed::H2);
-            }
-        } else if head.windows(4).any(|w| w == b"\r\n\r\n") {
-            return Ok(Sniffed::Http1);
+        if head.windows(4).any(|w| w == b"\r\n\r\n") {
+            return Ok(Head::Complete);
         } else if head.len() > MAX_HEAD {
-            return Ok(Sniffed::TooLarge);
+            return Ok(Head::TooLarge);
         }
         if conn.read_more().await? == 0 {
-            return Ok(Sniffed::Closed);
+            return Ok(Head::Closed);
         }
     }
 }
@@ -83,12 +73,11 @@ fn raw_error(status: u16, reason: &str, e: &ApiError) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Serves one accepted connection: HTTP/2 goes to `grpc`, HTTP/1.1 is served here.
+/// Serves one accepted connection.
 pub(crate) async fn serve_connection<S: Store>(
     mut conn: PeerStream,
     service: Service<S>,
     request_timeout: Duration,
-    grpc: mpsc::Sender<std::io::Result<PeerStream>>,
 ) {
     // A connection over a limit is answered why and closed soon, whatever it sends.
     let refused = conn.info().refused.clone();
@@ -96,20 +85,16 @@ pub(crate) async fn serve_connection<S: Store>(
         Some(_) => request_timeout.min(REFUSED_WITHIN),
         None => request_timeout,
     };
-    let sniffed = tokio::time::timeout(wait, sniff(&mut conn)).await;
-    let answer = match (sniffed, refused) {
-        (Ok(Ok(Sniffed::H2)), _) => {
-            let _ = grpc.send(Ok(conn)).await;
-            return;
-        }
-        (Ok(Ok(Sniffed::Closed) | Err(_)), _) => return,
+    let head = tokio::time::timeout(wait, read_head(&mut conn)).await;
+    let answer = match (head, refused) {
+        (Ok(Ok(Head::Closed) | Err(_)), _) => return,
         (_, Some(why)) => Some(raw_error(
             503,
             "Service Unavailable",
             &ApiError::new(ErrorCode::Exhausted, why.to_string()),
         )),
-        (Ok(Ok(Sniffed::Http1)), None) => None,
-        (Ok(Ok(Sniffed::TooLarge)), None) => Some(raw_error(
+        (Ok(Ok(Head::Complete)), None) => None,
+        (Ok(Ok(Head::TooLarge)), None) => Some(raw_error(
             431,
             "Request Header Fields Too Large",
             &ApiError::usage(format!(
@@ -284,7 +269,7 @@ async fn handle<S: Store>(
         (&Method::GET, "/v1/hosts") => ok(&service.hosts().await?),
         (&Method::POST, "/v1/acquire") => {
             let r: v1::AcquireRequest = body(req, None, timeout).await?;
-            acquire(service.acquire(&c, r, ConfirmBy::Delivery)?, delivery).await
+            acquire(service.acquire(&c, r)?, delivery).await
         }
         (&Method::POST, "/v1/release") => {
             let r: v1::ReleaseRequest = body(req, None, timeout).await?;

@@ -21,7 +21,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use leasehold_api::pb::leasehold_server::LeaseholdServer;
 use leasehold_core::{EndReason, Event};
 use leasehold_store::{LocalStore, Store, StoreError};
 use tokio::net::UnixListener;
@@ -73,9 +72,6 @@ pub enum AgentError {
     /// path holds something other than a socket.
     #[error("{0}")]
     UnsafePath(String),
-    /// The server failed.
-    #[error("serving the API: {0}")]
-    Serve(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl AgentError {
@@ -273,27 +269,14 @@ pub async fn serve<S: Store>(
     };
     let connections =
         peer::Connections::new(config.max_connections_per_user, config.max_connections);
-    // One socket, two protocols: each connection is sniffed; HTTP/2 (gRPC) goes to tonic
-    // through this channel, HTTP/1.1 (JSON) is served beside it.
-    let (grpc_tx, grpc_rx) = tokio::sync::mpsc::channel(64);
     let accepting = tokio::spawn(accept(
         Incoming::new(listener, cut_rx, connections),
         service.clone(),
         config.request_timeout,
-        grpc_tx,
         stopping,
     ));
-    // Answers to `list` grow with the cluster; requests are small and validated.
-    let api = LeaseholdServer::new(service)
-        .max_encoding_message_size(1 << 30)
-        .max_decoding_message_size(4 << 20);
-    let served = tonic::transport::Server::builder()
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            api,
-            refuse_over_limit,
-        ))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(grpc_rx), stop)
-        .await;
+    stop.await;
+    // Connections already served finish on their own (they are cut after STOP_GRACE).
     accepting.abort();
     info!(
         took_ms = stop_started.get().map_or(0, |at| at.elapsed().as_millis()),
@@ -304,7 +287,7 @@ pub async fn serve<S: Store>(
     }
     watcher.stop();
     remove_own_socket(&config.socket, bound);
-    served.map_err(|e| AgentError::Serve(Box::new(e)))
+    Ok(())
 }
 
 /// Watches the holders recorded for this host: those still running keep their leases, those
@@ -426,7 +409,6 @@ async fn accept<S: Store>(
     mut incoming: Incoming,
     service: Service<S>,
     request_timeout: std::time::Duration,
-    grpc: tokio::sync::mpsc::Sender<std::io::Result<peer::PeerStream>>,
     mut stopping: tokio::sync::watch::Receiver<bool>,
 ) {
     use tokio_stream::StreamExt;
@@ -441,24 +423,11 @@ async fn accept<S: Store>(
                     conn,
                     service.clone(),
                     request_timeout,
-                    grpc.clone(),
                 ));
             }
             Some(Err(_)) => {}
             None => return,
         }
-    }
-}
-
-/// Answers every request on a connection refused for its user's connection count with why.
-fn refuse_over_limit(req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-    match req
-        .extensions()
-        .get::<peer::PeerInfo>()
-        .and_then(|p| p.refused.clone())
-    {
-        Some(why) => Err(tonic::Status::resource_exhausted(why.to_string())),
-        None => Ok(req),
     }
 }
 

@@ -12,15 +12,15 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
-use tonic::transport::server::{Connected, UdsConnectInfo};
+use tokio::net::unix::UCred;
 
 use crate::delivery::Delivery;
 
 /// What the server knows of a connection's peer.
 #[derive(Debug, Clone)]
 pub struct PeerInfo {
-    /// Pid, uid and gid at connect.
-    pub uds: UdsConnectInfo,
+    /// Pid, uid and gid at connect (`SO_PEERCRED`).
+    pub cred: Option<UCred>,
     /// Supplementary groups at connect.
     pub groups: Arc<[u32]>,
     /// Why this connection is not served (its user has too many open): every request on it
@@ -151,7 +151,7 @@ impl PeerStream {
             Vec::new()
         });
         let info = PeerInfo {
-            uds: stream.connect_info(),
+            cred: stream.peer_cred().ok(),
             groups: groups.into(),
             refused: None,
         };
@@ -205,7 +205,7 @@ impl PeerStream {
     /// refused (its requests are answered with why) and closes after a moment.
     pub fn admit(mut self, connections: &Arc<Connections>) -> PeerStream {
         // A peer of unknown uid (never on Linux) shares one count.
-        let uid = self.info.uds.peer_cred.map_or(u32::MAX, |c| c.uid());
+        let uid = self.info.cred.map_or(u32::MAX, |c| c.uid());
         match connections.admit(uid) {
             Ok(slot) => self._slot = Some(slot),
             Err(why) => {
@@ -280,14 +280,6 @@ pub fn peer_groups(socket: &impl AsFd) -> std::io::Result<Vec<u32>> {
             continue;
         }
         return Err(e);
-    }
-}
-
-impl Connected for PeerStream {
-    type ConnectInfo = PeerInfo;
-
-    fn connect_info(&self) -> PeerInfo {
-        self.info.clone()
     }
 }
 
@@ -386,11 +378,11 @@ mod tests {
         theirs.sort_unstable();
         assert_eq!(theirs, ours);
         let s = PeerStream::new(a);
-        let mut g = s.connect_info().groups.to_vec();
+        let mut g = s.info().groups.to_vec();
         g.sort_unstable();
         assert_eq!(g, ours);
         assert_eq!(
-            s.connect_info().uds.peer_cred.map(|c| c.uid()),
+            s.info().cred.map(|c| c.uid()),
             Some(rustix::process::getuid().as_raw())
         );
     }

@@ -1,8 +1,7 @@
 //! The leasehold agent's API: the HTTP/1.1 + JSON types ([`v1`], from which
 //! docs/api/v1.schema.json is generated), with conversions to and from `leasehold-core`'s
 //! types, the wording of leases for people ([`words`]), and the host facts both ends read
-//! ([`host`]). With the feature `grpc` (the agent's), also the gRPC messages generated from
-//! `proto/leasehold.proto` and their conversions.
+//! ([`host`]). HTTP/JSON is the agent's only API: these types are its one definition.
 //!
 //! Conversions from core types are infallible (`From`); conversions from wire messages
 //! validate every name and field and fail with [`WireError`] (`TryFrom`), so nothing
@@ -10,16 +9,9 @@
 
 use leasehold_core::{EndReason, NameError};
 
-#[cfg(feature = "grpc")]
-pub mod codec;
-#[cfg(feature = "grpc")]
-mod grpc;
 pub mod host;
 pub mod v1;
 pub mod words;
-
-#[cfg(feature = "grpc")]
-pub use grpc::{conflict_from_wire, conflict_to_wire, mode_from_wire, pb};
 
 /// A wire message that does not make a valid request or answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -1,42 +1,54 @@
-//! Property tests of what the agent decodes from its socket: any bytes as a request message,
-//! then the names, modes and owners in it. Nothing panics; a name or mode is accepted only
-//! when it is valid, and what is accepted reads back the same.
+//! Property tests of what the agent decodes from its socket: any bytes as an HTTP/JSON request
+//! body, then the names, modes and owners in it. Nothing panics; a name is accepted only when
+//! it is valid, a body with an unknown field is refused, and what is accepted reads back the
+//! same.
 //!
 //! `LEASEHOLD_FUZZ_CASES=N` runs N cases per property (default 256; millions in a long run).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use leasehold_api::pb;
+use leasehold_api::v1;
 use leasehold_core::{HostId, Owner, ResourceName};
 use proptest::prelude::*;
-use prost::Message;
 
 use leasehold_testkit::fuzz_cases as cases;
 
-/// Bytes that are often close to a valid message: a valid request with some bytes flipped,
-/// cut or appended, or noise.
-fn near_messages() -> impl Strategy<Value = Vec<u8>> {
-    let valid = (
-        proptest::collection::vec((".{0,40}", 0i32..4), 0..4),
-        any::<u32>(),
+/// A valid acquire body, as the clients send it.
+fn valid_acquire() -> impl Strategy<Value = v1::AcquireRequest> {
+    (
+        proptest::collection::vec((".{0,40}", any::<bool>()), 0..4),
+        proptest::option::of(any::<u32>()),
         proptest::option::of(any::<u64>()),
         proptest::option::of(".{0,20}"),
+        any::<bool>(),
     )
-        .prop_map(|(items, pid, start_time, label)| {
-            pb::AcquireRequest {
-                items: items
-                    .into_iter()
-                    .map(|(resource, mode)| pb::Item { resource, mode })
-                    .collect(),
-                pid,
-                start_time,
-                label,
-                ..Default::default()
-            }
-            .encode_to_vec()
-        });
+        .prop_map(|(items, pid, start_time, label, hold)| v1::AcquireRequest {
+            items: items
+                .into_iter()
+                .map(|(resource, shared)| v1::Item {
+                    resource,
+                    mode: if shared {
+                        v1::Mode::Shared
+                    } else {
+                        v1::Mode::Exclusive
+                    },
+                })
+                .collect(),
+            pid,
+            start_time,
+            label,
+            hold,
+            ..Default::default()
+        })
+}
+
+/// Bytes that are often close to a valid body: a valid request with some bytes flipped, cut
+/// or appended, or noise.
+fn near_bodies() -> impl Strategy<Value = Vec<u8>> {
+    let valid = valid_acquire().prop_map(|r| serde_json::to_vec(&r).unwrap());
     prop_oneof![
         proptest::collection::vec(any::<u8>(), 0..200),
+        "\\PC{0,120}".prop_map(String::into_bytes),
         (
             valid,
             proptest::collection::vec((any::<usize>(), any::<u8>()), 0..4),
@@ -66,27 +78,46 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(cases()))]
 
     #[test]
-    fn request_bytes_decode_or_are_refused_without_panicking(bytes in near_messages()) {
-        if let Ok(req) = pb::AcquireRequest::decode(bytes.as_slice()) {
+    fn request_bodies_decode_or_are_refused_without_panicking(bytes in near_bodies()) {
+        if let Ok(req) = serde_json::from_slice::<v1::AcquireRequest>(&bytes) {
             for item in req.items {
                 let name = ResourceName::new(item.resource.clone());
                 prop_assert_eq!(name.is_ok(), valid_name(&item.resource));
-                let _ = leasehold_api::mode_from_wire(item.mode);
             }
         }
-        let _ = pb::ReleaseRequest::decode(bytes.as_slice());
-        let _ = pb::ForceReleaseRequest::decode(bytes.as_slice());
-        let _ = pb::ValidateRequest::decode(bytes.as_slice());
-        let _ = pb::WatchRequest::decode(bytes.as_slice());
-        if let Ok(o) = pb::Owner::decode(bytes.as_slice()) {
+        let _ = serde_json::from_slice::<v1::ReleaseRequest>(&bytes);
+        let _ = serde_json::from_slice::<v1::ForceReleaseRequest>(&bytes);
+        let _ = serde_json::from_slice::<v1::ValidateRequest>(&bytes);
+        let _ = serde_json::from_slice::<v1::WatchRequest>(&bytes);
+        let _ = serde_json::from_slice::<v1::ResourceRequest>(&bytes);
+        if let Ok(o) = serde_json::from_slice::<v1::Owner>(&bytes) {
             let _ = Owner::try_from(o);
         }
-        if let Ok(l) = pb::Lease::decode(bytes.as_slice()) {
+        if let Ok(l) = serde_json::from_slice::<v1::Lease>(&bytes) {
             let _ = leasehold_core::Lease::try_from(l);
         }
-        if let Ok(r) = pb::Resource::decode(bytes.as_slice()) {
+        if let Ok(r) = serde_json::from_slice::<v1::Resource>(&bytes) {
             let _ = leasehold_core::ResourceView::try_from(r);
         }
+    }
+
+    #[test]
+    fn a_valid_body_reads_back_the_same_and_an_unknown_field_is_refused(
+        req in valid_acquire(),
+        field in "[a-z_]{1,12}",
+    ) {
+        let text = serde_json::to_string(&req).unwrap();
+        let back: v1::AcquireRequest = serde_json::from_str(&text).unwrap();
+        prop_assert_eq!(&back, &req);
+        let mut value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let known = value.as_object().unwrap().contains_key(&field)
+            || ["items", "pid", "start_time", "label", "hold", "wait", "shared", "accept_dirty",
+                "owner_id", "on_lost", "on_exit", "restricted", "expect_tokens", "before_fence"]
+                .contains(&field.as_str());
+        prop_assume!(!known);
+        value.as_object_mut().unwrap().insert(field.clone(), serde_json::Value::Bool(true));
+        let e = serde_json::from_value::<v1::AcquireRequest>(value).unwrap_err();
+        prop_assert!(e.to_string().contains("unknown field"), "{}", e);
     }
 
     #[test]
@@ -103,8 +134,8 @@ proptest! {
     }
 
     #[test]
-    fn modes_outside_the_enum_are_refused(m in any::<i32>()) {
-        let r = leasehold_api::mode_from_wire(m);
-        prop_assert_eq!(r.is_ok(), m == 1 || m == 2, "mode {} -> {:?}", m, r);
+    fn modes_outside_the_enum_are_refused(m in "[a-z]{0,12}") {
+        let r = serde_json::from_value::<v1::Mode>(serde_json::Value::String(m.clone()));
+        prop_assert_eq!(r.is_ok(), m == "shared" || m == "exclusive", "mode {} -> {:?}", m, r);
     }
 }

@@ -23,18 +23,6 @@ use crate::watcher::Prepared;
 /// How often a waiting request is told who is in its way.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
-/// How the client says it received a grant. A grant it did not receive (it went away just
-/// as it was granted: a withdrawn wait) is released clean, so no lease is left that nobody
-/// knows of.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum ConfirmBy {
-    /// With a separate call naming the grant's confirm id (gRPC).
-    Call,
-    /// By the front end, once the client read the grant from the socket (HTTP: see
-    /// `delivery.rs`); dropping the sender unsent means it did not.
-    Delivery,
-}
-
 /// What an acquire tells its caller, in order: waiting reports, then a grant or an error;
 /// with `hold`, safe-until updates and lost leases after the grant.
 #[derive(Debug)]
@@ -54,10 +42,9 @@ pub(crate) enum Out {
         grants: Vec<Grant>,
         /// The owner as recorded.
         owner: Owner,
-        /// With [`ConfirmBy::Call`]: the id to confirm (0: nothing new to confirm).
-        confirm_id: u64,
-        /// With [`ConfirmBy::Delivery`]: fire once the client read the grant; dropped unsent
-        /// if it did not.
+        /// For new leases: fired by the front end once the client read the grant, dropped
+        /// unsent if it did not (it went away just as it was granted: a withdrawn wait), and
+        /// then the new leases are released clean, so none is left that nobody knows of.
         delivered: Option<oneshot::Sender<()>>,
     },
     /// Safe until this instant of CLOCK_MONOTONIC, in nanoseconds.
@@ -141,7 +128,6 @@ impl<S: Store> Service<S> {
         &self,
         c: &Caller,
         r: v1::AcquireRequest,
-        confirm: ConfirmBy,
     ) -> Result<mpsc::Receiver<Out>, ApiError> {
         // Checked before anything is asked of the store: refused whole, as a usage error.
         if r.items.len() > leasehold_core::MAX_ITEMS {
@@ -225,7 +211,6 @@ impl<S: Store> Service<S> {
         let (tx, rx) = mpsc::channel(8);
         let me = self.clone();
         let hold = r.hold;
-        let uid = c.uid;
         tokio::spawn(async move {
             // Register before the grant so no loss after it can be missed.
             let registration = hold.then(|| me.holds.register(owner.process.clone()));
@@ -282,39 +267,26 @@ impl<S: Store> Service<S> {
                 .filter(|g| !g.existing)
                 .map(|g| g.resource.clone())
                 .collect();
-            let (confirm_id, confirmed, delivered) = match (fresh.is_empty(), confirm) {
-                (true, _) => (0, None, None),
-                (false, ConfirmBy::Call) => {
-                    let (id, rx) = me.confirms.register(uid);
-                    (id, Some(rx), None)
-                }
-                (false, ConfirmBy::Delivery) => {
-                    let (dtx, drx) = oneshot::channel();
-                    (0, Some(drx), Some(dtx))
-                }
+            let (delivered, received) = if fresh.is_empty() {
+                (None, None)
+            } else {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Some(rx))
             };
             let granted = Out::Granted {
                 grants: grants.clone(),
                 owner: owner.clone(),
-                confirm_id,
                 delivered,
             };
             let sent = tx.send(granted).await.is_ok();
-            let kept = match (confirmed, confirm) {
-                (None, _) => sent,
-                (Some(_), _) if !sent => false,
-                (Some(rx), ConfirmBy::Call) => tokio::select! {
-                    biased;
-                    r = rx => r.is_ok(),
-                    () = tx.closed() => false,
-                },
-                // The front end answers once it knows, bounded, even if the stream closed
-                // meanwhile: a client that read the grant and closed at once has it.
-                (Some(rx), ConfirmBy::Delivery) => rx.await.is_ok(),
+            // The front end answers once it knows, within a bound, even if the stream closed
+            // meanwhile: a client that read the grant and closed at once has it.
+            let kept = match received {
+                None => sent,
+                Some(rx) => sent && rx.await.is_ok(),
             };
             if !kept {
-                me.confirms.forget(confirm_id);
-                me.undo_unconfirmed(&owner, fresh).await;
+                me.undo_unread(&owner, fresh).await;
                 return;
             }
             if let Some(registration) = registration {
@@ -322,19 +294,6 @@ impl<S: Store> Service<S> {
             }
         });
         Ok(rx)
-    }
-
-    /// Confirms grant `id` for `c` (gRPC's `Confirm`).
-    pub(crate) fn confirm(&self, c: &Caller, id: u64) -> Result<(), ApiError> {
-        if self.confirms.confirm(id, c.uid) {
-            return Ok(());
-        }
-        Err(ApiError::new(
-            ErrorCode::Refused,
-            format!(
-                "no grant {id} of yours awaits confirmation: its acquire stream closed first, so it was released; acquire again"
-            ),
-        ))
     }
 
     /// Prepares to watch `process`, waiting a little while the agent is out of file
@@ -373,7 +332,7 @@ impl<S: Store> Service<S> {
 
     /// Releases, clean, the new leases of a grant whose client went away before receiving
     /// it: nobody learnt their tokens, so nothing was written under them.
-    async fn undo_unconfirmed(&self, owner: &Owner, fresh: Vec<ResourceName>) {
+    async fn undo_unread(&self, owner: &Owner, fresh: Vec<ResourceName>) {
         let process = &owner.process;
         for r in fresh {
             match self
@@ -389,13 +348,13 @@ impl<S: Store> Service<S> {
                 Ok(_) => warn!(
                     resource = %r,
                     pid = process.pid,
-                    "released a grant its client went away without confirming"
+                    "released a grant its client went away without reading"
                 ),
                 Err(e) => warn!(
                     resource = %r,
                     pid = process.pid,
                     error = %e,
-                    "a grant its client never confirmed could not be released"
+                    "a grant its client never read could not be released"
                 ),
             }
         }

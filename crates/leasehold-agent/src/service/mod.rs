@@ -1,6 +1,6 @@
 //! The agent's API: one core of operations that validates every request, decides rights
-//! from the peer's credentials (SPEC G8), and carries requests to the store. Two front ends
-//! call it and only translate: HTTP/JSON (`crate::http`) and gRPC (`grpc`).
+//! from the peer's credentials (SPEC G8), and carries requests to the store. The front end,
+//! HTTP/JSON (`crate::http`), only translates.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,7 +11,7 @@ use leasehold_core::{
     ReleaseKind, Released, ResourceName, ResourceView, Token, check_free_text,
 };
 use leasehold_store::{Store, StoreError};
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{info, warn};
 
 use crate::config::Config;
@@ -21,10 +21,9 @@ use crate::procfs::{self, ProcError, ProcessInfo};
 use crate::watcher::Watcher;
 
 mod acquire;
-mod grpc;
 mod renewals;
 
-pub(crate) use acquire::{ConfirmBy, Out};
+pub(crate) use acquire::Out;
 
 /// How long `status` waits for the backend's counts before answering without them.
 const STATUS_LIST_TIMEOUT: Duration = Duration::from_secs(1);
@@ -41,52 +40,8 @@ pub struct Service<S> {
     agent_events: broadcast::Sender<v1::Event>,
     config: Arc<Config>,
     started: Instant,
-    confirms: Arc<Confirms>,
     /// The host session's recent renewals, for `status`.
     renewals: Arc<renewals::Renewals>,
-}
-
-/// Grants sent to gRPC clients and not yet confirmed by them (`Confirm`), by confirm id.
-#[derive(Default)]
-struct Confirms {
-    next: std::sync::atomic::AtomicU64,
-    waiting: std::sync::Mutex<std::collections::HashMap<u64, (u32, oneshot::Sender<()>)>>,
-}
-
-impl Confirms {
-    /// A new confirm id for a grant to a client of `uid`, and what tells it is confirmed.
-    fn register(&self, uid: u32) -> (u64, oneshot::Receiver<()>) {
-        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-        let (tx, rx) = oneshot::channel();
-        self.waiting
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(id, (uid, tx));
-        (id, rx)
-    }
-
-    fn forget(&self, id: u64) {
-        self.waiting
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&id);
-    }
-
-    /// Confirms grant `id` for a caller of `uid`: only the caller that asked for it may.
-    fn confirm(&self, id: u64, uid: u32) -> bool {
-        let mut w = self
-            .waiting
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match w.remove(&id) {
-            Some((owner, tx)) if owner == uid || uid == 0 => tx.send(()).is_ok(),
-            Some(entry) => {
-                w.insert(id, entry);
-                false
-            }
-            None => false,
-        }
-    }
 }
 
 impl<S> Clone for Service<S> {
@@ -99,7 +54,6 @@ impl<S> Clone for Service<S> {
             agent_events: self.agent_events.clone(),
             config: self.config.clone(),
             started: self.started,
-            confirms: self.confirms.clone(),
             renewals: self.renewals.clone(),
         }
     }
@@ -123,7 +77,7 @@ impl Caller {
         if let Some(why) = &peer.refused {
             return Err(ApiError::new(ErrorCode::Exhausted, why.to_string()));
         }
-        let cred = peer.uds.peer_cred.ok_or_else(unknown)?;
+        let cred = peer.cred.ok_or_else(unknown)?;
         Ok(Caller {
             uid: cred.uid(),
             gid: cred.gid(),
@@ -201,7 +155,6 @@ impl<S: Store> Service<S> {
             agent_events,
             config,
             started: Instant::now(),
-            confirms: Arc::default(),
             renewals: renewals::Renewals::follow(&*store_for_renewals),
         }
     }
