@@ -222,8 +222,8 @@ impl Engine {
         Some(ResourceView {
             resource: resource.clone(),
             holders: st.holders.clone(),
-            dirty: st.dirty.clone(),
-            last_ended: st.last_ended.clone(),
+            dirty: st.dirty.as_deref().cloned(),
+            last_ended: st.last_ended.as_deref().cloned(),
             last_token: st.last_token,
             waiters: self
                 .waiters_of(resource)

@@ -119,11 +119,13 @@ pub struct ResourceState {
     /// The largest token ever granted for this resource.
     pub(crate) last_token: Token,
     /// Set when the last exclusive lease ended other than cleanly; cleared by `mark-clean`.
+    /// Boxed, as `last_ended`: most records have none, and a record is kept for every
+    /// resource (an `Ended` inline would more than double the size of each).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) dirty: Option<Ended>,
+    pub(crate) dirty: Option<Box<Ended>>,
     /// How the most recent lease ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) last_ended: Option<Ended>,
+    pub(crate) last_ended: Option<Box<Ended>>,
     /// After a host session expired holding this resource, nobody is granted it before this
     /// time (the grace, or lock-delay).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -143,8 +145,8 @@ impl ResourceState {
     pub fn reset(last_token: Token, ended: Option<Ended>) -> ResourceState {
         ResourceState {
             last_token,
-            dirty: ended.clone(),
-            last_ended: ended,
+            dirty: ended.clone().map(Box::new),
+            last_ended: ended.map(Box::new),
             ..ResourceState::default()
         }
     }
@@ -168,12 +170,12 @@ impl ResourceState {
 
     /// Why the resource is dirty, if it is: the lease whose end left it so.
     pub fn dirty(&self) -> Option<&Ended> {
-        self.dirty.as_ref()
+        self.dirty.as_deref()
     }
 
     /// How the most recent lease ended.
     pub fn last_ended(&self) -> Option<&Ended> {
-        self.last_ended.as_ref()
+        self.last_ended.as_deref()
     }
 
     /// Whether the record must stay although the resource is free and clean: its last lease

@@ -226,7 +226,7 @@ impl Engine {
         let Some(st) = self.resources.get_mut(resource) else {
             return Err(ReleaseError::Unknown(resource.clone()));
         };
-        let was = st.dirty.take();
+        let was = st.dirty.take().map(|d| *d);
         if was.is_some() {
             self.out.changed.insert(resource.clone());
             self.out.events.push(Event::Cleaned {
@@ -275,9 +275,9 @@ impl Engine {
             how,
         };
         if dirtied {
-            st.dirty = Some(ended.clone());
+            st.dirty = Some(Box::new(ended.clone()));
         }
-        st.last_ended = Some(ended.clone());
+        st.last_ended = Some(Box::new(ended.clone()));
         if let Some(set) = self.by_process.get_mut(process)
             && !process_still_holds
         {

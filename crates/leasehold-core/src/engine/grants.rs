@@ -204,7 +204,7 @@ impl Engine {
             {
                 needs_check.get_or_insert_with(|| AcquireError::NeedsCheck {
                     resource: r.clone(),
-                    dirty: Box::new(d.clone()),
+                    dirty: d.clone(),
                 });
             }
         }
@@ -244,7 +244,7 @@ impl Engine {
         let mut grants = Vec::with_capacity(items.len());
         for ((r, mode), prior) in items.iter().zip(existing) {
             let st = self.resources.entry(r.clone()).or_default();
-            let dirty = st.dirty.clone();
+            let dirty = st.dirty.as_deref().cloned();
             if let Some(t) = prior {
                 grants.push(Grant {
                     resource: r.clone(),
@@ -262,6 +262,10 @@ impl Engine {
                 session,
                 granted_at: now.wall,
             };
+            // Most resources have one holder: a first push would reserve room for four.
+            if st.holders.is_empty() {
+                st.holders.reserve_exact(1);
+            }
             st.holders.push(lease.clone());
             st.last_token = token;
             st.reserved_for = None;

@@ -642,3 +642,30 @@ fn a_waiter_decided_elsewhere_keeps_its_place_and_is_never_granted_here() {
     let id = t.wait(4, &[("f", X), ("d", X)], 5);
     assert!(id > WaiterId(70));
 }
+
+/// SPEC §7: one agent holds 100,000 leases in 100 MiB. The engine keeps a record per
+/// resource, so the bytes of each count 100,000 times: a lease's end is boxed (most records
+/// have none) and a resource's first holder takes room for one lease, not four.
+#[test]
+fn a_held_resource_costs_its_lease_and_a_small_record() {
+    assert!(
+        std::mem::size_of::<ResourceState>() <= 128,
+        "ResourceState is {} bytes inline",
+        std::mem::size_of::<ResourceState>()
+    );
+    let mut t = T::new();
+    t.take(1, "d", X, 1).unwrap();
+    assert_eq!(t.e.resource(&res("d")).unwrap().holders.capacity(), 1);
+    // Shared holders still grow as they come, and an ending is kept boxed as before.
+    t.take(1, "s", Sh, 2).unwrap();
+    t.take(2, "s", Sh, 3).unwrap();
+    assert_eq!(t.holders("s"), vec![(1, Sh), (2, Sh)]);
+    t.release(1, "d", ReleaseKind::Dirty { note: None }, 4)
+        .unwrap();
+    let st = t.e.resource(&res("d")).unwrap();
+    assert_eq!(
+        st.dirty().map(|d| d.token),
+        st.last_ended().map(|e| e.token)
+    );
+    assert!(st.dirty().is_some());
+}
