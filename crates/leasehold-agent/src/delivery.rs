@@ -112,9 +112,21 @@ impl Delivery {
         self.changed.notify_waiters();
     }
 
-    /// The connection is being dropped: its fd is not looked at again.
+    /// The connection is being dropped: its fd is looked at one last time, then never again.
+    /// The last look matters: a connection dropped because a later write failed (`EPIPE`,
+    /// which any closed peer gives) has not reported the `ECONNRESET` a peer that closed with
+    /// the grant unread left on the socket, and after this nobody could.
     pub(crate) fn closed(&self) {
-        self.lock().closed = true;
+        let mut state = self.lock();
+        if !state.closed
+            && !state.reset
+            && let Ok(Some(e)) = socket_error(self.fd)
+            && is_reset(&e)
+        {
+            state.reset = true;
+        }
+        state.closed = true;
+        drop(state);
         self.changed.notify_waiters();
     }
 
@@ -130,8 +142,8 @@ impl Delivery {
             return Seen::Reset;
         }
         if state.closed {
-            // Dropped without a reset: the peer read everything and closed (a close with data
-            // unread shows as a reset to the agent's read first), or the agent stopped.
+            // Dropped without a reset (the agent's reads and the last look at the drop would
+            // have seen one): the peer read everything and closed, or the agent stopped.
             return Seen::Read;
         }
         // Unread bytes first, then the error: a peer closing with data unread sets the error
@@ -305,6 +317,20 @@ mod tests {
         drop(b);
         d.closed();
         assert!(d.received(mark, Duration::from_secs(60)).await);
+
+        // Flushed, closed unread, then a later write fails (EPIPE, not the reset) and the
+        // connection is dropped before the check first runs: not received. (Before the last
+        // look at the drop, this counted as read, and the grant stayed with nobody.)
+        let (a, b) = UnixStream::pair().unwrap();
+        let d = Delivery::new(a.as_raw_fd());
+        let mark = d.mark();
+        (&a).write_all(b"granted\n").unwrap();
+        d.flushed();
+        drop(b);
+        let e = (&a).write_all(b"safe\n").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPIPE), "{e}");
+        d.closed();
+        assert!(!d.received(mark, Duration::from_secs(60)).await);
 
         // Not flushed and dropped: not received.
         let (a, _b) = UnixStream::pair().unwrap();
