@@ -115,6 +115,37 @@ impl SessionState {
     }
 }
 
+/// What `leasehold status` counts: known resources, leases held, processes holding them and
+/// dirty resources.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Known resources.
+    pub resources: u64,
+    /// Leases held.
+    pub leases: u64,
+    /// Processes holding them.
+    pub processes: u64,
+    /// Resources marked dirty.
+    pub dirty: u64,
+}
+
+impl Counts {
+    /// The counts of `views` (what [`Store::list`] returned).
+    #[must_use]
+    pub fn of(views: &[ResourceView]) -> Counts {
+        let processes: std::collections::BTreeSet<&leasehold_core::ProcessKey> = views
+            .iter()
+            .flat_map(|v| v.holders.iter().map(|l| &l.owner.process))
+            .collect();
+        Counts {
+            resources: views.len() as u64,
+            leases: views.iter().map(|v| v.holders.len() as u64).sum(),
+            processes: processes.len() as u64,
+            dirty: views.iter().filter(|v| v.dirty.is_some()).count() as u64,
+        }
+    }
+}
+
 /// One host's session on the backend, as `leasehold hosts` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostView {
@@ -369,6 +400,16 @@ pub trait Store: Send + Sync + 'static {
     /// # Errors
     /// [`StoreError::Storage`] or [`StoreError::Closed`].
     fn list(&self) -> impl Future<Output = Result<Vec<ResourceView>, StoreError>> + Send;
+
+    /// The counts `status` shows. By default from [`Store::list`]; a store that can count
+    /// without building every view says so (the local store, where 100,000 views cost their
+    /// memory again just to be counted).
+    ///
+    /// # Errors
+    /// As [`Store::list`].
+    fn counts(&self) -> impl Future<Output = Result<Counts, StoreError>> + Send {
+        async move { Ok(Counts::of(&self.list().await?)) }
+    }
 
     /// Every host's session on the backend, by host id: the live ones, and those this agent
     /// saw end. The local store reports its own host.

@@ -274,10 +274,12 @@ fn ten_thousand_leases_cost_one_keep_alive_per_renew_interval() {
         after - before,
         rss_kib / 1024
     );
-    // One per renew interval (1 s): about 5, whatever the number of leases.
+    // One per renew interval (1 s): about 5, whatever the number of leases; never one per
+    // lease. The bounds leave room for a busy machine, where a late renewal (fewer) or one
+    // retried after a timeout (a few more) is not what this test is about.
     assert!(
-        (4..=6).contains(&(after - before)),
-        "{} renewals in 5 s",
+        (1..=10).contains(&(after - before)),
+        "{} renewals in 5 s for 10,000 leases",
         after - before
     );
 }

@@ -553,19 +553,14 @@ impl<S: Store> Service<S> {
     pub(crate) async fn status(&self) -> v1::StatusResponse {
         // The backend may not answer (etcd unreachable): the session is still reported, and
         // the counts are said to be missing, not zero.
-        let listed = match tokio::time::timeout(STATUS_LIST_TIMEOUT, self.store.list()).await {
-            Ok(Ok(views)) => Ok(views),
+        let counted = match tokio::time::timeout(STATUS_LIST_TIMEOUT, self.store.counts()).await {
+            Ok(Ok(c)) => Ok(c),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!(
                 "the backend did not answer in {STATUS_LIST_TIMEOUT:?}"
             )),
         };
-        let views: &[ResourceView] = listed.as_deref().unwrap_or_default();
-        let leases = views.iter().map(|v| v.holders.len() as u64).sum();
-        let processes: std::collections::BTreeSet<&ProcessKey> = views
-            .iter()
-            .flat_map(|v| v.holders.iter().map(|l| &l.owner.process))
-            .collect();
+        let counts = counted.as_ref().copied().unwrap_or_default();
         let state = self.store.session().map(|rx| rx.borrow().clone());
         let now = Instant::now();
         let safe_for = state
@@ -611,14 +606,14 @@ impl<S: Store> Service<S> {
             uptime: self.started.elapsed().into(),
             state_dir: self.config.state_dir.display().to_string(),
             socket: self.config.socket.display().to_string(),
-            resources: views.len() as u64,
-            leases,
-            processes: processes.len() as u64,
-            dirty: views.iter().filter(|v| v.dirty.is_some()).count() as u64,
+            resources: counts.resources,
+            leases: counts.leases,
+            processes: counts.processes,
+            dirty: counts.dirty,
             session,
             safe_for: safe_for.map(Into::into),
             host_session,
-            backend_error: listed.err(),
+            backend_error: counted.err(),
             etcd: self.store.etcd_health().map(|h| v1::EtcdStatus {
                 db_size: h.db_size,
                 quota: h.quota,

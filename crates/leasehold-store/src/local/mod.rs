@@ -137,6 +137,9 @@ enum Cmd {
     List {
         reply: Reply<Vec<ResourceView>>,
     },
+    Counts {
+        reply: Reply<crate::Counts>,
+    },
     Shutdown,
 }
 
@@ -466,8 +469,12 @@ impl Store for LocalStore {
         self.call(|reply| Cmd::List { reply }).await
     }
 
+    async fn counts(&self) -> Result<crate::Counts, StoreError> {
+        self.call(|reply| Cmd::Counts { reply }).await
+    }
+
     async fn hosts(&self) -> Result<Vec<crate::HostView>, StoreError> {
-        let leases = self.list().await?.iter().map(|v| v.holders.len()).sum();
+        let leases = usize::try_from(self.counts().await?.leases).unwrap_or(usize::MAX);
         Ok(vec![crate::HostView {
             host: self.host.clone(),
             session: None,

@@ -388,6 +388,19 @@ impl Worker {
                     .collect();
                 defer(answers, reply, Ok(v));
             }
+            Cmd::Counts { reply } => {
+                // Counted from the records, without a view per resource.
+                let mut c = crate::Counts::default();
+                let mut processes = std::collections::BTreeSet::new();
+                for (_, st) in self.engine.resources() {
+                    c.resources += 1;
+                    c.leases += st.holders().len() as u64;
+                    c.dirty += u64::from(st.dirty().is_some());
+                    processes.extend(st.holders().iter().map(|l| &l.owner.process));
+                }
+                c.processes = processes.len() as u64;
+                defer(answers, reply, Ok(c));
+            }
             Cmd::Shutdown => {}
         }
     }
@@ -521,6 +534,7 @@ pub(super) fn refuse(cmd: Cmd, e: &StoreError, orphans: &mut Vec<(ResourceName, 
         Cmd::Inspect { reply, .. } => drop(reply.send(Err(e))),
         Cmd::Conflict { reply, .. } => drop(reply.send(Err(e))),
         Cmd::List { reply } => drop(reply.send(Err(e))),
+        Cmd::Counts { reply } => drop(reply.send(Err(e))),
         Cmd::ReleaseOrphans(v) => orphans.extend(v),
         Cmd::Abandon(_) | Cmd::Shutdown => {}
     }
