@@ -593,6 +593,17 @@ pub async fn list_and_inspect_show_holders_and_dirt<H: Harness>(h: &H) {
     assert_eq!(list[1].holders.len(), 2);
     assert!(list[2].dirty.is_some() && list[2].holders.is_empty());
     assert!(s.inspect(res("nope")).await.expect("inspect").is_none());
+    // `status` counts what `list` shows, however the store counts.
+    assert_eq!(
+        s.counts().await.expect("counts"),
+        crate::Counts {
+            resources: 3,
+            leases: 3,
+            processes: 3,
+            dirty: 1
+        }
+    );
+    assert_eq!(s.counts().await.expect("counts"), crate::Counts::of(&list));
 }
 
 /// Events come out in order, for grants, endings and cleaning. That each is durable when
