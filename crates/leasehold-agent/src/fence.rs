@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use leasehold_core::{EndReason, Ended, HostId, OnLost, ProcessKey, ResourceName, Token};
-use leasehold_store::{LocalLeases, SessionState, Store, StoreError};
+use leasehold_store::{LocalLeases, SessionState, Store};
 use tokio::sync::{broadcast, watch};
 use tracing::{error, info, warn};
 
@@ -277,13 +277,7 @@ impl<S: Store> Fencer<S> {
                         );
                         return;
                     }
-                    Err(
-                        e @ (StoreError::Unavailable(_)
-                        | StoreError::SessionLost
-                        | StoreError::Misconfigured(_)
-                        | StoreError::NoSpace(_)
-                        | StoreError::Storage(_)),
-                    ) => {
+                    Err(e) if e.is_retryable() => {
                         warn!(error = %e, "cannot end the revoked leases yet; retrying");
                         tokio::time::sleep(delay).await;
                         delay = (delay * 2).min(Duration::from_secs(2));

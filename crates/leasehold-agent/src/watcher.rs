@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use leasehold_api::v1::BeforeFence;
 use leasehold_core::ProcessKey;
-use leasehold_store::{Store, StoreError};
+use leasehold_store::Store;
 use rustix::process::Signal;
 use tokio::io::unix::AsyncFd;
 use tracing::{info, warn};
@@ -426,13 +426,7 @@ impl<S: Store> Watcher<S> {
                     }
                     return;
                 }
-                Err(
-                    e @ (StoreError::Unavailable(_)
-                    | StoreError::SessionLost
-                    | StoreError::Misconfigured(_)
-                    | StoreError::NoSpace(_)
-                    | StoreError::Storage(_)),
-                ) => {
+                Err(e) if e.is_retryable() => {
                     warn!(pid = process.pid, error = %e, "cannot end the leases of an exited process yet; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(std::time::Duration::from_secs(2));

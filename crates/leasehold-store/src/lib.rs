@@ -251,6 +251,24 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// Whether the same request may succeed later without anyone changing it: the backend
+    /// did not answer, this host's session is being replaced, or storage was short of
+    /// something. Work that must happen in the end (ending an exited holder's leases, the
+    /// revoked leases of a lost session) retries on these and gives up on the rest.
+    #[must_use]
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Unavailable(_)
+                | StoreError::SessionLost
+                | StoreError::Misconfigured(_)
+                | StoreError::NoSpace(_)
+                | StoreError::Storage(_)
+        )
+    }
+}
+
 /// Refuses a request made for another host than the store's.
 fn check_host(ours: &HostId, spec: &AcquireSpec) -> Result<(), StoreError> {
     if &spec.owner.process.host != ours {
