@@ -85,12 +85,14 @@ pub struct Owner {
     /// What its exit does to its exclusive leases.
     #[serde(default, skip_serializing_if = "OnExit::is_dirty")]
     pub on_exit: OnExit,
-    /// What a revocation of its lease (force-release) does to it.
+    /// What losing its lease (force-release, or this host's etcd session lost) does to it.
     #[serde(default, skip_serializing_if = "OnLost::is_kill")]
     pub on_lost: OnLost,
 }
 
-/// What the agent does to a holder whose lease is revoked (force-release).
+/// What the agent does to a holder whose lease is taken from it: by force-release, or by
+/// the fence when this host's etcd session is lost (a process is spared only when every
+/// lease it holds asked `revoke`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum OnLost {
@@ -316,8 +318,9 @@ pub struct AcquireRequest {
     /// process's exit still ends the leases of all of them. Absent: the process itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner_id: Option<String>,
-    /// What a revocation (force-release) does to the process: `kill` (the default) or
-    /// `revoke` (the lease ends, the process lives on and learns it from `validate`).
+    /// What losing the lease (force-release, or this host's etcd session lost: the fence)
+    /// does to the process: `kill` (the default) or `revoke` (the lease ends, the process
+    /// lives on and learns it from its hold stream, its next call and `validate`).
     #[serde(default, skip_serializing_if = "OnLost::is_kill")]
     pub on_lost: OnLost,
     /// A label for people: a VM name.
