@@ -4,27 +4,32 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::Command;
+use std::process::{Command, Output};
 
 use leasehold_testkit::Etcd;
+
+/// `leasehold bench` with `args`, run to its end.
+fn bench(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_leasehold"))
+        .arg("bench")
+        .args(args)
+        .output()
+        .unwrap()
+}
 
 #[test]
 fn the_many_hosts_table_has_a_row_per_count_with_etcds_figures() {
     let etcd = Etcd::start();
-    let out = Command::new(env!("CARGO_BIN_EXE_leasehold"))
-        .args([
-            "bench",
-            "--etcd-endpoints",
-            &etcd.endpoint(),
-            "--hosts",
-            "1,3",
-            "--host-leases",
-            "120",
-            "--host-rounds",
-            "10",
-        ])
-        .output()
-        .unwrap();
+    let out = bench(&[
+        "--etcd-endpoints",
+        &etcd.endpoint(),
+        "--hosts",
+        "1,3",
+        "--host-leases",
+        "120",
+        "--host-rounds",
+        "10",
+    ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
@@ -47,21 +52,17 @@ fn the_many_hosts_table_has_a_row_per_count_with_etcds_figures() {
         }
     }
     // --json: one object, a figure per count.
-    let out = Command::new(env!("CARGO_BIN_EXE_leasehold"))
-        .args([
-            "bench",
-            "--etcd-endpoints",
-            &etcd.endpoint(),
-            "--hosts",
-            "2",
-            "--host-leases",
-            "60",
-            "--host-rounds",
-            "5",
-            "--json",
-        ])
-        .output()
-        .unwrap();
+    let out = bench(&[
+        "--etcd-endpoints",
+        &etcd.endpoint(),
+        "--hosts",
+        "2",
+        "--host-leases",
+        "60",
+        "--host-rounds",
+        "5",
+        "--json",
+    ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -80,10 +81,7 @@ fn the_many_hosts_table_has_a_row_per_count_with_etcds_figures() {
         assert!(!row[k].is_null(), "{k} missing: {row}");
     }
     // Bad counts change nothing and say why.
-    let out = Command::new(env!("CARGO_BIN_EXE_leasehold"))
-        .args(["bench", "--hosts", "2"])
-        .output()
-        .unwrap();
+    let out = bench(&["--hosts", "2"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("--hosts needs --etcd-endpoints"),
