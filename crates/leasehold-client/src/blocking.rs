@@ -1,6 +1,6 @@
 //! A blocking client over the agent's HTTP/JSON API, with nothing but `std`: no async
 //! runtime, no thread. One call is one connection, one request and one answer, so it can
-//! run anywhere, e.g. in a forked child before `exec` where no runtime or thread may run
+//! run anywhere (a caller that makes many calls keeps one open instead: [`Connection`]), e.g. in a forked child before `exec` where no runtime or thread may run
 //! (a libvirt lock driver).
 //!
 //! Its types are `leasehold-core`'s and this crate's ([`AcquireOptions`], [`Granted`],
@@ -38,7 +38,9 @@ pub use leasehold_api::v1::{ErrorCode, Event, ExitCode, StatusResponse as Status
 use crate::{AcquireEvent, AcquireOptions, Granted, Refusal, RefusalKind, ReleaseOptions};
 
 mod answer;
+mod connection;
 use answer::Answer;
+pub use connection::Connection;
 
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
@@ -256,30 +258,8 @@ impl Client {
         body: Option<&impl Serialize>,
     ) -> Result<Answer, Error> {
         let mut s = self.connect()?;
-        let body = match body {
-            Some(b) => serde_json::to_vec(b).map_err(Error::protocol)?,
-            None => Vec::new(),
-        };
-        let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nhost: leasehold\r\nconnection: close\r\n\
-             content-type: application/json\r\ncontent-length: {}\r\n\r\n",
-            body.len()
-        )
-        .into_bytes();
-        req.extend_from_slice(&body);
-        s.write_all(&req)?;
-        let answer = Answer::read(BufReader::new(s))?;
-        if !(200..300).contains(&answer.status) {
-            let status = answer.status;
-            let text = answer.text()?;
-            let e: ApiError = serde_json::from_str(&text).map_err(|e| {
-                Error::Protocol(format!(
-                    "status {status} with a body that is no error ({e}): {text}"
-                ))
-            })?;
-            return Err(e.into());
-        }
-        Ok(answer)
+        write_request(&mut s, method, path, body, false)?;
+        checked(Answer::read(BufReader::new(s))?)
     }
 
     fn call<T: DeserializeOwned>(
@@ -298,7 +278,12 @@ impl Client {
     /// [`Error::Refused`] when refused at once (not waiting); [`Error::Agent`] when the
     /// request is malformed or not allowed.
     pub fn start_acquire(&self, o: &AcquireOptions) -> Result<Acquisition, Error> {
-        let req = v1::AcquireRequest {
+        self.start_acquire_request(&Client::acquire_request(o))
+    }
+
+    /// The API's request for `o`.
+    fn acquire_request(o: &AcquireOptions) -> v1::AcquireRequest {
+        v1::AcquireRequest {
             items: o
                 .items
                 .iter()
@@ -316,8 +301,7 @@ impl Client {
             wait: o.wait.map(v1::Dur),
             hold: o.hold,
             ..v1::AcquireRequest::default()
-        };
-        self.start_acquire_request(&req)
+        }
     }
 
     /// [`Client::start_acquire`] with the API's request itself, for what the options do not
@@ -352,15 +336,7 @@ impl Client {
         resources: &[ResourceName],
         o: &ReleaseOptions,
     ) -> Result<ReleaseReport, Error> {
-        let req = v1::ReleaseRequest {
-            resources: resources.iter().map(ToString::to_string).collect(),
-            pid: o.pid,
-            start_time: o.start_time,
-            owner_id: None,
-            dirty: o.dirty,
-            note: o.note.clone(),
-            handover_to: o.handover_to.clone(),
-        };
+        let req = release_request(resources, o);
         let r: v1::ReleaseResponse = self.call("POST", "/v1/release", Some(&req))?;
         report(r)
     }
@@ -514,6 +490,63 @@ impl Client {
         let answer = self.send("POST", "/v1/watch", Some(&req))?;
         answer.reader.get_ref().inner().set_read_timeout(None)?;
         Ok(Watch { lines: answer })
+    }
+}
+
+/// Writes one request on `s`; the agent closes the connection after answering unless
+/// `keep_alive`.
+fn write_request(
+    s: &mut UnixStream,
+    method: &str,
+    path: &str,
+    body: Option<&impl Serialize>,
+    keep_alive: bool,
+) -> Result<(), Error> {
+    let body = match body {
+        Some(b) => serde_json::to_vec(b).map_err(Error::protocol)?,
+        None => Vec::new(),
+    };
+    let close = if keep_alive {
+        ""
+    } else {
+        "connection: close\r\n"
+    };
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: leasehold\r\n{close}\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(&body);
+    s.write_all(&req)?;
+    Ok(())
+}
+
+/// The answer, or its error when the agent answered one (not 2xx).
+fn checked(answer: Answer) -> Result<Answer, Error> {
+    if !(200..300).contains(&answer.status) {
+        let status = answer.status;
+        let text = answer.text()?;
+        let e: ApiError = serde_json::from_str(&text).map_err(|e| {
+            Error::Protocol(format!(
+                "status {status} with a body that is no error ({e}): {text}"
+            ))
+        })?;
+        return Err(e.into());
+    }
+    Ok(answer)
+}
+
+/// The API's release request for `resources` and `o`.
+fn release_request(resources: &[ResourceName], o: &ReleaseOptions) -> v1::ReleaseRequest {
+    v1::ReleaseRequest {
+        resources: resources.iter().map(ToString::to_string).collect(),
+        pid: o.pid,
+        start_time: o.start_time,
+        owner_id: None,
+        dirty: o.dirty,
+        note: o.note.clone(),
+        handover_to: o.handover_to.clone(),
     }
 }
 

@@ -72,6 +72,18 @@ impl Answer {
         Ok(s)
     }
 
+    /// The connection again, once the body has been read to its end, for the next request
+    /// (`None` when the body has no end but the connection's).
+    pub(super) fn finish(self) -> Option<BufReader<UnixStream>> {
+        if !self.reader.buffer().is_empty() {
+            return None;
+        }
+        match self.reader.into_inner() {
+            Body::Length { r, left: 0 } | Body::Chunked { r, done: true, .. } => Some(r),
+            Body::Length { .. } | Body::Chunked { .. } => None,
+        }
+    }
+
     /// The next non-empty line, `None` at the end of the body.
     pub(super) fn line(&mut self) -> Result<Option<String>, Error> {
         loop {
@@ -137,6 +149,14 @@ impl Read for Body {
                     let hex = size.trim().split(';').next().unwrap_or_default();
                     *left = u64::from_str_radix(hex, 16).map_err(|_| bad("a bad chunk size"))?;
                     if *left == 0 {
+                        // The trailer: none from the agent, so only the empty line ending it;
+                        // read, so that the next answer on the connection starts clean.
+                        loop {
+                            let mut t = String::new();
+                            if r.read_line(&mut t)? == 0 || t.trim_end().is_empty() {
+                                break;
+                            }
+                        }
                         *done = true;
                         return Ok(0);
                     }
