@@ -381,9 +381,10 @@ enum Reference {
     None,
 }
 
-/// Acquire+release cycles by `clients` concurrent clients through the agent (threads, one
-/// call one connection, as the CLI), each on its own resource, beside the reference: two
-/// phases of each, alternating, `seconds` in all for each.
+/// Acquire+release cycles by `clients` concurrent clients through the agent (threads with
+/// the blocking client, each keeping its connection open between calls, as a program that
+/// makes many calls does), each on its own resource, beside the reference: two phases of
+/// each, alternating, `seconds` in all for each.
 fn throughput(
     rt: &tokio::runtime::Runtime,
     socket: &Path,
@@ -492,7 +493,7 @@ fn agent_cycles(
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let mut tasks = Vec::new();
     for i in 0..clients {
-        let c = Client::new(socket);
+        let mut c = Client::new(socket).keep_alive();
         let r = name(format!("bench/{clients}/{i}"))?;
         tasks.push(std::thread::spawn(move || {
             let mut acq = Vec::new();
