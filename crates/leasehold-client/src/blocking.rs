@@ -39,8 +39,10 @@ use crate::{AcquireEvent, AcquireOptions, Granted, Refusal, RefusalKind, Release
 
 mod answer;
 mod connection;
+mod hold;
 use answer::Answer;
 pub use connection::Connection;
+pub use hold::HoldEvents;
 
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
@@ -587,43 +589,7 @@ impl Acquisition {
         let Some(line) = self.lines.line()? else {
             return Ok(None);
         };
-        let event: v1::AcquireEvent = serde_json::from_str(&line).map_err(Error::protocol)?;
-        Ok(Some(match event {
-            v1::AcquireEvent::Waiting {
-                note: Some(note), ..
-            } => AcquireEvent::Note(note),
-            v1::AcquireEvent::Waiting {
-                conflict, waited, ..
-            } => {
-                let conflict =
-                    v1::conflict_from_v1(conflict.ok_or_else(|| {
-                        Error::protocol("a waiting line without who is in the way")
-                    })?)
-                    .map_err(Error::protocol)?;
-                let blocked_for = conflict.blocked_for;
-                AcquireEvent::Waiting {
-                    conflict,
-                    blocked_for,
-                    waited: waited.0,
-                }
-            }
-            v1::AcquireEvent::Granted { grants, owner } => AcquireEvent::Granted(Granted {
-                grants: grants
-                    .into_iter()
-                    .map(Grant::try_from)
-                    .collect::<Result<_, _>>()
-                    .map_err(Error::protocol)?,
-                owner: Owner::try_from(owner).map_err(Error::protocol)?,
-            }),
-            v1::AcquireEvent::Safe { until_monotonic_ns } => {
-                AcquireEvent::Safe { until_monotonic_ns }
-            }
-            v1::AcquireEvent::Lost { resource, ended } => AcquireEvent::Lost {
-                resource: ResourceName::new(resource).map_err(Error::protocol)?,
-                ended: Ended::try_from(ended).map_err(Error::protocol)?,
-            },
-            v1::AcquireEvent::Error(e) => return Err(e.into()),
-        }))
+        event_of(&line).map(Some)
     }
 
     /// Waits for the grant, passing over progress reports.
@@ -650,6 +616,45 @@ impl Acquisition {
     pub fn socket(&self) -> &UnixStream {
         self.lines.reader.get_ref().inner()
     }
+}
+
+/// An event of an acquire's stream, from its line.
+fn event_of(line: &str) -> Result<AcquireEvent, Error> {
+    let event: v1::AcquireEvent = serde_json::from_str(line).map_err(Error::protocol)?;
+    Ok(match event {
+        v1::AcquireEvent::Waiting {
+            note: Some(note), ..
+        } => AcquireEvent::Note(note),
+        v1::AcquireEvent::Waiting {
+            conflict, waited, ..
+        } => {
+            let conflict = v1::conflict_from_v1(
+                conflict
+                    .ok_or_else(|| Error::protocol("a waiting line without who is in the way"))?,
+            )
+            .map_err(Error::protocol)?;
+            let blocked_for = conflict.blocked_for;
+            AcquireEvent::Waiting {
+                conflict,
+                blocked_for,
+                waited: waited.0,
+            }
+        }
+        v1::AcquireEvent::Granted { grants, owner } => AcquireEvent::Granted(Granted {
+            grants: grants
+                .into_iter()
+                .map(Grant::try_from)
+                .collect::<Result<_, _>>()
+                .map_err(Error::protocol)?,
+            owner: Owner::try_from(owner).map_err(Error::protocol)?,
+        }),
+        v1::AcquireEvent::Safe { until_monotonic_ns } => AcquireEvent::Safe { until_monotonic_ns },
+        v1::AcquireEvent::Lost { resource, ended } => AcquireEvent::Lost {
+            resource: ResourceName::new(resource).map_err(Error::protocol)?,
+            ended: Ended::try_from(ended).map_err(Error::protocol)?,
+        },
+        v1::AcquireEvent::Error(e) => return Err(e.into()),
+    })
 }
 
 /// Lease events as they happen.

@@ -6,26 +6,28 @@
 //! killed. SIGINT, SIGTERM and SIGHUP are passed to the command, and its exit status is
 //! returned; exit 0 releases clean, anything else releases dirty.
 //!
-//! No async runtime: the hold is one streaming request, read by a thread; another thread
-//! takes the signals (blocked everywhere else, and unblocked in the command); the main thread
-//! spawns the command, and acts on what the two report, and on the safe-until deadline.
+//! No async runtime and no thread: the hold is one streaming request, read without blocking;
+//! the signals are blocked and read from a signalfd (the command starts with them unblocked);
+//! one `poll` waits on both, with the safe-until deadline as its timeout. The command is
+//! started by a vfork-style clone ([`spawn`]), with no copy of the wrapper's memory.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::ExitStatus;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
 use leasehold_client::blocking::{Acquisition, Client, Error as ClientError, ExitCode};
 use leasehold_client::{AcquireEvent, AcquireOptions, Granted, ReleaseOptions};
 use leasehold_core::{Mode, ResourceName, Token};
-use rustix::process::{Pid, Signal, kill_process};
 
 use crate::commands::{acquire_waiting, released_or_not};
 use crate::output::{self, quote};
 use crate::{Failure, connect, names};
+
+mod spawn;
 
 /// Flags of `leasehold run`.
 #[derive(Args, Debug)]
@@ -111,11 +113,8 @@ pub fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
         hold: true,
     };
     let client = connect(socket)?;
+    // The hold stream is read without blocking from here on (`supervise`): no timeout.
     let (acq, granted) = acquire_waiting(&client, &request)?;
-    // The hold lasts as long as the command: no timeout on its stream.
-    acq.socket()
-        .set_read_timeout(None)
-        .map_err(|e| Failure::error(format!("holding the leases: {e}")))?;
     let all: Vec<ResourceName> = granted.grants.iter().map(|g| g.resource.clone()).collect();
 
     if let Some(check) = &a.check
@@ -143,7 +142,6 @@ pub fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
             .iter()
             .map(|g| (g.resource.clone(), g.token))
             .collect(),
-        generation: 0,
         deadline: None,
         retry_at: None,
     };
@@ -270,8 +268,6 @@ struct Hold {
     /// The request again, to reattach: the same leases for this process, not waiting.
     reattach: AcquireOptions,
     tokens: BTreeMap<ResourceName, Token>,
-    /// Which hold stream is current: lines of an older one are stale.
-    generation: u64,
     /// Kill the command by this instant unless the agent extends it.
     deadline: Option<Instant>,
     /// When to try reattaching, while the agent is away.
@@ -321,27 +317,6 @@ impl Hold {
     }
 }
 
-/// What the threads tell the main one.
-enum Msg {
-    /// A line of hold stream number `.0`; `None`: it ended.
-    Hold(u64, Box<Result<Option<AcquireEvent>, ClientError>>),
-    /// A signal arrived (SIGCHLD: the command may have exited).
-    Signal(i32),
-}
-
-/// Reads hold stream `generation` on a thread until it ends.
-fn read_hold(mut acq: Acquisition, generation: u64, tx: mpsc::Sender<Msg>) {
-    std::thread::spawn(move || {
-        loop {
-            let ev = acq.next_event();
-            let end = !matches!(ev, Ok(Some(_)));
-            if tx.send(Msg::Hold(generation, Box::new(ev))).is_err() || end {
-                return;
-            }
-        }
-    });
-}
-
 /// The signals the wrapper passes on, and SIGCHLD.
 const SIGNALS: [i32; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGCHLD];
 
@@ -358,71 +333,99 @@ fn sigset(signals: &[i32]) -> libc::sigset_t {
     }
 }
 
-/// Blocks [`SIGNALS`] in this thread (and so in every thread started after) and starts the
-/// thread that takes them with sigwait, one message each.
-fn take_signals(tx: mpsc::Sender<Msg>) -> Result<(), Failure> {
+/// Blocks [`SIGNALS`] and returns a descriptor that reads them, and the mask the command
+/// starts with: the wrapper's as it was, without [`SIGNALS`].
+fn take_signals() -> Result<(OwnedFd, libc::sigset_t), Failure> {
     let set = sigset(&SIGNALS);
-    // SAFETY: `set` is an initialised signal set; the old mask is not asked for.
-    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if r != 0 {
-        return Err(Failure::error(format!(
-            "blocking signals: {}",
-            std::io::Error::from_raw_os_error(r)
-        )));
-    }
-    std::thread::spawn(move || {
-        loop {
-            let mut sig = 0;
-            // SAFETY: `set` is initialised and `sig` a valid place for the signal number.
-            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
-                continue;
-            }
-            if tx.send(Msg::Signal(sig)).is_err() {
-                return;
-            }
+    // SAFETY: `set` is an initialised signal set and `mask` a place for the old one, which
+    // sigdelset then edits; signalfd gets the initialised set and valid flags.
+    unsafe {
+        let mut mask = std::mem::zeroed::<libc::sigset_t>();
+        let r = libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut mask);
+        if r != 0 {
+            return Err(Failure::error(format!(
+                "blocking signals: {}",
+                std::io::Error::from_raw_os_error(r)
+            )));
         }
-    });
-    Ok(())
+        for s in SIGNALS {
+            libc::sigdelset(&mut mask, s);
+        }
+        let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
+        if fd < 0 {
+            return Err(Failure::error(format!(
+                "taking signals: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok((OwnedFd::from_raw_fd(fd), mask))
+    }
 }
 
-/// Spawns the command and waits for it, passing signals on, and killing it if a lease is
-/// lost or its safe-until passes unconfirmed.
+/// The signals that arrived since last asked, in order.
+fn read_signals(fd: &OwnedFd) -> Vec<i32> {
+    let mut sigs = Vec::new();
+    loop {
+        // SAFETY: a zeroed signalfd_siginfo is valid; read writes at most its size into it.
+        let mut info = unsafe { std::mem::zeroed::<libc::signalfd_siginfo>() };
+        let size = std::mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: `info` is a writable buffer of `size` bytes.
+        let n = unsafe { libc::read(fd.as_raw_fd(), std::ptr::addr_of_mut!(info).cast(), size) };
+        if usize::try_from(n).ok() != Some(size) {
+            return sigs;
+        }
+        sigs.push(info.ssi_signo as i32);
+    }
+}
+
+/// The command's exit status, if it has exited (reaping it).
+fn try_wait(pid: libc::pid_t) -> Result<Option<ExitStatus>, Failure> {
+    let mut status = 0;
+    // SAFETY: `pid` is this process's unreaped child; `status` a valid place for its status.
+    match unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } {
+        0 => Ok(None),
+        p if p == pid => Ok(Some(ExitStatus::from_raw(status))),
+        _ => Err(Failure::error(format!(
+            "waiting for the command: {}",
+            std::io::Error::last_os_error()
+        ))),
+    }
+}
+
+/// Kills the command (not yet reaped, so its pid is still its own) and waits for it.
+fn kill(pid: libc::pid_t) -> Result<ExitStatus, Failure> {
+    let mut status = 0;
+    // SAFETY: `pid` is this process's unreaped child; `status` a valid place for its status.
+    let r = unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        libc::waitpid(pid, &mut status, 0)
+    };
+    if r != pid {
+        return Err(Failure::error(format!(
+            "waiting for the command: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(ExitStatus::from_raw(status))
+}
+
+/// Starts the command and waits for it, passing signals on, and killing it if a lease is
+/// lost or its safe-until passes unconfirmed. One thread: a `poll` over the signals (a
+/// signalfd) and the hold stream, with the safe-until as its timeout.
 fn supervise(
     argv: &[std::ffi::OsString],
     tokens: &str,
     mut hold: Hold,
     acq: Acquisition,
 ) -> Result<Outcome, Failure> {
-    let (prog, args) = argv
-        .split_first()
+    let prog = argv
+        .first()
         .ok_or_else(|| Failure::usage("no command given after --"))?;
-    let (tx, rx) = mpsc::channel();
     // Before the command starts: a signal sent as soon as it runs is passed on, not fatal.
-    take_signals(tx.clone())?;
-    read_hold(acq, hold.generation, tx.clone());
-    let wrapper = rustix::process::getpid();
-    let unblock = sigset(&SIGNALS);
-    let mut cmd = std::process::Command::new(prog);
-    cmd.args(args).env(crate::run::TOKENS_ENV, tokens);
-    // SAFETY: the closure runs in the child between fork and exec and calls only
-    // async-signal-safe functions (sigprocmask, prctl and getppid as raw syscalls, and
-    // _exit); it allocates nothing and takes no lock.
-    unsafe {
-        cmd.pre_exec(move || {
-            // The command gets the signals the wrapper blocked for its own thread.
-            if libc::sigprocmask(libc::SIG_UNBLOCK, &unblock, std::ptr::null_mut()) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
-            // The wrapper may have died before the line above took effect.
-            if rustix::process::getppid() != Some(wrapper) {
-                libc::_exit(1);
-            }
-            Ok(())
-        });
-    }
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
+    let (signals, mask) = take_signals()?;
+    let mut stream = Some(acq.into_events()?);
+    let pid = match spawn::spawn(argv, (TOKENS_ENV, tokens), mask) {
+        Ok(pid) => pid,
         Err(error) => {
             return Ok(Outcome::NotStarted {
                 prog: prog.to_string_lossy().into_owned(),
@@ -430,80 +433,90 @@ fn supervise(
             });
         }
     };
-    let pid =
-        Pid::from_raw(child.id() as i32).ok_or_else(|| Failure::error("the command has no pid"))?;
-    let wait_error = |e: std::io::Error| Failure::error(format!("waiting for the command: {e}"));
-    // Kills the command (not yet reaped, so its pid is still its own) and waits for it.
-    let kill = |child: &mut std::process::Child| -> Result<ExitStatus, Failure> {
-        let _ = kill_process(pid, Signal::KILL);
-        child.wait().map_err(wait_error)
-    };
     loop {
-        if let Some(status) = child.try_wait().map_err(wait_error)? {
+        if let Some(status) = try_wait(pid)? {
             return Ok(Outcome::Exited(status));
         }
         let wake = match (hold.deadline, hold.retry_at) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let msg = match wake {
-            None => rx.recv().ok(),
-            Some(w) => match rx.recv_timeout(w.saturating_duration_since(Instant::now())) {
-                Ok(m) => Some(m),
-                Err(mpsc::RecvTimeoutError::Timeout) => None,
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err(Failure::error("the wrapper's threads stopped"));
-                }
+        let timeout = wake.map_or(-1, |w| {
+            // Rounded up: waking before the instant would only poll again.
+            let left = w.saturating_duration_since(Instant::now());
+            i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
+        });
+        let mut fds = [
+            libc::pollfd {
+                fd: signals.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
             },
-        };
-        let now = Instant::now();
-        match msg {
-            Some(Msg::Signal(libc::SIGCHLD)) => {}
-            Some(Msg::Signal(sig)) => {
-                if let Some(s) = Signal::from_named_raw(sig) {
-                    let _ = kill_process(pid, s);
+            libc::pollfd {
+                fd: stream.as_ref().map_or(-1, |s| s.socket().as_raw_fd()),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is an array of two initialised pollfds (a negative fd is skipped).
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) } < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(Failure::error(format!("waiting for the command: {e}")));
+            }
+        }
+        for sig in read_signals(&signals) {
+            if sig != libc::SIGCHLD {
+                // SAFETY: `pid` is this process's unreaped child.
+                unsafe { libc::kill(pid, sig) };
+            }
+        }
+        if fds[1].revents != 0
+            && let Some(s) = stream.as_mut()
+        {
+            let read = s.read_events();
+            let (events, over) = match read {
+                Ok((events, over)) => (events, over),
+                Err(_) => (Vec::new(), true),
+            };
+            for ev in events {
+                match ev {
+                    AcquireEvent::Safe { until_monotonic_ns } => {
+                        hold.deadline = Some(leasehold_api::host::instant_of_monotonic(
+                            until_monotonic_ns,
+                        ));
+                    }
+                    AcquireEvent::Lost { resource, ended } => {
+                        let status = kill(pid)?;
+                        return Ok(Outcome::Lost {
+                            status,
+                            resource,
+                            how: ended.how.describe(),
+                        });
+                    }
+                    _ => {}
                 }
             }
-            Some(Msg::Hold(generation, _)) if generation != hold.generation => {}
-            Some(Msg::Hold(_, ev)) => match *ev {
-                Ok(Some(AcquireEvent::Safe { until_monotonic_ns })) => {
-                    hold.deadline = Some(leasehold_api::host::instant_of_monotonic(
-                        until_monotonic_ns,
-                    ));
-                }
-                Ok(Some(AcquireEvent::Lost { resource, ended })) => {
-                    let status = kill(&mut child)?;
-                    return Ok(Outcome::Lost {
-                        status,
-                        resource,
-                        how: ended.how.describe(),
-                    });
-                }
-                Ok(Some(_)) => {}
-                // The agent went away or restarted: the leases stay with this process. Until
-                // an agent confirms them again, the last safe-until stands.
-                Ok(None) | Err(_) => {
-                    hold.retry_at = Some(now + Duration::from_millis(200));
-                    note!("leasehold: lost contact with the agent; retrying");
-                }
-            },
-            None => {}
+            // The agent went away or restarted: the leases stay with this process. Until an
+            // agent confirms them again, the last safe-until stands.
+            if over {
+                stream = None;
+                hold.retry_at = Some(Instant::now() + Duration::from_millis(200));
+                note!("leasehold: lost contact with the agent; retrying");
+            }
         }
         if hold.deadline.is_some_and(|d| Instant::now() >= d) {
-            let status = kill(&mut child)?;
+            let status = kill(pid)?;
             return Ok(Outcome::Unconfirmed { status });
         }
         if hold.retry_at.is_some_and(|r| Instant::now() >= r) {
             match hold.reattach() {
-                Ok(Some(acq)) => {
-                    hold.generation += 1;
-                    read_hold(acq, hold.generation, tx.clone());
-                }
+                Ok(Some(acq)) => stream = Some(acq.into_events()?),
                 Ok(None) => {
                     hold.retry_at = Some(Instant::now() + Duration::from_millis(500));
                 }
                 Err(lost) => {
-                    let status = kill(&mut child)?;
+                    let status = kill(pid)?;
                     let Some((resource, how)) = lost.or_else(|| {
                         hold.tokens
                             .keys()

@@ -1,0 +1,277 @@
+//! An acquire's stream read without blocking: for a holder that waits on its connection
+//! beside other descriptors in one `poll` (`leasehold run`: its command, its signals), with
+//! no thread to read it.
+
+use std::io::{ErrorKind, Read};
+use std::os::unix::net::UnixStream;
+
+use super::answer::Body;
+use super::{Acquisition, Error};
+use crate::AcquireEvent;
+
+/// The rest of an acquire's stream, read as far as the socket has it, never waiting: poll
+/// [`HoldEvents::socket`] for reading, then call [`HoldEvents::read_events`].
+#[derive(Debug)]
+pub struct HoldEvents {
+    socket: UnixStream,
+    /// Bytes of the body not yet split into lines.
+    body: Vec<u8>,
+    /// Bytes from the socket not yet decoded (chunk framing).
+    raw: Vec<u8>,
+    framing: Framing,
+}
+
+/// Where the decoding of the body stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// Chunked: at a chunk's size line.
+    Size,
+    /// Chunked: so many bytes of a chunk's data to come, then its CRLF.
+    Data(u64),
+    /// Chunked: the CRLF after a chunk's data.
+    Crlf,
+    /// So many bytes of a body of known length to come (`u64::MAX`: until the connection
+    /// closes).
+    Length(u64),
+    /// The body is over.
+    Done,
+}
+
+impl Acquisition {
+    /// The rest of the stream, read without blocking (the socket is made non-blocking):
+    /// whatever was already read stays, so no event is lost or repeated.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the socket cannot be made non-blocking.
+    pub fn into_events(self) -> Result<HoldEvents, Error> {
+        let body = self.lines.reader.buffer().to_vec();
+        let (r, framing) = match self.lines.reader.into_inner() {
+            Body::Length { r, left } => (r, Framing::Length(left)),
+            Body::Chunked { r, done: true, .. } => (r, Framing::Done),
+            Body::Chunked { r, left: 0, .. } => (r, Framing::Size),
+            Body::Chunked { r, left, .. } => (r, Framing::Data(left)),
+        };
+        let raw = r.buffer().to_vec();
+        let socket = r.into_inner();
+        socket.set_nonblocking(true)?;
+        Ok(HoldEvents {
+            socket,
+            body,
+            raw,
+            framing,
+        })
+    }
+}
+
+impl HoldEvents {
+    /// The connection, to poll for reading (or to shut down, which ends the hold).
+    pub fn socket(&self) -> &UnixStream {
+        &self.socket
+    }
+
+    /// Reads what the socket has now, without waiting, and returns the events complete so
+    /// far (a line cut in two waits for its rest) and whether the stream has ended (the agent
+    /// ended it, or closed the connection).
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the connection breaks; [`Error::Protocol`] for a malformed stream;
+    /// [`Error::Refused`] or [`Error::Agent`] for an error line.
+    pub fn read_events(&mut self) -> Result<(Vec<AcquireEvent>, bool), Error> {
+        let mut closed = false;
+        let mut buf = [0u8; 4096];
+        loop {
+            match (&self.socket).read(&mut buf) {
+                Ok(0) => {
+                    closed = true;
+                    break;
+                }
+                Ok(n) => self.raw.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.decode()?;
+        let mut events = Vec::new();
+        while let Some(end) = self.body.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.body.drain(..=end).collect();
+            let line = std::str::from_utf8(&line).map_err(Error::protocol)?;
+            if !line.trim().is_empty() {
+                events.push(super::event_of(line)?);
+            }
+        }
+        let over = self.framing == Framing::Done || closed;
+        Ok((events, over))
+    }
+
+    /// Moves what can be decoded from `raw` into `body`.
+    fn decode(&mut self) -> Result<(), Error> {
+        let mut at = 0;
+        loop {
+            let rest = &self.raw[at..];
+            match self.framing {
+                Framing::Done => {
+                    at = self.raw.len();
+                    break;
+                }
+                Framing::Length(left) => {
+                    let n = rest.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                    self.body.extend_from_slice(&rest[..n]);
+                    at += n;
+                    let left = left - n as u64;
+                    self.framing = if left == 0 {
+                        Framing::Done
+                    } else {
+                        Framing::Length(left)
+                    };
+                    break;
+                }
+                Framing::Size => {
+                    let Some(end) = rest.iter().position(|b| *b == b'\n') else {
+                        break;
+                    };
+                    let line = std::str::from_utf8(&rest[..end]).map_err(Error::protocol)?;
+                    let hex = line.trim().split(';').next().unwrap_or_default();
+                    let size = u64::from_str_radix(hex, 16)
+                        .map_err(|_| Error::Protocol(format!("a bad chunk size: {line:?}")))?;
+                    at += end + 1;
+                    self.framing = if size == 0 {
+                        Framing::Done
+                    } else {
+                        Framing::Data(size)
+                    };
+                }
+                Framing::Data(left) => {
+                    if rest.is_empty() {
+                        break;
+                    }
+                    let n = rest.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                    self.body.extend_from_slice(&rest[..n]);
+                    at += n;
+                    let left = left - n as u64;
+                    self.framing = if left == 0 {
+                        Framing::Crlf
+                    } else {
+                        Framing::Data(left)
+                    };
+                }
+                Framing::Crlf => {
+                    if rest.len() < 2 {
+                        break;
+                    }
+                    if &rest[..2] != b"\r\n" {
+                        return Err(Error::protocol("a chunk not followed by CRLF"));
+                    }
+                    at += 2;
+                    self.framing = Framing::Size;
+                }
+            }
+        }
+        self.raw.drain(..at);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::io::{BufReader, Write};
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+    use crate::blocking::answer::Answer;
+
+    const SAFE: &str = "{\"event\":\"safe\",\"until_monotonic_ns\":";
+
+    /// A chunked answer whose body is `lines`, one chunk each, and its end when `end`.
+    fn answer(lines: &[String], end: bool) -> Vec<u8> {
+        let mut s = b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\n\
+                      transfer-encoding: chunked\r\n\r\n"
+            .to_vec();
+        for l in lines {
+            s.extend_from_slice(format!("{:X}\r\n{l}\r\n", l.len()).as_bytes());
+        }
+        if end {
+            s.extend_from_slice(b"0\r\n\r\n");
+        }
+        s
+    }
+
+    fn safe(n: u64) -> String {
+        format!("{SAFE}{n}}}\n")
+    }
+
+    fn until(ev: &AcquireEvent) -> u64 {
+        match ev {
+            AcquireEvent::Safe { until_monotonic_ns } => *until_monotonic_ns,
+            e => panic!("not a safe event: {e:?}"),
+        }
+    }
+
+    /// The stream cut at every byte, the first part read by the blocking reader (as `run`
+    /// reads its grant) and the rest arriving one byte at a time: every event comes out once,
+    /// in order, and the end is seen.
+    #[test]
+    fn every_event_once_wherever_the_stream_is_cut() {
+        let lines: Vec<String> = (1..=4).map(safe).collect();
+        let bytes = answer(&lines, true);
+        let head = bytes.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        for cut in head..=bytes.len() {
+            let (ours, mut theirs) = UnixStream::pair().unwrap();
+            theirs.write_all(&bytes[..cut]).unwrap();
+            let a = Answer::read(BufReader::new(ours.try_clone().unwrap())).unwrap();
+            let mut acq = Acquisition { lines: a };
+            let mut got = Vec::new();
+            // The blocking reader takes the first event when its chunk is all there.
+            if cut >= head + format!("{:X}\r\n", lines[0].len()).len() + lines[0].len() + 2 {
+                got.push(until(&acq.next_event().unwrap().unwrap()));
+            }
+            let mut ev = acq.into_events().unwrap();
+            let mut over = false;
+            for b in &bytes[cut..] {
+                let (e, _) = ev.read_events().unwrap();
+                got.extend(e.iter().map(until));
+                theirs.write_all(&[*b]).unwrap();
+            }
+            while !over {
+                let (e, o) = ev.read_events().unwrap();
+                got.extend(e.iter().map(until));
+                over = o;
+            }
+            assert_eq!(got, vec![1, 2, 3, 4], "cut at {cut}");
+        }
+    }
+
+    /// Nothing there yet: no event, not over, and no waiting.
+    #[test]
+    fn nothing_to_read_returns_at_once() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        theirs.write_all(&answer(&[safe(9)], false)).unwrap();
+        let mut acq = Acquisition {
+            lines: Answer::read(BufReader::new(ours)).unwrap(),
+        };
+        assert_eq!(until(&acq.next_event().unwrap().unwrap()), 9);
+        let mut ev = acq.into_events().unwrap();
+        let (e, over) = ev.read_events().unwrap();
+        assert!(e.is_empty() && !over);
+        // The agent goes away without ending the stream: over.
+        drop(theirs);
+        let (e, over) = ev.read_events().unwrap();
+        assert!(e.is_empty() && over);
+    }
+
+    /// A malformed chunk is an error, not an event or a hang.
+    #[test]
+    fn a_bad_chunk_size_is_a_protocol_error() {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let mut bytes = answer(&[safe(1)], false);
+        bytes.extend_from_slice(b"zz\r\n");
+        theirs.write_all(&bytes).unwrap();
+        let acq = Acquisition {
+            lines: Answer::read(BufReader::new(ours)).unwrap(),
+        };
+        let mut ev = acq.into_events().unwrap();
+        assert!(matches!(ev.read_events(), Err(Error::Protocol(_))));
+    }
+}
