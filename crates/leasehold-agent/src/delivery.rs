@@ -29,6 +29,10 @@ use tokio::time::Instant;
 /// How long a client that neither reads nor closes is given before a grant counts as received.
 pub(crate) const RECEIVED_WITHIN: Duration = Duration::from_secs(5);
 
+/// How many times a socket whose client has not read yet is looked at again after a turn of
+/// the runtime, before the looks are paced by a timer.
+const LOOK_AFTER_TURNS: u32 = 4;
+
 /// The longest pause between two looks at a socket whose client has not read yet.
 const LOOK_AT_MOST_EVERY: Duration = Duration::from_millis(50);
 
@@ -189,6 +193,7 @@ impl Delivery {
             }
         }
         let mut pause = Duration::from_millis(1);
+        let mut turns = 0;
         loop {
             let changed = self.changed.notified();
             match self.look() {
@@ -199,6 +204,14 @@ impl Delivery {
             let now = Instant::now();
             if now >= give_up {
                 return true;
+            }
+            // A client reads its answer within moments: look again after the runtime's next
+            // turn (its other tasks and I/O first) before sleeping on a timer, whose
+            // millisecond would hold up a kept-alive connection's next request.
+            if turns < LOOK_AFTER_TURNS {
+                turns += 1;
+                tokio::task::yield_now().await;
+                continue;
             }
             let _ = tokio::time::timeout(pause.min(give_up - now), changed).await;
             pause = (pause * 2).min(LOOK_AT_MOST_EVERY);
