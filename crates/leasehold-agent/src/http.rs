@@ -29,7 +29,7 @@ use tracing::debug;
 
 use crate::delivery::{Delivery, RECEIVED_WITHIN};
 use crate::peer::PeerStream;
-use crate::service::{Caller, Out, Service};
+use crate::service::{Caller, ConnectionFacts, Out, Service};
 
 /// How soon a connection over a limit is answered and closed.
 const REFUSED_WITHIN: Duration = Duration::from_secs(2);
@@ -120,9 +120,10 @@ pub(crate) async fn serve_connection<S: Store>(
     }
     let peer = conn.info().clone();
     let delivery = conn.delivery();
+    let facts = ConnectionFacts::default();
     let handler = hyper::service::service_fn(move |req| {
         let service = service.clone();
-        let caller = Caller::of(Some(&peer));
+        let caller = Caller::of(Some(&peer), &facts);
         let delivery = delivery.clone();
         async move { Ok::<_, Infallible>(route(&service, caller, req, request_timeout, delivery).await) }
     });

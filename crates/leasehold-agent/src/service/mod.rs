@@ -2,7 +2,7 @@
 //! from the peer's credentials (SPEC G8), and carries requests to the store. The front end,
 //! HTTP/JSON (`crate::http`), only translates.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use leasehold_api::v1::{self, ApiError, ErrorCode};
@@ -66,12 +66,19 @@ pub(crate) struct Caller {
     gid: u32,
     groups: Arc<[u32]>,
     pid: Option<u32>,
+    /// The facts of the caller's own process, read from `/proc` at its connection's first
+    /// request that acts for it and kept for the connection's later ones (see
+    /// [`Service::target`]).
+    own: Arc<OnceLock<ProcessInfo>>,
 }
+
+/// What one connection keeps between its requests: the facts of the peer's process.
+pub(crate) type ConnectionFacts = Arc<OnceLock<ProcessInfo>>;
 
 impl Caller {
     /// The caller of a connection; refused when its credentials are unknown, or when the
-    /// connection is over a limit (the refusal says which).
-    pub(crate) fn of(peer: Option<&PeerInfo>) -> Result<Caller, ApiError> {
+    /// connection is over a limit (the refusal says which). `facts` is the connection's.
+    pub(crate) fn of(peer: Option<&PeerInfo>, facts: &ConnectionFacts) -> Result<Caller, ApiError> {
         let unknown = || ApiError::new(ErrorCode::Forbidden, "the peer's credentials are unknown");
         let peer = peer.ok_or_else(unknown)?;
         if let Some(why) = &peer.refused {
@@ -83,6 +90,7 @@ impl Caller {
             gid: cred.gid(),
             groups: Arc::clone(&peer.groups),
             pid: cred.pid().and_then(|p| u32::try_from(p).ok()),
+            own: Arc::clone(facts),
         })
     }
 }
@@ -216,12 +224,31 @@ impl<S: Store> Service<S> {
             ),
             e => ApiError::new(ErrorCode::Internal, e.to_string()),
         };
-        let mut info = ProcessInfo::read(pid).map_err(no_process)?;
-        // /proc/PID belongs to root for a non-dumpable process: for a non-root caller, learn
-        // whose process it really is before refusing.
-        if info.uid == 0 && c.uid != 0 {
-            info.uid = procfs::real_uid(pid).map_err(no_process)?;
-        }
+        let read = || {
+            let mut info = ProcessInfo::read(pid).map_err(no_process)?;
+            // /proc/PID belongs to root for a non-dumpable process: for a non-root caller,
+            // learn whose process it really is before refusing.
+            if info.uid == 0 && c.uid != 0 {
+                info.uid = procfs::real_uid(pid).map_err(no_process)?;
+            }
+            Ok::<_, ApiError>(info)
+        };
+        // The caller's own process is read once per connection, like its credentials: a
+        // connection acts for the process that opened it, as it was then. Should that process
+        // be gone and its pid reused, its key (pid and start time) still names the old one:
+        // an acquire is refused (the watch checks the start time), a release finds nothing.
+        let info = if c.pid == Some(pid) {
+            match c.own.get() {
+                Some(info) => info.clone(),
+                None => {
+                    let info = read()?;
+                    let _ = c.own.set(info.clone());
+                    info
+                }
+            }
+        } else {
+            read()?
+        };
         if let Some(st) = start_time
             && st != info.start_time
         {
