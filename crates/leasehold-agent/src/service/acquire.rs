@@ -148,7 +148,7 @@ impl<S: Store> Service<S> {
             .map(|e| Ok((resource(e.resource)?, Token(e.token))))
             .collect::<Result<Vec<_>, ApiError>>()?;
         let info = self.target(c, r.pid, r.start_time)?;
-        refuse_non_process(&info)?;
+        refuse_non_process(&info, self.watched(&info))?;
         let owner = Owner {
             process: ProcessKey {
                 host: self.config.host_id.clone(),

@@ -2,7 +2,7 @@
 //! from the peer's credentials (SPEC G8), and carries requests to the store. The front end,
 //! HTTP/JSON (`crate::http`), only translates.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use leasehold_api::v1::{self, ApiError, ErrorCode};
@@ -67,13 +67,13 @@ pub(crate) struct Caller {
     groups: Arc<[u32]>,
     pid: Option<u32>,
     /// The facts of the caller's own process, read from `/proc` at its connection's first
-    /// request that acts for it and kept for the connection's later ones (see
-    /// [`Service::target`]).
-    own: Arc<OnceLock<ProcessInfo>>,
+    /// request that acts for it and kept for the connection's later ones while the process
+    /// is watched (see [`Service::target`]).
+    own: ConnectionFacts,
 }
 
 /// What one connection keeps between its requests: the facts of the peer's process.
-pub(crate) type ConnectionFacts = Arc<OnceLock<ProcessInfo>>;
+pub(crate) type ConnectionFacts = Arc<Mutex<Option<ProcessInfo>>>;
 
 impl Caller {
     /// The caller of a connection; refused when its credentials are unknown, or when the
@@ -233,16 +233,17 @@ impl<S: Store> Service<S> {
             }
             Ok::<_, ApiError>(info)
         };
-        // The caller's own process is read once per connection, like its credentials: a
-        // connection acts for the process that opened it, as it was then. Should that process
-        // be gone and its pid reused, its key (pid and start time) still names the old one:
-        // an acquire is refused (the watch checks the start time), a release finds nothing.
+        // The caller's own process is read once per connection, like its credentials (a
+        // connection acts for the process that opened it, as it was then), and again only once
+        // it is not watched: a watched process has not exited (its watch would have ended) and
+        // is the one its key names, pid and start time.
         let info = if c.pid == Some(pid) {
-            match c.own.get() {
-                Some(info) => info.clone(),
-                None => {
+            let mut own = c.own.lock().unwrap_or_else(PoisonError::into_inner);
+            match &*own {
+                Some(info) if self.watched(info) => info.clone(),
+                _ => {
                     let info = read()?;
-                    let _ = c.own.set(info.clone());
+                    *own = Some(info.clone());
                     info
                 }
             }
@@ -270,6 +271,16 @@ impl<S: Store> Service<S> {
             ));
         }
         Ok(info)
+    }
+
+    /// Whether the process `info` describes is watched: then it runs, and it is a process,
+    /// not a thread (its watch holds a pidfd, which only a process has).
+    fn watched(&self, info: &ProcessInfo) -> bool {
+        self.watcher.is_watched(&ProcessKey {
+            host: self.config.host_id.clone(),
+            pid: info.pid,
+            start_time: info.start_time,
+        })
     }
 
     fn who(&self, c: &Caller) -> String {
@@ -704,7 +715,8 @@ impl<S: Store> Service<S> {
 
 /// A lease is held for a running process: not for a zombie (it has exited; the lease would
 /// end at once, dirty), nor for a thread other than the main one (it cannot be watched).
-fn refuse_non_process(info: &ProcessInfo) -> Result<(), ApiError> {
+/// A watched process (`watched`) is no thread: that look is saved.
+fn refuse_non_process(info: &ProcessInfo, watched: bool) -> Result<(), ApiError> {
     let pid = info.pid;
     if info.exited() {
         return Err(ApiError::new(
@@ -715,7 +727,7 @@ fn refuse_non_process(info: &ProcessInfo) -> Result<(), ApiError> {
             ),
         ));
     }
-    if let Some(process) = procfs::thread_of(pid) {
+    if !watched && let Some(process) = procfs::thread_of(pid) {
         return Err(usage(format!(
             "pid {pid} is a thread of process {process}, not a process; leases are held by processes: pass --pid {process}"
         )));
