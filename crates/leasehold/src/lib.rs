@@ -81,10 +81,13 @@ struct Global {
 
     /// Give up (exit 5) when the agent has not answered within DUR, or "off". A --wait adds
     /// its own deadline; run's command and watch's stream are not limited.
-    #[arg(long, global = true, value_name = "DUR", default_value = "30s",
+    #[arg(long, global = true, value_name = "DUR", default_value = DEFAULT_TIMEOUT,
           value_parser = parse_timeout)]
     timeout: Timeout,
 }
+
+/// `--timeout` when not given.
+const DEFAULT_TIMEOUT: &str = "30s";
 
 /// The command line of `leasehold run` alone: parsed first when the command is `run`, so
 /// that the hot path does not build every command's parser (the whole [`Cli`] parses
@@ -120,8 +123,69 @@ fn is_run(args: &[std::ffi::OsString]) -> bool {
     false
 }
 
-/// Parses the command line: `run` by its own small parser when it can, else the whole one.
+/// The usual `run` command line read without clap (building even `run`'s own parser is a
+/// measurable part of a `run -- true`: docs/performance.md): `run`, then `--exclusive R`,
+/// `--shared R`, `--owner L`, `--path` and the global `--socket P` (a value as the next
+/// argument or after `=`), then `--` and the command. Anything else (another flag, a value
+/// that is empty or starts with `-`, a flag given twice where it may be given once, text
+/// that is not UTF-8) is `None`: clap parses it and answers as it does.
+fn parse_run_fast(args: &[std::ffi::OsString]) -> Option<Cli> {
+    let mut it = args.iter().skip(1);
+    let (mut socket, mut owner, mut path) = (None, None, false);
+    let (mut exclusive, mut shared) = (Vec::new(), Vec::new());
+    let mut seen_run = false;
+    loop {
+        let a = it.next()?.to_str()?;
+        if a == "--" {
+            break;
+        }
+        if a == "run" && !seen_run {
+            seen_run = true;
+            continue;
+        }
+        if a == "--path" && seen_run && !path {
+            path = true;
+            continue;
+        }
+        let (flag, inline) = match a.split_once('=') {
+            Some((f, v)) => (f, Some(v)),
+            None => (a, None),
+        };
+        let value = match inline {
+            Some(v) => v,
+            None => it.next()?.to_str()?,
+        };
+        if value.is_empty() || value.starts_with('-') {
+            return None;
+        }
+        let value = value.to_owned();
+        match flag {
+            "--socket" if socket.is_none() => socket = Some(PathBuf::from(value)),
+            "--exclusive" if seen_run => exclusive.push(value),
+            "--shared" if seen_run => shared.push(value),
+            "--owner" if seen_run && owner.is_none() => owner = Some(value),
+            _ => return None,
+        }
+    }
+    let command: Vec<std::ffi::OsString> = it.cloned().collect();
+    if !seen_run || command.is_empty() {
+        return None;
+    }
+    Some(Cli {
+        global: Global {
+            socket,
+            timeout: parse_timeout(DEFAULT_TIMEOUT).ok()?,
+        },
+        command: Command::Run(run::RunArgs::plain(exclusive, shared, path, owner, command)),
+    })
+}
+
+/// Parses the command line: `run` by [`parse_run_fast`] or by its own small parser when it
+/// can, else the whole one.
 fn parse(args: &[std::ffi::OsString]) -> Result<Cli, clap::Error> {
+    if let Some(cli) = parse_run_fast(args) {
+        return Ok(cli);
+    }
     if is_run(args)
         && let Ok(RunCli {
             global,

@@ -57,6 +57,27 @@ pub struct RunArgs {
     command: Vec<std::ffi::OsString>,
 }
 
+impl RunArgs {
+    /// `run` with these flags and no `--wait` or `--check` (the command line's fast path).
+    pub(crate) fn plain(
+        exclusive: Vec<String>,
+        shared: Vec<String>,
+        path: bool,
+        owner: Option<String>,
+        command: Vec<std::ffi::OsString>,
+    ) -> RunArgs {
+        RunArgs {
+            exclusive,
+            shared,
+            path,
+            wait: None,
+            check: None,
+            owner,
+            command,
+        }
+    }
+}
+
 /// The environment variable that carries the tokens to the command: `NAME=TOKEN,NAME=TOKEN`,
 /// each NAME with `%`, `,` and `=` percent-encoded (see [`token_name`]).
 pub const TOKENS_ENV: &str = "LEASEHOLD_TOKENS";
