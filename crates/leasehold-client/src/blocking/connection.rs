@@ -18,6 +18,11 @@ use crate::{AcquireOptions, Granted, ReleaseOptions, ReleaseReport};
 
 /// One connection to the agent, used for call after call ([`Client::keep_alive`]). A call
 /// whose answer is an error, or that fails, leaves it closed; the next call connects again.
+///
+/// The agent closes a connection idle past its request timeout; the next call's write then
+/// fails and is sent again on a new connection. That write raises `SIGPIPE` in a process
+/// that does not ignore it (Rust programs do; a C host of this library must), so such a
+/// process uses [`Client`]'s one connection per call instead.
 #[derive(Debug)]
 pub struct Connection {
     client: Client,
