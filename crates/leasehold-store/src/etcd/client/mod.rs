@@ -39,6 +39,8 @@ pub struct Etcd {
     /// The endpoints and settings, for [`Etcd::diagnose`].
     endpoints: Arc<(Vec<String>, EtcdSecurity)>,
     timeout: Duration,
+    /// Key-value requests (ranges and transactions) made through this client and its clones.
+    kv_requests: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// An error with the chain of errors under it.
@@ -113,6 +115,18 @@ pub const MAX_MESSAGE: usize = 1 << 30;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Etcd {
+    /// How many key-value requests (ranges and transactions, each counted once however often
+    /// it was sent again) this client and its clones have made: the round trips an operation
+    /// costs etcd, for tests and measurements.
+    pub fn kv_requests(&self) -> u64 {
+        self.kv_requests.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn count_kv_request(&self) {
+        self.kv_requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Connects lazily to `endpoints` (`http://host:port`), balancing over them; calls fail
     /// after `timeout`.
     ///
@@ -183,6 +197,7 @@ impl Etcd {
                 .map(|u| Arc::new((u, tokio::sync::Mutex::new(None)))),
             endpoints: Arc::new((endpoints.to_vec(), sec.clone())),
             timeout,
+            kv_requests: Arc::default(),
         })
     }
 
@@ -286,6 +301,7 @@ impl Etcd {
         range_end: Vec<u8>,
         revision: i64,
     ) -> Result<(Vec<KeyValue>, i64), EtcdError> {
+        self.count_kv_request();
         let req = rpc::RangeRequest {
             key,
             range_end,
@@ -309,6 +325,7 @@ impl Etcd {
     /// # Errors
     /// An [`EtcdError`].
     pub async fn txn(&self, t: Txn) -> Result<TxnResult, EtcdError> {
+        self.count_kv_request();
         let req = rpc::TxnRequest {
             compare: t.compare,
             success: t.success,

@@ -1,7 +1,7 @@
 //! Deciding and committing: the engine over a snapshot, the transaction that writes what it
 //! changed only if nothing it read has moved, and the retry loop around both.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use leasehold_core::{
@@ -14,6 +14,7 @@ use super::snapshot::{Snapshot, holding_sessions};
 use super::{Inner, MAX_TXN_OPS, json, now_ms, unavailable};
 use crate::etcd::client::{LeaseId, Txn, prefix_end};
 use crate::etcd::keys::Record;
+use crate::sync::lock;
 use crate::{Cause, StoreError};
 
 /// Whether the engine changed a record. (Its metadata, which the token floor marks changed,
@@ -36,6 +37,73 @@ pub(super) struct Extra {
 impl Extra {
     pub(super) fn is_empty(&self) -> bool {
         self.delete.is_empty() && self.put.is_empty()
+    }
+}
+
+/// A record as this agent's commit wrote it, with its held keys and whether the commit
+/// started its grace.
+#[derive(Debug, Clone)]
+struct OwnWrite {
+    mod_rev: i64,
+    record: Record,
+    held: BTreeMap<LeaseId, String>,
+    grace: bool,
+}
+
+/// The records this agent committed that the mirror does not show yet. The watch delivers a
+/// commit some time after etcd answered it, so the next operation on the same resource (a
+/// release right after its acquire) would decide from the version before it: a grant that
+/// fails its compare, or a refusal checked again, each a second and third round trip. It
+/// decides from the version it wrote instead. Each entry is exactly the record and held keys
+/// etcd has at its revision; the commit compares that revision, and the rest of the snapshot
+/// (waiters, graces, sessions) is the mirror's, older, whose compares (nothing created since
+/// the snapshot's revision, the sessions' leases) hold the same as for any snapshot from the
+/// mirror. An entry goes once the mirror's revision reaches it.
+///
+/// A recovered lock (see [`crate::sync`]): each change is one entry's insertion, or a
+/// `retain` of the whole.
+#[derive(Debug, Default)]
+pub(super) struct OwnCommits(std::sync::Mutex<HashMap<ResourceName, OwnWrite>>);
+
+impl OwnCommits {
+    /// Patches a snapshot from the mirror with the newer records this agent wrote, and
+    /// forgets those the mirror has caught up with.
+    pub(super) fn patch(&self, snap: &mut Snapshot) {
+        let mut own = lock(&self.0, "own commits");
+        if own.is_empty() {
+            return;
+        }
+        own.retain(|_, w| w.mod_rev > snap.revision);
+        for (name, rs) in &mut snap.res {
+            let Some(w) = own.get(name) else { continue };
+            if w.mod_rev <= rs.mod_rev || rs.bad.is_some() {
+                continue;
+            }
+            rs.record = Some(w.record.clone());
+            rs.mod_rev = w.mod_rev;
+            rs.held = w.held.clone();
+            rs.grace |= w.grace;
+        }
+    }
+
+    /// Remembers what a commit at `revision` wrote.
+    fn note(
+        &self,
+        revision: i64,
+        written: Vec<(ResourceName, Record, BTreeMap<LeaseId, String>, bool)>,
+    ) {
+        let mut own = lock(&self.0, "own commits");
+        for (name, record, held, grace) in written {
+            own.insert(
+                name,
+                OwnWrite {
+                    mod_rev: revision,
+                    record,
+                    held,
+                    grace,
+                },
+            );
+        }
     }
 }
 
@@ -167,6 +235,7 @@ impl Inner {
             t = t.if_lease_not(self.keys.host(&host), lease);
         }
         let mut graces = Vec::new();
+        let mut written = Vec::new();
         for name in &out.changed {
             let Some(rs) = snap.res.get(name) else {
                 continue;
@@ -174,7 +243,8 @@ impl Inner {
             let st = engine.resource(name).cloned().unwrap_or_default();
             // A grace this operation started (one etcd keeps was given to the engine as
             // `rs.grace`, and is not written again).
-            if st.blocked_until().is_some() && !rs.grace {
+            let starts_grace = st.blocked_until().is_some() && !rs.grace;
+            if starts_grace {
                 graces.push(name.clone());
             }
             let rec = Record {
@@ -212,6 +282,7 @@ impl Inner {
                 t.if_mod_revision(self.keys.resource(name), rs.mod_rev)
             };
             t = t.put(self.keys.resource(name), json(&rec)?, None);
+            written.push((name.clone(), rec, after, starts_grace));
         }
         for key in &extra.delete {
             t = t
@@ -282,6 +353,7 @@ impl Inner {
         if !r.succeeded {
             return Ok(None);
         }
+        self.own.note(r.revision, written);
         self.note_holders(engine, &out.changed);
         Ok(Some(r.revision))
     }
@@ -324,7 +396,9 @@ impl Inner {
             let snap = if fresh {
                 self.snapshot(&names).await?
             } else {
-                self.cached_snapshot(&names)
+                let mut snap = self.cached_snapshot(&names);
+                self.own.patch(&mut snap);
+                snap
             };
             if let Some((name, detail)) = snap
                 .res

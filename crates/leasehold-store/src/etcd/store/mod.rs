@@ -154,6 +154,8 @@ struct Inner {
     pause_snapshot: Mutex<Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>>,
     /// Why the store halted (a fatal lock was poisoned), once it has.
     halted: std::sync::OnceLock<crate::Halt>,
+    /// This agent's own commits the mirror does not show yet (see [`commit::OwnCommits`]).
+    own: commit::OwnCommits,
 }
 
 /// A fresh snapshot stopped after its first read, for tests that script an interleaving
@@ -283,6 +285,7 @@ impl EtcdStore {
             fixes: Mutex::new(Vec::new()),
             pause_snapshot: Mutex::new(None),
             halted: std::sync::OnceLock::new(),
+            own: commit::OwnCommits::default(),
         });
         let start_rev = inner.load_mirror().await?;
         inner.load_held();
