@@ -27,6 +27,8 @@ use crate::{AcquireOptions, Granted, ReleaseOptions, ReleaseReport};
 pub struct Connection {
     client: Client,
     open: Option<BufReader<UnixStream>>,
+    /// The read timeout the open connection has (set only when it changes: a system call).
+    timeout: Option<std::time::Duration>,
 }
 
 /// Whether a call on a connection used before failed because the agent had closed it (an
@@ -46,6 +48,7 @@ impl Client {
         Connection {
             client: self.clone(),
             open: None,
+            timeout: None,
         }
     }
 }
@@ -59,7 +62,7 @@ impl Connection {
         body: Option<&impl Serialize>,
     ) -> Result<Answer, Error> {
         if let Some(mut r) = self.open.take() {
-            r.get_ref().set_read_timeout(self.client.timeout)?;
+            self.timeout(r.get_ref(), self.client.timeout)?;
             let sent =
                 write_request(r.get_mut(), method, path, body, true).and_then(|()| Answer::read(r));
             match sent {
@@ -68,6 +71,7 @@ impl Connection {
             }
         }
         let mut s = self.client.connect()?;
+        self.timeout = self.client.timeout;
         write_request(&mut s, method, path, body, true)?;
         checked(Answer::read(BufReader::new(s))?)
     }
@@ -75,6 +79,15 @@ impl Connection {
     /// The open connection, if any (none before the first call and after a failed one).
     pub fn socket(&self) -> Option<&UnixStream> {
         self.open.as_ref().map(BufReader::get_ref)
+    }
+
+    /// Gives the connection `s` the read timeout `t`, unless it has it.
+    fn timeout(&mut self, s: &UnixStream, t: Option<std::time::Duration>) -> Result<(), Error> {
+        if self.timeout != t {
+            s.set_read_timeout(t)?;
+            self.timeout = t;
+        }
+        Ok(())
     }
 
     /// Keeps the connection of an answer read to its end for the next call.
@@ -112,7 +125,9 @@ impl Connection {
         }
         let answer = self.send("POST", "/v1/acquire", Some(&Client::acquire_request(o)))?;
         // A wait is as long as it is: the stream is not bounded by the call timeout.
-        answer.reader.get_ref().inner().set_read_timeout(None)?;
+        if o.wait.is_some() {
+            self.timeout(answer.reader.get_ref().inner(), None)?;
+        }
         let mut acq = Acquisition { lines: answer };
         let granted = acq.granted()?;
         // The agent ends the answer once it has seen the grant read.
