@@ -364,10 +364,14 @@ impl Keeper {
         }
     }
 
-    /// The most revisions the history may hold: [`HISTORY_SHARE`] of the quota.
+    /// The most revisions the history may hold: [`HISTORY_SHARE`] of the quota, at
+    /// [`BYTES_PER_REVISION`] per commit, and as many commits per revision as this agent's
+    /// batches have written of late (the store sends commits that wait together as one
+    /// transaction).
     fn history_cap(&self) -> i64 {
         let quota = self.health.borrow().quota.max(1);
-        ((quota as f64 * HISTORY_SHARE) as u64 / BYTES_PER_REVISION).max(100) as i64
+        let per_revision = BYTES_PER_REVISION as f64 * self.etcd.commits_per_revision();
+        ((quota as f64 * HISTORY_SHARE / per_revision) as u64).max(100) as i64
     }
 
     /// Whether the history holds more than [`history_cap`](Self::history_cap) revisions

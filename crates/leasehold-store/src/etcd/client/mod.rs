@@ -23,7 +23,7 @@ pub use lease::LeaseId;
 pub use maintenance::MemberStatus;
 use security::tls_config;
 pub use security::{EtcdSecurity, EtcdUser, check_endpoints};
-pub use txn::{Txn, TxnResult, prefix_end, range_of};
+pub use txn::{Txn, TxnResult, batch_results, prefix_end, range_of};
 
 /// A connection to an etcd cluster.
 #[derive(Debug, Clone)]
@@ -41,6 +41,8 @@ pub struct Etcd {
     timeout: Duration,
     /// Key-value requests (ranges and transactions) made through this client and its clones.
     kv_requests: Arc<std::sync::atomic::AtomicU64>,
+    /// Commits per written revision, as [`Etcd::note_batch`] was told (an `f64`'s bits).
+    commits_per_revision: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// An error with the chain of errors under it.
@@ -122,6 +124,31 @@ impl Etcd {
         self.kv_requests.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Notes that one transaction wrote `commits` of the store's commits at one revision.
+    pub fn note_batch(&self, commits: usize) {
+        use std::sync::atomic::Ordering;
+        let n = commits.max(1) as f64;
+        let _ =
+            self.commits_per_revision
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                    let now = f64::from_bits(bits);
+                    // Up at once, down slowly: what the history still holds is sized by the
+                    // biggest batches of the last while.
+                    Some((if n >= now { n } else { now * 0.99 + n * 0.01 }).to_bits())
+                });
+    }
+
+    /// Commits per revision this client has written of late (1 when each commit is a
+    /// revision of its own): what a revision of history costs, in commits, for the history
+    /// keeper's bound.
+    pub fn commits_per_revision(&self) -> f64 {
+        f64::from_bits(
+            self.commits_per_revision
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+        .max(1.0)
+    }
+
     fn count_kv_request(&self) {
         self.kv_requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -198,6 +225,7 @@ impl Etcd {
             endpoints: Arc::new((endpoints.to_vec(), sec.clone())),
             timeout,
             kv_requests: Arc::default(),
+            commits_per_revision: Arc::new(std::sync::atomic::AtomicU64::new(1f64.to_bits())),
         })
     }
 

@@ -190,6 +190,66 @@ impl Txn {
     }
 }
 
+impl Txn {
+    /// A transaction of transactions (etcd 3.3 and later): each of `members` runs its own
+    /// compares and the branch they choose, all in one request and at one revision. etcd
+    /// evaluates every member's compares before any member writes, and refuses the whole
+    /// when two members write one key: members must write disjoint keys and not depend on
+    /// each other's writes.
+    pub fn batch(members: Vec<Txn>) -> Txn {
+        let mut t = Txn::new();
+        for m in members {
+            t.success.push(rpc::RequestOp {
+                request: Some(Request::RequestTxn(rpc::TxnRequest {
+                    compare: m.compare,
+                    success: m.success,
+                    failure: m.failure,
+                })),
+            });
+        }
+        t
+    }
+}
+
+/// The members' results of a [`Txn::batch`]'s result, in order; `None` when etcd answered
+/// something else.
+pub fn batch_results(r: TxnResult, members: usize) -> Option<Vec<TxnResult>> {
+    use crate::etcd::pb::etcdserverpb::response_op::Response;
+    let out: Vec<TxnResult> = r
+        .responses
+        .into_iter()
+        .filter_map(|op| match op.response {
+            Some(Response::ResponseTxn(t)) => Some(TxnResult {
+                succeeded: t.succeeded,
+                revision: r.revision,
+                responses: t.responses,
+            }),
+            _ => None,
+        })
+        .collect();
+    (out.len() == members).then_some(out)
+}
+
+impl Txn {
+    /// Reads `[key, range_end)` (or `key` alone when `range_end` is empty) when the compares
+    /// fail: a failed transaction answers what it found, at its revision.
+    pub fn or_get(mut self, key: Vec<u8>, range_end: Vec<u8>) -> Txn {
+        self.failure.push(rpc::RequestOp {
+            request: Some(Request::RequestRange(rpc::RangeRequest {
+                key,
+                range_end,
+                ..Default::default()
+            })),
+        });
+        self
+    }
+
+    /// [`Txn::size`] with `more` operations in the failure branch.
+    pub fn size_with_failure(&self, more: usize) -> usize {
+        self.compare.len() + self.success.len().max(self.failure.len() + more)
+    }
+}
+
 /// The key-values of the `i`th response of a transaction, when it was a range.
 pub fn range_of(r: &TxnResult, i: usize) -> &[KeyValue] {
     use crate::etcd::pb::etcdserverpb::response_op::Response;

@@ -8,11 +8,15 @@ use leasehold_core::{
     AcquireError, AcquireRequest, Ended, Engine, EngineConfig, Event, Meta, Now, Output, Released,
     ResourceName, ResourceState, Session, SessionId, Time, Token, WaiterId,
 };
+use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
 use super::snapshot::{Snapshot, holding_sessions};
 use super::{Inner, MAX_TXN_OPS, json, now_ms, unavailable};
-use crate::etcd::client::{LeaseId, Txn, prefix_end};
+use crate::etcd::client::{
+    Etcd, EtcdCode, EtcdError, EtcdErrorKind, LeaseId, Txn, TxnResult, batch_results, prefix_end,
+    range_of,
+};
 use crate::etcd::keys::Record;
 use crate::sync::lock;
 use crate::{Cause, StoreError};
@@ -103,6 +107,180 @@ impl OwnCommits {
                     grace,
                 },
             );
+        }
+    }
+}
+
+/// How many batches of commits may be in flight at once. While they are, the commits that
+/// arrive wait and go together in the next.
+pub(super) const BATCHES_IN_FLIGHT: usize = 2;
+
+/// A commit waiting to be sent, alone or in a batch.
+#[derive(Debug)]
+struct Pending {
+    txn: Txn,
+    /// The resources whose keys it compares and writes: no two members of a batch share one.
+    names: BTreeSet<ResourceName>,
+    /// It creates keys whose create revision is an identity (waiter keys: a request's place
+    /// in every queue), which two members of one batch would share: it goes alone.
+    alone: bool,
+    reply: oneshot::Sender<Result<TxnResult, EtcdError>>,
+}
+
+/// Sends the commits of one store to etcd, several in one transaction when several are
+/// waiting (issue 15: with 64 clients, each commit alone costs etcd a request, a raft entry
+/// and an answer of its own). A batch is a transaction of transactions
+/// ([`Txn::batch`]): each member keeps every compare it had and succeeds or fails on its own,
+/// as if sent alone. Members touch disjoint resources, so none compares what another writes
+/// (etcd evaluates every member's compares before any writes; the commits' prefix-wide
+/// compares, nothing created under all waiters or graces since the snapshot, stand for
+/// per-resource ones, and another resource's key is not what they guard).
+#[derive(Debug)]
+pub(super) struct Batcher {
+    queue: mpsc::UnboundedSender<Pending>,
+    /// Taken by the task that sends the batches.
+    waiting: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Pending>>>,
+    /// One permit per batch that may be in flight.
+    pub(super) slots: std::sync::Arc<tokio::sync::Semaphore>,
+    /// Commits queued and not yet taken into a batch.
+    pub(super) queued: std::sync::atomic::AtomicUsize,
+}
+
+impl Default for Batcher {
+    fn default() -> Batcher {
+        let (queue, rx) = mpsc::unbounded_channel();
+        Batcher {
+            queue,
+            waiting: std::sync::Mutex::new(Some(rx)),
+            slots: std::sync::Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT)),
+            queued: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+}
+
+impl Batcher {
+    /// Sends `txn`, which compares and writes the keys of `names` only, alone or in a batch;
+    /// its own result either way.
+    async fn send(
+        &self,
+        txn: Txn,
+        names: BTreeSet<ResourceName>,
+        alone: bool,
+    ) -> Result<TxnResult, EtcdError> {
+        let (reply, answer) = oneshot::channel();
+        let gone = || EtcdError::new("txn", EtcdErrorKind::NoAnswer, "the store is closing");
+        self.queued
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.queue
+            .send(Pending {
+                txn,
+                names,
+                alone,
+                reply,
+            })
+            .map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+
+    /// The task that sends the batches (run once per store).
+    pub(super) async fn run(&self, etcd: Etcd) {
+        let Some(mut rx) = lock(&self.waiting, "batcher").take() else {
+            return;
+        };
+        let mut next: Option<Pending> = None;
+        let taken = |n: usize| {
+            self.queued
+                .fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+        };
+        loop {
+            let first = match next.take() {
+                Some(p) => p,
+                None => match rx.recv().await {
+                    Some(p) => p,
+                    None => return,
+                },
+            };
+            // What arrives while every slot is taken waits to go with it.
+            let Ok(slot) = std::sync::Arc::clone(&self.slots).acquire_owned().await else {
+                return;
+            };
+            let mut size = first.txn.size() + 1;
+            let mut names = first.names.clone();
+            let mut batch = vec![first];
+            if !batch[0].alone {
+                while let Ok(p) = rx.try_recv() {
+                    if p.alone
+                        || size + p.txn.size() + 1 > MAX_TXN_OPS
+                        || !p.names.is_disjoint(&names)
+                    {
+                        next = Some(p);
+                        break;
+                    }
+                    size += p.txn.size() + 1;
+                    names.extend(p.names.iter().cloned());
+                    batch.push(p);
+                }
+            }
+            taken(batch.len());
+            let etcd = etcd.clone();
+            tokio::spawn(async move {
+                send_batch(&etcd, batch).await;
+                drop(slot);
+            });
+        }
+    }
+}
+
+/// Whether etcd refused a whole batch for what one member asked (a lease gone, or limits),
+/// having written nothing: its members are then sent one by one.
+fn refused_whole(e: &EtcdError) -> bool {
+    matches!(
+        e.kind(),
+        EtcdErrorKind::Etcd(
+            EtcdCode::TooManyOps | EtcdCode::RequestTooLarge | EtcdCode::LeaseNotFound
+        ) | EtcdErrorKind::Status(tonic::Code::InvalidArgument)
+    )
+}
+
+/// Sends one batch and answers each member.
+async fn send_batch(etcd: &Etcd, mut batch: Vec<Pending>) {
+    etcd.note_batch(batch.len());
+    if batch.len() == 1 {
+        let p = batch.remove(0);
+        let _ = p.reply.send(etcd.txn(p.txn).await);
+        return;
+    }
+    let members = batch.len();
+    let txns = batch.iter().map(|p| p.txn.clone()).collect();
+    match etcd.txn(Txn::batch(txns)).await {
+        Ok(r) => match batch_results(r, members) {
+            Some(results) => {
+                for (p, r) in batch.into_iter().zip(results) {
+                    let _ = p.reply.send(Ok(r));
+                }
+            }
+            None => {
+                let e = EtcdError::new(
+                    "txn",
+                    EtcdErrorKind::BadAnswer,
+                    "etcd answered a batch of transactions without a result for each",
+                );
+                for p in batch {
+                    let _ = p.reply.send(Err(e.clone()));
+                }
+            }
+        },
+        Err(e) if refused_whole(&e) => {
+            for p in batch {
+                let _ = p.reply.send(etcd.txn(p.txn).await);
+            }
+        }
+        // No answer, or one that may have followed a write: each member learns it as if its
+        // own transaction had failed so.
+        Err(e) => {
+            for p in batch {
+                let _ = p.reply.send(Err(e.clone()));
+            }
         }
     }
 }
@@ -199,6 +377,20 @@ impl Inner {
         out: &Output,
         extra: Extra,
     ) -> Result<Option<i64>, StoreError> {
+        Ok(self.commit_or_read(snap, engine, out, extra).await?.ok())
+    }
+
+    /// [`Inner::commit`], and when something moved, what the transaction found instead where
+    /// etcd's limit leaves room for the reads: the snapshot's resources and the live sessions,
+    /// read by its failure branch at its revision (as [`Inner::snapshot`] reads them), so the
+    /// decision is made again without another round trip.
+    pub(super) async fn commit_or_read(
+        &self,
+        snap: &Snapshot,
+        engine: &Engine,
+        out: &Output,
+        extra: Extra,
+    ) -> Result<Result<i64, Option<Snapshot>>, StoreError> {
         self.running()?;
         let mut t = Txn::new();
         if let Some(lease) = extra.require_session {
@@ -289,6 +481,7 @@ impl Inner {
                 .if_create_revision(key.0.clone(), key.1)
                 .delete(key.0.clone());
         }
+        let creates_keys = !extra.put.is_empty();
         for (key, value, lease) in &extra.put {
             t = t.put(key.clone(), value.clone(), *lease);
         }
@@ -349,13 +542,34 @@ impl Inner {
                 t.size()
             ))));
         }
-        let r = self.etcd.txn(t).await.map_err(unavailable)?;
+        let reads = 1 + 3 * snap.res.len();
+        let with_reads = t.size_with_failure(reads) <= MAX_TXN_OPS;
+        if with_reads {
+            let hosts = self.keys.hosts();
+            t = t.or_get(hosts.clone(), prefix_end(&hosts));
+            for name in snap.res.keys() {
+                let wp = self.keys.waiters(name);
+                t = t
+                    .or_get(self.keys.resource(name), self.keys.resource_end(name))
+                    .or_get(wp.clone(), prefix_end(&wp))
+                    .or_get(self.keys.grace(name), Vec::new());
+            }
+        }
+        let r = self
+            .batcher
+            .send(t, snap.res.keys().cloned().collect(), creates_keys)
+            .await
+            .map_err(unavailable)?;
         if !r.succeeded {
-            return Ok(None);
+            let names: BTreeSet<ResourceName> = snap.res.keys().cloned().collect();
+            return Ok(Err(with_reads.then(|| {
+                let kvs = (0..r.responses.len()).flat_map(|i| range_of(&r, i));
+                Snapshot::build(&self.keys, r.revision, Some(&names), kvs)
+            })));
         }
         self.own.note(r.revision, written);
         self.note_holders(engine, &out.changed);
-        Ok(Some(r.revision))
+        Ok(Ok(r.revision))
     }
 
     /// Updates the index of local holders after a commit.
@@ -392,8 +606,12 @@ impl Inner {
         // The first attempt decides from the mirror; a decision that writes nothing, or whose
         // compares fail, is made again on a fresh read.
         let mut fresh = false;
+        // What a failed commit found, to decide from next.
+        let mut found: Option<Snapshot> = None;
         loop {
-            let snap = if fresh {
+            let snap = if let Some(snap) = found.take() {
+                snap
+            } else if fresh {
                 self.snapshot(&names).await?
             } else {
                 let mut snap = self.cached_snapshot(&names);
@@ -424,8 +642,9 @@ impl Inner {
                 fresh = true;
                 continue;
             }
-            if let Some(rev) = self.commit(&snap, &engine, &out, extra).await? {
-                return Ok((value, out, rev));
+            match self.commit_or_read(&snap, &engine, &out, extra).await? {
+                Ok(rev) => return Ok((value, out, rev)),
+                Err(read) => found = read,
             }
             fresh = true;
             if Instant::now() > deadline {

@@ -156,6 +156,8 @@ struct Inner {
     halted: std::sync::OnceLock<crate::Halt>,
     /// This agent's own commits the mirror does not show yet (see [`commit::OwnCommits`]).
     own: commit::OwnCommits,
+    /// Sends commits, several in one transaction when several wait (see [`commit::Batcher`]).
+    batcher: commit::Batcher,
 }
 
 /// A fresh snapshot stopped after its first read, for tests that script an interleaving
@@ -286,11 +288,17 @@ impl EtcdStore {
             pause_snapshot: Mutex::new(None),
             halted: std::sync::OnceLock::new(),
             own: commit::OwnCommits::default(),
+            batcher: commit::Batcher::default(),
         });
         let start_rev = inner.load_mirror().await?;
         inner.load_held();
         inner.drop_old_waiters().await?;
         let tasks = vec![
+            tokio::spawn({
+                let inner = Arc::clone(&inner);
+                async move { inner.batcher.run(inner.etcd.clone()).await }
+            })
+            .abort_handle(),
             tokio::spawn(keep_session(Arc::clone(&inner))).abort_handle(),
             tokio::spawn(follow(Arc::clone(&inner), start_rev + 1)).abort_handle(),
             tokio::spawn(serve_waiters(Arc::clone(&inner))).abort_handle(),

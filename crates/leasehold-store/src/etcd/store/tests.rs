@@ -235,3 +235,237 @@ async fn an_acquire_and_release_in_a_row_take_one_transaction_each() {
         "{sent} etcd requests for {rounds} acquire+release cycles"
     );
 }
+
+/// A grant of `r` to `owner` decided on `snap` (as `acquire` decides it), not yet committed.
+fn decided_grant(
+    s: &EtcdStore,
+    snap: &super::snapshot::Snapshot,
+    owner: &Owner,
+    r: &ResourceName,
+) -> (
+    leasehold_core::Engine,
+    leasehold_core::Output,
+    super::commit::Extra,
+) {
+    use leasehold_core::{AcquireRequest, Acquired};
+    let lease = s.inner.lease().unwrap();
+    let now = s.inner.now();
+    let mut engine = s
+        .inner
+        .engine(snap, &std::collections::BTreeSet::new(), now);
+    let got = engine
+        .acquire(
+            AcquireRequest {
+                owner: owner.clone(),
+                session: lease.session(),
+                items: vec![(r.clone(), Mode::Exclusive)],
+                accept_dirty: false,
+                wait: false,
+                expect_tokens: Vec::new(),
+            },
+            now,
+        )
+        .unwrap();
+    assert!(matches!(got, Acquired::Granted(_)), "{got:?}");
+    let out = engine.take_output();
+    let extra = super::commit::Extra {
+        require_session: Some(lease),
+        ..super::commit::Extra::default()
+    };
+    (engine, out, extra)
+}
+
+/// Commits the grants decided, all queued before the batcher may send any (its slots are
+/// held until every one waits), so they go in as few batches as etcd's limits allow; returns
+/// each one's outcome and how many etcd requests they took.
+async fn commit_together(
+    s: &EtcdStore,
+    grants: Vec<(
+        super::snapshot::Snapshot,
+        leasehold_core::Engine,
+        leasehold_core::Output,
+        super::commit::Extra,
+    )>,
+) -> (Vec<Option<i64>>, u64) {
+    use std::sync::atomic::Ordering;
+    let b = &s.inner.batcher;
+    let held = b
+        .slots
+        .acquire_many(super::commit::BATCHES_IN_FLIGHT as u32)
+        .await
+        .unwrap();
+    let before = s.inner.etcd.kv_requests();
+    let n = grants.len();
+    let tasks: Vec<_> = grants
+        .into_iter()
+        .map(|(snap, engine, out, extra)| {
+            let inner = std::sync::Arc::clone(&s.inner);
+            tokio::spawn(async move { inner.commit(&snap, &engine, &out, extra).await })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while b.queued.load(Ordering::Relaxed) < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the commits never queued"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(held);
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        outcomes.push(t.await.unwrap().unwrap());
+    }
+    (outcomes, s.inner.etcd.kv_requests() - before)
+}
+
+/// Issue 15's batched commits: two grants of one resource decided on the same snapshot,
+/// committed at once while other grants wait with them, never both hold: they never share a
+/// batch (etcd evaluates a batch's compares before any of its writes), so the second fails
+/// its compare as if sent alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_grants_of_one_resource_committed_at_once_never_both_hold() {
+    let etcd = Etcd::start();
+    let s = open(&etcd, "batch-race").await;
+    let disk = res("disk");
+    let names = |r: &ResourceName| std::collections::BTreeSet::from([r.clone()]);
+    let (a, b) = (
+        Owner::new(s.host().clone(), 10, 1),
+        Owner::new(s.host().clone(), 11, 1),
+    );
+    let mut grants = Vec::new();
+    for owner in [&a, &b] {
+        let snap = s.inner.snapshot(&names(&disk)).await.unwrap();
+        let (engine, out, extra) = decided_grant(&s, &snap, owner, &disk);
+        grants.push((snap, engine, out, extra));
+    }
+    let others: Vec<(Owner, ResourceName)> = (0..4)
+        .map(|i| {
+            (
+                Owner::new(s.host().clone(), 20 + i, 1),
+                res(&format!("other-{i}")),
+            )
+        })
+        .collect();
+    for (owner, r) in &others {
+        let snap = s.inner.snapshot(&names(r)).await.unwrap();
+        let (engine, out, extra) = decided_grant(&s, &snap, owner, r);
+        grants.push((snap, engine, out, extra));
+    }
+    let (outcomes, requests) = commit_together(&s, grants).await;
+    assert_eq!(
+        outcomes[..2].iter().filter(|o| o.is_some()).count(),
+        1,
+        "both or neither of two grants of one disk committed: {outcomes:?}"
+    );
+    assert!(outcomes[2..].iter().all(Option::is_some), "{outcomes:?}");
+    // Batched: fewer requests than commits.
+    assert!(requests < 6, "{requests} etcd requests for 6 commits");
+    let view = s.inspect(disk).await.unwrap().unwrap();
+    assert_eq!(view.holders.len(), 1, "{view:?}");
+    for (owner, r) in &others {
+        let view = s.inspect(r.clone()).await.unwrap().unwrap();
+        assert_eq!(view.holders.len(), 1, "{view:?}");
+        assert_eq!(&view.holders[0].owner, owner);
+    }
+}
+
+/// Issue 15's batched commits: in one batch, a member whose compare fails (its resource
+/// changed after its snapshot) writes nothing, and every other member is written once, as
+/// if each had been sent alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_member_whose_compare_fails_costs_the_others_nothing() {
+    let etcd = Etcd::start();
+    let s = open(&etcd, "batch-member").await;
+    let names = |r: &ResourceName| std::collections::BTreeSet::from([r.clone()]);
+    let members: Vec<(Owner, ResourceName)> = (0..5)
+        .map(|i| {
+            (
+                Owner::new(s.host().clone(), 10 + i, 1),
+                res(&format!("disk-{i}")),
+            )
+        })
+        .collect();
+    let mut snaps = Vec::new();
+    for (_, r) in &members {
+        snaps.push(s.inner.snapshot(&names(r)).await.unwrap());
+    }
+    // After the snapshots, another process takes disk-2.
+    let first = Owner::new(s.host().clone(), 99, 1);
+    s.acquire(AcquireSpec::new(
+        first.clone(),
+        [(res("disk-2"), Mode::Exclusive)],
+    ))
+    .await
+    .unwrap();
+    let grants = members
+        .iter()
+        .zip(snaps)
+        .map(|((owner, r), snap)| {
+            let (engine, out, extra) = decided_grant(&s, &snap, owner, r);
+            (snap, engine, out, extra)
+        })
+        .collect();
+    let (outcomes, requests) = commit_together(&s, grants).await;
+    assert_eq!(requests, 1, "the five commits were not one batch");
+    for (i, o) in outcomes.iter().enumerate() {
+        assert_eq!(o.is_some(), i != 2, "member {i}: {outcomes:?}");
+    }
+    for (i, (owner, r)) in members.iter().enumerate() {
+        let view = s.inspect(r.clone()).await.unwrap().unwrap();
+        assert_eq!(view.holders.len(), 1, "{view:?}");
+        let expect = if i == 2 { &first } else { owner };
+        assert_eq!(&view.holders[0].owner, expect, "{view:?}");
+    }
+    let mut holders = s.local_holders().unwrap();
+    holders.sort();
+    let mut expect: Vec<_> = members
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 2)
+        .map(|(_, (o, _))| o.process.clone())
+        .chain([first.process.clone()])
+        .collect();
+    expect.sort();
+    assert_eq!(holders, expect);
+}
+
+/// Issue 15: a commit whose compare fails answers, from its failure branch, what it compared,
+/// read at its revision as a fresh snapshot reads it: the decision is made again without a
+/// separate read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_compare_fails_answers_what_it_found() {
+    let etcd = Etcd::start();
+    let s = open(&etcd, "failed-read").await;
+    let disk = res("disk");
+    let names = std::collections::BTreeSet::from([disk.clone()]);
+    let snap = s.inner.snapshot(&names).await.unwrap();
+    // After the snapshot, another process takes the disk.
+    let first = Owner::new(s.host().clone(), 99, 1);
+    s.acquire(AcquireSpec::new(
+        first.clone(),
+        [(disk.clone(), Mode::Exclusive)],
+    ))
+    .await
+    .unwrap();
+    let (engine, out, extra) =
+        decided_grant(&s, &snap, &Owner::new(s.host().clone(), 10, 1), &disk);
+    let before = s.inner.etcd.kv_requests();
+    let r = s
+        .inner
+        .commit_or_read(&snap, &engine, &out, extra)
+        .await
+        .unwrap();
+    assert_eq!(s.inner.etcd.kv_requests() - before, 1);
+    let found = r
+        .expect_err("the grant decided on the older snapshot committed")
+        .expect("the failed commit did not answer what it found");
+    let fresh = s.inner.snapshot(&names).await.unwrap();
+    assert_eq!(found.revision, fresh.revision);
+    assert_eq!(found.res[&disk].mod_rev, fresh.res[&disk].mod_rev);
+    let holders = found.res[&disk].record.as_ref().unwrap().state.holders();
+    assert_eq!(holders.len(), 1);
+    assert_eq!(holders[0].owner, first);
+    assert_eq!(found.sessions, fresh.sessions);
+    assert_eq!(found.res[&disk].held, fresh.res[&disk].held);
+}
