@@ -813,3 +813,32 @@ fn main_with(
 
 #[cfg(test)]
 mod parse_tests;
+
+/// The binaries link the unwinder statically where the toolchain has it (build.rs): a panic
+/// still unwinds, running what it passes over, and is caught. (This test binary is linked
+/// the same way.)
+#[cfg(test)]
+mod unwind_tests {
+    #[test]
+    fn a_panic_unwinds_with_the_static_unwinder() {
+        struct Mark<'a>(&'a std::cell::Cell<bool>);
+        impl Drop for Mark<'_> {
+            fn drop(&mut self) {
+                self.0.set(true);
+            }
+        }
+        let dropped = std::cell::Cell::new(false);
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _m = Mark(&dropped);
+            std::panic::resume_unwind(Box::new("unwound"));
+        }));
+        assert_eq!(
+            caught
+                .err()
+                .and_then(|e| e.downcast::<&str>().ok())
+                .as_deref(),
+            Some(&"unwound")
+        );
+        assert!(dropped.get());
+    }
+}
