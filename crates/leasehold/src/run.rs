@@ -133,6 +133,10 @@ pub fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
         wait: crate::wait_option(a.wait),
         hold: true,
     };
+    // SIGCHLD ignored by whoever started this process (exec keeps that) would have the
+    // kernel reap the command and the check itself, their exit status lost: back to default.
+    // SAFETY: setting SIGCHLD's disposition to its default has no preconditions.
+    unsafe { libc::signal(libc::SIGCHLD, libc::SIG_DFL) };
     let client = connect(socket)?;
     // The hold stream is read without blocking from here on (`supervise`): no timeout.
     let (acq, granted) = acquire_waiting(&client, &request)?;

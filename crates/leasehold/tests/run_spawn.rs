@@ -148,3 +148,34 @@ fn the_wrapper_does_not_load_libgcc_s_where_the_toolchain_links_it_statically() 
     assert!(maps.contains("libc.so"), "{maps}");
     assert_eq!(maps.contains("libgcc_s"), !linked_static, "{maps}");
 }
+
+/// Started by a program that ignores SIGCHLD (a disposition exec keeps), the wrapper still
+/// learns its command's exit status: the kernel would otherwise reap the command itself. The
+/// status comes back and decides the release, clean on 0, dirty otherwise, with `--check`'s
+/// command waited for too.
+#[test]
+fn a_wrapper_started_with_sigchld_ignored_still_gets_its_commands_status() {
+    use std::os::unix::process::CommandExt;
+    let a = Agent::start();
+    let run = |args: &[&str]| {
+        let mut c = a.cli();
+        c.args(args);
+        // SAFETY: signal() is async-signal-safe; the closure allocates nothing.
+        unsafe {
+            c.pre_exec(|| {
+                libc::signal(libc::SIGCHLD, libc::SIG_IGN);
+                Ok(())
+            });
+        }
+        c.output().unwrap()
+    };
+    let out = run(&["run", "--exclusive", "disk", "--", "sh", "-c", "exit 3"]);
+    expect_code(&out, 3);
+    assert!(a.holders("disk").is_empty());
+    assert!(a.is_dirty("disk"), "exit 3 releases dirty");
+    let check = "true {path}";
+    let out = run(&["run", "--exclusive", "disk", "--check", check, "--", "true"]);
+    expect_code(&out, 0);
+    assert!(a.holders("disk").is_empty());
+    assert!(!a.is_dirty("disk"), "checked, then exit 0 releases clean");
+}
