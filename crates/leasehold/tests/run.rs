@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -308,4 +309,89 @@ fn path_names_files_by_their_canonical_path() {
         "true",
     ]);
     expect_code(&out, 2);
+}
+
+/// The processes whose command line names `marker` (the wrapper, its child before the exec,
+/// the command after it).
+fn named(marker: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.windows(marker.len()).any(|w| w == marker.as_bytes()))
+        })
+        .filter(|pid| alive(*pid))
+        .collect()
+}
+
+/// The wrapper SIGKILLed the moment its command's process exists (between the clone and the
+/// parent-death signal taking effect, or just after the exec): the command never outlives it,
+/// and the lease ends.
+#[test]
+fn a_wrapper_killed_right_as_it_starts_its_command_leaves_no_command_running() {
+    let a = Agent::start();
+    // A name of sleep that only this test's commands have.
+    let sleeper = a.path("sleep-for-this-test");
+    std::os::unix::fs::symlink(
+        std::process::Command::new("sh")
+            .args(["-c", "command -v sleep"])
+            .output()
+            .map(|o| text(&o.stdout).trim().to_owned())
+            .unwrap(),
+        &sleeper,
+    )
+    .unwrap();
+    let marker = sleeper.to_str().unwrap().to_owned();
+    for round in 0..10 {
+        let mut wrapper = a
+            .cli()
+            .args(["run", "--exclusive", "disk", "--", &marker, "3600"])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let w = wrapper.id();
+        let children = format!("/proc/{w}/task/{w}/children");
+        // Kill it as soon as its child exists (early rounds), or once the command has
+        // replaced the wrapper's image (later rounds).
+        let started = |pid: &str| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.starts_with(marker.as_bytes()))
+        };
+        let mut exited = None;
+        wait_until(
+            "the wrapper starts its command",
+            Duration::from_secs(10),
+            || {
+                let kids = std::fs::read_to_string(&children).unwrap_or_default();
+                match kids.split_whitespace().next() {
+                    Some(pid) => round < 5 || started(pid),
+                    None => {
+                        exited = wrapper.try_wait().unwrap();
+                        exited.is_some()
+                    }
+                }
+            },
+        );
+        assert_eq!(exited, None, "round {round}: the wrapper ended by itself");
+        let _ = wrapper.kill();
+        let status = wrapper.wait().unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "round {round}");
+        let outlived = std::panic::catch_unwind(|| {
+            wait_until(
+                "no command outlives its wrapper",
+                Duration::from_secs(5),
+                || named(&marker).is_empty(),
+            )
+        });
+        if outlived.is_err() {
+            let left = named(&marker);
+            left.iter().for_each(|p| signal(*p, libc::SIGKILL));
+            panic!("round {round}: the command outlived its wrapper: {left:?}");
+        }
+        wait_until("the lease ends", Duration::from_secs(5), || {
+            a.holders("disk").is_empty()
+        });
+        let _ = a.lh(&["mark-clean", "disk"]);
+    }
 }
