@@ -395,3 +395,32 @@ fn a_wrapper_killed_right_as_it_starts_its_command_leaves_no_command_running() {
         let _ = a.lh(&["mark-clean", "disk"]);
     }
 }
+
+/// SIGINT and SIGHUP reach the command too (SIGTERM: the test above), each in turn, and the
+/// status the command exits with comes back.
+#[test]
+fn sigint_and_sighup_reach_the_command() {
+    let a = Agent::start();
+    for (sig, name, code) in [(libc::SIGINT, "INT", 41), (libc::SIGHUP, "HUP", 43)] {
+        let ready = a.path(&format!("ready-{name}"));
+        let script = format!(
+            "trap 'exit {code}' {name}; touch {}; while :; do sleep 0.05; done",
+            ready.display()
+        );
+        let child = a
+            .cli()
+            .args(["run", "--exclusive", "disk", "--", "sh", "-c", &script])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_until("the command starts", Duration::from_secs(5), || {
+            ready.exists()
+        });
+        signal(child.id(), sig);
+        let out = child.wait_with_output().unwrap();
+        expect_code(&out, code);
+        assert!(a.holders("disk").is_empty());
+        assert!(a.is_dirty("disk"), "exit {code} is not success");
+        expect_code(&a.lh(&["mark-clean", "disk"]), 0);
+    }
+}
