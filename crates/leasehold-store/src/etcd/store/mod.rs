@@ -12,7 +12,9 @@
 //!    every record it read, that no grace key or (beside holders) waiter of those resources
 //!    appeared since the snapshot, and, when it grants or queues for this host, that this
 //!    host's session key is still on its lease. If anything moved, nothing is written and the
-//!    operation starts again from a fresh snapshot.
+//!    operation starts again from a fresh snapshot (the one the failed transaction returned).
+//!    Commits that wait at once go to etcd as one transaction of transactions, each member with
+//!    all its own compares, succeeding or failing alone (`commit.rs`).
 //!
 //! A grace is a key on an etcd lease of TTL `grace`, created by whoever clears a dead session's
 //! holders, so it is measured by etcd from a moment no earlier than the expiry. Tokens are at
