@@ -303,9 +303,22 @@ impl Hold {
     /// Reconnects to a (restarted) agent and re-acquires the same leases; they must come
     /// back as the very grants this process holds, or they were lost. The new stream, if so.
     fn reattach(&mut self) -> Result<Option<Acquisition>, Option<(ResourceName, String)>> {
-        let Ok(mut acq) = self.client.start_acquire(&self.reattach) else {
+        // An agent that takes the connection but does not answer must not hold this thread
+        // past the safe-until, when the command has to be killed: wait for it until then.
+        let left = self.deadline.map(|d| {
+            d.saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1))
+        });
+        let client = match left {
+            Some(left) => self.client.clone().with_timeout(Some(left)),
+            None => self.client.clone(),
+        };
+        let Ok(mut acq) = client.start_acquire(&self.reattach) else {
             return Ok(None);
         };
+        if acq.socket().set_read_timeout(left).is_err() {
+            return Ok(None);
+        }
         match acq.granted() {
             Ok(g) => {
                 let same = g

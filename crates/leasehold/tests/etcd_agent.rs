@@ -561,3 +561,42 @@ fn a_fence_revokes_revocable_holders_at_once_while_etcd_is_unreachable() {
     assert!(!validates(&a, token));
     service_ends_told_lost(service, stdin, out);
 }
+
+/// The agent is killed and what answers at its socket next accepts the wrapper's connection
+/// but never answers (an agent restarted and hung): the wrapper's reattach gives up at its
+/// leases' safe-until, and the command is dead by then (ttl 3 s after the last renewal), not
+/// after the CLI's 30 s call timeout.
+#[test]
+fn a_run_whose_agent_restarts_hung_kills_its_command_by_the_safe_until() {
+    let etcd = Etcd::start();
+    let mut a = Agent::on_etcd("host-a", &etcd.endpoint(), &prefix(), &[], &[]);
+    let pidfile = a.path("child.pid");
+    let script = format!("echo $$ > {}; exec sleep 3600", pidfile.display());
+    let mut wrapper = a
+        .cli()
+        .args(["run", "--exclusive", "disk", "--", "sh", "-c", &script])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let child = wait_pid_file(&pidfile, Duration::from_secs(10));
+    let mut err = Lines::new(wrapper.stderr.take().unwrap());
+    a.kill9();
+    let killed = std::time::Instant::now();
+    // A listener that never accepts: connections queue, requests are never answered.
+    let _ = std::fs::remove_file(&a.socket);
+    let _hung = std::os::unix::net::UnixListener::bind(&a.socket).unwrap();
+    err.wait_for("lost contact", Duration::from_secs(10));
+    wait_until(
+        "the command is killed by its safe-until",
+        Duration::from_secs(3 + 3),
+        || !alive(child),
+    );
+    let status = wrapper.wait().unwrap();
+    assert!(!status.success());
+    assert!(
+        killed.elapsed() < Duration::from_secs(20),
+        "the wrapper waited for the hung agent"
+    );
+    let err = err.rest(Duration::from_secs(5));
+    assert!(err.contains("did not confirm"), "{err}");
+}
