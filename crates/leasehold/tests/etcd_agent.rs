@@ -23,20 +23,26 @@ fn prefix() -> String {
     )
 }
 
-#[test]
-fn a_restarted_agent_resumes_its_session_and_its_run_wrappers_carry_on() {
-    let etcd = Etcd::start();
-    let p = prefix();
-    let mut a = Agent::on_etcd("host-a", &etcd.endpoint(), &p, &[], &[]);
+/// `leasehold run --exclusive disk -- sh -c 'exec sleep 3600'` on `a`, its stderr piped: the
+/// wrapper, and the command's pid once it runs.
+fn run_sleep_holding_disk(a: &Agent) -> (std::process::Child, u32) {
     let pidfile = a.path("child.pid");
     let script = format!("echo $$ > {}; exec sleep 3600", pidfile.display());
-    let mut wrapper = a
+    let wrapper = a
         .cli()
         .args(["run", "--exclusive", "disk", "--", "sh", "-c", &script])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let child = wait_pid_file(&pidfile, Duration::from_secs(10));
+    (wrapper, wait_pid_file(&pidfile, Duration::from_secs(10)))
+}
+
+#[test]
+fn a_restarted_agent_resumes_its_session_and_its_run_wrappers_carry_on() {
+    let etcd = Etcd::start();
+    let p = prefix();
+    let mut a = Agent::on_etcd("host-a", &etcd.endpoint(), &p, &[], &[]);
+    let (mut wrapper, child) = run_sleep_holding_disk(&a);
     let token = a.inspect("disk").unwrap()["holders"][0]["token"].clone();
     let mut err = Lines::new(wrapper.stderr.take().unwrap());
     let killed = std::time::Instant::now();
@@ -570,15 +576,7 @@ fn a_fence_revokes_revocable_holders_at_once_while_etcd_is_unreachable() {
 fn a_run_whose_agent_restarts_hung_kills_its_command_by_the_safe_until() {
     let etcd = Etcd::start();
     let mut a = Agent::on_etcd("host-a", &etcd.endpoint(), &prefix(), &[], &[]);
-    let pidfile = a.path("child.pid");
-    let script = format!("echo $$ > {}; exec sleep 3600", pidfile.display());
-    let mut wrapper = a
-        .cli()
-        .args(["run", "--exclusive", "disk", "--", "sh", "-c", &script])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let child = wait_pid_file(&pidfile, Duration::from_secs(10));
+    let (mut wrapper, child) = run_sleep_holding_disk(&a);
     let mut err = Lines::new(wrapper.stderr.take().unwrap());
     a.kill9();
     let killed = std::time::Instant::now();
