@@ -17,6 +17,15 @@ async fn open(etcd: &Etcd, test: &str) -> EtcdStore {
     EtcdStore::open(HostId::new("a").unwrap(), o).await.unwrap()
 }
 
+/// [`open`] without compaction rounds, for the tests that count the etcd requests an operation
+/// makes: a round (its claim, its reads) would be counted with them whenever it ran meanwhile.
+async fn open_counting(etcd: &Etcd, test: &str) -> EtcdStore {
+    let mut o = EtcdOptions::new(vec![etcd.endpoint()]);
+    o.prefix = format!("/unit-{}-{test}/", std::process::id());
+    o.history.compact_every = None;
+    EtcdStore::open(HostId::new("a").unwrap(), o).await.unwrap()
+}
+
 fn res(name: &str) -> ResourceName {
     ResourceName::new(name).unwrap()
 }
@@ -198,11 +207,7 @@ async fn a_grant_decided_without_a_grace_key_written_since_commits_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acquire_and_release_in_a_row_take_one_transaction_each() {
     let etcd = Etcd::start();
-    let mut o = EtcdOptions::new(vec![etcd.endpoint()]);
-    o.prefix = format!("/unit-{}-one-trip/", std::process::id());
-    // No compaction rounds: the count is of the operations' requests alone.
-    o.history.compact_every = None;
-    let s = EtcdStore::open(HostId::new("a").unwrap(), o).await.unwrap();
+    let s = open_counting(&etcd, "one-trip").await;
     let owner = Owner::new(s.host().clone(), 10, 1);
     let disk = res("disk");
     let cycle = || async {
@@ -326,7 +331,7 @@ async fn commit_together(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_grants_of_one_resource_committed_at_once_never_both_hold() {
     let etcd = Etcd::start();
-    let s = open(&etcd, "batch-race").await;
+    let s = open_counting(&etcd, "batch-race").await;
     let disk = res("disk");
     let names = |r: &ResourceName| std::collections::BTreeSet::from([r.clone()]);
     let (a, b) = (
@@ -376,7 +381,7 @@ async fn two_grants_of_one_resource_committed_at_once_never_both_hold() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_member_whose_compare_fails_costs_the_others_nothing() {
     let etcd = Etcd::start();
-    let s = open(&etcd, "batch-member").await;
+    let s = open_counting(&etcd, "batch-member").await;
     let names = |r: &ResourceName| std::collections::BTreeSet::from([r.clone()]);
     let members: Vec<(Owner, ResourceName)> = (0..5)
         .map(|i| {
@@ -436,7 +441,7 @@ async fn a_batch_member_whose_compare_fails_costs_the_others_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_whose_compare_fails_answers_what_it_found() {
     let etcd = Etcd::start();
-    let s = open(&etcd, "failed-read").await;
+    let s = open_counting(&etcd, "failed-read").await;
     let disk = res("disk");
     let names = std::collections::BTreeSet::from([disk.clone()]);
     let snap = s.inner.snapshot(&names).await.unwrap();
