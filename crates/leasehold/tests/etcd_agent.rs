@@ -598,3 +598,41 @@ fn a_run_whose_agent_restarts_hung_kills_its_command_by_the_safe_until() {
     let err = err.rest(Duration::from_secs(5));
     assert!(err.contains("did not confirm"), "{err}");
 }
+
+/// A process holding more leases than one etcd transaction can end (etcd allows 128
+/// operations, and ending a lease takes three) has them all ended when it exits, in several
+/// transactions. Before, ending them was refused as a request naming too many resources, and
+/// the 60 leases stayed held by the dead process.
+#[test]
+fn a_process_holding_sixty_leases_has_them_all_ended_when_it_dies() {
+    let etcd = Etcd::start();
+    let a = Agent::on_etcd("host-a", &etcd.endpoint(), &prefix(), &[], &[]);
+    let mut h = Holder::new();
+    let names: Vec<String> = (0..60).map(|i| format!("disk/{i}")).collect();
+    for r in &names {
+        expect_code(&a.lh(&["acquire", r, "--pid", &h.pid_arg()]), 0);
+    }
+    // Resources held, from one `list --json`.
+    let held = |a: &Agent| {
+        let list = a.list();
+        list.as_array()
+            .or_else(|| list["resources"].as_array())
+            .expect("list --json: an array of resources")
+            .iter()
+            .filter(|r| r["holders"].as_array().is_some_and(|h| !h.is_empty()))
+            .count()
+    };
+    assert_eq!(held(&a), 60);
+    h.kill9();
+    wait_until(
+        "the dead process's 60 leases end",
+        Duration::from_secs(20),
+        || held(&a) == 0,
+    );
+    assert!(
+        !a.log()
+            .contains("ending the leases of an exited process failed"),
+        "{}",
+        a.log()
+    );
+}

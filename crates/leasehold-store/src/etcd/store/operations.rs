@@ -12,7 +12,13 @@ use tokio::sync::{broadcast, oneshot, watch};
 use super::commit::Extra;
 use super::snapshot::Snapshot;
 use super::waiters::{LocalWaiter, Queueing, WaitGuard, withdrawn};
-use super::{EtcdStore, Inner, json, unavailable};
+use super::{EtcdStore, Inner, MAX_TXN_OPS, json, unavailable};
+
+/// How many resources one transaction that ends leases names: each costs the compare and put
+/// of its record and the delete of its held key (and a grace compare), within etcd's limit. A
+/// process holding more has them ended in several transactions, one after the other (a
+/// process's leases end each on its own; only a grant is all or nothing).
+const END_PER_TXN: usize = (MAX_TXN_OPS - 8) / 4;
 use crate::etcd::client::{LeaseId, prefix_end};
 use crate::etcd::history::EtcdHealth;
 use crate::etcd::keys::{HostValue, KeyKind, Record, WaiterValue};
@@ -206,17 +212,19 @@ impl Store for EtcdStore {
         leases: Vec<(ResourceName, Token)>,
         how: EndReason,
     ) -> Result<Vec<Released>, StoreError> {
-        let names: BTreeSet<ResourceName> = leases.iter().map(|(r, _)| r.clone()).collect();
-        let (r, _, _) = self
-            .inner
-            .transact(names, |engine, now, _| {
-                Ok((
-                    engine.end_leases(&leases, how.clone(), now),
-                    Extra::default(),
-                ))
-            })
-            .await?;
-        Ok(r)
+        let mut released = Vec::new();
+        // In several transactions when they are many (see [`END_PER_TXN`]).
+        for part in leases.chunks(END_PER_TXN) {
+            let names: BTreeSet<ResourceName> = part.iter().map(|(r, _)| r.clone()).collect();
+            let (r, _, _) = self
+                .inner
+                .transact(names, |engine, now, _| {
+                    Ok((engine.end_leases(part, how.clone(), now), Extra::default()))
+                })
+                .await?;
+            released.extend(r);
+        }
+        Ok(released)
     }
 
     async fn force_release(
@@ -442,36 +450,44 @@ impl Inner {
                 // The request's caller learns of it through its closed channel.
             }
         }
-        let mut names = inner
+        let held: Vec<ResourceName> = inner
             .held_index()
             .and_then(|h| h.get(&process).cloned())
-            .unwrap_or_default();
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
         // With the index poisoned, nothing is known to end: say so rather than end nothing.
         inner.running()?;
-        loop {
-            if names.is_empty() {
-                return Ok(Vec::new());
-            }
-            match inner
-                .transact(names.clone(), |engine, now, _| {
-                    Ok((
-                        engine.end_process_as(&process, how.clone(), now),
-                        Extra::default(),
-                    ))
-                })
-                .await
-            {
-                // A damaged record is left for the administrator; the others are ended.
-                Err(StoreError::BadRecord { resource, .. }) => {
-                    names.remove(&resource);
-                    if let Some(mut h) = inner.held_index()
-                        && let Some(set) = h.get_mut(&process)
-                    {
-                        set.remove(&resource);
+        let mut released = Vec::new();
+        // In several transactions when they are many (see [`END_PER_TXN`]).
+        for part in held.chunks(END_PER_TXN) {
+            let mut names: BTreeSet<ResourceName> = part.iter().cloned().collect();
+            while !names.is_empty() {
+                match inner
+                    .transact(names.clone(), |engine, now, _| {
+                        Ok((
+                            engine.end_process_as(&process, how.clone(), now),
+                            Extra::default(),
+                        ))
+                    })
+                    .await
+                {
+                    // A damaged record is left for the administrator; the others are ended.
+                    Err(StoreError::BadRecord { resource, .. }) => {
+                        names.remove(&resource);
+                        if let Some(mut h) = inner.held_index()
+                            && let Some(set) = h.get_mut(&process)
+                        {
+                            set.remove(&resource);
+                        }
+                    }
+                    r => {
+                        released.extend(r.map(|(r, _, _)| r)?);
+                        break;
                     }
                 }
-                r => return r.map(|(r, _, _)| r),
             }
         }
+        Ok(released)
     }
 }
