@@ -5,6 +5,7 @@
 mod error;
 mod lease;
 mod maintenance;
+mod multiwatch;
 mod security;
 mod txn;
 
@@ -21,6 +22,7 @@ use error::{never_sent, stale_token};
 pub(crate) use error::{tls_error, transport_setting};
 pub use lease::LeaseId;
 pub use maintenance::MemberStatus;
+pub use multiwatch::{WatchSender, WatchSpec};
 use security::tls_config;
 pub use security::{EtcdSecurity, EtcdUser, check_endpoints};
 pub use txn::{Txn, TxnResult, batch_results, prefix_end, range_of};
@@ -41,6 +43,8 @@ pub struct Etcd {
     timeout: Duration,
     /// Key-value requests (ranges and transactions) made through this client and its clones.
     kv_requests: Arc<std::sync::atomic::AtomicU64>,
+    /// Those the store's view makes to bring keys in (see [`Etcd::upkeep`]), counted apart.
+    upkeep_requests: Arc<std::sync::atomic::AtomicU64>,
     /// Commits per written revision, as [`Etcd::note_batch`] was told (an `f64`'s bits).
     commits_per_revision: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -122,6 +126,21 @@ impl Etcd {
     /// costs etcd, for tests and measurements.
     pub fn kv_requests(&self) -> u64 {
         self.kv_requests.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// This client, its key-value requests counted as upkeep ([`Etcd::upkeep_requests`]), not
+    /// in [`Etcd::kv_requests`]: the reads that bring a resource's keys into the store's view
+    /// once its watchers exist, which no one operation costs.
+    pub fn upkeep(&self) -> Etcd {
+        let mut e = self.clone();
+        e.kv_requests = Arc::clone(&self.upkeep_requests);
+        e
+    }
+
+    /// How many key-value requests were made through [`Etcd::upkeep`].
+    pub fn upkeep_requests(&self) -> u64 {
+        self.upkeep_requests
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Notes that one transaction wrote `commits` of the store's commits at one revision.
@@ -225,6 +244,7 @@ impl Etcd {
             endpoints: Arc::new((endpoints.to_vec(), sec.clone())),
             timeout,
             kv_requests: Arc::default(),
+            upkeep_requests: Arc::default(),
             commits_per_revision: Arc::new(std::sync::atomic::AtomicU64::new(1f64.to_bits())),
         })
     }
