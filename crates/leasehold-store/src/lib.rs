@@ -436,8 +436,16 @@ pub trait Store: Send + Sync + 'static {
     /// As [`Store::list`].
     fn hosts(&self) -> impl Future<Output = Result<Vec<HostView>, StoreError>> + Send;
 
-    /// Lease events from now on, after they are durable.
+    /// Lease events from now on, after they are durable: those of the resources this host
+    /// holds, waits for or used lately, and sessions ending (on etcd, an agent watches only
+    /// those; see [`Store::subscribe_all`] for every resource's).
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event>;
+
+    /// Every resource's lease events from now on (`leasehold watch`). The etcd store watches
+    /// the whole prefix for them only while a receiver lives.
+    fn subscribe_all(&self) -> tokio::sync::broadcast::Receiver<Event> {
+        self.subscribe()
+    }
 
     /// This host's session with a shared backend, for self-fencing; `None` for a store whose
     /// sessions never expire (the local store).

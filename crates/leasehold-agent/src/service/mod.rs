@@ -672,7 +672,7 @@ impl<S: Store> Service<S> {
         filter: Option<String>,
     ) -> Result<mpsc::Receiver<Result<v1::Event, ApiError>>, ApiError> {
         let filter = filter.map(resource).transpose()?;
-        let mut events = self.store.subscribe();
+        let mut events = self.store.subscribe_all();
         let mut agent_events = self.agent_events.subscribe();
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use super::client::LeaseId;
 
 /// The keys of one store prefix.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Keys {
     prefix: String,
 }

@@ -1,7 +1,7 @@
 //! Deciding and committing: the engine over a snapshot, the transaction that writes what it
 //! changed only if nothing it read has moved, and the retry loop around both.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use leasehold_core::{
@@ -11,6 +11,7 @@ use leasehold_core::{
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
+use super::mirror::Written;
 use super::snapshot::{Snapshot, holding_sessions};
 use super::{Inner, MAX_TXN_OPS, json, now_ms, unavailable};
 use crate::etcd::client::{
@@ -18,7 +19,9 @@ use crate::etcd::client::{
     range_of,
 };
 use crate::etcd::keys::Record;
+use crate::etcd::pb::mvccpb::KeyValue;
 use crate::sync::lock;
+use crate::sync::write;
 use crate::{Cause, StoreError};
 
 /// Whether the engine changed a record. (Its metadata, which the token floor marks changed,
@@ -41,73 +44,6 @@ pub(super) struct Extra {
 impl Extra {
     pub(super) fn is_empty(&self) -> bool {
         self.delete.is_empty() && self.put.is_empty()
-    }
-}
-
-/// A record as this agent's commit wrote it, with its held keys and whether the commit
-/// started its grace.
-#[derive(Debug, Clone)]
-struct OwnWrite {
-    mod_rev: i64,
-    record: Record,
-    held: BTreeMap<LeaseId, String>,
-    grace: bool,
-}
-
-/// The records this agent committed that the mirror does not show yet. The watch delivers a
-/// commit some time after etcd answered it, so the next operation on the same resource (a
-/// release right after its acquire) would decide from the version before it: a grant that
-/// fails its compare, or a refusal checked again, each a second and third round trip. It
-/// decides from the version it wrote instead. Each entry is exactly the record and held keys
-/// etcd has at its revision; the commit compares that revision, and the rest of the snapshot
-/// (waiters, graces, sessions) is the mirror's, older, whose compares (nothing created since
-/// the snapshot's revision, the sessions' leases) hold the same as for any snapshot from the
-/// mirror. An entry goes once the mirror's revision reaches it.
-///
-/// A recovered lock (see [`crate::sync`]): each change is one entry's insertion, or a
-/// `retain` of the whole.
-#[derive(Debug, Default)]
-pub(super) struct OwnCommits(std::sync::Mutex<HashMap<ResourceName, OwnWrite>>);
-
-impl OwnCommits {
-    /// Patches a snapshot from the mirror with the newer records this agent wrote, and
-    /// forgets those the mirror has caught up with.
-    pub(super) fn patch(&self, snap: &mut Snapshot) {
-        let mut own = lock(&self.0, "own commits");
-        if own.is_empty() {
-            return;
-        }
-        own.retain(|_, w| w.mod_rev > snap.revision);
-        for (name, rs) in &mut snap.res {
-            let Some(w) = own.get(name) else { continue };
-            if w.mod_rev <= rs.mod_rev || rs.bad.is_some() {
-                continue;
-            }
-            rs.record = Some(w.record.clone());
-            rs.mod_rev = w.mod_rev;
-            rs.held = w.held.clone();
-            rs.grace |= w.grace;
-        }
-    }
-
-    /// Remembers what a commit at `revision` wrote.
-    fn note(
-        &self,
-        revision: i64,
-        written: Vec<(ResourceName, Record, BTreeMap<LeaseId, String>, bool)>,
-    ) {
-        let mut own = lock(&self.0, "own commits");
-        for (name, record, held, grace) in written {
-            own.insert(
-                name,
-                OwnWrite {
-                    mod_rev: revision,
-                    record,
-                    held,
-                    grace,
-                },
-            );
-        }
     }
 }
 
@@ -427,7 +363,10 @@ impl Inner {
             t = t.if_lease_not(self.keys.host(&host), lease);
         }
         let mut graces = Vec::new();
-        let mut written = Vec::new();
+        // The records and held keys written, for the view (see `Mirror::own_commit`).
+        let mut written: Vec<Written> = Vec::new();
+        // The events the records written record: published once the commit is durable.
+        let mut published: Vec<(ResourceName, Vec<u8>, Vec<Event>)> = Vec::new();
         for name in &out.changed {
             let Some(rs) = snap.res.get(name) else {
                 continue;
@@ -458,6 +397,7 @@ impl Inner {
             }
             for lease in before.iter().filter(|l| !after.contains_key(l)) {
                 t = t.delete(self.keys.held(name, *lease));
+                written.push((name.clone(), self.keys.held(name, *lease), None));
             }
             for (lease, host) in after.iter().filter(|(l, _)| !before.contains(l)) {
                 t = t.put(
@@ -465,6 +405,11 @@ impl Inner {
                     host.clone().into_bytes(),
                     Some(*lease),
                 );
+                written.push((
+                    name.clone(),
+                    self.keys.held(name, *lease),
+                    Some((host.clone().into_bytes(), lease.0)),
+                ));
             }
             t = if rs.record.is_none() && rs.mod_rev == 0 {
                 // Neither the record nor a held key: a record deleted outside leasehold is not
@@ -473,8 +418,16 @@ impl Inner {
             } else {
                 t.if_mod_revision(self.keys.resource(name), rs.mod_rev)
             };
-            t = t.put(self.keys.resource(name), json(&rec)?, None);
-            written.push((name.clone(), rec, after, starts_grace));
+            let value = json(&rec)?;
+            if !rec.events.is_empty() {
+                published.push((name.clone(), self.keys.resource(name), rec.events.clone()));
+            }
+            written.push((
+                name.clone(),
+                self.keys.resource(name),
+                Some((value.clone(), 0)),
+            ));
+            t = t.put(self.keys.resource(name), value, None);
         }
         for key in &extra.delete {
             t = t
@@ -504,36 +457,67 @@ impl Inner {
         // newer than the snapshot. (Where the snapshot saw it free or changed since, the
         // record's compare already covers it.) Per resource, or for all at once where etcd's
         // limit leaves no room.
+        // (A resource guessed to have no keys must have no waiter key at all.)
         let joined: Vec<&ResourceName> = out
             .changed
             .iter()
             .filter(|n| {
-                snap.res
-                    .get(*n)
-                    .and_then(|rs| rs.record.as_ref())
-                    .is_some_and(|r| !r.state.holders().is_empty())
+                snap.res.get(*n).is_some_and(|rs| {
+                    rs.guessed
+                        || rs
+                            .record
+                            .as_ref()
+                            .is_some_and(|r| !r.state.holders().is_empty())
+                })
             })
             .collect();
+        let guessed: Vec<&ResourceName> = snap
+            .res
+            .iter()
+            .filter(|(_, rs)| rs.guessed)
+            .map(|(n, _)| n)
+            .collect();
+        for name in guessed.iter().filter(|n| !out.changed.contains(**n)) {
+            // Not written, but decided on as having no keys: none may have appeared.
+            let w = self.keys.waiters(name);
+            t = t
+                .if_none_created_after(self.keys.resource(name), self.keys.resource_end(name), 0)
+                .if_none_created_after(w.clone(), prefix_end(&w), 0)
+                .if_none_created_after(self.keys.grace(name), Vec::new(), 0);
+        }
         // Likewise no grace may have started on a resource it changes since the snapshot: the
         // mirror applies a commit's keys one at a time, so it can show another host's record
         // ended dirty before the grace key written with it, and a decision from it would grant
         // inside that grace. (A grace this commit starts already requires the key absent.)
-        let ungraced: Vec<&ResourceName> = out
-            .changed
-            .iter()
-            .filter(|n| !graces.contains(*n))
-            .collect();
+        // Every resource the decision read, not only those it changes: a view's three watchers
+        // of one resource deliver a commit's record and grace key apart, and a waiter told
+        // "needs check" from a record ended dirty must not have been inside a grace.
+        let ungraced: Vec<&ResourceName> =
+            snap.res.keys().filter(|n| !graces.contains(*n)).collect();
+        // Each resource's keys are known up to their own revision (a snapshot from the view
+        // has one per watcher), never beyond it.
+        let known = |name: &ResourceName| {
+            snap.res
+                .get(name)
+                .map_or((0, 0), |rs| (rs.waiters_rev, rs.grace_rev))
+        };
         if t.size() + joined.len() + ungraced.len() <= MAX_TXN_OPS {
             for name in joined {
                 let w = self.keys.waiters(name);
-                t = t.if_none_created_after(w.clone(), prefix_end(&w), snap.revision);
+                t = t.if_none_created_after(w.clone(), prefix_end(&w), known(name).0);
             }
             for name in ungraced {
-                t = t.if_none_created_after(self.keys.grace(name), Vec::new(), snap.revision);
+                t = t.if_none_created_after(self.keys.grace(name), Vec::new(), known(name).1);
             }
         } else {
+            let oldest = snap
+                .res
+                .keys()
+                .map(|n| known(n).0.min(known(n).1))
+                .min()
+                .unwrap_or(0);
             for prefix in [self.keys.all_waiters(), self.keys.graces()] {
-                t = t.if_none_created_after(prefix.clone(), prefix_end(&prefix), snap.revision);
+                t = t.if_none_created_after(prefix.clone(), prefix_end(&prefix), oldest);
             }
         }
         if t.size() > MAX_TXN_OPS {
@@ -542,32 +526,87 @@ impl Inner {
                 t.size()
             ))));
         }
+        // Where etcd's limit leaves room, a commit that fails reads what a fresh snapshot
+        // reads (the live sessions, and each resource's record range, waiter keys and grace
+        // key), at its revision.
         let reads = 1 + 3 * snap.res.len();
         let with_reads = t.size_with_failure(reads) <= MAX_TXN_OPS;
         if with_reads {
             let hosts = self.keys.hosts();
             t = t.or_get(hosts.clone(), prefix_end(&hosts));
             for name in snap.res.keys() {
-                let wp = self.keys.waiters(name);
-                t = t
-                    .or_get(self.keys.resource(name), self.keys.resource_end(name))
-                    .or_get(wp.clone(), prefix_end(&wp))
-                    .or_get(self.keys.grace(name), Vec::new());
+                for (key, end) in super::mirror::ranges_of(&self.keys, name) {
+                    t = t.or_get(key, end);
+                }
             }
         }
+        // In use: they stay in the view until the index of holders has them.
+        self.touch_view(&out.changed);
+        let names: BTreeSet<ResourceName> = snap.res.keys().cloned().collect();
         let r = self
             .batcher
-            .send(t, snap.res.keys().cloned().collect(), creates_keys)
+            .send(t, names.clone(), creates_keys)
             .await
             .map_err(unavailable)?;
+        self.pause_commit_if_asked().await;
         if !r.succeeded {
-            let names: BTreeSet<ResourceName> = snap.res.keys().cloned().collect();
+            // What it found joins the view: the next decision on these resources needs no read.
             return Ok(Err(with_reads.then(|| {
-                let kvs = (0..r.responses.len()).flat_map(|i| range_of(&r, i));
-                Snapshot::build(&self.keys, r.revision, Some(&names), kvs)
+                let kvs: Vec<KeyValue> = (0..r.responses.len())
+                    .flat_map(|i| range_of(&r, i).iter().cloned())
+                    .collect();
+                self.join_view(&names, r.revision, &kvs);
+                Snapshot::build(&self.keys, r.revision, Some(&names), &kvs)
             })));
         }
-        self.own.note(r.revision, written);
+        let mut rejoin = Vec::new();
+        let mut to_publish = Vec::new();
+        {
+            let mut m = write(&self.mirror, "mirror");
+            // Durable now: a record's events are published here, unless the watch already
+            // delivered (and published) this very revision of it, which it may have before
+            // this answer was read; the watch does not publish them again.
+            for (name, key, events) in published {
+                if !m.delivered(&name, r.revision) {
+                    m.published(key, r.revision);
+                    to_publish.extend(events);
+                }
+            }
+            for name in &guessed {
+                m.join_own(&self.keys, name, r.revision);
+            }
+            m.own_commit(r.revision, &written);
+            // A resource now held here stays in the view (see `Mirror::touch`); should one
+            // have left it meanwhile, it is read back in, and what changed since is handled.
+            for name in &out.changed {
+                let held_here = engine.resource(name).is_some_and(|st| {
+                    st.holders()
+                        .iter()
+                        .any(|l| l.owner.process.host == self.host)
+                });
+                if held_here
+                    && !m.has_one(name)
+                    && let Some((_, key, Some((value, _)))) = written
+                        .iter()
+                        .find(|(n, k, _)| n == name && *k == self.keys.resource(name))
+                {
+                    let kv = KeyValue {
+                        key: key.clone(),
+                        mod_revision: r.revision,
+                        value: value.clone(),
+                        ..Default::default()
+                    };
+                    rejoin.push(super::mirror::Fix::Rejoin(name.clone(), kv));
+                }
+            }
+        }
+        if !rejoin.is_empty() {
+            self.fixes().extend(rejoin);
+            self.fixes_due.notify_one();
+        }
+        for e in to_publish {
+            let _ = self.events.send(e);
+        }
         self.note_holders(engine, &out.changed);
         Ok(Ok(r.revision))
     }
@@ -603,20 +642,27 @@ impl Inner {
     ) -> Result<(T, Output, i64), StoreError> {
         self.running()?;
         let deadline = Instant::now() + self.opts.timeout * 5;
-        // The first attempt decides from the mirror; a decision that writes nothing, or whose
-        // compares fail, is made again on a fresh read.
+        // The first attempt decides from the view when it has every resource; a decision
+        // that writes nothing, or whose compares fail, is made again on a fresh read (which
+        // puts the resources in the view).
+        // Resources outside the view are guessed to have no keys, when the agent knows etcd's
+        // revision from moments ago. A commit that fails answers the fresh keys with the
+        // failure (what it found), decided from next.
         let mut fresh = false;
-        // What a failed commit found, to decide from next.
-        let mut found: Option<Snapshot> = None;
+        let mut read: Option<Snapshot> = None;
+        self.touch_view(&names);
         loop {
-            let snap = if let Some(snap) = found.take() {
-                snap
-            } else if fresh {
-                self.snapshot(&names).await?
-            } else {
-                let mut snap = self.cached_snapshot(&names);
-                self.own.patch(&mut snap);
-                snap
+            let cached = match read.take() {
+                Some(snap) => Some(snap),
+                None if fresh => None,
+                None => self.guessed_snapshot(&names),
+            };
+            let snap = match cached {
+                Some(snap) => snap,
+                None => {
+                    fresh = true;
+                    self.snapshot_joining(&names).await?
+                }
             };
             if let Some((name, detail)) = snap
                 .res
@@ -644,7 +690,7 @@ impl Inner {
             }
             match self.commit_or_read(&snap, &engine, &out, extra).await? {
                 Ok(rev) => return Ok((value, out, rev)),
-                Err(read) => found = read,
+                Err(found) => read = found,
             }
             fresh = true;
             if Instant::now() > deadline {

@@ -3,18 +3,22 @@
 //! Every operation follows one pattern:
 //!
 //! 1. read a **snapshot** of the resources concerned, their waiters and grace keys, and the
-//!    live host sessions, at one revision;
+//!    live host sessions, at one revision; or take it from this agent's **view** ([`mirror`]:
+//!    the keys of the resources it holds, waits for or used lately, each watched), each
+//!    resource's keys known up to its own watchers' revision; a resource outside the view is
+//!    guessed to have no keys, and the commit compares that;
 //! 2. run `leasehold-core`'s engine over it: live sessions never expire inside it, dead ones
 //!    (a holder whose host key is gone) expire at once, so their exclusive resources become
 //!    dirty and blocked for the grace; waiters of other hosts hold their place in the queues
 //!    but only this host's waiters are decided here;
 //! 3. **commit** what the engine changed in one transaction that compares the mod revision of
 //!    every record it read, that no grace key or (beside holders) waiter of those resources
-//!    appeared since the snapshot, and, when it grants or queues for this host, that this
-//!    host's session key is still on its lease. If anything moved, nothing is written and the
-//!    operation starts again from a fresh snapshot (the one the failed transaction returned).
-//!    Commits that wait at once go to etcd as one transaction of transactions, each member with
-//!    all its own compares, succeeding or failing alone (`commit.rs`).
+//!    appeared since the revision that resource is known to, and, when it grants or queues
+//!    for this host, that this host's session key is still on its lease. If anything moved,
+//!    nothing is written and the operation starts again from a fresh snapshot (the one the
+//!    failed transaction returned). Commits that wait at once go to etcd as one transaction of
+//!    transactions, each member with all its own compares, succeeding or failing alone
+//!    (`commit.rs`).
 //!
 //! A grace is a key on an etcd lease of TTL `grace`, created by whoever clears a dead session's
 //! holders, so it is measured by etcd from a moment no earlier than the expiry. Tokens are at
@@ -113,6 +117,11 @@ struct Inner {
     clock: Clock,
     session: watch::Sender<SessionState>,
     events: broadcast::Sender<Event>,
+    /// Every resource's events, while someone asks (`leasehold watch`): see
+    /// [`mirror::watch_all`].
+    all_events: broadcast::Sender<Event>,
+    /// Whether the watch of the whole prefix for `all_events` runs.
+    watching_all: std::sync::atomic::AtomicBool,
     changed: Notify,
     /// This host's waiting requests. A recovered lock (see [`crate::sync`]): each change is one
     /// entry's insertion, removal or fields set together.
@@ -136,8 +145,9 @@ struct Inner {
     /// Local processes recorded as holders under an ended session of this host, at open.
     /// Recovered: replaced whole.
     stale: Mutex<Vec<ProcessKey>>,
-    /// Recovered: each change is one key's insertion or removal, or a replacement of the
-    /// whole; and a mirror behind etcd costs a retry, never a wrong grant (commits compare).
+    /// The view (see [`mirror`]). Recovered: each change is one watcher's or key's insertion
+    /// or removal, or a replacement of the whole; and a mirror behind etcd costs a retry,
+    /// never a wrong grant (commits compare).
     mirror: std::sync::RwLock<Mirror>,
     /// Called when this host's session is found ended, before anything else happens.
     /// Recovered: replaced whole; skipping a poisoned hook would leave holders unfenced.
@@ -154,16 +164,23 @@ struct Inner {
     /// A test hook: the next fresh snapshot stops after its first read until released.
     /// Recovered: replaced and taken whole.
     pause_snapshot: Mutex<Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>>,
+    /// A test hook: the watch stream is dropped and stays closed until released. Recovered:
+    /// replaced and taken whole.
+    pause_watch: Mutex<Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>>,
+    pause_watch_asked: Notify,
+    /// A test hook: the next commit stops once etcd answered it, before anything learns of
+    /// it, until released. Recovered: replaced and taken whole.
+    pause_commit: Mutex<Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>>,
+    /// Wakes the task that writes the repairs in `fixes`.
+    fixes_due: Notify,
     /// Why the store halted (a fatal lock was poisoned), once it has.
     halted: std::sync::OnceLock<crate::Halt>,
-    /// This agent's own commits the mirror does not show yet (see [`commit::OwnCommits`]).
-    own: commit::OwnCommits,
     /// Sends commits, several in one transaction when several wait (see [`commit::Batcher`]).
     batcher: commit::Batcher,
 }
 
-/// A fresh snapshot stopped after its first read, for tests that script an interleaving
-/// (see [`EtcdStore::pause_next_snapshot`]).
+/// A fresh snapshot stopped after its first read, or the watch stream closed, for tests that
+/// script an interleaving (see [`EtcdStore::pause_next_snapshot`], [`EtcdStore::pause_watch`]).
 #[doc(hidden)]
 #[derive(Debug)]
 pub struct SnapshotPause {
@@ -273,6 +290,8 @@ impl EtcdStore {
             clock: Clock::new(),
             session,
             events,
+            all_events: broadcast::channel(4096).0,
+            watching_all: std::sync::atomic::AtomicBool::new(false),
             changed: Notify::new(),
             waiters: Mutex::new(BTreeMap::new()),
             next_waiter: std::sync::atomic::AtomicU64::new(1),
@@ -288,13 +307,17 @@ impl EtcdStore {
             next_waiter_key: std::sync::atomic::AtomicU64::new(now_ms()),
             fixes: Mutex::new(Vec::new()),
             pause_snapshot: Mutex::new(None),
+            pause_watch: Mutex::new(None),
+            pause_watch_asked: Notify::new(),
+            pause_commit: Mutex::new(None),
+            fixes_due: Notify::new(),
             halted: std::sync::OnceLock::new(),
-            own: commit::OwnCommits::default(),
             batcher: commit::Batcher::default(),
         });
-        let start_rev = inner.load_mirror().await?;
-        inner.load_held();
-        inner.drop_old_waiters().await?;
+        let everything = inner.load_mirror().await?;
+        inner.load_held(&everything);
+        inner.drop_old_waiters(&everything).await?;
+        drop(everything);
         let tasks = vec![
             tokio::spawn({
                 let inner = Arc::clone(&inner);
@@ -302,7 +325,8 @@ impl EtcdStore {
             })
             .abort_handle(),
             tokio::spawn(keep_session(Arc::clone(&inner))).abort_handle(),
-            tokio::spawn(follow(Arc::clone(&inner), start_rev + 1)).abort_handle(),
+            tokio::spawn(follow(Arc::clone(&inner))).abort_handle(),
+            tokio::spawn(mirror::write_fixes(Arc::clone(&inner))).abort_handle(),
             tokio::spawn(serve_waiters(Arc::clone(&inner))).abort_handle(),
             tokio::spawn(crate::etcd::history::maintain(
                 inner.etcd.clone(),
@@ -333,6 +357,28 @@ impl EtcdStore {
         let (reached_tx, reached) = oneshot::channel();
         let (resume, resume_rx) = oneshot::channel();
         *lock(&self.inner.pause_snapshot, "pause_snapshot") = Some((reached_tx, resume_rx));
+        SnapshotPause { reached, resume }
+    }
+
+    /// A test hook: drops the watch stream now and keeps it closed until the returned handle
+    /// lets it open again (every watcher then starts again from where its keys are known).
+    #[doc(hidden)]
+    pub fn pause_watch(&self) -> SnapshotPause {
+        let (reached_tx, reached) = oneshot::channel();
+        let (resume, resume_rx) = oneshot::channel();
+        *lock(&self.inner.pause_watch, "pause_watch") = Some((reached_tx, resume_rx));
+        self.inner.pause_watch_asked.notify_one();
+        SnapshotPause { reached, resume }
+    }
+
+    /// A test hook: the next commit stops once etcd has answered it, before the view, the
+    /// subscribers or the index of holders learn of it, until the returned handle lets it go
+    /// on.
+    #[doc(hidden)]
+    pub fn pause_next_commit(&self) -> SnapshotPause {
+        let (reached_tx, reached) = oneshot::channel();
+        let (resume, resume_rx) = oneshot::channel();
+        *lock(&self.inner.pause_commit, "pause_commit") = Some((reached_tx, resume_rx));
         SnapshotPause { reached, resume }
     }
 

@@ -334,10 +334,18 @@ impl Store for EtcdStore {
 
     async fn hosts(&self) -> Result<Vec<crate::HostView>, StoreError> {
         let mut hosts: BTreeMap<HostId, crate::HostView> = BTreeMap::new();
+        // Every host's leases: the records are read now (the view has only this host's).
+        let res = self.inner.keys.resources();
+        let (records, _) = self
+            .inner
+            .etcd
+            .range(res.clone(), prefix_end(&res), 0)
+            .await
+            .map_err(unavailable)?;
         {
             let m = read(&self.inner.mirror, "mirror");
             let mut leases: HashMap<LeaseId, usize> = HashMap::new();
-            for kv in m.kvs.values() {
+            for kv in &records {
                 if let Some(KeyKind::Resource(_)) = self.inner.keys.parse(&kv.key)
                     && let Ok(rec) = Record::decode(&kv.value)
                 {
@@ -397,6 +405,18 @@ impl Store for EtcdStore {
 
     fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.inner.events.subscribe()
+    }
+
+    fn subscribe_all(&self) -> broadcast::Receiver<Event> {
+        let rx = self.inner.all_events.subscribe();
+        if !self
+            .inner
+            .watching_all
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            tokio::spawn(super::mirror::watch_all(Arc::clone(&self.inner)));
+        }
+        rx
     }
 
     fn session(&self) -> Option<watch::Receiver<SessionState>> {

@@ -12,6 +12,10 @@ use crate::etcd::keys::{KeyKind, Keys, Record, WaiterValue};
 use crate::etcd::pb::mvccpb::KeyValue;
 use crate::sync::{lock, read};
 
+/// How recently the agent must have learned etcd's revision to guess that a resource outside
+/// its view has no keys (see [`Inner::guessed_snapshot`]).
+const GUESS_FRESH: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// What a resource looked like in a snapshot.
 #[derive(Debug, Clone, Default)]
 pub(super) struct ResSnap {
@@ -24,6 +28,14 @@ pub(super) struct ResSnap {
     pub(super) grace: bool,
     /// The sessions whose `held` keys say they hold it: etcd lease id to the host named.
     pub(super) held: BTreeMap<LeaseId, String>,
+    /// The revisions up to which its waiter keys, and its grace key, are known: the
+    /// snapshot's for a read at one revision; each watcher's own for a snapshot from the view.
+    /// The commit compares that none was created after them.
+    pub(super) waiters_rev: i64,
+    pub(super) grace_rev: i64,
+    /// Nothing of it was read: outside the view, it is guessed to have no keys at all, and the
+    /// commit compares exactly that (its record range, waiter keys and grace key all absent).
+    pub(super) guessed: bool,
 }
 
 impl ResSnap {
@@ -166,15 +178,45 @@ impl Snapshot {
         }
         for rs in snap.res.values_mut() {
             rs.judge_held();
+            rs.waiters_rev = revision;
+            rs.grace_rev = revision;
         }
         snap
     }
 }
 
 impl Inner {
-    /// A snapshot of `names` from the mirror: no round trip, possibly stale.
-    pub(super) fn cached_snapshot(&self, names: &BTreeSet<ResourceName>) -> Snapshot {
+    /// A snapshot of `names` from the view: no round trip, possibly stale; `None` when one of
+    /// them is not in the view. Its revision is the highest this agent has seen (tokens'
+    /// floor); each resource's waiter and grace keys are known up to their watchers' revisions.
+    pub(super) fn cached_snapshot(&self, names: &BTreeSet<ResourceName>) -> Option<Snapshot> {
+        self.view_snapshot(names, false)
+    }
+
+    /// As [`Inner::cached_snapshot`], with each resource outside the view guessed to have no
+    /// keys at all (never used, or forgotten), where the agent knows etcd's revision from
+    /// moments ago (tokens' floor: above every token of a record forgotten since, for one is
+    /// forgotten only long after its last write). `None` when no guess can be made.
+    pub(super) fn guessed_snapshot(&self, names: &BTreeSet<ResourceName>) -> Option<Snapshot> {
+        self.view_snapshot(names, true)
+    }
+
+    fn view_snapshot(&self, names: &BTreeSet<ResourceName>, guess: bool) -> Option<Snapshot> {
         let m = read(&self.mirror, "mirror");
+        let fresh_enough = {
+            let limit = self
+                .opts
+                .history
+                .forget_after
+                .map_or(GUESS_FRESH, |f| (f / 2).min(GUESS_FRESH));
+            m.revision_age().is_some_and(|age| age < limit)
+        };
+        let guessed: BTreeSet<&ResourceName> = names.iter().filter(|n| !m.has_one(n)).collect();
+        // Every name in the view, or those outside it guessed.
+        let answerable = guessed.is_empty() || (guess && fresh_enough);
+        if !m.has(&BTreeSet::new()) || !answerable {
+            return None;
+        }
         let k = &self.keys;
         let hosts = k.hosts();
         let mut kvs: Vec<&KeyValue> = m
@@ -192,7 +234,26 @@ impl Inner {
             kvs.extend(m.kvs.range(wp.clone()..prefix_end(&wp)).map(|(_, kv)| kv));
             kvs.extend(m.kvs.get(&k.grace(r)));
         }
-        Snapshot::build(k, m.revision, Some(names), kvs)
+        let mut snap = Snapshot::build(k, m.revision, Some(names), kvs);
+        for (name, rs) in &mut snap.res {
+            if guessed.contains(name) {
+                (rs.waiters_rev, rs.grace_rev, rs.guessed) = (0, 0, true);
+            } else {
+                (rs.waiters_rev, rs.grace_rev) = m.known(name)?;
+            }
+        }
+        Some(snap)
+    }
+
+    /// A snapshot of `names` read at one revision, the names put in the view from it (so
+    /// the next decision on them needs no read).
+    pub(super) async fn snapshot_joining(
+        &self,
+        names: &BTreeSet<ResourceName>,
+    ) -> Result<Snapshot, StoreError> {
+        let (revision, kvs) = self.read_fresh(names, &self.etcd).await?;
+        self.join_view(names, revision, &kvs);
+        Ok(Snapshot::build(&self.keys, revision, Some(names), &kvs))
     }
 
     /// Reads the resources `names` (with their waiters and grace keys) and the live sessions
@@ -201,8 +262,19 @@ impl Inner {
     /// was gone at the very revision its record was read.
     pub(super) async fn snapshot(
         &self,
-        names_set: &BTreeSet<ResourceName>,
+        names: &BTreeSet<ResourceName>,
     ) -> Result<Snapshot, StoreError> {
+        let (revision, kvs) = self.read_fresh(names, &self.etcd).await?;
+        Ok(Snapshot::build(&self.keys, revision, Some(names), &kvs))
+    }
+
+    /// The keys [`Inner::snapshot`] reads, and the revision they were read at, read through
+    /// `etcd` (the store's client, or its [upkeep](crate::etcd::client::Etcd::upkeep) clone).
+    pub(super) async fn read_fresh(
+        &self,
+        names_set: &BTreeSet<ResourceName>,
+        etcd: &crate::etcd::client::Etcd,
+    ) -> Result<(i64, Vec<KeyValue>), StoreError> {
         self.running()?;
         let hosts = self.keys.hosts();
         let names: Vec<&ResourceName> = names_set.iter().collect();
@@ -224,7 +296,7 @@ impl Inner {
                     .get_at(wp.clone(), prefix_end(&wp), revision)
                     .get_at(self.keys.grace(r), Vec::new(), revision);
             }
-            let res = self.etcd.txn(t).await.map_err(unavailable)?;
+            let res = etcd.txn(t).await.map_err(unavailable)?;
             if n == 0 {
                 revision = res.revision;
                 self.pause_if_asked().await;
@@ -233,8 +305,19 @@ impl Inner {
         }
         let kvs = read
             .iter()
-            .flat_map(|res| (0..res.responses.len()).flat_map(move |i| range_of(res, i)));
-        Ok(Snapshot::build(&self.keys, revision, Some(names_set), kvs))
+            .flat_map(|res| (0..res.responses.len()).flat_map(move |i| range_of(res, i)))
+            .cloned()
+            .collect();
+        Ok((revision, kvs))
+    }
+
+    /// Stops here if a test asked for it (see [`EtcdStore::pause_next_commit`]).
+    pub(super) async fn pause_commit_if_asked(&self) {
+        let pause = lock(&self.pause_commit, "pause_commit").take();
+        if let Some((reached, resume)) = pause {
+            let _ = reached.send(());
+            let _ = resume.await;
+        }
     }
 
     /// Stops here if a test asked for it (see [`EtcdStore::pause_next_snapshot`]).

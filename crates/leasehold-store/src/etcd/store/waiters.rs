@@ -12,9 +12,9 @@ use tracing::{debug, info, warn};
 use super::commit::{Extra, writes};
 use super::snapshot::Snapshot;
 use super::{Inner, MAX_TXN_OPS, json, unavailable};
-use crate::etcd::client::{LeaseId, Txn, prefix_end};
+use crate::etcd::client::{LeaseId, Txn};
 use crate::etcd::keys::WaiterValue;
-use crate::sync::read;
+use crate::etcd::pb::mvccpb::KeyValue;
 use crate::{StoreError, WaitNote};
 
 /// How often the waiter service looks again even without a change seen.
@@ -96,19 +96,17 @@ impl Inner {
     /// Deletes the waiting requests of this host left by an earlier agent (whose session this
     /// one resumed): nobody waits for them here, and they would stand in every queue ahead of
     /// the requests their callers make again.
-    pub(super) async fn drop_old_waiters(&self) -> Result<(), StoreError> {
-        let old: Vec<Vec<u8>> = {
-            let m = read(&self.mirror, "mirror");
-            let from = self.keys.all_waiters();
-            m.kvs
-                .range(from.clone()..prefix_end(&from))
-                .filter(|(_, kv)| {
-                    serde_json::from_slice::<WaiterValue>(&kv.value)
-                        .is_ok_and(|v| v.owner.process.host == self.host)
-                })
-                .map(|(k, _)| k.clone())
-                .collect()
-        };
+    pub(super) async fn drop_old_waiters(&self, everything: &[KeyValue]) -> Result<(), StoreError> {
+        let from = self.keys.all_waiters();
+        let old: Vec<Vec<u8>> = everything
+            .iter()
+            .filter(|kv| kv.key.starts_with(&from))
+            .filter(|kv| {
+                serde_json::from_slice::<WaiterValue>(&kv.value)
+                    .is_ok_and(|v| v.owner.process.host == self.host)
+            })
+            .map(|kv| kv.key.clone())
+            .collect();
         for chunk in old.chunks(MAX_TXN_OPS) {
             let mut t = Txn::new();
             for k in chunk {
@@ -146,16 +144,17 @@ impl Inner {
         let names: BTreeSet<ResourceName> = value.items.iter().map(|(r, _)| r.clone()).collect();
         // Decided from the mirror (every change wakes this service after the mirror has it);
         // a grant still commits with compares.
-        let mut snap = self.cached_snapshot(&names);
         let there = |snap: &Snapshot| {
             snap.res
                 .values()
                 .any(|rs| rs.waiters.iter().any(|w| w.id == place))
         };
-        if !there(&snap) {
-            // The mirror may not have the keys yet: only a fresh read can say they are gone.
-            snap = self.snapshot(&names).await?;
-        }
+        let snap = match self.cached_snapshot(&names) {
+            Some(snap) if there(&snap) => snap,
+            // Out of the view, or the mirror may not have the keys yet: only a fresh read can
+            // say they are gone.
+            _ => self.snapshot_joining(&names).await?,
+        };
         if !there(&snap) {
             // Read after the keys were seen gone: the snapshot's sessions may be older.
             let (host, _) = self
