@@ -17,25 +17,19 @@
 //! The agent's own reads and writes on the socket also see (and clear) that error, so they go
 //! through [`Delivery::io`], which notes it under the same lock the check takes.
 
-use std::os::fd::RawFd;
+use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::Poll;
 use std::time::Duration;
 
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// How long a client that neither reads nor closes is given before a grant counts as received.
 pub(crate) const RECEIVED_WITHIN: Duration = Duration::from_secs(5);
-
-/// How long a socket whose client has not read yet is looked at again after each turn of the
-/// runtime, before the looks are paced by a timer (whose first pause is a millisecond, and
-/// often two: a kept-alive client reads its answer to the end, so it waits for them). A few
-/// turns alone were too few where the runtime had little else to do (an acquire on etcd: the
-/// turns passed before the client's thread was even woken, and a kept-alive acquire took
-/// 2.98 ms at p50 against 1.14 ms for a one-shot one; 1.22 ms with this).
-const LOOK_BY_TURNS_FOR: Duration = Duration::from_micros(500);
 
 /// The longest pause between two looks at a socket whose client has not read yet.
 const LOOK_AT_MOST_EVERY: Duration = Duration::from_millis(50);
@@ -50,10 +44,16 @@ pub(crate) struct Delivery {
     flushes: AtomicU64,
     /// Told of each flush, reset and close.
     changed: Notify,
+    /// How many times the socket was looked at (for the tests: a check waits for the peer,
+    /// it does not poll).
+    looks: AtomicU64,
 }
 
 #[derive(Debug, Default)]
 struct State {
+    /// The socket's write space, watched once a check first waits for the peer, and kept for
+    /// the connection's later checks (a kept-alive connection's next grant).
+    space: Option<Arc<AsyncFd<OwnedFd>>>,
     /// The connection was dropped: its fd may be closed (or reused).
     closed: bool,
     /// The peer closed with data unread (ECONNRESET, seen by the agent's reads or a check).
@@ -89,6 +89,7 @@ impl Delivery {
             state: Mutex::default(),
             flushes: AtomicU64::new(0),
             changed: Notify::new(),
+            looks: AtomicU64::new(0),
         })
     }
 
@@ -134,7 +135,10 @@ impl Delivery {
             state.reset = true;
         }
         state.closed = true;
+        let space = state.space.take();
         drop(state);
+        // Closed here unless a check still holds it (it returns once told of the close).
+        drop(space);
         self.changed.notify_waiters();
     }
 
@@ -145,6 +149,7 @@ impl Delivery {
 
     /// One look at the socket.
     fn look(&self) -> Seen {
+        self.looks.fetch_add(1, Ordering::Relaxed);
         let mut state = self.lock();
         if state.reset {
             return Seen::Reset;
@@ -196,8 +201,18 @@ impl Delivery {
                 return true;
             }
         }
+        // Woken when the peer reads: the kernel wakes the writer's socket for write space
+        // (an `EPOLLOUT` edge, `unix_write_space`) as each of the agent's buffers is consumed,
+        // and with `EPOLLHUP` when the peer closes. A timer paces further looks as well, in
+        // case neither comes (a socket the agent could not watch).
+        let mut space = self.lock().space.clone();
+        if let Some(fd) = &space {
+            // Edges from before this check (the peer reading earlier answers) are old news.
+            let _ = fd.try_io(Interest::WRITABLE, |_| {
+                Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
+            });
+        }
         let mut pause = Duration::from_millis(1);
-        let turns_until = Instant::now() + LOOK_BY_TURNS_FOR;
         loop {
             let changed = self.changed.notified();
             match self.look() {
@@ -209,16 +224,51 @@ impl Delivery {
             if now >= give_up {
                 return true;
             }
-            // A client reads its answer within moments: look again after the runtime's next
-            // turn (its other tasks and I/O first) before sleeping on a timer, whose
-            // millisecond would hold up a kept-alive connection's next request.
-            if now < turns_until {
-                tokio::task::yield_now().await;
-                continue;
+            if space.is_none() {
+                space = self.watch_space();
             }
-            let _ = tokio::time::timeout(pause.min(give_up - now), changed).await;
-            pause = (pause * 2).min(LOOK_AT_MOST_EVERY);
+            let until = (now + pause).min(give_up);
+            match &space {
+                // An edge since the last look is kept by tokio until cleared: cleared here, it
+                // is followed by a look, and an edge after the clear wakes the next wait.
+                Some(fd) => tokio::select! {
+                    ready = fd.writable() => {
+                        if let Ok(mut guard) = ready {
+                            guard.clear_ready();
+                        }
+                    }
+                    () = changed => {}
+                    () = tokio::time::sleep_until(until) => pause = (pause * 2).min(LOOK_AT_MOST_EVERY),
+                },
+                None => {
+                    if tokio::time::timeout_at(until, changed).await.is_err() {
+                        pause = (pause * 2).min(LOOK_AT_MOST_EVERY);
+                    }
+                }
+            }
         }
+    }
+
+    /// A second descriptor of the socket, registered for write space only, so that the check
+    /// is woken when the peer reads (the connection's own registration belongs to the HTTP
+    /// server); made at the connection's first wait, then kept with it. `None` once the
+    /// connection is dropped, or if it cannot be made.
+    fn watch_space(&self) -> Option<Arc<AsyncFd<OwnedFd>>> {
+        let mut state = self.lock();
+        if state.closed {
+            return None;
+        }
+        if let Some(space) = &state.space {
+            return Some(space.clone());
+        }
+        // SAFETY: the fd is open while `closed` is false, which the lock held keeps so.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.fd) };
+        let dup = fd.try_clone_to_owned().ok()?;
+        // SAFETY: `dup` is an open descriptor, owned by the `AsyncFd` for its whole life.
+        let space =
+            Arc::new(unsafe { AsyncFd::register_with_interest(dup, Interest::WRITABLE) }.ok()?);
+        state.space = Some(space.clone());
+        Some(space)
     }
 }
 
@@ -364,5 +414,53 @@ mod tests {
         let started = std::time::Instant::now();
         assert!(d.received(mark, Duration::from_millis(200)).await);
         assert!(started.elapsed() >= Duration::from_millis(200));
+    }
+
+    /// The check waits for the peer to read (woken by the socket's write space), instead of
+    /// looking again and again: a peer that reads after 100 ms costs a few looks, not the
+    /// hundreds of a check that looked after every turn of the runtime.
+    #[tokio::test]
+    async fn a_check_is_woken_by_the_peers_read_without_polling_the_socket() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let d = Delivery::new(a.as_raw_fd());
+        let mark = d.mark();
+        (&a).write_all(b"granted\n").unwrap();
+        d.flushed();
+        let reader = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            let read_at = std::time::Instant::now();
+            let mut buf = [0u8; 64];
+            let n = b.read(&mut buf).unwrap();
+            (n, read_at, b)
+        });
+        assert!(d.received(mark, Duration::from_secs(60)).await);
+        let seen_at = std::time::Instant::now();
+        let (n, read_at, b) = reader.join().unwrap();
+        assert_eq!(n, 8);
+        assert!(seen_at >= read_at, "received only once read");
+        let looks = d.looks.load(Ordering::Relaxed);
+        // Paced by the peer: the first look, the backstop timer's (1, 2, 4 ... ms, so about
+        // seven in 100 ms), and one or two on the socket's readiness.
+        assert!(looks <= 16, "{looks} looks at the socket for one read");
+
+        // The connection's next grant (kept alive): its check is woken the same way, by the
+        // read of its own answer.
+        let mut b = b;
+        let mark = d.mark();
+        (&a).write_all(b"granted again\n").unwrap();
+        d.flushed();
+        let reader = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            let mut buf = [0u8; 64];
+            b.read(&mut buf).unwrap()
+        });
+        assert!(d.received(mark, Duration::from_secs(60)).await);
+        assert_eq!(reader.join().unwrap(), 14);
+        let looks = d.looks.load(Ordering::Relaxed) - looks;
+        assert!(
+            looks <= 16,
+            "{looks} looks at the socket for the second read"
+        );
     }
 }
