@@ -375,13 +375,28 @@ pub fn death_watch(pid: u32) -> std::thread::JoinHandle<u64> {
             &borrowed,
             rustix::event::PollFlags::IN,
         )];
+        // Bounded: a process that outlives what was to kill it fails the test here (with
+        // the caller's `join().unwrap()`) instead of hanging the suite.
+        let deadline = std::time::Instant::now() + DEATH_WATCH_LIMIT;
         loop {
-            if rustix::event::poll(&mut fds, None).is_ok() && !fds[0].revents().is_empty() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            assert!(
+                !left.is_zero(),
+                "process {pid} is still alive {} s after its death watch began",
+                DEATH_WATCH_LIMIT.as_secs()
+            );
+            let timeout = rustix::time::Timespec::try_from(left).ok();
+            if rustix::event::poll(&mut fds, timeout.as_ref()).is_ok()
+                && !fds[0].revents().is_empty()
+            {
                 return monotonic_ns();
             }
         }
     })
 }
+
+/// How long [`death_watch`] waits: far past any ttl + grace the tests use, on a busy machine.
+const DEATH_WATCH_LIMIT: std::time::Duration = std::time::Duration::from_secs(180);
 
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
