@@ -375,7 +375,7 @@ async fn follow_events<S: Store>(
         } else if let EndReason::Forced { reason, by } = &ended.how
             && ended.owner.host() == &host
         {
-            let killed = watcher.signal(&ended.owner.process, rustix::process::Signal::KILL);
+            let killed = watcher.kill_holder(&ended.owner.process);
             warn!(
                 resource = %resource,
                 pid = ended.owner.process.pid,

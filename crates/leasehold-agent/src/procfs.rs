@@ -175,6 +175,116 @@ fn parse_state(stat: &str) -> Option<char> {
         .next()
 }
 
+/// The fields of a `/proc/PID/stat` line that place a process in its family: its parent, its
+/// process group, and whether anything of it still runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Family {
+    ppid: u32,
+    pgrp: u32,
+    /// Exited: a zombie (or dead) with no thread left running. A process whose main thread
+    /// exited while others run shows as a zombie too, with those threads counted.
+    exited: bool,
+}
+
+/// Fields 3 (state), 4 (ppid), 5 (pgrp) and 20 (threads) of a `/proc/PID/stat` line.
+fn parse_family(stat: &str) -> Option<Family> {
+    let mut f = stat[stat.rfind(')')? + 1..].split_whitespace();
+    let state = f.next()?.chars().next()?;
+    let ppid = f.next()?.parse().ok()?;
+    let pgrp = f.next()?.parse().ok()?;
+    let threads: u32 = f.nth(14)?.parse().ok()?;
+    Some(Family {
+        ppid,
+        pgrp,
+        exited: matches!(state, 'Z' | 'X') && threads <= 1,
+    })
+}
+
+/// The processes of process group `pgid`, and the children of `parent` when given, that have
+/// not exited (zombies do not count), other than the calling process: one pass over `/proc`.
+///
+/// # Errors
+/// When `/proc` cannot be listed (out of descriptors): nothing is known then, and the caller
+/// must not take the group for empty.
+pub fn group_members(pgid: u32, parent: Option<u32>) -> std::io::Result<Vec<u32>> {
+    let me = std::process::id();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc")? {
+        let Some(pid) = entry?
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        // A process gone meanwhile has no stat: it is not a member any more.
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        if let Some(f) = parse_family(&stat)
+            && !f.exited
+            && (f.pgrp == pgid || parent == Some(f.ppid))
+        {
+            found.push(pid);
+        }
+    }
+    Ok(found)
+}
+
+/// SIGKILLs every process of process group `pgid` but the calling process. Returns whether the
+/// group had any member to signal.
+///
+/// One `kill(-pgid, SIGKILL)` reaches the whole group at once (a process forking meanwhile is
+/// made to fail its fork), unless the caller is in the group itself: then the members `/proc`
+/// lists are killed one by one, and a member forked after the listing is left for the next
+/// call (callers call again until [`group_alive`] says no; SIGKILLed processes cannot fork,
+/// so this ends).
+pub fn kill_group(pgid: u32) -> bool {
+    let Ok(g) = i32::try_from(pgid) else {
+        return false;
+    };
+    if g <= 1 {
+        return false;
+    }
+    // SAFETY: getpgrp has no preconditions.
+    if unsafe { libc::getpgrp() } != g {
+        // SAFETY: kill(2) on a process group; no memory is involved.
+        return unsafe { libc::kill(-g, libc::SIGKILL) } == 0;
+    }
+    let members = group_members(pgid, None).unwrap_or_default();
+    for pid in &members {
+        // SAFETY: kill(2); no memory is involved. A member keeps its pid until it is reaped,
+        // and a pid in use as a group id is not given to a new process.
+        unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+    }
+    !members.is_empty()
+}
+
+/// Whether process group `pgid` has no member at all, not even a zombie (`kill(-pgid, 0)`
+/// finds none): one system call.
+pub fn group_gone(pgid: u32) -> bool {
+    let Ok(g) = i32::try_from(pgid) else {
+        return true;
+    };
+    // SAFETY: kill(2) with signal 0 only checks; no memory is involved.
+    g <= 1 || unsafe { libc::kill(-g, 0) } != 0
+}
+
+/// Whether process group `pgid` has a member (other than the caller) that has not exited.
+/// Zombies do not count: they write nothing, and one whose parent never reaps it would
+/// otherwise keep the group alive for ever.
+pub fn group_alive(pgid: u32) -> bool {
+    if group_gone(pgid) {
+        return false;
+    }
+    // A group with members: look closer (zombies, or only the caller). When /proc cannot
+    // be read, the group counts as alive.
+    !group_members(pgid, None).is_ok_and(|m| m.is_empty())
+}
+
 /// When `pid` is a thread other than its process's main thread, the process it belongs to
 /// (its thread group id). `/proc/TID` answers for such a thread too, but it is no process:
 /// a lease held for it could not be watched.
@@ -319,6 +429,61 @@ mod tests {
         });
         assert!(zombie, "the unreaped child shows as exited");
         child.wait().unwrap();
+    }
+
+    #[test]
+    fn a_process_group_is_listed_killed_and_gone_and_zombies_do_not_count() {
+        use std::os::unix::process::CommandExt;
+        let stat = "7 (a b) Z 1 7 7 0 -1 0 0 0 0 0 0 0 0 0 20 0 3 0 5 0 0";
+        assert_eq!(
+            parse_family(stat),
+            Some(Family {
+                ppid: 1,
+                pgrp: 7,
+                // A zombie main thread with two threads left: something still runs.
+                exited: false
+            })
+        );
+        // A shell leading its own group, with a child in the background.
+        let mut leader = std::process::Command::new("sh")
+            .args(["-c", "sleep 100 & exec sleep 100"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pgid = leader.id();
+        let mut members = Vec::new();
+        for _ in 0..2000 {
+            members = group_members(pgid, None).unwrap();
+            if members.len() == 2 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(members.len(), 2, "{members:?}");
+        assert!(members.contains(&pgid));
+        assert!(group_alive(pgid) && !group_gone(pgid));
+        assert!(kill_group(pgid));
+        // The leader, not reaped yet, is a zombie; the background child is reaped by init
+        // (or whoever reaps orphans here): the group counts as dead.
+        let mut dead = false;
+        for _ in 0..2000 {
+            if !group_alive(pgid) {
+                dead = true;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(dead, "{:?}", group_members(pgid, None));
+        leader.wait().unwrap();
+        // No member of a group that is not there; none for this test's own group but itself.
+        assert!(!kill_group(u32::MAX));
+        // SAFETY: getpgrp has no preconditions.
+        let own = unsafe { libc::getpgrp() } as u32;
+        assert!(
+            !group_members(own, None)
+                .unwrap()
+                .contains(&std::process::id())
+        );
     }
 
     #[test]

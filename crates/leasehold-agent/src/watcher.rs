@@ -13,7 +13,7 @@ use leasehold_core::ProcessKey;
 use leasehold_store::Store;
 use rustix::process::Signal;
 use tokio::io::unix::AsyncFd;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use std::os::fd::{AsFd, OwnedFd};
 
@@ -45,6 +45,9 @@ pub struct Watcher<S> {
     before_fence: Mutex<HashMap<ProcessKey, BeforeFence>>,
     /// Holders SIGSTOPped by [`Watcher::warn_holders`], to SIGCONT if the session recovers.
     paused: Mutex<HashSet<ProcessKey>>,
+    /// Exited holders whose leases wait for the rest of their process group to die
+    /// ([`Watcher::kill_group_of`]): something of them may still run.
+    draining: Mutex<HashSet<ProcessKey>>,
     /// Descriptors kept in reserve, given up to reach a holder that is not watched when it
     /// must be fenced while the agent is out of descriptors.
     reserve: Mutex<Vec<std::fs::File>>,
@@ -94,6 +97,7 @@ impl<S: Store> Watcher<S> {
             by_status: Mutex::new(HashSet::new()),
             before_fence: Mutex::new(HashMap::new()),
             paused: Mutex::new(HashSet::new()),
+            draining: Mutex::new(HashSet::new()),
             reserve: Mutex::new({
                 let mut r = Vec::new();
                 fill_reserve(&mut r);
@@ -292,11 +296,13 @@ impl<S: Store> Watcher<S> {
         }
     }
 
-    /// Whether `process` may still run: it is watched, or it could not be watched yet and
-    /// `/proc` still has its pid (looked at without a descriptor; a reused pid errs on the
-    /// side of "alive").
+    /// Whether `process`, or something of its process group, may still run: it is watched,
+    /// or its group is being killed ([`Watcher::kill_group_of`]), or it could not be watched
+    /// yet and `/proc` still has its pid (looked at without a descriptor; a reused pid errs on
+    /// the side of "alive").
     pub fn may_be_alive(&self, process: &ProcessKey) -> bool {
         self.is_watched(process)
+            || self.draining.lock().is_ok_and(|d| d.contains(process))
             || (self.pending.lock().is_ok_and(|p| p.contains(process))
                 && std::path::Path::new(&format!("/proc/{}", process.pid)).exists())
     }
@@ -354,6 +360,8 @@ impl<S: Store> Watcher<S> {
             let _ = waiter.readable().await;
             let seen = std::time::Instant::now();
             let status = me.exit_status(&key, &waiter).await;
+            // Draining before it stops being watched: a fence judging meanwhile sees it.
+            me.set_draining(&key, true);
             if let Ok(mut w) = me.watched.lock() {
                 w.remove(&key);
             }
@@ -379,7 +387,9 @@ impl<S: Store> Watcher<S> {
     /// holder's once the full disk has room again). `status` is its exit status when it
     /// matters and is known: 0 ends clean the leases whose owner chose `on_exit = status`.
     async fn end_with(&self, process: ProcessKey, status: Option<ExitStatus>) {
+        self.kill_group_of(&process).await;
         let mut delay = std::time::Duration::from_millis(200);
+        // Read after the group is gone: a fence may have come meanwhile.
         let fenced = self.fenced.lock().is_ok_and(|f| f.contains(&process));
         if let Ok(mut s) = self.by_status.lock() {
             s.remove(&process);
@@ -439,6 +449,74 @@ impl<S: Store> Watcher<S> {
         }
     }
 
+    fn set_draining(&self, process: &ProcessKey, on: bool) {
+        if let Ok(mut d) = self.draining.lock() {
+            if on {
+                d.insert(process.clone());
+            } else {
+                d.remove(process);
+            }
+        }
+    }
+
+    /// An exited holder may have led a process group (a `run` wrapper does, so does a shell
+    /// script run as a job, a service's main process): what it started runs in that group
+    /// and may be the real writer, still writing. SIGKILLs the group and waits until nothing
+    /// of it runs; only then may the leases end. A group that never empties (a process stuck
+    /// in uninterruptible sleep) keeps the leases held, loudly.
+    ///
+    /// A group with the holder's pid as its id was made by the holder: the kernel gives no
+    /// new process a pid still in use as a group id. When another process has that pid now
+    /// (it was reused while the agent was not running), the holder's group was gone before
+    /// that, and the group with that id is the new process's: left alone.
+    async fn kill_group_of(&self, process: &ProcessKey) {
+        let pid = process.pid;
+        if crate::procfs::start_time(pid).is_ok_and(|t| t != process.start_time)
+            || !crate::procfs::kill_group(pid)
+        {
+            self.set_draining(process, false);
+            return;
+        }
+        self.set_draining(process, true);
+        let started = std::time::Instant::now();
+        let mut delay = std::time::Duration::from_millis(2);
+        let mut warned = false;
+        info!(
+            pid,
+            "holder exited leading a process group: SIGKILLed its process group (what it started) before ending its leases"
+        );
+        // Killed processes are soon reaped (by init or a subreaper) and the group is gone:
+        // `kill(-pid, 0)` tells, cheaply. `/proc` is read only if it lasts (zombies whose
+        // parent does not reap them, or a process that does not die).
+        let scan_from = started + std::time::Duration::from_millis(20);
+        loop {
+            let gone = crate::procfs::group_gone(pid)
+                || (std::time::Instant::now() >= scan_from && !crate::procfs::group_alive(pid));
+            if gone {
+                break;
+            }
+            crate::procfs::kill_group(pid);
+            if !warned && started.elapsed() > std::time::Duration::from_secs(2) {
+                warned = true;
+                error!(
+                    pid,
+                    left = ?crate::procfs::group_members(pid, None).unwrap_or_default(),
+                    "a dead holder's process group survives SIGKILL (stuck in uninterruptible sleep?): its leases stay held until every process of the group is gone"
+                );
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(std::time::Duration::from_millis(200));
+        }
+        if warned {
+            warn!(
+                pid,
+                waited_ms = started.elapsed().as_millis() as u64,
+                "the dead holder's process group is gone at last; its leases end"
+            );
+        }
+        self.set_draining(process, false);
+    }
+
     /// Sends `signal` to a watched process through its pidfd. Returns false when the
     /// process is not watched (not a holder here) or has exited.
     pub fn signal(&self, process: &ProcessKey, signal: Signal) -> bool {
@@ -479,9 +557,27 @@ impl<S: Store> Watcher<S> {
             .into_iter()
             .map(|p| {
                 let sent = self.signal(&p, Signal::KILL) || self.kill_unwatched(&p);
+                self.kill_live_group(&p);
                 (p, sent)
             })
             .collect()
+    }
+
+    /// SIGKILLs a holder whose lease was revoked, and the process group it leads (what it
+    /// started). Returns whether the holder could be signalled.
+    pub fn kill_holder(&self, process: &ProcessKey) -> bool {
+        let sent = self.signal(process, Signal::KILL);
+        self.kill_live_group(process);
+        sent
+    }
+
+    /// SIGKILLs the process group `process` leads, while it is the process that held the
+    /// lease (running, or exited and not reaped): then its pid names its group. Once it is
+    /// gone, its group is [`Watcher::kill_group_of`]'s to kill.
+    fn kill_live_group(&self, process: &ProcessKey) {
+        if crate::procfs::start_time(process.pid).is_ok_and(|t| t == process.start_time) {
+            crate::procfs::kill_group(process.pid);
+        }
     }
 
     /// Whether `process` is watched (it holds leases here and has not exited).
