@@ -1,10 +1,13 @@
 //! `leasehold run`: take leases (all or none), run a command while holding them, release.
 //!
-//! The leases are held by this wrapper process. The command runs as its child with
-//! `PR_SET_PDEATHSIG = SIGKILL`, so if the wrapper is killed the command dies with it: no
-//! process keeps writing without a lease. If a lease is lost (force-released), the command is
-//! killed. SIGINT, SIGTERM and SIGHUP are passed to the command, and its exit status is
-//! returned; exit 0 releases clean, anything else releases dirty.
+//! The leases are held by this wrapper process, which leads the process group the command
+//! and everything it starts run in ([`group`]). The command runs as its child with
+//! `PR_SET_PDEATHSIG = SIGKILL`, so if the wrapper is killed the command dies with it, and
+//! the agent kills the rest of the group before it ends the leases: no process keeps writing
+//! without a lease. If a lease is lost (force-released), the command and its group are
+//! killed. SIGINT, SIGTERM and SIGHUP are passed to the command (not a Ctrl-C, which the
+//! terminal sent the whole group), and its exit status is returned; exit 0 releases clean,
+//! anything else releases dirty, and so does a command that left processes running (killed).
 //!
 //! No async runtime and no thread: the hold is one streaming request, read without blocking;
 //! the signals are blocked and read from a signalfd (the command starts with them unblocked);
@@ -27,6 +30,7 @@ use crate::commands::{acquire_waiting, released_or_not};
 use crate::output::{self, quote};
 use crate::{Failure, connect, names};
 
+mod group;
 mod spawn;
 
 /// Flags of `leasehold run`.
@@ -137,6 +141,8 @@ pub fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
     // kernel reap the command and the check itself, their exit status lost: back to default.
     // SAFETY: setting SIGCHLD's disposition to its default has no preconditions.
     unsafe { libc::signal(libc::SIGCHLD, libc::SIG_DFL) };
+    // Before acquiring: the pid that holds the leases is the id of the command's group.
+    let group = group::Group::lead()?;
     let client = connect(socket)?;
     // The hold stream is read without blocking from here on (`supervise`): no timeout.
     let (acq, granted) = acquire_waiting(&client, &request)?;
@@ -170,8 +176,8 @@ pub fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
         deadline: None,
         retry_at: None,
     };
-    let status = match supervise(&a.command, &tokens, hold, acq)? {
-        Outcome::Exited(status) => status,
+    let (status, left) = match supervise(&a.command, &tokens, hold, acq, &group)? {
+        Outcome::Exited { status, left } => (status, left),
         Outcome::NotStarted { prog, error } => {
             // Nothing ran, so nothing was written: release clean.
             let released = release(&client, &all, true, None);
@@ -214,8 +220,8 @@ pub fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
             return Ok(exit_code(status));
         }
     };
-    let clean = status.success();
-    let note = (!clean).then(|| describe(status));
+    let clean = status.success() && left.is_empty();
+    let note = (!clean).then(|| describe(status, &left));
     let released = release(&client, &all, clean, note.clone());
     if let Err(f) = released {
         note!(
@@ -255,7 +261,7 @@ fn check_dirty(client: &Client, granted: &Granted, check: &str) -> Result<(), Fa
                 message: format!(
                     "the check of {} failed ({}); it stays dirty and the command was not started",
                     crate::output::name(&g.resource),
-                    describe(status)
+                    describe(status, &[])
                 ),
             });
         }
@@ -269,21 +275,17 @@ fn check_dirty(client: &Client, granted: &Granted, check: &str) -> Result<(), Fa
 }
 
 enum Outcome {
-    Exited(ExitStatus),
+    /// The command exited; `left` are the processes it left running, killed since.
+    Exited { status: ExitStatus, left: Vec<u32> },
     /// The command could not be started (not found: 127; not executable: 126).
-    NotStarted {
-        prog: String,
-        error: std::io::Error,
-    },
+    NotStarted { prog: String, error: std::io::Error },
     Lost {
         status: ExitStatus,
         resource: ResourceName,
         how: String,
     },
     /// The leases' safe-until passed without the agent extending it.
-    Unconfirmed {
-        status: ExitStatus,
-    },
+    Unconfirmed { status: ExitStatus },
 }
 
 /// The wrapper's hold on its leases: how to reattach after the agent restarts, and the
@@ -400,8 +402,9 @@ fn take_signals() -> Result<(OwnedFd, libc::sigset_t), Failure> {
     }
 }
 
-/// The signals that arrived since last asked, in order.
-fn read_signals(fd: &OwnedFd) -> Vec<i32> {
+/// The signals that arrived since last asked, in order, each with its `si_code` (`SI_KERNEL`
+/// for one the terminal sent the foreground process group, such as Ctrl-C's SIGINT).
+fn read_signals(fd: &OwnedFd) -> Vec<(i32, i32)> {
     let mut sigs = Vec::new();
     loop {
         // SAFETY: a zeroed signalfd_siginfo is valid; read writes at most its size into it.
@@ -412,7 +415,7 @@ fn read_signals(fd: &OwnedFd) -> Vec<i32> {
         if usize::try_from(n).ok() != Some(size) {
             return sigs;
         }
-        sigs.push(info.ssi_signo as i32);
+        sigs.push((info.ssi_signo as i32, info.ssi_code));
     }
 }
 
@@ -430,8 +433,16 @@ fn try_wait(pid: libc::pid_t) -> Result<Option<ExitStatus>, Failure> {
     }
 }
 
+/// Kills the command (not yet reaped, so its pid is still its own) and waits for it, then
+/// kills and reaps the rest of its process group and what it left behind.
+fn kill(pid: libc::pid_t, group: &group::Group) -> Result<ExitStatus, Failure> {
+    let status = kill_command(pid)?;
+    group.kill_rest();
+    Ok(status)
+}
+
 /// Kills the command (not yet reaped, so its pid is still its own) and waits for it.
-fn kill(pid: libc::pid_t) -> Result<ExitStatus, Failure> {
+fn kill_command(pid: libc::pid_t) -> Result<ExitStatus, Failure> {
     let mut status = 0;
     // SAFETY: `pid` is this process's unreaped child; `status` a valid place for its status.
     let r = unsafe {
@@ -455,6 +466,7 @@ fn supervise(
     tokens: &str,
     mut hold: Hold,
     acq: Acquisition,
+    group: &group::Group,
 ) -> Result<Outcome, Failure> {
     let prog = argv
         .first()
@@ -473,7 +485,13 @@ fn supervise(
     };
     loop {
         if let Some(status) = try_wait(pid)? {
-            return Ok(Outcome::Exited(status));
+            // What the command started and left running must not outlive the release.
+            let left = if group::Group::has_children() {
+                group.kill_rest()
+            } else {
+                Vec::new()
+            };
+            return Ok(Outcome::Exited { status, left });
         }
         let wake = match (hold.deadline, hold.retry_at) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -503,8 +521,11 @@ fn supervise(
                 return Err(Failure::error(format!("waiting for the command: {e}")));
             }
         }
-        for sig in read_signals(&signals) {
-            if sig != libc::SIGCHLD {
+        for (sig, code) in read_signals(&signals) {
+            if sig == libc::SIGINT && code == libc::SI_KERNEL {
+                // Ctrl-C: the terminal sent it to the whole group, the command with it.
+                group.terminal_interrupt();
+            } else if sig != libc::SIGCHLD {
                 // SAFETY: `pid` is this process's unreaped child.
                 unsafe { libc::kill(pid, sig) };
             }
@@ -525,7 +546,7 @@ fn supervise(
                         ));
                     }
                     AcquireEvent::Lost { resource, ended } => {
-                        let status = kill(pid)?;
+                        let status = kill(pid, group)?;
                         return Ok(Outcome::Lost {
                             status,
                             resource,
@@ -544,7 +565,7 @@ fn supervise(
             }
         }
         if hold.deadline.is_some_and(|d| Instant::now() >= d) {
-            let status = kill(pid)?;
+            let status = kill(pid, group)?;
             return Ok(Outcome::Unconfirmed { status });
         }
         if hold.retry_at.is_some_and(|r| Instant::now() >= r) {
@@ -554,7 +575,7 @@ fn supervise(
                     hold.retry_at = Some(Instant::now() + Duration::from_millis(500));
                 }
                 Err(lost) => {
-                    let status = kill(pid)?;
+                    let status = kill(pid, group)?;
                     let Some((resource, how)) = lost.or_else(|| {
                         hold.tokens
                             .keys()
@@ -590,12 +611,22 @@ fn release(
     released_or_not(&report).map(|_| ())
 }
 
-fn describe(status: ExitStatus) -> String {
-    match (status.code(), status.signal()) {
+/// How the command ended, and the processes it left running (killed before the release).
+fn describe(status: ExitStatus, left: &[u32]) -> String {
+    let how = match (status.code(), status.signal()) {
         (Some(c), _) => format!("exited with status {c}"),
         (None, Some(s)) => format!("was killed by signal {s}"),
         _ => "ended".into(),
+    };
+    if left.is_empty() {
+        return how;
     }
+    let pids = left
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("{how} leaving processes running (pid {pids}), killed before the release")
 }
 
 fn exit_code(status: ExitStatus) -> u8 {

@@ -1,0 +1,297 @@
+//! `leasehold run` and the processes its command starts: they run in the process group the
+//! wrapper leads, and none outlives the leases: not when the wrapper is SIGKILLed (the agent
+//! kills the group before it ends the leases), not when a lease is lost (the wrapper kills
+//! the group), not when the command exits leaving one behind (killed, released dirty). And a
+//! command still reads the terminal and gets its Ctrl-C.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+
+/// A writer the command starts and does not `exec`: `sh -c "sh -c 'echo $$ > F; exec sleep
+/// 3600'; true"`. The writer (the inner `sleep`) records its pid in F.
+fn command_starting_a_writer(pidfile: &Path) -> String {
+    format!(
+        "sh -c 'echo $$ > {}; exec sleep 3600'; true",
+        pidfile.display()
+    )
+}
+
+/// Kills the writer when the test ends, whatever happened (on failure it may still run).
+struct Writer(u32);
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        let still_sleep = std::fs::read(format!("/proc/{}/cmdline", self.0))
+            .is_ok_and(|c| c.starts_with(b"sleep"));
+        if still_sleep && alive(self.0) {
+            signal(self.0, libc::SIGKILL);
+        }
+    }
+}
+
+/// The wrapper SIGKILLed while its command (a shell) waits for the writer it started: the
+/// agent kills the writer before it ends the lease, so when another process is granted the
+/// disk the writer is already dead. (Before: the parent-death signal killed the shell only;
+/// the writer wrote on while the disk was granted to the next.)
+#[test]
+fn a_killed_wrappers_writer_is_dead_before_the_disk_is_granted_again() {
+    let a = Agent::start();
+    let pidfile = a.path("writer.pid");
+    let mut wrapper = a
+        .cli()
+        .args(["run", "--exclusive", "disk", "--", "sh", "-c"])
+        .arg(command_starting_a_writer(&pidfile))
+        .spawn()
+        .unwrap();
+    let writer = Writer(wait_pid_file(&pidfile, Duration::from_secs(10)));
+    assert_eq!(a.holders("disk"), vec![u64::from(wrapper.id())]);
+    let _ = wrapper.kill();
+    let _ = wrapper.wait();
+    let next = Holder::new();
+    wait_until(
+        "the disk is granted to the next",
+        Duration::from_secs(10),
+        || {
+            let out = a.lh(&[
+                "acquire",
+                "disk",
+                "--accept-dirty",
+                "--pid",
+                &next.pid_arg(),
+            ]);
+            match code(&out) {
+                0 => true,
+                3 => false,
+                _ => panic!("acquire: {}", text(&out.stderr)),
+            }
+        },
+    );
+    assert!(
+        !alive(writer.0),
+        "the writer still runs while the disk is granted to another process"
+    );
+    let v = a.inspect("disk").unwrap();
+    assert_eq!(v["last_ended"]["how"], "process-died", "{v}");
+    assert!(
+        a.log().contains("SIGKILLed its process group"),
+        "{}",
+        a.log()
+    );
+}
+
+/// A force-released lease: the writer the command started is killed too, not only the
+/// command. (Before: it ran on.)
+#[test]
+fn a_force_released_runs_writer_is_killed() {
+    let a = Agent::start();
+    let pidfile = a.path("writer.pid");
+    let mut wrapper = a
+        .cli()
+        .args(["run", "--exclusive", "disk", "--", "sh", "-c"])
+        .arg(command_starting_a_writer(&pidfile))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let writer = Writer(wait_pid_file(&pidfile, Duration::from_secs(10)));
+    expect_code(&a.lh(&["force-release", "disk", "--reason", "test"]), 0);
+    // The agent kills the wrapper (and its group), or the wrapper, told first, kills its
+    // command and the group itself.
+    assert!(!wrapper.wait().unwrap().success());
+    wait_until("the writer is killed", Duration::from_secs(5), || {
+        !alive(writer.0)
+    });
+}
+
+/// A command that exits 0 leaving a writer running in the background: the writer is killed
+/// before the release, and the release is dirty, saying why. (Before: released clean while
+/// the writer ran on.)
+#[test]
+fn a_writer_left_running_by_the_command_is_killed_and_the_release_is_dirty() {
+    let a = Agent::start();
+    let pidfile = a.path("writer.pid");
+    let script = format!("sleep 3600 & echo $! > {}; exit 0", pidfile.display());
+    // Not a pipe: a writer left running would hold it open.
+    let errfile = a.path("stderr");
+    let status = a
+        .cli()
+        .args(["run", "--exclusive", "disk", "--", "sh", "-c", &script])
+        .stderr(std::fs::File::create(&errfile).unwrap())
+        .status()
+        .unwrap();
+    let writer = Writer(wait_pid_file(&pidfile, Duration::from_secs(1)));
+    assert_eq!(status.code(), Some(0));
+    assert!(!alive(writer.0), "the background writer outlived the run");
+    assert!(a.holders("disk").is_empty());
+    let v = a.inspect("disk").unwrap();
+    assert_eq!(v["dirty_record"]["how"], "released-dirty", "{v}");
+    let note = v["dirty_record"]["note"].as_str().unwrap();
+    assert!(
+        note.contains("leaving processes running") && note.contains(&format!("pid {}", writer.0)),
+        "{note}"
+    );
+    let err = std::fs::read_to_string(&errfile).unwrap();
+    assert!(err.contains("leaving processes running"), "{err}");
+    // A command that leaves nothing behind still releases clean.
+    expect_code(&a.lh(&["mark-clean", "disk"]), 0);
+    expect_code(
+        &a.lh(&[
+            "run",
+            "--exclusive",
+            "disk",
+            "--",
+            "sh",
+            "-c",
+            "true & wait",
+        ]),
+        0,
+    );
+    assert!(!a.is_dirty("disk"));
+}
+
+/// Drives `leasehold run ... -- sh -c 'print pgid and tpgid; exec cat'` under a pseudo-terminal
+/// whose session leader is a Python process (the wrapper is not a group leader there, as in a
+/// script run from a shell): first EOF (Ctrl-D), then Ctrl-C. Prints what it saw.
+const PTY_DRIVER: &str = r#"
+import os, pty, select, signal, subprocess, sys, time
+lh = sys.argv[1]
+pid, fd = pty.fork()
+if pid == 0:
+    got = []
+    signal.signal(signal.SIGINT, lambda s, f: got.append(s))
+    cmd = [lh, "run", "--exclusive", "disk", "--", "sh", "-c",
+           'set -- $(cat /proc/$$/stat); echo "in-group $5 fg $8"; exec cat']
+    for round in ("eof", "int"):
+        p = subprocess.Popen(cmd)
+        print("wrapper", p.pid, flush=True)
+        st = p.wait()
+        print("round", round, "status", st, "fg-back", os.tcgetpgrp(0) == os.getpgrp(),
+              "parent-sigint", len(got) > 0, flush=True)
+    os._exit(0)
+out = b""
+def until(word, count=1, limit=30):
+    global out
+    end = time.time() + limit
+    while out.count(word.encode()) < count:
+        if time.time() > end:
+            sys.stdout.write(out.decode(errors="replace"))
+            sys.exit("timed out waiting for " + word)
+        r, _, _ = select.select([fd], [], [], 0.1)
+        if r:
+            out += os.read(fd, 4096)
+until("in-group")
+os.write(fd, b"ping\n")
+until("ping\r\nping")
+os.write(fd, b"\x04")
+until("round eof")
+until("in-group", 2)
+os.write(fd, b"\x03")
+until("round int")
+os.waitpid(pid, 0)
+sys.stdout.write(out.decode(errors="replace"))
+"#;
+
+/// Under a terminal, the command reads it and gets its Ctrl-C as before; it runs in the group
+/// the wrapper leads, which has the terminal meanwhile; the terminal goes back to the
+/// caller's group afterwards, and the caller gets the Ctrl-C too, as it did.
+#[test]
+fn under_a_terminal_the_command_reads_it_and_gets_ctrl_c_and_the_terminal_comes_back() {
+    let a = Agent::start();
+    let out = std::process::Command::new("python3")
+        .args(["-c", PTY_DRIVER, bin()])
+        .env("LEASEHOLD_SOCKET", &a.socket)
+        .output()
+        .unwrap();
+    let shown = text(&out.stdout);
+    assert!(out.status.success(), "{shown}\n{}", text(&out.stderr));
+    let words: Vec<&str> = shown.split_whitespace().collect();
+    let after = |w: &str, n: usize| -> Vec<String> {
+        words
+            .windows(2)
+            .filter(|p| p[0] == w)
+            .map(|p| p[1].to_owned())
+            .take(n)
+            .collect()
+    };
+    let wrappers = after("wrapper", 2);
+    let groups = after("in-group", 2);
+    let fgs = after("fg", 2);
+    assert_eq!(wrappers.len(), 2, "{shown}");
+    // The command is in the wrapper's group, and that group has the terminal.
+    assert_eq!(groups, wrappers, "{shown}");
+    assert_eq!(fgs, wrappers, "{shown}");
+    assert!(shown.contains("round eof status 0 fg-back True"), "{shown}");
+    assert!(
+        shown.contains("round int status 130 fg-back True parent-sigint True"),
+        "{shown}"
+    );
+    assert!(a.holders("disk").is_empty());
+}
+
+/// On etcd, the session lost (etcd stopped): the fence kills the wrapper and the writer its
+/// command started, not the wrapper alone. (Before: the writer ran on past the session.)
+#[test]
+fn a_fence_kills_the_writer_a_runs_command_started() {
+    let etcd = leasehold_testkit::Etcd::start();
+    let prefix = format!("/group{}/", std::process::id());
+    let a = Agent::on_etcd("host-a", &etcd.endpoint(), &prefix, &[], &[]);
+    let pidfile = a.path("writer.pid");
+    let mut wrapper = a
+        .cli()
+        .args(["run", "--exclusive", "disk", "--", "sh", "-c"])
+        .arg(command_starting_a_writer(&pidfile))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let writer = Writer(wait_pid_file(&pidfile, Duration::from_secs(10)));
+    etcd.stop();
+    wait_until("the agent fences", Duration::from_secs(15), || {
+        a.log().contains("fenced (SIGKILLed)")
+    });
+    wait_until("the wrapper is gone", Duration::from_secs(10), || {
+        wrapper.try_wait().unwrap().is_some()
+    });
+    let killed = std::panic::catch_unwind(|| {
+        wait_until("the writer is killed", Duration::from_secs(5), || {
+            !alive(writer.0)
+        })
+    });
+    etcd.cont();
+    assert!(killed.is_ok(), "the writer outlived the fence");
+}
+
+/// On etcd, the agent killed and a hung one in its place: the wrapper kills its command by
+/// the safe-until, and the writer the command started with it. (Before: the command only.)
+#[test]
+fn a_run_past_its_safe_until_kills_the_writer_its_command_started() {
+    let etcd = leasehold_testkit::Etcd::start();
+    let prefix = format!("/group-hung{}/", std::process::id());
+    let mut a = Agent::on_etcd("host-a", &etcd.endpoint(), &prefix, &[], &[]);
+    let pidfile = a.path("writer.pid");
+    let mut wrapper = a
+        .cli()
+        .args(["run", "--exclusive", "disk", "--", "sh", "-c"])
+        .arg(command_starting_a_writer(&pidfile))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let writer = Writer(wait_pid_file(&pidfile, Duration::from_secs(10)));
+    let mut err = Lines::new(wrapper.stderr.take().unwrap());
+    a.kill9();
+    // A listener that never accepts: connections queue, requests are never answered.
+    let _ = std::fs::remove_file(&a.socket);
+    let _hung = std::os::unix::net::UnixListener::bind(&a.socket).unwrap();
+    err.wait_for("lost contact", Duration::from_secs(10));
+    let status = wrapper.wait().unwrap();
+    assert!(!status.success());
+    let err = err.rest(Duration::from_secs(5));
+    assert!(err.contains("did not confirm"), "{err}");
+    // The wrapper reaps what it kills before it exits.
+    assert!(!alive(writer.0), "the writer outlived the safe-until");
+}
