@@ -51,9 +51,13 @@ pub(crate) struct Delivery {
 
 #[derive(Debug, Default)]
 struct State {
-    /// The socket's write space, watched once a check first waits for the peer, and kept for
-    /// the connection's later checks (a kept-alive connection's next grant).
+    /// The socket's write space, watched while a check waits for the peer; kept between
+    /// checks from the connection's second on (a kept-alive client's next grants), not after
+    /// its first: most connections carry one grant, and then a long hold (a `run`), which
+    /// needs no second descriptor.
     space: Option<Arc<AsyncFd<OwnedFd>>>,
+    /// How many checks the connection has had.
+    checks: u64,
     /// The connection was dropped: its fd may be closed (or reused).
     closed: bool,
     /// The peer closed with data unread (ECONNRESET, seen by the agent's reads or a check).
@@ -180,6 +184,21 @@ impl Delivery {
     /// the socket is looked at until the peer has read it (true) or closed without (false),
     /// for at most `within` (then true: the peer is alive).
     pub(crate) async fn received(&self, mark: Mark, within: Duration) -> bool {
+        let r = self.check(mark, within).await;
+        let space = {
+            let mut state = self.lock();
+            state.checks += 1;
+            if state.checks < 2 {
+                state.space.take()
+            } else {
+                None
+            }
+        };
+        drop(space);
+        r
+    }
+
+    async fn check(&self, mark: Mark, within: Duration) -> bool {
         let give_up = Instant::now() + within;
         // Not in the socket before the writer flushed it.
         loop {
@@ -251,8 +270,8 @@ impl Delivery {
 
     /// A second descriptor of the socket, registered for write space only, so that the check
     /// is woken when the peer reads (the connection's own registration belongs to the HTTP
-    /// server); made at the connection's first wait, then kept with it. `None` once the
-    /// connection is dropped, or if it cannot be made.
+    /// server); made when a check first waits, kept as [`State::space`] says. `None` once
+    /// the connection is dropped, or if it cannot be made (then a timer paces the looks).
     fn watch_space(&self) -> Option<Arc<AsyncFd<OwnedFd>>> {
         let mut state = self.lock();
         if state.closed {
@@ -443,6 +462,10 @@ mod tests {
         // Paced by the peer: the first look, the backstop timer's (1, 2, 4 ... ms, so about
         // seven in 100 ms), and one or two on the socket's readiness.
         assert!(looks <= 16, "{looks} looks at the socket for one read");
+        assert!(
+            d.lock().space.is_none(),
+            "no second descriptor kept after a connection's first grant"
+        );
 
         // The connection's next grant (kept alive): its check is woken the same way, by the
         // read of its own answer.
@@ -462,5 +485,11 @@ mod tests {
             looks <= 16,
             "{looks} looks at the socket for the second read"
         );
+        assert!(
+            d.lock().space.is_some(),
+            "kept from the second grant on, for the next"
+        );
+        d.closed();
+        assert!(d.lock().space.is_none(), "and closed with the connection");
     }
 }
