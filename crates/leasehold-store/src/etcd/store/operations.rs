@@ -15,10 +15,11 @@ use super::waiters::{LocalWaiter, Queueing, WaitGuard, withdrawn};
 use super::{EtcdStore, Inner, MAX_TXN_OPS, json, unavailable};
 
 /// How many resources one transaction that ends leases names: each costs the compare and put
-/// of its record and the delete of its held key (and a grace compare), within etcd's limit. A
-/// process holding more has them ended in several transactions, one after the other (a
-/// process's leases end each on its own; only a grant is all or nothing).
-const END_PER_TXN: usize = (MAX_TXN_OPS - 8) / 4;
+/// of its record and the delete of its held key, and a grace compare, or, where the holder's
+/// session is dead, the compare and put of the grace it starts, within etcd's limit. A process
+/// holding more has them ended in several transactions, one after the other (a process's
+/// leases end each on its own; only a grant is all or nothing).
+const END_PER_TXN: usize = (MAX_TXN_OPS - 8) / 5;
 use crate::etcd::client::{LeaseId, prefix_end};
 use crate::etcd::history::EtcdHealth;
 use crate::etcd::keys::{HostValue, KeyKind, Record, WaiterValue};

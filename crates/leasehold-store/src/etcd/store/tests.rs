@@ -766,3 +766,46 @@ async fn an_own_commit_the_watch_delivers_first_is_published_once() {
         assert!(!ended(&e), "the release's ending was published twice");
     }
 }
+
+/// A process whose leases are on a session that ended (its agent fenced it, then ends its
+/// leases) has them all ended, however many: each such resource also starts a grace (its
+/// key's compare and put), which the transactions' size allows for. Before, 30 to a
+/// transaction needed 153 operations and every one was refused ("name fewer resources"):
+/// the leases stayed held (seen in the many-hosts bench after a stall).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_on_an_ended_session_has_its_sixty_leases_ended() {
+    let etcd = Etcd::start();
+    let s = open(&etcd, "ended-sixty").await;
+    let owner = Owner::new(s.host().clone(), 10, 1);
+    let names: Vec<ResourceName> = (0..60).map(|i| res(&format!("disk-{i}"))).collect();
+    for part in names.chunks(20) {
+        s.acquire(AcquireSpec::new(
+            owner.clone(),
+            part.iter().map(|r| (r.clone(), Mode::Exclusive)),
+        ))
+        .await
+        .unwrap();
+    }
+    let mut session = s.session().unwrap();
+    let old = session.borrow().id;
+    s.inner
+        .etcd
+        .lease_revoke(s.inner.lease().unwrap())
+        .await
+        .unwrap();
+    // The store has seen its session end.
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        session.wait_for(|st| st.expired || st.id != old),
+    )
+    .await
+    .expect("the store never saw its session end")
+    .unwrap();
+    // Its leases end as their session's (session-expired, each resource starting a grace),
+    // in transactions etcd takes.
+    s.end_process(owner.process.clone()).await.unwrap();
+    for r in &names {
+        let view = s.inspect(r.clone()).await.unwrap().unwrap();
+        assert!(view.holders.is_empty(), "{r}: {view:?}");
+    }
+}
