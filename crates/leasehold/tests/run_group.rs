@@ -86,6 +86,54 @@ fn a_killed_wrappers_writer_is_dead_before_the_disk_is_granted_again() {
     );
 }
 
+/// The wrapper SIGKILLed while the agent is down: the restarted agent, re-adopting the
+/// wrapper's leases and finding it dead, kills the writer its command started before it ends
+/// them. (Before: the writer ran on, and the disk was granted again.)
+#[test]
+fn a_wrapper_that_died_while_the_agent_was_down_has_its_writer_killed_at_restart() {
+    let mut a = Agent::start();
+    let pidfile = a.path("writer.pid");
+    let mut wrapper = a
+        .cli()
+        .args(["run", "--exclusive", "disk", "--", "sh", "-c"])
+        .arg(command_starting_a_writer(&pidfile))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let writer = Writer(wait_pid_file(&pidfile, Duration::from_secs(10)));
+    a.kill9();
+    let _ = wrapper.kill();
+    let _ = wrapper.wait();
+    assert!(
+        alive(writer.0),
+        "nothing kills the writer while the agent is down"
+    );
+    a.spawn();
+    let next = Holder::new();
+    wait_until(
+        "the disk is granted to the next",
+        Duration::from_secs(10),
+        || {
+            let out = a.lh(&[
+                "acquire",
+                "disk",
+                "--accept-dirty",
+                "--pid",
+                &next.pid_arg(),
+            ]);
+            match code(&out) {
+                0 => true,
+                3 | 5 => false,
+                _ => panic!("acquire: {}", text(&out.stderr)),
+            }
+        },
+    );
+    assert!(
+        !alive(writer.0),
+        "the writer still runs while the disk is granted to another process"
+    );
+}
+
 /// A force-released lease: the writer the command started is killed too, not only the
 /// command. (Before: it ran on.)
 #[test]
