@@ -359,7 +359,7 @@ fn acquire_line(out: Out, delivery: &Arc<Delivery>) -> v1::AcquireEvent {
             grants,
             owner,
             delivered,
-            ..
+            safe_until,
         } => {
             // The grant counts once the client has read it from the socket; one that closed
             // without (a withdrawn wait) does not get it, and the grant is undone.
@@ -375,6 +375,7 @@ fn acquire_line(out: Out, delivery: &Arc<Delivery>) -> v1::AcquireEvent {
             v1::AcquireEvent::Granted {
                 grants: grants.iter().map(Into::into).collect(),
                 owner: (&owner).into(),
+                safe_until_monotonic_ns: safe_until,
             }
         }
         Out::Safe(until_monotonic_ns) => v1::AcquireEvent::Safe { until_monotonic_ns },

@@ -640,13 +640,18 @@ fn event_of(line: &str) -> Result<AcquireEvent, Error> {
                 waited: waited.0,
             }
         }
-        v1::AcquireEvent::Granted { grants, owner } => AcquireEvent::Granted(Granted {
+        v1::AcquireEvent::Granted {
+            grants,
+            owner,
+            safe_until_monotonic_ns,
+        } => AcquireEvent::Granted(Granted {
             grants: grants
                 .into_iter()
                 .map(Grant::try_from)
                 .collect::<Result<_, _>>()
                 .map_err(Error::protocol)?,
             owner: Owner::try_from(owner).map_err(Error::protocol)?,
+            safe_until_monotonic_ns,
         }),
         v1::AcquireEvent::Safe { until_monotonic_ns } => AcquireEvent::Safe { until_monotonic_ns },
         v1::AcquireEvent::Lost { resource, ended } => AcquireEvent::Lost {

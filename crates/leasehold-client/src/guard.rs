@@ -73,7 +73,11 @@ impl LeaseGuard {
             })
             .await?;
         let granted = acq.granted().await?;
-        let state = Arc::new(Mutex::new(HoldState::default()));
+        // Known from the grant on (etcd): no window in which writing has no bound.
+        let state = Arc::new(Mutex::new(HoldState {
+            safe_until_ns: granted.safe_until_monotonic_ns,
+            ..HoldState::default()
+        }));
         let shared = Arc::clone(&state);
         let reader = tokio::spawn(async move {
             loop {
@@ -122,7 +126,9 @@ impl LeaseGuard {
     }
 
     /// On a shared backend, the instant (CLOCK_MONOTONIC nanoseconds) by which writing must
-    /// stop unless the agent confirms the leases again; `None` on a single host.
+    /// stop unless the agent confirms the leases again, known from the grant on; `None` on a
+    /// single host (and, from an agent too old to send it with the grant, until its first
+    /// `safe` line).
     pub fn safe_until_monotonic_ns(&self) -> Option<u64> {
         self.state.lock().ok().and_then(|s| s.safe_until_ns)
     }

@@ -165,4 +165,9 @@ pub struct Granted {
     pub grants: Vec<Grant>,
     /// The owner as the agent recorded it.
     pub owner: Owner,
+    /// On a backend with a host session (etcd): the leases are safe until this instant of
+    /// CLOCK_MONOTONIC (nanoseconds) unless a later [`AcquireEvent::Safe`] extends it; an
+    /// instant already past: the agent could not confirm its session, do not start writing.
+    /// `None` on the local store (no session to lose), and from an agent older than the field.
+    pub safe_until_monotonic_ns: Option<u64>,
 }

@@ -22,6 +22,7 @@ use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use leasehold_api::host::instant_of_monotonic;
 use leasehold_client::blocking::{Acquisition, Client, Error as ClientError, ExitCode};
 use leasehold_client::{AcquireEvent, AcquireOptions, Granted, ReleaseOptions};
 use leasehold_core::{Mode, ResourceName, Token};
@@ -173,7 +174,10 @@ pub fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
             .iter()
             .map(|g| (g.resource.clone(), g.token))
             .collect(),
-        deadline: None,
+        // On etcd the grant says until when the leases are safe: bounded from the start,
+        // before any `safe` line, so an agent dying right after the grant cannot leave the
+        // command running with no deadline (an old agent sends none: the first `safe` sets it).
+        deadline: granted.safe_until_monotonic_ns.map(instant_of_monotonic),
         retry_at: None,
     };
     let (status, left) = match supervise(&a.command, &tokens, hold, acq, &group)? {
@@ -191,6 +195,16 @@ pub fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
             };
             note!("leasehold: cannot run {}: {why}; {after}", quote(&prog));
             return Ok(code);
+        }
+        Outcome::Withheld(why) => {
+            // Nothing ran, so nothing was written: release clean what is still held.
+            let after = match release(&client, &all, true, None) {
+                Ok(()) => "the leases were released clean".to_owned(),
+                Err(f) => format!("releasing the leases: {}", f.message),
+            };
+            return Err(Failure::error(format!(
+                "{why}: the command was not started; {after}"
+            )));
         }
         Outcome::Unconfirmed { status } => {
             note!(
@@ -284,6 +298,9 @@ enum Outcome {
         resource: ResourceName,
         how: String,
     },
+    /// The command was not started, for this reason: the leases' safe-until had passed, or
+    /// a lease was lost, before it could start.
+    Withheld(String),
     /// The leases' safe-until passed without the agent extending it.
     Unconfirmed { status: ExitStatus },
 }
@@ -323,6 +340,10 @@ impl Hold {
         }
         match acq.granted() {
             Ok(g) => {
+                // The agent that answers confirms the leases until its own fencing deadline.
+                if let Some(ns) = g.safe_until_monotonic_ns {
+                    self.deadline = Some(instant_of_monotonic(ns));
+                }
                 let same = g
                     .grants
                     .iter()
@@ -474,6 +495,34 @@ fn supervise(
     // Before the command starts: a signal sent as soon as it runs is passed on, not fatal.
     let (signals, mask) = take_signals()?;
     let mut stream = Some(acq.into_events()?);
+    // What the agent sent since the grant (a later safe-until, a loss) counts before the
+    // command starts, which it does not once the safe-until has passed.
+    if let Some(s) = stream.as_mut() {
+        for ev in s
+            .read_events()
+            .map(|(events, _)| events)
+            .unwrap_or_default()
+        {
+            match ev {
+                AcquireEvent::Safe { until_monotonic_ns } => {
+                    hold.deadline = Some(instant_of_monotonic(until_monotonic_ns));
+                }
+                AcquireEvent::Lost { resource, ended } => {
+                    return Ok(Outcome::Withheld(format!(
+                        "lost the lease on {} ({}) before the command started",
+                        crate::output::name(&resource),
+                        ended.how.describe()
+                    )));
+                }
+                _ => {}
+            }
+        }
+    }
+    if hold.deadline.is_some_and(|d| Instant::now() >= d) {
+        return Ok(Outcome::Withheld(
+            "the agent did not confirm its host session (etcd) before the command could start, so the leases may not be safe; retry once `leasehold status` shows the session renewed".into(),
+        ));
+    }
     let pid = match spawn::spawn(argv, (TOKENS_ENV, tokens), mask) {
         Ok(pid) => pid,
         Err(error) => {
@@ -541,9 +590,7 @@ fn supervise(
             for ev in events {
                 match ev {
                     AcquireEvent::Safe { until_monotonic_ns } => {
-                        hold.deadline = Some(leasehold_api::host::instant_of_monotonic(
-                            until_monotonic_ns,
-                        ));
+                        hold.deadline = Some(instant_of_monotonic(until_monotonic_ns));
                     }
                     AcquireEvent::Lost { resource, ended } => {
                         let status = kill(pid, group)?;

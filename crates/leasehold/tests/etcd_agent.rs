@@ -599,6 +599,57 @@ fn a_run_whose_agent_restarts_hung_kills_its_command_by_the_safe_until() {
     assert!(err.contains("did not confirm"), "{err}");
 }
 
+/// The agent is SIGKILLed after the grant and before any `safe` line reached the wrapper (the
+/// agent's test-only `LEASEHOLD_TEST_HOLD_BACK_SAFE=1` holds them back, making the window
+/// certain): the wrapper knows the safe-until from the `granted` line itself and kills its
+/// command by it, `ttl - fence_margin` (2.4 s) after the last renewal, before another host may
+/// be granted the disk (`ttl + grace`, 5 s, after it). Before, the wrapper had no deadline
+/// until a `safe` line: it retried to reattach forever while the command kept running.
+#[test]
+fn a_run_whose_agent_dies_before_any_safe_line_kills_its_command_by_the_grants_safe_until() {
+    let etcd = Etcd::start();
+    let hold_back = ["env", "LEASEHOLD_TEST_HOLD_BACK_SAFE=1"];
+    let mut a = Agent::on_etcd("host-a", &etcd.endpoint(), &prefix(), &[], &hold_back);
+    let (mut wrapper, child) = run_sleep_holding_disk(&a);
+    // Should the wrapper not kill its command, the failing test leaves neither behind.
+    let mut leftovers = KillOnDrop(vec![wrapper.id(), child]);
+    let mut err = Lines::new(wrapper.stderr.take().unwrap());
+    let died = death_watch(child);
+    let killed = monotonic_ns();
+    a.kill9();
+    err.wait_for("lost contact", Duration::from_secs(10));
+    wait_until(
+        "the command is killed by the grant's safe-until",
+        Duration::from_secs(15),
+        || !alive(child),
+    );
+    // Dead, and the wrapper not yet reaped: no pid of theirs can be another process's.
+    leftovers.0.clear();
+    let died = died.join().unwrap();
+    // The last renewal was sent before the kill, so the safe-until is at most 2.4 s after
+    // it; 3.5 s leaves room for a busy machine and is still short of ttl + grace.
+    assert!(
+        died < killed + 3_500_000_000,
+        "the command died {} ms after the agent",
+        (died - killed) / 1_000_000
+    );
+    let status = wrapper.wait().unwrap();
+    assert!(!status.success());
+    let err = err.rest(Duration::from_secs(5));
+    assert!(err.contains("did not confirm"), "{err}");
+}
+
+/// SIGKILLs these processes when dropped (a test that fails half-way).
+struct KillOnDrop(Vec<u32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            signal(*pid, libc::SIGKILL);
+        }
+    }
+}
+
 /// A process holding more leases than one etcd transaction can end (etcd allows 128
 /// operations, and ending a lease takes three) has them all ended when it exits, in several
 /// transactions. Before, ending them was refused as a request naming too many resources, and

@@ -181,3 +181,34 @@ fn a_guard_learns_that_its_lease_was_lost() {
         assert!(g.release().await.is_err(), "the lease is gone");
     });
 }
+
+/// On etcd the guard knows until when its leases are safe from the grant on, before any
+/// `safe` line (the agent's test-only `LEASEHOLD_TEST_HOLD_BACK_SAFE=1` holds them back): a
+/// writer checking it never sees "no bound" while the agent could already be dead. Before,
+/// it was `None` until the first `safe` line, as on a single host.
+#[test]
+fn a_guard_on_etcd_knows_its_safe_until_from_the_grant() {
+    let etcd = leasehold_testkit::Etcd::start();
+    let prefix = format!("/g{}/", std::process::id());
+    let hold_back = ["env", "LEASEHOLD_TEST_HOLD_BACK_SAFE=1"];
+    let a = Agent::on_etcd("host-a", &etcd.endpoint(), &prefix, &[], &hold_back);
+    rt().block_on(async {
+        let client = Client::connect(&a.socket).await.unwrap();
+        let before = monotonic_ns();
+        let g = LeaseGuard::acquire(
+            &client,
+            AcquireOptions::new([(res("disk"), Mode::Exclusive)]),
+        )
+        .await
+        .unwrap();
+        let until = g
+            .safe_until_monotonic_ns()
+            .expect("a safe-until with the grant");
+        // ttl 3 s, fence margin 0.6 s: at most 2.4 s after a renewal sent before the grant.
+        assert!(
+            until > before && until <= monotonic_ns() + 2_400_000_000,
+            "safe until {until}, asked at {before}"
+        );
+        g.release().await.unwrap();
+    });
+}

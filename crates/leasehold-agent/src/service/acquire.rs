@@ -10,11 +10,12 @@ use leasehold_core::{
     AcquireError, Conflict, EndReason, Ended, Grant, Owner, OwnerId, ProcessKey, ReleaseKind,
     ResourceName, Token,
 };
-use leasehold_store::{AcquireSpec, Store, StoreError};
+use leasehold_store::{AcquireSpec, SessionState, Store, StoreError};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{info, warn};
 
 use super::{Caller, Service, fault_of, refuse_non_process, resource};
+use crate::config::Timing;
 use crate::holds::{Note, Registration};
 use crate::metrics;
 use crate::procfs::ProcError;
@@ -46,6 +47,9 @@ pub(crate) enum Out {
         /// unsent if it did not (it went away just as it was granted: a withdrawn wait), and
         /// then the new leases are released clean, so none is left that nobody knows of.
         delivered: Option<oneshot::Sender<()>>,
+        /// With a host session: safe until this instant of CLOCK_MONOTONIC, in nanoseconds
+        /// ([`safe_until_at_grant`]); `None` without one (the local store).
+        safe_until: Option<u64>,
     },
     /// Safe until this instant of CLOCK_MONOTONIC, in nanoseconds.
     Safe(u64),
@@ -72,6 +76,40 @@ impl Out {
 }
 
 type Tx = mpsc::Sender<Out>;
+
+/// The safe-until a grant carries on a backend with a host session (SPEC G3): the fencing
+/// deadline of the session as it is `now`, or the one the fence task last published if that is
+/// earlier (it has not seen the latest renewal yet), so never later than the instant this
+/// agent fences its holders. An expired session, or one no renewal of which was confirmed,
+/// gives `now`: an instant already past, so a holder does not start (`run` releases and
+/// starts nothing) instead of running with no bound, as it would if the grant said nothing
+/// and no `safe` line followed before the agent died or hung. Refusing the grant instead
+/// would need it undone in the store; the past instant is as safe and says what happened.
+pub(crate) fn safe_until_at_grant(
+    state: &SessionState,
+    published: Option<Instant>,
+    timing: &Timing,
+    now: Instant,
+) -> Instant {
+    let current = (!state.expired)
+        .then(|| crate::fence::fence_at(state, timing))
+        .flatten();
+    match (current, published) {
+        (Some(c), Some(p)) => c.min(p),
+        (Some(c), None) => c,
+        (None, _) => now,
+    }
+}
+
+/// Test-only fault: `LEASEHOLD_TEST_HOLD_BACK_SAFE=1` in the agent's environment (read once)
+/// holds back every `safe` line of holds; the grant's own safe-until still goes. The tests
+/// use it to kill the agent, deterministically, after a grant before any `safe` line reached
+/// the holder. Nothing else reads it; never set it on a real host.
+fn test_hold_back_safe() -> bool {
+    static HOLD_BACK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HOLD_BACK
+        .get_or_init(|| std::env::var_os("LEASEHOLD_TEST_HOLD_BACK_SAFE").is_some_and(|v| v == "1"))
+}
 
 /// The refusal of an acquire as an API error: who is in the way, and what to do next.
 fn refusal(e: StoreError) -> ApiError {
@@ -277,6 +315,7 @@ impl<S: Store> Service<S> {
                 grants: grants.clone(),
                 owner: owner.clone(),
                 delivered,
+                safe_until: me.grant_safe_until().map(crate::fence::monotonic_ns_of),
             };
             let sent = tx.send(granted).await.is_ok();
             // The front end answers once it knows, within a bound, even if the stream closed
@@ -294,6 +333,20 @@ impl<S: Store> Service<S> {
             }
         });
         Ok(rx)
+    }
+
+    /// The safe-until a grant carries: [`safe_until_at_grant`] of the host session as it is
+    /// now and of the fencing deadline the fence task published.
+    fn grant_safe_until(&self) -> Option<Instant> {
+        let session = self.store.session()?;
+        let state = session.borrow().clone();
+        let published = *self.deadline.borrow();
+        Some(safe_until_at_grant(
+            &state,
+            published,
+            &self.config.timing,
+            Instant::now(),
+        ))
     }
 
     /// Prepares to watch `process`, waiting a little while the agent is out of file
@@ -435,7 +488,11 @@ impl<S: Store> Service<S> {
             .collect();
         let mut deadline = self.deadline.clone();
         let mut deadline_live = true;
-        let safe = |at: Option<Instant>| at.map(|at| Out::Safe(crate::fence::monotonic_ns_of(at)));
+        let hold_back = test_hold_back_safe();
+        let safe = |at: Option<Instant>| {
+            at.filter(|_| !hold_back)
+                .map(|at| Out::Safe(crate::fence::monotonic_ns_of(at)))
+        };
         let first = *deadline.borrow_and_update();
         if let Some(msg) = safe(first)
             && tx.send(msg).await.is_err()
@@ -504,5 +561,51 @@ impl<S: Store> Service<S> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn session(sent: Option<Instant>, expired: bool) -> SessionState {
+        SessionState {
+            id: leasehold_core::SessionId(1),
+            ttl: Duration::from_secs(10),
+            renewed_sent_at: sent,
+            expired,
+            latencies: Vec::new(),
+            failed_renewals: 0,
+        }
+    }
+
+    /// A grant's safe-until is never later than the fencing deadline, whether the fence task
+    /// has published it yet or not, and is already past when the session is not confirmed.
+    #[test]
+    fn a_grants_safe_until_is_the_fencing_deadline_or_already_past() {
+        let timing = Timing::default();
+        let now = Instant::now();
+        let sent = now - Duration::from_secs(1);
+        let fence = crate::fence::fence_at(&session(Some(sent), false), &timing).unwrap();
+        assert!(fence > now);
+        let live = session(Some(sent), false);
+        // Not published yet (the agent just started): the session's own deadline.
+        assert_eq!(safe_until_at_grant(&live, None, &timing, now), fence);
+        assert_eq!(safe_until_at_grant(&live, Some(fence), &timing, now), fence);
+        // The fence task has not seen the latest renewal: its earlier deadline stands.
+        let older = fence - Duration::from_secs(1);
+        assert_eq!(safe_until_at_grant(&live, Some(older), &timing, now), older);
+        // Expired, or never renewed: already past, whatever was published before.
+        let expired = session(Some(sent), true);
+        assert_eq!(
+            safe_until_at_grant(&expired, Some(fence), &timing, now),
+            now
+        );
+        assert_eq!(
+            safe_until_at_grant(&session(None, false), None, &timing, now),
+            now
+        );
     }
 }

@@ -388,6 +388,14 @@ pub enum AcquireEvent {
         grants: Vec<Grant>,
         /// The owner as the agent recorded it.
         owner: Owner,
+        /// On a backend with a host session (etcd): the leases are safe until this instant of
+        /// the host's `CLOCK_MONOTONIC` (nanoseconds), the agent's fencing deadline at the
+        /// grant, unless a later `safe` line extends it. A holder must not write past it
+        /// without a newer one; an instant already past means the agent could not confirm its
+        /// session: do not start writing. Absent on a backend whose sessions cannot expire
+        /// (the local store), and from agents older than this field.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        safe_until_monotonic_ns: Option<u64>,
     },
     /// The leases are safe until this instant on the host's `CLOCK_MONOTONIC` unless a later
     /// line extends it; a holder that hears nothing newer must stop writing by then.
