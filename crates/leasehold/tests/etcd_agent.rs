@@ -639,6 +639,48 @@ fn a_run_whose_agent_dies_before_any_safe_line_kills_its_command_by_the_grants_s
     assert!(err.contains("did not confirm"), "{err}");
 }
 
+/// `run --check 'sleep 3'` on a dirty disk with ttl 3 s: the check outlasts the safe-until
+/// the grant carried (at most 2.4 s after it). With the agent renewing and its `safe` lines
+/// reaching the wrapper meanwhile, the command starts: the wrapper reads them before it
+/// decides. With them held back (test-only `LEASEHOLD_TEST_HOLD_BACK_SAFE=1`), the wrapper
+/// knows of nothing after the passed safe-until: it does not start the command, says why, and
+/// releases the disk clean. Before, it started it with no deadline at all.
+#[test]
+fn run_does_not_start_its_command_once_the_grants_safe_until_has_passed() {
+    let etcd = Etcd::start();
+    let hold_back = ["env", "LEASEHOLD_TEST_HOLD_BACK_SAFE=1"];
+    for (wrap, starts) in [(&[][..], true), (&hold_back[..], false)] {
+        let a = Agent::on_etcd("host-a", &etcd.endpoint(), &prefix(), &[], wrap);
+        expect_code(&a.lh(&["run", "--exclusive", "disk", "--", "false"]), 1);
+        assert!(a.is_dirty("disk"));
+        let marker = a.path("started");
+        let out = a.lh(&[
+            "run",
+            "--check",
+            "sleep 3",
+            "--exclusive",
+            "disk",
+            "--",
+            "touch",
+            marker.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(marker.exists(), starts, "{wrap:?}: {err}");
+        if starts {
+            expect_code(&out, 0);
+        } else {
+            expect_code(&out, 1);
+            assert!(
+                err.contains("did not confirm") && err.contains("not started"),
+                "{err}"
+            );
+        }
+        // Checked and marked clean; released clean either way (nothing ran, or touch).
+        assert!(a.holders("disk").is_empty(), "{err}");
+        assert!(!a.is_dirty("disk"), "{err}");
+    }
+}
+
 /// SIGKILLs these processes when dropped (a test that fails half-way).
 struct KillOnDrop(Vec<u32>);
 
