@@ -458,16 +458,18 @@ impl Inner {
         // record's compare already covers it.) Per resource, or for all at once where etcd's
         // limit leaves no room.
         // (A resource guessed to have no keys must have no waiter key at all.)
+        // Nor may a handover's reservation be dropped for a waiter the view has not seen yet:
+        // a view's waiter watcher can lag its record (or this agent's own commit, written into
+        // the view at once), and the engine drops a reservation for a waiter it does not see.
         let joined: Vec<&ResourceName> = out
             .changed
             .iter()
             .filter(|n| {
                 snap.res.get(*n).is_some_and(|rs| {
                     rs.guessed
-                        || rs
-                            .record
-                            .as_ref()
-                            .is_some_and(|r| !r.state.holders().is_empty())
+                        || rs.record.as_ref().is_some_and(|r| {
+                            !r.state.holders().is_empty() || r.reserved_for.is_some()
+                        })
                 })
             })
             .collect();

@@ -809,3 +809,84 @@ async fn a_process_on_an_ended_session_has_its_sixty_leases_ended() {
         assert!(view.holders.is_empty(), "{r}: {view:?}");
     }
 }
+
+/// G7 on a view behind the queue: a resource handed over to another host's waiter stays
+/// reserved for it, even for a third owner on the source's host whose view has the handover
+/// (its own commit, written into the view at once) but not yet the waiter's key (the view's
+/// waiter watcher lags its record). Before, the decision from the view dropped a reservation
+/// for a waiter it did not see, and the commit compared no waiter key of a resource it saw
+/// free: the third owner was granted the disk inside the handover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handover_stays_reserved_against_a_view_that_has_not_seen_the_waiter() {
+    let etcd = Etcd::start();
+    let a = open_as(&etcd, "handover-view", "a").await;
+    let b = std::sync::Arc::new(open_as(&etcd, "handover-view", "b").await);
+    let disk = res("disk");
+    let source = Owner::new(a.host().clone(), 10, 1);
+    a.acquire(AcquireSpec::new(
+        source.clone(),
+        [(disk.clone(), Mode::Exclusive)],
+    ))
+    .await
+    .unwrap();
+    // a's watch is held back: the waiter b queues next is not in a's view.
+    let mut a_pause = a.pause_watch();
+    a_pause.reached().await;
+    let target = Owner::new(b.host().clone(), 20, 1);
+    let waiting = {
+        let b = std::sync::Arc::clone(&b);
+        let target = target.clone();
+        let disk = disk.clone();
+        tokio::spawn(async move {
+            b.acquire(
+                AcquireSpec::new(target, [(disk, Mode::Exclusive)]).wait(Duration::from_secs(60)),
+            )
+            .await
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while b
+        .inspect(disk.clone())
+        .await
+        .unwrap()
+        .unwrap()
+        .waiters
+        .is_empty()
+    {
+        assert!(std::time::Instant::now() < deadline, "b never queued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // b does not hear the handover yet either, so it cannot take the disk first.
+    let mut b_pause = b.pause_watch();
+    b_pause.reached().await;
+    a.release(
+        disk.clone(),
+        source.process.clone(),
+        None,
+        ReleaseKind::Handover {
+            host: b.host().clone(),
+            label: None,
+        },
+    )
+    .await
+    .unwrap();
+    let third = Owner::new(a.host().clone(), 11, 1);
+    let taken = a
+        .acquire(AcquireSpec::new(
+            third.clone(),
+            [(disk.clone(), Mode::Exclusive)],
+        ))
+        .await;
+    assert!(
+        taken.is_err(),
+        "a third owner was granted a disk handed over to b's waiter: {taken:?}"
+    );
+    a_pause.resume();
+    b_pause.resume();
+    let grants = tokio::time::timeout(Duration::from_secs(30), waiting)
+        .await
+        .expect("the handover's target was never granted")
+        .unwrap()
+        .unwrap();
+    assert_eq!(grants[0].resource, disk);
+}
