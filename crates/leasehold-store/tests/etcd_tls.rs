@@ -285,3 +285,68 @@ async fn an_expired_auth_token_is_renewed_and_the_session_kept() {
         etcd.log_tail(30)
     );
 }
+
+/// The view's watch stream carries the token it was opened with, and etcd checks it for every
+/// watcher created on the stream. Once etcd has dropped that token, a resource this host takes
+/// must still be watched: here another host force-releases it, and the holder must hear it
+/// (SPEC G3). Before, etcd refused the resource's watchers on the old stream ("invalid auth
+/// token", naming watcher -1, not theirs), the store never created them again, and the
+/// force-release never reached the holder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resource_taken_after_the_token_expired_is_still_watched() {
+    let etcd = Etcd::start_with(&["--auth-token", "simple", "--auth-token-ttl", "2"]);
+    etcd.enable_auth("root-pw", "leasehold", "lh-pw", PREFIX);
+    let opts = || {
+        options(
+            etcd.endpoint(),
+            EtcdSecurity {
+                user: user("lh-pw"),
+                ..EtcdSecurity::default()
+            },
+        )
+    };
+    let a = EtcdStore::open(HostId::new("a").unwrap(), opts())
+        .await
+        .unwrap();
+    let b = EtcdStore::open(HostId::new("b").unwrap(), opts())
+        .await
+        .unwrap();
+    // etcd drops every token, as an expiry does.
+    for step in [["auth", "disable"], ["auth", "enable"]] {
+        let out = etcd.etcdctl(&step);
+        assert!(out.status.success(), "{out:?}");
+    }
+    let owner = Owner::new(a.host().clone(), 4242, 1);
+    let disk = ResourceName::new("disk1").unwrap();
+    a.acquire(AcquireSpec::new(
+        owner.clone(),
+        [(disk.clone(), Mode::Exclusive)],
+    ))
+    .await
+    .unwrap();
+    let mut events = a.subscribe();
+    b.force_release(disk.clone(), "the disk is needed".into(), "root".into())
+        .await
+        .unwrap();
+    loop {
+        let e = tokio::time::timeout(Duration::from_secs(30), events.recv())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the holder never heard that another host force-released its lease\n{}",
+                    etcd.log_tail(40)
+                )
+            })
+            .unwrap();
+        if let leasehold_core::Event::Ended { ended, .. } = e
+            && ended.owner.process == owner.process
+        {
+            assert!(
+                matches!(ended.how, leasehold_core::EndReason::Forced { .. }),
+                "{:?}",
+                ended.how
+            );
+            break;
+        }
+    }
+}

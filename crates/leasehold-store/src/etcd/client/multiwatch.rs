@@ -22,7 +22,11 @@ pub struct WatchSpec {
 /// Creates and cancels watchers on one stream. Sending never waits; a closed stream makes
 /// every send a no-op (its reader then sees the stream end and opens another).
 #[derive(Debug, Clone)]
-pub struct WatchSender(tokio::sync::mpsc::UnboundedSender<rpc::WatchRequest>);
+pub struct WatchSender(
+    tokio::sync::mpsc::UnboundedSender<rpc::WatchRequest>,
+    /// The token the stream was opened with: etcd checks it for every watcher created on it.
+    Option<tonic::metadata::AsciiMetadataValue>,
+);
 
 impl WatchSender {
     /// Creates watcher `spec.id`; etcd answers `created` (or `canceled`, with why).
@@ -69,6 +73,7 @@ impl Etcd {
         let token = self.token().await?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let _ = tx.send(create_request(first));
+        let sender = WatchSender(tx.clone(), token.clone());
         let stream = self
             .watch
             .clone()
@@ -79,6 +84,14 @@ impl Etcd {
             .await
             .map_err(|s| EtcdError::from_status("watch", &s))?
             .into_inner();
-        Ok((WatchSender(tx), stream))
+        Ok((sender, stream))
+    }
+
+    /// etcd refused a watcher on `tx`'s stream for its rights: the token the stream was opened
+    /// with may be one etcd has dropped since (unused for `--auth-token-ttl`, or auth turned
+    /// off and on). It is forgotten, so the next stream opens with a fresh one (unless another
+    /// call already authenticated again).
+    pub async fn forget_watch_token(&self, tx: &WatchSender) {
+        self.forget_token(tx.1.as_ref()).await;
     }
 }

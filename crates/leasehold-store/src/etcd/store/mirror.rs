@@ -14,7 +14,7 @@ use tracing::{debug, warn};
 
 use super::{Inner, json, now_ms, unavailable};
 use crate::StoreError;
-use crate::etcd::client::{LeaseId, Txn, WatchSender, WatchSpec, prefix_end, range_of};
+use crate::etcd::client::{EtcdCode, LeaseId, Txn, WatchSender, WatchSpec, prefix_end, range_of};
 use crate::etcd::keys::{HostValue, KeyKind, Keys, Record};
 use crate::etcd::pb::mvccpb::KeyValue;
 use crate::sync::{lock, read, write};
@@ -543,6 +543,26 @@ pub(super) async fn follow(inner: Arc<Inner>) {
                     warn!(watcher = msg.watch_id, reason = %msg.cancel_reason, compacted = msg.compact_revision, "etcd cancelled a watcher; watching its keys again");
                     // At the next sweep, not at once, should etcd refuse it again.
                     refused.push(unit);
+                }
+                let refused_token = matches!(
+                    EtcdCode::of_cancel_reason(&msg.cancel_reason),
+                    Some(
+                        EtcdCode::InvalidAuthToken
+                            | EtcdCode::AuthOldRevision
+                            | EtcdCode::PermissionDenied
+                    )
+                );
+                if refused_token || msg.watch_id == -1 {
+                    // etcd refused to create a watcher for the stream's token (it checks it for
+                    // every watcher created on the stream; one it has dropped refuses them all,
+                    // however often they are created again), and may not say which (id -1):
+                    // the stream opens again, with a fresh token, every watcher on it.
+                    warn!(reason = %msg.cancel_reason, "etcd refused a watcher on this watch stream; opening it again");
+                    let tx = read(&inner.mirror, "mirror").tx.clone();
+                    if let (Some(tx), true) = (tx, refused_token) {
+                        inner.etcd.forget_watch_token(&tx).await;
+                    }
+                    break;
                 }
                 continue;
             }
