@@ -457,6 +457,10 @@ const SETTLE_WAIT: Duration = Duration::from_millis(2);
 /// any more leave the view.
 pub(super) async fn follow(inner: Arc<Inner>) {
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    // Streams refused in a row (etcd refused a watcher on each before creating one): from the
+    // second, the next opens only after a sweep's time, so a refusal that a fresh token does
+    // not cure costs etcd one authentication per 2 s.
+    let mut refused_in_a_row = 0u32;
     loop {
         let hosts = {
             let mut m = write(&inner.mirror, "mirror");
@@ -562,11 +566,13 @@ pub(super) async fn follow(inner: Arc<Inner>) {
                     if let (Some(tx), true) = (tx, refused_token) {
                         inner.etcd.forget_watch_token(&tx).await;
                     }
+                    refused_in_a_row += 1;
                     break;
                 }
                 continue;
             }
             if msg.created {
+                refused_in_a_row = 0;
                 let unit = write(&inner.mirror, "mirror").created(msg.watch_id);
                 if let Some(unit) = unit {
                     ready.push(unit);
@@ -590,7 +596,12 @@ pub(super) async fn follow(inner: Arc<Inner>) {
             let _ = reached.send(());
             let _ = resume.await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let wait = if refused_in_a_row > 1 {
+            SWEEP_EVERY
+        } else {
+            Duration::from_millis(100)
+        };
+        tokio::time::sleep(wait).await;
     }
 }
 
