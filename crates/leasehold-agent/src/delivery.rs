@@ -231,6 +231,7 @@ impl Delivery {
                 Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
             });
         }
+        let mut watch = true;
         let mut pause = Duration::from_millis(1);
         loop {
             let changed = self.changed.notified();
@@ -243,7 +244,7 @@ impl Delivery {
             if now >= give_up {
                 return true;
             }
-            if space.is_none() {
+            if space.is_none() && watch {
                 space = self.watch_space();
             }
             let until = (now + pause).min(give_up);
@@ -251,11 +252,11 @@ impl Delivery {
                 // An edge since the last look is kept by tokio until cleared: cleared here, it
                 // is followed by a look, and an edge after the clear wakes the next wait.
                 Some(fd) => tokio::select! {
-                    ready = fd.writable() => {
-                        if let Ok(mut guard) = ready {
-                            guard.clear_ready();
-                        }
-                    }
+                    ready = fd.writable() => match ready {
+                        Ok(mut guard) => guard.clear_ready(),
+                        // The runtime's driver is gone: the timer alone paces the looks.
+                        Err(_) => watch = false,
+                    },
                     () = changed => {}
                     () = tokio::time::sleep_until(until) => pause = (pause * 2).min(LOOK_AT_MOST_EVERY),
                 },
@@ -264,6 +265,9 @@ impl Delivery {
                         pause = (pause * 2).min(LOOK_AT_MOST_EVERY);
                     }
                 }
+            }
+            if !watch {
+                space = None;
             }
         }
     }
