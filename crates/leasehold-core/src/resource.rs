@@ -151,6 +151,26 @@ impl ResourceState {
         }
     }
 
+    /// A state from its durable parts, as serde's derive builds it: for a store's own
+    /// decoder. The lease rules are not checked here; a store checks
+    /// [`ResourceState::violation`] before it trusts a state it read.
+    pub fn from_parts(
+        holders: Vec<Lease>,
+        last_token: Token,
+        dirty: Option<Box<Ended>>,
+        last_ended: Option<Box<Ended>>,
+        blocked_until: Option<Time>,
+    ) -> ResourceState {
+        ResourceState {
+            holders,
+            last_token,
+            dirty,
+            last_ended,
+            blocked_until,
+            ..ResourceState::default()
+        }
+    }
+
     /// The same state, unavailable until `until` (a grace a cluster store keeps outside the
     /// record), or with no grace for `None` (the record as it is written).
     pub fn with_blocked_until(mut self, until: Option<Time>) -> ResourceState {

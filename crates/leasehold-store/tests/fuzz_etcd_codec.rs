@@ -7,7 +7,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use leasehold_core::{HostId, ResourceName};
+use leasehold_core::{
+    EndReason, Ended, Event, HostId, Lease, Mode, Owner, ResourceName, ResourceState, SessionId,
+    Token, WallTime,
+};
 use leasehold_store::etcd::keys::{KeyKind, Keys, Record};
 use proptest::prelude::*;
 
@@ -34,6 +37,133 @@ fn record_json() -> String {
     serde_json::to_string(&r).unwrap()
 }
 
+/// A record as the compact encoding writes it: a holder, an ending and a grant by reference.
+fn compact_record() -> Vec<u8> {
+    let r = ResourceName::new("disk").unwrap();
+    let l = lease(&HostId::new("h").unwrap(), 3, 5, Mode::Exclusive);
+    let e = ended(&l, 1, true);
+    Record {
+        state: ResourceState::from_parts(vec![l.clone()], Token(5), None, Some(Box::new(e)), None),
+        reserved_for: None,
+        events: vec![Event::Granted {
+            resource: r,
+            lease: l,
+        }],
+        damaged: None,
+    }
+    .encode()
+    .unwrap()
+}
+
+fn lease(host: &HostId, pid: u32, token: u64, mode: Mode) -> Lease {
+    Lease {
+        owner: Owner::new(host.clone(), pid, u64::from(pid) * 7),
+        mode,
+        token: Token(token),
+        session: SessionId(token * 3),
+        granted_at: WallTime(token * 11),
+    }
+}
+
+fn ended(l: &Lease, at: u64, dirty: bool) -> Ended {
+    Ended {
+        owner: l.owner.clone(),
+        mode: l.mode,
+        token: l.token,
+        granted_at: l.granted_at,
+        ended_at: WallTime(at),
+        how: if dirty {
+            EndReason::ProcessDied
+        } else {
+            EndReason::Released
+        },
+    }
+}
+
+/// Any record a commit could write: holders, an ending, a dirty mark, a reservation, and
+/// events that the record holds (a grant of a holder, its last ending) or not (a grant of
+/// another lease, an ending of another, a cleaning, an event of another resource).
+fn records() -> impl Strategy<Value = Record> {
+    (
+        names(),
+        names(),
+        hosts(),
+        proptest::collection::vec((1u32..1000, any::<bool>()), 0..4),
+        (
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>(),
+            proptest::option::of(any::<u64>()),
+        ),
+        proptest::collection::vec(0u8..7, 0..6),
+    )
+        .prop_map(
+            |(r, other, h, holders, (ended_some, dirty, shared, reserved), picks)| {
+                let mode = if shared {
+                    Mode::Shared
+                } else {
+                    Mode::Exclusive
+                };
+                let holders: Vec<Lease> = holders
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (pid, _))| lease(&h, *pid, 10 + i as u64, mode))
+                    .collect();
+                let gone = lease(&h, 4242, 9, mode);
+                let last = ended_some.then(|| ended(&gone, 99, dirty));
+                let state = ResourceState::from_parts(
+                    holders.clone(),
+                    Token(20),
+                    last.clone().filter(|_| dirty).map(Box::new),
+                    last.clone().map(Box::new),
+                    None,
+                );
+                let mut events = Vec::new();
+                for p in picks {
+                    events.push(match (p, holders.first(), &last) {
+                        (0, Some(l), _) => Event::Granted {
+                            resource: r.clone(),
+                            lease: l.clone(),
+                        },
+                        (1, _, Some(e)) => Event::Ended {
+                            resource: r.clone(),
+                            ended: e.clone(),
+                            dirtied: dirty,
+                        },
+                        (2, _, _) => Event::Granted {
+                            resource: r.clone(),
+                            lease: gone.clone(),
+                        },
+                        (3, _, _) => Event::Ended {
+                            resource: r.clone(),
+                            ended: ended(&gone, 7, false),
+                            dirtied: false,
+                        },
+                        (4, _, _) => Event::Cleaned {
+                            resource: r.clone(),
+                            by: "root".into(),
+                            at: WallTime(5),
+                        },
+                        (5, Some(l), _) => Event::Granted {
+                            resource: other.clone(),
+                            lease: l.clone(),
+                        },
+                        _ => Event::SessionExpired {
+                            session: SessionId(3),
+                            host: h.clone(),
+                        },
+                    });
+                }
+                Record {
+                    state,
+                    reserved_for: reserved,
+                    events,
+                    damaged: None,
+                }
+            },
+        )
+}
+
 /// JSON close to a record: a record with a fragment spliced in, or with bytes cut or changed.
 fn near_records() -> impl Strategy<Value = Vec<u8>> {
     let fragments = prop_oneof![
@@ -47,18 +177,29 @@ fn near_records() -> impl Strategy<Value = Vec<u8>> {
     ];
     prop_oneof![
         proptest::collection::vec(any::<u8>(), 0..120),
-        (fragments, any::<usize>(), any::<usize>(), any::<u8>()).prop_map(|(f, at, cut, x)| {
-            let mut b = record_json().into_bytes();
-            let at = at % (b.len() + 1);
-            b.splice(at..at, f.into_bytes());
-            if x % 3 == 0 {
-                let n = b.len();
-                b[cut % n] ^= x;
-            } else if x % 3 == 1 {
-                b.truncate(cut % (b.len() + 1));
-            }
-            b
-        }),
+        (
+            fragments,
+            any::<usize>(),
+            any::<usize>(),
+            any::<u8>(),
+            any::<bool>()
+        )
+            .prop_map(|(f, at, cut, x, compact)| {
+                let mut b = if compact {
+                    compact_record()
+                } else {
+                    record_json().into_bytes()
+                };
+                let at = at % (b.len() + 1);
+                b.splice(at..at, f.into_bytes());
+                if x % 3 == 0 {
+                    let n = b.len();
+                    b[cut % n] ^= x;
+                } else if x % 3 == 1 {
+                    b.truncate(cut % (b.len() + 1));
+                }
+                b
+            }),
     ]
 }
 
@@ -72,7 +213,20 @@ proptest! {
             prop_assert!(rec.state.violation().is_none());
             let again = Record::decode(&serde_json::to_vec(&rec).unwrap());
             prop_assert_eq!(again.as_ref(), Ok(&rec));
+            let again = Record::decode(&rec.encode().unwrap());
+            prop_assert_eq!(again.as_ref(), Ok(&rec));
         }
+    }
+
+    /// Every record reads back the same from the compact encoding and from the first
+    /// format's JSON, and the compact one is never the longer.
+    #[test]
+    fn records_read_back_the_same_from_either_encoding(rec in records()) {
+        let compact = rec.encode().unwrap();
+        let first = serde_json::to_vec(&rec).unwrap();
+        prop_assert_eq!(Record::read(&compact), Ok(rec.clone()));
+        prop_assert_eq!(Record::read(&first), Ok(rec.clone()));
+        prop_assert!(compact.len() <= first.len() + 12 + rec.events.first().map_or(0, |_| 80));
     }
 
     #[test]
