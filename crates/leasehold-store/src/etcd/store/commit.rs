@@ -13,7 +13,7 @@ use tracing::warn;
 
 use super::mirror::Written;
 use super::snapshot::{Snapshot, holding_sessions};
-use super::{Inner, MAX_TXN_OPS, json, now_ms, unavailable};
+use super::{Inner, MAX_TXN_OPS, now_ms, unavailable};
 use crate::etcd::client::{
     Etcd, EtcdCode, EtcdError, EtcdErrorKind, LeaseId, Txn, TxnResult, batch_results, prefix_end,
     range_of,
@@ -23,6 +23,12 @@ use crate::etcd::pb::mvccpb::KeyValue;
 use crate::sync::lock;
 use crate::sync::write;
 use crate::{Cause, StoreError};
+
+/// A record as it is written ([`Record::encode`]).
+fn encode(rec: &Record) -> Result<Vec<u8>, StoreError> {
+    rec.encode()
+        .map_err(|e| StoreError::Storage(Cause::at("cannot encode a record", e)))
+}
 
 /// Whether the engine changed a record. (Its metadata, which the token floor marks changed,
 /// is not kept in etcd: tokens come from records and revisions.)
@@ -418,7 +424,7 @@ impl Inner {
             } else {
                 t.if_mod_revision(self.keys.resource(name), rs.mod_rev)
             };
-            let value = json(&rec)?;
+            let value = encode(&rec)?;
             if !rec.events.is_empty() {
                 published.push((name.clone(), self.keys.resource(name), rec.events.clone()));
             }
@@ -743,9 +749,7 @@ impl Inner {
                 .await
                 .map_err(unavailable)?;
             // What can still be read of it (a marker keeps the holders last seen).
-            let old: Option<Record> = kvs
-                .first()
-                .and_then(|kv| serde_json::from_slice(&kv.value).ok());
+            let old: Option<Record> = kvs.first().and_then(|kv| Record::read(&kv.value).ok());
             let holders = old.map(|r| r.state.holders().to_vec()).unwrap_or_default();
             let now = leasehold_core::WallTime(now_ms());
             let how = leasehold_core::EndReason::Forced {
@@ -805,7 +809,7 @@ impl Inner {
             let hp = self.keys.held_of(resource);
             let t = Txn::new()
                 .if_mod_revision(key.clone(), rs.mod_rev)
-                .put(key, json(&rec)?, None)
+                .put(key, encode(&rec)?, None)
                 .delete_range(hp.clone(), prefix_end(&hp));
             if self.etcd.txn(t).await.map_err(unavailable)?.succeeded {
                 warn!(resource = %resource, by, reason, "damaged record reset to an empty record marked dirty");
