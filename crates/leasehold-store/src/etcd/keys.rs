@@ -250,7 +250,7 @@ enum EventOut<'a> {
 #[serde(untagged)]
 enum EventIn {
     Ref(EventRef),
-    Full(Event),
+    Full(Box<Event>),
 }
 
 /// A record as version 2 writes it: the fields of the first version at the same places
@@ -396,7 +396,7 @@ impl Record {
         for e in w.events {
             let r = match e {
                 EventIn::Full(e) => {
-                    events.push(e);
+                    events.push(*e);
                     continue;
                 }
                 EventIn::Ref(r) => r,
