@@ -407,12 +407,20 @@ fn sigint_and_sighup_reach_the_command() {
             "trap 'exit {code}' {name}; touch {}; while :; do sleep 0.05; done",
             ready.display()
         );
-        let child = a
-            .cli()
-            .args(["run", "--exclusive", "disk", "--", "sh", "-c", &script])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut cmd = a.cli();
+        cmd.args(["run", "--exclusive", "disk", "--", "sh", "-c", &script])
+            .stderr(Stdio::piped());
+        // A suite started in the background by a non-interactive shell inherits SIGINT
+        // ignored, which exec keeps and `sh` cannot trap: the wrapper and its command start
+        // with the signal's default action, as from a terminal.
+        // SAFETY: signal() is async-signal-safe and touches only the child's dispositions.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                libc::signal(sig, libc::SIG_DFL);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap();
         wait_until("the command starts", Duration::from_secs(5), || {
             ready.exists()
         });
