@@ -394,10 +394,11 @@ fn sigset(signals: &[i32]) -> libc::sigset_t {
     }
 }
 
-/// Blocks [`SIGNALS`] and returns a descriptor that reads them, and the mask the command
-/// starts with: the wrapper's as it was, without [`SIGNALS`].
-fn take_signals() -> Result<(OwnedFd, libc::sigset_t), Failure> {
-    let set = sigset(&SIGNALS);
+/// Blocks [`SIGNALS`] and `extra` and returns a descriptor that reads them, and the mask the
+/// command starts with: the wrapper's as it was, without them.
+fn take_signals(extra: &[i32]) -> Result<(OwnedFd, libc::sigset_t), Failure> {
+    let all: Vec<i32> = SIGNALS.iter().chain(extra).copied().collect();
+    let set = sigset(&all);
     // SAFETY: `set` is an initialised signal set and `mask` a place for the old one, which
     // sigdelset then edits; signalfd gets the initialised set and valid flags.
     unsafe {
@@ -409,8 +410,8 @@ fn take_signals() -> Result<(OwnedFd, libc::sigset_t), Failure> {
                 std::io::Error::from_raw_os_error(r)
             )));
         }
-        for s in SIGNALS {
-            libc::sigdelset(&mut mask, s);
+        for s in &all {
+            libc::sigdelset(&mut mask, *s);
         }
         let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
         if fd < 0 {
@@ -493,7 +494,7 @@ fn supervise(
         .first()
         .ok_or_else(|| Failure::usage("no command given after --"))?;
     // Before the command starts: a signal sent as soon as it runs is passed on, not fatal.
-    let (signals, mask) = take_signals()?;
+    let (signals, mask) = take_signals(group.job_signals())?;
     let mut stream = Some(acq.into_events()?);
     // What the agent sent since the grant (a later safe-until, a loss) counts before the
     // command starts, which it does not once the safe-until has passed.
@@ -546,6 +547,11 @@ fn supervise(
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        // While stopped by Ctrl-Z, look every 100 ms whether the caller's job was continued.
+        let wake = match group.suspended_wake() {
+            Some(s) => Some(wake.map_or(s, |w| w.min(s))),
+            None => wake,
+        };
         let timeout = wake.map_or(-1, |w| {
             // Rounded up: waking before the instant would only poll again.
             let left = w.saturating_duration_since(Instant::now());
@@ -570,10 +576,16 @@ fn supervise(
                 return Err(Failure::error(format!("waiting for the command: {e}")));
             }
         }
+        group.resume_if_continued();
         for (sig, code) in read_signals(&signals) {
             if sig == libc::SIGINT && code == libc::SI_KERNEL {
                 // Ctrl-C: the terminal sent it to the whole group, the command with it.
                 group.terminal_interrupt();
+            } else if sig == libc::SIGTSTP && code == libc::SI_KERNEL {
+                // Ctrl-Z (taken only while the wrapper has the caller's terminal): the
+                // command stopped; the caller's job stops too, and the wrapper waits for it
+                // to be continued.
+                group.terminal_stop();
             } else if sig != libc::SIGCHLD {
                 // SAFETY: `pid` is this process's unreaped child.
                 unsafe { libc::kill(pid, sig) };

@@ -229,6 +229,7 @@ def until(word, count=1, limit=30):
     while out.count(word.encode()) < count:
         if time.time() > end:
             sys.stdout.write(out.decode(errors="replace"))
+            os.kill(pid, signal.SIGKILL)
             sys.exit("timed out waiting for " + word)
         r, _, _ = select.select([fd], [], [], 0.1)
         if r:
@@ -342,4 +343,71 @@ fn a_run_past_its_safe_until_kills_the_writer_its_command_started() {
     assert!(err.contains("did not confirm"), "{err}");
     // The wrapper reaps what it kills before it exits.
     assert!(!alive(writer.0), "the writer outlived the safe-until");
+}
+
+/// A shell with job control, as far as this test needs one: runs a job (a script running
+/// `leasehold run -- cat`) in its own group with the terminal, waits for it to stop or end,
+/// and on a stop continues it in the foreground (`fg`).
+const PTY_JOB_DRIVER: &str = r#"
+import os, pty, select, signal, subprocess, sys, time
+lh = sys.argv[1]
+pid, fd = pty.fork()
+if pid == 0:
+    signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    script = lh + ' run --exclusive disk -- sh -c "echo go; exec cat"; echo job-done $?'
+    job = subprocess.Popen(["sh", "-c", script], preexec_fn=os.setpgrp)
+    os.tcsetpgrp(0, job.pid)
+    _, st = os.waitpid(job.pid, os.WUNTRACED)
+    os.tcsetpgrp(0, os.getpgrp())
+    print("job-stopped", os.WIFSTOPPED(st), flush=True)
+    os.tcsetpgrp(0, job.pid)
+    os.killpg(job.pid, signal.SIGCONT)
+    _, st = os.waitpid(job.pid, 0)
+    os.tcsetpgrp(0, os.getpgrp())
+    print("job-exit", os.waitstatus_to_exitcode(st), flush=True)
+    os._exit(0)
+out = b""
+def until(word, limit=30):
+    global out
+    end = time.time() + limit
+    while word.encode() not in out:
+        if time.time() > end:
+            sys.stdout.write(out.decode(errors="replace"))
+            os.kill(pid, signal.SIGKILL)
+            sys.exit("timed out waiting for " + word)
+        r, _, _ = select.select([fd], [], [], 0.1)
+        if r:
+            out += os.read(fd, 4096)
+until("go")
+os.write(fd, b"one\n")
+until("one\r\none")
+os.write(fd, b"\x1a")
+until("job-stopped")
+os.write(fd, b"two\n")
+until("two\r\ntwo")
+os.write(fd, b"\x04")
+until("job-exit")
+os.waitpid(pid, 0)
+sys.stdout.write(out.decode(errors="replace"))
+"#;
+
+/// Ctrl-Z on a script running `leasehold run` from a shell: the job stops (the wrapper hands
+/// the terminal and the stop to the script's group), and `fg` continues the command, which
+/// reads the terminal again. (Without it, the run's group stopped alone and the shell never
+/// saw its job stop.)
+#[test]
+fn ctrl_z_stops_the_job_running_run_and_fg_continues_the_command() {
+    let a = Agent::start();
+    let out = std::process::Command::new("python3")
+        .args(["-c", PTY_JOB_DRIVER, bin()])
+        .env("LEASEHOLD_SOCKET", &a.socket)
+        .output()
+        .unwrap();
+    let shown = text(&out.stdout);
+    assert!(out.status.success(), "{shown}\n{}", text(&out.stderr));
+    assert!(shown.contains("job-stopped True"), "{shown}");
+    assert!(shown.contains("job-done 0"), "{shown}");
+    assert!(shown.contains("job-exit 0"), "{shown}");
+    assert!(a.holders("disk").is_empty());
+    assert!(!a.is_dirty("disk"));
 }

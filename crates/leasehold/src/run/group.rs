@@ -27,6 +27,9 @@ struct Terminal {
 pub(super) struct Group {
     me: libc::pid_t,
     terminal: Option<Terminal>,
+    /// Since when the command is stopped by the terminal's Ctrl-Z, and whether the
+    /// caller's job has been seen stopped since.
+    stopped: std::cell::Cell<Option<(Instant, bool)>>,
 }
 
 /// Runs `f` with SIGTTOU blocked: `tcsetpgrp` from a background group stops the caller
@@ -81,7 +84,11 @@ impl Group {
                     std::io::Error::last_os_error()
                 )));
             }
-            Ok(Group { me, terminal })
+            Ok(Group {
+                me,
+                terminal,
+                stopped: std::cell::Cell::new(None),
+            })
         }
     }
 
@@ -98,6 +105,83 @@ impl Group {
             if libc::getpgid(libc::getppid()) == t.old {
                 libc::kill(-t.old, libc::SIGINT);
             }
+        }
+    }
+
+    /// The signals the wrapper takes besides its own: SIGTSTP while it has the caller's
+    /// terminal ([`Group::terminal_stop`]); otherwise Ctrl-Z stops it with its command, as
+    /// any process in the job.
+    pub(super) fn job_signals(&self) -> &'static [i32] {
+        if self.terminal.is_some() {
+            &[libc::SIGTSTP]
+        } else {
+            &[]
+        }
+    }
+
+    /// The terminal sent SIGTSTP (Ctrl-Z) to the wrapper's group, which has the caller's
+    /// terminal: the command stopped. The caller's job would have stopped with it, and the
+    /// shell taken the terminal back: the terminal goes back to the caller's group, which is
+    /// sent SIGTSTP. The wrapper itself does not stop (it would never be continued: the shell
+    /// continues the caller's group); it waits for the caller to be continued
+    /// ([`Group::resume_if_continued`]).
+    pub(super) fn terminal_stop(&self) {
+        let Some(t) = &self.terminal else {
+            return;
+        };
+        // SAFETY: tcgetpgrp, tcsetpgrp, getppid, getpgid and kill take plain values.
+        unsafe {
+            if libc::tcgetpgrp(t.fd) == self.me {
+                without_sigttou(|| libc::tcsetpgrp(t.fd, t.old));
+            }
+            if libc::getpgid(libc::getppid()) == t.old {
+                libc::kill(-t.old, libc::SIGTSTP);
+            }
+        }
+        self.stopped.set(Some((Instant::now(), false)));
+    }
+
+    /// When to look again whether the caller was continued, while the command is stopped.
+    pub(super) fn suspended_wake(&self) -> Option<Instant> {
+        self.stopped
+            .get()
+            .map(|_| Instant::now() + Duration::from_millis(100))
+    }
+
+    /// After a Ctrl-Z: once the caller's job runs again (the shell's `fg` or `bg`, seen as the
+    /// wrapper's parent no longer stopped), the command is continued too, and given the
+    /// terminal again if the caller has it (`fg`).
+    pub(super) fn resume_if_continued(&self) {
+        let (Some((since, seen)), Some(t)) = (self.stopped.get(), &self.terminal) else {
+            return;
+        };
+        // SAFETY: getppid takes nothing.
+        let parent = unsafe { libc::getppid() };
+        let state = std::fs::read_to_string(format!("/proc/{parent}/stat"))
+            .ok()
+            .and_then(|s| {
+                s[s.rfind(')')? + 1..]
+                    .split_whitespace()
+                    .next()
+                    .and_then(|w| w.chars().next())
+            });
+        let parent_stopped = matches!(state, Some('T'));
+        if parent_stopped {
+            self.stopped.set(Some((since, true)));
+            return;
+        }
+        // A caller that does not stop (it ignores SIGTSTP) is taken as continued at once.
+        if !seen && since.elapsed() < Duration::from_millis(500) {
+            return;
+        }
+        self.stopped.set(None);
+        // SAFETY: tcgetpgrp, tcsetpgrp and kill take plain values; SIGCONT to the wrapper's
+        // own group reaches the wrapper too, which is running: no effect on it.
+        unsafe {
+            if libc::tcgetpgrp(t.fd) == t.old {
+                without_sigttou(|| libc::tcsetpgrp(t.fd, self.me));
+            }
+            libc::kill(-self.me, libc::SIGCONT);
         }
     }
 
