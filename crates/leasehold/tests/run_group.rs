@@ -243,6 +243,15 @@ until("in-group", 2)
 os.write(fd, b"\x03")
 until("round int")
 os.waitpid(pid, 0)
+# The rest of what the child wrote, up to the terminal's end (EIO once it is gone).
+while True:
+    try:
+        b = os.read(fd, 4096)
+    except OSError:
+        break
+    if not b:
+        break
+    out += b
 sys.stdout.write(out.decode(errors="replace"))
 "#;
 
@@ -382,12 +391,30 @@ until("go")
 os.write(fd, b"one\n")
 until("one\r\none")
 os.write(fd, b"\x1a")
-until("job-stopped")
+until("job-stopped True")
 os.write(fd, b"two\n")
-until("two\r\ntwo")
+# The terminal's echo, then the command's copy once it runs again.
+end = time.time() + 30
+while out.count(b"two") < 2:
+    if time.time() > end:
+        sys.stdout.write(out.decode(errors="replace"))
+        os.kill(pid, signal.SIGKILL)
+        sys.exit("timed out waiting for the command to read on")
+    r, _, _ = select.select([fd], [], [], 0.1)
+    if r:
+        out += os.read(fd, 4096)
 os.write(fd, b"\x04")
 until("job-exit")
 os.waitpid(pid, 0)
+# The rest of what the child wrote, up to the terminal's end (EIO once it is gone).
+while True:
+    try:
+        b = os.read(fd, 4096)
+    except OSError:
+        break
+    if not b:
+        break
+    out += b
 sys.stdout.write(out.decode(errors="replace"))
 "#;
 
