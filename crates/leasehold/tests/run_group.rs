@@ -203,12 +203,51 @@ fn a_writer_left_running_by_the_command_is_killed_and_the_release_is_dirty() {
     assert!(!a.is_dirty("disk"));
 }
 
+/// What both pseudo-terminal drivers share, put before each: the imports, `until` (wait for
+/// the child to have written `word` `count` times, else print what it wrote, kill it and
+/// fail) and `finish` (read the rest, up to the terminal's end, and print it all).
+const PTY_TOOLS: &str = r#"
+import os, pty, select, signal, subprocess, sys, time
+lh = sys.argv[1]
+out = b""
+def until(word, count=1, limit=30):
+    global out
+    end = time.time() + limit
+    while out.count(word.encode()) < count:
+        if time.time() > end:
+            sys.stdout.write(out.decode(errors="replace"))
+            os.kill(pid, signal.SIGKILL)
+            sys.exit("timed out waiting for " + word)
+        r, _, _ = select.select([fd], [], [], 0.1)
+        if r:
+            out += os.read(fd, 4096)
+def finish():
+    global out
+    # The rest of what the child wrote, up to the terminal's end (EIO once it is gone).
+    while True:
+        try:
+            b = os.read(fd, 4096)
+        except OSError:
+            break
+        if not b:
+            break
+        out += b
+    sys.stdout.write(out.decode(errors="replace"))
+"#;
+
+/// Runs a pseudo-terminal driver (after [`PTY_TOOLS`]) against the agent at `socket`.
+fn drive_pty(driver: &str, socket: &std::path::Path) -> std::process::Output {
+    std::process::Command::new("python3")
+        .args(["-c", &format!("{PTY_TOOLS}{driver}\nfinish()\n"), bin()])
+        .env("LEASEHOLD_SOCKET", socket)
+        .output()
+        .unwrap()
+}
+
 /// Drives `leasehold run ... -- sh -c 'print pgid and tpgid; exec cat'` under a pseudo-terminal
 /// whose session leader is a Python process (the wrapper is not a group leader there, as in a
 /// script run from a shell): first EOF (Ctrl-D), then Ctrl-C. Prints what it saw.
 const PTY_DRIVER: &str = r#"
-import os, pty, select, signal, subprocess, sys, time
-lh = sys.argv[1]
 pid, fd = pty.fork()
 if pid == 0:
     got = []
@@ -222,18 +261,6 @@ if pid == 0:
         print("round", round, "status", st, "fg-back", os.tcgetpgrp(0) == os.getpgrp(),
               "parent-sigint", len(got) > 0, flush=True)
     os._exit(0)
-out = b""
-def until(word, count=1, limit=30):
-    global out
-    end = time.time() + limit
-    while out.count(word.encode()) < count:
-        if time.time() > end:
-            sys.stdout.write(out.decode(errors="replace"))
-            os.kill(pid, signal.SIGKILL)
-            sys.exit("timed out waiting for " + word)
-        r, _, _ = select.select([fd], [], [], 0.1)
-        if r:
-            out += os.read(fd, 4096)
 until("in-group")
 os.write(fd, b"ping\n")
 until("ping\r\nping")
@@ -243,16 +270,6 @@ until("in-group", 2)
 os.write(fd, b"\x03")
 until("round int")
 os.waitpid(pid, 0)
-# The rest of what the child wrote, up to the terminal's end (EIO once it is gone).
-while True:
-    try:
-        b = os.read(fd, 4096)
-    except OSError:
-        break
-    if not b:
-        break
-    out += b
-sys.stdout.write(out.decode(errors="replace"))
 "#;
 
 /// Under a terminal, the command reads it and gets its Ctrl-C as before; it runs in the group
@@ -261,11 +278,7 @@ sys.stdout.write(out.decode(errors="replace"))
 #[test]
 fn under_a_terminal_the_command_reads_it_and_gets_ctrl_c_and_the_terminal_comes_back() {
     let a = Agent::start();
-    let out = std::process::Command::new("python3")
-        .args(["-c", PTY_DRIVER, bin()])
-        .env("LEASEHOLD_SOCKET", &a.socket)
-        .output()
-        .unwrap();
+    let out = drive_pty(PTY_DRIVER, &a.socket);
     let shown = text(&out.stdout);
     assert!(out.status.success(), "{shown}\n{}", text(&out.stderr));
     let words: Vec<&str> = shown.split_whitespace().collect();
@@ -358,8 +371,6 @@ fn a_run_past_its_safe_until_kills_the_writer_its_command_started() {
 /// `leasehold run -- cat`) in its own group with the terminal, waits for it to stop or end,
 /// and on a stop continues it in the foreground (`fg`).
 const PTY_JOB_DRIVER: &str = r#"
-import os, pty, select, signal, subprocess, sys, time
-lh = sys.argv[1]
 pid, fd = pty.fork()
 if pid == 0:
     signal.signal(signal.SIGTTOU, signal.SIG_IGN)
@@ -375,18 +386,6 @@ if pid == 0:
     os.tcsetpgrp(0, os.getpgrp())
     print("job-exit", os.waitstatus_to_exitcode(st), flush=True)
     os._exit(0)
-out = b""
-def until(word, limit=30):
-    global out
-    end = time.time() + limit
-    while word.encode() not in out:
-        if time.time() > end:
-            sys.stdout.write(out.decode(errors="replace"))
-            os.kill(pid, signal.SIGKILL)
-            sys.exit("timed out waiting for " + word)
-        r, _, _ = select.select([fd], [], [], 0.1)
-        if r:
-            out += os.read(fd, 4096)
 until("go")
 os.write(fd, b"one\n")
 until("one\r\none")
@@ -406,16 +405,6 @@ while out.count(b"two") < 2:
 os.write(fd, b"\x04")
 until("job-exit")
 os.waitpid(pid, 0)
-# The rest of what the child wrote, up to the terminal's end (EIO once it is gone).
-while True:
-    try:
-        b = os.read(fd, 4096)
-    except OSError:
-        break
-    if not b:
-        break
-    out += b
-sys.stdout.write(out.decode(errors="replace"))
 "#;
 
 /// Ctrl-Z on a script running `leasehold run` from a shell: the job stops (the wrapper hands
@@ -425,11 +414,7 @@ sys.stdout.write(out.decode(errors="replace"))
 #[test]
 fn ctrl_z_stops_the_job_running_run_and_fg_continues_the_command() {
     let a = Agent::start();
-    let out = std::process::Command::new("python3")
-        .args(["-c", PTY_JOB_DRIVER, bin()])
-        .env("LEASEHOLD_SOCKET", &a.socket)
-        .output()
-        .unwrap();
+    let out = drive_pty(PTY_JOB_DRIVER, &a.socket);
     let shown = text(&out.stdout);
     assert!(out.status.success(), "{shown}\n{}", text(&out.stderr));
     assert!(shown.contains("job-stopped True"), "{shown}");
