@@ -175,64 +175,7 @@ fn parse_state(stat: &str) -> Option<char> {
         .next()
 }
 
-/// The fields of a `/proc/PID/stat` line that place a process in its family: its parent, its
-/// process group, and whether anything of it still runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Family {
-    ppid: u32,
-    pgrp: u32,
-    /// Exited: a zombie (or dead) with no thread left running. A process whose main thread
-    /// exited while others run shows as a zombie too, with those threads counted.
-    exited: bool,
-}
-
-/// Fields 3 (state), 4 (ppid), 5 (pgrp) and 20 (threads) of a `/proc/PID/stat` line.
-fn parse_family(stat: &str) -> Option<Family> {
-    let mut f = stat[stat.rfind(')')? + 1..].split_whitespace();
-    let state = f.next()?.chars().next()?;
-    let ppid = f.next()?.parse().ok()?;
-    let pgrp = f.next()?.parse().ok()?;
-    let threads: u32 = f.nth(14)?.parse().ok()?;
-    Some(Family {
-        ppid,
-        pgrp,
-        exited: matches!(state, 'Z' | 'X') && threads <= 1,
-    })
-}
-
-/// The processes of process group `pgid`, and the children of `parent` when given, that have
-/// not exited (zombies do not count), other than the calling process: one pass over `/proc`.
-///
-/// # Errors
-/// When `/proc` cannot be listed (out of descriptors): nothing is known then, and the caller
-/// must not take the group for empty.
-pub fn group_members(pgid: u32, parent: Option<u32>) -> std::io::Result<Vec<u32>> {
-    let me = std::process::id();
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc")? {
-        let Some(pid) = entry?
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        // A process gone meanwhile has no stat: it is not a member any more.
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        if let Some(f) = parse_family(&stat)
-            && !f.exited
-            && (f.pgrp == pgid || parent == Some(f.ppid))
-        {
-            found.push(pid);
-        }
-    }
-    Ok(found)
-}
+pub use leasehold_api::host::group_members;
 
 /// SIGKILLs every process of process group `pgid` but the calling process. Returns whether the
 /// group had any member to signal.
@@ -436,8 +379,8 @@ mod tests {
         use std::os::unix::process::CommandExt;
         let stat = "7 (a b) Z 1 7 7 0 -1 0 0 0 0 0 0 0 0 0 20 0 3 0 5 0 0";
         assert_eq!(
-            parse_family(stat),
-            Some(Family {
+            leasehold_api::host::parse_family(stat),
+            Some(leasehold_api::host::Family {
                 ppid: 1,
                 pgrp: 7,
                 // A zombie main thread with two threads left: something still runs.

@@ -13,7 +13,7 @@
 
 use std::time::{Duration, Instant};
 
-use leasehold_agent::procfs::group_members;
+use leasehold_api::host::group_members;
 
 use crate::Failure;
 
