@@ -36,24 +36,24 @@ impl Drop for Writer {
     }
 }
 
-/// The wrapper SIGKILLed while its command (a shell) waits for the writer it started: the
-/// agent kills the writer before it ends the lease, so when another process is granted the
-/// disk the writer is already dead. (Before: the parent-death signal killed the shell only;
-/// the writer wrote on while the disk was granted to the next.)
-#[test]
-fn a_killed_wrappers_writer_is_dead_before_the_disk_is_granted_again() {
-    let a = Agent::start();
+/// Starts `run --exclusive disk -- sh -c COMMAND_STARTING_A_WRITER` on agent `a`, with the
+/// wrapper's stderr as given, and waits until the writer has recorded its pid.
+fn run_with_writer(a: &Agent, stderr: Stdio) -> (std::process::Child, Writer) {
     let pidfile = a.path("writer.pid");
-    let mut wrapper = a
+    let wrapper = a
         .cli()
         .args(["run", "--exclusive", "disk", "--", "sh", "-c"])
         .arg(command_starting_a_writer(&pidfile))
+        .stderr(stderr)
         .spawn()
         .unwrap();
     let writer = Writer(wait_pid_file(&pidfile, Duration::from_secs(10)));
-    assert_eq!(a.holders("disk"), vec![u64::from(wrapper.id())]);
-    let _ = wrapper.kill();
-    let _ = wrapper.wait();
+    (wrapper, writer)
+}
+
+/// Acquires "disk" (accepting it dirty) for a new holder, trying again while the answer is one
+/// of `not_yet` (3: held; 5: agent not back yet); any other refusal fails the test.
+fn grant_to_next(a: &Agent, not_yet: &[i32]) -> Holder {
     let next = Holder::new();
     wait_until(
         "the disk is granted to the next",
@@ -68,11 +68,26 @@ fn a_killed_wrappers_writer_is_dead_before_the_disk_is_granted_again() {
             ]);
             match code(&out) {
                 0 => true,
-                3 => false,
+                c if not_yet.contains(&c) => false,
                 _ => panic!("acquire: {}", text(&out.stderr)),
             }
         },
     );
+    next
+}
+
+/// The wrapper SIGKILLed while its command (a shell) waits for the writer it started: the
+/// agent kills the writer before it ends the lease, so when another process is granted the
+/// disk the writer is already dead. (Before: the parent-death signal killed the shell only;
+/// the writer wrote on while the disk was granted to the next.)
+#[test]
+fn a_killed_wrappers_writer_is_dead_before_the_disk_is_granted_again() {
+    let a = Agent::start();
+    let (mut wrapper, writer) = run_with_writer(&a, Stdio::inherit());
+    assert_eq!(a.holders("disk"), vec![u64::from(wrapper.id())]);
+    let _ = wrapper.kill();
+    let _ = wrapper.wait();
+    let _next = grant_to_next(&a, &[3]);
     assert!(
         !alive(writer.0),
         "the writer still runs while the disk is granted to another process"
@@ -92,15 +107,7 @@ fn a_killed_wrappers_writer_is_dead_before_the_disk_is_granted_again() {
 #[test]
 fn a_wrapper_that_died_while_the_agent_was_down_has_its_writer_killed_at_restart() {
     let mut a = Agent::start();
-    let pidfile = a.path("writer.pid");
-    let mut wrapper = a
-        .cli()
-        .args(["run", "--exclusive", "disk", "--", "sh", "-c"])
-        .arg(command_starting_a_writer(&pidfile))
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let writer = Writer(wait_pid_file(&pidfile, Duration::from_secs(10)));
+    let (mut wrapper, writer) = run_with_writer(&a, Stdio::null());
     a.kill9();
     let _ = wrapper.kill();
     let _ = wrapper.wait();
@@ -109,25 +116,7 @@ fn a_wrapper_that_died_while_the_agent_was_down_has_its_writer_killed_at_restart
         "nothing kills the writer while the agent is down"
     );
     a.spawn();
-    let next = Holder::new();
-    wait_until(
-        "the disk is granted to the next",
-        Duration::from_secs(10),
-        || {
-            let out = a.lh(&[
-                "acquire",
-                "disk",
-                "--accept-dirty",
-                "--pid",
-                &next.pid_arg(),
-            ]);
-            match code(&out) {
-                0 => true,
-                3 | 5 => false,
-                _ => panic!("acquire: {}", text(&out.stderr)),
-            }
-        },
-    );
+    let _next = grant_to_next(&a, &[3, 5]);
     assert!(
         !alive(writer.0),
         "the writer still runs while the disk is granted to another process"
@@ -139,15 +128,7 @@ fn a_wrapper_that_died_while_the_agent_was_down_has_its_writer_killed_at_restart
 #[test]
 fn a_force_released_runs_writer_is_killed() {
     let a = Agent::start();
-    let pidfile = a.path("writer.pid");
-    let mut wrapper = a
-        .cli()
-        .args(["run", "--exclusive", "disk", "--", "sh", "-c"])
-        .arg(command_starting_a_writer(&pidfile))
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let writer = Writer(wait_pid_file(&pidfile, Duration::from_secs(10)));
+    let (mut wrapper, writer) = run_with_writer(&a, Stdio::null());
     expect_code(&a.lh(&["force-release", "disk", "--reason", "test"]), 0);
     // The agent kills the wrapper (and its group), or the wrapper, told first, kills its
     // command and the group itself.
@@ -312,15 +293,7 @@ fn a_fence_kills_the_writer_a_runs_command_started() {
     let etcd = leasehold_testkit::Etcd::start();
     let prefix = format!("/group{}/", std::process::id());
     let a = Agent::on_etcd("host-a", &etcd.endpoint(), &prefix, &[], &[]);
-    let pidfile = a.path("writer.pid");
-    let mut wrapper = a
-        .cli()
-        .args(["run", "--exclusive", "disk", "--", "sh", "-c"])
-        .arg(command_starting_a_writer(&pidfile))
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let writer = Writer(wait_pid_file(&pidfile, Duration::from_secs(10)));
+    let (mut wrapper, writer) = run_with_writer(&a, Stdio::null());
     etcd.stop();
     wait_until("the agent fences", Duration::from_secs(15), || {
         a.log().contains("fenced (SIGKILLed)")
@@ -344,15 +317,7 @@ fn a_run_past_its_safe_until_kills_the_writer_its_command_started() {
     let etcd = leasehold_testkit::Etcd::start();
     let prefix = format!("/group-hung{}/", std::process::id());
     let mut a = Agent::on_etcd("host-a", &etcd.endpoint(), &prefix, &[], &[]);
-    let pidfile = a.path("writer.pid");
-    let mut wrapper = a
-        .cli()
-        .args(["run", "--exclusive", "disk", "--", "sh", "-c"])
-        .arg(command_starting_a_writer(&pidfile))
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let writer = Writer(wait_pid_file(&pidfile, Duration::from_secs(10)));
+    let (mut wrapper, writer) = run_with_writer(&a, Stdio::piped());
     let mut err = Lines::new(wrapper.stderr.take().unwrap());
     a.kill9();
     // A listener that never accepts: connections queue, requests are never answered.
