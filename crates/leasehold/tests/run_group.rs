@@ -340,8 +340,13 @@ pid, fd = pty.fork()
 if pid == 0:
     signal.signal(signal.SIGTTOU, signal.SIG_IGN)
     script = lh + ' run --exclusive disk -- sh -c "echo go; exec cat"; echo job-done $?'
-    job = subprocess.Popen(["sh", "-c", script], preexec_fn=os.setpgrp)
-    os.tcsetpgrp(0, job.pid)
+    def job_start():
+        # The job takes the terminal in its child, before it runs: a tcsetpgrp by this parent
+        # after Popen returns may come after `run` handed the terminal to its own group, and
+        # take it back (the command then stops on SIGTTIN).
+        os.setpgrp()
+        os.tcsetpgrp(0, os.getpid())
+    job = subprocess.Popen(["sh", "-c", script], preexec_fn=job_start)
     _, st = os.waitpid(job.pid, os.WUNTRACED)
     os.tcsetpgrp(0, os.getpgrp())
     print("job-stopped", os.WIFSTOPPED(st), flush=True)
