@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::{Etcd, EtcdError, authed};
+use super::{Etcd, EtcdCode, EtcdError, authed};
 use crate::etcd::pb::etcdserverpb as rpc;
 
 /// What one etcd member says of itself and of the cluster's alarms.
@@ -80,13 +80,26 @@ impl Etcd {
         })
     }
 
-    /// The revision up to which the history is compacted (0: none), read by watching `key`
-    /// from revision 1: etcd answers such a watch with its compacted revision. Waits at most
-    /// `wait` for that answer; no answer means no compaction.
+    /// The revision up to which the history is compacted (0: none).
+    ///
+    /// A read of `key` at revision 1 says whether anything is compacted: it is refused as
+    /// "compacted" then, and costs etcd an index lookup either way. Only then is the number
+    /// read, by watching `key` from revision 1: etcd cancels such a watch at once, with its
+    /// compacted revision. Never a watch from revision 1 over an uncompacted history: etcd
+    /// would catch it up by reading the whole history from its database, under the lock its
+    /// writes take (measured on one member with 60,000 revisions of 1.5 KB: a put's latency
+    /// rose from 12 ms to 576 ms at most while 50 such watches caught up; every agent asks
+    /// once a round, at once). Waits at most `wait` for the watch's answer; no answer means
+    /// no compaction.
     ///
     /// # Errors
-    /// An [`EtcdError`] when the watch cannot be created.
+    /// An [`EtcdError`] when the read fails otherwise, or the watch cannot be created.
     pub async fn compacted_revision(&self, key: Vec<u8>, wait: Duration) -> Result<i64, EtcdError> {
+        match self.range(key.clone(), Vec::new(), 1).await {
+            Ok(_) => return Ok(0),
+            Err(e) if e.code() == Some(EtcdCode::Compacted) => {}
+            Err(e) => return Err(e),
+        }
         let mut stream = self.watch(key, Vec::new(), 1).await?;
         let found = tokio::time::timeout(wait, async {
             loop {
@@ -142,5 +155,76 @@ impl Etcd {
         })
         .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::io::{Read, Write};
+
+    use super::*;
+
+    /// How many watch streams `endpoint`'s member has opened, from its `/metrics`.
+    fn watch_streams_opened(endpoint: &str) -> u64 {
+        let addr = endpoint.trim_start_matches("http://");
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        write!(
+            c,
+            "GET /metrics HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut text = String::new();
+        c.read_to_string(&mut text).unwrap();
+        text.lines()
+            .find(|l| {
+                l.starts_with("grpc_server_started_total{") && l.contains("grpc_method=\"Watch\"")
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|n| n.parse::<f64>().ok())
+            .map_or(0, |n| n as u64)
+    }
+
+    /// Regression (the 50-agent fill stall): asking for the compacted revision of an
+    /// uncompacted history opened a watch from revision 1, which etcd catches up by reading
+    /// the whole history under its write lock; every agent asked once a round. Now a read at
+    /// revision 1 answers "nothing compacted" without a watch, and a watch is opened only
+    /// to learn the number once something is compacted (etcd cancels it at once).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_compacted_revision_is_read_without_a_watch_over_the_history() {
+        let etcd = leasehold_testkit::Etcd::start();
+        let client = Etcd::connect(&[etcd.endpoint()], Duration::from_secs(5)).unwrap();
+        let key = format!("/compacted-{}/k", std::process::id()).into_bytes();
+        let mut revision = 0;
+        for i in 0..20 {
+            let t = super::super::Txn::new().put(key.clone(), vec![b'v'; i + 1], None);
+            revision = client.txn(t).await.unwrap().revision;
+        }
+        let before = watch_streams_opened(&etcd.endpoint());
+        assert_eq!(
+            client
+                .compacted_revision(key.clone(), Duration::from_secs(5))
+                .await
+                .unwrap(),
+            0
+        );
+        assert_eq!(
+            watch_streams_opened(&etcd.endpoint()),
+            before,
+            "a watch was opened to learn that nothing is compacted"
+        );
+        client.compact(revision - 5).await.unwrap();
+        assert_eq!(
+            client
+                .compacted_revision(key.clone(), Duration::from_secs(5))
+                .await
+                .unwrap(),
+            revision - 5
+        );
+        assert!(
+            watch_streams_opened(&etcd.endpoint()) > before,
+            "the metric this test reads did not count the watch that learns the number"
+        );
     }
 }
