@@ -48,6 +48,9 @@ use tracing::{info, warn};
 use super::client::{Etcd, EtcdCode, EtcdError, MemberStatus, Txn, prefix_end};
 use super::keys::{KeyKind, Keys, Record};
 
+/// How many keys of the records' range the forget pass reads at a time.
+pub const FORGET_PAGE: i64 = 1000;
+
 /// The share of the quota from which a warning is logged.
 pub const WARN_AT: f64 = 0.75;
 
@@ -621,7 +624,12 @@ impl Keeper {
         }
     }
 
-    /// Deletes free, clean records unchanged for `forget_after`.
+    /// Deletes free, clean records unchanged for `forget_after`, reading the records a page
+    /// of [`FORGET_PAGE`] keys at a time, only those unchanged since (etcd leaves out the
+    /// rest): a whole prefix in one answer is a large read for etcd and the agent at a
+    /// million resources. Each record is deleted by a transaction that compares its mod
+    /// revision and that it has no held key, no waiter and no grace, so a record that
+    /// changed, or a resource that got a holder, a waiter or a grace meanwhile, stays.
     async fn forget(&mut self) -> Result<(), EtcdError> {
         let Some(after) = self.opts.forget_after else {
             return Ok(());
@@ -629,46 +637,48 @@ impl Keeper {
         let Some(before) = self.revision_before(after) else {
             return Ok(());
         };
-        let prefix = self.keys.prefix().as_bytes().to_vec();
-        let (kvs, _) = self
-            .etcd
-            .range(prefix.clone(), prefix_end(&prefix), 0)
-            .await?;
-        // Resources with waiters or a grace stay.
-        let mut busy = BTreeSet::new();
-        for kv in &kvs {
-            if let Some(KeyKind::Waiter(r) | KeyKind::Grace(r) | KeyKind::Held(r, _)) =
-                self.keys.parse(&kv.key)
-            {
-                busy.insert(r);
-            }
-        }
+        let from = self.keys.resources();
+        let end = prefix_end(&from);
+        let mut start = from;
         let mut forgotten = 0;
-        for kv in &kvs {
-            let Some(KeyKind::Resource(r)) = self.keys.parse(&kv.key) else {
-                continue;
-            };
-            if kv.mod_revision > before || busy.contains(&r) {
-                continue;
+        loop {
+            let (kvs, more) = self
+                .etcd
+                .range_page(start.clone(), end.clone(), FORGET_PAGE, before)
+                .await?;
+            for kv in &kvs {
+                let Some(KeyKind::Resource(r)) = self.keys.parse(&kv.key) else {
+                    continue;
+                };
+                // Damaged records and markers stay: they are refused until an operator acts.
+                let Ok(rec) = Record::decode(&kv.value) else {
+                    continue;
+                };
+                if !rec.state.holders().is_empty()
+                    || rec.state.dirty().is_some()
+                    || rec.reserved_for.is_some()
+                    || rec.state.kept_for_resume()
+                {
+                    continue;
+                }
+                let waiters = self.keys.waiters(&r);
+                let waiters_end = prefix_end(&waiters);
+                let t = Txn::new()
+                    .if_mod_revision(kv.key.clone(), kv.mod_revision)
+                    .if_none_created_after(self.keys.held_of(&r), self.keys.resource_end(&r), 0)
+                    .if_none_created_after(waiters, waiters_end, 0)
+                    .if_none_created_after(self.keys.grace(&r), Vec::new(), 0)
+                    .delete(kv.key.clone());
+                if self.etcd.txn(t).await?.succeeded {
+                    forgotten += 1;
+                }
             }
-            // Damaged records and markers stay: they are refused until an operator acts.
-            let Ok(rec) = Record::decode(&kv.value) else {
-                continue;
-            };
-            if !rec.state.holders().is_empty()
-                || rec.state.dirty().is_some()
-                || rec.reserved_for.is_some()
-                || rec.state.kept_for_resume()
-            {
-                continue;
-            }
-            let hp = self.keys.held_of(&r);
-            let t = Txn::new()
-                .if_mod_revision(kv.key.clone(), kv.mod_revision)
-                .if_none_created_after(hp, self.keys.resource_end(&r), 0)
-                .delete(kv.key.clone());
-            if self.etcd.txn(t).await?.succeeded {
-                forgotten += 1;
+            match kvs.last() {
+                Some(last) if more => {
+                    start = last.key.clone();
+                    start.push(0);
+                }
+                _ => break,
             }
         }
         if forgotten > 0 {

@@ -367,6 +367,39 @@ impl Etcd {
         Ok((r.kvs, r.header.map_or(0, |h| h.revision)))
     }
 
+    /// Reads at most `limit` keys of `[key, range_end)`, in key order, leaving out keys
+    /// changed after `max_mod_revision` (0: none left out). Returns the keys and whether more
+    /// are in the range after the last one returned. For walking a large range a page at a
+    /// time: etcd holds one answer in memory whole, and builds it in one read.
+    ///
+    /// # Errors
+    /// An [`EtcdError`].
+    pub async fn range_page(
+        &self,
+        key: Vec<u8>,
+        range_end: Vec<u8>,
+        limit: i64,
+        max_mod_revision: i64,
+    ) -> Result<(Vec<KeyValue>, bool), EtcdError> {
+        self.count_kv_request();
+        let req = rpc::RangeRequest {
+            key,
+            range_end,
+            limit,
+            max_mod_revision,
+            ..Default::default()
+        };
+        let r = self
+            .retrying("range", |t| {
+                let mut kv = self.kv.clone();
+                let req = req.clone();
+                async move { kv.range(authed(req, t.as_ref())).await }
+            })
+            .await?
+            .into_inner();
+        Ok((r.kvs, r.more))
+    }
+
     /// Runs a transaction. Returns whether the compares held, the responses, and the
     /// revision after it.
     ///

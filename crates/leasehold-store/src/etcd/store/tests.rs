@@ -890,3 +890,79 @@ async fn a_handover_stays_reserved_against_a_view_that_has_not_seen_the_waiter()
         .unwrap();
     assert_eq!(grants[0].resource, disk);
 }
+
+/// The forget pass reads the records a page at a time ([`crate::etcd::history::FORGET_PAGE`]
+/// keys): free, clean records on every page are forgotten, and a held one among them stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forgetting_walks_the_records_page_by_page() {
+    use crate::etcd::client::{Etcd as Client, Txn, prefix_end};
+    use crate::etcd::history::FORGET_PAGE;
+    use crate::etcd::keys::Keys;
+
+    let etcd = Etcd::start();
+    let mut o = EtcdOptions::new(vec![etcd.endpoint()]);
+    o.prefix = format!("/unit-{}-forget-pages/", std::process::id());
+    o.history.compact_every = Some(Duration::from_secs(1));
+    o.history.forget_after = Some(Duration::from_secs(1));
+    let keys = Keys::new(&o.prefix);
+    let client = Client::connect(&[etcd.endpoint()], Duration::from_secs(5)).unwrap();
+    let free = usize::try_from(FORGET_PAGE).unwrap() * 2 + 100;
+    let names: Vec<String> = (0..free).map(|i| format!("r{i:05}")).collect();
+    for chunk in names.chunks(100) {
+        let mut t = Txn::new();
+        for n in chunk {
+            t = t.put(
+                keys.resource(&res(n)),
+                br#"{"holders":[],"last_token":1}"#.to_vec(),
+                None,
+            );
+        }
+        assert!(client.txn(t).await.unwrap().succeeded);
+    }
+    let s = EtcdStore::open(HostId::new("a").unwrap(), o).await.unwrap();
+    let holder = Owner::new(s.host().clone(), 10, 1);
+    let kept = res(&names[free / 2]);
+    s.acquire(AcquireSpec::new(
+        holder.clone(),
+        [(kept.clone(), Mode::Exclusive)],
+    ))
+    .await
+    .unwrap();
+    let from = keys.resources();
+    let count = || async {
+        client
+            .range(from.clone(), prefix_end(&from), 0)
+            .await
+            .unwrap()
+            .0
+            .len()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    // One pass forgets them all: the pass, not later rounds, walks every page.
+    let first = loop {
+        let forgotten = s.etcd_health().unwrap().forgotten;
+        if forgotten > 0 {
+            break forgotten;
+        }
+        assert!(std::time::Instant::now() < deadline, "nothing forgotten");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(first, free as u64 - 1);
+    // The held record and its held key are all that is left.
+    while count().await > 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} keys left of {free} free records",
+            count().await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (left, _) = client
+        .range(from.clone(), prefix_end(&from), 0)
+        .await
+        .unwrap();
+    assert_eq!(left[0].key, keys.resource(&kept));
+    let view = s.inspect(kept.clone()).await.unwrap().unwrap();
+    assert_eq!(view.holders.len(), 1, "{view:?}");
+    assert_eq!(view.holders[0].owner, holder);
+}
