@@ -349,21 +349,14 @@ impl Etcd {
         range_end: Vec<u8>,
         revision: i64,
     ) -> Result<(Vec<KeyValue>, i64), EtcdError> {
-        self.count_kv_request();
-        let req = rpc::RangeRequest {
-            key,
-            range_end,
-            revision,
-            ..Default::default()
-        };
         let r = self
-            .retrying("range", |t| {
-                let mut kv = self.kv.clone();
-                let req = req.clone();
-                async move { kv.range(authed(req, t.as_ref())).await }
+            .range_with(rpc::RangeRequest {
+                key,
+                range_end,
+                revision,
+                ..Default::default()
             })
-            .await?
-            .into_inner();
+            .await?;
         Ok((r.kvs, r.header.map_or(0, |h| h.revision)))
     }
 
@@ -381,23 +374,29 @@ impl Etcd {
         limit: i64,
         max_mod_revision: i64,
     ) -> Result<(Vec<KeyValue>, bool), EtcdError> {
-        self.count_kv_request();
-        let req = rpc::RangeRequest {
-            key,
-            range_end,
-            limit,
-            max_mod_revision,
-            ..Default::default()
-        };
         let r = self
+            .range_with(rpc::RangeRequest {
+                key,
+                range_end,
+                limit,
+                max_mod_revision,
+                ..Default::default()
+            })
+            .await?;
+        Ok((r.kvs, r.more))
+    }
+
+    /// One range request, counted and retried.
+    async fn range_with(&self, req: rpc::RangeRequest) -> Result<rpc::RangeResponse, EtcdError> {
+        self.count_kv_request();
+        Ok(self
             .retrying("range", |t| {
                 let mut kv = self.kv.clone();
                 let req = req.clone();
                 async move { kv.range(authed(req, t.as_ref())).await }
             })
             .await?
-            .into_inner();
-        Ok((r.kvs, r.more))
+            .into_inner())
     }
 
     /// Runs a transaction. Returns whether the compares held, the responses, and the
