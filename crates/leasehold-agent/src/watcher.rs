@@ -468,12 +468,30 @@ impl<S: Store> Watcher<S> {
     /// A group with the holder's pid as its id was made by the holder: the kernel gives no
     /// new process a pid still in use as a group id. When another process has that pid now
     /// (it was reused while the agent was not running), the holder's group was gone before
-    /// that, and the group with that id is the new process's: left alone.
+    /// that, and the group with that id is the new process's: left alone. (One case is not
+    /// told apart: the pid reused while the agent was down by a process that led a group and
+    /// exited before the agent came back, its group living on; a cgroup names its holder
+    /// exactly, see [`crate::cgroup`].)
+    ///
+    /// A holder that released every lease before it died held nothing at its death: what it
+    /// started afterwards (a script's long jobs after `leasehold release`) is left alone.
     async fn kill_group_of(&self, process: &ProcessKey) {
         let pid = process.pid;
         if crate::procfs::start_time(pid).is_ok_and(|t| t != process.start_time)
-            || !crate::procfs::kill_group(pid)
+            || crate::procfs::group_gone(pid)
         {
+            self.set_draining(process, false);
+            return;
+        }
+        if self.store.holds_any(process).await == Some(false) {
+            info!(
+                pid,
+                "holder exited leading a process group after releasing every lease: what it started is left running"
+            );
+            self.set_draining(process, false);
+            return;
+        }
+        if !crate::procfs::kill_group(pid) {
             self.set_draining(process, false);
             return;
         }

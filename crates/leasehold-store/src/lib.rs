@@ -468,6 +468,15 @@ pub trait Store: Send + Sync + 'static {
         None
     }
 
+    /// Whether `process` holds a lease here now: `Some(false)` once it released (or handed
+    /// over) every lease, `None` when the store cannot tell without asking its backend, or
+    /// cannot answer. The agent leaves alone what an exited holder started when it held
+    /// nothing any more at its death.
+    fn holds_any(&self, process: &ProcessKey) -> impl Future<Output = Option<bool>> + Send {
+        let known = self.local_holders().map(|h| h.contains(process));
+        async move { known }
+    }
+
     /// The leases of [`Store::local_holders`], by process, as far as this store knows them
     /// without asking its backend; `None` when it keeps no such index. A process is given
     /// `None` when the lease of one of its resources is not known here yet (its record not

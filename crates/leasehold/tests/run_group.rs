@@ -393,3 +393,125 @@ fn ctrl_z_stops_the_job_running_run_and_fg_continues_the_command() {
     assert!(a.holders("disk").is_empty());
     assert!(!a.is_dirty("disk"));
 }
+
+/// A shell script leading its own process group (a job, a service) that runs `SCRIPT` (with
+/// `$LH` the CLI, aimed at agent `a`), then starts a long job recording its pid in
+/// `job.pid` and exits 0; returns the job, once recorded and the script has exited.
+fn script_leaving_a_job(a: &Agent, script: &str) -> Writer {
+    use std::os::unix::process::CommandExt;
+    let pidfile = a.path("job.pid");
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "{script}\nsleep 3600 & echo $! > {}; exit 0",
+            pidfile.display()
+        ))
+        .env("LH", bin())
+        .env("LEASEHOLD_SOCKET", &a.socket)
+        .process_group(0)
+        .status()
+        .unwrap();
+    assert!(status.success(), "the script failed: {status}");
+    Writer(wait_pid_file(&pidfile, Duration::from_secs(10)))
+}
+
+/// A script leading its group that took a lease and released it before starting its long
+/// job: at its exit it held nothing, so the agent leaves the job running. (Before: the agent
+/// SIGKILLed the group of every group-leading holder at its exit, and the job died.)
+#[test]
+fn a_group_leader_that_released_everything_keeps_its_jobs_at_exit() {
+    let a = Agent::start();
+    let job = script_leaving_a_job(
+        &a,
+        r#""$LH" acquire disk > /dev/null || exit 9; "$LH" release disk || exit 8"#,
+    );
+    a.wait_logged_mono_ns(&["after releasing every lease", "left running"]);
+    assert!(alive(job.0), "the job of a holder that held nothing died");
+    assert!(
+        !a.log().contains("SIGKILLed its process group"),
+        "{}",
+        a.log()
+    );
+    assert!(a.holders("disk").is_empty() && !a.is_dirty("disk"));
+}
+
+/// The same script without the release: it still held the lease at its exit, so its job is
+/// killed before the lease ends (dirty), as a `run` wrapper's writer is.
+#[test]
+fn a_group_leader_that_died_holding_a_lease_has_its_jobs_killed_first() {
+    let a = Agent::start();
+    let job = script_leaving_a_job(&a, r#""$LH" acquire disk > /dev/null || exit 9"#);
+    let _next = grant_to_next(&a, &[3]);
+    assert!(
+        !alive(job.0),
+        "the job still runs while the disk is granted to another process"
+    );
+    let v = a.inspect("disk").unwrap();
+    assert_eq!(v["last_ended"]["how"], "process-died", "{v}");
+    assert!(
+        a.log().contains("SIGKILLed its process group"),
+        "{}",
+        a.log()
+    );
+}
+
+/// Starts `sh -c 'sleep 3600 & exec sleep 3600'` leading its own process group with pid `pid`
+/// (free now), by setting the pid namespace's last pid just below it (root): tried until no
+/// other process of the machine takes the pid first.
+fn group_leader_with_pid(pid: u32) -> std::process::Child {
+    use std::os::unix::process::CommandExt;
+    require_root("sets /proc/sys/kernel/ns_last_pid to give a dead holder's pid to a new process");
+    for _ in 0..500 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).unwrap();
+        let mut c = std::process::Command::new("sh")
+            .args(["-c", "sleep 3600 & exec sleep 3600"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        if c.id() == pid {
+            return c;
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    panic!("pid {pid} was never given to the new process (taken by others each time)");
+}
+
+/// A holder that died while the agent was down, its pid reused meanwhile by a new process
+/// leading its own group (with a child): the restarted agent ends the dead holder's lease and
+/// leaves the new process's group alone (its leader's start time is not the holder's).
+#[test]
+fn a_dead_holders_pid_reused_by_a_group_leader_is_left_alone_at_restart() {
+    let mut a = Agent::start();
+    let mut holder = Holder::new();
+    let pid = holder.pid();
+    expect_code(&a.lh(&["acquire", "disk", "--pid", &holder.pid_arg()]), 0);
+    a.kill9();
+    holder.kill9();
+    let mut leader = group_leader_with_pid(pid);
+    wait_until(
+        "the new group has two members",
+        Duration::from_secs(10),
+        || leasehold_api::host::group_members(pid, None).is_ok_and(|m| m.len() == 2),
+    );
+    a.spawn();
+    wait_until(
+        "the dead holder's lease ends",
+        Duration::from_secs(10),
+        || a.holders("disk").is_empty(),
+    );
+    let members = leasehold_api::host::group_members(pid, None).unwrap();
+    // SAFETY: kill(2) on the group this test made; no memory is involved.
+    unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
+    let _ = leader.wait();
+    assert_eq!(
+        members.len(),
+        2,
+        "the new process's group was killed: {members:?}"
+    );
+    assert!(
+        !a.log().contains("SIGKILLed its process group"),
+        "{}",
+        a.log()
+    );
+}

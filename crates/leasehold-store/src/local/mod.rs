@@ -137,6 +137,10 @@ enum Cmd {
     List {
         reply: Reply<Vec<ResourceView>>,
     },
+    HoldsAny {
+        process: ProcessKey,
+        reply: Reply<bool>,
+    },
     Counts {
         reply: Reply<crate::Counts>,
     },
@@ -467,6 +471,13 @@ impl Store for LocalStore {
 
     async fn list(&self) -> Result<Vec<ResourceView>, StoreError> {
         self.call(|reply| Cmd::List { reply }).await
+    }
+
+    async fn holds_any(&self, process: &ProcessKey) -> Option<bool> {
+        let process = process.clone();
+        self.call(|reply| Cmd::HoldsAny { process, reply })
+            .await
+            .ok()
     }
 
     async fn counts(&self) -> Result<crate::Counts, StoreError> {

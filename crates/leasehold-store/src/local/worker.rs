@@ -380,6 +380,10 @@ impl Worker {
                 let v = self.engine.view(&resource, now);
                 defer(answers, reply, Ok(v));
             }
+            Cmd::HoldsAny { process, reply } => {
+                let held = self.engine.held_by(&process).next().is_some();
+                defer(answers, reply, Ok(held));
+            }
             Cmd::List { reply } => {
                 let v = self
                     .engine
@@ -534,6 +538,7 @@ pub(super) fn refuse(cmd: Cmd, e: &StoreError, orphans: &mut Vec<(ResourceName, 
         Cmd::Inspect { reply, .. } => drop(reply.send(Err(e))),
         Cmd::Conflict { reply, .. } => drop(reply.send(Err(e))),
         Cmd::List { reply } => drop(reply.send(Err(e))),
+        Cmd::HoldsAny { reply, .. } => drop(reply.send(Err(e))),
         Cmd::Counts { reply } => drop(reply.send(Err(e))),
         Cmd::ReleaseOrphans(v) => orphans.extend(v),
         Cmd::Abandon(_) | Cmd::Shutdown => {}
