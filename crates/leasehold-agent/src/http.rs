@@ -360,6 +360,7 @@ fn acquire_line(out: Out, delivery: &Arc<Delivery>) -> v1::AcquireEvent {
             owner,
             delivered,
             safe_until,
+            containment,
         } => {
             // The grant counts once the client has read it from the socket; one that closed
             // without (a withdrawn wait) does not get it, and the grant is undone.
@@ -376,6 +377,7 @@ fn acquire_line(out: Out, delivery: &Arc<Delivery>) -> v1::AcquireEvent {
                 grants: grants.iter().map(Into::into).collect(),
                 owner: (&owner).into(),
                 safe_until_monotonic_ns: safe_until,
+                containment,
             }
         }
         Out::Safe(until_monotonic_ns) => v1::AcquireEvent::Safe { until_monotonic_ns },

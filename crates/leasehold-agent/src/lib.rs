@@ -28,6 +28,7 @@ use tracing::{info, warn};
 
 mod accounts;
 mod before_fence;
+pub mod cgroup;
 pub mod config;
 mod delivery;
 pub mod fence;
@@ -167,6 +168,16 @@ pub async fn serve<S: Store>(
 ) -> Result<(), AgentError> {
     let store = Arc::new(store);
     let watcher = Watcher::new(store.clone());
+    // Before re-adopting: a holder that died meanwhile has its cgroup killed first.
+    let cgroups =
+        cgroup::Cgroups::open(&config.cgroup_root).map_err(|message| ConfigError::Invalid {
+            field: "cgroup-root",
+            message,
+        })?;
+    if let Some(c) = cgroups {
+        info!(base = %c.base().display(), "containment of run commands: a cgroup each");
+        watcher.set_cgroups(c);
+    }
     let holds = Arc::new(holds::Holds::default());
     let events = tokio::spawn(follow_events(
         store.clone(),
@@ -175,7 +186,8 @@ pub async fn serve<S: Store>(
         config.host_id.clone(),
     ));
     readopt(&store, &watcher).await?;
-    kill_stale(store.stale_holders());
+    watcher.sweep_cgroups();
+    kill_stale(&watcher, store.stale_holders());
     let (deadline_tx, deadline) = tokio::sync::watch::channel(None);
     // Events of the agent itself (fencing), merged into `watch` with the store's.
     let (agent_events, _) = tokio::sync::broadcast::channel(256);
@@ -317,8 +329,10 @@ async fn readopt<S: Store>(store: &Arc<S>, watcher: &Arc<Watcher<S>>) -> Result<
 
 /// Kills processes recorded as holders under an ended session of this host: they hold
 /// nothing any more (the agent was down while its session expired, and nothing fenced them).
-fn kill_stale(stale: Vec<leasehold_core::ProcessKey>) {
+fn kill_stale<S: Store>(watcher: &Watcher<S>, stale: Vec<leasehold_core::ProcessKey>) {
     for p in stale {
+        // What it started, in its cgroup, holds nothing either.
+        watcher.kill_cgroup(&p);
         if let Ok(fd) = procfs::Pidfd::open(p.pid, p.start_time) {
             let killed = fd.signal(rustix::process::Signal::KILL).is_ok();
             warn!(

@@ -8,7 +8,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use leasehold_api::v1::BeforeFence;
+use leasehold_api::v1::{BeforeFence, Containment};
 use leasehold_core::ProcessKey;
 use leasehold_store::Store;
 use rustix::process::Signal;
@@ -51,6 +51,8 @@ pub struct Watcher<S> {
     /// Descriptors kept in reserve, given up to reach a holder that is not watched when it
     /// must be fenced while the agent is out of descriptors.
     reserve: Mutex<Vec<std::fs::File>>,
+    /// Holders' cgroups, when containment by cgroup is on ([`crate::cgroup`]).
+    cgroups: std::sync::OnceLock<crate::cgroup::Cgroups>,
 }
 
 /// How many descriptors the watcher keeps in reserve (a pidfd and a `/proc` read).
@@ -103,7 +105,63 @@ impl<S: Store> Watcher<S> {
                 fill_reserve(&mut r);
                 r
             }),
+            cgroups: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Contains holders that ask for it in cgroups under `c` (set once, at start).
+    pub fn set_cgroups(&self, c: crate::cgroup::Cgroups) {
+        let _ = self.cgroups.set(c);
+    }
+
+    /// How holders that ask for it are contained here.
+    pub fn containment(&self) -> Containment {
+        if self.cgroups.get().is_some() {
+            Containment::Cgroup
+        } else {
+            Containment::Group
+        }
+    }
+
+    /// Moves `process`, a holder that asked for it (the requesting process itself, checked
+    /// by the caller), into a cgroup of its own; how it is contained now. Where that fails
+    /// it stays where it is, contained by its process group, as without cgroups.
+    pub fn contain(&self, process: &ProcessKey) -> Containment {
+        let Some(c) = self.cgroups.get() else {
+            return Containment::Group;
+        };
+        match c.contain(process) {
+            Ok(()) => Containment::Cgroup,
+            Err(why) => {
+                warn!(
+                    pid = process.pid,
+                    why, "cannot give a holder a cgroup: it is contained by its process group only"
+                );
+                Containment::Group
+            }
+        }
+    }
+
+    /// SIGKILLs everything in the cgroup of `process`, if it has one (`cgroup.kill`): a
+    /// fenced or revoked holder, and what it started, wherever it went.
+    pub fn kill_cgroup(&self, process: &ProcessKey) {
+        if let Some(c) = self.cgroups.get() {
+            c.kill(process);
+        }
+    }
+
+    /// At start, after re-adopting: removes the empty cgroups of processes that are gone,
+    /// and says which are not empty (those of holders that died holding leases are being
+    /// killed as their leases end).
+    pub fn sweep_cgroups(&self) {
+        if let Some(c) = self.cgroups.get() {
+            for left in c.sweep() {
+                info!(
+                    cgroup = %left.display(),
+                    "the cgroup of a process that is gone still has processes: killed if that process held leases here, else left alone"
+                );
+            }
+        }
     }
 
     /// How many processes are watched.
@@ -387,7 +445,7 @@ impl<S: Store> Watcher<S> {
     /// holder's once the full disk has room again). `status` is its exit status when it
     /// matters and is known: 0 ends clean the leases whose owner chose `on_exit = status`.
     async fn end_with(&self, process: ProcessKey, status: Option<ExitStatus>) {
-        self.kill_group_of(&process).await;
+        self.kill_what_it_started(&process).await;
         let mut delay = std::time::Duration::from_millis(200);
         // Read after the group is gone: a fence may have come meanwhile.
         let fenced = self.fenced.lock().is_ok_and(|f| f.contains(&process));
@@ -434,6 +492,7 @@ impl<S: Store> Watcher<S> {
                             );
                         }
                     }
+                    self.remove_cgroup(&process);
                     return;
                 }
                 Err(e) if e.is_retryable() => {
@@ -443,6 +502,7 @@ impl<S: Store> Watcher<S> {
                 }
                 Err(e) => {
                     warn!(pid = process.pid, error = %e, "ending the leases of an exited process failed");
+                    self.remove_cgroup(&process);
                     return;
                 }
             }
@@ -459,40 +519,113 @@ impl<S: Store> Watcher<S> {
         }
     }
 
-    /// An exited holder may have led a process group (a `run` wrapper does, so does a shell
-    /// script run as a job, a service's main process): what it started runs in that group
-    /// and may be the real writer, still writing. SIGKILLs the group and waits until nothing
-    /// of it runs; only then may the leases end. A group that never empties (a process stuck
-    /// in uninterruptible sleep) keeps the leases held, loudly.
-    ///
-    /// A group with the holder's pid as its id was made by the holder: the kernel gives no
-    /// new process a pid still in use as a group id. When another process has that pid now
-    /// (it was reused while the agent was not running), the holder's group was gone before
-    /// that, and the group with that id is the new process's: left alone. (One case is not
-    /// told apart: the pid reused while the agent was down by a process that led a group and
-    /// exited before the agent came back, its group living on; a cgroup names its holder
-    /// exactly, see [`crate::cgroup`].)
+    /// What an exited holder started may still run, and may be the real writer: in its
+    /// cgroup (a `run` wrapper's, [`crate::cgroup`]: wherever it went) or in the process
+    /// group it led (a `run` wrapper, a shell script run as a job, a service's main
+    /// process). Both are SIGKILLed, and the leases end only once nothing of them runs.
     ///
     /// A holder that released every lease before it died held nothing at its death: what it
     /// started afterwards (a script's long jobs after `leasehold release`) is left alone.
-    async fn kill_group_of(&self, process: &ProcessKey) {
+    async fn kill_what_it_started(&self, process: &ProcessKey) {
         let pid = process.pid;
-        if crate::procfs::start_time(pid).is_ok_and(|t| t != process.start_time)
-            || crate::procfs::group_gone(pid)
-        {
+        let cgroup = self
+            .cgroups
+            .get()
+            .filter(|c| c.exists(process) && c.populated(process) != Some(false));
+        // A group with the holder's pid as its id was made by the holder: the kernel gives
+        // no new process a pid still in use as a group id. When another process has that
+        // pid now (it was reused while the agent was not running), the holder's group was
+        // gone before that, and the group with that id is the new process's: left alone.
+        // (One case is not told apart: the pid reused while the agent was down by a process
+        // that led a group and exited before the agent came back, its group living on. A
+        // cgroup names its holder exactly.)
+        let group = !crate::procfs::start_time(pid).is_ok_and(|t| t != process.start_time)
+            && !crate::procfs::group_gone(pid);
+        if cgroup.is_none() && !group {
             self.set_draining(process, false);
             return;
         }
         if self.store.holds_any(process).await == Some(false) {
             info!(
                 pid,
-                "holder exited leading a process group after releasing every lease: what it started is left running"
+                "holder exited after releasing every lease: what it started is left running"
             );
             self.set_draining(process, false);
             return;
         }
+        if let Some(c) = cgroup {
+            self.empty_cgroup(c, process).await;
+        }
+        if group {
+            self.kill_group_of(process).await;
+        }
+        self.set_draining(process, false);
+    }
+
+    /// SIGKILLs the cgroup of an exited holder and waits until nothing in it runs
+    /// (`cgroup.events` says `populated 0`). One that never empties keeps the leases held,
+    /// loudly, and the holder counted alive (the watchdog).
+    async fn empty_cgroup(&self, c: &crate::cgroup::Cgroups, process: &ProcessKey) {
+        let pid = process.pid;
+        self.set_draining(process, true);
+        c.kill(process);
+        info!(
+            pid,
+            "holder exited leaving processes in its cgroup: SIGKILLed its cgroup (what it started) before ending its leases"
+        );
+        let started = std::time::Instant::now();
+        let mut delay = std::time::Duration::from_millis(1);
+        let mut warned = false;
+        while c.populated(process) != Some(false) && c.exists(process) {
+            if !warned && started.elapsed() > std::time::Duration::from_secs(2) {
+                warned = true;
+                error!(
+                    pid,
+                    cgroup = %c.path_of(process).display(),
+                    "a dead holder's cgroup survives SIGKILL (stuck in uninterruptible sleep?): its leases stay held until it is empty"
+                );
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(std::time::Duration::from_millis(200));
+        }
+        if warned {
+            warn!(
+                pid,
+                waited_ms = started.elapsed().as_millis() as u64,
+                "the dead holder's cgroup is empty at last; its leases end"
+            );
+        }
+    }
+
+    /// Removes the cgroup of a holder whose leases ended; one still in use (its holder
+    /// released everything and left processes running) is removed once they are gone.
+    fn remove_cgroup(&self, process: &ProcessKey) {
+        let Some(c) = self.cgroups.get() else {
+            return;
+        };
+        if c.remove(process) {
+            return;
+        }
+        let path = c.path_of(process);
+        tokio::spawn(async move {
+            let mut delay = std::time::Duration::from_secs(1);
+            loop {
+                tokio::time::sleep(delay).await;
+                match std::fs::remove_dir(&path) {
+                    Err(e) if e.kind() == std::io::ErrorKind::ResourceBusy => {}
+                    _ => return,
+                }
+                delay = (delay * 2).min(std::time::Duration::from_secs(60));
+            }
+        });
+    }
+
+    /// SIGKILLs the process group an exited holder led ([`Watcher::kill_what_it_started`]
+    /// found it has members) and waits until nothing of it runs. A group that never empties
+    /// (a process stuck in uninterruptible sleep) keeps the leases held, loudly.
+    async fn kill_group_of(&self, process: &ProcessKey) {
+        let pid = process.pid;
         if !crate::procfs::kill_group(pid) {
-            self.set_draining(process, false);
             return;
         }
         self.set_draining(process, true);
@@ -576,6 +709,7 @@ impl<S: Store> Watcher<S> {
             .map(|p| {
                 let sent = self.signal(&p, Signal::KILL) || self.kill_unwatched(&p);
                 self.kill_live_group(&p);
+                self.kill_cgroup(&p);
                 (p, sent)
             })
             .collect()
@@ -586,6 +720,7 @@ impl<S: Store> Watcher<S> {
     pub fn kill_holder(&self, process: &ProcessKey) -> bool {
         let sent = self.signal(process, Signal::KILL);
         self.kill_live_group(process);
+        self.kill_cgroup(process);
         sent
     }
 

@@ -302,6 +302,7 @@ impl Client {
             accept_dirty: o.accept_dirty,
             wait: o.wait.map(v1::Dur),
             hold: o.hold,
+            contain: o.contain,
             ..v1::AcquireRequest::default()
         }
     }
@@ -644,6 +645,7 @@ fn event_of(line: &str) -> Result<AcquireEvent, Error> {
             grants,
             owner,
             safe_until_monotonic_ns,
+            containment,
         } => AcquireEvent::Granted(Granted {
             grants: grants
                 .into_iter()
@@ -652,6 +654,7 @@ fn event_of(line: &str) -> Result<AcquireEvent, Error> {
                 .map_err(Error::protocol)?,
             owner: Owner::try_from(owner).map_err(Error::protocol)?,
             safe_until_monotonic_ns,
+            containment,
         }),
         v1::AcquireEvent::Safe { until_monotonic_ns } => AcquireEvent::Safe { until_monotonic_ns },
         v1::AcquireEvent::Lost { resource, ended } => AcquireEvent::Lost {

@@ -98,6 +98,8 @@ pub struct AcquireOptions {
     pub wait: Option<Duration>,
     /// Keep the stream open to learn of a lost lease (see [`Acquisition::next_event`]).
     pub hold: bool,
+    /// Contain the calling process in a cgroup of its own (the API's `contain`).
+    pub contain: bool,
 }
 
 impl AcquireOptions {
@@ -170,4 +172,6 @@ pub struct Granted {
     /// instant already past: the agent could not confirm its session, do not start writing.
     /// `None` on the local store (no session to lose), and from an agent older than the field.
     pub safe_until_monotonic_ns: Option<u64>,
+    /// For a request with `contain`: how the holder is contained.
+    pub containment: Option<leasehold_api::v1::Containment>,
 }

@@ -55,6 +55,7 @@ pub fn agent(a: AgentArgs, socket: Option<PathBuf>) -> Result<u8, Failure> {
         request_timeout: a.request_timeout,
         etcd_prefix: a.etcd_prefix,
         watchdog: a.watchdog,
+        cgroup_root: a.cgroup_root,
         watchdog_timeout: a.watchdog_timeout,
         etcd_compact_every: a.etcd_compact_every,
         etcd_history: a.etcd_history,
@@ -305,6 +306,7 @@ pub fn acquire(a: AcquireArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> 
             accept_dirty: a.accept_dirty,
             wait,
             hold: false,
+            contain: false,
         },
     )?;
     for grant in &g.grants {

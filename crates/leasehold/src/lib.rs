@@ -303,6 +303,11 @@ struct AgentArgs {
     /// How long the watchdog takes to reset the host [default: 2s]; must be below grace.
     #[arg(long)]
     watchdog_timeout: Option<String>,
+    /// Where `run` commands get a cgroup of their own (killed whole with their holder):
+    /// a cgroup2 directory, `auto` (the agent's own cgroup, when root) or `off` (process
+    /// groups only) [default: auto].
+    #[arg(long, value_name = "PATH|auto|off")]
+    cgroup_root: Option<String>,
     /// How often the agents compact etcd's history, or "off" when etcd's own
     /// --auto-compaction-* does it [default: 1m]
     #[arg(long)]

@@ -80,6 +80,7 @@ pub fn status(json_out: bool, socket: &Option<PathBuf>) -> Result<u8, Failure> {
                 "resources": s.resources, "leases": s.leases, "processes": s.processes,
                 "dirty": s.dirty, "session": s.session, "safe_for_ms": ms_of(s.safe_for),
                 "backend_error": s.backend_error,
+                "containment": s.containment,
                 "host_session": s.host_session.as_ref().map(|h| json!({
                     "lease_id": format!("{:x}", h.lease_id), "ttl_ms": ms(h.ttl.0),
                     "last_renewal_ms_ago": ms_of(h.last_renewal_ago), "safe_for_ms": ms_of(h.safe_for),
@@ -123,6 +124,15 @@ pub fn status(json_out: bool, socket: &Option<PathBuf>) -> Result<u8, Failure> {
         Some(e) => out!("  leases:   unknown: {e}"),
     }
     out!("  session:  {}", s.session);
+    match s.containment {
+        Some(leasehold_api::v1::Containment::Cgroup) => {
+            out!("  run:      each command in a cgroup of its own, killed whole with its wrapper")
+        }
+        Some(leasehold_api::v1::Containment::Group) => out!(
+            "  run:      each command in its wrapper's process group (no cgroups: a command that calls setsid escapes it)"
+        ),
+        None => {}
+    }
     if let Some(h) = &s.host_session {
         let ago = |v: leasehold_api::v1::Dur| {
             humantime::format_duration(Duration::from_millis(ms(v.0))).to_string()

@@ -83,6 +83,11 @@ impl RunArgs {
     }
 }
 
+/// The environment variable that tells the command how it is contained: `cgroup` (a cgroup
+/// of the wrapper's own, which nothing the command starts can leave) or `group` (the
+/// wrapper's process group: a process that calls `setsid` leaves it).
+pub const CONTAINMENT_ENV: &str = "LEASEHOLD_CONTAINMENT";
+
 /// The environment variable that carries the tokens to the command: `NAME=TOKEN,NAME=TOKEN`,
 /// each NAME with `%`, `,` and `=` percent-encoded (see [`token_name`]).
 pub const TOKENS_ENV: &str = "LEASEHOLD_TOKENS";
@@ -137,6 +142,8 @@ pub fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
         accept_dirty: a.check.is_some(),
         wait: crate::wait_option(a.wait),
         hold: true,
+        // A cgroup of its own, before the command starts: nothing it starts can leave it.
+        contain: true,
     };
     // SIGCHLD ignored by whoever started this process (exec keeps that) would have the
     // kernel reap the command and the check itself, their exit status lost: back to default.
@@ -162,6 +169,10 @@ pub fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
         .map(|g| format!("{}={}", token_name(g.resource.as_str()), g.token))
         .collect::<Vec<_>>()
         .join(",");
+    let containment = match granted.containment {
+        Some(leasehold_api::v1::Containment::Cgroup) => "cgroup",
+        _ => "group",
+    };
     let hold = Hold {
         client: client.clone(),
         reattach: AcquireOptions {
@@ -180,7 +191,11 @@ pub fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
         deadline: granted.safe_until_monotonic_ns.map(instant_of_monotonic),
         retry_at: None,
     };
-    let (status, left) = match supervise(&a.command, &tokens, hold, acq, &group)? {
+    let env = [
+        (TOKENS_ENV, tokens.as_str()),
+        (CONTAINMENT_ENV, containment),
+    ];
+    let (status, left) = match supervise(&a.command, &env, hold, acq, &group)? {
         Outcome::Exited { status, left } => (status, left),
         Outcome::NotStarted { prog, error } => {
             // Nothing ran, so nothing was written: release clean.
@@ -485,7 +500,7 @@ fn kill_command(pid: libc::pid_t) -> Result<ExitStatus, Failure> {
 /// signalfd) and the hold stream, with the safe-until as its timeout.
 fn supervise(
     argv: &[std::ffi::OsString],
-    tokens: &str,
+    env: &[(&str, &str)],
     mut hold: Hold,
     acq: Acquisition,
     group: &group::Group,
@@ -524,7 +539,7 @@ fn supervise(
             "the agent did not confirm its host session (etcd) before the command could start, so the leases may not be safe; retry once `leasehold status` shows the session renewed".into(),
         ));
     }
-    let pid = match spawn::spawn(argv, (TOKENS_ENV, tokens), mask) {
+    let pid = match spawn::spawn(argv, env, mask) {
         Ok(pid) => pid,
         Err(error) => {
             return Ok(Outcome::NotStarted {

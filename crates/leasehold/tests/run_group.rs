@@ -515,3 +515,228 @@ fn a_dead_holders_pid_reused_by_a_group_leader_is_left_alone_at_restart() {
         a.log()
     );
 }
+
+/// Fails the test, saying why, unless the agents here can give `run` a cgroup (root, and a
+/// cgroup2 hierarchy with cgroup.kill): a test that cannot run must not pass.
+fn require_cgroups(a: &Agent) {
+    require_root("the agent moves run's wrapper into a cgroup");
+    let out = a.lh(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v["containment"],
+        "cgroup",
+        "this machine gives run no cgroup (cgroup2 with cgroup.kill needed, Linux 5.14): {}",
+        a.log()
+    );
+}
+
+/// `run --exclusive disk -- sh -c 'setsid sh -c "echo $$ > F; exec sleep 3600" & wait'`:
+/// the writer leaves the wrapper's process group and session (a daemonizing launcher does).
+fn run_with_escaping_writer(a: &Agent) -> (std::process::Child, Writer) {
+    let pidfile = a.path("escaped.pid");
+    let wrapper = a
+        .cli()
+        .args(["run", "--exclusive", "disk", "--", "sh", "-c"])
+        .arg(format!(
+            "setsid sh -c 'echo $$ > {}; exec sleep 3600' & wait",
+            pidfile.display()
+        ))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let writer = Writer(wait_pid_file(&pidfile, Duration::from_secs(10)));
+    (wrapper, writer)
+}
+
+/// The writer of [`run_with_escaping_writer`] is in no group of the wrapper's.
+fn assert_escaped(writer: &Writer, wrapper: &std::process::Child) {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", writer.0)).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let pgrp: u32 = after.split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert_ne!(pgrp, wrapper.id(), "the writer did not leave the group");
+}
+
+/// The wrapper SIGKILLed while a writer its command started has left its process group
+/// (setsid): the agent kills the wrapper's cgroup, writer included, before it ends the lease.
+/// (Before: the writer escaped the group kill and wrote on while the disk was granted again.)
+#[test]
+fn a_killed_wrappers_setsid_writer_is_dead_before_the_disk_is_granted_again() {
+    let a = Agent::start();
+    require_cgroups(&a);
+    let (mut wrapper, writer) = run_with_escaping_writer(&a);
+    assert_escaped(&writer, &wrapper);
+    let _ = wrapper.kill();
+    let _ = wrapper.wait();
+    let _next = grant_to_next(&a, &[3]);
+    assert!(
+        !alive(writer.0),
+        "the setsid writer still runs while the disk is granted to another process"
+    );
+    assert!(a.log().contains("SIGKILLed its cgroup"), "{}", a.log());
+    let v = a.inspect("disk").unwrap();
+    assert_eq!(v["last_ended"]["how"], "process-died", "{v}");
+}
+
+/// The same with the agent down when the wrapper dies: the restarted agent kills the dead
+/// wrapper's cgroup (found by its pid and start time) before it ends the lease.
+#[test]
+fn a_setsid_writer_of_a_wrapper_that_died_while_the_agent_was_down_is_killed_at_restart() {
+    let mut a = Agent::start();
+    require_cgroups(&a);
+    let (mut wrapper, writer) = run_with_escaping_writer(&a);
+    a.kill9();
+    let _ = wrapper.kill();
+    let _ = wrapper.wait();
+    assert!(
+        alive(writer.0),
+        "nothing kills the writer while the agent is down"
+    );
+    a.spawn();
+    let _next = grant_to_next(&a, &[3, 5]);
+    assert!(
+        !alive(writer.0),
+        "the setsid writer still runs while the disk is granted to another process"
+    );
+}
+
+/// A force-released lease: the setsid writer is killed too. (Before: the agent SIGKILLed
+/// the wrapper and its group, and the writer ran on.)
+#[test]
+fn a_force_released_runs_setsid_writer_is_killed() {
+    let a = Agent::start();
+    require_cgroups(&a);
+    let (mut wrapper, writer) = run_with_escaping_writer(&a);
+    expect_code(&a.lh(&["force-release", "disk", "--reason", "test"]), 0);
+    assert!(!wrapper.wait().unwrap().success());
+    wait_until(
+        "the setsid writer is killed",
+        Duration::from_secs(5),
+        || !alive(writer.0),
+    );
+}
+
+/// On etcd, the session lost: the fence kills the wrapper's cgroup, the setsid writer with
+/// it. (Before: the fence killed the wrapper and its group; the writer ran on.)
+#[test]
+fn a_fence_kills_a_runs_setsid_writer() {
+    let etcd = leasehold_testkit::Etcd::start();
+    let prefix = format!("/group-setsid{}/", std::process::id());
+    let a = Agent::on_etcd("host-a", &etcd.endpoint(), &prefix, &[], &[]);
+    require_cgroups(&a);
+    let (mut wrapper, writer) = run_with_escaping_writer(&a);
+    etcd.stop();
+    wait_until("the agent fences", Duration::from_secs(15), || {
+        a.log().contains("fenced (SIGKILLed)")
+    });
+    wait_until("the wrapper is gone", Duration::from_secs(10), || {
+        wrapper.try_wait().unwrap().is_some()
+    });
+    let killed = std::panic::catch_unwind(|| {
+        wait_until(
+            "the setsid writer is killed",
+            Duration::from_secs(5),
+            || !alive(writer.0),
+        )
+    });
+    etcd.cont();
+    assert!(killed.is_ok(), "the setsid writer outlived the fence");
+}
+
+/// `--cgroup-root off`: containment by process group only, as before cgroups: status and the
+/// command say so, and a setsid writer survives its wrapper's SIGKILL (the documented limit).
+#[test]
+fn with_cgroups_off_run_is_contained_by_its_process_group_only() {
+    let a = Agent::start_with(&["--cgroup-root", "off"]);
+    let out = a.lh(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["containment"], "group", "{v}");
+    let out = a.lh(&[
+        "run",
+        "--exclusive",
+        "disk",
+        "--",
+        "sh",
+        "-c",
+        "echo $LEASEHOLD_CONTAINMENT; cat /proc/self/cgroup",
+    ]);
+    expect_code(&out, 0);
+    let said = text(&out.stdout);
+    assert!(said.starts_with("group\n"), "{said}");
+    assert!(!said.contains("/leasehold/"), "{said}");
+    let (mut wrapper, writer) = run_with_escaping_writer(&a);
+    let _ = wrapper.kill();
+    let _ = wrapper.wait();
+    let _next = grant_to_next(&a, &[3]);
+    assert!(alive(writer.0), "without cgroups the setsid writer escapes");
+}
+
+/// A bad --cgroup-root is refused at start, saying what to give instead.
+#[test]
+fn a_cgroup_root_that_is_no_cgroup2_directory_is_refused_at_start() {
+    let a = Agent::unstarted("node1", &["--cgroup-root", "/tmp"], &[]);
+    let out = a.command().output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("cgroup-root") && err.contains("cgroup2") && err.contains("off"),
+        "{err}"
+    );
+}
+
+/// A run as another user (nobody) is contained too, in a cgroup of its own; but nobody may ask
+/// containment for anything but the asking process itself, not even a process of its own.
+#[test]
+fn a_non_root_run_is_contained_and_may_contain_only_itself() {
+    let a = Agent::start_with(&["--socket-group", "nogroup"]);
+    require_cgroups(&a);
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(a.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut run = as_nobody(a.cli());
+    run.args([
+        "run",
+        "--exclusive",
+        "disk",
+        "--",
+        "sh",
+        "-c",
+        "echo $LEASEHOLD_CONTAINMENT; cat /proc/self/cgroup",
+    ]);
+    let out = run.output().unwrap();
+    expect_code(&out, 0);
+    let said = text(&out.stdout);
+    assert!(said.starts_with("cgroup\n"), "{said}");
+    assert!(said.contains("/leasehold/"), "{said}");
+    // A raw request from nobody, asking containment for another process of nobody's.
+    let mut other = as_nobody(std::process::Command::new("sleep"));
+    let mut other = other.arg("3600").spawn().unwrap();
+    let body = format!(
+        r#"{{"items":[{{"resource":"disk2","mode":"exclusive"}}],"pid":{},"contain":true}}"#,
+        other.id()
+    );
+    let script = r#"
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+b = sys.argv[2].encode()
+s.sendall(b"POST /v1/acquire HTTP/1.1\r\nHost: leasehold\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(b) + b)
+out = b""
+while True:
+    d = s.recv(65536)
+    if not d:
+        break
+    out += d
+sys.stdout.write(out.decode())
+"#;
+    let mut py = as_nobody(std::process::Command::new("python3"));
+    py.args(["-c", script]).arg(&a.socket).arg(&body);
+    let out = py.output().unwrap();
+    let _ = other.kill();
+    let _ = other.wait();
+    let answer = text(&out.stdout);
+    assert!(
+        answer.contains("contain is for the calling process itself"),
+        "{answer}\n{}",
+        text(&out.stderr)
+    );
+    assert!(a.holders("disk2").is_empty());
+}

@@ -112,6 +112,8 @@ pub struct Config {
     /// Whether an acquire may ask `on_lost = revoke` (a force-release ends the lease without
     /// killing the holder); `allow-revoke = false` refuses such requests. Default true.
     pub allow_revoke: bool,
+    /// Where holders that ask for it (`leasehold run`) get a cgroup of their own.
+    pub cgroup_root: crate::cgroup::Setting,
 }
 
 /// Why the configuration was refused.
@@ -193,6 +195,8 @@ pub struct FileConfig {
     pub etcd_prefix: Option<String>,
     /// See [`Config::watchdog`].
     pub watchdog: Option<std::path::PathBuf>,
+    /// See [`Config::cgroup_root`]: a cgroup2 directory, `"auto"` or `"off"`.
+    pub cgroup_root: Option<String>,
     /// See [`Config::watchdog_timeout`], as `"5s"`.
     pub watchdog_timeout: Option<String>,
     /// Local backend: free, clean records unchanged this long are forgotten, as `"1h"`, or
@@ -319,6 +323,7 @@ impl FileConfig {
             request_timeout: flags.request_timeout.or(self.request_timeout),
             etcd_prefix: flags.etcd_prefix.or(self.etcd_prefix),
             watchdog: flags.watchdog.or(self.watchdog),
+            cgroup_root: flags.cgroup_root.or(self.cgroup_root),
             watchdog_timeout: flags.watchdog_timeout.or(self.watchdog_timeout),
             forget_after: flags.forget_after.or(self.forget_after),
             etcd_compact_every: flags.etcd_compact_every.or(self.etcd_compact_every),
@@ -410,6 +415,16 @@ impl Config {
                 ),
             });
         }
+        let cgroup_root = f
+            .cgroup_root
+            .as_deref()
+            .map(crate::cgroup::Setting::parse)
+            .transpose()
+            .map_err(|message| ConfigError::Invalid {
+                field: "cgroup-root",
+                message,
+            })?
+            .unwrap_or_default();
         let watchdog_timeout =
             duration("watchdog-timeout", &f.watchdog_timeout)?.unwrap_or(Duration::from_secs(2));
         let forget_after = duration_or_off(
@@ -510,6 +525,7 @@ impl Config {
             etcd_security,
             metrics_listen,
             allow_revoke: f.allow_revoke.unwrap_or(true),
+            cgroup_root,
         };
         c.validate()?;
         Ok(c)

@@ -50,6 +50,8 @@ pub(crate) enum Out {
         /// With a host session: safe until this instant of CLOCK_MONOTONIC, in nanoseconds
         /// ([`safe_until_at_grant`]); `None` without one (the local store).
         safe_until: Option<u64>,
+        /// For a request with `contain`: how the holder is contained.
+        containment: Option<v1::Containment>,
     },
     /// Safe until this instant of CLOCK_MONOTONIC, in nanoseconds.
     Safe(u64),
@@ -187,6 +189,14 @@ impl<S: Store> Service<S> {
             .collect::<Result<Vec<_>, ApiError>>()?;
         let info = self.target(c, r.pid, r.start_time)?;
         refuse_non_process(&info, self.watched(&info))?;
+        // Only the caller's own process may be moved into a cgroup (SPEC G8).
+        if r.contain && c.pid != Some(info.pid) {
+            return Err(super::usage(format!(
+                "contain is for the calling process itself, not pid {}: ask from that process, or without contain",
+                info.pid
+            )));
+        }
+        let contain = r.contain;
         let owner = Owner {
             process: ProcessKey {
                 host: self.config.host_id.clone(),
@@ -288,6 +298,8 @@ impl<S: Store> Service<S> {
                 me.watcher.before_fence(&owner.process, action);
             }
             me.watcher.watch_with(prepared);
+            // Before the grant is answered: the holder starts nothing before it reads it.
+            let containment = contain.then(|| me.watcher.contain(&owner.process));
             for g in grants.iter().filter(|g| !g.existing) {
                 info!(
                     resource = %g.resource,
@@ -316,6 +328,7 @@ impl<S: Store> Service<S> {
                 owner: owner.clone(),
                 delivered,
                 safe_until: me.grant_safe_until().map(crate::fence::monotonic_ns_of),
+                containment,
             };
             let sent = tx.send(granted).await.is_ok();
             // The front end answers once it knows, within a bound, even if the stream closed

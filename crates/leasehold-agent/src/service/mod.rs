@@ -637,6 +637,7 @@ impl<S: Store> Service<S> {
             renewals: self.renewals.recent(),
         });
         v1::StatusResponse {
+            containment: Some(self.watcher.containment()),
             host: self.config.host_id.to_string(),
             backend: self.config.backend.to_string(),
             version: env!("CARGO_PKG_VERSION").to_owned(),

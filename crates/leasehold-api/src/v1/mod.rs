@@ -353,6 +353,24 @@ pub struct AcquireRequest {
     /// waits, and is refused with `moved` otherwise.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub expect_tokens: Vec<ExpectToken>,
+    /// Put the calling process in a cgroup of its own before the grant is answered, so that
+    /// everything it starts afterwards, even a process that leaves its process group
+    /// (`setsid`), is killed with it when it dies holding a lease, is fenced or loses a
+    /// lease (`leasehold run` asks it). Only for the calling process itself: refused for
+    /// another `pid`. Where the agent has no cgroups, the grant says `containment: group`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub contain: bool,
+}
+
+/// What is killed with a holder that dies holding a lease, or is fenced: what it started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Containment {
+    /// Its cgroup: everything it started after the grant, wherever it went.
+    Cgroup,
+    /// The process group it leads, if it leads one (a process that calls `setsid` or
+    /// `setpgid` leaves it).
+    Group,
 }
 
 /// A token an acquire expects to still be a resource's last.
@@ -396,6 +414,9 @@ pub enum AcquireEvent {
         /// (the local store), and from agents older than this field.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         safe_until_monotonic_ns: Option<u64>,
+        /// For a request with `contain`: how the holder is contained.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        containment: Option<Containment>,
     },
     /// The leases are safe until this instant on the host's `CLOCK_MONOTONIC` unless a later
     /// line extends it; a holder that hears nothing newer must stop writing by then.
@@ -737,6 +758,9 @@ pub struct StatusResponse {
     /// etcd's space and history (etcd backend).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub etcd: Option<EtcdStatus>,
+    /// How holders that ask for it (`leasehold run`) are contained; absent from older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub containment: Option<Containment>,
 }
 
 /// Every type of the API, for the schema.

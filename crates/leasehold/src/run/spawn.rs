@@ -77,11 +77,11 @@ fn c_string(s: OsString) -> std::io::Result<CString> {
     })
 }
 
-/// Starts `argv` with the wrapper's environment and `extra` (a variable added or replaced),
+/// Starts `argv` with the wrapper's environment and `extra` (variables added or replaced),
 /// its signal mask `mask`; its pid, or why it could not be run.
 pub(super) fn spawn(
     argv: &[OsString],
-    extra: (&str, &str),
+    extra: &[(&str, &str)],
     mask: libc::sigset_t,
 ) -> std::io::Result<libc::pid_t> {
     let args: Vec<CString> = argv
@@ -96,14 +96,19 @@ pub(super) fn spawn(
     };
     let mut env: Vec<CString> = Vec::new();
     for (k, v) in std::env::vars_os() {
-        if k.as_bytes() != extra.0.as_bytes() {
+        if extra
+            .iter()
+            .all(|(name, _)| k.as_bytes() != name.as_bytes())
+        {
             let mut kv = k.into_vec();
             kv.push(b'=');
             kv.extend_from_slice(v.as_bytes());
             env.push(c_string(OsString::from_vec(kv))?);
         }
     }
-    env.push(c_string(format!("{}={}", extra.0, extra.1).into())?);
+    for (name, value) in extra {
+        env.push(c_string(format!("{name}={value}").into())?);
+    }
     let argv_p: Vec<*const c_char> = args
         .iter()
         .map(|a| a.as_ptr())
