@@ -347,6 +347,14 @@ impl Mirror {
         }
     }
 
+    /// Takes `name` out of the view as the sweep does once it has not been used for
+    /// [`IN_USE`] (for tests: that long again for each).
+    #[cfg(test)]
+    pub(super) fn leave_as_unused(&mut self, name: &ResourceName) {
+        self.recent.remove(name);
+        self.leave(name);
+    }
+
     /// Notes that `names` were just used.
     fn touch<'a>(&mut self, names: impl IntoIterator<Item = &'a ResourceName>) {
         let now = std::time::Instant::now();
@@ -442,6 +450,18 @@ pub(super) enum Fix {
     /// commit was in flight): read it into the view again, and treat what changed since the
     /// record this commit wrote as the watch would have.
     Rejoin(ResourceName, KeyValue),
+    /// A holder of this host is in record `old` and missing from `new`, a later version of
+    /// it read after a gap (a rejoin, or a watcher's keys read again), with possibly other
+    /// versions between: the versions between are read, and the holder is fenced only where
+    /// one of them lost it without an ending. Endings forced between (an admin's
+    /// force-release) are published (the agent kills those holders), and `new`'s own when
+    /// `publish_new` (nothing published them).
+    Confirm {
+        name: ResourceName,
+        old: KeyValue,
+        new: KeyValue,
+        publish_new: bool,
+    },
 }
 
 /// What a group of watchers watches: a resource's three ranges, or `P hosts/` (`None`).
@@ -893,7 +913,7 @@ impl Inner {
                 }
             }
             for (ev, old, publish) in changes {
-                self.after_watch_event(&ev, old, publish);
+                self.after_watch_event(&ev, old, publish, true);
             }
             self.after_applied(later);
         }
@@ -983,7 +1003,7 @@ impl Inner {
     fn after_applied(&self, applied: Vec<Applied>) {
         for (ev, old, publish) in applied {
             match old {
-                Some(old) => self.after_watch_event(&ev, old, publish),
+                Some(old) => self.after_watch_event(&ev, old, publish, false),
                 None if publish => self.publish_only(&ev),
                 None => {}
             }
@@ -1078,11 +1098,14 @@ impl Inner {
     /// What one watch event, already in the mirror (`old` is the key's value before it),
     /// means: this host's session ended, lease events recorded in a resource record, a
     /// lease held here lost outside leasehold, another host's session ended.
+    /// `gap`: `old` may be more than one version before the event (the keys were read again
+    /// after a gap), so a holder it misses is confirmed on the versions between first.
     fn after_watch_event(
         &self,
         ev: &crate::etcd::pb::mvccpb::Event,
         old: Option<KeyValue>,
         publish: bool,
+        gap: bool,
     ) {
         let Some(kv) = &ev.kv else { return };
         let deleted = is_delete(ev);
@@ -1108,7 +1131,8 @@ impl Inner {
                         let _ = self.events.send(e.clone());
                     }
                 }
-                self.check_own_holders(&name, &kv.key, old.as_ref(), new.as_ref());
+                let gap = gap.then_some((kv, false));
+                self.check_own_holders(&name, &kv.key, old.as_ref(), new.as_ref(), gap);
             }
             Some(KeyKind::Host(host)) if !deleted => {
                 lock(&self.ended_hosts, "ended_hosts").remove(&host);
@@ -1133,14 +1157,18 @@ impl Inner {
     /// whose record no longer decodes, without an ending written by leasehold, must not go on
     /// writing. Its lease ends as force-released (the agent kills it), and a record deleted
     /// while held is replaced by a marker, so the resource stays refused until repaired.
+    /// `gap`: `new` is this key (and whether nothing published its events) when it may be
+    /// more than one version after `old`: a holder it misses is then confirmed on the
+    /// versions between ([`Fix::Confirm`]) before anything is fenced.
     pub(super) fn check_own_holders(
         &self,
         name: &ResourceName,
         key: &[u8],
-        old: Option<&KeyValue>,
+        old_kv: Option<&KeyValue>,
         new: Option<&Result<Record, String>>,
+        gap: Option<(&KeyValue, bool)>,
     ) {
-        let Some(old) = old.and_then(|kv| Record::decode(&kv.value).ok()) else {
+        let Some(old) = old_kv.and_then(|kv| Record::decode(&kv.value).ok()) else {
             return;
         };
         let ends = |l: &leasehold_core::Lease, rec: &Record| {
@@ -1164,6 +1192,20 @@ impl Inner {
             })
             .collect();
         if gone.is_empty() {
+            return;
+        }
+        if let (Some((new_kv, publish_new)), Some(old_kv), Some(Ok(_))) = (gap, old_kv, new)
+            && new_kv.mod_revision > old_kv.mod_revision
+        {
+            // Its ending may be in a version between (released here, then taken elsewhere):
+            // fencing on this comparison alone killed healthy holders.
+            self.fixes().push(Fix::Confirm {
+                name: name.clone(),
+                old: old_kv.clone(),
+                new: new_kv.clone(),
+                publish_new,
+            });
+            self.fixes_due.notify_one();
             return;
         }
         let key = String::from_utf8_lossy(key).into_owned();
@@ -1253,15 +1295,38 @@ impl Inner {
     pub(super) async fn apply_fixes(&self) {
         let fixes = std::mem::take(&mut *self.fixes());
         for fix in fixes {
+            if let Fix::Confirm {
+                name,
+                old,
+                new,
+                publish_new,
+            } = &fix
+            {
+                if let Err(e) = self.confirm(name, old, new, *publish_new).await {
+                    warn!(resource = %name, error = %e, "could not read the versions of a record held here yet; retrying");
+                    self.fixes().push(fix);
+                }
+                continue;
+            }
             if let Fix::Rejoin(name, written) = &fix {
                 let names = BTreeSet::from([name.clone()]);
                 match self.read_fresh(&names, &self.etcd.upkeep()).await {
                     Ok((revision, kvs)) => {
+                        // Joined by this read: nothing published the events of the version
+                        // it found.
+                        let joins = !read(&self.mirror, "mirror").has_one(name);
                         self.join_view(&names, revision, &kvs);
                         let now = read(&self.mirror, "mirror").kvs.get(&written.key).cloned();
                         if now.as_ref().map(|kv| kv.mod_revision) != Some(written.mod_revision) {
-                            let new = now.map(|kv| Record::decode(&kv.value));
-                            self.check_own_holders(name, &written.key, Some(written), new.as_ref());
+                            let new = now.as_ref().map(|kv| Record::decode(&kv.value));
+                            let gap = now.as_ref().map(|kv| (kv, joins));
+                            self.check_own_holders(
+                                name,
+                                &written.key,
+                                Some(written),
+                                new.as_ref(),
+                                gap,
+                            );
                         }
                     }
                     Err(e) => {
@@ -1300,11 +1365,99 @@ impl Inner {
                     let _ = self.etcd.lease_revoke(*lease).await;
                     Ok(())
                 }
-                Fix::Rejoin(..) => Ok(()),
+                Fix::Rejoin(..) | Fix::Confirm { .. } => Ok(()),
             };
             if let Err(e) = r {
                 warn!(error = %e, "could not write a repair yet; retrying");
                 self.fixes().push(fix);
+            }
+        }
+    }
+
+    /// See [`Fix::Confirm`]: checks this host's holders in `old` against each version of the
+    /// record after it up to `new`, in order, as the watch would have.
+    async fn confirm(
+        &self,
+        name: &ResourceName,
+        old: &KeyValue,
+        new: &KeyValue,
+        publish_new: bool,
+    ) -> Result<(), StoreError> {
+        let Some(versions) = self.versions_between(old, new).await? else {
+            // The history between is gone (compacted, or the key deleted meanwhile): as the
+            // two versions compare, the safe way.
+            let new_rec = Record::decode(&new.value);
+            if publish_new && let Ok(rec) = &new_rec {
+                self.publish_forced(rec, old);
+            }
+            self.check_own_holders(name, &new.key, Some(old), Some(&new_rec), None);
+            return Ok(());
+        };
+        let mut prev = old.clone();
+        let last = versions.len().saturating_sub(1);
+        for (i, v) in versions.iter().enumerate() {
+            let rec = Record::decode(&v.value);
+            if let Ok(r) = &rec
+                && (i < last || publish_new)
+            {
+                self.publish_forced(r, &prev);
+            }
+            self.check_own_holders(name, &v.key, Some(&prev), Some(&rec), None);
+            prev = v.clone();
+        }
+        Ok(())
+    }
+
+    /// The versions of `new`'s key after `old` up to `new`, oldest first (one read each,
+    /// going back from `new`); `None` when that history cannot be followed.
+    async fn versions_between(
+        &self,
+        old: &KeyValue,
+        new: &KeyValue,
+    ) -> Result<Option<Vec<KeyValue>>, StoreError> {
+        /// More versions than this between are not followed (the safe comparison decides).
+        const MAX_VERSIONS: usize = 1000;
+        let etcd = self.etcd.upkeep();
+        let mut out = vec![new.clone()];
+        let mut at = new.mod_revision;
+        while at > old.mod_revision + 1 && out.len() <= MAX_VERSIONS {
+            let kvs = match etcd.range(new.key.clone(), Vec::new(), at - 1).await {
+                Ok((kvs, _)) => kvs,
+                Err(e) if e.code() == Some(EtcdCode::Compacted) => return Ok(None),
+                Err(e) => return Err(unavailable(e)),
+            };
+            match kvs.into_iter().next() {
+                Some(kv) if kv.mod_revision == old.mod_revision => break,
+                Some(kv) if kv.mod_revision > old.mod_revision => {
+                    at = kv.mod_revision;
+                    out.push(kv);
+                }
+                _ => return Ok(None),
+            }
+        }
+        if out.len() > MAX_VERSIONS {
+            return Ok(None);
+        }
+        out.reverse();
+        Ok(Some(out))
+    }
+
+    /// Publishes the forced endings `rec` records of this host's holders in `prev` (an
+    /// admin's force-release another host wrote: the agent kills those holders).
+    fn publish_forced(&self, rec: &Record, prev: &KeyValue) {
+        let Ok(prev) = Record::decode(&prev.value) else {
+            return;
+        };
+        for e in &rec.events {
+            if let Event::Ended { ended, .. } = e
+                && matches!(ended.how, leasehold_core::EndReason::Forced { .. })
+                && prev.state.holders().iter().any(|l| {
+                    l.owner.process.host == self.host
+                        && l.owner.process == ended.owner.process
+                        && l.token == ended.token
+                })
+            {
+                let _ = self.events.send(e.clone());
             }
         }
     }

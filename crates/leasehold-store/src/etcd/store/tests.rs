@@ -966,3 +966,98 @@ async fn forgetting_walks_the_records_page_by_page() {
     assert_eq!(view.holders.len(), 1, "{view:?}");
     assert_eq!(view.holders[0].owner, holder);
 }
+
+/// A commit that etcd answers after its resources left the view (the answer took longer than
+/// the view keeps a resource used: 10 s) reads them back in and checks this host's holders
+/// against what changed meanwhile, version by version: a holder released here, its resource
+/// then taken by another host, is not fenced (it lost nothing: its ending is in the version
+/// between); a holder another host force-released is (that ending is published, and the agent
+/// kills it). Before, the commit's record was compared with the latest alone, and the holder
+/// of `disk-a` was fenced as one that "lost this lease without an ending": a healthy process
+/// killed (G3's false fence).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_answered_after_its_resources_left_the_view_fences_only_lost_holders() {
+    use leasehold_core::{EndReason, Event};
+    let etcd = Etcd::start();
+    let a = std::sync::Arc::new(open_as(&etcd, "rejoin", "a").await);
+    let b = open_as(&etcd, "rejoin", "b").await;
+    let (disk_a, disk_b) = (res("disk-a"), res("disk-b"));
+    let both = [
+        (disk_a.clone(), Mode::Exclusive),
+        (disk_b.clone(), Mode::Exclusive),
+    ];
+    // Both have records, in a's view: the next acquire is decided from it.
+    let first = Owner::new(a.host().clone(), 9, 1);
+    a.acquire(AcquireSpec::new(first.clone(), both.clone()))
+        .await
+        .unwrap();
+    for r in [&disk_a, &disk_b] {
+        a.release(r.clone(), first.process.clone(), None, ReleaseKind::Clean)
+            .await
+            .unwrap();
+    }
+    let leave = |r: &ResourceName| crate::sync::write(&a.inner.mirror, "mirror").leave_as_unused(r);
+    let holder = Owner::new(a.host().clone(), 10, 1);
+    let mut events = a.subscribe();
+    let mut pause = a.pause_next_commit();
+    let acquiring = {
+        let a = std::sync::Arc::clone(&a);
+        let spec = AcquireSpec::new(holder.clone(), both.clone());
+        tokio::spawn(async move { a.acquire(spec).await })
+    };
+    // etcd granted both; a has not read the answer yet.
+    pause.reached().await;
+    leave(&disk_b);
+    // disk-a: released here (its ending is in that version), then taken by b.
+    a.release(
+        disk_a.clone(),
+        holder.process.clone(),
+        None,
+        ReleaseKind::Clean,
+    )
+    .await
+    .unwrap();
+    b.acquire(AcquireSpec::new(
+        Owner::new(b.host().clone(), 20, 1),
+        [(disk_a.clone(), Mode::Exclusive)],
+    ))
+    .await
+    .unwrap();
+    // disk-b: force-released by b's admin, then taken by b.
+    b.force_release(disk_b.clone(), "taken for b".into(), "root".into())
+        .await
+        .unwrap();
+    b.acquire(
+        AcquireSpec::new(
+            Owner::new(b.host().clone(), 21, 1),
+            [(disk_b.clone(), Mode::Exclusive)],
+        )
+        .accept_dirty(),
+    )
+    .await
+    .unwrap();
+    // Past the view's 10 s: neither is in a's view when the answer is read.
+    leave(&disk_a);
+    pause.resume();
+    acquiring.await.unwrap().unwrap();
+    // The first forced ending of the holder is disk-b's (the two are checked in name order).
+    let resource = loop {
+        let e = tokio::time::timeout(Duration::from_secs(30), events.recv())
+            .await
+            .expect("the force-released holder was never fenced")
+            .unwrap();
+        if let Event::Ended {
+            resource, ended, ..
+        } = e
+            && ended.owner.process == holder.process
+            && let EndReason::Forced { reason, .. } = &ended.how
+        {
+            eprintln!("{resource}: forced: {reason}");
+            break resource;
+        }
+    };
+    assert_eq!(
+        resource, disk_b,
+        "the holder released here, whose resource another host took since, was fenced"
+    );
+}
