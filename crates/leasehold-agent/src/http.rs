@@ -318,7 +318,7 @@ async fn handle<S: Store>(
                 Method::GET => v1::WatchRequest::default(),
                 _ => body(req, Some(v1::WatchRequest::default()), timeout).await?,
             };
-            let rx = service.watch(r.resource)?;
+            let rx = service.watch(r.resource).await?;
             Ok(stream_response(ReceiverStream::new(rx).map(|e| match e {
                 Ok(e) => line(&e),
                 Err(error) => line(&v1::Event {

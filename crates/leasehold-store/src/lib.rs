@@ -441,10 +441,20 @@ pub trait Store: Send + Sync + 'static {
     /// those; see [`Store::subscribe_all`] for every resource's).
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event>;
 
-    /// Every resource's lease events from now on (`leasehold watch`). The etcd store watches
-    /// the whole prefix for them only while a receiver lives.
-    fn subscribe_all(&self) -> tokio::sync::broadcast::Receiver<Event> {
-        self.subscribe()
+    /// Every resource's lease events (`leasehold watch`), after they are durable: returns once
+    /// every event made durable from then on reaches the receiver, in order, with none left
+    /// out. A receiver that cannot be given them all ends instead: it lags (it read too
+    /// slowly), or it is closed while the store runs (the etcd store's watch missed events:
+    /// etcd compacted them); its caller must then read the state again. The etcd store
+    /// watches the whole prefix for them only while a receiver lives.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the backend cannot be followed yet.
+    fn subscribe_all(
+        &self,
+    ) -> impl Future<Output = Result<tokio::sync::broadcast::Receiver<Event>, StoreError>> + Send
+    {
+        std::future::ready(Ok(self.subscribe()))
     }
 
     /// This host's session with a shared backend, for self-fencing; `None` for a store whose

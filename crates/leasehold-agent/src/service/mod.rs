@@ -666,14 +666,15 @@ impl<S: Store> Service<S> {
         }
     }
 
-    /// Lease events as they happen, from the moment this returns; the stream ends with an
-    /// error when it falls behind.
-    pub(crate) fn watch(
+    /// Lease events as they happen, every one from the moment this returns (the backend is
+    /// followed by then); the stream ends with an error when it falls behind or misses
+    /// events.
+    pub(crate) async fn watch(
         &self,
         filter: Option<String>,
     ) -> Result<mpsc::Receiver<Result<v1::Event, ApiError>>, ApiError> {
         let filter = filter.map(resource).transpose()?;
-        let mut events = self.store.subscribe_all();
+        let mut events = self.store.subscribe_all().await.map_err(fault_of)?;
         let mut agent_events = self.agent_events.subscribe();
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
@@ -686,7 +687,12 @@ impl<S: Store> Service<S> {
                             let _ = tx.send(Err(ApiError::new(ErrorCode::Exhausted, msg))).await;
                             return;
                         }
-                        Err(broadcast::error::RecvError::Closed) => return,
+                        Err(broadcast::error::RecvError::Closed) => {
+                            // The store's watch missed events (or the store stopped).
+                            let msg = "watch lost events: the backend no longer has them (etcd compacted its history): watch again, and inspect what you need";
+                            let _ = tx.send(Err(ApiError::new(ErrorCode::Exhausted, msg))).await;
+                            return;
+                        }
                     },
                     e = agent_events.recv() => match e {
                         Ok(e) => vec![e],

@@ -563,7 +563,9 @@ pub struct ListResponse {
 }
 
 /// `POST /v1/watch` (`GET /v1/watch` watches everything). Answered with a stream of
-/// [`Event`] lines.
+/// [`Event`] lines: every event made durable after the answer starts, in order, until an
+/// `error` line says events were missed (the watch fell behind, or etcd compacted what it
+/// was to deliver); then watch again and inspect what you need.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WatchRequest {
@@ -579,7 +581,7 @@ pub struct Event {
     /// granted, released, released-dirty, dirtied, cleaned, handed-over, forced,
     /// process-died, expired (a lease of a lost host), host-session-expired, fenced (this
     /// host's agent killed a holder because its session could not be renewed in time);
-    /// `error` ends a stream that fell behind.
+    /// `error` ends a stream that missed events (it fell behind, or etcd compacted them).
     pub kind: String,
     /// The resource, when the event concerns one.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use leasehold_core::{Ended, Event, ProcessKey, ResourceName};
+use tokio::sync::broadcast;
 use tracing::{debug, warn};
 
 use super::{Inner, json, now_ms, unavailable};
@@ -645,22 +646,29 @@ pub(super) async fn write_fixes(inner: Arc<Inner>) {
 }
 
 /// Watches the whole prefix while anyone wants every resource's events (`leasehold watch`):
-/// publishes the events recorded in every record and every session's end, from when it starts.
-/// Stops when the last receiver has gone.
+/// publishes the events recorded in every record and every session's end, from the revision
+/// its receivers asked for (see [`EtcdStore::subscribe_all`](crate::Store::subscribe_all)),
+/// without a gap: a broken stream is watched again from the revision after the last it
+/// delivered; one that cannot be (etcd compacted that history) closes every receiver, which
+/// tells their callers to read again. Stops when the last receiver has gone.
 pub(super) async fn watch_all(inner: Arc<Inner>) {
-    use std::sync::atomic::Ordering::SeqCst;
     let prefix = inner.keys.prefix().as_bytes().to_vec();
-    // 0: from now.
+    // The next revision to deliver (0: from now; its receivers always ask for one).
     let mut from = 0;
     loop {
-        if inner.all_events.receiver_count() == 0 {
-            inner.watching_all.store(false, SeqCst);
-            // A receiver that came meanwhile found it running: go on for it, unless another
-            // task started since.
-            if inner.all_events.receiver_count() == 0 || inner.watching_all.swap(true, SeqCst) {
+        let tx = {
+            let mut all = lock(&inner.all_events, "all_events");
+            if all.tx.receiver_count() == 0 {
+                all.running = false;
+                all.start = 0;
+                inner.all_from.send_replace(0);
                 return;
             }
-        }
+            if from == 0 {
+                from = std::mem::take(&mut all.start);
+            }
+            all.tx.clone()
+        };
         let mut stream = match inner
             .etcd
             .watch(prefix.clone(), prefix_end(&prefix), from)
@@ -673,6 +681,17 @@ pub(super) async fn watch_all(inner: Arc<Inner>) {
                 continue;
             }
         };
+        // Every event from `from` on comes on this stream (or the gap is said).
+        let covered = |from: i64| {
+            inner.all_from.send_if_modified(|f| {
+                let starts = *f == 0 && from > 0;
+                if starts {
+                    *f = from;
+                }
+                starts
+            });
+        };
+        covered(from);
         loop {
             let msg = tokio::select! {
                 m = stream.message() => match m {
@@ -680,14 +699,28 @@ pub(super) async fn watch_all(inner: Arc<Inner>) {
                     Ok(None) | Err(_) => break,
                 },
                 () = tokio::time::sleep(Duration::from_secs(1)) => {
-                    if inner.all_events.receiver_count() == 0 {
+                    if tx.receiver_count() == 0 {
                         break;
                     }
                     continue;
                 }
+                () = inner.pause_watch_all_asked.notified() => break,
             };
             if msg.compact_revision > 0 {
-                // Too far behind: from now on (the receivers' own lag is theirs to report).
+                // The events from `from` are gone from etcd's history: the receivers are
+                // closed (after the events they have), and told to read again; later ones
+                // are served from a new start.
+                warn!(
+                    from,
+                    compacted = msg.compact_revision,
+                    "the watch of every resource missed events (etcd compacted them); its watchers are told to watch again"
+                );
+                {
+                    let mut all = lock(&inner.all_events, "all_events");
+                    all.tx = broadcast::channel(4096).0;
+                    all.start = 0;
+                }
+                inner.all_from.send_replace(0);
                 from = 0;
                 break;
             }
@@ -697,13 +730,13 @@ pub(super) async fn watch_all(inner: Arc<Inner>) {
                     Some(KeyKind::Resource(_)) if !is_delete(ev) => {
                         if let Ok(rec) = Record::decode(&kv.value) {
                             for e in rec.events {
-                                let _ = inner.all_events.send(e);
+                                let _ = tx.send(e);
                             }
                         }
                     }
                     Some(KeyKind::Host(host)) if is_delete(ev) => {
                         let lease = LeaseId(ev.prev_kv.as_ref().map_or(0, |p| p.lease));
-                        let _ = inner.all_events.send(Event::SessionExpired {
+                        let _ = tx.send(Event::SessionExpired {
                             session: lease.session(),
                             host,
                         });
@@ -713,10 +746,17 @@ pub(super) async fn watch_all(inner: Arc<Inner>) {
             }
             if let Some(h) = &msg.header {
                 from = from.max(h.revision + 1);
+                covered(from);
             }
-            if inner.all_events.receiver_count() == 0 {
+            if tx.receiver_count() == 0 {
                 break;
             }
+        }
+        drop(stream);
+        let pause = lock(&inner.pause_watch_all, "pause_watch_all").take();
+        if let Some((reached, resume)) = pause {
+            let _ = reached.send(());
+            let _ = resume.await;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

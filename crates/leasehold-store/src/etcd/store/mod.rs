@@ -118,10 +118,11 @@ struct Inner {
     session: watch::Sender<SessionState>,
     events: broadcast::Sender<Event>,
     /// Every resource's events, while someone asks (`leasehold watch`): see
-    /// [`mirror::watch_all`].
-    all_events: broadcast::Sender<Event>,
-    /// Whether the watch of the whole prefix for `all_events` runs.
-    watching_all: std::sync::atomic::AtomicBool,
+    /// [`mirror::watch_all`]. Recovered: its fields are set together.
+    all_events: Mutex<AllEvents>,
+    /// The revision from which the watch of every resource has delivered every event to
+    /// `all_events`' receivers (0: it does not run yet, or it missed events and starts again).
+    all_from: watch::Sender<i64>,
     changed: Notify,
     /// This host's waiting requests. A recovered lock (see [`crate::sync`]): each change is one
     /// entry's insertion, removal or fields set together.
@@ -168,6 +169,10 @@ struct Inner {
     /// replaced and taken whole.
     pause_watch: Mutex<Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>>,
     pause_watch_asked: Notify,
+    /// A test hook: the watch of every resource is dropped and stays closed until released.
+    /// Recovered: replaced and taken whole.
+    pause_watch_all: Mutex<Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>>,
+    pause_watch_all_asked: Notify,
     /// A test hook: the next commit stops once etcd answered it, before anything learns of
     /// it, until released. Recovered: replaced and taken whole.
     pause_commit: Mutex<Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>>,
@@ -177,6 +182,18 @@ struct Inner {
     halted: std::sync::OnceLock<crate::Halt>,
     /// Sends commits, several in one transaction when several wait (see [`commit::Batcher`]).
     batcher: commit::Batcher,
+}
+
+/// The receivers of every resource's events (`leasehold watch`), and what their watch is to do.
+struct AllEvents {
+    /// Replaced when the watch missed events (etcd compacted what it was to deliver): its
+    /// receivers are closed, after the events they have.
+    tx: broadcast::Sender<Event>,
+    /// The revision a watch that starts (again, after a gap) starts from: the lowest any
+    /// receiver of `tx` asked for (0: none asked).
+    start: i64,
+    /// Whether the task watching for them runs.
+    running: bool,
 }
 
 /// A fresh snapshot stopped after its first read, or the watch stream closed, for tests that
@@ -290,8 +307,12 @@ impl EtcdStore {
             clock: Clock::new(),
             session,
             events,
-            all_events: broadcast::channel(4096).0,
-            watching_all: std::sync::atomic::AtomicBool::new(false),
+            all_events: Mutex::new(AllEvents {
+                tx: broadcast::channel(4096).0,
+                start: 0,
+                running: false,
+            }),
+            all_from: watch::channel(0).0,
             changed: Notify::new(),
             waiters: Mutex::new(BTreeMap::new()),
             next_waiter: std::sync::atomic::AtomicU64::new(1),
@@ -309,6 +330,8 @@ impl EtcdStore {
             pause_snapshot: Mutex::new(None),
             pause_watch: Mutex::new(None),
             pause_watch_asked: Notify::new(),
+            pause_watch_all: Mutex::new(None),
+            pause_watch_all_asked: Notify::new(),
             pause_commit: Mutex::new(None),
             fixes_due: Notify::new(),
             halted: std::sync::OnceLock::new(),
@@ -368,6 +391,18 @@ impl EtcdStore {
         let (resume, resume_rx) = oneshot::channel();
         *lock(&self.inner.pause_watch, "pause_watch") = Some((reached_tx, resume_rx));
         self.inner.pause_watch_asked.notify_one();
+        SnapshotPause { reached, resume }
+    }
+
+    /// A test hook: drops the watch of every resource (`leasehold watch`'s) now and keeps it
+    /// closed until the returned handle lets it open again (from the revision after the last
+    /// it delivered).
+    #[doc(hidden)]
+    pub fn pause_watch_all(&self) -> SnapshotPause {
+        let (reached_tx, reached) = oneshot::channel();
+        let (resume, resume_rx) = oneshot::channel();
+        *lock(&self.inner.pause_watch_all, "pause_watch_all") = Some((reached_tx, resume_rx));
+        self.inner.pause_watch_all_asked.notify_one();
         SnapshotPause { reached, resume }
     }
 

@@ -408,16 +408,36 @@ impl Store for EtcdStore {
         self.inner.events.subscribe()
     }
 
-    fn subscribe_all(&self) -> broadcast::Receiver<Event> {
-        let rx = self.inner.all_events.subscribe();
-        if !self
-            .inner
-            .watching_all
-            .swap(true, std::sync::atomic::Ordering::SeqCst)
-        {
-            tokio::spawn(super::mirror::watch_all(Arc::clone(&self.inner)));
+    async fn subscribe_all(&self) -> Result<broadcast::Receiver<Event>, StoreError> {
+        let inner = &self.inner;
+        // etcd's revision now: every event after it reaches the receiver.
+        let (_, now) = inner
+            .etcd
+            .range(inner.keys.hosts(), Vec::new(), 0)
+            .await
+            .map_err(unavailable)?;
+        let rx = {
+            let mut all = lock(&inner.all_events, "all_events");
+            let rx = all.tx.subscribe();
+            all.start = match all.start {
+                0 => now + 1,
+                s => s.min(now + 1),
+            };
+            if !all.running {
+                all.running = true;
+                tokio::spawn(super::mirror::watch_all(Arc::clone(inner)));
+            }
+            rx
+        };
+        // Returned once the watch delivers every event from then on.
+        let mut from = inner.all_from.subscribe();
+        let timeout = inner.opts.timeout;
+        match tokio::time::timeout(timeout, from.wait_for(|f| *f > 0 && *f <= now + 1)).await {
+            Ok(Ok(_)) => Ok(rx),
+            _ => Err(StoreError::Unavailable(Cause::new(format!(
+                "the watch of every resource did not start within {timeout:?}; watch again"
+            )))),
         }
-        rx
     }
 
     fn session(&self) -> Option<watch::Receiver<SessionState>> {

@@ -1061,3 +1061,85 @@ async fn a_commit_answered_after_its_resources_left_the_view_fences_only_lost_ho
         "the holder released here, whose resource another host took since, was fenced"
     );
 }
+
+/// `leasehold watch` sees every event after its start: `subscribe_all` returns once the watch
+/// of every resource delivers everything from then on. Before, it returned at once and that
+/// watch started later, from whatever revision etcd had by then: an event made meanwhile was
+/// missed. One thread, and the event made by etcdctl, which blocks it: nothing of the store
+/// runs between the return and the event.
+#[tokio::test(flavor = "current_thread")]
+async fn subscribe_all_receives_every_event_made_after_it_returns() {
+    let etcd = Etcd::start();
+    let a = open_as(&etcd, "watch-start", "a").await;
+    let b = open_as(&etcd, "watch-start", "b").await;
+    let mut all = a.subscribe_all().await.unwrap();
+    // b's session ends: its host key is deleted.
+    let key = String::from_utf8(a.inner.keys.host(b.host())).unwrap();
+    let out = etcd.etcdctl(&["del", &key]);
+    assert!(out.status.success(), "{out:?}");
+    loop {
+        let e = tokio::time::timeout(Duration::from_secs(30), all.recv())
+            .await
+            .expect("the end of b's session, made after subscribe_all returned, was missed")
+            .unwrap();
+        if matches!(&e, leasehold_core::Event::SessionExpired { host, .. } if host == b.host()) {
+            break;
+        }
+    }
+}
+
+/// A watch of every resource that cannot deliver every event (its stream broke, and etcd
+/// compacted the history it was to go on from) ends its receivers, after the events they
+/// have, rather than go on from the present as if nothing had been missed: `leasehold watch`
+/// then tells its client to watch again and inspect. Before, it went on from the present and
+/// the receiver never learned of b's grant and release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_of_every_resource_past_compaction_ends_its_receivers() {
+    use tokio::sync::broadcast::error::RecvError;
+    let etcd = Etcd::start();
+    let a = open_as(&etcd, "watch-gap", "a").await;
+    let b = open_as(&etcd, "watch-gap", "b").await;
+    let mut all = a.subscribe_all().await.unwrap();
+    let mut pause = a.pause_watch_all();
+    pause.reached().await;
+    let other = Owner::new(b.host().clone(), 20, 1);
+    b.acquire(AcquireSpec::new(
+        other.clone(),
+        [(res("disk"), Mode::Exclusive)],
+    ))
+    .await
+    .unwrap();
+    b.release(res("disk"), other.process, None, ReleaseKind::Clean)
+        .await
+        .unwrap();
+    let (_, now) = b
+        .inner
+        .etcd
+        .range(b"x".to_vec(), Vec::new(), 0)
+        .await
+        .unwrap();
+    b.inner.etcd.compact(now).await.unwrap();
+    pause.resume();
+    let got = tokio::time::timeout(Duration::from_secs(30), all.recv())
+        .await
+        .expect("the receiver was never told that its watch missed events");
+    assert!(matches!(got, Err(RecvError::Closed)), "{got:?}");
+    // A new watch starts from its own start.
+    let mut again = a.subscribe_all().await.unwrap();
+    let third = Owner::new(b.host().clone(), 21, 1);
+    b.acquire(AcquireSpec::new(
+        third.clone(),
+        [(res("disk"), Mode::Exclusive)],
+    ))
+    .await
+    .unwrap();
+    loop {
+        let e = tokio::time::timeout(Duration::from_secs(30), again.recv())
+            .await
+            .expect("the new watch missed b's grant")
+            .unwrap();
+        if matches!(&e, leasehold_core::Event::Granted { lease, .. } if lease.owner == third) {
+            break;
+        }
+    }
+}
