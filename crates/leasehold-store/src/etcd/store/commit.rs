@@ -581,16 +581,19 @@ impl Inner {
             })));
         }
         let mut rejoin = Vec::new();
-        let mut to_publish = Vec::new();
         {
             let mut m = write(&self.mirror, "mirror");
             // Durable now: a record's events are published here, unless the watch already
             // delivered (and published) this very revision of it, which it may have before
-            // this answer was read; the watch does not publish them again.
+            // this answer was read; the watch does not publish them again. Under the view's
+            // lock, which the watch publishes under too: a later version the watch delivers
+            // cannot be published before this one.
             for (name, key, events) in published {
                 if !m.delivered(&name, r.revision) {
                     m.published(key, r.revision);
-                    to_publish.extend(events);
+                    for e in events {
+                        let _ = self.events.send(e);
+                    }
                 }
             }
             for name in &guessed {
@@ -625,9 +628,7 @@ impl Inner {
             self.fixes().extend(rejoin);
             self.fixes_due.notify_one();
         }
-        for e in to_publish {
-            let _ = self.events.send(e);
-        }
+        self.pause_published_if_asked().await;
         self.note_holders(engine, &out.changed);
         Ok(Ok(r.revision))
     }

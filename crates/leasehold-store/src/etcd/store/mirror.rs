@@ -951,6 +951,12 @@ impl Inner {
                         }
                     }
                 }
+                for (ev, _, publish) in changes.iter_mut() {
+                    if std::mem::take(publish) {
+                        self.publish_only(ev);
+                    }
+                }
+                self.publish_locked(&mut later);
             }
             for (ev, old, publish) in changes {
                 self.after_watch_event(&ev, old, publish, true);
@@ -1034,9 +1040,22 @@ impl Inner {
     pub(super) fn apply_watch_events(&self, id: i64, events: &[crate::etcd::pb::mvccpb::Event]) {
         let applied = {
             let mut m = write(&self.mirror, "mirror");
-            apply_locked(&mut m, id, events)
+            let mut applied = apply_locked(&mut m, id, events);
+            self.publish_locked(&mut applied);
+            applied
         };
         self.after_applied(applied);
+    }
+
+    /// Publishes the lease events of the record versions in `applied` still to publish, while
+    /// the caller holds the view's lock (a commit publishes under it too, so each resource's
+    /// events go out in the order of its versions), and marks them published.
+    fn publish_locked(&self, applied: &mut [Applied]) {
+        for (ev, _, publish) in applied.iter_mut() {
+            if std::mem::take(publish) {
+                self.publish_only(ev);
+            }
+        }
     }
 
     /// What the events [`apply_locked`] applied mean, in order.
@@ -1121,8 +1140,7 @@ fn apply_locked(
 }
 
 impl Inner {
-    /// Publishes the lease events a record's version recorded (one the mirror has already
-    /// gone past).
+    /// Publishes the lease events a record's version recorded.
     fn publish_only(&self, ev: &crate::etcd::pb::mvccpb::Event) {
         if let Some(kv) = &ev.kv
             && !is_delete(ev)

@@ -176,6 +176,9 @@ struct Inner {
     /// A test hook: the next commit stops once etcd answered it, before anything learns of
     /// it, until released. Recovered: replaced and taken whole.
     pause_commit: Mutex<Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>>,
+    /// A test hook: the next commit stops once it has published its events, until released.
+    /// Recovered: replaced and taken whole.
+    pause_published: Mutex<Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>>,
     /// Wakes the task that writes the repairs in `fixes`.
     fixes_due: Notify,
     /// Why the store halted (a fatal lock was poisoned), once it has.
@@ -333,6 +336,7 @@ impl EtcdStore {
             pause_watch_all: Mutex::new(None),
             pause_watch_all_asked: Notify::new(),
             pause_commit: Mutex::new(None),
+            pause_published: Mutex::new(None),
             fixes_due: Notify::new(),
             halted: std::sync::OnceLock::new(),
             batcher: commit::Batcher::default(),
@@ -403,6 +407,16 @@ impl EtcdStore {
         let (resume, resume_rx) = oneshot::channel();
         *lock(&self.inner.pause_watch_all, "pause_watch_all") = Some((reached_tx, resume_rx));
         self.inner.pause_watch_all_asked.notify_one();
+        SnapshotPause { reached, resume }
+    }
+
+    /// A test hook: the next commit stops once it has written the view and published its
+    /// events, before it returns, until the returned handle lets it go on.
+    #[doc(hidden)]
+    pub fn pause_next_published(&self) -> SnapshotPause {
+        let (reached_tx, reached) = oneshot::channel();
+        let (resume, resume_rx) = oneshot::channel();
+        *lock(&self.inner.pause_published, "pause_published") = Some((reached_tx, resume_rx));
         SnapshotPause { reached, resume }
     }
 

@@ -1143,3 +1143,74 @@ async fn a_watch_of_every_resource_past_compaction_ends_its_receivers() {
         }
     }
 }
+
+/// Subscribers see each resource's events in the order of its versions: this agent's commit
+/// publishes its events under the view's lock, as the watch does. Before, the commit published
+/// after letting that lock go, and the watch could publish the resource's next version (here:
+/// another host's grant) in between: the grant came before the release it followed. The
+/// commit is held right after that point, and a's watch is held back until then (so the
+/// commit, not the watch, publishes the release).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resources_events_are_published_in_the_order_of_its_versions() {
+    use leasehold_core::Event;
+    let etcd = Etcd::start();
+    let a = open_as(&etcd, "in-order", "a").await;
+    let b = open_as(&etcd, "in-order", "b").await;
+    let disk = res("disk");
+    let mine = Owner::new(a.host().clone(), 10, 1);
+    a.acquire(AcquireSpec::new(
+        mine.clone(),
+        [(disk.clone(), Mode::Exclusive)],
+    ))
+    .await
+    .unwrap();
+    // The disk's watchers deliver its record from here on.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !crate::sync::read(&a.inner.mirror, "mirror").delivered(&disk, 0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the disk's watchers were never read in"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut events = a.subscribe();
+    let mut watch = a.pause_watch();
+    watch.reached().await;
+    let mut pause = a.pause_next_published();
+    let released = a.release(disk.clone(), mine.process.clone(), None, ReleaseKind::Clean);
+    let theirs = Owner::new(b.host().clone(), 20, 1);
+    let meanwhile = async {
+        pause.reached().await;
+        // b takes the disk; a's watch, back, delivers that version and publishes its grant.
+        b.acquire(AcquireSpec::new(
+            theirs.clone(),
+            [(disk.clone(), Mode::Exclusive)],
+        ))
+        .await
+        .unwrap();
+        watch.resume();
+        let mut seen = Vec::new();
+        loop {
+            let e = tokio::time::timeout(Duration::from_secs(20), events.recv())
+                .await
+                .expect("b's grant was never published")
+                .unwrap();
+            let granted = matches!(&e, Event::Granted { lease, .. } if lease.owner == theirs);
+            seen.push(e);
+            if granted {
+                break;
+            }
+        }
+        pause.resume();
+        seen
+    };
+    let (released, seen) = tokio::join!(released, meanwhile);
+    released.unwrap();
+    let ended = seen
+        .iter()
+        .position(|e| matches!(e, Event::Ended { ended, .. } if ended.owner == mine));
+    assert!(
+        ended.is_some_and(|i| i + 1 < seen.len()),
+        "b's grant was published before the release it followed: {seen:?}"
+    );
+}
