@@ -3,8 +3,9 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::mpsc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use leasehold_core::{
     AcquireError, AcquireRequest, Acquired, Conflict, Engine, Event, Grant, Mode, Now, Output,
@@ -18,6 +19,7 @@ use super::db::{
 };
 use super::forget::Touched;
 use super::{AcquireReply, Cmd, LocalStoreOptions, Reply, fresh};
+use crate::sync::lock;
 use crate::{Cause, Clock, StoreError};
 
 pub(super) enum Cleanup {
@@ -69,60 +71,227 @@ pub(super) struct Worker {
     pub(super) fresh: bool,
     /// When each record last changed, for forgetting old free ones.
     pub(super) touched: Touched,
+    /// How many write transactions were committed (for the tests).
+    pub(super) commits: u64,
 }
 
 /// How often a store whose database failed tries to open it again.
 pub(super) const RETRY_STORAGE: Duration = Duration::from_millis(500);
 
-impl Worker {
-    pub(super) fn run(mut self, rx: mpsc::Receiver<Cmd>) {
+/// Commands waiting for a commit, and who commits them.
+///
+/// Whoever sets `busy` applies and commits the next batch: the caller of a command when it
+/// finds the store idle (nothing waiting, nothing being committed: its command is committed
+/// on its own thread, with no hand-off to the store thread and back), the store thread
+/// otherwise. Commands that arrive while a batch is committed wait here and go together in
+/// the next one (group commit), which the store thread takes.
+#[derive(Default)]
+pub(super) struct Queue {
+    pub(super) cmds: Vec<Cmd>,
+    /// A batch is being applied and committed.
+    busy: bool,
+    /// When a step is due without any command (a wait's deadline, a sweep, a retry of a
+    /// failed database, grants to release); `None`: only for commands.
+    due: Option<Instant>,
+    /// How many commands the last batch held: a caller commits its own command only when
+    /// that was one (no concurrency seen), so that under load commands share commits.
+    last_batch: usize,
+    /// While the store thread sleeps: until when (`Some(None)`: until woken).
+    sleeping: Option<Option<Instant>>,
+    /// The store has stopped: commands are refused.
+    pub(super) closed: bool,
+}
+
+/// The store's state shared by its thread and its callers.
+pub(super) struct Shared {
+    /// A recovered lock (see `crate::sync`): each change under it is whole.
+    pub(super) queue: Mutex<Queue>,
+    /// Wakes the store thread.
+    wake: Condvar,
+    /// The engine and the database; taken only by whoever set `queue.busy`. A fatal lock:
+    /// a panic while stepping closes the store ([`Committing`]).
+    pub(super) worker: Mutex<Worker>,
+    max_batch: usize,
+    /// The store thread's id in the kernel, once it runs (for the tests: its context switches).
+    pub(super) thread_tid: AtomicI32,
+}
+
+/// Whether `a` comes before `b`, `None` being never.
+fn earlier(a: Option<Instant>, b: Option<Instant>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => a < b,
+        (Some(_), None) => true,
+        (None, _) => false,
+    }
+}
+
+/// Closes the store if a step panics: otherwise `busy` would stay set and every later
+/// command would wait forever.
+struct Committing<'a>(&'a Shared);
+
+impl Drop for Committing<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let mut q = lock(&self.0.queue, "queue");
+            q.closed = true;
+            q.busy = false;
+            q.cmds.clear();
+            drop(q);
+            self.0.wake.notify_one();
+        }
+    }
+}
+
+impl Shared {
+    pub(super) fn new(worker: Worker) -> Shared {
+        let max_batch = worker.options.max_batch.max(1);
+        let due = worker.due();
+        Shared {
+            queue: Mutex::new(Queue {
+                due,
+                ..Queue::default()
+            }),
+            wake: Condvar::new(),
+            worker: Mutex::new(worker),
+            max_batch,
+            thread_tid: AtomicI32::new(0),
+        }
+    }
+
+    /// Hands `cmd` to the store. With `inline`, a command that finds the store idle is
+    /// applied and committed on this thread before this returns (its answer is then ready);
+    /// otherwise it joins the next batch. Refused once the store has stopped.
+    pub(super) fn submit(&self, cmd: Cmd, inline: bool) -> Result<(), StoreError> {
+        let mut q = lock(&self.queue, "queue");
+        if q.closed {
+            return Err(StoreError::Closed);
+        }
+        if inline
+            && !q.busy
+            && q.cmds.is_empty()
+            && q.last_batch <= 1
+            && !matches!(cmd, Cmd::Shutdown)
+        {
+            q.busy = true;
+            drop(q);
+            self.commit(vec![cmd]);
+            return Ok(());
+        }
+        q.cmds.push(cmd);
+        let wake = !q.busy && q.sleeping.is_some();
+        drop(q);
+        if wake {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Applies and commits `batch` (the caller set `busy`), then lets the next one go: the
+    /// store thread is woken if commands wait or a step is due sooner than it sleeps.
+    fn commit(&self, batch: Vec<Cmd>) {
+        let guard = Committing(self);
+        let size = batch.len();
+        let due = {
+            let mut w = self.worker.lock().unwrap_or_else(|poisoned| {
+                // Only a panic while stepping poisons it, and that closed the store.
+                poisoned.into_inner()
+            });
+            w.step(batch);
+            w.due()
+        };
+        drop(guard);
+        let mut q = lock(&self.queue, "queue");
+        q.busy = false;
+        q.due = due;
+        q.last_batch = size;
+        let wake = q
+            .sleeping
+            .is_some_and(|until| !q.cmds.is_empty() || earlier(due, until));
+        drop(q);
+        if wake {
+            self.wake.notify_one();
+        }
+    }
+
+    /// The store thread: commits what callers left waiting, and steps when a deadline is due.
+    pub(super) fn run(&self) {
+        // SAFETY: gettid has no preconditions.
+        self.thread_tid
+            .store(unsafe { libc::gettid() }, Ordering::Relaxed);
         loop {
-            let first = if self.broken.is_some() {
-                match rx.recv_timeout(RETRY_STORAGE) {
-                    Ok(cmd) => Some(cmd),
-                    Err(mpsc::RecvTimeoutError::Timeout) => None,
-                    Err(mpsc::RecvTimeoutError::Disconnected) => return self.shutdown(),
-                }
-            } else if !self.orphans.is_empty() {
-                rx.try_recv().ok()
-            } else {
-                let sweep = self.touched.due(self.options.forget_after);
-                let deadline = match (self.engine.next_deadline(), sweep) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
-                let received = match deadline {
-                    Some(t) => {
-                        let wait = self
-                            .clock
-                            .instant(t)
-                            .saturating_duration_since(std::time::Instant::now());
-                        rx.recv_timeout(wait.max(Duration::from_millis(1)))
+            let batch = {
+                let mut q = lock(&self.queue, "queue");
+                loop {
+                    if q.closed {
+                        return self.stopped(q);
                     }
-                    None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
-                };
-                match received {
-                    Ok(cmd) => Some(cmd),
-                    Err(mpsc::RecvTimeoutError::Timeout) => None,
-                    Err(mpsc::RecvTimeoutError::Disconnected) => return self.shutdown(),
+                    let now = Instant::now();
+                    if !q.busy && (!q.cmds.is_empty() || q.due.is_some_and(|t| t <= now)) {
+                        break;
+                    }
+                    let until = if q.busy { None } else { q.due };
+                    q.sleeping = Some(until);
+                    q = match until {
+                        None => self.wake.wait(q).unwrap_or_else(PoisonError::into_inner),
+                        Some(t) => {
+                            let wait = t.saturating_duration_since(now);
+                            self.wake
+                                .wait_timeout(q, wait.max(Duration::from_millis(1)))
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .0
+                        }
+                    };
+                    q.sleeping = None;
                 }
+                q.busy = true;
+                let n = q.cmds.len().min(self.max_batch);
+                q.cmds.drain(..n).collect::<Vec<_>>()
             };
-            let mut batch: Vec<Cmd> = first.into_iter().collect();
-            while batch.len() < self.options.max_batch {
-                match rx.try_recv() {
-                    Ok(cmd) => batch.push(cmd),
-                    Err(_) => break,
-                }
-            }
             let stop = batch.iter().any(|c| matches!(c, Cmd::Shutdown));
-            self.step(batch);
+            self.commit(batch);
             if stop {
-                return self.shutdown();
+                let mut q = lock(&self.queue, "queue");
+                q.closed = true;
+                return self.stopped(q);
             }
         }
     }
 
-    pub(super) fn shutdown(mut self) {
+    /// After the store stopped: commands still waiting are dropped (their callers learn the
+    /// store closed), waiters are told, and the database is closed.
+    fn stopped(&self, mut q: MutexGuard<'_, Queue>) {
+        let left = std::mem::take(&mut q.cmds);
+        drop(q);
+        drop(left);
+        let mut w = self.worker.lock().unwrap_or_else(PoisonError::into_inner);
+        w.shutdown();
+    }
+}
+
+impl Worker {
+    /// When a step is due without a command.
+    pub(super) fn due(&self) -> Option<Instant> {
+        if self.broken.is_some() {
+            return Some(Instant::now() + RETRY_STORAGE);
+        }
+        if !self.orphans.is_empty() {
+            return Some(Instant::now());
+        }
+        let sweep = self.touched.due(self.options.forget_after);
+        let deadline = match (self.engine.next_deadline(), sweep) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        // At least a millisecond ahead, as the engine counts time: a deadline the engine's
+        // tick has not passed yet is looked at again then, not in a loop.
+        deadline.map(|t| {
+            self.clock
+                .instant(t)
+                .max(Instant::now() + Duration::from_millis(1))
+        })
+    }
+
+    pub(super) fn shutdown(&mut self) {
         for (_, p) in self.pending.drain() {
             let _ = p.reply.send(Err(AcquireError::Cancelled(
                 "the store is shutting down".into(),
@@ -180,7 +349,10 @@ impl Worker {
         // the panic would end the store's thread, and a restarted agent would only panic again.
         let failed = if out.needs_persist() {
             match quietly(|| self.persist(&out)) {
-                Ok(Ok(())) => None,
+                Ok(Ok(())) => {
+                    self.commits += 1;
+                    None
+                }
                 Ok(Err(e)) => Some(StoreError::Storage(
                     Cause::new(format!(
                         "the state database {} could not be written ({e}); nothing of what \
