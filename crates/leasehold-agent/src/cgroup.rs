@@ -61,6 +61,8 @@ impl Setting {
 #[derive(Debug)]
 pub struct Cgroups {
     base: PathBuf,
+    /// Where cgroup2 is mounted: what `/proc/PID/cgroup` paths are relative to.
+    mount: Option<PathBuf>,
 }
 
 /// Whether `path` is on a cgroup2 file system.
@@ -70,14 +72,12 @@ fn is_cgroup2(path: &Path) -> bool {
     rustix::fs::statfs(path).is_ok_and(|s| s.f_type as i64 == CGROUP2_SUPER_MAGIC)
 }
 
-/// The agent's own cgroup on the cgroup2 hierarchy: the mount point of cgroup2 (from
-/// `/proc/self/mountinfo`) joined with the `0::` line of `/proc/self/cgroup`.
-fn own_cgroup() -> Result<PathBuf, String> {
+/// Where the cgroup2 hierarchy is mounted (whole, from its root), from `/proc/self/mountinfo`.
+fn cgroup2_mount() -> Result<PathBuf, String> {
     let info = std::fs::read_to_string("/proc/self/mountinfo")
         .map_err(|e| format!("reading /proc/self/mountinfo: {e}"))?;
     // "36 35 0:30 / /sys/fs/cgroup rw,... shared:9 - cgroup2 cgroup2 rw"
-    let mount = info
-        .lines()
+    info.lines()
         .find_map(|l| {
             let (left, right) = l.split_once(" - ")?;
             let fstype = right.split_whitespace().next()?;
@@ -86,7 +86,13 @@ fn own_cgroup() -> Result<PathBuf, String> {
             let point = f.next()?;
             (fstype == "cgroup2" && root == "/").then(|| PathBuf::from(point))
         })
-        .ok_or("no cgroup2 hierarchy is mounted (a cgroup v1 host)")?;
+        .ok_or_else(|| "no cgroup2 hierarchy is mounted (a cgroup v1 host)".into())
+}
+
+/// The agent's own cgroup on the cgroup2 hierarchy: the mount point of cgroup2 (from
+/// `/proc/self/mountinfo`) joined with the `0::` line of `/proc/self/cgroup`.
+fn own_cgroup() -> Result<PathBuf, String> {
+    let mount = cgroup2_mount()?;
     let me = std::fs::read_to_string("/proc/self/cgroup")
         .map_err(|e| format!("reading /proc/self/cgroup: {e}"))?;
     let own = me
@@ -150,7 +156,8 @@ impl Cgroups {
         if !base.join("cgroup.kill").exists() {
             return Err("this kernel has no cgroup.kill (Linux 5.14 or later needed)".into());
         }
-        Ok(Cgroups { base })
+        let mount = cgroup2_mount().ok().filter(|m| root.starts_with(m));
+        Ok(Cgroups { base, mount })
     }
 
     /// The directory the holders' cgroups are made in.
@@ -168,9 +175,17 @@ impl Cgroups {
     /// (the caller checks): it waits for the answer, so it is alive and is this very process
     /// unless it was killed meanwhile; its start time is checked again after the move.
     ///
+    /// Returns the cgroup it was in, to put it back ([`Cgroups::put_back`]) when it is
+    /// granted nothing after all.
+    ///
     /// # Errors
     /// Why it could not be contained (the caller then answers "group").
-    pub fn contain(&self, process: &ProcessKey) -> Result<(), String> {
+    pub fn contain(&self, process: &ProcessKey) -> Result<Option<PathBuf>, String> {
+        let from = self.mount.as_ref().and_then(|m| {
+            let own = std::fs::read_to_string(format!("/proc/{}/cgroup", process.pid)).ok()?;
+            let rel = own.lines().find_map(|l| l.strip_prefix("0::"))?;
+            Some(m.join(rel.trim_start_matches('/')))
+        });
         let dir = self.path_of(process);
         match std::fs::create_dir(&dir) {
             Ok(()) => {}
@@ -195,7 +210,19 @@ impl Cgroups {
                 process.pid
             ));
         }
-        Ok(())
+        Ok(from.filter(|f| *f != dir))
+    }
+
+    /// Moves `process` back to the cgroup `from` it was in before [`Cgroups::contain`] (it
+    /// was granted nothing), and removes its own.
+    pub fn put_back(&self, process: &ProcessKey, from: &Path) {
+        if crate::procfs::start_time(process.pid).ok() == Some(process.start_time) {
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .open(from.join("cgroup.procs"))
+                .and_then(|mut f| f.write_all(process.pid.to_string().as_bytes()));
+        }
+        self.remove(process);
     }
 
     /// Whether the cgroup of `process` exists.
@@ -270,4 +297,76 @@ fn kill(dir: &Path) -> bool {
         .open(dir.join("cgroup.kill"))
         .and_then(|mut f| f.write_all(b"1"))
         .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(pid: u32) -> ProcessKey {
+        ProcessKey {
+            host: leasehold_core::HostId::new("node1").unwrap(),
+            pid,
+            start_time: crate::procfs::start_time(pid).unwrap(),
+        }
+    }
+
+    /// The cgroups of the agents here (root, cgroup2 with cgroup.kill, as in CI): a test
+    /// that cannot run fails, saying why.
+    fn cgroups() -> Cgroups {
+        assert!(
+            rustix::process::geteuid().is_root(),
+            "this test needs root (it makes cgroups)"
+        );
+        Cgroups::open(&Setting::Auto)
+            .unwrap()
+            .expect("no usable cgroup2 hierarchy here (cgroup2 with cgroup.kill, Linux 5.14)")
+    }
+
+    #[test]
+    fn a_contained_process_is_put_back_where_it_was_when_granted_nothing() {
+        let c = cgroups();
+        let mut child = std::process::Command::new("sleep")
+            .arg("100")
+            .spawn()
+            .unwrap();
+        let p = key(child.id());
+        let before = std::fs::read_to_string(format!("/proc/{}/cgroup", p.pid)).unwrap();
+        let from = c.contain(&p).unwrap();
+        let inside = std::fs::read_to_string(format!("/proc/{}/cgroup", p.pid)).unwrap();
+        assert!(
+            inside.contains(&format!("/leasehold/{}-", p.pid)),
+            "{inside}"
+        );
+        assert_eq!(c.populated(&p), Some(true));
+        c.put_back(&p, &from.unwrap());
+        let after = std::fs::read_to_string(format!("/proc/{}/cgroup", p.pid)).unwrap();
+        assert_eq!(after, before);
+        assert!(!c.exists(&p));
+        // Contained again, then killed whole: the cgroup empties.
+        c.contain(&p).unwrap();
+        assert!(c.kill(&p));
+        child.wait().unwrap();
+        assert_eq!(c.populated(&p), Some(false));
+        assert!(c.remove(&p) && !c.exists(&p));
+    }
+
+    #[test]
+    fn the_sweep_removes_the_empty_cgroups_of_gone_processes_only() {
+        let c = cgroups();
+        let mut gone = std::process::Command::new("true").spawn().unwrap();
+        let gone_key = key(gone.id());
+        gone.wait().unwrap();
+        let me = key(std::process::id());
+        std::fs::create_dir(c.path_of(&gone_key)).unwrap();
+        std::fs::create_dir(c.path_of(&me)).unwrap();
+        let left = c.sweep();
+        assert!(
+            !c.exists(&gone_key),
+            "the empty cgroup of a gone process stays"
+        );
+        assert!(c.exists(&me), "the cgroup of a live process was removed");
+        assert!(!left.contains(&c.path_of(&me)));
+        assert!(c.remove(&me));
+    }
 }

@@ -31,6 +31,10 @@ pub struct Prepared {
     pidfd: Option<Pidfd>,
 }
 
+/// A move into a cgroup under way ([`Watcher::start_containing`]): how the process is
+/// contained, and the cgroup it was in.
+pub struct Containing(tokio::task::JoinHandle<(Containment, Option<std::path::PathBuf>)>);
+
 /// Watches lease-holding processes of this host.
 pub struct Watcher<S> {
     store: Arc<S>,
@@ -123,21 +127,55 @@ impl<S: Store> Watcher<S> {
         }
     }
 
-    /// Moves `process`, a holder that asked for it (the requesting process itself, checked
-    /// by the caller), into a cgroup of its own; how it is contained now. Where that fails
-    /// it stays where it is, contained by its process group, as without cgroups.
-    pub fn contain(&self, process: &ProcessKey) -> Containment {
+    /// Starts moving `process`, a holder that asked for it (the requesting process itself,
+    /// checked by the caller), into a cgroup of its own, on a blocking thread: the move
+    /// waits for an RCU grace period in the kernel (about 1 ms), which this overlaps with
+    /// the store's commit. [`Watcher::contained`] waits for it before the grant is answered;
+    /// [`Watcher::not_contained`] undoes it when nothing was granted.
+    pub fn start_containing(self: &Arc<Self>, process: &ProcessKey) -> Containing {
+        let me = Arc::clone(self);
+        let p = process.clone();
+        Containing(tokio::task::spawn_blocking(move || me.contain(&p)))
+    }
+
+    /// Waits for [`Watcher::start_containing`]: how the holder is contained now. Where the
+    /// move failed it stays where it was, contained by its process group, as without cgroups.
+    pub async fn contained(&self, c: Containing) -> Containment {
+        match c.0.await {
+            Ok((how, _)) => how,
+            Err(_) => Containment::Group,
+        }
+    }
+
+    /// Nothing was granted after [`Watcher::start_containing`]: puts the process back in the
+    /// cgroup it was in, and removes its own.
+    pub async fn not_contained(&self, process: &ProcessKey, c: Containing) {
+        let Ok((Containment::Cgroup, from)) = c.0.await else {
+            return;
+        };
+        let Some(cgroups) = self.cgroups.get() else {
+            return;
+        };
+        match from {
+            Some(from) => cgroups.put_back(process, &from),
+            None => {
+                cgroups.remove(process);
+            }
+        }
+    }
+
+    fn contain(&self, process: &ProcessKey) -> (Containment, Option<std::path::PathBuf>) {
         let Some(c) = self.cgroups.get() else {
-            return Containment::Group;
+            return (Containment::Group, None);
         };
         match c.contain(process) {
-            Ok(()) => Containment::Cgroup,
+            Ok(from) => (Containment::Cgroup, from),
             Err(why) => {
                 warn!(
                     pid = process.pid,
                     why, "cannot give a holder a cgroup: it is contained by its process group only"
                 );
-                Containment::Group
+                (Containment::Group, None)
             }
         }
     }

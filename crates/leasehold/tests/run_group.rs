@@ -740,3 +740,34 @@ sys.stdout.write(out.decode())
     );
     assert!(a.holders("disk2").is_empty());
 }
+
+/// A run refused (the disk held by another) was moved into a cgroup while its grant was
+/// decided: granted nothing, it is moved back, and leaves no cgroup behind.
+#[test]
+fn a_refused_run_leaves_no_cgroup_behind() {
+    let a = Agent::start();
+    require_cgroups(&a);
+    let holder = Holder::new();
+    expect_code(&a.lh(&["acquire", "disk", "--pid", &holder.pid_arg()]), 0);
+    let run = a
+        .cli()
+        .args(["run", "--exclusive", "disk", "--", "true"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = run.id();
+    let out = run.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let log = a.log();
+    let base = log
+        .split("base=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or_else(|| panic!("the agent names no cgroup base: {log}"));
+    let left: Vec<String> = std::fs::read_dir(base)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(&format!("{pid}-")))
+        .collect();
+    assert!(left.is_empty(), "{left:?} left in {base}");
+}

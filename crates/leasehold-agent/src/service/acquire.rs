@@ -271,10 +271,21 @@ impl<S: Store> Service<S> {
                     return;
                 }
             };
+            // Moved into its cgroup while the grant is decided; back if nothing is granted.
+            let containing = contain.then(|| me.watcher.start_containing(&owner.process));
             let grants = match me.acquire_reporting(spec, &tx).await {
-                None => return, // the caller went away; the wait was withdrawn
+                None => {
+                    // The caller went away; the wait was withdrawn.
+                    if let Some(c) = containing {
+                        me.watcher.not_contained(&owner.process, c).await;
+                    }
+                    return;
+                }
                 Some(Ok(grants)) => grants,
                 Some(Err(e)) => {
+                    if let Some(c) = containing {
+                        me.watcher.not_contained(&owner.process, c).await;
+                    }
                     info!(pid = owner.process.pid, reason = %e, "acquire refused");
                     let mut r = refusal(e);
                     if let Some(needs) = &dirty_needs
@@ -299,7 +310,10 @@ impl<S: Store> Service<S> {
             }
             me.watcher.watch_with(prepared);
             // Before the grant is answered: the holder starts nothing before it reads it.
-            let containment = contain.then(|| me.watcher.contain(&owner.process));
+            let containment = match containing {
+                Some(c) => Some(me.watcher.contained(c).await),
+                None => None,
+            };
             for g in grants.iter().filter(|g| !g.existing) {
                 info!(
                     resource = %g.resource,
