@@ -249,7 +249,7 @@ fn spawn_agent(host: &str, args: &[String]) -> Result<(OwnAgent, PathBuf, Instan
         .args(args)
         .env("LEASEHOLD_LOG", "warn")
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stderr(agent_log(host)?);
     // SAFETY: the closure only makes one async-signal-safe system call.
     unsafe {
         cmd.pre_exec(|| {
@@ -261,6 +261,18 @@ fn spawn_agent(host: &str, args: &[String]) -> Result<(OwnAgent, PathBuf, Instan
         .spawn()
         .map_err(|e| Failure::error(format!("starting an agent: {e}")))?;
     Ok((OwnAgent { child, _dir: dir }, socket, started))
+}
+
+/// Where a bench agent's warnings go: `LEASEHOLD_BENCH_AGENT_LOGS=DIR` keeps them in
+/// `DIR/HOST.log` (to see what an agent said when a row went wrong); nowhere otherwise.
+fn agent_log(host: &str) -> Result<Stdio, Failure> {
+    let Some(dir) = std::env::var_os("LEASEHOLD_BENCH_AGENT_LOGS") else {
+        return Ok(Stdio::null());
+    };
+    let path = Path::new(&dir).join(format!("{host}.log"));
+    std::fs::File::create(&path)
+        .map(Stdio::from)
+        .map_err(|e| Failure::error(format!("creating {}: {e}", path.display())))
 }
 
 /// Waits until the agent at `socket` answers; returns how long since `started`.

@@ -8,7 +8,7 @@
 //! | `P res/NAME` | [`Record`]: holders, last token, dirty mark, reservation | nothing: durable |
 //! | `P wait/NAME/HOST-N` | [`WaiterValue`]: a waiting request | the waiter's session lease |
 //! | `P grace/NAME` | empty: NAME is in its grace after a host was lost | a lease of TTL `grace` |
-//! | `P res/NAME` NUL `LEASE` | the holding host: session LEASE holds NAME | that session's lease |
+//! | `P res/NAME` NUL `LEASE` | the holding host: session LEASE holds NAME | nothing: goes with its holder |
 //!
 //! A `held` key (the record's key, a NUL, the session's lease id: names hold no NUL, so the
 //! range from `P res/NAME` to `P res/NAME` + 0x01 is exactly a record and its held keys, read
@@ -17,6 +17,10 @@
 //! record's holders. A record missing, or missing a holder, while a held key names its
 //! session was changed outside leasehold: it is refused, not taken for free, even by a host
 //! whose agent has not yet seen the holder's host fence its holder.
+//! A held key is on no etcd lease (before, it was on its session's): a host that dies holding
+//! many resources then costs etcd one small revoke, not one raft entry deleting a key per
+//! resource, which held back the leader's apply and with it every host's renewals. Agents
+//! of both kinds clear a held key with its holder, so they share a prefix.
 //!
 //! A record is JSON in format 2 ([`Record::encode`], [`RECORD_VERSION`]); format 1, written
 //! before, still reads ([`Record::read`]), and an agent of format 1 refuses a format-2 record

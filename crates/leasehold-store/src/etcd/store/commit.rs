@@ -418,16 +418,22 @@ impl Inner {
                 t = t.delete(self.keys.held(name, *lease));
                 written.push((name.clone(), self.keys.held(name, *lease), None));
             }
+            // A held key is on no etcd lease: it goes with its holder, in the transaction
+            // that clears it. On the session's lease, the revoke of a host that died holding
+            // 10,000 resources deleted 10,000 keys in one raft entry, which took the leader
+            // ~1.7 s to apply; etcd (3.4.20 on) answers no renewal while its apply is behind,
+            // so every other host's renewals stalled and they fenced their holders
+            // (docs/performance.md, "Many hosts").
             for (lease, host) in after.iter().filter(|(l, _)| !before.contains(l)) {
                 t = t.put(
                     self.keys.held(name, *lease),
                     host.clone().into_bytes(),
-                    Some(*lease),
+                    None,
                 );
                 written.push((
                     name.clone(),
                     self.keys.held(name, *lease),
-                    Some((host.clone().into_bytes(), lease.0)),
+                    Some((host.clone().into_bytes(), 0)),
                 ));
             }
             t = if rs.record.is_none() && rs.mod_rev == 0 {

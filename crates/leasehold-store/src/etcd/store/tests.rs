@@ -1214,3 +1214,77 @@ async fn a_resources_events_are_published_in_the_order_of_its_versions() {
         "b's grant was published before the release it followed: {seen:?}"
     );
 }
+
+/// Issue 15 item 4, the many-hosts fill stall: a host's session lease carries its host key,
+/// not a key per resource it holds. With the held keys on it, the revoke of a host that died
+/// holding 10,000 resources deleted 10,000 keys in one raft entry (1.7 s to apply on a busy
+/// 3-member leader), and etcd 3.4.20 on answers no renewal while its apply is behind: every
+/// other host's renewals stalled and they fenced their holders. The held keys stay until
+/// each holder is cleared, by the transaction that clears it (here another host's grant
+/// after the grace).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_lease_carries_no_key_per_resource_held() {
+    let etcd = Etcd::start();
+    let a = open_as(&etcd, "held-off-lease", "a").await;
+    let owner = Owner::new(a.host().clone(), 10, 1);
+    let names: Vec<ResourceName> = (0..40).map(|i| res(&format!("disk-{i}"))).collect();
+    for part in names.chunks(20) {
+        a.acquire(AcquireSpec::new(
+            owner.clone(),
+            part.iter().map(|r| (r.clone(), Mode::Exclusive)),
+        ))
+        .await
+        .unwrap();
+    }
+    let lease = a.inner.lease().unwrap();
+    let out = etcd.etcdctl(&["lease", "timetolive", &lease.to_string(), "--keys"]);
+    assert!(out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    let prefix = a.inner.keys.prefix().to_owned();
+    assert!(said.contains(&format!("{prefix}hosts/a")), "{said}");
+    assert_eq!(
+        said.matches(&format!("{prefix}res/")).count(),
+        0,
+        "keys of the resources held are on the session's lease: {said}"
+    );
+    let held = |kvs: &[crate::etcd::pb::mvccpb::KeyValue], r: &ResourceName| {
+        kvs.iter()
+            .filter(|kv| {
+                matches!(a.inner.keys.parse(&kv.key),
+                    Some(crate::etcd::keys::KeyKind::Held(n, l)) if &n == r && l == lease)
+            })
+            .count()
+    };
+    let everything = || async {
+        let p = prefix.as_bytes().to_vec();
+        a.inner
+            .etcd
+            .range(p.clone(), crate::etcd::client::prefix_end(&p), 0)
+            .await
+            .unwrap()
+            .0
+    };
+    let kvs = everything().await;
+    assert!(names.iter().all(|r| held(&kvs, r) == 1), "a held key each");
+    // a's host dies: its session ends, its holders stay listed (and their held keys) until
+    // cleared; b is granted disk-0 after the grace, which clears a's holder and held key.
+    a.inner.etcd.lease_revoke(lease).await.unwrap();
+    let b = open_as(&etcd, "held-off-lease", "b").await;
+    let taker = Owner::new(b.host().clone(), 20, 1);
+    let got = b
+        .acquire(
+            AcquireSpec::new(taker, [(names[0].clone(), Mode::Exclusive)])
+                .accept_dirty()
+                .wait(Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(got[0].resource, names[0]);
+    let kvs = everything().await;
+    assert_eq!(
+        held(&kvs, &names[0]),
+        0,
+        "the cleared holder's held key stayed"
+    );
+    assert!(names[1..].iter().all(|r| held(&kvs, r) == 1));
+}
