@@ -225,6 +225,13 @@ impl Cgroups {
         self.remove(process);
     }
 
+    /// Whether `process` is in its cgroup now (its `cgroup.procs` lists it).
+    pub fn is_in(&self, process: &ProcessKey) -> bool {
+        let pid = process.pid.to_string();
+        std::fs::read_to_string(self.path_of(process).join("cgroup.procs"))
+            .is_ok_and(|s| s.lines().any(|l| l.trim() == pid))
+    }
+
     /// Whether the cgroup of `process` exists.
     pub fn exists(&self, process: &ProcessKey) -> bool {
         self.path_of(process).is_dir()
@@ -339,7 +346,9 @@ mod tests {
             "{inside}"
         );
         assert_eq!(c.populated(&p), Some(true));
+        assert!(c.is_in(&p));
         c.put_back(&p, &from.unwrap());
+        assert!(!c.is_in(&p));
         let after = std::fs::read_to_string(format!("/proc/{}/cgroup", p.pid)).unwrap();
         assert_eq!(after, before);
         assert!(!c.exists(&p));

@@ -140,8 +140,16 @@ impl<S: Store> Watcher<S> {
 
     /// Waits for [`Watcher::start_containing`]: how the holder is contained now. Where the
     /// move failed it stays where it was, contained by its process group, as without cgroups.
-    pub async fn contained(&self, c: Containing) -> Containment {
+    pub async fn contained(&self, process: &ProcessKey, c: Containing) -> Containment {
         match c.0.await {
+            // Another request of the same process, granted nothing, may have moved it back
+            // meanwhile ([`Watcher::not_contained`]): the answer must be true.
+            Ok((Containment::Cgroup, _))
+                if self.cgroups.get().is_some_and(|g| g.is_in(process)) =>
+            {
+                Containment::Cgroup
+            }
+            Ok((Containment::Cgroup, _)) => self.contain(process).0,
             Ok((how, _)) => how,
             Err(_) => Containment::Group,
         }
@@ -153,6 +161,10 @@ impl<S: Store> Watcher<S> {
         let Ok((Containment::Cgroup, from)) = c.0.await else {
             return;
         };
+        // A holder here (another request of it was granted) stays in its cgroup.
+        if self.is_watched(process) {
+            return;
+        }
         let Some(cgroups) = self.cgroups.get() else {
             return;
         };

@@ -311,7 +311,7 @@ impl<S: Store> Service<S> {
             me.watcher.watch_with(prepared);
             // Before the grant is answered: the holder starts nothing before it reads it.
             let containment = match containing {
-                Some(c) => Some(me.watcher.contained(c).await),
+                Some(c) => Some(me.watcher.contained(&owner.process, c).await),
                 None => None,
             };
             for g in grants.iter().filter(|g| !g.existing) {
