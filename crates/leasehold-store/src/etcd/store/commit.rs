@@ -45,6 +45,10 @@ pub(super) struct Extra {
     pub(super) put: Vec<(Vec<u8>, Vec<u8>, Option<LeaseId>)>,
     /// Require this host's key to be on this lease (the session is alive) at commit.
     pub(super) require_session: Option<LeaseId>,
+    /// The decision is a refusal: the records it refused on are not compared (only those it
+    /// changes are), so one decided from the view is decided again on a fresh read once what
+    /// it changed is written.
+    pub(super) refusal: bool,
 }
 
 impl Extra {
@@ -716,7 +720,10 @@ impl Inner {
                 fresh = true;
                 continue;
             }
+            let refusal = extra.refusal;
             match self.commit_or_read(&snap, &engine, &out, extra).await? {
+                // A stale view may have refused for a holder gone since: ask etcd.
+                Ok(_) if refusal && !fresh => {}
                 Ok(rev) => return Ok((value, out, rev)),
                 Err(found) => read = found,
             }

@@ -90,6 +90,7 @@ impl Store for EtcdStore {
                             // A refusal still writes what the snapshot showed had to change (a dead
                             // session's holders ended), but takes nothing.
                             extra.require_session = None;
+                            extra.refusal = true;
                         }
                         Ok((r, extra))
                     })

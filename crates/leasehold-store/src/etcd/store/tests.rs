@@ -1288,3 +1288,79 @@ async fn a_session_lease_carries_no_key_per_resource_held() {
     );
     assert!(names[1..].iter().all(|r| held(&kvs, r) == 1));
 }
+
+/// A refusal decided from the view that also writes (it ends a dead session's holder of
+/// another resource asked for) is decided again on a fresh read once that is written: its
+/// commit compares only the records it changes, not the one it refused on, which the view may
+/// show held by a holder gone since. Here a's view (its watch held back) still shows disk-a
+/// held by b, released meanwhile; disk-b's holder is on a dead session. Before, the caller was
+/// told disk-a was held; it is free, and the refusal is disk-b's grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_from_the_view_that_writes_is_decided_again_on_a_fresh_read() {
+    let etcd = Etcd::start();
+    let a = open_as(&etcd, "stale-refusal", "a").await;
+    let b = open_as(&etcd, "stale-refusal", "b").await;
+    let c = open_as(&etcd, "stale-refusal", "c").await;
+    let (disk_a, disk_b) = (res("disk-a"), res("disk-b"));
+    let theirs = Owner::new(b.host().clone(), 20, 1);
+    b.acquire(AcquireSpec::new(
+        theirs.clone(),
+        [(disk_a.clone(), Mode::Exclusive)],
+    ))
+    .await
+    .unwrap();
+    c.acquire(AcquireSpec::new(
+        Owner::new(c.host().clone(), 30, 1),
+        [(disk_b.clone(), Mode::Exclusive)],
+    ))
+    .await
+    .unwrap();
+    // Both join a's view (refused, read fresh).
+    let mine = Owner::new(a.host().clone(), 10, 1);
+    for r in [&disk_a, &disk_b] {
+        a.acquire(AcquireSpec::new(
+            mine.clone(),
+            [(r.clone(), Mode::Exclusive)],
+        ))
+        .await
+        .unwrap_err();
+    }
+    // c's session ends, and a sees it.
+    let c_lease = c.inner.lease().unwrap();
+    let c_key = a.inner.keys.host(c.host());
+    drop(c);
+    a.inner.etcd.lease_revoke(c_lease).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while crate::sync::read(&a.inner.mirror, "mirror")
+        .kvs
+        .contains_key(&c_key)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a never saw c's session end"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // a's watch is held back while b releases disk-a.
+    let mut pause = a.pause_watch();
+    pause.reached().await;
+    b.release(disk_a.clone(), theirs.process, None, ReleaseKind::Clean)
+        .await
+        .unwrap();
+    let e = a
+        .acquire(AcquireSpec::new(
+            mine.clone(),
+            [
+                (disk_a.clone(), Mode::Exclusive),
+                (disk_b.clone(), Mode::Exclusive),
+            ],
+        ))
+        .await
+        .unwrap_err();
+    pause.resume();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("disk-b") && !msg.contains("disk-a"),
+        "refused for a holder gone since: {msg}"
+    );
+}
