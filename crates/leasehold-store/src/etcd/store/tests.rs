@@ -26,6 +26,18 @@ async fn open_counting(etcd: &Etcd, test: &str) -> EtcdStore {
     EtcdStore::open(HostId::new("a").unwrap(), o).await.unwrap()
 }
 
+/// Waits until `r`'s watchers deliver its record to `s`'s view.
+async fn watchers_delivered(s: &EtcdStore, r: &ResourceName) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !crate::sync::read(&s.inner.mirror, "mirror").delivered(r, 0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{r}'s watchers were never read in"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 fn res(name: &str) -> ResourceName {
     ResourceName::new(name).unwrap()
 }
@@ -727,14 +739,7 @@ async fn an_own_commit_the_watch_delivers_first_is_published_once() {
     .await
     .unwrap();
     // The disk's watchers deliver its record from here on.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !crate::sync::read(&s.inner.mirror, "mirror").delivered(&disk, 0) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the disk's watchers were never read in"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    watchers_delivered(&s, &disk).await;
     let mut events = s.subscribe();
     let mut pause = s.pause_next_commit();
     let ended = |e: &Event| matches!(e, Event::Ended { ended, .. } if ended.owner == owner);
@@ -1165,14 +1170,7 @@ async fn a_resources_events_are_published_in_the_order_of_its_versions() {
     .await
     .unwrap();
     // The disk's watchers deliver its record from here on.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !crate::sync::read(&a.inner.mirror, "mirror").delivered(&disk, 0) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the disk's watchers were never read in"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    watchers_delivered(&a, &disk).await;
     let mut events = a.subscribe();
     let mut watch = a.pause_watch();
     watch.reached().await;
