@@ -586,6 +586,57 @@ mod tests {
         assert!(v.holders.is_empty(), "{v:?}");
     }
 
+    /// The store thread, woken while a caller commits, sleeps until the step that is due, not
+    /// "until woken": the commit's end does not wake it again. (It did: under load the thread
+    /// woke after each commit to find the next caller committing, and slept "until woken"
+    /// again, a wake per command.)
+    #[test]
+    fn a_store_thread_woken_during_a_commit_sleeps_until_its_due_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStore::open(dir.path(), HostId::new("h").unwrap()).unwrap();
+        store_thread(&s);
+        let queue = || crate::sync::lock(&s.shared.queue, "queue");
+        let started = std::time::Instant::now();
+        // Asleep after its first sweep (the next is a minute ahead).
+        let asleep = || {
+            let q = queue();
+            let ahead = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            q.sleeping.is_some() && !q.busy && q.cmds.is_empty() && q.due > Some(ahead)
+        };
+        while !asleep() {
+            assert!(started.elapsed() < std::time::Duration::from_secs(30));
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        // This test is the committer now; the thread is woken meanwhile. Its sleep is marked
+        // over here, so that it is marked again only once the thread has seen the store busy.
+        {
+            let mut q = queue();
+            q.busy = true;
+            q.sleeping = None;
+        }
+        s.shared.wake.notify_one();
+        let slept = loop {
+            let q = queue();
+            if let Some(until) = q.sleeping {
+                break Some((until, q.due));
+            }
+            drop(q);
+            if started.elapsed() > std::time::Duration::from_secs(30) {
+                break None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        };
+        // The commit this test began ends before any assertion, so that the store can close.
+        s.shared.commit(Vec::new());
+        let due_after = queue().due;
+        let (until, due) = slept.expect("the woken store thread sleeps again within 30 s");
+        let due = due.expect("the store sweeps old records: a step is due");
+        assert!(due > std::time::Instant::now(), "the sweep is ahead");
+        assert_eq!(until, Some(due), "the thread sleeps until the due step");
+        // So the commit's end leaves it asleep: its due step is no sooner than its sleep.
+        assert_eq!(due_after, Some(due), "an empty commit keeps the due step");
+    }
+
     /// Commands that arrive while a batch is committed share the next commit (group commit):
     /// eight threads acquiring and releasing at once need far fewer commits than commands.
     #[test]

@@ -89,15 +89,15 @@ pub(super) const RETRY_STORAGE: Duration = Duration::from_millis(500);
 pub(super) struct Queue {
     pub(super) cmds: Vec<Cmd>,
     /// A batch is being applied and committed.
-    busy: bool,
+    pub(super) busy: bool,
     /// When a step is due without any command (a wait's deadline, a sweep, a retry of a
     /// failed database, grants to release); `None`: only for commands.
-    due: Option<Instant>,
+    pub(super) due: Option<Instant>,
     /// How many commands the last batch held: a caller commits its own command only when
     /// that was one (no concurrency seen), so that under load commands share commits.
     last_batch: usize,
     /// While the store thread sleeps: until when (`Some(None)`: until woken).
-    sleeping: Option<Option<Instant>>,
+    pub(super) sleeping: Option<Option<Instant>>,
     /// The store has stopped: commands are refused.
     pub(super) closed: bool,
 }
@@ -107,7 +107,7 @@ pub(super) struct Shared {
     /// A recovered lock (see `crate::sync`): each change under it is whole.
     pub(super) queue: Mutex<Queue>,
     /// Wakes the store thread.
-    wake: Condvar,
+    pub(super) wake: Condvar,
     /// The engine and the database; taken only by whoever set `queue.busy`. A fatal lock:
     /// a panic while stepping closes the store ([`Committing`]).
     pub(super) worker: Mutex<Worker>,
@@ -188,7 +188,7 @@ impl Shared {
 
     /// Applies and commits `batch` (the caller set `busy`), then lets the next one go: the
     /// store thread is woken if commands wait or a step is due sooner than it sleeps.
-    fn commit(&self, batch: Vec<Cmd>) {
+    pub(super) fn commit(&self, batch: Vec<Cmd>) {
         let guard = Committing(self);
         let size = batch.len();
         let due = {
@@ -229,7 +229,16 @@ impl Shared {
                     if !q.busy && (!q.cmds.is_empty() || q.due.is_some_and(|t| t <= now)) {
                         break;
                     }
-                    let until = if q.busy { None } else { q.due };
+                    // While a caller commits, the step due is the one it will replace: sleep
+                    // until then, and the committer wakes this thread only if commands wait or
+                    // the new due is sooner. Sleeping "until woken" instead would make every
+                    // commit's end wake it, and under load it would wake to find the next
+                    // caller committing, and sleep "until woken" again: a wake per command.
+                    // A due already passed is the committer's to replace: until woken, then.
+                    let until = match q.due {
+                        Some(t) if q.busy && t <= now => None,
+                        due => due,
+                    };
                     q.sleeping = Some(until);
                     q = match until {
                         None => self.wake.wait(q).unwrap_or_else(PoisonError::into_inner),
