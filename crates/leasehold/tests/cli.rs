@@ -518,7 +518,7 @@ fn output_within(mut c: std::process::Command, limit: Duration) -> std::process:
 fn a_call_to_an_agent_that_does_not_answer_gives_up_after_its_timeout() {
     let a = Agent::start();
     // A stopped agent: connections are accepted by the kernel, nothing answers.
-    signal(a.pid(), libc::SIGSTOP);
+    a.freeze();
     let started = std::time::Instant::now();
     let mut c = a.cli();
     c.args(["--timeout", "1s", "list"]);

@@ -162,7 +162,7 @@ fn a_stopped_agents_run_is_dead_before_another_host_gets_the_disk() {
     let b = Agent::on_etcd("host-b", &etcd.endpoint(), &p, &[], &[]);
     let (_wrapper, child) = run_holder(&a, "disk");
     let died = death_watch(child);
-    signal(a.pid(), libc::SIGSTOP);
+    a.freeze();
     let (granted, _b_holder) = b_takes_after_check(&b, "disk");
     let died = died.join().unwrap();
     signal(a.pid(), libc::SIGCONT);
@@ -578,7 +578,7 @@ fn a_record_changed_outside_leasehold_is_refused_before_the_holders_host_notices
     let out = etcd.etcdctl(&["get", &key, "--print-value-only"]);
     let held: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let free = serde_json::json!({"holders": [], "last_token": held["last_token"]});
-    signal(a.pid(), libc::SIGSTOP);
+    a.freeze();
     let refused = |what: &str, words: &[&str]| {
         let h = Holder::new();
         let out = b.lh(&["acquire", "disk", "--accept-dirty", "--pid", &h.pid_arg()]);

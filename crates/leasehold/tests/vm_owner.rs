@@ -135,7 +135,7 @@ fn before_linux_6_15_the_exit_status_is_read_from_the_zombie_until_it_is_reaped(
     // the disk is dirty (with PIDFD_GET_INFO it would be clean).
     let mut vm = shell();
     take(&c, &vm_request("zombie-reaped", vm.id())).unwrap();
-    signal(a.pid(), libc::SIGSTOP);
+    a.freeze();
     writeln!(vm.stdin.take().unwrap(), "0").unwrap();
     assert!(vm.wait().unwrap().success());
     signal(a.pid(), libc::SIGCONT);

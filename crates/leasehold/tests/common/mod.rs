@@ -185,6 +185,18 @@ impl Agent {
         }
     }
 
+    /// SIGSTOPs the agent and waits until every one of its threads is stopped: kill(2) only
+    /// queues the stop, and a thread already running can still act for a moment after it.
+    pub fn freeze(&self) {
+        let pid = self.pid();
+        signal(pid, libc::SIGSTOP);
+        wait_until(
+            "every thread of the agent to stop",
+            Duration::from_secs(10),
+            || all_threads_stopped(pid),
+        );
+    }
+
     /// kill -9, then start again on the same socket and state.
     pub fn restart_after_kill9(&mut self) {
         self.kill9();
@@ -348,6 +360,19 @@ pub fn signal(pid: u32, sig: i32) {
     unsafe {
         libc::kill(pid as i32, sig);
     }
+}
+
+/// Whether every thread of `pid` is in the stopped state (`T` in `/proc/PID/task/TID/stat`).
+pub fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        // The state follows the command name's closing parenthesis.
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('T') || rest.starts_with('t'))
+    })
 }
 
 pub fn alive(pid: u32) -> bool {
