@@ -81,6 +81,9 @@ impl Store for EtcdStore {
                                     .iter()
                                     .map(|k| (k.clone(), v.clone(), Some(lease)))
                                     .collect();
+                                // Queued behind what the snapshot showed, which may be a stale
+                                // view: the commit compares those records too.
+                                extra.compare_read = true;
                                 Ok(None)
                             }
                             Ok(Acquired::Granted(g)) => Ok(Some(g)),

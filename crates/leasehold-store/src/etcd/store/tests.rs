@@ -1362,3 +1362,84 @@ async fn a_refusal_from_the_view_that_writes_is_decided_again_on_a_fresh_read() 
         "refused for a holder gone since: {msg}"
     );
 }
+
+/// A waiting acquire decided from the view compares the records it queues behind: a view that
+/// is behind etcd may show a holder released since, and the request must not queue behind it.
+/// Here a's watch is held back while b releases disk; a's waiting acquire, decided from the
+/// view that still shows b, writes no waiter key and is granted on what its commit found.
+/// Before, it wrote its waiter key with no compare on disk's record (a place in the queue of a
+/// free disk, ahead of any other host's request), and was granted only once its waiter was
+/// decided again on a fresh read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_acquire_from_a_stale_view_does_not_queue_behind_a_released_holder() {
+    let etcd = Etcd::start();
+    let a = open_as(&etcd, "stale-queue", "a").await;
+    let b = open_as(&etcd, "stale-queue", "b").await;
+    let disk = res("disk");
+    let theirs = Owner::new(b.host().clone(), 20, 1);
+    let first = b
+        .acquire(AcquireSpec::new(
+            theirs.clone(),
+            [(disk.clone(), Mode::Exclusive)],
+        ))
+        .await
+        .unwrap();
+    // disk joins a's view (refused, read fresh), showing b's holder.
+    let mine = Owner::new(a.host().clone(), 10, 1);
+    a.acquire(AcquireSpec::new(
+        mine.clone(),
+        [(disk.clone(), Mode::Exclusive)],
+    ))
+    .await
+    .unwrap_err();
+    watchers_delivered(&a, &disk).await;
+    // a's watch is held back while b releases disk.
+    let mut pause = a.pause_watch();
+    pause.reached().await;
+    b.release(disk.clone(), theirs.process, None, ReleaseKind::Clean)
+        .await
+        .unwrap();
+    let view = a.inner.guessed_snapshot(&[disk.clone()].into()).unwrap();
+    let held = view.res[&disk].record.as_ref().unwrap().state.holders();
+    assert_eq!(
+        held.len(),
+        1,
+        "a's view is not behind: the test shows nothing"
+    );
+    let w = a.inner.keys.waiters(&disk);
+    let w_end = crate::etcd::client::prefix_end(&w);
+    let (_, released) = a
+        .inner
+        .etcd
+        .range(w.clone(), w_end.clone(), 0)
+        .await
+        .unwrap();
+    let grants = a
+        .acquire(
+            AcquireSpec::new(mine.clone(), [(disk.clone(), Mode::Exclusive)])
+                .wait(Duration::from_secs(30)),
+        )
+        .await;
+    pause.resume();
+    let grants = grants.expect("the free disk was not granted");
+    assert!(grants[0].token > first[0].token);
+    // Every revision from b's release to the grant: no waiter key of disk at any.
+    let (_, now) = a
+        .inner
+        .etcd
+        .range(w.clone(), w_end.clone(), 0)
+        .await
+        .unwrap();
+    for rev in released..=now {
+        let (queued, _) = a
+            .inner
+            .etcd
+            .range(w.clone(), w_end.clone(), rev)
+            .await
+            .unwrap();
+        assert!(
+            queued.is_empty(),
+            "a waiter key was written for a free disk, at revision {rev} (released at {released})"
+        );
+    }
+}
