@@ -57,7 +57,27 @@ pub struct Watcher<S> {
     reserve: Mutex<Vec<std::fs::File>>,
     /// Holders' cgroups, when containment by cgroup is on ([`crate::cgroup`]).
     cgroups: std::sync::OnceLock<crate::cgroup::Cgroups>,
+    /// Draining holders whose cgroup or group SIGKILL has not emptied in [`STUCK_AFTER`].
+    stuck: Mutex<HashMap<ProcessKey, Stuck>>,
 }
+
+/// A dead holder whose cgroup or process group SIGKILL has not emptied yet: its leases stay
+/// held ([`Watcher::stuck`]).
+#[derive(Debug, Clone)]
+pub struct Stuck {
+    /// The dead holder's pid.
+    pub pid: u32,
+    /// Its cgroup, when that is what cannot be emptied.
+    pub cgroup: Option<std::path::PathBuf>,
+    /// The process group it led, when that is what is left.
+    pub process_group: Option<u32>,
+    /// When the agent began to kill what is left.
+    pub since: std::time::Instant,
+}
+
+/// How long a dead holder's cgroup or group may take to empty after SIGKILL before the agent
+/// says it is stuck (logs an error, and `status` lists it).
+const STUCK_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How many descriptors the watcher keeps in reserve (a pidfd and a `/proc` read).
 const RESERVE: usize = 4;
@@ -110,6 +130,7 @@ impl<S: Store> Watcher<S> {
                 r
             }),
             cgroups: std::sync::OnceLock::new(),
+            stuck: Mutex::new(HashMap::new()),
         })
     }
 
@@ -210,6 +231,31 @@ impl<S: Store> Watcher<S> {
                     cgroup = %left.display(),
                     "the cgroup of a process that is gone still has processes: killed if that process held leases here, else left alone"
                 );
+            }
+        }
+    }
+
+    /// The dead holders whose cgroup or process group SIGKILL has not emptied yet (their
+    /// leases stay held), oldest first.
+    pub fn stuck(&self) -> Vec<Stuck> {
+        let mut v: Vec<Stuck> = self
+            .stuck
+            .lock()
+            .map(|s| s.values().cloned().collect())
+            .unwrap_or_default();
+        v.sort_by_key(|s| s.since);
+        v
+    }
+
+    fn set_stuck(&self, process: &ProcessKey, stuck: Option<Stuck>) {
+        if let Ok(mut s) = self.stuck.lock() {
+            match stuck {
+                Some(st) => {
+                    s.insert(process.clone(), st);
+                }
+                None => {
+                    s.remove(process);
+                }
             }
         }
     }
@@ -627,18 +673,31 @@ impl<S: Store> Watcher<S> {
         let mut delay = std::time::Duration::from_millis(1);
         let mut warned = false;
         while c.populated(process) != Some(false) && c.exists(process) {
-            if !warned && started.elapsed() > std::time::Duration::from_secs(2) {
+            // Again each round: a kill that did not take (the write failed) is tried again.
+            c.kill(process);
+            if !warned && started.elapsed() > STUCK_AFTER {
                 warned = true;
+                let cgroup = c.path_of(process);
                 error!(
                     pid,
-                    cgroup = %c.path_of(process).display(),
-                    "a dead holder's cgroup survives SIGKILL (stuck in uninterruptible sleep?): its leases stay held until it is empty"
+                    cgroup = %cgroup.display(),
+                    "a dead holder's cgroup survives SIGKILL (a process in uninterruptible sleep, or frozen): its leases stay held until it is empty. What is left: cgroup.procs in that cgroup; what each waits on: /proc/PID/stack. Thaw a frozen one, or end what it waits on (a hung NFS or FUSE mount, a failing disk); only if it can never write again, `leasehold force-release` ends the leases before it is gone"
+                );
+                self.set_stuck(
+                    process,
+                    Some(Stuck {
+                        pid,
+                        cgroup: Some(cgroup),
+                        process_group: None,
+                        since: started,
+                    }),
                 );
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(std::time::Duration::from_millis(200));
         }
         if warned {
+            self.set_stuck(process, None);
             warn!(
                 pid,
                 waited_ms = started.elapsed().as_millis() as u64,
@@ -697,18 +756,28 @@ impl<S: Store> Watcher<S> {
                 break;
             }
             crate::procfs::kill_group(pid);
-            if !warned && started.elapsed() > std::time::Duration::from_secs(2) {
+            if !warned && started.elapsed() > STUCK_AFTER {
                 warned = true;
                 error!(
                     pid,
                     left = ?crate::procfs::group_members(pid, None).unwrap_or_default(),
-                    "a dead holder's process group survives SIGKILL (stuck in uninterruptible sleep?): its leases stay held until every process of the group is gone"
+                    "a dead holder's process group survives SIGKILL (a process in uninterruptible sleep, or frozen): its leases stay held until every process of the group is gone. What each waits on: /proc/PID/stack. Thaw a frozen one, or end what it waits on (a hung NFS or FUSE mount, a failing disk); only if it can never write again, `leasehold force-release` ends the leases before it is gone"
+                );
+                self.set_stuck(
+                    process,
+                    Some(Stuck {
+                        pid,
+                        cgroup: None,
+                        process_group: Some(pid),
+                        since: started,
+                    }),
                 );
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(std::time::Duration::from_millis(200));
         }
         if warned {
+            self.set_stuck(process, None);
             warn!(
                 pid,
                 waited_ms = started.elapsed().as_millis() as u64,

@@ -81,6 +81,10 @@ pub fn status(json_out: bool, socket: &Option<PathBuf>) -> Result<u8, Failure> {
                 "dirty": s.dirty, "session": s.session, "safe_for_ms": ms_of(s.safe_for),
                 "backend_error": s.backend_error,
                 "containment": s.containment,
+                "stuck": s.stuck.iter().map(|h| json!({
+                    "pid": h.pid, "cgroup": h.cgroup, "process_group": h.process_group,
+                    "stuck_for_ms": ms(h.stuck_for.0),
+                })).collect::<Vec<_>>(),
                 "host_session": s.host_session.as_ref().map(|h| json!({
                     "lease_id": format!("{:x}", h.lease_id), "ttl_ms": ms(h.ttl.0),
                     "last_renewal_ms_ago": ms_of(h.last_renewal_ago), "safe_for_ms": ms_of(h.safe_for),
@@ -132,6 +136,18 @@ pub fn status(json_out: bool, socket: &Option<PathBuf>) -> Result<u8, Failure> {
             "  run:      each command in its wrapper's process group (no cgroups: a command that calls setsid escapes it)"
         ),
         None => {}
+    }
+    for h in &s.stuck {
+        let what = match (&h.cgroup, h.process_group) {
+            (Some(c), _) => format!("its cgroup {}", output::tame(c)),
+            (None, Some(g)) => format!("its process group {g}"),
+            (None, None) => "what it started".into(),
+        };
+        out!(
+            "  stuck:    holder {} died; {what} survives SIGKILL for {} (a process in uninterruptible sleep, or frozen): its leases stay held until it is empty",
+            h.pid,
+            humantime::format_duration(Duration::from_secs(h.stuck_for.0.as_secs()))
+        );
     }
     if let Some(h) = &s.host_session {
         let ago = |v: leasehold_api::v1::Dur| {

@@ -771,3 +771,138 @@ fn a_refused_run_leaves_no_cgroup_behind() {
         .collect();
     assert!(left.is_empty(), "{left:?} left in {base}");
 }
+
+/// A process frozen by the cgroup v1 freezer, thawed when dropped: a SIGKILL sent to it stays
+/// pending until it is thawed (it sits in `D`, as a process stuck in uninterruptible sleep
+/// does), so a cgroup it is in cannot be emptied. (cgroup2's `cgroup.freeze` does not do: a
+/// fatal signal kills a process it froze.)
+struct Frozen {
+    dir: std::path::PathBuf,
+    pid: u32,
+}
+
+impl Frozen {
+    /// Freezes `pid` in a freezer cgroup of its own; fails the test, saying why, where the
+    /// v1 freezer is not mounted.
+    fn new(pid: u32) -> Frozen {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let mount = info
+            .lines()
+            .find_map(|l| {
+                let (left, right) = l.split_once(" - ")?;
+                let mut r = right.split_whitespace();
+                let fstype = r.next()?;
+                let opts = r.nth(1)?;
+                let point = left.split_whitespace().nth(4)?;
+                (fstype == "cgroup" && opts.split(',').any(|o| o == "freezer"))
+                    .then(|| std::path::PathBuf::from(point))
+            })
+            .expect(
+                "this test needs the cgroup v1 freezer mounted (to make a process SIGKILL cannot end at once)",
+            );
+        let dir = mount.join(format!("leasehold-test-{}-{pid}", std::process::id()));
+        std::fs::create_dir(&dir).unwrap();
+        let frozen = Frozen { dir, pid };
+        std::fs::write(frozen.dir.join("cgroup.procs"), pid.to_string()).unwrap();
+        std::fs::write(frozen.dir.join("freezer.state"), "FROZEN").unwrap();
+        wait_until("the process is frozen", Duration::from_secs(10), || {
+            std::fs::read_to_string(frozen.dir.join("freezer.state"))
+                .is_ok_and(|s| s.trim() == "FROZEN")
+        });
+        frozen
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.dir.join("freezer.state"), "THAWED");
+        // Empty once the process is gone (or moved back to the root if it lives on).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::fs::remove_dir(&self.dir).is_err() && std::time::Instant::now() < deadline {
+            if let Some(root) = self.dir.parent() {
+                let _ = std::fs::write(root.join("cgroup.procs"), self.pid.to_string());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// A dead wrapper's cgroup that cannot be emptied (its writer frozen, so the agent's SIGKILL
+/// does not take until it is thawed: a process stuck in uninterruptible sleep) keeps the lease
+/// held for as long as it may write: nobody else is granted the disk, the log names the
+/// cgroup and what to do, and `status` lists the dead holder and its cgroup. Once thawed, the
+/// writer dies, the cgroup empties, and the disk is granted to the next.
+#[test]
+fn a_dead_wrappers_cgroup_that_cannot_be_emptied_keeps_the_lease_held_and_says_so() {
+    let a = Agent::start();
+    require_cgroups(&a);
+    let (mut wrapper, writer) = run_with_escaping_writer(&a);
+    let frozen = Frozen::new(writer.0);
+    let holder = u64::from(wrapper.id());
+    let _ = wrapper.kill();
+    let _ = wrapper.wait();
+    let cgroup = format!("/leasehold/{}-", wrapper.id());
+    wait_until(
+        "the agent says the dead holder's cgroup cannot be emptied",
+        Duration::from_secs(20),
+        || {
+            a.log()
+                .lines()
+                .any(|l| l.contains("survives SIGKILL") && l.contains(&cgroup))
+        },
+    );
+    let said = a
+        .log()
+        .lines()
+        .find(|l| l.contains("survives SIGKILL"))
+        .unwrap()
+        .to_owned();
+    assert!(
+        said.contains("force-release"),
+        "what to do is not said: {said}"
+    );
+    assert!(
+        alive(writer.0),
+        "the frozen writer died: the test shows nothing"
+    );
+    // The lease stays held: nobody else is granted the disk.
+    assert_eq!(a.holders("disk"), vec![holder]);
+    let next = Holder::new();
+    expect_code(
+        &a.lh(&[
+            "acquire",
+            "disk",
+            "--accept-dirty",
+            "--pid",
+            &next.pid_arg(),
+        ]),
+        3,
+    );
+    // status lists it.
+    let out = a.lh(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let stuck = v["stuck"]
+        .as_array()
+        .unwrap_or_else(|| panic!("status does not say: {v}"));
+    assert_eq!(stuck.len(), 1, "{v}");
+    assert_eq!(stuck[0]["pid"], holder, "{v}");
+    assert!(
+        stuck[0]["cgroup"]
+            .as_str()
+            .is_some_and(|c| c.contains(&cgroup)),
+        "{v}"
+    );
+    let human = text(&a.lh(&["status"]).stdout);
+    assert!(human.contains(&cgroup), "{human}");
+    // Thawed: the writer dies at last, and only then is the disk granted again.
+    drop(frozen);
+    let _next = grant_to_next(&a, &[3]);
+    assert!(
+        !alive(writer.0),
+        "the writer runs while the disk is granted again"
+    );
+    assert!(a.log().contains("empty at last"), "{}", a.log());
+    let out = a.lh(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["stuck"].as_array().is_none_or(|s| s.is_empty()), "{v}");
+}

@@ -638,6 +638,17 @@ impl<S: Store> Service<S> {
         });
         v1::StatusResponse {
             containment: Some(self.watcher.containment()),
+            stuck: self
+                .watcher
+                .stuck()
+                .into_iter()
+                .map(|s| v1::StuckHolder {
+                    pid: u64::from(s.pid),
+                    cgroup: s.cgroup.map(|c| c.display().to_string()),
+                    process_group: s.process_group.map(u64::from),
+                    stuck_for: now.saturating_duration_since(s.since).into(),
+                })
+                .collect(),
             host: self.config.host_id.to_string(),
             backend: self.config.backend.to_string(),
             version: env!("CARGO_PKG_VERSION").to_owned(),

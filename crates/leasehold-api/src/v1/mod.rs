@@ -763,6 +763,28 @@ pub struct StatusResponse {
     /// How holders that ask for it (`leasehold run`) are contained; absent from older agents.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub containment: Option<Containment>,
+    /// Holders that died holding leases and left what they started running, which SIGKILL
+    /// has not ended yet (a process in uninterruptible sleep, or frozen): their leases stay
+    /// held until it is gone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stuck: Vec<StuckHolder>,
+}
+
+/// A holder that died holding leases, whose cgroup or process group still has processes
+/// that SIGKILL has not ended ([`StatusResponse::stuck`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StuckHolder {
+    /// The dead holder's pid.
+    pub pid: u64,
+    /// Its cgroup, when that is what cannot be emptied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    /// The process group it led, when that is what is left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process_group: Option<u64>,
+    /// How long the agent has been killing what is left.
+    pub stuck_for: Dur,
 }
 
 /// Every type of the API, for the schema.
