@@ -75,6 +75,101 @@ pub struct Stuck {
     pub since: std::time::Instant,
 }
 
+/// What a dead holder left running, SIGKILLed until it is gone ([`Watcher::drain`]).
+enum Left<'a> {
+    /// Its cgroup.
+    Cgroup(&'a crate::cgroup::Cgroups),
+    /// The process group it led (its pid is the group's id).
+    Group,
+}
+
+impl Left<'_> {
+    /// The first wait: the cgroup is polled every 1 ms, the group every 2 ms, at first.
+    fn first_delay(&self) -> std::time::Duration {
+        match self {
+            Left::Cgroup(_) => std::time::Duration::from_millis(1),
+            Left::Group => std::time::Duration::from_millis(2),
+        }
+    }
+
+    /// Whether nothing of it runs: the cgroup says `populated 0` (or is gone); no process of
+    /// the group is left. Killed processes are soon reaped (by init or a subreaper) and a
+    /// group is gone: `kill(-pid, 0)` tells, cheaply. `/proc` is read only if it lasts 20 ms
+    /// after `started` (zombies whose parent does not reap them, or a process that does not
+    /// die).
+    fn gone(&self, process: &ProcessKey, started: std::time::Instant) -> bool {
+        match self {
+            Left::Cgroup(c) => c.populated(process) == Some(false) || !c.exists(process),
+            Left::Group => {
+                crate::procfs::group_gone(process.pid)
+                    || (started.elapsed() >= std::time::Duration::from_millis(20)
+                        && !crate::procfs::group_alive(process.pid))
+            }
+        }
+    }
+
+    /// SIGKILLs it (again).
+    fn kill(&self, process: &ProcessKey) {
+        match self {
+            Left::Cgroup(c) => {
+                c.kill(process);
+            }
+            Left::Group => {
+                crate::procfs::kill_group(process.pid);
+            }
+        }
+    }
+
+    /// Logs that it survives SIGKILL, and what to do; what `status` lists.
+    fn say_stuck(&self, process: &ProcessKey, since: std::time::Instant) -> Stuck {
+        let pid = process.pid;
+        match self {
+            Left::Cgroup(c) => {
+                let cgroup = c.path_of(process);
+                error!(
+                    pid,
+                    cgroup = %cgroup.display(),
+                    "a dead holder's cgroup survives SIGKILL (a process in uninterruptible sleep, or frozen): its leases stay held until it is empty. What is left: cgroup.procs in that cgroup; what each waits on: /proc/PID/stack. Thaw a frozen one, or end what it waits on (a hung NFS or FUSE mount, a failing disk); only if it can never write again, `leasehold force-release` ends the leases before it is gone"
+                );
+                Stuck {
+                    pid,
+                    cgroup: Some(cgroup),
+                    process_group: None,
+                    since,
+                }
+            }
+            Left::Group => {
+                error!(
+                    pid,
+                    left = ?crate::procfs::group_members(pid, None).unwrap_or_default(),
+                    "a dead holder's process group survives SIGKILL (a process in uninterruptible sleep, or frozen): its leases stay held until every process of the group is gone. What each waits on: /proc/PID/stack. Thaw a frozen one, or end what it waits on (a hung NFS or FUSE mount, a failing disk); only if it can never write again, `leasehold force-release` ends the leases before it is gone"
+                );
+                Stuck {
+                    pid,
+                    cgroup: None,
+                    process_group: Some(pid),
+                    since,
+                }
+            }
+        }
+    }
+
+    /// Logs that it is gone at last, after `waited`.
+    fn say_gone(&self, process: &ProcessKey, waited: std::time::Duration) {
+        let (pid, waited_ms) = (process.pid, waited.as_millis() as u64);
+        match self {
+            Left::Cgroup(_) => warn!(
+                pid,
+                waited_ms, "the dead holder's cgroup is empty at last; its leases end"
+            ),
+            Left::Group => warn!(
+                pid,
+                waited_ms, "the dead holder's process group is gone at last; its leases end"
+            ),
+        }
+    }
+}
+
 /// How long a dead holder's cgroup or group may take to empty after SIGKILL before the agent
 /// says it is stuck (logs an error, and `status` lists it).
 const STUCK_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
@@ -662,48 +757,13 @@ impl<S: Store> Watcher<S> {
     /// (`cgroup.events` says `populated 0`). One that never empties keeps the leases held,
     /// loudly, and the holder counted alive (the watchdog).
     async fn empty_cgroup(&self, c: &crate::cgroup::Cgroups, process: &ProcessKey) {
-        let pid = process.pid;
         self.set_draining(process, true);
         c.kill(process);
         info!(
-            pid,
+            pid = process.pid,
             "holder exited leaving processes in its cgroup: SIGKILLed its cgroup (what it started) before ending its leases"
         );
-        let started = std::time::Instant::now();
-        let mut delay = std::time::Duration::from_millis(1);
-        let mut warned = false;
-        while c.populated(process) != Some(false) && c.exists(process) {
-            // Again each round: a kill that did not take (the write failed) is tried again.
-            c.kill(process);
-            if !warned && started.elapsed() > STUCK_AFTER {
-                warned = true;
-                let cgroup = c.path_of(process);
-                error!(
-                    pid,
-                    cgroup = %cgroup.display(),
-                    "a dead holder's cgroup survives SIGKILL (a process in uninterruptible sleep, or frozen): its leases stay held until it is empty. What is left: cgroup.procs in that cgroup; what each waits on: /proc/PID/stack. Thaw a frozen one, or end what it waits on (a hung NFS or FUSE mount, a failing disk); only if it can never write again, `leasehold force-release` ends the leases before it is gone"
-                );
-                self.set_stuck(
-                    process,
-                    Some(Stuck {
-                        pid,
-                        cgroup: Some(cgroup),
-                        process_group: None,
-                        since: started,
-                    }),
-                );
-            }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(std::time::Duration::from_millis(200));
-        }
-        if warned {
-            self.set_stuck(process, None);
-            warn!(
-                pid,
-                waited_ms = started.elapsed().as_millis() as u64,
-                "the dead holder's cgroup is empty at last; its leases end"
-            );
-        }
+        self.drain(process, Left::Cgroup(c)).await;
     }
 
     /// Removes the cgroup of a holder whose leases ended; one still in use (its holder
@@ -738,53 +798,35 @@ impl<S: Store> Watcher<S> {
             return;
         }
         self.set_draining(process, true);
-        let started = std::time::Instant::now();
-        let mut delay = std::time::Duration::from_millis(2);
-        let mut warned = false;
         info!(
             pid,
             "holder exited leading a process group: SIGKILLed its process group (what it started) before ending its leases"
         );
-        // Killed processes are soon reaped (by init or a subreaper) and the group is gone:
-        // `kill(-pid, 0)` tells, cheaply. `/proc` is read only if it lasts (zombies whose
-        // parent does not reap them, or a process that does not die).
-        let scan_from = started + std::time::Duration::from_millis(20);
-        loop {
-            let gone = crate::procfs::group_gone(pid)
-                || (std::time::Instant::now() >= scan_from && !crate::procfs::group_alive(pid));
-            if gone {
-                break;
-            }
-            crate::procfs::kill_group(pid);
+        self.drain(process, Left::Group).await;
+        self.set_draining(process, false);
+    }
+
+    /// Waits until what the dead holder `process` left (SIGKILLed already) is gone, killing
+    /// it again each round (a kill that did not take is tried again), with a backoff that
+    /// doubles to 200 ms. After [`STUCK_AFTER`] it says what is stuck and what to do, and
+    /// lists it in [`Watcher::stuck`]; the leases stay held until it is gone.
+    async fn drain(&self, process: &ProcessKey, left: Left<'_>) {
+        let started = std::time::Instant::now();
+        let mut delay = left.first_delay();
+        let mut warned = false;
+        while !left.gone(process, started) {
+            left.kill(process);
             if !warned && started.elapsed() > STUCK_AFTER {
                 warned = true;
-                error!(
-                    pid,
-                    left = ?crate::procfs::group_members(pid, None).unwrap_or_default(),
-                    "a dead holder's process group survives SIGKILL (a process in uninterruptible sleep, or frozen): its leases stay held until every process of the group is gone. What each waits on: /proc/PID/stack. Thaw a frozen one, or end what it waits on (a hung NFS or FUSE mount, a failing disk); only if it can never write again, `leasehold force-release` ends the leases before it is gone"
-                );
-                self.set_stuck(
-                    process,
-                    Some(Stuck {
-                        pid,
-                        cgroup: None,
-                        process_group: Some(pid),
-                        since: started,
-                    }),
-                );
+                self.set_stuck(process, Some(left.say_stuck(process, started)));
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(std::time::Duration::from_millis(200));
         }
         if warned {
             self.set_stuck(process, None);
-            warn!(
-                pid,
-                waited_ms = started.elapsed().as_millis() as u64,
-                "the dead holder's process group is gone at last; its leases end"
-            );
+            left.say_gone(process, started.elapsed());
         }
-        self.set_draining(process, false);
     }
 
     /// Sends `signal` to a watched process through its pidfd. Returns false when the
