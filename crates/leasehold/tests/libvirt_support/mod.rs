@@ -51,6 +51,15 @@ pub fn require_libvirt() {
         user.status.success(),
         "no libvirt-qemu user: scripts/test creates it (QEMU runs as that user)"
     );
+    let group = Command::new("getent")
+        .args(["group", "libvirt-qemu"])
+        .output()
+        .unwrap();
+    assert!(
+        group.status.success(),
+        "no libvirt-qemu group: scripts/test creates it (libvirtd's QEMU driver does not start \
+         without it)"
+    );
 }
 
 /// A running private libvirtd.
@@ -171,8 +180,9 @@ impl Libvirtd {
         while !l.virsh(&["version"]).status.success() {
             assert!(
                 std::time::Instant::now() < answered,
-                "the private libvirtd did not answer in 60 s: {}",
-                std::fs::read_to_string(l.dir.path().join("libvirtd.err")).unwrap_or_default()
+                "the private libvirtd did not answer in 60 s: {}\nits log:\n{}",
+                std::fs::read_to_string(l.dir.path().join("libvirtd.err")).unwrap_or_default(),
+                std::fs::read_to_string(l.dir.path().join("log/libvirtd.log")).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
