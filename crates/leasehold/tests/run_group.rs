@@ -906,3 +906,49 @@ fn a_dead_wrappers_cgroup_that_cannot_be_emptied_keeps_the_lease_held_and_says_s
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["stuck"].as_array().is_none_or(|s| s.is_empty()), "{v}");
 }
+
+/// The same for a dead wrapper's process group (no cgroups): a writer in the group that
+/// SIGKILL does not end keeps the lease held, the log says what to do, and `status` lists the
+/// dead holder with its process group until the writer is gone.
+#[test]
+fn a_dead_wrappers_group_that_cannot_be_emptied_keeps_the_lease_held_and_says_so() {
+    require_root("the test freezes the writer with the cgroup v1 freezer");
+    let a = Agent::start_with(&["--cgroup-root", "off"]);
+    let (mut wrapper, writer) = run_with_writer(&a, Stdio::null());
+    let frozen = Frozen::new(writer.0);
+    let holder = u64::from(wrapper.id());
+    let _ = wrapper.kill();
+    let _ = wrapper.wait();
+    wait_until(
+        "the agent says the dead holder's group cannot be emptied",
+        Duration::from_secs(20),
+        || a.log().contains("process group survives SIGKILL"),
+    );
+    assert!(
+        alive(writer.0),
+        "the frozen writer died: the test shows nothing"
+    );
+    assert_eq!(a.holders("disk"), vec![holder]);
+    let next = Holder::new();
+    expect_code(
+        &a.lh(&[
+            "acquire",
+            "disk",
+            "--accept-dirty",
+            "--pid",
+            &next.pid_arg(),
+        ]),
+        3,
+    );
+    let out = a.lh(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["stuck"][0]["pid"], holder, "{v}");
+    assert_eq!(v["stuck"][0]["process_group"], holder, "{v}");
+    drop(frozen);
+    let _next = grant_to_next(&a, &[3]);
+    assert!(
+        !alive(writer.0),
+        "the writer runs while the disk is granted again"
+    );
+    assert!(a.log().contains("gone at last"), "{}", a.log());
+}
