@@ -109,6 +109,17 @@ impl Txn {
         self
     }
 
+    /// Requires `key` to exist (its create revision is not 0).
+    pub fn if_exists(mut self, key: Vec<u8>) -> Txn {
+        self.compare.push(cmp(
+            key,
+            CompareTarget::Create,
+            CompareResult::Greater,
+            TargetUnion::CreateRevision(0),
+        ));
+        self
+    }
+
     /// Requires `key` to be attached to `lease`.
     pub fn if_lease(mut self, key: Vec<u8>, lease: LeaseId) -> Txn {
         self.compare.push(cmp(

@@ -49,10 +49,11 @@ pub(super) struct Extra {
     /// changes are), so one decided from the view is decided again on a fresh read once what
     /// it changed is written.
     pub(super) refusal: bool,
-    /// The decision rests on the records it read and did not change (a request queued behind
-    /// their holders writes only its waiter keys): each of those is compared too, so one
-    /// decided from a stale view, or on a record that moved before the commit, writes nothing
-    /// and is decided again on what the commit found.
+    /// The decision rests on the records it read and did not change, and their graces (a
+    /// request queued behind their holders writes only its waiter keys): each of those is
+    /// compared too, so one decided from a stale view, or on a record that moved or a grace
+    /// that ended before the commit, writes nothing and is decided again on what the commit
+    /// found.
     pub(super) compare_read: bool,
 }
 
@@ -466,20 +467,23 @@ impl Inner {
         if extra.compare_read {
             // Not written, but decided on: each must still be what the decision saw. (A
             // resource guessed to have no keys is compared below, a changed one above.)
-            for (name, rs) in snap
-                .res
-                .iter()
-                .filter(|(n, rs)| !rs.guessed && !out.changed.contains(*n))
-            {
-                t = if rs.record.is_none() && rs.mod_rev == 0 {
-                    t.if_none_created_after(
-                        self.keys.resource(name),
-                        self.keys.resource_end(name),
-                        0,
-                    )
-                } else {
-                    t.if_mod_revision(self.keys.resource(name), rs.mod_rev)
-                };
+            for (name, rs) in &snap.res {
+                if !rs.guessed && !out.changed.contains(name) {
+                    t = if rs.record.is_none() && rs.mod_rev == 0 {
+                        t.if_none_created_after(
+                            self.keys.resource(name),
+                            self.keys.resource_end(name),
+                            0,
+                        )
+                    } else {
+                        t.if_mod_revision(self.keys.resource(name), rs.mod_rev)
+                    };
+                }
+                // A grace it waits behind must not have ended since (one started since is
+                // compared below, with every resource read).
+                if rs.grace {
+                    t = t.if_exists(self.keys.grace(name));
+                }
             }
         }
         for key in &extra.delete {

@@ -1443,3 +1443,111 @@ async fn a_waiting_acquire_from_a_stale_view_does_not_queue_behind_a_released_ho
         );
     }
 }
+
+/// The same for a grace: a waiting acquire decided from a view that still shows a grace etcd
+/// has ended queues nothing and is granted on what its commit found. Here c died holding disk;
+/// its grace started; a's watch is held back while etcd ends the grace. Before, a wrote its
+/// waiter key behind the ended grace (its commit compared the record only, which had not
+/// moved).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_acquire_from_a_stale_view_does_not_queue_behind_an_ended_grace() {
+    let etcd = Etcd::start();
+    let open_short = |host: &'static str| {
+        let mut o = EtcdOptions::new(vec![etcd.endpoint()]);
+        o.prefix = format!("/unit-{}-stale-grace/", std::process::id());
+        o.grace = Duration::from_secs(2);
+        EtcdStore::open(HostId::new(host).unwrap(), o)
+    };
+    let a = open_short("a").await.unwrap();
+    let c = open_short("c").await.unwrap();
+    let disk = res("disk");
+    let names = std::collections::BTreeSet::from([disk.clone()]);
+    c.acquire(AcquireSpec::new(
+        Owner::new(c.host().clone(), 30, 1),
+        [(disk.clone(), Mode::Exclusive)],
+    ))
+    .await
+    .unwrap();
+    // disk joins a's view (refused, read fresh).
+    let mine = Owner::new(a.host().clone(), 10, 1);
+    let ask = || AcquireSpec::new(mine.clone(), [(disk.clone(), Mode::Exclusive)]);
+    a.acquire(ask()).await.unwrap_err();
+    watchers_delivered(&a, &disk).await;
+    // c's session ends, and a sees it.
+    let c_lease = c.inner.lease().unwrap();
+    let c_key = a.inner.keys.host(c.host());
+    drop(c);
+    a.inner.etcd.lease_revoke(c_lease).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while crate::sync::read(&a.inner.mirror, "mirror")
+        .kvs
+        .contains_key(&c_key)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a never saw c's session end"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // a ends c's lease (dirty) and starts its grace, and its view shows the grace.
+    let e = a.acquire(ask()).await.unwrap_err();
+    assert!(e.to_string().contains("grace period"), "{e}");
+    let graced = || {
+        a.inner
+            .guessed_snapshot(&names)
+            .is_some_and(|s| s.res[&disk].grace)
+    };
+    while !graced() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a's view never showed the grace"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // a's watch is held back while etcd ends the grace.
+    let mut pause = a.pause_watch();
+    pause.reached().await;
+    let grace_key = a.inner.keys.grace(&disk);
+    let ended = loop {
+        let (kvs, rev) = a
+            .inner
+            .etcd
+            .range(grace_key.clone(), Vec::new(), 0)
+            .await
+            .unwrap();
+        if kvs.is_empty() {
+            break rev;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "etcd never ended the grace"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(graced(), "a's view is not behind: the test shows nothing");
+    let mut spec = ask().wait(Duration::from_secs(10));
+    spec.accept_dirty = true;
+    let grants = a.acquire(spec).await;
+    pause.resume();
+    grants.expect("the disk, its grace over, was not granted");
+    let w = a.inner.keys.waiters(&disk);
+    let w_end = crate::etcd::client::prefix_end(&w);
+    let (_, now) = a
+        .inner
+        .etcd
+        .range(w.clone(), w_end.clone(), 0)
+        .await
+        .unwrap();
+    for rev in ended..=now {
+        let (queued, _) = a
+            .inner
+            .etcd
+            .range(w.clone(), w_end.clone(), rev)
+            .await
+            .unwrap();
+        assert!(
+            queued.is_empty(),
+            "a waiter key was written behind an ended grace, at revision {rev} (ended by {ended})"
+        );
+    }
+}
