@@ -865,22 +865,8 @@ fn a_dead_wrappers_cgroup_that_cannot_be_emptied_keeps_the_lease_held_and_says_s
         alive(writer.0),
         "the frozen writer died: the test shows nothing"
     );
-    // The lease stays held: nobody else is granted the disk.
-    assert_eq!(a.holders("disk"), vec![holder]);
-    let next = Holder::new();
-    expect_code(
-        &a.lh(&[
-            "acquire",
-            "disk",
-            "--accept-dirty",
-            "--pid",
-            &next.pid_arg(),
-        ]),
-        3,
-    );
-    // status lists it.
-    let out = a.lh(&["status", "--json"]);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // The lease stays held: nobody else is granted the disk; status lists it.
+    let v = held_and_status(&a, holder);
     let stuck = v["stuck"]
         .as_array()
         .unwrap_or_else(|| panic!("status does not say: {v}"));
@@ -928,6 +914,21 @@ fn a_dead_wrappers_group_that_cannot_be_emptied_keeps_the_lease_held_and_says_so
         alive(writer.0),
         "the frozen writer died: the test shows nothing"
     );
+    let v = held_and_status(&a, holder);
+    assert_eq!(v["stuck"][0]["pid"], holder, "{v}");
+    assert_eq!(v["stuck"][0]["process_group"], holder, "{v}");
+    drop(frozen);
+    let _next = grant_to_next(&a, &[3]);
+    assert!(
+        !alive(writer.0),
+        "the writer runs while the disk is granted again"
+    );
+    assert!(a.log().contains("gone at last"), "{}", a.log());
+}
+
+/// Asserts that `holder` still holds disk and that another owner is refused it (exit 3, even
+/// accepting a dirty disk); returns `status --json`.
+fn held_and_status(a: &Agent, holder: u64) -> serde_json::Value {
     assert_eq!(a.holders("disk"), vec![holder]);
     let next = Holder::new();
     expect_code(
@@ -941,14 +942,5 @@ fn a_dead_wrappers_group_that_cannot_be_emptied_keeps_the_lease_held_and_says_so
         3,
     );
     let out = a.lh(&["status", "--json"]);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["stuck"][0]["pid"], holder, "{v}");
-    assert_eq!(v["stuck"][0]["process_group"], holder, "{v}");
-    drop(frozen);
-    let _next = grant_to_next(&a, &[3]);
-    assert!(
-        !alive(writer.0),
-        "the writer runs while the disk is granted again"
-    );
-    assert!(a.log().contains("gone at last"), "{}", a.log());
+    serde_json::from_slice(&out.stdout).unwrap()
 }

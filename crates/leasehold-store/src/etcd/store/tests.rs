@@ -38,6 +38,28 @@ async fn watchers_delivered(s: &EtcdStore, r: &ResourceName) {
     }
 }
 
+/// The waiter keys of `r` in etcd: (how many there are, etcd's revision), at revision `rev`
+/// (0: now).
+async fn waiter_keys(s: &EtcdStore, r: &ResourceName, rev: i64) -> (usize, i64) {
+    let w = s.inner.keys.waiters(r);
+    let w_end = crate::etcd::client::prefix_end(&w);
+    let (kvs, at) = s.inner.etcd.range(w, w_end, rev).await.unwrap();
+    (kvs.len(), at)
+}
+
+/// Asserts that `r` had no waiter key at any revision from `since` to now; `what` says which
+/// change `since` is, for the message.
+async fn no_waiter_key_since(s: &EtcdStore, r: &ResourceName, since: i64, what: &str) {
+    let (_, now) = waiter_keys(s, r, 0).await;
+    for rev in since..=now {
+        let (queued, _) = waiter_keys(s, r, rev).await;
+        assert_eq!(
+            queued, 0,
+            "a waiter key was written for {r} at revision {rev} ({what} at {since})"
+        );
+    }
+}
+
 fn res(name: &str) -> ResourceName {
     ResourceName::new(name).unwrap()
 }
@@ -1406,14 +1428,7 @@ async fn a_waiting_acquire_from_a_stale_view_does_not_queue_behind_a_released_ho
         1,
         "a's view is not behind: the test shows nothing"
     );
-    let w = a.inner.keys.waiters(&disk);
-    let w_end = crate::etcd::client::prefix_end(&w);
-    let (_, released) = a
-        .inner
-        .etcd
-        .range(w.clone(), w_end.clone(), 0)
-        .await
-        .unwrap();
+    let (_, released) = waiter_keys(&a, &disk, 0).await;
     let grants = a
         .acquire(
             AcquireSpec::new(mine.clone(), [(disk.clone(), Mode::Exclusive)])
@@ -1424,24 +1439,7 @@ async fn a_waiting_acquire_from_a_stale_view_does_not_queue_behind_a_released_ho
     let grants = grants.expect("the free disk was not granted");
     assert!(grants[0].token > first[0].token);
     // Every revision from b's release to the grant: no waiter key of disk at any.
-    let (_, now) = a
-        .inner
-        .etcd
-        .range(w.clone(), w_end.clone(), 0)
-        .await
-        .unwrap();
-    for rev in released..=now {
-        let (queued, _) = a
-            .inner
-            .etcd
-            .range(w.clone(), w_end.clone(), rev)
-            .await
-            .unwrap();
-        assert!(
-            queued.is_empty(),
-            "a waiter key was written for a free disk, at revision {rev} (released at {released})"
-        );
-    }
+    no_waiter_key_since(&a, &disk, released, "a free disk: released").await;
 }
 
 /// The same for a grace: a waiting acquire decided from a view that still shows a grace etcd
@@ -1530,24 +1528,5 @@ async fn a_waiting_acquire_from_a_stale_view_does_not_queue_behind_an_ended_grac
     let grants = a.acquire(spec).await;
     pause.resume();
     grants.expect("the disk, its grace over, was not granted");
-    let w = a.inner.keys.waiters(&disk);
-    let w_end = crate::etcd::client::prefix_end(&w);
-    let (_, now) = a
-        .inner
-        .etcd
-        .range(w.clone(), w_end.clone(), 0)
-        .await
-        .unwrap();
-    for rev in ended..=now {
-        let (queued, _) = a
-            .inner
-            .etcd
-            .range(w.clone(), w_end.clone(), rev)
-            .await
-            .unwrap();
-        assert!(
-            queued.is_empty(),
-            "a waiter key was written behind an ended grace, at revision {rev} (ended by {ended})"
-        );
-    }
+    no_waiter_key_since(&a, &disk, ended, "behind a grace: ended").await;
 }
