@@ -9,6 +9,16 @@
 //! or a fence or force-release kills it, the agent writes `cgroup.kill` and waits until
 //! `cgroup.events` says `populated 0` before the leases end; then the cgroup is removed.
 //!
+//! A root holder that starts its processes itself into a cgroup (`clone3` with
+//! `CLONE_INTO_CGROUP`, as `run` does) is not moved: the agent makes the cgroup
+//! ([`Cgroups::make`]) and names it in the grant, and everything the holder starts for the
+//! leases runs in it from its first instruction. Moving a running process takes the kernel's
+//! write lock on thread groups, which waits for an RCU grace period (milliseconds on a busy
+//! host); starting one in a cgroup does not. The kernel lets a process start a child in a
+//! cgroup when it may write the `cgroup.procs` of the common ancestor of its own cgroup and
+//! that one: root may; another user may not (the ancestor is root's), so such a holder is
+//! moved as before.
+//!
 //! The name is the holder's pid and start time, so an agent restarting finds the cgroups of
 //! the holders it re-adopts, and of those that died meanwhile, without a record of its own.
 //!
@@ -211,6 +221,22 @@ impl Cgroups {
             ));
         }
         Ok(from.filter(|f| *f != dir))
+    }
+
+    /// Makes the cgroup of `process` (if it is not there yet) without moving anything in:
+    /// for a holder that starts its processes in it itself (`clone3` with
+    /// `CLONE_INTO_CGROUP`). No process is migrated, so nothing waits for the kernel's
+    /// write lock on thread groups (and the RCU grace period it takes).
+    ///
+    /// # Errors
+    /// Why it could not be made (the caller then moves the holder, or answers "group").
+    pub fn make(&self, process: &ProcessKey) -> Result<PathBuf, String> {
+        let dir = self.path_of(process);
+        match std::fs::create_dir(&dir) {
+            Ok(()) => Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(dir),
+            Err(e) => Err(format!("making {}: {e}", dir.display())),
+        }
     }
 
     /// Moves `process` back to the cgroup `from` it was in before [`Cgroups::contain`] (it

@@ -361,6 +361,7 @@ fn acquire_line(out: Out, delivery: &Arc<Delivery>) -> v1::AcquireEvent {
             delivered,
             safe_until,
             containment,
+            cgroup,
         } => {
             // The grant counts once the client has read it from the socket; one that closed
             // without (a withdrawn wait) does not get it, and the grant is undone.
@@ -378,6 +379,7 @@ fn acquire_line(out: Out, delivery: &Arc<Delivery>) -> v1::AcquireEvent {
                 owner: (&owner).into(),
                 safe_until_monotonic_ns: safe_until,
                 containment,
+                cgroup: cgroup.map(|p| p.to_string_lossy().into_owned()),
             }
         }
         Out::Safe(until_monotonic_ns) => v1::AcquireEvent::Safe { until_monotonic_ns },

@@ -292,6 +292,30 @@ impl<S: Store> Watcher<S> {
         }
     }
 
+    /// For a holder that starts its processes into its cgroup itself (`clone3` with
+    /// `CLONE_INTO_CGROUP`; the caller checked that it may): makes the cgroup, moving
+    /// nothing, and returns it. Called once the grant is decided, before it is answered: a
+    /// holder granted nothing leaves no cgroup behind. Where it cannot be made, the holder is
+    /// contained by its process group, as where a move fails.
+    pub fn cgroup_for_children(
+        &self,
+        process: &ProcessKey,
+    ) -> (Containment, Option<std::path::PathBuf>) {
+        let Some(c) = self.cgroups.get() else {
+            return (Containment::Group, None);
+        };
+        match c.make(process) {
+            Ok(dir) => (Containment::Cgroup, Some(dir)),
+            Err(why) => {
+                warn!(
+                    pid = process.pid,
+                    why, "cannot give a holder a cgroup: it is contained by its process group only"
+                );
+                (Containment::Group, None)
+            }
+        }
+    }
+
     fn contain(&self, process: &ProcessKey) -> (Containment, Option<std::path::PathBuf>) {
         let Some(c) = self.cgroups.get() else {
             return (Containment::Group, None);

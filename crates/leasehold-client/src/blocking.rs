@@ -303,6 +303,7 @@ impl Client {
             wait: o.wait.map(v1::Dur),
             hold: o.hold,
             contain: o.contain,
+            clone_into_cgroup: o.clone_into_cgroup,
             ..v1::AcquireRequest::default()
         }
     }
@@ -646,6 +647,7 @@ fn event_of(line: &str) -> Result<AcquireEvent, Error> {
             owner,
             safe_until_monotonic_ns,
             containment,
+            cgroup,
         } => AcquireEvent::Granted(Granted {
             grants: grants
                 .into_iter()
@@ -655,6 +657,7 @@ fn event_of(line: &str) -> Result<AcquireEvent, Error> {
             owner: Owner::try_from(owner).map_err(Error::protocol)?,
             safe_until_monotonic_ns,
             containment,
+            cgroup: cgroup.map(std::path::PathBuf::from),
         }),
         v1::AcquireEvent::Safe { until_monotonic_ns } => AcquireEvent::Safe { until_monotonic_ns },
         v1::AcquireEvent::Lost { resource, ended } => AcquireEvent::Lost {

@@ -100,6 +100,9 @@ pub struct AcquireOptions {
     pub hold: bool,
     /// Contain the calling process in a cgroup of its own (the API's `contain`).
     pub contain: bool,
+    /// With `contain`: the caller starts its processes into the cgroup itself, if the agent
+    /// lets it ([`Granted::cgroup`]; the API's `clone_into_cgroup`).
+    pub clone_into_cgroup: bool,
 }
 
 impl AcquireOptions {
@@ -174,4 +177,7 @@ pub struct Granted {
     pub safe_until_monotonic_ns: Option<u64>,
     /// For a request with `contain`: how the holder is contained.
     pub containment: Option<leasehold_api::v1::Containment>,
+    /// For a request with `clone_into_cgroup` that the agent let: the cgroup to start the
+    /// holder's processes in (the holder itself was not moved).
+    pub cgroup: Option<std::path::PathBuf>,
 }

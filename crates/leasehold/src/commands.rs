@@ -307,6 +307,7 @@ pub fn acquire(a: AcquireArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> 
             wait,
             hold: false,
             contain: false,
+            clone_into_cgroup: false,
         },
     )?;
     for grant in &g.grants {

@@ -12,10 +12,11 @@
 //! No async runtime and no thread: the hold is one streaming request, read without blocking;
 //! the signals are blocked and read from a signalfd (the command starts with them unblocked);
 //! one `poll` waits on both, with the safe-until deadline as its timeout. The command is
-//! started by a vfork-style clone ([`spawn`]), with no copy of the wrapper's memory.
+//! started by a vfork-style clone ([`spawn`]), with no copy of the wrapper's memory, in the
+//! cgroup the agent made for the run when the grant names one ([`Start`]).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::ExitStatus;
@@ -144,6 +145,10 @@ pub fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
         hold: true,
         // A cgroup of its own, before the command starts: nothing it starts can leave it.
         contain: true,
+        // The command started into it (not this process moved), where the agent lets it.
+        // Not with a check, which runs before the command as a plain child: this process is
+        // moved then, and the check with it.
+        clone_into_cgroup: spawn::CGROUP_CLONE && a.check.is_none(),
     };
     // SIGCHLD ignored by whoever started this process (exec keeps that) would have the
     // kernel reap the command and the check itself, their exit status lost: back to default.
@@ -169,9 +174,20 @@ pub fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
         .map(|g| format!("{}={}", token_name(g.resource.as_str()), g.token))
         .collect::<Vec<_>>()
         .join(",");
-    let containment = match granted.containment {
-        Some(leasehold_api::v1::Containment::Cgroup) => "cgroup",
-        _ => "group",
+    let mut start = Start {
+        client: &client,
+        again: AcquireOptions {
+            wait: None,
+            hold: false,
+            clone_into_cgroup: false,
+            ..request.clone()
+        },
+        tokens: &tokens,
+        containment: word(granted.containment),
+        cgroup: granted
+            .cgroup
+            .as_ref()
+            .map(|dir| std::fs::File::open(dir).map(OwnedFd::from)),
     };
     let hold = Hold {
         client: client.clone(),
@@ -191,11 +207,7 @@ pub fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
         deadline: granted.safe_until_monotonic_ns.map(instant_of_monotonic),
         retry_at: None,
     };
-    let env = [
-        (TOKENS_ENV, tokens.as_str()),
-        (CONTAINMENT_ENV, containment),
-    ];
-    let (status, left) = match supervise(&a.command, &env, hold, acq, &group)? {
+    let (status, left) = match supervise(&a.command, &mut start, hold, acq, &group)? {
         Outcome::Exited { status, left } => (status, left),
         Outcome::NotStarted { prog, error } => {
             // Nothing ran, so nothing was written: release clean.
@@ -268,6 +280,84 @@ pub fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
         );
     }
     Ok(exit_code(status))
+}
+
+/// `LEASEHOLD_CONTAINMENT`'s word for how the agent says the wrapper is contained.
+fn word(containment: Option<leasehold_api::v1::Containment>) -> &'static str {
+    match containment {
+        Some(leasehold_api::v1::Containment::Cgroup) => "cgroup",
+        _ => "group",
+    }
+}
+
+/// How the command is started: in the cgroup the agent made for it (the grant named one),
+/// else as this process's child, in the cgroup this process was moved into, if any.
+struct Start<'a> {
+    client: &'a Client,
+    /// The request again, to be moved into the cgroup after all: the same items, not held.
+    again: AcquireOptions,
+    /// [`TOKENS_ENV`]'s value.
+    tokens: &'a str,
+    /// [`CONTAINMENT_ENV`]'s value.
+    containment: &'static str,
+    /// The cgroup's directory, opened, when the grant named one.
+    cgroup: Option<std::io::Result<OwnedFd>>,
+}
+
+impl Start<'_> {
+    /// Starts the command (see [`spawn::spawn`]) in the cgroup the grant named. Where it
+    /// cannot be started there (the directory cannot be opened, `clone3` is filtered, ...)
+    /// nothing has started: the agent is asked to move this process into it, as it does for
+    /// a wrapper that cannot start processes in a cgroup itself, and the command starts as
+    /// this process's child. A move that fails leaves it contained by its process group,
+    /// and [`CONTAINMENT_ENV`] says so.
+    fn spawn(
+        &mut self,
+        argv: &[std::ffi::OsString],
+        mask: libc::sigset_t,
+    ) -> std::io::Result<libc::pid_t> {
+        if let Some(dir) = self.cgroup.take() {
+            if let Ok(fd) = dir {
+                match spawn::spawn(argv, &self.env(), mask, Some(fd.as_fd())) {
+                    Ok(pid) => return Ok(pid),
+                    Err(spawn::Error::Run(e)) => return Err(e),
+                    Err(spawn::Error::Cgroup(_)) => {}
+                }
+            }
+            self.move_in();
+        }
+        spawn::spawn(argv, &self.env(), mask, None).map_err(|e| match e {
+            spawn::Error::Run(e) | spawn::Error::Cgroup(e) => e,
+        })
+    }
+
+    /// Asks the agent to move this process into its cgroup: the same items again, which
+    /// come back as the leases held (anything granted afresh, a lease lost meanwhile, is
+    /// given back; the hold stream tells of the loss).
+    fn move_in(&mut self) {
+        self.containment = match self.client.acquire(&self.again) {
+            Ok(g) => {
+                let fresh: Vec<ResourceName> = g
+                    .grants
+                    .iter()
+                    .filter(|x| !x.existing)
+                    .map(|x| x.resource.clone())
+                    .collect();
+                if !fresh.is_empty() {
+                    let _ = self.client.release(&fresh, &ReleaseOptions::default());
+                }
+                word(g.containment)
+            }
+            Err(_) => "group",
+        };
+    }
+
+    fn env(&self) -> [(&str, &str); 2] {
+        [
+            (TOKENS_ENV, self.tokens),
+            (CONTAINMENT_ENV, self.containment),
+        ]
+    }
 }
 
 /// Runs the check on every dirty resource granted, marking each clean when it succeeds.
@@ -500,7 +590,7 @@ fn kill_command(pid: libc::pid_t) -> Result<ExitStatus, Failure> {
 /// signalfd) and the hold stream, with the safe-until as its timeout.
 fn supervise(
     argv: &[std::ffi::OsString],
-    env: &[(&str, &str)],
+    start: &mut Start<'_>,
     mut hold: Hold,
     acq: Acquisition,
     group: &group::Group,
@@ -539,7 +629,7 @@ fn supervise(
             "the agent did not confirm its host session (etcd) before the command could start, so the leases may not be safe; retry once `leasehold status` shows the session renewed".into(),
         ));
     }
-    let pid = match spawn::spawn(argv, env, mask) {
+    let pid = match start.spawn(argv, mask) {
         Ok(pid) => pid,
         Err(error) => {
             return Ok(Outcome::NotStarted {

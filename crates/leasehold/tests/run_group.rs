@@ -533,9 +533,16 @@ fn require_cgroups(a: &Agent) {
 /// `run --exclusive disk -- sh -c 'setsid sh -c "echo $$ > F; exec sleep 3600" & wait'`:
 /// the writer leaves the wrapper's process group and session (a daemonizing launcher does).
 fn run_with_escaping_writer(a: &Agent) -> (std::process::Child, Writer) {
+    run_with_escaping_writer_by(a, a.cli())
+}
+
+/// [`run_with_escaping_writer`] with the CLI command `cli`.
+fn run_with_escaping_writer_by(
+    a: &Agent,
+    mut cli: std::process::Command,
+) -> (std::process::Child, Writer) {
     let pidfile = a.path("escaped.pid");
-    let wrapper = a
-        .cli()
+    let wrapper = cli
         .args(["run", "--exclusive", "disk", "--", "sh", "-c"])
         .arg(format!(
             "setsid sh -c 'echo $$ > {}; exec sleep 3600' & wait",
@@ -575,6 +582,133 @@ fn a_killed_wrappers_setsid_writer_is_dead_before_the_disk_is_granted_again() {
     assert!(a.log().contains("SIGKILLed its cgroup"), "{}", a.log());
     let v = a.inspect("disk").unwrap();
     assert_eq!(v["last_ended"]["how"], "process-died", "{v}");
+}
+
+/// The cgroup v2 line of `/proc/PID/cgroup`.
+fn cgroup_of(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("0::"))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// A root wrapper is not moved into a cgroup: the agent makes the run's cgroup and the wrapper
+/// starts its command in it (`clone3` with `CLONE_INTO_CGROUP`), so everything the command
+/// starts runs there, a setsid writer too, which dies with the cgroup when the wrapper is
+/// SIGKILLed, before the disk is granted again. (Before: the agent moved the wrapper itself,
+/// a move that waits for an RCU grace period in the kernel, +10 ms a run on a busy host:
+/// docs/performance.md.)
+#[test]
+fn a_root_runs_command_starts_in_its_cgroup_and_the_wrapper_is_not_moved() {
+    let a = Agent::start();
+    require_cgroups(&a);
+    let (mut wrapper, writer) = run_with_escaping_writer(&a);
+    assert_escaped(&writer, &wrapper);
+    let run_cgroup = format!("/leasehold/{}-", wrapper.id());
+    assert!(
+        cgroup_of(writer.0).contains(&run_cgroup),
+        "the writer is not in the run's cgroup: {}",
+        cgroup_of(writer.0)
+    );
+    assert_eq!(
+        cgroup_of(wrapper.id()),
+        cgroup_of(std::process::id()),
+        "the wrapper was moved out of the cgroup it was started in"
+    );
+    let _ = wrapper.kill();
+    let _ = wrapper.wait();
+    let _next = grant_to_next(&a, &[3]);
+    assert!(
+        !alive(writer.0),
+        "the setsid writer still runs while the disk is granted to another process"
+    );
+    assert!(a.log().contains("SIGKILLed its cgroup"), "{}", a.log());
+}
+
+/// `cli` under a seccomp filter that answers ENOSYS to `clone3` (as container runtimes'
+/// default profiles do on kernels they do not know): the wrapper cannot start its command in
+/// a cgroup itself.
+fn without_clone3(mut cli: std::process::Command) -> std::process::Command {
+    use std::os::unix::process::CommandExt as _;
+    const LD_W_ABS: u16 = 0x20;
+    const JEQ_K: u16 = 0x15;
+    const RET_K: u16 = 0x06;
+    const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
+    let insn = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    let filter: Vec<libc::sock_filter> = vec![
+        insn(LD_W_ABS, 0, 0, 4), // seccomp_data.arch
+        insn(JEQ_K, 0, 3, AUDIT_ARCH_X86_64),
+        insn(LD_W_ABS, 0, 0, 0), // seccomp_data.nr
+        insn(JEQ_K, 0, 1, libc::SYS_clone3 as u32),
+        insn(RET_K, 0, 0, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
+        insn(RET_K, 0, 0, libc::SECCOMP_RET_ALLOW),
+    ];
+    let filter: &'static [libc::sock_filter] = filter.leak();
+    // SAFETY: prctl is async-signal-safe; the program it is given is 'static.
+    unsafe {
+        cli.pre_exec(move || {
+            let prog = libc::sock_fprog {
+                len: filter.len() as u16,
+                filter: filter.as_ptr().cast_mut(),
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER as libc::c_ulong,
+                    std::ptr::addr_of!(prog),
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cli
+}
+
+/// A root wrapper that cannot start its command in the run's cgroup (`clone3` filtered) asks
+/// the agent to move it in instead, as before, and starts its command as a plain child: the
+/// setsid writer is in the cgroup still, and dies with it before the disk is granted again.
+#[test]
+fn a_wrapper_that_cannot_start_its_command_in_the_cgroup_is_moved_in() {
+    let a = Agent::start();
+    require_cgroups(&a);
+    let out = without_clone3(a.cli())
+        .args([
+            "run",
+            "--exclusive",
+            "disk",
+            "--",
+            "sh",
+            "-c",
+            "echo $LEASEHOLD_CONTAINMENT",
+        ])
+        .output()
+        .unwrap();
+    expect_code(&out, 0);
+    assert_eq!(text(&out.stdout), "cgroup\n");
+    let (mut wrapper, writer) = run_with_escaping_writer_by(&a, without_clone3(a.cli()));
+    assert_escaped(&writer, &wrapper);
+    let run_cgroup = format!("/leasehold/{}-", wrapper.id());
+    assert!(
+        cgroup_of(writer.0).contains(&run_cgroup),
+        "the writer is not in the run's cgroup: {}",
+        cgroup_of(writer.0)
+    );
+    assert!(
+        cgroup_of(wrapper.id()).contains(&run_cgroup),
+        "the wrapper was not moved into the run's cgroup: {}",
+        cgroup_of(wrapper.id())
+    );
+    let _ = wrapper.kill();
+    let _ = wrapper.wait();
+    let _next = grant_to_next(&a, &[3]);
+    assert!(
+        !alive(writer.0),
+        "the setsid writer still runs while the disk is granted to another process"
+    );
 }
 
 /// The same with the agent down when the wrapper dies: the restarted agent kills the dead

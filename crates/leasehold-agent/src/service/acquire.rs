@@ -52,6 +52,9 @@ pub(crate) enum Out {
         safe_until: Option<u64>,
         /// For a request with `contain`: how the holder is contained.
         containment: Option<v1::Containment>,
+        /// For a request with `clone_into_cgroup`, let: the cgroup the holder starts its
+        /// processes in (it was not moved).
+        cgroup: Option<std::path::PathBuf>,
     },
     /// Safe until this instant of CLOCK_MONOTONIC, in nanoseconds.
     Safe(u64),
@@ -197,6 +200,11 @@ impl<S: Store> Service<S> {
             )));
         }
         let contain = r.contain;
+        // A caller that starts its processes into the cgroup itself is not moved, where the
+        // kernel will let it: root may start a child in any cgroup; another user would need
+        // write access to the cgroup.procs of the common ancestor of its cgroup and the
+        // agent's, which is root's (crate::cgroup). Those are moved, as without it.
+        let clone_into = contain && r.clone_into_cgroup && c.uid == 0;
         let owner = Owner {
             process: ProcessKey {
                 host: self.config.host_id.clone(),
@@ -272,7 +280,8 @@ impl<S: Store> Service<S> {
                 }
             };
             // Moved into its cgroup while the grant is decided; back if nothing is granted.
-            let containing = contain.then(|| me.watcher.start_containing(&owner.process));
+            let containing =
+                (contain && !clone_into).then(|| me.watcher.start_containing(&owner.process));
             let grants = match me.acquire_reporting(spec, &tx).await {
                 None => {
                     // The caller went away; the wait was withdrawn.
@@ -310,9 +319,13 @@ impl<S: Store> Service<S> {
             }
             me.watcher.watch_with(prepared);
             // Before the grant is answered: the holder starts nothing before it reads it.
-            let containment = match containing {
-                Some(c) => Some(me.watcher.contained(&owner.process, c).await),
-                None => None,
+            let (containment, cgroup) = match containing {
+                Some(c) => (Some(me.watcher.contained(&owner.process, c).await), None),
+                None if clone_into => {
+                    let (how, dir) = me.watcher.cgroup_for_children(&owner.process);
+                    (Some(how), dir)
+                }
+                None => (None, None),
             };
             for g in grants.iter().filter(|g| !g.existing) {
                 info!(
@@ -343,6 +356,7 @@ impl<S: Store> Service<S> {
                 delivered,
                 safe_until: me.grant_safe_until().map(crate::fence::monotonic_ns_of),
                 containment,
+                cgroup,
             };
             let sent = tx.send(granted).await.is_ok();
             // The front end answers once it knows, within a bound, even if the stream closed

@@ -360,6 +360,17 @@ pub struct AcquireRequest {
     /// another `pid`. Where the agent has no cgroups, the grant says `containment: group`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub contain: bool,
+    /// With `contain`: the caller starts its processes into the cgroup itself (`clone3`
+    /// with `CLONE_INTO_CGROUP`), so the agent need not move it (a move waits for an RCU
+    /// grace period in the kernel, milliseconds on a busy host). Where the caller may do
+    /// that (root: the kernel wants write access to the `cgroup.procs` of the common
+    /// ancestor of its cgroup and the new one), the agent makes the cgroup, leaves the
+    /// caller where it is, and names the cgroup in the grant (`cgroup`); the caller must then
+    /// start everything it starts for the leases in there, and, if it cannot, ask again with
+    /// `contain` alone (the same items: its leases come back as they are, and it is moved).
+    /// Otherwise the caller is moved, as for `contain` alone, and the grant names no cgroup.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub clone_into_cgroup: bool,
 }
 
 /// What is killed with a holder that dies holding a lease, or is fenced: what it started.
@@ -417,6 +428,11 @@ pub enum AcquireEvent {
         /// For a request with `contain`: how the holder is contained.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         containment: Option<Containment>,
+        /// For a request with `clone_into_cgroup` that the agent let: the cgroup directory
+        /// (a path on the agent's host) the holder starts its processes in; the holder itself
+        /// was not moved. Absent: with `containment: cgroup`, the holder was moved into it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cgroup: Option<String>,
     },
     /// The leases are safe until this instant on the host's `CLOCK_MONOTONIC` unless a later
     /// line extends it; a holder that hears nothing newer must stop writing by then.
