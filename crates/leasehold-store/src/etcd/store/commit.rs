@@ -357,6 +357,9 @@ impl Inner {
         extra: Extra,
     ) -> Result<Result<i64, Option<Snapshot>>, StoreError> {
         self.running()?;
+        // Not while etcd's leader is behind applying (this host's keep-alives say so): every
+        // host's renewals wait for it.
+        self.hold_while_renewals_late().await?;
         let mut t = Txn::new();
         if let Some(lease) = extra.require_session {
             t = t.if_lease(self.keys.host(&self.host), lease);

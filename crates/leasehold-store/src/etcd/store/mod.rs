@@ -185,6 +185,16 @@ struct Inner {
     halted: std::sync::OnceLock<crate::Halt>,
     /// Sends commits, several in one transaction when several wait (see [`commit::Batcher`]).
     batcher: commit::Batcher,
+    /// How promptly etcd answers this host's keep-alives: commits wait while it is late (see
+    /// [`session::Pace`]).
+    pace: watch::Sender<session::Pace>,
+    /// Asks the session keeper for a keep-alive now.
+    probe: Notify,
+    /// Commits waiting for a prompt keep-alive.
+    commits_held: std::sync::atomic::AtomicUsize,
+    /// A test hook: the next keep-alive stops once it counts as sent, until released.
+    /// Recovered: replaced and taken whole.
+    pause_renewal: Mutex<Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>>,
 }
 
 /// The receivers of every resource's events (`leasehold watch`), and what their watch is to do.
@@ -340,6 +350,10 @@ impl EtcdStore {
             fixes_due: Notify::new(),
             halted: std::sync::OnceLock::new(),
             batcher: commit::Batcher::default(),
+            pace: watch::channel(session::Pace::default()).0,
+            probe: Notify::new(),
+            commits_held: std::sync::atomic::AtomicUsize::new(0),
+            pause_renewal: Mutex::new(None),
         });
         let everything = inner.load_mirror().await?;
         inner.load_held(&everything);
@@ -428,6 +442,16 @@ impl EtcdStore {
         let (reached_tx, reached) = oneshot::channel();
         let (resume, resume_rx) = oneshot::channel();
         *lock(&self.inner.pause_commit, "pause_commit") = Some((reached_tx, resume_rx));
+        SnapshotPause { reached, resume }
+    }
+
+    /// A test hook: the next keep-alive of this host's session stops once it counts as sent
+    /// (commits see it pending) until the returned handle lets it go on.
+    #[doc(hidden)]
+    pub fn pause_next_renewal(&self) -> SnapshotPause {
+        let (reached_tx, reached) = oneshot::channel();
+        let (resume, resume_rx) = oneshot::channel();
+        *lock(&self.inner.pause_renewal, "pause_renewal") = Some((reached_tx, resume_rx));
         SnapshotPause { reached, resume }
     }
 

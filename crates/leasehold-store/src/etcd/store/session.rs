@@ -22,6 +22,85 @@ pub(super) const RECENT_RENEWALS: usize = 10;
 /// How often the agent repeats its warning while etcd does not answer renewals.
 pub(super) const UNREACHABLE_WARN_EVERY: Duration = Duration::from_secs(2);
 
+/// A keep-alive unanswered this long (or three times the quickest this store has seen, if
+/// that is longer: a distant etcd) holds this host's commits back until one is answered
+/// sooner (see [`Pace`]).
+pub(super) const RENEWAL_LATE: Duration = Duration::from_millis(250);
+
+/// While this host commits, a keep-alive is sent at least this often, so that a leader
+/// falling behind is seen by every committing host within about [`RENEWAL_LATE`].
+pub(super) const PROBE_EVERY: Duration = Duration::from_millis(250);
+
+/// The least time between two keep-alives that commits ask for.
+const PROBE_GAP: Duration = Duration::from_millis(50);
+
+/// How promptly etcd answers this host's keep-alives, which decides whether its commits may
+/// go (issue 15, "Many hosts" in docs/performance.md).
+///
+/// etcd (3.4.20 on) answers a lease renewal only once its leader has applied every entry
+/// committed before it, and fails it after 1 s. Under a full-rate fill by many hosts the
+/// leader's apply falls behind (a follower answers a transaction once *it* has applied it,
+/// so nothing slows the writers down), and every host's renewals stop at once: they all
+/// fence their holders. So a host's own keep-alive is its measure of the leader's backlog:
+/// while one goes unanswered past [`RENEWAL_LATE`], or the last came back later than that,
+/// the host sends no new commit (they wait, unchanged; their compares still decide) until a
+/// keep-alive is answered promptly. Every committing host probes at least every
+/// [`PROBE_EVERY`], so they all stop within about that of the backlog growing, and the
+/// leader catches up. Fencing is untouched: the deadline still follows the last renewal
+/// confirmed.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Pace {
+    /// When the keep-alive in progress was sent, if one is.
+    pending: Option<Instant>,
+    /// When the last keep-alive was sent.
+    last_sent: Option<Instant>,
+    /// Whether the last keep-alive that ended was answered within [`Pace::late`].
+    prompt: bool,
+    /// The quickest keep-alive round trip seen (the network's own share).
+    quickest: Option<Duration>,
+}
+
+impl Default for Pace {
+    fn default() -> Pace {
+        Pace {
+            pending: None,
+            last_sent: None,
+            prompt: true,
+            quickest: None,
+        }
+    }
+}
+
+impl Pace {
+    /// How long a keep-alive may take before it counts as late.
+    fn late(&self) -> Duration {
+        RENEWAL_LATE.max(self.quickest.map_or(Duration::ZERO, |q| q * 3))
+    }
+
+    /// Whether a commit may go at `now`.
+    pub(super) fn open(&self, now: Instant) -> bool {
+        self.prompt
+            && self
+                .pending
+                .is_none_or(|t| now.saturating_duration_since(t) < self.late())
+    }
+
+    /// A keep-alive is sent at `sent`.
+    fn sent(&mut self, sent: Instant) {
+        self.pending = Some(sent);
+        self.last_sent = Some(sent);
+    }
+
+    /// The keep-alive in progress ended after `took`, answered or not.
+    fn ended(&mut self, took: Duration, answered: bool) {
+        self.pending = None;
+        if answered {
+            self.quickest = Some(self.quickest.map_or(took, |q| q.min(took)));
+        }
+        self.prompt = answered && took < self.late();
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(super) struct SavedSession {
     pub(super) host: HostId,
@@ -156,12 +235,24 @@ pub(super) async fn keep_session(inner: Arc<Inner>) {
     // When the last "renewals failing" warning was logged, while they fail.
     let mut warned: Option<Instant> = None;
     loop {
-        tokio::time::sleep_until(next).await;
+        tokio::select! {
+            () = tokio::time::sleep_until(next) => {}
+            // A commit asks for a keep-alive now (see `Pace`), and not sooner than
+            // `PROBE_GAP` after the last.
+            () = inner.probe.notified() => {
+                let soonest = inner.pace.borrow().last_sent.map(|t| t + PROBE_GAP);
+                if let Some(soonest) = soonest.filter(|s| *s > Instant::now()) {
+                    next = next.min(tokio::time::Instant::from_std(soonest));
+                    continue;
+                }
+            }
+        }
         let state = inner.session.borrow().clone();
         let lease = LeaseId::of_session(state.id);
         if state.expired {
             match establish(&inner.etcd, &inner.keys, &inner.host, &inner.opts).await {
                 Ok((lease, sent, ttl)) => {
+                    inner.pace.send_replace(Pace::default());
                     inner.session.send_replace(SessionState {
                         id: lease.session(),
                         ttl,
@@ -181,7 +272,13 @@ pub(super) async fn keep_session(inner: Arc<Inner>) {
             continue;
         }
         let sent = Instant::now();
-        match inner.etcd.keep_alive_once(lease).await {
+        inner.pace.send_modify(|p| p.sent(sent));
+        inner.pause_renewal_if_asked().await;
+        let answer = inner.etcd.keep_alive_once(lease).await;
+        inner
+            .pace
+            .send_modify(|p| p.ended(sent.elapsed(), answer.is_ok()));
+        match answer {
             Ok(ttl) if ttl > 0 => {
                 inner.session.send_modify(|s| {
                     s.renewed_sent_at = Some(sent);
@@ -219,7 +316,79 @@ pub(super) async fn keep_session(inner: Arc<Inner>) {
     }
 }
 
+/// Counts a commit held back by [`Inner::hold_while_renewals_late`] while it lives.
+struct Held<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 impl Inner {
+    /// Waits, before a commit is sent, while this host's keep-alives are answered late (see
+    /// [`Pace`]), at most the request timeout; asks for a keep-alive when the last is older
+    /// than [`PROBE_EVERY`]. A commit held back is sent unchanged afterwards (its compares
+    /// decide on what etcd holds then). Nothing is held once the session has ended: what a
+    /// commit then asks fails or goes on its own.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when no keep-alive was answered promptly within the
+    /// request timeout: nothing was written.
+    pub(super) async fn hold_while_renewals_late(&self) -> Result<(), StoreError> {
+        let mut pace = self.pace.subscribe();
+        let deadline = tokio::time::Instant::now() + self.opts.timeout;
+        let mut held: Option<Held<'_>> = None;
+        loop {
+            if self.session.borrow().expired {
+                return Ok(());
+            }
+            let p = *pace.borrow_and_update();
+            let now = Instant::now();
+            if p.open(now) {
+                if p.pending.is_none() && p.last_sent.is_none_or(|t| now - t >= PROBE_EVERY) {
+                    self.probe.notify_one();
+                }
+                return Ok(());
+            }
+            // The last keep-alive came back late or failed: ask again at once.
+            if p.pending.is_none() {
+                self.probe.notify_one();
+            }
+            if held.is_none() {
+                self.commits_held
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                held = Some(Held(&self.commits_held));
+            }
+            if tokio::time::timeout_at(deadline, pace.changed())
+                .await
+                .is_err()
+            {
+                warn!(late = ?p.late(), held_for = ?self.opts.timeout, "a commit was held back while this host's renewals were answered late, and not sent");
+                return Err(StoreError::Unavailable(crate::Cause::new(format!(
+                    "etcd's leader is behind applying writes: this host's session renewals have not been answered within {:?} for {:?}, so its commits are held back and this one was not sent; try again",
+                    p.late(),
+                    self.opts.timeout
+                ))));
+            }
+        }
+    }
+
+    /// How many commits wait in [`Inner::hold_while_renewals_late`] now.
+    #[cfg(test)]
+    pub(super) fn commits_held(&self) -> usize {
+        self.commits_held.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A test hook: stops the keep-alive once it counts as sent, if asked.
+    async fn pause_renewal_if_asked(&self) {
+        let pause = lock(&self.pause_renewal, "pause_renewal").take();
+        if let Some((reached, resume)) = pause {
+            let _ = reached.send(());
+            let _ = resume.await;
+        }
+    }
+
     /// This host's session `lease` has ended (etcd said so): runs the hook (the agent kills
     /// every local holder), then marks the session expired, which lets a new one be opened.
     /// Nothing happens for a lease that is not the current session, or twice for one.
@@ -248,5 +417,50 @@ impl Inner {
             return Err(StoreError::SessionLost);
         }
         Ok(LeaseId::of_session(s.id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn commits_wait_while_a_keep_alive_is_late_until_one_is_answered_promptly() {
+        let t0 = Instant::now();
+        let mut p = Pace::default();
+        assert!(p.open(t0), "nothing sent yet");
+        p.sent(t0);
+        p.ended(MS * 10, true);
+        assert!(p.open(t0 + MS * 10));
+        assert_eq!(p.late(), RENEWAL_LATE);
+        p.sent(t0);
+        assert!(p.open(t0 + RENEWAL_LATE - MS), "pending, not late yet");
+        assert!(!p.open(t0 + RENEWAL_LATE), "pending and late");
+        // Answered, but late: still held until one comes back sooner.
+        p.ended(RENEWAL_LATE + MS, true);
+        assert!(!p.open(t0 + RENEWAL_LATE + MS));
+        p.sent(t0 + 2 * RENEWAL_LATE);
+        p.ended(MS * 10, true);
+        assert!(p.open(t0 + 2 * RENEWAL_LATE + MS * 10));
+        // A failed keep-alive holds them too, however quick.
+        p.sent(t0 + 3 * RENEWAL_LATE);
+        p.ended(MS, false);
+        assert!(!p.open(t0 + 3 * RENEWAL_LATE + MS));
+        assert_eq!(p.last_sent, Some(t0 + 3 * RENEWAL_LATE));
+    }
+
+    #[test]
+    fn a_distant_etcd_is_late_only_past_three_times_its_quickest_answer() {
+        let mut p = Pace::default();
+        assert_eq!(p.late(), RENEWAL_LATE);
+        p.sent(Instant::now());
+        p.ended(MS * 150, true);
+        assert_eq!(p.late(), MS * 450);
+        assert!(p.prompt, "150 ms is that etcd's own round trip");
+        // Failed keep-alives say nothing of the round trip.
+        p.ended(MS, false);
+        assert_eq!(p.late(), MS * 450);
     }
 }

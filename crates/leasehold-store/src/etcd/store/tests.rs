@@ -1530,3 +1530,117 @@ async fn a_waiting_acquire_from_a_stale_view_does_not_queue_behind_an_ended_grac
     grants.expect("the disk, its grace over, was not granted");
     no_waiter_key_since(&a, &disk, ended, "behind a grace: ended").await;
 }
+
+/// [`open`] with `timeout` as the request timeout (how long a commit is held back at most).
+async fn open_with_timeout(etcd: &Etcd, test: &str, timeout: Duration) -> EtcdStore {
+    let mut o = EtcdOptions::new(vec![etcd.endpoint()]);
+    o.prefix = format!("/unit-{}-{test}/", std::process::id());
+    o.timeout = timeout;
+    EtcdStore::open(HostId::new("a").unwrap(), o).await.unwrap()
+}
+
+/// Makes `s` send a keep-alive that stops once sent (its first commit asks for one: none was
+/// sent since the session opened), and waits until that keep-alive counts as late.
+async fn renewal_late(s: &EtcdStore, owner: &Owner) -> super::SnapshotPause {
+    let mut renewal = s.pause_next_renewal();
+    s.acquire(AcquireSpec::new(
+        owner.clone(),
+        [(res("first"), Mode::Exclusive)],
+    ))
+    .await
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), renewal.reached())
+        .await
+        .expect("a commit asked for no keep-alive");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while s.inner.pace.borrow().open(std::time::Instant::now()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a keep-alive unanswered never made the pace late"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    renewal
+}
+
+/// Whether etcd has `name`'s record.
+async fn recorded(s: &EtcdStore, name: &str) -> bool {
+    let (kvs, _) = s
+        .inner
+        .etcd
+        .range(s.inner.keys.resource(&res(name)), Vec::new(), 0)
+        .await
+        .unwrap();
+    !kvs.is_empty()
+}
+
+/// Issue 15, "Many hosts": etcd's leader answers a renewal only once it has applied every entry
+/// committed before it, and a full-rate fill by 50 hosts kept it so far behind that every
+/// host's renewals went unanswered and all 50 fenced their holders. A host now sends no commit
+/// while one of its keep-alives goes unanswered past `RENEWAL_LATE`, and sends it, unchanged,
+/// once one is answered promptly. Fails without the hold: the acquire is written while the
+/// keep-alive hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_is_held_back_while_a_renewal_is_late_and_sent_once_one_is_prompt() {
+    let etcd = Etcd::start();
+    let s =
+        std::sync::Arc::new(open_with_timeout(&etcd, "pace-hold", Duration::from_secs(60)).await);
+    let owner = Owner::new(s.host().clone(), 10, 1);
+    let renewal = renewal_late(&s, &owner).await;
+    let acquire = tokio::spawn({
+        let s = std::sync::Arc::clone(&s);
+        let owner = owner.clone();
+        async move {
+            s.acquire(AcquireSpec::new(owner, [(res("second"), Mode::Exclusive)]))
+                .await
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while s.inner.commits_held() == 0 {
+        assert!(
+            !acquire.is_finished(),
+            "the commit went while the renewal was late: {:?}",
+            acquire.await
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the commit was never held back"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(!recorded(&s, "second").await, "written while held back");
+    assert!(!acquire.is_finished());
+    // The keep-alive is answered (late: the hold stays), another is asked for at once and
+    // answered promptly: the commit goes.
+    renewal.resume();
+    let got = tokio::time::timeout(Duration::from_secs(30), acquire)
+        .await
+        .expect("the held commit was never sent")
+        .unwrap()
+        .unwrap();
+    assert_eq!(got[0].resource, res("second"));
+    assert!(recorded(&s, "second").await);
+    assert_eq!(s.inner.commits_held(), 0);
+}
+
+/// A commit held back past the request timeout is not sent at all: the caller is told etcd is
+/// unavailable, and nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_held_back_past_the_timeout_fails_unwritten() {
+    let etcd = Etcd::start();
+    let s = open_with_timeout(&etcd, "pace-timeout", Duration::from_secs(2)).await;
+    let owner = Owner::new(s.host().clone(), 10, 1);
+    let renewal = renewal_late(&s, &owner).await;
+    let e = s
+        .acquire(AcquireSpec::new(
+            owner.clone(),
+            [(res("second"), Mode::Exclusive)],
+        ))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
+    assert!(e.to_string().contains("held back"), "{e}");
+    assert!(!recorded(&s, "second").await, "written after all");
+    assert_eq!(s.inner.commits_held(), 0);
+    renewal.resume();
+}
