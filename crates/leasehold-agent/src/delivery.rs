@@ -16,6 +16,14 @@
 //!
 //! The agent's own reads and writes on the socket also see (and clear) that error, so they go
 //! through [`Delivery::io`], which notes it under the same lock the check takes.
+//!
+//! An answer that ends with its grant (an acquire that neither waits nor holds: the client
+//! reads it and sends its next request at once) is checked by position instead ([`Ending`]):
+//! the writes count the bytes put in the socket and find where the answer's last byte went,
+//! so `written - SIOCOUTQ` (how far the peer read) says whether it read past the answer's end,
+//! whatever was written after it; and a reset says "not received" only when nothing was
+//! written after the answer (then the unread data is the answer's), else the grant counts as
+//! received, as a client that may hold it must.
 
 use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -62,6 +70,50 @@ struct State {
     closed: bool,
     /// The peer closed with data unread (ECONNRESET, seen by the agent's reads or a check).
     reset: bool,
+    /// Bytes written to the socket so far, through [`Delivery::io_write`].
+    written: u64,
+    /// Ended answers handed to the writer whose last byte is not written yet.
+    endings: Vec<Arc<Ending>>,
+}
+
+/// Where in the connection's output an answer that ends with its grant ends.
+#[derive(Debug)]
+pub(crate) struct Ending {
+    /// The address just past the answer's last byte, in the buffer the writer hands to the
+    /// socket (the HTTP server queues the body's bytes without copying them).
+    end: usize,
+    /// The offset in the connection's output just past the answer's last byte, once written.
+    at: Mutex<Position>,
+}
+
+/// What is known of where an [`Ending`] went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Position {
+    /// Not handed to the writer yet, or not wholly written.
+    Pending,
+    /// Its last byte is at this offset of the connection's output (exclusive).
+    At(u64),
+    /// Written, but not found in the writes (the writer copied it): where is unknown.
+    Unknown,
+}
+
+impl Ending {
+    /// The end of an answer whose last bytes are `last`, the very buffer the writer will be
+    /// handed (not a copy).
+    pub(crate) fn new(last: &[u8]) -> Arc<Ending> {
+        Arc::new(Ending {
+            end: last.as_ptr() as usize + last.len(),
+            at: Mutex::new(Position::Pending),
+        })
+    }
+
+    fn position(&self) -> Position {
+        *self.at.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set(&self, p: Position) {
+        *self.at.lock().unwrap_or_else(PoisonError::into_inner) = p;
+    }
 }
 
 /// A point in the connection's output: what was handed to the writer before it.
@@ -119,9 +171,53 @@ impl Delivery {
         r
     }
 
+    /// A write of `bufs` on the socket, as [`Delivery::io`], counting the bytes written and
+    /// finding the ends of the answers handed to the writer ([`Delivery::ending`]) among them,
+    /// under the lock a look takes: a look never sees bytes in the socket not yet counted.
+    pub(crate) fn io_write(
+        &self,
+        bufs: &[std::io::IoSlice<'_>],
+        f: impl FnOnce() -> Poll<std::io::Result<usize>>,
+    ) -> Poll<std::io::Result<usize>> {
+        let mut state = self.lock();
+        let r = f();
+        match &r {
+            Poll::Ready(Ok(n)) => wrote(&mut state, bufs, *n),
+            Poll::Ready(Err(e)) if is_reset(e) => {
+                state.reset = true;
+                drop(state);
+                self.changed.notify_waiters();
+            }
+            _ => {}
+        }
+        r
+    }
+
+    /// The writer takes the last bytes of an answer that ends with a grant ([`Ending::new`]):
+    /// call as it takes them. [`Delivery::ending_received`] then tells whether the peer read
+    /// them.
+    pub(crate) fn handed(&self, ending: &Arc<Ending>) {
+        let mut state = self.lock();
+        if !state.closed {
+            state.endings.push(ending.clone());
+        }
+    }
+
+    /// The peer sent more: a check of an ended answer looks again (a client sends its next
+    /// request once it has read the answer).
+    pub(crate) fn read_some(&self) {
+        self.changed.notify_waiters();
+    }
+
     /// A flush completed: everything handed to the writer is in the socket.
     pub(crate) fn flushed(&self) {
         self.flushes.fetch_add(1, Ordering::SeqCst);
+        let unplaced = std::mem::take(&mut self.lock().endings);
+        // Written (the flush ends only once the writer's buffer is empty) but not found in
+        // the writes: the writer copied the bytes; where they went is not known.
+        for e in unplaced {
+            e.set(Position::Unknown);
+        }
         self.changed.notify_waiters();
     }
 
@@ -196,6 +292,87 @@ impl Delivery {
         };
         drop(space);
         r
+    }
+
+    /// Whether the peer read the whole of an answer that ended with a grant (`ending`, handed
+    /// to the writer by [`Delivery::handed`]): looked at as the connection changes (a flush,
+    /// the client's next request, a reset, the close) and otherwise every
+    /// [`LOOK_AT_MOST_EVERY`], for at most `within` (then true: the peer is alive).
+    pub(crate) async fn ending_received(&self, ending: &Ending, within: Duration) -> bool {
+        self.ending_received_paced(ending, within, LOOK_AT_MOST_EVERY)
+            .await
+    }
+
+    /// [`Delivery::ending_received`], looking at least every `pace`.
+    async fn ending_received_paced(
+        &self,
+        ending: &Ending,
+        within: Duration,
+        pace: Duration,
+    ) -> bool {
+        let give_up = Instant::now() + within;
+        loop {
+            let changed = self.changed.notified();
+            match self.look_at_ending(ending) {
+                Seen::Read => return true,
+                Seen::Reset => return false,
+                Seen::Unread => {}
+            }
+            let now = Instant::now();
+            if now >= give_up {
+                return true;
+            }
+            let _ = tokio::time::timeout_at((now + pace).min(give_up), changed).await;
+        }
+    }
+
+    /// One look at the socket for an ended answer: read once the peer's read position
+    /// (`written - SIOCOUTQ`) is past its end; not received once the peer closed with data
+    /// unread that can only be the answer's (nothing was written after it), or before it was
+    /// wholly written. A reset with more written after the answer leaves unknown whether the
+    /// peer read it: received, as a client that may hold a grant must keep it.
+    fn look_at_ending(&self, ending: &Ending) -> Seen {
+        self.looks.fetch_add(1, Ordering::Relaxed);
+        let mut state = self.lock();
+        let end = match ending.position() {
+            // Copied by the writer: where it ended is unknown.
+            Position::Unknown => return Seen::Read,
+            // Not wholly written, and never will be: the peer cannot have it all.
+            Position::Pending if state.reset || state.closed => return Seen::Reset,
+            Position::Pending => return Seen::Unread,
+            Position::At(end) => end,
+        };
+        let reset = |state: &State| {
+            if state.written <= end {
+                Seen::Reset
+            } else {
+                Seen::Read
+            }
+        };
+        if state.reset {
+            return reset(&state);
+        }
+        if state.closed {
+            // Dropped without a reset (see `look`).
+            return Seen::Read;
+        }
+        // Unread bytes first, then the error, as in `look`: a peer that closes with data
+        // unread sets the error before its queue is emptied (0 unread then says nothing of
+        // how far it read), so only a queue not empty gives the peer's position.
+        match unread(self.fd) {
+            Ok(0) => {}
+            Ok(q) if state.written.saturating_sub(q as u64) >= end => return Seen::Read,
+            Ok(_) => return Seen::Unread,
+            // Never on a Unix stream socket; when unsure, it counts as received.
+            Err(_) => return Seen::Read,
+        }
+        match socket_error(self.fd) {
+            Ok(Some(e)) if is_reset(&e) => {
+                state.reset = true;
+                reset(&state)
+            }
+            _ => Seen::Read,
+        }
     }
 
     async fn check(&self, mark: Mark, within: Duration) -> bool {
@@ -292,6 +469,36 @@ impl Delivery {
             Arc::new(unsafe { AsyncFd::register_with_interest(dup, Interest::WRITABLE) }.ok()?);
         state.space = Some(space.clone());
         Some(space)
+    }
+}
+
+/// Counts `n` bytes written from `bufs`, and places the endings wholly written among them
+/// (found by the address just past their last byte: a partial write's remainder, written
+/// later, starts further on but ends there too).
+fn wrote(state: &mut State, bufs: &[std::io::IoSlice<'_>], n: usize) {
+    let before = state.written;
+    state.written += n as u64;
+    if state.endings.is_empty() {
+        return;
+    }
+    let mut offset = 0usize;
+    for b in bufs {
+        let end_here = offset + b.len();
+        if end_here > n {
+            break;
+        }
+        if !b.is_empty() {
+            let end = b.as_ptr() as usize + b.len();
+            state.endings.retain(|e| {
+                if e.end == end {
+                    e.set(Position::At(before + end_here as u64));
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        offset = end_here;
     }
 }
 
@@ -495,5 +702,143 @@ mod tests {
         );
         d.closed();
         assert!(d.lock().space.is_none(), "and closed with the connection");
+    }
+
+    /// Writes `head` and `line` to the socket as the HTTP server does (one vectored write,
+    /// `line` the very buffer handed), through the delivery, then flushes.
+    fn answer(d: &Delivery, a: &UnixStream, head: &[u8], line: &[u8]) -> Arc<Ending> {
+        let ending = Ending::new(line);
+        d.handed(&ending);
+        let bufs = [std::io::IoSlice::new(head), std::io::IoSlice::new(line)];
+        let n = match d.io_write(&bufs, || Poll::Ready((&*a).write_vectored(&bufs))) {
+            Poll::Ready(Ok(n)) => n,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(n, head.len() + line.len());
+        d.flushed();
+        ending
+    }
+
+    /// An answer ended with its grant: received once the peer read past its end, whatever is
+    /// written after it; not received when the peer closed with it unread, or before it was
+    /// written; and a reset with more written after the answer counts as received (the peer
+    /// may have read the answer).
+    #[tokio::test]
+    async fn an_ended_answer_counts_once_read_past_its_end() {
+        let within = Duration::from_secs(60);
+        // Read whole: received.
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let d = Delivery::new(a.as_raw_fd());
+        let e = answer(&d, &a, b"HTTP/1.1 200 OK\r\n\r\n", b"granted\n");
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            let n = b.read(&mut buf).unwrap();
+            (n, b)
+        });
+        let (n, mut b) = reader.join().unwrap();
+        assert_eq!(n, 27);
+        assert!(d.ending_received(&e, within).await);
+
+        // The connection's next answer, read only up to this one's last byte but one, then
+        // closed: not received (only this answer's bytes were unread... and nothing after).
+        let e = answer(&d, &a, b"HTTP/1.1 200 OK\r\n\r\n", b"granted again\n");
+        let mut buf = [0u8; 32];
+        assert_eq!(b.read(&mut buf[..32]).unwrap(), 32);
+        drop(b);
+        assert!(!d.ending_received(&e, within).await);
+
+        // Read whole, then a later answer written and left unread as the peer closes: the
+        // reset is the later answer's; received.
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let d = Delivery::new(a.as_raw_fd());
+        let e = answer(&d, &a, b"HTTP/1.1 200 OK\r\n\r\n", b"granted\n");
+        assert_eq!(b.read(&mut [0u8; 27]).unwrap(), 27);
+        let bufs = [std::io::IoSlice::new(b"status\n")];
+        let _ = d.io_write(&bufs, || Poll::Ready((&a).write_vectored(&bufs)));
+        drop(b);
+        assert!(d.ending_received(&e, within).await);
+
+        // Closed unread, nothing written after it: not received.
+        let (a, b) = UnixStream::pair().unwrap();
+        let d = Delivery::new(a.as_raw_fd());
+        let e = answer(&d, &a, b"HTTP/1.1 200 OK\r\n\r\n", b"granted\n");
+        drop(b);
+        assert!(!d.ending_received(&e, within).await);
+
+        // Handed but never written, and the connection dropped: not received.
+        let (a, _b) = UnixStream::pair().unwrap();
+        let d = Delivery::new(a.as_raw_fd());
+        let line = b"granted\n".to_vec();
+        let e = Ending::new(&line);
+        d.handed(&e);
+        d.closed();
+        assert!(!d.ending_received(&e, within).await);
+
+        // Written in two parts: placed only once its last byte is written.
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let d = Delivery::new(a.as_raw_fd());
+        let line = b"granted\n".to_vec();
+        let e = Ending::new(&line);
+        d.handed(&e);
+        let first = [std::io::IoSlice::new(&line[..3])];
+        let _ = d.io_write(&first, || Poll::Ready((&a).write_vectored(&first)));
+        assert_eq!(e.position(), Position::Pending);
+        let rest = [std::io::IoSlice::new(&line[3..])];
+        let _ = d.io_write(&rest, || Poll::Ready((&a).write_vectored(&rest)));
+        assert_eq!(e.position(), Position::At(8));
+        d.flushed();
+        assert_eq!(b.read(&mut [0u8; 8]).unwrap(), 8);
+        assert!(d.ending_received(&e, within).await);
+
+        // Copied by the writer (not found in its writes): unknown once flushed, received.
+        let (a, b) = UnixStream::pair().unwrap();
+        let d = Delivery::new(a.as_raw_fd());
+        let line = b"granted\n".to_vec();
+        let e = Ending::new(&line);
+        d.handed(&e);
+        let copy = [std::io::IoSlice::new(b"granted\n")];
+        let _ = d.io_write(&copy, || Poll::Ready((&a).write_vectored(&copy)));
+        d.flushed();
+        assert_eq!(e.position(), Position::Unknown);
+        drop(b);
+        assert!(d.ending_received(&e, within).await);
+
+        // Alive, not reading: received after the bound.
+        let (a, _b) = UnixStream::pair().unwrap();
+        let d = Delivery::new(a.as_raw_fd());
+        let e = answer(&d, &a, b"HTTP/1.1 200 OK\r\n\r\n", b"granted\n");
+        let started = std::time::Instant::now();
+        assert!(d.ending_received(&e, Duration::from_millis(200)).await);
+        assert!(started.elapsed() >= Duration::from_millis(200));
+    }
+
+    /// A check of an ended answer is woken by the peer's next request (its read by the
+    /// agent), not by a timer: here the timer would not look again for two minutes.
+    #[tokio::test]
+    async fn an_ended_answers_check_looks_again_at_the_next_request() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let d = Delivery::new(a.as_raw_fd());
+        let e = answer(&d, &a, b"HTTP/1.1 200 OK\r\n\r\n", b"granted\n");
+        let long = Duration::from_secs(120);
+        let check = {
+            let d = d.clone();
+            tokio::spawn(async move { d.ending_received_paced(&e, long, long).await })
+        };
+        // The check has looked once (nothing read yet) and waits.
+        while d.looks.load(Ordering::Relaxed) == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(b.read(&mut [0u8; 27]).unwrap(), 27);
+        b.write_all(b"POST /v1/release").unwrap();
+        // The agent reads the client's next request: the check looks again.
+        let mut buf = [0u8; 64];
+        assert!((&a).read(&mut buf).unwrap() > 0);
+        d.read_some();
+        let received = tokio::time::timeout(Duration::from_secs(30), check)
+            .await
+            .expect("the check looked again at the read")
+            .unwrap();
+        assert!(received);
+        assert_eq!(d.looks.load(Ordering::Relaxed), 2);
     }
 }

@@ -27,7 +27,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::debug;
 
-use crate::delivery::{Delivery, RECEIVED_WITHIN};
+use crate::delivery::{Delivery, Ending, RECEIVED_WITHIN};
 use crate::peer::PeerStream;
 use crate::service::{Caller, ConnectionFacts, Out, Service};
 
@@ -270,7 +270,11 @@ async fn handle<S: Store>(
         (&Method::GET, "/v1/hosts") => ok(&service.hosts().await?),
         (&Method::POST, "/v1/acquire") => {
             let r: v1::AcquireRequest = body(req, None, timeout).await?;
-            acquire(service.acquire(&c, r)?, delivery).await
+            // Neither waiting nor holding: carried out here, and answered whole.
+            match service.acquire_now(&c, r).await {
+                Ok(out) => Ok(ended_grant(out?, delivery)),
+                Err(r) => acquire(service.acquire(&c, *r)?, delivery).await,
+            }
         }
         (&Method::POST, "/v1/release") => {
             let r: v1::ReleaseRequest = body(req, None, timeout).await?;
@@ -412,4 +416,89 @@ async fn acquire(
             .chain(ReceiverStream::new(rx))
             .map(move |out| line(&acquire_line(out, &delivery))),
     ))
+}
+
+/// The answer to an acquire that neither waits nor holds, granted: its line, with its
+/// length, ended at once (the client's next call need not wait for the delivery check). A
+/// grant with new leases counts once the client read the line to its end, as a streamed one
+/// does (else it is undone), checked meanwhile by the line's place in the connection's
+/// output ([`Delivery::ending_received`]).
+fn ended_grant(out: Out, delivery: Arc<Delivery>) -> Response<Body> {
+    let Out::Granted {
+        grants,
+        owner,
+        delivered,
+        safe_until,
+        containment,
+        cgroup,
+    } = out
+    else {
+        return stream_response(tokio_stream::once(line(&acquire_line(out, &delivery))));
+    };
+    let granted = v1::AcquireEvent::Granted {
+        grants: grants.iter().map(Into::into).collect(),
+        owner: (&owner).into(),
+        safe_until_monotonic_ns: safe_until,
+        containment,
+        cgroup: cgroup.map(|p| p.to_string_lossy().into_owned()),
+    };
+    let mut text = serde_json::to_vec(&granted).unwrap_or_default();
+    text.push(b'\n');
+    let text = Bytes::from(text);
+    let ending = delivered.map(|d| {
+        let ending = Ending::new(&text);
+        let check = (delivery.clone(), ending.clone());
+        tokio::spawn(async move {
+            let (delivery, ending) = check;
+            if delivery.ending_received(&ending, RECEIVED_WITHIN).await {
+                let _ = d.send(());
+            }
+        });
+        (delivery, ending)
+    });
+    let mut r = Response::new(
+        EndedLine {
+            line: Some(text),
+            ending,
+        }
+        .boxed_unsync(),
+    );
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    r
+}
+
+/// A body of one line, whose delivery is told as the server takes it for writing (the very
+/// bytes it will write: the server queues a body's bytes, it does not copy them).
+struct EndedLine {
+    line: Option<Bytes>,
+    ending: Option<(Arc<Delivery>, Arc<Ending>)>,
+}
+
+impl hyper::body::Body for EndedLine {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let Some(line) = self.line.take() else {
+            return std::task::Poll::Ready(None);
+        };
+        if let Some((delivery, ending)) = self.ending.take() {
+            delivery.handed(&ending);
+        }
+        std::task::Poll::Ready(Some(Ok(Frame::data(line))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.line.is_none()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.line.as_ref().map_or(0, |l| l.len() as u64))
+    }
 }

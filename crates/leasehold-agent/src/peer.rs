@@ -310,8 +310,14 @@ impl AsyncRead for PeerStream {
             return Poll::Ready(Ok(()));
         }
         let this = &mut *self;
-        this.delivery
-            .io(|| Pin::new(&mut this.stream).poll_read(cx, buf))
+        let before = buf.filled().len();
+        let r = this
+            .delivery
+            .io(|| Pin::new(&mut this.stream).poll_read(cx, buf));
+        if buf.filled().len() > before {
+            this.delivery.read_some();
+        }
+        r
     }
 }
 
@@ -325,8 +331,9 @@ impl AsyncWrite for PeerStream {
             return Poll::Ready(Err(cut_error()));
         }
         let this = &mut *self;
-        this.delivery
-            .io(|| Pin::new(&mut this.stream).poll_write(cx, buf))
+        this.delivery.io_write(&[std::io::IoSlice::new(buf)], || {
+            Pin::new(&mut this.stream).poll_write(cx, buf)
+        })
     }
 
     /// The HTTP server flushes once its buffer is empty: all it was handed is in the socket.
@@ -351,8 +358,9 @@ impl AsyncWrite for PeerStream {
             return Poll::Ready(Err(cut_error()));
         }
         let this = &mut *self;
-        this.delivery
-            .io(|| Pin::new(&mut this.stream).poll_write_vectored(cx, bufs))
+        this.delivery.io_write(bufs, || {
+            Pin::new(&mut this.stream).poll_write_vectored(cx, bufs)
+        })
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -116,6 +116,37 @@ fn test_hold_back_safe() -> bool {
         .get_or_init(|| std::env::var_os("LEASEHOLD_TEST_HOLD_BACK_SAFE").is_some_and(|v| v == "1"))
 }
 
+/// An acquire checked whole, to be asked of the store.
+struct Asked {
+    owner: Owner,
+    spec: AcquireSpec,
+    /// Who may take a dirty resource unchecked, when the caller asked to and may not.
+    dirty_needs: Option<String>,
+    hold: bool,
+    contain: bool,
+    /// Contained by starting its processes into the cgroup itself (not moved).
+    clone_into: bool,
+    before_fence: Option<v1::BeforeFence>,
+}
+
+/// Logs a refused acquire of `owner` and words it for the caller (`dirty_needs`: who may
+/// take a dirty resource unchecked, when the caller asked to and may not).
+fn refused(owner: &Owner, e: StoreError, dirty_needs: Option<&str>) -> ApiError {
+    info!(pid = owner.process.pid, reason = %e, "acquire refused");
+    let mut r = refusal(e);
+    if let Some(needs) = dirty_needs
+        && r.code == ErrorCode::NeedsCheck
+    {
+        r.message = format!(
+            "{}; taking a dirty resource (--accept-dirty, run --check) needs {needs}: ask an admin to check it and run `leasehold mark-clean {}`",
+            r.message,
+            r.resource.as_deref().unwrap_or("R")
+        );
+        r.accept_dirty_needs = Some(needs.to_owned());
+    }
+    r
+}
+
 /// The refusal of an acquire as an API error: who is in the way, and what to do next.
 fn refusal(e: StoreError) -> ApiError {
     let (code, conflict, resource, dirty) = match &e {
@@ -164,14 +195,9 @@ fn refusal(e: StoreError) -> ApiError {
 }
 
 impl<S: Store> Service<S> {
-    /// Starts an acquire for `c`: checked at once (a bad request is an error here, nothing
-    /// asked of the store), then carried out in the background, reporting on the receiver.
-    /// Dropping the receiver withdraws a waiting request.
-    pub(crate) fn acquire(
-        &self,
-        c: &Caller,
-        r: v1::AcquireRequest,
-    ) -> Result<mpsc::Receiver<Out>, ApiError> {
+    /// Checks an acquire for `c` whole (a bad request is an error here, nothing asked of the
+    /// store): what to ask the store, and how.
+    fn asked(&self, c: &Caller, r: v1::AcquireRequest) -> Result<Asked, ApiError> {
         // Checked before anything is asked of the store: refused whole, as a usage error.
         if r.items.len() > leasehold_core::MAX_ITEMS {
             return Err(super::usage(format!(
@@ -264,9 +290,36 @@ impl<S: Store> Service<S> {
             expect_tokens,
         };
         let dirty_needs = (r.accept_dirty && !admin).then(|| self.admin_words());
+        Ok(Asked {
+            owner,
+            spec,
+            dirty_needs,
+            hold: r.hold,
+            contain,
+            clone_into,
+            before_fence,
+        })
+    }
+
+    /// Starts an acquire for `c`: checked at once (a bad request is an error here, nothing
+    /// asked of the store), then carried out in the background, reporting on the receiver.
+    /// Dropping the receiver withdraws a waiting request.
+    pub(crate) fn acquire(
+        &self,
+        c: &Caller,
+        r: v1::AcquireRequest,
+    ) -> Result<mpsc::Receiver<Out>, ApiError> {
+        let Asked {
+            owner,
+            spec,
+            dirty_needs,
+            hold,
+            contain,
+            clone_into,
+            before_fence,
+        } = self.asked(c, r)?;
         let (tx, rx) = mpsc::channel(8);
         let me = self.clone();
-        let hold = r.hold;
         tokio::spawn(async move {
             // Register before the grant so no loss after it can be missed.
             let registration = hold.then(|| me.holds.register(owner.process.clone()));
@@ -295,18 +348,7 @@ impl<S: Store> Service<S> {
                     if let Some(c) = containing {
                         me.watcher.not_contained(&owner.process, c).await;
                     }
-                    info!(pid = owner.process.pid, reason = %e, "acquire refused");
-                    let mut r = refusal(e);
-                    if let Some(needs) = &dirty_needs
-                        && r.code == ErrorCode::NeedsCheck
-                    {
-                        r.message = format!(
-                            "{}; taking a dirty resource (--accept-dirty, run --check) needs {needs}: ask an admin to check it and run `leasehold mark-clean {}`",
-                            r.message,
-                            r.resource.as_deref().unwrap_or("R")
-                        );
-                        r.accept_dirty_needs = Some(needs.clone());
-                    }
+                    let r = refused(&owner, e, dirty_needs.as_deref());
                     let _ = tx.send(Out::Failed(r)).await;
                     return;
                 }
@@ -374,6 +416,85 @@ impl<S: Store> Service<S> {
             }
         });
         Ok(rx)
+    }
+
+    /// An acquire that neither waits nor holds, carried out on the caller's task (no task of
+    /// its own and no channel between, as [`Service::acquire`] has): its grant, or its refusal
+    /// as the error. A request that waits, holds or is to be contained is given back: those
+    /// go through [`Service::acquire`]. Dropping the future withdraws the request, as dropping
+    /// that one's receiver does. The grant's new leases count once its `delivered` fires; if
+    /// it is dropped unsent (the client never read the grant), they are released.
+    pub(crate) async fn acquire_now(
+        &self,
+        c: &Caller,
+        r: v1::AcquireRequest,
+    ) -> Result<Result<Out, ApiError>, Box<v1::AcquireRequest>> {
+        if r.wait.is_some() || r.hold || r.contain {
+            return Err(Box::new(r));
+        }
+        Ok(self.acquire_now_checked(c, r).await)
+    }
+
+    async fn acquire_now_checked(
+        &self,
+        c: &Caller,
+        r: v1::AcquireRequest,
+    ) -> Result<Out, ApiError> {
+        let Asked {
+            owner,
+            spec,
+            dirty_needs,
+            before_fence,
+            ..
+        } = self.asked(c, r)?;
+        // As in `acquire`: the pidfd before the grant.
+        let prepared = self.prepare_watch(&owner.process).await?;
+        let started = Instant::now();
+        let r = self.store.acquire(spec).await;
+        metrics::store_op(metrics::StoreOp::acquire, started.elapsed());
+        metrics::acquired(metrics::acquire_result(&r), None);
+        let grants = r.map_err(|e| refused(&owner, e, dirty_needs.as_deref()))?;
+        if owner.on_exit == leasehold_core::OnExit::Status {
+            self.watcher.by_exit_status(&owner.process);
+        }
+        if let Some(action) = before_fence {
+            self.watcher.before_fence(&owner.process, action);
+        }
+        self.watcher.watch_with(prepared);
+        for g in grants.iter().filter(|g| !g.existing) {
+            info!(
+                resource = %g.resource,
+                pid = owner.process.pid,
+                token = %g.token,
+                mode = %g.mode,
+                mono_ns = crate::fence::monotonic_ns(),
+                "granted"
+            );
+        }
+        let fresh: Vec<ResourceName> = grants
+            .iter()
+            .filter(|g| !g.existing)
+            .map(|g| g.resource.clone())
+            .collect();
+        let delivered = (!fresh.is_empty()).then(|| {
+            let (tx, rx) = oneshot::channel::<()>();
+            let me = self.clone();
+            let owner = owner.clone();
+            tokio::spawn(async move {
+                if rx.await.is_err() {
+                    me.undo_unread(&owner, fresh).await;
+                }
+            });
+            tx
+        });
+        Ok(Out::Granted {
+            grants,
+            owner,
+            delivered,
+            safe_until: self.grant_safe_until().map(crate::fence::monotonic_ns_of),
+            containment: None,
+            cgroup: None,
+        })
     }
 
     /// The safe-until a grant carries: [`safe_until_at_grant`] of the host session as it is
