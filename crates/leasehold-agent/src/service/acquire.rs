@@ -129,6 +129,22 @@ struct Asked {
     before_fence: Option<v1::BeforeFence>,
 }
 
+/// Logs each new lease of a grant to `owner`; returns their resources.
+fn log_granted(owner: &Owner, grants: &[Grant]) -> Vec<ResourceName> {
+    let fresh = grants.iter().filter(|g| !g.existing);
+    for g in fresh.clone() {
+        info!(
+            resource = %g.resource,
+            pid = owner.process.pid,
+            token = %g.token,
+            mode = %g.mode,
+            mono_ns = crate::fence::monotonic_ns(),
+            "granted"
+        );
+    }
+    fresh.map(|g| g.resource.clone()).collect()
+}
+
 /// Logs a refused acquire of `owner` and words it for the caller (`dirty_needs`: who may
 /// take a dirty resource unchecked, when the caller asked to and may not).
 fn refused(owner: &Owner, e: StoreError, dirty_needs: Option<&str>) -> ApiError {
@@ -353,13 +369,7 @@ impl<S: Store> Service<S> {
                     return;
                 }
             };
-            if owner.on_exit == leasehold_core::OnExit::Status {
-                me.watcher.by_exit_status(&owner.process);
-            }
-            if let Some(action) = before_fence {
-                me.watcher.before_fence(&owner.process, action);
-            }
-            me.watcher.watch_with(prepared);
+            me.watch_granted(&owner, before_fence, prepared);
             // Before the grant is answered: the holder starts nothing before it reads it.
             let (containment, cgroup) = match containing {
                 Some(c) => (Some(me.watcher.contained(&owner.process, c).await), None),
@@ -369,23 +379,9 @@ impl<S: Store> Service<S> {
                 }
                 None => (None, None),
             };
-            for g in grants.iter().filter(|g| !g.existing) {
-                info!(
-                    resource = %g.resource,
-                    pid = owner.process.pid,
-                    token = %g.token,
-                    mode = %g.mode,
-                    mono_ns = crate::fence::monotonic_ns(),
-                    "granted"
-                );
-            }
             // New leases count only once the client received them: one that went away as
             // it was granted (a withdrawn wait) must not leave them behind.
-            let fresh: Vec<ResourceName> = grants
-                .iter()
-                .filter(|g| !g.existing)
-                .map(|g| g.resource.clone())
-                .collect();
+            let fresh = log_granted(&owner, &grants);
             let (delivered, received) = if fresh.is_empty() {
                 (None, None)
             } else {
@@ -454,28 +450,8 @@ impl<S: Store> Service<S> {
         metrics::store_op(metrics::StoreOp::acquire, started.elapsed());
         metrics::acquired(metrics::acquire_result(&r), None);
         let grants = r.map_err(|e| refused(&owner, e, dirty_needs.as_deref()))?;
-        if owner.on_exit == leasehold_core::OnExit::Status {
-            self.watcher.by_exit_status(&owner.process);
-        }
-        if let Some(action) = before_fence {
-            self.watcher.before_fence(&owner.process, action);
-        }
-        self.watcher.watch_with(prepared);
-        for g in grants.iter().filter(|g| !g.existing) {
-            info!(
-                resource = %g.resource,
-                pid = owner.process.pid,
-                token = %g.token,
-                mode = %g.mode,
-                mono_ns = crate::fence::monotonic_ns(),
-                "granted"
-            );
-        }
-        let fresh: Vec<ResourceName> = grants
-            .iter()
-            .filter(|g| !g.existing)
-            .map(|g| g.resource.clone())
-            .collect();
+        self.watch_granted(&owner, before_fence, prepared);
+        let fresh = log_granted(&owner, &grants);
         let delivered = (!fresh.is_empty()).then(|| {
             let (tx, rx) = oneshot::channel::<()>();
             let me = self.clone();
@@ -495,6 +471,23 @@ impl<S: Store> Service<S> {
             containment: None,
             cgroup: None,
         })
+    }
+
+    /// Watches the holder of a grant, with what it asked for: its exit status read, its
+    /// action before a fence.
+    fn watch_granted(
+        &self,
+        owner: &Owner,
+        before_fence: Option<v1::BeforeFence>,
+        prepared: Prepared,
+    ) {
+        if owner.on_exit == leasehold_core::OnExit::Status {
+            self.watcher.by_exit_status(&owner.process);
+        }
+        if let Some(action) = before_fence {
+            self.watcher.before_fence(&owner.process, action);
+        }
+        self.watcher.watch_with(prepared);
     }
 
     /// The safe-until a grant carries: [`safe_until_at_grant`] of the host session as it is
