@@ -181,3 +181,15 @@ pub struct Granted {
     /// holder's processes in (the holder itself was not moved).
     pub cgroup: Option<std::path::PathBuf>,
 }
+
+impl Granted {
+    /// The resources granted afresh by this acquire (not held already by the owner): the
+    /// leases to give back when the caller cannot use the grant.
+    pub fn fresh(&self) -> Vec<ResourceName> {
+        self.grants
+            .iter()
+            .filter(|g| !g.existing)
+            .map(|g| g.resource.clone())
+            .collect()
+    }
+}

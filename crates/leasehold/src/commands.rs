@@ -342,12 +342,7 @@ fn unprinted_grant(
     } else {
         f.message
     };
-    let fresh: Vec<_> = g
-        .grants
-        .iter()
-        .filter(|x| !x.existing)
-        .map(|x| x.resource.clone())
-        .collect();
+    let fresh = g.fresh();
     let shown = |rs: &[leasehold_core::ResourceName]| {
         rs.iter()
             .map(|r| output::quote(r.as_str()))

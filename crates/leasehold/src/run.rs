@@ -337,12 +337,7 @@ impl Start<'_> {
     fn move_in(&mut self) {
         self.containment = match self.client.acquire(&self.again) {
             Ok(g) => {
-                let fresh: Vec<ResourceName> = g
-                    .grants
-                    .iter()
-                    .filter(|x| !x.existing)
-                    .map(|x| x.resource.clone())
-                    .collect();
+                let fresh = g.fresh();
                 if !fresh.is_empty() {
                     let _ = self.client.release(&fresh, &ReleaseOptions::default());
                 }
@@ -458,12 +453,7 @@ impl Hold {
                     note!("leasehold: reattached to the agent; the leases are still held");
                     Ok(Some(acq))
                 } else {
-                    let fresh: Vec<ResourceName> = g
-                        .grants
-                        .iter()
-                        .filter(|x| !x.existing)
-                        .map(|x| x.resource.clone())
-                        .collect();
+                    let fresh = g.fresh();
                     let _ = self.client.release(&fresh, &ReleaseOptions::default());
                     let r = fresh
                         .first()
