@@ -145,6 +145,44 @@ fn log_granted(owner: &Owner, grants: &[Grant]) -> Vec<ResourceName> {
     fresh.map(|g| g.resource.clone()).collect()
 }
 
+/// A future run to its end even if dropped first: what is left of it then goes on as a task
+/// of its own (its result dropped).
+struct Finish<F: std::future::Future<Output: Send> + Send + 'static>(Option<std::pin::Pin<Box<F>>>);
+
+impl<F: std::future::Future<Output: Send> + Send + 'static> Finish<F> {
+    fn new(f: F) -> Finish<F> {
+        Finish(Some(Box::pin(f)))
+    }
+}
+
+impl<F: std::future::Future<Output: Send> + Send + 'static> std::future::Future for Finish<F> {
+    type Output = F::Output;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        let Some(f) = self.0.as_mut() else {
+            return std::task::Poll::Pending;
+        };
+        let out = std::task::ready!(f.as_mut().poll(cx));
+        self.0 = None;
+        std::task::Poll::Ready(out)
+    }
+}
+
+impl<F: std::future::Future<Output: Send> + Send + 'static> Drop for Finish<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(async move {
+                let _ = f.await;
+            });
+        }
+    }
+}
+
 /// Logs a refused acquire of `owner` and words it for the caller (`dirty_needs`: who may
 /// take a dirty resource unchecked, when the caller asked to and may not).
 fn refused(owner: &Owner, e: StoreError, dirty_needs: Option<&str>) -> ApiError {
@@ -417,9 +455,10 @@ impl<S: Store> Service<S> {
     /// An acquire that neither waits nor holds, carried out on the caller's task (no task of
     /// its own and no channel between, as [`Service::acquire`] has): its grant, or its refusal
     /// as the error. A request that waits, holds or is to be contained is given back: those
-    /// go through [`Service::acquire`]. Dropping the future withdraws the request, as dropping
-    /// that one's receiver does. The grant's new leases count once its `delivered` fires; if
-    /// it is dropped unsent (the client never read the grant), they are released.
+    /// go through [`Service::acquire`]. Dropping the future does not stop the store's part once
+    /// asked (a grant may be written): it is finished as a task, and its grant, never
+    /// answered, undone. The grant's new leases count once its `delivered` fires; if it is
+    /// dropped unsent (the client never read the grant), they are released.
     pub(crate) async fn acquire_now(
         &self,
         c: &Caller,
@@ -445,6 +484,27 @@ impl<S: Store> Service<S> {
         } = self.asked(c, r)?;
         // As in `acquire`: the pidfd before the grant.
         let prepared = self.prepare_watch(&owner.process).await?;
+        // Carried out to its end even if the caller drops this future (hyper drops the
+        // request's future when the client closes mid-request): once the store is asked, the
+        // grant may be written, and only the rest of this watches its process and undoes it
+        // unread (its `delivered` dropped unsent). Dropped midway, the rest goes on as a task.
+        let me = self.clone();
+        Finish::new(async move {
+            me.grant_now(owner, spec, dirty_needs, before_fence, prepared)
+                .await
+        })
+        .await
+    }
+
+    /// The store's part of [`Service::acquire_now`], run to its end (see there).
+    async fn grant_now(
+        &self,
+        owner: Owner,
+        spec: AcquireSpec,
+        dirty_needs: Option<String>,
+        before_fence: Option<v1::BeforeFence>,
+        prepared: Prepared,
+    ) -> Result<Out, ApiError> {
         let started = Instant::now();
         let r = self.store.acquire(spec).await;
         metrics::store_op(metrics::StoreOp::acquire, started.elapsed());
