@@ -24,6 +24,9 @@
 //! whatever was written after it; and a reset says "not received" only when nothing was
 //! written after the answer (then the unread data is the answer's), else the grant counts as
 //! received, as a client that may hold it must.
+//! A connection gone before the answer's end was found written (the writer copied it, or
+//! wrote part of it) undoes only when no byte was written since the answer was handed to the
+//! writer (none of it can have left); otherwise it counts as received, for the same reason.
 
 use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -89,8 +92,12 @@ pub(crate) struct Ending {
 /// What is known of where an [`Ending`] went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Position {
-    /// Not handed to the writer yet, or not wholly written.
+    /// Not handed to the writer yet.
     Pending,
+    /// Handed to the writer when this many bytes had been written to the socket, and not
+    /// found wholly written since. Once the count has moved past it, some of the answer may
+    /// have left (copied by the writer, or partly written), so the peer may have read it.
+    Handed(u64),
     /// Its last byte is at this offset of the connection's output (exclusive).
     At(u64),
     /// Written, but not found in the writes (the writer copied it): where is unknown.
@@ -199,6 +206,10 @@ impl Delivery {
     pub(crate) fn handed(&self, ending: &Arc<Ending>) {
         let mut state = self.lock();
         if !state.closed {
+            // Under the lock the writes take: no byte of the answer is counted before this.
+            if ending.position() == Position::Pending {
+                ending.set(Position::Handed(state.written));
+            }
             state.endings.push(ending.clone());
         }
     }
@@ -328,18 +339,28 @@ impl Delivery {
 
     /// One look at the socket for an ended answer: read once the peer's read position
     /// (`written - SIOCOUTQ`) is past its end; not received once the peer closed with data
-    /// unread that can only be the answer's (nothing was written after it), or before it was
-    /// wholly written. A reset with more written after the answer leaves unknown whether the
-    /// peer read it: received, as a client that may hold a grant must keep it.
+    /// unread that can only be the answer's (nothing was written after it), or before any of
+    /// it was written. A reset with more written after the answer leaves unknown whether the
+    /// peer read it: received, as a client that may hold a grant must keep it; and so is a
+    /// connection gone after bytes were written since the answer was handed but before its
+    /// end was found among them (a writer that copied it and had not flushed yet, or a write
+    /// cut short): some of it may have left. Undoing a grant the client read would let two
+    /// hold the resource (G1); keeping one it did not read only keeps it until its process,
+    /// which the agent watches, exits (G4).
     fn look_at_ending(&self, ending: &Ending) -> Seen {
         self.looks.fetch_add(1, Ordering::Relaxed);
         let mut state = self.lock();
+        let gone = state.reset || state.closed;
         let end = match ending.position() {
             // Copied by the writer: where it ended is unknown.
             Position::Unknown => return Seen::Read,
-            // Not wholly written, and never will be: the peer cannot have it all.
-            Position::Pending if state.reset || state.closed => return Seen::Reset,
-            Position::Pending => return Seen::Unread,
+            // Never handed to the writer, and never will be: the peer cannot have any of it.
+            Position::Pending if gone => return Seen::Reset,
+            // Handed, and nothing written since, and never will be: none of it left.
+            Position::Handed(at) if gone && state.written == at => return Seen::Reset,
+            // Handed, and bytes written since: some of it may have been read.
+            Position::Handed(_) if gone => return Seen::Read,
+            Position::Pending | Position::Handed(_) => return Seen::Unread,
             Position::At(end) => end,
         };
         let reset = |state: &State| {
@@ -782,7 +803,7 @@ mod tests {
         d.handed(&e);
         let first = [std::io::IoSlice::new(&line[..3])];
         let _ = d.io_write(&first, || Poll::Ready((&a).write_vectored(&first)));
-        assert_eq!(e.position(), Position::Pending);
+        assert_eq!(e.position(), Position::Handed(0));
         let rest = [std::io::IoSlice::new(&line[3..])];
         let _ = d.io_write(&rest, || Poll::Ready((&a).write_vectored(&rest)));
         assert_eq!(e.position(), Position::At(8));
@@ -810,6 +831,66 @@ mod tests {
         let started = std::time::Instant::now();
         assert!(d.ending_received(&e, Duration::from_millis(200)).await);
         assert!(started.elapsed() >= Duration::from_millis(200));
+    }
+
+    /// An answer whose end was never found written (the writer copied it, or wrote part of
+    /// it) on a connection gone before the flush: kept if any byte was written since it was
+    /// handed (the client may have read it: undoing would let two hold it, G1), undone only
+    /// if none was (none of it left). Before, the close alone undid it: the grant a client
+    /// read from a copying writer was taken back.
+    #[tokio::test]
+    async fn an_answer_gone_before_its_flush_is_kept_if_any_of_it_may_have_left() {
+        let within = Duration::from_secs(60);
+        let hello = b"HTTP/1.1 200 OK\r\n\r\ngranted\n";
+
+        // Copied by the writer, written, read by the peer, and the connection dropped before
+        // the writer's flush: received.
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let d = Delivery::new(a.as_raw_fd());
+        let line = b"granted\n".to_vec();
+        let e = Ending::new(&line);
+        d.handed(&e);
+        let copy = [std::io::IoSlice::new(hello)];
+        let _ = d.io_write(&copy, || Poll::Ready((&a).write_vectored(&copy)));
+        assert_eq!(e.position(), Position::Handed(0));
+        assert_eq!(b.read(&mut [0u8; 64]).unwrap(), hello.len());
+        drop(b);
+        d.closed();
+        assert!(d.ending_received(&e, within).await);
+
+        // The same, the peer closed with it unread (a reset): unknown which bytes were the
+        // answer's, so received all the same (its process's exit still releases it).
+        let (a, b) = UnixStream::pair().unwrap();
+        let d = Delivery::new(a.as_raw_fd());
+        let e = Ending::new(&line);
+        d.handed(&e);
+        let _ = d.io_write(&copy, || Poll::Ready((&a).write_vectored(&copy)));
+        drop(b);
+        d.closed();
+        assert!(d.ending_received(&e, within).await);
+
+        // Partly written (its last byte not), then dropped: received.
+        let (a, _b) = UnixStream::pair().unwrap();
+        let d = Delivery::new(a.as_raw_fd());
+        let e = Ending::new(&line);
+        d.handed(&e);
+        let first = [std::io::IoSlice::new(&line[..3])];
+        let _ = d.io_write(&first, || Poll::Ready((&a).write_vectored(&first)));
+        d.closed();
+        assert!(d.ending_received(&e, within).await);
+
+        // Handed after earlier writes, nothing written since, dropped: not received.
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let d = Delivery::new(a.as_raw_fd());
+        let earlier = [std::io::IoSlice::new(b"HTTP/1.1 200 OK\r\n\r\n")];
+        let _ = d.io_write(&earlier, || Poll::Ready((&a).write_vectored(&earlier)));
+        let e = Ending::new(&line);
+        d.handed(&e);
+        assert_eq!(e.position(), Position::Handed(19));
+        assert_eq!(b.read(&mut [0u8; 64]).unwrap(), 19);
+        drop(b);
+        d.closed();
+        assert!(!d.ending_received(&e, within).await);
     }
 
     /// A check of an ended answer is woken by the peer's next request (its read by the

@@ -373,7 +373,9 @@ fn acquire_line(out: Out, delivery: &Arc<Delivery>) -> v1::AcquireEvent {
                 let mark = delivery.mark();
                 let delivery = delivery.clone();
                 tokio::spawn(async move {
-                    if delivery.received(mark, RECEIVED_WITHIN).await {
+                    let read = delivery.received(mark, RECEIVED_WITHIN).await;
+                    crate::metrics::grant_delivered(read);
+                    if read {
                         let _ = d.send(());
                     }
                 });
@@ -450,7 +452,9 @@ fn ended_grant(out: Out, delivery: Arc<Delivery>) -> Response<Body> {
         let check = (delivery.clone(), ending.clone());
         tokio::spawn(async move {
             let (delivery, ending) = check;
-            if delivery.ending_received(&ending, RECEIVED_WITHIN).await {
+            let read = delivery.ending_received(&ending, RECEIVED_WITHIN).await;
+            crate::metrics::grant_delivered(read);
+            if read {
                 let _ = d.send(());
             }
         });

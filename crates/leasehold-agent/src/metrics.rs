@@ -82,6 +82,20 @@ struct HowLabel {
     how: HowValue,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+enum DeliveryValue {
+    /// The client read it, or may have (alive without reading, or unknown): kept.
+    read,
+    /// The client went away without reading it: undone.
+    unread,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeliveryLabel {
+    outcome: DeliveryValue,
+}
+
 /// A store operation timed by [`store_op`].
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
@@ -113,6 +127,7 @@ struct Counts {
     acquires: Family<ResultLabel, Counter>,
     wait_seconds: Histogram,
     ends: Family<HowLabel, Counter>,
+    deliveries: Family<DeliveryLabel, Counter>,
     exit_to_release: Histogram,
     store_seconds: Family<OpLabel, Histogram>,
     fences: Counter,
@@ -127,6 +142,7 @@ static COUNTS: LazyLock<Counts> = LazyLock::new(|| Counts {
     acquires: Family::default(),
     wait_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 20)),
     ends: Family::default(),
+    deliveries: Family::default(),
     exit_to_release: Histogram::new(latency_buckets()),
     store_seconds: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
     fences: Counter::default(),
@@ -156,6 +172,20 @@ pub fn acquire_result<T>(r: &Result<T, StoreError>) -> AcquireResult {
         Err(StoreError::TimedOut(_)) => AcquireResult::timed_out,
         Err(_) => AcquireResult::error,
     }
+}
+
+/// The check of whether a client read a grant with new leases ended: `read` (or may have:
+/// kept), else the client went away without it (the grant is undone).
+pub fn grant_delivered(read: bool) {
+    let outcome = if read {
+        DeliveryValue::read
+    } else {
+        DeliveryValue::unread
+    };
+    COUNTS
+        .deliveries
+        .get_or_create(&DeliveryLabel { outcome })
+        .inc();
 }
 
 /// A holder's exit was seen `took` before its leases were ended.
@@ -285,6 +315,11 @@ fn registry(s: &Scrape) -> Registry {
         "lease_ends",
         "Leases ended, by how (seen on this agent's store)",
         c.ends.clone(),
+    );
+    r.register(
+        "grant_deliveries",
+        "Grants with new leases whose delivery check ended, by outcome: read (kept) or unread (the client went away without it; undone)",
+        c.deliveries.clone(),
     );
     r.register(
         "holder_exit_to_release_seconds",

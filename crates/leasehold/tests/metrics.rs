@@ -7,77 +7,11 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Write;
 use std::time::Duration;
 
 use common::*;
 use leasehold_testkit::Etcd;
-
-/// The address the agent's metrics listener bound (it was given port 0), from its log.
-fn metrics_addr(a: &Agent) -> String {
-    let mut found = None;
-    wait_until(
-        "the agent logs its metrics address",
-        Duration::from_secs(10),
-        || {
-            found = a
-                .log()
-                .lines()
-                .find(|l| l.contains("serving metrics"))
-                .and_then(|l| l.split("addr=").nth(1))
-                .map(|s| s.split_whitespace().next().unwrap_or("").to_owned());
-            found.is_some()
-        },
-    );
-    found.unwrap()
-}
-
-/// GET `path`: the status code and the body.
-fn get(addr: &str, path: &str) -> (u16, String) {
-    let mut c = TcpStream::connect(addr).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    write!(
-        c,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut reply = String::new();
-    c.read_to_string(&mut reply).unwrap();
-    let (head, body) = reply.split_once("\r\n\r\n").expect("an HTTP reply");
-    let code = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line: {head}"));
-    (code, body.to_owned())
-}
-
-/// The value of the sample `name` (with its labels, as printed) in a metrics text.
-fn sample(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-fn metric(addr: &str, name: &str) -> f64 {
-    let (code, body) = get(addr, "/metrics");
-    assert_eq!(code, 200, "{body}");
-    sample(&body, name).unwrap_or_else(|| panic!("no {name} in:\n{body}"))
-}
-
-#[track_caller]
-fn wait_metric(addr: &str, name: &str, want: f64) {
-    let mut last = f64::NAN;
-    wait_until(
-        &format!("{name} to be {want}"),
-        Duration::from_secs(10),
-        || {
-            last = metric(addr, name);
-            last == want
-        },
-    );
-}
 
 fn promtool(body: &str) {
     let mut p = std::process::Command::new("promtool")

@@ -322,14 +322,24 @@ fn a_plain_acquire_closed_unread_leaves_no_lease() {
 
 // A client that read its grant, sent another call and closed with that call's answer unread
 // keeps its lease: the reset is about the later answer, and a lease is never taken back from
-// a client that may hold it.
+// a client that may hold it. Each round waits for the agent's delivery check to end (counted
+// in its metrics) before looking at the holders: an undo, which comes only after the check,
+// would be missed by a look before it.
 #[test]
 fn a_grant_read_before_a_later_answer_left_unread_is_kept() {
     use std::io::{BufRead, Read, Write};
     use std::os::fd::AsRawFd;
-    let a = Agent::start();
+    let a = Agent::start_with(&["--metrics-listen", "127.0.0.1:0"]);
+    let addr = metrics_addr(&a);
     let holder = Holder::new();
-    for _ in 0..5 {
+    let read = r#"leasehold_grant_deliveries_total{outcome="read"}"#;
+    let unread = r#"leasehold_grant_deliveries_total{outcome="unread"}"#;
+    let count = |name: &str| {
+        let (code, body) = get(&addr, "/metrics");
+        assert_eq!(code, 200, "{body}");
+        sample(&body, name).unwrap_or(0.0)
+    };
+    for round in 1..=5 {
         let s = send_plain_acquire(&a, holder.pid());
         let mut r = std::io::BufReader::new(s);
         let mut status = String::new();
@@ -357,6 +367,17 @@ fn a_grant_read_before_a_later_answer_left_unread_is_kept() {
         let n = unsafe { libc::poll(&mut pfd, 1, 10_000) };
         assert_eq!(n, 1, "the status answer came");
         drop(r);
+        wait_until(
+            "the delivery check of the grant to end",
+            Duration::from_secs(20),
+            || count(read) + count(unread) >= f64::from(round),
+        );
+        assert_eq!(
+            (count(read), count(unread)),
+            (f64::from(round), 0.0),
+            "{}",
+            a.log()
+        );
         let held = a.holders("disk");
         assert_eq!(held, vec![u64::from(holder.pid())]);
         let out = a.lh(&["release", "disk", "--pid", &holder.pid().to_string()]);
