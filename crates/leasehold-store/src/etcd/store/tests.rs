@@ -1542,10 +1542,19 @@ async fn open_with_timeout(etcd: &Etcd, test: &str, timeout: Duration) -> EtcdSt
 /// Makes `s` send a keep-alive that stops once sent (its first commit asks for one: none was
 /// sent since the session opened), and waits until that keep-alive counts as late.
 async fn renewal_late(s: &EtcdStore, owner: &Owner) -> super::SnapshotPause {
+    renewal_late_holding(s, owner, &["first"]).await
+}
+
+/// [`renewal_late`], its first commit a grant of `names` to `owner`.
+async fn renewal_late_holding(
+    s: &EtcdStore,
+    owner: &Owner,
+    names: &[&str],
+) -> super::SnapshotPause {
     let mut renewal = s.pause_next_renewal();
     s.acquire(AcquireSpec::new(
         owner.clone(),
-        [(res("first"), Mode::Exclusive)],
+        names.iter().map(|n| (res(n), Mode::Exclusive)),
     ))
     .await
     .unwrap();
@@ -1643,4 +1652,83 @@ async fn a_commit_held_back_past_the_timeout_fails_unwritten() {
     assert!(!recorded(&s, "second").await, "written after all");
     assert_eq!(s.inner.commits_held(), 0);
     renewal.resume();
+}
+
+/// A commit that only ends leases is not held back while a keep-alive is late: a release, and
+/// the end of a dead holder's leases (G4 wants those within 100 ms), go at once; an acquire
+/// still waits. Fails with every commit held (as 8209d8b had it): the release waits for a
+/// prompt keep-alive, here never (the request timeout is a minute).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_only_ends_leases_is_not_held_back_while_a_renewal_is_late() {
+    let etcd = Etcd::start();
+    let s = std::sync::Arc::new(
+        open_with_timeout(&etcd, "pace-release", Duration::from_secs(60)).await,
+    );
+    let owner = Owner::new(s.host().clone(), 10, 1);
+    let renewal = renewal_late_holding(&s, &owner, &["first", "third"]).await;
+    let held = async |s: &EtcdStore, name: &str| {
+        let name = res(name);
+        s.list()
+            .await
+            .unwrap()
+            .iter()
+            .any(|v| v.resource == name && !v.holders.is_empty())
+    };
+    assert!(held(&s, "third").await && held(&s, "first").await);
+    let released = tokio::time::timeout(
+        Duration::from_secs(30),
+        s.release(
+            res("third"),
+            owner.process.clone(),
+            None,
+            ReleaseKind::Clean,
+        ),
+    )
+    .await
+    .expect("the release was held back while the renewal was late");
+    released.unwrap();
+    assert!(!held(&s, "third").await);
+    // The holder died: its leases end.
+    let ended = tokio::time::timeout(
+        Duration::from_secs(30),
+        s.end_process(owner.process.clone()),
+    )
+    .await
+    .expect("the end of a dead holder's leases was held back while the renewal was late")
+    .unwrap();
+    assert_eq!(ended.len(), 1);
+    assert_eq!(ended[0].resource, res("first"));
+    assert!(!held(&s, "first").await);
+    assert_eq!(s.inner.commits_held(), 0);
+    assert!(
+        !s.inner.pace.borrow().open(std::time::Instant::now()),
+        "the keep-alive is still late"
+    );
+    // An acquire is still held back.
+    let acquire = tokio::spawn({
+        let s = std::sync::Arc::clone(&s);
+        let owner = owner.clone();
+        async move {
+            s.acquire(AcquireSpec::new(owner, [(res("second"), Mode::Exclusive)]))
+                .await
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while s.inner.commits_held() == 0 {
+        assert!(
+            !acquire.is_finished(),
+            "the acquire went while the renewal was late"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the acquire was never held back"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    renewal.resume();
+    tokio::time::timeout(Duration::from_secs(30), acquire)
+        .await
+        .expect("the held acquire was never sent")
+        .unwrap()
+        .unwrap();
 }
