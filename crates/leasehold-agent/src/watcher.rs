@@ -366,6 +366,26 @@ impl<S: Store> Watcher<S> {
         v
     }
 
+    /// Marks in `views` the holders that are stuck ([`Watcher::stuck`]):
+    /// [`ResourceView::stuck`](leasehold_core::ResourceView::stuck).
+    pub fn mark_stuck(&self, views: &mut [leasehold_core::ResourceView]) {
+        let Ok(stuck) = self.stuck.lock() else {
+            return;
+        };
+        if stuck.is_empty() {
+            return;
+        }
+        for v in views {
+            v.stuck = v
+                .holders
+                .iter()
+                .map(|l| &l.owner.process)
+                .filter(|p| stuck.contains_key(*p))
+                .cloned()
+                .collect();
+        }
+    }
+
     fn set_stuck(&self, process: &ProcessKey, stuck: Option<Stuck>) {
         if let Ok(mut s) = self.stuck.lock() {
             match stuck {

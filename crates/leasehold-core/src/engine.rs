@@ -236,6 +236,7 @@ impl Engine {
             blocked_for: st.grace_left(now),
             handover_pending: st.reserved_for.is_some(),
             damaged: None,
+            stuck: Vec::new(),
         })
     }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::resource::{Ended, Lease};
-use crate::types::{Mode, Owner, ResourceName, Token};
+use crate::types::{Mode, Owner, ProcessKey, ResourceName, Token};
 
 /// Someone waiting for a resource.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,6 +41,12 @@ pub struct ResourceView {
     /// or vanished while held), with what to do; nobody is granted it while this is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub damaged: Option<String>,
+    /// The processes among `holders` that died and left what they started (their cgroup or
+    /// process group) running, which SIGKILL has not ended yet: their leases stay held until
+    /// it is gone. Known only to the holder's own agent, which fills it in; stores leave it
+    /// empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stuck: Vec<ProcessKey>,
 }
 
 impl ResourceView {
@@ -57,6 +63,7 @@ impl ResourceView {
             blocked_for: None,
             handover_pending: false,
             damaged: None,
+            stuck: Vec::new(),
         }
     }
 }

@@ -503,8 +503,13 @@ pub fn list(a: crate::ListArgs, socket: &Option<PathBuf>) -> Result<u8, Failure>
             } else {
                 (String::new(), "")
             };
+            let stuck = if v.stuck.contains(&l.owner.process) {
+                format!("; STUCK: {}", output::STUCK)
+            } else {
+                String::new()
+            };
             out!(
-                "{:<w$} {:<6} {:<10} {:>8}  {}, since {} ago",
+                "{:<w$} {:<6} {:<10} {:>8}  {}, since {} ago{stuck}",
                 name,
                 state,
                 l.mode.as_str(),

@@ -201,7 +201,11 @@ pub fn view_json(v: &ResourceView) -> Value {
     json!({
         "resource": v.resource.as_str(),
         "dirty": v.dirty.is_some(),
-        "holders": v.holders.iter().map(lease_json).collect::<Vec<_>>(),
+        "holders": v.holders.iter().map(|l| {
+            let mut j = lease_json(l);
+            j["stuck"] = json!(v.stuck.contains(&l.owner.process));
+            j
+        }).collect::<Vec<_>>(),
         "waiters": v.waiters.iter().map(|w| {
             let mut m = owner_fields(&w.owner);
             m.insert("mode".into(), json!(w.mode.as_str()));
@@ -215,6 +219,9 @@ pub fn view_json(v: &ResourceView) -> Value {
         "damaged": v.damaged,
     })
 }
+
+/// What a stuck holder is, for people (`list`, `inspect`).
+pub const STUCK: &str = "its holder died and what it started survives SIGKILL (see leasehold status): held until that is gone";
 
 /// A resource for people, over several lines.
 pub fn view_text(v: &ResourceView) -> String {
@@ -237,6 +244,9 @@ pub fn view_text(v: &ResourceView) -> String {
     }
     for l in &v.holders {
         s.push_str(&format!("  holder:   {}\n", lease(l)));
+        if v.stuck.contains(&l.owner.process) {
+            s.push_str(&format!("  stuck:    {STUCK}\n"));
+        }
     }
     for (i, w) in v.waiters.iter().enumerate() {
         s.push_str(&format!(

@@ -9,7 +9,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -971,8 +971,9 @@ fn a_dead_wrappers_cgroup_that_cannot_be_emptied_keeps_the_lease_held_and_says_s
     let a = Agent::start();
     require_cgroups(&a);
     let (mut wrapper, writer) = run_with_escaping_writer(&a);
-    let frozen = Frozen::new(writer.0);
     let holder = u64::from(wrapper.id());
+    listed_stuck(&a, holder, false);
+    let frozen = Frozen::new(writer.0);
     let _ = wrapper.kill();
     let _ = wrapper.wait();
     let cgroup = format!("/leasehold/{}-", wrapper.id());
@@ -1001,6 +1002,7 @@ fn a_dead_wrappers_cgroup_that_cannot_be_emptied_keeps_the_lease_held_and_says_s
     );
     // The lease stays held: nobody else is granted the disk; status lists it.
     let v = held_and_status(&a, holder);
+    listed_stuck(&a, holder, true);
     let stuck = v["stuck"]
         .as_array()
         .unwrap_or_else(|| panic!("status does not say: {v}"));
@@ -1035,8 +1037,9 @@ fn a_dead_wrappers_group_that_cannot_be_emptied_keeps_the_lease_held_and_says_so
     require_root("the test freezes the writer with the cgroup v1 freezer");
     let a = Agent::start_with(&["--cgroup-root", "off"]);
     let (mut wrapper, writer) = run_with_writer(&a, Stdio::null());
-    let frozen = Frozen::new(writer.0);
     let holder = u64::from(wrapper.id());
+    listed_stuck(&a, holder, false);
+    let frozen = Frozen::new(writer.0);
     let _ = wrapper.kill();
     let _ = wrapper.wait();
     wait_until(
@@ -1049,6 +1052,7 @@ fn a_dead_wrappers_group_that_cannot_be_emptied_keeps_the_lease_held_and_says_so
         "the frozen writer died: the test shows nothing"
     );
     let v = held_and_status(&a, holder);
+    listed_stuck(&a, holder, true);
     assert_eq!(v["stuck"][0]["pid"], holder, "{v}");
     assert_eq!(v["stuck"][0]["process_group"], holder, "{v}");
     drop(frozen);
@@ -1058,6 +1062,47 @@ fn a_dead_wrappers_group_that_cannot_be_emptied_keeps_the_lease_held_and_says_so
         "the writer runs while the disk is granted again"
     );
     assert!(a.log().contains("gone at last"), "{}", a.log());
+}
+
+/// Asserts that `list` and `inspect`, as text and `--json`, and `GET /v1/leases` say whether
+/// disk's holder `holder` is stuck (it died, and what it started survives SIGKILL).
+#[track_caller]
+fn listed_stuck(a: &Agent, holder: u64, stuck: bool) {
+    let list = a.list();
+    let disk = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["resource"] == "disk")
+        .unwrap_or_else(|| panic!("no disk in {list}"));
+    assert_eq!(disk["holders"][0]["pid"], holder, "{list}");
+    assert_eq!(disk["holders"][0]["stuck"], stuck, "list --json: {list}");
+    let v = a.inspect("disk").unwrap();
+    assert_eq!(v["holders"][0]["stuck"], stuck, "inspect --json: {v}");
+    let human = text(&a.lh(&["list"]).stdout);
+    assert_eq!(human.contains("STUCK"), stuck, "list: {human}");
+    let human = text(&a.lh(&["inspect", "disk"]).stdout);
+    assert_eq!(human.contains("stuck:"), stuck, "inspect: {human}");
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "30", "--unix-socket"])
+        .arg(&a.socket)
+        .arg("http://leasehold/v1/leases")
+        .output()
+        .unwrap();
+    let api: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("GET /v1/leases: {e}: {}", text(&out.stdout)));
+    let disk = api["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["resource"] == "disk")
+        .unwrap_or_else(|| panic!("no disk in {api}"));
+    // The API leaves it out when false.
+    assert_eq!(
+        disk["holders"][0]["stuck"].as_bool().unwrap_or(false),
+        stuck,
+        "GET /v1/leases: {api}"
+    );
 }
 
 /// Asserts that `holder` still holds disk and that another owner is refused it (exit 3, even

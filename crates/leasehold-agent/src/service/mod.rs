@@ -521,12 +521,18 @@ impl<S: Store> Service<S> {
     /// One resource, if known.
     pub(crate) async fn inspect(&self, name: String) -> Result<Option<ResourceView>, ApiError> {
         let name = resource(name)?;
-        self.store.inspect(name).await.map_err(fault_of)
+        let mut view = self.store.inspect(name).await.map_err(fault_of)?;
+        if let Some(v) = view.as_mut() {
+            self.watcher.mark_stuck(std::slice::from_mut(v));
+        }
+        Ok(view)
     }
 
-    /// Every known resource.
+    /// Every known resource, its stuck holders marked.
     pub(crate) async fn list(&self) -> Result<Vec<ResourceView>, ApiError> {
-        self.store.list().await.map_err(fault_of)
+        let mut views = self.store.list().await.map_err(fault_of)?;
+        self.watcher.mark_stuck(&mut views);
+        Ok(views)
     }
 
     /// One page of the resources `q` asks for, in name order, and the name to continue after

@@ -88,6 +88,7 @@ impl From<&lh::Lease> for Lease {
             mode: l.mode.into(),
             token: l.token.0,
             granted_at: time(l.granted_at),
+            stuck: false,
         }
     }
 }
@@ -237,7 +238,14 @@ impl From<&lh::ResourceView> for Resource {
     fn from(v: &lh::ResourceView) -> Resource {
         Resource {
             resource: v.resource.to_string(),
-            holders: v.holders.iter().map(Into::into).collect(),
+            holders: v
+                .holders
+                .iter()
+                .map(|l| Lease {
+                    stuck: v.stuck.contains(&l.owner.process),
+                    ..l.into()
+                })
+                .collect(),
             dirty: v.dirty.as_ref().map(Into::into),
             last_ended: v.last_ended.as_ref().map(Into::into),
             last_token: v.last_token.0,
@@ -259,13 +267,21 @@ impl From<&lh::ResourceView> for Resource {
 impl TryFrom<Resource> for lh::ResourceView {
     type Error = WireError;
     fn try_from(r: Resource) -> Result<lh::ResourceView, WireError> {
+        let mut stuck = Vec::new();
         Ok(lh::ResourceView {
             resource: ResourceName::new(r.resource)?,
             holders: r
                 .holders
                 .into_iter()
-                .map(TryInto::try_into)
-                .collect::<Result<_, _>>()?,
+                .map(|l| {
+                    let is_stuck = l.stuck;
+                    let l: lh::Lease = l.try_into()?;
+                    if is_stuck {
+                        stuck.push(l.owner.process.clone());
+                    }
+                    Ok(l)
+                })
+                .collect::<Result<_, WireError>>()?,
             dirty: r.dirty.map(TryInto::try_into).transpose()?,
             last_ended: r.last_ended.map(TryInto::try_into).transpose()?,
             last_token: Token(r.last_token),
@@ -282,6 +298,7 @@ impl TryFrom<Resource> for lh::ResourceView {
             blocked_for: r.blocked_for.map(|d| d.0),
             handover_pending: r.handover_pending,
             damaged: r.damaged,
+            stuck,
         })
     }
 }

@@ -162,6 +162,12 @@ pub struct Lease {
     pub token: u64,
     /// When it was granted.
     pub granted_at: Time,
+    /// Its holder died and left what it started (its cgroup or process group) running, which
+    /// SIGKILL has not ended yet (a process in uninterruptible sleep, or frozen): the lease
+    /// stays held until that is gone (`status` says what is left). Only the holder's own agent
+    /// knows; absent when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stuck: bool,
 }
 
 /// How a lease ended.
