@@ -261,6 +261,7 @@ impl Client {
     ) -> Result<Answer, Error> {
         let mut s = self.connect()?;
         write_request(&mut s, method, path, body, false)?;
+        answer_ready(&s, self.timeout)?;
         checked(Answer::read(BufReader::new(s))?)
     }
 
@@ -526,6 +527,34 @@ fn write_request(
     Ok(())
 }
 
+/// Waits until the answer to the request just written can be read, or the agent closed, or
+/// `timeout` passed (then the error a read timing out gives).
+///
+/// The wait is a `poll` for input, not a blocking read: a thread asleep in `recv` on a Unix
+/// socket is also woken each time the peer reads what it sent (the kernel's "write space"
+/// wake-up of the socket's one wait queue), that is once per request when the agent reads it,
+/// for nothing; `poll` sleeps for input only. The read that follows finds the answer there.
+fn answer_ready(s: &UnixStream, timeout: Option<Duration>) -> Result<(), Error> {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let deadline = timeout.map(|t| std::time::Instant::now() + t);
+    loop {
+        let left = deadline.map(|d| {
+            let t = d.saturating_duration_since(std::time::Instant::now());
+            Timespec {
+                tv_sec: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
+                tv_nsec: i64::from(t.subsec_nanos()),
+            }
+        });
+        let mut fds = [PollFd::new(s, PollFlags::IN)];
+        match poll(&mut fds, left.as_ref()) {
+            Ok(0) => return Err(Error::Io(rustix::io::Errno::AGAIN.into())),
+            Ok(_) => return Ok(()),
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(Error::Io(e.into())),
+        }
+    }
+}
+
 /// The answer, or its error when the agent answered one (not 2xx).
 fn checked(answer: Answer) -> Result<Answer, Error> {
     if !(200..300).contains(&answer.status) {
@@ -698,5 +727,36 @@ impl Iterator for Watch {
                     None => Ok(e),
                 }),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::io::{BufRead, Write};
+    use std::os::unix::net::UnixStream;
+    use std::time::Duration;
+
+    use super::answer_ready;
+
+    #[test]
+    fn the_wait_for_an_answer_ends_with_its_bytes_or_the_close_or_times_out_as_a_read() {
+        let (ours, mut agent) = UnixStream::pair().unwrap();
+        // Nothing sent: the wait ends as a read past its timeout would.
+        let e = answer_ready(&ours, Some(Duration::from_millis(20))).unwrap_err();
+        assert!(e.is_timeout(), "{e:?}");
+        // Answer bytes there (and the agent's reading of the request is no answer).
+        let mut reader = std::io::BufReader::new(ours.try_clone().unwrap());
+        agent.write_all(b"HTTP/1.1 200 OK\r\n").unwrap();
+        answer_ready(&ours, None).unwrap();
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        assert_eq!(line, "HTTP/1.1 200 OK\r\n");
+        // The agent closed: the wait ends, the read that follows sees the end.
+        drop(agent);
+        answer_ready(&ours, Some(Duration::from_secs(30))).unwrap();
+        line.clear();
+        assert_eq!(reader.read_line(&mut line).unwrap(), 0);
     }
 }

@@ -12,7 +12,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    Acquisition, Answer, Client, Error, Status, checked, release_request, report, write_request,
+    Acquisition, Answer, Client, Error, Status, answer_ready, checked, release_request, report,
+    write_request,
 };
 use crate::{AcquireOptions, Granted, ReleaseOptions, ReleaseReport};
 
@@ -63,8 +64,10 @@ impl Connection {
     ) -> Result<Answer, Error> {
         if let Some(mut r) = self.open.take() {
             self.timeout(r.get_ref(), self.client.timeout)?;
-            let sent =
-                write_request(r.get_mut(), method, path, body, true).and_then(|()| Answer::read(r));
+            let t = self.timeout;
+            let sent = write_request(r.get_mut(), method, path, body, true)
+                .and_then(|()| answer_ready(r.get_ref(), t))
+                .and_then(|()| Answer::read(r));
             match sent {
                 Err(e) if closed_before(&e) => {}
                 other => return checked(other?),
@@ -73,6 +76,7 @@ impl Connection {
         let mut s = self.client.connect()?;
         self.timeout = self.client.timeout;
         write_request(&mut s, method, path, body, true)?;
+        answer_ready(&s, self.timeout)?;
         checked(Answer::read(BufReader::new(s))?)
     }
 
