@@ -347,7 +347,7 @@ pub fn bench(a: BenchArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
             (None, true) => Reference::None,
             (_, false) => Reference::StoreAlone,
         };
-        throughput(&rt, &socket, *n, a.seconds, reference)?;
+        throughput(&rt, &socket, status.pid as u32, *n, a.seconds, reference)?;
     }
     if a.exits > 0 {
         exit_to_release(&socket, a.exits)?;
@@ -400,6 +400,7 @@ enum Reference {
 fn throughput(
     rt: &tokio::runtime::Runtime,
     socket: &Path,
+    agent_pid: u32,
     clients: usize,
     seconds: f64,
     reference: Reference,
@@ -424,8 +425,14 @@ fn throughput(
         Reference::RawEtcd(eps) => Some(rt.block_on(async { raw_client(eps) })?),
         _ => None,
     };
+    let mut cost = Cost::default();
     for _ in 0..2 {
-        let (n, secs, a, r) = agent_cycles(socket, clients, half)?;
+        let agent_before = AgentThreads::read(agent_pid);
+        let (n, secs, a, r, clients_cost) = agent_cycles(socket, clients, half)?;
+        cost.add(
+            &AgentThreads::read(agent_pid).since(&agent_before),
+            &clients_cost,
+        );
         ours = (ours.0 + n, ours.1 + secs);
         acq.extend(a);
         rel.extend(r);
@@ -445,11 +452,12 @@ fn throughput(
     let rate = ours.0 as f64 / ours.1;
     let ref_rate = theirs.0 as f64 / theirs.1.max(f64::MIN_POSITIVE);
     let extra = format!(
-        "acquire p50 {} p99 {} | release p50 {} p99 {}",
+        "acquire p50 {} p99 {} | release p50 {} p99 {} | {}",
         ms(pct(&acq, 0.5)),
         ms(pct(&acq, 0.99)),
         ms(pct(&rel, 0.5)),
         ms(pct(&rel, 0.99)),
+        cost.per_cycle(ours.0),
     );
     let (measure, reference, target, met) = match (&reference, clients) {
         (Reference::StoreAlone, 64) => (
@@ -494,14 +502,129 @@ fn throughput(
     })
 }
 
+/// CPU time and context switches of a thread or a set of threads.
+#[derive(Clone, Copy, Default, Debug)]
+struct Spent {
+    cpu: Duration,
+    switches: u64,
+}
+
+impl Spent {
+    fn add(&mut self, o: &Spent) {
+        self.cpu += o.cpu;
+        self.switches += o.switches;
+    }
+
+    /// This thread's, so far (`getrusage(RUSAGE_THREAD)`).
+    fn this_thread() -> Spent {
+        let mut u = zeroed_rusage();
+        // SAFETY: u is a valid rusage for the call to fill in.
+        unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut u) };
+        let tv = |t: libc::timeval| {
+            Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+        };
+        Spent {
+            cpu: tv(u.ru_utime) + tv(u.ru_stime),
+            switches: (u.ru_nvcsw + u.ru_nivcsw) as u64,
+        }
+    }
+
+    fn since(&self, before: &Spent) -> Spent {
+        Spent {
+            cpu: self.cpu.saturating_sub(before.cpu),
+            switches: self.switches.saturating_sub(before.switches),
+        }
+    }
+}
+
+/// The agent's threads' CPU time and context switches (`/proc/PID/task/*/schedstat`: ns on
+/// a CPU, and times put on one), and which is its store thread: empty when not readable.
+#[derive(Default, Debug)]
+struct AgentThreads(std::collections::HashMap<u32, (Spent, bool)>);
+
+impl AgentThreads {
+    fn read(pid: u32) -> AgentThreads {
+        let mut t = AgentThreads::default();
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return t;
+        };
+        for e in dir.flatten() {
+            let path = e.path();
+            let Some(tid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(sched) = std::fs::read_to_string(path.join("schedstat")) else {
+                continue;
+            };
+            let f: Vec<u64> = sched
+                .split_whitespace()
+                .map(|v| v.parse().unwrap_or(0))
+                .collect();
+            let spent = Spent {
+                cpu: Duration::from_nanos(f.first().copied().unwrap_or(0)),
+                switches: f.get(2).copied().unwrap_or(0),
+            };
+            let store = std::fs::read_to_string(path.join("comm"))
+                .is_ok_and(|c| c.starts_with("leasehold-store"));
+            t.0.insert(tid, (spent, store));
+        }
+        t
+    }
+
+    /// What the agent spent since `before`, all threads and the store's (a thread that
+    /// ended meanwhile is not counted).
+    fn since(&self, before: &AgentThreads) -> (Spent, Spent) {
+        let (mut all, mut store) = (Spent::default(), Spent::default());
+        for (tid, (now, is_store)) in &self.0 {
+            let d = now.since(&before.0.get(tid).map(|b| b.0).unwrap_or_default());
+            all.add(&d);
+            if *is_store {
+                store.add(&d);
+            }
+        }
+        (all, store)
+    }
+}
+
+/// Where an acquire+release cycle's CPU went: the agent's (its store thread's apart) and the
+/// bench's client threads'.
+#[derive(Default, Debug)]
+struct Cost {
+    agent: Spent,
+    store: Spent,
+    clients: Spent,
+}
+
+impl Cost {
+    fn add(&mut self, (agent, store): &(Spent, Spent), clients: &Spent) {
+        self.agent.add(agent);
+        self.store.add(store);
+        self.clients.add(clients);
+    }
+
+    fn per_cycle(&self, cycles: u64) -> String {
+        let n = cycles.max(1) as f64;
+        let us = |s: &Spent| s.cpu.as_secs_f64() * 1e6 / n;
+        let sw = |s: &Spent| s.switches as f64 / n;
+        format!(
+            "per cycle: agent CPU {:.0} us (store thread {:.0} us), {:.2} switches; clients CPU {:.0} us, {:.2} switches",
+            us(&self.agent),
+            us(&self.store),
+            sw(&self.agent),
+            us(&self.clients),
+            sw(&self.clients),
+        )
+    }
+}
+
 /// Acquire+release cycles through the agent for `seconds`: the cycles, the seconds they took,
-/// and each acquire's and release's latency.
+/// each acquire's and release's latency, and the client threads' CPU and context switches.
 #[allow(clippy::type_complexity)]
 fn agent_cycles(
     socket: &Path,
     clients: usize,
     seconds: f64,
-) -> Result<(u64, f64, Vec<Duration>, Vec<Duration>), Failure> {
+) -> Result<(u64, f64, Vec<Duration>, Vec<Duration>, Spent), Failure> {
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let mut tasks = Vec::new();
     for i in 0..clients {
@@ -510,6 +633,7 @@ fn agent_cycles(
         tasks.push(std::thread::spawn(move || {
             let mut acq = Vec::new();
             let mut rel = Vec::new();
+            let spent = Spent::this_thread();
             while Instant::now() < deadline {
                 let t = Instant::now();
                 c.acquire(&AcquireOptions::new([(r.clone(), Mode::Exclusive)]))?;
@@ -518,19 +642,27 @@ fn agent_cycles(
                 acq.push(t2 - t);
                 rel.push(t2.elapsed());
             }
-            Ok::<_, leasehold_client::blocking::Error>((acq, rel))
+            let spent = Spent::this_thread().since(&spent);
+            Ok::<_, leasehold_client::blocking::Error>((acq, rel, spent))
         }));
     }
     let started = Instant::now();
-    let (mut acq, mut rel) = (Vec::new(), Vec::new());
+    let (mut acq, mut rel, mut spent) = (Vec::new(), Vec::new(), Spent::default());
     for t in tasks {
-        let (a, r) = t
+        let (a, r, s) = t
             .join()
             .map_err(|_| Failure::error("a bench client panicked"))??;
         acq.extend(a);
         rel.extend(r);
+        spent.add(&s);
     }
-    Ok((acq.len() as u64, started.elapsed().as_secs_f64(), acq, rel))
+    Ok((
+        acq.len() as u64,
+        started.elapsed().as_secs_f64(),
+        acq,
+        rel,
+        spent,
+    ))
 }
 
 /// Acquire+release cycles on the local store alone (durable, as the agent's), by `clients`
