@@ -314,7 +314,28 @@ impl Client {
     ///
     /// # Errors
     /// As [`Client::start_acquire`].
+    ///
+    /// An agent older than this client, which refuses an optional field it does not know
+    /// (`contain`, `clone_into_cgroup`: it denies unknown fields, G8), is asked once more
+    /// without it ([`without_fields_unknown_to`]): an agent still running from before a
+    /// package upgrade serves `run` as it did before them, until it restarts.
     pub fn start_acquire_request(&self, req: &v1::AcquireRequest) -> Result<Acquisition, Error> {
+        match self.start_acquire_once(req) {
+            Err(Error::Agent {
+                code: v1::ErrorCode::Usage,
+                message,
+            }) => match without_fields_unknown_to(req, &message) {
+                Some(older) => self.start_acquire_once(&older),
+                None => Err(Error::Agent {
+                    code: v1::ErrorCode::Usage,
+                    message,
+                }),
+            },
+            r => r,
+        }
+    }
+
+    fn start_acquire_once(&self, req: &v1::AcquireRequest) -> Result<Acquisition, Error> {
         let answer = self.send("POST", "/v1/acquire", Some(req))?;
         // A wait is as long as it is: the stream is not bounded by the call timeout.
         answer.reader.get_ref().inner().set_read_timeout(None)?;
@@ -553,6 +574,32 @@ fn answer_ready(s: &UnixStream, timeout: Option<Duration>) -> Result<(), Error> 
             Err(e) => return Err(Error::Io(e.into())),
         }
     }
+}
+
+/// `req` without the optional fields an older agent refused it for (`message`, its usage
+/// error, names the first unknown field it met: serde's ``unknown field `NAME` ``), when it is
+/// one of those this client may add: `contain` (agents before it, which contain a `run` by its
+/// process group only, and know no `clone_into_cgroup` either) or `clone_into_cgroup` (agents
+/// that move the wrapper into its cgroup instead). `None` for any other refusal, which stands.
+fn without_fields_unknown_to(
+    req: &v1::AcquireRequest,
+    message: &str,
+) -> Option<v1::AcquireRequest> {
+    let refused = |field: &str| message.contains(&format!("unknown field `{field}`"));
+    if req.contain && refused("contain") {
+        return Some(v1::AcquireRequest {
+            contain: false,
+            clone_into_cgroup: false,
+            ..req.clone()
+        });
+    }
+    if req.clone_into_cgroup && refused("clone_into_cgroup") {
+        return Some(v1::AcquireRequest {
+            clone_into_cgroup: false,
+            ..req.clone()
+        });
+    }
+    None
 }
 
 /// The answer, or its error when the agent answered one (not 2xx).

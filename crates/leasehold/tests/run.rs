@@ -432,3 +432,235 @@ fn sigint_and_sighup_reach_the_command() {
         expect_code(&a.lh(&["mark-clean", "disk"]), 0);
     }
 }
+
+/// Fields of `POST /v1/acquire` that an agent from before `contain` (81860e9) knew.
+const FIELDS_BEFORE_CONTAIN: &[&str] = &[
+    "items",
+    "pid",
+    "start_time",
+    "owner_id",
+    "on_lost",
+    "label",
+    "accept_dirty",
+    "wait",
+    "hold",
+    "restricted",
+    "on_exit",
+    "before_fence",
+    "expect_tokens",
+];
+
+/// An agent older than this CLI, for one request: the first request on its socket is
+/// refused as that agent refused a body with a field it does not know (not in `known`): its
+/// usage error, with serde's words for the first unknown field. Before it answers, the real
+/// agent `a`'s socket is moved to its place, so what comes next is served by `a` itself (with
+/// the caller's own credentials): only the refusal is made up. Returns its socket and, once
+/// it has answered, the body it refused. Call [`moved_back`] after.
+fn older_agent(
+    a: &Agent,
+    known: &'static [&'static str],
+) -> (
+    std::path::PathBuf,
+    std::thread::JoinHandle<serde_json::Value>,
+) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let socket = a.path("older.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let real = a.socket.clone();
+    let at = socket.clone();
+    let refused = std::thread::spawn(move || {
+        let (client, _) = listener.accept().unwrap();
+        let mut r = BufReader::new(client.try_clone().unwrap());
+        let mut length = 0usize;
+        let mut first = String::new();
+        loop {
+            let mut line = String::new();
+            assert!(r.read_line(&mut line).unwrap() > 0, "a request");
+            if first.is_empty() {
+                first = line.clone();
+            }
+            if let Some(l) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = l.trim().parse().unwrap();
+            }
+            if line == "\r\n" {
+                break;
+            }
+        }
+        assert!(first.starts_with("POST /v1/acquire "), "{first}");
+        let mut body = vec![0u8; length];
+        r.read_exact(&mut body).unwrap();
+        let text = String::from_utf8(body).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        // The first unknown field in the body, as serde meets them.
+        let (column, field) = v
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|k| !known.contains(&k.as_str()))
+            .filter_map(|k| Some((text.find(&format!("\"{k}\":"))? + k.len() + 2, k.clone())))
+            .min()
+            .unwrap_or_else(|| panic!("no field unknown to the older agent in {text}"));
+        let expected = known
+            .iter()
+            .map(|f| format!("`{f}`"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let error = serde_json::json!({
+            "code": "usage",
+            "message": format!(
+                "the request body is not a valid AcquireRequest: unknown field `{field}`, expected one of {expected} at line 1 column {column}; nothing was done (the schema: docs/api/v1.schema.json)"
+            ),
+        })
+        .to_string();
+        // From now on the real agent answers here.
+        std::fs::rename(&real, &at).unwrap();
+        let mut client = client;
+        write!(
+            client,
+            "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{error}",
+            error.len()
+        )
+        .unwrap();
+        v
+    });
+    (socket, refused)
+}
+
+/// The real agent's socket back where `a` looks for it, from where [`older_agent`] moved it.
+fn moved_back(a: &Agent, from: &std::path::Path) {
+    std::fs::rename(from, &a.socket).unwrap();
+}
+
+/// After a package upgrade, `run` works against the agent still running from before the
+/// request fields it now sends (`contain`, `clone_into_cgroup`): that agent refuses unknown
+/// fields (G8), and the CLI asks once more without them, leaving out nothing else. Before,
+/// every `run` failed with a usage error until the agent restarted.
+#[test]
+fn run_works_against_an_agent_from_before_contain() {
+    let a = Agent::start();
+    let (socket, refused) = older_agent(&a, FIELDS_BEFORE_CONTAIN);
+    let out = a
+        .cli()
+        .env("LEASEHOLD_SOCKET", &socket)
+        .args([
+            "run",
+            "--exclusive",
+            "disk",
+            "--",
+            "sh",
+            "-c",
+            "echo \"$LEASEHOLD_TOKENS $LEASEHOLD_CONTAINMENT\"",
+        ])
+        .output()
+        .unwrap();
+    let refused = refused.join().unwrap();
+    moved_back(&a, &socket);
+    expect_code(&out, 0);
+    assert_eq!(refused["contain"], true, "{refused}");
+    // Asked again without `contain`: contained by its process group, as the older agent does.
+    assert_eq!(
+        text(&out.stdout).trim(),
+        "disk=1 group",
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(a.holders("disk").is_empty());
+    assert!(!a.is_dirty("disk"), "{:?}\n{}", a.inspect("disk"), a.log());
+    // Where the agent has cgroups, `contain` asked for makes one: the second request left it
+    // out.
+    if a.log().contains("a cgroup each") {
+        let out = a.lh(&[
+            "run",
+            "--exclusive",
+            "disk",
+            "--",
+            "sh",
+            "-c",
+            "echo $LEASEHOLD_CONTAINMENT",
+        ]);
+        expect_code(&out, 0);
+        assert_eq!(text(&out.stdout).trim(), "cgroup");
+    }
+}
+
+/// The same against an agent from after `contain` but before `clone_into_cgroup` (d7e2feb):
+/// asked again with `contain` alone, the wrapper is moved into its cgroup (by the real agent,
+/// which gets the wrapper's own credentials) as that agent did.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn run_works_against_an_agent_from_before_clone_into_cgroup() {
+    let a = Agent::start();
+    let known: &'static [&'static str] = &[
+        "items",
+        "pid",
+        "start_time",
+        "owner_id",
+        "on_lost",
+        "label",
+        "accept_dirty",
+        "wait",
+        "hold",
+        "restricted",
+        "on_exit",
+        "before_fence",
+        "expect_tokens",
+        "contain",
+    ];
+    let (socket, refused) = older_agent(&a, known);
+    let out = a
+        .cli()
+        .env("LEASEHOLD_SOCKET", &socket)
+        .args([
+            "run",
+            "--exclusive",
+            "disk",
+            "--",
+            "sh",
+            "-c",
+            "echo \"$LEASEHOLD_TOKENS $LEASEHOLD_CONTAINMENT\"",
+        ])
+        .output()
+        .unwrap();
+    let refused = refused.join().unwrap();
+    moved_back(&a, &socket);
+    expect_code(&out, 0);
+    assert_eq!(refused["clone_into_cgroup"], true, "{refused}");
+    let want = if a.log().contains("a cgroup each") {
+        "disk=1 cgroup"
+    } else {
+        "disk=1 group"
+    };
+    assert_eq!(text(&out.stdout).trim(), want, "{}", text(&out.stderr));
+    assert!(a.holders("disk").is_empty());
+    assert!(!a.is_dirty("disk"), "{:?}\n{}", a.inspect("disk"), a.log());
+}
+
+/// A usage error for any other unknown field stands: not asked again, exit 2.
+#[test]
+fn an_older_agents_refusal_of_another_field_stands() {
+    let a = Agent::start();
+    let known: &'static [&'static str] = &[
+        "items",
+        "pid",
+        "accept_dirty",
+        "contain",
+        "clone_into_cgroup",
+    ];
+    let (socket, refused) = older_agent(&a, known);
+    let out = a
+        .cli()
+        .env("LEASEHOLD_SOCKET", &socket)
+        .args(["run", "--exclusive", "disk", "--", "true"])
+        .output()
+        .unwrap();
+    refused.join().unwrap();
+    moved_back(&a, &socket);
+    expect_code(&out, 2);
+    assert!(
+        text(&out.stderr).contains("unknown field `hold`"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!a.log().contains("granted"), "asked again: {}", a.log());
+    assert!(a.holders("disk").is_empty());
+}
