@@ -455,7 +455,7 @@ const FIELDS_BEFORE_CONTAIN: &[&str] = &[
 /// usage error, with serde's words for the first unknown field. Before it answers, the real
 /// agent `a`'s socket is moved to its place, so what comes next is served by `a` itself (with
 /// the caller's own credentials): only the refusal is made up. Returns its socket and, once
-/// it has answered, the body it refused. Call [`moved_back`] after.
+/// it has answered, the body it refused. The caller moves `a`'s socket back.
 fn older_agent(
     a: &Agent,
     known: &'static [&'static str],
@@ -526,10 +526,33 @@ fn older_agent(
     (socket, refused)
 }
 
-/// The real agent's socket back where `a` looks for it, from where [`older_agent`] moved it.
-fn moved_back(a: &Agent, from: &std::path::Path) {
-    std::fs::rename(from, &a.socket).unwrap();
+/// `run --exclusive disk -- COMMAND...` against an [`older_agent`] that knows `known`: its
+/// output and the body the older agent refused, with the real agent's socket moved back.
+fn run_through_older_agent(
+    a: &Agent,
+    known: &'static [&'static str],
+    command: &[&str],
+) -> (std::process::Output, serde_json::Value) {
+    let (socket, refused) = older_agent(a, known);
+    let out = a
+        .cli()
+        .env("LEASEHOLD_SOCKET", &socket)
+        .args(["run", "--exclusive", "disk", "--"])
+        .args(command)
+        .output()
+        .unwrap();
+    let refused = refused.join().unwrap();
+    std::fs::rename(&socket, &a.socket).unwrap();
+    (out, refused)
 }
+
+/// The command the `run` tests against an older agent start: prints its tokens and its
+/// containment.
+const ECHO_TOKENS_AND_CONTAINMENT: &[&str] = &[
+    "sh",
+    "-c",
+    "echo \"$LEASEHOLD_TOKENS $LEASEHOLD_CONTAINMENT\"",
+];
 
 /// After a package upgrade, `run` works against the agent still running from before the
 /// request fields it now sends (`contain`, `clone_into_cgroup`): that agent refuses unknown
@@ -538,23 +561,8 @@ fn moved_back(a: &Agent, from: &std::path::Path) {
 #[test]
 fn run_works_against_an_agent_from_before_contain() {
     let a = Agent::start();
-    let (socket, refused) = older_agent(&a, FIELDS_BEFORE_CONTAIN);
-    let out = a
-        .cli()
-        .env("LEASEHOLD_SOCKET", &socket)
-        .args([
-            "run",
-            "--exclusive",
-            "disk",
-            "--",
-            "sh",
-            "-c",
-            "echo \"$LEASEHOLD_TOKENS $LEASEHOLD_CONTAINMENT\"",
-        ])
-        .output()
-        .unwrap();
-    let refused = refused.join().unwrap();
-    moved_back(&a, &socket);
+    let (out, refused) =
+        run_through_older_agent(&a, FIELDS_BEFORE_CONTAIN, ECHO_TOKENS_AND_CONTAINMENT);
     expect_code(&out, 0);
     assert_eq!(refused["contain"], true, "{refused}");
     // Asked again without `contain`: contained by its process group, as the older agent does.
@@ -606,23 +614,7 @@ fn run_works_against_an_agent_from_before_clone_into_cgroup() {
         "expect_tokens",
         "contain",
     ];
-    let (socket, refused) = older_agent(&a, known);
-    let out = a
-        .cli()
-        .env("LEASEHOLD_SOCKET", &socket)
-        .args([
-            "run",
-            "--exclusive",
-            "disk",
-            "--",
-            "sh",
-            "-c",
-            "echo \"$LEASEHOLD_TOKENS $LEASEHOLD_CONTAINMENT\"",
-        ])
-        .output()
-        .unwrap();
-    let refused = refused.join().unwrap();
-    moved_back(&a, &socket);
+    let (out, refused) = run_through_older_agent(&a, known, ECHO_TOKENS_AND_CONTAINMENT);
     expect_code(&out, 0);
     assert_eq!(refused["clone_into_cgroup"], true, "{refused}");
     let want = if a.log().contains("a cgroup each") {
@@ -646,15 +638,7 @@ fn an_older_agents_refusal_of_another_field_stands() {
         "contain",
         "clone_into_cgroup",
     ];
-    let (socket, refused) = older_agent(&a, known);
-    let out = a
-        .cli()
-        .env("LEASEHOLD_SOCKET", &socket)
-        .args(["run", "--exclusive", "disk", "--", "true"])
-        .output()
-        .unwrap();
-    refused.join().unwrap();
-    moved_back(&a, &socket);
+    let (out, _) = run_through_older_agent(&a, known, &["true"]);
     expect_code(&out, 2);
     assert!(
         text(&out.stderr).contains("unknown field `hold`"),
