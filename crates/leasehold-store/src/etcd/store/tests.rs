@@ -1583,6 +1583,36 @@ async fn recorded(s: &EtcdStore, name: &str) -> bool {
     !kvs.is_empty()
 }
 
+/// An exclusive acquire of `second` by `owner`, spawned, once it is held back (the renewal is
+/// late): fails if it is sent, or is not held back within 30 s.
+async fn acquire_held_back(
+    s: &std::sync::Arc<EtcdStore>,
+    owner: &Owner,
+) -> tokio::task::JoinHandle<Result<Vec<crate::Grant>, StoreError>> {
+    let acquire = tokio::spawn({
+        let s = std::sync::Arc::clone(s);
+        let owner = owner.clone();
+        async move {
+            s.acquire(AcquireSpec::new(owner, [(res("second"), Mode::Exclusive)]))
+                .await
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while s.inner.commits_held() == 0 {
+        assert!(
+            !acquire.is_finished(),
+            "the acquire went while the renewal was late: {:?}",
+            acquire.await
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the acquire was never held back"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    acquire
+}
+
 /// Issue 15, "Many hosts": etcd's leader answers a renewal only once it has applied every entry
 /// committed before it, and a full-rate fill by 50 hosts kept it so far behind that every
 /// host's renewals went unanswered and all 50 fenced their holders. A host now sends no commit
@@ -1596,27 +1626,7 @@ async fn a_commit_is_held_back_while_a_renewal_is_late_and_sent_once_one_is_prom
         std::sync::Arc::new(open_with_timeout(&etcd, "pace-hold", Duration::from_secs(60)).await);
     let owner = Owner::new(s.host().clone(), 10, 1);
     let renewal = renewal_late(&s, &owner).await;
-    let acquire = tokio::spawn({
-        let s = std::sync::Arc::clone(&s);
-        let owner = owner.clone();
-        async move {
-            s.acquire(AcquireSpec::new(owner, [(res("second"), Mode::Exclusive)]))
-                .await
-        }
-    });
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while s.inner.commits_held() == 0 {
-        assert!(
-            !acquire.is_finished(),
-            "the commit went while the renewal was late: {:?}",
-            acquire.await
-        );
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the commit was never held back"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let acquire = acquire_held_back(&s, &owner).await;
     assert!(!recorded(&s, "second").await, "written while held back");
     assert!(!acquire.is_finished());
     // The keep-alive is answered (late: the hold stays), another is asked for at once and
@@ -1705,26 +1715,7 @@ async fn a_commit_that_only_ends_leases_is_not_held_back_while_a_renewal_is_late
         "the keep-alive is still late"
     );
     // An acquire is still held back.
-    let acquire = tokio::spawn({
-        let s = std::sync::Arc::clone(&s);
-        let owner = owner.clone();
-        async move {
-            s.acquire(AcquireSpec::new(owner, [(res("second"), Mode::Exclusive)]))
-                .await
-        }
-    });
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while s.inner.commits_held() == 0 {
-        assert!(
-            !acquire.is_finished(),
-            "the acquire went while the renewal was late"
-        );
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the acquire was never held back"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let acquire = acquire_held_back(&s, &owner).await;
     renewal.resume();
     tokio::time::timeout(Duration::from_secs(30), acquire)
         .await
