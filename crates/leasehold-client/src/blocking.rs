@@ -259,8 +259,11 @@ impl Client {
         path: &str,
         body: Option<&impl Serialize>,
     ) -> Result<Answer, Error> {
+        // The request is made before connecting: the agent, woken by the connection, finds
+        // it already there instead of waiting to be woken again.
+        let req = request_bytes(method, path, body, false)?;
         let mut s = self.connect()?;
-        write_request(&mut s, method, path, body, false)?;
+        s.write_all(&req)?;
         answer_ready(&s, self.timeout)?;
         checked(Answer::read(BufReader::new(s))?)
     }
@@ -528,6 +531,17 @@ fn write_request(
     body: Option<&impl Serialize>,
     keep_alive: bool,
 ) -> Result<(), Error> {
+    s.write_all(&request_bytes(method, path, body, keep_alive)?)?;
+    Ok(())
+}
+
+/// One request, head and body, as written on the connection.
+fn request_bytes(
+    method: &str,
+    path: &str,
+    body: Option<&impl Serialize>,
+    keep_alive: bool,
+) -> Result<Vec<u8>, Error> {
     let body = match body {
         Some(b) => serde_json::to_vec(b).map_err(Error::protocol)?,
         None => Vec::new(),
@@ -544,8 +558,7 @@ fn write_request(
     )
     .into_bytes();
     req.extend_from_slice(&body);
-    s.write_all(&req)?;
-    Ok(())
+    Ok(req)
 }
 
 /// Waits until the answer to the request just written can be read, or the agent closed, or

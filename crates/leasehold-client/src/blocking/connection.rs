@@ -3,7 +3,7 @@
 //! each call. The agent still reads the caller's credentials once, at connect: a connection
 //! acts for the process that opened it.
 
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Write as _};
 use std::os::unix::net::UnixStream;
 
 use leasehold_api::v1;
@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 
 use super::{
     Acquisition, Answer, Client, Error, Status, answer_ready, checked, release_request, report,
-    write_request,
+    request_bytes, write_request,
 };
 use crate::{AcquireOptions, Granted, ReleaseOptions, ReleaseReport};
 
@@ -73,9 +73,11 @@ impl Connection {
                 other => return checked(other?),
             }
         }
+        // Made before connecting, as `Client::send` does.
+        let req = request_bytes(method, path, body, true)?;
         let mut s = self.client.connect()?;
         self.timeout = self.client.timeout;
-        write_request(&mut s, method, path, body, true)?;
+        s.write_all(&req)?;
         answer_ready(&s, self.timeout)?;
         checked(Answer::read(BufReader::new(s))?)
     }
