@@ -273,7 +273,7 @@ async fn handle<S: Store>(
             // Neither waiting nor holding: carried out here, and answered whole.
             match service.acquire_now(&c, r).await {
                 Ok(out) => Ok(ended_grant(out?, delivery)),
-                Err(r) => acquire(service.acquire(&c, *r)?, delivery).await,
+                Err(r) => acquire(service.acquire(&c, *r).await?, delivery).await,
             }
         }
         (&Method::POST, "/v1/release") => {

@@ -129,6 +129,20 @@ struct Asked {
     before_fence: Option<v1::BeforeFence>,
 }
 
+/// A grant handed to the front end, with what follows it.
+struct Handed {
+    owner: Owner,
+    grants: Vec<Grant>,
+    /// The new leases of the grant.
+    fresh: Vec<ResourceName>,
+    /// Fires once the client read the grant (`None` when nothing is new).
+    received: Option<oneshot::Receiver<()>>,
+    /// Whether the grant reached the front end.
+    sent: bool,
+    /// With `hold`: the lease's notes after the grant.
+    registration: Option<Registration>,
+}
+
 /// Logs each new lease of a grant to `owner`; returns their resources.
 fn log_granted(owner: &Owner, grants: &[Grant]) -> Vec<ResourceName> {
     let fresh = grants.iter().filter(|g| !g.existing);
@@ -356,13 +370,41 @@ impl<S: Store> Service<S> {
     }
 
     /// Starts an acquire for `c`: checked at once (a bad request is an error here, nothing
-    /// asked of the store), then carried out in the background, reporting on the receiver.
-    /// Dropping the receiver withdraws a waiting request.
-    pub(crate) fn acquire(
+    /// asked of the store), then carried out, reporting on the receiver. Dropping the
+    /// receiver withdraws a waiting request.
+    ///
+    /// A request that waits is carried out in the background from the start. One that does
+    /// not (`run`'s) is carried out on the caller's task up to its grant, which is on the
+    /// receiver when this returns: no task is spawned and nothing crosses to another worker
+    /// before the answer. Dropped meanwhile (the client went away), that part is finished
+    /// as a task as [`Service::acquire_now`]'s is, and its grant, never read, undone. What
+    /// follows the grant (its delivery, the hold) is a task of its own in both cases.
+    pub(crate) async fn acquire(
         &self,
         c: &Caller,
         r: v1::AcquireRequest,
     ) -> Result<mpsc::Receiver<Out>, ApiError> {
+        let waits = r.wait.is_some();
+        let asked = self.asked(c, r)?;
+        let (tx, rx) = mpsc::channel(8);
+        let me = self.clone();
+        let carried = async move {
+            let granted = me.until_granted(asked, &tx).await;
+            if let Some(g) = granted {
+                tokio::spawn(async move { me.after_granted(g, &tx).await });
+            }
+        };
+        if waits {
+            tokio::spawn(carried);
+        } else {
+            Finish::new(carried).await;
+        }
+        Ok(rx)
+    }
+
+    /// An acquire's part up to its grant, sent on `tx`: `None` if nothing was granted (the
+    /// refusal sent) or the caller went away.
+    async fn until_granted(&self, asked: Asked, tx: &Tx) -> Option<Handed> {
         let Asked {
             owner,
             spec,
@@ -371,85 +413,93 @@ impl<S: Store> Service<S> {
             contain,
             clone_into,
             before_fence,
-        } = self.asked(c, r)?;
-        let (tx, rx) = mpsc::channel(8);
-        let me = self.clone();
-        tokio::spawn(async move {
-            // Register before the grant so no loss after it can be missed.
-            let registration = hold.then(|| me.holds.register(owner.process.clone()));
-            // The pidfd is opened before the grant: a grant the agent could not watch would
-            // have to end at once, although its process lives.
-            let prepared = match me.prepare_watch(&owner.process).await {
-                Ok(p) => p,
-                Err(e) => {
-                    let _ = tx.send(Out::Failed(e)).await;
-                    return;
-                }
-            };
-            // Moved into its cgroup while the grant is decided; back if nothing is granted.
-            let containing =
-                (contain && !clone_into).then(|| me.watcher.start_containing(&owner.process));
-            let grants = match me.acquire_reporting(spec, &tx).await {
-                None => {
-                    // The caller went away; the wait was withdrawn.
-                    if let Some(c) = containing {
-                        me.watcher.not_contained(&owner.process, c).await;
-                    }
-                    return;
-                }
-                Some(Ok(grants)) => grants,
-                Some(Err(e)) => {
-                    if let Some(c) = containing {
-                        me.watcher.not_contained(&owner.process, c).await;
-                    }
-                    let r = refused(&owner, e, dirty_needs.as_deref());
-                    let _ = tx.send(Out::Failed(r)).await;
-                    return;
-                }
-            };
-            me.watch_granted(&owner, before_fence, prepared);
-            // Before the grant is answered: the holder starts nothing before it reads it.
-            let (containment, cgroup) = match containing {
-                Some(c) => (Some(me.watcher.contained(&owner.process, c).await), None),
-                None if clone_into => {
-                    let (how, dir) = me.watcher.cgroup_for_children(&owner.process);
-                    (Some(how), dir)
-                }
-                None => (None, None),
-            };
-            // New leases count only once the client received them: one that went away as
-            // it was granted (a withdrawn wait) must not leave them behind.
-            let fresh = log_granted(&owner, &grants);
-            let (delivered, received) = if fresh.is_empty() {
-                (None, None)
-            } else {
-                let (tx, rx) = oneshot::channel();
-                (Some(tx), Some(rx))
-            };
-            let granted = Out::Granted {
-                grants: grants.clone(),
-                owner: owner.clone(),
-                delivered,
-                safe_until: me.grant_safe_until().map(crate::fence::monotonic_ns_of),
-                containment,
-                cgroup,
-            };
-            let sent = tx.send(granted).await.is_ok();
-            // The front end answers once it knows, within a bound, even if the stream closed
-            // meanwhile: a client that read the grant and closed at once has it.
-            let kept = match received {
-                None => sent,
-                Some(rx) => sent && rx.await.is_ok(),
-            };
-            if !kept {
-                me.undo_unread(&owner, fresh).await;
-                return;
+        } = asked;
+        // Register before the grant so no loss after it can be missed.
+        let registration = hold.then(|| self.holds.register(owner.process.clone()));
+        // The pidfd is opened before the grant: a grant the agent could not watch would
+        // have to end at once, although its process lives.
+        let prepared = match self.prepare_watch(&owner.process).await {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = tx.send(Out::Failed(e)).await;
+                return None;
             }
-            if let Some(registration) = registration {
-                me.hold(&grants, registration, &tx).await;
+        };
+        // Moved into its cgroup while the grant is decided; back if nothing is granted.
+        let containing =
+            (contain && !clone_into).then(|| self.watcher.start_containing(&owner.process));
+        let grants = match self.acquire_reporting(spec, tx).await {
+            None => {
+                // The caller went away; the wait was withdrawn.
+                if let Some(c) = containing {
+                    self.watcher.not_contained(&owner.process, c).await;
+                }
+                return None;
             }
-        });
-        Ok(rx)
+            Some(Ok(grants)) => grants,
+            Some(Err(e)) => {
+                if let Some(c) = containing {
+                    self.watcher.not_contained(&owner.process, c).await;
+                }
+                let r = refused(&owner, e, dirty_needs.as_deref());
+                let _ = tx.send(Out::Failed(r)).await;
+                return None;
+            }
+        };
+        self.watch_granted(&owner, before_fence, prepared);
+        // Before the grant is answered: the holder starts nothing before it reads it.
+        let (containment, cgroup) = match containing {
+            Some(c) => (Some(self.watcher.contained(&owner.process, c).await), None),
+            None if clone_into => {
+                let (how, dir) = self.watcher.cgroup_for_children(&owner.process);
+                (Some(how), dir)
+            }
+            None => (None, None),
+        };
+        // New leases count only once the client received them: one that went away as
+        // it was granted (a withdrawn wait) must not leave them behind.
+        let fresh = log_granted(&owner, &grants);
+        let (delivered, received) = if fresh.is_empty() {
+            (None, None)
+        } else {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        };
+        let granted = Out::Granted {
+            grants: grants.clone(),
+            owner: owner.clone(),
+            delivered,
+            safe_until: self.grant_safe_until().map(crate::fence::monotonic_ns_of),
+            containment,
+            cgroup,
+        };
+        let sent = tx.send(granted).await.is_ok();
+        Some(Handed {
+            owner,
+            grants,
+            fresh,
+            received,
+            sent,
+            registration,
+        })
+    }
+
+    /// An acquire's part after its grant was handed to the front end: its new leases undone
+    /// if the client did not receive it, else, with `hold`, the hold.
+    async fn after_granted(&self, g: Handed, tx: &Tx) {
+        // The front end answers once it knows, within a bound, even if the stream closed
+        // meanwhile: a client that read the grant and closed at once has it.
+        let kept = match g.received {
+            None => g.sent,
+            Some(rx) => g.sent && rx.await.is_ok(),
+        };
+        if !kept {
+            self.undo_unread(&g.owner, g.fresh).await;
+            return;
+        }
+        if let Some(registration) = g.registration {
+            self.hold(&g.grants, registration, tx).await;
+        }
     }
 
     /// An acquire that neither waits nor holds, carried out on the caller's task (no task of
