@@ -138,6 +138,30 @@ impl ProcessInfo {
     /// # Errors
     /// [`ProcError::NoProcess`] when it does not exist.
     pub fn read(pid: u32) -> Result<ProcessInfo, ProcError> {
+        Self::read_opening(pid, false).map(|(info, _)| info)
+    }
+
+    /// [`ProcessInfo::read`], with a pidfd of the process it describes when it could be
+    /// opened (else `pidfd_open`'s error: `EINVAL` or `ENOENT` for a thread that leads no
+    /// thread group, `EMFILE` when out of descriptors). The pidfd is opened after
+    /// `/proc/PID` and before its `stat` is read through that directory, which fails once
+    /// the process it was opened for is gone: a `stat` read means that process held the pid
+    /// all along, so the pidfd is of it, not of a process that reused the pid ([`Pidfd::open`]
+    /// checks the same with a second read).
+    ///
+    /// # Errors
+    /// As [`ProcessInfo::read`].
+    pub fn read_with_pidfd(
+        pid: u32,
+    ) -> Result<(ProcessInfo, rustix::io::Result<Pidfd>), ProcError> {
+        Self::read_opening(pid, true)
+            .map(|(info, fd)| (info, fd.unwrap_or(Err(rustix::io::Errno::INVAL))))
+    }
+
+    fn read_opening(
+        pid: u32,
+        pidfd: bool,
+    ) -> Result<(ProcessInfo, Option<rustix::io::Result<Pidfd>>), ProcError> {
         use rustix::fs::{Mode, OFlags, fstat, open, openat};
         let gone = |e: rustix::io::Errno| match e {
             rustix::io::Errno::NOENT | rustix::io::Errno::SRCH => ProcError::NoProcess(pid),
@@ -159,6 +183,12 @@ impl ProcessInfo {
             Mode::empty(),
         )
         .map_err(gone)?;
+        // Between the directory and the reads through it (see `read_with_pidfd`).
+        let opened = pidfd.then(|| {
+            let p =
+                Pid::from_raw(i32::try_from(pid).unwrap_or(0)).ok_or(rustix::io::Errno::SRCH)?;
+            pidfd_open(p, PidfdFlags::empty()).map(|fd| Pidfd { fd })
+        });
         let read = |name: &str| -> Result<String, ProcError> {
             let fd = openat(&dir, name, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
                 .map_err(gone)?;
@@ -177,13 +207,16 @@ impl ProcessInfo {
         let start_time = parse_start_time(&text).ok_or_else(|| bad("start time"))?;
         let command = parse_command(&text).ok_or_else(|| bad("command name"))?;
         let state = parse_state(&text).ok_or_else(|| bad("state"))?;
-        Ok(ProcessInfo {
-            pid,
-            start_time,
-            uid,
-            command,
-            state,
-        })
+        Ok((
+            ProcessInfo {
+                pid,
+                start_time,
+                uid,
+                command,
+                state,
+            },
+            opened,
+        ))
     }
 }
 
@@ -262,10 +295,15 @@ pub fn group_alive(pgid: u32) -> bool {
 /// a lease held for it could not be watched.
 pub fn thread_of(pid: u32) -> Option<u32> {
     let p = Pid::from_raw(i32::try_from(pid).ok()?)?;
+    thread_of_opened(pid, pidfd_open(p, PidfdFlags::empty()).map(drop).err())
+}
+
+/// [`thread_of`] with the error of a `pidfd_open` of `pid` already made (`None`: it opened).
+pub fn thread_of_opened(pid: u32, opened: Option<rustix::io::Errno>) -> Option<u32> {
     // pidfd_open refuses a thread that leads no thread group (EINVAL, or ENOENT on newer
     // kernels): a cheap test that reads nothing for the usual case.
-    match pidfd_open(p, PidfdFlags::empty()) {
-        Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOENT) => read_proc(pid, "status")
+    match opened {
+        Some(rustix::io::Errno::INVAL | rustix::io::Errno::NOENT) => read_proc(pid, "status")
             .ok()?
             .lines()
             .find_map(|l| l.strip_prefix("Tgid:"))

@@ -429,6 +429,16 @@ impl<S: Store> Watcher<S> {
         })
     }
 
+    /// What watching `process` takes, from a pidfd known to be of it
+    /// ([`ProcessInfo::read_with_pidfd`](crate::procfs::ProcessInfo::read_with_pidfd)): as
+    /// [`Watcher::prepare`], without opening another.
+    pub fn prepared_with(&self, process: &ProcessKey, pidfd: Pidfd) -> Prepared {
+        Prepared {
+            process: process.clone(),
+            pidfd: (!self.is_watched(process)).then_some(pidfd),
+        }
+    }
+
     /// Watches a prepared process (once); if it has already exited, ends its leases now.
     pub fn watch_with(self: &Arc<Self>, prepared: Prepared) {
         match prepared.pidfd {

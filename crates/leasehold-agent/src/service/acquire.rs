@@ -18,7 +18,7 @@ use super::{Caller, Service, fault_of, refuse_non_process, resource};
 use crate::config::Timing;
 use crate::holds::{Note, Registration};
 use crate::metrics;
-use crate::procfs::ProcError;
+use crate::procfs::{Pidfd, ProcError};
 use crate::watcher::Prepared;
 
 /// How often a waiting request is told who is in its way.
@@ -127,6 +127,9 @@ struct Asked {
     /// Contained by starting its processes into the cgroup itself (not moved).
     clone_into: bool,
     before_fence: Option<v1::BeforeFence>,
+    /// A pidfd of the process, opened as it was read (none when it is watched already, or
+    /// the pidfd could not be opened then: [`Service::prepare_watch`] opens one).
+    pidfd: Option<Pidfd>,
 }
 
 /// A grant handed to the front end, with what follows it.
@@ -284,8 +287,13 @@ impl<S: Store> Service<S> {
             .into_iter()
             .map(|e| Ok((resource(e.resource)?, Token(e.token))))
             .collect::<Result<Vec<_>, ApiError>>()?;
-        let info = self.target(c, r.pid, r.start_time)?;
-        refuse_non_process(&info, self.watched(&info))?;
+        // The pidfd that watches a grant's process is opened with this read of /proc, and
+        // tells a thread from a process too (see `refuse_non_process`).
+        let (info, opened) = self.target_with_pidfd(c, r.pid, r.start_time)?;
+        let watched = self.watched(&info);
+        let opened_error = opened.as_ref().map(|o| o.as_ref().err().copied());
+        refuse_non_process(&info, watched, opened_error)?;
+        let pidfd = opened.and_then(Result::ok).filter(|_| !watched);
         // Only the caller's own process may be moved into a cgroup (SPEC G8).
         if r.contain && c.pid != Some(info.pid) {
             return Err(super::usage(format!(
@@ -366,6 +374,7 @@ impl<S: Store> Service<S> {
             contain,
             clone_into,
             before_fence,
+            pidfd,
         })
     }
 
@@ -413,12 +422,13 @@ impl<S: Store> Service<S> {
             contain,
             clone_into,
             before_fence,
+            pidfd,
         } = asked;
         // Register before the grant so no loss after it can be missed.
         let registration = hold.then(|| self.holds.register(owner.process.clone()));
         // The pidfd is opened before the grant: a grant the agent could not watch would
         // have to end at once, although its process lives.
-        let prepared = match self.prepare_watch(&owner.process).await {
+        let prepared = match self.prepare_watch(&owner.process, pidfd).await {
             Ok(p) => p,
             Err(e) => {
                 let _ = tx.send(Out::Failed(e)).await;
@@ -530,10 +540,11 @@ impl<S: Store> Service<S> {
             spec,
             dirty_needs,
             before_fence,
+            pidfd,
             ..
         } = self.asked(c, r)?;
         // As in `acquire`: the pidfd before the grant.
-        let prepared = self.prepare_watch(&owner.process).await?;
+        let prepared = self.prepare_watch(&owner.process, pidfd).await?;
         // Carried out to its end even if the caller drops this future (hyper drops the
         // request's future when the client closes mid-request): once the store is asked, the
         // grant may be written, and only the rest of this watches its process and undoes it
@@ -614,9 +625,17 @@ impl<S: Store> Service<S> {
         ))
     }
 
-    /// Prepares to watch `process`, waiting a little while the agent is out of file
-    /// descriptors, then refusing: no lease is granted that could not be watched.
-    async fn prepare_watch(&self, process: &ProcessKey) -> Result<Prepared, ApiError> {
+    /// Prepares to watch `process` (with `pidfd`, a pidfd known to be of it, if one was
+    /// opened already), waiting a little while the agent is out of file descriptors, then
+    /// refusing: no lease is granted that could not be watched.
+    async fn prepare_watch(
+        &self,
+        process: &ProcessKey,
+        pidfd: Option<Pidfd>,
+    ) -> Result<Prepared, ApiError> {
+        if let Some(fd) = pidfd {
+            return Ok(self.watcher.prepared_with(process, fd));
+        }
         let mut delay = Duration::from_millis(20);
         let give_up = Instant::now() + Duration::from_secs(3);
         loop {

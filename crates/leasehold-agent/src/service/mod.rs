@@ -17,7 +17,7 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::holds::Holds;
 use crate::peer::PeerInfo;
-use crate::procfs::{self, ProcError, ProcessInfo};
+use crate::procfs::{self, Pidfd, ProcError, ProcessInfo};
 use crate::watcher::Watcher;
 
 mod acquire;
@@ -207,6 +207,29 @@ impl<S: Store> Service<S> {
         pid: Option<u32>,
         start_time: Option<u64>,
     ) -> Result<ProcessInfo, ApiError> {
+        self.target_opening(c, pid, start_time, false)
+            .map(|(info, _)| info)
+    }
+
+    /// [`Service::target`], and where `/proc` was read for it (it was not read when its
+    /// process is watched: see there), a pidfd of it opened meanwhile or `pidfd_open`'s error
+    /// ([`ProcessInfo::read_with_pidfd`]): an acquire's thread test and watch need no other.
+    fn target_with_pidfd(
+        &self,
+        c: &Caller,
+        pid: Option<u32>,
+        start_time: Option<u64>,
+    ) -> Result<(ProcessInfo, Option<rustix::io::Result<Pidfd>>), ApiError> {
+        self.target_opening(c, pid, start_time, true)
+    }
+
+    fn target_opening(
+        &self,
+        c: &Caller,
+        pid: Option<u32>,
+        start_time: Option<u64>,
+        pidfd: bool,
+    ) -> Result<(ProcessInfo, Option<rustix::io::Result<Pidfd>>), ApiError> {
         let pid = match pid {
             None | Some(0) => c
                 .pid
@@ -225,26 +248,31 @@ impl<S: Store> Service<S> {
             e => ApiError::new(ErrorCode::Internal, e.to_string()),
         };
         let read = || {
-            let mut info = ProcessInfo::read(pid).map_err(no_process)?;
+            let (mut info, opened) = if pidfd {
+                let (info, fd) = ProcessInfo::read_with_pidfd(pid).map_err(no_process)?;
+                (info, Some(fd))
+            } else {
+                (ProcessInfo::read(pid).map_err(no_process)?, None)
+            };
             // /proc/PID belongs to root for a non-dumpable process: for a non-root caller,
             // learn whose process it really is before refusing.
             if info.uid == 0 && c.uid != 0 {
                 info.uid = procfs::real_uid(pid).map_err(no_process)?;
             }
-            Ok::<_, ApiError>(info)
+            Ok::<_, ApiError>((info, opened))
         };
         // The caller's own process is read once per connection, like its credentials (a
         // connection acts for the process that opened it, as it was then), and again only once
         // it is not watched: a watched process has not exited (its watch would have ended) and
         // is the one its key names, pid and start time.
-        let info = if c.pid == Some(pid) {
+        let (info, opened) = if c.pid == Some(pid) {
             let mut own = c.own.lock().unwrap_or_else(PoisonError::into_inner);
             match &*own {
-                Some(info) if self.watched(info) => info.clone(),
+                Some(info) if self.watched(info) => (info.clone(), None),
                 _ => {
-                    let info = read()?;
+                    let (info, opened) = read()?;
                     *own = Some(info.clone());
-                    info
+                    (info, opened)
                 }
             }
         } else {
@@ -270,7 +298,7 @@ impl<S: Store> Service<S> {
                 ),
             ));
         }
-        Ok(info)
+        Ok((info, opened))
     }
 
     /// Whether the process `info` describes is watched: then it runs, and it is a process,
@@ -740,7 +768,12 @@ impl<S: Store> Service<S> {
 /// A lease is held for a running process: not for a zombie (it has exited; the lease would
 /// end at once, dirty), nor for a thread other than the main one (it cannot be watched).
 /// A watched process (`watched`) is no thread: that look is saved.
-fn refuse_non_process(info: &ProcessInfo, watched: bool) -> Result<(), ApiError> {
+/// `opened`: the error of a `pidfd_open` of it made already (`None`: it opened), if one was.
+fn refuse_non_process(
+    info: &ProcessInfo,
+    watched: bool,
+    opened: Option<Option<rustix::io::Errno>>,
+) -> Result<(), ApiError> {
     let pid = info.pid;
     if info.exited() {
         return Err(ApiError::new(
@@ -751,7 +784,11 @@ fn refuse_non_process(info: &ProcessInfo, watched: bool) -> Result<(), ApiError>
             ),
         ));
     }
-    if !watched && let Some(process) = procfs::thread_of(pid) {
+    let thread_of = || match opened {
+        Some(e) => procfs::thread_of_opened(pid, e),
+        None => procfs::thread_of(pid),
+    };
+    if !watched && let Some(process) = thread_of() {
         return Err(usage(format!(
             "pid {pid} is a thread of process {process}, not a process; leases are held by processes: pass --pid {process}"
         )));
