@@ -31,6 +31,10 @@ pub struct Prepared {
     pidfd: Option<Pidfd>,
 }
 
+/// A cgroup being made for a holder that starts its processes in it
+/// ([`Watcher::start_making`]).
+pub struct Making(tokio::task::JoinHandle<Option<Result<std::path::PathBuf, String>>>);
+
 /// A move into a cgroup under way ([`Watcher::start_containing`]): how the process is
 /// contained, and the cgroup it was in.
 pub struct Containing(tokio::task::JoinHandle<(Containment, Option<std::path::PathBuf>)>);
@@ -304,7 +308,14 @@ impl<S: Store> Watcher<S> {
         let Some(c) = self.cgroups.get() else {
             return (Containment::Group, None);
         };
-        match c.make(process) {
+        Self::made(process, c.make(process))
+    }
+
+    fn made(
+        process: &ProcessKey,
+        made: Result<std::path::PathBuf, String>,
+    ) -> (Containment, Option<std::path::PathBuf>) {
+        match made {
             Ok(dir) => (Containment::Cgroup, Some(dir)),
             Err(why) => {
                 warn!(
@@ -313,6 +324,52 @@ impl<S: Store> Watcher<S> {
                 );
                 (Containment::Group, None)
             }
+        }
+    }
+
+    /// Starts [`Watcher::cgroup_for_children`] on a blocking thread, to be made while the
+    /// grant is decided (`mkdir` of a cgroup takes the kernel 40-80 us); `None` without
+    /// cgroups. [`Watcher::making_done`] waits for it once granted, [`Watcher::not_made`]
+    /// removes it if nothing was.
+    pub fn start_making(self: &Arc<Self>, process: &ProcessKey) -> Option<Making> {
+        self.cgroups.get()?;
+        let me = Arc::clone(self);
+        let p = process.clone();
+        Some(Making(tokio::task::spawn_blocking(move || {
+            me.cgroups.get().map(|c| c.make(&p))
+        })))
+    }
+
+    /// Waits for [`Watcher::start_making`]: how the holder is contained, and the cgroup it
+    /// starts its processes in.
+    pub async fn making_done(
+        self: &Arc<Self>,
+        process: &ProcessKey,
+        m: Option<Making>,
+    ) -> (Containment, Option<std::path::PathBuf>) {
+        match m {
+            None => self.cgroup_for_children(process),
+            Some(m) => match m.0.await {
+                Ok(Some(made)) => Self::made(process, made),
+                Ok(None) => (Containment::Group, None),
+                // The blocking thread is gone (the runtime is stopping): make it here.
+                Err(_) => self.cgroup_for_children(process),
+            },
+        }
+    }
+
+    /// Nothing was granted after [`Watcher::start_making`]: removes the cgroup made, unless
+    /// the process holds a lease here already (another request of it was granted) and so
+    /// needs it.
+    pub async fn not_made(&self, process: &ProcessKey, m: Option<Making>) {
+        let Some(m) = m else {
+            return;
+        };
+        if !matches!(m.0.await, Ok(Some(Ok(_)))) || self.is_watched(process) {
+            return;
+        }
+        if let Some(cgroups) = self.cgroups.get() {
+            cgroups.remove(process);
         }
     }
 

@@ -424,6 +424,7 @@ impl<S: Store> Service<S> {
             before_fence,
             pidfd,
         } = asked;
+        let waits = spec.wait.is_some();
         // Register before the grant so no loss after it can be missed.
         let registration = hold.then(|| self.holds.register(owner.process.clone()));
         // The pidfd is opened before the grant: a grant the agent could not watch would
@@ -438,12 +439,18 @@ impl<S: Store> Service<S> {
         // Moved into its cgroup while the grant is decided; back if nothing is granted.
         let containing =
             (contain && !clone_into).then(|| self.watcher.start_containing(&owner.process));
+        // Or its cgroup made meanwhile, for a holder that starts its processes in it (not
+        // for a wait, which may last: made once granted); removed if nothing is granted.
+        let making = (clone_into && !waits)
+            .then(|| self.watcher.start_making(&owner.process))
+            .flatten();
         let grants = match self.acquire_reporting(spec, tx).await {
             None => {
                 // The caller went away; the wait was withdrawn.
                 if let Some(c) = containing {
                     self.watcher.not_contained(&owner.process, c).await;
                 }
+                self.watcher.not_made(&owner.process, making).await;
                 return None;
             }
             Some(Ok(grants)) => grants,
@@ -451,6 +458,7 @@ impl<S: Store> Service<S> {
                 if let Some(c) = containing {
                     self.watcher.not_contained(&owner.process, c).await;
                 }
+                self.watcher.not_made(&owner.process, making).await;
                 let r = refused(&owner, e, dirty_needs.as_deref());
                 let _ = tx.send(Out::Failed(r)).await;
                 return None;
@@ -461,7 +469,7 @@ impl<S: Store> Service<S> {
         let (containment, cgroup) = match containing {
             Some(c) => (Some(self.watcher.contained(&owner.process, c).await), None),
             None if clone_into => {
-                let (how, dir) = self.watcher.cgroup_for_children(&owner.process);
+                let (how, dir) = self.watcher.making_done(&owner.process, making).await;
                 (Some(how), dir)
             }
             None => (None, None),
