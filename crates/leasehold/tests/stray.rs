@@ -225,9 +225,15 @@ fn r_(n: &str) -> leasehold_core::ResourceName {
 
 /// Sends a plain acquire of `disk` (no wait, no hold) for `pid` on a raw connection.
 fn send_plain_acquire(a: &Agent, pid: u32) -> std::os::unix::net::UnixStream {
+    send_acquire(a, pid, "")
+}
+
+/// Sends an acquire of "disk" for `pid` with `more` (JSON fields after a comma, or nothing).
+fn send_acquire(a: &Agent, pid: u32, more: &str) -> std::os::unix::net::UnixStream {
     use std::io::Write;
     let mut s = std::os::unix::net::UnixStream::connect(&a.socket).unwrap();
-    let body = format!(r#"{{"items":[{{"resource":"disk","mode":"exclusive"}}],"pid":{pid}}}"#);
+    let body =
+        format!(r#"{{"items":[{{"resource":"disk","mode":"exclusive"}}],"pid":{pid}{more}}}"#);
     write!(
         s,
         "POST /v1/acquire HTTP/1.1\r\nhost: leasehold\r\ncontent-type: application/json\r\n\
@@ -416,6 +422,17 @@ fn unread_by_etcd(port: u16) -> u64 {
 // grant was written all the same, for a process nobody watched, and stayed.)
 #[test]
 fn a_plain_acquire_dropped_while_its_grant_is_written_leaves_no_lease() {
+    dropped_while_its_grant_is_written_leaves_no_lease("");
+}
+
+// The same for an acquire that holds (run's), answered as a stream: its request dropped
+// while the store writes its grant is carried out all the same, and the grant undone.
+#[test]
+fn a_holding_acquire_dropped_while_its_grant_is_written_leaves_no_lease() {
+    dropped_while_its_grant_is_written_leaves_no_lease(r#","hold":true"#);
+}
+
+fn dropped_while_its_grant_is_written_leaves_no_lease(more: &str) {
     use std::io::Read;
     let etcd = leasehold_testkit::Etcd::start();
     let port: u16 = etcd
@@ -451,7 +468,7 @@ fn a_plain_acquire_dropped_while_its_grant_is_written_leaves_no_lease() {
     let holder = Holder::new();
     etcd.stop();
     let before = unread_by_etcd(port);
-    let mut s = send_plain_acquire(&a, holder.pid());
+    let mut s = send_acquire(&a, holder.pid(), more);
     // The grant's transaction is in etcd's socket (about 600 bytes; a keep-alive, about 65).
     wait_until("the grant is sent to etcd", Duration::from_secs(10), || {
         unread_by_etcd(port) > before + 400

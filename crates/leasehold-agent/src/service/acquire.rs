@@ -734,7 +734,11 @@ impl<S: Store> Service<S> {
                     metrics::acquired(metrics::acquire_result(&r), waited());
                     return Some(r);
                 }
-                () = tx.closed() => {
+                // A wait is withdrawn when its caller goes away. A request that does not wait
+                // is carried out to its end (the store may be writing its grant: dropped
+                // midway, the grant may be written all the same for a process nobody
+                // watches); its grant, never read, is then undone.
+                () = tx.closed(), if waits => {
                     metrics::acquired(metrics::AcquireResult::withdrawn, waited());
                     return None;
                 }
