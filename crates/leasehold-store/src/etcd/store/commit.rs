@@ -450,7 +450,7 @@ impl Inner {
             // The sessions that start or stop holding it get or lose their `held` key here,
             // with the record. A record written where there was none requires that no session
             // claims it (a record deleted outside leasehold is not free).
-            let before = holding_sessions(rs.record.as_ref());
+            let before = holding_sessions(rs.record.as_deref());
             let mut after = BTreeMap::new();
             for l in rec.state.holders() {
                 after.insert(
@@ -649,7 +649,13 @@ impl Inner {
                     .flat_map(|i| range_of(&r, i).iter().cloned())
                     .collect();
                 self.join_view(&names, r.revision, &kvs);
-                Snapshot::build(&self.keys, r.revision, Some(&names), &kvs)
+                Snapshot::build(
+                    &self.keys,
+                    r.revision,
+                    Some(&names),
+                    &kvs,
+                    Some(&self.decoded),
+                )
             })));
         }
         let mut rejoin = Vec::new();

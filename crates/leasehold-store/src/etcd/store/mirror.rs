@@ -1038,6 +1038,17 @@ impl Inner {
     /// snapshot may show a record ended dirty before the grace key written with it: the commit
     /// then compares that no grace key was created after the grace watcher's revision.)
     pub(super) fn apply_watch_events(&self, id: i64, events: &[crate::etcd::pb::mvccpb::Event]) {
+        // Each record decoded once, here, before the view's lock is taken (which a commit
+        // answered meanwhile waits for): publishing its events under the lock and checking
+        // this host's holders after it take it decoded.
+        for ev in events {
+            if let Some(kv) = &ev.kv
+                && !is_delete(ev)
+                && let Some(KeyKind::Resource(_)) = self.keys.parse(&kv.key)
+            {
+                let _ = self.decoded.record(&kv.key, &kv.value);
+            }
+        }
         let applied = {
             let mut m = write(&self.mirror, "mirror");
             let mut applied = apply_locked(&mut m, id, events);
@@ -1145,10 +1156,10 @@ impl Inner {
         if let Some(kv) = &ev.kv
             && !is_delete(ev)
             && let Some(KeyKind::Resource(_)) = self.keys.parse(&kv.key)
-            && let Ok(rec) = Record::decode(&kv.value)
+            && let Ok(rec) = self.decoded.record(&kv.key, &kv.value)
         {
-            for e in rec.events {
-                let _ = self.events.send(e);
+            for e in &rec.events {
+                let _ = self.events.send(e.clone());
             }
         }
     }
@@ -1181,7 +1192,7 @@ impl Inner {
         }
         match kind {
             Some(KeyKind::Resource(name)) => {
-                let new = (!deleted).then(|| Record::decode(&kv.value));
+                let new = (!deleted).then(|| self.decoded.record(&kv.key, &kv.value));
                 if let Some(Ok(rec)) = &new
                     && publish
                 {
@@ -1223,10 +1234,10 @@ impl Inner {
         name: &ResourceName,
         key: &[u8],
         old_kv: Option<&KeyValue>,
-        new: Option<&Result<Record, String>>,
+        new: Option<&Result<Arc<Record>, String>>,
         gap: Option<(&KeyValue, bool)>,
     ) {
-        let Some(old) = old_kv.and_then(|kv| Record::decode(&kv.value).ok()) else {
+        let Some(old) = old_kv.and_then(|kv| self.decoded.record(&kv.key, &kv.value).ok()) else {
             return;
         };
         let ends = |l: &leasehold_core::Lease, rec: &Record| {
@@ -1376,7 +1387,9 @@ impl Inner {
                         self.join_view(&names, revision, &kvs);
                         let now = read(&self.mirror, "mirror").kvs.get(&written.key).cloned();
                         if now.as_ref().map(|kv| kv.mod_revision) != Some(written.mod_revision) {
-                            let new = now.as_ref().map(|kv| Record::decode(&kv.value));
+                            let new = now
+                                .as_ref()
+                                .map(|kv| self.decoded.record(&kv.key, &kv.value));
                             let gap = now.as_ref().map(|kv| (kv, joins));
                             self.check_own_holders(
                                 name,
@@ -1444,7 +1457,7 @@ impl Inner {
         let Some(versions) = self.versions_between(old, new).await? else {
             // The history between is gone (compacted, or the key deleted meanwhile): as the
             // two versions compare, the safe way.
-            let new_rec = Record::decode(&new.value);
+            let new_rec = Record::decode(&new.value).map(Arc::new);
             if publish_new && let Ok(rec) = &new_rec {
                 self.publish_forced(rec, old);
             }
@@ -1454,7 +1467,7 @@ impl Inner {
         let mut prev = old.clone();
         let last = versions.len().saturating_sub(1);
         for (i, v) in versions.iter().enumerate() {
-            let rec = Record::decode(&v.value);
+            let rec = Record::decode(&v.value).map(Arc::new);
             if let Ok(r) = &rec
                 && (i < last || publish_new)
             {

@@ -150,6 +150,8 @@ struct Inner {
     /// or removal, or a replacement of the whole; and a mirror behind etcd costs a retry,
     /// never a wrong grant (commits compare).
     mirror: std::sync::RwLock<Mirror>,
+    /// Records as last decoded, each decoded once (see [`snapshot::Decoded`]).
+    decoded: snapshot::Decoded,
     /// Called when this host's session is found ended, before anything else happens.
     /// Recovered: replaced whole; skipping a poisoned hook would leave holders unfenced.
     session_end: Mutex<Option<SessionEndHook>>,
@@ -335,6 +337,7 @@ impl EtcdStore {
             orphans: Mutex::new(Vec::new()),
             stale: Mutex::new(Vec::new()),
             mirror: std::sync::RwLock::new(Mirror::default()),
+            decoded: snapshot::Decoded::default(),
             session_end: Mutex::new(None),
             health: watch::channel(EtcdHealth::default()).0,
             ended_hosts: Mutex::new(BTreeMap::new()),

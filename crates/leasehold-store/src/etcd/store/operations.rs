@@ -327,7 +327,7 @@ impl Store for EtcdStore {
             .range(prefix.clone(), prefix_end(&prefix), 0)
             .await
             .map_err(unavailable)?;
-        let snap = Snapshot::build(k, revision, None, &kvs);
+        let snap = Snapshot::build(k, revision, None, &kvs, None);
         let now = inner.now();
         let engine = inner.engine(&snap, &BTreeSet::new(), now);
         Ok(snap

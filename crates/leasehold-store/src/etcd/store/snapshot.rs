@@ -2,6 +2,7 @@
 //! sessions, as read at one revision (or from the mirror); and what they show to `inspect`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 
 use leasehold_core::{Engine, HostId, Now, ResourceName, ResourceView};
 
@@ -19,7 +20,7 @@ const GUESS_FRESH: std::time::Duration = std::time::Duration::from_secs(1);
 /// What a resource looked like in a snapshot.
 #[derive(Debug, Clone, Default)]
 pub(super) struct ResSnap {
-    pub(super) record: Option<Record>,
+    pub(super) record: Option<Arc<Record>>,
     /// Why the stored record cannot be trusted (then `record` is `None`): the resource is
     /// refused to everyone.
     pub(super) bad: Option<String>,
@@ -46,7 +47,7 @@ impl ResSnap {
         if self.bad.is_some() || self.held.is_empty() {
             return;
         }
-        let holding = holding_sessions(self.record.as_ref());
+        let holding = holding_sessions(self.record.as_deref());
         let missing: Vec<String> = self
             .held
             .iter()
@@ -99,11 +100,56 @@ pub(super) struct Snapshot {
     pub(super) res: BTreeMap<ResourceName, ResSnap>,
 }
 
-/// A stored record, or why it cannot be trusted.
-fn record_of(kv: &KeyValue) -> (Option<Record>, Option<String>) {
-    match Record::decode(&kv.value) {
+/// A stored record, or why it cannot be trusted: from `decoded` when given.
+fn record_of(kv: &KeyValue, decoded: Option<&Decoded>) -> (Option<Arc<Record>>, Option<String>) {
+    let r = match decoded {
+        Some(d) => d.record(&kv.key, &kv.value),
+        None => Record::decode(&kv.value).map(Arc::new),
+    };
+    match r {
         Ok(r) => (Some(r), None),
         Err(d) => (None, Some(d)),
+    }
+}
+
+/// How many record keys [`Decoded`] keeps before it starts again.
+const DECODED_KEYS: usize = 256;
+
+/// Records as last decoded, for the next decode of the same bytes: each version of a record
+/// reaches the agent by its watch (its events published, this host's holders checked against
+/// the version before) and is read again by every snapshot from the view until it changes,
+/// and each of those decoded it anew (docs/performance.md, "Acquire on etcd"). Kept per key:
+/// its last two versions (a watch event compares the new with the one before), each with
+/// its bytes, and answered only for the very same bytes, so a hit is exactly what decoding
+/// them gives. At most [`DECODED_KEYS`] keys; past that it is emptied and fills again.
+/// Recovered lock (see [`crate::sync`]): each change is one entry's replacement, or the
+/// whole emptied.
+#[derive(Debug, Default)]
+pub(super) struct Decoded(Mutex<HashMap<Vec<u8>, [Option<Version>; 2]>>);
+
+/// One version of a record: its bytes and what they decode to.
+type Version = (Vec<u8>, Result<Arc<Record>, String>);
+
+impl Decoded {
+    /// [`Record::decode`] of `value`, the value of record key `key`.
+    pub(super) fn record(&self, key: &[u8], value: &[u8]) -> Result<Arc<Record>, String> {
+        if let Some(versions) = lock(&self.0, "decoded").get(key) {
+            for (bytes, r) in versions.iter().flatten() {
+                if bytes.as_slice() == value {
+                    return r.clone();
+                }
+            }
+        }
+        // Decoded outside the lock.
+        let r = Record::decode(value).map(Arc::new);
+        let mut m = lock(&self.0, "decoded");
+        if m.len() >= DECODED_KEYS && !m.contains_key(key) {
+            m.clear();
+        }
+        let versions = m.entry(key.to_vec()).or_default();
+        versions[1] = versions[0].take();
+        versions[0] = Some((value.to_vec(), r.clone()));
+        r
     }
 }
 
@@ -126,11 +172,13 @@ impl Snapshot {
     /// mirror, or by a read of everything): host keys give the live sessions; records, held,
     /// waiter and grace keys give the resources. With `names`, only those resources are kept,
     /// each with an entry even when nothing of it was read; without, every resource read.
+    /// Records are taken from `decoded` where given (see [`Decoded`]).
     pub(super) fn build<'a>(
         keys: &Keys,
         revision: i64,
         names: Option<&BTreeSet<ResourceName>>,
         kvs: impl IntoIterator<Item = &'a KeyValue>,
+        decoded: Option<&Decoded>,
     ) -> Snapshot {
         let mut snap = Snapshot {
             revision,
@@ -147,7 +195,7 @@ impl Snapshot {
                 }
                 Some(KeyKind::Resource(r)) => {
                     if let Some(rs) = slot(&mut snap.res, r, named) {
-                        (rs.record, rs.bad) = record_of(kv);
+                        (rs.record, rs.bad) = record_of(kv, decoded);
                         rs.mod_rev = kv.mod_revision;
                     }
                 }
@@ -234,7 +282,7 @@ impl Inner {
             kvs.extend(m.kvs.range(wp.clone()..prefix_end(&wp)).map(|(_, kv)| kv));
             kvs.extend(m.kvs.get(&k.grace(r)));
         }
-        let mut snap = Snapshot::build(k, m.revision, Some(names), kvs);
+        let mut snap = Snapshot::build(k, m.revision, Some(names), kvs, Some(&self.decoded));
         for (name, rs) in &mut snap.res {
             if guessed.contains(name) {
                 (rs.waiters_rev, rs.grace_rev, rs.guessed) = (0, 0, true);
@@ -253,7 +301,13 @@ impl Inner {
     ) -> Result<Snapshot, StoreError> {
         let (revision, kvs) = self.read_fresh(names, &self.etcd).await?;
         self.join_view(names, revision, &kvs);
-        Ok(Snapshot::build(&self.keys, revision, Some(names), &kvs))
+        Ok(Snapshot::build(
+            &self.keys,
+            revision,
+            Some(names),
+            &kvs,
+            Some(&self.decoded),
+        ))
     }
 
     /// Reads the resources `names` (with their waiters and grace keys) and the live sessions
@@ -265,7 +319,13 @@ impl Inner {
         names: &BTreeSet<ResourceName>,
     ) -> Result<Snapshot, StoreError> {
         let (revision, kvs) = self.read_fresh(names, &self.etcd).await?;
-        Ok(Snapshot::build(&self.keys, revision, Some(names), &kvs))
+        Ok(Snapshot::build(
+            &self.keys,
+            revision,
+            Some(names),
+            &kvs,
+            Some(&self.decoded),
+        ))
     }
 
     /// The keys [`Inner::snapshot`] reads, and the revision they were read at, read through
@@ -361,5 +421,63 @@ impl Inner {
         };
         view.damaged = damaged;
         Some(view)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use leasehold_core::{ResourceState, Token};
+
+    fn record(token: u64) -> Vec<u8> {
+        Record {
+            state: ResourceState::from_parts(Vec::new(), Token(token), None, None, None),
+            reserved_for: None,
+            events: Vec::new(),
+            damaged: None,
+        }
+        .encode()
+        .unwrap()
+    }
+
+    /// What it answers is what decoding the same bytes gives; the last two versions of a key
+    /// are answered without decoding again, and bytes it has not seen are decoded.
+    #[test]
+    fn decoded_records_are_what_their_bytes_decode_to() {
+        let d = Decoded::default();
+        let (v1, v2, v3) = (record(1), record(2), record(3));
+        let first = d.record(b"k", &v1).unwrap();
+        assert_eq!(Ok(&*first), Record::decode(&v1).as_ref());
+        let second = d.record(b"k", &v2).unwrap();
+        assert_eq!(second.state.last_token(), Token(2));
+        // Both versions kept: the same decoded record again.
+        assert!(Arc::ptr_eq(&first, &d.record(b"k", &v1).unwrap()));
+        assert!(Arc::ptr_eq(&second, &d.record(b"k", &v2).unwrap()));
+        // A third pushes the oldest out, which is then decoded again, still the same record.
+        assert_eq!(d.record(b"k", &v3).unwrap().state.last_token(), Token(3));
+        let again = d.record(b"k", &v1).unwrap();
+        assert!(!Arc::ptr_eq(&first, &again));
+        assert_eq!(*first, *again);
+        // Another key's bytes are its own, and bytes that do not decode say why, each time.
+        assert_eq!(d.record(b"j", &v1).unwrap().state.last_token(), Token(1));
+        assert_eq!(
+            d.record(b"k", b"junk"),
+            Record::decode(b"junk").map(Arc::new)
+        );
+        assert_eq!(
+            d.record(b"k", b"junk"),
+            Record::decode(b"junk").map(Arc::new)
+        );
+        // Past its bound it empties and fills again, answering the same.
+        for i in 0..DECODED_KEYS + 5 {
+            let v = record(i as u64);
+            let key = format!("k{i}");
+            assert_eq!(
+                d.record(key.as_bytes(), &v).unwrap().state.last_token(),
+                Token(i as u64)
+            );
+        }
+        assert!(lock(&d.0, "decoded").len() <= DECODED_KEYS);
+        assert_eq!(d.record(b"k", &v2).unwrap().state.last_token(), Token(2));
     }
 }
