@@ -41,12 +41,14 @@ pub mod conformance;
 mod error;
 /// The etcd store, for clusters.
 pub mod etcd;
+mod finish;
 mod local;
 mod sync;
 
 pub use clock::Clock;
 pub use error::{Cause, Halt};
 pub use etcd::{EtcdHealth, EtcdOptions, EtcdSecurity, EtcdStore, EtcdUser, HistoryOptions};
+pub use finish::Finish;
 pub use local::{LocalStore, LocalStoreOptions};
 
 /// A request for leases, all or none.

@@ -10,7 +10,7 @@ use leasehold_core::{
     AcquireError, Conflict, EndReason, Ended, Grant, Owner, OwnerId, ProcessKey, ReleaseKind,
     ResourceName, Token,
 };
-use leasehold_store::{AcquireSpec, SessionState, Store, StoreError};
+use leasehold_store::{AcquireSpec, Finish, SessionState, Store, StoreError};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{info, warn};
 
@@ -160,44 +160,6 @@ fn log_granted(owner: &Owner, grants: &[Grant]) -> Vec<ResourceName> {
         );
     }
     fresh.map(|g| g.resource.clone()).collect()
-}
-
-/// A future run to its end even if dropped first: what is left of it then goes on as a task
-/// of its own (its result dropped).
-struct Finish<F: std::future::Future<Output: Send> + Send + 'static>(Option<std::pin::Pin<Box<F>>>);
-
-impl<F: std::future::Future<Output: Send> + Send + 'static> Finish<F> {
-    fn new(f: F) -> Finish<F> {
-        Finish(Some(Box::pin(f)))
-    }
-}
-
-impl<F: std::future::Future<Output: Send> + Send + 'static> std::future::Future for Finish<F> {
-    type Output = F::Output;
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<F::Output> {
-        let Some(f) = self.0.as_mut() else {
-            return std::task::Poll::Pending;
-        };
-        let out = std::task::ready!(f.as_mut().poll(cx));
-        self.0 = None;
-        std::task::Poll::Ready(out)
-    }
-}
-
-impl<F: std::future::Future<Output: Send> + Send + 'static> Drop for Finish<F> {
-    fn drop(&mut self) {
-        if let Some(f) = self.0.take()
-            && let Ok(rt) = tokio::runtime::Handle::try_current()
-        {
-            rt.spawn(async move {
-                let _ = f.await;
-            });
-        }
-    }
 }
 
 /// Logs a refused acquire of `owner` and words it for the caller (`dirty_needs`: who may
