@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::client::{Etcd, EtcdError, EtcdErrorKind, Txn, prefix_end};
+use super::client::{Etcd, EtcdError, EtcdErrorKind, LeaseId, Txn, prefix_end};
 
 /// How long one raw call may take.
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -64,6 +64,26 @@ impl RawEtcd {
         Ok(took)
     }
 
+    /// A reference of the shape of a grant (see [`GrantShaped`]): its host key is put, on a
+    /// lease of its own, first.
+    ///
+    /// # Errors
+    /// An [`EtcdError`].
+    pub async fn grant_shaped(&self) -> Result<GrantShaped, EtcdError> {
+        let (lease, _) = self.etcd.lease_grant(Duration::from_secs(60)).await?;
+        let host = self.key("hosts/h");
+        let r = self
+            .etcd
+            .txn(Txn::new().put(host, b"h".to_vec(), Some(lease)))
+            .await?;
+        Ok(GrantShaped {
+            raw: self.clone(),
+            lease,
+            record_rev: 0,
+            revision: r.revision,
+        })
+    }
+
     /// Put-then-delete cycles (what an acquire and a release write at the least) by
     /// `clients` concurrent tasks, each on a key of its own, for `length`. Returns the cycles
     /// done and the time they took.
@@ -113,6 +133,61 @@ impl RawEtcd {
     }
 }
 
+/// Transactions of the shape of the agent's grant of a free resource, on keys of their own:
+/// what etcd does for our transaction beyond the create-if-absent one (3 compares: the host
+/// key's lease, the record's mod revision, no grace key since; 2 puts: a record of
+/// [`GRANT_RECORD_BYTES`] and a held key; the 4 reads of the failure branch, sent, not run),
+/// with no watcher on its keys (the agent's view watches its own).
+#[derive(Debug)]
+pub struct GrantShaped {
+    raw: RawEtcd,
+    lease: LeaseId,
+    /// The record's mod revision (0: none yet).
+    record_rev: i64,
+    /// The revision last seen.
+    revision: i64,
+}
+
+/// The size of a record as the latency row's grant writes it (format 2).
+pub const GRANT_RECORD_BYTES: usize = 300;
+
+impl GrantShaped {
+    /// One such transaction; returns how long it took. The held key is deleted after,
+    /// untimed, as a release would (the record stays).
+    ///
+    /// # Errors
+    /// An [`EtcdError`]; one that says so when a compare failed.
+    pub async fn once(&mut self) -> Result<Duration, EtcdError> {
+        let k = |n: &str| self.raw.key(n);
+        let (record, held, grace) = (k("res/r"), k("res/r\0held"), k("grace/r"));
+        let (hosts, waiters) = (k("hosts/"), k("wait/r/"));
+        let t = Txn::new()
+            .if_lease(k("hosts/h"), self.lease)
+            .if_mod_revision(record.clone(), self.record_rev)
+            .if_none_created_after(grace.clone(), Vec::new(), self.revision)
+            .put(held.clone(), b"h".to_vec(), None)
+            .put(record.clone(), vec![b'x'; GRANT_RECORD_BYTES], None)
+            .or_get(hosts.clone(), prefix_end(&hosts))
+            .or_get(record.clone(), k("res/r\u{1}"))
+            .or_get(waiters.clone(), prefix_end(&waiters))
+            .or_get(grace, Vec::new());
+        let started = Instant::now();
+        let done = self.raw.etcd.txn(t).await?;
+        let took = started.elapsed();
+        if !done.succeeded {
+            return Err(EtcdError::new(
+                "txn",
+                EtcdErrorKind::BadAnswer,
+                "the grant-shaped reference's compares failed: is another bench using the prefix?",
+            ));
+        }
+        self.record_rev = done.revision;
+        let r = self.raw.etcd.txn(Txn::new().delete(held)).await?;
+        self.revision = r.revision;
+        Ok(took)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,6 +221,11 @@ mod tests {
             .unwrap();
         let e = raw.create_if_absent().await.unwrap_err();
         assert!(e.to_string().contains("there already"), "{e}");
+        // The grant-shaped transactions compare and write as a grant does, again and again.
+        let mut g = raw.grant_shaped().await.unwrap();
+        for _ in 0..3 {
+            assert!(g.once().await.unwrap() > Duration::ZERO);
+        }
         raw.clean().await.unwrap();
         let (left, _) = client
             .range(from.clone(), prefix_end(&from), 0)
