@@ -75,6 +75,12 @@ pub fn out_of_fds(errno: Option<i32>) -> bool {
 /// holds the usual file whole, and the `read` that says it ended (`read_to_string` first
 /// asks the file's size, which `/proc` does not know, then reads from 32 bytes up, doubling:
 /// six reads and two more system calls for a `stat`).
+///
+/// Not necessarily UTF-8: a command name is the first 15 bytes of whatever the process
+/// was exec'd as (or set itself), which may cut a character in two. Bytes that are not
+/// UTF-8 are replaced (U+FFFD), never refused: refusing made a holder so named unreadable,
+/// so an agent that restarted could not watch it again (its exit found only by the retry's
+/// poll, up to 2 s: SPEC G4) and its own connections could not act for it.
 fn read_text(fd: &OwnedFd) -> std::io::Result<String> {
     let mut buf = vec![0u8; 1024];
     let mut len = 0;
@@ -90,7 +96,8 @@ fn read_text(fd: &OwnedFd) -> std::io::Result<String> {
         }
     }
     buf.truncate(len);
-    String::from_utf8(buf).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    Ok(String::from_utf8(buf)
+        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
 }
 
 fn read_proc(pid: u32, file: &str) -> Result<String, ProcError> {
@@ -412,6 +419,47 @@ mod tests {
             Pidfd::open(me.pid, me.start_time + 1),
             Err(ProcError::Reused { .. })
         ));
+    }
+
+    /// A process whose command name is not UTF-8 (exec'd under a name whose 15th byte cuts
+    /// a character in two) is read, watched and told from a thread like any other. Before,
+    /// its `stat` and `status` were refused as not UTF-8: an agent that restarted could not
+    /// watch it again (its exit found only by the retry's poll: G4).
+    #[test]
+    fn a_process_whose_command_name_is_not_utf8_is_read() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let name = std::ffi::OsStr::from_bytes(b"a\xce");
+        let exe = dir.path().join(name);
+        std::os::unix::fs::symlink("/bin/sleep", &exe).unwrap();
+        let mut child = std::process::Command::new(&exe).arg("60").spawn().unwrap();
+        let pid = child.id();
+        // Until the exec is done, the child's name is the test's.
+        let stat_name = |pid: u32| {
+            let stat = std::fs::read(format!("/proc/{pid}/stat")).unwrap();
+            let open = stat.iter().position(|&b| b == b'(').unwrap();
+            let close = stat.iter().rposition(|&b| b == b')').unwrap();
+            stat[open + 1..close].to_vec()
+        };
+        while stat_name(pid) != b"a\xce" {
+            std::thread::yield_now();
+        }
+        let read = ProcessInfo::read(pid);
+        let started = start_time(pid);
+        let watched = started
+            .as_ref()
+            .map_err(|_| ())
+            .and_then(|&st| Pidfd::open(pid, st).map_err(|_| ()));
+        let uid = real_uid(pid);
+        let thread = thread_of(pid);
+        let _ = child.kill();
+        let _ = child.wait();
+        let info = read.unwrap();
+        assert_eq!(info.command, "a\u{fffd}");
+        assert_eq!(started.unwrap(), info.start_time);
+        assert!(watched.is_ok());
+        assert_eq!(uid.unwrap(), rustix::process::getuid().as_raw());
+        assert_eq!(thread, None);
     }
 
     #[test]
