@@ -24,9 +24,7 @@ use crate::etcd::client::{LeaseId, prefix_end};
 use crate::etcd::history::EtcdHealth;
 use crate::etcd::keys::{HostValue, KeyKind, Record, WaiterValue};
 use crate::sync::{lock, read};
-use crate::{
-    AcquireSpec, Cause, Finish, SessionEndHook, SessionState, Store, StoreError, WaitNote,
-};
+use crate::{AcquireSpec, Cause, SessionEndHook, SessionState, Store, StoreError, WaitNote};
 
 impl Store for EtcdStore {
     fn host(&self) -> &HostId {
@@ -51,17 +49,17 @@ impl Store for EtcdStore {
             items: spec.items.clone(),
             accept_dirty: spec.accept_dirty,
         };
-        // Queueing runs to its end even if the caller goes away meanwhile (then as a task of
-        // its own), so that it cannot be cut between writing the waiter keys and registering
-        // the waiter: keys written for nobody would stand in every queue until this host's
-        // session ends. A registered waiter whose caller has gone is withdrawn by the guard
-        // below, or by `serve_waiters`. Until then it runs on the caller's task: a task of
-        // its own cost every acquire a spawn, a hand-over to the other worker thread and a
-        // wake-up for its join (docs/performance.md, "Acquire on etcd").
+        // Queueing runs as a task of its own, so that a caller who goes away cannot cut it
+        // between writing the waiter keys and registering the waiter: keys written for nobody
+        // would stand in every queue until this host's session ends. A registered waiter
+        // whose caller has gone is withdrawn by the guard below, or by `serve_waiters`.
+        // (Run on the caller's task instead, with `Finish`, it saved a spawn and a wake-up
+        // per acquire but cost the 64-client row its parallelism across the two workers:
+        // docs/performance.md, "Acquire on etcd".)
         let queueing = {
             let inner = Arc::clone(inner);
             let spec = spec.clone();
-            Finish::new(async move {
+            tokio::spawn(async move {
                 let (acquired, _out, rev) = inner
                     .transact(names, |engine, now, _snap| {
                         let req = AcquireRequest {
@@ -130,9 +128,10 @@ impl Store for EtcdStore {
             })
         };
         let (id, mut rx) = match queueing.await {
-            Ok(Queueing::Queued(id, rx)) => (id, rx),
-            Ok(Queueing::Granted(grants)) => return Ok(grants),
-            Err(e) => return Err(e),
+            Ok(Ok(Queueing::Queued(id, rx))) => (id, rx),
+            Ok(Ok(Queueing::Granted(grants))) => return Ok(grants),
+            Ok(Err(e)) => return Err(e),
+            Err(e) => return Err(StoreError::Unavailable(Cause::at("queueing failed", e))),
         };
         let mut guard = WaitGuard {
             inner: Arc::clone(inner),
