@@ -458,7 +458,7 @@ const FIELDS_BEFORE_CONTAIN: &[&str] = &[
 /// it has answered, the body it refused. The caller moves `a`'s socket back.
 fn older_agent(
     a: &Agent,
-    known: &'static [&'static str],
+    known: Vec<&'static str>,
 ) -> (
     std::path::PathBuf,
     std::thread::JoinHandle<serde_json::Value>,
@@ -530,7 +530,7 @@ fn older_agent(
 /// output and the body the older agent refused, with the real agent's socket moved back.
 fn run_through_older_agent(
     a: &Agent,
-    known: &'static [&'static str],
+    known: Vec<&'static str>,
     command: &[&str],
 ) -> (std::process::Output, serde_json::Value) {
     let (socket, refused) = older_agent(a, known);
@@ -561,8 +561,11 @@ const ECHO_TOKENS_AND_CONTAINMENT: &[&str] = &[
 #[test]
 fn run_works_against_an_agent_from_before_contain() {
     let a = Agent::start();
-    let (out, refused) =
-        run_through_older_agent(&a, FIELDS_BEFORE_CONTAIN, ECHO_TOKENS_AND_CONTAINMENT);
+    let (out, refused) = run_through_older_agent(
+        &a,
+        FIELDS_BEFORE_CONTAIN.to_vec(),
+        ECHO_TOKENS_AND_CONTAINMENT,
+    );
     expect_code(&out, 0);
     assert_eq!(refused["contain"], true, "{refused}");
     // Asked again without `contain`: contained by its process group, as the older agent does.
@@ -598,22 +601,7 @@ fn run_works_against_an_agent_from_before_contain() {
 #[test]
 fn run_works_against_an_agent_from_before_clone_into_cgroup() {
     let a = Agent::start();
-    let known: &'static [&'static str] = &[
-        "items",
-        "pid",
-        "start_time",
-        "owner_id",
-        "on_lost",
-        "label",
-        "accept_dirty",
-        "wait",
-        "hold",
-        "restricted",
-        "on_exit",
-        "before_fence",
-        "expect_tokens",
-        "contain",
-    ];
+    let known = [FIELDS_BEFORE_CONTAIN, &["contain"]].concat();
     let (out, refused) = run_through_older_agent(&a, known, ECHO_TOKENS_AND_CONTAINMENT);
     expect_code(&out, 0);
     assert_eq!(refused["clone_into_cgroup"], true, "{refused}");
@@ -631,7 +619,7 @@ fn run_works_against_an_agent_from_before_clone_into_cgroup() {
 #[test]
 fn an_older_agents_refusal_of_another_field_stands() {
     let a = Agent::start();
-    let known: &'static [&'static str] = &[
+    let known = vec![
         "items",
         "pid",
         "accept_dirty",

@@ -299,15 +299,7 @@ impl Inner {
         &self,
         names: &BTreeSet<ResourceName>,
     ) -> Result<Snapshot, StoreError> {
-        let (revision, kvs) = self.read_fresh(names, &self.etcd).await?;
-        self.join_view(names, revision, &kvs);
-        Ok(Snapshot::build(
-            &self.keys,
-            revision,
-            Some(names),
-            &kvs,
-            Some(&self.decoded),
-        ))
+        self.read_snapshot(names, true).await
     }
 
     /// Reads the resources `names` (with their waiters and grace keys) and the live sessions
@@ -318,7 +310,19 @@ impl Inner {
         &self,
         names: &BTreeSet<ResourceName>,
     ) -> Result<Snapshot, StoreError> {
+        self.read_snapshot(names, false).await
+    }
+
+    /// [`snapshot`](Self::snapshot), the names put in the view from it when `join`.
+    async fn read_snapshot(
+        &self,
+        names: &BTreeSet<ResourceName>,
+        join: bool,
+    ) -> Result<Snapshot, StoreError> {
         let (revision, kvs) = self.read_fresh(names, &self.etcd).await?;
+        if join {
+            self.join_view(names, revision, &kvs);
+        }
         Ok(Snapshot::build(
             &self.keys,
             revision,
