@@ -281,11 +281,17 @@ pub(super) async fn maintain(
         warned_defrag_rights: false,
     };
     // A tick every `check` from the start of the last, not `check` after a round ended: at a
-    // high rate, every second of delay is history kept.
+    // high rate, every second of delay is history kept. And sooner when this host's own
+    // commits reach the revision at which the history would pass its cap: at a high rate,
+    // a second of history can be more than a small quota's share (a release build's churn
+    // filled a 4 MiB quota within seconds, between ticks).
     let mut tick = tokio::time::interval(check);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = k.etcd.revision_reached() => {}
+        }
         k.check_space().await;
         if let Some(every) = k.opts.compact_every
             && (k.last_round.is_none_or(|t| t.elapsed() >= every) || k.history_full())
@@ -309,6 +315,7 @@ pub(super) async fn maintain(
                 }
             }
         }
+        k.etcd.wake_at_revision(k.next_look());
     }
 }
 
@@ -383,6 +390,20 @@ impl Keeper {
         let h = self.health.borrow();
         self.others_at.is_none_or(|t| t.elapsed() >= OTHERS_QUIET)
             && h.revision - self.seen_compacted > self.history_cap()
+    }
+
+    /// The revision at which this agent's own commits should wake it before its next tick:
+    /// where the history passes its cap, and at least a quarter of the cap ahead of now (a
+    /// round that could not compact does not make every commit wake it); never while
+    /// leasehold does not compact.
+    fn next_look(&self) -> i64 {
+        if self.opts.compact_every.is_none()
+            || self.others_at.is_some_and(|t| t.elapsed() < OTHERS_QUIET)
+        {
+            return i64::MAX;
+        }
+        let cap = self.history_cap();
+        (self.seen_compacted + cap).max(self.health.borrow().revision + cap / 4)
     }
 
     /// The newest revision this agent saw at least `age` ago.

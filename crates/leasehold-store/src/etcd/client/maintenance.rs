@@ -186,6 +186,36 @@ mod tests {
             .map_or(0, |n| n as u64)
     }
 
+    /// The history keeper's cue: a transaction of a clone that reaches the revision asked
+    /// for wakes the waiter, kept if nobody waits yet; one below it does not.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_transaction_reaching_the_revision_asked_for_wakes_its_waiter() {
+        // Whether a wait ends at its first poll.
+        fn at_once(f: impl std::future::Future<Output = ()>) -> bool {
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            std::pin::pin!(f).poll(&mut cx).is_ready()
+        }
+        let etcd = leasehold_testkit::Etcd::start();
+        let client = Etcd::connect(&[etcd.endpoint()], Duration::from_secs(5)).unwrap();
+        let other = client.clone();
+        let key = format!("/alarm-{}/k", std::process::id()).into_bytes();
+        let put = || super::super::Txn::new().put(key.clone(), b"v".to_vec(), None);
+        let first = other.txn(put()).await.unwrap().revision;
+        client.wake_at_revision(first + 2);
+        // One revision short: nobody is told.
+        other.txn(put()).await.unwrap();
+        assert!(!at_once(client.revision_reached()));
+        // Reached while nobody waits: the next wait ends at once.
+        assert!(other.txn(put()).await.unwrap().revision >= first + 2);
+        tokio::time::timeout(Duration::from_secs(30), client.revision_reached())
+            .await
+            .expect("the revision reached was not told");
+        // Not again until asked.
+        client.wake_at_revision(i64::MAX);
+        other.txn(put()).await.unwrap();
+        assert!(!at_once(client.revision_reached()));
+    }
+
     /// Regression (the 50-agent fill stall): asking for the compacted revision of an
     /// uncompacted history opened a watch from revision 1, which etcd catches up by reading
     /// the whole history under its write lock; every agent asked once a round. Now a read at

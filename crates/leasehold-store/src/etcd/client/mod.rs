@@ -47,6 +47,26 @@ pub struct Etcd {
     upkeep_requests: Arc<std::sync::atomic::AtomicU64>,
     /// Commits per written revision, as [`Etcd::note_batch`] was told (an `f64`'s bits).
     commits_per_revision: Arc<std::sync::atomic::AtomicU64>,
+    /// Told when a transaction of this client or its clones reaches a revision (see
+    /// [`Etcd::wake_at_revision`]).
+    revision_alarm: Arc<RevisionAlarm>,
+}
+
+/// A revision to be told of, and who waits for it.
+#[derive(Debug)]
+struct RevisionAlarm {
+    /// The revision; `i64::MAX`: none.
+    at: std::sync::atomic::AtomicI64,
+    reached: tokio::sync::Notify,
+}
+
+impl Default for RevisionAlarm {
+    fn default() -> RevisionAlarm {
+        RevisionAlarm {
+            at: std::sync::atomic::AtomicI64::new(i64::MAX),
+            reached: tokio::sync::Notify::new(),
+        }
+    }
 }
 
 /// An error with the chain of errors under it.
@@ -168,6 +188,25 @@ impl Etcd {
         .max(1.0)
     }
 
+    /// Asks to be told (by [`Etcd::revision_reached`]) once a transaction made through this
+    /// client or a clone of it answers with `revision` or later: the history keeper's cue
+    /// that its own host's commits have written enough history to look again, however
+    /// fast they come. Replaces the revision asked for before.
+    pub fn wake_at_revision(&self, revision: i64) {
+        self.revision_alarm
+            .at
+            .store(revision, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Waits until a transaction reaches the revision [`Etcd::wake_at_revision`] asked for
+    /// (at once if one did since the last wait ended).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a revision reached while nobody waits is kept for the next wait.
+    pub async fn revision_reached(&self) {
+        self.revision_alarm.reached.notified().await;
+    }
+
     fn count_kv_request(&self) {
         self.kv_requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -246,6 +285,7 @@ impl Etcd {
             kv_requests: Arc::default(),
             upkeep_requests: Arc::default(),
             commits_per_revision: Arc::new(std::sync::atomic::AtomicU64::new(1f64.to_bits())),
+            revision_alarm: Arc::default(),
         })
     }
 
@@ -419,9 +459,18 @@ impl Etcd {
             })
             .await?
             .into_inner();
+        let revision = r.header.map_or(0, |h| h.revision);
+        if revision
+            >= self
+                .revision_alarm
+                .at
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            self.revision_alarm.reached.notify_one();
+        }
         Ok(TxnResult {
             succeeded: r.succeeded,
-            revision: r.header.map_or(0, |h| h.revision),
+            revision,
             responses: r.responses,
         })
     }
