@@ -522,20 +522,8 @@ impl Client {
     }
 }
 
-/// Writes one request on `s`; the agent closes the connection after answering unless
-/// `keep_alive`.
-fn write_request(
-    s: &mut UnixStream,
-    method: &str,
-    path: &str,
-    body: Option<&impl Serialize>,
-    keep_alive: bool,
-) -> Result<(), Error> {
-    s.write_all(&request_bytes(method, path, body, keep_alive)?)?;
-    Ok(())
-}
-
-/// One request, head and body, as written on the connection.
+/// One request, head and body, as written on the connection; the agent closes the
+/// connection after answering unless `keep_alive`.
 fn request_bytes(
     method: &str,
     path: &str,

@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 
 use super::{
     Acquisition, Answer, Client, Error, Status, answer_ready, checked, release_request, report,
-    request_bytes, write_request,
+    request_bytes,
 };
 use crate::{AcquireOptions, Granted, ReleaseOptions, ReleaseReport};
 
@@ -62,10 +62,16 @@ impl Connection {
         path: &str,
         body: Option<&impl Serialize>,
     ) -> Result<Answer, Error> {
+        // Made once, before connecting, as `Client::send` does: the same bytes go on a new
+        // connection if the open one was closed before it.
+        let req = request_bytes(method, path, body, true)?;
         if let Some(mut r) = self.open.take() {
             self.timeout(r.get_ref(), self.client.timeout)?;
             let t = self.timeout;
-            let sent = write_request(r.get_mut(), method, path, body, true)
+            let sent = r
+                .get_mut()
+                .write_all(&req)
+                .map_err(Error::from)
                 .and_then(|()| answer_ready(r.get_ref(), t))
                 .and_then(|()| Answer::read(r));
             match sent {
@@ -73,8 +79,6 @@ impl Connection {
                 other => return checked(other?),
             }
         }
-        // Made before connecting, as `Client::send` does.
-        let req = request_bytes(method, path, body, true)?;
         let mut s = self.client.connect()?;
         self.timeout = self.client.timeout;
         s.write_all(&req)?;
