@@ -14,7 +14,8 @@ pub struct ProcessInfo {
     /// Its start time in clock ticks after boot (field 22 of `/proc/PID/stat`).
     pub start_time: u64,
     /// Its user id: the owner of `/proc/PID`, which is the effective uid, or 0 for a process
-    /// that made itself non-dumpable. [`real_uid`] reads the real one.
+    /// that made itself non-dumpable; or, read with [`Also::real_uid`] and so owned by root,
+    /// its real uid.
     pub uid: u32,
     /// Its command name (`/proc/PID/comm`).
     pub command: String,
@@ -145,7 +146,7 @@ impl ProcessInfo {
     /// # Errors
     /// [`ProcError::NoProcess`] when it does not exist.
     pub fn read(pid: u32) -> Result<ProcessInfo, ProcError> {
-        Self::read_opening(pid, false).map(|(info, _)| info)
+        Self::read_also(pid, Also::default()).map(|(info, _)| info)
     }
 
     /// [`ProcessInfo::read`], with a pidfd of the process it describes when it could be
@@ -161,52 +162,46 @@ impl ProcessInfo {
     pub fn read_with_pidfd(
         pid: u32,
     ) -> Result<(ProcessInfo, rustix::io::Result<Pidfd>), ProcError> {
-        Self::read_opening(pid, true)
+        let also = Also {
+            pidfd: true,
+            real_uid: false,
+        };
+        Self::read_also(pid, also)
             .map(|(info, fd)| (info, fd.unwrap_or(Err(rustix::io::Errno::INVAL))))
     }
 
-    fn read_opening(
+    /// [`ProcessInfo::read`], and what `also` asks besides: a pidfd (as
+    /// [`ProcessInfo::read_with_pidfd`]; `None` when not asked), the real uid (see [`Also`]).
+    ///
+    /// # Errors
+    /// As [`ProcessInfo::read`].
+    pub fn read_also(
         pid: u32,
-        pidfd: bool,
+        also: Also,
     ) -> Result<(ProcessInfo, Option<rustix::io::Result<Pidfd>>), ProcError> {
-        use rustix::fs::{Mode, OFlags, fstat, open, openat};
-        let gone = |e: rustix::io::Errno| match e {
-            rustix::io::Errno::NOENT | rustix::io::Errno::SRCH => ProcError::NoProcess(pid),
-            e if out_of_fds(Some(e.raw_os_error())) => ProcError::NoDescriptors {
-                pid,
-                what: e.to_string(),
-            },
-            e => ProcError::Unreadable {
-                pid,
-                what: e.to_string(),
-            },
-        };
-        if pid == 0 {
-            return Err(ProcError::NoProcess(0));
-        }
-        let dir = open(
-            format!("/proc/{pid}"),
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(gone)?;
+        Self::read_in(pid, &open_dir(pid)?, also)
+    }
+
+    /// [`ProcessInfo::read_also`] through `dir`, `/proc/PID` opened by [`open_dir`].
+    fn read_in(
+        pid: u32,
+        dir: &OwnedFd,
+        also: Also,
+    ) -> Result<(ProcessInfo, Option<rustix::io::Result<Pidfd>>), ProcError> {
+        use rustix::fs::fstat;
         // Between the directory and the reads through it (see `read_with_pidfd`).
-        let opened = pidfd.then(|| {
+        let opened = also.pidfd.then(|| {
             let p =
                 Pid::from_raw(i32::try_from(pid).unwrap_or(0)).ok_or(rustix::io::Errno::SRCH)?;
             pidfd_open(p, PidfdFlags::empty()).map(|fd| Pidfd { fd })
         });
-        let read = |name: &str| -> Result<String, ProcError> {
-            let fd = openat(&dir, name, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
-                .map_err(gone)?;
-            read_text(&fd).map_err(|e| {
-                gone(rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO))
-            })
-        };
-        let text = read("stat")?;
+        let text = read_at(pid, dir, "stat")?;
         // The owner of /proc/PID: the process's effective uid, cheap to learn. (Reading
-        // `status` for the real uid costs the kernel far more; see `real_uid`.)
-        let uid = fstat(&dir).map_err(gone)?.st_uid;
+        // `status` for the real uid costs the kernel far more; see `Also::real_uid`.)
+        let mut uid = fstat(dir).map_err(|e| gone(pid, e))?.st_uid;
+        if uid == 0 && also.real_uid {
+            uid = status_uid(pid, dir)?;
+        }
         let bad = |what: &str| ProcError::Unreadable {
             pid,
             what: format!("stat has no {what}"),
@@ -320,12 +315,66 @@ pub fn thread_of_opened(pid: u32, opened: Option<rustix::io::Errno>) -> Option<u
     }
 }
 
-/// The real user id of `pid`, from `/proc/PID/status` (dearer to read than [`ProcessInfo`]).
-///
-/// # Errors
-/// [`ProcError::NoProcess`] when it does not exist.
-pub fn real_uid(pid: u32) -> Result<u32, ProcError> {
-    read_proc(pid, "status")?
+/// What [`ProcessInfo::read_also`] reads besides the facts every read has.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Also {
+    /// Open a pidfd of the process, as [`ProcessInfo::read_with_pidfd`] does.
+    pub pidfd: bool,
+    /// When `/proc/PID` belongs to root (root's process, or one that made itself
+    /// non-dumpable), take [`ProcessInfo::uid`] from the real uid in `status` instead, read
+    /// through the same `/proc/PID` directory as the rest (so a process that reused the pid
+    /// meanwhile cannot answer for it): whose process it really is, for a caller other than
+    /// root. Dearer to read than the rest, so only then.
+    pub real_uid: bool,
+}
+
+/// `/proc/PID` opened, for reads through it that fail once the process it was opened for is
+/// gone (`ENOENT`/`ESRCH`: [`ProcError::NoProcess`]), instead of describing a process that
+/// reused the pid.
+fn open_dir(pid: u32) -> Result<OwnedFd, ProcError> {
+    use rustix::fs::{Mode, OFlags, open};
+    if pid == 0 {
+        return Err(ProcError::NoProcess(0));
+    }
+    open(
+        format!("/proc/{pid}"),
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| gone(pid, e))
+}
+
+/// What an error of a read under `/proc/PID` says about process `pid`.
+fn gone(pid: u32, e: rustix::io::Errno) -> ProcError {
+    match e {
+        rustix::io::Errno::NOENT | rustix::io::Errno::SRCH => ProcError::NoProcess(pid),
+        e if out_of_fds(Some(e.raw_os_error())) => ProcError::NoDescriptors {
+            pid,
+            what: e.to_string(),
+        },
+        e => ProcError::Unreadable {
+            pid,
+            what: e.to_string(),
+        },
+    }
+}
+
+/// File `name` of the process whose `/proc/PID` is `dir`.
+fn read_at(pid: u32, dir: &OwnedFd, name: &str) -> Result<String, ProcError> {
+    use rustix::fs::{Mode, OFlags, openat};
+    let fd = openat(dir, name, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|e| gone(pid, e))?;
+    read_text(&fd).map_err(|e| {
+        gone(
+            pid,
+            rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::IO),
+        )
+    })
+}
+
+/// The real user id of the process whose `/proc/PID` is `dir`, from its `status`.
+fn status_uid(pid: u32, dir: &OwnedFd) -> Result<u32, ProcError> {
+    read_at(pid, dir, "status")?
         .lines()
         .find_map(|l| l.strip_prefix("Uid:"))
         .and_then(|l| l.split_whitespace().next())
@@ -410,7 +459,7 @@ mod tests {
         assert!(me.start_time > 0);
         assert_eq!(me.uid, rustix::process::geteuid().as_raw());
         assert_eq!(
-            real_uid(me.pid).unwrap(),
+            status_uid(me.pid, &open_dir(me.pid).unwrap()).unwrap(),
             rustix::process::getuid().as_raw()
         );
         assert!(!me.command.is_empty());
@@ -450,7 +499,7 @@ mod tests {
             .as_ref()
             .map_err(|_| ())
             .and_then(|&st| Pidfd::open(pid, st).map_err(|_| ()));
-        let uid = real_uid(pid);
+        let uid = open_dir(pid).and_then(|dir| status_uid(pid, &dir));
         let thread = thread_of(pid);
         let _ = child.kill();
         let _ = child.wait();
@@ -542,6 +591,78 @@ mod tests {
                 .unwrap()
                 .contains(&std::process::id())
         );
+    }
+
+    /// `sleep 60` as `uid`.
+    fn sleep_as(uid: u32) -> std::process::Child {
+        use std::os::unix::process::CommandExt;
+        std::process::Command::new("sleep")
+            .arg("60")
+            .uid(uid)
+            .spawn()
+            .unwrap()
+    }
+
+    /// `sleep 60` as `uid` with pid `pid` (made the next pid with `ns_last_pid`, as root),
+    /// or `None` when another process took the pid first.
+    fn sleep_as_pid(uid: u32, pid: u32) -> Option<std::process::Child> {
+        for _ in 0..20 {
+            std::fs::write("/proc/sys/kernel/ns_last_pid", format!("{}", pid - 1)).unwrap();
+            let mut child = sleep_as(uid);
+            if child.id() == pid {
+                return Some(child);
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        None
+    }
+
+    /// The rights check (G8) learns whose process a pid is from `/proc/PID`, and for a
+    /// process whose `/proc/PID` belongs to root (root's, or non-dumpable), from the real uid
+    /// in its `status`. That was read by path, after the rest was read through the opened
+    /// directory: a process that reused the pid in between would have answered for the one
+    /// the request names. Now everything is read through the one directory: once the
+    /// process it was opened for is gone, nothing is read.
+    #[test]
+    fn a_pid_reused_after_its_directory_was_opened_is_not_read_as_the_new_process() {
+        assert!(
+            rustix::process::geteuid().is_root(),
+            "this test needs root (it sets ns_last_pid and spawns as another uid)"
+        );
+        let also = Also {
+            pidfd: false,
+            real_uid: true,
+        };
+        // Other tests and engineers start threads and processes too: one may take the pid
+        // first; then again with another.
+        for _ in 0..100 {
+            // Root's process: its /proc/PID belongs to root, so the real uid is read.
+            let mut first = sleep_as(0);
+            let pid = first.id();
+            let dir = open_dir(pid).unwrap();
+            let (info, _) = ProcessInfo::read_in(pid, &dir, also).unwrap();
+            assert_eq!(info.uid, 0);
+            first.kill().unwrap();
+            first.wait().unwrap();
+            // Another user's process takes the pid.
+            let Some(mut second) = sleep_as_pid(65534, pid) else {
+                continue;
+            };
+            // By path, the pid is the new process (so it was reused; its start time may be
+            // the same clock tick as the first's)...
+            let now = ProcessInfo::read(pid);
+            // ... through the directory opened before, it is no process at all.
+            let status = status_uid(pid, &dir);
+            let read = ProcessInfo::read_in(pid, &dir, also);
+            let _ = second.kill();
+            let _ = second.wait();
+            assert_eq!(now.map(|info| info.uid), Ok(65534));
+            assert_eq!(status, Err(ProcError::NoProcess(pid)));
+            assert_eq!(read.map(|(info, _)| info), Err(ProcError::NoProcess(pid)));
+            return;
+        }
+        panic!("no pid was given again to a child of this test in 100 tries");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::holds::Holds;
 use crate::peer::PeerInfo;
-use crate::procfs::{self, Pidfd, ProcError, ProcessInfo};
+use crate::procfs::{self, Also, Pidfd, ProcError, ProcessInfo};
 use crate::watcher::Watcher;
 
 mod acquire;
@@ -247,20 +247,14 @@ impl<S: Store> Service<S> {
             ),
             e => ApiError::new(ErrorCode::Internal, e.to_string()),
         };
-        let read = || {
-            let (mut info, opened) = if pidfd {
-                let (info, fd) = ProcessInfo::read_with_pidfd(pid).map_err(no_process)?;
-                (info, Some(fd))
-            } else {
-                (ProcessInfo::read(pid).map_err(no_process)?, None)
-            };
-            // /proc/PID belongs to root for a non-dumpable process: for a non-root caller,
-            // learn whose process it really is before refusing.
-            if info.uid == 0 && c.uid != 0 {
-                info.uid = procfs::real_uid(pid).map_err(no_process)?;
-            }
-            Ok::<_, ApiError>((info, opened))
+        // /proc/PID belongs to root for a non-dumpable process: for a non-root caller, learn
+        // whose process it really is before refusing (its real uid, read through the same
+        // /proc/PID as the rest, so not of a process that reused the pid meanwhile).
+        let also = Also {
+            pidfd,
+            real_uid: c.uid != 0,
         };
+        let read = || ProcessInfo::read_also(pid, also).map_err(no_process);
         // The caller's own process is read once per connection, like its credentials (a
         // connection acts for the process that opened it, as it was then), and again only once
         // it is not watched: a watched process has not exited (its watch would have ended) and
