@@ -913,3 +913,240 @@ impl Inner {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Arc;
+
+    use leasehold_core::{
+        Acquired, HostId, Lease, Mode, Owner, ReleaseKind, ReleaseRequest, WallTime,
+    };
+
+    use super::super::snapshot::ResSnap;
+    use super::*;
+
+    fn name(n: &str) -> ResourceName {
+        ResourceName::new(n).unwrap()
+    }
+
+    fn owner(pid: u32) -> Owner {
+        Owner::new(HostId::new("host-a").unwrap(), pid, 1)
+    }
+
+    /// An engine with one live session.
+    fn engine() -> (Engine, SessionId) {
+        let mut e = Engine::new(EngineConfig {
+            grace: Duration::from_secs(5),
+        });
+        let s = e
+            .open_session(
+                HostId::new("host-a").unwrap(),
+                Some(Duration::from_secs(10)),
+                Now::at(0),
+            )
+            .unwrap();
+        (e, s)
+    }
+
+    fn acquire(e: &mut Engine, s: SessionId, who: &Owner, r: &str, wait: bool) -> Acquired {
+        let req = AcquireRequest {
+            owner: who.clone(),
+            session: s,
+            items: vec![(name(r), Mode::Exclusive)],
+            accept_dirty: false,
+            wait,
+            expect_tokens: Vec::new(),
+        };
+        e.acquire(req, Now::at(1)).unwrap()
+    }
+
+    fn release(e: &mut Engine, who: &Owner, r: &str) {
+        let req = ReleaseRequest {
+            resource: name(r),
+            process: who.process.clone(),
+            owner_id: None,
+            kind: ReleaseKind::Clean,
+        };
+        e.release(req, Now::at(2)).unwrap();
+    }
+
+    /// The records as they are in `e` now: what the commit's snapshot read.
+    fn snapshot(e: &Engine) -> Snapshot {
+        let res = e
+            .resources()
+            .map(|(n, st)| {
+                let record = Record {
+                    state: st.clone(),
+                    reserved_for: None,
+                    events: Vec::new(),
+                    damaged: None,
+                };
+                let rs = ResSnap {
+                    record: Some(Arc::new(record)),
+                    ..ResSnap::default()
+                };
+                (n.clone(), rs)
+            })
+            .collect();
+        Snapshot {
+            revision: 10,
+            res,
+            ..Snapshot::default()
+        }
+    }
+
+    /// Through the engine: a release that grants the waiter behind it is held back while a
+    /// keep-alive is late (it grants); a release, or a dead holder's end, with nobody
+    /// waiting only ends.
+    #[test]
+    fn a_release_that_grants_a_waiter_does_not_only_end_one_that_grants_nothing_does() {
+        let (mut e, s) = engine();
+        let (a, b) = (owner(10), owner(20));
+        assert!(matches!(
+            acquire(&mut e, s, &a, "r", false),
+            Acquired::Granted(_)
+        ));
+        assert!(matches!(
+            acquire(&mut e, s, &a, "q", false),
+            Acquired::Granted(_)
+        ));
+        assert!(matches!(
+            acquire(&mut e, s, &b, "r", true),
+            Acquired::Queued(_)
+        ));
+        e.take_output();
+        let none = Extra::default();
+
+        let snap = snapshot(&e);
+        release(&mut e, &a, "r");
+        let out = e.take_output();
+        assert!(out.waiters.iter().any(|(_, r)| r.is_ok()), "{out:?}");
+        assert!(!only_ends(&snap, &e, &out, &none), "{out:?}");
+
+        // "q": nobody waits.
+        let snap = snapshot(&e);
+        release(&mut e, &a, "q");
+        let out = e.take_output();
+        assert!(only_ends(&snap, &e, &out, &none), "{out:?}");
+
+        // The waiter, now holding "r", dies: its lease ends (dirty), granting nothing.
+        let snap = snapshot(&e);
+        assert_eq!(e.end_process(&b.process, Now::at(3)).len(), 1);
+        let out = e.take_output();
+        assert!(only_ends(&snap, &e, &out, &none), "{out:?}");
+
+        // An acquire of a free resource grants.
+        let snap = snapshot(&e);
+        acquire(&mut e, s, &a, "p", false);
+        let out = e.take_output();
+        assert!(!only_ends(&snap, &e, &out, &none), "{out:?}");
+    }
+
+    /// Each condition alone: starting from a commit that only ends a lease, each thing that
+    /// grants (or refuses, or puts a key) makes it one that does not.
+    #[test]
+    fn every_grant_or_refusal_or_put_makes_a_commit_more_than_ends() {
+        let (mut e, s) = engine();
+        let a = owner(10);
+        acquire(&mut e, s, &a, "r", false);
+        acquire(&mut e, s, &a, "held", false);
+        e.take_output();
+        let snap = snapshot(&e);
+        release(&mut e, &a, "r");
+        let ends = e.take_output();
+        let none = Extra::default();
+        assert!(only_ends(&snap, &e, &ends, &none), "{ends:?}");
+
+        // Extras: a key put, or a refusal, does more; deletes (waiter keys withdrawn) do not.
+        let put = Extra {
+            put: vec![(b"k".to_vec(), b"v".to_vec(), None)],
+            ..Extra::default()
+        };
+        assert!(!only_ends(&snap, &e, &ends, &put));
+        let refusal = Extra {
+            refusal: true,
+            ..Extra::default()
+        };
+        assert!(!only_ends(&snap, &e, &ends, &refusal));
+        let delete = Extra {
+            delete: vec![(b"w".to_vec(), 3)],
+            compare_read: true,
+            ..Extra::default()
+        };
+        assert!(only_ends(&snap, &e, &ends, &delete));
+
+        // Waiters: one answered with a grant does more; one answered with an error does not.
+        let with_waiter = |r: Result<Vec<leasehold_core::Grant>, AcquireError>| Output {
+            waiters: vec![(WaiterId(7), r)],
+            ..ends.clone()
+        };
+        assert!(!only_ends(&snap, &e, &with_waiter(Ok(Vec::new())), &none));
+        let withdrawn = AcquireError::Invalid("withdrawn".into());
+        assert!(only_ends(&snap, &e, &with_waiter(Err(withdrawn)), &none));
+
+        // Events: a grant or a cleaning does more; an ending or an expiry does not.
+        let lease = e.resource(&name("held")).unwrap().holders()[0].clone();
+        let with_event = |ev: Event| {
+            let mut out = ends.clone();
+            out.events.push(ev);
+            out
+        };
+        let granted = Event::Granted {
+            resource: name("held"),
+            lease: lease.clone(),
+        };
+        assert!(!only_ends(&snap, &e, &with_event(granted), &none));
+        let cleaned = Event::Cleaned {
+            resource: name("r"),
+            by: "someone".into(),
+            at: WallTime(2),
+        };
+        assert!(!only_ends(&snap, &e, &with_event(cleaned), &none));
+        let expired = Event::SessionExpired {
+            session: SessionId(99),
+            host: HostId::new("host-b").unwrap(),
+        };
+        assert!(only_ends(&snap, &e, &with_event(expired), &none));
+
+        // Records written: one whose holders were all there before (same owner, same
+        // token) does not grant; a holder that was not there, or came back with a new
+        // token, does; a record the engine no longer has ends everything it had.
+        let with_changed = |r: &str| {
+            let mut out = ends.clone();
+            out.changed.insert(name(r));
+            out
+        };
+        assert!(only_ends(&snap, &e, &with_changed("held"), &none));
+        assert!(only_ends(&snap, &e, &with_changed("unknown"), &none));
+        let mut before = snap.clone();
+        before.res.remove(&name("held"));
+        assert!(!only_ends(&before, &e, &with_changed("held"), &none));
+        let retokened = Lease {
+            token: Token(lease.token.0 + 1),
+            ..lease.clone()
+        };
+        let mut before = snap.clone();
+        let rec = Record {
+            state: ResourceState::from_parts(vec![retokened], lease.token, None, None, None),
+            reserved_for: None,
+            events: Vec::new(),
+            damaged: None,
+        };
+        before.res.get_mut(&name("held")).unwrap().record = Some(Arc::new(rec));
+        assert!(!only_ends(&before, &e, &with_changed("held"), &none));
+        let other_owner = Lease {
+            owner: owner(11),
+            ..lease.clone()
+        };
+        let rec = Record {
+            state: ResourceState::from_parts(vec![other_owner], lease.token, None, None, None),
+            reserved_for: None,
+            events: Vec::new(),
+            damaged: None,
+        };
+        before.res.get_mut(&name("held")).unwrap().record = Some(Arc::new(rec));
+        assert!(!only_ends(&before, &e, &with_changed("held"), &none));
+    }
+}
