@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use leasehold_api::v1::{BeforeFence, Containment};
 use leasehold_core::ProcessKey;
-use leasehold_store::Store;
+use leasehold_store::{Store, StoreError};
 use rustix::process::Signal;
 use tokio::io::unix::AsyncFd;
 use tracing::{error, info, warn};
@@ -18,6 +18,40 @@ use tracing::{error, info, warn};
 use std::os::fd::{AsFd, OwnedFd};
 
 use crate::procfs::{ExitStatus, Pidfd, ProcError};
+
+/// How long a store operation that failed retryably waits before it is tried again the
+/// first time ([`retrying`]); the wait doubles up to [`RETRY_MAX`].
+pub(crate) const RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// The longest wait between two tries of [`retrying`].
+pub(crate) const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Runs `op` until it succeeds or fails with an error that is not
+/// [`StoreError::is_retryable`] (the store unavailable, its storage failing, no space, the
+/// session lost), and returns that outcome: [`RETRY_FIRST`] after the first retryable
+/// failure, twice that after the next, up to [`RETRY_MAX`], telling `on_retry` each one.
+/// Ending an exited holder's leases, and undoing a grant never read, must happen once the
+/// store answers again, however long that takes.
+pub(crate) async fn retrying<T, F, Fut>(
+    mut op: F,
+    mut on_retry: impl FnMut(&StoreError),
+) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut delay = RETRY_FIRST;
+    loop {
+        match op().await {
+            Err(e) if e.is_retryable() => {
+                on_retry(&e);
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(RETRY_MAX);
+            }
+            r => return r,
+        }
+    }
+}
 
 struct Watched {
     pidfd: Arc<AsyncFd<OwnedFd>>,
@@ -748,7 +782,6 @@ impl<S: Store> Watcher<S> {
     /// matters and is known: 0 ends clean the leases whose owner chose `on_exit = status`.
     async fn end_with(&self, process: ProcessKey, status: Option<ExitStatus>) {
         self.kill_what_it_started(&process).await;
-        let mut delay = std::time::Duration::from_millis(200);
         // Read after the group is gone: a fence may have come meanwhile.
         let fenced = self.fenced.lock().is_ok_and(|f| f.contains(&process));
         if let Ok(mut s) = self.by_status.lock() {
@@ -761,54 +794,49 @@ impl<S: Store> Watcher<S> {
             p.remove(&process);
         }
         let zero = status.is_some_and(ExitStatus::is_zero);
-        loop {
-            let r = if fenced {
+        let end = || async {
+            if fenced {
                 self.store.end_fenced(process.clone()).await
             } else if zero {
                 self.store.end_exited_zero(process.clone()).await
             } else {
                 self.store.end_process(process.clone()).await
-            };
-            match r {
-                Ok(ended) => {
-                    if let Ok(mut f) = self.fenced.lock() {
-                        f.remove(&process);
-                    }
-                    for r in ended {
-                        // A writer that died mid-write leaves work for people: a warning.
-                        if r.dirtied {
-                            warn!(
-                                resource = %r.resource,
-                                pid = process.pid,
-                                token = %r.ended.token,
-                                dirtied = r.dirtied,
-                                "holder exited; lease ended; the resource needs a check"
-                            );
-                        } else {
-                            info!(
-                                resource = %r.resource,
-                                pid = process.pid,
-                                token = %r.ended.token,
-                                dirtied = r.dirtied,
-                                "holder exited; lease ended"
-                            );
-                        }
-                    }
-                    self.remove_cgroup(&process);
-                    return;
+            }
+        };
+        let retry = |e: &StoreError| {
+            warn!(pid = process.pid, error = %e, "cannot end the leases of an exited process yet; retrying");
+        };
+        match retrying(end, retry).await {
+            Ok(ended) => {
+                if let Ok(mut f) = self.fenced.lock() {
+                    f.remove(&process);
                 }
-                Err(e) if e.is_retryable() => {
-                    warn!(pid = process.pid, error = %e, "cannot end the leases of an exited process yet; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(std::time::Duration::from_secs(2));
-                }
-                Err(e) => {
-                    warn!(pid = process.pid, error = %e, "ending the leases of an exited process failed");
-                    self.remove_cgroup(&process);
-                    return;
+                for r in ended {
+                    // A writer that died mid-write leaves work for people: a warning.
+                    if r.dirtied {
+                        warn!(
+                            resource = %r.resource,
+                            pid = process.pid,
+                            token = %r.ended.token,
+                            dirtied = r.dirtied,
+                            "holder exited; lease ended; the resource needs a check"
+                        );
+                    } else {
+                        info!(
+                            resource = %r.resource,
+                            pid = process.pid,
+                            token = %r.ended.token,
+                            dirtied = r.dirtied,
+                            "holder exited; lease ended"
+                        );
+                    }
                 }
             }
+            Err(e) => {
+                warn!(pid = process.pid, error = %e, "ending the leases of an exited process failed");
+            }
         }
+        self.remove_cgroup(&process);
     }
 
     fn set_draining(&self, process: &ProcessKey, on: bool) {

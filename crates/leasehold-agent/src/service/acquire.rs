@@ -8,7 +8,7 @@ use leasehold_api::v1::{self, ApiError, ErrorCode, conflict_to_v1};
 use leasehold_api::words;
 use leasehold_core::{
     AcquireError, Conflict, EndReason, Ended, Grant, Owner, OwnerId, ProcessKey, ReleaseKind,
-    ResourceName, Token,
+    Released, ResourceName, Token,
 };
 use leasehold_store::{AcquireSpec, Finish, SessionState, Store, StoreError};
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -19,7 +19,7 @@ use crate::config::Timing;
 use crate::holds::{Note, Registration};
 use crate::metrics;
 use crate::procfs::{Pidfd, ProcError};
-use crate::watcher::Prepared;
+use crate::watcher::{Prepared, retrying};
 
 /// How often a waiting request is told who is in its way.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
@@ -81,6 +81,36 @@ impl Out {
 }
 
 type Tx = mpsc::Sender<Out>;
+
+/// [`Service::undo_unread`] with `release` releasing one lease of `owner`'s, clean: each
+/// retried while the store cannot answer ([`retrying`], as the watcher ends an exited
+/// holder's leases). The process stays watched, so its exit would end the lease, but a live
+/// process would keep, for as long as it lives, a lease it never received.
+async fn undo_unread_with<F, Fut>(owner: &Owner, fresh: Vec<ResourceName>, release: F)
+where
+    F: Fn(ResourceName) -> Fut,
+    Fut: std::future::Future<Output = Result<Released, StoreError>>,
+{
+    let pid = owner.process.pid;
+    for r in fresh {
+        let retry = |e: &StoreError| {
+            warn!(resource = %r, pid, error = %e, "a grant its client never read cannot be released yet; retrying");
+        };
+        match retrying(|| release(r.clone()), retry).await {
+            Ok(_) => warn!(
+                resource = %r,
+                pid,
+                "released a grant its client went away without reading"
+            ),
+            Err(e) => warn!(
+                resource = %r,
+                pid,
+                error = %e,
+                "a grant its client never read could not be released"
+            ),
+        }
+    }
+}
 
 /// The safe-until a grant carries on a backend with a host session (SPEC G3): the fencing
 /// deadline of the session as it is `now`, or the one the fence task last published if that is
@@ -640,31 +670,15 @@ impl<S: Store> Service<S> {
     /// Releases, clean, the new leases of a grant whose client went away before receiving
     /// it: nobody learnt their tokens, so nothing was written under them.
     async fn undo_unread(&self, owner: &Owner, fresh: Vec<ResourceName>) {
-        let process = &owner.process;
-        for r in fresh {
-            match self
-                .store
-                .release(
-                    r.clone(),
-                    process.clone(),
-                    owner.id.clone(),
-                    ReleaseKind::Clean,
-                )
-                .await
-            {
-                Ok(_) => warn!(
-                    resource = %r,
-                    pid = process.pid,
-                    "released a grant its client went away without reading"
-                ),
-                Err(e) => warn!(
-                    resource = %r,
-                    pid = process.pid,
-                    error = %e,
-                    "a grant its client never read could not be released"
-                ),
-            }
-        }
+        undo_unread_with(owner, fresh, |r| {
+            self.store.release(
+                r,
+                owner.process.clone(),
+                owner.id.clone(),
+                ReleaseKind::Clean,
+            )
+        })
+        .await;
     }
 
     /// Runs an acquire, telling a waiting caller every second who is in its way. Returns
@@ -837,6 +851,67 @@ mod tests {
             latencies: Vec::new(),
             failed_renewals: 0,
         }
+    }
+
+    /// A grant its client never read is released once the store answers again: while the
+    /// store is unavailable, the release is tried again (200 ms, then 400 ms, ...), as the
+    /// watcher ends an exited holder's leases; an answer that is no failure of the store (the
+    /// lease is not held any more: the holder exited and its leases ended) stops it. Before,
+    /// the first failure was only logged, and a live holder kept a lease it never received.
+    #[tokio::test]
+    async fn a_grant_never_read_is_released_once_the_store_answers_again() {
+        use leasehold_core::{HostId, ReleaseError};
+        use leasehold_store::Cause;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let owner = Owner::new(HostId::new("host-a").unwrap(), 10, 1);
+        let name = |n: &str| ResourceName::new(n).unwrap();
+        let tries = std::sync::Mutex::new(BTreeMap::<ResourceName, usize>::new());
+        let released = AtomicUsize::new(0);
+        let started = Instant::now();
+        undo_unread_with(&owner, vec![name("disk"), name("gone")], |r| {
+            let n = {
+                let mut t = tries.lock().unwrap();
+                let n = t.entry(r.clone()).or_default();
+                *n += 1;
+                *n
+            };
+            let process = owner.process.clone();
+            let released = &released;
+            async move {
+                match (r.as_str(), n) {
+                    // Unavailable twice, then released.
+                    ("disk", 1 | 2) => Err(StoreError::Unavailable(Cause::new("etcd is away"))),
+                    ("disk", _) => {
+                        released.fetch_add(1, Ordering::SeqCst);
+                        Ok(Released {
+                            resource: r,
+                            ended: Ended {
+                                owner: Owner::new(process.host.clone(), process.pid, 1),
+                                mode: leasehold_core::Mode::Exclusive,
+                                token: Token(1),
+                                granted_at: leasehold_core::WallTime(0),
+                                ended_at: leasehold_core::WallTime(1),
+                                how: EndReason::Released,
+                            },
+                            dirtied: false,
+                        })
+                    }
+                    // Not held any more: nothing to retry.
+                    _ => Err(StoreError::Release(ReleaseError::NotHeld {
+                        resource: r,
+                        process,
+                        owner_id: None,
+                    })),
+                }
+            }
+        })
+        .await;
+        let tries = tries.into_inner().unwrap();
+        assert_eq!(tries.get(&name("disk")), Some(&3), "{tries:?}");
+        assert_eq!(tries.get(&name("gone")), Some(&1), "{tries:?}");
+        assert_eq!(released.load(Ordering::SeqCst), 1);
+        // It waited between tries: 200 ms, then 400 ms.
+        assert!(started.elapsed() >= Duration::from_millis(600));
     }
 
     /// A grant's safe-until is never later than the fencing deadline, whether the fence task
