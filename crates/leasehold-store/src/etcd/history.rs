@@ -24,7 +24,12 @@
 //!   for a while, leaves it large. When a member's file exceeds
 //!   [`DEFRAG_AT`] of the quota and a [`DEFRAG_FREE`] share of it is free, the agent that won
 //!   the round defragments that member, one member at a time, at most one every
-//!   [`DEFRAG_GAP`] in the cluster (claimed in `P compaction` too). A member being
+//!   [`DEFRAG_GAP`] in the cluster (claimed in `P compaction` too), or sooner while the
+//!   history grows fast: at most one every [`defrag_gap`], the time the history takes to
+//!   write the quota's share between [`DEFRAG_AT`] and [`WARN_AT`], from [`DEFRAG_GAP_MIN`]
+//!   to [`DEFRAG_GAP`] (a release build's churn, 1,000-1,300 revisions a second, writes a
+//!   4 MiB quota's quarter in under a second: a file defragmented every 10 s grew past
+//!   three quarters of it between two). A member being
 //!   defragmented answers nothing for a moment; a leader would hold up every session's
 //!   renewal (followers forward them to it), so the leader first hands its leadership to
 //!   another member. The agent defragments only the members it is configured with
@@ -70,8 +75,28 @@ pub const DEFRAG_AT: f64 = 0.5;
 /// The share of a member's file that must be free for a defragmentation to be worth it.
 pub const DEFRAG_FREE: f64 = 0.25;
 
-/// The least time between two defragmentations in the cluster, by any agent.
+/// The least time between two defragmentations in the cluster, by any agent, while the
+/// history grows slowly (see [`defrag_gap`]).
 pub const DEFRAG_GAP: Duration = Duration::from_secs(10);
+
+/// The least time between two defragmentations in the cluster however fast the history
+/// grows (see [`defrag_gap`]): a member being defragmented answers nothing meanwhile.
+pub const DEFRAG_GAP_MIN: Duration = Duration::from_secs(1);
+
+/// The least time between two defragmentations when the history grows by `bytes_per_sec`:
+/// the time it takes to write the quota's share between [`DEFRAG_AT`] (where a file is
+/// defragmented) and [`WARN_AT`] (where the agents warn), so a file defragmented at the one
+/// cannot outgrow the other before the next may start, however fast the churn; within
+/// [`DEFRAG_GAP_MIN`] and [`DEFRAG_GAP`].
+pub fn defrag_gap(quota: u64, bytes_per_sec: f64) -> Duration {
+    let room = quota as f64 * (WARN_AT - DEFRAG_AT);
+    let fill = if bytes_per_sec > 0.0 {
+        Duration::try_from_secs_f64(room / bytes_per_sec).unwrap_or(DEFRAG_GAP)
+    } else {
+        DEFRAG_GAP
+    };
+    fill.clamp(DEFRAG_GAP_MIN, DEFRAG_GAP)
+}
 
 /// How long a defragmentation may take before another agent may start one (the agent that
 /// started it may have died).
@@ -174,10 +199,11 @@ struct Claim {
 }
 
 impl Claim {
-    /// Whether a defragmentation may start now: none runs, and the last ended long enough ago.
-    fn defrag_allowed(&self, now: u64) -> bool {
+    /// Whether a defragmentation may start now: none runs, and the last ended `gap` ago or
+    /// more.
+    fn defrag_allowed(&self, now: u64, gap: Duration) -> bool {
         if self.defrag_end_ms >= self.defrag_start_ms {
-            now.saturating_sub(self.defrag_end_ms) >= DEFRAG_GAP.as_millis() as u64
+            now.saturating_sub(self.defrag_end_ms) >= gap.as_millis() as u64
         } else {
             now.saturating_sub(self.defrag_start_ms) >= DEFRAG_STUCK.as_millis() as u64
         }
@@ -406,6 +432,34 @@ impl Keeper {
         (self.seen_compacted + cap).max(self.health.borrow().revision + cap / 4)
     }
 
+    /// How fast the history grows, bytes a second (at [`BYTES_PER_REVISION`] per commit, as
+    /// [`history_cap`](Self::history_cap) reckons), over the last [`DEFRAG_GAP`] of samples
+    /// (0 until there are two).
+    fn history_rate(&self) -> f64 {
+        let Some(&(last_at, last)) = self.samples.back() else {
+            return 0.0;
+        };
+        let Some(&(first_at, first)) = self
+            .samples
+            .iter()
+            .find(|(t, _)| last_at.duration_since(*t) <= DEFRAG_GAP)
+        else {
+            return 0.0;
+        };
+        let secs = last_at.duration_since(first_at).as_secs_f64();
+        if secs <= 0.0 {
+            return 0.0;
+        }
+        let per_revision = BYTES_PER_REVISION as f64 * self.etcd.commits_per_revision();
+        (last - first).max(0) as f64 * per_revision / secs
+    }
+
+    /// The least time between two defragmentations now ([`defrag_gap`] at
+    /// [`history_rate`](Self::history_rate)).
+    fn defrag_gap(&self) -> Duration {
+        defrag_gap(self.health.borrow().quota, self.history_rate())
+    }
+
     /// The newest revision this agent saw at least `age` ago.
     fn revision_before(&self, age: Duration) -> Option<i64> {
         let now = Instant::now();
@@ -500,7 +554,7 @@ impl Keeper {
             }
         }
         self.forget().await?;
-        if self.opts.defrag && claim.defrag_allowed(now_ms()) {
+        if self.opts.defrag && claim.defrag_allowed(now_ms(), self.defrag_gap()) {
             self.defragment(claim, won.revision).await?;
         }
         Ok(())
@@ -711,5 +765,54 @@ impl Keeper {
             self.health.send_modify(|h| h.forgotten += forgotten);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// The gap between defragmentations is the time the history takes to write the quota's
+    /// share between where a file is defragmented and where the agents warn: 10 s while the
+    /// history grows slowly, down to 1 s while it grows fast. A release build's churn on a
+    /// 4 MiB quota (1,000-1,300 revisions a second) wrote that share in under a second, and
+    /// with the fixed 10 s gap the file grew past 75 % between two defragmentations.
+    #[test]
+    fn defragmentation_keeps_up_with_the_history() {
+        let quota = 4u64 << 20;
+        // Idle, or not known yet: the longest gap.
+        assert_eq!(defrag_gap(quota, 0.0), DEFRAG_GAP);
+        // 10 revisions a second: the quarter of 4 MiB takes 100 s to write.
+        assert_eq!(defrag_gap(quota, 10.0 * 1024.0), DEFRAG_GAP);
+        // 200 a second: about 5 s.
+        let gap = defrag_gap(quota, 200.0 * 1024.0);
+        assert!(
+            gap > Duration::from_secs(5) && gap < Duration::from_secs(6),
+            "{gap:?}"
+        );
+        // 1,200 a second: under a second, so the shortest gap.
+        assert_eq!(defrag_gap(quota, 1200.0 * 1024.0), DEFRAG_GAP_MIN);
+        // etcd's default quota: 10 s even at that rate.
+        assert_eq!(defrag_gap(DEFAULT_QUOTA, 1200.0 * 1024.0), DEFRAG_GAP);
+        // The claim: allowed once the last defragmentation ended the gap ago.
+        let claim = Claim {
+            revision: 1,
+            host: HostId::new("a").unwrap(),
+            at_ms: 0,
+            defrag_start_ms: 1_000,
+            defrag_end_ms: 1_100,
+        };
+        assert!(!claim.defrag_allowed(2_099, DEFRAG_GAP_MIN));
+        assert!(claim.defrag_allowed(2_100, DEFRAG_GAP_MIN));
+        assert!(!claim.defrag_allowed(2_100, DEFRAG_GAP));
+        // One still running (started, not ended) blocks until it is taken for stuck.
+        let running = Claim {
+            defrag_end_ms: 900,
+            ..claim
+        };
+        assert!(!running.defrag_allowed(1_000 + 599_999, DEFRAG_GAP_MIN));
+        assert!(running.defrag_allowed(1_000 + 600_000, DEFRAG_GAP_MIN));
     }
 }
