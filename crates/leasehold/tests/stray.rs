@@ -432,8 +432,9 @@ fn a_holding_acquire_dropped_while_its_grant_is_written_leaves_no_lease() {
     dropped_while_its_grant_is_written_leaves_no_lease(r#","hold":true"#);
 }
 
-fn dropped_while_its_grant_is_written_leaves_no_lease(more: &str) {
-    use std::io::Read;
+/// An etcd member, its client port, and an agent on it whose renewals are far apart: none is
+/// due while the test keeps etcd frozen.
+fn agent_on_etcd_to_freeze() -> (leasehold_testkit::Etcd, u16, Agent) {
     let etcd = leasehold_testkit::Etcd::start();
     let port: u16 = etcd
         .endpoint()
@@ -444,7 +445,6 @@ fn dropped_while_its_grant_is_written_leaves_no_lease(more: &str) {
         .parse()
         .unwrap();
     let endpoint = etcd.endpoint();
-    // Renewals far apart: none is due while etcd is frozen.
     let a = Agent::launch(
         "h1",
         &[
@@ -465,6 +465,12 @@ fn dropped_while_its_grant_is_written_leaves_no_lease(more: &str) {
         ],
         &[],
     );
+    (etcd, port, a)
+}
+
+fn dropped_while_its_grant_is_written_leaves_no_lease(more: &str) {
+    use std::io::Read;
+    let (etcd, port, a) = agent_on_etcd_to_freeze();
     let holder = Holder::new();
     etcd.stop();
     let before = unread_by_etcd(port);
@@ -485,6 +491,51 @@ fn dropped_while_its_grant_is_written_leaves_no_lease(more: &str) {
     etcd.cont();
     wait_until(
         "the grant nobody was told of is undone",
+        Duration::from_secs(10),
+        || a.inspect("disk").is_some() && a.holders("disk").is_empty(),
+    );
+    assert!(!a.is_dirty("disk"), "{:?}", a.inspect("disk"));
+}
+
+// A release whose client goes away while the store writes it is carried out all the same:
+// once asked, the store may be writing it (on etcd, its transaction is sent), and its holder
+// let the lease go. (A release of one resource runs on its connection's task, not a task of
+// its own: dropped with the request, the rest of it is finished as a task.)
+#[test]
+fn a_release_dropped_while_it_is_written_is_carried_out() {
+    use std::io::{Read, Write};
+    let (etcd, port, a) = agent_on_etcd_to_freeze();
+    let holder = Holder::new();
+    expect_code(&a.lh(&["acquire", "disk", "--pid", &holder.pid_arg()]), 0);
+    etcd.stop();
+    let before = unread_by_etcd(port);
+    let mut s = std::os::unix::net::UnixStream::connect(&a.socket).unwrap();
+    let body = format!(r#"{{"resources":["disk"],"pid":{}}}"#, holder.pid());
+    write!(
+        s,
+        "POST /v1/release HTTP/1.1\r\nhost: leasehold\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    // The release's transaction is in etcd's socket (a keep-alive is about 65 bytes).
+    wait_until(
+        "the release is sent to etcd",
+        Duration::from_secs(10),
+        || unread_by_etcd(port) > before + 200,
+    );
+    // The client's end of input: the agent drops the request and the connection.
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).unwrap();
+    assert!(
+        rest.is_empty(),
+        "answered: {}",
+        String::from_utf8_lossy(&rest)
+    );
+    etcd.cont();
+    wait_until(
+        "the release is carried out",
         Duration::from_secs(10),
         || a.inspect("disk").is_some() && a.holders("disk").is_empty(),
     );

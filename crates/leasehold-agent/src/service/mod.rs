@@ -10,7 +10,7 @@ use leasehold_core::{
     AcquireError, EndReason, Ended, Event, HostId, MAX_TEXT, OwnerId, ProcessKey, ReleaseError,
     ReleaseKind, Released, ResourceName, ResourceView, Token, check_free_text,
 };
-use leasehold_store::{Store, StoreError};
+use leasehold_store::{Finish, Store, StoreError};
 use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{info, warn};
 
@@ -389,29 +389,37 @@ impl<S: Store> Service<S> {
                 false
             })
             .collect();
-        // Several releases go to the store together, so they share one commit.
-        let tasks: Vec<_> = names
-            .into_iter()
-            .map(|name| {
-                let store = self.store.clone();
-                let (process, owner_id, kind) = (process.clone(), owner_id.clone(), kind.clone());
-                let n = name.clone();
-                let task = tokio::spawn(async move {
-                    let started = std::time::Instant::now();
-                    let r = store.release(n, process, owner_id, kind).await;
-                    if r.is_ok() {
-                        crate::metrics::store_op(
-                            crate::metrics::StoreOp::release,
-                            started.elapsed(),
-                        );
-                    }
-                    r
-                });
-                (name, task)
-            })
-            .collect();
-        for (name, t) in tasks {
-            match t.await {
+        let release = |name: ResourceName| {
+            let store = self.store.clone();
+            let (process, owner_id, kind) = (process.clone(), owner_id.clone(), kind.clone());
+            async move {
+                let started = Instant::now();
+                let r = store.release(name, process, owner_id, kind).await;
+                if r.is_ok() {
+                    crate::metrics::store_op(crate::metrics::StoreOp::release, started.elapsed());
+                }
+                r
+            }
+        };
+        let mut outcomes = Vec::with_capacity(names.len());
+        if let [name] = names.as_slice() {
+            // One (a `run`'s): on the caller's task, no task spawned and joined (whose wake-up
+            // hands the answer to the other worker). Dropped midway (the client went away),
+            // it is finished as a task all the same: once asked, the store may be writing it.
+            let r = Finish::new(release(name.clone())).await;
+            outcomes.push((name.clone(), Ok(r)));
+        } else {
+            // Several go to the store together, so they share one commit.
+            let tasks: Vec<_> = names
+                .into_iter()
+                .map(|name| (name.clone(), tokio::spawn(release(name))))
+                .collect();
+            for (name, t) in tasks {
+                outcomes.push((name, t.await));
+            }
+        }
+        for (name, r) in outcomes {
+            match r {
                 Ok(Ok(r)) => {
                     log_released(&r, process.pid);
                     out.released.push(r);
