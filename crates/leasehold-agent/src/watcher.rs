@@ -6,7 +6,7 @@
 //! (`process-died`: exclusive resources become dirty unless released first).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use leasehold_api::v1::{BeforeFence, Containment};
 use leasehold_core::ProcessKey;
@@ -97,6 +97,15 @@ pub struct Watcher<S> {
     cgroups: std::sync::OnceLock<crate::cgroup::Cgroups>,
     /// Draining holders whose cgroup or group SIGKILL has not emptied in [`STUCK_AFTER`].
     stuck: Mutex<HashMap<ProcessKey, Stuck>>,
+    /// The cgroups of holders whose leases ended, to remove ([`Watcher::remove_cgroup`]).
+    removals: Arc<Mutex<Removals>>,
+}
+
+/// Cgroups to remove, and whether a removal is due on a timer.
+#[derive(Default)]
+struct Removals {
+    dirs: Vec<std::path::PathBuf>,
+    timed: bool,
 }
 
 /// A dead holder whose cgroup or process group SIGKILL has not emptied yet: its leases stay
@@ -212,6 +221,14 @@ impl Left<'_> {
 /// says it is stuck (logs an error, and `status` lists it).
 const STUCK_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// How long the cgroup of a holder whose leases ended may wait to be removed when no other
+/// `run` starts meanwhile ([`Watcher::remove_cgroup`]).
+const REMOVE_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How many ended holders' cgroups the making of a `run`'s cgroup removes at most (40-60 us
+/// each; its grant waits for them, beside the store's commit).
+const REMOVE_AT_A_GRANT: usize = 4;
+
 /// How many descriptors the watcher keeps in reserve (a pidfd and a `/proc` read).
 const RESERVE: usize = 4;
 
@@ -233,6 +250,37 @@ fn zombie_status(process: &ProcessKey) -> Option<ExitStatus> {
             );
             None
         }
+    }
+}
+
+/// Removes up to `at_most` of the cgroups [`Watcher::remove_cgroup`] queued (the rest wait for
+/// its timer). One still in use (what its holder left running after releasing everything) is
+/// tried again, less and less often, until gone.
+fn remove_now(removals: &Mutex<Removals>, at_most: usize) {
+    let dirs: Vec<std::path::PathBuf> = {
+        let mut r = removals.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = r.dirs.len().min(at_most);
+        r.dirs.drain(..n).collect()
+    };
+    for dir in dirs {
+        match std::fs::remove_dir(&dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::ResourceBusy => {}
+            _ => continue,
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            continue;
+        };
+        rt.spawn(async move {
+            let mut delay = std::time::Duration::from_secs(1);
+            loop {
+                tokio::time::sleep(delay).await;
+                match std::fs::remove_dir(&dir) {
+                    Err(e) if e.kind() == std::io::ErrorKind::ResourceBusy => {}
+                    _ => return,
+                }
+                delay = (delay * 2).min(std::time::Duration::from_secs(60));
+            }
+        });
     }
 }
 
@@ -264,6 +312,7 @@ impl<S: Store> Watcher<S> {
             }),
             cgroups: std::sync::OnceLock::new(),
             stuck: Mutex::new(HashMap::new()),
+            removals: Arc::default(),
         })
     }
 
@@ -370,7 +419,11 @@ impl<S: Store> Watcher<S> {
         let me = Arc::clone(self);
         let p = process.clone();
         Some(Making(tokio::task::spawn_blocking(move || {
-            me.cgroups.get().map(|c| c.make(&p))
+            let made = me.cgroups.get().map(|c| c.make(&p));
+            // The cgroups of runs that ended since, removed while the store commits (a few:
+            // the grant waits for this thread).
+            remove_now(&me.removals, REMOVE_AT_A_GRANT);
+            made
         })))
     }
 
@@ -905,27 +958,36 @@ impl<S: Store> Watcher<S> {
         self.drain(process, Left::Cgroup(c)).await;
     }
 
-    /// Removes the cgroup of a holder whose leases ended; one still in use (its holder
-    /// released everything and left processes running) is removed once they are gone.
+    /// Removes the cgroup of a holder whose leases ended, soon: with those of other ended
+    /// holders, on the blocking thread that makes the next `run`'s cgroup while its grant is
+    /// committed, or within [`REMOVE_WITHIN`] if no `run` starts meanwhile. Not at once: the
+    /// wrapper's exit is when the next `run` of a script or loop starts, and the `rmdir` (and
+    /// the kernel's work it queues) would run beside it on a small host. Nothing waits for
+    /// it: the leases have ended, and an empty cgroup holds nothing. One still in use (its
+    /// holder released everything and left processes running) is removed once they are
+    /// gone; one left when the agent stops, at its next start ([`Watcher::sweep_cgroups`]).
     fn remove_cgroup(&self, process: &ProcessKey) {
         let Some(c) = self.cgroups.get() else {
             return;
         };
-        if c.remove(process) {
-            return;
+        let timer = {
+            let mut r = self.removals.lock().unwrap_or_else(PoisonError::into_inner);
+            r.dirs.push(c.path_of(process));
+            !std::mem::replace(&mut r.timed, true)
+        };
+        // Every cgroup queued is followed by a timer's removal of all: its own, or one already
+        // due, which comes later.
+        if timer {
+            let removals = Arc::clone(&self.removals);
+            tokio::spawn(async move {
+                tokio::time::sleep(REMOVE_WITHIN).await;
+                removals
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .timed = false;
+                remove_now(&removals, usize::MAX);
+            });
         }
-        let path = c.path_of(process);
-        tokio::spawn(async move {
-            let mut delay = std::time::Duration::from_secs(1);
-            loop {
-                tokio::time::sleep(delay).await;
-                match std::fs::remove_dir(&path) {
-                    Err(e) if e.kind() == std::io::ErrorKind::ResourceBusy => {}
-                    _ => return,
-                }
-                delay = (delay * 2).min(std::time::Duration::from_secs(60));
-            }
-        });
     }
 
     /// SIGKILLs the process group an exited holder led ([`Watcher::kill_what_it_started`]

@@ -906,6 +906,44 @@ fn a_refused_run_leaves_no_cgroup_behind() {
     assert!(left.is_empty(), "{left:?} left in {base}");
 }
 
+/// The cgroups of ended runs are removed: each run's once it has ended, whether another run
+/// follows (removed while that one's grant is committed) or not (within a second).
+#[test]
+fn the_cgroups_of_ended_runs_are_removed() {
+    let a = Agent::start();
+    require_cgroups(&a);
+    let log = a.log();
+    let base = log
+        .split("base=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or_else(|| panic!("the agent names no cgroup base: {log}"))
+        .to_owned();
+    let left = |pid: u32| {
+        std::fs::read_dir(&base)
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .any(|n| n.starts_with(&format!("{pid}-")))
+    };
+    let mut pids = Vec::new();
+    for _ in 0..3 {
+        let run = a
+            .cli()
+            .args(["run", "--exclusive", "disk", "--", "true"])
+            .spawn()
+            .unwrap();
+        pids.push(run.id());
+        let out = run.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(0));
+    }
+    wait_until(
+        "the ended runs' cgroups are removed",
+        Duration::from_secs(10),
+        || !pids.iter().any(|p| left(*p)),
+    );
+    assert!(a.holders("disk").is_empty() && !a.is_dirty("disk"));
+}
+
 /// A process frozen by the cgroup v1 freezer, thawed when dropped: a SIGKILL sent to it stays
 /// pending until it is thawed (it sits in `D`, as a process stuck in uninterruptible sleep
 /// does), so a cgroup it is in cannot be emptied. (cgroup2's `cgroup.freeze` does not do: a
