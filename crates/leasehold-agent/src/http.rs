@@ -376,7 +376,7 @@ fn acquire_line(out: Out, delivery: &Arc<Delivery>) -> v1::AcquireEvent {
                     let read = delivery.received(mark, RECEIVED_WITHIN).await;
                     crate::metrics::grant_delivered(read);
                     if read {
-                        let _ = d.send(());
+                        d.received();
                     }
                 });
             }
@@ -455,7 +455,7 @@ fn ended_grant(out: Out, delivery: Arc<Delivery>) -> Response<Body> {
             let read = delivery.ending_received(&ending, RECEIVED_WITHIN).await;
             crate::metrics::grant_delivered(read);
             if read {
-                let _ = d.send(());
+                d.received();
             }
         });
         (delivery, ending)

@@ -43,10 +43,10 @@ pub(crate) enum Out {
         grants: Vec<Grant>,
         /// The owner as recorded.
         owner: Owner,
-        /// For new leases: fired by the front end once the client read the grant, dropped
-        /// unsent if it did not (it went away just as it was granted: a withdrawn wait), and
+        /// For new leases: told by the front end once the client read the grant, dropped
+        /// untold if it did not (it went away just as it was granted: a withdrawn wait), and
         /// then the new leases are released clean, so none is left that nobody knows of.
-        delivered: Option<oneshot::Sender<()>>,
+        delivered: Option<Delivered>,
         /// With a host session: safe until this instant of CLOCK_MONOTONIC, in nanoseconds
         /// ([`safe_until_at_grant`]); `None` without one (the local store).
         safe_until: Option<u64>,
@@ -67,6 +67,50 @@ pub(crate) enum Out {
     },
     /// Refused or failed: the last message.
     Failed(ApiError),
+}
+
+/// A grant's new leases, counting once its client read the grant ([`Delivered::received`]);
+/// dropped untold (the client went away without reading it, or the answer was never
+/// written), they are undone.
+pub(crate) struct Delivered {
+    /// A streamed acquire's task, which holds or undoes after the grant, waits for this.
+    told: Option<oneshot::Sender<()>>,
+    /// A plain acquire has no task after its grant: its undoing starts one here when this is
+    /// dropped untold (a task per grant waiting for the word cost a spawn and a wake-up of
+    /// another worker per acquire).
+    undo: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl Delivered {
+    /// Told to `tx` (dropped untold, `tx` is dropped unsent).
+    fn told(tx: oneshot::Sender<()>) -> Delivered {
+        Delivered {
+            told: Some(tx),
+            undo: None,
+        }
+    }
+
+    /// The client read the grant: its leases count.
+    pub(crate) fn received(mut self) {
+        self.undo = None;
+        if let Some(tx) = self.told.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl Drop for Delivered {
+    fn drop(&mut self) {
+        if let Some(undo) = self.undo.take() {
+            undo();
+        }
+    }
+}
+
+impl std::fmt::Debug for Delivered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivered").finish_non_exhaustive()
+    }
 }
 
 impl Out {
@@ -473,7 +517,7 @@ impl<S: Store> Service<S> {
             (None, None)
         } else {
             let (tx, rx) = oneshot::channel();
-            (Some(tx), Some(rx))
+            (Some(Delivered::told(tx)), Some(rx))
         };
         let granted = Out::Granted {
             grants: grants.clone(),
@@ -574,15 +618,18 @@ impl<S: Store> Service<S> {
         self.watch_granted(&owner, before_fence, prepared);
         let fresh = log_granted(&owner, &grants);
         let delivered = (!fresh.is_empty()).then(|| {
-            let (tx, rx) = oneshot::channel::<()>();
             let me = self.clone();
             let owner = owner.clone();
-            tokio::spawn(async move {
-                if rx.await.is_err() {
-                    me.undo_unread(&owner, fresh).await;
+            let undo = move || {
+                // Outside a runtime only as the agent stops: its tasks end too.
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move { me.undo_unread(&owner, fresh).await });
                 }
-            });
-            tx
+            };
+            Delivered {
+                told: None,
+                undo: Some(Box::new(undo)),
+            }
         });
         Ok(Out::Granted {
             grants,
