@@ -539,12 +539,15 @@ fn request_bytes(
     } else {
         "connection: close\r\n"
     };
-    let mut req = format!(
+    // Written into one buffer the size of the whole request (`format!` made a string that
+    // grew as it was written, then grew again for the body).
+    let mut req = Vec::with_capacity(128 + method.len() + path.len() + body.len());
+    write!(
+        req,
         "{method} {path} HTTP/1.1\r\nhost: leasehold\r\n{close}\
          content-type: application/json\r\ncontent-length: {}\r\n\r\n",
         body.len()
-    )
-    .into_bytes();
+    )?;
     req.extend_from_slice(&body);
     Ok(req)
 }

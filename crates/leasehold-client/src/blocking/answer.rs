@@ -6,6 +6,9 @@ use std::os::unix::net::UnixStream;
 
 use super::Error;
 
+/// The buffer of an answer's body, over the connection's own buffer.
+const BODY_BUFFER: usize = 1024;
+
 /// An answer: its status, then its body as one text or as lines.
 #[derive(Debug)]
 pub(super) struct Answer {
@@ -15,7 +18,8 @@ pub(super) struct Answer {
 
 impl Answer {
     pub(super) fn read(mut r: BufReader<UnixStream>) -> Result<Answer, Error> {
-        let mut status_line = String::new();
+        // One line buffer for the status line and every header (a call reads five or so).
+        let mut status_line = String::with_capacity(64);
         if r.read_line(&mut status_line)? == 0 {
             return Err(Error::Io(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
@@ -29,8 +33,9 @@ impl Answer {
             .ok_or_else(|| Error::Protocol(format!("not an HTTP answer: {status_line:?}")))?;
         let mut length = None;
         let mut chunked = false;
+        let mut h = status_line;
         loop {
-            let mut h = String::new();
+            h.clear();
             if r.read_line(&mut h)? == 0 {
                 return Err(Error::Io(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
@@ -62,7 +67,10 @@ impl Answer {
         };
         Ok(Answer {
             status,
-            reader: BufReader::new(body),
+            // The body reads from `r`'s buffer already: this one only needs to hold a line
+            // at a time (a smaller one is filled more often), not the default 8 KiB that was
+            // allocated for every answer.
+            reader: BufReader::with_capacity(BODY_BUFFER, body),
         })
     }
 
