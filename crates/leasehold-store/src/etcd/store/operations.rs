@@ -49,17 +49,11 @@ impl Store for EtcdStore {
             items: spec.items.clone(),
             accept_dirty: spec.accept_dirty,
         };
-        // Queueing runs as a task of its own, so that a caller who goes away cannot cut it
-        // between writing the waiter keys and registering the waiter: keys written for nobody
-        // would stand in every queue until this host's session ends. A registered waiter
-        // whose caller has gone is withdrawn by the guard below, or by `serve_waiters`.
-        // (Run on the caller's task instead, with `Finish`, it saved a spawn and a wake-up
-        // per acquire but cost the 64-client row its parallelism across the two workers:
-        // docs/performance.md, "Acquire on etcd".)
+        let waits = spec.wait.is_some();
         let queueing = {
             let inner = Arc::clone(inner);
             let spec = spec.clone();
-            tokio::spawn(async move {
+            async move {
                 let (acquired, _out, rev) = inner
                     .transact(names, |engine, now, _snap| {
                         let req = AcquireRequest {
@@ -125,13 +119,29 @@ impl Store for EtcdStore {
                         Ok(Queueing::Queued(id, rx))
                     }
                 }
-            })
+            }
         };
-        let (id, mut rx) = match queueing.await {
-            Ok(Ok(Queueing::Queued(id, rx))) => (id, rx),
-            Ok(Ok(Queueing::Granted(grants))) => return Ok(grants),
-            Ok(Err(e)) => return Err(e),
-            Err(e) => return Err(StoreError::Unavailable(Cause::at("queueing failed", e))),
+        // A request that waits queues as a task of its own, so that a caller who goes away
+        // cannot cut it between writing the waiter keys and registering the waiter: keys
+        // written for nobody would stand in every queue until this host's session ends. A
+        // registered waiter whose caller has gone is withdrawn by the guard below, or by
+        // `serve_waiters`. One that does not wait never queues (the engine refuses it
+        // instead) and writes no waiter key: it runs on its caller's task, and to its end
+        // even if dropped (`Finish`: the rest then goes on as a task, as the spawned one
+        // would), without the spawn, the hand-over to the other worker and the join
+        // (docs/performance.md, "Acquire on etcd").
+        let queued = if waits {
+            match tokio::spawn(queueing).await {
+                Ok(r) => r,
+                Err(e) => return Err(StoreError::Unavailable(Cause::at("queueing failed", e))),
+            }
+        } else {
+            crate::Finish::new(queueing).await
+        };
+        let (id, mut rx) = match queued {
+            Ok(Queueing::Queued(id, rx)) => (id, rx),
+            Ok(Queueing::Granted(grants)) => return Ok(grants),
+            Err(e) => return Err(e),
         };
         let mut guard = WaitGuard {
             inner: Arc::clone(inner),

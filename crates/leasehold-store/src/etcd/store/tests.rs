@@ -794,6 +794,44 @@ async fn an_own_commit_the_watch_delivers_first_is_published_once() {
     }
 }
 
+/// An acquire that does not wait runs on its caller's task (no task of its own, since it
+/// writes no waiter key), and to its end even if its caller drops it midway, as the task it
+/// ran as before did: dropped once etcd has answered its commit, the rest of the commit (the
+/// view written, the grant's events published, the index of holders) still happens. A plain
+/// `.await` on the caller's task would stop there, with the grant written and this store's
+/// own bookkeeping of it left to the watch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acquire_that_does_not_wait_finishes_its_commit_when_dropped() {
+    let etcd = Etcd::start();
+    let s = open(&etcd, "dropped-plain").await;
+    let owner = Owner::new(s.host().clone(), 10, 1);
+    let disk = res("disk");
+    let mut answered = s.pause_next_commit();
+    let mut published = s.pause_next_published();
+    let acquire = s.acquire(AcquireSpec::new(
+        owner.clone(),
+        [(disk.clone(), Mode::Exclusive)],
+    ));
+    tokio::select! {
+        r = acquire => panic!("the commit cannot end while it is paused: {r:?}"),
+        () = answered.reached() => {}
+    }
+    // The acquire is dropped here, with etcd's answer in hand.
+    answered.resume();
+    tokio::time::timeout(Duration::from_secs(20), published.reached())
+        .await
+        .expect("the dropped acquire's commit never went on to publish its grant");
+    published.resume();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !s.local_holders().unwrap().contains(&owner.process) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dropped acquire's grant never reached the index of holders"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// A process whose leases are on a session that ended (its agent fenced it, then ends its
 /// leases) has them all ended, however many: each such resource also starts a grace (its
 /// key's compare and put), which the transactions' size allows for. Before, 30 to a
