@@ -469,32 +469,16 @@ fn agent_on_etcd_to_freeze() -> (leasehold_testkit::Etcd, u16, Agent) {
 }
 
 fn dropped_while_its_grant_is_written_leaves_no_lease(more: &str) {
-    use std::io::Read;
     let (etcd, port, a) = agent_on_etcd_to_freeze();
     let holder = Holder::new();
     etcd.stop();
     let before = unread_by_etcd(port);
-    let mut s = send_acquire(&a, holder.pid(), more);
+    let s = send_acquire(&a, holder.pid(), more);
     // The grant's transaction is in etcd's socket (about 600 bytes; a keep-alive, about 65).
     wait_until("the grant is sent to etcd", Duration::from_secs(10), || {
         unread_by_etcd(port) > before + 400
     });
-    // The client's end of input: the agent drops the request and the connection.
-    s.shutdown(std::net::Shutdown::Write).unwrap();
-    let mut rest = Vec::new();
-    s.read_to_end(&mut rest).unwrap();
-    assert!(
-        rest.is_empty(),
-        "answered: {}",
-        String::from_utf8_lossy(&rest)
-    );
-    etcd.cont();
-    wait_until(
-        "the grant nobody was told of is undone",
-        Duration::from_secs(10),
-        || a.inspect("disk").is_some() && a.holders("disk").is_empty(),
-    );
-    assert!(!a.is_dirty("disk"), "{:?}", a.inspect("disk"));
+    hang_up_unanswered(s, &etcd, &a, "the grant nobody was told of is undone");
 }
 
 // A release whose client goes away while the store writes it is carried out all the same:
@@ -503,7 +487,7 @@ fn dropped_while_its_grant_is_written_leaves_no_lease(more: &str) {
 // its own: dropped with the request, the rest of it is finished as a task.)
 #[test]
 fn a_release_dropped_while_it_is_written_is_carried_out() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let (etcd, port, a) = agent_on_etcd_to_freeze();
     let holder = Holder::new();
     expect_code(&a.lh(&["acquire", "disk", "--pid", &holder.pid_arg()]), 0);
@@ -524,7 +508,19 @@ fn a_release_dropped_while_it_is_written_is_carried_out() {
         Duration::from_secs(10),
         || unread_by_etcd(port) > before + 200,
     );
-    // The client's end of input: the agent drops the request and the connection.
+    hang_up_unanswered(s, &etcd, &a, "the release is carried out");
+}
+
+/// The client of `s`, whose request the frozen etcd holds up, hangs up (its end of input:
+/// the agent drops the request and the connection) and is answered nothing; etcd is thawed,
+/// and `disk` ends up held by nobody (`what`) and clean.
+fn hang_up_unanswered(
+    mut s: std::os::unix::net::UnixStream,
+    etcd: &leasehold_testkit::Etcd,
+    a: &Agent,
+    what: &str,
+) {
+    use std::io::Read;
     s.shutdown(std::net::Shutdown::Write).unwrap();
     let mut rest = Vec::new();
     s.read_to_end(&mut rest).unwrap();
@@ -534,10 +530,8 @@ fn a_release_dropped_while_it_is_written_is_carried_out() {
         String::from_utf8_lossy(&rest)
     );
     etcd.cont();
-    wait_until(
-        "the release is carried out",
-        Duration::from_secs(10),
-        || a.inspect("disk").is_some() && a.holders("disk").is_empty(),
-    );
+    wait_until(what, Duration::from_secs(10), || {
+        a.inspect("disk").is_some() && a.holders("disk").is_empty()
+    });
     assert!(!a.is_dirty("disk"), "{:?}", a.inspect("disk"));
 }
