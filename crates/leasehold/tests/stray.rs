@@ -535,3 +535,52 @@ fn hang_up_unanswered(
     });
     assert!(!a.is_dirty("disk"), "{:?}", a.inspect("disk"));
 }
+
+// A process whose first acquire went unread (its connection left open, then closed with the
+// grant unread) while a second acquire of the same resource, on another connection, was
+// answered the same lease (`existing`) and read: the lease is the second answer's too, and
+// must stay. Undoing the unread grant (a release by owner, not by answer) took the lease from
+// a process that had just been told it holds it: another could be granted the resource while
+// it writes under its token (G1).
+#[test]
+fn a_lease_answered_again_and_read_is_kept_when_its_first_grant_went_unread() {
+    let a = Agent::start_with(&["--metrics-listen", "127.0.0.1:0"]);
+    let addr = metrics_addr(&a);
+    let holder = Holder::new();
+    let unread = r#"leasehold_grant_deliveries_total{outcome="unread"}"#;
+    let count = |name: &str| {
+        let (code, body) = get(&addr, "/metrics");
+        assert_eq!(code, 200, "{body}");
+        sample(&body, name).unwrap_or(0.0)
+    };
+    // The first acquire: granted, its answer left unread.
+    let first = send_plain_acquire(&a, holder.pid());
+    wait_until("the disk is granted", Duration::from_secs(10), || {
+        !a.holders("disk").is_empty()
+    });
+    // The second, on its own connection: the same lease, answered and read.
+    let out = a.lh(&["acquire", "disk", "--pid", &holder.pid().to_string()]);
+    expect_code(&out, 0);
+    // The first closed with its grant unread: its delivery check ends "unread".
+    drop(first);
+    wait_until(
+        "the first grant's delivery check to end",
+        Duration::from_secs(20),
+        || count(unread) >= 1.0,
+    );
+    // An undo, if any, follows the check: wait for its word, or for the agent to say it kept.
+    wait_until(
+        "the unread grant's outcome to be logged",
+        Duration::from_secs(20),
+        || {
+            let log = a.log();
+            log.contains("without reading") || log.contains("never read is not released")
+        },
+    );
+    assert_eq!(
+        a.holders("disk"),
+        vec![u64::from(holder.pid())],
+        "{}",
+        a.log()
+    );
+}

@@ -21,6 +21,8 @@ use crate::metrics;
 use crate::procfs::{Pidfd, ProcError};
 use crate::watcher::{Prepared, retrying};
 
+use super::undecided::Undecided;
+
 /// How often a waiting request is told who is in its way.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
@@ -75,10 +77,10 @@ pub(crate) enum Out {
 pub(crate) struct Delivered {
     /// A streamed acquire's task, which holds or undoes after the grant, waits for this.
     told: Option<oneshot::Sender<()>>,
-    /// A plain acquire has no task after its grant: its undoing starts one here when this is
-    /// dropped untold (a task per grant waiting for the word cost a spawn and a wake-up of
-    /// another worker per acquire).
-    undo: Option<Box<dyn FnOnce() + Send>>,
+    /// A plain acquire has no task after its grant: called with whether the client read it;
+    /// its undoing starts a task here when this is dropped untold (a task per grant waiting
+    /// for the word cost a spawn and a wake-up of another worker per acquire).
+    settle: Option<Box<dyn FnOnce(bool) + Send>>,
 }
 
 impl Delivered {
@@ -86,13 +88,15 @@ impl Delivered {
     fn told(tx: oneshot::Sender<()>) -> Delivered {
         Delivered {
             told: Some(tx),
-            undo: None,
+            settle: None,
         }
     }
 
     /// The client read the grant: its leases count.
     pub(crate) fn received(mut self) {
-        self.undo = None;
+        if let Some(settle) = self.settle.take() {
+            settle(true);
+        }
         if let Some(tx) = self.told.take() {
             let _ = tx.send(());
         }
@@ -101,8 +105,8 @@ impl Delivered {
 
 impl Drop for Delivered {
     fn drop(&mut self) {
-        if let Some(undo) = self.undo.take() {
-            undo();
+        if let Some(settle) = self.settle.take() {
+            settle(false);
         }
     }
 }
@@ -129,14 +133,29 @@ type Tx = mpsc::Sender<Out>;
 /// [`Service::undo_unread`] with `release` releasing one lease of `owner`'s, clean: each
 /// retried while the store cannot answer ([`retrying`], as the watcher ends an exited
 /// holder's leases). The process stays watched, so its exit would end the lease, but a live
-/// process would keep, for as long as it lives, a lease it never received.
-async fn undo_unread_with<F, Fut>(owner: &Owner, fresh: Vec<ResourceName>, release: F)
-where
+/// process would keep, for as long as it lives, a lease it never received. A lease another
+/// answer handed out meanwhile (the process asked again on another connection) is kept
+/// ([`Undecided`]).
+async fn undo_unread_with<F, Fut>(
+    undecided: &Undecided,
+    owner: &Owner,
+    fresh: Vec<(ResourceName, Token)>,
+    release: F,
+) where
     F: Fn(ResourceName) -> Fut,
     Fut: std::future::Future<Output = Result<Released, StoreError>>,
 {
     let pid = owner.process.pid;
-    for r in fresh {
+    for (r, token) in fresh {
+        if !undecided.undo(&owner.process, &r, token) {
+            info!(
+                resource = %r,
+                pid,
+                %token,
+                "a grant its client never read is not released: the process was answered that lease again, on another request, or holds a newer one"
+            );
+            continue;
+        }
         let retry = |e: &StoreError| {
             warn!(resource = %r, pid, error = %e, "a grant its client never read cannot be released yet; retrying");
         };
@@ -153,7 +172,21 @@ where
                 "a grant its client never read could not be released"
             ),
         }
+        undecided.undone(&owner.process, &r, token);
     }
+}
+
+/// The refusal of a request answered a lease of its process whose earlier grant went unread
+/// and is being undone ([`Undecided::granted`]).
+fn being_undone(owner: &Owner, resource: &ResourceName) -> ApiError {
+    warn!(resource = %resource, pid = owner.process.pid, "acquire refused: its lease is being undone (an earlier grant of it was never read)");
+    ApiError::new(
+        ErrorCode::Unavailable,
+        format!(
+            "{resource}: pid {}'s lease of it is being released, as an earlier grant of it was never read; acquire again",
+            owner.process.pid
+        ),
+    )
 }
 
 /// The safe-until a grant carries on a backend with a host session (SPEC G3): the fencing
@@ -211,7 +244,7 @@ struct Handed {
     owner: Owner,
     grants: Vec<Grant>,
     /// The new leases of the grant.
-    fresh: Vec<ResourceName>,
+    fresh: Vec<(ResourceName, Token)>,
     /// Fires once the client read the grant (`None` when nothing is new).
     received: Option<oneshot::Receiver<()>>,
     /// Whether the grant reached the front end.
@@ -220,8 +253,8 @@ struct Handed {
     registration: Option<Registration>,
 }
 
-/// Logs each new lease of a grant to `owner`; returns their resources.
-fn log_granted(owner: &Owner, grants: &[Grant]) -> Vec<ResourceName> {
+/// Logs each new lease of a grant to `owner`; returns their resources and tokens.
+fn log_granted(owner: &Owner, grants: &[Grant]) -> Vec<(ResourceName, Token)> {
     let fresh = grants.iter().filter(|g| !g.existing);
     for g in fresh.clone() {
         info!(
@@ -233,7 +266,7 @@ fn log_granted(owner: &Owner, grants: &[Grant]) -> Vec<ResourceName> {
             "granted"
         );
     }
-    fresh.map(|g| g.resource.clone()).collect()
+    fresh.map(|g| (g.resource.clone(), g.token)).collect()
 }
 
 /// Logs a refused acquire of `owner` and words it for the caller (`dirty_needs`: who may
@@ -480,6 +513,7 @@ impl<S: Store> Service<S> {
         let making = (clone_into && !waits)
             .then(|| self.watcher.start_making(&owner.process))
             .flatten();
+        let asking = self.undecided.asking(&owner.process);
         let grants = match self.acquire_reporting(spec, tx).await {
             None => {
                 // The caller went away; the wait was withdrawn.
@@ -513,6 +547,14 @@ impl<S: Store> Service<S> {
         // New leases count only once the client received them: one that went away as
         // it was granted (a withdrawn wait) must not leave them behind.
         let fresh = log_granted(&owner, &grants);
+        let checked = self.undecided.granted(&owner.process, &grants);
+        drop(asking);
+        if let Err(r) = checked {
+            // Contained as if granted (it may hold other leases): only the answer differs.
+            self.undo_unread(&owner, fresh).await;
+            let _ = tx.send(Out::Failed(being_undone(&owner, &r))).await;
+            return None;
+        }
         let (delivered, received) = if fresh.is_empty() {
             (None, None)
         } else {
@@ -551,6 +593,7 @@ impl<S: Store> Service<S> {
             self.undo_unread(&g.owner, g.fresh).await;
             return;
         }
+        self.undecided.read(&g.owner.process, &g.fresh);
         if let Some(registration) = g.registration {
             self.hold(&g.grants, registration, tx).await;
         }
@@ -611,24 +654,33 @@ impl<S: Store> Service<S> {
         prepared: Prepared,
     ) -> Result<Out, ApiError> {
         let started = Instant::now();
+        let asking = self.undecided.asking(&owner.process);
         let r = self.store.acquire(spec).await;
         metrics::store_op(metrics::StoreOp::acquire, started.elapsed());
         metrics::acquired(metrics::acquire_result(&r), None);
         let grants = r.map_err(|e| refused(&owner, e, dirty_needs.as_deref()))?;
         self.watch_granted(&owner, before_fence, prepared);
         let fresh = log_granted(&owner, &grants);
+        let checked = self.undecided.granted(&owner.process, &grants);
+        drop(asking);
+        if let Err(r) = checked {
+            self.undo_unread(&owner, fresh).await;
+            return Err(being_undone(&owner, &r));
+        }
         let delivered = (!fresh.is_empty()).then(|| {
             let me = self.clone();
             let owner = owner.clone();
-            let undo = move || {
+            let settle = move |read: bool| {
+                if read {
+                    me.undecided.read(&owner.process, &fresh);
                 // Outside a runtime only as the agent stops: its tasks end too.
-                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                } else if let Ok(rt) = tokio::runtime::Handle::try_current() {
                     rt.spawn(async move { me.undo_unread(&owner, fresh).await });
                 }
             };
             Delivered {
                 told: None,
-                undo: Some(Box::new(undo)),
+                settle: Some(Box::new(settle)),
             }
         });
         Ok(Out::Granted {
@@ -716,8 +768,8 @@ impl<S: Store> Service<S> {
 
     /// Releases, clean, the new leases of a grant whose client went away before receiving
     /// it: nobody learnt their tokens, so nothing was written under them.
-    async fn undo_unread(&self, owner: &Owner, fresh: Vec<ResourceName>) {
-        undo_unread_with(owner, fresh, |r| {
+    async fn undo_unread(&self, owner: &Owner, fresh: Vec<(ResourceName, Token)>) {
+        undo_unread_with(&self.undecided, owner, fresh, |r| {
             self.store.release(
                 r,
                 owner.process.clone(),
@@ -915,7 +967,9 @@ mod tests {
         let tries = std::sync::Mutex::new(BTreeMap::<ResourceName, usize>::new());
         let released = AtomicUsize::new(0);
         let started = Instant::now();
-        undo_unread_with(&owner, vec![name("disk"), name("gone")], |r| {
+        let undecided = Undecided::default();
+        let fresh = vec![(name("disk"), Token(1)), (name("gone"), Token(2))];
+        undo_unread_with(&undecided, &owner, fresh, |r| {
             let n = {
                 let mut t = tries.lock().unwrap();
                 let n = t.entry(r.clone()).or_default();

@@ -22,6 +22,7 @@ use crate::watcher::Watcher;
 
 mod acquire;
 mod renewals;
+mod undecided;
 
 pub(crate) use acquire::Out;
 
@@ -42,6 +43,8 @@ pub struct Service<S> {
     started: Instant,
     /// The host session's recent renewals, for `status`.
     renewals: Arc<renewals::Renewals>,
+    /// The new leases of grants whose delivery is not decided yet ([`undecided`]).
+    undecided: Arc<undecided::Undecided>,
 }
 
 impl<S> Clone for Service<S> {
@@ -55,6 +58,7 @@ impl<S> Clone for Service<S> {
             config: self.config.clone(),
             started: self.started,
             renewals: self.renewals.clone(),
+            undecided: self.undecided.clone(),
         }
     }
 }
@@ -164,6 +168,7 @@ impl<S: Store> Service<S> {
             config,
             started: Instant::now(),
             renewals: renewals::Renewals::follow(&*store_for_renewals),
+            undecided: Arc::default(),
         }
     }
 
