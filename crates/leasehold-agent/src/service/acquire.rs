@@ -159,8 +159,26 @@ async fn undo_unread_with<F, Fut>(
         let retry = |e: &StoreError| {
             warn!(resource = %r, pid, error = %e, "a grant its client never read cannot be released yet; retrying");
         };
-        match retrying(|| release(r.clone()), retry).await {
-            Ok(_) => warn!(
+        // Checked again before each try: a release is by owner, and the process may have been
+        // granted a newer lease of the resource while the store was away.
+        let attempt = || {
+            let go = undecided.undoing(&owner.process, &r, token);
+            let release = go.then(|| release(r.clone()));
+            async move {
+                match release {
+                    Some(f) => f.await.map(Some),
+                    None => Ok(None),
+                }
+            }
+        };
+        match retrying(attempt, retry).await {
+            Ok(None) => info!(
+                resource = %r,
+                pid,
+                %token,
+                "a grant its client never read is not released: the process holds a newer lease of it"
+            ),
+            Ok(Some(_)) => warn!(
                 resource = %r,
                 pid,
                 "released a grant its client went away without reading"
@@ -1013,6 +1031,47 @@ mod tests {
         assert_eq!(released.load(Ordering::SeqCst), 1);
         // It waited between tries: 200 ms, then 400 ms.
         assert!(started.elapsed() >= Duration::from_millis(600));
+    }
+
+    /// An undo retrying while the store is away does not release, once it answers, a newer
+    /// lease of the process (its unread one ended meanwhile, force-released, and the process
+    /// was granted the resource afresh): a release is by owner, so each try first checks that
+    /// the lease to undo is still the process's one.
+    #[tokio::test]
+    async fn an_undo_retrying_leaves_a_newer_lease_of_the_process_alone() {
+        use leasehold_core::{Grant, HostId, Mode};
+        use leasehold_store::Cause;
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let owner = Owner::new(HostId::new("host-a").unwrap(), 10, 1);
+        let disk = ResourceName::new("disk").unwrap();
+        let grant = |token: u64| Grant {
+            resource: disk.clone(),
+            mode: Mode::Exclusive,
+            token: Token(token),
+            dirty: None,
+            existing: false,
+        };
+        let undecided = Arc::new(Undecided::default());
+        {
+            let _asking = undecided.asking(&owner.process);
+            undecided.granted(&owner.process, &[grant(7)]).unwrap();
+        }
+        let tries = AtomicUsize::new(0);
+        undo_unread_with(&undecided, &owner, vec![(disk.clone(), Token(7))], |_| {
+            let n = tries.fetch_add(1, Ordering::SeqCst);
+            if n == 0 {
+                // While the store is away, the lease ends and the process is granted anew.
+                let _asking = undecided.asking(&owner.process);
+                undecided.granted(&owner.process, &[grant(8)]).unwrap();
+            }
+            async move {
+                assert_eq!(n, 0, "released the newer lease");
+                Err(StoreError::Unavailable(Cause::new("etcd is away")))
+            }
+        })
+        .await;
+        assert_eq!(tries.load(Ordering::SeqCst), 1);
     }
 
     /// A grant's safe-until is never later than the fencing deadline, whether the fence task

@@ -192,6 +192,21 @@ impl Undecided {
         true
     }
 
+    /// Whether the undo [`Undecided::undo`] let go may (still) release: before each try, as a
+    /// release is by owner. Not once the process was granted a newer lease of `resource` (the
+    /// one to undo ended meanwhile, force-released while the store was away).
+    pub(crate) fn undoing(
+        &self,
+        process: &ProcessKey,
+        resource: &ResourceName,
+        token: Token,
+    ) -> bool {
+        let p = pid_of(process);
+        self.lock()
+            .lease(p, resource)
+            .is_none_or(|l| l.token == token && l.fate == Fate::Undoing)
+    }
+
     /// The release [`Undecided::undo`] let go is over.
     pub(crate) fn undone(&self, process: &ProcessKey, resource: &ResourceName, token: Token) {
         let p = pid_of(process);
