@@ -477,6 +477,15 @@ fn group_leader_with_pid(pid: u32) -> std::process::Child {
     panic!("pid {pid} was never given to the new process (taken by others each time)");
 }
 
+/// The time since boot in clock ticks (as the start times of `/proc/PID/stat`), from
+/// `/proc/uptime`'s seconds, given to the hundredth.
+fn ticks_since_boot() -> u64 {
+    let up = std::fs::read_to_string("/proc/uptime").unwrap();
+    let secs = up.split_whitespace().next().unwrap();
+    let (whole, hundredths) = secs.split_once('.').unwrap();
+    whole.parse::<u64>().unwrap() * 100 + hundredths.parse::<u64>().unwrap()
+}
+
 /// A holder that died while the agent was down, its pid reused meanwhile by a new process
 /// leading its own group (with a child): the restarted agent ends the dead holder's lease and
 /// leaves the new process's group alone (its leader's start time is not the holder's).
@@ -485,9 +494,19 @@ fn a_dead_holders_pid_reused_by_a_group_leader_is_left_alone_at_restart() {
     let mut a = Agent::start();
     let mut holder = Holder::new();
     let pid = holder.pid();
+    let held_since = leasehold_api::host::start_time(pid).unwrap();
     expect_code(&a.lh(&["acquire", "disk", "--pid", &holder.pid_arg()]), 0);
     a.kill9();
     holder.kill9();
+    // A process is known by its pid and its start time in clock ticks (10 ms): one that took
+    // the pid within the holder's own tick would be the holder to anyone (a pid reused that
+    // fast takes `ns_last_pid`, as here; the kernel hands pids out in turn). The test is of a
+    // reuse that can be told apart: the new process starts a tick later at least.
+    wait_until(
+        "a clock tick has passed since the holder started",
+        Duration::from_secs(10),
+        || ticks_since_boot() > held_since,
+    );
     let mut leader = group_leader_with_pid(pid);
     wait_until(
         "the new group has two members",
