@@ -21,7 +21,7 @@ use crate::metrics;
 use crate::procfs::{Pidfd, ProcError};
 use crate::watcher::{Prepared, retrying};
 
-use super::undecided::Undecided;
+use super::undecided::{Asking, Undecided};
 
 /// How often a waiting request is told who is in its way.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
@@ -564,15 +564,13 @@ impl<S: Store> Service<S> {
         };
         // New leases count only once the client received them: one that went away as
         // it was granted (a withdrawn wait) must not leave them behind.
-        let fresh = log_granted(&owner, &grants);
-        let checked = self.undecided.granted(&owner.process, &grants);
-        drop(asking);
-        if let Err(r) = checked {
-            // Contained as if granted (it may hold other leases): only the answer differs.
-            self.undo_unread(&owner, fresh).await;
-            let _ = tx.send(Out::Failed(being_undone(&owner, &r))).await;
-            return None;
-        }
+        let fresh = match self.answerable(&owner, &grants, asking).await {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                let _ = tx.send(Out::Failed(e)).await;
+                return None;
+            }
+        };
         let (delivered, received) = if fresh.is_empty() {
             (None, None)
         } else {
@@ -678,21 +676,15 @@ impl<S: Store> Service<S> {
         metrics::acquired(metrics::acquire_result(&r), None);
         let grants = r.map_err(|e| refused(&owner, e, dirty_needs.as_deref()))?;
         self.watch_granted(&owner, before_fence, prepared);
-        let fresh = log_granted(&owner, &grants);
-        let checked = self.undecided.granted(&owner.process, &grants);
-        drop(asking);
-        if let Err(r) = checked {
-            self.undo_unread(&owner, fresh).await;
-            return Err(being_undone(&owner, &r));
-        }
+        let fresh = self.answerable(&owner, &grants, asking).await?;
         let delivered = (!fresh.is_empty()).then(|| {
             let me = self.clone();
             let owner = owner.clone();
             let settle = move |read: bool| {
                 if read {
                     me.undecided.read(&owner.process, &fresh);
-                // Outside a runtime only as the agent stops: its tasks end too.
                 } else if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    // Outside a runtime only as the agent stops: its tasks end too.
                     rt.spawn(async move { me.undo_unread(&owner, fresh).await });
                 }
             };
@@ -780,6 +772,28 @@ impl<S: Store> Service<S> {
                     ));
                 }
                 Err(e) => return Err(ApiError::new(ErrorCode::Internal, e.to_string())),
+            }
+        }
+    }
+
+    /// The new leases of `grants` to `owner`, logged, once [`Undecided`] lets them be answered
+    /// (`asking`, the request's registration there, ends here); else, an earlier grant of one
+    /// of them having gone unread and being undone, the grant's new leases are undone too (it
+    /// was contained as if granted: only the answer differs) and the refusal is returned.
+    async fn answerable(
+        &self,
+        owner: &Owner,
+        grants: &[Grant],
+        asking: Asking,
+    ) -> Result<Vec<(ResourceName, Token)>, ApiError> {
+        let fresh = log_granted(owner, grants);
+        let checked = self.undecided.granted(&owner.process, grants);
+        drop(asking);
+        match checked {
+            Ok(()) => Ok(fresh),
+            Err(r) => {
+                self.undo_unread(owner, fresh).await;
+                Err(being_undone(owner, &r))
             }
         }
     }
