@@ -755,24 +755,26 @@ fn exec_full(args: &[std::ffi::OsString]) -> Failure {
 /// The command line of the lean `leasehold`: `agent` and `bench` are handed to
 /// [`FULL_BINARY`], so that none of their code (nor the runtime, store and etcd client under
 /// them) is linked into this binary.
-pub fn main_lean() -> std::process::ExitCode {
+/// Returns the exit status: `src/main.rs` starts this without std's `fn main` on linux-gnu
+/// and exits with it itself.
+pub fn main_lean() -> u8 {
     main_with(|_, _, args| Err(exec_full(args)))
 }
 
 /// The command line of `leasehold-agent`: every command, `agent` and `bench` run here.
 pub fn main_full() -> std::process::ExitCode {
-    main_with(|command, socket, _| match command {
+    std::process::ExitCode::from(main_with(|command, socket, _| match command {
         Command::Agent(a) => commands::agent(*a, socket),
         Command::Bench(a) => bench::bench(a, &socket),
         _ => Err(Failure::error("not the agent or the bench")),
-    })
+    }))
 }
 
 /// The command line of both binaries; `heavy` runs `agent` and `bench` (with the socket
-/// flag and the whole command line).
+/// flag and the whole command line). Returns the exit status.
 fn main_with(
     heavy: impl FnOnce(Command, Option<PathBuf>, &[std::ffi::OsString]) -> Result<u8, Failure>,
-) -> std::process::ExitCode {
+) -> u8 {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let cli = match parse(&args) {
         Ok(cli) => cli,
@@ -782,7 +784,7 @@ fn main_with(
             if let Some(h) = hint {
                 eprintln!("\nhint: {h}");
             }
-            return std::process::ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+            return u8::try_from(e.exit_code()).unwrap_or(2);
         }
     };
     let _ = TIMEOUT.set(cli.global.timeout.0);
@@ -806,12 +808,12 @@ fn main_with(
         Command::Watch(a) => commands::watch(a, &socket),
     };
     match result {
-        Ok(code) => std::process::ExitCode::from(code),
+        Ok(code) => code,
         Err(f) => {
             if !f.message.is_empty() {
                 note!("leasehold: {}", f.message);
             }
-            std::process::ExitCode::from(f.code.code())
+            f.code.code()
         }
     }
 }

@@ -735,3 +735,102 @@ fn the_cli_reaches_into_the_agent_crate_only_to_run_the_agent() {
         }
     }
 }
+
+/// `cmd` with standard input, output or error (`fd`) closed when it starts.
+fn with_closed(mut c: std::process::Command, fd: i32) -> std::process::Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: close() is async-signal-safe; the closure allocates nothing.
+    unsafe {
+        c.pre_exec(move || {
+            libc::close(fd);
+            Ok(())
+        });
+    }
+    c
+}
+
+/// A pipe whose reader is gone: its write end, as a command's output.
+fn widowed_pipe() -> Stdio {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array; each is owned once below.
+    let (read, write) = unsafe {
+        assert_eq!(libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC), 0);
+        (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
+    };
+    drop(read);
+    Stdio::from(write)
+}
+
+/// The lean binary starts without std's runtime start (src/main.rs) and does its visible
+/// part itself: a standard stream closed at start is opened on /dev/null, before anything
+/// else is opened. Otherwise the agent's socket would take the free number: `run`'s command
+/// would find its standard stream closed, and a closed standard error would be the socket
+/// that the wrapper's messages are written to.
+#[test]
+fn a_standard_stream_closed_at_start_is_dev_null_for_run_and_its_command() {
+    let a = Agent::start();
+    for fd in 0..3 {
+        let seen = a.dir.path().join(format!("fds-{fd}"));
+        let script = format!(
+            "l=$(readlink /proc/$$/fd/0 /proc/$$/fd/1 /proc/$$/fd/2); echo \"$l\" > '{}'; echo out; echo err >&2",
+            seen.display()
+        );
+        let mut c = a.cli();
+        c.args(["run", "--exclusive", "disk", "--", "sh", "-c", &script]);
+        let out = with_closed(c, fd).output().unwrap();
+        expect_code(&out, 0);
+        let links = std::fs::read_to_string(&seen).unwrap();
+        let links: Vec<&str> = links.lines().collect();
+        assert_eq!(links.len(), 3, "fd {fd} closed: {links:?}");
+        assert_eq!(links[fd as usize], "/dev/null", "fd {fd} closed: {links:?}");
+        assert_eq!(text(&out.stdout), if fd == 1 { "" } else { "out\n" });
+        assert_eq!(text(&out.stderr), if fd == 2 { "" } else { "err\n" });
+        assert!(a.holders("disk").is_empty());
+        assert!(!a.is_dirty("disk"), "fd {fd} closed");
+
+        // The plain commands too, as before: what goes to a closed stream is lost, quietly.
+        let mut c = a.cli();
+        c.arg("list");
+        let out = with_closed(c, fd).output().unwrap();
+        expect_code(&out, 0);
+        let listed = text(&out.stdout);
+        assert_eq!(listed.contains("disk"), fd != 1, "fd {fd} closed: {listed}");
+        let mut c = std::process::Command::new(bin());
+        c.arg("--version");
+        let out = with_closed(c, fd).output().unwrap();
+        expect_code(&out, 0);
+        let version = text(&out.stdout);
+        assert_eq!(version.starts_with("leasehold "), fd != 1, "{version}");
+    }
+}
+
+/// SIGPIPE is ignored in the lean binary as std's start ignores it: output into a pipe whose
+/// reader has gone is an error the command handles, quietly with 141, not a kill by SIGPIPE.
+#[test]
+fn output_into_a_pipe_without_reader_exits_141_quietly() {
+    let a = Agent::start();
+    let out = a
+        .cli()
+        .args(["list", "--json"])
+        .stdout(widowed_pipe())
+        .output()
+        .unwrap();
+    expect_code(&out, 141);
+    assert_eq!(text(&out.stderr), "");
+}
+
+/// A panic in the lean binary (no std `fn main` there: src/main.rs catches it) prints its
+/// message and exits 101, as std's start does. The one panic a user can provoke today: a
+/// usage hint written with `eprintln!` into a standard error whose reader has gone (the
+/// message is lost with it). If that ever stops panicking, provoke another or drop this.
+#[test]
+fn a_panic_exits_101() {
+    let out = std::process::Command::new(bin())
+        .args(["acquire", "disk", "--wait", "2s"])
+        .env("LEASEHOLD_SOCKET", "/nonexistent")
+        .stderr(widowed_pipe())
+        .output()
+        .unwrap();
+    expect_code(&out, 101);
+}
