@@ -29,7 +29,7 @@
 //! writer (none of it can have left); otherwise it counts as received, for the same reason.
 
 use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::Poll;
 use std::time::Duration;
@@ -58,6 +58,9 @@ pub(crate) struct Delivery {
     /// How many times the socket was looked at (for the tests: a check waits for the peer,
     /// it does not poll).
     looks: AtomicU64,
+    /// The connection's writes are kept back until its owner takes them
+    /// ([`crate::peer::PeerStream::uncork`]).
+    corked: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -153,7 +156,26 @@ impl Delivery {
             flushes: AtomicU64::new(0),
             changed: Notify::new(),
             looks: AtomicU64::new(0),
+            corked: AtomicBool::new(false),
         })
+    }
+
+    /// Keeps the connection's writes back from now until its owner takes them, to write them
+    /// with its own next bytes in one go: a switched hold's `101` with its first line, which
+    /// the client reads at once instead of waking for each. The writes kept back are not
+    /// flushes ([`Delivery::mark`]).
+    pub(crate) fn cork(&self) {
+        self.corked.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether writes are kept back.
+    pub(crate) fn is_corked(&self) -> bool {
+        self.corked.load(Ordering::SeqCst)
+    }
+
+    /// Writes go to the socket again.
+    pub(crate) fn uncork(&self) {
+        self.corked.store(false, Ordering::SeqCst);
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

@@ -8,20 +8,23 @@
 //! is answered `408` and closed, so idle connections cannot pile up.
 
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::header::{CONNECTION, CONTENT_TYPE, HeaderValue, UPGRADE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use leasehold_api::v1::{self, ApiError, ErrorCode, MAX_BODY, conflict_to_v1};
 use leasehold_store::Store;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -38,6 +41,10 @@ const REFUSED_WITHIN: Duration = Duration::from_secs(2);
 const MAX_HEAD: usize = 16 << 10;
 
 type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// What a connection carries on with once the HTTP server has handed it over (a hold switched
+/// to [`v1::HOLD_UPGRADE`]), run on the connection's own task.
+type Then = Arc<Mutex<Option<Pin<Box<dyn Future<Output = ()> + Send>>>>>;
 
 /// What a connection sent first.
 enum Head {
@@ -121,11 +128,18 @@ pub(crate) async fn serve_connection<S: Store>(
     let peer = conn.info().clone();
     let delivery = conn.delivery();
     let facts = ConnectionFacts::default();
+    let then = Then::default();
+    let after = then.clone();
     let handler = hyper::service::service_fn(move |req| {
         let service = service.clone();
         let caller = Caller::of(Some(&peer), &facts);
         let delivery = delivery.clone();
-        async move { Ok::<_, Infallible>(route(&service, caller, req, request_timeout, delivery).await) }
+        let then = then.clone();
+        async move {
+            Ok::<_, Infallible>(
+                route(&service, caller, req, request_timeout, delivery, &then).await,
+            )
+        }
     });
     let served = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -134,9 +148,14 @@ pub(crate) async fn serve_connection<S: Store>(
         .header_read_timeout(request_timeout)
         .max_buf_size(MAX_HEAD.max(8192))
         .serve_connection(TokioIo::new(conn), handler)
+        .with_upgrades()
         .await;
     if let Err(e) = served {
         debug!(error = %e, "HTTP connection ended");
+    }
+    let then = after.lock().unwrap_or_else(PoisonError::into_inner).take();
+    if let Some(then) = then {
+        then.await;
     }
 }
 
@@ -239,8 +258,9 @@ async fn route<S: Store>(
     req: Request<Incoming>,
     timeout: Duration,
     delivery: Arc<Delivery>,
+    then: &Then,
 ) -> Response<Body> {
-    match handle(service, caller, req, timeout, delivery).await {
+    match handle(service, caller, req, timeout, delivery, then).await {
         Ok(r) => r,
         Err(e) => error_response(&e),
     }
@@ -249,9 +269,10 @@ async fn route<S: Store>(
 async fn handle<S: Store>(
     service: &Service<S>,
     caller: Result<Caller, ApiError>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     timeout: Duration,
     delivery: Arc<Delivery>,
+    then: &Then,
 ) -> Result<Response<Body>, ApiError> {
     let c = caller?;
     let path = req.uri().path().trim_end_matches('/').to_owned();
@@ -269,27 +290,25 @@ async fn handle<S: Store>(
         (&Method::GET, "/v1/status") => ok(&service.status().await),
         (&Method::GET, "/v1/hosts") => ok(&service.hosts().await?),
         (&Method::POST, "/v1/acquire") => {
+            let upgrade = asks_hold_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
             let r: v1::AcquireRequest = body(req, None, timeout).await?;
             // Neither waiting nor holding: carried out here, and answered whole.
             match service.acquire_now(&c, r).await {
                 Ok(out) => Ok(ended_grant(out?, delivery)),
-                Err(r) => acquire(service.acquire(&c, *r).await?, delivery).await,
+                Err(r) => {
+                    let hold = r.hold;
+                    let rx = service.acquire(&c, *r).await?;
+                    match upgrade.filter(|_| hold) {
+                        Some(on) => switched(rx, delivery, on, service.clone(), c, then).await,
+                        None => acquire(rx, delivery).await,
+                    }
+                }
             }
         }
         (&Method::POST, "/v1/release") => {
             let r: v1::ReleaseRequest = body(req, None, timeout).await?;
             let out = service.release(&c, r).await?;
-            ok(&v1::ReleaseResponse {
-                released: out.released.iter().map(Into::into).collect(),
-                failed: out
-                    .failed
-                    .into_iter()
-                    .map(|(resource, error)| v1::NotReleased {
-                        resource: resource.to_string(),
-                        error,
-                    })
-                    .collect(),
-            })
+            ok(&release_response(out))
         }
         (&Method::POST, "/v1/force-release") => {
             let r: v1::ForceReleaseRequest = body(req, None, timeout).await?;
@@ -418,6 +437,165 @@ async fn acquire(
             .chain(ReceiverStream::new(rx))
             .map(move |out| line(&acquire_line(out, &delivery))),
     ))
+}
+
+/// Whether a request asks for its connection to switch to [`v1::HOLD_UPGRADE`].
+fn asks_hold_upgrade(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get(UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|p| p.trim().eq_ignore_ascii_case(v1::HOLD_UPGRADE))
+        })
+}
+
+/// A holding acquire's answer on a connection switched to [`v1::HOLD_UPGRADE`]: an error at
+/// once has its own status and body, as in [`acquire`]; anything else is `101`, and the
+/// stream and the holder's release are carried on the connection's task once the server has
+/// written it and handed the connection over ([`hold_switched`]).
+async fn switched<S: Store>(
+    mut rx: mpsc::Receiver<Out>,
+    delivery: Arc<Delivery>,
+    on: hyper::upgrade::OnUpgrade,
+    service: Service<S>,
+    caller: Caller,
+    then: &Then,
+) -> Result<Response<Body>, ApiError> {
+    let first = rx.recv().await.ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::Unavailable,
+            "the agent is stopping; acquire again",
+        )
+    })?;
+    if let Out::Failed(e) = first {
+        return Err(e);
+    }
+    // The `101` is kept back and written with the first line, in one go.
+    delivery.cork();
+    let rest = hold_switched(on, first, rx, delivery, service, caller);
+    *then.lock().unwrap_or_else(PoisonError::into_inner) = Some(Box::pin(rest));
+    let mut r = Response::new(Full::new(Bytes::new()).boxed_unsync());
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    r.headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    r.headers_mut()
+        .insert(UPGRADE, HeaderValue::from_static(v1::HOLD_UPGRADE));
+    Ok(r)
+}
+
+/// The stream of a hold on its switched connection: each event's line written as it comes
+/// (the grant's delivery checked as on a chunked stream), and the holder's release, one line,
+/// carried out for the connection's process and answered with one line, after which the
+/// connection closes. The holder closing its end (or the agent stopping: the connection
+/// reads as closed) ends the hold, as a chunked stream's close does; the agent ending the
+/// stream (every lease ended) closes the connection.
+async fn hold_switched<S: Store>(
+    on: hyper::upgrade::OnUpgrade,
+    first: Out,
+    mut rx: mpsc::Receiver<Out>,
+    delivery: Arc<Delivery>,
+    service: Service<S>,
+    caller: Caller,
+) {
+    let Ok(upgraded) = on.await else {
+        return;
+    };
+    let Ok(parts) = upgraded.downcast::<TokioIo<PeerStream>>() else {
+        return;
+    };
+    let mut io = parts.io.into_inner();
+    // What the holder sent after its request (its release, if it was quick).
+    let mut input = parts.read_buf.to_vec();
+    let mut next = Some(first);
+    let mut buf = [0u8; 1024];
+    // The `101`'s head, kept back for the first line.
+    let mut text = io.uncork();
+    loop {
+        if let Some(out) = next.take() {
+            let line = serde_json::to_vec(&acquire_line(out, &delivery)).unwrap_or_default();
+            text.extend_from_slice(&line);
+            text.push(b'\n');
+            let written = io.write_all(&text).await;
+            text.clear();
+            if written.is_err() || io.flush().await.is_err() {
+                return;
+            }
+        }
+        if let Some(end) = input.iter().position(|b| *b == b'\n') {
+            // The hold's own events are not read from here on: the answer is the last line.
+            drop(rx);
+            let answer = release_line(&service, &caller, &input[..end]).await;
+            let mut text = serde_json::to_vec(&answer).unwrap_or_default();
+            text.push(b'\n');
+            let _ = io.write_all(&text).await;
+            let _ = io.flush().await;
+            let _ = io.shutdown().await;
+            return;
+        }
+        if input.len() > MAX_BODY {
+            let e = ApiError::new(
+                ErrorCode::TooLarge,
+                format!("a line over {MAX_BODY} bytes on a hold; nothing was done"),
+            );
+            let _ = io.write_all(&line_bytes(&v1::AcquireEvent::Error(e))).await;
+            return;
+        }
+        tokio::select! {
+            out = rx.recv() => match out {
+                Some(out) => next = Some(out),
+                None => return,
+            },
+            read = io.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => input.extend_from_slice(&buf[..n]),
+            },
+        }
+    }
+}
+
+/// `value`'s JSON line.
+fn line_bytes(value: &impl Serialize) -> Vec<u8> {
+    let mut text = serde_json::to_vec(value).unwrap_or_default();
+    text.push(b'\n');
+    text
+}
+
+/// A holder's release sent on its switched connection (`line`, a [`v1::ReleaseRequest`]),
+/// carried out as `POST /v1/release` is, and its answer's line.
+async fn release_line<S: Store>(
+    service: &Service<S>,
+    caller: &Caller,
+    line: &[u8],
+) -> v1::AcquireEvent {
+    let r: v1::ReleaseRequest = match serde_json::from_slice(line) {
+        Ok(r) => r,
+        Err(e) => {
+            return v1::AcquireEvent::Error(ApiError::usage(format!(
+                "the release on the hold is not a valid ReleaseRequest: {e}; nothing was done \
+                 (the schema: docs/api/v1.schema.json)"
+            )));
+        }
+    };
+    match service.release(caller, r).await {
+        Ok(out) => v1::AcquireEvent::Released(release_response(out)),
+        Err(e) => v1::AcquireEvent::Error(e),
+    }
+}
+
+/// The answer to a release.
+fn release_response(out: crate::service::ReleaseOutcome) -> v1::ReleaseResponse {
+    v1::ReleaseResponse {
+        released: out.released.iter().map(Into::into).collect(),
+        failed: out
+            .failed
+            .into_iter()
+            .map(|(resource, error)| v1::NotReleased {
+                resource: resource.to_string(),
+                error,
+            })
+            .collect(),
+    }
 }
 
 /// The answer to an acquire that neither waits nor holds, granted: its line, with its

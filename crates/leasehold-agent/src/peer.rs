@@ -124,6 +124,8 @@ pub struct PeerStream {
     replayed: usize,
     /// What the peer read of what was written.
     delivery: Arc<Delivery>,
+    /// Writes kept back while [`Delivery::cork`]ed.
+    corked: Vec<u8>,
 }
 
 impl Drop for PeerStream {
@@ -165,7 +167,15 @@ impl PeerStream {
             linger: None,
             prefix: Vec::new(),
             replayed: 0,
+            corked: Vec::new(),
         }
+    }
+
+    /// The writes kept back since [`Delivery::cork`], to be written first; writes go to the
+    /// socket again.
+    pub(crate) fn uncork(&mut self) -> Vec<u8> {
+        self.delivery.uncork();
+        std::mem::take(&mut self.corked)
     }
 
     /// What the server knows of the peer.
@@ -330,6 +340,10 @@ impl AsyncWrite for PeerStream {
         if self.is_cut(cx) {
             return Poll::Ready(Err(cut_error()));
         }
+        if self.delivery.is_corked() {
+            self.corked.extend_from_slice(buf);
+            return Poll::Ready(Ok(buf.len()));
+        }
         let this = &mut *self;
         this.delivery.io_write(&[std::io::IoSlice::new(buf)], || {
             Pin::new(&mut this.stream).poll_write(cx, buf)
@@ -338,6 +352,9 @@ impl AsyncWrite for PeerStream {
 
     /// The HTTP server flushes once its buffer is empty: all it was handed is in the socket.
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.delivery.is_corked() {
+            return Poll::Ready(Ok(()));
+        }
         let flushed = Pin::new(&mut self.stream).poll_flush(cx);
         if let Poll::Ready(Ok(())) = flushed {
             self.delivery.flushed();
@@ -356,6 +373,13 @@ impl AsyncWrite for PeerStream {
     ) -> Poll<std::io::Result<usize>> {
         if self.is_cut(cx) {
             return Poll::Ready(Err(cut_error()));
+        }
+        if self.delivery.is_corked() {
+            let n = bufs.iter().map(|b| b.len()).sum();
+            for b in bufs {
+                self.corked.extend_from_slice(b);
+            }
+            return Poll::Ready(Ok(n));
         }
         let this = &mut *self;
         this.delivery.io_write(bufs, || {

@@ -228,6 +228,11 @@ impl Client {
         self
     }
 
+    /// How long a call waits for an answer (`None`: for ever).
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout
+    }
+
     /// The socket this client talks to.
     pub fn socket(&self) -> &Path {
         &self.socket
@@ -261,11 +266,16 @@ impl Client {
     ) -> Result<Answer, Error> {
         // The request is made before connecting: the agent, woken by the connection, finds
         // it already there instead of waiting to be woken again.
-        let req = request_bytes(method, path, body, false)?;
+        checked(self.send_bytes(&request_bytes(method, path, body, Head::Close)?)?)
+    }
+
+    /// Sends one request made by [`request_bytes`]; returns its answer's reader once its head
+    /// is read, whatever its status.
+    fn send_bytes(&self, req: &[u8]) -> Result<Answer, Error> {
         let mut s = self.connect()?;
-        s.write_all(&req)?;
+        s.write_all(req)?;
         answer_ready(&s, self.timeout)?;
-        checked(Answer::read(BufReader::new(s))?)
+        Answer::read(BufReader::new(s))
     }
 
     fn call<T: DeserializeOwned>(
@@ -339,7 +349,15 @@ impl Client {
     }
 
     fn start_acquire_once(&self, req: &v1::AcquireRequest) -> Result<Acquisition, Error> {
-        let answer = self.send("POST", "/v1/acquire", Some(req))?;
+        // A hold asks for its connection to be switched to `HOLD_UPGRADE`, to release on it
+        // later ([`HoldEvents::release`]); an agent that does not know it answers as before.
+        let head = if req.hold { Head::Hold } else { Head::Close };
+        let answer = self.send_bytes(&request_bytes("POST", "/v1/acquire", Some(req), head)?)?;
+        let answer = if req.hold && answer.status == 101 {
+            answer
+        } else {
+            checked(answer)?
+        };
         // A wait is as long as it is: the stream is not bounded by the call timeout.
         answer.reader.get_ref().inner().set_read_timeout(None)?;
         Ok(Acquisition { lines: answer })
@@ -522,22 +540,40 @@ impl Client {
     }
 }
 
-/// One request, head and body, as written on the connection; the agent closes the
-/// connection after answering unless `keep_alive`.
+/// What a request asks of its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Head {
+    /// Closed after the answer.
+    Close,
+    /// Kept open for the next request.
+    KeepAlive,
+    /// A hold's: switched to [`v1::HOLD_UPGRADE`] where the agent knows it, else closed
+    /// after the answer.
+    Hold,
+}
+
+/// One request, head and body, as written on the connection.
 fn request_bytes(
     method: &str,
     path: &str,
     body: Option<&impl Serialize>,
-    keep_alive: bool,
+    head: Head,
 ) -> Result<Vec<u8>, Error> {
     let body = match body {
         Some(b) => serde_json::to_vec(b).map_err(Error::protocol)?,
         None => Vec::new(),
     };
-    let close = if keep_alive {
-        ""
-    } else {
-        "connection: close\r\n"
+    let hold;
+    let close = match head {
+        Head::Close => "connection: close\r\n",
+        Head::KeepAlive => "",
+        Head::Hold => {
+            hold = format!(
+                "connection: close, upgrade\r\nupgrade: {}\r\n",
+                v1::HOLD_UPGRADE
+            );
+            &hold
+        }
     };
     // Written into one buffer the size of the whole request (`format!` made a string that
     // grew as it was written, then grew again for the body).
@@ -745,6 +781,7 @@ fn event_of(line: &str) -> Result<AcquireEvent, Error> {
             ended: Ended::try_from(ended).map_err(Error::protocol)?,
         },
         v1::AcquireEvent::Error(e) => return Err(e.into()),
+        v1::AcquireEvent::Released(r) => AcquireEvent::Released(report(r)?),
     })
 }
 

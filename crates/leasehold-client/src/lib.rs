@@ -161,6 +161,9 @@ pub enum AcquireEvent {
         /// How it ended.
         ended: Ended,
     },
+    /// The answer to a release sent on the hold's own connection ([`blocking::HoldEvents::release`]);
+    /// the last event.
+    Released(ReleaseReport),
 }
 
 /// A successful acquire.

@@ -196,7 +196,9 @@ pub fn wait_for_grant(acq: &mut Acquisition) -> Result<Granted, ClientError> {
                 clear(shown);
                 return Ok(g);
             }
-            Ok(Some(AcquireEvent::Lost { .. } | AcquireEvent::Safe { .. })) => {}
+            Ok(Some(
+                AcquireEvent::Lost { .. } | AcquireEvent::Safe { .. } | AcquireEvent::Released(_),
+            )) => {}
             Ok(None) => {
                 clear(shown);
                 return Err(ClientError::Io(std::io::Error::new(

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use leasehold_api::host::instant_of_monotonic;
-use leasehold_client::blocking::{Acquisition, Client, Error as ClientError, ExitCode};
+use leasehold_client::blocking::{Acquisition, Client, Error as ClientError, ExitCode, HoldEvents};
 use leasehold_client::{AcquireEvent, AcquireOptions, Granted, ReleaseOptions};
 use leasehold_core::{Mode, ResourceName, Token};
 
@@ -207,11 +207,14 @@ pub fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
         deadline: granted.safe_until_monotonic_ns.map(instant_of_monotonic),
         retry_at: None,
     };
-    let (status, left) = match supervise(&a.command, &mut start, hold, acq, &group)? {
+    // The hold's stream, read without blocking from here on; the final release goes on its
+    // connection where the agent switched it (`HoldEvents::release`).
+    let mut stream = Some(acq.into_events()?);
+    let (status, left) = match supervise(&a.command, &mut start, hold, &mut stream, &group)? {
         Outcome::Exited { status, left } => (status, left),
         Outcome::NotStarted { prog, error } => {
             // Nothing ran, so nothing was written: release clean.
-            let released = release(&client, &all, true, None);
+            let released = release(&client, None, &all, true, None);
             let after = match released {
                 Ok(()) => "the leases were released clean (nothing ran)".to_owned(),
                 Err(f) => format!("releasing the leases failed: {}", f.message),
@@ -225,7 +228,7 @@ pub fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
         }
         Outcome::Withheld(why) => {
             // Nothing ran, so nothing was written: release clean what is still held.
-            let after = match release(&client, &all, true, None) {
+            let after = match release(&client, None, &all, true, None) {
                 Ok(()) => "the leases were released clean".to_owned(),
                 Err(f) => format!("releasing the leases: {}", f.message),
             };
@@ -253,6 +256,7 @@ pub fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
             if !rest.is_empty() {
                 let _ = release(
                     &client,
+                    None,
                     &rest,
                     false,
                     Some("command killed after a lease was lost".into()),
@@ -263,7 +267,7 @@ pub fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
     };
     let clean = status.success() && left.is_empty();
     let note = (!clean).then(|| describe(status, &left));
-    let released = release(&client, &all, clean, note.clone());
+    let released = release(&client, stream.as_mut(), &all, clean, note.clone());
     if let Err(f) = released {
         note!(
             "leasehold: {}\n  the leases end when this process exits, and count as dirty",
@@ -582,7 +586,7 @@ fn supervise(
     argv: &[std::ffi::OsString],
     start: &mut Start<'_>,
     mut hold: Hold,
-    acq: Acquisition,
+    stream: &mut Option<HoldEvents>,
     group: &group::Group,
 ) -> Result<Outcome, Failure> {
     let prog = argv
@@ -590,7 +594,6 @@ fn supervise(
         .ok_or_else(|| Failure::usage("no command given after --"))?;
     // Before the command starts: a signal sent as soon as it runs is passed on, not fatal.
     let (signals, mask) = take_signals(group.job_signals())?;
-    let mut stream = Some(acq.into_events()?);
     // What the agent sent since the grant (a later safe-until, a loss) counts before the
     // command starts, which it does not once the safe-until has passed.
     if let Some(s) = stream.as_mut() {
@@ -713,7 +716,7 @@ fn supervise(
             // The agent went away or restarted: the leases stay with this process. Until an
             // agent confirms them again, the last safe-until stands.
             if over {
-                stream = None;
+                *stream = None;
                 hold.retry_at = Some(Instant::now() + Duration::from_millis(200));
                 note!("leasehold: lost contact with the agent; retrying");
             }
@@ -724,7 +727,7 @@ fn supervise(
         }
         if hold.retry_at.is_some_and(|r| Instant::now() >= r) {
             match hold.reattach() {
-                Ok(Some(acq)) => stream = Some(acq.into_events()?),
+                Ok(Some(acq)) => *stream = Some(acq.into_events()?),
                 Ok(None) => {
                     hold.retry_at = Some(Instant::now() + Duration::from_millis(500));
                 }
@@ -749,8 +752,11 @@ fn supervise(
     }
 }
 
+/// Releases `resources`: on the hold's connection where the agent switched it and it is
+/// open, else on a new connection (an agent that restarted while the command ran is asked).
 fn release(
     client: &Client,
+    hold: Option<&mut HoldEvents>,
     resources: &[ResourceName],
     clean: bool,
     note: Option<String>,
@@ -760,8 +766,14 @@ fn release(
         note,
         ..Default::default()
     };
-    // Each call connects afresh: an agent that restarted while the command ran is asked.
-    let report = client.release(resources, &opts)?;
+    let on_hold = match hold {
+        Some(h) => h.release(resources, &opts, client.timeout())?,
+        None => None,
+    };
+    let report = match on_hold {
+        Some(report) => report,
+        None => client.release(resources, &opts)?,
+    };
     released_or_not(&report).map(|_| ())
 }
 

@@ -633,3 +633,129 @@ fn an_agent_may_forbid_revocable_holders() {
     );
     assert_eq!((code, v["event"].as_str()), (200, Some("granted")), "{v}");
 }
+
+/// A holding acquire that asks for `upgrade: leasehold-hold`: its head as read, and the
+/// connection, for the hold's lines both ways.
+fn switched_hold(
+    a: &Agent,
+    body: &Value,
+) -> (String, std::io::BufReader<std::os::unix::net::UnixStream>) {
+    use std::io::BufRead;
+    let mut s = std::os::unix::net::UnixStream::connect(&a.socket).unwrap();
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    let body = body.to_string();
+    write!(
+        s,
+        "POST /v1/acquire HTTP/1.1\r\nhost: leasehold\r\nconnection: upgrade\r\n\
+         upgrade: leasehold-hold\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut r = std::io::BufReader::new(s);
+    let mut head = String::new();
+    loop {
+        let mut l = String::new();
+        assert!(r.read_line(&mut l).unwrap() > 0, "the head's end: {head}");
+        head.push_str(&l);
+        if l == "\r\n" {
+            return (head, r);
+        }
+    }
+}
+
+/// The next line of a switched hold, parsed (`Null` at its end).
+fn hold_line(r: &mut std::io::BufReader<std::os::unix::net::UnixStream>) -> Value {
+    use std::io::BufRead;
+    let mut l = String::new();
+    if r.read_line(&mut l).unwrap() == 0 {
+        return Value::Null;
+    }
+    serde_json::from_str(&l).unwrap()
+}
+
+/// A hold switched to `leasehold-hold` (`101`) streams its lines as they are and takes one
+/// release line from the holder, answered with one `released` line, then closes: clean, and
+/// dirty with its note. A line that is no release is answered with an error and changes
+/// nothing. Before, the agent answered `200` with a chunked stream and read nothing more.
+#[test]
+fn a_hold_switched_to_its_protocol_releases_on_its_connection() {
+    let a = Agent::start();
+    let holder = Holder::new();
+    let pid = holder.pid();
+    let hold = json!({"items": items("disk", "exclusive"), "pid": pid, "hold": true});
+    let (head, mut r) = switched_hold(&a, &hold);
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("upgrade: leasehold-hold"),
+        "{head}"
+    );
+    let granted = hold_line(&mut r);
+    assert_eq!(granted["event"], "granted", "{granted}");
+    let release = json!({"resources": ["disk"], "pid": pid});
+    writeln!(r.get_mut(), "{release}").unwrap();
+    let released = hold_line(&mut r);
+    assert_eq!(released["event"], "released", "{released}");
+    assert_eq!(released["released"][0]["resource"], "disk", "{released}");
+    assert_eq!(
+        hold_line(&mut r),
+        Value::Null,
+        "the connection closes after the answer"
+    );
+    assert!(a.holders("disk").is_empty());
+    assert!(!a.is_dirty("disk"));
+
+    let (_, mut r) = switched_hold(&a, &hold);
+    assert_eq!(hold_line(&mut r)["event"], "granted");
+    writeln!(
+        r.get_mut(),
+        "{}",
+        json!({"resources": ["disk"], "pid": pid, "dirty": true, "note": "cut"})
+    )
+    .unwrap();
+    assert_eq!(hold_line(&mut r)["event"], "released");
+    let v = a.inspect("disk").unwrap();
+    assert_eq!(v["dirty_record"]["how"], "released-dirty", "{v}");
+    assert_eq!(v["dirty_record"]["note"], "cut", "{v}");
+
+    let other = json!({"items": items("other", "exclusive"), "pid": pid, "hold": true});
+    let (_, mut r) = switched_hold(&a, &other);
+    assert_eq!(hold_line(&mut r)["event"], "granted");
+    writeln!(
+        r.get_mut(),
+        "{}",
+        json!({"resources": ["other"], "pid": pid, "drity": true})
+    )
+    .unwrap();
+    let refused = hold_line(&mut r);
+    assert_eq!(refused["event"], "error", "{refused}");
+    assert_eq!(refused["code"], "usage", "{refused}");
+    assert_eq!(a.holders("other"), vec![u64::from(pid)], "nothing was done");
+}
+
+/// The holder sends its release on the switched hold and hangs up at once, before any answer:
+/// the release is carried out all the same (clean, as asked), not dropped with the
+/// connection; its process lives on, so only the release can have ended the lease.
+#[test]
+fn a_release_on_a_switched_hold_whose_holder_hangs_up_at_once_is_carried_out() {
+    let a = Agent::start();
+    let holder = Holder::new();
+    let pid = holder.pid();
+    let hold = json!({"items": items("disk", "exclusive"), "pid": pid, "hold": true});
+    let (head, mut r) = switched_hold(&a, &hold);
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    assert_eq!(hold_line(&mut r)["event"], "granted");
+    writeln!(
+        r.get_mut(),
+        "{}",
+        json!({"resources": ["disk"], "pid": pid})
+    )
+    .unwrap();
+    drop(r);
+    common::wait_until("the lease released", LIMIT, || a.holders("disk").is_empty());
+    let v = a.inspect("disk").unwrap();
+    assert_eq!(v["dirty"], false, "{v}");
+    assert_eq!(v["last_ended"]["how"], "released", "{v}");
+    assert_eq!(a.holders("disk"), Vec::<u64>::new());
+}

@@ -636,3 +636,40 @@ fn an_older_agents_refusal_of_another_field_stands() {
     assert!(!a.log().contains("granted"), "asked again: {}", a.log());
     assert!(a.holders("disk").is_empty());
 }
+
+/// `run`'s final release goes on its hold's own connection, which the agent switched to
+/// `HOLD_UPGRADE`: no new connection is needed. Here the command moves the agent's socket
+/// away, so none could reach it: the leases are released all the same, clean on exit 0 and
+/// dirty, with the command's status as the note, otherwise. Before, the release's new
+/// connection failed and the leases ended at the wrapper's exit, dirty (seen failing so).
+#[test]
+fn run_releases_on_its_hold_connection_clean_and_dirty() {
+    let a = Agent::start();
+    let away = a.path("away.sock");
+    for (resource, status) in [("clean", 0), ("dirty", 5)] {
+        let out = a
+            .cli()
+            .args(["run", "--exclusive", resource, "--", "sh", "-c"])
+            .arg(format!("mv \"$0\" \"$1\" && exit {status}"))
+            .arg(&a.socket)
+            .arg(&away)
+            .output()
+            .unwrap();
+        std::fs::rename(&away, &a.socket).unwrap();
+        expect_code(&out, status);
+        assert!(
+            !text(&out.stderr).contains("releasing"),
+            "{}",
+            text(&out.stderr)
+        );
+        assert!(a.holders(resource).is_empty(), "{}", a.log());
+        let v = a.inspect(resource).unwrap();
+        if status == 0 {
+            assert_eq!(v["dirty"], false, "{v}\n{}", a.log());
+            assert_eq!(v["last_ended"]["how"], "released", "{v}");
+        } else {
+            assert_eq!(v["dirty_record"]["how"], "released-dirty", "{v}");
+            assert_eq!(v["dirty_record"]["note"], "exited with status 5", "{v}");
+        }
+    }
+}

@@ -34,6 +34,17 @@ pub use time::{Dur, Time};
 /// The most bytes a request body may have; larger ones are refused (`too-large`) unread.
 pub const MAX_BODY: usize = 1 << 20;
 
+/// The protocol a holding acquire may ask to switch its connection to (`upgrade:` with
+/// `connection: upgrade`). An agent that knows it answers `101 Switching Protocols` instead of
+/// a chunked stream: from then on the connection carries the acquire's lines as they are
+/// (newline-delimited JSON, no chunk framing; the agent closing it ends the stream), and the
+/// holder may send one line of its own, a [`ReleaseRequest`], which the agent carries out for
+/// the connection's process and answers with one `released` line (or an `error` line) before
+/// it closes: a release without a connection of its own. An agent that does not know it
+/// answers as to any holding acquire (`200`, chunked), and the holder releases on a new
+/// connection.
+pub const HOLD_UPGRADE: &str = "leasehold-hold";
+
 /// A lease mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
@@ -455,6 +466,9 @@ pub enum AcquireEvent {
     },
     /// Refused or failed; the last line.
     Error(ApiError),
+    /// On a connection switched to [`HOLD_UPGRADE`]: the answer to the holder's release, the
+    /// last line.
+    Released(ReleaseResponse),
 }
 
 /// `POST /v1/release`.

@@ -57,6 +57,9 @@ impl Answer {
             }
         }
         let body = match (chunked, length) {
+            // Switched to another protocol (a hold's, `HOLD_UPGRADE`): the rest of the
+            // connection is the stream.
+            _ if status == 101 => Body::Length { r, left: u64::MAX },
             (true, _) => Body::Chunked {
                 r,
                 left: 0,

@@ -12,8 +12,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    Acquisition, Answer, Client, Error, Status, answer_ready, checked, release_request, report,
-    request_bytes,
+    Acquisition, Answer, Client, Error, Head, Status, answer_ready, checked, release_request,
+    report, request_bytes,
 };
 use crate::{AcquireOptions, Granted, ReleaseOptions, ReleaseReport};
 
@@ -64,7 +64,7 @@ impl Connection {
     ) -> Result<Answer, Error> {
         // Made once, before connecting, as `Client::send` does: the same bytes go on a new
         // connection if the open one was closed before it.
-        let req = request_bytes(method, path, body, true)?;
+        let req = request_bytes(method, path, body, Head::KeepAlive)?;
         if let Some(mut r) = self.open.take() {
             self.timeout(r.get_ref(), self.client.timeout)?;
             let t = self.timeout;

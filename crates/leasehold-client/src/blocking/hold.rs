@@ -4,10 +4,13 @@
 
 use std::io::{ErrorKind, Read};
 use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use leasehold_core::ResourceName;
 
 use super::answer::Body;
-use super::{Acquisition, Error};
-use crate::AcquireEvent;
+use super::{Acquisition, Error, ReleaseReport, release_request};
+use crate::{AcquireEvent, ReleaseOptions};
 
 /// The rest of an acquire's stream, read as far as the socket has it, never waiting: poll
 /// [`HoldEvents::socket`] for reading, then call [`HoldEvents::read_events`].
@@ -19,6 +22,10 @@ pub struct HoldEvents {
     /// Bytes from the socket not yet decoded (chunk framing).
     raw: Vec<u8>,
     framing: Framing,
+    /// The connection was switched to `HOLD_UPGRADE`: a release may be sent on it.
+    switched: bool,
+    /// The stream has ended (the agent ended it, or the connection closed).
+    over: bool,
 }
 
 /// Where the decoding of the body stands.
@@ -44,6 +51,7 @@ impl Acquisition {
     /// # Errors
     /// [`Error::Io`] when the socket cannot be made non-blocking.
     pub fn into_events(self) -> Result<HoldEvents, Error> {
+        let switched = self.lines.status == 101;
         let body = self.lines.reader.buffer().to_vec();
         let (r, framing) = match self.lines.reader.into_inner() {
             Body::Length { r, left } => (r, Framing::Length(left)),
@@ -59,6 +67,8 @@ impl Acquisition {
             body,
             raw,
             framing,
+            switched,
+            over: false,
         })
     }
 }
@@ -101,7 +111,72 @@ impl HoldEvents {
             }
         }
         let over = self.framing == Framing::Done || closed;
+        self.over |= over;
         Ok((events, over))
+    }
+
+    /// Releases `resources` on the hold's own connection, where the agent switched it to
+    /// `HOLD_UPGRADE` and it is still open: the agent carries out the release for the
+    /// connection's process (as `Client::release` for the caller's own leases) and answers
+    /// with the report, waiting at most `timeout` for it. `Ok(None)` when the release was not
+    /// sent this way (an agent that does not know it, or that went away: the stream is over)
+    /// or got no answer (the connection closed first): release on a new connection then. Any
+    /// event before the answer is passed over.
+    ///
+    /// # Errors
+    /// [`Error::Agent`] when the agent refused the release; [`Error::Io`] when no answer came
+    /// within `timeout`; [`Error::Protocol`] for a malformed answer.
+    pub fn release(
+        &mut self,
+        resources: &[ResourceName],
+        o: &ReleaseOptions,
+        timeout: Option<Duration>,
+    ) -> Result<Option<ReleaseReport>, Error> {
+        if !self.switched || self.over || o.pid.is_some() {
+            return Ok(None);
+        }
+        let mut line =
+            serde_json::to_vec(&release_request(resources, o)).map_err(Error::protocol)?;
+        line.push(b'\n');
+        // No SIGPIPE where the agent has gone: nothing was released, a new connection asks.
+        let mut sent = 0;
+        while sent < line.len() {
+            match rustix::net::send(
+                &self.socket,
+                &line[sent..],
+                rustix::net::SendFlags::NOSIGNAL,
+            ) {
+                Ok(n) => sent += n,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(rustix::io::Errno::AGAIN) => {
+                    wait_for(&self.socket, rustix::event::PollFlags::OUT, None)?;
+                }
+                Err(_) if sent == 0 => return Ok(None),
+                Err(e) => return Err(Error::Io(e.into())),
+            }
+        }
+        // Waited for before each read: the answer is not there before the agent has read the
+        // release and committed it.
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if left.is_some_and(|l| l.is_zero()) {
+                return Err(Error::Io(std::io::Error::new(
+                    ErrorKind::TimedOut,
+                    "the agent did not answer the release in time",
+                )));
+            }
+            wait_for(&self.socket, rustix::event::PollFlags::IN, left)?;
+            let (events, over) = self.read_events()?;
+            for ev in events {
+                if let AcquireEvent::Released(report) = ev {
+                    return Ok(Some(report));
+                }
+            }
+            if over {
+                return Ok(None);
+            }
+        }
     }
 
     /// Moves what can be decoded from `raw` into `body`.
@@ -169,6 +244,24 @@ impl HoldEvents {
         }
         self.raw.drain(..at);
         Ok(())
+    }
+}
+
+/// Waits until `s` is ready for `what`, or `left` has passed.
+fn wait_for(
+    s: &UnixStream,
+    what: rustix::event::PollFlags,
+    left: Option<Duration>,
+) -> Result<(), Error> {
+    use rustix::event::{PollFd, Timespec, poll};
+    let t = left.map(|t| Timespec {
+        tv_sec: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
+        tv_nsec: i64::from(t.subsec_nanos()),
+    });
+    let mut fds = [PollFd::new(s, what)];
+    match poll(&mut fds, t.as_ref()) {
+        Ok(_) | Err(rustix::io::Errno::INTR) => Ok(()),
+        Err(e) => Err(Error::Io(e.into())),
     }
 }
 
