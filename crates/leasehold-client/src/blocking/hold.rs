@@ -336,6 +336,94 @@ mod tests {
         }
     }
 
+    /// The events of a hold whose agent answered `head` and then `lines`, read by the blocking
+    /// reader up to the grant, as `run` does; and the agent's end.
+    fn hold_after(head: &[u8], lines: &[String]) -> (HoldEvents, UnixStream) {
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        theirs.write_all(head).unwrap();
+        for l in lines {
+            theirs.write_all(l.as_bytes()).unwrap();
+        }
+        let mut acq = Acquisition {
+            lines: Answer::read(BufReader::new(ours)).unwrap(),
+        };
+        assert!(acq.next_event().unwrap().is_some());
+        (acq.into_events().unwrap(), theirs)
+    }
+
+    const SWITCHED: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\n\
+                              upgrade: leasehold-hold\r\n\r\n";
+
+    fn disk() -> Vec<ResourceName> {
+        vec![ResourceName::new("disk").unwrap()]
+    }
+
+    /// Where the agent answered `200` (one from before `leasehold-hold`), nothing is sent on
+    /// the hold: the caller releases on a new connection.
+    #[test]
+    fn a_hold_not_switched_sends_no_release() {
+        let (mut ev, theirs) = hold_after(&answer(&[safe(1)], false), &[]);
+        let o = ReleaseOptions::default();
+        assert!(ev.release(&disk(), &o, None).unwrap().is_none());
+        theirs.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 16];
+        assert!(
+            matches!((&theirs).read(&mut buf), Err(e) if e.kind() == ErrorKind::WouldBlock),
+            "nothing written"
+        );
+    }
+
+    /// On a switched hold the release is one line (the request, dirty with its note), and the
+    /// agent's `released` line is the report; events before it are passed over.
+    #[test]
+    fn a_switched_hold_sends_its_release_and_reads_the_report() {
+        let (mut ev, theirs) = hold_after(SWITCHED, &[safe(1)]);
+        let agent = std::thread::spawn(move || {
+            let mut r = BufReader::new(theirs.try_clone().unwrap());
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut r, &mut line).unwrap();
+            let mut w = theirs;
+            w.write_all(safe(2).as_bytes()).unwrap();
+            w.write_all(b"{\"event\":\"released\",\"released\":[],\"failed\":[]}\n")
+                .unwrap();
+            line
+        });
+        let o = ReleaseOptions {
+            dirty: true,
+            note: Some("cut".into()),
+            ..Default::default()
+        };
+        let report = ev
+            .release(&disk(), &o, Some(Duration::from_secs(10)))
+            .unwrap();
+        assert_eq!(report, Some(ReleaseReport::default()));
+        let sent: leasehold_api::v1::ReleaseRequest =
+            serde_json::from_str(&agent.join().unwrap()).unwrap();
+        assert_eq!(sent.resources, vec!["disk".to_owned()]);
+        assert!(sent.dirty);
+        assert_eq!(sent.note.as_deref(), Some("cut"));
+    }
+
+    /// A switched hold the agent closes before answering (it went away): no report, release
+    /// on a new connection; one already over sends nothing.
+    #[test]
+    fn a_switched_hold_closed_before_the_answer_gives_no_report() {
+        let (mut ev, theirs) = hold_after(SWITCHED, &[safe(1)]);
+        let agent = std::thread::spawn(move || {
+            let mut r = BufReader::new(theirs);
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut r, &mut line).unwrap();
+        });
+        let o = ReleaseOptions::default();
+        assert!(
+            ev.release(&disk(), &o, Some(Duration::from_secs(10)))
+                .unwrap()
+                .is_none()
+        );
+        agent.join().unwrap();
+        assert!(ev.release(&disk(), &o, None).unwrap().is_none());
+    }
+
     /// Nothing there yet: no event, not over, and no waiting.
     #[test]
     fn nothing_to_read_returns_at_once() {
