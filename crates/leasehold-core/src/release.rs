@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::resource::Ended;
-use crate::types::{HostId, OwnerId, ProcessKey, ResourceName};
+use crate::types::{HostId, OwnerId, ProcessKey, ResourceName, Token};
 
 /// How a holder lets go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +33,12 @@ pub struct ReleaseRequest {
     pub process: ProcessKey,
     /// The holder's owner id inside its process, if it has one.
     pub owner_id: Option<OwnerId>,
+    /// The token of the lease to end, when the caller knows it: then only the lease with
+    /// exactly that token is ended, never a later grant of the same resource to the same
+    /// owner (a release still on its way when an admin force-released the lease and the
+    /// owner was granted it again must not end the new lease). `None`: the owner's lease,
+    /// whatever its token.
+    pub token: Option<Token>,
     /// How.
     pub kind: ReleaseKind,
 }
@@ -65,6 +71,28 @@ pub enum ReleaseError {
         /// The owner id inside the process, if one was named.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         owner_id: Option<OwnerId>,
+    },
+    /// The release named the token of the lease it ends, and the owner's lease on the
+    /// resource now has another token, or the owner holds none: that lease has ended already
+    /// and nothing was released.
+    #[error(
+        "{resource} is not held by {process}{} with token {token}: {}; nothing was released",
+        .owner_id.as_ref().map(|i| format!(" owner {i}")).unwrap_or_default(),
+        holding_words(*.token, *.holding)
+    )]
+    StaleToken {
+        /// The resource.
+        resource: ResourceName,
+        /// The process.
+        process: ProcessKey,
+        /// The owner id inside the process, if one was named.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner_id: Option<OwnerId>,
+        /// The token the release named.
+        token: Token,
+        /// The token of the owner's lease now, if it holds one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        holding: Option<Token>,
     },
     /// Nobody holds the resource.
     #[error("{0} is not held by anyone")]
@@ -100,6 +128,16 @@ pub enum ReleaseError {
         /// The holder's uid, when known.
         holder_uid: Option<u32>,
     },
+}
+
+fn holding_words(token: Token, holding: Option<Token>) -> String {
+    match holding {
+        None => "it holds no lease on it now".to_owned(),
+        Some(h) if h > token => {
+            format!("that lease has ended and it holds token {h} now, a later grant")
+        }
+        Some(h) => format!("it holds token {h} now, not that one"),
+    }
 }
 
 fn uid_words(uid: Option<u32>) -> String {

@@ -93,7 +93,13 @@ async fn run(store: Arc<LocalStore>, clients: usize, seconds: f64) {
                     .expect("acquire");
                 let t2 = Instant::now();
                 store
-                    .release(r.clone(), owner.process.clone(), None, ReleaseKind::Clean)
+                    .release(
+                        r.clone(),
+                        owner.process.clone(),
+                        None,
+                        None,
+                        ReleaseKind::Clean,
+                    )
                     .await
                     .expect("release");
                 acq.push(t2 - t);

@@ -70,6 +70,7 @@ macro_rules! conformance_suite {
             a_resume_is_granted_only_while_the_token_is_the_last,
             release_dirty_marks_dirty,
             force_release_revokes_and_records_why,
+            a_release_naming_a_stale_token_ends_nothing,
             handover_moves_the_lease_in_one_step,
             bad_requests_change_nothing,
             a_dropped_waiter_leaves_no_lease,
@@ -117,7 +118,7 @@ async fn take<S: Store>(s: &S, pid: u32, r: &str, mode: Mode) -> Result<Token, S
 }
 
 async fn release<S: Store>(s: &S, pid: u32, r: &str, kind: ReleaseKind) {
-    s.release(res(r), process(s.host(), pid), None, kind)
+    s.release(res(r), process(s.host(), pid), None, None, kind)
         .await
         .expect("release");
 }
@@ -467,6 +468,70 @@ pub async fn force_release_revokes_and_records_why<H: Harness>(h: &H) {
     ));
 }
 
+/// G1: a release that names the token of the lease it ends leaves alone a later lease of the
+/// same owner (after a force-release, the same process was granted the resource again), and
+/// says which token the owner holds now; without a token, a release is by owner, as before.
+pub async fn a_release_naming_a_stale_token_ends_nothing<H: Harness>(h: &H) {
+    let s = h.open(&host("a")).await;
+    let old = take(&s, 1, "disk", X).await.expect("grant");
+    s.force_release(res("disk"), "hung".into(), "root".into())
+        .await
+        .expect("force");
+    s.mark_clean(res("disk"), "root".into())
+        .await
+        .expect("mark clean");
+    let new = take(&s, 1, "disk", X).await.expect("grant again");
+    assert!(new > old);
+    let stale = s
+        .release(
+            res("disk"),
+            process(s.host(), 1),
+            None,
+            Some(old),
+            ReleaseKind::Clean,
+        )
+        .await;
+    match stale {
+        Err(StoreError::Release(ReleaseError::StaleToken { token, holding, .. })) => {
+            assert_eq!((token, holding), (old, Some(new)));
+        }
+        other => panic!("a release naming token {old} answered {other:?}"),
+    }
+    assert!(
+        s.validate(res("disk"), new).await.expect("v"),
+        "the stale release ended the new lease"
+    );
+    assert_eq!(holders(&s, "disk").await, vec![(1, X)]);
+    let ended = s
+        .release(
+            res("disk"),
+            process(s.host(), 1),
+            None,
+            Some(new),
+            ReleaseKind::Clean,
+        )
+        .await
+        .expect("release by its own token");
+    assert_eq!(ended.ended.token, new);
+    assert!(matches!(
+        s.release(
+            res("disk"),
+            process(s.host(), 1),
+            None,
+            Some(new),
+            ReleaseKind::Clean
+        )
+        .await,
+        Err(StoreError::Release(ReleaseError::StaleToken {
+            holding: None,
+            ..
+        }))
+    ));
+    let again = take(&s, 1, "disk", X).await.expect("grant a third time");
+    release(&s, 1, "disk", ReleaseKind::Clean).await;
+    assert!(!s.validate(res("disk"), again).await.expect("v"));
+}
+
 /// G7 at the store level: the lease moves to the named waiter with a new token, past an
 /// earlier waiter; naming nobody keeps the lease where it was.
 pub async fn handover_moves_the_lease_in_one_step<H: Harness>(h: &H) {
@@ -490,7 +555,7 @@ pub async fn handover_moves_the_lease_in_one_step<H: Harness>(h: &H) {
         label: Some("no-such-label".into()),
     };
     let e = s
-        .release(res("vm"), process(&a, 1), None, nobody)
+        .release(res("vm"), process(&a, 1), None, None, nobody)
         .await
         .expect_err("nobody to hand over to");
     assert!(matches!(
@@ -506,7 +571,7 @@ pub async fn handover_moves_the_lease_in_one_step<H: Harness>(h: &H) {
         label: Some("destination".into()),
     };
     let r = s
-        .release(res("vm"), process(&a, 1), None, to)
+        .release(res("vm"), process(&a, 1), None, None, to)
         .await
         .expect("handover");
     assert!(!r.dirtied);
@@ -543,7 +608,7 @@ pub async fn bad_requests_change_nothing<H: Harness>(h: &H) {
         );
     }
     let e = s
-        .release(res("disk"), process(&a, 2), None, ReleaseKind::Clean)
+        .release(res("disk"), process(&a, 2), None, None, ReleaseKind::Clean)
         .await
         .expect_err("not the holder");
     assert!(matches!(

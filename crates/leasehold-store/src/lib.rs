@@ -305,16 +305,22 @@ pub trait Store: Send + Sync + 'static {
         spec: AcquireSpec,
     ) -> impl Future<Output = Result<Vec<Grant>, StoreError>> + Send;
 
-    /// Ends the lease of the owner `owner_id` of `process` as it asks.
+    /// Ends the lease of the owner `owner_id` of `process` as it asks; with `token`, only
+    /// the lease with exactly that token: a release that was on its way while the lease was
+    /// force-released and the owner granted the resource again leaves the later lease alone
+    /// (whichever transaction of the release is the one that commits).
     ///
     /// # Errors
-    /// [`StoreError::Release`] when that owner does not hold the resource, or the handover
-    /// has nobody to go to (the lease is then kept).
+    /// [`StoreError::Release`] when that owner does not hold the resource
+    /// ([`ReleaseError::StaleToken`](leasehold_core::ReleaseError::StaleToken) when it holds
+    /// it with another token than `token`: nothing is released), or the handover has nobody
+    /// to go to (the lease is then kept).
     fn release(
         &self,
         resource: ResourceName,
         process: ProcessKey,
         owner_id: Option<OwnerId>,
+        token: Option<Token>,
         kind: ReleaseKind,
     ) -> impl Future<Output = Result<Released, StoreError>> + Send;
 

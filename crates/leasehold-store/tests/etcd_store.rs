@@ -42,7 +42,7 @@ async fn acting_right_after_a_commit_sees_it() {
             let ended = s.end_process(owner.process.clone()).await.unwrap();
             assert_eq!(ended.len(), 1, "round {i}: the fresh grant was not seen");
         } else {
-            s.release(r, owner.process, None, ReleaseKind::Clean)
+            s.release(r, owner.process, None, None, ReleaseKind::Clean)
                 .await
                 .unwrap();
         }
@@ -76,7 +76,7 @@ async fn tokens_follow_the_etcd_revision() {
         ))
         .await
         .unwrap();
-        s.release(r, owner.process.clone(), None, ReleaseKind::Clean)
+        s.release(r, owner.process.clone(), None, None, ReleaseKind::Clean)
             .await
             .unwrap();
     }
@@ -218,7 +218,7 @@ async fn a_record_breaking_exclusion_is_refused() {
     assert_bad_record(&e, "disk");
     assert!(e.to_string().contains("exclusive"), "{e}");
     let e = a
-        .release(res("disk"), holder.process, None, ReleaseKind::Clean)
+        .release(res("disk"), holder.process, None, None, ReleaseKind::Clean)
         .await
         .unwrap_err();
     assert_bad_record(&e, "disk");
@@ -252,7 +252,7 @@ async fn a_session_beginning_during_a_snapshot_is_not_judged_dead() {
     };
     pause.reached().await;
 
-    a.release(res("disk"), first.process, None, ReleaseKind::Clean)
+    a.release(res("disk"), first.process, None, None, ReleaseKind::Clean)
         .await
         .unwrap();
     let b = store(&etcd, "b").await;
@@ -548,7 +548,7 @@ async fn a_waiter_whose_session_ends_is_queued_again_and_granted() {
         1,
         "queued once under the new session"
     );
-    a.release(disk.clone(), holder.process, None, ReleaseKind::Clean)
+    a.release(disk.clone(), holder.process, None, None, ReleaseKind::Clean)
         .await
         .unwrap();
     let grants = tokio::time::timeout(std::time::Duration::from_secs(10), wait)
@@ -609,7 +609,7 @@ async fn a_wait_for_a_damaged_record_ends_naming_it() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     etcdctl(&etcd, &["put", &record_key("disk"), "junk"]);
-    a.release(res("disk"), holder.process, None, ReleaseKind::Clean)
+    a.release(res("disk"), holder.process, None, None, ReleaseKind::Clean)
         .await
         .unwrap_err();
     let e = waiting.await.unwrap().unwrap_err();

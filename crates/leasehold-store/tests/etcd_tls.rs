@@ -80,9 +80,15 @@ async fn a_user_limited_to_the_prefix_takes_and_ends_leases_over_tls() {
     let out = etcd.etcdctl(&["get", "--prefix", PREFIX, "--keys-only"]);
     let keys = String::from_utf8_lossy(&out.stdout);
     assert!(keys.contains("/res/disk1"), "{keys}");
-    s.release(r.clone(), owner.process.clone(), None, ReleaseKind::Clean)
-        .await
-        .unwrap();
+    s.release(
+        r.clone(),
+        owner.process.clone(),
+        None,
+        None,
+        ReleaseKind::Clean,
+    )
+    .await
+    .unwrap();
     assert!(!s.validate(r, token).await.unwrap());
 }
 
@@ -271,7 +277,7 @@ async fn an_expired_auth_token_is_renewed_and_the_session_kept() {
     let listed = s.list().await.unwrap();
     assert_eq!(listed.len(), 2, "{listed:?}");
     for r in [r1, r2] {
-        s.release(r, owner.process.clone(), None, ReleaseKind::Clean)
+        s.release(r, owner.process.clone(), None, None, ReleaseKind::Clean)
             .await
             .unwrap();
     }

@@ -121,7 +121,13 @@ fn crash_child() {
                     } else {
                         say(format!("r {r} {pid}"));
                         store
-                            .release(r.clone(), owner.process.clone(), None, ReleaseKind::Clean)
+                            .release(
+                                r.clone(),
+                                owner.process.clone(),
+                                None,
+                                None,
+                                ReleaseKind::Clean,
+                            )
                             .await
                             .unwrap();
                         say(format!("R {r} {pid}"));
@@ -335,7 +341,7 @@ async fn local_store_survives_kill_9() {
                 "token reused"
             );
             store
-                .release(r, probe.process, None, ReleaseKind::Clean)
+                .release(r, probe.process, None, None, ReleaseKind::Clean)
                 .await
                 .unwrap();
         }

@@ -47,9 +47,15 @@ async fn pages_damaged_after_open_are_a_clear_error_not_a_panic() {
     let mut errors = Vec::new();
     for i in 0..300 {
         let r = if i % 2 == 0 {
-            s.release(name(i), owner.process.clone(), None, ReleaseKind::Clean)
-                .await
-                .map(|_| ())
+            s.release(
+                name(i),
+                owner.process.clone(),
+                None,
+                None,
+                ReleaseKind::Clean,
+            )
+            .await
+            .map(|_| ())
         } else {
             s.acquire(AcquireSpec::new(
                 Owner::new(host(), 6, 1),

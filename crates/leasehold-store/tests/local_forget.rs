@@ -77,6 +77,7 @@ async fn released_clean_records_are_forgotten_and_tokens_still_grow() {
         dirty.clone(),
         Owner::new(host(), 7, 1).process,
         None,
+        None,
         ReleaseKind::Dirty {
             note: Some("exit status 1".into()),
         },
@@ -101,7 +102,7 @@ async fn released_clean_records_are_forgotten_and_tokens_still_grow() {
         let s = Arc::clone(&s);
         let p = owner.process.clone();
         releases.push(tokio::spawn(async move {
-            s.release(name(i), p, None, ReleaseKind::Clean)
+            s.release(name(i), p, None, None, ReleaseKind::Clean)
                 .await
                 .unwrap();
         }));

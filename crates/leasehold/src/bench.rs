@@ -694,6 +694,7 @@ async fn store_cycles(
                         r.clone(),
                         owner.process.clone(),
                         None,
+                        None,
                         leasehold_core::ReleaseKind::Clean,
                     )
                     .await?;

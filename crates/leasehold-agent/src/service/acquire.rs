@@ -142,7 +142,7 @@ async fn undo_unread_with<F, Fut>(
     fresh: Vec<(ResourceName, Token)>,
     release: F,
 ) where
-    F: Fn(ResourceName) -> Fut,
+    F: Fn(ResourceName, Token) -> Fut,
     Fut: std::future::Future<Output = Result<Released, StoreError>>,
 {
     let pid = owner.process.pid;
@@ -159,11 +159,13 @@ async fn undo_unread_with<F, Fut>(
         let retry = |e: &StoreError| {
             warn!(resource = %r, pid, error = %e, "a grant its client never read cannot be released yet; retrying");
         };
-        // Checked again before each try: a release is by owner, and the process may have been
-        // granted a newer lease of the resource while the store was away.
+        // Checked again before each try: the process may have been granted a newer lease of
+        // the resource while the store was away. A try already under way when that happens
+        // (the store re-running its transaction, or a commit queued) is covered by the token
+        // the release names: it ends that lease or nothing.
         let attempt = || {
             let go = undecided.undoing(&owner.process, &r, token);
-            let release = go.then(|| release(r.clone()));
+            let release = go.then(|| release(r.clone(), token));
             async move {
                 match release {
                     Some(f) => f.await.map(Some),
@@ -801,11 +803,13 @@ impl<S: Store> Service<S> {
     /// Releases, clean, the new leases of a grant whose client went away before receiving
     /// it: nobody learnt their tokens, so nothing was written under them.
     async fn undo_unread(&self, owner: &Owner, fresh: Vec<(ResourceName, Token)>) {
-        undo_unread_with(&self.undecided, owner, fresh, |r| {
+        // By token: only the lease that was granted unread, never a later one of the owner.
+        undo_unread_with(&self.undecided, owner, fresh, |r, token| {
             self.store.release(
                 r,
                 owner.process.clone(),
                 owner.id.clone(),
+                Some(token),
                 ReleaseKind::Clean,
             )
         })
@@ -1001,7 +1005,7 @@ mod tests {
         let started = Instant::now();
         let undecided = Undecided::default();
         let fresh = vec![(name("disk"), Token(1)), (name("gone"), Token(2))];
-        undo_unread_with(&undecided, &owner, fresh, |r| {
+        undo_unread_with(&undecided, &owner, fresh, |r, _| {
             let n = {
                 let mut t = tries.lock().unwrap();
                 let n = t.entry(r.clone()).or_default();
@@ -1072,20 +1076,73 @@ mod tests {
             undecided.granted(&owner.process, &[grant(7)]).unwrap();
         }
         let tries = AtomicUsize::new(0);
-        undo_unread_with(&undecided, &owner, vec![(disk.clone(), Token(7))], |_| {
-            let n = tries.fetch_add(1, Ordering::SeqCst);
-            if n == 0 {
-                // While the store is away, the lease ends and the process is granted anew.
-                let _asking = undecided.asking(&owner.process);
-                undecided.granted(&owner.process, &[grant(8)]).unwrap();
-            }
+        undo_unread_with(
+            &undecided,
+            &owner,
+            vec![(disk.clone(), Token(7))],
+            |_, _| {
+                let n = tries.fetch_add(1, Ordering::SeqCst);
+                if n == 0 {
+                    // While the store is away, the lease ends and the process is granted anew.
+                    let _asking = undecided.asking(&owner.process);
+                    undecided.granted(&owner.process, &[grant(8)]).unwrap();
+                }
+                async move {
+                    assert_eq!(n, 0, "released the newer lease");
+                    Err(StoreError::Unavailable(Cause::new("etcd is away")))
+                }
+            },
+        )
+        .await;
+        assert_eq!(tries.load(Ordering::SeqCst), 1);
+    }
+
+    /// The undo names, to the store's release, the token of each grant it undoes: the store
+    /// then ends that lease or nothing, so a try under way (re-run by etcd's transaction after
+    /// a lost compare, or queued on the local store) while the lease was force-released and
+    /// the process granted the resource again cannot end the newer lease (the store's side:
+    /// `a_release_rerun_after_a_lost_compare_leaves_a_regrant_to_the_same_owner`).
+    #[tokio::test]
+    async fn an_undo_names_the_token_of_the_grant_it_undoes() {
+        use leasehold_core::{Grant, HostId, Mode, ReleaseError};
+        let owner = Owner::new(HostId::new("host-a").unwrap(), 10, 1);
+        let name = |n: &str| ResourceName::new(n).unwrap();
+        let undecided = std::sync::Arc::new(Undecided::default());
+        let grants: Vec<Grant> = [("disk", 7), ("img", 9)]
+            .into_iter()
+            .map(|(r, t)| Grant {
+                resource: name(r),
+                mode: Mode::Exclusive,
+                token: Token(t),
+                dirty: None,
+                existing: false,
+            })
+            .collect();
+        {
+            let _asking = undecided.asking(&owner.process);
+            undecided.granted(&owner.process, &grants).unwrap();
+        }
+        let asked = std::sync::Mutex::new(Vec::new());
+        let fresh = vec![(name("disk"), Token(7)), (name("img"), Token(9))];
+        undo_unread_with(&undecided, &owner, fresh, |r, token| {
+            asked.lock().unwrap().push((r.clone(), token));
+            let process = owner.process.clone();
+            // The store found another token held: nothing to retry.
             async move {
-                assert_eq!(n, 0, "released the newer lease");
-                Err(StoreError::Unavailable(Cause::new("etcd is away")))
+                Err(StoreError::Release(ReleaseError::StaleToken {
+                    resource: r,
+                    process,
+                    owner_id: None,
+                    token,
+                    holding: Some(Token(token.0 + 1)),
+                }))
             }
         })
         .await;
-        assert_eq!(tries.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            asked.into_inner().unwrap(),
+            vec![(name("disk"), Token(7)), (name("img"), Token(9))]
+        );
     }
 
     /// A grant's safe-until is never later than the fencing deadline, whether the fence task

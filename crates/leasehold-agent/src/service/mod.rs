@@ -399,7 +399,7 @@ impl<S: Store> Service<S> {
             let (process, owner_id, kind) = (process.clone(), owner_id.clone(), kind.clone());
             async move {
                 let started = Instant::now();
-                let r = store.release(name, process, owner_id, kind).await;
+                let r = store.release(name, process, owner_id, None, kind).await;
                 if r.is_ok() {
                     crate::metrics::store_op(crate::metrics::StoreOp::release, started.elapsed());
                 }

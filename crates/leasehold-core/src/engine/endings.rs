@@ -17,6 +17,8 @@ impl Engine {
     ///
     /// # Errors
     /// [`ReleaseError::NotHeld`] when the process holds no lease on the resource;
+    /// [`ReleaseError::StaleToken`] when the request names a token and the owner's lease
+    /// (if any) has another, in which case nothing is ended;
     /// [`ReleaseError::NoWaiter`] or [`ReleaseError::HandoverShared`] when a handover cannot
     /// happen, in which case the lease stays as it was.
     pub fn release(&mut self, req: ReleaseRequest, now: Now) -> Result<Released, ReleaseError> {
@@ -30,7 +32,31 @@ impl Engine {
                 resource: req.resource.clone(),
                 process: req.process.clone(),
                 owner_id: req.owner_id.clone(),
-            })?;
+            });
+        // A release that names its lease's token ends that lease or nothing: the owner may
+        // have been granted the resource again since (after a force-release), and a release
+        // meant for the old lease must not end the new one.
+        let lease = match (req.token, lease) {
+            (Some(token), Ok(l)) if l.token != token => {
+                return Err(ReleaseError::StaleToken {
+                    resource: req.resource,
+                    process: req.process,
+                    owner_id: req.owner_id,
+                    token,
+                    holding: Some(l.token),
+                });
+            }
+            (Some(token), Err(ReleaseError::NotHeld { .. })) => {
+                return Err(ReleaseError::StaleToken {
+                    resource: req.resource,
+                    process: req.process,
+                    owner_id: req.owner_id,
+                    token,
+                    holding: None,
+                });
+            }
+            (_, l) => l?,
+        };
         let how = match req.kind {
             ReleaseKind::Clean => EndReason::Released,
             ReleaseKind::Dirty { note } => {

@@ -261,6 +261,7 @@ impl Sim {
             resource: r.clone(),
             process: p.clone(),
             owner_id: None,
+            token: None,
             kind: kind.clone(),
         };
         let res = self.engine.release(req, self.at());

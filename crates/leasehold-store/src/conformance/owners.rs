@@ -61,7 +61,7 @@ pub async fn owners_of_one_process_are_told_apart_by_owner_id<H: Harness>(h: &H)
     // A release names its owner: none, or another id, releases nothing.
     let p = process(&a, 5);
     let e = s
-        .release(res("disk"), p.clone(), None, ReleaseKind::Clean)
+        .release(res("disk"), p.clone(), None, None, ReleaseKind::Clean)
         .await
         .expect_err("no owner id");
     assert!(
@@ -72,6 +72,7 @@ pub async fn owners_of_one_process_are_told_apart_by_owner_id<H: Harness>(h: &H)
         res("disk"),
         p.clone(),
         OwnerId::new("t2").ok(),
+        None,
         ReleaseKind::Clean,
     )
     .await
@@ -81,6 +82,7 @@ pub async fn owners_of_one_process_are_told_apart_by_owner_id<H: Harness>(h: &H)
         res("img"),
         p.clone(),
         OwnerId::new("t1").ok(),
+        None,
         ReleaseKind::Clean,
     )
     .await
@@ -153,7 +155,7 @@ pub async fn a_resume_is_granted_only_while_the_token_is_the_last<H: Harness>(h:
         spec
     };
     let paused = take(&s, 1, "disk", X).await.expect("grant");
-    s.release(res("disk"), process(&a, 1), None, ReleaseKind::Clean)
+    s.release(res("disk"), process(&a, 1), None, None, ReleaseKind::Clean)
         .await
         .expect("pause");
     let back = s.acquire(resume(1, paused)).await.expect("resume")[0].token;
@@ -161,12 +163,12 @@ pub async fn a_resume_is_granted_only_while_the_token_is_the_last<H: Harness>(h:
         back > paused,
         "a new token on resume: {back:?} after {paused:?}"
     );
-    s.release(res("disk"), process(&a, 1), None, ReleaseKind::Clean)
+    s.release(res("disk"), process(&a, 1), None, None, ReleaseKind::Clean)
         .await
         .expect("pause again");
     // Someone else takes the disk while the VM is paused, and lets go.
     take(&s, 2, "disk", X).await.expect("a third owner");
-    s.release(res("disk"), process(&a, 2), None, ReleaseKind::Clean)
+    s.release(res("disk"), process(&a, 2), None, None, ReleaseKind::Clean)
         .await
         .expect("third owner done");
     let refused = s.acquire(resume(1, back)).await.expect_err("moved on");

@@ -92,11 +92,12 @@ enum Cmd {
     /// The waiting caller went away: withdraw, answering nobody.
     Abandon(WaiterId),
     /// Release grants that a caller received but could not use.
-    ReleaseOrphans(Vec<(ResourceName, Owner)>),
+    ReleaseOrphans(Vec<(ResourceName, Owner, Token)>),
     Release {
         resource: ResourceName,
         process: ProcessKey,
         owner_id: Option<OwnerId>,
+        token: Option<Token>,
         kind: ReleaseKind,
         reply: Reply<Released>,
     },
@@ -310,11 +311,14 @@ impl Drop for WaitGuard {
     }
 }
 
-fn fresh(grants: &[Grant], owner: &Owner) -> Vec<(ResourceName, Owner)> {
+/// The leases a grant made new, each with its owner and token: what is released, by token,
+/// when nobody learnt of the grant (the owner may be granted the resource again before the
+/// release is carried out, and that later lease must stay).
+fn fresh(grants: &[Grant], owner: &Owner) -> Vec<(ResourceName, Owner, Token)> {
     grants
         .iter()
         .filter(|g| !g.existing)
-        .map(|g| (g.resource.clone(), owner.clone()))
+        .map(|g| (g.resource.clone(), owner.clone(), g.token))
         .collect()
 }
 
@@ -379,12 +383,14 @@ impl Store for LocalStore {
         resource: ResourceName,
         process: ProcessKey,
         owner_id: Option<OwnerId>,
+        token: Option<Token>,
         kind: ReleaseKind,
     ) -> Result<Released, StoreError> {
         self.call(|reply| Cmd::Release {
             resource,
             process,
             owner_id,
+            token,
             kind,
             reply,
         })
@@ -568,6 +574,7 @@ mod tests {
                 disk.clone(),
                 owner.process.clone(),
                 None,
+                None,
                 ReleaseKind::Clean,
             )
             .await
@@ -664,9 +671,15 @@ mod tests {
                             ))
                             .await
                             .unwrap();
-                            s.release(r.clone(), owner.process.clone(), None, ReleaseKind::Clean)
-                                .await
-                                .unwrap();
+                            s.release(
+                                r.clone(),
+                                owner.process.clone(),
+                                None,
+                                None,
+                                ReleaseKind::Clean,
+                            )
+                            .await
+                            .unwrap();
                         }
                     });
                 })

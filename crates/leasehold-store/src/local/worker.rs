@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use leasehold_core::{
     AcquireError, AcquireRequest, Acquired, Conflict, Engine, Event, Grant, Mode, Now, Output,
-    Owner, ReleaseKind, ReleaseRequest, ResourceName, SessionId, WaiterId,
+    Owner, ReleaseKind, ReleaseRequest, ResourceName, SessionId, Token, WaiterId,
 };
 use redb::Database;
 use tokio::sync::{broadcast, oneshot};
@@ -23,7 +23,7 @@ use crate::sync::lock;
 use crate::{Cause, Clock, StoreError};
 
 pub(super) enum Cleanup {
-    Release(Vec<(ResourceName, Owner)>),
+    Release(Vec<(ResourceName, Owner, Token)>),
     Abandon(WaiterId),
 }
 
@@ -66,7 +66,7 @@ pub(super) struct Worker {
     pub(super) options: LocalStoreOptions,
     pub(super) events: broadcast::Sender<Event>,
     pub(super) pending: HashMap<WaiterId, Pending>,
-    pub(super) orphans: Vec<(ResourceName, Owner)>,
+    pub(super) orphans: Vec<(ResourceName, Owner, Token)>,
     /// Whether the database has no format marker yet (a new state directory).
     pub(super) fresh: bool,
     /// When each record last changed, for forgetting old free ones.
@@ -333,12 +333,13 @@ impl Worker {
         let now = self.clock.now();
         self.engine.tick(now);
         let orphans = self.orphans.clone();
-        for (resource, owner) in std::mem::take(&mut self.orphans) {
+        for (resource, owner, token) in std::mem::take(&mut self.orphans) {
             let _ = self.engine.release(
                 ReleaseRequest {
                     resource,
                     process: owner.process,
                     owner_id: owner.id,
+                    token: Some(token),
                     kind: ReleaseKind::Clean,
                 },
                 now,
@@ -498,6 +499,7 @@ impl Worker {
                 resource,
                 process,
                 owner_id,
+                token,
                 kind,
                 reply,
             } => {
@@ -506,6 +508,7 @@ impl Worker {
                         resource,
                         process,
                         owner_id,
+                        token,
                         kind,
                     },
                     now,
@@ -703,7 +706,7 @@ fn not_open() -> Cause {
 
 /// Answers a command with `e` while the database cannot be used: nothing is applied.
 /// Grants to release are kept for when it can.
-pub(super) fn refuse(cmd: Cmd, e: &StoreError, orphans: &mut Vec<(ResourceName, Owner)>) {
+pub(super) fn refuse(cmd: Cmd, e: &StoreError, orphans: &mut Vec<(ResourceName, Owner, Token)>) {
     let e = e.clone();
     match cmd {
         Cmd::Acquire { reply, .. } => drop(reply.send(Err(e))),

@@ -45,6 +45,7 @@ fn handover_moves_the_lease_past_earlier_waiters() {
             resource: res("vm"),
             process: owner_on(&a, 1).process,
             owner_id: None,
+            token: None,
             kind: ReleaseKind::Handover {
                 host: b.clone(),
                 label: Some("vm-7".into()),
@@ -62,6 +63,7 @@ fn handover_moves_the_lease_past_earlier_waiters() {
                 resource: res("vm"),
                 process: owner_on(&a, 1).process,
                 owner_id: None,
+                token: None,
                 kind: ReleaseKind::Handover {
                     host: b.clone(),
                     label: Some("vm-42".into()),
@@ -297,6 +299,7 @@ fn releasing_what_one_does_not_hold_fails() {
             resource: res("d"),
             process: p,
             owner_id: None,
+            token: None,
             kind: ReleaseKind::Clean,
         },
         Now::at(3),
@@ -375,5 +378,74 @@ fn an_exit_with_status_zero_is_clean_only_for_owners_that_chose_it() {
         dirty.dirty.map(|e| e.how),
         Some(EndReason::ProcessDied),
         "an owner that did not choose on_exit=status is dirty whatever its exit status"
+    );
+}
+
+/// A release that names the token of the lease it ends leaves alone a later lease of the
+/// same owner: a release on its way (the agent's undo of a grant nobody read, retried or
+/// re-run by the store) while an admin force-released the lease and the same process was
+/// granted the resource again must not end the new lease (SPEC G1: its holder, told it holds
+/// it, keeps writing while another owner could be granted the disk). Before, a release was
+/// by owner only, and ended the new lease.
+#[test]
+fn a_release_with_a_stale_token_leaves_the_owners_new_lease() {
+    let mut t = T::new();
+    let old = t.take(1, "d", X, 1).unwrap();
+    t.e.force_release(&res("d"), "stuck", "root", Now::at(2))
+        .unwrap();
+    t.e.mark_clean(&res("d"), "root", Now::at(3)).unwrap();
+    let new = t.take(1, "d", X, 4).unwrap();
+    assert!(new > old);
+    t.e.take_output();
+    let holder = t.owner(1).process;
+    let with = |token: Token| ReleaseRequest {
+        resource: res("d"),
+        process: holder.clone(),
+        owner_id: None,
+        token: Some(token),
+        kind: ReleaseKind::Clean,
+    };
+    let stale = with(old);
+    let r = t.e.release(stale.clone(), Now::at(5));
+    assert_eq!(
+        r,
+        Err(ReleaseError::StaleToken {
+            resource: res("d"),
+            process: t.owner(1).process,
+            owner_id: None,
+            token: old,
+            holding: Some(new),
+        })
+    );
+    let message = r.unwrap_err().to_string();
+    assert!(
+        message.contains(&format!("holds token {new} now"))
+            && message.contains("nothing was released"),
+        "{message}"
+    );
+    // Nothing changed: the new lease stands, nothing to persist, no event.
+    assert_eq!(t.holders("d"), vec![(1, X)]);
+    assert!(t.e.validate(&res("d"), new));
+    assert!(!t.e.take_output().needs_persist());
+
+    // The lease's own token ends it.
+    let ended = t.e.release(with(new), Now::at(6)).unwrap();
+    assert_eq!(ended.ended.token, new);
+    assert!(t.holders("d").is_empty());
+    // Held by nobody now: the stale token still ends nothing, and says so.
+    t.e.take_output();
+    assert!(matches!(
+        t.e.release(stale, Now::at(7)),
+        Err(ReleaseError::StaleToken { holding: None, .. })
+    ));
+    assert!(!t.e.take_output().needs_persist());
+    // Without a token, a release is by owner, as before.
+    let again = t.take(1, "d", X, 8).unwrap();
+    assert_eq!(
+        t.release(1, "d", ReleaseKind::Clean, 9)
+            .unwrap()
+            .ended
+            .token,
+        again
     );
 }

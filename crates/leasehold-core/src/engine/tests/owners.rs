@@ -41,6 +41,7 @@ impl T {
                 resource: res(r),
                 process: self.owner(pid).process,
                 owner_id: owner.map(id),
+                token: None,
                 kind: ReleaseKind::Clean,
             },
             Now::at(at),

@@ -789,6 +789,7 @@ impl Inner {
                 continue;
             }
             let refusal = extra.refusal;
+            self.pause_decided_if_asked().await;
             match self.commit_or_read(&snap, &engine, &out, extra).await? {
                 // A stale view may have refused for a holder gone since: ask etcd.
                 Ok(_) if refusal && !fresh => {}
@@ -967,6 +968,7 @@ mod tests {
             resource: name(r),
             process: who.process.clone(),
             owner_id: None,
+            token: None,
             kind: ReleaseKind::Clean,
         };
         e.release(req, Now::at(2)).unwrap();

@@ -38,7 +38,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use leasehold_core::{Event, HostId, Now, Owner, ProcessKey, ResourceName, Timing};
+use leasehold_core::{Event, HostId, Now, Owner, ProcessKey, ResourceName, Timing, Token};
 use serde::Serialize;
 use tokio::sync::{Notify, broadcast, oneshot, watch};
 use tracing::error;
@@ -142,7 +142,7 @@ struct Inner {
     held: Mutex<HashMap<ProcessKey, BTreeSet<ResourceName>>>,
     /// Grants whose caller had gone when they were decided; released by the waiter service.
     /// Recovered: pushed and taken whole.
-    orphans: Mutex<Vec<(ResourceName, Owner)>>,
+    orphans: Mutex<Vec<(ResourceName, Owner, Token)>>,
     /// Local processes recorded as holders under an ended session of this host, at open.
     /// Recovered: replaced whole.
     stale: Mutex<Vec<ProcessKey>>,
@@ -178,6 +178,9 @@ struct Inner {
     /// A test hook: the next commit stops once etcd answered it, before anything learns of
     /// it, until released. Recovered: replaced and taken whole.
     pause_commit: Mutex<Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>>,
+    /// A test hook: the next transaction stops once it has decided a write, before it
+    /// commits, until released. Recovered: replaced and taken whole.
+    pause_decided: Mutex<Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>>,
     /// A test hook: the next commit stops once it has published its events, until released.
     /// Recovered: replaced and taken whole.
     pause_published: Mutex<Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>>,
@@ -349,6 +352,7 @@ impl EtcdStore {
             pause_watch_all: Mutex::new(None),
             pause_watch_all_asked: Notify::new(),
             pause_commit: Mutex::new(None),
+            pause_decided: Mutex::new(None),
             pause_published: Mutex::new(None),
             fixes_due: Notify::new(),
             halted: std::sync::OnceLock::new(),
@@ -448,6 +452,18 @@ impl EtcdStore {
         SnapshotPause { reached, resume }
     }
 
+    /// A test hook: the next transaction that decides a write (from its snapshot) stops
+    /// before it commits, until the returned handle lets it go on: a test can change the
+    /// resource in between, so the commit loses its compare and the transaction decides
+    /// again.
+    #[doc(hidden)]
+    pub fn pause_next_decided(&self) -> SnapshotPause {
+        let (reached_tx, reached) = oneshot::channel();
+        let (resume, resume_rx) = oneshot::channel();
+        *lock(&self.inner.pause_decided, "pause_decided") = Some((reached_tx, resume_rx));
+        SnapshotPause { reached, resume }
+    }
+
     /// A test hook: the next keep-alive of this host's session stops once it counts as sent
     /// (commits see it pending) until the returned handle lets it go on.
     #[doc(hidden)]
@@ -485,7 +501,7 @@ impl Inner {
     }
 
     /// Grants to release (a recovered lock).
-    fn orphans(&self) -> MutexGuard<'_, Vec<(ResourceName, Owner)>> {
+    fn orphans(&self) -> MutexGuard<'_, Vec<(ResourceName, Owner, Token)>> {
         lock(&self.orphans, "orphans")
     }
 

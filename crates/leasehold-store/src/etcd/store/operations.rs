@@ -189,6 +189,7 @@ impl Store for EtcdStore {
         resource: ResourceName,
         process: ProcessKey,
         owner_id: Option<OwnerId>,
+        token: Option<Token>,
         kind: ReleaseKind,
     ) -> Result<Released, StoreError> {
         let (r, _, _) = self
@@ -199,6 +200,7 @@ impl Store for EtcdStore {
                         resource: resource.clone(),
                         process: process.clone(),
                         owner_id: owner_id.clone(),
+                        token,
                         kind: kind.clone(),
                     },
                     now,

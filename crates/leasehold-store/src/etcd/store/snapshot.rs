@@ -384,6 +384,15 @@ impl Inner {
         }
     }
 
+    /// Stops here if a test asked for it (see [`EtcdStore::pause_next_decided`]).
+    pub(super) async fn pause_decided_if_asked(&self) {
+        let pause = lock(&self.pause_decided, "pause_decided").take();
+        if let Some((reached, resume)) = pause {
+            let _ = reached.send(());
+            let _ = resume.await;
+        }
+    }
+
     /// Stops here if a test asked for it (see [`EtcdStore::pause_next_published`]).
     pub(super) async fn pause_published_if_asked(&self) {
         let pause = lock(&self.pause_published, "pause_published").take();

@@ -111,6 +111,7 @@ async fn a_poisoned_holder_index_halts_the_store() {
             res("disk"),
             holder.process.clone(),
             None,
+            None,
             ReleaseKind::Clean,
         )
         .await
@@ -254,6 +255,7 @@ async fn an_acquire_and_release_in_a_row_take_one_transaction_each() {
         s.release(
             disk.clone(),
             owner.process.clone(),
+            None,
             None,
             ReleaseKind::Clean,
         )
@@ -613,7 +615,7 @@ async fn a_waiter_is_granted_when_another_host_releases() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(mirrors(&a, "disk"), "a watches what it waits for");
-    b.release(res("disk"), holder.process, None, ReleaseKind::Clean)
+    b.release(res("disk"), holder.process, None, None, ReleaseKind::Clean)
         .await
         .unwrap();
     let grants = tokio::time::timeout(Duration::from_secs(30), waiting)
@@ -651,7 +653,7 @@ async fn a_watch_gap_past_compaction_is_read_again() {
     b.acquire(AcquireSpec::new(other.clone(), [(res("disk"), Mode::Exclusive)]).accept_dirty())
         .await
         .unwrap();
-    b.release(res("disk"), other.process, None, ReleaseKind::Clean)
+    b.release(res("disk"), other.process, None, None, ReleaseKind::Clean)
         .await
         .unwrap();
     let (_, now) = b
@@ -694,9 +696,15 @@ async fn older_watch_events_do_not_undo_this_hosts_own_commits() {
     .unwrap();
     let mut pause = s.pause_watch();
     pause.reached().await;
-    s.release(res("disk"), first.process.clone(), None, ReleaseKind::Clean)
-        .await
-        .unwrap();
+    s.release(
+        res("disk"),
+        first.process.clone(),
+        None,
+        None,
+        ReleaseKind::Clean,
+    )
+    .await
+    .unwrap();
     let second = Owner::new(s.host().clone(), 11, 1);
     s.acquire(AcquireSpec::new(
         second.clone(),
@@ -708,6 +716,7 @@ async fn older_watch_events_do_not_undo_this_hosts_own_commits() {
     s.release(
         res("disk"),
         second.process.clone(),
+        None,
         None,
         ReleaseKind::Clean,
     )
@@ -738,7 +747,7 @@ async fn older_watch_events_do_not_undo_this_hosts_own_commits() {
             break;
         }
     }
-    s.release(res("disk"), third.process, None, ReleaseKind::Clean)
+    s.release(res("disk"), third.process, None, None, ReleaseKind::Clean)
         .await
         .unwrap();
 }
@@ -768,6 +777,7 @@ async fn an_own_commit_the_watch_delivers_first_is_published_once() {
     let release = s.release(
         disk.clone(),
         owner.process.clone(),
+        None,
         None,
         ReleaseKind::Clean,
     );
@@ -928,6 +938,7 @@ async fn a_handover_stays_reserved_against_a_view_that_has_not_seen_the_waiter()
         disk.clone(),
         source.process.clone(),
         None,
+        None,
         ReleaseKind::Handover {
             host: b.host().clone(),
             label: None,
@@ -1057,9 +1068,15 @@ async fn a_commit_answered_after_its_resources_left_the_view_fences_only_lost_ho
         .await
         .unwrap();
     for r in [&disk_a, &disk_b] {
-        a.release(r.clone(), first.process.clone(), None, ReleaseKind::Clean)
-            .await
-            .unwrap();
+        a.release(
+            r.clone(),
+            first.process.clone(),
+            None,
+            None,
+            ReleaseKind::Clean,
+        )
+        .await
+        .unwrap();
     }
     let leave = |r: &ResourceName| crate::sync::write(&a.inner.mirror, "mirror").leave_as_unused(r);
     let holder = Owner::new(a.host().clone(), 10, 1);
@@ -1077,6 +1094,7 @@ async fn a_commit_answered_after_its_resources_left_the_view_fences_only_lost_ho
     a.release(
         disk_a.clone(),
         holder.process.clone(),
+        None,
         None,
         ReleaseKind::Clean,
     )
@@ -1174,7 +1192,7 @@ async fn a_watch_of_every_resource_past_compaction_ends_its_receivers() {
     ))
     .await
     .unwrap();
-    b.release(res("disk"), other.process, None, ReleaseKind::Clean)
+    b.release(res("disk"), other.process, None, None, ReleaseKind::Clean)
         .await
         .unwrap();
     let (_, now) = b
@@ -1235,7 +1253,13 @@ async fn a_resources_events_are_published_in_the_order_of_its_versions() {
     let mut watch = a.pause_watch();
     watch.reached().await;
     let mut pause = a.pause_next_published();
-    let released = a.release(disk.clone(), mine.process.clone(), None, ReleaseKind::Clean);
+    let released = a.release(
+        disk.clone(),
+        mine.process.clone(),
+        None,
+        None,
+        ReleaseKind::Clean,
+    );
     let theirs = Owner::new(b.host().clone(), 20, 1);
     let meanwhile = async {
         pause.reached().await;
@@ -1402,9 +1426,15 @@ async fn a_refusal_from_the_view_that_writes_is_decided_again_on_a_fresh_read() 
     // a's watch is held back while b releases disk-a.
     let mut pause = a.pause_watch();
     pause.reached().await;
-    b.release(disk_a.clone(), theirs.process, None, ReleaseKind::Clean)
-        .await
-        .unwrap();
+    b.release(
+        disk_a.clone(),
+        theirs.process,
+        None,
+        None,
+        ReleaseKind::Clean,
+    )
+    .await
+    .unwrap();
     let e = a
         .acquire(AcquireSpec::new(
             mine.clone(),
@@ -1456,7 +1486,7 @@ async fn a_waiting_acquire_from_a_stale_view_does_not_queue_behind_a_released_ho
     // a's watch is held back while b releases disk.
     let mut pause = a.pause_watch();
     pause.reached().await;
-    b.release(disk.clone(), theirs.process, None, ReleaseKind::Clean)
+    b.release(disk.clone(), theirs.process, None, None, ReleaseKind::Clean)
         .await
         .unwrap();
     let view = a.inner.guessed_snapshot(&[disk.clone()].into()).unwrap();
@@ -1729,6 +1759,7 @@ async fn a_commit_that_only_ends_leases_is_not_held_back_while_a_renewal_is_late
             res("third"),
             owner.process.clone(),
             None,
+            None,
             ReleaseKind::Clean,
         ),
     )
@@ -1760,4 +1791,64 @@ async fn a_commit_that_only_ends_leases_is_not_held_back_while_a_renewal_is_late
         .expect("the held acquire was never sent")
         .unwrap()
         .unwrap();
+}
+
+/// G1: a release whose first transaction loses its compare re-runs the engine on what etcd
+/// holds then; if meanwhile the lease was force-released and the same process was granted
+/// the resource again, the re-run must not end that new lease. The agent's undo of a grant
+/// nobody read is such a release, retried while etcd is away: before a release named the
+/// token it ends, it was by owner, and this re-run ended the new lease, whose holder, told it
+/// holds it, kept writing while another owner could be granted the disk. Scripted: the
+/// release stops once it has decided (on the old lease, from the view), the lease is
+/// force-released and granted again to the same process, then the release commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_rerun_after_a_lost_compare_leaves_a_regrant_to_the_same_owner() {
+    let etcd = Etcd::start();
+    let s = std::sync::Arc::new(open(&etcd, "regrant").await);
+    let holder = Owner::new(s.host().clone(), 10, 1);
+    let old = s
+        .acquire(AcquireSpec::new(
+            holder.clone(),
+            [(res("disk"), Mode::Exclusive)],
+        ))
+        .await
+        .unwrap()[0]
+        .token;
+
+    let mut pause = s.pause_next_decided();
+    let releasing = {
+        let s = std::sync::Arc::clone(&s);
+        let process = holder.process.clone();
+        tokio::spawn(async move {
+            s.release(res("disk"), process, None, Some(old), ReleaseKind::Clean)
+                .await
+        })
+    };
+    pause.reached().await;
+    s.force_release(res("disk"), "stuck".into(), "root".into())
+        .await
+        .unwrap();
+    let new = s
+        .acquire(AcquireSpec::new(holder.clone(), [(res("disk"), Mode::Exclusive)]).accept_dirty())
+        .await
+        .unwrap()[0]
+        .token;
+    assert!(new > old);
+    pause.resume();
+    let r = releasing.await.unwrap();
+    assert!(
+        s.validate(res("disk"), new).await.unwrap(),
+        "the release meant for token {old} ended the new lease {new}: {r:?}"
+    );
+    match r {
+        Err(StoreError::Release(leasehold_core::ReleaseError::StaleToken {
+            token,
+            holding,
+            ..
+        })) => assert_eq!((token, holding), (old, Some(new))),
+        other => panic!("expected a refusal naming token {new}, got {other:?}"),
+    }
+    let view = s.inspect(res("disk")).await.unwrap().unwrap();
+    assert_eq!(view.holders.len(), 1, "{view:?}");
+    assert_eq!(view.holders[0].token, new);
 }

@@ -339,7 +339,7 @@ impl Inner {
                 grants
                     .into_iter()
                     .filter(|g| !g.existing)
-                    .map(|g| (g.resource, owner.clone())),
+                    .map(|g| (g.resource, owner.clone(), g.token)),
             );
             self.changed.notify_one();
         }
@@ -348,7 +348,9 @@ impl Inner {
     /// Releases grants whose caller went away before learning of them.
     pub(super) async fn release_orphans(&self) {
         let orphans = std::mem::take(&mut *self.orphans());
-        for (resource, owner) in orphans {
+        // By token: the owner may be granted the resource again before this is carried out
+        // (after a force-release), and that later lease must stay.
+        for (resource, owner, token) in orphans {
             let r = self
                 .transact(BTreeSet::from([resource.clone()]), |engine, now, _| {
                     let r = engine.release(
@@ -356,6 +358,7 @@ impl Inner {
                             resource: resource.clone(),
                             process: owner.process.clone(),
                             owner_id: owner.id.clone(),
+                            token: Some(token),
                             kind: ReleaseKind::Clean,
                         },
                         now,
@@ -365,7 +368,7 @@ impl Inner {
                 .await;
             if let Err(e) = r {
                 warn!(resource = %resource, error = %e, "could not release an orphaned grant; retrying");
-                self.orphans().push((resource, owner));
+                self.orphans().push((resource, owner, token));
             }
         }
     }
