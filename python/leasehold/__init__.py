@@ -320,15 +320,20 @@ class Client:
         dirty: bool = False,
         note: Optional[str] = None,
         pid: Optional[int] = None,
+        tokens: Optional[Sequence[int]] = None,
     ) -> List[Dict[str, Any]]:
         """Ends this process's leases (of ``owner_id``, when given) on ``resources``;
-        returns what ended. Raises :class:`LeaseLost` when one was not held any more."""
+        returns what ended. With ``tokens`` (one per resource, in their order), only the
+        leases with those tokens: never a later grant to the same owner. Raises
+        :class:`LeaseLost` when one was not held any more."""
         names = [resources] if isinstance(resources, str) else list(resources)
         body: Dict[str, Any] = {"resources": names}
         if owner_id is not None:
             body["owner_id"] = owner_id
         if pid is not None:
             body["pid"] = pid
+        if tokens:
+            body["tokens"] = list(tokens)
         if dirty:
             body["dirty"] = True
             if note is not None:
@@ -457,7 +462,13 @@ class Lease:
                 code="refused",
             )
         try:
-            self.client.release(self.resources, owner_id=self.owner_id, dirty=dirty, note=note)
+            self.client.release(
+                self.resources,
+                owner_id=self.owner_id,
+                dirty=dirty,
+                note=note,
+                tokens=[self.tokens[r] for r in self.resources],
+            )
         finally:
             self.released = True
 

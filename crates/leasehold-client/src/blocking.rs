@@ -667,6 +667,7 @@ fn release_request(resources: &[ResourceName], o: &ReleaseOptions) -> v1::Releas
         dirty: o.dirty,
         note: o.note.clone(),
         handover_to: o.handover_to.clone(),
+        tokens: o.tokens.iter().map(|t| t.0).collect(),
     }
 }
 

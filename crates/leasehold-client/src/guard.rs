@@ -143,12 +143,22 @@ impl LeaseGuard {
         self.grants.iter().map(|g| g.resource.clone()).collect()
     }
 
+    /// The grants' tokens, in the order of [`LeaseGuard::resources`]: a release names them,
+    /// so it ends these leases and never a later grant to the same process.
+    fn tokens(&self) -> Vec<Token> {
+        self.grants.iter().map(|g| g.token).collect()
+    }
+
     async fn finish(mut self, o: ReleaseOptions) -> Result<(), ClientError> {
         self.done = true;
         if let Some(r) = self.reader.take() {
             r.abort();
         }
         let resources = self.resources();
+        let o = ReleaseOptions {
+            tokens: self.tokens(),
+            ..o
+        };
         all_released(self.client.release(&resources, o).await?)
     }
 
@@ -183,6 +193,7 @@ impl LeaseGuard {
         let resources = self.resources();
         let o = ReleaseOptions {
             handover_to: Some(to.into()),
+            tokens: self.tokens(),
             ..Default::default()
         };
         all_released(self.client.release(&resources, o).await?)?;
@@ -214,6 +225,7 @@ impl Drop for LeaseGuard {
             return;
         }
         let resources = self.resources();
+        let tokens = self.tokens();
         let client = self.client.clone();
         let dirty = std::thread::panicking();
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -221,6 +233,7 @@ impl Drop for LeaseGuard {
                 let o = ReleaseOptions {
                     dirty,
                     note: dirty.then(|| "the holder panicked".to_owned()),
+                    tokens,
                     ..Default::default()
                 };
                 let _ = client.release(&resources, o).await;

@@ -32,7 +32,7 @@
 
 use std::time::Duration;
 
-use leasehold_core::{Conflict, Ended, Grant, Mode, Owner, ResourceName};
+use leasehold_core::{Conflict, Ended, Grant, Mode, Owner, ResourceName, Token};
 
 pub mod blocking;
 #[cfg(feature = "async")]
@@ -128,6 +128,10 @@ pub struct ReleaseOptions {
     pub note: Option<String>,
     /// Hand the lease to the waiter on `HOST` or `HOST/LABEL`.
     pub handover_to: Option<String>,
+    /// The token of each lease to end, one per resource in the order they are named; empty:
+    /// the holder's lease whatever its token. With tokens, a lease of the holder granted
+    /// after the one meant (once that one ended) is never released by mistake.
+    pub tokens: Vec<Token>,
 }
 
 /// What happens to a request while it is processed.
@@ -193,6 +197,16 @@ impl Granted {
             .iter()
             .filter(|g| !g.existing)
             .map(|g| g.resource.clone())
+            .collect()
+    }
+
+    /// The tokens of [`Granted::fresh`]'s leases, in its order: a release that gives them
+    /// back names them ([`ReleaseOptions::tokens`]), so it never ends a later grant.
+    pub fn fresh_tokens(&self) -> Vec<Token> {
+        self.grants
+            .iter()
+            .filter(|g| !g.existing)
+            .map(|g| g.token)
             .collect()
     }
 }

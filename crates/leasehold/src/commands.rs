@@ -361,6 +361,7 @@ fn unprinted_grant(
             &ReleaseOptions {
                 pid: Some(pid),
                 start_time,
+                tokens: g.fresh_tokens(),
                 ..ReleaseOptions::default()
             },
         );
@@ -404,6 +405,7 @@ pub fn release(a: ReleaseArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> 
             dirty: a.dirty,
             note: None,
             handover_to: a.handover_to,
+            tokens: a.token.into_iter().map(Token).collect(),
         },
     )?;
     for r in &report.released {

@@ -435,6 +435,10 @@ struct ReleaseArgs {
     /// Hand the exclusive lease to the owner waiting on HOST (with LABEL), in one step.
     #[arg(long, value_name = "HOST[/LABEL]")]
     handover_to: Option<String>,
+    /// Release only the lease with this fencing token (one per resource, in their order):
+    /// a later grant of the resource to the same holder is left alone.
+    #[arg(long, value_name = "TOKEN")]
+    token: Vec<u64>,
     #[command(flatten)]
     path: PathArg,
 }

@@ -160,11 +160,15 @@ pub fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
     // The hold stream is read without blocking from here on (`supervise`): no timeout.
     let (acq, granted) = acquire_waiting(&client, &request)?;
     let all: Vec<ResourceName> = granted.grants.iter().map(|g| g.resource.clone()).collect();
+    // Every release of these leases names their tokens: it ends them, never a later grant
+    // to this process (SPEC G1).
+    let all_tokens: Vec<Token> = granted.grants.iter().map(|g| g.token).collect();
+    let held: Vec<(ResourceName, Token)> = all.iter().cloned().zip(all_tokens).collect();
 
     if let Some(check) = &a.check
         && let Err(f) = check_dirty(&client, &granted, check)
     {
-        let _ = client.release(&all, &ReleaseOptions::default());
+        let _ = release(&client, None, &held, true, None);
         return Err(f);
     }
 
@@ -214,7 +218,7 @@ pub fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
         Outcome::Exited { status, left } => (status, left),
         Outcome::NotStarted { prog, error } => {
             // Nothing ran, so nothing was written: release clean.
-            let released = release(&client, None, &all, true, None);
+            let released = release(&client, None, &held, true, None);
             let after = match released {
                 Ok(()) => "the leases were released clean (nothing ran)".to_owned(),
                 Err(f) => format!("releasing the leases failed: {}", f.message),
@@ -228,7 +232,7 @@ pub fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
         }
         Outcome::Withheld(why) => {
             // Nothing ran, so nothing was written: release clean what is still held.
-            let after = match release(&client, None, &all, true, None) {
+            let after = match release(&client, None, &held, true, None) {
                 Ok(()) => "the leases were released clean".to_owned(),
                 Err(f) => format!("releasing the leases: {}", f.message),
             };
@@ -252,7 +256,11 @@ pub fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
                 crate::output::name(&resource)
             );
             // The lease is gone; release what remains, dirty: the command was cut off.
-            let rest: Vec<ResourceName> = all.iter().filter(|r| **r != resource).cloned().collect();
+            let rest: Vec<(ResourceName, Token)> = held
+                .iter()
+                .filter(|(r, _)| *r != resource)
+                .cloned()
+                .collect();
             if !rest.is_empty() {
                 let _ = release(
                     &client,
@@ -267,7 +275,7 @@ pub fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
     };
     let clean = status.success() && left.is_empty();
     let note = (!clean).then(|| describe(status, &left));
-    let released = release(&client, stream.as_mut(), &all, clean, note.clone());
+    let released = release(&client, stream.as_mut(), &held, clean, note.clone());
     if let Err(f) = released {
         note!(
             "leasehold: {}\n  the leases end when this process exits, and count as dirty",
@@ -343,7 +351,11 @@ impl Start<'_> {
             Ok(g) => {
                 let fresh = g.fresh();
                 if !fresh.is_empty() {
-                    let _ = self.client.release(&fresh, &ReleaseOptions::default());
+                    let o = ReleaseOptions {
+                        tokens: g.fresh_tokens(),
+                        ..Default::default()
+                    };
+                    let _ = self.client.release(&fresh, &o);
                 }
                 word(g.containment)
             }
@@ -458,7 +470,11 @@ impl Hold {
                     Ok(Some(acq))
                 } else {
                     let fresh = g.fresh();
-                    let _ = self.client.release(&fresh, &ReleaseOptions::default());
+                    let o = ReleaseOptions {
+                        tokens: g.fresh_tokens(),
+                        ..Default::default()
+                    };
+                    let _ = self.client.release(&fresh, &o);
                     let r = fresh
                         .first()
                         .cloned()
@@ -752,27 +768,30 @@ fn supervise(
     }
 }
 
-/// Releases `resources`: on the hold's connection where the agent switched it and it is
-/// open, else on a new connection (an agent that restarted while the command ran is asked).
+/// Releases `held`, each lease named by its token: on the hold's connection where the
+/// agent switched it and it is open, else on a new connection (an agent that restarted
+/// while the command ran is asked).
 fn release(
     client: &Client,
     hold: Option<&mut HoldEvents>,
-    resources: &[ResourceName],
+    held: &[(ResourceName, Token)],
     clean: bool,
     note: Option<String>,
 ) -> Result<(), Failure> {
+    let (resources, tokens): (Vec<ResourceName>, Vec<Token>) = held.iter().cloned().unzip();
     let opts = ReleaseOptions {
         dirty: !clean,
         note,
+        tokens,
         ..Default::default()
     };
     let on_hold = match hold {
-        Some(h) => h.release(resources, &opts, client.timeout())?,
+        Some(h) => h.release(&resources, &opts, client.timeout())?,
         None => None,
     };
     let report = match on_hold {
         Some(report) => report,
-        None => client.release(resources, &opts)?,
+        None => client.release(&resources, &opts)?,
     };
     released_or_not(&report).map(|_| ())
 }

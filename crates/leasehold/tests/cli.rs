@@ -169,6 +169,45 @@ fn release_clean_dirty_and_not_held() {
     );
 }
 
+/// `release --token T` ends the lease only while it has token T: another token (a later
+/// grant, or a wrong one) is exit 1 naming the token held and changes nothing; tokens that do
+/// not match the resources one for one are a usage error (exit 2).
+#[test]
+fn release_with_a_token_ends_only_that_lease() {
+    let a = Agent::start();
+    let h = Holder::new();
+    let out = a.lh(&["acquire", "d", "--pid", &h.pid_arg()]);
+    expect_code(&out, 0);
+    let token: u64 = text(&out.stdout).trim().parse().unwrap();
+    let wrong = (token + 5).to_string();
+    let out = a.lh(&["release", "d", "--pid", &h.pid_arg(), "--token", &wrong]);
+    expect_code(&out, 1);
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!("holds token {token} now")) && err.contains("nothing was released"),
+        "{err}"
+    );
+    assert_eq!(a.holders("d"), vec![u64::from(h.pid())]);
+    let t = token.to_string();
+    let out = a.lh(&[
+        "release",
+        "d",
+        "--pid",
+        &h.pid_arg(),
+        "--token",
+        &t,
+        "--token",
+        &t,
+    ]);
+    expect_code(&out, 2);
+    assert_eq!(a.holders("d"), vec![u64::from(h.pid())]);
+    expect_code(
+        &a.lh(&["release", "d", "--pid", &h.pid_arg(), "--token", &t]),
+        0,
+    );
+    assert!(a.holders("d").is_empty());
+}
+
 #[test]
 fn validate_answers_with_its_exit_code() {
     let a = Agent::start();

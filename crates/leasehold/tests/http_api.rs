@@ -601,6 +601,97 @@ fn a_revocable_holder_survives_force_release_and_its_token_is_refused() {
     assert!(a.log().contains("holder not killed"), "{}", a.log());
 }
 
+/// A release may name the token of each lease it ends (`tokens`): one that names a lease
+/// that has ended, while its holder was granted the resource again since (force-released,
+/// then acquired anew by the same process), is refused with a JSON error that names the
+/// token held now and says nothing was released, and changes nothing; tokens that do not
+/// match the resources one for one are a usage error; the right token releases. Before, a
+/// release was by owner only: a release meant for the old lease ended the new one (SPEC G1).
+#[test]
+fn a_release_naming_a_stale_token_is_refused_and_changes_nothing() {
+    let a = Agent::start();
+    let h = Holder::new();
+    // A revocable holder (with an owner id) outlives a force-release, so it can be granted
+    // the resource again.
+    let take = || {
+        let (code, g) = call(
+            &a,
+            "POST",
+            "/v1/acquire",
+            Some(json!({"items": items("disk", "exclusive"), "pid": h.pid(),
+                        "on_lost": "revoke", "owner_id": "t1"})),
+        );
+        assert_eq!((code, g["event"].as_str()), (200, Some("granted")), "{g}");
+        g["grants"][0]["token"].as_u64().unwrap()
+    };
+    let old = take();
+    let (code, v) = call(
+        &a,
+        "POST",
+        "/v1/force-release",
+        Some(json!({"resource": "disk", "reason": "test"})),
+    );
+    assert_eq!(code, 200, "{v}");
+    let (code, v) = call(
+        &a,
+        "POST",
+        "/v1/mark-clean",
+        Some(json!({"resource": "disk"})),
+    );
+    assert_eq!(code, 200, "{v}");
+    let new = take();
+    assert!(new > old);
+    let before = a.list();
+
+    let release = |tokens: Value| {
+        call(
+            &a,
+            "POST",
+            "/v1/release",
+            Some(
+                json!({"resources": ["disk"], "pid": h.pid(), "owner_id": "t1",
+                        "tokens": tokens}),
+            ),
+        )
+    };
+    let (code, v) = release(json!([old]));
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["released"], json!([]), "{v}");
+    assert_eq!(v["failed"][0]["resource"], "disk", "{v}");
+    assert_eq!(v["failed"][0]["error"]["code"], "refused", "{v}");
+    let message = v["failed"][0]["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("with token {old}"))
+            && message.contains(&format!("holds token {new} now"))
+            && message.contains("nothing was released"),
+        "{message}"
+    );
+    assert_eq!(a.list(), before, "a refused release changed nothing");
+    let (_, v) = call(
+        &a,
+        "POST",
+        "/v1/validate",
+        Some(json!({"resource": "disk", "token": new})),
+    );
+    assert_eq!(v["current"], true, "{v}");
+
+    let (code, v) = release(json!([old, new]));
+    assert_eq!((code, v["code"].as_str()), (400, Some("usage")), "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("2 tokens for 1 resources"),
+        "{v}"
+    );
+    assert_eq!(a.list(), before, "a refused release changed nothing");
+
+    let (code, v) = release(json!([new]));
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["released"][0]["ended"]["token"], new, "{v}");
+    assert!(a.holders("disk").is_empty());
+}
+
 /// `allow-revoke = false` in the agent's config refuses `on_lost: revoke` as a usage error
 /// and changes nothing; an ordinary acquire still works.
 #[test]

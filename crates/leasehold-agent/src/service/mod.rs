@@ -332,10 +332,21 @@ impl<S: Store> Service<S> {
                 leasehold_core::MAX_ITEMS
             )));
         }
+        if !r.tokens.is_empty() && r.tokens.len() != r.resources.len() {
+            return Err(usage(format!(
+                "{} tokens for {} resources: name one token per resource, in their order, or \
+                 none; nothing was released",
+                r.tokens.len(),
+                r.resources.len()
+            )));
+        }
+        // Each resource with the token of the lease to end, when the caller named them.
         let names = r
             .resources
             .into_iter()
             .map(resource)
+            .enumerate()
+            .map(|(i, n)| n.map(|n| (n, r.tokens.get(i).copied().map(Token))))
             .collect::<Result<Vec<_>, _>>()?;
         let kind = match (r.handover_to, r.dirty) {
             (Some(_), true) => {
@@ -369,13 +380,14 @@ impl<S: Store> Service<S> {
             pid: info.pid,
             start_time: info.start_time,
         };
-        self.refuse_restricted(c, &names, &process).await?;
+        let only: Vec<ResourceName> = names.iter().map(|(n, _)| n.clone()).collect();
+        self.refuse_restricted(c, &only, &process).await?;
         let mut out = ReleaseOutcome::default();
         // A lease the fence revoked is not the owner's to release any more, even while etcd
         // still records it.
-        let names: Vec<ResourceName> = names
+        let names: Vec<(ResourceName, Option<Token>)> = names
             .into_iter()
-            .filter(|name| {
+            .filter(|(name, _)| {
                 let Some(e) = self.holds.revoked_of(name, &process, owner_id.as_ref()) else {
                     return true;
                 };
@@ -394,12 +406,12 @@ impl<S: Store> Service<S> {
                 false
             })
             .collect();
-        let release = |name: ResourceName| {
+        let release = |(name, token): (ResourceName, Option<Token>)| {
             let store = self.store.clone();
             let (process, owner_id, kind) = (process.clone(), owner_id.clone(), kind.clone());
             async move {
                 let started = Instant::now();
-                let r = store.release(name, process, owner_id, None, kind).await;
+                let r = store.release(name, process, owner_id, token, kind).await;
                 if r.is_ok() {
                     crate::metrics::store_op(crate::metrics::StoreOp::release, started.elapsed());
                 }
@@ -407,17 +419,17 @@ impl<S: Store> Service<S> {
             }
         };
         let mut outcomes = Vec::with_capacity(names.len());
-        if let [name] = names.as_slice() {
+        if let [one] = names.as_slice() {
             // One (a `run`'s): on the caller's task, no task spawned and joined (whose wake-up
             // hands the answer to the other worker). Dropped midway (the client went away),
             // it is finished as a task all the same: once asked, the store may be writing it.
-            let r = Finish::new(release(name.clone())).await;
-            outcomes.push((name.clone(), Ok(r)));
+            let r = Finish::new(release(one.clone())).await;
+            outcomes.push((one.0.clone(), Ok(r)));
         } else {
             // Several go to the store together, so they share one commit.
             let tasks: Vec<_> = names
                 .into_iter()
-                .map(|name| (name.clone(), tokio::spawn(release(name))))
+                .map(|one| (one.0.clone(), tokio::spawn(release(one))))
                 .collect();
             for (name, t) in tasks {
                 outcomes.push((name, t.await));

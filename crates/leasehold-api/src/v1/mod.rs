@@ -495,6 +495,12 @@ pub struct ReleaseRequest {
     /// `HOST` or `HOST/LABEL` of the waiting owner to hand the lease to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handover_to: Option<String>,
+    /// The fencing token of each lease to end, one per resource in the order of `resources`;
+    /// absent or empty: the holder's lease whatever its token. With tokens, a resource whose
+    /// holder's lease has another token now (it ended, say force-released, and the holder was
+    /// granted the resource again) is not released, and fails with the token it holds now.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tokens: Vec<u64>,
 }
 
 /// A lease that a release ended.
