@@ -338,7 +338,15 @@ class Client:
             body["dirty"] = True
             if note is not None:
                 body["note"] = note
-        answer = self._call("POST", "/v1/release", body)
+        try:
+            answer = self._call("POST", "/v1/release", body)
+        except LeaseholdError as e:
+            # An agent from before release tokens refuses the field, releasing nothing: ask
+            # again by owner, as that agent releases.
+            if "tokens" not in body or e.code != "usage" or "unknown field `tokens`" not in str(e):
+                raise
+            del body["tokens"]
+            answer = self._call("POST", "/v1/release", body)
         failed = answer.get("failed") or []
         if failed:
             f = failed[0]

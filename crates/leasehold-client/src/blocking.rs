@@ -383,8 +383,14 @@ impl Client {
         resources: &[ResourceName],
         o: &ReleaseOptions,
     ) -> Result<ReleaseReport, Error> {
-        let req = release_request(resources, o);
-        let r: v1::ReleaseResponse = self.call("POST", "/v1/release", Some(&req))?;
+        let mut req = release_request(resources, o);
+        let r: v1::ReleaseResponse = match self.call("POST", "/v1/release", Some(&req)) {
+            Err(e) if tokens_unknown(&e, &req) => {
+                req.tokens.clear();
+                self.call("POST", "/v1/release", Some(&req))?
+            }
+            r => r?,
+        };
         report(r)
     }
 
@@ -657,6 +663,16 @@ fn checked(answer: Answer) -> Result<Answer, Error> {
     Ok(answer)
 }
 
+/// Whether `e` is an agent from before release tokens refusing the field (its request types
+/// deny unknown fields, and it refused the whole request, releasing nothing): the release is
+/// then sent again without them, by owner, as that agent releases. An agent still running
+/// the old binary after an upgrade would otherwise refuse every `run`'s final release.
+pub(crate) fn tokens_unknown(e: &Error, req: &v1::ReleaseRequest) -> bool {
+    !req.tokens.is_empty()
+        && matches!(e, Error::Agent { code: ErrorCode::Usage, message }
+            if message.contains("unknown field `tokens`"))
+}
+
 /// The API's release request for `resources` and `o`.
 fn release_request(resources: &[ResourceName], o: &ReleaseOptions) -> v1::ReleaseRequest {
     v1::ReleaseRequest {
@@ -828,6 +844,90 @@ mod tests {
     use std::time::Duration;
 
     use super::answer_ready;
+
+    /// One HTTP request read off `s`: its head and body (by its content-length).
+    fn read_request(s: &mut UnixStream) -> String {
+        let mut r = std::io::BufReader::new(s);
+        let mut head = String::new();
+        let mut length = 0;
+        loop {
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap();
+            }
+            head.push_str(&line);
+            if line == "\r\n" {
+                break;
+            }
+        }
+        let mut body = vec![0; length];
+        std::io::Read::read_exact(&mut r, &mut body).unwrap();
+        head + &String::from_utf8(body).unwrap()
+    }
+
+    fn answer(s: &mut UnixStream, status: &str, body: &str) {
+        write!(
+            s,
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+    }
+
+    /// An agent from before release tokens refuses the field (its request types deny unknown
+    /// fields), as a usage error that released nothing: the release goes again without
+    /// tokens, by owner, as that agent releases. Without this, every `run` of a new CLI would
+    /// fail its final release on an agent not yet restarted after an upgrade. Here a fake old
+    /// agent answers as the old one did; on both the plain client and a kept-alive connection.
+    #[test]
+    fn a_release_with_tokens_is_sent_again_without_them_to_an_agent_that_does_not_know_them() {
+        use leasehold_core::{ResourceName, Token};
+        let dir = std::env::temp_dir().join(format!(
+            "leasehold-client-tokens-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("agent.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let old_agent = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for _ in 0..2 {
+                let (mut first, _) = listener.accept().unwrap();
+                seen.push(read_request(&mut first));
+                answer(
+                    &mut first,
+                    "400 Bad Request",
+                    r#"{"code":"usage","message":"the request body is not a valid ReleaseRequest: unknown field `tokens`, expected one of `resources`, `pid`, `start_time`, `owner_id`, `dirty`, `note`, `handover_to` at line 1 column 40; nothing was done (the schema: docs/api/v1.schema.json)"}"#,
+                );
+                drop(first);
+                let (mut again, _) = listener.accept().unwrap();
+                seen.push(read_request(&mut again));
+                answer(&mut again, "200 OK", r#"{"released":[],"failed":[]}"#);
+            }
+            seen
+        });
+        let client = super::Client::new(&socket);
+        let o = crate::ReleaseOptions {
+            pid: Some(1),
+            tokens: vec![Token(17)],
+            ..Default::default()
+        };
+        let disk = [ResourceName::new("disk").unwrap()];
+        let report = client.release(&disk, &o).unwrap();
+        assert!(report.released.is_empty() && report.failed.is_empty());
+        let report = client.keep_alive().release(&disk, &o).unwrap();
+        assert!(report.released.is_empty() && report.failed.is_empty());
+        let seen = old_agent.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        for pair in seen.chunks(2) {
+            assert!(pair[0].contains(r#""tokens":[17]"#), "{}", pair[0]);
+            assert!(!pair[1].contains("tokens"), "{}", pair[1]);
+            assert!(pair[1].contains(r#""resources":["disk"]"#), "{}", pair[1]);
+        }
+    }
 
     #[test]
     fn the_wait_for_an_answer_ends_with_its_bytes_or_the_close_or_times_out_as_a_read() {

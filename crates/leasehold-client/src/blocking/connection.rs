@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 
 use super::{
     Acquisition, Answer, Client, Error, Head, Status, answer_ready, checked, release_request,
-    report, request_bytes,
+    report, request_bytes, tokens_unknown,
 };
 use crate::{AcquireOptions, Granted, ReleaseOptions, ReleaseReport};
 
@@ -155,8 +155,14 @@ impl Connection {
         resources: &[ResourceName],
         o: &ReleaseOptions,
     ) -> Result<ReleaseReport, Error> {
-        let req = release_request(resources, o);
-        let r: v1::ReleaseResponse = self.call("POST", "/v1/release", Some(&req))?;
+        let mut req = release_request(resources, o);
+        let r: v1::ReleaseResponse = match self.call("POST", "/v1/release", Some(&req)) {
+            Err(e) if tokens_unknown(&e, &req) => {
+                req.tokens.clear();
+                self.call("POST", "/v1/release", Some(&req))?
+            }
+            r => r?,
+        };
         report(r)
     }
 
