@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use leasehold_core::ResourceName;
 
 use super::answer::Body;
-use super::{Acquisition, Error, ReleaseReport, release_request};
+use super::{Acquisition, Error, ReleaseReport, release_request, tokens_unknown};
 use crate::{AcquireEvent, ReleaseOptions};
 
 /// The rest of an acquire's stream, read as far as the socket has it, never waiting: poll
@@ -135,8 +135,8 @@ impl HoldEvents {
         if !self.switched || self.over || o.pid.is_some() {
             return Ok(None);
         }
-        let mut line =
-            serde_json::to_vec(&release_request(resources, o)).map_err(Error::protocol)?;
+        let req = release_request(resources, o);
+        let mut line = serde_json::to_vec(&req).map_err(Error::protocol)?;
         line.push(b'\n');
         // No SIGPIPE where the agent has gone: nothing was released, a new connection asks.
         let mut sent = 0;
@@ -167,7 +167,16 @@ impl HoldEvents {
                 )));
             }
             wait_for(&self.socket, rustix::event::PollFlags::IN, left)?;
-            let (events, over) = self.read_events()?;
+            let (events, over) = match self.read_events() {
+                // An agent that switched the hold but predates release tokens refuses the
+                // field, releasing nothing, and ends the hold: release on a new connection,
+                // where the client asks again without them.
+                Err(e) if tokens_unknown(&e, &req) => {
+                    self.over = true;
+                    return Ok(None);
+                }
+                r => r?,
+            };
             for ev in events {
                 if let AcquireEvent::Released(report) = ev {
                     return Ok(Some(report));
@@ -421,6 +430,40 @@ mod tests {
                 .is_none()
         );
         agent.join().unwrap();
+        assert!(ev.release(&disk(), &o, None).unwrap().is_none());
+    }
+
+    /// An agent that switched the hold but predates release tokens answers a release naming
+    /// them with a usage error line (unknown field) and ends the hold, releasing nothing: no
+    /// report, so `run` releases on a new connection, where the client asks again without
+    /// them (`a_release_with_tokens_is_sent_again_without_them_to_an_agent_that_does_not_know_them`).
+    #[test]
+    fn a_switched_hold_whose_agent_does_not_know_tokens_gives_no_report() {
+        let (mut ev, theirs) = hold_after(SWITCHED, &[safe(1)]);
+        let agent = std::thread::spawn(move || {
+            let mut r = BufReader::new(theirs.try_clone().unwrap());
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut r, &mut line).unwrap();
+            let mut w = theirs;
+            w.write_all(
+                b"{\"event\":\"error\",\"code\":\"usage\",\"message\":\"the release on the hold \
+                  is not a valid ReleaseRequest: unknown field `tokens`, expected one of \
+                  `resources`, `pid` at line 1 column 30; nothing was done\"}\n",
+            )
+            .unwrap();
+            line
+        });
+        let o = ReleaseOptions {
+            tokens: vec![leasehold_core::Token(17)],
+            ..Default::default()
+        };
+        assert!(
+            ev.release(&disk(), &o, Some(Duration::from_secs(10)))
+                .unwrap()
+                .is_none()
+        );
+        assert!(agent.join().unwrap().contains("\"tokens\":[17]"));
+        // Over: a second release is not sent on it.
         assert!(ev.release(&disk(), &o, None).unwrap().is_none());
     }
 
