@@ -27,7 +27,7 @@ mod hosts;
 
 use etcd::{acquire_vs_raw, failover, raw_client};
 
-/// Flags of `leasehold bench`.
+// Flags of `leasehold bench` (a comment, not a doc comment: see `Command` in lib.rs).
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// Use the agent at --socket / $LEASEHOLD_SOCKET instead of starting one.

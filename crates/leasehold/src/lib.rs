@@ -200,7 +200,13 @@ fn parse(args: &[std::ffi::OsString]) -> Result<Cli, clap::Error> {
     Cli::try_parse_from(args)
 }
 
+/// Each command's arguments are defined only when that command is the one parsed (`defer`):
+/// a start builds the parser of one command, not of fifteen (the agent's forty flags among
+/// them). Help, the manual page and the completions build them all, as before. A command's
+/// arguments are then added after its description, so the structs of its arguments have no
+/// doc comment: clap would take it as the description.
 #[derive(Subcommand, Debug)]
+#[command(defer = true)]
 enum Command {
     /// Run the agent (one per host) in the foreground.
     Agent(Box<AgentArgs>),
@@ -243,7 +249,7 @@ enum Command {
     },
 }
 
-/// Flags of `leasehold agent`.
+// Flags of `leasehold agent` (a comment, not a doc comment: see `Command`).
 #[derive(Args, Debug, Default)]
 struct AgentArgs {
     /// A TOML config file; flags override it.
@@ -370,9 +376,9 @@ struct JsonArg {
     json: bool,
 }
 
-/// Flags of `leasehold list`.
+// Flags of `leasehold list` (a comment, not a doc comment: see `Command`).
 #[derive(Args, Debug)]
-pub struct ListArgs {
+pub(crate) struct ListArgs {
     /// Only resources whose names start with PREFIX.
     #[arg(value_name = "PREFIX")]
     prefix: Option<String>,

@@ -35,7 +35,7 @@ use crate::{Failure, connect, names};
 mod group;
 mod spawn;
 
-/// Flags of `leasehold run`.
+// Flags of `leasehold run` (a comment, not a doc comment: see `Command` in lib.rs).
 #[derive(Args, Debug)]
 pub struct RunArgs {
     /// A resource to hold exclusively (read-write); repeatable.

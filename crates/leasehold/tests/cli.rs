@@ -873,3 +873,38 @@ fn a_panic_exits_101() {
         .unwrap();
     expect_code(&out, 101);
 }
+
+/// Each command's `--help` starts with the description the command list gives it. (A
+/// command's arguments are defined only when it is parsed, after its description: the doc
+/// comment of an arguments struct would replace it, as "Flags of `leasehold run`" did.)
+#[test]
+fn each_commands_help_starts_with_its_description_in_the_command_list() {
+    let out = std::process::Command::new(bin())
+        .arg("--help")
+        .output()
+        .unwrap();
+    expect_code(&out, 0);
+    let help = text(&out.stdout);
+    let list: Vec<(String, String)> = help
+        .lines()
+        .skip_while(|l| *l != "Commands:")
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| {
+            let (name, about) = l.trim().split_once(' ')?;
+            Some((name.to_owned(), about.trim().to_owned()))
+        })
+        .filter(|(name, _)| name != "help")
+        .collect();
+    assert!(list.len() >= 15, "{help}");
+    for (name, about) in list {
+        let out = std::process::Command::new(bin())
+            .args([&name, "--help"])
+            .output()
+            .unwrap();
+        expect_code(&out, 0);
+        let own = text(&out.stdout);
+        let first = own.lines().next().unwrap_or_default();
+        assert_eq!(first, about, "leasehold {name} --help:\n{own}");
+    }
+}
