@@ -367,7 +367,24 @@ async fn handle<S: Store>(
 
 /// The JSON line of one acquire message, called as the server takes it for writing.
 fn acquire_line(out: Out, delivery: &Arc<Delivery>) -> v1::AcquireEvent {
-    match out {
+    let (line, check) = acquire_line_checked(out, delivery);
+    if let Some(check) = check {
+        tokio::spawn(check);
+    }
+    line
+}
+
+/// The JSON line of one acquire message, called before it is written, and for a grant whose
+/// delivery counts its check (to be run once the line is on its way).
+fn acquire_line_checked(
+    out: Out,
+    delivery: &Arc<Delivery>,
+) -> (
+    v1::AcquireEvent,
+    Option<impl Future<Output = ()> + Send + 'static>,
+) {
+    let mut check = None;
+    let line = match out {
         Out::Waiting {
             conflict,
             waited,
@@ -391,7 +408,7 @@ fn acquire_line(out: Out, delivery: &Arc<Delivery>) -> v1::AcquireEvent {
             if let Some(d) = delivered {
                 let mark = delivery.mark();
                 let delivery = delivery.clone();
-                tokio::spawn(async move {
+                check = Some(async move {
                     let read = delivery.received(mark, RECEIVED_WITHIN).await;
                     crate::metrics::grant_delivered(read);
                     if read {
@@ -413,7 +430,8 @@ fn acquire_line(out: Out, delivery: &Arc<Delivery>) -> v1::AcquireEvent {
             ended: (&ended).into(),
         },
         Out::Failed(e) => v1::AcquireEvent::Error(e),
-    }
+    };
+    (line, check)
 }
 
 /// An acquire's answer: an error at once (refused without waiting) has its own status and
@@ -513,12 +531,18 @@ async fn hold_switched<S: Store>(
     let mut text = io.uncork();
     loop {
         if let Some(out) = next.take() {
-            let line = serde_json::to_vec(&acquire_line(out, &delivery)).unwrap_or_default();
-            text.extend_from_slice(&line);
+            let (line, check) = acquire_line_checked(out, &delivery);
+            text.extend_from_slice(&serde_json::to_vec(&line).unwrap_or_default());
             text.push(b'\n');
             let written = io.write_all(&text).await;
             text.clear();
-            if written.is_err() || io.flush().await.is_err() {
+            let flushed = written.is_ok() && io.flush().await.is_ok();
+            // A grant's check is started once its line is written (or failed to be): no
+            // task is spawned before the answer is on its way.
+            if let Some(check) = check {
+                tokio::spawn(check);
+            }
+            if !flushed {
                 return;
             }
         }

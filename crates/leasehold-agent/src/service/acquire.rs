@@ -11,7 +11,7 @@ use leasehold_core::{
     Released, ResourceName, Token,
 };
 use leasehold_store::{AcquireSpec, Finish, SessionState, Store, StoreError};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc};
 use tracing::{info, warn};
 
 use super::{Caller, Service, fault_of, refuse_non_process, resource};
@@ -75,30 +75,19 @@ pub(crate) enum Out {
 /// dropped untold (the client went away without reading it, or the answer was never
 /// written), they are undone.
 pub(crate) struct Delivered {
-    /// A streamed acquire's task, which holds or undoes after the grant, waits for this.
-    told: Option<oneshot::Sender<()>>,
-    /// A plain acquire has no task after its grant: called with whether the client read it;
-    /// its undoing starts a task here when this is dropped untold (a task per grant waiting
-    /// for the word cost a spawn and a wake-up of another worker per acquire).
+    /// Called with whether the client read the grant; dropped untold, with false. No task
+    /// waits for the word: a plain acquire's undoing starts a task here, and a streamed one's
+    /// task after the grant (its undoing, or its hold) is started here, once the grant was
+    /// written and read (a task per grant waiting for the word cost a spawn and a wake-up of
+    /// another worker per acquire, before its answer).
     settle: Option<Box<dyn FnOnce(bool) + Send>>,
 }
 
 impl Delivered {
-    /// Told to `tx` (dropped untold, `tx` is dropped unsent).
-    fn told(tx: oneshot::Sender<()>) -> Delivered {
-        Delivered {
-            told: Some(tx),
-            settle: None,
-        }
-    }
-
     /// The client read the grant: its leases count.
     pub(crate) fn received(mut self) {
         if let Some(settle) = self.settle.take() {
             settle(true);
-        }
-        if let Some(tx) = self.told.take() {
-            let _ = tx.send(());
         }
     }
 }
@@ -265,8 +254,6 @@ struct Handed {
     grants: Vec<Grant>,
     /// The new leases of the grant.
     fresh: Vec<(ResourceName, Token)>,
-    /// Fires once the client read the grant (`None` when nothing is new).
-    received: Option<oneshot::Receiver<()>>,
     /// Whether the grant reached the front end.
     sent: bool,
     /// With `hold`: the lease's notes after the grant.
@@ -489,7 +476,7 @@ impl<S: Store> Service<S> {
         let carried = async move {
             let granted = me.until_granted(asked, &tx).await;
             if let Some(g) = granted {
-                tokio::spawn(async move { me.after_granted(g, &tx).await });
+                tokio::spawn(async move { me.after_granted(g, true, &tx).await });
             }
         };
         if waits {
@@ -573,40 +560,50 @@ impl<S: Store> Service<S> {
                 return None;
             }
         };
-        let (delivered, received) = if fresh.is_empty() {
-            (None, None)
+        let safe_until = self.grant_safe_until().map(crate::fence::monotonic_ns_of);
+        let handed = Handed {
+            owner: owner.clone(),
+            grants: grants.clone(),
+            fresh,
+            sent: true,
+            registration,
+        };
+        // With new leases, what follows the grant starts once the front end knows whether
+        // the client read it (within a bound, even if the stream closed meanwhile: a client
+        // that read the grant and closed at once has it); dropped unsent, with false.
+        let (delivered, after) = if handed.fresh.is_empty() {
+            (None, Some(handed))
         } else {
-            let (tx, rx) = oneshot::channel();
-            (Some(Delivered::told(tx)), Some(rx))
+            let me = self.clone();
+            let tx = tx.clone();
+            let settle = move |read: bool| {
+                // Outside a runtime only as the agent stops: its tasks end too.
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move { me.after_granted(handed, read, &tx).await });
+                }
+            };
+            let d = Delivered {
+                settle: Some(Box::new(settle)),
+            };
+            (Some(d), None)
         };
         let granted = Out::Granted {
-            grants: grants.clone(),
-            owner: owner.clone(),
+            grants,
+            owner,
             delivered,
-            safe_until: self.grant_safe_until().map(crate::fence::monotonic_ns_of),
+            safe_until,
             containment,
             cgroup,
         };
         let sent = tx.send(granted).await.is_ok();
-        Some(Handed {
-            owner,
-            grants,
-            fresh,
-            received,
-            sent,
-            registration,
-        })
+        after.map(|g| Handed { sent, ..g })
     }
 
-    /// An acquire's part after its grant was handed to the front end: its new leases undone
-    /// if the client did not receive it, else, with `hold`, the hold.
-    async fn after_granted(&self, g: Handed, tx: &Tx) {
-        // The front end answers once it knows, within a bound, even if the stream closed
-        // meanwhile: a client that read the grant and closed at once has it.
-        let kept = match g.received {
-            None => g.sent,
-            Some(rx) => g.sent && rx.await.is_ok(),
-        };
+    /// An acquire's part after its grant was handed to the front end and, with new leases,
+    /// the client `read` it or not: its new leases undone if the client did not receive it,
+    /// else, with `hold`, the hold.
+    async fn after_granted(&self, g: Handed, read: bool, tx: &Tx) {
+        let kept = g.sent && read;
         if !kept {
             self.undo_unread(&g.owner, g.fresh).await;
             return;
@@ -691,7 +688,6 @@ impl<S: Store> Service<S> {
                 }
             };
             Delivered {
-                told: None,
                 settle: Some(Box::new(settle)),
             }
         });
