@@ -120,8 +120,8 @@ impl HoldEvents {
     /// connection's process (as `Client::release` for the caller's own leases) and answers
     /// with the report, waiting at most `timeout` for it. `Ok(None)` when the release was not
     /// sent this way (an agent that does not know it, or that went away: the stream is over)
-    /// or got no answer (the connection closed first): release on a new connection then. Any
-    /// event before the answer is passed over.
+    /// or got no answer (the connection closed first, or was reset with the release unread):
+    /// release on a new connection then. Any event before the answer is passed over.
     ///
     /// # Errors
     /// [`Error::Agent`] when the agent refused the release; [`Error::Io`] when no answer came
@@ -172,6 +172,15 @@ impl HoldEvents {
                 // field, releasing nothing, and ends the hold: release on a new connection,
                 // where the client asks again without them.
                 Err(e) if tokens_unknown(&e, &req) => {
+                    self.over = true;
+                    return Ok(None);
+                }
+                // The agent went away with the release unread (it closed with data in its
+                // socket, which can only be the release: nothing else is sent after the
+                // acquire): it never saw it, so nothing was released. Killed, or stopping
+                // (a stopping agent cuts its connections without reading them): release on
+                // a new connection, to the agent that restarted.
+                Err(Error::Io(e)) if e.kind() == ErrorKind::ConnectionReset => {
                     self.over = true;
                     return Ok(None);
                 }
@@ -463,6 +472,38 @@ mod tests {
                 .is_none()
         );
         assert!(agent.join().unwrap().contains("\"tokens\":[17]"));
+        // Over: a second release is not sent on it.
+        assert!(ev.release(&disk(), &o, None).unwrap().is_none());
+    }
+
+    /// A switched hold whose agent goes away with the release unread (killed, or stopping:
+    /// it closes with the line still in its socket, which gives this side `ECONNRESET`): the
+    /// agent never saw the release, so nothing was released; no report, and `run` releases
+    /// on a new connection (to the agent that restarted), as when the agent closes without
+    /// answering. Before, the reset was an error: `run` gave up its clean release and the
+    /// leases ended dirty at its exit although its command exited 0.
+    #[test]
+    fn a_switched_hold_whose_agent_goes_away_with_the_release_unread_gives_no_report() {
+        let (mut ev, theirs) = hold_after(SWITCHED, &[safe(1)]);
+        let agent = std::thread::spawn(move || {
+            // Once the release is there, closed without reading it.
+            let mut fds = [rustix::event::PollFd::new(
+                &theirs,
+                rustix::event::PollFlags::IN,
+            )];
+            rustix::event::poll(&mut fds, None).unwrap();
+            drop(theirs);
+        });
+        let o = ReleaseOptions {
+            tokens: vec![leasehold_core::Token(17)],
+            ..Default::default()
+        };
+        let released = ev.release(&disk(), &o, Some(Duration::from_secs(10)));
+        agent.join().unwrap();
+        assert!(
+            matches!(released, Ok(None)),
+            "a release the agent never read: {released:?}"
+        );
         // Over: a second release is not sent on it.
         assert!(ev.release(&disk(), &o, None).unwrap().is_none());
     }
