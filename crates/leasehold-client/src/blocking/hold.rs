@@ -151,8 +151,12 @@ impl HoldEvents {
                 Err(rustix::io::Errno::AGAIN) => {
                     wait_for(&self.socket, rustix::event::PollFlags::OUT, None)?;
                 }
-                Err(_) if sent == 0 => return Ok(None),
-                Err(e) => return Err(Error::Io(e.into())),
+                // The agent went away before it had the whole line (it acts on a line only
+                // once its newline is there): nothing was released, a new connection asks.
+                Err(_) => {
+                    self.over = true;
+                    return Ok(None);
+                }
             }
         }
         // Waited for before each read: the answer is not there before the agent has read the
@@ -506,6 +510,37 @@ mod tests {
         );
         // Over: a second release is not sent on it.
         assert!(ev.release(&disk(), &o, None).unwrap().is_none());
+    }
+
+    /// A release line longer than the socket takes at once (many resources) whose agent
+    /// goes away after reading none or part of it: it acts on a line only once its newline is
+    /// there, so nothing was released; no report, and `run` releases on a new connection.
+    /// Before, a send that failed after the first bytes went was an error: `run` gave up its
+    /// release and the leases ended dirty at its exit.
+    #[test]
+    fn a_switched_hold_whose_agent_goes_away_in_the_middle_of_the_release_gives_no_report() {
+        let (mut ev, theirs) = hold_after(SWITCHED, &[safe(1)]);
+        rustix::net::sockopt::set_socket_send_buffer_size(ev.socket(), 4096).unwrap();
+        let agent = std::thread::spawn(move || {
+            // Once some of the release is there, closed without reading it.
+            let mut fds = [rustix::event::PollFd::new(
+                &theirs,
+                rustix::event::PollFlags::IN,
+            )];
+            rustix::event::poll(&mut fds, None).unwrap();
+            drop(theirs);
+        });
+        let many: Vec<ResourceName> = (0..100)
+            .map(|i| ResourceName::new(format!("{i:03}-{}", "d".repeat(1000))).unwrap())
+            .collect();
+        let o = ReleaseOptions::default();
+        let released = ev.release(&many, &o, Some(Duration::from_secs(10)));
+        agent.join().unwrap();
+        assert!(
+            matches!(released, Ok(None)),
+            "a release the agent never had whole: {released:?}"
+        );
+        assert!(ev.release(&many, &o, None).unwrap().is_none());
     }
 
     /// Nothing there yet: no event, not over, and no waiting.
