@@ -441,21 +441,26 @@ fn acquire_line_checked(
     (line, check, started)
 }
 
+/// An acquire's first event: its refusal at once is the answer's error; the agent stopping
+/// before it, `unavailable`.
+async fn first_out(rx: &mut mpsc::Receiver<Out>) -> Result<Out, ApiError> {
+    match rx.recv().await {
+        None => Err(ApiError::new(
+            ErrorCode::Unavailable,
+            "the agent is stopping; acquire again",
+        )),
+        Some(Out::Failed(e)) => Err(e),
+        Some(out) => Ok(out),
+    }
+}
+
 /// An acquire's answer: an error at once (refused without waiting) has its own status and
 /// body; anything else streams, one JSON line per event.
 async fn acquire(
     mut rx: mpsc::Receiver<Out>,
     delivery: Arc<Delivery>,
 ) -> Result<Response<Body>, ApiError> {
-    let first = rx.recv().await.ok_or_else(|| {
-        ApiError::new(
-            ErrorCode::Unavailable,
-            "the agent is stopping; acquire again",
-        )
-    })?;
-    if let Out::Failed(e) = first {
-        return Err(e);
-    }
+    let first = first_out(&mut rx).await?;
     let first = tokio_stream::once(first);
     Ok(stream_response(
         first
@@ -487,15 +492,7 @@ async fn switched<S: Store>(
     caller: Caller,
     then: &Then,
 ) -> Result<Response<Body>, ApiError> {
-    let first = rx.recv().await.ok_or_else(|| {
-        ApiError::new(
-            ErrorCode::Unavailable,
-            "the agent is stopping; acquire again",
-        )
-    })?;
-    if let Out::Failed(e) = first {
-        return Err(e);
-    }
+    let first = first_out(&mut rx).await?;
     // The `101` is kept back and written with the first line, in one go.
     delivery.cork();
     let rest = hold_switched(on, first, rx, delivery, service, caller);
