@@ -33,7 +33,6 @@ use tracing::debug;
 use crate::delivery::{Delivery, Ending, RECEIVED_WITHIN};
 use crate::peer::PeerStream;
 use crate::service::{Caller, ConnectionFacts, Out, Service};
-use crate::watcher::WatchStart;
 
 /// How soon a connection over a limit is answered and closed.
 const REFUSED_WITHIN: Duration = Duration::from_secs(2);
@@ -368,27 +367,23 @@ async fn handle<S: Store>(
 
 /// The JSON line of one acquire message, called as the server takes it for writing.
 fn acquire_line(out: Out, delivery: &Arc<Delivery>) -> v1::AcquireEvent {
-    let (line, check, watch) = acquire_line_checked(out, delivery);
+    let (line, check) = acquire_line_checked(out, delivery);
     if let Some(check) = check {
         tokio::spawn(check);
     }
-    drop(watch);
     line
 }
 
 /// The JSON line of one acquire message, called before it is written, and for a grant whose
-/// delivery counts its check, and its holder's watch, both to be started once the line is on
-/// its way.
+/// delivery counts its check (to be run once the line is on its way).
 fn acquire_line_checked(
     out: Out,
     delivery: &Arc<Delivery>,
 ) -> (
     v1::AcquireEvent,
     Option<impl Future<Output = ()> + Send + 'static>,
-    Option<WatchStart>,
 ) {
     let mut check = None;
-    let mut started = None;
     let line = match out {
         Out::Waiting {
             conflict,
@@ -407,9 +402,7 @@ fn acquire_line_checked(
             safe_until,
             containment,
             cgroup,
-            watch,
         } => {
-            started = watch;
             // The grant counts once the client has read it from the socket; one that closed
             // without (a withdrawn wait) does not get it, and the grant is undone.
             if let Some(d) = delivered {
@@ -438,7 +431,7 @@ fn acquire_line_checked(
         },
         Out::Failed(e) => v1::AcquireEvent::Error(e),
     };
-    (line, check, started)
+    (line, check)
 }
 
 /// An acquire's first event: its refusal at once is the answer's error; the agent stopping
@@ -535,18 +528,17 @@ async fn hold_switched<S: Store>(
     let mut text = io.uncork();
     loop {
         if let Some(out) = next.take() {
-            let (line, check, watch) = acquire_line_checked(out, &delivery);
+            let (line, check) = acquire_line_checked(out, &delivery);
             text.extend_from_slice(&serde_json::to_vec(&line).unwrap_or_default());
             text.push(b'\n');
             let written = io.write_all(&text).await;
             text.clear();
             let flushed = written.is_ok() && io.flush().await.is_ok();
-            // A grant's check and its holder's watch are started once its line is written
-            // (or failed to be): no task is spawned before the answer is on its way.
+            // A grant's check is started once its line is written (or failed to be): no
+            // task is spawned before the answer is on its way.
             if let Some(check) = check {
                 tokio::spawn(check);
             }
-            drop(watch);
             if !flushed {
                 return;
             }
@@ -640,7 +632,6 @@ fn ended_grant(out: Out, delivery: Arc<Delivery>) -> Response<Body> {
         safe_until,
         containment,
         cgroup,
-        watch,
     } = out
     else {
         return stream_response(tokio_stream::once(line(&acquire_line(out, &delivery))));
@@ -672,7 +663,6 @@ fn ended_grant(out: Out, delivery: Arc<Delivery>) -> Response<Body> {
         EndedLine {
             line: Some(text),
             ending,
-            watch,
         }
         .boxed_unsync(),
     );
@@ -688,8 +678,6 @@ fn ended_grant(out: Out, delivery: Arc<Delivery>) -> Response<Body> {
 struct EndedLine {
     line: Option<Bytes>,
     ending: Option<(Arc<Delivery>, Arc<Ending>)>,
-    /// The holder's watch, started once the line is handed to the server.
-    watch: Option<WatchStart>,
 }
 
 impl hyper::body::Body for EndedLine {
@@ -706,7 +694,6 @@ impl hyper::body::Body for EndedLine {
         if let Some((delivery, ending)) = self.ending.take() {
             delivery.handed(&ending);
         }
-        drop(self.watch.take());
         std::task::Poll::Ready(Some(Ok(Frame::data(line))))
     }
 

@@ -55,37 +55,7 @@ where
 
 struct Watched {
     pidfd: Arc<AsyncFd<OwnedFd>>,
-    /// The task waiting for the exit; `None` until its [`WatchStart`] started it.
-    task: Option<tokio::task::AbortHandle>,
-}
-
-/// A holder's watch registered (its entry in place and its pidfd polled, so an exit is not
-/// missed: the readiness is kept) whose task is started by [`WatchStart::start`], or when
-/// this is dropped: a grant's answer is written first, without the spawn's wake-up of another
-/// worker before it. Not started if the agent stopped meanwhile.
-pub struct WatchStart(Option<Box<dyn FnOnce() + Send>>);
-
-impl WatchStart {
-    /// Starts the watch's task now.
-    pub fn start(mut self) {
-        if let Some(f) = self.0.take() {
-            f();
-        }
-    }
-}
-
-impl Drop for WatchStart {
-    fn drop(&mut self) {
-        if let Some(f) = self.0.take() {
-            f();
-        }
-    }
-}
-
-impl std::fmt::Debug for WatchStart {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WatchStart").finish_non_exhaustive()
-    }
+    task: tokio::task::AbortHandle,
 }
 
 /// A process made ready to watch before its lease is committed ([`Watcher::prepare`]).
@@ -615,21 +585,10 @@ impl<S: Store> Watcher<S> {
 
     /// Watches a prepared process (once); if it has already exited, ends its leases now.
     pub fn watch_with(self: &Arc<Self>, prepared: Prepared) {
-        if let Some(start) = self.watch_with_later(prepared) {
-            start.start();
-        }
-    }
-
-    /// [`Watcher::watch_with`], the watch's task started by what it returns (when a new
-    /// watch was registered).
-    pub fn watch_with_later(self: &Arc<Self>, prepared: Prepared) -> Option<WatchStart> {
         match prepared.pidfd {
-            Some(fd) => self.register_later(prepared.process, fd),
+            Some(fd) => self.register(prepared.process, fd),
             // It was watched when prepared; if that watch has ended since, it exited.
-            None => {
-                self.watch(prepared.process);
-                None
-            }
+            None => self.watch(prepared.process),
         }
     }
 
@@ -817,20 +776,11 @@ impl<S: Store> Watcher<S> {
     }
 
     fn register(self: &Arc<Self>, process: ProcessKey, pidfd: Pidfd) {
-        if let Some(start) = self.register_later(process, pidfd) {
-            start.start();
-        }
-    }
-
-    /// Registers `process`'s watch (its entry, its pidfd polled); its task is started by the
-    /// [`WatchStart`] returned (none when it was watched already, or could not be polled yet:
-    /// then retried by a task).
-    fn register_later(self: &Arc<Self>, process: ProcessKey, pidfd: Pidfd) -> Option<WatchStart> {
         let Ok(mut watched) = self.watched.lock() else {
-            return None;
+            return;
         };
         if watched.contains_key(&process) {
-            return None;
+            return;
         }
         // SAFETY: the OwnedFd is moved into the AsyncFd, which owns it until dropped; nothing
         // else closes or replaces it, so it stays the same open pidfd for the AsyncFd's life.
@@ -846,53 +796,32 @@ impl<S: Store> Watcher<S> {
                 self.set_pending(&process, true);
                 let me = Arc::clone(self);
                 tokio::spawn(async move { me.retry_watch(process).await });
-                return None;
+                return;
             }
         };
-        watched.insert(
-            process.clone(),
-            Watched {
-                pidfd: Arc::clone(&fd),
-                task: None,
-            },
-        );
         let me = Arc::clone(self);
-        Some(WatchStart(Some(Box::new(move || {
-            me.start_watch(process, fd)
-        }))))
-    }
-
-    /// Starts the task that waits for `process`'s exit on `fd`, unless its entry is gone (the
-    /// agent stopped: [`Watcher::stop`]).
-    fn start_watch(self: Arc<Self>, process: ProcessKey, fd: Arc<AsyncFd<OwnedFd>>) {
-        // Outside a runtime only as the agent stops: its tasks end too.
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let Ok(mut watched) = self.watched.lock() else {
-            return;
-        };
-        let Some(entry) = watched
-            .get_mut(&process)
-            .filter(|w| Arc::ptr_eq(&w.pidfd, &fd))
-        else {
-            return;
-        };
-        let me = Arc::clone(&self);
-        let task = rt.spawn(async move {
+        let key = process.clone();
+        let waiter = Arc::clone(&fd);
+        let task = tokio::spawn(async move {
             // Readable means the process has exited.
-            let _ = fd.readable().await;
+            let _ = waiter.readable().await;
             let seen = std::time::Instant::now();
-            let status = me.exit_status(&process, &fd).await;
+            let status = me.exit_status(&key, &waiter).await;
             // Draining before it stops being watched: a fence judging meanwhile sees it.
-            me.set_draining(&process, true);
+            me.set_draining(&key, true);
             if let Ok(mut w) = me.watched.lock() {
-                w.remove(&process);
+                w.remove(&key);
             }
-            me.end_with(process, status).await;
+            me.end_with(key, status).await;
             crate::metrics::exit_to_release(seen.elapsed());
         });
-        entry.task = Some(task.abort_handle());
+        watched.insert(
+            process,
+            Watched {
+                pidfd: fd,
+                task: task.abort_handle(),
+            },
+        );
     }
 
     fn spawn_end(self: &Arc<Self>, process: ProcessKey) {
@@ -1176,9 +1105,7 @@ impl<S: Store> Watcher<S> {
     pub fn stop(&self) {
         if let Ok(mut w) = self.watched.lock() {
             for (_, v) in w.drain() {
-                if let Some(task) = v.task {
-                    task.abort();
-                }
+                v.task.abort();
             }
         }
     }

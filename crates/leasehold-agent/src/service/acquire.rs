@@ -19,7 +19,7 @@ use crate::config::Timing;
 use crate::holds::{Note, Registration};
 use crate::metrics;
 use crate::procfs::{Pidfd, ProcError};
-use crate::watcher::{Prepared, WatchStart, retrying};
+use crate::watcher::{Prepared, retrying};
 
 use super::undecided::{Asking, Undecided};
 
@@ -57,9 +57,6 @@ pub(crate) enum Out {
         /// For a request with `clone_into_cgroup`, let: the cgroup the holder starts its
         /// processes in (it was not moved).
         cgroup: Option<std::path::PathBuf>,
-        /// The holder's watch, registered, its task started by the front end once the grant
-        /// is on its way (when this is dropped at the latest).
-        watch: Option<WatchStart>,
     },
     /// Safe until this instant of CLOCK_MONOTONIC, in nanoseconds.
     Safe(u64),
@@ -544,7 +541,7 @@ impl<S: Store> Service<S> {
                 return None;
             }
         };
-        let watch = self.watch_granted(&owner, before_fence, prepared);
+        self.watch_granted(&owner, before_fence, prepared);
         // Before the grant is answered: the holder starts nothing before it reads it.
         let (containment, cgroup) = match containing {
             Some(c) => (Some(self.watcher.contained(&owner.process, c).await), None),
@@ -597,7 +594,6 @@ impl<S: Store> Service<S> {
             safe_until,
             containment,
             cgroup,
-            watch,
         };
         let sent = tx.send(granted).await.is_ok();
         after.map(|g| Handed { sent, ..g })
@@ -678,7 +674,7 @@ impl<S: Store> Service<S> {
         metrics::store_op(metrics::StoreOp::acquire, started.elapsed());
         metrics::acquired(metrics::acquire_result(&r), None);
         let grants = r.map_err(|e| refused(&owner, e, dirty_needs.as_deref()))?;
-        let watch = self.watch_granted(&owner, before_fence, prepared);
+        self.watch_granted(&owner, before_fence, prepared);
         let fresh = self.answerable(&owner, &grants, asking).await?;
         let delivered = (!fresh.is_empty()).then(|| {
             let me = self.clone();
@@ -702,7 +698,6 @@ impl<S: Store> Service<S> {
             safe_until: self.grant_safe_until().map(crate::fence::monotonic_ns_of),
             containment: None,
             cgroup: None,
-            watch,
         })
     }
 
@@ -713,14 +708,14 @@ impl<S: Store> Service<S> {
         owner: &Owner,
         before_fence: Option<v1::BeforeFence>,
         prepared: Prepared,
-    ) -> Option<WatchStart> {
+    ) {
         if owner.on_exit == leasehold_core::OnExit::Status {
             self.watcher.by_exit_status(&owner.process);
         }
         if let Some(action) = before_fence {
             self.watcher.before_fence(&owner.process, action);
         }
-        self.watcher.watch_with_later(prepared)
+        self.watcher.watch_with(prepared);
     }
 
     /// The safe-until a grant carries: [`safe_until_at_grant`] of the host session as it is
