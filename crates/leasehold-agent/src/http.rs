@@ -522,6 +522,9 @@ async fn hold_switched<S: Store>(
     let mut io = parts.io.into_inner();
     // What the holder sent after its request (its release, if it was quick).
     let mut input = parts.read_buf.to_vec();
+    // How much of `input` is known to hold no newline: each byte is looked at once, so a
+    // long line read in small pieces costs its length, not its square.
+    let mut scanned = 0;
     let mut next = Some(first);
     let mut buf = [0u8; 1024];
     // The `101`'s head, kept back for the first line.
@@ -543,7 +546,12 @@ async fn hold_switched<S: Store>(
                 return;
             }
         }
-        if let Some(end) = input.iter().position(|b| *b == b'\n') {
+        let from = std::mem::replace(&mut scanned, input.len());
+        if let Some(end) = input[from..]
+            .iter()
+            .position(|b| *b == b'\n')
+            .map(|at| from + at)
+        {
             // The hold's own events are not read from here on: the answer is the last line.
             drop(rx);
             let answer = release_line(&service, &caller, &input[..end]).await;
