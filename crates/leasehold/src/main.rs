@@ -30,16 +30,19 @@
 //! - `std::env::args_os()`: glibc passes argc, argv and envp to std's `.init_array` hook,
 //!   which runs before any `main`.
 //!
-//! On other targets args may come from std's start alone: there it is a plain `fn main`.
+//! On other targets args may come from std's start alone: there it is a plain `fn main`; and
+//! so it is in `cargo test`'s build of this file, whose harness brings its own `main` (a C
+//! `main` there ran the command line instead of the harness: `cargo test -p leasehold` failed
+//! with leasehold's usage, exit 2).
 
-#![cfg_attr(all(target_os = "linux", target_env = "gnu"), no_main)]
+#![cfg_attr(all(target_os = "linux", target_env = "gnu", not(test)), no_main)]
 
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[cfg(all(target_os = "linux", target_env = "gnu", not(test)))]
 use std::ffi::{c_char, c_int};
 
 /// The C entry point: [`start`], then [`leasehold::main_lean`] with a panic caught (exit 101,
 /// as std's `lang_start` does), then `std::process::exit`, which flushes standard output.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[cfg(all(target_os = "linux", target_env = "gnu", not(test)))]
 #[unsafe(no_mangle)]
 extern "C" fn main(_argc: c_int, _argv: *const *const c_char) -> c_int {
     // SAFETY: called once, first thing, by the only thread there is.
@@ -53,7 +56,7 @@ extern "C" fn main(_argc: c_int, _argv: *const *const c_char) -> c_int {
 ///
 /// # Safety
 /// Call once, before any other thread starts and before anything opens a file.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[cfg(all(target_os = "linux", target_env = "gnu", not(test)))]
 unsafe fn start() {
     // SAFETY: plain system calls on the standard descriptors and a signal disposition; no
     // other thread exists (the caller's promise).
@@ -94,7 +97,7 @@ unsafe fn start() {
     }
 }
 
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+#[cfg(not(all(target_os = "linux", target_env = "gnu", not(test))))]
 fn main() -> std::process::ExitCode {
     std::process::ExitCode::from(leasehold::main_lean())
 }
