@@ -383,15 +383,9 @@ impl Client {
         resources: &[ResourceName],
         o: &ReleaseOptions,
     ) -> Result<ReleaseReport, Error> {
-        let mut req = release_request(resources, o);
-        let r: v1::ReleaseResponse = match self.call("POST", "/v1/release", Some(&req)) {
-            Err(e) if tokens_unknown(&e, &req) => {
-                req.tokens.clear();
-                self.call("POST", "/v1/release", Some(&req))?
-            }
-            r => r?,
-        };
-        report(r)
+        release_by(release_request(resources, o), |req| {
+            self.call("POST", "/v1/release", Some(req))
+        })
     }
 
     /// Revokes every lease on `resource` (root or the admin group).
@@ -661,6 +655,22 @@ fn checked(answer: Answer) -> Result<Answer, Error> {
         return Err(e.into());
     }
     Ok(answer)
+}
+
+/// A release sent by `call`; refused by an agent from before release tokens (see
+/// [`tokens_unknown`]), sent again without them.
+pub(crate) fn release_by(
+    mut req: v1::ReleaseRequest,
+    mut call: impl FnMut(&v1::ReleaseRequest) -> Result<v1::ReleaseResponse, Error>,
+) -> Result<ReleaseReport, Error> {
+    let r = match call(&req) {
+        Err(e) if tokens_unknown(&e, &req) => {
+            req.tokens.clear();
+            call(&req)?
+        }
+        r => r?,
+    };
+    report(r)
 }
 
 /// Whether `e` is an agent from before release tokens refusing the field (its request types

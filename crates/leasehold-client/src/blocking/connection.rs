@@ -12,8 +12,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::{
-    Acquisition, Answer, Client, Error, Head, Status, answer_ready, checked, release_request,
-    report, request_bytes, tokens_unknown,
+    Acquisition, Answer, Client, Error, Head, Status, answer_ready, checked, release_by,
+    release_request, request_bytes,
 };
 use crate::{AcquireOptions, Granted, ReleaseOptions, ReleaseReport};
 
@@ -155,15 +155,9 @@ impl Connection {
         resources: &[ResourceName],
         o: &ReleaseOptions,
     ) -> Result<ReleaseReport, Error> {
-        let mut req = release_request(resources, o);
-        let r: v1::ReleaseResponse = match self.call("POST", "/v1/release", Some(&req)) {
-            Err(e) if tokens_unknown(&e, &req) => {
-                req.tokens.clear();
-                self.call("POST", "/v1/release", Some(&req))?
-            }
-            r => r?,
-        };
-        report(r)
+        release_by(release_request(resources, o), |req| {
+            self.call("POST", "/v1/release", Some(req))
+        })
     }
 
     /// [`Client::status`] on this connection.
