@@ -373,6 +373,32 @@ mod tests {
         (acq.into_events().unwrap(), theirs)
     }
 
+    /// The agent's end of a switched hold: reads the release line, writes `answer`; the
+    /// line it read.
+    fn agent_answering(theirs: UnixStream, answer: Vec<u8>) -> std::thread::JoinHandle<String> {
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(theirs.try_clone().unwrap());
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut r, &mut line).unwrap();
+            let mut w = theirs;
+            w.write_all(&answer).unwrap();
+            line
+        })
+    }
+
+    /// The agent's end of a switched hold going away once the release (or some of it) is
+    /// there, without reading it.
+    fn agent_gone_unread(theirs: UnixStream) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            let mut fds = [rustix::event::PollFd::new(
+                &theirs,
+                rustix::event::PollFlags::IN,
+            )];
+            rustix::event::poll(&mut fds, None).unwrap();
+            drop(theirs);
+        })
+    }
+
     const SWITCHED: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\n\
                               upgrade: leasehold-hold\r\n\r\n";
 
@@ -400,16 +426,8 @@ mod tests {
     #[test]
     fn a_switched_hold_sends_its_release_and_reads_the_report() {
         let (mut ev, theirs) = hold_after(SWITCHED, &[safe(1)]);
-        let agent = std::thread::spawn(move || {
-            let mut r = BufReader::new(theirs.try_clone().unwrap());
-            let mut line = String::new();
-            std::io::BufRead::read_line(&mut r, &mut line).unwrap();
-            let mut w = theirs;
-            w.write_all(safe(2).as_bytes()).unwrap();
-            w.write_all(b"{\"event\":\"released\",\"released\":[],\"failed\":[]}\n")
-                .unwrap();
-            line
-        });
+        let answer = safe(2) + "{\"event\":\"released\",\"released\":[],\"failed\":[]}\n";
+        let agent = agent_answering(theirs, answer.into_bytes());
         let o = ReleaseOptions {
             dirty: true,
             note: Some("cut".into()),
@@ -453,19 +471,13 @@ mod tests {
     #[test]
     fn a_switched_hold_whose_agent_does_not_know_tokens_gives_no_report() {
         let (mut ev, theirs) = hold_after(SWITCHED, &[safe(1)]);
-        let agent = std::thread::spawn(move || {
-            let mut r = BufReader::new(theirs.try_clone().unwrap());
-            let mut line = String::new();
-            std::io::BufRead::read_line(&mut r, &mut line).unwrap();
-            let mut w = theirs;
-            w.write_all(
-                b"{\"event\":\"error\",\"code\":\"usage\",\"message\":\"the release on the hold \
-                  is not a valid ReleaseRequest: unknown field `tokens`, expected one of \
-                  `resources`, `pid` at line 1 column 30; nothing was done\"}\n",
-            )
-            .unwrap();
-            line
-        });
+        let agent = agent_answering(
+            theirs,
+            b"{\"event\":\"error\",\"code\":\"usage\",\"message\":\"the release on the hold \
+              is not a valid ReleaseRequest: unknown field `tokens`, expected one of \
+              `resources`, `pid` at line 1 column 30; nothing was done\"}\n"
+                .to_vec(),
+        );
         let o = ReleaseOptions {
             tokens: vec![leasehold_core::Token(17)],
             ..Default::default()
@@ -489,15 +501,7 @@ mod tests {
     #[test]
     fn a_switched_hold_whose_agent_goes_away_with_the_release_unread_gives_no_report() {
         let (mut ev, theirs) = hold_after(SWITCHED, &[safe(1)]);
-        let agent = std::thread::spawn(move || {
-            // Once the release is there, closed without reading it.
-            let mut fds = [rustix::event::PollFd::new(
-                &theirs,
-                rustix::event::PollFlags::IN,
-            )];
-            rustix::event::poll(&mut fds, None).unwrap();
-            drop(theirs);
-        });
+        let agent = agent_gone_unread(theirs);
         let o = ReleaseOptions {
             tokens: vec![leasehold_core::Token(17)],
             ..Default::default()
@@ -521,15 +525,7 @@ mod tests {
     fn a_switched_hold_whose_agent_goes_away_in_the_middle_of_the_release_gives_no_report() {
         let (mut ev, theirs) = hold_after(SWITCHED, &[safe(1)]);
         rustix::net::sockopt::set_socket_send_buffer_size(ev.socket(), 4096).unwrap();
-        let agent = std::thread::spawn(move || {
-            // Once some of the release is there, closed without reading it.
-            let mut fds = [rustix::event::PollFd::new(
-                &theirs,
-                rustix::event::PollFlags::IN,
-            )];
-            rustix::event::poll(&mut fds, None).unwrap();
-            drop(theirs);
-        });
+        let agent = agent_gone_unread(theirs);
         let many: Vec<ResourceName> = (0..100)
             .map(|i| ResourceName::new(format!("{i:03}-{}", "d".repeat(1000))).unwrap())
             .collect();
