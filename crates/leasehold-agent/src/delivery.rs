@@ -28,7 +28,7 @@
 //! wrote part of it) undoes only when no byte was written since the answer was handed to the
 //! writer (none of it can have left); otherwise it counts as received, for the same reason.
 
-use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::Poll;
@@ -252,6 +252,60 @@ impl Delivery {
             e.set(Position::Unknown);
         }
         self.changed.notify_waiters();
+    }
+
+    /// Whether the process that opened the connection still exists (is not reaped), so that
+    /// its pid still names it: `Some(false)` once it is gone, and the pid may be another
+    /// process's; `None` when the kernel cannot say (before Linux 6.5: no `SO_PEERPIDFD`) or
+    /// the connection is dropped. The socket keeps the opener's `struct pid` from the
+    /// connect: the pidfd made of it is of that process, never of a pid reused meanwhile.
+    pub(crate) fn opener_alive(&self) -> Option<bool> {
+        let state = self.lock();
+        if state.closed {
+            return None;
+        }
+        let mut raw: libc::c_int = -1;
+        let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).ok()?;
+        // SAFETY: the fd is open while `closed` is false, which the lock held keeps so;
+        // SO_PEERPIDFD writes one int, `len` bytes at most, into `raw`.
+        let r = unsafe {
+            libc::getsockopt(
+                self.fd,
+                libc::SOL_SOCKET,
+                libc::SO_PEERPIDFD,
+                (&raw mut raw).cast(),
+                &mut len,
+            )
+        };
+        drop(state);
+        if r < 0 {
+            // Linux 6.5-6.15 refuse a pidfd of a peer already reaped (EINVAL; ESRCH in some).
+            return match std::io::Error::last_os_error().raw_os_error() {
+                Some(libc::EINVAL | libc::ESRCH) => Some(false),
+                _ => None,
+            };
+        }
+        // SAFETY: the kernel made `raw` a new descriptor, owned from here on.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // Linux 6.16 and later give a pidfd of a reaped peer too; a signal 0 says it is gone.
+        // SAFETY: pidfd_send_signal with signal 0 (no signal, only the checks), no info, no
+        // flags, on a descriptor open for the call's length.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                pidfd.as_raw_fd(),
+                0,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if r == 0 {
+            return Some(true);
+        }
+        match std::io::Error::last_os_error().raw_os_error() {
+            Some(libc::ESRCH) => Some(false),
+            _ => None,
+        }
     }
 
     /// The connection is being dropped: its fd is looked at one last time, then never again.

@@ -15,6 +15,8 @@ const NOBODY: u32 = 65534;
 const NOGROUP: u32 = 65534;
 /// A group id for admins; numeric, so it need not exist in /etc/group.
 const ADMINS: u32 = 4242;
+/// How long a test waits for what it expects.
+const LONG: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// An agent whose socket group is nogroup and whose admin group is ADMINS, reachable by
 /// `nobody`.
@@ -415,4 +417,77 @@ fn a_user_refused_by_a_holder_is_not_told_to_force_release_as_if_it_could() {
     );
     let _ = mine.kill();
     let _ = mine.wait();
+}
+
+/// Connects to the agent's socket, forks, prints its pid and exits: the child keeps the
+/// connection and, given a line on stdin, sends an acquire on it without a pid (for "the
+/// caller", the connection's process) and prints the answer.
+const OPENER: &str = r#"
+import json, os, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+if os.fork() == 0:
+    sys.stdin.readline()
+    body = json.dumps({"items": [{"resource": sys.argv[2], "mode": "exclusive"}]}).encode()
+    s.sendall(b"POST /v1/acquire HTTP/1.1\r\nHost: leasehold\r\nContent-Type: application/json\r\n"
+              b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    out = b""
+    while True:
+        d = s.recv(65536)
+        if not d:
+            break
+        out += d
+    sys.stdout.write(out.decode())
+    sys.stdout.flush()
+    os._exit(0)
+print(os.getpid(), flush=True)
+os._exit(0)
+"#;
+
+/// A `sleep` started with pid `pid` (the kernel's next pid set through `ns_last_pid`; other
+/// processes may take it first, so this tries again), or `None` after many tries.
+fn sleep_with_pid(pid: u32) -> Option<KillOnDrop> {
+    for _ in 0..500 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).unwrap();
+        let c = Command::new("sleep").arg("3600").spawn().unwrap();
+        let got = c.id();
+        let c = KillOnDrop(c);
+        if got == pid {
+            return Some(c);
+        }
+    }
+    None
+}
+
+#[test]
+fn a_connection_whose_process_exited_cannot_act_for_a_process_that_took_its_pid() {
+    require_root("to give a new process the pid of one that exited (ns_last_pid)");
+    let a = Agent::start();
+    let mut opener = Command::new("python3")
+        .args(["-c", OPENER, a.socket.to_str().unwrap(), "disk"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = Lines::new(opener.stdout.take().unwrap());
+    // Taken before the wait, which would close it.
+    let mut send = opener.stdin.take().unwrap();
+    let pid: u32 = out.wait_for("", LONG).trim().parse().unwrap();
+    assert_eq!(pid, opener.id());
+    // The process that opened the connection is gone (reaped); its child keeps the
+    // connection open. A new process gets its pid.
+    assert!(opener.wait().unwrap().success());
+    let sleeper = sleep_with_pid(pid).expect("no process got the exited pid in 500 tries");
+    // The connection asks for a lease for "itself".
+    std::io::Write::write_all(&mut send, b"go\n").unwrap();
+    let answer = out.rest(LONG);
+    assert!(
+        answer.contains("\"code\":\"refused\"") && answer.contains("has exited"),
+        "{answer}"
+    );
+    assert!(
+        a.holders("disk").is_empty(),
+        "the lease went to pid {pid} (now another process, {}): {answer}",
+        sleeper.0.id()
+    );
 }

@@ -15,6 +15,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::delivery::Delivery;
 use crate::holds::Holds;
 use crate::peer::PeerInfo;
 use crate::procfs::{self, Also, Pidfd, ProcError, ProcessInfo};
@@ -74,6 +75,8 @@ pub(crate) struct Caller {
     /// request that acts for it and kept for the connection's later ones while the process
     /// is watched (see [`Service::target`]).
     own: ConnectionFacts,
+    /// The connection's socket, to ask whether the process that opened it still exists.
+    socket: Option<Arc<Delivery>>,
 }
 
 /// What one connection keeps between its requests: the facts of the peer's process.
@@ -81,8 +84,13 @@ pub(crate) type ConnectionFacts = Arc<Mutex<Option<ProcessInfo>>>;
 
 impl Caller {
     /// The caller of a connection; refused when its credentials are unknown, or when the
-    /// connection is over a limit (the refusal says which). `facts` is the connection's.
-    pub(crate) fn of(peer: Option<&PeerInfo>, facts: &ConnectionFacts) -> Result<Caller, ApiError> {
+    /// connection is over a limit (the refusal says which). `facts` and `socket` are the
+    /// connection's.
+    pub(crate) fn of(
+        peer: Option<&PeerInfo>,
+        facts: &ConnectionFacts,
+        socket: Option<&Arc<Delivery>>,
+    ) -> Result<Caller, ApiError> {
         let unknown = || ApiError::new(ErrorCode::Forbidden, "the peer's credentials are unknown");
         let peer = peer.ok_or_else(unknown)?;
         if let Some(why) = &peer.refused {
@@ -95,6 +103,7 @@ impl Caller {
             groups: Arc::clone(&peer.groups),
             pid: cred.pid().and_then(|p| u32::try_from(p).ok()),
             own: Arc::clone(facts),
+            socket: socket.cloned(),
         })
     }
 }
@@ -270,6 +279,19 @@ impl<S: Store> Service<S> {
                 Some(info) if self.watched(info) => (info.clone(), None),
                 _ => {
                     let (info, opened) = read()?;
+                    // Read through the pid, which is the connection's process only while that
+                    // process exists: once it is reaped, the pid can be another's.
+                    if c.socket.as_ref().and_then(|s| s.opener_alive()) == Some(false) {
+                        return Err(ApiError::new(
+                            ErrorCode::Refused,
+                            format!(
+                                "pid {pid}, the process that opened this connection, has exited \
+                                 (the pid may be another process's now); a connection acts only \
+                                 for the process that opened it: connect from the process the \
+                                 lease is for"
+                            ),
+                        ));
+                    }
                     *own = Some(info.clone());
                     (info, opened)
                 }
