@@ -5,7 +5,7 @@
 use leasehold_api::{v1, words};
 use leasehold_client::blocking::{Client, Error};
 use leasehold_client::{RefusalKind, ReleaseOptions};
-use leasehold_core::{Mode, ResourceName};
+use leasehold_core::{Mode, ResourceName, Token};
 
 use crate::config::Config;
 use crate::state::Held;
@@ -214,7 +214,17 @@ pub fn held(c: &Config, pid: i32, names: &[String]) -> Result<Vec<Held>, AgentFa
 /// # Errors
 /// [`AgentFailure`] when a lease could not be released.
 pub fn release(c: &Config, pid: i32, names: &[String]) -> Result<Vec<Held>, AgentFailure> {
-    let held = held(c, pid, names)?;
+    release_held(c, pid, held(c, pid, names)?)
+}
+
+/// Releases, clean, the leases of QEMU's `pid` that [`held`] found, each by its token: a
+/// lease of the same process granted after the one found (once that one ended, e.g. by a
+/// force-release) is left alone, and the state string never names a token that was not the
+/// one released. Returns `held`.
+///
+/// # Errors
+/// [`AgentFailure`] when a lease could not be released.
+pub fn release_held(c: &Config, pid: i32, held: Vec<Held>) -> Result<Vec<Held>, AgentFailure> {
     if held.is_empty() {
         return Ok(held);
     }
@@ -224,6 +234,7 @@ pub fn release(c: &Config, pid: i32, names: &[String]) -> Result<Vec<Held>, Agen
         .collect::<Result<Vec<_>, _>>()?;
     let o = ReleaseOptions {
         pid: u32::try_from(pid).ok(),
+        tokens: held.iter().map(|h| Token(h.token)).collect(),
         ..ReleaseOptions::default()
     };
     let report = client(c)

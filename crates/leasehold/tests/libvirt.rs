@@ -412,3 +412,34 @@ fn hotplug_takes_a_lease_refuses_a_held_disk_naming_its_holder_and_unplug_releas
     );
     assert_eq!(a.holders(&lease(&d1)), vec![u64::from(q1)]);
 }
+
+/// The driver's release (a pause, a migration's end) names the tokens it found: a lease the
+/// same QEMU was granted after the one found (that one ended meanwhile) is left alone, and the
+/// state string never names a token other than the one released. No libvirt needed: the
+/// driver's functions against an agent.
+#[test]
+fn the_drivers_release_ends_only_the_leases_it_found_by_token() {
+    use leasehold_libvirt::{agent, config::Config};
+    let a = Agent::start();
+    let qemu = Holder::new();
+    let pid = i32::try_from(qemu.pid()).unwrap();
+    let c = Config {
+        socket: a.socket.clone(),
+        ..Config::default()
+    };
+    let names = ["disk".to_owned()];
+    let first = a.lh(&["acquire", "disk", "--pid", &qemu.pid_arg()]);
+    expect_code(&first, 0);
+    let found = agent::held(&c, pid, &names).unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].token.to_string(), text(&first.stdout).trim());
+    // Meanwhile the lease found ends, and the same process is granted the disk again.
+    expect_code(&a.lh(&["release", "disk", "--pid", &qemu.pid_arg()]), 0);
+    let again = a.lh(&["acquire", "disk", "--pid", &qemu.pid_arg()]);
+    expect_code(&again, 0);
+    let newer: u64 = text(&again.stdout).trim().parse().unwrap();
+    let e = agent::release_held(&c, pid, found).unwrap_err();
+    assert!(e.message.contains("disk"), "{}", e.message);
+    let h = holder(&a, "disk").expect("the newer lease was released");
+    assert_eq!((h.1, h.3), (u64::from(qemu.pid()), newer));
+}
