@@ -66,8 +66,9 @@ pub struct Prepared {
 }
 
 /// A cgroup being made for a holder that starts its processes in it
-/// ([`Watcher::start_making`]).
-pub struct Making(tokio::task::JoinHandle<Option<Result<std::path::PathBuf, String>>>);
+/// ([`Watcher::start_making`]): told as soon as the `mkdir` returns (the removals the same
+/// blocking thread goes on with are not waited for).
+pub struct Making(tokio::sync::oneshot::Receiver<Option<Result<std::path::PathBuf, String>>>);
 
 /// A move into a cgroup under way ([`Watcher::start_containing`]): how the process is
 /// contained, and the cgroup it was in.
@@ -225,8 +226,9 @@ const STUCK_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 /// `run` starts meanwhile ([`Watcher::remove_cgroup`]).
 const REMOVE_WITHIN: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// How many ended holders' cgroups the making of a `run`'s cgroup removes at most (40-60 us
-/// each; its grant waits for them, beside the store's commit).
+/// How many ended holders' cgroups the making of a `run`'s cgroup removes at most, after it
+/// (40-120 us each, on the blocking thread, beside the store's commit; the grant does not
+/// wait for them).
 const REMOVE_AT_A_GRANT: usize = 4;
 
 /// How many descriptors the watcher keeps in reserve (a pidfd and a `/proc` read).
@@ -418,13 +420,17 @@ impl<S: Store> Watcher<S> {
         self.cgroups.get()?;
         let me = Arc::clone(self);
         let p = process.clone();
-        Some(Making(tokio::task::spawn_blocking(move || {
-            let made = me.cgroups.get().map(|c| c.make(&p));
-            // The cgroups of runs that ended since, removed while the store commits (a few:
-            // the grant waits for this thread).
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        // Dropped unrun (the runtime is stopping), the receiver reads as closed.
+        drop(tokio::task::spawn_blocking(move || {
+            let _ = tx.send(me.cgroups.get().map(|c| c.make(&p)));
+            // The cgroups of runs that ended since, removed while the store commits (a few),
+            // after the grant's own is made: the grant waits for its `mkdir` only, not for
+            // these `rmdir`s (40-120 us each), which change nothing it answers (their leases
+            // ended, durably, and nothing runs in them).
             remove_now(&me.removals, REMOVE_AT_A_GRANT);
-            made
-        })))
+        }));
+        Some(Making(rx))
     }
 
     /// Waits for [`Watcher::start_making`]: how the holder is contained, and the cgroup it
@@ -439,7 +445,7 @@ impl<S: Store> Watcher<S> {
             Some(m) => match m.0.await {
                 Ok(Some(made)) => Self::made(process, made),
                 Ok(None) => (Containment::Group, None),
-                // The blocking thread is gone (the runtime is stopping): make it here.
+                // The blocking thread never ran (the runtime is stopping): make it here.
                 Err(_) => self.cgroup_for_children(process),
             },
         }
