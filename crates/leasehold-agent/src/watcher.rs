@@ -4,6 +4,12 @@
 //! Every process holding a lease on this host is watched by one pidfd. When the pidfd becomes
 //! readable the process has exited, and the watcher asks the store to end all its leases
 //! (`process-died`: exclusive resources become dirty unless released first).
+//!
+//! The pidfds are in one epoll set of the watcher's own ([`Exits`]), which the runtime polls:
+//! watching a holder is one `epoll_ctl` into that set, done before its grant is answered, and
+//! one task, started with the first watch, hands each exit to a task of its own. (A task per
+//! holder, spawned as its grant was answered, woke the runtime's other worker before each
+//! answer.)
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -54,8 +60,21 @@ where
 }
 
 struct Watched {
-    pidfd: Arc<AsyncFd<OwnedFd>>,
-    task: tokio::task::AbortHandle,
+    pidfd: Arc<OwnedFd>,
+    /// Its exit's task, once it exited.
+    task: Option<tokio::task::AbortHandle>,
+}
+
+/// The epoll set holding every watched holder's pidfd (`EPOLLIN | EPOLLONESHOT`, keyed by a
+/// number of [`Exits::keys`]), itself registered with the runtime's reactor, and the task
+/// that waits on it ([`Watcher::follow_exits`]). Made with the first watch.
+#[derive(Default)]
+struct Exits {
+    set: Option<Arc<AsyncFd<OwnedFd>>>,
+    task: Option<tokio::task::AbortHandle>,
+    /// The holder of each key in the set, with its pidfd, until it exits.
+    keys: HashMap<u64, (ProcessKey, Arc<OwnedFd>)>,
+    next: u64,
 }
 
 /// A process made ready to watch before its lease is committed ([`Watcher::prepare`]).
@@ -100,6 +119,8 @@ pub struct Watcher<S> {
     stuck: Mutex<HashMap<ProcessKey, Stuck>>,
     /// The cgroups of holders whose leases ended, to remove ([`Watcher::remove_cgroup`]).
     removals: Arc<Mutex<Removals>>,
+    /// The watched pidfds' epoll set.
+    exits: Mutex<Exits>,
 }
 
 /// Cgroups to remove, and whether a removal is due on a timer.
@@ -315,6 +336,7 @@ impl<S: Store> Watcher<S> {
             cgroups: std::sync::OnceLock::new(),
             stuck: Mutex::new(HashMap::new()),
             removals: Arc::default(),
+            exits: Mutex::default(),
         })
     }
 
@@ -718,7 +740,7 @@ impl<S: Store> Watcher<S> {
     /// The exit status of an exited holder that asked for it, once its parent reaped it;
     /// `None` for the others, on a kernel that cannot tell, or when nobody reaps it in time:
     /// its leases then end as died.
-    async fn exit_status(&self, process: &ProcessKey, fd: &AsyncFd<OwnedFd>) -> Option<ExitStatus> {
+    async fn exit_status(&self, process: &ProcessKey, fd: &OwnedFd) -> Option<ExitStatus> {
         let wanted = self.by_status.lock().is_ok_and(|mut s| s.remove(process));
         if !wanted {
             return None;
@@ -729,7 +751,7 @@ impl<S: Store> Watcher<S> {
         }
         let give_up = std::time::Instant::now() + REAP_WAIT;
         loop {
-            match crate::procfs::exit_status(fd.get_ref().as_fd()) {
+            match crate::procfs::exit_status(fd.as_fd()) {
                 Ok(Some(s)) => return Some(s),
                 Ok(None) if std::time::Instant::now() < give_up => {
                     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -788,46 +810,132 @@ impl<S: Store> Watcher<S> {
         if watched.contains_key(&process) {
             return;
         }
-        // SAFETY: the OwnedFd is moved into the AsyncFd, which owns it until dropped; nothing
-        // else closes or replaces it, so it stays the same open pidfd for the AsyncFd's life.
-        let registered = unsafe {
-            AsyncFd::register_with_interest(pidfd.into_fd(), tokio::io::Interest::READABLE)
-        };
-        let fd = match registered {
-            Ok(fd) => Arc::new(fd),
-            Err(e) => {
-                drop(watched);
-                // The process may well live: keep its leases and try again.
-                warn!(pid = process.pid, error = %e, "cannot poll a holder's pidfd yet; its leases stay, retrying");
-                self.set_pending(&process, true);
-                let me = Arc::clone(self);
-                tokio::spawn(async move { me.retry_watch(process).await });
-                return;
+        let pidfd = Arc::new(pidfd.into_fd());
+        if let Err(e) = self.add_to_exits(&process, &pidfd) {
+            drop(watched);
+            // The process may well live: keep its leases and try again.
+            warn!(pid = process.pid, error = %e, "cannot poll a holder's pidfd yet; its leases stay, retrying");
+            self.set_pending(&process, true);
+            let me = Arc::clone(self);
+            tokio::spawn(async move { me.retry_watch(process).await });
+            return;
+        }
+        watched.insert(process, Watched { pidfd, task: None });
+    }
+
+    /// Puts `pidfd`, of `process`, into the exit set (made, with its task, on first use). Its
+    /// key is recorded before it goes in: one of a process that exited already is ready at
+    /// once, and reported once (`EPOLLONESHOT`).
+    fn add_to_exits(
+        self: &Arc<Self>,
+        process: &ProcessKey,
+        pidfd: &Arc<OwnedFd>,
+    ) -> std::io::Result<()> {
+        use rustix::event::epoll;
+        let mut exits = self.exits.lock().unwrap_or_else(PoisonError::into_inner);
+        let set = match &exits.set {
+            Some(set) => Arc::clone(set),
+            None => {
+                let fd = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+                // SAFETY: the OwnedFd is moved into the AsyncFd, which owns it until dropped;
+                // nothing else closes or replaces it, so it stays the same epoll set.
+                let set = Arc::new(unsafe {
+                    AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+                }?);
+                let task = tokio::spawn(Self::follow_exits(Arc::downgrade(self), Arc::clone(&set)));
+                exits.set = Some(Arc::clone(&set));
+                exits.task = Some(task.abort_handle());
+                set
             }
+        };
+        exits.next += 1;
+        let key = exits.next;
+        exits.keys.insert(key, (process.clone(), Arc::clone(pidfd)));
+        let added = epoll::add(
+            set.get_ref(),
+            &**pidfd,
+            epoll::EventData::new_u64(key),
+            epoll::EventFlags::IN | epoll::EventFlags::ONESHOT,
+        );
+        if let Err(e) = added {
+            exits.keys.remove(&key);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// The exit set's task: each pidfd that turns readable (its process exited) is handed to
+    /// [`Watcher::exited`]. Ends with the watcher.
+    async fn follow_exits(me: std::sync::Weak<Self>, set: Arc<AsyncFd<OwnedFd>>) {
+        use rustix::event::epoll;
+        let now = rustix::time::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        loop {
+            let Ok(mut guard) = set.readable().await else {
+                return;
+            };
+            // Read until the set has nothing ready; only then is its readiness cleared.
+            let ready = guard.try_io(|s| {
+                let mut events: [std::mem::MaybeUninit<epoll::Event>; 32] =
+                    [const { std::mem::MaybeUninit::uninit() }; 32];
+                match epoll::wait(s.get_ref(), &mut events, Some(&now)) {
+                    Ok(([], _)) => Err(std::io::ErrorKind::WouldBlock.into()),
+                    Ok((ready, _)) => Ok(ready.iter().map(|e| e.data.u64()).collect::<Vec<u64>>()),
+                    Err(e) => Err(e.into()),
+                }
+            });
+            let keys = match ready {
+                Ok(Ok(keys)) => keys,
+                Err(_would_block) => continue,
+                Ok(Err(e)) => {
+                    // EINTR; nothing else is expected of a wait that does not block.
+                    warn!(error = %e, "reading the holders' exits failed; reading again");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let Some(me) = me.upgrade() else {
+                return;
+            };
+            let seen = std::time::Instant::now();
+            for key in keys {
+                me.exited(key, seen);
+            }
+        }
+    }
+
+    /// The process of exit-set key `key` exited (`seen` then): its leases are ended by a task
+    /// of its own (its exit status may first be waited for).
+    fn exited(self: &Arc<Self>, key: u64, seen: std::time::Instant) {
+        let found = self
+            .exits
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys
+            .remove(&key);
+        let Some((process, pidfd)) = found else {
+            return;
         };
         let me = Arc::clone(self);
         let key = process.clone();
-        let waiter = Arc::clone(&fd);
         let task = tokio::spawn(async move {
-            // Readable means the process has exited.
-            let _ = waiter.readable().await;
-            let seen = std::time::Instant::now();
-            let status = me.exit_status(&key, &waiter).await;
+            let status = me.exit_status(&key, &pidfd).await;
             // Draining before it stops being watched: a fence judging meanwhile sees it.
             me.set_draining(&key, true);
             if let Ok(mut w) = me.watched.lock() {
                 w.remove(&key);
             }
+            drop(pidfd);
             me.end_with(key, status).await;
             crate::metrics::exit_to_release(seen.elapsed());
         });
-        watched.insert(
-            process,
-            Watched {
-                pidfd: fd,
-                task: task.abort_handle(),
-            },
-        );
+        if let Ok(mut w) = self.watched.lock()
+            && let Some(v) = w.get_mut(&process)
+        {
+            v.task = Some(task.abort_handle());
+        }
     }
 
     fn spawn_end(self: &Arc<Self>, process: ProcessKey) {
@@ -1046,8 +1154,7 @@ impl<S: Store> Watcher<S> {
         let Some(w) = watched.get(process) else {
             return false;
         };
-        let fd = w.pidfd.get_ref();
-        rustix::process::pidfd_send_signal(fd, signal).is_ok()
+        rustix::process::pidfd_send_signal(&*w.pidfd, signal).is_ok()
     }
 
     /// SIGKILLs the processes that hold leases here now (the store's index of them; every
@@ -1111,8 +1218,16 @@ impl<S: Store> Watcher<S> {
     pub fn stop(&self) {
         if let Ok(mut w) = self.watched.lock() {
             for (_, v) in w.drain() {
-                v.task.abort();
+                if let Some(t) = v.task {
+                    t.abort();
+                }
             }
         }
+        let mut exits = self.exits.lock().unwrap_or_else(PoisonError::into_inner);
+        exits.keys.clear();
+        if let Some(t) = exits.task.take() {
+            t.abort();
+        }
+        exits.set = None;
     }
 }
