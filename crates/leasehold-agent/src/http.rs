@@ -553,12 +553,16 @@ async fn hold_switched<S: Store>(
             .map(|at| from + at)
         {
             // The hold's own events are not read from here on: the answer is the last line.
-            drop(rx);
+            // The stream is closed once the answer is written, not before the release: its
+            // closing wakes the hold's task, and a task woken before the answer sends the
+            // store's event follower (woken by the release's commit) to the runtime's other
+            // worker, which is woken for it, before the answer.
             let answer = release_line(&service, &caller, &input[..end]).await;
             let mut text = serde_json::to_vec(&answer).unwrap_or_default();
             text.push(b'\n');
             let _ = io.write_all(&text).await;
             let _ = io.flush().await;
+            drop(rx);
             let _ = io.shutdown().await;
             return;
         }
