@@ -130,3 +130,52 @@ fn tokens_keep_growing_across_agent_restarts() {
         a.restart_after_kill9();
     }
 }
+
+/// More holders exit at once than the watcher's exit set reports in one read (32): each of
+/// their leases ends, and the lease of a holder still running stays. (Seen failing with the
+/// exit set's readiness cleared after one read.)
+#[test]
+fn many_holders_exiting_at_once_all_lose_their_leases() {
+    let a = Agent::start();
+    let mut dying: Vec<Holder> = (0..80).map(|_| Holder::new()).collect();
+    for (i, h) in dying.iter().enumerate() {
+        expect_code(
+            &a.lh(&["acquire", &format!("disk{i}"), "--pid", &h.pid_arg()]),
+            0,
+        );
+    }
+    let keeper = Holder::new();
+    expect_code(&a.lh(&["acquire", "kept", "--pid", &keeper.pid_arg()]), 0);
+    // All killed while the agent is stopped: their exits are ready together when it goes on.
+    signal(a.pid(), libc::SIGSTOP);
+    let state = |pid: u32| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        stat.rsplit(") ").next().and_then(|r| r.chars().next())
+    };
+    wait_until("the agent is stopped", Duration::from_secs(5), || {
+        state(a.pid()) == Some('T')
+    });
+    for h in &mut dying {
+        h.kill9();
+    }
+    signal(a.pid(), libc::SIGCONT);
+    let held = |a: &Agent| {
+        a.list()
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["holders"].as_array().is_some_and(|h| !h.is_empty()))
+            .map(|r| r["resource"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    wait_until(
+        "the dead holders' leases end",
+        Duration::from_secs(10),
+        || held(&a).len() == 1,
+    );
+    assert_eq!(held(&a), vec!["kept".to_owned()]);
+    assert_eq!(a.holders("kept"), vec![u64::from(keeper.pid())]);
+    for i in 0..80 {
+        assert!(a.is_dirty(&format!("disk{i}")), "disk{i}");
+    }
+}
