@@ -12,10 +12,12 @@
 //!   last compaction by someone else (etcd's `--auto-compaction-*`, an operator), leasehold
 //!   leaves compaction to them for [`OTHERS_QUIET`] after it last sees them do it.
 //!   The history is also compacted as soon as it holds more revisions than [`HISTORY_SHARE`]
-//!   of the quota can take (at [`BYTES_PER_REVISION`] each), whatever `keep` says: at a high
-//!   rate of grants, `keep` worth of history would fill a small quota (measured: 5 minutes at
-//!   200 grants a second fill 32 MiB). A watcher further behind than that reads everything
-//!   again, as above.
+//!   of the quota can take (at [`BYTES_PER_REVISION`] a commit, or [`WRITTEN_FACTOR`] times
+//!   the keys and values this agent's transactions write per revision, whichever is more),
+//!   whatever `keep` says: at a high rate of grants, `keep` worth of history would fill a
+//!   small quota (measured: 5 minutes at 200 grants a second fill 32 MiB), and a count of
+//!   revisions at 1 KiB each let records of 3 KiB fill a 4 MiB quota. A watcher further
+//!   behind than that reads everything again, as above.
 //! - **Defragmentation.** Compaction frees pages inside etcd's database file, which etcd
 //!   reuses, but only a defragmentation shrinks the file, and the quota counts the file: the
 //!   file keeps the size of the most history it ever held (measured, etcd 3.4: with
@@ -38,6 +40,14 @@
 //!   clean, unreserved, without waiters or grace, and unchanged for `forget_after`, each with
 //!   a transaction comparing its mod revision, so a record that changed meanwhile stays.
 //!   Tokens still grow: they are above the store's revision, which never goes back.
+//! - **Looks.** The agent reads a member's status every second, and sooner as its own
+//!   transactions reach a revision: where the history passes its cap, or where the file may
+//!   have grown by [`LOOK_SHARE`] of the quota at the most it grew per revision of late
+//!   (`file_cost`: etcd reuses the pages a write frees only once the reads that began before
+//!   it end, so in a fresh etcd's first second a release build's churn grew the file by
+//!   3 KB a revision, and the file reached 72-75 % of a 4 MiB quota before the first round
+//!   looked). A look that finds the file past [`DEFRAG_AT`] with [`DEFRAG_FREE`] of it free
+//!   defragments, if the claim allows, without waiting for a round.
 //! - **Space.** The database size, the quota and the compacted revision are published for
 //!   `leasehold status`; a warning is logged from [`WARN_AT`] of the quota on, and the NOSPACE
 //!   alarm is logged with what to run.
@@ -68,6 +78,19 @@ pub const HISTORY_SHARE: f64 = 0.25;
 /// What one revision of leasehold's churn costs in etcd's database, bytes (measured: about
 /// 850 with no compaction; rounded up).
 pub const BYTES_PER_REVISION: u64 = 1024;
+
+/// What a revision costs in etcd's database for each byte of keys and values written at it
+/// (measured, etcd 3.4, no compaction: 300-byte values took 450 bytes a revision, 4 KiB
+/// values 6.2 KiB; rounded up): the bound when records are larger than the churn's.
+pub const WRITTEN_FACTOR: f64 = 2.0;
+
+/// The share of the quota the database file may grow by between two looks at its size
+/// while this agent writes: a quarter of the room between [`DEFRAG_AT`] and [`WARN_AT`], so
+/// a file that passes the one is seen, and defragmented, well before it reaches the other.
+pub const LOOK_SHARE: f64 = (WARN_AT - DEFRAG_AT) / 4.0;
+
+/// The fewest revisions between two looks that this agent's own writes bring about.
+pub const LOOK_MIN_REVISIONS: i64 = 16;
 
 /// The share of the quota from which a member's file is defragmented (when enough is free).
 pub const DEFRAG_AT: f64 = 0.5;
@@ -208,6 +231,17 @@ impl Claim {
             now.saturating_sub(self.defrag_start_ms) >= DEFRAG_STUCK.as_millis() as u64
         }
     }
+
+    /// When one is not allowed now, how long until it is worth asking again: the rest of the
+    /// `gap`, or [`DEFRAG_GAP_MIN`] while one runs (it may end any moment).
+    fn defrag_retry_in(&self, now: u64, gap: Duration) -> Duration {
+        if self.defrag_end_ms >= self.defrag_start_ms {
+            let since = now.saturating_sub(self.defrag_end_ms);
+            Duration::from_millis((gap.as_millis() as u64).saturating_sub(since))
+        } else {
+            DEFRAG_GAP_MIN
+        }
+    }
 }
 
 /// One member, as its own connection: its status, and defragmentation (which takes longer
@@ -263,8 +297,13 @@ struct Keeper {
     host: HostId,
     opts: HistoryOptions,
     health: watch::Sender<EtcdHealth>,
-    /// Revisions seen, oldest first.
-    samples: VecDeque<(Instant, i64)>,
+    /// Revisions and database file sizes seen, oldest first.
+    samples: VecDeque<(Instant, i64, u64)>,
+    /// The part of the database file in use at the last look, bytes.
+    in_use: u64,
+    /// Not before when a look may try a defragmentation again outside a round (see
+    /// [`Keeper::defrag_due`]).
+    defrag_retry: Option<Instant>,
     /// The compacted revision last seen, and when someone else last moved it.
     seen_compacted: i64,
     others_at: Option<Instant>,
@@ -299,6 +338,8 @@ pub(super) async fn maintain(
         opts,
         health,
         samples: VecDeque::new(),
+        in_use: 0,
+        defrag_retry: None,
         seen_compacted: 0,
         others_at: None,
         last_round: None,
@@ -308,9 +349,11 @@ pub(super) async fn maintain(
     };
     // A tick every `check` from the start of the last, not `check` after a round ended: at a
     // high rate, every second of delay is history kept. And sooner when this host's own
-    // commits reach the revision at which the history would pass its cap: at a high rate,
-    // a second of history can be more than a small quota's share (a release build's churn
-    // filled a 4 MiB quota within seconds, between ticks).
+    // commits reach the revision at which the history would pass its cap, or would grow the
+    // file by [`LOOK_SHARE`] of the quota: at a high rate, a second of history can be more
+    // than a small quota's share (a release build's churn filled a 4 MiB quota within
+    // seconds, between ticks; then, with compaction keeping up, its file still grew to 75 %
+    // of it within the first second, before a tick saw it past half and defragmented).
     let mut tick = tokio::time::interval(check);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -340,6 +383,10 @@ pub(super) async fn maintain(
                     warn!(error = %e, "etcd history: this round failed; trying again next round");
                 }
             }
+        } else if k.defrag_due()
+            && let Err(e) = k.defrag_soon().await
+        {
+            tracing::debug!(error = %e, "etcd history: no defragmentation at this look");
         }
         k.etcd.wake_at_revision(k.next_look());
     }
@@ -356,7 +403,9 @@ impl Keeper {
             }
         };
         let now = Instant::now();
-        self.samples.push_back((now, s.revision));
+        self.samples
+            .push_back((now, s.revision, s.db_size.max(0) as u64));
+        self.in_use = s.db_size_in_use.max(0) as u64;
         let horizon = self
             .opts
             .keep
@@ -365,7 +414,7 @@ impl Keeper {
         while self
             .samples
             .front()
-            .is_some_and(|(t, _)| now.duration_since(*t) > horizon)
+            .is_some_and(|(t, _, _)| now.duration_since(*t) > horizon)
         {
             self.samples.pop_front();
         }
@@ -400,14 +449,44 @@ impl Keeper {
         }
     }
 
+    /// What a revision of history costs in etcd's database, bytes: [`BYTES_PER_REVISION`]
+    /// per commit, at as many commits per revision as this agent's batches have written of
+    /// late (the store sends commits that wait together as one transaction), or
+    /// [`WRITTEN_FACTOR`] times the keys and values its transactions wrote per revision of
+    /// late (records with many holders are larger than the churn's), whichever is more.
+    fn revision_cost(&self) -> f64 {
+        let by_commits = BYTES_PER_REVISION as f64 * self.etcd.commits_per_revision();
+        by_commits.max(WRITTEN_FACTOR * self.etcd.bytes_per_revision())
+    }
+
     /// The most revisions the history may hold: [`HISTORY_SHARE`] of the quota, at
-    /// [`BYTES_PER_REVISION`] per commit, and as many commits per revision as this agent's
-    /// batches have written of late (the store sends commits that wait together as one
-    /// transaction).
+    /// [`revision_cost`](Self::revision_cost) each.
     fn history_cap(&self) -> i64 {
         let quota = self.health.borrow().quota.max(1);
-        let per_revision = BYTES_PER_REVISION as f64 * self.etcd.commits_per_revision();
-        ((quota as f64 * HISTORY_SHARE / per_revision) as u64).max(100) as i64
+        ((quota as f64 * HISTORY_SHARE / self.revision_cost()) as u64).max(100) as i64
+    }
+
+    /// How much the database file grows per revision, bytes: the most it grew between two
+    /// looks [`LOOK_MIN_REVISIONS`] or more apart over the last [`DEFRAG_GAP`], and at least
+    /// [`revision_cost`](Self::revision_cost). The file can grow faster than the history
+    /// held: etcd's database reuses the pages a write frees only once the reads that began
+    /// before it end (measured, release build's churn on a fresh etcd: 3 KB of file a
+    /// revision in the first second, 1.8 KB of it in use).
+    fn file_cost(&self) -> f64 {
+        let Some(&(last_at, _, _)) = self.samples.back() else {
+            return self.revision_cost();
+        };
+        let recent = self
+            .samples
+            .iter()
+            .skip_while(|(t, _, _)| last_at.duration_since(*t) > DEFRAG_GAP);
+        let grown = recent
+            .clone()
+            .zip(recent.skip(1))
+            .filter(|((_, r0, _), (_, r1, _))| r1 - r0 >= LOOK_MIN_REVISIONS)
+            .map(|((_, r0, d0), (_, r1, d1))| d1.saturating_sub(*d0) as f64 / (r1 - r0) as f64)
+            .fold(0.0, f64::max);
+        grown.max(self.revision_cost())
     }
 
     /// Whether the history holds more than [`history_cap`](Self::history_cap) revisions
@@ -419,30 +498,101 @@ impl Keeper {
     }
 
     /// The revision at which this agent's own commits should wake it before its next tick:
-    /// where the history passes its cap, and at least a quarter of the cap ahead of now (a
-    /// round that could not compact does not make every commit wake it); never while
-    /// leasehold does not compact.
+    /// where the history passes its cap, or sooner where the file may have grown by
+    /// [`LOOK_SHARE`] of the quota (at [`file_cost`](Self::file_cost) a revision, at least
+    /// [`LOOK_MIN_REVISIONS`] ahead: a round that could not compact does not make every
+    /// commit wake it); never while leasehold does not compact.
     fn next_look(&self) -> i64 {
         if self.opts.compact_every.is_none()
             || self.others_at.is_some_and(|t| t.elapsed() < OTHERS_QUIET)
         {
             return i64::MAX;
         }
-        let cap = self.history_cap();
-        (self.seen_compacted + cap).max(self.health.borrow().revision + cap / 4)
+        let (quota, revision) = {
+            let h = self.health.borrow();
+            (h.quota.max(1), h.revision)
+        };
+        let step = ((quota as f64 * LOOK_SHARE / self.file_cost()) as i64).max(LOOK_MIN_REVISIONS);
+        let at_cap = self.seen_compacted + self.history_cap();
+        if at_cap > revision {
+            at_cap
+                .max(revision + LOOK_MIN_REVISIONS)
+                .min(revision + step)
+        } else {
+            revision + step
+        }
     }
 
-    /// How fast the history grows, bytes a second (at [`BYTES_PER_REVISION`] per commit, as
-    /// [`history_cap`](Self::history_cap) reckons), over the last [`DEFRAG_GAP`] of samples
-    /// (0 until there are two).
+    /// Whether this look should try to defragment outside a round: leasehold compacts,
+    /// defragmentation is on, the file is past [`DEFRAG_AT`] of the quota with
+    /// [`DEFRAG_FREE`] of it free (as the member that answered the look tells), and no
+    /// defragmentation was found not allowed until later.
+    fn defrag_due(&self) -> bool {
+        let h = self.health.borrow();
+        self.opts.defrag
+            && self.opts.compact_every.is_some()
+            && h.used() >= DEFRAG_AT
+            && h.db_size.saturating_sub(self.in_use) as f64 >= h.db_size as f64 * DEFRAG_FREE
+            && self.defrag_retry.is_none_or(|t| Instant::now() >= t)
+    }
+
+    /// Defragments a member at a look between rounds, if the claim of the last round allows
+    /// it now (no round yet: the first defragments), and not within [`DEFRAG_GAP_MIN`] of
+    /// that round: the members apply its compaction one after another, and one seen with its
+    /// pages freed before the others would be defragmented out of turn (a leader before its
+    /// followers, seen in `agents_defragment_one_member_at_a_time_and_fence_nobody`). If
+    /// none was started, the looks leave it for [`DEFRAG_GAP_MIN`] at least, or until the
+    /// claim allows it.
+    async fn defrag_soon(&mut self) -> Result<(), EtcdError> {
+        let key = compaction_key(&self.keys);
+        let (kvs, _) = self.etcd.range(key, Vec::new(), 0).await?;
+        let Some(kv) = kvs.first() else {
+            return Ok(());
+        };
+        let Ok(claim) = serde_json::from_slice::<Claim>(&kv.value) else {
+            return Ok(());
+        };
+        let since = Duration::from_millis(now_ms().saturating_sub(claim.at_ms));
+        if since < DEFRAG_GAP_MIN {
+            self.defrag_retry = Some(Instant::now() + (DEFRAG_GAP_MIN - since));
+            return Ok(());
+        }
+        if !self.defragment_if_allowed(claim, kv.mod_revision).await? {
+            self.defrag_retry
+                .get_or_insert(Instant::now() + DEFRAG_GAP_MIN);
+        }
+        Ok(())
+    }
+
+    /// Defragments a member if the claim allows one now; otherwise notes when to ask again.
+    /// Whether one was started.
+    async fn defragment_if_allowed(
+        &mut self,
+        claim: Claim,
+        claim_rev: i64,
+    ) -> Result<bool, EtcdError> {
+        let (now, gap) = (now_ms(), self.defrag_gap());
+        if !claim.defrag_allowed(now, gap) {
+            self.defrag_retry = Some(Instant::now() + claim.defrag_retry_in(now, gap));
+            return Ok(false);
+        }
+        self.defrag_retry = None;
+        self.defragment(claim, claim_rev).await
+    }
+
+    /// How fast the history grows, bytes a second (at [`revision_cost`](Self::revision_cost)
+    /// a revision, as [`history_cap`](Self::history_cap) reckons; not at
+    /// [`file_cost`](Self::file_cost): another user's burst of large values would make the
+    /// gap between defragmentations its shortest for a while), over the last [`DEFRAG_GAP`]
+    /// of samples (0 until there are two).
     fn history_rate(&self) -> f64 {
-        let Some(&(last_at, last)) = self.samples.back() else {
+        let Some(&(last_at, last, _)) = self.samples.back() else {
             return 0.0;
         };
-        let Some(&(first_at, first)) = self
+        let Some(&(first_at, first, _)) = self
             .samples
             .iter()
-            .find(|(t, _)| last_at.duration_since(*t) <= DEFRAG_GAP)
+            .find(|(t, _, _)| last_at.duration_since(*t) <= DEFRAG_GAP)
         else {
             return 0.0;
         };
@@ -450,8 +600,7 @@ impl Keeper {
         if secs <= 0.0 {
             return 0.0;
         }
-        let per_revision = BYTES_PER_REVISION as f64 * self.etcd.commits_per_revision();
-        (last - first).max(0) as f64 * per_revision / secs
+        (last - first).max(0) as f64 * self.revision_cost() / secs
     }
 
     /// The least time between two defragmentations now ([`defrag_gap`] at
@@ -466,8 +615,8 @@ impl Keeper {
         self.samples
             .iter()
             .rev()
-            .find(|(t, _)| now.duration_since(*t) >= age)
-            .map(|(_, r)| *r)
+            .find(|(t, _, _)| now.duration_since(*t) >= age)
+            .map(|(_, r, _)| *r)
     }
 
     /// One round: claim it, compact, forget.
@@ -554,16 +703,17 @@ impl Keeper {
             }
         }
         self.forget().await?;
-        if self.opts.defrag && claim.defrag_allowed(now_ms(), self.defrag_gap()) {
-            self.defragment(claim, won.revision).await?;
+        if self.opts.defrag {
+            self.defragment_if_allowed(claim, won.revision).await?;
         }
         Ok(())
     }
 
     /// Defragments one member whose file is mostly free pages, if one is: claimed in
     /// `P compaction` (whose mod revision is `claim_rev`, written by this round) so that one
-    /// runs at a time in the cluster. A leader hands its leadership over first.
-    async fn defragment(&mut self, mut claim: Claim, claim_rev: i64) -> Result<(), EtcdError> {
+    /// runs at a time in the cluster. A leader hands its leadership over first. Whether one
+    /// was started.
+    async fn defragment(&mut self, mut claim: Claim, claim_rev: i64) -> Result<bool, EtcdError> {
         let quota = self.health.borrow().quota as f64;
         // Each member once (two endpoints may reach the same one).
         let mut ids = BTreeSet::new();
@@ -586,7 +736,7 @@ impl Keeper {
             .max_by_key(|(_, s)| (s.member_id != s.leader, s.db_size))
             .cloned()
         else {
-            return Ok(());
+            return Ok(false);
         };
         let key = compaction_key(&self.keys);
         claim.defrag_start_ms = now_ms();
@@ -596,7 +746,7 @@ impl Keeper {
             None,
         );
         if !self.etcd.txn(t).await?.succeeded {
-            return Ok(());
+            return Ok(false);
         }
         let m = &self.members[i];
         let started = Instant::now();
@@ -646,7 +796,7 @@ impl Keeper {
             ),
         }
         self.defrag_ended(claim.defrag_start_ms).await;
-        Ok(())
+        Ok(true)
     }
 
     /// Asks member `i`, the leader, to hand its leadership to `to`, and waits until it has.
@@ -814,5 +964,195 @@ mod tests {
         };
         assert!(!running.defrag_allowed(1_000 + 599_999, DEFRAG_GAP_MIN));
         assert!(running.defrag_allowed(1_000 + 600_000, DEFRAG_GAP_MIN));
+    }
+
+    /// One agent's own writes of large records (3 KiB a revision, three times what
+    /// [`BYTES_PER_REVISION`] reckons), up to 500 revisions a second (a release build's
+    /// churn writes 1,000-1,300 smaller ones), three times a 4 MiB quota's worth: the
+    /// keeper, with its default compaction (every minute, keeping 5 minutes), compacts and
+    /// defragments as the history and the file grow, so etcd never refuses a write and its
+    /// file stays below [`WARN_AT`] of the quota. Counted in revisions at
+    /// `BYTES_PER_REVISION`, the history was allowed 1,024 such revisions, over 4 MiB in
+    /// etcd's database, and etcd raised NOSPACE before any look compacted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn large_records_stay_below_the_warning() {
+        use leasehold_testkit::Etcd as TestEtcd;
+
+        let quota: u64 = 4 << 20;
+        let etcd = TestEtcd::start_with(&[&format!("--quota-backend-bytes={quota}")]);
+        let endpoints = vec![etcd.endpoint()];
+        let client = Etcd::connect(&endpoints, Duration::from_secs(5)).unwrap();
+        let prefix = format!("/unit-{}-large/", std::process::id());
+        let (health, mut seen) = watch::channel(EtcdHealth::default());
+        let keeper = tokio::spawn(maintain(
+            client.clone(),
+            members(
+                &endpoints,
+                Duration::from_secs(5),
+                &super::super::client::EtcdSecurity::default(),
+            ),
+            Keys::new(&prefix),
+            HostId::new("a").unwrap(),
+            HistoryOptions {
+                forget_after: None,
+                quota,
+                ..HistoryOptions::default()
+            },
+            health,
+        ));
+        seen.wait_for(|h| h.db_size > 0).await.unwrap();
+        // A sampler of etcd's own view, as often as it answers.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sampler = tokio::spawn({
+            let stop = std::sync::Arc::clone(&stop);
+            let own = Etcd::connect(&endpoints, Duration::from_secs(5)).unwrap();
+            async move {
+                let mut peak = (0, 0);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Ok(s) = own.status().await {
+                        peak = peak.max((s.db_size, s.revision));
+                    }
+                }
+                peak
+            }
+        });
+        let value = vec![b'x'; 3072];
+        let writers = 8;
+        let each = 3 * quota / 3072 / writers;
+        // At most 500 writes a second in all: faster, etcd's file cannot stay this small
+        // whatever the keeper does (a write's freed pages are reused only after the reads
+        // that began before it end: about 0.2 s of writes at 4 KiB a revision).
+        let pace = Duration::from_millis(1000 * writers / 500);
+        let tasks: Vec<_> = (0..writers)
+            .map(|w| {
+                let (client, value, prefix) = (client.clone(), value.clone(), prefix.clone());
+                tokio::spawn(async move {
+                    let mut pace = tokio::time::interval(pace);
+                    for i in 0..each {
+                        pace.tick().await;
+                        let key = format!("{prefix}res/w{w}-{}", i % 4).into_bytes();
+                        let t = Txn::new().put(key, value.clone(), None);
+                        if let Err(e) = client.txn(t).await {
+                            return Err(format!("write {i} of writer {w}: {e}"));
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        let mut refused = Vec::new();
+        for t in tasks {
+            if let Err(e) = t.await.unwrap() {
+                refused.push(e);
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (peak, at) = sampler.await.unwrap();
+        keeper.abort();
+        let h = seen.borrow().clone();
+        eprintln!(
+            "{} revisions of 3 KiB; etcd's file at most {peak} bytes (at revision {at}), \
+             compacted to {}; quota {quota}",
+            h.revision, h.compacted
+        );
+        assert!(refused.is_empty(), "etcd refused writes: {refused:?}");
+        assert!(
+            (peak as u64) < quota * 3 / 4,
+            "etcd's file reached {peak} bytes of the quota's {quota}"
+        );
+    }
+
+    /// A file past half the quota and mostly free pages, which another agent's round left
+    /// (it compacted, and defragmented a moment ago, so the gap holds this one back): a look
+    /// defragments it once the gap allows, not the next round a minute later.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_look_defragments_once_the_gap_allows_without_waiting_for_a_round() {
+        use leasehold_testkit::Etcd as TestEtcd;
+
+        let quota: u64 = 4 << 20;
+        let etcd = TestEtcd::start_with(&[&format!("--quota-backend-bytes={quota}")]);
+        let endpoints = vec![etcd.endpoint()];
+        let client = Etcd::connect(&endpoints, Duration::from_secs(5)).unwrap();
+        let keys = Keys::new(&format!("/unit-{}-look/", std::process::id()));
+        // Another user's 2.5 MiB, deleted; the history compacted, the pages free.
+        for i in 0..40 {
+            let t = Txn::new().put(
+                format!("/other/{i}").into_bytes(),
+                vec![b'x'; 64 << 10],
+                None,
+            );
+            assert!(client.txn(t).await.unwrap().succeeded);
+        }
+        let t = Txn::new().delete_range(b"/other/".to_vec(), prefix_end(b"/other/"));
+        let revision = client.txn(t).await.unwrap().revision;
+        client.compact(revision).await.unwrap();
+        // The claim of that round, by another agent, which defragmented just now.
+        let now = now_ms();
+        let claim = Claim {
+            revision,
+            host: HostId::new("other").unwrap(),
+            at_ms: now,
+            defrag_start_ms: now - 100,
+            defrag_end_ms: now,
+        };
+        let t = Txn::new().put(
+            compaction_key(&keys),
+            serde_json::to_vec(&claim).unwrap(),
+            None,
+        );
+        assert!(client.txn(t).await.unwrap().succeeded);
+        // etcd frees the pages once the compaction, which runs after its answer, is done, and
+        // a later write ends the reads that began before.
+        let freed = async {
+            loop {
+                let t = Txn::new().put(b"/other-tick".to_vec(), Vec::new(), None);
+                client.txn(t).await.unwrap();
+                let s = client.status().await.unwrap();
+                if (s.db_size - s.db_size_in_use) * 4 >= s.db_size {
+                    return s;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        let s = tokio::time::timeout(Duration::from_secs(20), freed)
+            .await
+            .expect("etcd freed the compacted pages");
+        assert!(s.db_size as u64 >= quota / 2, "{s:?}");
+        let (health, _seen) = watch::channel(EtcdHealth::default());
+        let keeper = tokio::spawn(maintain(
+            client.clone(),
+            members(
+                &endpoints,
+                Duration::from_secs(5),
+                &super::super::client::EtcdSecurity::default(),
+            ),
+            keys,
+            HostId::new("a").unwrap(),
+            HistoryOptions {
+                quota,
+                ..HistoryOptions::default()
+            },
+            health,
+        ));
+        // Rounds every minute: the first, now, finds the other agent's round recent.
+        let small = async {
+            loop {
+                if client
+                    .status()
+                    .await
+                    .is_ok_and(|s| (s.db_size as u64) < quota / 4)
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        };
+        let done = tokio::time::timeout(DEFRAG_GAP * 3, small).await;
+        keeper.abort();
+        assert!(
+            done.is_ok(),
+            "not defragmented: {:?}",
+            client.status().await
+        );
     }
 }

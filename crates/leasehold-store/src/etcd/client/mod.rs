@@ -47,6 +47,9 @@ pub struct Etcd {
     upkeep_requests: Arc<std::sync::atomic::AtomicU64>,
     /// Commits per written revision, as [`Etcd::note_batch`] was told (an `f64`'s bits).
     commits_per_revision: Arc<std::sync::atomic::AtomicU64>,
+    /// Bytes of keys and values the transactions of this client and its clones wrote per
+    /// revision of late (an `f64`'s bits; see [`Etcd::bytes_per_revision`]).
+    bytes_per_revision: Arc<std::sync::atomic::AtomicU64>,
     /// Told when a transaction of this client or its clones reaches a revision (see
     /// [`Etcd::wake_at_revision`]).
     revision_alarm: Arc<RevisionAlarm>,
@@ -79,6 +82,20 @@ fn chain(e: &dyn std::error::Error) -> String {
         source = e.source();
     }
     text
+}
+
+/// Bytes of keys and values that `ops` put (of a transaction within, its larger branch).
+fn written_bytes(ops: &[rpc::RequestOp]) -> usize {
+    use rpc::request_op::Request;
+    ops.iter()
+        .map(|op| match &op.request {
+            Some(Request::RequestPut(p)) => p.key.len() + p.value.len(),
+            Some(Request::RequestTxn(t)) => {
+                written_bytes(&t.success).max(written_bytes(&t.failure))
+            }
+            _ => 0,
+        })
+        .sum()
 }
 
 /// `msg` as a request carrying `token`, etcd's authentication token.
@@ -188,6 +205,32 @@ impl Etcd {
         .max(1.0)
     }
 
+    /// Bytes of keys and values that the transactions of this client and its clones wrote
+    /// at one revision of late (0 until one wrote): up at once, down slowly, like
+    /// [`Etcd::commits_per_revision`]. What a revision of history holds beyond etcd's own
+    /// overhead, for the history keeper's bound when records are large.
+    pub fn bytes_per_revision(&self) -> f64 {
+        f64::from_bits(
+            self.bytes_per_revision
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
+    /// Notes that one transaction wrote `bytes` of keys and values at one revision.
+    fn note_written(&self, bytes: usize) {
+        use std::sync::atomic::Ordering;
+        if bytes == 0 {
+            return;
+        }
+        let n = bytes as f64;
+        let _ =
+            self.bytes_per_revision
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                    let now = f64::from_bits(bits);
+                    Some((if n >= now { n } else { now * 0.99 + n * 0.01 }).to_bits())
+                });
+    }
+
     /// Asks to be told (by [`Etcd::revision_reached`]) once a transaction made through this
     /// client or a clone of it answers with `revision` or later: the history keeper's cue
     /// that its own host's commits have written enough history to look again, however
@@ -285,6 +328,7 @@ impl Etcd {
             kv_requests: Arc::default(),
             upkeep_requests: Arc::default(),
             commits_per_revision: Arc::new(std::sync::atomic::AtomicU64::new(1f64.to_bits())),
+            bytes_per_revision: Arc::default(),
             revision_alarm: Arc::default(),
         })
     }
@@ -451,6 +495,7 @@ impl Etcd {
             success: t.success,
             failure: t.failure,
         };
+        let written = (written_bytes(&req.success), written_bytes(&req.failure));
         let r = self
             .retrying("txn", |t| {
                 let mut kv = self.kv.clone();
@@ -460,6 +505,7 @@ impl Etcd {
             .await?
             .into_inner();
         let revision = r.header.map_or(0, |h| h.revision);
+        self.note_written(if r.succeeded { written.0 } else { written.1 });
         if revision
             >= self
                 .revision_alarm
