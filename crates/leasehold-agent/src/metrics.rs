@@ -138,13 +138,60 @@ struct Counts {
     renewal_failures: Counter,
 }
 
+/// A family with a sample for each of `labels` from the start, so a scrape shows a count that
+/// has not happened yet as 0 rather than leaving it out (a client that waits for a count to
+/// change then sees it change, and `rate()` sees its first increase).
+fn family_of<L, M, C>(
+    labels: impl IntoIterator<Item = L>,
+    family: Family<L, M, C>,
+) -> Family<L, M, C>
+where
+    L: Clone + std::hash::Hash + Eq,
+    C: prometheus_client::metrics::family::MetricConstructor<M>,
+{
+    for l in labels {
+        drop(family.get_or_create(&l));
+    }
+    family
+}
+
 static COUNTS: LazyLock<Counts> = LazyLock::new(|| Counts {
-    acquires: Family::default(),
+    acquires: family_of(
+        [
+            AcquireResult::granted,
+            AcquireResult::busy,
+            AcquireResult::needs_check,
+            AcquireResult::timed_out,
+            AcquireResult::withdrawn,
+            AcquireResult::error,
+        ]
+        .map(|result| ResultLabel { result }),
+        Family::default(),
+    ),
     wait_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 20)),
-    ends: Family::default(),
-    deliveries: Family::default(),
+    ends: family_of(
+        [
+            HowValue::released,
+            HowValue::released_dirty,
+            HowValue::process_died,
+            HowValue::exited_clean,
+            HowValue::expired,
+            HowValue::fenced,
+            HowValue::forced,
+            HowValue::handed_over,
+        ]
+        .map(|how| HowLabel { how }),
+        Family::default(),
+    ),
+    deliveries: family_of(
+        [DeliveryValue::read, DeliveryValue::unread].map(|outcome| DeliveryLabel { outcome }),
+        Family::default(),
+    ),
     exit_to_release: Histogram::new(latency_buckets()),
-    store_seconds: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
+    store_seconds: family_of(
+        [StoreOp::acquire, StoreOp::release].map(|op| OpLabel { op }),
+        Family::new_with_constructor(|| Histogram::new(latency_buckets())),
+    ),
     fences: Counter::default(),
     fenced_processes: Counter::default(),
     watchdog_feeds: Counter::default(),

@@ -39,6 +39,18 @@ fn metrics_follow_leases_and_pass_promtool() {
     assert_eq!(get(&addr, "/livez").0, 200);
     assert_eq!(get(&addr, "/readyz"), (200, "ready\n".into()));
     assert_eq!(get(&addr, "/nothing").0, 404);
+    // Every count with a fixed label set is there from the start, at 0: a scrape before the
+    // first release shows none yet, not no such count.
+    let (_, body) = get(&addr, "/metrics");
+    for name in [
+        "leasehold_lease_ends_total{how=\"released\"}",
+        "leasehold_lease_ends_total{how=\"handed_over\"}",
+        "leasehold_acquires_total{result=\"withdrawn\"}",
+        "leasehold_grant_deliveries_total{outcome=\"unread\"}",
+        "leasehold_store_operation_seconds_count{op=\"release\"}",
+    ] {
+        assert_eq!(sample(&body, name), Some(0.0), "{name} in:\n{body}");
+    }
 
     let h = Holder::new();
     expect_code(&a.lh(&["acquire", "m/x", "--pid", &h.pid_arg()]), 0);
