@@ -406,6 +406,7 @@ fn acquire_line_checked(
             // The grant counts once the client has read it from the socket; one that closed
             // without (a withdrawn wait) does not get it, and the grant is undone.
             if let Some(d) = delivered {
+                d.taken();
                 let mark = delivery.mark();
                 let delivery = delivery.clone();
                 check = Some(async move {

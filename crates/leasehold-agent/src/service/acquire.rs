@@ -2,6 +2,7 @@
 //! confirmation, and with `hold` the lease's life after (safe-until, lost).
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use leasehold_api::v1::{self, ApiError, ErrorCode, conflict_to_v1};
@@ -75,27 +76,64 @@ pub(crate) enum Out {
 /// dropped untold (the client went away without reading it, or the answer was never
 /// written), they are undone.
 pub(crate) struct Delivered {
+    settle: Arc<Mutex<Settle>>,
+}
+
+/// What a [`Delivered`] does once the client's reading is known, shared with the task that
+/// put the grant on the front end's channel ([`hand_grant`]).
+#[derive(Default)]
+struct Settle {
     /// Called with whether the client read the grant; dropped untold, with false. No task
     /// waits for the word: a plain acquire's undoing starts a task here, and a streamed one's
     /// task after the grant (its undoing, or its hold) is started here, once the grant was
     /// written and read (a task per grant waiting for the word cost a spawn and a wake-up of
     /// another worker per acquire, before its answer).
-    settle: Option<Box<dyn FnOnce(bool) + Send>>,
+    then: Option<Box<dyn FnOnce(bool) + Send>>,
+    /// The front end took the grant off its channel: from then on only it settles.
+    taken: bool,
+}
+
+impl Settle {
+    fn take(settle: &Mutex<Settle>) -> Option<Box<dyn FnOnce(bool) + Send>> {
+        settle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .then
+            .take()
+    }
 }
 
 impl Delivered {
+    fn new(then: impl FnOnce(bool) + Send + 'static) -> Delivered {
+        Delivered {
+            settle: Arc::new(Mutex::new(Settle {
+                then: Some(Box::new(then)),
+                taken: false,
+            })),
+        }
+    }
+
+    /// The front end took the grant off the acquire's channel, to write it: it alone tells
+    /// whether the client read it ([`hand_grant`] does not).
+    pub(crate) fn taken(&self) {
+        self.settle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .taken = true;
+    }
+
     /// The client read the grant: its leases count.
-    pub(crate) fn received(mut self) {
-        if let Some(settle) = self.settle.take() {
-            settle(true);
+    pub(crate) fn received(self) {
+        if let Some(then) = Settle::take(&self.settle) {
+            then(true);
         }
     }
 }
 
 impl Drop for Delivered {
     fn drop(&mut self) {
-        if let Some(settle) = self.settle.take() {
-            settle(false);
+        if let Some(then) = Settle::take(&self.settle) {
+            then(false);
         }
     }
 }
@@ -230,6 +268,57 @@ fn test_hold_back_safe() -> bool {
     static HOLD_BACK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *HOLD_BACK
         .get_or_init(|| std::env::var_os("LEASEHOLD_TEST_HOLD_BACK_SAFE").is_some_and(|v| v == "1"))
+}
+
+/// Test-only fault: `LEASEHOLD_TEST_GRANT_AFTER_CLOSE=1` in the agent's environment (read
+/// once): a grant put on a connection's channel ([`hand_grant`]) waits, between taking its
+/// place there and putting it in, until the connection's receiver is gone (at most 10 s), as
+/// a worker preempted between the two while the client goes away would. Nothing else reads
+/// it; never set it on a real host.
+fn test_grant_after_close() -> bool {
+    static AFTER_CLOSE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AFTER_CLOSE.get_or_init(|| {
+        std::env::var_os("LEASEHOLD_TEST_GRANT_AFTER_CLOSE").is_some_and(|v| v == "1")
+    })
+}
+
+/// Puts a grant on `tx` for the front end: whether it went.
+///
+/// A grant put there just as the front end went away is settled unread here. Its place on the
+/// channel is taken first, then the grant put in it; a receiver dropped between the two has
+/// already thrown away what the channel held, and the grant, put in after, stays in a channel
+/// nobody reads. Nor is it dropped with the channel: its [`Delivered`]'s settle holds a sender
+/// of the channel, for what follows the grant (its hold), and keeps it open. Unsettled, its
+/// new leases would stay held for a process that never learnt them, as long as the process
+/// lives (G4). A receiver gone by the time the grant is in (the channel closed) will take
+/// nothing more: what the front end has not taken, it never will.
+async fn hand_grant(tx: &Tx, granted: Out) -> bool {
+    let settle = match &granted {
+        Out::Granted {
+            delivered: Some(d), ..
+        } => Some(d.settle.clone()),
+        _ => None,
+    };
+    let Ok(place) = tx.reserve().await else {
+        // Dropped here: settled unread.
+        return false;
+    };
+    if test_grant_after_close() {
+        let _ = tokio::time::timeout(Duration::from_secs(10), tx.closed()).await;
+    }
+    place.send(granted);
+    if tx.is_closed()
+        && let Some(settle) = settle
+    {
+        let then = {
+            let mut s = settle.lock().unwrap_or_else(PoisonError::into_inner);
+            if s.taken { None } else { s.then.take() }
+        };
+        if let Some(then) = then {
+            then(false);
+        }
+    }
+    true
 }
 
 /// An acquire checked whole, to be asked of the store.
@@ -582,10 +671,7 @@ impl<S: Store> Service<S> {
                     rt.spawn(async move { me.after_granted(handed, read, &tx).await });
                 }
             };
-            let d = Delivered {
-                settle: Some(Box::new(settle)),
-            };
-            (Some(d), None)
+            (Some(Delivered::new(settle)), None)
         };
         let granted = Out::Granted {
             grants,
@@ -595,7 +681,7 @@ impl<S: Store> Service<S> {
             containment,
             cgroup,
         };
-        let sent = tx.send(granted).await.is_ok();
+        let sent = hand_grant(tx, granted).await;
         after.map(|g| Handed { sent, ..g })
     }
 
@@ -687,9 +773,7 @@ impl<S: Store> Service<S> {
                     rt.spawn(async move { me.undo_unread(&owner, fresh).await });
                 }
             };
-            Delivered {
-                settle: Some(Box::new(settle)),
-            }
+            Delivered::new(settle)
         });
         Ok(Out::Granted {
             grants,
