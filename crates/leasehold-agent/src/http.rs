@@ -32,7 +32,9 @@ use tracing::debug;
 
 use crate::delivery::{Delivery, Ending, RECEIVED_WITHIN};
 use crate::peer::PeerStream;
-use crate::service::{Caller, ConnectionFacts, Out, Service};
+use crate::service::{Caller, ConnectionFacts, Delivered, Out, Service};
+
+mod calls;
 
 /// How soon a connection over a limit is answered and closed.
 const REFUSED_WITHIN: Duration = Duration::from_secs(2);
@@ -231,12 +233,17 @@ async fn body<T: DeserializeOwned>(
             }
         })?
         .to_bytes();
+    parse_body(&bytes, empty)
+}
+
+/// A request body of type `T`, as [`body`] reads it.
+fn parse_body<T: DeserializeOwned>(bytes: &[u8], empty: Option<T>) -> Result<T, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace)
         && let Some(default) = empty
     {
         return Ok(default);
     }
-    serde_json::from_slice(&bytes).map_err(|e| {
+    serde_json::from_slice(bytes).map_err(|e| {
         ApiError::usage(format!(
             "the request body is not a valid {}: {e}; nothing was done (the schema: docs/api/v1.schema.json)",
             std::any::type_name::<T>().rsplit("::").next().unwrap_or("request")
@@ -287,18 +294,42 @@ async fn handle<S: Store>(
                 next,
             })
         }
-        (&Method::GET, "/v1/status") => ok(&service.status().await),
+        (&Method::GET, "/v1/status") => {
+            let calls = asks_calls_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
+            let status = service.status().await;
+            match calls {
+                Some(on) => Ok(switch_calls(
+                    on,
+                    calls::Answer::ok(&status),
+                    &delivery,
+                    service,
+                    c,
+                    timeout,
+                    then,
+                )),
+                None => ok(&status),
+            }
+        }
         (&Method::GET, "/v1/hosts") => ok(&service.hosts().await?),
         (&Method::POST, "/v1/acquire") => {
-            let upgrade = asks_hold_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
+            let calls = asks_calls_upgrade(&req);
+            let upgrade = (calls || asks_hold_upgrade(&req)).then(|| hyper::upgrade::on(&mut req));
             let r: v1::AcquireRequest = body(req, None, timeout).await?;
             // Neither waiting nor holding: carried out here, and answered whole.
             match service.acquire_now(&c, r).await {
-                Ok(out) => Ok(ended_grant(out?, delivery)),
+                Ok(out) => match upgrade.filter(|_| calls) {
+                    Some(on) => {
+                        let first = calls::Answer::acquired(out?, &delivery);
+                        Ok(switch_calls(
+                            on, first, &delivery, service, c, timeout, then,
+                        ))
+                    }
+                    None => Ok(ended_grant(out?, delivery)),
+                },
                 Err(r) => {
                     let hold = r.hold;
                     let rx = service.acquire(&c, *r).await?;
-                    match upgrade.filter(|_| hold) {
+                    match upgrade.filter(|_| hold && !calls) {
                         Some(on) => switched(rx, delivery, on, service.clone(), c, then).await,
                         None => acquire(rx, delivery).await,
                     }
@@ -306,9 +337,22 @@ async fn handle<S: Store>(
             }
         }
         (&Method::POST, "/v1/release") => {
+            let calls = asks_calls_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
             let r: v1::ReleaseRequest = body(req, None, timeout).await?;
             let out = service.release(&c, r).await?;
-            ok(&release_response(out))
+            let answer = release_response(out);
+            match calls {
+                Some(on) => Ok(switch_calls(
+                    on,
+                    calls::Answer::ok(&answer),
+                    &delivery,
+                    service,
+                    c,
+                    timeout,
+                    then,
+                )),
+                None => ok(&answer),
+            }
         }
         (&Method::POST, "/v1/force-release") => {
             let r: v1::ForceReleaseRequest = body(req, None, timeout).await?;
@@ -465,13 +509,59 @@ async fn acquire(
 
 /// Whether a request asks for its connection to switch to [`v1::HOLD_UPGRADE`].
 fn asks_hold_upgrade(req: &Request<Incoming>) -> bool {
+    asks_upgrade(req, v1::HOLD_UPGRADE)
+}
+
+/// Whether a request asks for its connection to switch to [`v1::CALLS_UPGRADE`].
+fn asks_calls_upgrade(req: &Request<Incoming>) -> bool {
+    asks_upgrade(req, v1::CALLS_UPGRADE)
+}
+
+fn asks_upgrade(req: &Request<Incoming>, protocol: &str) -> bool {
     req.headers()
         .get(UPGRADE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| {
             v.split(',')
-                .any(|p| p.trim().eq_ignore_ascii_case(v1::HOLD_UPGRADE))
+                .any(|p| p.trim().eq_ignore_ascii_case(protocol))
         })
+}
+
+/// The `101` switching the connection to `protocol`; the server writes it (kept back while
+/// the connection's writes are corked) and hands the connection over.
+fn switching(protocol: &'static str) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::new()).boxed_unsync());
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    r.headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    r.headers_mut()
+        .insert(UPGRADE, HeaderValue::from_static(protocol));
+    r
+}
+
+/// The answer to a call that succeeded and asked for [`v1::CALLS_UPGRADE`]: `101`, kept back
+/// and written with `first`, the call's answer as a line; the connection's later calls are
+/// carried on its task once the server has handed it over ([`calls::serve`]).
+fn switch_calls<S: Store>(
+    on: hyper::upgrade::OnUpgrade,
+    first: calls::Answer,
+    delivery: &Arc<Delivery>,
+    service: &Service<S>,
+    caller: Caller,
+    timeout: Duration,
+    then: &Then,
+) -> Response<Body> {
+    delivery.cork();
+    let rest = calls::serve(
+        on,
+        first,
+        delivery.clone(),
+        service.clone(),
+        caller,
+        timeout,
+    );
+    *then.lock().unwrap_or_else(PoisonError::into_inner) = Some(Box::pin(rest));
+    switching(v1::CALLS_UPGRADE)
 }
 
 /// A holding acquire's answer on a connection switched to [`v1::HOLD_UPGRADE`]: an error at
@@ -491,13 +581,7 @@ async fn switched<S: Store>(
     delivery.cork();
     let rest = hold_switched(on, first, rx, delivery, service, caller);
     *then.lock().unwrap_or_else(PoisonError::into_inner) = Some(Box::pin(rest));
-    let mut r = Response::new(Full::new(Bytes::new()).boxed_unsync());
-    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    r.headers_mut()
-        .insert(CONNECTION, HeaderValue::from_static("upgrade"));
-    r.headers_mut()
-        .insert(UPGRADE, HeaderValue::from_static(v1::HOLD_UPGRADE));
-    Ok(r)
+    Ok(switching(v1::HOLD_UPGRADE))
 }
 
 /// The stream of a hold on its switched connection: each event's line written as it comes
@@ -638,23 +722,11 @@ fn release_response(out: crate::service::ReleaseOutcome) -> v1::ReleaseResponse 
 /// does (else it is undone), checked meanwhile by the line's place in the connection's
 /// output ([`Delivery::ending_received`]).
 fn ended_grant(out: Out, delivery: Arc<Delivery>) -> Response<Body> {
-    let Out::Granted {
-        grants,
-        owner,
-        delivered,
-        safe_until,
-        containment,
-        cgroup,
-    } = out
-    else {
-        return stream_response(tokio_stream::once(line(&acquire_line(out, &delivery))));
-    };
-    let granted = v1::AcquireEvent::Granted {
-        grants: grants.iter().map(Into::into).collect(),
-        owner: (&owner).into(),
-        safe_until_monotonic_ns: safe_until,
-        containment,
-        cgroup: cgroup.map(|p| p.to_string_lossy().into_owned()),
+    let (granted, delivered) = match granted_line(out) {
+        Ok(granted) => granted,
+        Err(out) => {
+            return stream_response(tokio_stream::once(line(&acquire_line(*out, &delivery))));
+        }
     };
     let mut text = serde_json::to_vec(&granted).unwrap_or_default();
     text.push(b'\n');
@@ -684,6 +756,30 @@ fn ended_grant(out: Out, delivery: Arc<Delivery>) -> Response<Body> {
         HeaderValue::from_static("application/x-ndjson"),
     );
     r
+}
+
+/// A grant's line and its new leases (counting once the client has read it); any other
+/// message, as it is.
+fn granted_line(out: Out) -> Result<(v1::AcquireEvent, Option<Delivered>), Box<Out>> {
+    let Out::Granted {
+        grants,
+        owner,
+        delivered,
+        safe_until,
+        containment,
+        cgroup,
+    } = out
+    else {
+        return Err(Box::new(out));
+    };
+    let line = v1::AcquireEvent::Granted {
+        grants: grants.iter().map(Into::into).collect(),
+        owner: (&owner).into(),
+        safe_until_monotonic_ns: safe_until,
+        containment,
+        cgroup: cgroup.map(|p| p.to_string_lossy().into_owned()),
+    };
+    Ok((line, delivered))
 }
 
 /// A body of one line, whose delivery is told as the server takes it for writing (the very

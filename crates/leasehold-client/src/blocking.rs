@@ -550,6 +550,9 @@ enum Head {
     /// A hold's: switched to [`v1::HOLD_UPGRADE`] where the agent knows it, else closed
     /// after the answer.
     Hold,
+    /// A kept-alive connection's first: switched to [`v1::CALLS_UPGRADE`] where the agent
+    /// knows it, else kept open.
+    Calls,
 }
 
 /// One request, head and body, as written on the connection.
@@ -563,6 +566,11 @@ fn request_bytes(
         Some(b) => serde_json::to_vec(b).map_err(Error::protocol)?,
         None => Vec::new(),
     };
+    request_with(method, path, &body, head)
+}
+
+/// One request whose body is `body`'s JSON (empty: none), head and body.
+fn request_with(method: &str, path: &str, body: &[u8], head: Head) -> Result<Vec<u8>, Error> {
     let hold;
     let close = match head {
         Head::Close => "connection: close\r\n",
@@ -572,6 +580,10 @@ fn request_bytes(
                 "connection: close, upgrade\r\nupgrade: {}\r\n",
                 v1::HOLD_UPGRADE
             );
+            &hold
+        }
+        Head::Calls => {
+            hold = format!("connection: upgrade\r\nupgrade: {}\r\n", v1::CALLS_UPGRADE);
             &hold
         }
     };
@@ -584,7 +596,7 @@ fn request_bytes(
          content-type: application/json\r\ncontent-length: {}\r\n\r\n",
         body.len()
     )?;
-    req.extend_from_slice(&body);
+    req.extend_from_slice(body);
     Ok(req)
 }
 

@@ -850,3 +850,131 @@ fn a_release_on_a_switched_hold_whose_holder_hangs_up_at_once_is_carried_out() {
     assert_eq!(v["last_ended"]["how"], "released", "{v}");
     assert_eq!(a.holders("disk"), Vec::<u64>::new());
 }
+
+/// A kept-alive connection whose first request (`GET /v1/status`) asks for `upgrade:
+/// leasehold-calls`: its head as read, and the connection, for the calls' lines.
+fn switched_calls() -> &'static str {
+    "GET /v1/status HTTP/1.1\r\nhost: leasehold\r\nconnection: upgrade\r\n\
+     upgrade: leasehold-calls\r\n\r\n"
+}
+
+/// The next answer's line of a connection switched to `leasehold-calls`: its status and body
+/// (`None` at the connection's end).
+fn calls_line(r: &mut std::io::BufReader<std::os::unix::net::UnixStream>) -> Option<(u16, Value)> {
+    use std::io::BufRead;
+    let mut l = String::new();
+    if r.read_line(&mut l).unwrap() == 0 {
+        return None;
+    }
+    let (status, body) = l.split_once(' ').unwrap();
+    assert!(body.ends_with('\n'), "{l:?}");
+    Some((status.parse().unwrap(), serde_json::from_str(body).unwrap()))
+}
+
+/// A kept-alive connection switched to `leasehold-calls` by its first call (`101`, then that
+/// call's answer as a line) carries acquires, releases and status one line each way, for the
+/// connection's process, as over HTTP; what the line protocol does not carry (a waiting
+/// acquire, another endpoint) and bad input are refused with the API's error, change nothing
+/// and end the connection, as does a request line over the body's limit. A first request
+/// that fails is answered over HTTP and not switched. Before, the agent ignored the upgrade.
+#[test]
+fn a_kept_alive_connection_switched_to_calls_carries_a_line_a_call() {
+    use std::io::{BufRead, Read};
+    let a = Agent::start();
+    let holder = Holder::new();
+    let pid = holder.pid();
+    let connect = |first: &str| {
+        let mut s = std::os::unix::net::UnixStream::connect(&a.socket).unwrap();
+        s.set_read_timeout(Some(LIMIT)).unwrap();
+        s.write_all(first.as_bytes()).unwrap();
+        let mut r = std::io::BufReader::new(s);
+        let mut head = String::new();
+        loop {
+            let mut l = String::new();
+            assert!(r.read_line(&mut l).unwrap() > 0, "the head's end: {head}");
+            head.push_str(&l);
+            if l == "\r\n" {
+                return (head, r);
+            }
+        }
+    };
+    let (head, mut r) = connect(switched_calls());
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("upgrade: leasehold-calls"),
+        "{head}"
+    );
+    let (code, status) = calls_line(&mut r).unwrap();
+    assert_eq!(
+        (code, status["host"].as_str()),
+        (200, Some("node1")),
+        "{status}"
+    );
+    let acquire = json!({"items": items("disk", "exclusive"), "pid": pid});
+    let release = json!({"resources": ["disk"], "pid": pid});
+    for _ in 0..3 {
+        writeln!(r.get_mut(), "POST /v1/acquire {acquire}").unwrap();
+        let (code, granted) = calls_line(&mut r).unwrap();
+        assert_eq!(
+            (code, granted["event"].as_str()),
+            (200, Some("granted")),
+            "{granted}"
+        );
+        assert_eq!(a.holders("disk"), vec![u64::from(pid)]);
+        writeln!(r.get_mut(), "POST /v1/release {release}").unwrap();
+        let (code, released) = calls_line(&mut r).unwrap();
+        assert_eq!(code, 200, "{released}");
+        assert_eq!(released["released"][0]["resource"], "disk", "{released}");
+        assert!(a.holders("disk").is_empty());
+    }
+    writeln!(r.get_mut(), "GET /v1/status").unwrap();
+    assert_eq!(calls_line(&mut r).unwrap().0, 200);
+
+    // Refused, each the connection's last answer: nothing done.
+    let waiting = json!({"items": items("disk", "exclusive"), "pid": pid, "wait": "1s"});
+    let other = a.lh(&["acquire", "busy", "--pid", &pid.to_string()]);
+    common::expect_code(&other, 0);
+    let other_holder = Holder::new();
+    let busy = json!({"items": items("busy", "exclusive"), "pid": other_holder.pid()});
+    let mut long = "POST /v1/release ".to_owned();
+    long.push_str(&" ".repeat((1 << 20) + 100));
+    for (bad, code, what) in [
+        (format!("POST /v1/acquire {waiting}\n"), "usage", 400),
+        (format!("POST /v1/acquire {busy}\n"), "held", 409),
+        (
+            "POST /v1/release {\"resources\": [\"disk\"], \"pid\": 1, \"x\": 1}\n".to_owned(),
+            "usage",
+            400,
+        ),
+        ("POST /v1/release\n".to_owned(), "usage", 400),
+        ("GET /v1/leases\n".to_owned(), "usage", 400),
+        ("\n".to_owned(), "usage", 400),
+        (long.clone(), "too-large", 413),
+    ] {
+        let (_, mut r) = connect(switched_calls());
+        calls_line(&mut r).unwrap();
+        // (The agent stops reading a line over the limit: the rest of it may not be taken.)
+        let _ = r.get_mut().write_all(bad.as_bytes());
+        let (status, e) = calls_line(&mut r).unwrap();
+        assert_eq!((status, e["code"].as_str()), (what, Some(code)), "{e}");
+        let mut rest = Vec::new();
+        match r.read_to_end(&mut rest) {
+            Ok(_) => assert!(rest.is_empty(), "the connection ends: {rest:?}"),
+            // Closed with the long line's rest unread.
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        }
+        assert!(a.holders("disk").is_empty());
+        assert_eq!(a.holders("busy"), vec![u64::from(pid)]);
+    }
+
+    // A first call that fails is answered over HTTP, not switched.
+    let body = busy.to_string();
+    let (head, _) = connect(&format!(
+        "POST /v1/acquire HTTP/1.1\r\nhost: leasehold\r\nconnection: upgrade\r\n\
+         upgrade: leasehold-calls\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
+    ));
+    assert!(head.starts_with("HTTP/1.1 409 "), "{head}");
+}

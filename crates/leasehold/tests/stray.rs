@@ -642,3 +642,77 @@ fn a_lease_answered_again_and_read_is_kept_when_its_first_grant_went_unread() {
         a.log()
     );
 }
+
+/// A connection switched to `leasehold-calls` by a status call, its answer read.
+fn calls_connection(a: &Agent) -> std::io::BufReader<std::os::unix::net::UnixStream> {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(&a.socket).unwrap();
+    write!(
+        s,
+        "GET /v1/status HTTP/1.1\r\nhost: leasehold\r\nconnection: upgrade\r\n\
+         upgrade: leasehold-calls\r\n\r\n"
+    )
+    .unwrap();
+    let mut r = std::io::BufReader::new(s);
+    let mut status = String::new();
+    r.read_line(&mut status).unwrap();
+    assert!(status.starts_with("HTTP/1.1 101 "), "{status}");
+    read_head(&mut r);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(line.starts_with("200 {"), "{line}");
+    r
+}
+
+// A grant answered on a connection switched to `leasehold-calls` whose client closes without
+// reading it leaves no lease behind, as an ended HTTP answer's; one read, then followed by the
+// client's next call, counts. Each round waits for the delivery check to end (its metrics).
+#[test]
+fn a_grant_on_a_switched_connection_closed_unread_leaves_no_lease() {
+    use std::io::{BufRead, Write};
+    let a = Agent::start_with(&["--metrics-listen", "127.0.0.1:0"]);
+    let addr = metrics_addr(&a);
+    let holder = Holder::new();
+    let acquire = format!(
+        r#"POST /v1/acquire {{"items":[{{"resource":"disk","mode":"exclusive"}}],"pid":{}}}"#,
+        holder.pid()
+    );
+    let count = |outcome: &str| {
+        let (code, body) = get(&addr, "/metrics");
+        assert_eq!(code, 200, "{body}");
+        let name = format!(r#"leasehold_grant_deliveries_total{{outcome="{outcome}"}}"#);
+        sample(&body, &name).unwrap_or(0.0)
+    };
+    for round in 1..=5 {
+        let mut r = calls_connection(&a);
+        writeln!(r.get_mut(), "{acquire}").unwrap();
+        wait_until("the disk is granted", Duration::from_secs(10), || {
+            !a.holders("disk").is_empty()
+        });
+        drop(r);
+        wait_until(
+            &format!("round {round}: the unread grant is undone"),
+            Duration::from_secs(10),
+            || a.holders("disk").is_empty(),
+        );
+        assert!(!a.is_dirty("disk"), "{:?}", a.inspect("disk"));
+        assert_eq!((count("read"), count("unread")), (0.0, f64::from(round)));
+    }
+    assert_eq!(a.log().matches("without reading").count(), 5);
+    let mut r = calls_connection(&a);
+    writeln!(r.get_mut(), "{acquire}").unwrap();
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(line.starts_with("200 {"), "{line}");
+    writeln!(r.get_mut(), "GET /v1/status").unwrap();
+    line.clear();
+    r.read_line(&mut line).unwrap();
+    drop(r);
+    wait_until(
+        "the delivery check of the grant to end",
+        Duration::from_secs(20),
+        || count("read") >= 1.0,
+    );
+    assert_eq!((count("read"), count("unread")), (1.0, 5.0));
+    assert_eq!(a.holders("disk"), vec![u64::from(holder.pid())]);
+}

@@ -45,6 +45,20 @@ pub const MAX_BODY: usize = 1 << 20;
 /// connection.
 pub const HOLD_UPGRADE: &str = "leasehold-hold";
 
+/// The protocol a kept-alive connection may ask to switch to with its first request (`upgrade:`
+/// with `connection: upgrade`), when that request is `GET /v1/status`, `POST /v1/release` or an
+/// acquire that neither waits nor holds nor asks `contain`: the same calls, one line each. An
+/// agent that knows it carries the request out as ever and, when it succeeds, answers `101
+/// Switching Protocols` followed by the answer's line: its HTTP status, a space and the body
+/// the call answers over HTTP (one line of JSON), then `\n`. From then on each request is one
+/// line, `METHOD PATH` and, for a `POST`, a space and its JSON body, then `\n` (only the three
+/// calls above), and each answer one such line; a grant's answer counts once the client has
+/// read its line, as an ended HTTP answer's does. An answer that is an error (not 2xx) is the
+/// connection's last: the agent closes it. The agent also closes one idle past its request
+/// timeout. An agent that does not know the protocol answers the first request over HTTP as
+/// ever, and the connection stays HTTP; so does one whose first answer is an error.
+pub const CALLS_UPGRADE: &str = "leasehold-calls";
+
 /// A lease mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]

@@ -95,6 +95,17 @@ impl Answer {
         }
     }
 
+    /// The connection of a `101`'s answer, from the first byte after its head (`None` if a
+    /// byte of it was read as the body's).
+    pub(super) fn switched(self) -> Option<BufReader<UnixStream>> {
+        if !self.reader.buffer().is_empty() {
+            return None;
+        }
+        match self.reader.into_inner() {
+            Body::Length { r, .. } | Body::Chunked { r, .. } => Some(r),
+        }
+    }
+
     /// The next non-empty line, `None` at the end of the body.
     pub(super) fn line(&mut self) -> Result<Option<String>, Error> {
         loop {

@@ -2,8 +2,13 @@
 //! it saves the connect, the agent's accept and the reading of the peer's credentials on
 //! each call. The agent still reads the caller's credentials once, at connect: a connection
 //! acts for the process that opened it.
+//!
+//! Its first call asks for the connection to be switched to [`v1::CALLS_UPGRADE`]: where the
+//! agent knows it, the calls that follow (a plain acquire, a release, status) are one line
+//! each way, without HTTP's headers and their parsing on either side. An agent that does not
+//! know it answers over HTTP, and the connection stays HTTP.
 
-use std::io::{BufReader, Read, Write as _};
+use std::io::{BufRead, BufReader, Read, Write as _};
 use std::os::unix::net::UnixStream;
 
 use leasehold_api::v1;
@@ -11,10 +16,13 @@ use leasehold_core::ResourceName;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use leasehold_api::v1::ApiError;
+
 use super::{
-    Acquisition, Answer, Client, Error, Head, Status, answer_ready, checked, release_by,
-    release_request, request_bytes,
+    Acquisition, Answer, Client, Error, Head, Status, answer_ready, checked, event_of, release_by,
+    release_request, request_with,
 };
+use crate::AcquireEvent;
 use crate::{AcquireOptions, Granted, ReleaseOptions, ReleaseReport};
 
 /// One connection to the agent, used for call after call ([`Client::keep_alive`]). A call
@@ -30,6 +38,16 @@ pub struct Connection {
     open: Option<BufReader<UnixStream>>,
     /// The read timeout the open connection has (set only when it changes: a system call).
     timeout: Option<std::time::Duration>,
+    /// The open connection was switched to [`v1::CALLS_UPGRADE`]: a line a call.
+    lines: bool,
+}
+
+/// One call's answer (a success: an error is returned as one, and the connection closed).
+enum Reply {
+    /// Over HTTP: its body is still to be read.
+    Http(Answer),
+    /// On a switched connection: the body's JSON.
+    Line(String),
 }
 
 /// Whether a call on a connection used before failed because the agent had closed it (an
@@ -50,40 +68,92 @@ impl Client {
             client: self.clone(),
             open: None,
             timeout: None,
+            lines: false,
         }
     }
 }
 
 impl Connection {
-    /// Sends one request on the open connection (or a new one) and returns its answer's head.
+    /// Sends one request on the open connection (or a new one) and returns its answer. A call
+    /// that `fits` a line goes as one on a switched connection, and asks a new connection to
+    /// be switched; one that does not needs an HTTP connection.
     fn send(
         &mut self,
         method: &str,
         path: &str,
         body: Option<&impl Serialize>,
-    ) -> Result<Answer, Error> {
+        fits: bool,
+    ) -> Result<Reply, Error> {
+        let body = body
+            .map(|b| serde_json::to_vec(b).map_err(Error::protocol))
+            .transpose()?;
+        if !fits && self.lines {
+            // Not a call a switched connection carries: this one goes on a new connection.
+            self.open = None;
+        }
         // Made once, before connecting, as `Client::send` does: the same bytes go on a new
         // connection if the open one was closed before it.
-        let req = request_bytes(method, path, body, Head::KeepAlive)?;
         if let Some(mut r) = self.open.take() {
             self.timeout(r.get_ref(), self.client.timeout)?;
             let t = self.timeout;
-            let sent = r
-                .get_mut()
-                .write_all(&req)
-                .map_err(Error::from)
+            let sent = if self.lines {
+                let mut req = Vec::with_capacity(
+                    method.len() + path.len() + 3 + body.as_ref().map_or(0, Vec::len),
+                );
+                req.extend_from_slice(method.as_bytes());
+                req.push(b' ');
+                req.extend_from_slice(path.as_bytes());
+                if let Some(body) = &body {
+                    req.push(b' ');
+                    req.extend_from_slice(body);
+                }
+                req.push(b'\n');
+                r.get_mut()
+                    .write_all(&req)
+                    .map_err(Error::from)
+                    .and_then(|()| answer_ready(r.get_ref(), t))
+                    .and_then(|()| line_answer(&mut r))
+                    .map(|text| (Reply::Line(text), Some(r)))
+            } else {
+                request_with(
+                    method,
+                    path,
+                    body.as_deref().unwrap_or_default(),
+                    Head::KeepAlive,
+                )
+                .and_then(|req| r.get_mut().write_all(&req).map_err(Error::from))
                 .and_then(|()| answer_ready(r.get_ref(), t))
-                .and_then(|()| Answer::read(r));
+                .and_then(|()| Answer::read(r))
+                .and_then(checked)
+                .map(|a| (Reply::Http(a), None))
+            };
             match sent {
                 Err(e) if closed_before(&e) => {}
-                other => return checked(other?),
+                Err(e) => return Err(e),
+                Ok((reply, r)) => {
+                    self.open = r;
+                    return Ok(reply);
+                }
             }
         }
+        let head = if fits { Head::Calls } else { Head::KeepAlive };
+        let req = request_with(method, path, body.as_deref().unwrap_or_default(), head)?;
         let mut s = self.client.connect()?;
         self.timeout = self.client.timeout;
+        self.lines = false;
         s.write_all(&req)?;
         answer_ready(&s, self.timeout)?;
-        checked(Answer::read(BufReader::new(s))?)
+        let answer = Answer::read(BufReader::new(s))?;
+        if fits && answer.status == 101 {
+            let mut r = answer
+                .switched()
+                .ok_or_else(|| Error::Protocol("bytes after a 101's head".into()))?;
+            let text = line_answer(&mut r)?;
+            self.open = Some(r);
+            self.lines = true;
+            return Ok(Reply::Line(text));
+        }
+        checked(answer).map(Reply::Http)
     }
 
     /// The open connection, if any (none before the first call and after a failed one).
@@ -111,10 +181,15 @@ impl Connection {
         path: &str,
         body: Option<&impl Serialize>,
     ) -> Result<T, Error> {
-        let mut answer = self.send(method, path, body)?;
-        let mut text = String::new();
-        answer.reader.read_to_string(&mut text)?;
-        self.keep(answer);
+        let text = match self.send(method, path, body, true)? {
+            Reply::Http(mut answer) => {
+                let mut text = String::new();
+                answer.reader.read_to_string(&mut text)?;
+                self.keep(answer);
+                text
+            }
+            Reply::Line(text) => text,
+        };
         serde_json::from_str(&text).map_err(Error::protocol)
     }
 
@@ -133,7 +208,27 @@ impl Connection {
                     .into(),
             });
         }
-        let answer = self.send("POST", "/v1/acquire", Some(&Client::acquire_request(o)))?;
+        // A switched connection carries an acquire that neither waits nor asks `contain`.
+        let fits = o.wait.is_none() && !o.contain;
+        let answer = match self.send(
+            "POST",
+            "/v1/acquire",
+            Some(&Client::acquire_request(o)),
+            fits,
+        )? {
+            Reply::Line(text) => {
+                return match event_of(&text)? {
+                    AcquireEvent::Granted(g) => Ok(g),
+                    _ => {
+                        self.open = None;
+                        Err(Error::Protocol(format!(
+                            "an acquire answered without its grant: {text}"
+                        )))
+                    }
+                };
+            }
+            Reply::Http(answer) => answer,
+        };
         // A wait is as long as it is: the stream is not bounded by the call timeout.
         if o.wait.is_some() {
             self.timeout(answer.reader.get_ref().inner(), None)?;
@@ -167,4 +262,32 @@ impl Connection {
     pub fn status(&mut self) -> Result<Status, Error> {
         self.call("GET", "/v1/status", None::<&()>)
     }
+}
+
+/// The answer's line on a switched connection: the body's JSON when its status is a success,
+/// else the error it carries (and the connection is not kept).
+fn line_answer(r: &mut BufReader<UnixStream>) -> Result<String, Error> {
+    let mut line = String::new();
+    if r.read_line(&mut line)? == 0 || !line.ends_with('\n') {
+        return Err(Error::Io(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the agent closed the connection without answering",
+        )));
+    }
+    line.pop();
+    let status = line
+        .get(..4)
+        .filter(|s| s.ends_with(' '))
+        .and_then(|s| s[..3].parse::<u16>().ok())
+        .ok_or_else(|| Error::Protocol(format!("not an answer's line: {line:?}")))?;
+    line.replace_range(..4, "");
+    if !(200..300).contains(&status) {
+        let e: ApiError = serde_json::from_str(&line).map_err(|e| {
+            Error::Protocol(format!(
+                "status {status} with a body that is no error ({e}): {line}"
+            ))
+        })?;
+        return Err(e.into());
+    }
+    Ok(line)
 }
