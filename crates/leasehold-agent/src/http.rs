@@ -32,7 +32,7 @@ use tracing::debug;
 
 use crate::delivery::{Delivery, Ending, RECEIVED_WITHIN};
 use crate::peer::PeerStream;
-use crate::service::{Caller, ConnectionFacts, Delivered, Out, Service};
+use crate::service::{After, Caller, ConnectionFacts, Delivered, Out, Service};
 
 mod calls;
 
@@ -413,20 +413,23 @@ async fn handle<S: Store>(
 fn acquire_line(out: Out, delivery: &Arc<Delivery>) -> v1::AcquireEvent {
     let (line, check) = acquire_line_checked(out, delivery);
     if let Some(check) = check {
-        tokio::spawn(check);
+        // What follows a grant read (its hold) runs on the check's task.
+        tokio::spawn(async move {
+            if let Some(after) = check.await {
+                after.await;
+            }
+        });
     }
     line
 }
 
+/// A grant's delivery check: once it knows whether the client read the grant, it settles
+/// the grant, and gives what follows a grant read (its hold) to be run.
+type Check = Pin<Box<dyn Future<Output = Option<After>> + Send>>;
+
 /// The JSON line of one acquire message, called before it is written, and for a grant whose
 /// delivery counts its check (to be run once the line is on its way).
-fn acquire_line_checked(
-    out: Out,
-    delivery: &Arc<Delivery>,
-) -> (
-    v1::AcquireEvent,
-    Option<impl Future<Output = ()> + Send + 'static>,
-) {
+fn acquire_line_checked(out: Out, delivery: &Arc<Delivery>) -> (v1::AcquireEvent, Option<Check>) {
     let mut check = None;
     let line = match out {
         Out::Waiting {
@@ -453,13 +456,12 @@ fn acquire_line_checked(
                 d.taken();
                 let mark = delivery.mark();
                 let delivery = delivery.clone();
-                check = Some(async move {
+                check = Some(Box::pin(async move {
                     let read = delivery.received(mark, RECEIVED_WITHIN).await;
+                    drop(delivery);
                     crate::metrics::grant_delivered(read);
-                    if read {
-                        d.received();
-                    }
-                });
+                    d.settled(read)
+                }) as Check);
             }
             v1::AcquireEvent::Granted {
                 grants: grants.iter().map(Into::into).collect(),
@@ -590,10 +592,16 @@ async fn switched<S: Store>(
 /// connection closes. The holder closing its end (or the agent stopping: the connection
 /// reads as closed) ends the hold, as a chunked stream's close does; the agent ending the
 /// stream (every lease ended) closes the connection.
+///
+/// The grant's delivery check and then the hold (which only feeds this stream) run here, on
+/// the connection's task, beside its reads and writes: no task is spawned after the answer,
+/// and no other worker woken for one while the client wakes to read its grant. A check not
+/// done when the connection ends is finished on a task of its own (its word decides whether
+/// the grant stands); the hold ends with the connection, as it did once its stream closed.
 async fn hold_switched<S: Store>(
     on: hyper::upgrade::OnUpgrade,
     first: Out,
-    mut rx: mpsc::Receiver<Out>,
+    rx: mpsc::Receiver<Out>,
     delivery: Arc<Delivery>,
     service: Service<S>,
     caller: Caller,
@@ -604,6 +612,27 @@ async fn hold_switched<S: Store>(
     let Ok(parts) = upgraded.downcast::<TokioIo<PeerStream>>() else {
         return;
     };
+    let mut check = None;
+    carry_hold(parts, first, rx, &delivery, &service, &caller, &mut check).await;
+    if let Some(check) = check {
+        tokio::spawn(async move {
+            // The connection is gone: what would follow a grant read has nobody to tell.
+            drop(check.await);
+        });
+    }
+}
+
+/// [`hold_switched`]'s stream on the switched connection, with the grant's `check` run
+/// beside it (left there if not done when this returns).
+async fn carry_hold<S: Store>(
+    parts: hyper::upgrade::Parts<TokioIo<PeerStream>>,
+    first: Out,
+    mut rx: mpsc::Receiver<Out>,
+    delivery: &Arc<Delivery>,
+    service: &Service<S>,
+    caller: &Caller,
+    check: &mut Option<Check>,
+) {
     let mut io = parts.io.into_inner();
     // What the holder sent after its request (its release, if it was quick).
     let mut input = parts.read_buf.to_vec();
@@ -612,20 +641,31 @@ async fn hold_switched<S: Store>(
     let mut scanned = 0;
     let mut next = Some(first);
     let mut buf = [0u8; 1024];
+    // What follows the grant once the check says it was read: the hold.
+    let mut after: Option<After> = None;
     // The `101`'s head, kept back for the first line.
     let mut text = io.uncork();
     loop {
         if let Some(out) = next.take() {
-            let (line, check) = acquire_line_checked(out, &delivery);
+            let (line, checked) = acquire_line_checked(out, delivery);
             text.extend_from_slice(&serde_json::to_vec(&line).unwrap_or_default());
             text.push(b'\n');
             let written = io.write_all(&text).await;
             text.clear();
             let flushed = written.is_ok() && io.flush().await.is_ok();
-            // A grant's check is started once its line is written (or failed to be): no
-            // task is spawned before the answer is on its way.
-            if let Some(check) = check {
-                tokio::spawn(check);
+            // A grant's check starts once its line is written (or failed to be). One grant
+            // a stream; another's check would go on a task of its own.
+            if let Some(c) = checked {
+                match check {
+                    None => *check = Some(c),
+                    Some(_) => {
+                        tokio::spawn(async move {
+                            if let Some(after) = c.await {
+                                after.await;
+                            }
+                        });
+                    }
+                }
             }
             if !flushed {
                 return;
@@ -638,15 +678,13 @@ async fn hold_switched<S: Store>(
             .map(|at| from + at)
         {
             // The hold's own events are not read from here on: the answer is the last line.
-            // The stream is closed once the answer is written, not before the release: its
-            // closing wakes the hold's task, and a task woken before the answer sends the
-            // store's event follower (woken by the release's commit) to the runtime's other
-            // worker, which is woken for it, before the answer.
-            let answer = release_line(&service, &caller, &input[..end]).await;
+            // The stream is closed once the answer is written, not before the release.
+            let answer = release_line(service, caller, &input[..end]).await;
             let mut text = serde_json::to_vec(&answer).unwrap_or_default();
             text.push(b'\n');
             let _ = io.write_all(&text).await;
             let _ = io.flush().await;
+            drop(after);
             drop(rx);
             let _ = io.shutdown().await;
             return;
@@ -659,7 +697,14 @@ async fn hold_switched<S: Store>(
             let _ = io.write_all(&line_bytes(&v1::AcquireEvent::Error(e))).await;
             return;
         }
+        // The check first: a client's release read in the same turn as its read of the
+        // grant finds the check done, not left to a task.
         tokio::select! {
+            biased;
+            follows = run_some(check) => {
+                *check = None;
+                after = follows;
+            }
             out = rx.recv() => match out {
                 Some(out) => next = Some(out),
                 None => return,
@@ -668,7 +713,16 @@ async fn hold_switched<S: Store>(
                 Ok(0) | Err(_) => return,
                 Ok(n) => input.extend_from_slice(&buf[..n]),
             },
+            () = run_some(&mut after) => after = None,
         }
+    }
+}
+
+/// Runs the future in `f` to its end; never, while there is none (a `select!` branch off).
+async fn run_some<T>(f: &mut Option<Pin<Box<dyn Future<Output = T> + Send>>>) -> T {
+    match f {
+        Some(f) => f.await,
+        None => std::future::pending().await,
     }
 }
 
@@ -737,9 +791,11 @@ fn ended_grant(out: Out, delivery: Arc<Delivery>) -> Response<Body> {
         tokio::spawn(async move {
             let (delivery, ending) = check;
             let read = delivery.ending_received(&ending, RECEIVED_WITHIN).await;
+            drop((delivery, ending));
             crate::metrics::grant_delivered(read);
-            if read {
-                d.received();
+            // A plain acquire's grant: nothing follows it but its undoing, if not read.
+            if let Some(after) = d.settled(read) {
+                after.await;
             }
         });
         (delivery, ending)

@@ -151,9 +151,11 @@ async fn write(
         let delivery = delivery.clone();
         tokio::spawn(async move {
             let read = delivery.ending_received(&ending, RECEIVED_WITHIN).await;
+            drop((delivery, ending));
             crate::metrics::grant_delivered(read);
-            if read {
-                d.received();
+            // A plain acquire's grant: nothing follows it but its undoing, if not read.
+            if let Some(after) = d.settled(read) {
+                after.await;
             }
         });
     }

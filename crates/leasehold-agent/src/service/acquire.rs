@@ -72,29 +72,38 @@ pub(crate) enum Out {
     Failed(ApiError),
 }
 
-/// A grant's new leases, counting once its client read the grant ([`Delivered::received`]);
+/// What follows a grant its client read: its hold, which only tells the client of the
+/// leases' life after the grant (safe-until, lost), run as long as the client is served.
+pub(crate) type After = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// A grant's new leases, counting once its client read the grant ([`Delivered::settled`]);
 /// dropped untold (the client went away without reading it, or the answer was never
 /// written), they are undone.
 pub(crate) struct Delivered {
     settle: Arc<Mutex<Settle>>,
 }
 
+/// What follows a grant once its client read it or not.
+type Then = Box<dyn FnOnce(bool) -> Option<After> + Send>;
+
 /// What a [`Delivered`] does once the client's reading is known, shared with the task that
 /// put the grant on the front end's channel ([`hand_grant`]).
 #[derive(Default)]
 struct Settle {
-    /// Called with whether the client read the grant; dropped untold, with false. No task
-    /// waits for the word: a plain acquire's undoing starts a task here, and a streamed one's
-    /// task after the grant (its undoing, or its hold) is started here, once the grant was
-    /// written and read (a task per grant waiting for the word cost a spawn and a wake-up of
-    /// another worker per acquire, before its answer).
-    then: Option<Box<dyn FnOnce(bool) + Send>>,
+    /// Called with whether the client read the grant; dropped untold, with false. A grant
+    /// not read is undone by a task spawned here, which runs to its end; what follows a grant
+    /// read (its hold) is given back, to be run by whoever serves the client: on a switched
+    /// hold the connection's own task, else the delivery check's. No task waits for the word,
+    /// and none is spawned for a grant read (a task per grant waiting for the word cost a
+    /// spawn and a wake-up of another worker per acquire, before its answer; a task spawned
+    /// by the check once it knew, one more after it).
+    then: Option<Then>,
     /// The front end took the grant off its channel: from then on only it settles.
     taken: bool,
 }
 
 impl Settle {
-    fn take(settle: &Mutex<Settle>) -> Option<Box<dyn FnOnce(bool) + Send>> {
+    fn take(settle: &Mutex<Settle>) -> Option<Then> {
         settle
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -104,7 +113,7 @@ impl Settle {
 }
 
 impl Delivered {
-    fn new(then: impl FnOnce(bool) + Send + 'static) -> Delivered {
+    fn new(then: impl FnOnce(bool) -> Option<After> + Send + 'static) -> Delivered {
         Delivered {
             settle: Arc::new(Mutex::new(Settle {
                 then: Some(Box::new(then)),
@@ -122,18 +131,18 @@ impl Delivered {
             .taken = true;
     }
 
-    /// The client read the grant: its leases count.
-    pub(crate) fn received(self) {
-        if let Some(then) = Settle::take(&self.settle) {
-            then(true);
-        }
+    /// The client read the grant (`read`: its leases count) or not (they are undone, on a
+    /// task of their own). What follows a grant read, if anything, for the caller to run.
+    pub(crate) fn settled(self, read: bool) -> Option<After> {
+        Settle::take(&self.settle).and_then(|then| then(read))
     }
 }
 
 impl Drop for Delivered {
     fn drop(&mut self) {
         if let Some(then) = Settle::take(&self.settle) {
-            then(false);
+            // Not read: nothing follows but the undoing, which `then` started.
+            drop(then(false));
         }
     }
 }
@@ -315,7 +324,8 @@ async fn hand_grant(tx: &Tx, granted: Out) -> bool {
             if s.taken { None } else { s.then.take() }
         };
         if let Some(then) = then {
-            then(false);
+            // Not read: nothing follows but the undoing, which `then` started.
+            drop(then(false));
         }
     }
     true
@@ -564,8 +574,8 @@ impl<S: Store> Service<S> {
         let me = self.clone();
         let carried = async move {
             let granted = me.until_granted(asked, &tx).await;
-            if let Some(g) = granted {
-                tokio::spawn(async move { me.after_granted(g, true, &tx).await });
+            if let Some(hold) = granted.and_then(|g| me.after_granted(g, true, tx)) {
+                tokio::spawn(hold);
             }
         };
         if waits {
@@ -665,12 +675,7 @@ impl<S: Store> Service<S> {
         } else {
             let me = self.clone();
             let tx = tx.clone();
-            let settle = move |read: bool| {
-                // Outside a runtime only as the agent stops: its tasks end too.
-                if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                    rt.spawn(async move { me.after_granted(handed, read, &tx).await });
-                }
-            };
+            let settle = move |read: bool| me.after_granted(handed, read, tx);
             (Some(Delivered::new(settle)), None)
         };
         let granted = Out::Granted {
@@ -686,18 +691,24 @@ impl<S: Store> Service<S> {
     }
 
     /// An acquire's part after its grant was handed to the front end and, with new leases,
-    /// the client `read` it or not: its new leases undone if the client did not receive it,
-    /// else, with `hold`, the hold.
-    async fn after_granted(&self, g: Handed, read: bool, tx: &Tx) {
+    /// the client `read` it or not: its new leases undone if the client did not receive it
+    /// (on a task of its own, run to its end), else, with `hold`, the hold, given back to be
+    /// run while the client is served.
+    fn after_granted(&self, g: Handed, read: bool, tx: Tx) -> Option<After> {
         let kept = g.sent && read;
+        let me = self.clone();
         if !kept {
-            self.undo_unread(&g.owner, g.fresh).await;
-            return;
+            // Outside a runtime only as the agent stops: its tasks end too.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move { me.undo_unread(&g.owner, g.fresh).await });
+            }
+            return None;
         }
         self.undecided.read(&g.owner.process, &g.fresh);
-        if let Some(registration) = g.registration {
-            self.hold(&g.grants, registration, tx).await;
-        }
+        let registration = g.registration?;
+        Some(Box::pin(async move {
+            me.hold(&g.grants, registration, &tx).await;
+        }))
     }
 
     /// An acquire that neither waits nor holds, carried out on the caller's task (no task of
@@ -765,13 +776,14 @@ impl<S: Store> Service<S> {
         let delivered = (!fresh.is_empty()).then(|| {
             let me = self.clone();
             let owner = owner.clone();
-            let settle = move |read: bool| {
+            let settle = move |read: bool| -> Option<After> {
                 if read {
                     me.undecided.read(&owner.process, &fresh);
                 } else if let Ok(rt) = tokio::runtime::Handle::try_current() {
                     // Outside a runtime only as the agent stops: its tasks end too.
                     rt.spawn(async move { me.undo_unread(&owner, fresh).await });
                 }
+                None
             };
             Delivered::new(settle)
         });

@@ -25,7 +25,7 @@ mod acquire;
 mod renewals;
 mod undecided;
 
-pub(crate) use acquire::{Delivered, Out};
+pub(crate) use acquire::{After, Delivered, Out};
 
 /// How long `status` waits for the backend's counts before answering without them.
 const STATUS_LIST_TIMEOUT: Duration = Duration::from_secs(1);
