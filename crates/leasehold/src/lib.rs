@@ -768,6 +768,12 @@ fn exec_full(args: &[std::ffi::OsString]) -> Failure {
 /// Returns the exit status: `src/main.rs` starts this without std's `fn main` on linux-gnu
 /// and exits with it itself.
 pub fn main_lean() -> u8 {
+    // Test-only, in debug builds: a panic on demand, to show the lean binary's C `main`
+    // catches it as std's start would (tests/cli.rs `a_panic_exits_101`).
+    #[cfg(debug_assertions)]
+    if std::env::var_os("LEASEHOLD_TEST_PANIC").is_some() {
+        panic!("LEASEHOLD_TEST_PANIC is set");
+    }
     main_with(|_, _, args| Err(exec_full(args)))
 }
 
@@ -792,7 +798,10 @@ fn main_with(
             let hint = e.use_stderr().then(|| wait_space_hint(&args)).flatten();
             let _ = e.print();
             if let Some(h) = hint {
-                eprintln!("\nhint: {h}");
+                // Not `eprintln!`, which panics (exit 101) when stderr is a closed pipe: the
+                // usage error's own exit code stands whether or not its words can be read.
+                use std::io::Write as _;
+                let _ = writeln!(std::io::stderr(), "\nhint: {h}");
             }
             return u8::try_from(e.exit_code()).unwrap_or(2);
         }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -364,6 +364,19 @@ fn bad_input_is_refused_with_exit_2_and_changes_nothing() {
     // A malformed host name is a usage error, as the agent's code says (`usage`: exit 2).
     expect_code(&out, 2);
     assert_eq!(a.list(), before, "nothing changed");
+}
+
+/// A usage error whose words cannot be written (stderr a pipe nobody reads) still exits 2:
+/// before, the hint after clap's message panicked (exit 101) writing to the closed pipe.
+#[test]
+fn a_usage_error_exits_2_with_its_stderr_closed() {
+    let out = Command::new(bin())
+        .args(["acquire", "disk", "--wait", "5s"])
+        .env("LEASEHOLD_SOCKET", "/nonexistent/agent.sock")
+        .stderr(widowed_pipe())
+        .output()
+        .unwrap();
+    expect_code(&out, 2);
 }
 
 #[test]
@@ -860,18 +873,27 @@ fn output_into_a_pipe_without_reader_exits_141_quietly() {
 }
 
 /// A panic in the lean binary (no std `fn main` there: src/main.rs catches it) prints its
-/// message and exits 101, as std's start does. The one panic a user can provoke today: a
-/// usage hint written with `eprintln!` into a standard error whose reader has gone (the
-/// message is lost with it). If that ever stops panicking, provoke another or drop this.
+/// message and exits 101, as std's start does. No panic is left that a user can provoke (the
+/// last, a usage hint written into a standard error whose reader had gone, is an exit 2 now:
+/// `a_usage_error_exits_2_with_its_stderr_closed`), so debug builds panic on demand.
 #[test]
+#[cfg_attr(
+    not(debug_assertions),
+    ignore = "LEASEHOLD_TEST_PANIC exists in debug builds only"
+)]
 fn a_panic_exits_101() {
     let out = std::process::Command::new(bin())
-        .args(["acquire", "disk", "--wait", "2s"])
+        .args(["list"])
         .env("LEASEHOLD_SOCKET", "/nonexistent")
-        .stderr(widowed_pipe())
+        .env("LEASEHOLD_TEST_PANIC", "1")
         .output()
         .unwrap();
     expect_code(&out, 101);
+    assert!(
+        text(&out.stderr).contains("LEASEHOLD_TEST_PANIC is set"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 /// Each command's `--help` starts with the description the command list gives it. (A
