@@ -134,7 +134,7 @@ pub(crate) async fn serve_connection<S: Store>(
     let after = then.clone();
     let handler = hyper::service::service_fn(move |req| {
         let service = service.clone();
-        let caller = Caller::of(Some(&peer), &facts, Some(&delivery));
+        let caller = Caller::of(&peer, &facts, &delivery);
         let delivery = delivery.clone();
         let then = then.clone();
         async move {

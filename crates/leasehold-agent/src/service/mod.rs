@@ -76,7 +76,7 @@ pub(crate) struct Caller {
     /// is watched (see [`Service::target`]).
     own: ConnectionFacts,
     /// The connection's socket, to ask whether the process that opened it still exists.
-    socket: Option<Arc<Delivery>>,
+    socket: Arc<Delivery>,
 }
 
 /// What one connection keeps between its requests: the facts of the peer's process.
@@ -87,12 +87,11 @@ impl Caller {
     /// connection is over a limit (the refusal says which). `facts` and `socket` are the
     /// connection's.
     pub(crate) fn of(
-        peer: Option<&PeerInfo>,
+        peer: &PeerInfo,
         facts: &ConnectionFacts,
-        socket: Option<&Arc<Delivery>>,
+        socket: &Arc<Delivery>,
     ) -> Result<Caller, ApiError> {
         let unknown = || ApiError::new(ErrorCode::Forbidden, "the peer's credentials are unknown");
-        let peer = peer.ok_or_else(unknown)?;
         if let Some(why) = &peer.refused {
             return Err(ApiError::new(ErrorCode::Exhausted, why.to_string()));
         }
@@ -103,7 +102,7 @@ impl Caller {
             groups: Arc::clone(&peer.groups),
             pid: cred.pid().and_then(|p| u32::try_from(p).ok()),
             own: Arc::clone(facts),
-            socket: socket.cloned(),
+            socket: Arc::clone(socket),
         })
     }
 }
@@ -281,7 +280,7 @@ impl<S: Store> Service<S> {
                     let (info, opened) = read()?;
                     // Read through the pid, which is the connection's process only while that
                     // process exists: once it is reaped, the pid can be another's.
-                    if c.socket.as_ref().and_then(|s| s.opener_alive()) == Some(false) {
+                    if c.socket.opener_alive() == Some(false) {
                         return Err(ApiError::new(
                             ErrorCode::Refused,
                             format!(
