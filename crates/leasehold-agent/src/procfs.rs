@@ -603,19 +603,18 @@ mod tests {
             .unwrap()
     }
 
-    /// `sleep 60` as `uid` with pid `pid` (made the next pid with `ns_last_pid`, as root),
-    /// or `None` when another process took the pid first.
-    fn sleep_as_pid(uid: u32, pid: u32) -> Option<std::process::Child> {
-        for _ in 0..20 {
-            std::fs::write("/proc/sys/kernel/ns_last_pid", format!("{}", pid - 1)).unwrap();
-            let mut child = sleep_as(uid);
-            if child.id() == pid {
-                return Some(child);
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+    /// `sleep 60` as `uid` with pid `pid` (given by `clone3`, as root), or `None` while
+    /// another process has the pid (it would have had to wrap round the pids to take it).
+    fn sleep_as_pid(uid: u32, pid: u32) -> Option<leasehold_testkit::ProcessWithPid> {
+        match leasehold_testkit::SpawnWithPid::new("sleep")
+            .args(["60"])
+            .uid(uid)
+            .spawn(pid)
+        {
+            Ok(child) => Some(child),
+            Err(leasehold_testkit::PidSpawnError::Taken { .. }) => None,
+            Err(e) => panic!("sleep as uid {uid} with pid {pid}: {e}"),
         }
-        None
     }
 
     /// The rights check (G8) learns whose process a pid is from `/proc/PID`, and for a
@@ -628,14 +627,14 @@ mod tests {
     fn a_pid_reused_after_its_directory_was_opened_is_not_read_as_the_new_process() {
         assert!(
             rustix::process::geteuid().is_root(),
-            "this test needs root (it sets ns_last_pid and spawns as another uid)"
+            "this test needs root (it gives a pid to a new process and spawns as another uid)"
         );
         let also = Also {
             pidfd: false,
             real_uid: true,
         };
-        // Other tests and engineers start threads and processes too: one may take the pid
-        // first; then again with another.
+        // The pid is free once the first process is reaped: another process could take it
+        // only by going round all the pids first; then again with another.
         for _ in 0..100 {
             // Root's process: its /proc/PID belongs to root, so the real uid is read.
             let mut first = sleep_as(0);
@@ -655,8 +654,7 @@ mod tests {
             // ... through the directory opened before, it is no process at all.
             let status = status_uid(pid, &dir);
             let read = ProcessInfo::read_in(pid, &dir, also);
-            let _ = second.kill();
-            let _ = second.wait();
+            second.kill();
             assert_eq!(now.map(|info| info.uid), Ok(65534));
             assert_eq!(status, Err(ProcError::NoProcess(pid)));
             assert_eq!(read.map(|(info, _)| info), Err(ProcError::NoProcess(pid)));

@@ -9,6 +9,8 @@
 //! - [`Netns`] is a network namespace joined to the root namespace by a veth pair, whose link
 //!   can be cut and healed ([`Netns::cut`]/[`Netns::heal`]) to partition the processes inside it
 //!   from an etcd listening on [`Netns::host_ip`].
+//! - [`SpawnWithPid`] starts a process with a chosen pid (`clone3` with `set_tid`, root), for
+//!   tests of a pid that is reused.
 //!
 //! Everything is plain blocking `std` code: call it from synchronous tests, or from async tests
 //! inside `spawn_blocking` (or simply before the runtime starts work; each call blocks for at
@@ -49,12 +51,14 @@
 mod cluster;
 mod etcd;
 mod netns;
+mod pid;
 mod proc;
 mod tls;
 
 pub use cluster::EtcdCluster;
 pub use etcd::Etcd;
 pub use netns::Netns;
+pub use pid::{PidSpawnError, ProcessWithPid, SpawnWithPid};
 pub use tls::TestCerts;
 
 /// How many cases each property test runs: `LEASEHOLD_FUZZ_CASES` (millions in a long run),

@@ -444,24 +444,17 @@ print(os.getpid(), flush=True)
 os._exit(0)
 "#;
 
-/// A `sleep` started with pid `pid` (the kernel's next pid set through `ns_last_pid`; other
-/// processes may take it first, so this tries again), or `None` after many tries.
-fn sleep_with_pid(pid: u32) -> Option<KillOnDrop> {
-    for _ in 0..500 {
-        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).unwrap();
-        let c = Command::new("sleep").arg("3600").spawn().unwrap();
-        let got = c.id();
-        let c = KillOnDrop(c);
-        if got == pid {
-            return Some(c);
-        }
-    }
-    None
+/// A `sleep` started with pid `pid` (free now), given by `clone3` (root).
+fn sleep_with_pid(pid: u32) -> ProcessWithPid {
+    SpawnWithPid::new("sleep")
+        .args(["3600"])
+        .spawn(pid)
+        .unwrap_or_else(|e| panic!("a sleep with the exited opener's pid {pid}: {e}"))
 }
 
 #[test]
 fn a_connection_whose_process_exited_cannot_act_for_a_process_that_took_its_pid() {
-    require_root("to give a new process the pid of one that exited (ns_last_pid)");
+    require_root("to give a new process the pid of one that exited (clone3 with set_tid)");
     let a = Agent::start();
     let mut opener = Command::new("python3")
         .args(["-c", OPENER, a.socket.to_str().unwrap(), "disk"])
@@ -477,7 +470,7 @@ fn a_connection_whose_process_exited_cannot_act_for_a_process_that_took_its_pid(
     // The process that opened the connection is gone (reaped); its child keeps the
     // connection open. A new process gets its pid.
     assert!(opener.wait().unwrap().success());
-    let sleeper = sleep_with_pid(pid).expect("no process got the exited pid in 500 tries");
+    let sleeper = sleep_with_pid(pid);
     // The connection asks for a lease for "itself".
     std::io::Write::write_all(&mut send, b"go\n").unwrap();
     let answer = out.rest(LONG);
@@ -488,6 +481,6 @@ fn a_connection_whose_process_exited_cannot_act_for_a_process_that_took_its_pid(
     assert!(
         a.holders("disk").is_empty(),
         "the lease went to pid {pid} (now another process, {}): {answer}",
-        sleeper.0.id()
+        sleeper.id()
     );
 }

@@ -456,25 +456,14 @@ fn a_group_leader_that_died_holding_a_lease_has_its_jobs_killed_first() {
 }
 
 /// Starts `sh -c 'sleep 3600 & exec sleep 3600'` leading its own process group with pid `pid`
-/// (free now), by setting the pid namespace's last pid just below it (root): tried until no
-/// other process of the machine takes the pid first.
-fn group_leader_with_pid(pid: u32) -> std::process::Child {
-    use std::os::unix::process::CommandExt;
-    require_root("sets /proc/sys/kernel/ns_last_pid to give a dead holder's pid to a new process");
-    for _ in 0..500 {
-        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).unwrap();
-        let mut c = std::process::Command::new("sh")
-            .args(["-c", "sleep 3600 & exec sleep 3600"])
-            .process_group(0)
-            .spawn()
-            .unwrap();
-        if c.id() == pid {
-            return c;
-        }
-        let _ = c.kill();
-        let _ = c.wait();
-    }
-    panic!("pid {pid} was never given to the new process (taken by others each time)");
+/// (free now), given by `clone3` (root): no other process of the machine can take it first.
+fn group_leader_with_pid(pid: u32) -> ProcessWithPid {
+    require_root("gives a dead holder's pid to a new process (clone3 with set_tid)");
+    SpawnWithPid::new("sh")
+        .args(["-c", "sleep 3600 & exec sleep 3600"])
+        .process_group()
+        .spawn(pid)
+        .unwrap_or_else(|e| panic!("a group leader with pid {pid}: {e}"))
 }
 
 /// The time since boot in clock ticks (as the start times of `/proc/PID/stat`), from
@@ -500,7 +489,7 @@ fn a_dead_holders_pid_reused_by_a_group_leader_is_left_alone_at_restart() {
     holder.kill9();
     // A process is known by its pid and its start time in clock ticks (10 ms): one that took
     // the pid within the holder's own tick would be the holder to anyone (a pid reused that
-    // fast takes `ns_last_pid`, as here; the kernel hands pids out in turn). The test is of a
+    // fast is given, as here; the kernel hands pids out in turn). The test is of a
     // reuse that can be told apart: the new process starts a tick later at least.
     wait_until(
         "a clock tick has passed since the holder started",

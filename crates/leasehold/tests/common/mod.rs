@@ -473,6 +473,12 @@ pub fn wait_pid_file(pidfile: &Path, limit: Duration) -> u32 {
         .unwrap()
 }
 
+/// A process given a chosen pid (`clone3` with `set_tid`, root), for tests of a pid that a
+/// process which exited is seen to hold again. It lives in the test kit so that the agent's
+/// unit tests use the same one. (Not every test file that includes this module uses it.)
+#[allow(unused_imports)]
+pub use leasehold_testkit::{PidSpawnError, ProcessWithPid, SpawnWithPid};
+
 /// Fails the test, saying why, unless it runs as root: a test that cannot run must not pass.
 /// `scripts/test` runs as root in CI.
 #[track_caller]
