@@ -277,8 +277,11 @@ pub fn run(a: RunArgs, socket: &Option<PathBuf>) -> Result<u8, Failure> {
     let note = (!clean).then(|| describe(status, &left));
     let released = release(&client, stream.as_mut(), &held, clean, note.clone());
     if let Err(f) = released {
+        // What is known: the release was not confirmed. It may still be carried out (an
+        // agent that answers late); else the agent ends the leases at this process's exit,
+        // each as a holder's death ends it: an exclusive lease dirty, a shared one clean.
         note!(
-            "leasehold: {}\n  the leases end when this process exits, and count as dirty",
+            "leasehold: {}\n  the release was not confirmed; what it did not release ends when this process exits: an exclusive lease then dirty (the next user must check), a shared one clean",
             f.message
         );
     } else if !clean {

@@ -47,6 +47,45 @@ fn run_passes_tokens_and_releases_clean_on_success() {
     );
 }
 
+/// A run whose release is not answered (its agent stopped, past the client's `--timeout`)
+/// says what becomes of its leases and claims no more than it knows: the release may still be
+/// carried out, and what it did not release ends at the wrapper's exit, dirty only if
+/// exclusive (a shared holder's death dirties nothing, G5). Before, it said every lease would
+/// "count as dirty", shared ones too. Its exit status is the command's.
+#[test]
+fn a_run_whose_release_is_not_answered_says_what_becomes_of_its_leases() {
+    let a = Agent::start();
+    let stop = format!("kill -STOP {}", a.pid());
+    let out = a
+        .cli()
+        .args([
+            "--timeout",
+            "1s",
+            "run",
+            "--shared",
+            "s",
+            "--",
+            "sh",
+            "-c",
+            &stop,
+        ])
+        .output()
+        .unwrap();
+    signal(a.pid(), libc::SIGCONT);
+    expect_code(&out, 0);
+    let err = text(&out.stderr);
+    assert!(err.contains("the release was not confirmed"), "{err}");
+    assert!(
+        err.contains("an exclusive lease then dirty") && err.contains("a shared one clean"),
+        "{err}"
+    );
+    assert!(!err.contains("count as dirty"), "{err}");
+    wait_until("the lease ends", Duration::from_secs(10), || {
+        a.holders("s").is_empty()
+    });
+    assert!(!a.is_dirty("s"), "{:?}", a.inspect("s"));
+}
+
 #[test]
 fn a_failing_command_releases_dirty_and_its_status_is_returned() {
     let a = Agent::start();
