@@ -519,14 +519,23 @@ fn asks_calls_upgrade(req: &Request<Incoming>) -> bool {
     asks_upgrade(req, v1::CALLS_UPGRADE)
 }
 
+/// Whether a request asks for its connection to switch to `protocol`, and the server will
+/// switch it once answered `101`: it gave the request its [`hyper::upgrade::OnUpgrade`], which
+/// it does only for an HTTP/1.1 request with `upgrade:`. Not to one it will not (an HTTP/1.0
+/// request): its `101` would close the connection unwritten, kept back for the switch, and the
+/// call carried out unanswered.
 fn asks_upgrade(req: &Request<Incoming>, protocol: &str) -> bool {
-    req.headers()
-        .get(UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',')
-                .any(|p| p.trim().eq_ignore_ascii_case(protocol))
-        })
+    req.extensions()
+        .get::<hyper::upgrade::OnUpgrade>()
+        .is_some()
+        && req
+            .headers()
+            .get(UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(',')
+                    .any(|p| p.trim().eq_ignore_ascii_case(protocol))
+            })
 }
 
 /// The `101` switching the connection to `protocol`; the server writes it (kept back while
