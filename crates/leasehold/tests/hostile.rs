@@ -654,3 +654,97 @@ fn a_release_of_too_many_names_is_refused_whole() {
     assert!(err.to_string().contains("at most 256 per request"), "{err}");
     assert_eq!(a.holders("r0"), vec![u64::from(h.pid())]);
 }
+
+/// Connections switched to `leasehold-calls` (one line a call) from a user other than root
+/// count against the connection limit as HTTP ones do, are closed once idle past the request
+/// timeout (also one left with half a line), and act only for the user's own processes: a
+/// line for root's process is refused `forbidden` and ends its connection, leaving nothing
+/// held. Root's `list` answers while they are open.
+#[test]
+fn connections_switched_to_lines_are_bounded_closed_when_idle_and_act_only_for_their_user() {
+    common::require_root("to run clients as nobody");
+    let a = Agent::start_with(&[
+        "--socket-group",
+        "nogroup",
+        "--max-connections",
+        "20",
+        "--request-timeout",
+        "10s",
+    ]);
+    set_mode(a.dir.path(), 0o755);
+    let root_holder = Holder::new();
+    // nobody opens 30 connections, each asking to switch with a status call; reads each
+    // first answer; on one acquires and releases for itself, on another asks for root's
+    // holder, leaves half a line on a third; then reads every connection to its end.
+    let script = r#"
+import json, socket, sys
+path, n, root_pid = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+ask = (b"GET /v1/status HTTP/1.1\r\nhost: leasehold\r\nconnection: upgrade\r\n"
+       b"upgrade: leasehold-calls\r\n\r\n")
+socks, conns = [], []
+for _ in range(n):
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(60)
+    s.connect(path)
+    s.sendall(ask)
+    socks.append(s)
+    conns.append(s.makefile("rb"))
+switched, refused = [], 0
+for i, f in enumerate(conns):
+    status = f.readline()
+    if status.startswith(b"HTTP/1.1 101 "):
+        while f.readline() != b"\r\n":
+            pass
+        line = f.readline()
+        assert line.startswith(b"200 {"), line
+        switched.append(i)
+    elif status.startswith(b"HTTP/1.1 503 ") and b"max-connections" in f.read():
+        refused += 1
+    else:
+        print("unexpected", status, flush=True)
+def call(i, line):
+    socks[i].sendall(line)
+    return conns[i].readline()
+items = [{"resource": "disk", "mode": "exclusive"}]
+own = call(switched[0], b"POST /v1/acquire " + json.dumps({"items": items}).encode() + b"\n")
+assert own.startswith(b"200 ") and json.loads(own[4:])["event"] == "granted", own
+back = call(switched[0], b'POST /v1/release {"resources": ["disk"]}\n')
+assert back.startswith(b"200 ") and json.loads(back[4:])["released"][0]["resource"] == "disk", back
+theirs = call(switched[1], b"POST /v1/acquire "
+              + json.dumps({"items": items, "pid": root_pid}).encode() + b"\n")
+assert theirs.startswith(b"403 ") and json.loads(theirs[4:])["code"] == "forbidden", theirs
+socks[switched[2]].sendall(b"POST /v1/acq")
+print("open", len(switched), "refused", refused, flush=True)
+sys.stdin.readline()
+closed = 0
+for i in switched:
+    rest = conns[i].read()
+    if rest == b"":
+        closed += 1
+    else:
+        print("unexpected", i, rest, flush=True)
+print("closed", closed, flush=True)
+"#;
+    let mut c = std::process::Command::new("python3");
+    c.args(["-c", script])
+        .arg(&a.socket)
+        .arg("30")
+        .arg(root_holder.pid_arg());
+    let mut flood = as_nobody(c)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = Lines::new(flood.stdout.take().unwrap());
+    let open = out.wait_for("open", Duration::from_secs(30));
+    assert_eq!(open, "open 20 refused 10", "{}", out.seen.join("\n"));
+    // Root gets in while they are open; nothing is held.
+    let listed = a.lh(&["list", "--json"]);
+    expect_code(&listed, 0);
+    assert!(a.holders("disk").is_empty(), "{}", text(&listed.stdout));
+    flood.stdin.take().unwrap().write_all(b"\n").unwrap();
+    let closed = out.wait_for("closed", Duration::from_secs(60));
+    assert_eq!(closed, "closed 20", "{}", out.seen.join("\n"));
+    assert!(flood.wait().unwrap().success());
+    assert!(a.holders("disk").is_empty());
+}
