@@ -484,3 +484,69 @@ fn a_connection_whose_process_exited_cannot_act_for_a_process_that_took_its_pid(
         sleeper.id()
     );
 }
+
+/// [`OPENER`] on a connection switched to `leasehold-calls` (one line a call): the opener
+/// switches it with a status call and takes a lease for itself on a line (its facts are then
+/// the connection's), forks and exits; the child, given a line on stdin, asks on a line for a
+/// lease for "the caller" and prints the answer's line.
+const OPENER_ON_LINES: &str = r#"
+import json, os, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+f = s.makefile("rb")
+s.sendall(b"GET /v1/status HTTP/1.1\r\nhost: leasehold\r\nconnection: upgrade\r\n"
+          b"upgrade: leasehold-calls\r\n\r\n")
+assert f.readline().startswith(b"HTTP/1.1 101 ")
+while f.readline() != b"\r\n":
+    pass
+assert f.readline().startswith(b"200 ")
+def acquire(resource):
+    items = [{"resource": resource, "mode": "exclusive"}]
+    s.sendall(b"POST /v1/acquire " + json.dumps({"items": items}).encode() + b"\n")
+    return f.readline().decode()
+first = acquire("first")
+assert first.startswith("200 ") and '"granted"' in first, first
+if os.fork() == 0:
+    sys.stdin.readline()
+    sys.stdout.write(acquire(sys.argv[2]))
+    sys.stdout.flush()
+    os._exit(0)
+print(os.getpid(), flush=True)
+os._exit(0)
+"#;
+
+/// The check above holds on a connection switched to `leasehold-calls`, whose rights and facts
+/// of its process are read once for the connection: once the process that opened it exited
+/// (its own lease ended with it), a line asking for "the caller" is refused, not granted to the
+/// process that took its pid.
+#[test]
+fn a_switched_connection_whose_process_exited_cannot_act_for_a_process_that_took_its_pid() {
+    require_root("to give a new process the pid of one that exited (clone3 with set_tid)");
+    let a = Agent::start();
+    let mut opener = Command::new("python3")
+        .args(["-c", OPENER_ON_LINES, a.socket.to_str().unwrap(), "disk"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = Lines::new(opener.stdout.take().unwrap());
+    let mut send = opener.stdin.take().unwrap();
+    let pid: u32 = out.wait_for("", LONG).trim().parse().unwrap();
+    assert_eq!(pid, opener.id());
+    assert!(opener.wait().unwrap().success());
+    wait_until("the opener's own lease ends with it", LONG, || {
+        a.holders("first").is_empty()
+    });
+    let sleeper = sleep_with_pid(pid);
+    std::io::Write::write_all(&mut send, b"go\n").unwrap();
+    let answer = out.rest(LONG);
+    assert!(
+        answer.contains("\"code\":\"refused\"") && answer.contains("has exited"),
+        "{answer}"
+    );
+    assert!(
+        a.holders("disk").is_empty(),
+        "the lease went to pid {pid} (now another process, {}): {answer}",
+        sleeper.id()
+    );
+}
