@@ -796,17 +796,7 @@ fn ended_grant(out: Out, delivery: Arc<Delivery>) -> Response<Body> {
     let text = Bytes::from(text);
     let ending = delivered.map(|d| {
         let ending = Ending::new(&text);
-        let check = (delivery.clone(), ending.clone());
-        tokio::spawn(async move {
-            let (delivery, ending) = check;
-            let read = delivery.ending_received(&ending, RECEIVED_WITHIN).await;
-            drop((delivery, ending));
-            crate::metrics::grant_delivered(read);
-            // A plain acquire's grant: nothing follows it but its undoing, if not read.
-            if let Some(after) = d.settled(read) {
-                after.await;
-            }
-        });
+        check_ending(delivery.clone(), ending.clone(), d);
         (delivery, ending)
     });
     let mut r = Response::new(
@@ -821,6 +811,21 @@ fn ended_grant(out: Out, delivery: Arc<Delivery>) -> Response<Body> {
         HeaderValue::from_static("application/x-ndjson"),
     );
     r
+}
+
+/// Starts the delivery check of an answer that ends with a grant (`ending`, its last byte,
+/// handed to the writer as it takes it: [`Delivery::handed`]): the grant's new leases `d` count
+/// once the client read past the answer's end, else they are undone.
+fn check_ending(delivery: Arc<Delivery>, ending: Arc<Ending>, d: Delivered) {
+    tokio::spawn(async move {
+        let read = delivery.ending_received(&ending, RECEIVED_WITHIN).await;
+        drop((delivery, ending));
+        crate::metrics::grant_delivered(read);
+        // A plain acquire's grant: nothing follows it but its undoing, if not read.
+        if let Some(after) = d.settled(read) {
+            after.await;
+        }
+    });
 }
 
 /// A grant's line and its new leases (counting once the client has read it); any other

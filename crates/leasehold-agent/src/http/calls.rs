@@ -13,7 +13,7 @@ use leasehold_store::Store;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::delivery::{Delivery, Ending, RECEIVED_WITHIN};
+use crate::delivery::{Delivery, Ending};
 use crate::peer::PeerStream;
 use crate::service::{Caller, Delivered, Out, Service};
 
@@ -148,16 +148,7 @@ async fn write(
         // `text` is the very buffer written below.
         let ending = Ending::new(&text);
         delivery.handed(&ending);
-        let delivery = delivery.clone();
-        tokio::spawn(async move {
-            let read = delivery.ending_received(&ending, RECEIVED_WITHIN).await;
-            drop((delivery, ending));
-            crate::metrics::grant_delivered(read);
-            // A plain acquire's grant: nothing follows it but its undoing, if not read.
-            if let Some(after) = d.settled(read) {
-                after.await;
-            }
-        });
+        super::check_ending(delivery.clone(), ending, d);
     }
     io.write_all(&text).await.is_ok() && io.flush().await.is_ok()
 }
