@@ -194,6 +194,14 @@ fn stream_response(
     r
 }
 
+/// The refusal of a request body over [`MAX_BODY`] bytes, over HTTP or on a line.
+fn too_large() -> ApiError {
+    ApiError::new(
+        ErrorCode::TooLarge,
+        format!("the request body is over {MAX_BODY} bytes; nothing was done"),
+    )
+}
+
 /// Reads a JSON request body of type `T`: at most [`MAX_BODY`] bytes, no unknown fields. An
 /// empty body is `T`'s default when `empty` is given.
 async fn body<T: DeserializeOwned>(
@@ -202,12 +210,6 @@ async fn body<T: DeserializeOwned>(
     timeout: Duration,
 ) -> Result<T, ApiError> {
     use hyper::body::Body as _;
-    let too_large = || {
-        ApiError::new(
-            ErrorCode::TooLarge,
-            format!("the request body is over {MAX_BODY} bytes; nothing was done"),
-        )
-    };
     if req.body().size_hint().lower() > MAX_BODY as u64 {
         return Err(too_large());
     }

@@ -1044,3 +1044,57 @@ fn an_http_1_0_request_asking_to_switch_is_answered_over_http() {
     assert!(head.starts_with("HTTP/1.0 200 "), "{head}");
     assert_eq!(granted["event"], "granted", "{granted}");
 }
+
+/// A request body over the API's limit (1 MiB) is refused `too-large` whole, on a line of a
+/// connection switched to `leasehold-calls` as over HTTP, however little over it is (the line's
+/// own limit is its body's and a few bytes for method and path): nothing is done, and the
+/// connection ends. Before, a line whose body was up to 47 bytes over the limit was carried
+/// out (here, a release of a held lease).
+#[test]
+fn a_line_whose_body_is_over_the_limit_is_refused_as_over_http() {
+    let a = Agent::start();
+    let holder = Holder::new();
+    let pid = holder.pid();
+    common::expect_code(&a.lh(&["acquire", "disk", "--pid", &pid.to_string()]), 0);
+    let mut body = json!({"resources": ["disk"], "pid": pid}).to_string();
+    // Valid JSON, 10 bytes over the limit.
+    let pad = (1 << 20) + 10 - body.len();
+    body.push_str(&" ".repeat(pad));
+    // Over HTTP.
+    let mut s = std::os::unix::net::UnixStream::connect(&a.socket).unwrap();
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    // (The agent answers once it sees the length, and may close before taking it all.)
+    let _ = write!(
+        s,
+        "POST /v1/release HTTP/1.1\r\nhost: leasehold\r\ncontent-type: application/json\r\n\
+         connection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
+    assert_eq!(a.holders("disk"), vec![u64::from(pid)]);
+    // On a line.
+    let mut s = std::os::unix::net::UnixStream::connect(&a.socket).unwrap();
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    s.write_all(switched_calls().as_bytes()).unwrap();
+    let mut r = std::io::BufReader::new(s);
+    loop {
+        let mut l = String::new();
+        assert!(std::io::BufRead::read_line(&mut r, &mut l).unwrap() > 0);
+        if l == "\r\n" {
+            break;
+        }
+    }
+    assert_eq!(calls_line(&mut r).unwrap().0, 200);
+    let _ = r
+        .get_mut()
+        .write_all(format!("POST /v1/release {body}\n").as_bytes());
+    let (status, e) = calls_line(&mut r).unwrap();
+    assert_eq!(
+        (status, e["code"].as_str()),
+        (413, Some("too-large")),
+        "{e}"
+    );
+    assert_eq!(a.holders("disk"), vec![u64::from(pid)]);
+}

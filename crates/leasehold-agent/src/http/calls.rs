@@ -164,6 +164,10 @@ async fn call<S: Store>(
     let method = words.next().unwrap_or_default();
     let path = words.next().unwrap_or_default();
     let body = words.next();
+    // The body's limit is HTTP's: a line may be longer only by its method and path.
+    if body.is_some_and(|b| b.len() > MAX_BODY) {
+        return Err(super::too_large());
+    }
     match (method, path, body) {
         (b"POST", b"/v1/acquire", Some(body)) => {
             let r: v1::AcquireRequest = super::parse_body(body, None)?;
