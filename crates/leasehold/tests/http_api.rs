@@ -1098,3 +1098,56 @@ fn a_line_whose_body_is_over_the_limit_is_refused_as_over_http() {
     );
     assert_eq!(a.holders("disk"), vec![u64::from(pid)]);
 }
+
+/// On a connection switched to `leasehold-calls`, an error answer is the connection's last:
+/// calls the client sent after the bad one (pipelined, without waiting for its answer) are
+/// never carried out. Bad lines: another endpoint, a line ended by `\r\n`, a body that is not
+/// UTF-8, a path with a trailing `/`, a lower-case method, a status with a body. Each is
+/// answered `400 usage`; the release sent after it leaves the lease held.
+#[test]
+fn calls_sent_after_a_bad_line_on_a_switched_connection_are_not_carried_out() {
+    use std::io::BufRead;
+    let a = Agent::start();
+    let holder = Holder::new();
+    let pid = holder.pid();
+    common::expect_code(&a.lh(&["acquire", "disk", "--pid", &pid.to_string()]), 0);
+    let release = json!({"resources": ["disk"], "pid": pid});
+    for bad in [
+        &b"GET /v1/leases\n"[..],
+        b"GET /v1/status\r\n",
+        b"POST /v1/release {\"resources\": [\"\xff\xfe\"]}\n",
+        b"POST /v1/release/ {}\n",
+        b"get /v1/status\n",
+        b"GET /v1/status {}\n",
+    ] {
+        let mut s = std::os::unix::net::UnixStream::connect(&a.socket).unwrap();
+        s.set_read_timeout(Some(LIMIT)).unwrap();
+        s.write_all(switched_calls().as_bytes()).unwrap();
+        let mut r = std::io::BufReader::new(s);
+        loop {
+            let mut l = String::new();
+            assert!(r.read_line(&mut l).unwrap() > 0);
+            if l == "\r\n" {
+                break;
+            }
+        }
+        assert_eq!(calls_line(&mut r).unwrap().0, 200);
+        let mut lines = bad.to_vec();
+        lines.extend_from_slice(format!("POST /v1/release {release}\n").as_bytes());
+        r.get_mut().write_all(&lines).unwrap();
+        let shown = String::from_utf8_lossy(bad);
+        let (status, e) = calls_line(&mut r).unwrap();
+        assert_eq!(
+            (status, e["code"].as_str()),
+            (400, Some("usage")),
+            "{shown}: {e}"
+        );
+        let mut rest = Vec::new();
+        match r.read_to_end(&mut rest) {
+            Ok(_) => assert!(rest.is_empty(), "{shown}: the connection ends: {rest:?}"),
+            // Closed with the pipelined release unread.
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        }
+        assert_eq!(a.holders("disk"), vec![u64::from(pid)], "{shown}");
+    }
+}
