@@ -716,3 +716,64 @@ fn a_grant_on_a_switched_connection_closed_unread_leaves_no_lease() {
     assert_eq!((count("read"), count("unread")), (1.0, 5.0));
     assert_eq!(a.holders("disk"), vec![u64::from(holder.pid())]);
 }
+
+// The lines' case of `a_grant_read_before_a_later_answer_left_unread_is_kept`: on a connection
+// switched to `leasehold-calls`, a client that read its grant's line, sent another call and
+// closed with that call's answer unread keeps its lease (the reset is the later answer's).
+#[test]
+fn a_grant_read_on_a_switched_connection_before_a_later_answer_left_unread_is_kept() {
+    use std::io::{BufRead, Write};
+    use std::os::fd::AsRawFd;
+    let a = Agent::start_with(&["--metrics-listen", "127.0.0.1:0"]);
+    let addr = metrics_addr(&a);
+    let holder = Holder::new();
+    let acquire = format!(
+        r#"POST /v1/acquire {{"items":[{{"resource":"disk","mode":"exclusive"}}],"pid":{}}}"#,
+        holder.pid()
+    );
+    let count = |outcome: &str| {
+        let (code, body) = get(&addr, "/metrics");
+        assert_eq!(code, 200, "{body}");
+        let name = format!(r#"leasehold_grant_deliveries_total{{outcome="{outcome}"}}"#);
+        sample(&body, &name).unwrap_or(0.0)
+    };
+    for round in 1..=5 {
+        let mut r = calls_connection(&a);
+        writeln!(r.get_mut(), "{acquire}").unwrap();
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert!(line.starts_with("200 {"), "{line}");
+        assert!(r.buffer().is_empty());
+        writeln!(r.get_mut(), "GET /v1/status").unwrap();
+        // Waits until the status answer is in the socket, unread.
+        let mut pfd = libc::pollfd {
+            fd: r.get_ref().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, for the length given.
+        let n = unsafe { libc::poll(&mut pfd, 1, 10_000) };
+        assert_eq!(n, 1, "the status answer came");
+        drop(r);
+        wait_until(
+            "the delivery check of the grant to end",
+            Duration::from_secs(20),
+            || count("read") + count("unread") >= f64::from(round),
+        );
+        assert_eq!(
+            (count("read"), count("unread")),
+            (f64::from(round), 0.0),
+            "{}",
+            a.log()
+        );
+        assert_eq!(a.holders("disk"), vec![u64::from(holder.pid())]);
+        let out = a.lh(&["release", "disk", "--pid", &holder.pid().to_string()]);
+        expect_code(&out, 0);
+    }
+    let log = a.log();
+    assert_eq!(
+        log.matches("without reading").count() + log.matches("never read").count(),
+        0,
+        "{log}"
+    );
+}
