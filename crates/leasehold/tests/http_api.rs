@@ -1045,6 +1045,27 @@ fn an_http_1_0_request_asking_to_switch_is_answered_over_http() {
     assert_eq!(granted["event"], "granted", "{granted}");
 }
 
+/// A connection switched to `leasehold-calls` by a status call, its head and first line read.
+fn calls_connection(a: &Agent) -> std::io::BufReader<std::os::unix::net::UnixStream> {
+    use std::io::BufRead;
+    let mut s = std::os::unix::net::UnixStream::connect(&a.socket).unwrap();
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    s.write_all(switched_calls().as_bytes()).unwrap();
+    let mut r = std::io::BufReader::new(s);
+    let mut head = String::new();
+    loop {
+        let mut l = String::new();
+        assert!(r.read_line(&mut l).unwrap() > 0, "the head's end: {head}");
+        head.push_str(&l);
+        if l == "\r\n" {
+            break;
+        }
+    }
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    assert_eq!(calls_line(&mut r).unwrap().0, 200);
+    r
+}
+
 /// A request body over the API's limit (1 MiB) is refused `too-large` whole, on a line of a
 /// connection switched to `leasehold-calls` as over HTTP, however little over it is (the line's
 /// own limit is its body's and a few bytes for method and path): nothing is done, and the
@@ -1075,18 +1096,7 @@ fn a_line_whose_body_is_over_the_limit_is_refused_as_over_http() {
     assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
     assert_eq!(a.holders("disk"), vec![u64::from(pid)]);
     // On a line.
-    let mut s = std::os::unix::net::UnixStream::connect(&a.socket).unwrap();
-    s.set_read_timeout(Some(LIMIT)).unwrap();
-    s.write_all(switched_calls().as_bytes()).unwrap();
-    let mut r = std::io::BufReader::new(s);
-    loop {
-        let mut l = String::new();
-        assert!(std::io::BufRead::read_line(&mut r, &mut l).unwrap() > 0);
-        if l == "\r\n" {
-            break;
-        }
-    }
-    assert_eq!(calls_line(&mut r).unwrap().0, 200);
+    let mut r = calls_connection(&a);
     let _ = r
         .get_mut()
         .write_all(format!("POST /v1/release {body}\n").as_bytes());
@@ -1106,7 +1116,6 @@ fn a_line_whose_body_is_over_the_limit_is_refused_as_over_http() {
 /// answered `400 usage`; the release sent after it leaves the lease held.
 #[test]
 fn calls_sent_after_a_bad_line_on_a_switched_connection_are_not_carried_out() {
-    use std::io::BufRead;
     let a = Agent::start();
     let holder = Holder::new();
     let pid = holder.pid();
@@ -1120,18 +1129,7 @@ fn calls_sent_after_a_bad_line_on_a_switched_connection_are_not_carried_out() {
         b"get /v1/status\n",
         b"GET /v1/status {}\n",
     ] {
-        let mut s = std::os::unix::net::UnixStream::connect(&a.socket).unwrap();
-        s.set_read_timeout(Some(LIMIT)).unwrap();
-        s.write_all(switched_calls().as_bytes()).unwrap();
-        let mut r = std::io::BufReader::new(s);
-        loop {
-            let mut l = String::new();
-            assert!(r.read_line(&mut l).unwrap() > 0);
-            if l == "\r\n" {
-                break;
-            }
-        }
-        assert_eq!(calls_line(&mut r).unwrap().0, 200);
+        let mut r = calls_connection(&a);
         let mut lines = bad.to_vec();
         lines.extend_from_slice(format!("POST /v1/release {release}\n").as_bytes());
         r.get_mut().write_all(&lines).unwrap();
