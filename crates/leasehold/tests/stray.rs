@@ -643,6 +643,22 @@ fn a_lease_answered_again_and_read_is_kept_when_its_first_grant_went_unread() {
     );
 }
 
+/// The line of a plain exclusive acquire of "disk" for `pid`, on a switched connection.
+fn acquire_line(pid: u32) -> String {
+    format!(
+        r#"POST /v1/acquire {{"items":[{{"resource":"disk","mode":"exclusive"}}],"pid":{pid}}}"#
+    )
+}
+
+/// How many grants' delivery checks ended with `outcome` (read or unread), from the agent's
+/// metrics at `addr` (every outcome's count is there from the start).
+fn deliveries(addr: &str, outcome: &str) -> f64 {
+    metric(
+        addr,
+        &format!(r#"leasehold_grant_deliveries_total{{outcome="{outcome}"}}"#),
+    )
+}
+
 /// A connection switched to `leasehold-calls` by a status call, its answer read.
 fn calls_connection(a: &Agent) -> std::io::BufReader<std::os::unix::net::UnixStream> {
     use std::io::{BufRead, Write};
@@ -673,16 +689,8 @@ fn a_grant_on_a_switched_connection_closed_unread_leaves_no_lease() {
     let a = Agent::start_with(&["--metrics-listen", "127.0.0.1:0"]);
     let addr = metrics_addr(&a);
     let holder = Holder::new();
-    let acquire = format!(
-        r#"POST /v1/acquire {{"items":[{{"resource":"disk","mode":"exclusive"}}],"pid":{}}}"#,
-        holder.pid()
-    );
-    let count = |outcome: &str| {
-        let (code, body) = get(&addr, "/metrics");
-        assert_eq!(code, 200, "{body}");
-        let name = format!(r#"leasehold_grant_deliveries_total{{outcome="{outcome}"}}"#);
-        sample(&body, &name).unwrap_or(0.0)
-    };
+    let acquire = acquire_line(holder.pid());
+    let count = |outcome: &str| deliveries(&addr, outcome);
     for round in 1..=5 {
         let mut r = calls_connection(&a);
         writeln!(r.get_mut(), "{acquire}").unwrap();
@@ -727,16 +735,8 @@ fn a_grant_read_on_a_switched_connection_before_a_later_answer_left_unread_is_ke
     let a = Agent::start_with(&["--metrics-listen", "127.0.0.1:0"]);
     let addr = metrics_addr(&a);
     let holder = Holder::new();
-    let acquire = format!(
-        r#"POST /v1/acquire {{"items":[{{"resource":"disk","mode":"exclusive"}}],"pid":{}}}"#,
-        holder.pid()
-    );
-    let count = |outcome: &str| {
-        let (code, body) = get(&addr, "/metrics");
-        assert_eq!(code, 200, "{body}");
-        let name = format!(r#"leasehold_grant_deliveries_total{{outcome="{outcome}"}}"#);
-        sample(&body, &name).unwrap_or(0.0)
-    };
+    let acquire = acquire_line(holder.pid());
+    let count = |outcome: &str| deliveries(&addr, outcome);
     for round in 1..=5 {
         let mut r = calls_connection(&a);
         writeln!(r.get_mut(), "{acquire}").unwrap();
