@@ -29,22 +29,41 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, warn};
 
-/// How an acquire request ended.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
-#[allow(non_camel_case_types)]
-pub enum AcquireResult {
-    /// Granted.
-    granted,
-    /// Held by another owner.
-    busy,
-    /// The resource is dirty.
-    needs_check,
-    /// `--wait` ran out.
-    timed_out,
-    /// The caller went away while waiting.
-    withdrawn,
-    /// Refused for another reason (bad request, mode conflict, cancelled, the store failed).
-    error,
+/// A label's values: an enum, and the list of all of them (`ALL`), from which every count of
+/// the label is made at 0 from the start ([`family_of`]), so that a value added later cannot
+/// be left out of it.
+macro_rules! label_values {
+    ($(#[$m:meta])* $vis:vis enum $name:ident { $($(#[$vm:meta])* $v:ident,)* }) => {
+        $(#[$m])*
+        #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+        #[allow(non_camel_case_types)]
+        $vis enum $name {
+            $($(#[$vm])* $v,)*
+        }
+
+        impl $name {
+            /// Every value.
+            const ALL: &[$name] = &[$($name::$v),*];
+        }
+    };
+}
+
+label_values! {
+    /// How an acquire request ended.
+    pub enum AcquireResult {
+        /// Granted.
+        granted,
+        /// Held by another owner.
+        busy,
+        /// The resource is dirty.
+        needs_check,
+        /// `--wait` ran out.
+        timed_out,
+        /// The caller went away while waiting.
+        withdrawn,
+        /// Refused for another reason (bad request, mode conflict, cancelled, the store failed).
+        error,
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -64,17 +83,17 @@ struct ModeLabel {
     mode: ModeValue,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
-#[allow(non_camel_case_types)]
-enum HowValue {
-    released,
-    released_dirty,
-    process_died,
-    exited_clean,
-    expired,
-    fenced,
-    forced,
-    handed_over,
+label_values! {
+    enum HowValue {
+        released,
+        released_dirty,
+        process_died,
+        exited_clean,
+        expired,
+        fenced,
+        forced,
+        handed_over,
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -82,13 +101,13 @@ struct HowLabel {
     how: HowValue,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
-#[allow(non_camel_case_types)]
-enum DeliveryValue {
-    /// The client read it, or may have (alive without reading, or unknown): kept.
-    read,
-    /// The client went away without reading it: undone.
-    unread,
+label_values! {
+    enum DeliveryValue {
+        /// The client read it, or may have (alive without reading, or unknown): kept.
+        read,
+        /// The client went away without reading it: undone.
+        unread,
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -96,14 +115,14 @@ struct DeliveryLabel {
     outcome: DeliveryValue,
 }
 
-/// A store operation timed by [`store_op`].
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
-#[allow(non_camel_case_types)]
-pub enum StoreOp {
-    /// An acquire that did not wait: decided and committed.
-    acquire,
-    /// A release.
-    release,
+label_values! {
+    /// A store operation timed by [`store_op`].
+    pub enum StoreOp {
+        /// An acquire that did not wait: decided and committed.
+        acquire,
+        /// A release.
+        release,
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -157,39 +176,25 @@ where
 
 static COUNTS: LazyLock<Counts> = LazyLock::new(|| Counts {
     acquires: family_of(
-        [
-            AcquireResult::granted,
-            AcquireResult::busy,
-            AcquireResult::needs_check,
-            AcquireResult::timed_out,
-            AcquireResult::withdrawn,
-            AcquireResult::error,
-        ]
-        .map(|result| ResultLabel { result }),
+        AcquireResult::ALL
+            .iter()
+            .map(|r| ResultLabel { result: r.clone() }),
         Family::default(),
     ),
     wait_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 20)),
     ends: family_of(
-        [
-            HowValue::released,
-            HowValue::released_dirty,
-            HowValue::process_died,
-            HowValue::exited_clean,
-            HowValue::expired,
-            HowValue::fenced,
-            HowValue::forced,
-            HowValue::handed_over,
-        ]
-        .map(|how| HowLabel { how }),
+        HowValue::ALL.iter().map(|h| HowLabel { how: h.clone() }),
         Family::default(),
     ),
     deliveries: family_of(
-        [DeliveryValue::read, DeliveryValue::unread].map(|outcome| DeliveryLabel { outcome }),
+        DeliveryValue::ALL
+            .iter()
+            .map(|o| DeliveryLabel { outcome: o.clone() }),
         Family::default(),
     ),
     exit_to_release: Histogram::new(latency_buckets()),
     store_seconds: family_of(
-        [StoreOp::acquire, StoreOp::release].map(|op| OpLabel { op }),
+        StoreOp::ALL.iter().map(|o| OpLabel { op: o.clone() }),
         Family::new_with_constructor(|| Histogram::new(latency_buckets())),
     ),
     fences: Counter::default(),
