@@ -392,17 +392,10 @@ fn a_plain_acquire_closed_unread_leaves_no_lease() {
 #[test]
 fn a_grant_read_before_a_later_answer_left_unread_is_kept() {
     use std::io::{BufRead, Read, Write};
-    use std::os::fd::AsRawFd;
     let a = Agent::start_with(&["--metrics-listen", "127.0.0.1:0"]);
     let addr = metrics_addr(&a);
     let holder = Holder::new();
-    let read = r#"leasehold_grant_deliveries_total{outcome="read"}"#;
-    let unread = r#"leasehold_grant_deliveries_total{outcome="unread"}"#;
-    let count = |name: &str| {
-        let (code, body) = get(&addr, "/metrics");
-        assert_eq!(code, 200, "{body}");
-        sample(&body, name).unwrap_or(0.0)
-    };
+    let count = |outcome: &str| deliveries(&addr, outcome);
     for round in 1..=5 {
         let s = send_plain_acquire(&a, holder.pid());
         let mut r = std::io::BufReader::new(s);
@@ -422,22 +415,15 @@ fn a_grant_read_before_a_later_answer_left_unread_is_kept() {
         )
         .unwrap();
         // Waits until the status answer is in the socket, unread.
-        let mut pfd = libc::pollfd {
-            fd: r.get_ref().as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd, for the length given.
-        let n = unsafe { libc::poll(&mut pfd, 1, 10_000) };
-        assert_eq!(n, 1, "the status answer came");
+        arrives(r.get_ref());
         drop(r);
         wait_until(
             "the delivery check of the grant to end",
             Duration::from_secs(20),
-            || count(read) + count(unread) >= f64::from(round),
+            || count("read") + count("unread") >= f64::from(round),
         );
         assert_eq!(
-            (count(read), count(unread)),
+            (count("read"), count("unread")),
             (f64::from(round), 0.0),
             "{}",
             a.log()
@@ -605,12 +591,7 @@ fn a_lease_answered_again_and_read_is_kept_when_its_first_grant_went_unread() {
     let a = Agent::start_with(&["--metrics-listen", "127.0.0.1:0"]);
     let addr = metrics_addr(&a);
     let holder = Holder::new();
-    let unread = r#"leasehold_grant_deliveries_total{outcome="unread"}"#;
-    let count = |name: &str| {
-        let (code, body) = get(&addr, "/metrics");
-        assert_eq!(code, 200, "{body}");
-        sample(&body, name).unwrap_or(0.0)
-    };
+    let count = |outcome: &str| deliveries(&addr, outcome);
     // The first acquire: granted, its answer left unread.
     let first = send_plain_acquire(&a, holder.pid());
     wait_until("the disk is granted", Duration::from_secs(10), || {
@@ -624,7 +605,7 @@ fn a_lease_answered_again_and_read_is_kept_when_its_first_grant_went_unread() {
     wait_until(
         "the first grant's delivery check to end",
         Duration::from_secs(20),
-        || count(unread) >= 1.0,
+        || count("unread") >= 1.0,
     );
     // An undo, if any, follows the check: wait for its word, or for the agent to say it kept.
     wait_until(
@@ -657,6 +638,19 @@ fn deliveries(addr: &str, outcome: &str) -> f64 {
         addr,
         &format!(r#"leasehold_grant_deliveries_total{{outcome="{outcome}"}}"#),
     )
+}
+
+/// Waits (at most 10 s) until an answer is in `s`, without reading it.
+fn arrives(s: &std::os::unix::net::UnixStream) {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd {
+        fd: s.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, for the length given.
+    let n = unsafe { libc::poll(&mut pfd, 1, 10_000) };
+    assert_eq!(n, 1, "the answer came");
 }
 
 /// A connection switched to `leasehold-calls` by a status call, its answer read.
@@ -731,7 +725,6 @@ fn a_grant_on_a_switched_connection_closed_unread_leaves_no_lease() {
 #[test]
 fn a_grant_read_on_a_switched_connection_before_a_later_answer_left_unread_is_kept() {
     use std::io::{BufRead, Write};
-    use std::os::fd::AsRawFd;
     let a = Agent::start_with(&["--metrics-listen", "127.0.0.1:0"]);
     let addr = metrics_addr(&a);
     let holder = Holder::new();
@@ -746,14 +739,7 @@ fn a_grant_read_on_a_switched_connection_before_a_later_answer_left_unread_is_ke
         assert!(r.buffer().is_empty());
         writeln!(r.get_mut(), "GET /v1/status").unwrap();
         // Waits until the status answer is in the socket, unread.
-        let mut pfd = libc::pollfd {
-            fd: r.get_ref().as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd, for the length given.
-        let n = unsafe { libc::poll(&mut pfd, 1, 10_000) };
-        assert_eq!(n, 1, "the status answer came");
+        arrives(r.get_ref());
         drop(r);
         wait_until(
             "the delivery check of the grant to end",
