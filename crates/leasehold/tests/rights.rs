@@ -452,12 +452,13 @@ fn sleep_with_pid(pid: u32) -> ProcessWithPid {
         .unwrap_or_else(|e| panic!("a sleep with the exited opener's pid {pid}: {e}"))
 }
 
-#[test]
-fn a_connection_whose_process_exited_cannot_act_for_a_process_that_took_its_pid() {
-    require_root("to give a new process the pid of one that exited (clone3 with set_tid)");
-    let a = Agent::start();
+/// Runs `script` (an [`OPENER`]-like script) against `a`: its process opens a connection,
+/// forks a child that keeps it, and exits; `before_reuse` runs once the opener is reaped, then
+/// a `sleep` takes its pid and the child asks on the connection for a lease of "disk" for "the
+/// caller". The answer must be a refusal naming the exit, and no lease granted.
+fn opener_gone_then_its_pid_taken(a: &Agent, script: &str, before_reuse: impl FnOnce()) {
     let mut opener = Command::new("python3")
-        .args(["-c", OPENER, a.socket.to_str().unwrap(), "disk"])
+        .args(["-c", script, a.socket.to_str().unwrap(), "disk"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -470,6 +471,7 @@ fn a_connection_whose_process_exited_cannot_act_for_a_process_that_took_its_pid(
     // The process that opened the connection is gone (reaped); its child keeps the
     // connection open. A new process gets its pid.
     assert!(opener.wait().unwrap().success());
+    before_reuse();
     let sleeper = sleep_with_pid(pid);
     // The connection asks for a lease for "itself".
     std::io::Write::write_all(&mut send, b"go\n").unwrap();
@@ -483,6 +485,13 @@ fn a_connection_whose_process_exited_cannot_act_for_a_process_that_took_its_pid(
         "the lease went to pid {pid} (now another process, {}): {answer}",
         sleeper.id()
     );
+}
+
+#[test]
+fn a_connection_whose_process_exited_cannot_act_for_a_process_that_took_its_pid() {
+    require_root("to give a new process the pid of one that exited (clone3 with set_tid)");
+    let a = Agent::start();
+    opener_gone_then_its_pid_taken(&a, OPENER, || {});
 }
 
 /// [`OPENER`] on a connection switched to `leasehold-calls` (one line a call): the opener
@@ -523,30 +532,9 @@ os._exit(0)
 fn a_switched_connection_whose_process_exited_cannot_act_for_a_process_that_took_its_pid() {
     require_root("to give a new process the pid of one that exited (clone3 with set_tid)");
     let a = Agent::start();
-    let mut opener = Command::new("python3")
-        .args(["-c", OPENER_ON_LINES, a.socket.to_str().unwrap(), "disk"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = Lines::new(opener.stdout.take().unwrap());
-    let mut send = opener.stdin.take().unwrap();
-    let pid: u32 = out.wait_for("", LONG).trim().parse().unwrap();
-    assert_eq!(pid, opener.id());
-    assert!(opener.wait().unwrap().success());
-    wait_until("the opener's own lease ends with it", LONG, || {
-        a.holders("first").is_empty()
+    opener_gone_then_its_pid_taken(&a, OPENER_ON_LINES, || {
+        wait_until("the opener's own lease ends with it", LONG, || {
+            a.holders("first").is_empty()
+        });
     });
-    let sleeper = sleep_with_pid(pid);
-    std::io::Write::write_all(&mut send, b"go\n").unwrap();
-    let answer = out.rest(LONG);
-    assert!(
-        answer.contains("\"code\":\"refused\"") && answer.contains("has exited"),
-        "{answer}"
-    );
-    assert!(
-        a.holders("disk").is_empty(),
-        "the lease went to pid {pid} (now another process, {}): {answer}",
-        sleeper.id()
-    );
 }
